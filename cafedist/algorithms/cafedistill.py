@@ -1,0 +1,290 @@
+"""CAFEDistill: conflict-aware federated exit distillation over a public proxy set.
+
+Source: Liu, Zhou, Tong, "CAFEDistill: Learning Personalized and Dynamic Models through
+Federated Early-Exit Network Distillation", arXiv 2601.10015 (2026). No reference code was
+released; ``docs/METHOD.md`` lists what follows the paper and what is our reading.
+
+One round (the loop in :mod:`cafedist.train.loop` drives it):
+
+1. local update: CE on the last exit and on this round's student exits, plus
+   ``lam * tau^2 * KL(T_i || softmax(z_i^k / tau))`` on proxy items for every student exit k,
+   where ``T_i`` is the personalized teacher received last round;
+2. every client evaluates all exits on this round's proxy subset P'(t) (keyed by seed and
+   round, identical on every rank) and the logits are gathered to rank 0 in client-id order;
+3. rank 0 (:meth:`CAFEDistill.aggregate_logits`, batched over clients):
+   a. teacher weights per client, one small QP solved in closed form
+      ``alpha_i = proj_simplex(w - d_i / (2 mu))``, ``d_ij = 1 - cos(q_i, q_j)``;
+   b. targets ``T_i = sum_j alpha_ij softmax(z_j^m / tau)`` (an exact mixture of distributions);
+   c. students of the next round: depth-prioritized (shallow exits first), the partial depth
+      filled greedily by similarity (conflict-aware);
+   d. quarantine: clients with non-finite or exploding logits are no teachers this round;
+4. each client receives only its own targets and student mask (client-decoupled).
+
+Deviation from the paper: the paper's client-decoupled step averages teacher *head
+parameters*; exchanging proxy logits lets us mix the teachers' *distributions* exactly.
+Our reading of the selection: the similarity used by the greedy step is the cosine similarity
+of the clients' last-exit proxy probabilities (the same matrix as the QP), because the last
+exit is trained from round 0 while a not-yet-selected shallow exit is still untrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cafedist.algorithms.base import Algorithm, LocalBatch, Setup
+from cafedist.errors import ConfigError
+
+
+@dataclass
+class CAFEDistillParams:
+    """CAFEDistill hyperparameters (defaults from ``docs/METHOD.md``)."""
+
+    tau: float = 3.0  # distillation temperature
+    lam: float = 1.0  # weight of the KD term
+    mu: float = 0.5  # QP regulariser: small -> own teacher only, large -> data-size weights
+    proxy_size: int = 1000  # P' = min(proxy_size, |P|) proxy items per round
+    schedule_span: float = 0.5  # R(t) = min(t / (schedule_span * T), 1); 0.5 gives the paper's 2t/T
+    cross_client_kd: bool = True  # ablation "no cross-client KD": False = local KD only
+    student_selection: bool = True  # ablation "no student selection": False = all exits always
+    logit_bound: float = 1.0e4  # |logit| above this quarantines a client as teacher
+    shared_body: bool = False  # FedAvg the body parameters as well (paper's shared-backbone variant)
+
+    def validate(self) -> None:
+        for name, ok, expected in (
+            ("tau", self.tau > 0, "> 0"),
+            ("lam", self.lam >= 0, ">= 0"),
+            ("mu", self.mu > 0, "> 0"),
+            ("proxy_size", self.proxy_size >= 1, ">= 1"),
+            ("schedule_span", 0 < self.schedule_span <= 1, "in (0, 1]"),
+            ("logit_bound", self.logit_bound > 0, "> 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"algorithm.cafedistill.{name}: must be {expected}, "
+                                  f"got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------- math
+def project_rows_to_simplex(v: Tensor, active: Tensor | None = None) -> Tensor:
+    """Euclidean projection of every row of ``v`` [r, n] onto the probability simplex.
+
+    ``active`` (bool [n]) restricts the simplex to those coordinates: inactive ones get
+    exactly 0 and the result equals projecting the active sub-vector alone.
+    Sort-based algorithm (Held et al.; Duchi et al. 2008), vectorized over rows.
+    """
+    v = v.to(torch.float64)
+    if active is not None:
+        # a finite, very negative value sorts last and never enters the threshold prefix
+        v = torch.where(active.unsqueeze(0), v, torch.full_like(v, -1.0e12))
+    u, _ = torch.sort(v, dim=1, descending=True)
+    css = torch.cumsum(u, dim=1) - 1.0
+    k = torch.arange(1, v.shape[1] + 1, dtype=v.dtype, device=v.device)
+    cond = (u - css / k) > 0
+    rho = cond.to(torch.int64).cumsum(dim=1).argmax(dim=1)  # last index where cond holds
+    theta = css.gather(1, rho.unsqueeze(1)) / (rho + 1).to(v.dtype).unsqueeze(1)
+    out = torch.clamp(v - theta, min=0.0)
+    if active is not None:
+        out = out * active.unsqueeze(0)
+    return out
+
+
+def cosine_similarity_matrix(q: Tensor, chunk: int = 256) -> Tensor:
+    """Pairwise cosine similarity [n, n] of the rows of ``q`` [n, D] (float64, row-chunked)."""
+    q = q.to(torch.float64)
+    qn = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows = [qn[i:i + chunk] @ qn.T for i in range(0, qn.shape[0], chunk)]
+    return torch.cat(rows, dim=0)
+
+
+def teacher_weights(sim: Tensor, w: Tensor, mu: float, healthy: Tensor | None = None) -> Tensor:
+    """Per-client teacher weights alpha [n, n] (rows on the simplex).
+
+    Solves ``min_{alpha in simplex} sum_j alpha_j d_ij + mu * ||alpha - w||^2`` with
+    ``d_ij = 1 - sim_ij`` in closed form: ``alpha_i = proj_simplex(w - d_i / (2 mu))``.
+    Unhealthy clients get zero weight as teachers; ``w`` is renormalised over healthy ones,
+    and an unhealthy client's own row ignores its (meaningless) distances.
+    """
+    n = sim.shape[0]
+    if healthy is None:
+        healthy = torch.ones(n, dtype=torch.bool, device=sim.device)
+    w = w.to(torch.float64) * healthy
+    w = w / w.sum().clamp_min(1e-300)
+    d = 1.0 - sim.to(torch.float64)
+    d = torch.where(healthy.unsqueeze(1) & healthy.unsqueeze(0), d, torch.zeros_like(d))
+    return project_rows_to_simplex(w.unsqueeze(0) - d / (2.0 * mu), active=healthy)
+
+
+def mix_targets(alpha: Tensor, probs: Tensor) -> Tensor:
+    """``T_i = sum_j alpha_ij probs_j`` for probs [n, P, C] -> [n, P, C] (float32)."""
+    n = probs.shape[0]
+    flat = probs.reshape(n, -1).to(torch.float64)
+    return (alpha.to(torch.float64) @ flat).reshape(probs.shape).to(torch.float32)
+
+
+def selection_counts(round_idx: int, rounds: int, n: int, m: int, span: float = 0.5) -> tuple[int, int, int]:
+    """``(N_s, d, r)`` for round ``round_idx``: students in all, full depths, extra at depth d.
+
+    ``R(t) = min(t / (span * T), 1)``; ``N_s = floor((m-1) n R)``; ``d = floor((m-1) R)``;
+    ``r = N_s - n d``. Computed in exact rational arithmetic so no float rounding moves a count.
+    """
+    from fractions import Fraction
+
+    ratio = min(Fraction(round_idx) / (Fraction(span).limit_denominator(10**6) * rounds), Fraction(1))
+    total = int((m - 1) * n * ratio)
+    depth = int((m - 1) * ratio)
+    return total, depth, total - n * depth
+
+
+def greedy_similar(sim: Tensor, k: int, eligible: Tensor | None = None) -> list[int]:
+    """Pick ``k`` clients greedily by similarity (conflict-aware student selection).
+
+    Seed: the client with the largest summed similarity to the other eligible ones; then
+    repeatedly the client with the largest mean similarity to those already chosen.
+    Ties go to the lowest client id; ineligible clients are chosen only when nothing else is left.
+    """
+    n = sim.shape[0]
+    if k <= 0:
+        return []
+    sim = sim.to(torch.float64)
+    if eligible is None:
+        eligible = torch.ones(n, dtype=torch.bool, device=sim.device)
+    # ineligible rows rank below every eligible one but stay orderable among themselves
+    penalty = torch.where(eligible, 0.0, -1.0e6).to(sim.dtype)
+    pair_ok = eligible.unsqueeze(0) & eligible.unsqueeze(1)
+    s = torch.where(pair_ok, sim, torch.zeros_like(sim))
+    s = s - torch.diag(torch.diagonal(s))
+    score = s.sum(dim=1) + penalty
+    chosen: list[int] = []
+    taken = torch.zeros(n, dtype=torch.bool, device=sim.device)
+    running = torch.zeros(n, dtype=sim.dtype, device=sim.device)
+    for _ in range(min(k, n)):
+        masked = torch.where(taken, torch.full_like(score, -float("inf")), score)
+        i = int(torch.argmax(masked))  # first maximum -> lowest id on ties
+        chosen.append(i)
+        taken[i] = True
+        running += s[:, i]
+        score = running / len(chosen) + penalty
+    return chosen
+
+
+def student_masks(round_idx: int, rounds: int, n: int, m: int, sim: Tensor, span: float,
+                  eligible: Tensor | None = None) -> Tensor:
+    """Bool [n, m]: which exits of which client are students in round ``round_idx``.
+
+    The last exit is always trained (True) but is not counted as a student.
+    """
+    total, depth, extra = selection_counts(round_idx, rounds, n, m, span)
+    mask = torch.zeros(n, m, dtype=torch.bool)
+    mask[:, m - 1] = True
+    mask[:, :depth] = True
+    if extra > 0 and depth < m - 1:
+        mask[greedy_similar(sim.cpu(), extra, None if eligible is None else eligible.cpu()), depth] = True
+    return mask
+
+
+def healthy_clients(logits: Tensor, bound: float) -> Tensor:
+    """Bool [n]: clients whose gathered logits [n, ...] are all finite and within ``bound``."""
+    flat = logits.reshape(logits.shape[0], -1)
+    finite = torch.isfinite(flat).all(dim=1)
+    small = torch.nan_to_num(flat.abs(), nan=float("inf")).amax(dim=1) <= bound
+    return finite & small
+
+
+# ----------------------------------------------------------------------------- algorithm
+class CAFEDistill(Algorithm):
+    """Personalized early-exit networks taught by a per-client mixture of last exits."""
+
+    name = "cafedistill"
+    Params = CAFEDistillParams
+    exchanges_logits = True
+
+    def __init__(self, params: CAFEDistillParams, setup: Setup):
+        super().__init__(params, setup)
+        self.last_report: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- client side
+    def init_client_state(self, cid: int) -> dict[str, Tensor]:
+        m = self.setup.num_exits
+        students = student_masks(0, self.setup.rounds, 1, m, torch.ones(1, 1),
+                                 self.params.schedule_span)[0]
+        if not self.params.student_selection:
+            students = torch.ones(m, dtype=torch.bool)
+        return {"students": students}
+
+    def students(self, state: dict[str, Tensor]) -> Tensor:
+        return state["students"].to(torch.bool).cpu()
+
+    def uses_proxy_batch(self, state: dict[str, Tensor]) -> bool:
+        has_students = bool(self.students(state)[:-1].any())
+        return has_students and "targets" in state and self.params.lam > 0
+
+    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
+        students = self.students(state)
+        m = len(batch.logits)
+        loss = F.cross_entropy(batch.logits[-1], batch.y)
+        for k in range(m - 1):
+            if students[k]:
+                loss = loss + F.cross_entropy(batch.logits[k], batch.y)
+        if batch.proxy_logits is not None:
+            tau = self.params.tau
+            teacher = state["targets"][batch.proxy_pos]
+            for k in range(m - 1):
+                if students[k]:
+                    log_student = F.log_softmax(batch.proxy_logits[k] / tau, dim=1)
+                    kd = F.kl_div(log_student, teacher, reduction="batchmean")
+                    loss = loss + self.params.lam * tau * tau * kd
+        return loss
+
+    def shared_keys(self, state_dict_keys: list[str]) -> list[str]:
+        if not self.params.shared_body:
+            return []
+        return [k for k in state_dict_keys if not k.startswith("heads.")]
+
+    # ---------------------------------------------------------------- coordinator
+    def payload_spec(self, proxy_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"targets": ((proxy_size, self.setup.num_classes), torch.float32),
+                "students": ((self.setup.num_exits,), torch.uint8)}
+
+    def aggregate_logits(self, round_idx: int, logits: Tensor,
+                         active: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Teacher weights, targets and the next round's students from logits [n, m, P', C]."""
+        p = self.params
+        n, m = logits.shape[0], logits.shape[1]
+        last = logits[:, m - 1].to(torch.float64)  # [n, P', C]
+        finite = healthy_clients(logits, p.logit_bound)
+        # clients that did not train this round send stale logits: they teach no one
+        healthy = finite if active is None else finite & active.to(finite.device)
+        safe_last = torch.where(healthy.view(n, 1, 1), last, torch.zeros_like(last))
+        # similarity on plain probabilities (discriminative); teachers at temperature tau
+        q = torch.softmax(safe_last, dim=2).reshape(n, -1)
+        sim = cosine_similarity_matrix(q)
+        if p.cross_client_kd:
+            alpha = teacher_weights(sim, self.setup.data_weights.to(sim.device), p.mu, healthy)
+        else:
+            alpha = torch.eye(n, dtype=torch.float64, device=sim.device)
+        teacher_probs = torch.softmax(safe_last / p.tau, dim=2)
+        teacher_probs = torch.where(healthy.view(n, 1, 1), teacher_probs, torch.zeros_like(teacher_probs))
+        targets = mix_targets(alpha, teacher_probs)
+        if not p.cross_client_kd:
+            # local KD of an unhealthy client would copy its own broken logits: use uniform
+            targets[~healthy] = 1.0 / targets.shape[2]
+        if p.student_selection:
+            students = student_masks(round_idx + 1, self.setup.rounds, n, m, sim, p.schedule_span, healthy)
+        else:
+            students = torch.ones(n, m, dtype=torch.bool)
+        report = {
+            "n_students_next": int(students[:, : m - 1].sum()),
+            "quarantined": [int(i) for i in torch.nonzero(~finite).flatten()],
+            "self_weight": float(torch.diagonal(alpha).mean()),
+        }
+        self.last_report = report
+        return {"targets": targets, "students": students.to(torch.uint8)}, report
+
+    def receive(self, state: dict[str, Tensor], payload: dict[str, Tensor], round_idx: int) -> None:
+        state["targets"] = payload["targets"]
+        state["students"] = payload["students"].to(torch.bool)
+        state["targets_round"] = torch.tensor(round_idx, dtype=torch.int64)

@@ -1,0 +1,134 @@
+"""``cafedist`` command line: prepare | train | eval (and more, one module per command).
+
+Bad input (a :class:`~cafedist.errors.CafeError`) is reported as one line
+``cafedist: error: ...`` with exit status 2; a run stopped by SIGTERM/SIGUSR1 exits with
+:data:`~cafedist.train.signals.REQUEUE_EXIT_CODE` after writing its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from cafedist.errors import CafeError
+
+
+def _setup_logging(verbose: bool) -> None:
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("OMPI_COMM_WORLD_RANK") \
+        or os.environ.get("PMI_RANK") or "0"
+    level = logging.DEBUG if verbose else (logging.INFO if rank == "0" else logging.WARNING)
+    logging.basicConfig(level=level, format=f"[cafedist r{rank}] %(levelname)s %(message)s", stream=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- train
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults are used for anything it omits)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
+                   help="auto: continue from the newest valid checkpoint (default); none: start over; "
+                        "force: resume even if the config changed")
+    p.add_argument("--backend", default=None, help="override dist.backend (gloo|nccl|mpi)")
+    p.add_argument("--device", default=None, help="override dist.device (cpu|cuda|cuda:N)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=5 algorithm.cafedistill.mu=1")
+
+
+def _run_dir_default(config: str | None) -> str:
+    from pathlib import Path
+
+    return str(Path("runs") / (Path(config).stem if config else "default"))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cafedist.config import load_config
+    from cafedist.train.loop import train
+    from cafedist.train.signals import REQUEUE_EXIT_CODE
+
+    overrides = list(args.overrides)
+    if args.backend:
+        overrides.append(f"dist.backend={args.backend}")
+    if args.device:
+        overrides.append(f"dist.device={args.device}")
+    cfg = load_config(args.config, overrides)
+    out = args.out or _run_dir_default(args.config)
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if result.stopped:
+        return REQUEUE_EXIT_CODE
+    if result.summary is not None:
+        acc = ", ".join(f"{a:.4f}" for a in result.summary["acc_per_exit"])
+        red = result.summary["mac_reduction_at_1pt"]
+        print(f"done: {out}  acc_per_exit [{acc}]  MAC reduction at <=1pt loss "
+              f"{100 * red['macs_reduction']:.1f}% (threshold {red['threshold']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory written by `cafedist train`")
+    p.add_argument("--max-loss", type=float, default=0.01,
+                   help="accuracy loss budget for the reported MAC reduction (default 0.01 = 1 point)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cafedist.eval.run import evaluate_run
+
+    report = evaluate_run(args.run_dir, max_loss=args.max_loss)
+    red = report["mac_reduction"]
+    acc = ", ".join(f"{a:.4f}" for a in report["acc_per_exit"])
+    print(f"acc_per_exit [{acc}]")
+    print(f"dynamic inference: {100 * red['macs_reduction']:.1f}% fewer MACs at threshold {red['threshold']} "
+          f"for {100 * red['accuracy_loss']:.2f} points of accuracy (budget {100 * args.max_loss:.2f})")
+    print(f"wrote {report['paths']['json']} and {report['paths']['plot']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- prepare
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    from cafedist.data import prepare
+
+    prepare.add_arguments(p)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from cafedist.data import prepare
+
+    return prepare.main(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "prepare": ("build a federated HDF5 store from a dataset (or --describe one)", _add_prepare, _prepare),
+    "train": ("train (or resume) a run; works plainly and under torchrun/srun/mpiexec", _add_train, _train),
+    "eval": ("evaluate a finished run: per-exit, per-client and dynamic-inference accuracy", _add_eval, _eval),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cafedist", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add, _) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        add(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cafedist`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(COMMANDS[args.command][2](args) or 0)
+    except CafeError as exc:
+        print(f"cafedist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cafedist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

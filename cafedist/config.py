@@ -1,0 +1,384 @@
+"""Run configuration: dataclasses, YAML files, dotted command-line overrides, validation.
+
+A run is a function of its resolved config (and nothing else): ``config.yaml`` in the run
+directory is the resolved config, and :func:`config_hash` of it is what ranks compare at
+start-up and what a resume checks against.
+
+Layout (every field has a default; see ``docs/CONFIG.md`` for the reference)::
+
+    seed: 0
+    data:       {dataset, root, store, cache_dir, clients, alpha, proxy_fraction, test_fraction, min_size}
+    model:      {arch, options: {...}}
+    train:      {rounds, local_epochs, batch_size, proxy_batch_size, lr, momentum, weight_decay,
+                 eval_every, amp, compile, clients_per_round}
+    algorithm:  {name: cafedistill, cafedistill: {tau, lam, mu, ...}, <other algorithm>: {...}}
+    comm:       {logits_dtype}
+    dist:       {backend, device, timeout_s}
+    checkpoint: {every, keep}
+
+Algorithm parameters live in a section named after the algorithm, so one file can carry the
+settings of several algorithms (``cafedist compare`` switches ``algorithm.name`` only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cafedist.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, and how it is split into clients and a public proxy set."""
+
+    dataset: str = "mnist5k"
+    root: str | None = None  # folder holding the raw dataset (not needed for mnist5k/digits)
+    store: str | None = None  # prepared HDF5 store; default: <cache_dir>/<derived name>.h5
+    cache_dir: str = "data/stores"
+    clients: int = 10
+    alpha: float = 0.3  # Dirichlet concentration of the label skew
+    proxy_fraction: float = 0.1  # share of all samples set aside as the unlabeled proxy set
+    test_fraction: float = 0.2  # share of each client's data held out as its personal test set
+    min_size: int = 20  # every client gets at least this many samples
+
+    def validate(self) -> None:
+        _check(self.clients >= 1, "data.clients", f"must be >= 1, got {self.clients}")
+        _check(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 < self.proxy_fraction < 1, "data.proxy_fraction", f"must be in (0, 1), got {self.proxy_fraction}")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _check(self.min_size >= 2, "data.min_size", f"must be >= 2, got {self.min_size}")
+
+    def store_path(self, seed: int) -> Path:
+        """Where the prepared store lives: ``store`` if given, else a name derived from the split."""
+        if self.store:
+            return Path(self.store)
+        name = (f"{self.dataset}-n{self.clients}-a{self.alpha:g}-p{self.proxy_fraction:g}"
+                f"-t{self.test_fraction:g}-m{self.min_size}-s{seed}.h5")
+        return Path(self.cache_dir) / name
+
+
+@dataclass
+class ModelConfig:
+    """Early-exit architecture (``cnn``, ``resnet18``, ``transformer``) and its options."""
+
+    arch: str = "cnn"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The round schedule and each client's local optimisation."""
+
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    proxy_batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eval_every: int = 1  # evaluate every k rounds (the last round always)
+    clients_per_round: float = 1.0  # fraction (<= 1) or count (> 1) of clients that train each round
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    compile: bool = False
+    packed: Literal["auto", "on", "off"] = "auto"  # step same-architecture clients together (vmap)
+
+    def validate(self) -> None:
+        _check(self.rounds >= 1, "train.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {self.local_epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.proxy_batch_size >= 1, "train.proxy_batch_size", f"must be >= 1, got {self.proxy_batch_size}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1, got {self.eval_every}")
+        _check(self.clients_per_round > 0, "train.clients_per_round", f"must be > 0, got {self.clients_per_round}")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The algorithm to run and the parameter sections of every algorithm the file mentions."""
+
+    name: str = "cafedistill"
+    params: dict[str, dict] = field(default_factory=dict)  # algorithm name -> its parameters
+
+
+@dataclass
+class CommConfig:
+    """What goes over the wire."""
+
+    logits_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class DistConfig:
+    """Process group settings (launch detection itself needs no config)."""
+
+    backend: Literal["auto", "gloo", "nccl", "mpi"] = "auto"
+    device: str = "auto"
+    timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class CheckpointConfig:
+    """How often to checkpoint and how many checkpoints to keep."""
+
+    every: int = 5  # rounds between checkpoints (0 = only on stop signals and at the end)
+    keep: int = 3
+
+    def validate(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class Config:
+    """The whole resolved run configuration."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def algorithm_params(self) -> Any:
+        """The typed parameter dataclass of the selected algorithm (defaults filled in)."""
+        from cafedist.algorithms import get_algorithm
+
+        cls = get_algorithm(self.algorithm.name, field_name="algorithm.name")
+        return _build(cls.Params, self.algorithm.params.get(self.algorithm.name, {}),
+                      f"algorithm.{self.algorithm.name}")
+
+    def to_dict(self) -> dict:
+        """Plain-data form, as written to ``config.yaml`` (algorithm sections flattened)."""
+        out = dataclasses.asdict(self)
+        algo = out.pop("algorithm")
+        section: dict[str, Any] = {"name": algo["name"]}
+        for name, params in sorted(algo["params"].items()):
+            section[name] = params
+        # always record the selected algorithm's full parameters, defaults included
+        section[self.algorithm.name] = dataclasses.asdict(self.algorithm_params())
+        out["algorithm"] = section
+        return _reorder(out)
+
+
+def _reorder(d: dict) -> dict:
+    keys = ["seed", "data", "model", "train", "algorithm", "comm", "dist", "checkpoint"]
+    return {k: d[k] for k in keys if k in d}
+
+
+# ----------------------------------------------------------------------------- validation
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if origin is list or tp is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    return value
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})"
+                          if where else f"{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def _split_algorithm_section(section: Any) -> dict:
+    """``{name, <algo>: {...}}`` as written in YAML -> AlgorithmConfig fields."""
+    from cafedist.algorithms import ALGORITHMS, get_algorithm
+
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"algorithm: expected a mapping, got {section!r}")
+    name = section.get("name", AlgorithmConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"algorithm.name: expected a string, got {name!r}")
+    get_algorithm(name, field_name="algorithm.name")
+    params = {}
+    for key, value in section.items():
+        if key == "name":
+            continue
+        if key not in ALGORITHMS:
+            raise ConfigError(f"algorithm.{key}: unknown key (expected 'name' or an algorithm name: "
+                              f"{', '.join(sorted(ALGORITHMS))})")
+        # validate every section now, so a typo in an unused algorithm is caught too
+        params[key] = dataclasses.asdict(_build(ALGORITHMS[key].Params, value, f"algorithm.{key}"))
+    return {"name": name, "params": params}
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Build and validate a :class:`Config` from plain data (e.g. parsed YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = dict(raw)
+    algo = _split_algorithm_section(raw.pop("algorithm", None))
+    cfg = _build(Config, raw, "")
+    cfg.algorithm = AlgorithmConfig(**algo)
+    cfg.algorithm_params()  # validates the selected algorithm's defaults/values
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` -> (["a", "b", "c"], VALUE parsed as YAML scalar/flow)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.rounds=5")
+    key, _, value = text.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty component in key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to a raw config mapping (returns a new mapping)."""
+    out = json.loads(json.dumps(raw)) if raw else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML config file with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or start from defaults), apply overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        if path:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_hash(cfg: Config, *, ignore: tuple[str, ...] = ("dist", "checkpoint")) -> str:
+    """sha256 of the canonical resolved config, minus sections that do not change results.
+
+    ``dist`` (backend, device, timeouts) and ``checkpoint`` (frequency) may differ between a
+    run and its resume without changing what is computed, so they are left out.
+    """
+    d = cfg.to_dict()
+    for key in ignore:
+        d.pop(key, None)
+    text = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,66 @@
+"""AG News from the standard ``train.csv`` / ``test.csv`` (the "ag_news_csv" release).
+
+Each file is a quoted CSV without header: class index 1..4 (World, Sports, Business,
+Sci/Tech), title, description. A document is ``title + " " + description``, tokenized by
+:mod:`cafedist.data.text` with a vocabulary built on the pooled corpus.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from cafedist.data.base import RawDataset, resolve_root
+from cafedist.data.text import build_vocab, encode, tokenize
+from cafedist.errors import ConfigError, DataError
+
+NAME = "agnews"
+FOLDER = "ag_news_csv"
+CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+LAYOUT = ("the AG News CSV release: train.csv and test.csv, no header, quoted columns "
+          "class index 1..4, title, description")
+
+
+def _read_csv(path: Path) -> tuple[list[list[str]], list[int]]:
+    """(tokenized documents, labels 0..3) of one AG News CSV file."""
+    docs: list[list[str]] = []
+    labels: list[int] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            for lineno, row in enumerate(csv.reader(fh), 1):
+                if not row:
+                    continue
+                label = row[0].strip()
+                if len(row) != 3 or not label.isdigit() or not 1 <= int(label) <= len(CLASS_NAMES):
+                    raise DataError(f"{NAME}: {path} record {lineno} is malformed: {row[:1]} with "
+                                    f"{len(row)} columns (expected {LAYOUT})")
+                labels.append(int(label) - 1)
+                docs.append(tokenize(row[1] + " " + row[2]))
+    except FileNotFoundError:
+        raise DataError(f"{NAME}: {path} is missing (expected {LAYOUT})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{NAME}: {path} is not a readable UTF-8 CSV ({exc}; expected {LAYOUT})") from None
+    if not docs:
+        raise DataError(f"{NAME}: {path} has no records (expected {LAYOUT})")
+    return docs, labels
+
+
+def load_agnews(root: str | None = None, vocab_size: int = 20000, max_len: int = 64) -> RawDataset:
+    """AG News train + test pooled -> int64 token ids [N, max_len], 4 classes.
+
+    ``vocab_size`` counts pad=0 and unk=1; ``root`` is the folder with the CSVs or its parent.
+    """
+    if vocab_size < 3 or max_len < 1:
+        raise ConfigError(f"{NAME}: vocab_size must be >= 3 and max_len >= 1, got {vocab_size} and {max_len}")
+    folder = resolve_root(root, FOLDER, NAME, "train.csv", LAYOUT)
+    docs, labels = [], []
+    for split in ("train.csv", "test.csv"):
+        d, y = _read_csv(folder / split)
+        docs += d
+        labels += y
+    vocab = build_vocab(docs, vocab_size)
+    x = encode(docs, vocab, max_len)
+    return RawDataset(name=NAME, x=x, y=np.asarray(labels, dtype=np.int64), num_classes=len(CLASS_NAMES),
+                      kind="text", vocab_size=len(vocab), vocab=vocab, class_names=list(CLASS_NAMES))

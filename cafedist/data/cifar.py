@@ -1,0 +1,80 @@
+"""CIFAR-10 / CIFAR-100 from the standard "python version" pickle folders.
+
+- ``cifar-10-batches-py/``: ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` (dicts with
+  ``b'data'`` uint8 [N, 3072] and ``b'labels'``), ``batches.meta`` (``b'label_names'``).
+- ``cifar-100-python/``: ``train``, ``test`` (``b'data'``, ``b'fine_labels'``), ``meta``
+  (``b'fine_label_names'``).
+
+Each row of ``b'data'`` is 1024 red, then 1024 green, then 1024 blue values of a 32x32 image
+in row-major order, i.e. exactly ``reshape(N, 3, 32, 32)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cafedist.data.base import RawDataset, channel_stats, load_pickle, resolve_root
+from cafedist.errors import DataError
+
+
+@dataclass(frozen=True)
+class _CifarFormat:
+    name: str
+    folder: str
+    files: tuple[str, ...]
+    label_key: bytes
+    meta_file: str
+    names_key: bytes
+    num_classes: int
+    layout: str
+
+
+CIFAR10 = _CifarFormat(
+    "cifar10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+    b"labels", "batches.meta", b"label_names", 10,
+    "the CIFAR-10 python version: data_batch_1..5, test_batch")
+CIFAR100 = _CifarFormat(
+    "cifar100", "cifar-100-python", ("train", "test"), b"fine_labels", "meta", b"fine_label_names", 100,
+    "the CIFAR-100 python version: train, test, meta")
+
+
+def _read_batch(fmt: _CifarFormat, path) -> tuple[np.ndarray, np.ndarray]:
+    batch = load_pickle(path, fmt.name, fmt.layout)
+    if not isinstance(batch, dict) or b"data" not in batch or fmt.label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{fmt.name}: {path} lacks b'data'/{fmt.label_key!r} (found {keys}; expected {fmt.layout})")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[fmt.label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{fmt.name}: {path} has data {data.dtype} {data.shape} and {len(labels)} labels "
+                        f"(expected uint8 [N, 3072] and N labels)")
+    if len(labels) and (labels.min() < 0 or labels.max() >= fmt.num_classes):
+        raise DataError(f"{fmt.name}: {path} has labels outside 0..{fmt.num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load(fmt: _CifarFormat, root: str | None) -> RawDataset:
+    folder = resolve_root(root, fmt.folder, fmt.name, fmt.files[0], fmt.layout)
+    parts = [_read_batch(fmt, folder / f) for f in fmt.files]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    names = None
+    if (folder / fmt.meta_file).exists():  # class names are a nicety; the labels suffice
+        meta = load_pickle(folder / fmt.meta_file, fmt.name, fmt.layout)
+        if isinstance(meta, dict) and fmt.names_key in meta:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[fmt.names_key]]
+    mean, std = channel_stats(x)
+    return RawDataset(name=fmt.name, x=x, y=y, num_classes=fmt.num_classes, kind="image",
+                      mean=mean, std=std, class_names=names)
+
+
+def load_cifar10(root: str | None = None) -> RawDataset:
+    """CIFAR-10 (train + test pooled) -> uint8 [60000, 3, 32, 32]; ``root`` = the folder or its parent."""
+    return _load(CIFAR10, root)
+
+
+def load_cifar100(root: str | None = None) -> RawDataset:
+    """CIFAR-100 fine labels (train + test pooled) -> uint8 [60000, 3, 32, 32]; ``root`` = folder or parent."""
+    return _load(CIFAR100, root)

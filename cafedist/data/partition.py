@@ -1,0 +1,147 @@
+"""Deterministic federated splits: public proxy set, Dirichlet label skew, per-client test split.
+
+Every function is a pure function of its inputs and ``seed``; randomness comes from numpy
+Generators seeded with :func:`cafedist.rng.derive_seed`, keyed by purpose, so one split never
+shifts another's random stream. All returned index arrays are sorted int64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cafedist.errors import ConfigError
+from cafedist.rng import derive_seed
+
+
+def _rng(seed: int, *keys: object) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, *keys))
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    # np.round rounds half to even (0.5 -> 0, 2.5 -> 2); splits should round 0.5 up.
+    return np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.int64)
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    return labels
+
+
+def check_partition_args(n_clients: int, alpha: float, min_size: int) -> None:
+    """Validate the data-independent Dirichlet parameters (ConfigError naming the field)."""
+    if n_clients < 1:
+        raise ConfigError(f"clients must be >= 1, got {n_clients}")
+    if not alpha > 0:
+        raise ConfigError(f"alpha must be > 0, got {alpha}")
+    if min_size < 1:
+        raise ConfigError(f"min_size must be >= 1 (every client needs data), got {min_size}")
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Validate that a split fraction lies strictly between 0 and 1."""
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{name} must be strictly between 0 and 1, got {value}")
+
+
+def split_proxy(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split all samples into ``(proxy_idx, rest_idx)``, stratified by label.
+
+    The proxy set (``round(fraction * N)`` samples; per class ``fraction * count``, the
+    rounding remainders going to the classes with the largest fractional parts) becomes the
+    public unlabelled set; ``rest_idx`` is what the clients are built from, so the two are
+    disjoint by construction.
+    """
+    labels = _check_labels(labels)
+    check_fraction("proxy_fraction", fraction)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = fraction * counts
+    take = np.floor(quota).astype(np.int64)
+    # Largest-remainder rounding: the total matches round(fraction * N) exactly.
+    extra = int(_round_half_up(fraction * len(labels))) - int(take.sum())
+    order = np.lexsort((classes, -(quota - take)))
+    take[order[:max(extra, 0)]] += 1
+    if take.sum() == 0 or take.sum() == len(labels):
+        raise ConfigError(f"proxy_fraction={fraction} of {len(labels)} samples leaves the proxy set "
+                          f"or the client data empty")
+    rng = _rng(seed, "split_proxy")
+    proxy, rest = [], []
+    for c, k in zip(classes, take):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        proxy.append(members[:k])
+        rest.append(members[k:])
+    return np.sort(np.concatenate(proxy)), np.sort(np.concatenate(rest))
+
+
+def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, min_size: int,
+                        seed: int, max_tries: int = 100) -> list[np.ndarray]:
+    """Label-skewed partition of ``range(len(labels))`` over ``n_clients`` clients.
+
+    Per class, the class's samples are divided over the clients in proportions drawn from
+    Dirichlet(``alpha``) (small alpha = strong skew). As in the reference implementation of
+    this scheme (Yurochkin et al. 2019, used by NIID-Bench/PFLlib), a client that already
+    holds its fair share ``N / n_clients`` gets no more samples, which keeps sizes from
+    degenerating. If some client ends up with fewer than ``min_size`` samples the whole
+    partition is redrawn with the next derived seed, at most ``max_tries`` times.
+    Returns one sorted index array per client; together they cover every sample once.
+    """
+    labels = _check_labels(labels)
+    n = len(labels)
+    check_partition_args(n_clients, alpha, min_size)
+    if n_clients * min_size > n:
+        raise ConfigError(f"cannot give {n_clients} clients >= {min_size} samples each from only "
+                          f"{n} samples (lower clients or min_size)")
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    fair_share = n / n_clients
+    for attempt in range(max_tries):
+        rng = _rng(seed, "dirichlet", attempt)
+        parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+        sizes = np.zeros(n_clients, dtype=np.int64)
+        for members in by_class:
+            members = rng.permutation(members)
+            p = rng.dirichlet(np.full(n_clients, float(alpha)))
+            capped = p * (sizes < fair_share)
+            p = capped if capped.sum() > 0 else p
+            if not np.isfinite(p).all() or p.sum() <= 0:  # degenerate draw at tiny alpha
+                p = np.ones(n_clients)
+            cuts = (np.cumsum(p / p.sum()) * len(members)).astype(np.int64)[:-1]
+            for cid, chunk in enumerate(np.split(members, cuts)):
+                parts[cid].append(chunk)
+                sizes[cid] += len(chunk)
+        if sizes.min() >= min_size:
+            return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+    raise ConfigError(f"dirichlet_partition: no draw in {max_tries} tries gave all {n_clients} clients "
+                      f">= {min_size} samples from {n} samples at alpha={alpha} "
+                      f"(raise alpha, lower min_size or use fewer clients)")
+
+
+def train_test_split_stratified(idx: np.ndarray, labels: np.ndarray, test_fraction: float,
+                                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's samples ``idx`` into ``(train_idx, test_idx)`` with the same label mix.
+
+    ``labels`` is the full label array (``labels[idx]`` are the client's labels). Per class,
+    ``round(test_fraction * count)`` samples (0.5 rounds up) go to test. The client always
+    keeps >= 1 train sample and, when it has >= 2 samples, gets >= 1 test sample (one is
+    moved from/to its largest class), so every client can both train and be evaluated.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    labels = _check_labels(labels)
+    check_fraction("test_fraction", test_fraction)
+    if len(idx) == 0:
+        raise ConfigError("train_test_split_stratified: a client has no samples")
+    own = labels[idx]
+    classes, counts = np.unique(own, return_counts=True)
+    n_test = _round_half_up(test_fraction * counts)
+    largest = int(np.argmax(counts))  # argmax takes the first, i.e. smallest label, on ties
+    if n_test.sum() == len(idx):
+        n_test[largest] -= 1
+    elif n_test.sum() == 0 and len(idx) >= 2:
+        n_test[largest] += 1
+    rng = _rng(seed, "train_test_split")
+    train, test = [], []
+    for c, k in zip(classes, n_test):
+        members = rng.permutation(idx[own == c])
+        test.append(members[:k])
+        train.append(members[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

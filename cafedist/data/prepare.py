@@ -1,0 +1,199 @@
+"""Build the federated store from a raw dataset: ``cafedist prepare`` and ``ensure_store``.
+
+``prepare_store`` = load (pooled train+test) -> proxy split -> Dirichlet partition of the rest
+-> per-client stratified train/test split -> atomic HDF5 write. The result depends only on
+the partition parameters (recorded in the store as ``params``), never on who builds it.
+
+``ensure_store`` is what ``cafedist train`` calls on every rank: the first process to take
+the lock builds the store, the others wait and then reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from cafedist.data.partition import (check_fraction, check_partition_args, dirichlet_partition,
+                                     split_proxy, train_test_split_stratified)
+from cafedist.data.registry import DATASETS, load_dataset, options_of
+from cafedist.data.store import Store, write_store
+from cafedist.errors import ConfigError, DataError
+from cafedist.rng import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction: float,
+                     test_fraction: float = 0.2, min_size: int = 10, seed: int = 0,
+                     loader_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The normalised, validated parameter record stored in (and compared against) a store.
+
+    Loader options (e.g. ``vocab_size``/``max_len`` for text) are recorded with their
+    defaults filled in, so omitting a default and passing it explicitly give the same record;
+    datasets without options record none.
+    """
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r} (expected one of: {', '.join(sorted(DATASETS))})")
+    params: dict[str, Any] = {
+        "dataset": dataset,
+        "clients": _as_int("clients", clients),
+        "alpha": float(alpha),
+        "proxy_fraction": float(proxy_fraction),
+        "test_fraction": float(test_fraction),
+        "min_size": _as_int("min_size", min_size),
+        "seed": _as_int("seed", seed),
+    }
+    check_partition_args(params["clients"], params["alpha"], params["min_size"])
+    check_fraction("proxy_fraction", params["proxy_fraction"])
+    check_fraction("test_fraction", params["test_fraction"])
+    defaults = options_of(dataset)
+    given = dict(loader_options or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ConfigError(f"dataset {dataset!r} takes no option(s) {sorted(unknown)} "
+                          f"(it accepts: {sorted(defaults) or 'none'})")
+    if defaults:
+        params["loader_options"] = {**defaults, **given}
+    return params
+
+
+def make_splits(labels: np.ndarray, params: Mapping[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """``(client_train, client_test, proxy_idx)`` index arrays into ``labels`` for ``params``."""
+    seed = params["seed"]
+    proxy_idx, rest = split_proxy(labels, params["proxy_fraction"], seed)
+    local = dirichlet_partition(labels[rest], params["clients"], params["alpha"], params["min_size"], seed)
+    train, test = [], []
+    for cid, positions in enumerate(local):
+        # A per-client key: a client's split does not change when other clients change.
+        tr, te = train_test_split_stratified(rest[positions], labels, params["test_fraction"],
+                                             derive_seed(seed, "client", cid))
+        train.append(tr)
+        test.append(te)
+    return train, test, proxy_idx
+
+
+def prepare_store(dataset: str, out: str | Path, *, root: str | Path | None = None, clients: int,
+                  alpha: float, proxy_fraction: float, test_fraction: float = 0.2, min_size: int = 10,
+                  seed: int = 0, loader_options: Mapping[str, Any] | None = None) -> Path:
+    """Load ``dataset`` from ``root``, partition it and write the store to ``out`` (atomically).
+
+    An existing file at ``out`` is replaced. Returns ``Path(out)``.
+    """
+    params = partition_params(dataset, clients=clients, alpha=alpha, proxy_fraction=proxy_fraction,
+                              test_fraction=test_fraction, min_size=min_size, seed=seed,
+                              loader_options=loader_options)
+    log.info("prepare: loading %s", dataset)
+    raw = load_dataset(dataset, None if root is None else str(root), **params.get("loader_options", {}))
+    train, test, proxy_idx = make_splits(raw.y, params)
+    log.info("prepare: writing %s (%d clients, proxy %d)", out, len(train), len(proxy_idx))
+    write_store(out, raw, train, test, proxy_idx, params)
+    return Path(out)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive POSIX (fcntl) lock on ``path`` (created if needed; left in place).
+
+    lockf (POSIX record locks) rather than flock, because it also works across nodes on
+    NFS. The lock file is never deleted: deleting it would let a late process lock a new
+    inode while another still holds the old one.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for another process to finish building the store (lock %s)", path)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _matches(out: Path, want: dict[str, Any]) -> bool:
+    """True if ``out`` is a valid store built with ``want``; False if absent; DataError otherwise."""
+    if not out.exists():
+        return False
+    with Store(out) as store:
+        have = store.params
+    if have != want:
+        raise DataError(f"store {out} exists with params {json.dumps(have, sort_keys=True)} but this run "
+                        f"asks for {json.dumps(want, sort_keys=True)} (delete it or choose another path)")
+    return True
+
+
+def ensure_store(out: str | Path, *, dataset: str, root: str | Path | None = None, clients: int,
+                 alpha: float, proxy_fraction: float, test_fraction: float = 0.2, min_size: int = 10,
+                 seed: int = 0, loader_options: Mapping[str, Any] | None = None) -> Path:
+    """Return ``out``, building it first unless it already holds a store with these params.
+
+    Safe when many processes call it at once: they serialise on an exclusive lock on
+    ``out + ".lock"`` and re-check after taking it, so exactly one builds. An existing store
+    with different params (or an unreadable file) raises DataError instead of being replaced.
+    """
+    out = Path(out)
+    kwargs = dict(clients=clients, alpha=alpha, proxy_fraction=proxy_fraction, test_fraction=test_fraction,
+                  min_size=min_size, seed=seed, loader_options=loader_options)
+    want = partition_params(dataset, **kwargs)
+    if _matches(out, want):  # fast path: stores appear by atomic rename, so no lock is needed to read
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(Path(f"{out}.lock")):
+        if _matches(out, want):
+            return out
+        return prepare_store(dataset, out, root=root, **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``cafedist prepare`` flags to ``parser``."""
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", choices=sorted(DATASETS), help="dataset to prepare")
+    what.add_argument("--describe", metavar="STORE", help="print the summary of an existing store and exit")
+    parser.add_argument("--root", metavar="DIR", help="folder holding the raw dataset (or its parent); "
+                        "not needed for the bundled mnist5k and digits")
+    parser.add_argument("--clients", type=int, metavar="N", help="number of clients")
+    parser.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration (smaller = more skew)")
+    parser.add_argument("--proxy-fraction", type=float, metavar="F",
+                        help="fraction of all samples held out as the public unlabelled proxy set")
+    parser.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+                        help="fraction of each client's samples kept as its test split (default 0.2)")
+    parser.add_argument("--min-size", type=int, default=10, metavar="N",
+                        help="minimum samples per client (default 10)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="partition seed (default 0)")
+    parser.add_argument("--vocab-size", type=int, metavar="N", help="text only: vocabulary size incl. pad/unk")
+    parser.add_argument("--max-len", type=int, metavar="N", help="text only: tokens per document")
+    parser.add_argument("--out", metavar="STORE", help="output HDF5 file (replaced if it exists)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``cafedist prepare``: build a store (then print its summary) or ``--describe`` one."""
+    if args.describe:
+        with Store(args.describe) as store:
+            print(store.describe())
+        return 0
+    required = {"--clients": args.clients, "--alpha": args.alpha, "--proxy-fraction": args.proxy_fraction,
+                "--out": args.out}
+    missing = [flag for flag, value in required.items() if value is None]
+    if missing:
+        raise ConfigError(f"prepare --dataset needs {', '.join(missing)}")
+    options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
+    path = prepare_store(args.dataset, args.out, root=args.root, clients=args.clients, alpha=args.alpha,
+                         proxy_fraction=args.proxy_fraction, test_fraction=args.test_fraction,
+                         min_size=args.min_size, seed=args.seed, loader_options=options or None)
+    with Store(path) as store:
+        print(store.describe())
+    return 0

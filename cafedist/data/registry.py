@@ -1,0 +1,47 @@
+"""Dataset name -> loader. A loader takes the data root (``None`` for bundled data) and
+optional keyword options (e.g. ``vocab_size``/``max_len`` for text) and returns a RawDataset.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from cafedist.data.agnews import load_agnews
+from cafedist.data.base import RawDataset
+from cafedist.data.builtin import load_digits, load_mnist5k
+from cafedist.data.cifar import load_cifar10, load_cifar100
+from cafedist.data.tinyimagenet import load_tinyimagenet
+from cafedist.errors import ConfigError, DataError
+
+DATASETS: dict[str, Callable[..., RawDataset]] = {
+    "mnist5k": load_mnist5k,
+    "digits": load_digits,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "tinyimagenet": load_tinyimagenet,
+    "agnews": load_agnews,
+}
+
+
+def options_of(name: str) -> dict[str, Any]:
+    """The extra keyword options (with defaults) that dataset ``name``'s loader accepts."""
+    params = list(inspect.signature(_loader(name)).parameters.values())[1:]
+    return {p.name: p.default for p in params}
+
+
+def _loader(name: str) -> Callable[..., RawDataset]:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r} (expected one of: {', '.join(sorted(DATASETS))})") from None
+
+
+def load_dataset(name: str, root: str | None = None, **options: Any) -> RawDataset:
+    """Load dataset ``name`` from ``root`` (train and test splits pooled). Never downloads."""
+    loader = _loader(name)
+    unknown = set(options) - set(options_of(name))
+    if unknown:
+        raise ConfigError(f"dataset {name!r} takes no option(s) {sorted(unknown)} "
+                          f"(it accepts: {sorted(options_of(name)) or 'none'})")
+    return loader(None if root is None else str(root), **options)

@@ -1,0 +1,315 @@
+"""The prepared federated dataset: one HDF5 file, written once, read by every rank.
+
+Layout (``SCHEMA_VERSION`` 1)::
+
+    /                       attrs:
+        schema_version      int, == SCHEMA_VERSION
+        dataset             str, loader name (e.g. "cifar10")
+        kind                str, "image" | "text"
+        num_classes         int
+        num_clients         int
+        input_shape         int64[], shape of one sample: (C, H, W) or (L,)
+        mean, std           float64[C], per-channel stats of x/255 (images); empty for text
+        vocab_size          int, incl. pad=0 and unk=1 (text); 0 for images
+        params              str, JSON of the partition parameters (dataset, clients, alpha,
+                            proxy_fraction, test_fraction, min_size, seed[, loader_options])
+    /clients/00000/         one group per client, named by zero-padded client id
+        x_train  x_test     uint8 [n, C, H, W] (images) or int64 [n, L] token ids (text)
+        y_train  y_test     int64 [n], labels 0..num_classes-1
+    /proxy/x                the public proxy set: inputs only, NO labels (it is unlabelled)
+    /vocab                  (text, optional) uint8: UTF-8 of the id-ordered tokens joined by "\\n"
+
+Every dataset carries an attribute ``sha256`` (hex digest of its C-ordered little-endian
+bytes), checked whenever the data is read. Datasets are stored contiguous and uncompressed:
+client arrays are small and read whole, and a plain layout keeps reads cheap on parallel
+file systems. The file is written to a temporary name and renamed into place, so readers
+see either no store or a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from cafedist.data.base import RawDataset
+from cafedist.errors import DataError
+from cafedist.fsutil import atomic_output
+
+SCHEMA_VERSION = 1
+CHECKSUM_ATTR = "sha256"
+CLIENT_FIELDS = ("x_train", "y_train", "x_test", "y_test")
+ROOT_ATTRS = ("schema_version", "dataset", "kind", "num_classes", "num_clients", "input_shape",
+              "mean", "std", "vocab_size", "params")
+
+
+def _client_group(cid: int) -> str:
+    return f"clients/{cid:05d}"
+
+
+def _sha256(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
+
+
+def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
+    # Explicit little-endian dtypes make the checksum independent of the writer's platform.
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    ds = group.create_dataset(name, data=arr)
+    ds.attrs[CHECKSUM_ATTR] = _sha256(arr)
+
+
+def _check_split(raw: RawDataset, client_train: Sequence[np.ndarray], client_test: Sequence[np.ndarray],
+                 proxy_idx: np.ndarray) -> None:
+    """Programming-error checks: the index sets must be valid and pairwise disjoint."""
+    if len(client_train) != len(client_test) or not client_train:
+        raise ValueError("write_store: need one train and one test index array per client (>= 1 client)")
+    every = np.concatenate([np.asarray(a, dtype=np.int64) for a in (*client_train, *client_test, proxy_idx)])
+    if len(every) and (every.min() < 0 or every.max() >= len(raw.x)):
+        raise ValueError(f"write_store: indices out of range for {len(raw.x)} samples")
+    if len(np.unique(every)) != len(every):
+        raise ValueError("write_store: client train/test and proxy indices overlap")
+
+
+def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.ndarray],
+                client_test: Sequence[np.ndarray], proxy_idx: np.ndarray, params: dict) -> None:
+    """Write the store for ``raw`` split by the given index arrays (atomically)."""
+    _check_split(raw, client_train, client_test, proxy_idx)
+    with atomic_output(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["dataset"] = raw.name
+            f.attrs["kind"] = raw.kind
+            f.attrs["num_classes"] = int(raw.num_classes)
+            f.attrs["num_clients"] = len(client_train)
+            f.attrs["input_shape"] = np.asarray(raw.input_shape, dtype=np.int64)
+            f.attrs["mean"] = np.asarray(raw.mean or (), dtype=np.float64)
+            f.attrs["std"] = np.asarray(raw.std or (), dtype=np.float64)
+            f.attrs["vocab_size"] = int(raw.vocab_size or 0)
+            f.attrs["params"] = json.dumps(params, sort_keys=True)
+            for cid, (tr, te) in enumerate(zip(client_train, client_test)):
+                g = f.create_group(_client_group(cid))
+                _put(g, "x_train", raw.x[tr])
+                _put(g, "y_train", raw.y[tr])
+                _put(g, "x_test", raw.x[te])
+                _put(g, "y_test", raw.y[te])
+            _put(f.create_group("proxy"), "x", raw.x[np.asarray(proxy_idx, dtype=np.int64)])
+            if raw.vocab is not None:
+                _put(f, "vocab", np.frombuffer("\n".join(raw.vocab).encode("utf-8"), dtype=np.uint8))
+
+
+@dataclass
+class ClientData:
+    """One client's data as tensors on a device (inputs already normalised)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+class Store:
+    """Read-only, validating reader of a store file; use as a context manager or ``close()``.
+
+    Opening checks the schema version, the root attributes and every group's dataset names,
+    shapes and dtypes (metadata only); data is read lazily, one client at a time, and its
+    checksum is verified on every read. Any problem raises a one-line :class:`DataError`
+    naming the file. The file is never modified.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"store {self.path} does not exist (create it with `cafedist prepare ... --out {self.path}`)")
+        with self._guard("cannot open as HDF5 (truncated or corrupt file?)"):
+            # locking=False: we never write in place (stores are renamed into place), and
+            # HDF5's file locks fail on some cluster file systems (NFS, Lustre without flock).
+            self._f = h5py.File(self.path, "r", locking=False)
+        try:
+            with self._guard("unreadable metadata (truncated or corrupt file?)"):
+                self._validate()
+        except BaseException:
+            self._f.close()
+            raise
+
+    # -- opening -------------------------------------------------------------------------
+    def _fail(self, problem: str) -> DataError:
+        return DataError(f"store {self.path}: {problem}")
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Turn h5py's low-level exceptions into one-line DataErrors naming the file."""
+        try:
+            yield
+        except DataError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise self._fail(f"{what}: {detail}") from None
+
+    def _validate(self) -> None:
+        attrs = self._f.attrs
+        if "schema_version" not in attrs:
+            raise self._fail("not a cafedist store (no 'schema_version' attribute)")
+        version = int(attrs["schema_version"])
+        if version != SCHEMA_VERSION:
+            raise self._fail(f"schema version {version}, but this cafedist reads version {SCHEMA_VERSION} "
+                             f"(re-create the store with `cafedist prepare`)")
+        missing = [a for a in ROOT_ATTRS if a not in attrs]
+        if missing:
+            raise self._fail(f"missing root attribute(s) {missing}")
+        self.schema_version = version
+        self.dataset: str = str(attrs["dataset"])
+        self.kind: str = str(attrs["kind"])
+        self.num_classes = int(attrs["num_classes"])
+        self.num_clients = int(attrs["num_clients"])
+        self.input_shape: tuple[int, ...] = tuple(int(v) for v in np.asarray(attrs["input_shape"]))
+        self.mean: tuple[float, ...] = tuple(float(v) for v in np.asarray(attrs["mean"]))
+        self.std: tuple[float, ...] = tuple(float(v) for v in np.asarray(attrs["std"]))
+        self.vocab_size: int | None = int(attrs["vocab_size"]) or None
+        try:
+            self.params: dict[str, Any] = json.loads(str(attrs["params"]))
+        except json.JSONDecodeError:
+            raise self._fail("attribute 'params' is not valid JSON") from None
+        if self.kind not in ("image", "text") or self.num_classes < 1 or self.num_clients < 1:
+            raise self._fail(f"bad root attributes kind={self.kind!r} num_classes={self.num_classes} "
+                             f"num_clients={self.num_clients}")
+        x_dtype = np.dtype(np.uint8 if self.kind == "image" else np.int64)
+        self._sizes: list[tuple[int, int]] = []
+        for cid in range(self.num_clients):
+            name = _client_group(cid)
+            if name not in self._f:
+                raise self._fail(f"missing group {name} (num_clients={self.num_clients})")
+            lengths = {field: self._check_dataset(f"{name}/{field}", x_dtype if field[0] == "x" else np.dtype(np.int64),
+                                                  self.input_shape if field[0] == "x" else ())
+                       for field in CLIENT_FIELDS}
+            if lengths["x_train"] != lengths["y_train"] or lengths["x_test"] != lengths["y_test"]:
+                raise self._fail(f"{name}: x and y lengths differ")
+            self._sizes.append((lengths["x_train"], lengths["x_test"]))
+        extra = set(self._f["clients"]) - {_client_group(c).split("/")[1] for c in range(self.num_clients)}
+        if extra:
+            raise self._fail(f"unexpected client group(s) {sorted(extra)[:3]} for num_clients={self.num_clients}")
+        self.proxy_size = self._check_dataset("proxy/x", x_dtype, self.input_shape)
+        if "proxy/y" in self._f:
+            raise self._fail("proxy/y exists, but the proxy set must be unlabelled")
+
+    def _check_dataset(self, name: str, dtype: np.dtype, sample_shape: tuple[int, ...]) -> int:
+        """Check that dataset ``name`` exists with ``dtype`` and ``[n, *sample_shape]``; return n."""
+        if name not in self._f:
+            raise self._fail(f"missing dataset {name}")
+        ds = self._f[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise self._fail(f"{name} is not a dataset")
+        if ds.dtype != dtype or ds.ndim != 1 + len(sample_shape) or tuple(ds.shape[1:]) != sample_shape:
+            raise self._fail(f"{name} is {ds.dtype} {ds.shape}, expected {dtype} [n, {', '.join(map(str, sample_shape))}]")
+        if CHECKSUM_ATTR not in ds.attrs:
+            raise self._fail(f"{name} has no '{CHECKSUM_ATTR}' checksum attribute")
+        return int(ds.shape[0])
+
+    # -- reading -------------------------------------------------------------------------
+    def _read(self, name: str) -> np.ndarray:
+        """Read a whole dataset and verify its checksum."""
+        with self._guard(f"cannot read {name}"):
+            ds = self._f[name]
+            arr = ds[()]
+            expected = str(ds.attrs[CHECKSUM_ATTR])
+        if _sha256(arr) != expected:
+            raise self._fail(f"checksum mismatch in {name}: the file is corrupt (re-create it with `cafedist prepare`)")
+        return arr
+
+    def to_inputs(self, x: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Model inputs from stored samples: images -> float32 ``(x/255 - mean)/std``, text -> int64."""
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(device)  # copy uint8, convert on the device
+        if self.kind == "text":
+            return t.long()
+        t = t.float().div_(255.0)
+        if self.mean:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=t.device).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32, device=t.device).view(-1, 1, 1)
+            t = t.sub_(mean).div_(std)
+        return t
+
+    def client_sizes(self) -> list[tuple[int, int]]:
+        """``(n_train, n_test)`` per client, from metadata only."""
+        return list(self._sizes)
+
+    def load_client(self, cid: int, device: str | torch.device = "cpu") -> ClientData:
+        """Client ``cid``'s train/test tensors on ``device`` (reads only that client's arrays)."""
+        if not 0 <= cid < self.num_clients:
+            raise self._fail(f"no client {cid} (the store has clients 0..{self.num_clients - 1})")
+        arrays = {field: self._read(f"{_client_group(cid)}/{field}") for field in CLIENT_FIELDS}
+        return ClientData(
+            x_train=self.to_inputs(arrays["x_train"], device),
+            y_train=torch.from_numpy(arrays["y_train"]).to(device),
+            x_test=self.to_inputs(arrays["x_test"], device),
+            y_test=torch.from_numpy(arrays["y_test"]).to(device),
+        )
+
+    def load_proxy(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The unlabelled proxy inputs on ``device``, transformed like client inputs."""
+        return self.to_inputs(self._read("proxy/x"), device)
+
+    def load_vocab(self) -> list[str] | None:
+        """Token strings by id (text stores written with a vocabulary), else None."""
+        if "vocab" not in self._f:
+            return None
+        return self._read("vocab").tobytes().decode("utf-8").split("\n")
+
+    def label_histograms(self) -> np.ndarray:
+        """int64 ``[num_clients, num_classes]``: count of each label in each client's train split."""
+        out = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)
+        for cid in range(self.num_clients):
+            y = self._read(f"{_client_group(cid)}/y_train")
+            out[cid] = np.bincount(y, minlength=self.num_classes)[: self.num_classes]
+        return out
+
+    def describe(self) -> str:
+        """A human-readable summary: header, then per-client sizes and train label histogram."""
+        hist = self.label_histograms()
+        shape = "x".join(map(str, self.input_shape))
+        lines = [
+            f"store {self.path} (schema {self.schema_version})",
+            f"dataset {self.dataset}: {self.kind}, {self.num_classes} classes, input {shape}"
+            + (f", vocab {self.vocab_size}" if self.vocab_size else ""),
+            f"{self.num_clients} clients, proxy set {self.proxy_size} unlabelled samples",
+            "params " + " ".join(f"{k}={v}" for k, v in sorted(self.params.items())),
+            "",
+        ]
+        sizes = np.asarray(self._sizes, dtype=np.int64).reshape(-1, 2)
+        width = max(4, len(str(int(hist.max(initial=0)))))
+        if self.num_classes <= 20:  # small label sets: one column per class
+            head = " ".join(f"{c:>{width}}" for c in range(self.num_classes))
+            rows = [" ".join(f"{v:>{width}}" for v in h) for h in hist]
+            total = " ".join(f"{v:>{width}}" for v in hist.sum(0))
+        else:  # large label sets: how many classes are present and the five most frequent
+            head = "top labels (label:count)"
+            rows = [" ".join(f"{c}:{h[c]}" for c in np.argsort(-h, kind="stable")[:5] if h[c]) for h in hist]
+            total = ""
+        lines.append(f"{'client':>6} {'train':>7} {'test':>6} {'labels':>7}  {head}")
+        for cid, ((n_tr, n_te), row) in enumerate(zip(sizes, rows)):
+            present = f"{int((hist[cid] > 0).sum())}/{self.num_classes}"
+            lines.append(f"{cid:>6} {n_tr:>7} {n_te:>6} {present:>7}  {row}")
+        lines.append(f"{'total':>6} {sizes[:, 0].sum():>7} {sizes[:, 1].sum():>6} {'':>7}  {total}".rstrip())
+        return "\n".join(lines)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if getattr(self, "_f", None) is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, dataset={self.dataset!r}, clients={self.num_clients})"

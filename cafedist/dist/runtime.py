@@ -1,0 +1,398 @@
+"""Who am I in the job? Launch detection, device/backend choice, process-group setup.
+
+:func:`detect_launch` is a pure function of the environment, so every launcher (torchrun,
+Slurm ``srun``, ``mpiexec``, a plain ``python``) is unit-testable with a fake dict.
+:func:`init_runtime` turns the detected launch into a :class:`Runtime`: it picks the device
+and backend, completes the rendezvous information the launcher did not provide (Slurm: the
+first node of the allocation; MPI: rank 0's address, broadcast over mpi4py) and creates the
+process group. With one process no process group is created at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from itertools import product
+from typing import Mapping, MutableMapping
+
+import torch
+import torch.distributed as dist
+
+from cafedist.errors import DistError
+
+log = logging.getLogger("cafedist")
+
+LAUNCHERS = ("single", "torchrun", "slurm", "mpi")
+BACKENDS = ("auto", "gloo", "nccl", "mpi")
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What the launcher told this process through its environment."""
+
+    launcher: str  # "single" | "torchrun" | "slurm" | "mpi"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+
+
+@dataclass
+class Runtime:
+    """This process's place in the job: rank, device, backend (None without a process group)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the coordinator."""
+        return self.rank == 0
+
+
+# --------------------------------------------------------------------------- env parsing
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    """Read an integer environment variable, or raise a one-line DistError naming it."""
+    raw = env[name]
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise DistError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise DistError(f"environment variable {name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _first_int(env: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
+    """The first of ``names`` present in ``env`` as an int, else ``default``."""
+    for name in names:
+        if name in env:
+            return _env_int(env, name)
+    return default
+
+
+def _checked(launcher: str, rank: int, world: int, local_rank: int, rank_var: str,
+             world_var: str, addr: str | None, port: int | None) -> LaunchInfo:
+    """Build a LaunchInfo after checking that rank and world size agree."""
+    if rank >= world:
+        raise DistError(f"environment variable {rank_var}={rank} must be < {world_var}={world}")
+    if port is not None and not 0 < port < 65536:
+        raise DistError(f"environment variable MASTER_PORT={port} is not a TCP port (1-65535)")
+    return LaunchInfo(launcher, rank, world, local_rank, addr or None, port)
+
+
+def _detect_env_launcher(env: Mapping[str, str]) -> LaunchInfo:
+    """torchrun or any env:// launcher: RANK + WORLD_SIZE (+ LOCAL_RANK, MASTER_ADDR/PORT)."""
+    missing = [v for v in ("RANK", "WORLD_SIZE") if v not in env]
+    if missing:
+        present = "RANK" if "RANK" in env else "WORLD_SIZE"
+        raise DistError(f"environment variable {present} is set but {missing[0]} is not "
+                        "(an env:// launcher such as torchrun sets both)")
+    rank = _env_int(env, "RANK")
+    world = _env_int(env, "WORLD_SIZE", minimum=1)
+    # Without LOCAL_RANK assume one node: the device index then follows the global rank.
+    local_rank = _first_int(env, ("LOCAL_RANK",), default=rank)
+    port = _env_int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
+    return _checked("torchrun", rank, world, local_rank, "RANK", "WORLD_SIZE",
+                    env.get("MASTER_ADDR"), port)
+
+
+def _is_slurm_task(env: Mapping[str, str]) -> bool:
+    """A task of a (possibly 1-task) srun step, not a plain python in an sbatch script."""
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return False
+    return "SLURM_STEP_ID" in env or _env_int(env, "SLURM_NTASKS", minimum=1) > 1
+
+
+def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
+    """Slurm task: SLURM_PROCID/NTASKS/LOCALID; master = first node of the allocation."""
+    rank = _env_int(env, "SLURM_PROCID")
+    world = _env_int(env, "SLURM_NTASKS", minimum=1)
+    local_rank = _first_int(env, ("SLURM_LOCALID",), default=rank)
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        for var in ("SLURM_NODELIST", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
+            if env.get(var):
+                addr = expand_nodelist(env[var], var)[0]
+                break
+    if world > 1 and not addr:
+        raise DistError("environment variable SLURM_NODELIST (or SLURM_JOB_NODELIST) is missing: "
+                        "cannot find the master node of this Slurm job (or set MASTER_ADDR)")
+    if "MASTER_PORT" in env:
+        port = _env_int(env, "MASTER_PORT")
+    else:
+        # A port derived from the job id: every task computes the same one without talking,
+        # and two jobs sharing a node are unlikely to collide.
+        job_id = _first_int(env, ("SLURM_JOB_ID", "SLURM_JOBID"), default=9500)
+        port = 20000 + job_id % 20000
+    return _checked("slurm", rank, world, local_rank, "SLURM_PROCID", "SLURM_NTASKS", addr, port)
+
+
+# (rank variable, world-size variable, local-rank variables) per MPI implementation.
+_MPI_VARIANTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("OMPI_COMM_WORLD_RANK", ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",)),
+    ("PMI_RANK", ("PMI_SIZE",), ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")),
+    ("PMIX_RANK", ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"),
+     ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK")),
+)
+
+
+def _detect_mpi(env: Mapping[str, str]) -> LaunchInfo | None:
+    """Open MPI / MPICH (Hydra) / PMIx variables; the master address is found later over MPI."""
+    for rank_var, world_vars, local_vars in _MPI_VARIANTS:
+        if rank_var not in env:
+            continue
+        world_var = next((v for v in world_vars if v in env), None)
+        if world_var is None:
+            raise DistError(f"environment variable {rank_var} is set but none of "
+                            f"{', '.join(world_vars)} is: cannot tell the MPI world size")
+        rank = _env_int(env, rank_var)
+        world = _env_int(env, world_var, minimum=1)
+        local_rank = _first_int(env, local_vars, default=rank)
+        return _checked("mpi", rank, world, local_rank, rank_var, world_var, None, None)
+    return None
+
+
+def detect_launch(env: Mapping[str, str] = os.environ) -> LaunchInfo:
+    """Detect the launcher from ``env`` (pure function; pass a dict in tests).
+
+    Order: env:// launchers such as torchrun (``RANK`` + ``WORLD_SIZE``; also covers
+    ``srun torchrun``), a Slurm step (``SLURM_PROCID`` + ``SLURM_NTASKS``, only when the step
+    has more than one task or ``SLURM_STEP_ID`` is set), MPI (Open MPI, MPICH/Hydra, PMIx),
+    else a single process. An inconsistent environment raises :class:`DistError` naming the
+    variable at fault.
+    """
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _detect_env_launcher(env)
+    if _is_slurm_task(env):
+        return _detect_slurm(env)
+    mpi = _detect_mpi(env)
+    if mpi is not None:
+        return mpi
+    return LaunchInfo("single", 0, 1, 0, None, None)
+
+
+# ------------------------------------------------------------------ Slurm nodelist syntax
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def _split_top_level(text: str, var: str) -> list[str]:
+    """Split ``text`` at commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise DistError(f"environment variable {var}={text!r}: nested '[' in a node list")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise DistError(f"environment variable {var}={text!r}: unbalanced ']' in a node list")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise DistError(f"environment variable {var}={text!r}: unbalanced '[' in a node list")
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_bracket(body: str, var: str, text: str) -> list[str]:
+    """``"01-03,07"`` -> ``["01", "02", "03", "07"]`` (zero padding kept from the start value)."""
+    out: list[str] = []
+    for item in body.split(","):
+        m = _RANGE.match(item.strip())
+        if not m:
+            raise DistError(f"environment variable {var}={text!r}: bad range {item!r} in a node list")
+        lo_s, hi_s = m.group(1), m.group(2) or m.group(1)
+        lo, hi = int(lo_s), int(hi_s)
+        if hi < lo:
+            raise DistError(f"environment variable {var}={text!r}: descending range {item!r}")
+        out.extend(str(i).zfill(len(lo_s)) for i in range(lo, hi + 1))
+    return out
+
+
+def expand_nodelist(text: str, var: str = "SLURM_NODELIST") -> list[str]:
+    """Expand a Slurm compressed host list, e.g. ``"node[01-03,07],gpu5"`` -> 5 host names.
+
+    Several bracket groups in one name expand as a product (``"r[1-2]n[1-2]"`` -> r1n1, r1n2,
+    r2n1, r2n2), as Slurm does. ``var`` only names the variable in error messages.
+    """
+    hosts: list[str] = []
+    for part in _split_top_level(text.strip(), var):
+        if not part:
+            raise DistError(f"environment variable {var}={text!r}: empty host name in a node list")
+        # re.split with a capture group alternates literal text and bracket bodies.
+        pieces = re.split(r"\[([^\]]*)\]", part)
+        choices = [[p] if i % 2 == 0 else _expand_bracket(p, var, text) for i, p in enumerate(pieces)]
+        hosts.extend("".join(combo) for combo in product(*choices))
+    return hosts
+
+
+# ---------------------------------------------------------------- device and backend
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    """``"auto"`` -> cuda:{local_rank % n} if CUDA is available, else cpu; validate overrides."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DistError(f"device {device!r} is not valid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise DistError(f"device {device!r} is not supported: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise DistError(f"device {device!r} requested but CUDA is not available on this host")
+    count = torch.cuda.device_count()
+    if dev.index is None:
+        return torch.device("cuda", local_rank % count)
+    if dev.index >= count:
+        raise DistError(f"device {device!r} does not exist: this host has {count} CUDA device(s)")
+    return dev
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> nccl on cuda, gloo on cpu; reject impossible combinations."""
+    if backend not in BACKENDS:
+        raise DistError(f"backend {backend!r} is not valid: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise DistError(f"backend 'nccl' needs a CUDA device but the device is {device}: "
+                        "use backend 'gloo' on cpu")
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise DistError("backend 'nccl' is not available in this torch build: use 'gloo'")
+    if backend == "mpi" and not dist.is_mpi_available():
+        raise DistError("backend 'mpi' is not available in this torch build (it needs torch "
+                        "compiled with MPI): use 'gloo' or 'nccl' (mpiexec launches work with both)")
+    return backend
+
+
+# --------------------------------------------------------------------- rendezvous
+
+
+def _free_port() -> int:
+    """A TCP port that is free right now (bind to port 0 and let the OS choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _mpi_rendezvous(info: LaunchInfo, env: Mapping[str, str]) -> LaunchInfo:
+    """Rank 0 picks its address and a free port; mpi4py broadcasts them to every rank."""
+    try:
+        from mpi4py import MPI  # lazy: importing mpi4py initialises MPI, only wanted here
+    except ImportError as exc:
+        raise DistError(f"launched by mpiexec (rank {info.rank}) but mpi4py cannot be imported: {exc}") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != info.world_size:
+        # Typical when mpi4py was built against another MPI than the mpiexec used.
+        raise DistError(f"mpi4py sees {comm.Get_size()} process(es) but the launcher set world size "
+                        f"{info.world_size}: mpi4py and mpiexec come from different MPI installations")
+    endpoint = None
+    if comm.Get_rank() == 0:
+        addr = env.get("MASTER_ADDR") or socket.gethostname()
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else _free_port()
+        endpoint = (addr, port)
+    addr, port = comm.bcast(endpoint, root=0)
+    return LaunchInfo(info.launcher, info.rank, info.world_size, info.local_rank, addr, port)
+
+
+def _export_env(info: LaunchInfo, target: MutableMapping[str, str]) -> None:
+    """Write the env:// variables, so torch (and anything we spawn) sees one consistent view."""
+    target.update({
+        "MASTER_ADDR": str(info.master_addr),
+        "MASTER_PORT": str(info.master_port),
+        "RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(info.local_rank),
+    })
+
+
+def _init_process_group(info: LaunchInfo, backend: str, timeout_s: float) -> None:
+    """init_process_group, turning any failure into a one-line DistError."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        if backend == "mpi":  # torch's MPI backend takes rank and size from MPI itself
+            dist.init_process_group("mpi", timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a launch problem
+        hint = ""
+        if info.launcher == "slurm":
+            hint = " (a plain `python` in an sbatch script with --ntasks>1 waits forever: use srun)"
+        raise DistError(f"init_process_group failed on rank {info.rank} of {info.world_size} "
+                        f"({info.launcher} launch, {info.master_addr}:{info.master_port}): "
+                        f"{short_reason(exc)}{hint}") from None
+
+
+def short_reason(exc: BaseException) -> str:
+    """First line of an exception message without the ``[file.cc:123]`` prefix torch adds."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = re.sub(r"^(\[[^\]]*\]\s*)+", "", lines[0]) if lines else ""
+    text = text or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float = 600,
+                 env: Mapping[str, str] = os.environ) -> Runtime:
+    """Detect the launch, choose device and backend, and create the process group.
+
+    ``device``: "auto" (cuda:{local_rank % count} if CUDA is available, else cpu), "cpu",
+    "cuda" or "cuda:N". ``backend``: "auto" (nccl on cuda, gloo on cpu), "gloo", "nccl",
+    "mpi". With world size 1 no process group is created and ``backend`` is None.
+    Slurm and MPI launches get MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK written
+    to ``os.environ`` before ``init_process_group(env://)``. ``timeout_s`` bounds the
+    rendezvous and every later collective, so a dead peer ends the job instead of hanging it.
+    """
+    if timeout_s <= 0:
+        raise DistError(f"timeout_s={timeout_s} must be > 0 seconds")
+    info = detect_launch(env)
+    dev = _resolve_device(device, info.local_rank)
+    chosen = _resolve_backend(backend, dev)  # validated even when unused (world size 1)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    pg_backend: str | None = None
+    if info.world_size > 1:
+        if info.launcher == "mpi" and chosen != "mpi":
+            info = _mpi_rendezvous(info, env)
+        if chosen != "mpi":
+            if info.master_addr is None or info.master_port is None:
+                raise DistError(f"{info.launcher} launch on rank {info.rank}: MASTER_ADDR and "
+                                "MASTER_PORT must be set for a multi-process run")
+            _export_env(info, os.environ)
+        if dist.is_initialized():
+            raise DistError("init_runtime called twice: a process group already exists "
+                            "(call shutdown_runtime first)")
+        _init_process_group(info, chosen, timeout_s)
+        pg_backend = chosen
+    rt = Runtime(info.rank, info.world_size, info.local_rank, dev, pg_backend, info.launcher)
+    if rt.is_main:
+        log.info("runtime: launcher=%s world_size=%d backend=%s device=%s master=%s:%s",
+                 rt.launcher, rt.world_size, rt.backend or "none (single process)", rt.device,
+                 info.master_addr, info.master_port)
+    return rt
+
+
+def shutdown_runtime(rt: Runtime) -> None:
+    """Destroy the process group if :func:`init_runtime` created one (idempotent)."""
+    if rt.backend is not None and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,34 @@
+"""Evaluation: per-exit accuracy, dynamic (early-exit) inference, accuracy-vs-MACs plots.
+
+- :mod:`.exits`: run a model once, get every exit's prediction/confidence; per-exit and
+  per-client accuracy.
+- :mod:`.dynamic`: threshold sweep as summable counts, the table, and the MAC reduction
+  at a given accuracy loss.
+- :mod:`.plots`: PNG figures (matplotlib imported only when plotting).
+"""
+
+from cafedist.eval.dynamic import (
+    THRESHOLDS,
+    dynamic_counts,
+    dynamic_table,
+    exit_indices,
+    mac_reduction_at_loss,
+    sum_counts,
+)
+from cafedist.eval.exits import average_exit_accuracy, exit_predictions, per_exit_correct, summarize_per_client
+from cafedist.eval.plots import plot_accuracy_vs_macs, plot_per_exit_bars
+
+__all__ = [
+    "THRESHOLDS",
+    "average_exit_accuracy",
+    "dynamic_counts",
+    "dynamic_table",
+    "exit_indices",
+    "exit_predictions",
+    "mac_reduction_at_loss",
+    "per_exit_correct",
+    "plot_accuracy_vs_macs",
+    "plot_per_exit_bars",
+    "sum_counts",
+    "summarize_per_client",
+]

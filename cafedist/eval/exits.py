@@ -1,0 +1,118 @@
+"""Static per-exit evaluation: what every exit predicts, how often it is right, per client.
+
+The functions here turn a model's outputs into small integer counts ([m] correct per exit,
+[m, N] predictions) so that results from many clients and ranks can be summed with one
+all-reduce before anything is divided; accuracies are only formed at the very end.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    """The device of the model's first parameter (or buffer), else ``fallback``."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return fallback
+
+
+def _check_exit_outputs(outputs: object, batch: int) -> list[Tensor]:
+    """Validate an EarlyExitNet forward result: a non-empty list of [B, C] tensors."""
+    if not isinstance(outputs, (list, tuple)) or not outputs:
+        raise TypeError(f"model(x) must return a non-empty list of per-exit logits, got {type(outputs).__name__}")
+    for k, logits in enumerate(outputs):
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"exit {k}: expected logits of shape [{batch}, C], got {shape}")
+    return list(outputs)
+
+
+@torch.no_grad()
+def exit_predictions(model: nn.Module, x: Tensor, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """Run ``model`` on ``x`` in eval mode and return every exit's prediction and confidence.
+
+    Returns ``(pred, conf)``, both of shape [m, N]: ``pred`` (int64) is the argmax class of
+    each exit and ``conf`` (float32) its max softmax probability. ``x`` is processed in
+    chunks of ``batch_size`` items, each moved to the model's device; the results live on
+    that device. The model's previous train/eval mode is restored afterwards, also on error.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model, x.device)
+    was_training = model.training
+    model.eval()
+    try:
+        preds: list[Tensor] = []
+        confs: list[Tensor] = []
+        # An empty input still runs once so the number of exits m is known.
+        starts = range(0, x.shape[0], batch_size) if x.shape[0] else [0]
+        for start in starts:
+            chunk = x[start:start + batch_size].to(device)
+            outputs = _check_exit_outputs(model(chunk), chunk.shape[0])
+            # Softmax in float32 even for half-precision logits, so conf is comparable.
+            probs = torch.stack([logits.float().softmax(dim=-1) for logits in outputs])
+            conf, pred = probs.max(dim=-1)
+            preds.append(pred)
+            confs.append(conf)
+        return torch.cat(preds, dim=1).long(), torch.cat(confs, dim=1).float()
+    finally:
+        model.train(was_training)
+
+
+def per_exit_correct(pred: Tensor, y: Tensor) -> Tensor:
+    """Number of correct predictions of each exit: ``pred`` [m, N], ``y`` [N] -> [m] int64."""
+    if pred.dim() != 2 or y.dim() != 1 or pred.shape[1] != y.shape[0]:
+        raise ValueError(f"expected pred [m, N] and y [N], got {tuple(pred.shape)} and {tuple(y.shape)}")
+    return (pred == y.to(pred.device).unsqueeze(0)).sum(dim=1, dtype=torch.int64)
+
+
+def _check_client_counts(correct: Tensor, n: Tensor) -> None:
+    if correct.dim() != 2 or n.dim() != 1 or correct.shape[0] != n.shape[0]:
+        raise ValueError(
+            f"expected correct [clients, m] and n [clients], got {tuple(correct.shape)} and {tuple(n.shape)}"
+        )
+
+
+def summarize_per_client(
+    correct: Tensor, n: Tensor, client_ids: Sequence[int] | None = None
+) -> list[dict]:
+    """Per-client, per-exit accuracy table (one JSON-ready dict per client).
+
+    ``correct`` [clients, m] holds each client's per-exit correct counts (from
+    :func:`per_exit_correct`), ``n`` [clients] its test-set sizes; ``client_ids`` names the
+    rows (default 0..clients-1). Each row is ``{"client", "n", "exit_accuracy"}``, where
+    ``exit_accuracy`` is a list of m floats, or ``None`` for a client with no test items
+    (so no NaN ends up in a JSON file).
+    """
+    _check_client_counts(correct, n)
+    ids = list(range(correct.shape[0])) if client_ids is None else list(client_ids)
+    if len(ids) != correct.shape[0]:
+        raise ValueError(f"got {len(ids)} client ids for {correct.shape[0]} clients")
+    rows = []
+    for cid, c, size in zip(ids, correct.tolist(), n.tolist()):
+        acc = [ci / size for ci in c] if size > 0 else None
+        rows.append({"client": int(cid), "n": int(size), "exit_accuracy": acc})
+    return rows
+
+
+def average_exit_accuracy(correct: Tensor, n: Tensor) -> dict[str, list[float]]:
+    """Per-exit accuracy over clients, two ways (the paper's personalized accuracy).
+
+    ``"weighted"``: pooled over all test items (each client weighted by its test size);
+    ``"client_mean"``: plain mean of the clients' accuracies, ignoring clients without
+    test items. Inputs as in :func:`summarize_per_client`.
+    """
+    _check_client_counts(correct, n)
+    has_data = n > 0
+    if not bool(has_data.any()):
+        raise ValueError("no client has test items: per-exit accuracy is undefined")
+    correct64 = correct.double()
+    weighted = correct64.sum(dim=0) / n.double().sum()
+    client_mean = (correct64[has_data] / n[has_data].double().unsqueeze(1)).mean(dim=0)
+    return {"weighted": weighted.tolist(), "client_mean": client_mean.tolist()}

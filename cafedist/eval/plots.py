@@ -1,0 +1,115 @@
+"""Plots of evaluation results: accuracy vs MACs curves and per-exit accuracy bars.
+
+matplotlib is an optional dependency (``cafedist[plot]``) and is imported only when a plot
+is drawn. We use the object-oriented API with an explicit Agg canvas rather than pyplot,
+so plotting never touches global backend state (safe in headless jobs and in threads).
+Every file is written through :func:`cafedist.fsutil.atomic_output`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cafedist.errors import CafeError
+from cafedist.fsutil import atomic_output
+
+_UNITS = ((1e9, "GMACs"), (1e6, "MMACs"), (1e3, "KMACs"))
+
+
+def _new_figure(width: float = 6.4, height: float = 4.4) -> Any:
+    """A matplotlib Figure bound to an Agg canvas (imports matplotlib lazily)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise CafeError("plotting needs matplotlib: pip install 'cafedist[plot]'") from exc
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Any, path: str | os.PathLike) -> None:
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+
+
+def _mac_unit(largest: float) -> tuple[float, str]:
+    """A divisor and label so MAC counts print as e.g. 37.2 MMACs rather than 3.72e7."""
+    for scale, label in _UNITS:
+        if largest >= scale:
+            return scale, label
+    return 1.0, "MACs"
+
+
+def plot_accuracy_vs_macs(
+    curves: dict[str, list[dict]],
+    path: str | os.PathLike,
+    per_exit: dict[str, tuple[list[float], list[int]]] | None = None,
+    title: str = "",
+) -> None:
+    """Accuracy vs mean MACs per sample, one line per name, written as a PNG to ``path``.
+
+    ``curves`` maps a name (algorithm, run) to its :func:`~cafedist.eval.dynamic.dynamic_table`
+    rows; ``per_exit`` optionally maps a name to ``(accuracy per exit, MACs per exit)``,
+    drawn as labelled static points in the same colour as that name's curve.
+    Accuracies are fractions in [0, 1] and are shown in percent.
+    """
+    per_exit = per_exit or {}
+    if not curves and not per_exit:
+        raise ValueError("plot_accuracy_vs_macs needs at least one curve or per-exit series")
+    for name, (accs, macs) in per_exit.items():
+        if len(accs) != len(macs):
+            raise ValueError(f"per_exit[{name!r}]: {len(accs)} accuracies for {len(macs)} exits")
+    all_macs = [row["mean_macs"] for rows in curves.values() for row in rows]
+    all_macs += [float(m) for _, macs in per_exit.values() for m in macs]
+    scale, unit = _mac_unit(max(all_macs, default=0.0))
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    colours: dict[str, Any] = {}
+    for name, rows in curves.items():
+        xs = [row["mean_macs"] / scale for row in rows]
+        ys = [100.0 * row["accuracy"] for row in rows]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{name} (dynamic)")
+        colours[name] = line.get_color()
+    for name, (accs, macs) in per_exit.items():
+        xs = [m / scale for m in macs]
+        ys = [100.0 * a for a in accs]
+        # Reuse the curve's colour so a method's static exits sit visibly next to its curve.
+        ax.scatter(xs, ys, marker="s", s=30, color=colours.get(name), label=f"{name} (exits)", zorder=3)
+        for k, (x, y) in enumerate(zip(xs, ys), start=1):
+            ax.annotate(f"exit {k}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.margins(x=0.08)  # room for the "exit k" labels at the ends
+    ax.set_xlabel(f"mean cost per sample ({unit})")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    _save_png(fig, path)
+
+
+def plot_per_exit_bars(per_exit: dict[str, list[float]], path: str | os.PathLike, title: str = "") -> None:
+    """Grouped bar chart of accuracy per exit (exits on x, one bar per name), as a PNG.
+
+    Names may have different numbers of exits; a name simply has no bar at exits it lacks.
+    """
+    if not per_exit:
+        raise ValueError("plot_per_exit_bars needs at least one series")
+    n_exits = max(len(accs) for accs in per_exit.values())
+    width = 0.8 / len(per_exit)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for j, (name, accs) in enumerate(per_exit.items()):
+        # Centre the group of bars on each exit's tick.
+        xs = [k + (j - (len(per_exit) - 1) / 2) * width for k in range(1, len(accs) + 1)]
+        ax.bar(xs, [100.0 * a for a in accs], width=width, label=name)
+    ax.set_xticks(range(1, n_exits + 1), [f"exit {k}" for k in range(1, n_exits + 1)])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    _save_png(fig, path)

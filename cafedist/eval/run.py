@@ -1,0 +1,65 @@
+"""``cafedist eval RUN_DIR``: re-evaluate a run's final models in one process.
+
+Loads the resolved ``config.yaml`` and the newest verified checkpoint of the run, then writes
+``eval.json`` (per-exit and per-client accuracy, dynamic inference over thresholds 0..1 with
+mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cafedist.config import config_from_dict, read_yaml
+from cafedist.dist.runtime import Runtime
+from cafedist.errors import CheckpointError
+from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
+from cafedist.eval.plots import plot_accuracy_vs_macs
+from cafedist.fsutil import write_json_atomic
+
+
+def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json."""
+    from cafedist.train.loop import Trainer  # the trainer knows how to rebuild clients
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml; expected the --out of `cafedist train`)")
+    cfg = config_from_dict(read_yaml(cfg_file))
+    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
+    trainer = Trainer(cfg, run_dir, rt)
+    trainer._resume_mode = "force"
+    try:
+        if trainer.load_checkpoint() == 0:
+            raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
+        summary = trainer.summary([], wall=0.0)
+    finally:
+        trainer.store.close()
+    assert summary is not None
+    table = summary["dynamic"]
+    acc = summary["acc_per_exit"]
+    reduction = mac_reduction_at_loss(table, acc[-1], max_loss)
+    paths = {"json": str(run_dir / "eval.json"), "plot": str(run_dir / "accuracy_vs_macs.png")}
+    report = {
+        "run_dir": str(run_dir),
+        "algorithm": summary["algorithm"],
+        "acc_per_exit": acc,
+        "macs_per_exit": summary["macs_per_exit"],
+        "per_client": [{"client": i, "acc_per_exit": a} for i, a in enumerate(summary["acc_per_client"])],
+        "dynamic": table,
+        "max_loss": max_loss,
+        "mac_reduction": reduction,
+        "model_hashes": summary["model_hashes"],
+        "paths": paths,
+    }
+    write_json_atomic(paths["json"], report)
+    plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
+                          per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},
+                          title=f"{cfg.data.dataset}, {summary['num_clients']} clients: accuracy vs MACs")
+    return report
+
+
+__all__ = ["evaluate_run", "dynamic_table"]

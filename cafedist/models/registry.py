@@ -1,0 +1,59 @@
+"""Architecture registry: ``build_model(arch, input_shape, num_classes, **options)``."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, NamedTuple
+
+from ..errors import ConfigError
+from .base import EarlyExitNet
+from .cnn import CnnOptions, build_cnn
+from .options import ARCH_FIELD, option_defaults, parse_options
+from .resnet import ResNetOptions, build_resnet18
+from .transformer import TransformerOptions, build_transformer
+
+
+class Family(NamedTuple):
+    options: type  # frozen dataclass of the family's options
+    build: Callable[[tuple[int, ...], int, Any], EarlyExitNet]
+
+
+_FAMILIES: dict[str, Family] = {
+    "cnn": Family(CnnOptions, build_cnn),
+    "resnet18": Family(ResNetOptions, build_resnet18),
+    "transformer": Family(TransformerOptions, build_transformer),
+}
+ARCHS: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def _family(arch: str) -> Family:
+    if arch not in _FAMILIES:
+        raise ConfigError(f"{ARCH_FIELD}: unknown architecture {arch!r}; "
+                          f"expected one of: {', '.join(ARCHS)}")
+    return _FAMILIES[arch]
+
+
+def arch_options(arch: str) -> dict[str, Any]:
+    """The options ``arch`` accepts, with their defaults (None = required)."""
+    return option_defaults(_family(arch).options)
+
+
+def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
+                **options: Any) -> EarlyExitNet:
+    """Build an early-exit network of family ``arch`` for one sample of ``input_shape``.
+
+    ``input_shape`` excludes the batch: ``(C, H, W)`` for images, ``(L,)`` for token ids.
+    Unknown architectures or options, and options of the wrong type or range, raise a
+    one-line :class:`ConfigError`.
+    """
+    family = _family(arch)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"{ARCH_FIELD}={arch!r}: number of classes must be an integer >= 2, "
+                          f"got {num_classes!r}")
+    try:  # operator.index accepts numpy integers but not floats
+        shape = tuple(operator.index(s) for s in input_shape)
+    except TypeError:
+        raise ConfigError(f"{ARCH_FIELD}={arch!r}: input shape must be a tuple of integers, "
+                          f"got {input_shape!r}") from None
+    opts = parse_options(arch, family.options, options)
+    return family.build(shape, num_classes, opts)

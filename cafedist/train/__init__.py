@@ -1,0 +1,1 @@
+"""Clients, the generic round loop, and checkpoints."""

@@ -1,0 +1,166 @@
+"""Checkpoints that survive SIGKILL at any instant and can be resumed on any number of ranks.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    round_000010/               one directory per checkpoint (the round it completed)
+        client_00000.pt         per client: model, optimizer and algorithm state
+        ...
+        server.pt               round, algorithm server state, metrics cursor
+        MANIFEST.json           sha256 of every file, world size that wrote it, config hash
+    latest                      name of the newest complete checkpoint (written atomically)
+
+Writing is atomic: every rank writes its clients' shards into ``.round_000010.tmp/`` and
+fsyncs them; rank 0 then writes ``server.pt`` and ``MANIFEST.json``, renames the directory
+into place, updates ``latest`` and prunes old checkpoints. A directory without a verifying
+manifest is never used. Shards are keyed by client id, not rank, so a run written by 4 ranks
+resumes on 2. Loading uses ``torch.load(weights_only=True)``: no code runs from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cafedist.errors import CheckpointError
+from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("cafedist")
+
+_DIR_RE = re.compile(r"^round_(\d{6,})$")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_name(round_idx: int) -> str:
+    """Directory name of the checkpoint taken after ``round_idx`` completed."""
+    return f"round_{round_idx:06d}"
+
+
+def client_file(cid: int) -> str:
+    return f"client_{cid:05d}.pt"
+
+
+def save_torch(obj: Any, path: Path) -> str:
+    """torch.save atomically (temp + fsync + rename); returns the file's sha256."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
+    return sha256_file(path)
+
+
+def load_torch(path: Path) -> Any:
+    """torch.load with ``weights_only=True`` and a clear error for unreadable files."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
+        raise CheckpointError(f"{path}: cannot read checkpoint file ({type(exc).__name__})") from None
+
+
+@dataclass
+class CheckpointRef:
+    """A verified checkpoint directory."""
+
+    path: Path
+    round: int
+    manifest: dict
+
+
+class CheckpointDir:
+    """Reads and writes the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir) / "checkpoints"
+
+    # ---------------------------------------------------------------- write
+    def staging(self, round_idx: int) -> Path:
+        """The temporary directory ranks write into for ``round_idx``."""
+        return self.root / f".{checkpoint_name(round_idx)}.tmp"
+
+    def begin(self, round_idx: int) -> Path:
+        """Rank 0: (re)create an empty staging directory."""
+        tmp = self.staging(round_idx)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a write that was killed
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def write_client(self, round_idx: int, cid: int, shard: dict[str, Any]) -> tuple[str, str]:
+        """Any rank: write one client's shard; returns (file name, sha256)."""
+        name = client_file(cid)
+        return name, save_torch(shard, self.staging(round_idx) / name)
+
+    def commit(self, round_idx: int, server: dict[str, Any], files: dict[str, str], *,
+               world_size: int, config_hash: str, keep: int) -> Path:
+        """Rank 0, after every rank wrote its shards: manifest, rename, ``latest``, prune."""
+        tmp = self.staging(round_idx)
+        files = dict(files)
+        files["server.pt"] = save_torch(server, tmp / "server.pt")
+        manifest = {"round": round_idx, "world_size": world_size, "config_hash": config_hash,
+                    "files": dict(sorted(files.items()))}
+        write_json_atomic(tmp / "MANIFEST.json", manifest)
+        fsync_dir(tmp)
+        final = self.root / checkpoint_name(round_idx)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        write_text_atomic(self.root / "latest", final.name + "\n")
+        self.prune(keep)
+        return final
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints."""
+        dirs = self.candidates()
+        for path in dirs[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---------------------------------------------------------------- read
+    def candidates(self) -> list[Path]:
+        """Checkpoint directories, newest first (by round number, not mtime)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if p.is_dir() and (m := _DIR_RE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    @staticmethod
+    def verify(path: Path) -> CheckpointRef:
+        """Check a checkpoint's manifest and every file's sha256; raise CheckpointError if not."""
+        mpath = path / "MANIFEST.json"
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+            round_idx = int(manifest["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{mpath}: missing or unreadable manifest") from None
+        for name, digest in files.items():
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
+            if sha256_file(f) != digest:
+                raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted)")
+        return CheckpointRef(path=path, round=round_idx, manifest=manifest)
+
+    def newest_valid(self, warn: Callable[[str], None] = log.warning) -> CheckpointRef | None:
+        """The newest checkpoint whose manifest verifies; broken newer ones are reported."""
+        for path in self.candidates():
+            try:
+                return self.verify(path)
+            except CheckpointError as exc:
+                warn(f"skipping checkpoint: {exc}")
+        return None

@@ -1,0 +1,490 @@
+"""The generic round loop: the same code for 1 process or many ranks, for every algorithm.
+
+One round on every rank::
+
+    local updates of my clients
+      -> proxy logits [k_local, m, P', C]      (algorithms that exchange logits)
+      -> gathered to rank 0, reordered by client id
+      -> rank 0: algorithm.aggregate_logits     (teacher weights, targets, selection, ...)
+      -> scattered: each rank receives only its clients' rows
+      -> shared parameters averaged             (algorithms with shared keys)
+      -> evaluation (per-exit accuracy), metrics line, checkpoint
+
+Everything random is keyed by (seed, client id, round), collectives return rows in client-id
+order, and averaging is done in fixed point, so a run is a function of its config: the same
+on 1, 2 or 4 ranks, and the same after a kill and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cafedist.algorithms import get_algorithm
+from cafedist.algorithms.base import Algorithm, Setup
+from cafedist.config import Config, config_from_dict, config_hash, dump_config, read_yaml
+from cafedist.data.prepare import ensure_store
+from cafedist.data.store import Store
+from cafedist.dist.comm import Comm
+from cafedist.dist.placement import place_clients
+from cafedist.dist.runtime import Runtime, init_runtime, shutdown_runtime
+from cafedist.errors import CafeError, CheckpointError, DistError
+from cafedist.eval import dynamic_counts, dynamic_table, exit_predictions, mac_reduction_at_loss, per_exit_correct
+from cafedist.fsutil import write_json_atomic, write_text_atomic
+from cafedist.models import build_model, macs_per_exit
+from cafedist.rng import generator
+from cafedist.train.averaging import flatten, unflatten_into, weighted_average
+from cafedist.train.checkpoint import CheckpointDir, load_torch
+from cafedist.train.client import Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits
+from cafedist.train.metrics import MetricsLog
+from cafedist.train.progress import Progress
+from cafedist.train.signals import StopFlag
+
+log = logging.getLogger("cafedist")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: the last completed round and whether a stop was requested."""
+
+    last_round: int
+    stopped: bool
+    summary: dict[str, Any] | None
+
+
+# ----------------------------------------------------------------------------- helpers
+def proxy_subset(seed: int, round_idx: int, total: int, size: int) -> Tensor:
+    """The proxy items of round ``round_idx`` (sorted indices), identical on every rank."""
+    size = min(size, total)
+    return torch.randperm(total, generator=generator(seed, "proxy", round_idx))[:size].sort().values
+
+
+def participating(seed: int, round_idx: int, n: int, per_round: float) -> Tensor:
+    """Bool [n]: clients that train in ``round_idx`` (all when ``per_round`` is 1.0)."""
+    k = n if per_round == 1.0 else (round(per_round * n) if per_round < 1 else int(per_round))
+    k = max(1, min(n, k))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator(seed, "participation", round_idx))[:k]] = True
+    return mask
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    """First dotted key where two nested dicts differ (for 'different config' errors)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            d = _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
+
+
+class Trainer:
+    """Holds one rank's part of a run: its clients, the algorithm, the collectives."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.run_dir = Path(run_dir)
+        self.comm = Comm(rt)
+        self.hash = config_hash(cfg)
+        self.ckpt = CheckpointDir(self.run_dir)
+        self.device = rt.device
+
+        store_path = ensure_store(cfg.data.store_path(cfg.seed), dataset=cfg.data.dataset, root=cfg.data.root,
+                                  clients=cfg.data.clients, alpha=cfg.data.alpha,
+                                  proxy_fraction=cfg.data.proxy_fraction,
+                                  test_fraction=cfg.data.test_fraction, min_size=cfg.data.min_size,
+                                  seed=cfg.seed)
+        self.store = Store(store_path)
+        self.n = self.store.num_clients
+        sizes = [tr for tr, _ in self.store.client_sizes()]
+        self.placement = place_clients(sizes, rt.world_size)
+        self.counts = [len(p) for p in self.placement]
+        self.rank_order = torch.tensor([c for p in self.placement for c in p], dtype=torch.int64)
+        self.my_ids = self.placement[rt.rank]
+
+        options = dict(cfg.model.options)
+        if self.store.kind == "text":
+            options.setdefault("vocab_size", self.store.vocab_size)
+
+        def build():
+            return build_model(cfg.model.arch, tuple(self.store.input_shape), self.store.num_classes, **options)
+
+        self.build = build
+        self.macs = [int(v) for v in macs_per_exit(build(), tuple(self.store.input_shape))]
+        algo_cls = get_algorithm(cfg.algorithm.name)
+        probe = build()
+        self.num_exits = probe.num_exits
+        self.setup = Setup(num_clients=self.n, num_exits=self.num_exits, num_classes=self.store.num_classes,
+                           rounds=cfg.train.rounds, train_sizes=tuple(sizes), seed=cfg.seed)
+        self.algo: Algorithm = algo_cls(cfg.algorithm_params(), self.setup)
+        self.n_params = sum(p.numel() for p in probe.parameters())
+        self.proxy_x = self.store.load_proxy(device=self.device) if algo_cls.exchanges_logits else None
+        self.proxy_size = (min(self.cfg.algorithm_params().proxy_size, self.proxy_x.shape[0])
+                           if self.proxy_x is not None else 0)
+        self.clients = [self._make_client(cid) for cid in self.my_ids]
+
+    def _make_client(self, cid: int) -> Client:
+        model = build_client_model(self.build, self.cfg.seed, cid).to(self.device)
+        return Client(cid=cid, model=model, optimizer=make_optimizer(model, self.cfg.train),
+                      data=self.store.load_client(cid, device=self.device),
+                      state=self.algo.init_client_state(cid))
+
+    # ---------------------------------------------------------------- collectives in client order
+    def gather_by_client(self, local: Tensor, transport_dtype=None, to_all: bool = False) -> Tensor | None:
+        """Rows of my clients -> [n, ...] in client-id order (rank 0 only unless ``to_all``)."""
+        if to_all:
+            rows = self.comm.all_gather_rows(local, self.counts, transport_dtype=transport_dtype)
+        else:
+            rows = self.comm.gather_rows_to_main(local, self.counts, transport_dtype=transport_dtype)
+        if rows is None:
+            return None
+        out = torch.empty_like(rows)
+        out[self.rank_order.to(rows.device)] = rows
+        return out
+
+    def scatter_by_client(self, rows: dict[str, Tensor] | None,
+                          spec: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+        """Rank 0's [n, ...] payloads (client-id order) -> this rank's rows, in my client order."""
+        out = {}
+        for key, (shape, dtype) in spec.items():
+            src = rows[key][self.rank_order.to(rows[key].device)].to(self.device) if rows is not None else None
+            out[key] = self.comm.scatter_rows(src, self.counts, shape_dtype=(tuple(shape), dtype))
+        return out
+
+    # ---------------------------------------------------------------- one round
+    def run_round(self, rnd: int) -> dict[str, Any]:
+        cfg, algo = self.cfg, self.algo
+        self.comm.context = f"round {rnd}"
+        timers = {"t_local": 0.0, "t_comm": 0.0, "t_aggregate": 0.0, "t_eval": 0.0}
+        t_start = time.perf_counter()
+        active = participating(cfg.seed, rnd, self.n, cfg.train.clients_per_round)
+
+        # 1. local updates
+        t = time.perf_counter()
+        losses = []
+        for c in self.clients:
+            if not active[c.cid]:
+                losses.append(float("nan"))
+                continue
+            prev_idx = None
+            if "targets_round" in c.state and self.proxy_x is not None:
+                prev_idx = proxy_subset(cfg.seed, int(c.state["targets_round"]), self.proxy_x.shape[0],
+                                        self.proxy_size).to(self.device)
+            losses.append(local_update(c, algo, cfg.train, rnd, cfg.seed, self.proxy_x, prev_idx))
+        timers["t_local"] = time.perf_counter() - t
+        n_students = sum(int(algo.students(c.state)[:-1].sum()) for c in self.clients if active[c.cid])
+
+        report: dict[str, Any] = {}
+        bytes_up = bytes_down = 0
+        # 2-4. exchange proxy logits, aggregate on rank 0, return each client its own rows
+        if algo.exchanges_logits:
+            idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
+            xp = self.proxy_x[idx]
+            local = torch.stack([proxy_logits(c.model, xp) for c in self.clients])  # [k, m, P', C]
+            wire = _DTYPES[cfg.comm.logits_dtype]
+            t = time.perf_counter()
+            gathered = self.gather_by_client(local, transport_dtype=None if wire == torch.float32 else wire)
+            timers["t_comm"] += time.perf_counter() - t
+            payload = None
+            if self.rt.is_main:
+                t = time.perf_counter()
+                payload, report = algo.aggregate_logits(rnd, gathered, active.to(gathered.device))
+                timers["t_aggregate"] = time.perf_counter() - t
+            spec = algo.payload_spec(self.proxy_size)
+            t = time.perf_counter()
+            mine = self.scatter_by_client(payload, spec)
+            timers["t_comm"] += time.perf_counter() - t
+            for j, c in enumerate(self.clients):
+                if active[c.cid]:
+                    algo.receive(c.state, {k: v[j] for k, v in mine.items()}, rnd)
+            bytes_up += local[0].numel() * wire.itemsize
+            bytes_down += sum(int(torch.Size(s).numel()) * d.itemsize for s, d in spec.values())
+
+        # 5. shared parameters (FedAvg-style), sample-weighted, deterministic on any world size
+        keys = algo.shared_keys(list(self.clients[0].model.state_dict().keys()))
+        if keys:
+            t = time.perf_counter()
+            bytes_up_params = self._average_shared(keys, active)
+            timers["t_comm"] += time.perf_counter() - t
+            bytes_up += bytes_up_params
+            bytes_down += bytes_up_params
+
+        # 6. evaluation: per-client stats gathered in client order, identical on every rank
+        record: dict[str, Any] = {"round": rnd}
+        last = rnd == cfg.train.rounds - 1
+        t = time.perf_counter()
+        stats = self._client_stats(losses, evaluate=(rnd % cfg.train.eval_every == cfg.train.eval_every - 1) or last)
+        timers["t_eval"] = time.perf_counter() - t
+        wire_bytes = self._wire_bytes()
+        if stats is not None:
+            loss, n_test, correct = stats[:, 0], stats[:, 1], stats[:, 2:]
+            trained = ~torch.isnan(loss)
+            w = torch.tensor(self.setup.train_sizes, dtype=torch.float64)[trained]
+            record["loss"] = float((loss[trained] * w).sum() / w.sum()) if trained.any() else None
+            if not torch.isnan(correct).any():
+                record["acc_per_exit"] = (correct.sum(0) / n_test.sum()).tolist()
+        record.update({
+            "n_students": self._sum_int(n_students),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "wire_bytes": wire_bytes,
+            "clients_trained": int(active.sum()),
+        })
+        record.update({k: v for k, v in report.items()})
+        record.update({k: round(v, 6) for k, v in timers.items()})
+        record["seconds"] = round(time.perf_counter() - t_start, 6)
+        return record
+
+    def _average_shared(self, keys: list[str], active: Tensor) -> int:
+        """Replace the shared parameters of my active clients by the weighted average of all active clients."""
+        w = self.setup.data_weights * active.to(torch.float64)
+        w = w / w.sum()
+        mine = [c for c in self.clients if active[c.cid]]
+        vectors = [flatten([c.model.state_dict()[k] for k in keys]) for c in mine] or \
+            [torch.zeros(sum(self.clients[0].model.state_dict()[k].numel() for k in keys), device=self.device)]
+        weights = [float(w[c.cid]) for c in mine] or [0.0]
+        avg = weighted_average(vectors, weights, self.comm.all_reduce_sum_)
+        for c in self.clients:
+            if active[c.cid]:
+                sd = c.model.state_dict()
+                unflatten_into(avg.to(self.device), [sd[k] for k in keys])
+        return int(vectors[0].numel()) * 4
+
+    def _client_stats(self, losses: list[float], evaluate: bool) -> Tensor | None:
+        """[n, 2 + m] float64 rows (loss, n_test, correct per exit) in client order, on every rank."""
+        m = self.num_exits
+        rows = []
+        for c, loss in zip(self.clients, losses):
+            if evaluate:
+                pred, _ = exit_predictions(c.model, c.data.x_test)
+                correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
+            else:
+                correct = torch.full((m,), float("nan"), dtype=torch.float64)
+            rows.append(torch.cat([torch.tensor([loss, c.n_test], dtype=torch.float64), correct]))
+        local = torch.stack(rows).to(self.device)
+        return self.gather_by_client(local, to_all=True).cpu()
+
+    def _sum_int(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.comm.all_reduce_sum_(t)
+        return int(t.item())
+
+    def _wire_bytes(self) -> int:
+        """Bytes this round put on the wire, summed over ranks (0 on one rank)."""
+        sent = self.comm.reset_counters().get("bytes_sent", 0)
+        t = torch.tensor([sent], dtype=torch.int64, device=self.device)
+        self.comm.all_reduce_sum_(t)
+        self.comm.reset_counters()  # the reduction's own bytes are bookkeeping, not training traffic
+        return int(t.item())
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, rnd: int) -> None:
+        """All ranks: write my clients' shards; rank 0 commits the checkpoint."""
+        if self.rt.is_main:
+            self.ckpt.begin(rnd)
+        self.comm.barrier()
+        files = {}
+        for c in self.clients:
+            shard = {"model": c.model.state_dict(), "optimizer": c.optimizer.state_dict(),
+                     "algo": dict(c.state), "cid": c.cid}
+            name, digest = self.ckpt.write_client(rnd, c.cid, shard)
+            files[name] = digest
+        every = self.comm.all_gather_object(files)
+        if self.rt.is_main:
+            merged = {k: v for part in every for k, v in part.items()}
+            server = {"round": rnd, "algo": self.algo.server_state(), "config_hash": self.hash}
+            self.ckpt.commit(rnd, server, merged, world_size=self.rt.world_size, config_hash=self.hash,
+                             keep=self.cfg.checkpoint.keep)
+        self.comm.barrier()
+
+    def load_checkpoint(self) -> int:
+        """Resume from the newest valid checkpoint; returns the next round to run (0 if none)."""
+        ref = None
+        if self.rt.is_main:
+            ref = self.ckpt.newest_valid()
+            if ref is not None and ref.manifest.get("config_hash") not in (None, self.hash) \
+                    and self._resume_mode != "force":
+                raise CheckpointError(f"{ref.path}: written by a different config "
+                                      f"(use --resume force to continue anyway)")
+        path = self.comm.broadcast_object(None if ref is None else str(ref.path))
+        if path is None:
+            return 0
+        path = Path(path)
+        for c in self.clients:
+            shard = load_torch(path / f"client_{c.cid:05d}.pt")
+            c.model.load_state_dict(shard["model"])
+            c.optimizer.load_state_dict(shard["optimizer"])
+            c.state = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
+        server = load_torch(path / "server.pt")
+        self.algo.load_server_state(server.get("algo", {}))
+        done = int(server["round"])
+        if self.rt.is_main:
+            log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
+                     json.loads((path / "MANIFEST.json").read_text())["world_size"], self.rt.world_size)
+        return done + 1
+
+    _resume_mode = "auto"
+
+    # ---------------------------------------------------------------- the final summary
+    def summary(self, records: list[dict[str, Any]], wall: float) -> dict[str, Any] | None:
+        """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it)."""
+        m = self.num_exits
+        rows = []
+        for c in self.clients:
+            pred, conf = exit_predictions(c.model, c.data.x_test)
+            counts = dynamic_counts(pred.cpu(), conf.cpu(), c.data.y_test.cpu(), self.macs)
+            correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
+            rows.append(torch.cat([torch.tensor([c.n_test], dtype=torch.float64), correct,
+                                   counts["correct"].to(torch.float64), counts["macs"].to(torch.float64),
+                                   counts["exits"].to(torch.float64).reshape(-1)]))
+        allrows = self.gather_by_client(torch.stack(rows).to(self.device), to_all=False)
+        hashes = self.comm.all_gather_object({c.cid: model_hash(c.model) for c in self.clients})
+        if not self.rt.is_main:
+            return None
+        allrows = allrows.cpu()
+        n_test = allrows[:, 0]
+        correct = allrows[:, 1:1 + m]
+        nth = (allrows.shape[1] - 1 - m) // (2 + m)
+        o = 1 + m
+        dyn = {"correct": allrows[:, o:o + nth].sum(0).round().to(torch.int64),
+               "macs": allrows[:, o + nth:o + 2 * nth].sum(0),
+               "exits": allrows[:, o + 2 * nth:].reshape(self.n, nth, m).sum(0).round().to(torch.int64),
+               "n": n_test.sum().round().to(torch.int64)}
+        table = dynamic_table(dyn, self.macs)
+        acc = (correct.sum(0) / n_test.sum()).tolist()
+        merged_hashes = {k: v for part in hashes for k, v in part.items()}
+        per_client_bytes = records[-1]["bytes_up"] + records[-1]["bytes_down"] if records else 0
+        fedavg_bytes = 2 * self.n_params * 4
+        return {
+            "algorithm": self.cfg.algorithm.name,
+            "rounds": self.cfg.train.rounds,
+            "num_clients": self.n,
+            "world_size": self.rt.world_size,
+            "acc_per_exit": acc,
+            "acc_per_client": [(correct[i] / n_test[i]).tolist() for i in range(self.n)],
+            "macs_per_exit": self.macs,
+            "dynamic": table,
+            "mac_reduction_at_1pt": mac_reduction_at_loss(table, acc[-1], 0.01),
+            "bytes_per_client_per_round": per_client_bytes,
+            "fedavg_bytes_per_client_per_round": fedavg_bytes,
+            "ratio_to_fedavg": per_client_bytes / fedavg_bytes,
+            "n_params": self.n_params,
+            "model_hashes": {str(k): merged_hashes[k] for k in sorted(merged_hashes)},
+            "config_hash": self.hash,
+            "wall_seconds": round(wall, 3),
+        }
+
+
+# ----------------------------------------------------------------------------- entry point
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> None:
+    """Rank 0: create the run directory, check it holds this config, write ``config.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "config.yaml"
+    if resume == "none":
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    elif cfg_file.exists():
+        try:
+            old = config_from_dict(read_yaml(cfg_file))
+        except CafeError as exc:
+            raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc})") from None
+        if config_hash(old) != config_hash(cfg) and resume != "force":
+            diff = _dict_diff(old.to_dict(), cfg.to_dict()) or "?"
+            raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
+                                  f"use another --out, --resume none to start over, or --resume force")
+    write_text_atomic(cfg_file, dump_config(cfg))
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | None = None,
+          progress: bool = True) -> RunResult:
+    """Run (or resume) a training run; every rank calls this. Returns on every rank."""
+    if resume not in ("auto", "none", "force"):
+        raise CheckpointError(f"--resume: expected auto, none or force, got {resume!r}")
+    own_rt = rt is None
+    rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
+    stop = StopFlag().install()
+    try:
+        return _train(cfg, Path(run_dir), resume, rt, stop, progress)
+    finally:
+        stop.uninstall()
+        if own_rt:
+            shutdown_runtime(rt)
+
+
+def _agree(comm: Comm, error: str | None) -> None:
+    """Every rank raises if any rank hit a (user-facing) error at start-up."""
+    errors = [e for e in comm.all_gather_object(error) if e]
+    if errors:
+        raise CafeError(errors[0])
+
+
+def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
+    comm = Comm(rt)
+    h = config_hash(cfg)
+    hashes = comm.all_gather_object(h)
+    if len(set(hashes)) > 1:
+        bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
+        raise DistError(f"config differs between ranks: rank(s) {bad} disagree with rank 0 "
+                        f"(same config file and overrides on every rank?)")
+    err = None
+    if rt.is_main:
+        try:
+            prepare_run_dir(cfg, run_dir, resume)
+        except CafeError as exc:
+            err = str(exc)
+    _agree(comm, err)
+
+    trainer = Trainer(cfg, run_dir, rt)
+    trainer._resume_mode = resume
+    start = trainer.load_checkpoint() if resume != "none" else 0
+    metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
+    if metrics is not None:
+        metrics.truncate_after(start - 1)
+    bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
+    t0 = time.perf_counter()
+    last_done = start - 1
+    stopped = False
+    try:
+        for rnd in range(start, cfg.train.rounds):
+            record = trainer.run_round(rnd)
+            last_done = rnd
+            record["world_size"] = rt.world_size
+            if metrics is not None:
+                metrics.append(record)
+            acc = record.get("acc_per_exit")
+            bar.update(rnd + 1, f"last-exit acc {acc[-1]:.3f}" if acc else "")
+            want_stop = trainer._sum_int(1 if stop.requested else 0) > 0
+            every = cfg.checkpoint.every
+            if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
+                trainer.save_checkpoint(rnd)
+            if want_stop and rnd < cfg.train.rounds - 1:
+                stopped = True
+                if rt.is_main:
+                    log.warning("stop signal received: checkpoint of round %d written, exiting for requeue", rnd)
+                break
+        summary = None
+        if not stopped:
+            records = metrics.read() if metrics is not None else []
+            summary = trainer.summary(records, time.perf_counter() - t0)
+            if summary is not None:
+                write_json_atomic(run_dir / "summary.json", summary)
+        return RunResult(last_round=last_done, stopped=stopped, summary=summary)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        trainer.store.close()

@@ -1,0 +1,63 @@
+"""Run outputs written by rank 0: ``metrics.jsonl`` (a line per round) and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cafedist.fsutil import write_text_atomic
+
+log = logging.getLogger("cafedist")
+
+
+class MetricsLog:
+    """Appends one JSON object per round; on resume drops rounds after the checkpoint."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl suffices
+                self._tb = None
+
+    def truncate_after(self, last_round: int) -> None:
+        """Keep only lines with ``round <= last_round`` (a resumed run re-creates the rest)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["round"] <= last_round:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                break  # a torn last line from a kill: drop it and everything after
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self._tb is not None:
+            step = record["round"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "round":
+                    self._tb.add_scalar(k, v, step)
+            for i, acc in enumerate(record.get("acc_per_exit") or []):
+                self._tb.add_scalar(f"acc/exit{i + 1}", acc, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,35 @@
+"""A dependency-free progress line for rank 0: rounds done, last accuracy, ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Prints ``round 7/20 [#######.............] last-exit acc 0.912  eta 0:01:05``."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=sys.stderr):
+        self.total, self.start, self.enabled, self.stream = total, start, enabled, stream
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, done: int, info: str = "") -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        width = 20
+        filled = int(width * done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        line = (f"round {done}/{self.total} [{bar}] {info}  "
+                f"elapsed {_hms(elapsed)} eta {_hms(eta)}")
+        end = "" if self.tty and done < self.total else "\n"
+        self.stream.write(("\r" if self.tty else "") + line + end)
+        self.stream.flush()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,81 @@
+"""Tests for cafedist.eval.plots: valid PNGs, atomic writes, clear error without matplotlib."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from cafedist.errors import CafeError
+from cafedist.eval import dynamic_counts, dynamic_table, plot_accuracy_vs_macs, plot_per_exit_bars
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MACS = [1_000_000, 2_500_000, 6_000_000]
+
+
+def _table(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randint(0, 3, (3, 30), generator=g)
+    conf = torch.rand(3, 30, generator=g)
+    y = torch.randint(0, 3, (30,), generator=g)
+    return dynamic_table(dynamic_counts(pred, conf, y, MACS), MACS)
+
+
+def _assert_only_png(tmp_path, name: str) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temp files left
+    assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_accuracy_vs_macs_writes_png(tmp_path):
+    out = tmp_path / "acc_vs_macs.png"
+    plot_accuracy_vs_macs(
+        {"cafedistill": _table(0), "fedavg": _table(1)},
+        out,
+        per_exit={"cafedistill": ([0.5, 0.6, 0.7], MACS), "depthfl": ([0.4, 0.55, 0.65], MACS)},
+        title="test",
+    )
+    _assert_only_png(tmp_path, out.name)
+
+
+def test_per_exit_bars_writes_png_and_overwrites(tmp_path):
+    out = tmp_path / "bars.png"
+    out.write_bytes(b"old")
+    plot_per_exit_bars({"a": [0.5, 0.6, 0.7], "b": [0.4, 0.5, 0.6, 0.8]}, out, title="bars")
+    _assert_only_png(tmp_path, out.name)
+
+
+def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "bars.png"
+    out.write_bytes(b"old")
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        plot_per_exit_bars({"a": [0.5, 0.6]}, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bars.png"]
+    assert out.read_bytes() == b"old"
+
+
+def test_missing_matplotlib_raises_cafe_error(tmp_path, monkeypatch):
+    # A None entry in sys.modules makes the import fail, as if matplotlib were not installed.
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(CafeError, match=r"pip install 'cafedist\[plot\]'"):
+        plot_per_exit_bars({"a": [0.5]}, tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_input_validation(tmp_path):
+    with pytest.raises(ValueError):
+        plot_accuracy_vs_macs({}, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="per_exit"):
+        plot_accuracy_vs_macs({}, tmp_path / "a.png", per_exit={"x": ([0.1, 0.2], [1])})
+    with pytest.raises(ValueError):
+        plot_per_exit_bars({}, tmp_path / "b.png")
+    assert list(tmp_path.iterdir()) == []

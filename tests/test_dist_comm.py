@@ -90,13 +90,26 @@ def scenario_mpi(comm: Comm, world: int) -> dict:
             "ag": comm.all_gather_rows(rows_of(rank, counts[rank]), counts)}
 
 
-SCENARIOS = {"collectives": scenario_collectives, "peer_dies": scenario_peer_dies, "mpi": scenario_mpi}
+def scenario_peer_stalls(comm: Comm, world: int) -> dict:
+    """Rank 1 stays alive but never joins; rank 0 must time out with a DistError, not hang."""
+    comm.barrier()
+    if comm.rt.rank == 1:
+        time.sleep(60)  # killed by the test once rank 0 has given up
+    comm.context = "round 4"
+    comm.all_reduce_sum_(torch.zeros(3))
+    return {}
+
+
+SCENARIOS = {"collectives": scenario_collectives, "peer_dies": scenario_peer_dies,
+             "peer_stalls": scenario_peer_stalls, "mpi": scenario_mpi}
+STALL_TIMEOUT_S = 3.0
 
 
 def worker_main(scenario: str, outdir: str) -> int:
     """Run one scenario in this process, save results; a CafeError exits 2 like the CLI."""
     try:
-        rt = init_runtime(backend="gloo", device="cpu", timeout_s=TIMEOUT_S)
+        timeout = STALL_TIMEOUT_S if scenario == "peer_stalls" else TIMEOUT_S
+        rt = init_runtime(backend="gloo", device="cpu", timeout_s=timeout)
         result = SCENARIOS[scenario](Comm(rt), rt.world_size)
         torch.save(result, Path(outdir) / f"rank{rt.rank}.pt")
         shutdown_runtime(rt)
@@ -124,24 +137,43 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run_torchrun_like(scenario: str, world: int, outdir: Path) -> list[subprocess.CompletedProcess]:
-    """Start ``world`` workers with the env:// variables torchrun would set; wait for all."""
+def launcher_env(launcher: str, rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun or ``srun`` would put in a worker's environment (on this host)."""
+    if launcher == "slurm":
+        return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world), "SLURM_LOCALID": str(rank),
+                "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
+                "MASTER_PORT": str(port)}  # a free port instead of the job-id-derived one
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def run_workers(scenario: str, world: int, outdir: Path, launcher: str = "torchrun",
+                kill_after_rank0: bool = False) -> list[subprocess.CompletedProcess]:
+    """Start ``world`` workers in a fake torchrun or Slurm environment; wait for all.
+
+    Each result gets ``.seconds``: time from the start until that worker ended (rank 0 is
+    waited for first). ``kill_after_rank0`` kills the other workers once rank 0 has ended.
+    """
+    start = time.monotonic()
     port = free_port()
     procs = []
     for rank in range(world):
-        env = clean_env() | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = clean_env() | launcher_env(launcher, rank, world, port)
         procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(outdir)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
-    for p in procs:
+    for rank, p in enumerate(procs):
+        if rank > 0 and kill_after_rank0:
+            p.kill()
         try:
             stdout, stderr = p.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             pytest.fail(f"{scenario}: worker hung (no DistError within the timeout)")
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        done = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+        done.seconds = time.monotonic() - start  # type: ignore[attr-defined]
+        results.append(done)
     return results
 
 
@@ -168,6 +200,7 @@ def test_single_process_shortcuts(single: Comm) -> None:
     rows = rows_of(0, 3)
     got = single.all_gather_rows(rows, [3])
     assert torch.equal(got, rows) and got.data_ptr() != rows.data_ptr()
+    assert not single.all_gather_rows(rows.clone().requires_grad_(), [3]).requires_grad
     # The float16 round trip happens with one process too, so results do not depend on W.
     assert torch.equal(single.all_gather_rows(rows, [3], transport_dtype=torch.float16),
                        rows.half().float())
@@ -210,9 +243,9 @@ def test_reset_counters_returns_then_zeroes(single: Comm) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_gloo_collectives(world: int, tmp_path: Path) -> None:
-    assert_ok(run_torchrun_like("collectives", world, tmp_path))
+@pytest.mark.parametrize("world, launcher", [(2, "slurm"), (3, "torchrun")])
+def test_gloo_collectives(world: int, launcher: str, tmp_path: Path) -> None:
+    assert_ok(run_workers("collectives", world, tmp_path, launcher))
     res = load_results(tmp_path, world)
     counts = COUNTS[world]
     expected = all_rows(counts)
@@ -221,7 +254,7 @@ def test_gloo_collectives(world: int, tmp_path: Path) -> None:
     block16 = width * 20 * 2
     header = 8 + len(pickle.dumps((ROW_SHAPE, torch.float32), protocol=pickle.HIGHEST_PROTOCOL))
     for rank, out in enumerate(res):
-        assert (out["rank"], out["backend"], out["launcher"]) == (rank, "gloo", "torchrun")
+        assert (out["rank"], out["backend"], out["launcher"]) == (rank, "gloo", launcher)
         assert torch.equal(out["ag"], expected)
         # float16 on the wire: every row (own ones included) rounded, back in float32
         assert out["ag16"].dtype == torch.float32
@@ -253,18 +286,27 @@ def test_gloo_collectives(world: int, tmp_path: Path) -> None:
         assert out["ago"] == [("r", r, list(range(r))) for r in range(world)]
 
 
+def assert_one_line_disterror(res: subprocess.CompletedProcess, prefix: str) -> None:
+    """The worker exited 2 with exactly one ``cafedist: error:`` line and no traceback."""
+    assert res.returncode == 2, res.stderr[-3000:]
+    err_lines = [ln for ln in res.stderr.splitlines() if ln.startswith("cafedist: error:")]
+    assert len(err_lines) == 1 and prefix in err_lines[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+
+
 @pytest.mark.slow
-def test_dead_peer_raises_disterror_within_timeout(tmp_path: Path) -> None:
-    start = time.monotonic()
-    results = run_torchrun_like("peer_dies", 2, tmp_path)
-    elapsed = time.monotonic() - start
-    survivor = results[0]
-    assert survivor.returncode == 2, survivor.stderr[-3000:]
-    err_lines = [ln for ln in survivor.stderr.splitlines() if ln.startswith("cafedist: error:")]
-    assert len(err_lines) == 1, survivor.stderr[-3000:]
-    assert "all_gather_rows failed in round 3 on rank 0: " in err_lines[0]
-    assert "Traceback" not in survivor.stderr
-    assert elapsed < TIMEOUT_S + 30  # process start-up plus at most one timeout
+def test_dead_peer_raises_disterror(tmp_path: Path) -> None:
+    results = run_workers("peer_dies", 2, tmp_path)
+    assert_one_line_disterror(results[0], "all_gather_rows failed in round 3 on rank 0: ")
+    assert results[0].seconds < TIMEOUT_S + 30  # start-up plus at most one timeout
+
+
+@pytest.mark.slow
+def test_stalled_peer_times_out_with_disterror(tmp_path: Path) -> None:
+    results = run_workers("peer_stalls", 2, tmp_path, kill_after_rank0=True)
+    assert_one_line_disterror(results[0], "all_reduce_sum failed in round 4 on rank 0: ")
+    # rank 0 gave up after about one timeout, long before rank 1's 60 s sleep ends
+    assert STALL_TIMEOUT_S <= results[0].seconds < STALL_TIMEOUT_S + 30
 
 
 # ---------------------------------------------------------------- MPI launch

@@ -32,7 +32,8 @@ Y = torch.tensor([1, 1, 0, 3, 4])
 
 
 def test_thresholds_constant():
-    assert len(THRESHOLDS) == 21
+    assert len(THRESHOLDS) == 28 and THRESHOLDS[0] == 0.0 and THRESHOLDS[-1] == 1.0
+    assert list(THRESHOLDS) == sorted(THRESHOLDS)
     assert THRESHOLDS[0] == 0.0 and THRESHOLDS[-1] == 1.0 and THRESHOLDS[12] == 0.6
 
 

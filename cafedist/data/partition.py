@@ -75,7 +75,7 @@ def split_proxy(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, min_size: int,
-                        seed: int, max_tries: int = 100) -> list[np.ndarray]:
+                        seed: int, max_tries: int = 1000) -> list[np.ndarray]:
     """Label-skewed partition of ``range(len(labels))`` over ``n_clients`` clients.
 
     Per class, the class's samples are divided over the clients in proportions drawn from
@@ -96,21 +96,24 @@ def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, min_si
     fair_share = n / n_clients
     for attempt in range(max_tries):
         rng = _rng(seed, "dirichlet", attempt)
-        parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+        # An attempt only fills a vectorised owner-per-sample array; the per-client index
+        # lists are built once, for the accepted draw, so even 1000 redraws stay cheap.
+        owner = np.empty(n, dtype=np.int64)
         sizes = np.zeros(n_clients, dtype=np.int64)
         for members in by_class:
-            members = rng.permutation(members)
             p = rng.dirichlet(np.full(n_clients, float(alpha)))
             capped = p * (sizes < fair_share)
             p = capped if capped.sum() > 0 else p
             if not np.isfinite(p).all() or p.sum() <= 0:  # degenerate draw at tiny alpha
                 p = np.ones(n_clients)
-            cuts = (np.cumsum(p / p.sum()) * len(members)).astype(np.int64)[:-1]
-            for cid, chunk in enumerate(np.split(members, cuts)):
-                parts[cid].append(chunk)
-                sizes[cid] += len(chunk)
+            cuts = (np.cumsum(p / p.sum()) * len(members)).astype(np.int64)
+            cuts[-1] = len(members)  # float round-off must not drop the last samples
+            counts = np.diff(cuts, prepend=0)
+            owner[rng.permutation(members)] = np.repeat(np.arange(n_clients), counts)
+            sizes += counts
         if sizes.min() >= min_size:
-            return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+            order = np.argsort(owner, kind="stable")  # stable: indices stay sorted per client
+            return [part.astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
     raise ConfigError(f"dirichlet_partition: no draw in {max_tries} tries gave all {n_clients} clients "
                       f">= {min_size} samples from {n} samples at alpha={alpha} "
                       f"(raise alpha, lower min_size or use fewer clients)")

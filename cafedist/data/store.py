@@ -125,6 +125,8 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise DataError(f"store {self.path} is not a file (expected an HDF5 store written by `cafedist prepare`)")
         if not self.path.is_file():
             raise DataError(f"store {self.path} does not exist (create it with `cafedist prepare ... --out {self.path}`)")
         with self._guard("cannot open as HDF5 (truncated or corrupt file?)"):

@@ -100,6 +100,7 @@ class Comm:
         counts = self._check_counts(op, counts)
         rank, world = self.rt.rank, self.rt.world_size
         self._check_tensor(op, local, counts[rank])
+        local = local.detach()  # communication is not differentiable; keep autograd out of it
         wire = transport_dtype or local.dtype
         if not self._distributed:
             self._count(op, 0, 0)
@@ -164,9 +165,11 @@ class Comm:
             if rows is None:
                 raise self._error(op, "rank 0 must pass the rows to scatter, got None")
             self._check_tensor(op, rows, sum(counts))
-            if shape_dtype is not None and (tuple(rows.shape[1:]), rows.dtype) != (tuple(shape_dtype[0]), shape_dtype[1]):
-                raise self._error(op, f"rows have shape {tuple(rows.shape[1:])} and dtype {rows.dtype} "
-                                      f"but shape_dtype says {tuple(shape_dtype[0])} and {shape_dtype[1]}")
+            actual = (tuple(rows.shape[1:]), rows.dtype)
+            if shape_dtype is not None and actual != (tuple(shape_dtype[0]), shape_dtype[1]):
+                raise self._error(op, f"rows have shape {actual[0]} and dtype {actual[1]} but "
+                                      f"shape_dtype says {tuple(shape_dtype[0])} and {shape_dtype[1]}")
+            rows = rows.detach()
         if not self._distributed:
             assert rows is not None
             self._count(op, 0, 0)

@@ -26,7 +26,13 @@ from cafedist.errors import DistError
 
 log = logging.getLogger("cafedist")
 
-LAUNCHERS = ("single", "torchrun", "slurm", "mpi")
+# Launcher -> the variables it was recognised by (for the start-up log line).
+LAUNCHERS = {
+    "single": "no launcher variables",
+    "torchrun": "RANK/WORLD_SIZE",
+    "slurm": "SLURM_PROCID/SLURM_NTASKS",
+    "mpi": "OMPI_COMM_WORLD_*, PMI_* or PMIX_RANK",
+}
 BACKENDS = ("auto", "gloo", "nccl", "mpi")
 
 
@@ -386,9 +392,10 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
         pg_backend = chosen
     rt = Runtime(info.rank, info.world_size, info.local_rank, dev, pg_backend, info.launcher)
     if rt.is_main:
-        log.info("runtime: launcher=%s world_size=%d backend=%s device=%s master=%s:%s",
-                 rt.launcher, rt.world_size, rt.backend or "none (single process)", rt.device,
-                 info.master_addr, info.master_port)
+        log.info("runtime: launcher=%s (detected from %s) world_size=%d backend=%s device=%s "
+                 "master=%s:%s timeout=%ss", rt.launcher, LAUNCHERS[rt.launcher], rt.world_size,
+                 rt.backend or "none (single process)", rt.device, info.master_addr,
+                 info.master_port, timeout_s)
     return rt
 
 

@@ -1,0 +1,184 @@
+"""CAFEDistill's coordinator math: the QP, its mu limits, targets, selection, quarantine."""
+
+import math
+
+import pytest
+import torch
+
+from cafedist.algorithms.base import LocalBatch, Setup
+from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, cosine_similarity_matrix,
+                                             greedy_similar, healthy_clients, mix_targets,
+                                             project_rows_to_simplex, selection_counts, student_masks,
+                                             teacher_weights)
+
+
+def _setup(n=6, m=3, c=5, rounds=10, sizes=None):
+    return Setup(num_clients=n, num_exits=m, num_classes=c, rounds=rounds,
+                 train_sizes=tuple(sizes or [10 * (i + 1) for i in range(n)]), seed=0)
+
+
+def _qp_objective(a, d, w, mu):
+    return float((a * d).sum() + mu * ((a - w) ** 2).sum())
+
+
+def test_projection_lands_on_simplex_and_is_identity_inside():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 7, generator=g, dtype=torch.float64) * 3
+    p = project_rows_to_simplex(v)
+    assert torch.all(p >= 0)
+    assert torch.allclose(p.sum(1), torch.ones(50, dtype=torch.float64))
+    inside = torch.softmax(torch.randn(5, 7, generator=g, dtype=torch.float64), 1)
+    assert torch.allclose(project_rows_to_simplex(inside), inside)
+
+
+def test_masked_projection_equals_projecting_the_subvector():
+    v = torch.tensor([[0.3, -0.2, 0.9, 0.1]], dtype=torch.float64)
+    active = torch.tensor([True, False, True, True])
+    full = project_rows_to_simplex(v, active)
+    sub = project_rows_to_simplex(v[:, active])
+    assert full[0, 1] == 0
+    assert torch.equal(full[:, active], sub)
+
+
+@pytest.mark.parametrize("mu", [0.05, 0.5, 5.0])
+def test_teacher_weights_solve_the_qp_better_than_brute_force(mu):
+    g = torch.Generator().manual_seed(1)
+    n = 4
+    q = torch.rand(n, 20, generator=g, dtype=torch.float64)
+    sim = cosine_similarity_matrix(q)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    alpha = teacher_weights(sim, w, mu)
+    # brute force: many random simplex points plus the vertices
+    cand = torch.distributions.Dirichlet(torch.ones(n, dtype=torch.float64) * 0.7).sample((100_000,))
+    cand = torch.cat([cand, torch.eye(n, dtype=torch.float64)])
+    d = 1 - sim
+    for i in range(n):
+        ours = _qp_objective(alpha[i], d[i], w, mu)
+        brute = ((cand * d[i]).sum(1) + mu * ((cand - w) ** 2).sum(1)).min().item()
+        assert ours <= brute + 1e-9, (i, ours, brute)
+
+
+def test_mu_limits_local_kd_and_data_size_weights():
+    g = torch.Generator().manual_seed(2)
+    q = torch.rand(5, 30, generator=g, dtype=torch.float64)
+    sim = cosine_similarity_matrix(q)
+    w = torch.tensor([1, 2, 3, 4, 5], dtype=torch.float64) / 15
+    small = teacher_weights(sim, w, mu=1e-6)
+    assert torch.allclose(small, torch.eye(5, dtype=torch.float64))
+    large = teacher_weights(sim, w, mu=1e6)
+    assert torch.allclose(large, w.expand(5, 5), atol=1e-5)
+
+
+def test_targets_are_exact_mixtures():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(3, 4, 5, generator=g), dim=2)
+    alpha = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    t = mix_targets(alpha, probs)
+    assert torch.allclose(t[1], 0.5 * probs[0] + 0.5 * probs[1])
+    assert torch.allclose(t.sum(2), torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("n,m,rounds", [(10, 3, 20), (7, 4, 9), (1, 2, 5)])
+def test_selection_counts_follow_the_progressive_schedule(n, m, rounds):
+    prev = -1
+    for t in range(rounds):
+        total, depth, extra = selection_counts(t, rounds, n, m)
+        r = min(2 * t / rounds, 1)
+        assert total == math.floor((m - 1) * n * r + 1e-12)
+        assert depth == math.floor((m - 1) * r + 1e-12)
+        assert 0 <= extra < n or depth == m - 1
+        assert total >= prev  # never fewer students later
+        prev = total
+        mask = student_masks(t, rounds, n, m, torch.eye(n), 0.5)
+        assert int(mask[:, : m - 1].sum()) == total
+        assert mask[:, m - 1].all()
+        # depth-prioritized: a deeper student only when every shallower exit is a student
+        for k in range(1, m - 1):
+            assert not (mask[:, k] & ~mask[:, k - 1]).any()
+    assert selection_counts(0, rounds, n, m)[0] == 0
+    assert selection_counts(rounds // 2 + 1, rounds, n, m)[0] == (m - 1) * n
+
+
+def test_greedy_picks_the_similar_cluster_and_breaks_ties_by_id():
+    # clients 0..2 are near-identical, 3..5 form another cluster, client 6 is an outlier
+    base = torch.zeros(7, 6, dtype=torch.float64)
+    base[0:3, 0] = 1
+    base[0:3, 1] = torch.tensor([0.10, 0.11, 0.12], dtype=torch.float64)
+    base[3:6, 2] = 1
+    base[6, 5] = 1
+    sim = cosine_similarity_matrix(base + 0.01)
+    picked = greedy_similar(sim, 3)
+    assert sorted(picked) in ([0, 1, 2], [3, 4, 5])
+    tie = greedy_similar(torch.ones(4, 4, dtype=torch.float64), 2)
+    assert tie == [0, 1]
+    assert greedy_similar(sim, 2, eligible=torch.tensor([False, True, True, True, True, True, True])) != []
+    assert 0 not in greedy_similar(sim, 6, eligible=torch.tensor([False] + [True] * 6))
+
+
+def _logits(n=6, m=3, p=8, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, m, p, c, generator=g) * 2
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e9])
+def test_a_poisoned_client_cannot_change_other_clients_targets(poison):
+    setup = _setup()
+    algo = CAFEDistill(CAFEDistillParams(), setup)
+    clean = _logits()
+    payload_clean, _ = algo.aggregate_logits(3, clean, torch.ones(6, dtype=torch.bool))
+    # reference: client 2 absent as teacher (same logits, marked inactive)
+    excluded = torch.ones(6, dtype=torch.bool)
+    excluded[2] = False
+    payload_ref, _ = algo.aggregate_logits(3, clean, excluded)
+    poisoned = clean.clone()
+    poisoned[2, :, :3] = poison
+    payload_bad, report = algo.aggregate_logits(3, poisoned, torch.ones(6, dtype=torch.bool))
+    assert report["quarantined"] == [2]
+    others = [i for i in range(6) if i != 2]
+    assert torch.isfinite(payload_bad["targets"]).all()
+    assert torch.allclose(payload_bad["targets"][others], payload_ref["targets"][others], atol=1e-6)
+    # and the quarantine is what protects them: client 2's clean logits do matter
+    assert not torch.allclose(payload_clean["targets"][others], payload_ref["targets"][others], atol=1e-4)
+
+
+def test_healthy_clients_flags_non_finite_and_exploding():
+    x = torch.zeros(4, 2, 3, 3)
+    x[1, 0, 0, 0] = float("nan")
+    x[2, 1, 2, 2] = 2e4
+    x[3, 1, 2, 2] = -float("inf")
+    assert healthy_clients(x, 1e4).tolist() == [True, False, False, False]
+
+
+def test_ablations_local_kd_and_all_students():
+    setup = _setup()
+    local = CAFEDistill(CAFEDistillParams(cross_client_kd=False), setup)
+    logits = _logits()
+    payload, report = local.aggregate_logits(0, logits, torch.ones(6, dtype=torch.bool))
+    own = torch.softmax(logits[:, -1].double() / 3.0, dim=2).float()
+    assert torch.allclose(payload["targets"], own, atol=1e-6)
+    assert report["self_weight"] == 1.0
+    every = CAFEDistill(CAFEDistillParams(student_selection=False), setup)
+    assert every.init_client_state(0)["students"].all()
+    payload, _ = every.aggregate_logits(0, logits, torch.ones(6, dtype=torch.bool))
+    assert payload["students"].bool().all()
+
+
+def test_local_loss_uses_ce_on_students_and_kd_on_proxy():
+    setup = _setup(n=2, m=3, c=4)
+    algo = CAFEDistill(CAFEDistillParams(lam=1.0, tau=2.0), setup)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(5, 4, generator=g, requires_grad=True) for _ in range(3)]
+    proxy = [torch.randn(6, 4, generator=g, requires_grad=True) for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 3, 0])
+    state = {"students": torch.tensor([True, False, True]),
+             "targets": torch.softmax(torch.randn(10, 4, generator=g), 1),
+             "targets_round": torch.tensor(0)}
+    assert algo.uses_proxy_batch(state)
+    pos = torch.tensor([0, 3, 3, 9, 1, 2])
+    loss = algo.local_loss(state, LocalBatch(logits=logits, y=y, proxy_logits=proxy, proxy_pos=pos))
+    loss.backward()
+    assert logits[1].grad is None and proxy[1].grad is None  # exit 2 is not a student this round
+    assert logits[0].grad is not None and proxy[0].grad is not None
+    assert proxy[2].grad is None  # the last exit is trained by CE only
+    no_students = {"students": torch.tensor([False, False, True]), "targets": state["targets"]}
+    assert not algo.uses_proxy_batch(no_students)

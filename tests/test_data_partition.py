@@ -1,0 +1,113 @@
+"""Partitioning: proxy split, Dirichlet label skew, per-client stratified test split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cafedist.data import dirichlet_partition, split_proxy, train_test_split_stratified
+from cafedist.errors import ConfigError
+
+
+def _labels(n=1000, classes=10, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, size=n).astype(np.int64)
+
+
+def _entropy_per_client(labels, parts, classes):
+    ent = []
+    for p in parts:
+        h = np.bincount(labels[p], minlength=classes) / len(p)
+        h = h[h > 0]
+        ent.append(-(h * np.log(h)).sum())
+    return float(np.mean(ent))
+
+
+def test_split_proxy_stratified_disjoint_deterministic():
+    y = _labels()
+    proxy, rest = split_proxy(y, 0.15, seed=3)
+    assert len(np.intersect1d(proxy, rest)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([proxy, rest])), np.arange(len(y)))
+    assert len(proxy) == 150
+    counts, pcounts = np.bincount(y), np.bincount(y[proxy], minlength=10)
+    assert np.all(np.abs(pcounts - 0.15 * counts) < 1)  # per class within rounding
+    again, _ = split_proxy(y, 0.15, seed=3)
+    other, _ = split_proxy(y, 0.15, seed=4)
+    np.testing.assert_array_equal(proxy, again)
+    assert not np.array_equal(proxy, other)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_proxy_rejects_bad_fraction(fraction):
+    with pytest.raises(ConfigError, match="proxy_fraction"):
+        split_proxy(_labels(), fraction, 0)
+
+
+def test_split_proxy_rejects_empty_result():
+    with pytest.raises(ConfigError, match="empty"):
+        split_proxy(np.array([0, 1, 2]), 0.01, 0)
+
+
+def test_dirichlet_covers_once_with_min_size():
+    y = _labels(2000)
+    parts = dirichlet_partition(y, n_clients=20, alpha=0.1, min_size=15, seed=7)
+    assert len(parts) == 20
+    flat = np.concatenate(parts)
+    np.testing.assert_array_equal(np.sort(flat), np.arange(len(y)))
+    assert min(len(p) for p in parts) >= 15
+    assert all(np.all(np.diff(p) > 0) for p in parts)  # each client's indices sorted
+    for p, q in zip(parts, dirichlet_partition(y, 20, 0.1, 15, seed=7)):
+        np.testing.assert_array_equal(p, q)
+    assert any(not np.array_equal(p, q) for p, q in zip(parts, dirichlet_partition(y, 20, 0.1, 15, seed=8)))
+
+
+def test_dirichlet_alpha_controls_skew():
+    y = _labels(3000)
+    skewed = _entropy_per_client(y, dirichlet_partition(y, 10, 0.1, 10, seed=0), 10)
+    mild = _entropy_per_client(y, dirichlet_partition(y, 10, 100.0, 10, seed=0), 10)
+    assert skewed < 0.6 * np.log(10) < mild  # near-uniform labels only at large alpha
+
+
+def test_dirichlet_single_client_gets_everything():
+    y = _labels(50)
+    (only,) = dirichlet_partition(y, 1, 0.5, 1, seed=0)
+    np.testing.assert_array_equal(only, np.arange(50))
+
+
+def test_dirichlet_validation_and_impossible():
+    y = _labels(100)
+    with pytest.raises(ConfigError, match="alpha must be > 0"):
+        dirichlet_partition(y, 5, 0.0, 1, 0)
+    with pytest.raises(ConfigError, match="clients must be >= 1"):
+        dirichlet_partition(y, 0, 1.0, 1, 0)
+    with pytest.raises(ConfigError, match="min_size must be >= 1"):
+        dirichlet_partition(y, 5, 1.0, 0, 0)
+    with pytest.raises(ConfigError, match="cannot give 11 clients >= 10 samples each from only 100"):
+        dirichlet_partition(y, 11, 1.0, 10, 0)
+    # One class and a near-degenerate Dirichlet: one client takes (almost) everything.
+    with pytest.raises(ConfigError, match="no draw in 3 tries"):
+        dirichlet_partition(np.zeros(100, np.int64), 10, 1e-3, 8, 0, max_tries=3)
+
+
+def test_train_test_split_per_class_rounding():
+    y = np.array([0] * 10 + [1] * 5 + [2] * 1 + [3] * 3, dtype=np.int64)
+    idx = np.arange(len(y))
+    labels = np.concatenate([y, [9, 9]])  # full label array; idx selects the client's samples
+    train, test = train_test_split_stratified(idx, labels, 0.5, seed=1)
+    assert len(np.intersect1d(train, test)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), idx)
+    # round half up per class: 10 -> 5, 5 -> 3, 1 -> 1, 3 -> 2
+    assert np.bincount(labels[test], minlength=4).tolist() == [5, 3, 1, 2]
+    again = train_test_split_stratified(idx, labels, 0.5, seed=1)
+    np.testing.assert_array_equal(again[1], test)
+
+
+def test_train_test_split_keeps_one_each():
+    labels = np.array([0, 1, 2, 3], dtype=np.int64)
+    train, test = train_test_split_stratified(np.array([2]), labels, 0.9, seed=0)
+    assert train.tolist() == [2] and len(test) == 0  # a lone sample stays in train
+    train, test = train_test_split_stratified(np.array([0, 1, 2]), labels, 0.9, seed=0)
+    assert len(train) == 1 and len(test) == 2
+    train, test = train_test_split_stratified(np.array([0, 1, 2, 3]), labels, 0.05, seed=0)
+    assert len(train) == 3 and len(test) == 1
+    with pytest.raises(ConfigError, match="test_fraction"):
+        train_test_split_stratified(np.array([0, 1]), labels, 1.0, seed=0)

@@ -1,0 +1,149 @@
+"""prepare_store / ensure_store / the `prepare` CLI, on the real bundled digits data."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cafedist.data import Store, ensure_store, load_dataset, make_splits, partition_params, prepare_store
+from cafedist.data import prepare as prepare_mod
+from cafedist.errors import ConfigError, DataError
+
+KW = dict(dataset="digits", clients=4, alpha=0.5, proxy_fraction=0.1, test_fraction=0.2, min_size=5, seed=1)
+
+
+def _client_arrays(path: Path) -> list[list]:
+    with Store(path) as s:
+        return [[t.tolist() for t in vars(s.load_client(c)).values()] for c in range(s.num_clients)]
+
+
+def test_make_splits_partition_everything_once():
+    y = load_dataset("digits").y
+    params = partition_params(**KW)
+    train, test, proxy = make_splits(y, params)
+    flat = np.concatenate(train + test + [proxy])
+    np.testing.assert_array_equal(np.sort(flat), np.arange(len(y)))  # disjoint, nothing lost
+    assert len(proxy) == round(0.1 * len(y))
+    assert all(len(tr) + len(te) >= 5 and len(tr) >= 1 for tr, te in zip(train, test))
+    # Per-client test split follows that client's label mix.
+    for tr, te in zip(train, test):
+        both = np.bincount(y[np.concatenate([tr, te])], minlength=10)
+        assert np.all(np.abs(np.bincount(y[te], minlength=10) - 0.2 * both) <= 1)
+
+
+def test_prepare_store_deterministic(tmp_path):
+    a = prepare_store(out=tmp_path / "a.h5", **KW)
+    b = prepare_store(out=tmp_path / "b.h5", **KW)
+    assert a == tmp_path / "a.h5"
+    with Store(a) as s:
+        assert s.params == partition_params(**KW) and s.num_clients == 4 and s.dataset == "digits"
+        assert s.input_shape == (1, 8, 8) and s.proxy_size == 180
+        assert sum(n for pair in s.client_sizes() for n in pair) == 1797 - 180
+    assert _client_arrays(a) == _client_arrays(b)
+    c = prepare_store(out=tmp_path / "c.h5", **{**KW, "seed": 2})
+    assert _client_arrays(a) != _client_arrays(c)
+
+
+def test_partition_params_normalises_and_validates():
+    p = partition_params("agnews", clients=3, alpha=1, proxy_fraction=0.1)
+    assert p["alpha"] == 1.0 and p["loader_options"] == {"vocab_size": 20000, "max_len": 64}
+    # Passing a default explicitly gives the same record, so ensure_store still matches.
+    assert partition_params("agnews", clients=3, alpha=1, proxy_fraction=0.1,
+                            loader_options={"vocab_size": 20000}) == p
+    assert "loader_options" not in partition_params(**KW)
+    with pytest.raises(ConfigError, match="takes no option"):
+        partition_params(**KW, loader_options={"max_len": 3})
+    with pytest.raises(ConfigError, match="clients must be an integer"):
+        partition_params(**{**KW, "clients": 2.5})
+    with pytest.raises(ConfigError, match="test_fraction"):
+        partition_params(**{**KW, "test_fraction": 0})
+    with pytest.raises(DataError, match="unknown dataset"):
+        partition_params(**{**KW, "dataset": "imagenet"})
+
+
+def test_ensure_store_reuses_and_refuses_other_params(tmp_path):
+    out = tmp_path / "sub" / "s.h5"
+    ensure_store(out, **KW)
+    mtime = out.stat().st_mtime_ns
+    assert ensure_store(out, **KW) == out
+    assert out.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    with pytest.raises(DataError, match=r'exists with params .*"alpha": 0.5.* asks for .*"alpha": 0.3'):
+        ensure_store(out, **{**KW, "alpha": 0.3})
+    out.write_bytes(b"junk")  # an unreadable file is reported, never silently replaced
+    with pytest.raises(DataError, match="cannot open as HDF5"):
+        ensure_store(out, **KW)
+    assert out.read_bytes() == b"junk"
+
+
+def _race(out: str, counter: str, barrier, results) -> None:
+    """Child process: count real builds (slowed down to widen the race), then ensure the store."""
+    original = prepare_mod.prepare_store
+
+    def counting_build(*args, **kwargs):
+        with open(counter, "a") as fh:
+            fh.write("build\n")
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+
+    prepare_mod.prepare_store = counting_build
+    try:
+        barrier.wait(timeout=30)
+        path = ensure_store(out, **KW)
+        with Store(path) as s:
+            results.put(("ok", s.client_sizes()))
+    except Exception as exc:  # report to the parent instead of dying silently
+        results.put(("error", repr(exc)))
+
+
+def test_ensure_store_concurrent_single_build(tmp_path):
+    ctx = mp.get_context("fork")  # children inherit the imported modules: fast start
+    n = 3
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    out, counter = str(tmp_path / "s.h5"), str(tmp_path / "builds.txt")
+    procs = [ctx.Process(target=_race, args=(out, counter, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in range(n)]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert all(status == "ok" for status, _ in got), got
+    assert len({str(sizes) for _, sizes in got}) == 1  # everyone sees the same store
+    assert Path(counter).read_text().count("build") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builds.txt", "s.h5", "s.h5.lock"]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cafedist prepare")
+    prepare_mod.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_prepare_and_describe(tmp_path, capsys):
+    out = tmp_path / "cli.h5"
+    args = _parse(["--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.2",
+                   "--min-size", "5", "--seed", "4", "--out", str(out)])
+    assert prepare_mod.main(args) == 0
+    built = capsys.readouterr().out
+    assert "dataset digits" in built and "3 clients" in built
+    with Store(out) as s:
+        assert s.params["seed"] == 4 and s.params["test_fraction"] == 0.2 and s.num_clients == 3
+    assert prepare_mod.main(_parse(["--describe", str(out)])) == 0
+    assert capsys.readouterr().out.strip() == built.strip()
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs --alpha, --out"):
+        prepare_mod.main(_parse(["--dataset", "digits", "--clients", "3", "--proxy-fraction", "0.2"]))
+    with pytest.raises(SystemExit):  # --dataset and --describe are mutually exclusive
+        _parse(["--dataset", "digits", "--describe", "x.h5"])
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_mod.main(_parse(["--describe", str(tmp_path / "none.h5")]))
+    with pytest.raises(ConfigError, match="takes no option"):
+        prepare_mod.main(_parse(["--dataset", "digits", "--clients", "3", "--alpha", "1", "--proxy-fraction",
+                                 "0.2", "--vocab-size", "100", "--out", str(tmp_path / "x.h5")]))

@@ -1,0 +1,204 @@
+"""HDF5 store: round trip, transforms, validation and corruption handling."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from cafedist.data import SCHEMA_VERSION, RawDataset, Store, write_store
+from cafedist.data import store as store_mod
+from cafedist.data.base import channel_stats
+from cafedist.errors import DataError
+
+PARAMS = {"dataset": "tiny", "clients": 3, "alpha": 0.5, "proxy_fraction": 0.2, "test_fraction": 0.2,
+          "min_size": 2, "seed": 0}
+
+
+def _image_raw(n=40, classes=4, seed=0) -> RawDataset:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, 3, 4, 4), dtype=np.uint8)
+    mean, std = channel_stats(x)
+    return RawDataset("tiny", x, np.arange(n, dtype=np.int64) % classes, classes, "image", mean, std)
+
+
+def _splits():
+    """Three clients with train/test index arrays plus a proxy set, all disjoint (40 samples)."""
+    train = [np.arange(0, 8), np.arange(10, 20), np.arange(22, 30)]
+    test = [np.arange(8, 10), np.arange(20, 22), np.arange(30, 32)]
+    return train, test, np.arange(32, 40)
+
+
+@pytest.fixture
+def image_store(tmp_path):
+    raw = _image_raw()
+    train, test, proxy = _splits()
+    path = tmp_path / "s.h5"
+    write_store(path, raw, train, test, proxy, PARAMS)
+    return path, raw
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_roundtrip_image(image_store):
+    path, raw = image_store
+    train, test, proxy = _splits()
+    with Store(path) as s:
+        assert (s.dataset, s.kind, s.num_classes, s.num_clients) == ("tiny", "image", 4, 3)
+        assert s.input_shape == (3, 4, 4) and s.vocab_size is None and s.params == PARAMS
+        assert s.client_sizes() == [(8, 2), (10, 2), (8, 2)] and s.proxy_size == 8
+        c = s.load_client(1)
+        mean = torch.tensor(raw.mean).view(-1, 1, 1)
+        std = torch.tensor(raw.std).view(-1, 1, 1)
+        expect = (torch.from_numpy(raw.x[train[1]]).float() / 255 - mean) / std
+        assert c.x_train.dtype == torch.float32
+        torch.testing.assert_close(c.x_train, expect)
+        assert c.y_train.dtype == torch.int64 and c.y_train.tolist() == raw.y[train[1]].tolist()
+        assert c.y_test.tolist() == raw.y[test[1]].tolist()
+        torch.testing.assert_close(s.load_proxy(), (torch.from_numpy(raw.x[proxy]).float() / 255 - mean) / std)
+        hist = s.label_histograms()
+        assert hist.shape == (3, 4)
+        assert hist.tolist() == [np.bincount(raw.y[t], minlength=4).tolist() for t in train]
+        text = s.describe()
+        assert "tiny" in text and "3 clients" in text and "proxy set 8" in text
+        assert text.splitlines()[-2].split()[:3] == ["2", "8", "2"]  # last client row
+    with h5py.File(path, "r") as f:
+        assert "y" not in f["proxy"]  # the proxy set is unlabelled
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+
+
+def test_roundtrip_text_with_vocab(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, size=(30, 6)).astype(np.int64)
+    vocab = ["<pad>", "<unk>"] + [f"w{i}" for i in range(48)]
+    raw = RawDataset("txt", x, np.arange(30, dtype=np.int64) % 3, 3, "text", vocab_size=50, vocab=vocab)
+    path = tmp_path / "t.h5"
+    write_store(path, raw, [np.arange(0, 10), np.arange(10, 20)], [np.arange(20, 22), np.arange(22, 25)],
+                np.arange(25, 30), PARAMS)
+    with Store(path) as s:
+        assert s.kind == "text" and s.vocab_size == 50 and s.input_shape == (6,) and s.mean == ()
+        c = s.load_client(1, device="cpu")
+        assert c.x_test.dtype == torch.int64 and c.x_test.tolist() == x[22:25].tolist()
+        assert s.load_proxy().tolist() == x[25:].tolist()
+        assert s.load_vocab() == vocab
+
+
+def test_many_classes_describe(tmp_path):
+    raw = _image_raw(n=60, classes=30)
+    path = tmp_path / "m.h5"
+    write_store(path, raw, [np.arange(0, 50)], [np.arange(50, 55)], np.arange(55, 60), PARAMS)
+    with Store(path) as s:
+        row = s.describe().splitlines()[-2]
+        assert "30/30" in row and "0:2" in row  # classes present, then top labels
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    raw = _image_raw()
+    train, test, proxy = _splits()
+    calls = []
+
+    def failing_put(group, name, arr):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return original(group, name, arr)
+
+    original = store_mod._put
+    monkeypatch.setattr(store_mod, "_put", failing_put)
+    with pytest.raises(RuntimeError):
+        write_store(tmp_path / "s.h5", raw, train, test, proxy, PARAMS)
+    assert os.listdir(tmp_path) == []  # neither the target nor a temp file is left
+
+
+def test_write_rejects_overlap(tmp_path):
+    train, test, _ = _splits()
+    with pytest.raises(ValueError, match="overlap"):
+        write_store(tmp_path / "s.h5", _image_raw(), train, test, np.arange(5, 12), PARAMS)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"store .*nope.h5 does not exist"):
+        Store(tmp_path / "nope.h5")
+
+
+def test_truncated_file(image_store):
+    path, _ = image_store
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"store .*s.h5: cannot open as HDF5") as err:
+        Store(path)
+    assert "\n" not in str(err.value)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "r.h5"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"r.h5: cannot open as HDF5"):
+        Store(path)
+
+
+def test_corrupt_dataset_bytes_fail_checksum(image_store):
+    path, _ = image_store
+    with h5py.File(path, "r") as f:
+        offset = f["clients/00001/x_train"].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 5)
+        byte = fh.read(1)
+        fh.seek(offset + 5)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with Store(path) as s:  # metadata is intact, so opening works...
+        s.load_client(0)  # ...and other clients are still readable
+        with pytest.raises(DataError, match=r"checksum mismatch in clients/00001/x_train"):
+            s.load_client(1)
+
+
+def test_wrong_schema_version(image_store):
+    path, _ = image_store
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(DataError, match=rf"schema version {SCHEMA_VERSION + 1}, but this cafedist reads version {SCHEMA_VERSION}"):
+        Store(path)
+
+
+def test_missing_group_and_bad_dtype(image_store):
+    path, _ = image_store
+    with h5py.File(path, "r+") as f:
+        del f["clients/00002"]
+    with pytest.raises(DataError, match=r"missing group clients/00002"):
+        Store(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["num_clients"] = 2
+        del f["clients/00001/y_test"]
+        f["clients/00001"].create_dataset("y_test", data=np.zeros(2, np.float32))
+    with pytest.raises(DataError, match=r"clients/00001/y_test is float32 \(2,\), expected int64"):
+        Store(path)
+
+
+def test_not_a_store(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = np.zeros(3)
+    with pytest.raises(DataError, match="not a cafedist store"):
+        Store(path)
+
+
+def test_reader_never_modifies(image_store):
+    path, _ = image_store
+    before, mtime = _sha(path), path.stat().st_mtime_ns
+    with Store(path) as s:
+        s.load_client(0)
+        s.load_proxy()
+        s.describe()
+    assert _sha(path) == before and path.stat().st_mtime_ns == mtime
+
+
+def test_client_out_of_range(image_store):
+    path, _ = image_store
+    with Store(path) as s, pytest.raises(DataError, match=r"no client 3 \(the store has clients 0..2\)"):
+        s.load_client(3)

@@ -1,0 +1,218 @@
+"""Launch detection from fake environments, Slurm node lists, device/backend choice, wrappers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from cafedist.dist import LaunchInfo, detect_launch, expand_nodelist, init_runtime
+from cafedist.errors import DistError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- detect_launch
+
+
+def test_plain_python_is_single() -> None:
+    assert detect_launch({"HOME": "/x"}) == LaunchInfo("single", 0, 1, 0, None, None)
+
+
+def test_torchrun_env() -> None:
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node01",
+           "MASTER_PORT": "29500"}
+    assert detect_launch(env) == LaunchInfo("torchrun", 5, 8, 1, "node01", 29500)
+
+
+def test_env_launcher_without_local_rank_uses_rank() -> None:
+    info = detect_launch({"RANK": "2", "WORLD_SIZE": "3"})
+    assert (info.launcher, info.local_rank, info.master_addr, info.master_port) == ("torchrun", 2, None, None)
+
+
+def test_srun_torchrun_is_torchrun() -> None:
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_NODELIST": "n[1-2]"}
+    assert detect_launch(env) == LaunchInfo("torchrun", 3, 4, 3, "n1", 1234)
+
+
+SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+         "SLURM_NODELIST": "node[01-03,07],gpu5", "SLURM_JOB_ID": "123456"}
+
+
+def test_slurm_task() -> None:
+    # port 20000 + 123456 % 20000
+    assert detect_launch(SLURM) == LaunchInfo("slurm", 3, 4, 1, "node01", 23456)
+
+
+def test_slurm_master_overrides_and_job_nodelist() -> None:
+    env = {k: v for k, v in SLURM.items() if k != "SLURM_NODELIST"}
+    env |= {"SLURM_JOB_NODELIST": "gpu[7-8]", "MASTER_PORT": "31000"}
+    info = detect_launch(env)
+    assert (info.master_addr, info.master_port) == ("gpu7", 31000)
+    assert detect_launch(SLURM | {"MASTER_ADDR": "login"}).master_addr == "login"
+
+
+def test_slurm_single_task_batch_script_is_single() -> None:
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7", "SLURM_NODELIST": "n1"}
+    assert detect_launch(env).launcher == "single"
+    # ... but a one-task srun step is a Slurm launch (of world size 1)
+    step = detect_launch(env | {"SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"})
+    assert (step.launcher, step.world_size) == ("slurm", 1)
+
+
+def test_open_mpi_env() -> None:
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+           "OMPI_COMM_WORLD_LOCAL_RANK": "1", "PMIX_RANK": "1"}
+    assert detect_launch(env) == LaunchInfo("mpi", 1, 2, 1, None, None)
+
+
+def test_mpich_hydra_env() -> None:
+    env = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"}
+    assert detect_launch(env) == LaunchInfo("mpi", 2, 4, 0, None, None)
+
+
+def test_pmix_env() -> None:
+    assert detect_launch({"PMIX_RANK": "1", "PMI_SIZE": "3"}) == LaunchInfo("mpi", 1, 3, 1, None, None)
+    with pytest.raises(DistError, match="PMIX_RANK is set but none of"):
+        detect_launch({"PMIX_RANK": "1"})
+
+
+@pytest.mark.parametrize("env, var", [
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 must be < WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be >= 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK='-1' must be >= 0"),
+    ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "99999"}, "MASTER_PORT=99999"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "two"}, "SLURM_NTASKS='two'"),
+    ({"SLURM_PROCID": "4", "SLURM_NTASKS": "4", "SLURM_NODELIST": "n1"}, "SLURM_PROCID=4 must be < SLURM_NTASKS=4"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_NODELIST"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "n[1-"}, "SLURM_NODELIST='n[1-'"),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_RANK=2 must be <"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "1.5"}, "PMI_SIZE='1.5'"),
+])
+def test_inconsistent_env_names_the_variable(env: dict, var: str) -> None:
+    with pytest.raises(DistError) as err:
+        detect_launch(env)
+    assert var in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- Slurm node lists
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("gpu5", ["gpu5"]),
+    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+    ("n[8-10]", ["n8", "n9", "n10"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("a1,b[2-3]-ib", ["a1", "b2-ib", "b3-ib"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("c[5]", ["c5"]),
+])
+def test_expand_nodelist(text: str, hosts: list[str]) -> None:
+    assert expand_nodelist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["node[01-", "node]1[", "node[3-1]", "node[a-b]", "a,,b", "n[[1]]"])
+def test_expand_nodelist_rejects_garbage(text: str) -> None:
+    with pytest.raises(DistError, match="SLURM_JOB_NODELIST"):
+        expand_nodelist(text, "SLURM_JOB_NODELIST")
+
+
+# ---------------------------------------------------------------- device and backend
+
+
+def test_init_runtime_single_defaults(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="cafedist"):
+        rt = init_runtime(env={})
+    assert rt.world_size == 1 and rt.backend is None and rt.is_main
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert rt.device.type == expected
+    lines = [r.getMessage() for r in caplog.records if r.name == "cafedist"]
+    assert len(lines) == 1 and "launcher=single" in lines[0] and f"device={expected}" in lines[0]
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"backend": "nccl", "device": "cpu"}, "backend 'nccl' needs a CUDA device"),
+    ({"backend": "tcp"}, "backend 'tcp' is not valid"),
+    ({"device": "tpu"}, "device 'tpu' is not"),
+    ({"device": "cuda:banana"}, "device 'cuda:banana' is not valid"),
+    ({"timeout_s": 0}, "timeout_s=0 must be > 0"),
+])
+def test_init_runtime_rejects_bad_overrides(kwargs: dict, msg: str) -> None:
+    with pytest.raises(DistError, match=msg):
+        init_runtime(env={}, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_cuda_requested_without_cuda() -> None:
+    with pytest.raises(DistError, match="CUDA is not available"):
+        init_runtime(device="cuda:0", env={})
+
+
+@pytest.mark.skipif(torch.distributed.is_mpi_available(), reason="torch built with MPI")
+def test_mpi_backend_unavailable_is_explained() -> None:
+    with pytest.raises(DistError, match="backend 'mpi' is not available"):
+        init_runtime(backend="mpi", device="cpu", env={})
+
+
+def test_bad_env_surfaces_from_init_runtime() -> None:
+    with pytest.raises(DistError, match="RANK='x'"):
+        init_runtime(env={"RANK": "x", "WORLD_SIZE": "2"})
+
+
+# ---------------------------------------------------------------- launch wrappers
+
+
+def dry_run(script: str, args: list[str], **knobs: str) -> tuple[int, list[str], str]:
+    """Run a launch wrapper with DRY_RUN=1; returns (status, printed command words, stderr)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"NPROC", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "RDZV_ID", "NP",
+                        "MPIEXEC", "TORCHRUN", "OVERSUBSCRIBE", "MPIEXEC_ARGS", "SLURM_JOB_ID"}}
+    env |= {"DRY_RUN": "1", **knobs}
+    proc = subprocess.run(["bash", str(REPO / "launch" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+    return proc.returncode, shlex.split(proc.stdout), proc.stderr
+
+
+def test_torchrun_wrapper_single_node() -> None:
+    rc, cmd, _ = dry_run("torchrun.sh", ["train", "--x", "a b"], TORCHRUN="torchrun")
+    assert rc == 0
+    assert cmd == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "cafedist", "train", "--x", "a b"]
+    _, cmd, _ = dry_run("torchrun.sh", ["eval"], TORCHRUN="torchrun", NPROC="4")
+    assert "--nproc_per_node=4" in cmd
+
+
+def test_torchrun_wrapper_multi_node() -> None:
+    rc, cmd, _ = dry_run("torchrun.sh", ["train"], TORCHRUN="torchrun", NNODES="2",
+                         RDZV_ENDPOINT="node01:29400", RDZV_ID="job9")
+    assert rc == 0 and "--standalone" not in cmd
+    assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node01:29400", "--rdzv_id=job9"} <= set(cmd)
+    _, cmd, _ = dry_run("torchrun.sh", ["train"], TORCHRUN="torchrun", NNODES="2", NODE_RANK="1",
+                        RDZV_ENDPOINT="node01:29400")
+    assert {"--node_rank=1", "--master_addr=node01", "--master_port=29400"} <= set(cmd)
+    rc, _, err = dry_run("torchrun.sh", ["train"], TORCHRUN="torchrun", NNODES="2")
+    assert rc == 2 and "RDZV_ENDPOINT" in err
+
+
+def test_mpiexec_wrapper() -> None:
+    rc, cmd, _ = dry_run("mpiexec.sh", ["train", "--y"], MPIEXEC="mpiexec", PYTHON="python3", NP="3",
+                         MPIEXEC_ARGS="--hostfile h")
+    assert rc == 0
+    assert cmd == ["mpiexec", "-n", "3", "--hostfile", "h", "python3", "-m", "cafedist", "train", "--y"]
+
+
+def test_mpiexec_wrapper_prefers_mpiexec_next_to_python(tmp_path: Path) -> None:
+    (tmp_path / "python3").write_text("#!/bin/sh\n")
+    (tmp_path / "mpiexec").write_text("#!/bin/sh\n")
+    for f in ("python3", "mpiexec"):
+        (tmp_path / f).chmod(0o755)
+    _, cmd, _ = dry_run("mpiexec.sh", [], PYTHON=str(tmp_path / "python3"))
+    assert cmd[:3] == [str(tmp_path / "mpiexec"), "-n", "2"]

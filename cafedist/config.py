@@ -7,7 +7,8 @@ start-up and what a resume checks against.
 Layout (every field has a default; see ``docs/CONFIG.md`` for the reference)::
 
     seed: 0
-    data:       {dataset, root, store, cache_dir, clients, alpha, proxy_fraction, test_fraction, min_size}
+    data:       {dataset, root, store, cache_dir, clients, alpha, proxy_fraction, test_fraction, min_size,
+                 options}
     model:      {arch, options: {...}}
     train:      {rounds, local_epochs, batch_size, proxy_batch_size, lr, momentum, weight_decay,
                  eval_every, amp, compile, clients_per_round}
@@ -48,6 +49,7 @@ class DataConfig:
     proxy_fraction: float = 0.1  # share of all samples set aside as the unlabeled proxy set
     test_fraction: float = 0.2  # share of each client's data held out as its personal test set
     min_size: int = 20  # every client gets at least this many samples
+    options: dict = field(default_factory=dict)  # loader options, e.g. agnews {vocab_size, max_len}
 
     def validate(self) -> None:
         _check(self.clients >= 1, "data.clients", f"must be >= 1, got {self.clients}")
@@ -61,8 +63,11 @@ class DataConfig:
         if self.store:
             return Path(self.store)
         name = (f"{self.dataset}-n{self.clients}-a{self.alpha:g}-p{self.proxy_fraction:g}"
-                f"-t{self.test_fraction:g}-m{self.min_size}-s{seed}.h5")
-        return Path(self.cache_dir) / name
+                f"-t{self.test_fraction:g}-m{self.min_size}-s{seed}")
+        if self.options:
+            opts = json.dumps(self.options, sort_keys=True).encode()
+            name += "-o" + hashlib.sha256(opts).hexdigest()[:8]
+        return Path(self.cache_dir) / f"{name}.h5"
 
 
 @dataclass
@@ -371,14 +376,20 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def config_hash(cfg: Config, *, ignore: tuple[str, ...] = ("dist", "checkpoint")) -> str:
-    """sha256 of the canonical resolved config, minus sections that do not change results.
+#: fields that may differ between a run and its resume without changing what is computed:
+#: where files live (the store itself is validated against the partition parameters),
+#: backend/device/timeouts, and checkpoint frequency
+_NOT_HASHED = ("dist", "checkpoint", "data.root", "data.store", "data.cache_dir")
 
-    ``dist`` (backend, device, timeouts) and ``checkpoint`` (frequency) may differ between a
-    run and its resume without changing what is computed, so they are left out.
-    """
+
+def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
+    """sha256 of the canonical resolved config, minus fields that do not change results."""
     d = cfg.to_dict()
     for key in ignore:
-        d.pop(key, None)
+        section, _, leaf = key.partition(".")
+        if leaf:
+            d.get(section, {}).pop(leaf, None)
+        else:
+            d.pop(section, None)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

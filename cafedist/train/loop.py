@@ -104,7 +104,7 @@ class Trainer:
                                   clients=cfg.data.clients, alpha=cfg.data.alpha,
                                   proxy_fraction=cfg.data.proxy_fraction,
                                   test_fraction=cfg.data.test_fraction, min_size=cfg.data.min_size,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, loader_options=cfg.data.options or None)
         self.store = Store(store_path)
         self.n = self.store.num_clients
         sizes = [tr for tr, _ in self.store.client_sizes()]

@@ -464,6 +464,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             record = trainer.run_round(rnd)
             last_done = rnd
             record["world_size"] = rt.world_size
+            record["clients_per_rank"] = trainer.counts
             if metrics is not None:
                 metrics.append(record)
             acc = record.get("acc_per_exit")

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable
 
-from cafedist.errors import CafeError
+from cafedist.errors import CafeError, DistError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(COMMANDS[args.command][2](args) or 0)
+    except DistError as exc:
+        # a collective failed: the process group is broken and its background threads may
+        # abort the interpreter at exit, so leave at once with our own status
+        print(f"cafedist: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     except CafeError as exc:
         print(f"cafedist: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -43,6 +43,7 @@ from cafedist.models import build_model, macs_per_exit
 from cafedist.rng import generator
 from cafedist.train.averaging import flatten, unflatten_into, weighted_average
 from cafedist.train.checkpoint import CheckpointDir, load_torch
+from cafedist.train.faults import maybe_fault
 from cafedist.train.client import Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits
 from cafedist.train.metrics import MetricsLog
 from cafedist.train.progress import Progress
@@ -171,6 +172,7 @@ class Trainer:
         active = participating(cfg.seed, rnd, self.n, cfg.train.clients_per_round)
 
         # 1. local updates
+        maybe_fault("local", rnd, self.rt.rank)
         t = time.perf_counter()
         losses = []
         for c in self.clients:
@@ -301,6 +303,7 @@ class Trainer:
             name, digest = self.ckpt.write_client(rnd, c.cid, shard)
             files[name] = digest
         every = self.comm.all_gather_object(files)
+        maybe_fault("checkpoint", rnd, self.rt.rank)
         if self.rt.is_main:
             merged = {k: v for part in every for k, v in part.items()}
             server = {"round": rnd, "algo": self.algo.server_state(), "config_hash": self.hash}
@@ -419,11 +422,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
     stop = StopFlag().install()
     try:
-        return _train(cfg, Path(run_dir), resume, rt, stop, progress)
+        result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
     finally:
         stop.uninstall()
-        if own_rt:
-            shutdown_runtime(rt)
+    # only a healthy group is torn down: destroying one whose peer died can hang or abort
+    if own_rt:
+        shutdown_runtime(rt)
+    return result
 
 
 def _agree(comm: Comm, error: str | None) -> None:

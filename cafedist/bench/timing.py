@@ -1,0 +1,80 @@
+"""Measurement helpers shared by the benchmarks: interleaved timing and peak memory.
+
+Machines are noisy (2 shared cores here, busy GPUs elsewhere), so every ratio a benchmark
+reports comes from candidates timed *side by side*: runs alternate A, B, A, B, ... and each
+candidate's median is taken, so a burst of background load hits both candidates alike.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Time each candidate ``repeats`` times in round-robin order (ABAB...); seconds per run.
+
+    ``warmup`` untimed rounds first (lazy initialisation, allocator and cache warm-up).
+    """
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median(values: list[float]) -> float:
+    """Median of a non-empty list (the robust centre of repeated timings)."""
+    return float(statistics.median(values))
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def peak_memory_supported() -> bool:
+    """Whether this OS lets us reset and read the peak resident set size (Linux >= 4.0)."""
+    if _status_kib("VmHWM") is None:
+        return False
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def peak_rss_delta() -> Iterator[dict[str, int | None]]:
+    """Measure how far the peak RSS rises above the RSS at entry, in bytes.
+
+    Linux only: writing ``5`` to ``/proc/self/clear_refs`` resets the high-water mark
+    (``VmHWM``) to the current RSS, so the peak covers this block alone. Unlike tracemalloc,
+    this sees torch's own allocations. Yields a dict whose ``"bytes"`` is filled on exit
+    (None where unsupported).
+    """
+    out: dict[str, int | None] = {"bytes": None}
+    ok = peak_memory_supported()
+    start = _status_kib("VmRSS") if ok else None
+    try:
+        yield out
+    finally:
+        peak = _status_kib("VmHWM") if ok else None
+        if start is not None and peak is not None:
+            out["bytes"] = max(0, peak - start) * 1024

@@ -1,0 +1,106 @@
+"""Shared helpers: tiny real-data configs and subprocess runners for the CLI and launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+#: a run small enough for a test: the real scikit-learn digits, 4 clients, a tiny CNN
+TINY = """\
+seed: 3
+data: {{dataset: digits, clients: {clients}, alpha: 0.5, proxy_fraction: 0.1, min_size: 20, cache_dir: {cache}}}
+model: {{arch: cnn, options: {{width: 4}}}}
+train: {{rounds: {rounds}, local_epochs: 1, batch_size: 32, proxy_batch_size: 16, lr: 0.05}}
+algorithm: {{name: cafedistill, cafedistill: {{proxy_size: 64}}}}
+checkpoint: {{every: {every}, keep: 3}}
+dist: {{timeout_s: 60}}
+"""
+
+
+@pytest.fixture(scope="session")
+def store_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stores")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, store_cache):
+    """Write a tiny config; returns a function(rounds=3, clients=4, every=1) -> path."""
+
+    def make(rounds: int = 3, clients: int = 4, every: int = 1, name: str = "tiny.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(TINY.format(rounds=rounds, clients=clients, every=every, cache=store_cache))
+        return path
+
+    return make
+
+
+def env_for_tests(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.pop("CAFEDIST_FAULT", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_JOB_ID", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def cafedist(*args: str, env: dict | None = None, timeout: float = 300, launcher: list[str] | None = None,
+             check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m cafedist ARGS`` (optionally behind a launcher) and capture output."""
+    cmd = (launcher or [sys.executable]) + ["-m", "cafedist", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or env_for_tests(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def torchrun(n: int) -> list[str]:
+    exe = BIN / "torchrun"
+    return [str(exe) if exe.exists() else "torchrun", "--standalone", f"--nproc_per_node={n}"]
+
+
+def mpiexec_cmd(n: int) -> list[str] | None:
+    exe = BIN / "mpiexec"
+    found = str(exe) if exe.exists() else shutil.which("mpiexec")
+    return [found, "-n", str(n), sys.executable] if found else None
+
+
+def mpi_env() -> dict[str, str]:
+    return env_for_tests(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                         OMPI_MCA_rmaps_base_oversubscribe="1",
+                         PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING_KEYS = {"seconds", "t_local", "t_comm", "t_aggregate", "t_eval", "wire_bytes", "world_size",
+               "clients_per_rank"}
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metrics without what legitimately varies between equivalent runs (time, wire bytes, ranks)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

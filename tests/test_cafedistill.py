@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cafedist.algorithms.base import LocalBatch, Setup
+from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Setup
 from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, cosine_similarity_matrix,
                                              greedy_similar, healthy_clients, mix_targets,
                                              project_rows_to_simplex, selection_counts, student_masks,
@@ -173,7 +173,7 @@ def test_local_loss_uses_ce_on_students_and_kd_on_proxy():
     state = {"students": torch.tensor([True, False, True]),
              "targets": torch.softmax(torch.randn(10, 4, generator=g), 1),
              "targets_round": torch.tensor(0)}
-    assert algo.uses_proxy_batch(state)
+    assert algo.uses_proxy_batch(ClientView(cid=0, models={}, state=state), Phase())
     pos = torch.tensor([0, 3, 3, 9, 1, 2])
     loss = algo.local_loss(state, LocalBatch(logits=logits, y=y, proxy_logits=proxy, proxy_pos=pos))
     loss.backward()
@@ -181,4 +181,4 @@ def test_local_loss_uses_ce_on_students_and_kd_on_proxy():
     assert logits[0].grad is not None and proxy[0].grad is not None
     assert proxy[2].grad is None  # the last exit is trained by CE only
     no_students = {"students": torch.tensor([False, False, True]), "targets": state["targets"]}
-    assert not algo.uses_proxy_batch(no_students)
+    assert not algo.uses_proxy_batch(ClientView(cid=0, models={}, state=no_students), Phase())

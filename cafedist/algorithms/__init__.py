@@ -6,12 +6,15 @@ Adding an algorithm means adding one module that defines a subclass of
 
 from __future__ import annotations
 
-from cafedist.algorithms.base import Algorithm, ClientState, LocalBatch, Setup
+from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup
 from cafedist.algorithms.cafedistill import CAFEDistill
+from cafedist.algorithms.fedavg import FedAvg, FedProx
 from cafedist.errors import ConfigError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     CAFEDistill.name: CAFEDistill,
+    FedAvg.name: FedAvg,
+    FedProx.name: FedProx,
 }
 
 
@@ -24,4 +27,4 @@ def get_algorithm(name: str, field_name: str = "algorithm.name") -> type[Algorit
                           f"(choices: {', '.join(sorted(ALGORITHMS))})") from None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientState", "LocalBatch", "Setup", "get_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientView", "LocalBatch", "Phase", "Setup", "get_algorithm"]

@@ -1,27 +1,35 @@
 """The small interface every federated algorithm implements; the round loop is generic.
 
-An algorithm answers three questions, and nothing else:
+An algorithm answers three questions, and the loop (:mod:`cafedist.train.loop`) does the rest:
 
-* **local objective** -- what a client minimises on a private batch (and, for distillation
-  methods, on a proxy batch): :meth:`Algorithm.local_loss`;
-* **exchange** -- what leaves the client after local training: proxy-set logits of every
-  exit (``exchanges_logits``) and/or parameters to be averaged (:meth:`Algorithm.shared_keys`);
-* **aggregate** -- what the coordinator computes from the gathered logits
-  (:meth:`Algorithm.aggregate_logits`, rank 0 only, batched tensor math over clients) and how
-  a client takes its own share of the result (:meth:`Algorithm.receive`).
+* **local objective** -- what a client minimises: :meth:`Algorithm.local_loss` on a
+  :class:`LocalBatch` (private batch, optional proxy batch), organised in
+  :meth:`Algorithm.local_phases` (which model, which parameters, how many epochs);
+* **exchange** -- what leaves a client after local training:
+  proxy-set logits of every exit (``exchanges_logits``), other per-client rows
+  (:meth:`Algorithm.upload`), and parameters averaged over clients
+  (:meth:`Algorithm.shared_mask`: sample-weighted, deterministic, optionally only over the
+  clients that hold a parameter or element);
+* **aggregate** -- what the coordinator computes from the gathered rows
+  (:meth:`Algorithm.aggregate`, rank 0 only, batched tensor math over clients) and how a
+  client takes its own row of the result (:meth:`Algorithm.receive`).
 
-Per-client algorithm state (teacher targets, student masks, ...) is a ``dict[str, Tensor]``
-kept in :class:`ClientState.algo` so that it is checkpointed with the client and travels with
-it when clients are re-placed on another number of ranks.
+Per-client algorithm state (teacher targets, student masks, reference parameters...) is a
+``dict[str, Tensor]`` in the client, checkpointed with it and moved with it when clients are
+re-placed on another number of ranks. A client may hold several same-architecture models
+(``extra_models``, e.g. Ditto's global model next to the personal one); ``"main"`` is the one
+that is evaluated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (row shape, dtype)
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,8 @@ class Setup:
     rounds: int
     train_sizes: tuple[int, ...]  # per client id
     seed: int
+    local_epochs: int = 1
+    proxy_size: int = 0  # P' (0 when the algorithm exchanges no logits)
 
     @property
     def data_weights(self) -> Tensor:
@@ -44,27 +54,54 @@ class Setup:
 
 @dataclass
 class LocalBatch:
-    """One local step's inputs to the loss: outputs on private data and (optionally) proxy data."""
+    """One local step's inputs to the loss."""
 
     logits: list[Tensor]  # per exit, [B, C] on the private batch
     y: Tensor  # [B] labels
+    x: Tensor | None = None  # the private inputs (for algorithms needing features)
+    module: nn.Module | None = None  # the model being trained (for proximal terms)
+    phase: str = "train"  # name of the current local phase
     proxy_logits: list[Tensor] | None = None  # per exit, [Bp, C] on the proxy batch
     proxy_pos: Tensor | None = None  # [Bp] rows of this client's current targets
+    proxy_x: Tensor | None = None  # the proxy inputs
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of local training: which model, which parameters, how long."""
+
+    name: str = "train"
+    model: str = "main"  # which of the client's models is trained
+    epochs: int | None = None  # None: train.local_epochs
+    trainable: Callable[[str], bool] | None = None  # parameter-name filter; None: all
+    upto: int | None = None  # run only exits 0..upto-1 (depth-limited clients)
 
 
 @dataclass
-class ClientState:
-    """What an algorithm keeps per client between rounds (checkpointed with the client)."""
+class ClientView:
+    """What an algorithm hook may see of a client (never its data)."""
 
-    algo: dict[str, Tensor] = field(default_factory=dict)
+    cid: int
+    models: dict[str, nn.Module]
+    state: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models["main"]
 
 
 class Algorithm:
-    """Base class; subclasses set ``name`` and ``Params`` and override what they need."""
+    """Base class; subclasses set ``name`` and ``Params`` and override what they need.
+
+    The defaults describe purely local training: every exit trained with CE, nothing exchanged.
+    """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
     exchanges_logits: ClassVar[bool] = False  # gather per-exit proxy logits every round
+    common_init: ClassVar[bool] = False  # all clients start from the same weights (FedAvg family)
+    extra_models: ClassVar[tuple[str, ...]] = ()  # more same-architecture models per client
+    shared_model: ClassVar[str] = "main"  # whose parameters shared_mask refers to
 
     def __init__(self, params: Any, setup: Setup):
         self.params = params
@@ -75,39 +112,62 @@ class Algorithm:
         """Initial per-client algorithm state."""
         return {}
 
-    def uses_proxy_batch(self, state: dict[str, Tensor]) -> bool:
-        """Whether local steps of this client also need a proxy mini-batch this round."""
+    def local_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
+        """The local training of ``round_idx`` (default: one phase, all parameters)."""
+        return [Phase()]
+
+    def post_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
+        """Training after this round's aggregation (e.g. FedBABU's final head fine-tuning)."""
+        return []
+
+    def on_local_start(self, client: ClientView, round_idx: int) -> None:
+        """Called before local training (e.g. snapshot the global weights for a proximal term)."""
+
+    def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
+        """Whether this phase's local steps also need a proxy mini-batch."""
         return False
 
     def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
-        """The loss a client minimises on one local step."""
-        raise NotImplementedError
+        """The loss a client minimises on one local step (default: CE summed over exits)."""
+        return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits)
 
     # ---------------------------------------------------------------- exchange
-    def shared_keys(self, state_dict_keys: list[str]) -> list[str]:
-        """Parameter names averaged over clients (sample-weighted) after local training."""
-        return []
+    def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool | Tensor:
+        """Does client ``cid`` contribute to (and receive) the average of parameter ``key``?
+
+        ``False``: personal. ``True``: averaged (sample-weighted) over all active clients that
+        share it. A bool tensor shaped like the parameter: element-wise holding mask (width-
+        scaled sub-models); each element is averaged over its holders only. Must depend only
+        on (cid, key, shape): every rank evaluates it for every client to know the holders.
+        """
+        return False
+
+    def upload_spec(self) -> Spec:
+        """Per-client rows (besides proxy logits) sent to the coordinator each round."""
+        return {}
+
+    def upload(self, client: ClientView) -> dict[str, Tensor]:
+        """This client's rows, shaped as :meth:`upload_spec` says."""
+        return {}
 
     # ---------------------------------------------------------------- coordinator (rank 0)
-    def aggregate_logits(self, round_idx: int, logits: Tensor,
-                         active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """From gathered proxy logits [n, m, P', C] (client-id order) compute per-client payloads.
+    def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
+                  active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """From the gathered rows (client-id order; ``"logits"`` [n, m, P', C] for algorithms
+        that exchange logits) compute per-client payload rows. ``active`` (bool [n]) marks
+        the clients that trained this round; only they receive their rows.
 
-        ``active`` (bool [n]) marks the clients that trained this round; only their rows of the
-        payload are delivered, and inactive clients' logits are stale.
-
-        Returns ``(payload, report)``: ``payload`` maps a name to a tensor whose first dimension
-        is the client id (each client later receives only its own row); ``report`` holds small
-        JSON-able facts for ``metrics.jsonl``.
+        Returns ``(payload, report)``: ``payload`` maps a name to a tensor whose first
+        dimension is the client id; ``report`` holds small JSON-able facts for metrics.
         """
-        raise NotImplementedError
+        return {}, {}
 
-    def payload_spec(self, proxy_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def payload_spec(self) -> Spec:
         """Shape (without the client dimension) and dtype of each payload entry."""
         return {}
 
-    def receive(self, state: dict[str, Tensor], payload: dict[str, Tensor], round_idx: int) -> None:
-        """Store this client's row of the aggregate (called on the client's own rank)."""
+    def receive(self, client: ClientView, payload: dict[str, Tensor], round_idx: int) -> None:
+        """Take this client's row of the aggregate (called on the client's own rank)."""
 
     def server_state(self) -> dict[str, Any]:
         """Coordinator state that must survive a resume (tensors and plain data only)."""
@@ -118,5 +178,8 @@ class Algorithm:
 
     def students(self, state: dict[str, Tensor]) -> Tensor:
         """Bool mask [m] of exits trained with CE this round (the last exit always is)."""
-        mask = torch.ones(self.setup.num_exits, dtype=torch.bool)
-        return mask
+        return torch.ones(self.setup.num_exits, dtype=torch.bool)
+
+    def uses_exchange(self) -> bool:
+        """Whether the coordinator step runs at all this run."""
+        return self.exchanges_logits or bool(self.upload_spec()) or bool(self.payload_spec())

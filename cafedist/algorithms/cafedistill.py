@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cafedist.algorithms.base import Algorithm, LocalBatch, Setup
+from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.errors import ConfigError
 
 
@@ -218,7 +218,8 @@ class CAFEDistill(Algorithm):
     def students(self, state: dict[str, Tensor]) -> Tensor:
         return state["students"].to(torch.bool).cpu()
 
-    def uses_proxy_batch(self, state: dict[str, Tensor]) -> bool:
+    def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
+        state = client.state
         has_students = bool(self.students(state)[:-1].any())
         return has_students and "targets" in state and self.params.lam > 0
 
@@ -239,15 +240,17 @@ class CAFEDistill(Algorithm):
                     loss = loss + self.params.lam * tau * tau * kd
         return loss
 
-    def shared_keys(self, state_dict_keys: list[str]) -> list[str]:
-        if not self.params.shared_body:
-            return []
-        return [k for k in state_dict_keys if not k.startswith("heads.")]
+    def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
+        return self.params.shared_body and not key.startswith("heads.")
 
     # ---------------------------------------------------------------- coordinator
-    def payload_spec(self, proxy_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {"targets": ((proxy_size, self.setup.num_classes), torch.float32),
+    def payload_spec(self) -> Spec:
+        return {"targets": ((self.setup.proxy_size, self.setup.num_classes), torch.float32),
                 "students": ((self.setup.num_exits,), torch.uint8)}
+
+    def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
+                  active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self.aggregate_logits(round_idx, gathered["logits"], active)
 
     def aggregate_logits(self, round_idx: int, logits: Tensor,
                          active: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -284,7 +287,8 @@ class CAFEDistill(Algorithm):
         self.last_report = report
         return {"targets": targets, "students": students.to(torch.uint8)}, report
 
-    def receive(self, state: dict[str, Tensor], payload: dict[str, Tensor], round_idx: int) -> None:
+    def receive(self, client: ClientView, payload: dict[str, Tensor], round_idx: int) -> None:
+        state = client.state
         state["targets"] = payload["targets"]
         state["students"] = payload["students"].to(torch.bool)
         state["targets_round"] = torch.tensor(round_idx, dtype=torch.int64)

@@ -6,6 +6,11 @@ sum *fixed-point* integers: every client's weighted contribution is rounded to a
 2^-FRACTION_BITS in int64, and integer addition is associative, so the all-reduced sum is
 identical whatever the placement. The rounding (~1e-12 absolute) is far below float32
 resolution for parameters of ordinary size.
+
+Averages can be restricted to *holders*: a client contributes to (and receives) a parameter,
+or an element of it, only where its mask is true (DepthFL's depth-truncated and ScaleFL's
+width-scaled clients). The denominators ``sum_i w_i m_i`` need no communication: every rank
+knows every client's weight and mask and sums them in client-id order.
 """
 
 from __future__ import annotations
@@ -33,19 +38,16 @@ def from_fixed(q: Tensor) -> Tensor:
     return q.to(torch.float64) / _SCALE
 
 
-def weighted_average(vectors: Sequence[Tensor], weights: Sequence[float],
-                     all_reduce_sum: Callable[[Tensor], Tensor]) -> Tensor:
-    """``sum_i weights_i * vectors_i`` over this rank's vectors and all other ranks' (float64).
+def weighted_sum(vectors: Sequence[Tensor], weights: Sequence[Tensor | float],
+                 all_reduce_sum: Callable[[Tensor], Tensor], length: int, device: torch.device) -> Tensor:
+    """``sum_i weights_i * vectors_i`` over this rank's vectors and every other rank's (float64).
 
-    ``weights`` are the clients' global weights (summing to 1 over all clients, all ranks);
-    ``all_reduce_sum`` is the collective (identity when there is one rank).
+    ``weights`` may be scalars or per-element tensors (weight times holding mask). A rank
+    with no contributing client passes empty sequences and still joins the collective.
     """
-    acc = None
+    acc = torch.zeros(length, dtype=torch.int64, device=device)
     for vec, w in zip(vectors, weights):
-        part = to_fixed(vec.to(torch.float64) * w)
-        acc = part if acc is None else acc + part
-    if acc is None:
-        raise ValueError("weighted_average needs at least one local vector")
+        acc += to_fixed(vec.to(torch.float64) * w)
     return from_fixed(all_reduce_sum(acc))
 
 
@@ -54,10 +56,15 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
-    """Copy consecutive slices of ``flat`` into ``tensors`` (in place, casting dtype)."""
+def unflatten_into(flat: Tensor, tensors: Sequence[Tensor], where: Tensor | None = None) -> None:
+    """Copy consecutive slices of ``flat`` into ``tensors`` in place (only where ``where`` is true)."""
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.data.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
+        new = flat[offset:offset + n].view_as(t).to(t.dtype)
+        if where is None:
+            t.data.copy_(new)
+        else:
+            keep = where[offset:offset + n].view_as(t)
+            t.data.copy_(torch.where(keep, new, t.data))
         offset += n

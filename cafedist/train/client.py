@@ -1,4 +1,4 @@
-"""A client is the unit of state: model, optimizer, algorithm state and data live together.
+"""A client is the unit of state: models, optimizers, algorithm state and data live together.
 
 Nothing here depends on the rank a client runs on: model initialisation, shuffling and proxy
 batches are drawn from streams keyed by ``(seed, client id, round)`` (see :mod:`cafedist.rng`),
@@ -7,13 +7,15 @@ so a client trains identically whichever rank hosts it and after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from cafedist.algorithms.base import Algorithm, LocalBatch
+from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase
 from cafedist.config import TrainConfig
 from cafedist.data.store import ClientData
 from cafedist.rng import derive_seed, generator
@@ -24,10 +26,19 @@ class Client:
     """One federated client hosted on this rank."""
 
     cid: int
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    models: dict[str, nn.Module]  # "main" (evaluated) and any extra models of the algorithm
+    optimizers: dict[str, torch.optim.Optimizer]
     data: ClientData
     state: dict[str, Tensor] = field(default_factory=dict)  # algorithm state (checkpointed)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models["main"]
+
+    @property
+    def view(self) -> ClientView:
+        """What algorithm hooks get to see (models and state, not data)."""
+        return ClientView(cid=self.cid, models=self.models, state=self.state)
 
     @property
     def n_train(self) -> int:
@@ -44,51 +55,84 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
                            weight_decay=train.weight_decay)
 
 
-def build_client_model(build, seed: int, cid: int) -> nn.Module:
-    """Build a model whose initial weights depend only on (seed, client id)."""
+def build_client_model(build: Callable[[], nn.Module], seed: int, key: object) -> nn.Module:
+    """Build a model whose initial weights depend only on (seed, key), e.g. the client id."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "init", cid))
+        torch.manual_seed(derive_seed(seed, "init", key))
         return build()
 
 
-def local_update(client: Client, algo: Algorithm, train: TrainConfig, round_idx: int, seed: int,
-                 proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None) -> float:
-    """Run the local epochs of one client; returns the mean training loss over its steps.
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, trainable: Callable[[str], bool] | None) -> Iterator[None]:
+    """Freeze the parameters ``trainable`` rejects for the duration (SGD skips grad-less ones)."""
+    if trainable is None:
+        yield
+        return
+    frozen = [p for name, p in model.named_parameters() if p.requires_grad and not trainable(name)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
+              proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None) -> tuple[Tensor, int]:
+    """Run one local phase; returns (summed loss as a float64 tensor, number of steps).
 
     When the algorithm asks for proxy batches, every step also draws ``proxy_batch_size``
     rows of the client's current targets (positions into ``proxy_idx``, the proxy subset the
     targets were computed on); private and proxy inputs share one forward pass.
     """
-    model, opt, data = client.model, client.optimizer, client.data
+    model, opt, data = client.models[phase.model], client.optimizers[phase.model], client.data
     device = data.x_train.device
-    g = generator(seed, "shuffle", client.cid, round_idx, device="cpu")
-    use_proxy = proxy_x is not None and proxy_idx is not None and algo.uses_proxy_batch(client.state)
-    # keyed global RNG too, for dropout inside the model
-    torch.manual_seed(derive_seed(seed, "dropout", client.cid, round_idx))
+    g = generator(seed, "shuffle", client.cid, round_idx, phase.name)
+    use_proxy = proxy_x is not None and proxy_idx is not None and algo.uses_proxy_batch(client.view, phase)
+    torch.manual_seed(derive_seed(seed, "dropout", client.cid, round_idx, phase.name))  # dropout stream
     model.train()
     n, bs = client.n_train, train.batch_size
     total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
-    for _ in range(train.local_epochs):
-        perm = torch.randperm(n, generator=g).to(device)
-        for start in range(0, n, bs):
-            idx = perm[start:start + bs]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            if use_proxy:
-                pos = torch.randint(0, proxy_idx.shape[0], (train.proxy_batch_size,), generator=g).to(device)
-                xp = proxy_x[proxy_idx[pos]]
-                outs = model(torch.cat([xb, xp], dim=0))
-                b = xb.shape[0]
-                batch = LocalBatch(logits=[o[:b] for o in outs], y=yb,
-                                   proxy_logits=[o[b:] for o in outs], proxy_pos=pos)
-            else:
-                batch = LocalBatch(logits=model(xb), y=yb)
-            loss = algo.local_loss(client.state, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach().to(torch.float64)
-            steps += 1
-    return float(total) / max(steps, 1)
+    epochs = train.local_epochs if phase.epochs is None else phase.epochs
+    with only_trainable(model, phase.trainable):
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g).to(device)
+            for start in range(0, n, bs):
+                idx = perm[start:start + bs]
+                xb, yb = data.x_train[idx], data.y_train[idx]
+                if use_proxy:
+                    pos = torch.randint(0, proxy_idx.shape[0], (train.proxy_batch_size,), generator=g).to(device)
+                    xp = proxy_x[proxy_idx[pos]]
+                    outs = model(torch.cat([xb, xp], dim=0), upto=phase.upto)
+                    b = xb.shape[0]
+                    batch = LocalBatch(logits=[o[:b] for o in outs], y=yb, x=xb, module=model, phase=phase.name,
+                                       proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
+                else:
+                    batch = LocalBatch(logits=model(xb, upto=phase.upto), y=yb, x=xb, module=model,
+                                       phase=phase.name)
+                loss = algo.local_loss(client.state, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().to(torch.float64)
+                steps += 1
+    return total, steps
+
+
+def local_update(client: Client, algo: Algorithm, train: TrainConfig, round_idx: int, seed: int,
+                 proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None,
+                 phases: list[Phase] | None = None) -> float:
+    """Run the algorithm's local phases for one client; returns the mean loss over all steps."""
+    if phases is None:
+        algo.on_local_start(client.view, round_idx)
+        phases = algo.local_phases(client.view, round_idx)
+    total, steps = 0.0, 0
+    for phase in phases:
+        t, s = run_phase(client, algo, phase, train, round_idx, seed, proxy_x, proxy_idx)
+        total += float(t)
+        steps += s
+    return total / max(steps, 1)
 
 
 @torch.no_grad()

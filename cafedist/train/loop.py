@@ -41,7 +41,7 @@ from cafedist.eval import dynamic_counts, dynamic_table, exit_predictions, mac_r
 from cafedist.fsutil import write_json_atomic, write_text_atomic
 from cafedist.models import build_model, macs_per_exit
 from cafedist.rng import generator
-from cafedist.train.averaging import flatten, unflatten_into, weighted_average
+from cafedist.train.averaging import flatten, unflatten_into, weighted_sum
 from cafedist.train.checkpoint import CheckpointDir, load_torch
 from cafedist.train.faults import maybe_fault
 from cafedist.train.client import Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits
@@ -124,20 +124,50 @@ class Trainer:
         self.build = build
         self.macs = [int(v) for v in macs_per_exit(build(), tuple(self.store.input_shape))]
         algo_cls = get_algorithm(cfg.algorithm.name)
+        params = cfg.algorithm_params()
         probe = build()
         self.num_exits = probe.num_exits
-        self.setup = Setup(num_clients=self.n, num_exits=self.num_exits, num_classes=self.store.num_classes,
-                           rounds=cfg.train.rounds, train_sizes=tuple(sizes), seed=cfg.seed)
-        self.algo: Algorithm = algo_cls(cfg.algorithm_params(), self.setup)
-        self.n_params = sum(p.numel() for p in probe.parameters())
         self.proxy_x = self.store.load_proxy(device=self.device) if algo_cls.exchanges_logits else None
-        self.proxy_size = (min(self.cfg.algorithm_params().proxy_size, self.proxy_x.shape[0])
+        self.proxy_size = (min(getattr(params, "proxy_size", self.proxy_x.shape[0]), self.proxy_x.shape[0])
                            if self.proxy_x is not None else 0)
+        self.setup = Setup(num_clients=self.n, num_exits=self.num_exits, num_classes=self.store.num_classes,
+                           rounds=cfg.train.rounds, train_sizes=tuple(sizes), seed=cfg.seed,
+                           local_epochs=cfg.train.local_epochs, proxy_size=self.proxy_size)
+        self.algo: Algorithm = algo_cls(params, self.setup)
+        self.n_params = sum(p.numel() for p in probe.parameters())
+        self.shared_keys, self.shared_masks = self._shared_layout(probe)
         self.clients = [self._make_client(cid) for cid in self.my_ids]
 
+    def _shared_layout(self, probe) -> tuple[list[str], dict[int, Tensor] | None]:
+        """Which parameters are averaged, and each client's flat holding mask (None: all hold all)."""
+        named = dict(probe.named_parameters())
+        masks: dict[int, list[Tensor]] = {cid: [] for cid in range(self.n)}
+        keys, elementwise = [], False
+        for key, tensor in named.items():
+            per_client = [self.algo.shared_mask(cid, key, tensor.detach()) for cid in range(self.n)]
+            if not any(bool(m) if not isinstance(m, Tensor) else bool(m.any()) for m in per_client):
+                continue
+            keys.append(key)
+            for cid, m in enumerate(per_client):
+                if isinstance(m, Tensor):
+                    elementwise = True
+                    masks[cid].append(m.to(torch.bool).reshape(-1))
+                else:
+                    masks[cid].append(torch.full((tensor.numel(),), bool(m), dtype=torch.bool))
+        if not keys:
+            return [], None
+        flat = {cid: torch.cat(parts) for cid, parts in masks.items()}
+        if not elementwise and all(bool(f.all()) for f in flat.values()):
+            return keys, None
+        return keys, flat
+
     def _make_client(self, cid: int) -> Client:
-        model = build_client_model(self.build, self.cfg.seed, cid).to(self.device)
-        return Client(cid=cid, model=model, optimizer=make_optimizer(model, self.cfg.train),
+        key = "common" if self.algo.common_init else cid
+        models = {"main": build_client_model(self.build, self.cfg.seed, key).to(self.device)}
+        for name in self.algo.extra_models:
+            models[name] = build_client_model(self.build, self.cfg.seed, (key, name)).to(self.device)
+        return Client(cid=cid, models=models,
+                      optimizers={k: make_optimizer(m, self.cfg.train) for k, m in models.items()},
                       data=self.store.load_client(cid, device=self.device),
                       state=self.algo.init_client_state(cid))
 
@@ -189,38 +219,51 @@ class Trainer:
 
         report: dict[str, Any] = {}
         bytes_up = bytes_down = 0
-        # 2-4. exchange proxy logits, aggregate on rank 0, return each client its own rows
-        if algo.exchanges_logits:
-            idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
-            xp = self.proxy_x[idx]
-            local = torch.stack([proxy_logits(c.model, xp) for c in self.clients])  # [k, m, P', C]
+        # 2-4. exchange (proxy logits and/or other rows), aggregate on rank 0, return each client its rows
+        if algo.uses_exchange():
+            local: dict[str, Tensor] = {}
             wire = _DTYPES[cfg.comm.logits_dtype]
+            if algo.exchanges_logits:
+                idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
+                xp = self.proxy_x[idx]
+                local["logits"] = torch.stack([proxy_logits(c.model, xp) for c in self.clients])  # [k, m, P', C]
+            uploads = [algo.upload(c.view) for c in self.clients]
+            for key in algo.upload_spec():
+                local[key] = torch.stack([u[key] for u in uploads]).to(self.device)
             t = time.perf_counter()
-            gathered = self.gather_by_client(local, transport_dtype=None if wire == torch.float32 else wire)
+            gathered = {}
+            for key, rows in local.items():
+                dtype = wire if key == "logits" and wire != torch.float32 else None
+                gathered[key] = self.gather_by_client(rows, transport_dtype=dtype)
+                bytes_up += rows[0].numel() * (wire.itemsize if key == "logits" else rows.dtype.itemsize)
             timers["t_comm"] += time.perf_counter() - t
             payload = None
             if self.rt.is_main:
                 t = time.perf_counter()
-                payload, report = algo.aggregate_logits(rnd, gathered, active.to(gathered.device))
+                payload, report = algo.aggregate(rnd, gathered, active.to(self.device))
                 timers["t_aggregate"] = time.perf_counter() - t
-            spec = algo.payload_spec(self.proxy_size)
+            spec = algo.payload_spec()
             t = time.perf_counter()
             mine = self.scatter_by_client(payload, spec)
             timers["t_comm"] += time.perf_counter() - t
             for j, c in enumerate(self.clients):
                 if active[c.cid]:
-                    algo.receive(c.state, {k: v[j] for k, v in mine.items()}, rnd)
-            bytes_up += local[0].numel() * wire.itemsize
+                    algo.receive(c.view, {k: v[j] for k, v in mine.items()}, rnd)
             bytes_down += sum(int(torch.Size(s).numel()) * d.itemsize for s, d in spec.values())
 
-        # 5. shared parameters (FedAvg-style), sample-weighted, deterministic on any world size
-        keys = algo.shared_keys(list(self.clients[0].model.state_dict().keys()))
-        if keys:
+        # 5. shared parameters (FedAvg-style), sample-weighted over holders, deterministic on any world size
+        if self.shared_keys:
             t = time.perf_counter()
-            bytes_up_params = self._average_shared(keys, active)
+            moved = self._average_shared(active)
             timers["t_comm"] += time.perf_counter() - t
-            bytes_up += bytes_up_params
-            bytes_down += bytes_up_params
+            bytes_up += moved
+            bytes_down += moved
+
+        # 5b. training after aggregation (e.g. fine-tuning personal heads)
+        for j, c in enumerate(self.clients):
+            post = algo.post_phases(c.view, rnd)
+            if post and active[c.cid]:
+                local_update(c, algo, cfg.train, rnd, cfg.seed, phases=post)
 
         # 6. evaluation: per-client stats gathered in client order, identical on every rank
         record: dict[str, Any] = {"round": rnd}
@@ -248,20 +291,39 @@ class Trainer:
         record["seconds"] = round(time.perf_counter() - t_start, 6)
         return record
 
-    def _average_shared(self, keys: list[str], active: Tensor) -> int:
-        """Replace the shared parameters of my active clients by the weighted average of all active clients."""
+    def _average_shared(self, active: Tensor) -> int:
+        """Replace shared parameters of my active clients by the weighted average over active holders.
+
+        Returns the bytes one client sends (and receives) for it.
+        """
+        keys, masks = self.shared_keys, self.shared_masks
         w = self.setup.data_weights * active.to(torch.float64)
-        w = w / w.sum()
-        mine = [c for c in self.clients if active[c.cid]]
-        vectors = [flatten([c.model.state_dict()[k] for k in keys]) for c in mine] or \
-            [torch.zeros(sum(self.clients[0].model.state_dict()[k].numel() for k in keys), device=self.device)]
-        weights = [float(w[c.cid]) for c in mine] or [0.0]
-        avg = weighted_average(vectors, weights, self.comm.all_reduce_sum_)
+        length = sum(self.clients[0].models[self.algo.shared_model].state_dict()[k].numel() for k in keys)
+        # denominators: every rank knows every client's weight and mask (client-id order)
+        if masks is None:
+            den = torch.full((length,), float(w.sum()), dtype=torch.float64)
+        else:
+            den = torch.zeros(length, dtype=torch.float64)
+            for cid in range(self.n):
+                if w[cid] > 0:
+                    den += masks[cid].to(torch.float64) * w[cid]
+        den = den.to(self.device)
+        vectors, weights = [], []
         for c in self.clients:
             if active[c.cid]:
-                sd = c.model.state_dict()
-                unflatten_into(avg.to(self.device), [sd[k] for k in keys])
-        return int(vectors[0].numel()) * 4
+                sd = c.models[self.algo.shared_model].state_dict()
+                vectors.append(flatten([sd[k] for k in keys]))
+                m = masks[c.cid].to(self.device) if masks is not None else None
+                weights.append(float(w[c.cid]) if m is None else m.to(torch.float64) * float(w[c.cid]))
+        total = weighted_sum(vectors, weights, self.comm.all_reduce_sum_, length, self.device)
+        held = den > 0
+        avg = torch.where(held, total / torch.where(held, den, torch.ones_like(den)), torch.zeros_like(den))
+        for c in self.clients:
+            if active[c.cid]:
+                sd = c.models[self.algo.shared_model].state_dict()
+                where = held if masks is None else held & masks[c.cid].to(self.device)
+                unflatten_into(avg, [sd[k] for k in keys], where=where)
+        return length * 4
 
     def _client_stats(self, losses: list[float], evaluate: bool) -> Tensor | None:
         """[n, 2 + m] float64 rows (loss, n_test, correct per exit) in client order, on every rank."""
@@ -298,7 +360,8 @@ class Trainer:
         self.comm.barrier()
         files = {}
         for c in self.clients:
-            shard = {"model": c.model.state_dict(), "optimizer": c.optimizer.state_dict(),
+            shard = {"models": {k: m.state_dict() for k, m in c.models.items()},
+                     "optimizers": {k: o.state_dict() for k, o in c.optimizers.items()},
                      "algo": dict(c.state), "cid": c.cid}
             name, digest = self.ckpt.write_client(rnd, c.cid, shard)
             files[name] = digest
@@ -326,8 +389,10 @@ class Trainer:
         path = Path(path)
         for c in self.clients:
             shard = load_torch(path / f"client_{c.cid:05d}.pt")
-            c.model.load_state_dict(shard["model"])
-            c.optimizer.load_state_dict(shard["optimizer"])
+            for k, m in c.models.items():
+                m.load_state_dict(shard["models"][k])
+            for k, o in c.optimizers.items():
+                o.load_state_dict(shard["optimizers"][k])
             c.state = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
         server = load_torch(path / "server.pt")
         self.algo.load_server_state(server.get("algo", {}))

@@ -1,21 +1,36 @@
 """Federated algorithms behind one small interface (see :mod:`cafedist.algorithms.base`).
 
-Adding an algorithm means adding one module that defines a subclass of
-:class:`~cafedist.algorithms.base.Algorithm` and registering it in :data:`ALGORITHMS`.
+Adding an algorithm means adding one module here that defines a subclass of
+:class:`~cafedist.algorithms.base.Algorithm` with a ``name``: the registry discovers every
+module of this package and registers each such class under its name.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup
-from cafedist.algorithms.cafedistill import CAFEDistill
-from cafedist.algorithms.fedavg import FedAvg, FedProx
 from cafedist.errors import ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    CAFEDistill.name: CAFEDistill,
-    FedAvg.name: FedAvg,
-    FedProx.name: FedProx,
-}
+_NOT_ALGORITHMS = {"base", "common"}
+
+
+def _discover() -> dict[str, type[Algorithm]]:
+    found: dict[str, type[Algorithm]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name in _NOT_ALGORITHMS or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Algorithm) and obj.name and obj.__module__ == module.__name__:
+                if obj.name in found and found[obj.name] is not obj:
+                    raise RuntimeError(f"two algorithms named {obj.name!r}: {found[obj.name]} and {obj}")
+                found[obj.name] = obj
+    return dict(sorted(found.items()))
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = _discover()
 
 
 def get_algorithm(name: str, field_name: str = "algorithm.name") -> type[Algorithm]:
@@ -24,7 +39,7 @@ def get_algorithm(name: str, field_name: str = "algorithm.name") -> type[Algorit
         return ALGORITHMS[name]
     except KeyError:
         raise ConfigError(f"{field_name}: unknown algorithm {name!r} "
-                          f"(choices: {', '.join(sorted(ALGORITHMS))})") from None
+                          f"(choices: {', '.join(ALGORITHMS)})") from None
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientView", "LocalBatch", "Phase", "Setup", "get_algorithm"]

@@ -131,6 +131,14 @@ class Algorithm:
         """The loss a client minimises on one local step (default: CE summed over exits)."""
         return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits)
 
+    def eval_model(self, client: ClientView) -> nn.Module:
+        """The network that answers for this client (evaluation and proxy logits).
+
+        Default: the ``"main"`` model. Override for composite predictors (e.g. generic +
+        personal heads); the returned module must map inputs to a list of per-exit logits.
+        """
+        return client.model
+
     # ---------------------------------------------------------------- exchange
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool | Tensor:
         """Does client ``cid`` contribute to (and receive) the average of parameter ``key``?

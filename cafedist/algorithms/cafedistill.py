@@ -186,6 +186,15 @@ def student_masks(round_idx: int, rounds: int, n: int, m: int, sim: Tensor, span
     return mask
 
 
+def kl_batchmean(log_q: Tensor, p: Tensor) -> Tensor:
+    """``F.kl_div(log_q, p, reduction="batchmean")``, written with ops that have vmap rules.
+
+    Same formula as ATen's kl_div (``xlogy(p, p) - p * log_q``, summed, over the batch size),
+    but aten::kl_div has no batching rule, so under ``vmap`` it fell back to a slow loop.
+    """
+    return (torch.xlogy(p, p) - p * log_q).sum() / log_q.shape[0]
+
+
 def healthy_clients(logits: Tensor, bound: float) -> Tensor:
     """Bool [n]: clients whose gathered logits [n, ...] are all finite and within ``bound``."""
     flat = logits.reshape(logits.shape[0], -1)
@@ -201,6 +210,8 @@ class CAFEDistill(Algorithm):
     name = "cafedistill"
     Params = CAFEDistillParams
     exchanges_logits = True
+    # local_loss reads only logits, labels and state tensors: cafedist.train.packed may vmap it
+    vmappable_loss = True
 
     def __init__(self, params: CAFEDistillParams, setup: Setup):
         super().__init__(params, setup)
@@ -236,7 +247,7 @@ class CAFEDistill(Algorithm):
             for k in range(m - 1):
                 if students[k]:
                     log_student = F.log_softmax(batch.proxy_logits[k] / tau, dim=1)
-                    kd = F.kl_div(log_student, teacher, reduction="batchmean")
+                    kd = kl_batchmean(log_student, teacher)
                     loss = loss + self.params.lam * tau * tau * kd
         return loss
 

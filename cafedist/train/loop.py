@@ -226,7 +226,7 @@ class Trainer:
             if algo.exchanges_logits:
                 idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
                 xp = self.proxy_x[idx]
-                local["logits"] = torch.stack([proxy_logits(c.model, xp) for c in self.clients])  # [k, m, P', C]
+                local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp) for c in self.clients])  # [k, m, P', C]
             uploads = [algo.upload(c.view) for c in self.clients]
             for key in algo.upload_spec():
                 local[key] = torch.stack([u[key] for u in uploads]).to(self.device)
@@ -331,7 +331,7 @@ class Trainer:
         rows = []
         for c, loss in zip(self.clients, losses):
             if evaluate:
-                pred, _ = exit_predictions(c.model, c.data.x_test)
+                pred, _ = exit_predictions(self.algo.eval_model(c.view), c.data.x_test)
                 correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
             else:
                 correct = torch.full((m,), float("nan"), dtype=torch.float64)
@@ -410,7 +410,7 @@ class Trainer:
         m = self.num_exits
         rows = []
         for c in self.clients:
-            pred, conf = exit_predictions(c.model, c.data.x_test)
+            pred, conf = exit_predictions(self.algo.eval_model(c.view), c.data.x_test)
             counts = dynamic_counts(pred.cpu(), conf.cpu(), c.data.y_test.cpu(), self.macs)
             correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
             rows.append(torch.cat([torch.tensor([c.n_test], dtype=torch.float64), correct,

@@ -1,26 +1,31 @@
 """Packed local training: step k same-architecture clients together with ``torch.func``.
 
 Simulators usually train clients one after another, so with small models and small batches a
-device spends its time launching tiny kernels. Here the k clients' parameters are stacked
-along a new leading dimension and one vmapped forward/backward steps all of them at once
-(``torch.func.functional_call`` + ``vmap``; on convolutions vmap becomes a grouped
+GPU spends its time launching tiny kernels. Here the k clients' parameters are stacked along
+a new leading dimension and one vmapped forward/backward steps all of them at once
+(``torch.func.functional_call`` + ``vmap``; a vmapped convolution becomes a grouped
 convolution), followed by the same SGD (momentum, weight decay) on the stacked tensors.
 
-The math is exactly that of :func:`cafedist.train.client.local_update` for every client:
+The math is that of :func:`cafedist.train.client.local_update` for every client:
 
 * the same keyed random streams: each client's shuffling and proxy positions are drawn from
-  its own ``generator(seed, "shuffle", cid, round)`` in the same order as the sequential code;
+  its own ``generator(seed, "shuffle", cid, round, phase)`` in the same order as
+  :func:`~cafedist.train.client.run_phase`;
 * the same loss: ``algo.local_loss`` itself, called under vmap. Clients whose step differs in
   *structure* -- batch size (a short last batch, fewer samples), whether a proxy batch is
   drawn, which exits are students -- are stepped in separate groups, so inside a group the
-  loss's Python control flow is the same for every client and only tensors differ;
-* the same optimizer update as ``torch.optim.SGD`` (``add(p, alpha=wd)``, ``buf.mul_().add_()``,
-  ``p.add_(buf, alpha=-lr)``), reading and writing each client's own momentum buffers.
+  loss's Python control flow is identical for every client and only tensors differ; algorithm
+  state entries equal across a group are passed unbatched, the others stacked;
+* the same update as ``torch.optim.SGD`` (``grad.add(p, alpha=wd)``, ``buf.mul_(m).add_(grad)``,
+  ``p.add_(buf, alpha=-lr)``) on each client's own momentum buffers, and parameters that get
+  no gradient (an exit that is not a student) are skipped exactly as SGD skips them.
 
 Results equal sequential training to float tolerance (vmapped kernels sum in another order).
-What cannot be packed (:func:`pack_blocker` says why): models with buffers (BatchNorm running
-statistics) or active dropout (vmap would draw other random numbers than the sequential run),
-clients of different architectures or optimizer settings.
+Packing needs (:func:`pack_blocker` says what is missing): an algorithm whose ``local_loss``
+is declared vmappable (``vmappable_loss = True``: it uses only the logits, labels, inputs and
+state of the batch, never ``batch.module``), models without buffers (BatchNorm statistics) and
+without active dropout (vmap would draw other random numbers than the sequential run), one
+architecture and one plain-SGD setting for all clients.
 """
 
 from __future__ import annotations
@@ -32,18 +37,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from cafedist.algorithms.base import Algorithm, LocalBatch
+from cafedist.algorithms.base import Algorithm, LocalBatch, Phase
 from cafedist.config import TrainConfig
 from cafedist.rng import generator
-from cafedist.train.client import Client
+from cafedist.train.client import Client, run_phase
 
 
 # ----------------------------------------------------------------------------- can we pack?
 def _signature(model: nn.Module) -> tuple:
-    return tuple((name, tuple(p.shape), p.dtype, p.device) for name, p in model.named_parameters())
+    return tuple((name, tuple(p.shape), p.dtype, p.device, p.requires_grad) for name, p in model.named_parameters())
 
 
-def _sgd_hparams(opt: torch.optim.Optimizer) -> tuple | None:
+def _sgd_hparams(opt: torch.optim.Optimizer) -> tuple[float, float, float] | None:
     """(lr, momentum, weight_decay) of a plain single-group SGD, else None."""
     if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
         return None
@@ -53,224 +58,252 @@ def _sgd_hparams(opt: torch.optim.Optimizer) -> tuple | None:
     return float(g["lr"]), float(g["momentum"]), float(g["weight_decay"])
 
 
-def pack_blocker(clients: Sequence[Client]) -> str | None:
+def pack_blocker(clients: Sequence[Client], algo: Algorithm) -> str | None:
     """Why ``clients`` cannot be trained packed (None when they can)."""
     if not clients:
         return "no clients"
+    if not getattr(algo, "vmappable_loss", False):
+        return f"algorithm {algo.name!r} does not declare a vmappable local_loss"
     first = clients[0]
-    sig, hp = _signature(first.model), _sgd_hparams(first.optimizer)
-    if hp is None:
-        return "optimizer is not plain SGD (one param group, no dampening/nesterov/maximize)"
+    if set(first.models) != set(first.optimizers):
+        return f"client {first.cid}: not one optimizer per model"
     for c in clients:
-        if any(True for _ in c.model.buffers()):
-            return f"client {c.cid}: model has buffers (e.g. BatchNorm statistics)"
-        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in c.model.modules()):
-            return f"client {c.cid}: model has active dropout (vmap would draw other random numbers)"
-        if _signature(c.model) != sig:
-            return f"client {c.cid}: architecture differs from client {first.cid}"
-        if _sgd_hparams(c.optimizer) != hp:
-            return f"client {c.cid}: optimizer settings differ from client {first.cid}"
-        if list(c.optimizer.param_groups[0]["params"]) != list(c.model.parameters()):
-            return f"client {c.cid}: optimizer does not hold exactly the model's parameters"
+        if set(c.models) != set(first.models):
+            return f"client {c.cid}: holds other models than client {first.cid}"
         if c.data.x_train.shape[1:] != first.data.x_train.shape[1:]:
             return f"client {c.cid}: input shape differs from client {first.cid}"
+        for key, model in c.models.items():
+            opt = c.optimizers[key]
+            if any(True for _ in model.buffers()):
+                return f"client {c.cid}: model {key!r} has buffers (e.g. BatchNorm statistics)"
+            if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+                return f"client {c.cid}: model {key!r} has active dropout (vmap draws other random numbers)"
+            if _signature(model) != _signature(first.models[key]):
+                return f"client {c.cid}: model {key!r} differs in architecture from client {first.cid}'s"
+            hp = _sgd_hparams(opt)
+            if hp is None:
+                return f"client {c.cid}: optimizer of {key!r} is not plain SGD (one group, no nesterov/dampening)"
+            if hp != _sgd_hparams(first.optimizers[key]):
+                return f"client {c.cid}: optimizer settings differ from client {first.cid}'s"
+            if list(opt.param_groups[0]["params"]) != list(model.parameters()):
+                return f"client {c.cid}: optimizer of {key!r} does not hold exactly the model's parameters"
     return None
 
 
-# ----------------------------------------------------------------------------- schedules
+# ----------------------------------------------------------------------------- random draws
 @dataclass
-class _Step:
+class _Draw:
     """One client's local step: sample rows and (optionally) proxy positions."""
 
     idx: Tensor
     pos: Tensor | None
 
 
-def _schedule(client: Client, train: TrainConfig, round_idx: int, seed: int, use_proxy: bool,
-              n_proxy: int) -> list[_Step]:
-    """The exact draws :func:`local_update` makes for this client, in the same order."""
-    g = generator(seed, "shuffle", client.cid, round_idx, device="cpu")
+def _draws(client: Client, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
+           n_proxy: int | None) -> list[_Draw]:
+    """The exact draws :func:`run_phase` makes for this client, in the same order."""
+    g = generator(seed, "shuffle", client.cid, round_idx, phase.name)
     n, bs = client.n_train, train.batch_size
-    steps = []
-    for _ in range(train.local_epochs):
+    epochs = train.local_epochs if phase.epochs is None else phase.epochs
+    out = []
+    for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, bs):
-            pos = torch.randint(0, n_proxy, (train.proxy_batch_size,), generator=g) if use_proxy else None
-            steps.append(_Step(perm[start:start + bs], pos))
-    return steps
+            pos = None if n_proxy is None else torch.randint(0, n_proxy, (train.proxy_batch_size,), generator=g)
+            out.append(_Draw(perm[start:start + bs], pos))
+    return out
 
 
-def _same(tensors: list[Tensor]) -> bool:
-    first = tensors[0]
-    return all(t.shape == first.shape and t.dtype == first.dtype and torch.equal(t, first) for t in tensors[1:])
-
-
-def _stack_parameters(clients: Sequence[Client], names: list[str], with_momentum: bool
-                      ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
-    """Stacked parameters and momentum buffers [k, ...], and which clients have a buffer per name.
-
-    SGD skips a parameter whose grad is None (e.g. the head of an exit that is not a student),
-    so a client may have no buffer for it yet; a zero buffer behaves identically (dampening is
-    0: ``0 * momentum + grad == grad``), and ``has_buf`` keeps the optimizer state itself exact.
-    """
-    named = [dict(c.model.named_parameters()) for c in clients]
-    params = {n: torch.stack([nm[n].detach() for nm in named]) for n in names}
-    found = {n: [c.optimizer.state.get(nm[n], {}).get("momentum_buffer") for c, nm in zip(clients, named)]
-             for n in names}
-    has_buf = {n: torch.tensor([b is not None for b in found[n]]) for n in names}
-    bufs = None
-    if with_momentum:
-        bufs = {n: torch.stack([torch.zeros_like(nm[n]) if b is None else b.detach()
-                                for b, nm in zip(found[n], named)]) for n in names}
-    return params, bufs, has_buf
-
-
-# ----------------------------------------------------------------------------- the trainer
-def packed_local_update(clients: Sequence[Client], algo: Algorithm, train: TrainConfig, round_idx: int,
-                        seed: int, proxy_x: Tensor | None = None,
-                        proxy_idx: Tensor | Sequence[Tensor | None] | None = None) -> list[float]:
-    """Local epochs of every client in ``clients``, stepped together; mean loss per client.
-
-    Drop-in for ``[local_update(c, ...) for c in clients]`` (same arguments; ``proxy_idx`` may
-    also be a list with one entry per client, for clients whose targets come from different
-    rounds). Updates each client's model parameters and SGD momentum buffers in place.
-    Raises ``ValueError`` when :func:`pack_blocker` finds a reason not to pack.
-    """
-    reason = pack_blocker(clients)
-    if reason is not None:
-        raise ValueError(f"cannot pack these clients: {reason}")
-    k = len(clients)
-    template = clients[0].model
-    device = clients[0].data.x_train.device
-    names = [name for name, _ in template.named_parameters()]
-    lr, momentum, wd = _sgd_hparams(clients[0].optimizer)
-
-    # per-client proxy indices and the exact random draws of the sequential code
-    pidx = list(proxy_idx) if isinstance(proxy_idx, (list, tuple)) else [proxy_idx] * k
-    use_proxy = [proxy_x is not None and pidx[i] is not None and algo.uses_proxy_batch(c.state)
-                 for i, c in enumerate(clients)]
-    schedules = [_schedule(c, train, round_idx, seed, use_proxy[i], pidx[i].shape[0] if use_proxy[i] else 0)
-                 for i, c in enumerate(clients)]
-
-    params, bufs, has_buf = _stack_parameters(clients, names, momentum != 0)
-    # data padded to the largest client so one gather serves every client of a step
-    n_max = max(c.n_train for c in clients)
-    x_all = torch.zeros((k, n_max, *clients[0].data.x_train.shape[1:]), dtype=clients[0].data.x_train.dtype,
-                        device=device)
-    y_all = torch.zeros((k, n_max), dtype=clients[0].data.y_train.dtype, device=device)
-    for i, c in enumerate(clients):
-        x_all[i, :c.n_train] = c.data.x_train
-        y_all[i, :c.n_train] = c.data.y_train
-
-    structure = [(use_proxy[i], tuple(algo.students(c.state).tolist())) for i, c in enumerate(clients)]
-    packed_states: dict[tuple[int, ...], tuple[dict, dict]] = {}
-    totals = torch.zeros(k, dtype=torch.float64, device=device)
-    counts = [len(s) for s in schedules]
-    for t in range(max(counts)):
-        groups: dict[tuple, list[int]] = {}
-        for i in range(k):
-            if t < counts[i]:
-                groups.setdefault((schedules[i][t].idx.shape[0], structure[i]), []).append(i)
-        for (_, (with_proxy, _)), members in groups.items():
-            key = tuple(members)
-            if key not in packed_states:
-                packed_states[key] = _stack_states([clients[i].state for i in members], device)
-            step = _GroupStep(members, [schedules[i][t] for i in members], [pidx[i] for i in members],
-                              *packed_states[key])
-            losses, updated = _group_step(step, k, algo, template, names, params, bufs, x_all, y_all,
-                                          proxy_x if with_proxy else None, lr, momentum, wd, device)
-            totals[members] += losses.to(torch.float64)
-            for n in updated:
-                has_buf[n][members] = bufs is not None
-
-    # write parameters and momentum buffers back into each client's model and optimizer
-    with torch.no_grad():
-        for i, c in enumerate(clients):
-            for n, p in c.model.named_parameters():
-                p.copy_(params[n][i])
-                if has_buf[n][i]:
-                    c.optimizer.state[p]["momentum_buffer"] = bufs[n][i].clone()
-    c_t = torch.tensor(counts, dtype=torch.float64, device=device).clamp_min(1)
-    return (totals / c_t).tolist()
-
-
+# ----------------------------------------------------------------------------- stacked state
 @dataclass
-class _GroupStep:
-    """The clients stepped together in one vmapped call, with their draws and packed state."""
+class _Stack:
+    """The k clients' parameters and SGD momentum buffers of one model, stacked [k, ...]."""
 
-    members: list[int]
-    draws: list[_Step]
-    proxy_idx: list[Tensor | None]
-    state: dict[str, Tensor]
-    state_dims: dict[str, int | None]
+    params: dict[str, Tensor]
+    bufs: dict[str, Tensor] | None
+    has_buf: dict[str, Tensor]  # bool [k]: which clients' optimizers hold a buffer for the name
+    lr: float
+    momentum: float
+    wd: float
+
+    @classmethod
+    def of(cls, models: list[nn.Module], opts: list[torch.optim.Optimizer]) -> "_Stack":
+        """Stack the clients' state. SGD skips a parameter whose grad is None, so a client may
+        have no buffer for it yet; a zero buffer then behaves identically (dampening is 0:
+        ``0 * momentum + grad == grad``) and ``has_buf`` keeps the optimizer state exact."""
+        lr, momentum, wd = _sgd_hparams(opts[0])
+        named = [dict(m.named_parameters()) for m in models]
+        names = list(named[0])
+        params = {n: torch.stack([nm[n].detach() for nm in named]) for n in names}
+        found = {n: [o.state.get(nm[n], {}).get("momentum_buffer") for o, nm in zip(opts, named)] for n in names}
+        has_buf = {n: torch.tensor([b is not None for b in found[n]]) for n in names}
+        bufs = None
+        if momentum != 0:
+            bufs = {n: torch.stack([torch.zeros_like(nm[n]) if b is None else b.detach()
+                                    for b, nm in zip(found[n], named)]) for n in names}
+        return cls(params, bufs, has_buf, lr, momentum, wd)
+
+    def step(self, members: Tensor | None, grads: dict[str, Tensor]) -> None:
+        """``torch.optim.SGD``'s update for the clients ``members`` (None: all), in place."""
+        with torch.no_grad():
+            for n, g in grads.items():
+                p = self.params[n] if members is None else self.params[n][members]
+                buf = None if self.bufs is None else (self.bufs[n] if members is None else self.bufs[n][members])
+                if self.wd != 0:
+                    g = g.add(p, alpha=self.wd)
+                if buf is not None:
+                    buf.mul_(self.momentum).add_(g)
+                    g = buf
+                p.add_(g, alpha=-self.lr)
+                if members is not None:  # advanced indexing copied: write back
+                    self.params[n][members] = p
+                    if buf is not None:
+                        self.bufs[n][members] = buf
+                if self.bufs is not None:
+                    self.has_buf[n][slice(None) if members is None else members.cpu()] = True
+
+    def write_back(self, models: list[nn.Module], opts: list[torch.optim.Optimizer]) -> None:
+        """Copy parameters and momentum buffers back into each client's model and optimizer."""
+        with torch.no_grad():
+            for i, (model, opt) in enumerate(zip(models, opts)):
+                for n, p in model.named_parameters():
+                    p.copy_(self.params[n][i])
+                    if self.bufs is not None and self.has_buf[n][i]:
+                        opt.state[p]["momentum_buffer"] = self.bufs[n][i].clone()
 
 
-def _stack_states(states: list[dict[str, Tensor]], device) -> tuple[dict[str, Tensor], dict[str, int | None]]:
+def _stack_states(states: list[dict[str, Tensor]], device: torch.device) -> tuple[dict, dict]:
     """Algorithm states of a group: identical entries shared (in_dims None), others stacked (0)."""
     state, dims = {}, {}
     for key in states[0]:
         vals = [s[key] for s in states]
-        if _same(vals):
-            state[key], dims[key] = vals[0], None
+        first = vals[0]
+        if all(v.shape == first.shape and v.dtype == first.dtype and torch.equal(v, first) for v in vals[1:]):
+            state[key], dims[key] = first, None
         else:
             state[key], dims[key] = torch.stack([v.to(device) for v in vals]), 0
     return state, dims
 
 
-def _group_step(step: _GroupStep, k: int, algo: Algorithm, template: nn.Module, names: list[str],
-                params: dict[str, Tensor], bufs: dict[str, Tensor] | None, x_all: Tensor, y_all: Tensor,
-                proxy_x: Tensor | None, lr: float, momentum: float, wd: float,
-                device) -> tuple[Tensor, list[str]]:
-    """One SGD step of a group (same batch structure); returns its losses [g] and the updated names."""
-    members = step.members
-    whole = len(members) == k  # the common case: no gather/scatter of the stacked parameters
-    sel = torch.tensor(members, dtype=torch.int64, device=device)
-    rows = torch.stack([d.idx for d in step.draws]).to(device)  # [g, b]
-    xb, yb = x_all[sel.unsqueeze(1), rows], y_all[sel.unsqueeze(1), rows]
-    xp = pos = None
-    if proxy_x is not None:
-        pos = torch.stack([d.pos for d in step.draws]).to(device)  # [g, Bp]
-        xp = proxy_x[torch.stack([pi.to(device)[p] for pi, p in zip(step.proxy_idx, pos)])]
+# ----------------------------------------------------------------------------- the trainer
+def packed_local_update(clients: Sequence[Client], algo: Algorithm, train: TrainConfig, round_idx: int,
+                        seed: int, proxy_x: Tensor | None = None,
+                        proxy_idx: Tensor | Sequence[Tensor | None] | None = None,
+                        phases: list[Phase] | None = None) -> list[float]:
+    """Local training of every client in ``clients``, stepped together; mean loss per client.
 
-    def loss_of(p: dict[str, Tensor], st: dict[str, Tensor], x: Tensor, y: Tensor,
-                px: Tensor | None, pp: Tensor | None) -> Tensor:
-        if px is None:
-            batch = LocalBatch(logits=functional_call(template, p, (x,)), y=y)
+    Drop-in for ``[local_update(c, ...) for c in clients]`` with the same arguments;
+    ``proxy_idx`` may also be a list with one entry per client (clients whose targets come
+    from different rounds). Updates each client's parameters and SGD momentum buffers in place.
+    Raises ``ValueError`` when :func:`pack_blocker` finds a reason not to pack; clients whose
+    algorithm gives them different local phases are trained one after another.
+    """
+    reason = pack_blocker(clients, algo)
+    if reason is not None:
+        raise ValueError(f"cannot pack these clients: {reason}")
+    k = len(clients)
+    if phases is None:
+        per_client = []
+        for c in clients:
+            algo.on_local_start(c.view, round_idx)
+            per_client.append(algo.local_phases(c.view, round_idx))
+        if any(p != per_client[0] for p in per_client[1:]):
+            return _sequential(clients, algo, train, round_idx, seed, proxy_x, proxy_idx, per_client)
+        phases = per_client[0]
+    pidx = list(proxy_idx) if isinstance(proxy_idx, (list, tuple)) else [proxy_idx] * k
+    totals = torch.zeros(k, dtype=torch.float64)
+    steps = torch.zeros(k, dtype=torch.float64)
+    for phase in phases:
+        t, s = _packed_phase(clients, algo, phase, train, round_idx, seed, proxy_x, pidx)
+        totals += t
+        steps += s
+    return (totals / steps.clamp_min(1)).tolist()
+
+
+def _sequential(clients: Sequence[Client], algo: Algorithm, train: TrainConfig, round_idx: int, seed: int,
+                proxy_x: Tensor | None, proxy_idx, phases: list[list[Phase]]) -> list[float]:
+    """Fallback when clients' phases differ: plain :func:`run_phase`, one client at a time."""
+    out = []
+    for i, c in enumerate(clients):
+        pi = proxy_idx[i] if isinstance(proxy_idx, (list, tuple)) else proxy_idx
+        total, steps = 0.0, 0
+        for phase in phases[i]:
+            t, s = run_phase(c, algo, phase, train, round_idx, seed, proxy_x, pi)
+            total += float(t)
+            steps += s
+        out.append(total / max(steps, 1))
+    return out
+
+
+def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int,
+                  seed: int, proxy_x: Tensor | None, pidx: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """One local phase of all clients; returns (summed loss, steps) per client, float64 [k]."""
+    k = len(clients)
+    device = clients[0].data.x_train.device
+    models = [c.models[phase.model] for c in clients]
+    opts = [c.optimizers[phase.model] for c in clients]
+    template = models[0]
+    stack = _Stack.of(models, opts)
+    # what run_phase's only_trainable leaves trainable: requires_grad and accepted by the filter
+    trainable = [n for n, p in template.named_parameters()
+                 if p.requires_grad and (phase.trainable is None or phase.trainable(n))]
+    use_proxy = [proxy_x is not None and pidx[i] is not None and algo.uses_proxy_batch(c.view, phase)
+                 for i, c in enumerate(clients)]
+    draws = [_draws(c, phase, train, round_idx, seed, pidx[i].shape[0] if use_proxy[i] else None)
+             for i, c in enumerate(clients)]
+    structure = [(use_proxy[i], tuple(algo.students(c.state).tolist())) for i, c in enumerate(clients)]
+
+    # data padded to the largest client, so one gather serves every client of a step
+    n_max = max(c.n_train for c in clients)
+    x0 = clients[0].data.x_train
+    x_all = torch.zeros((k, n_max, *x0.shape[1:]), dtype=x0.dtype, device=device)
+    y_all = torch.zeros((k, n_max), dtype=clients[0].data.y_train.dtype, device=device)
+    for i, c in enumerate(clients):
+        x_all[i, :c.n_train] = c.data.x_train
+        y_all[i, :c.n_train] = c.data.y_train
+
+    def loss_of(params: dict[str, Tensor], state: dict[str, Tensor], x: Tensor, y: Tensor,
+                xp: Tensor | None, pos: Tensor | None) -> Tensor:
+        kwargs = {"upto": phase.upto}
+        if xp is None:
+            batch = LocalBatch(logits=functional_call(template, params, (x,), kwargs), y=y, x=x, phase=phase.name)
         else:
-            outs = functional_call(template, p, (torch.cat([x, px], dim=0),))
+            outs = functional_call(template, params, (torch.cat([x, xp], dim=0),), kwargs)
             b = x.shape[0]
-            batch = LocalBatch(logits=[o[:b] for o in outs], y=y, proxy_logits=[o[b:] for o in outs],
-                               proxy_pos=pp)
-        return algo.local_loss(st, batch)
+            batch = LocalBatch(logits=[o[:b] for o in outs], y=y, x=x, phase=phase.name,
+                               proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
+        return algo.local_loss(state, batch)
 
-    cur = {n: (params[n] if whole else params[n][sel]).detach().requires_grad_(True) for n in names}
-    proxy_dim = 0 if xp is not None else None
-    losses = vmap(loss_of, in_dims=(0, step.state_dims, 0, 0, proxy_dim, proxy_dim))(
-        cur, step.state, xb, yb, xp, pos)
-    # a client's loss depends only on its own parameter slice, so the gradient of the sum
-    # w.r.t. the stacked parameters is every client's own gradient: one backward for all
-    grads = torch.autograd.grad(losses.sum(), [cur[n] for n in names], allow_unused=True)
-    updated = []
-    with torch.no_grad():
-        for n, g in zip(names, grads):
-            if g is None:  # not in this loss (SGD skips params without grad): leave untouched
-                continue
-            updated.append(n)
-            p = params[n] if whole else params[n][sel]
-            b = None if bufs is None else (bufs[n] if whole else bufs[n][sel])
-            _sgd_update(p, g, b, lr, momentum, wd)
-            if not whole:
-                params[n][sel] = p
-                if b is not None:
-                    bufs[n][sel] = b
-    return losses.detach(), updated
-
-
-def _sgd_update(p: Tensor, grad: Tensor, buf: Tensor | None, lr: float, momentum: float, wd: float) -> None:
-    """``torch.optim.SGD``'s single-tensor update (dampening 0, no nesterov), in place."""
-    if wd != 0:
-        grad = grad.add(p, alpha=wd)
-    if buf is not None:
-        buf.mul_(momentum).add_(grad)
-        grad = buf
-    p.add_(grad, alpha=-lr)
+    states: dict[tuple[int, ...], tuple[dict, dict]] = {}
+    totals = torch.zeros(k, dtype=torch.float64)
+    counts = [len(d) for d in draws]
+    for t in range(max(counts, default=0)):
+        groups: dict[tuple, list[int]] = {}
+        for i in range(k):
+            if t < counts[i]:
+                groups.setdefault((draws[i][t].idx.shape[0], structure[i]), []).append(i)
+        for (_, (with_proxy, _)), members in groups.items():
+            key = tuple(members)
+            if key not in states:
+                states[key] = _stack_states([clients[i].state for i in members], device)
+            state, state_dims = states[key]
+            whole = len(members) == k  # the common case: no gather/scatter of stacked parameters
+            sel = None if whole else torch.tensor(members, dtype=torch.int64, device=device)
+            rows = torch.stack([draws[i][t].idx for i in members]).to(device)  # [g, b]
+            who = torch.tensor(members, dtype=torch.int64, device=device).unsqueeze(1)
+            xb, yb = x_all[who, rows], y_all[who, rows]
+            xp = pos = None
+            if with_proxy:
+                pos = torch.stack([draws[i][t].pos for i in members]).to(device)  # [g, Bp]
+                xp = proxy_x[torch.stack([pidx[i].to(device)[pos[j]] for j, i in enumerate(members)])]
+            cur = {n: (p if whole else p[sel]).detach().requires_grad_(n in trainable)
+                   for n, p in stack.params.items()}
+            dims = 0 if with_proxy else None
+            losses = vmap(loss_of, in_dims=(0, state_dims, 0, 0, dims, dims))(cur, state, xb, yb, xp, pos)
+            # a client's loss depends only on its own parameter slice, so the gradient of the sum
+            # w.r.t. the stacked parameters is every client's own gradient: one backward for all
+            grads = torch.autograd.grad(losses.sum(), [cur[n] for n in trainable], allow_unused=True)
+            stack.step(sel, {n: g for n, g in zip(trainable, grads) if g is not None})
+            totals[members] += losses.detach().to(torch.float64).cpu()
+    stack.write_back(models, opts)
+    return totals, torch.tensor(counts, dtype=torch.float64)

@@ -22,7 +22,8 @@
 #
 # Requeue protocol: on SIGTERM/SIGUSR1 every rank finishes its round, writes a checkpoint and
 # exits with 75 (cafedist.train.signals.REQUEUE_EXIT_CODE). Then this script runs
-# `scontrol requeue $SLURM_JOB_ID` unless the job was cancelled or MAX_REQUEUES is reached.
+# `scontrol requeue $SLURM_JOB_ID` if the job is still RUNNING (not being cancelled, timed out
+# or requeued by Slurm itself) and MAX_REQUEUES is not reached.
 # The templates ask for `--signal=B:USR1@120`: the signal reaches this batch shell, which
 # forwards it to the srun step (srun hands it to every process of the step). A signal sent to
 # the steps directly (`--signal=USR1@N`, `scancel --signal=USR1 JOBID`) works as well.
@@ -102,9 +103,12 @@ _cafedist_finish() {
         _cafedist_log "training failed with exit code $rc (not requeued)"
         exit "$rc"
     fi
+    # Only a RUNNING job is requeued here. scancel, `scontrol requeue`, the time limit and
+    # preemption all put the job in COMPLETING before its steps even see SIGTERM: Slurm is
+    # ending (or already requeueing) it, and requeueing a cancelled job would resurrect it.
     state="$(_cafedist_job_state)"
-    if [[ "$state" == CANCELLED* ]]; then
-        _cafedist_log "checkpoint written, job was cancelled: not requeued (resubmit with OUT=$OUT to continue)"
+    if [[ "$state" != RUNNING ]]; then
+        _cafedist_log "checkpoint written, job is ${state:-gone} (cancelled, timed out or requeued by Slurm): not requeued here (resubmit with OUT=$OUT to continue)"
         exit "$rc"
     fi
     if [[ "$restarts" -ge "$MAX_REQUEUES" ]]; then

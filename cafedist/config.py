@@ -105,6 +105,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1, got {self.eval_every}")
         _check(self.clients_per_round > 0, "train.clients_per_round", f"must be > 0, got {self.clients_per_round}")
+        _check(self.clients_per_round <= 1 or float(self.clients_per_round).is_integer(), "train.clients_per_round",
+               f"must be a fraction <= 1 or a whole number of clients, got {self.clients_per_round}")
 
 
 @dataclass

@@ -62,6 +62,16 @@ def build_client_model(build: Callable[[], nn.Module], seed: int, key: object) -
         return build()
 
 
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed-precision context for ``train.amp`` (a no-op context when ``amp`` is "off")."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
 @contextlib.contextmanager
 def only_trainable(model: nn.Module, trainable: Callable[[str], bool] | None) -> Iterator[None]:
     """Freeze the parameters ``trainable`` rejects for the duration (SGD skips grad-less ones)."""
@@ -95,6 +105,7 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
     n, bs = client.n_train, train.batch_size
     total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
     epochs = train.local_epochs if phase.epochs is None else phase.epochs
+    scaler = torch.amp.GradScaler(device.type) if train.amp == "fp16" else None
     with only_trainable(model, phase.trainable):
         for _ in range(epochs):
             perm = torch.randperm(n, generator=g).to(device)
@@ -104,17 +115,24 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
                 if use_proxy:
                     pos = torch.randint(0, proxy_idx.shape[0], (train.proxy_batch_size,), generator=g).to(device)
                     xp = proxy_x[proxy_idx[pos]]
-                    outs = model(torch.cat([xb, xp], dim=0), upto=phase.upto)
-                    b = xb.shape[0]
-                    batch = LocalBatch(logits=[o[:b] for o in outs], y=yb, x=xb, module=model, phase=phase.name,
-                                       proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
-                else:
-                    batch = LocalBatch(logits=model(xb, upto=phase.upto), y=yb, x=xb, module=model,
-                                       phase=phase.name)
-                loss = algo.local_loss(client.state, batch)
+                with autocast(device, train.amp):
+                    if use_proxy:
+                        outs = model(torch.cat([xb, xp], dim=0), upto=phase.upto)
+                        b = xb.shape[0]
+                        batch = LocalBatch(logits=[o[:b] for o in outs], y=yb, x=xb, module=model, phase=phase.name,
+                                           proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
+                    else:
+                        batch = LocalBatch(logits=model(xb, upto=phase.upto), y=yb, x=xb, module=model,
+                                           phase=phase.name)
+                    loss = algo.local_loss(client.state, batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # fp16 needs loss scaling to keep small gradients representable
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 total += loss.detach().to(torch.float64)
                 steps += 1
     return total, steps
@@ -136,11 +154,12 @@ def local_update(client: Client, algo: Algorithm, train: TrainConfig, round_idx:
 
 
 @torch.no_grad()
-def proxy_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+def proxy_logits(model: nn.Module, x: Tensor, batch_size: int = 1024, amp: str = "off") -> Tensor:
     """Logits of every exit on proxy inputs: [m, P, C] (float32)."""
     was_training = model.training
     model.eval()
-    chunks = [torch.stack(model(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+    with autocast(x.device, amp):
+        chunks = [torch.stack(model(x[i:i + batch_size])).float() for i in range(0, x.shape[0], batch_size)]
     model.train(was_training)
     return torch.cat(chunks, dim=1).float()
 

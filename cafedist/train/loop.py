@@ -90,6 +90,14 @@ def _dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
 
 
+def compile_in_place(model: torch.nn.Module) -> None:
+    """``train.compile``: compile a model's forward in place (keeps state_dict keys), or warn."""
+    try:
+        model.compile()
+    except Exception as exc:  # noqa: BLE001 - no compiler toolchain: eager mode still works
+        log.warning("train.compile: torch.compile unavailable (%s); running eagerly", type(exc).__name__)
+
+
 class Trainer:
     """Holds one rank's part of a run: its clients, the algorithm, the collectives."""
 
@@ -166,6 +174,9 @@ class Trainer:
         models = {"main": build_client_model(self.build, self.cfg.seed, key).to(self.device)}
         for name in self.algo.extra_models:
             models[name] = build_client_model(self.build, self.cfg.seed, (key, name)).to(self.device)
+        if self.cfg.train.compile:
+            for m in models.values():
+                compile_in_place(m)
         return Client(cid=cid, models=models,
                       optimizers={k: make_optimizer(m, self.cfg.train) for k, m in models.items()},
                       data=self.store.load_client(cid, device=self.device),
@@ -226,7 +237,7 @@ class Trainer:
             if algo.exchanges_logits:
                 idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
                 xp = self.proxy_x[idx]
-                local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp) for c in self.clients])  # [k, m, P', C]
+                local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp, amp=cfg.train.amp) for c in self.clients])  # [k, m, P', C]
             uploads = [algo.upload(c.view) for c in self.clients]
             for key in algo.upload_spec():
                 local[key] = torch.stack([u[key] for u in uploads]).to(self.device)

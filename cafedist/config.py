@@ -204,6 +204,21 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# annotation -> (accepts the YAML value?, conversion, what the error says was expected)
+_SCALARS: dict[Any, tuple[Any, Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
+    float: (_is_number, float, "a number"),
+    str: (lambda v: isinstance(v, str), str, "a string"),
+    dict: (lambda v: isinstance(v, dict), dict, "a mapping"),
+    list: (lambda v: isinstance(v, (list, tuple)), list, "a list"),
+}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -222,30 +237,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{where}: expected null, got {value!r}")
-    if origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    if origin is list or tp is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp in _SCALARS or origin in (dict, list) or tp in (dict, list):
+        accepts, convert, expected = _SCALARS[origin or tp]
+        if accepts(value):
+            return convert(value)
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     return value

@@ -25,6 +25,12 @@ def uninterrupted(tmp_path_factory, store_cache):
     return cfg, out
 
 
+def _interrupt(cfg, out, fault):
+    """Run until the fault kills or stops it; returns the finished process."""
+    return cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                    env=env_for_tests(CAFEDIST_FAULT=fault))
+
+
 def _assert_same_run(out, ref):
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
     assert summary(out)["acc_per_exit"] == summary(ref)["acc_per_exit"]
@@ -35,8 +41,7 @@ def _assert_same_run(out, ref):
 def test_sigkill_then_resume_is_identical(uninterrupted, tmp_path, fault):
     cfg, ref = uninterrupted
     out = tmp_path / "run"
-    killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                      env=env_for_tests(CAFEDIST_FAULT=fault))
+    killed = _interrupt(cfg, out, fault)
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()
     if fault == "kill@checkpoint:2":  # the half-written checkpoint of round 2 must not be used
@@ -70,8 +75,7 @@ def test_kill_at_an_arbitrary_moment(uninterrupted, tmp_path):
 def test_resume_on_a_different_world_size(uninterrupted, tmp_path):
     cfg, ref = uninterrupted
     out = tmp_path / "run"
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-             env=env_for_tests(CAFEDIST_FAULT="kill@local:3"))
+    _interrupt(cfg, out, "kill@local:3")
     proc = subprocess.run(torchrun(2) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
                                          "--no-progress"],
                           cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=300)
@@ -83,8 +87,7 @@ def test_resume_on_a_different_world_size(uninterrupted, tmp_path):
 def test_sigterm_checkpoints_and_exits_for_requeue(uninterrupted, tmp_path):
     cfg, ref = uninterrupted
     out = tmp_path / "run"
-    stopped = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                       env=env_for_tests(CAFEDIST_FAULT="term@local:1"))
+    stopped = _interrupt(cfg, out, "term@local:1")
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert (out / "checkpoints" / "round_000001").exists()
     assert len(metrics(out)) == 2
@@ -95,8 +98,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(uninterrupted, tmp_path):
 def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     cfg, ref = uninterrupted
     out = tmp_path / "run"
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-             env=env_for_tests(CAFEDIST_FAULT="kill@local:4"))
+    _interrupt(cfg, out, "kill@local:4")
     newest = out / "checkpoints" / "round_000003" / "client_00001.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF

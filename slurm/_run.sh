@@ -15,7 +15,7 @@
 #                 import cafedist, the checkout holding this file is put on PYTHONPATH.
 #   RESUME        auto (default) | none | force for the first start; a requeued job always
 #                 uses auto, so a restart never wipes the run it is meant to continue
-#   MAX_REQUEUES  give up requeueing after this many restarts (default 50)
+#   MAX_REQUEUES  give up requeueing after this many restarts (default 20)
 #   PROGRESS      1 = keep the trainer's progress line in the log (default 0)
 #   OMP_NUM_THREADS  default: --cpus-per-task (else 1), so ranks do not oversubscribe cores
 #   NPROC_PER_NODE, RDZV_PORT, TORCHRUN_SHUTDOWN_TIMEOUT   torchrun variant only (see below)
@@ -38,7 +38,7 @@ _config_name="$(basename "$CONFIG")"
 OUT="${OUT:-runs/${_config_name%.*}}"
 EXTRA="${EXTRA:-}"
 RESUME="${RESUME:-auto}"
-MAX_REQUEUES="${MAX_REQUEUES:-50}"
+MAX_REQUEUES="${MAX_REQUEUES:-20}"
 PROGRESS="${PROGRESS:-0}"
 _cafedist_user_omp="${OMP_NUM_THREADS:-}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"

@@ -1,0 +1,323 @@
+"""Slurm launchers against a real local Slurm (start it with ``bash .ci/slurm-up.sh`` as root).
+
+Every cluster test compares with a plain single-process run of the same tiny config (digits,
+4 clients, width-8 CNN): the sbatch template with 2 tasks, a submitit job, and runs preempted
+mid-way (SIGUSR1 to the batch script; submitit's SIGUSR2) that are requeued and resume from the
+checkpoint written at the signal must all end with identical model hashes and accuracies.
+
+Without a usable cluster those tests skip with a loud reason; the submitit ``--local`` test and
+the argument tests below run anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cafedist import submit
+from cafedist.cli import main as cli_main
+from cafedist.errors import ConfigError
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "slurm" / "single_node.sbatch"
+ROUNDS = 10
+#: summary fields that legitimately depend on how the run was launched
+LAUNCH_DEPENDENT = {"world_size", "wall_seconds"}
+JOB_TIMEOUT_S = 150
+
+
+# ----------------------------------------------------------------------------- cluster
+def _cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here (None if a node accepts 2-task jobs)."""
+    hint = "start it with `sudo bash .ci/slurm-up.sh` (Debian 12: installs slurm-wlm + munge)"
+    for tool in ("sinfo", "sbatch", "squeue", "scancel", "scontrol"):
+        if shutil.which(tool) is None:
+            return f"Slurm is not installed: `{tool}` is not on PATH; {hint}"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-N", "-o", "%T %c"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return f"`sinfo` timed out: slurmctld is not answering; {hint}"
+    if res.returncode != 0:
+        return f"Slurm is not up: `sinfo` failed ({res.stderr.strip() or res.returncode}); {hint}"
+    nodes = [line.split() for line in res.stdout.splitlines() if line.strip()]
+    usable = [n for n in nodes if n[0].rstrip("*~#!%$@^-") in ("idle", "mixed", "allocated", "completing")]
+    if not usable:
+        return f"no Slurm node is up (sinfo node states: {[n[0] for n in nodes] or 'none'}); {hint}"
+    if max(int(n[1]) for n in usable) < 2:
+        return "the Slurm node advertises fewer than 2 CPUs; the tests run 2 tasks (SLURM_LOCAL_CPUS=4 .ci/slurm-up.sh)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(f"SLURM TESTS SKIPPED -- {problem}")
+
+
+# ----------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Config and data cache shared by the module (jobs run on this machine, so /tmp is fine)."""
+    root = tmp_path_factory.mktemp("slurm")
+    (root / "tiny.yaml").write_text(f"""\
+seed: 0
+data: {{dataset: digits, clients: 4, cache_dir: {root / 'cache'}}}
+model: {{arch: cnn, options: {{width: 8}}}}
+train: {{rounds: {ROUNDS}, local_epochs: 1}}
+algorithm: {{name: cafedistill, cafedistill: {{proxy_size: 100}}}}
+# checkpoints only at the end and on a stop signal: a resume must use the signal's checkpoint
+checkpoint: {{every: 0, keep: 2}}
+""")
+    return root
+
+
+def _job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> dict:
+    """Plain single-process run of the config (also builds the data store once)."""
+    out = workdir / "reference"
+    res = subprocess.run([sys.executable, "-m", "cafedist", "train", "--config", str(workdir / "tiny.yaml"),
+                          "--out", str(out), "--no-progress"], env=_job_env(PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def _assert_same_result(run_dir: Path, reference: dict, world_size: int) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == world_size
+    assert summary["model_hashes"] == reference["model_hashes"]
+    assert summary["acc_per_exit"] == reference["acc_per_exit"]
+    assert set(summary) == set(reference)
+    diff = [k for k in reference if k not in LAUNCH_DEPENDENT and summary[k] != reference[k]]
+    assert not diff, f"summary fields differ from the single-process run: {diff}"
+
+
+def _sbatch(workdir: Path, name: str, *args: str) -> tuple[str, Path, Path]:
+    """Submit the single-node template with 2 tasks; returns (job id, run dir, log file)."""
+    out, log = workdir / name, workdir / f"{name}.log"
+    res = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--time=5", f"--output={log}",
+                          f"--job-name=cafedist-test-{name}", *args, str(TEMPLATE)],
+                         env=_job_env(CONFIG=str(workdir / "tiny.yaml"), OUT=str(out)),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"sbatch failed: {res.stderr}"
+    return res.stdout.strip().split(";")[0], out, log
+
+
+def _in_queue(job_id: str) -> bool:
+    res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    return res.returncode == 0 and bool(res.stdout.strip())
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    return "\n".join(path.read_text().splitlines()[-n:]) if path.is_file() else f"({path} missing)"
+
+
+def _wait_gone(job_id: str, log: Path, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    """Wait until Slurm no longer lists the job (it ends; a requeued job stays listed)."""
+    deadline = time.monotonic() + timeout_s
+    while _in_queue(job_id):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], timeout=60)
+            pytest.fail(f"job {job_id} still queued after {timeout_s:.0f} s; log:\n{_tail(log)}")
+        time.sleep(0.5)
+
+
+def _wait_rounds(run_dir: Path, rounds: int, job_id: str, log: Path) -> int:
+    """Wait until the run logged ``rounds`` rounds (the job is then mid-run); returns them."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        if done >= rounds:
+            assert done < ROUNDS - 2, f"the run got too far ({done} rounds) to be interrupted mid-run"
+            return done
+        if time.monotonic() > deadline or not _in_queue(job_id):
+            subprocess.run(["scancel", job_id], timeout=60)
+            pytest.fail(f"job {job_id} did not reach round {rounds}; log:\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def _resumed_round(text: str) -> int:
+    """The round of the checkpoint the trainer says it resumed from."""
+    m = re.search(r"resumed from \S*round_(\d+)", text)
+    assert m, "the restarted job did not resume from a checkpoint"
+    return int(m.group(1))
+
+
+# ----------------------------------------------------------------------------- sbatch
+def test_single_node_template_matches_single_process(slurm, workdir, reference):
+    job, out, log = _sbatch(workdir, "template")
+    _wait_gone(job, log)
+    text = log.read_text()
+    assert "training finished" in text, _tail(log)
+    assert "launcher=slurm" in text and "world_size=2" in text  # really 2 srun tasks
+    _assert_same_result(out, reference, world_size=2)
+
+
+def test_template_requeues_on_usr1_and_resumes(slurm, workdir, reference):
+    job, out, log = _sbatch(workdir, "usr1")
+    _wait_rounds(out, 2, job, log)
+    # What --signal=B:USR1@120 does before the time limit: the batch script forwards the
+    # signal to the step, every rank checkpoints and exits 75, the script requeues the job.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=60)
+    _wait_gone(job, log)
+    text = log.read_text()
+    assert "forwarding SIGUSR1" in text and f"scontrol requeue {job}" in text, _tail(log)
+    assert "restart 1" in text and "training finished" in text, _tail(log)
+    stopped_at = _resumed_round(text)
+    assert 1 <= stopped_at < ROUNDS - 1
+    # the stop checkpoint is kept next to the final one (checkpoint.every=0)
+    assert (out / "checkpoints" / f"round_{stopped_at:06d}").is_dir()
+    _assert_same_result(out, reference, world_size=2)
+
+
+def test_template_does_not_requeue_a_cancelled_job(slurm, workdir):
+    job, out, log = _sbatch(workdir, "cancel")
+    _wait_rounds(out, 2, job, log)
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    _wait_gone(job, log, timeout_s=60)
+    text = log.read_text()
+    # The ranks still checkpoint on SIGTERM, but a cancelled job must stay cancelled.
+    assert "not requeued here" in text, _tail(log)
+    assert "restart 1" not in text
+    assert not (out / "summary.json").exists()
+    assert any((out / "checkpoints").glob("round_*")), "no checkpoint written on SIGTERM"
+
+
+# ----------------------------------------------------------------------------- submitit
+def _submit_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    submit.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _submit_one(workdir: Path, name: str, monkeypatch, local: bool = False):
+    out = workdir / name
+    # the jobs inherit our environment: make sure they import this checkout (restored after)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = _submit_args("--config", str(workdir / "tiny.yaml"), "--out", str(out), "--tasks-per-node", "2",
+                        "--time", "5", *(["--local"] if local else []))
+    runs = submit.build_runs(args.config, args.out, args.overrides)
+    executor = submit.make_executor(workdir / f"submitit-{name}" / "%j", args.local, submit.executor_parameters(args))
+    [job] = submit.submit_runs(executor, runs, env={"OMP_NUM_THREADS": "1"})
+    return job, runs, out
+
+
+def test_submitit_job_matches_single_process(slurm, workdir, reference, monkeypatch):
+    job, runs, out = _submit_one(workdir, "submitit", monkeypatch)
+    [outcome] = submit.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    assert outcome.ok, f"{outcome.error}\n{_tail(job.paths.stderr)}"
+    assert outcome.summary["model_hashes"] == reference["model_hashes"]
+    _assert_same_result(out, reference, world_size=2)
+
+
+def test_submitit_preemption_requeues_and_resumes(slurm, workdir, reference, monkeypatch):
+    job, runs, out = _submit_one(workdir, "submitit-preempt", monkeypatch)
+    log = Path(job.paths.stderr)
+    _wait_rounds(out, 2, str(job.job_id), log)
+    # submitit's preemption/time-limit signal (USR2) reaches every task of the step; the task
+    # turns it into the trainer's SIGUSR1, and rank 0 hands over to submitit's requeue.
+    subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=60)
+    [outcome] = submit.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    assert outcome.ok, f"{outcome.error}\n{_tail(log)}"
+    text = log.read_text()
+    assert f"Requeued job {job.job_id}" in text, _tail(log)
+    stopped_at = _resumed_round(text)
+    assert 1 <= stopped_at < ROUNDS - 1
+    _assert_same_result(out, reference, world_size=2)
+
+
+def test_submitit_local_executor_runs_without_slurm(workdir, monkeypatch, capsys):
+    """`cafedist submit --local --wait`: the laptop path, through the CLI (no Slurm needed)."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = workdir / "local"
+    rc = cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(out), "--local",
+                   "--tasks-per-node", "2", "--time", "5", "--wait", "train.rounds=3"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert re.search(r"job \S+ done: .*acc_per_exit \[", printed), printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["rounds"] == 3
+    assert len(list((out / "submitit").glob("*/*/*_result.pkl"))) == 2  # one result per task
+
+
+# ----------------------------------------------------------------------------- arguments
+def test_array_runs_are_the_product_of_the_axes(tmp_path):
+    runs = submit.build_runs("c.yaml", str(tmp_path / "sweep"), ["train.rounds=3"],
+                             ["seed=0,1", "train.lr=0.1,0.05"], resume="none")
+    assert [r.label for r in runs] == ["seed-0_train.lr-0.1", "seed-0_train.lr-0.05",
+                                       "seed-1_train.lr-0.1", "seed-1_train.lr-0.05"]
+    assert runs[3].out == str(tmp_path / "sweep" / "seed-1_train.lr-0.05")
+    assert runs[3].overrides == ("train.rounds=3", "seed=1", "train.lr=0.05")
+    argv = runs[0].train_argv()
+    assert argv[:3] == ["train", "--config", str(Path("c.yaml").resolve())]
+    assert argv[argv.index("--resume") + 1] == "none"
+    # a requeued job always resumes, whatever the first start asked for
+    assert runs[0].resumed().train_argv()[argv.index("--resume") + 1] == "auto"
+
+
+@pytest.mark.parametrize("bad", ["seed", "seed=", "seed=1,,2", "=1,2"])
+def test_bad_array_is_a_one_line_config_error(bad):
+    with pytest.raises(ConfigError, match="--array"):
+        submit.parse_array([bad])
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("1:30", 2), ("4:00:00", 240), ("1-12", 2160),
+                                          ("1-0:30", 1470), ("0:0:30", 1)])
+def test_parse_time_accepts_slurm_formats(text, minutes):
+    assert submit.parse_time(text) == minutes
+
+
+def test_parse_time_rejects_nonsense():
+    for bad in ("abc", "0", "1:2:3:4"):
+        with pytest.raises(ConfigError, match="--time"):
+            submit.parse_time(bad)
+
+
+def test_dry_run_maps_options_to_submitit(tmp_path, workdir, capsys):
+    rc = cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "s"),
+                   "--nodes", "2", "--tasks-per-node", "4", "--gpus-per-node", "4", "--cpus-per-task", "8",
+                   "--partition", "gpu", "--time", "2:00:00", "--array", "seed=0,1", "--slurm-arg", "exclusive=true",
+                   "--dry-run", "train.rounds=7"])
+    assert rc == 0
+    plan = json.loads(capsys.readouterr().out)
+    params = plan["parameters"]
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"], params["cpus_per_task"]) == (2, 4, 4, 8)
+    assert params["timeout_min"] == 120 and params["slurm_partition"] == "gpu" and params["name"] == "cafedist-s"
+    assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": "true"}
+    assert plan["env"]["OMP_NUM_THREADS"] in (os.environ.get("OMP_NUM_THREADS"), "8")
+    assert [Path(r["out"]).name for r in plan["runs"]] == ["seed-0", "seed-1"]
+    assert plan["runs"][1]["argv"][-2:] == ["train.rounds=7", "seed=1"]
+
+
+def test_config_errors_are_caught_before_submitting(tmp_path, workdir, capsys):
+    rc = cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "s"),
+                   "--array", "train.rounds=2,zero", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "array element train.rounds-zero" in err and len(err.strip().splitlines()) == 1
+
+
+def test_local_executor_is_single_node(tmp_path):
+    with pytest.raises(ConfigError, match="--nodes 2"):
+        submit.executor_parameters(_submit_args("--out", str(tmp_path), "--local", "--nodes", "2"))

@@ -102,6 +102,9 @@ class Algorithm:
     common_init: ClassVar[bool] = False  # all clients start from the same weights (FedAvg family)
     extra_models: ClassVar[tuple[str, ...]] = ()  # more same-architecture models per client
     shared_model: ClassVar[str] = "main"  # whose parameters shared_mask refers to
+    # clients that do not hold a parameter still receive the holders' average (DepthFL,
+    # ScaleFL: every client keeps a copy of the one global model and is evaluated with it)
+    non_holders_receive: ClassVar[bool] = False
 
     def __init__(self, params: Any, setup: Setup):
         self.params = params
@@ -117,7 +120,10 @@ class Algorithm:
         return [Phase()]
 
     def post_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
-        """Training after this round's aggregation (e.g. FedBABU's final head fine-tuning)."""
+        """Training after this round's aggregation (e.g. FedBABU's final head fine-tuning).
+
+        Asked of every client, including those that did not train this round.
+        """
         return []
 
     def on_local_start(self, client: ClientView, round_idx: int) -> None:
@@ -144,7 +150,8 @@ class Algorithm:
         """Does client ``cid`` contribute to (and receive) the average of parameter ``key``?
 
         ``False``: personal. ``True``: averaged (sample-weighted) over all active clients that
-        share it. A bool tensor shaped like the parameter: element-wise holding mask (width-
+        share it; every holder receives the average, active or not (an idle client downloads
+        the current global parameters like any other). A bool tensor shaped like the parameter: element-wise holding mask (width-
         scaled sub-models); each element is averaged over its holders only. Must depend only
         on (cid, key, shape): every rank evaluates it for every client to know the holders.
         """

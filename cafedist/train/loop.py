@@ -271,9 +271,9 @@ class Trainer:
             bytes_down += moved
 
         # 5b. training after aggregation (e.g. fine-tuning personal heads)
-        for j, c in enumerate(self.clients):
+        for c in self.clients:
             post = algo.post_phases(c.view, rnd)
-            if post and active[c.cid]:
+            if post:
                 local_update(c, algo, cfg.train, rnd, cfg.seed, phases=post)
 
         # 6. evaluation: per-client stats gathered in client order, identical on every rank
@@ -303,7 +303,7 @@ class Trainer:
         return record
 
     def _average_shared(self, active: Tensor) -> int:
-        """Replace shared parameters of my active clients by the weighted average over active holders.
+        """Replace shared parameters of my clients by the weighted average over active holders.
 
         Returns the bytes one client sends (and receives) for it.
         """
@@ -329,11 +329,11 @@ class Trainer:
         total = weighted_sum(vectors, weights, self.comm.all_reduce_sum_, length, self.device)
         held = den > 0
         avg = torch.where(held, total / torch.where(held, den, torch.ones_like(den)), torch.zeros_like(den))
-        for c in self.clients:
-            if active[c.cid]:
-                sd = c.models[self.algo.shared_model].state_dict()
-                where = held if masks is None else held & masks[c.cid].to(self.device)
-                unflatten_into(avg, [sd[k] for k in keys], where=where)
+        receive_all = masks is None or self.algo.non_holders_receive
+        for c in self.clients:  # idle clients too: they download the current average
+            sd = c.models[self.algo.shared_model].state_dict()
+            where = held if receive_all else held & masks[c.cid].to(self.device)
+            unflatten_into(avg, [sd[k] for k in keys], where=where)
         return length * 4
 
     def _client_stats(self, losses: list[float], evaluate: bool) -> Tensor | None:

@@ -1,0 +1,174 @@
+"""cafedistill-heads: CAFEDistill's client-decoupled variant with a shared body and personal heads.
+
+Source: Liu, Zhou, Tong, "CAFEDistill: Learning Personalized and Dynamic Models through
+Federated Early-Exit Network Distillation", arXiv 2601.10015 (2026); no reference code. This
+is the paper's own formulation, beside our proxy-logit default (:mod:`cafedistill`):
+
+* the body (``blocks.*``) is shared by sample-weighted FedAvg; every exit head is personal;
+* each client uploads its last-exit head ``h_i^m`` (parameters, flattened) after local
+  training;
+* rank 0 computes teacher weights ``alpha_i = proj_simplex(w - d_i / (2 mu))`` with
+  ``d_ij = 1 - cos(h_i^m, h_j^m)`` (parameter-cosine similarity, the same QP as CAFEDistill)
+  and each client's *teacher head* ``sum_j alpha_ij h_j^m`` (a parameter average); clients
+  with non-finite or exploding head parameters, or that did not train this round, teach no
+  one (quarantine as in CAFEDistill);
+* each client receives only its own teacher head and its student exits for the next round
+  (the depth-prioritized, similarity-greedy schedule of CAFEDistill, with the head
+  similarity);
+* locally: CE on the last exit and on every student exit, plus
+  ``lam * tau^2 * KL(softmax(t_i(f_i(x)) / tau) || softmax(z_i^k(x) / tau))`` for every
+  student exit k, where ``t_i`` is the teacher head applied to the client's own last-block
+  features ``f_i(x)`` of the *private* batch (no proxy data is needed).
+
+Our reading of details the paper leaves open: the teacher head is recomputed every round
+from the heads uploaded in that round and used during the next round's local training; the
+teacher's features come from a no-grad forward of the current body (the teacher is a
+target, so no gradient flows through it); the last exit is trained with CE only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
+
+from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Setup, Spec
+from cafedist.algorithms.cafedistill import cosine_similarity_matrix, healthy_clients, student_masks, teacher_weights
+from cafedist.algorithms.common import is_body
+from cafedist.algorithms.distill import check_fields, initial_students, selected_ce, soft_kd
+
+
+@dataclass
+class CAFEDistillHeadsParams:
+    """cafedistill-heads hyperparameters (CAFEDistill's defaults, no proxy set)."""
+
+    tau: float = 3.0  # distillation temperature
+    lam: float = 1.0  # weight of the KD term
+    mu: float = 0.5  # QP regulariser: small -> own head only, large -> data-size weights
+    schedule_span: float = 0.5  # R(t) = min(t / (schedule_span * T), 1)
+    cross_client_kd: bool = True  # ablation: False = every client's teacher is its own last head
+    student_selection: bool = True  # ablation: False = all exits are students every round
+    param_bound: float = 1.0e4  # |head parameter| above this quarantines a client as teacher
+
+    def validate(self) -> None:
+        check_fields("cafedistill-heads", self, [
+            ("tau", self.tau > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"), ("mu", self.mu > 0, "> 0"),
+            ("schedule_span", 0 < self.schedule_span <= 1, "in (0, 1]"),
+            ("param_bound", self.param_bound > 0, "> 0")])
+
+
+def last_block_features(model: nn.Module, x: Tensor) -> Any:
+    """Output of the last block (what the last exit head reads), without gradient."""
+    with torch.no_grad():
+        h = x
+        for block in model.blocks:
+            h = block(h)
+    return h
+
+
+class CAFEDistillHeads(Algorithm):
+    """Shared body, personal heads; shallow exits distil from a mixture of the clients' last heads."""
+
+    name = "cafedistill-heads"
+    Params = CAFEDistillHeadsParams
+    common_init = True  # the body is averaged from round 0, so clients start from one model
+
+    def __init__(self, params: CAFEDistillHeadsParams, setup: Setup):
+        super().__init__(params, setup)
+        self.head_prefix = f"heads.{setup.num_exits - 1}."
+        self._head_numel: dict[str, int] = {}  # last head's parameter sizes, learnt in shared_mask
+        self.last_alpha: Tensor | None = None
+        self.last_report: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- layout
+    def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
+        # The loop evaluates this on its probe model on every rank before any exchange: the
+        # only hook that shows an algorithm the architecture in time for upload_spec.
+        if key.startswith(self.head_prefix):
+            self._head_numel[key] = tensor.numel()
+        return is_body(key)
+
+    @property
+    def head_size(self) -> int:
+        """Number of parameters of the last exit head (the uploaded row's length)."""
+        if not self._head_numel:
+            raise RuntimeError("cafedistill-heads: the last head's size is unknown "
+                               "(shared_mask was never evaluated on the model)")
+        return sum(self._head_numel.values())
+
+    # ---------------------------------------------------------------- client side
+    def init_client_state(self, cid: int) -> dict[str, Tensor]:
+        return {"students": initial_students(self.setup, self.params.schedule_span, self.params.student_selection)}
+
+    def students(self, state: dict[str, Tensor]) -> Tensor:
+        return state["students"].to(torch.bool).cpu()
+
+    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
+        students = self.students(state)
+        loss = selected_ce(batch.logits, batch.y, students)
+        m = len(batch.logits)
+        if "teacher" not in state or self.params.lam == 0 or not bool(students[: m - 1].any()):
+            return loss
+        teacher = self.teacher_probs(batch.module, state["teacher"], batch.x)
+        tau = self.params.tau
+        for k in range(m - 1):
+            if students[k]:
+                loss = loss + self.params.lam * soft_kd(batch.logits[k], teacher, tau)
+        return loss
+
+    def teacher_probs(self, model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
+        """``softmax(t(f(x)) / tau)``: the teacher head ``flat`` on the model's own features."""
+        head = model.heads[self.setup.num_exits - 1]
+        sizes = [p.numel() for p in head.parameters()]
+        params = {name: chunk.view_as(p) for (name, p), chunk
+                  in zip(head.named_parameters(), torch.split(flat.to(x.device), sizes))}
+        with torch.no_grad():
+            logits = functional_call(head, params, (last_block_features(model, x),))
+        return torch.softmax(logits / self.params.tau, dim=1)
+
+    # ---------------------------------------------------------------- exchange
+    def upload_spec(self) -> Spec:
+        return {"head": ((self.head_size,), torch.float32)}
+
+    def upload(self, client: ClientView) -> dict[str, Tensor]:
+        head = client.model.heads[self.setup.num_exits - 1]
+        return {"head": parameters_to_vector(head.parameters()).detach().to(torch.float32)}
+
+    def payload_spec(self) -> Spec:
+        return {"teacher": ((self.head_size,), torch.float32),
+                "students": ((self.setup.num_exits,), torch.uint8)}
+
+    def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
+                  active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        p = self.params
+        heads = gathered["head"].to(torch.float64)  # [n, D], client-id order
+        n, m = heads.shape[0], self.setup.num_exits
+        finite = healthy_clients(heads, p.param_bound)
+        # clients that did not train this round hold stale heads: they teach no one
+        healthy = finite & active.to(device=finite.device, dtype=torch.bool)
+        safe = torch.where(healthy.unsqueeze(1), heads, torch.zeros_like(heads))
+        sim = cosine_similarity_matrix(safe)
+        alpha = teacher_weights(sim, self.setup.data_weights.to(sim.device), p.mu, healthy)
+        if not p.cross_client_kd:
+            # local KD; a quarantined client keeps the healthy mixture instead of its broken head
+            eye = torch.eye(n, dtype=alpha.dtype, device=alpha.device)
+            alpha = torch.where(healthy.unsqueeze(1), eye, alpha)
+        teacher = (alpha @ safe).to(torch.float32)
+        if p.student_selection:
+            students = student_masks(round_idx + 1, self.setup.rounds, n, m, sim, p.schedule_span, healthy)
+        else:
+            students = torch.ones(n, m, dtype=torch.bool)
+        self.last_alpha = alpha.detach().cpu()
+        report = {"n_students_next": int(students[:, : m - 1].sum()),
+                  "quarantined": [int(i) for i in torch.nonzero(~finite).flatten()],
+                  "self_weight": float(torch.diagonal(alpha).mean())}
+        self.last_report = report
+        return {"teacher": teacher, "students": students.to(torch.uint8)}, report
+
+    def receive(self, client: ClientView, payload: dict[str, Tensor], round_idx: int) -> None:
+        client.state["teacher"] = payload["teacher"]
+        client.state["students"] = payload["students"].to(torch.bool)

@@ -110,6 +110,10 @@ class Algorithm:
         self.params = params
         self.setup = setup
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Called once on every rank, before anything else, with an untrained instance of the
+        run's architecture: learn parameter names and shapes here (e.g. for ``upload_spec``)."""
+
     # ---------------------------------------------------------------- client side
     def init_client_state(self, cid: int) -> dict[str, Tensor]:
         """Initial per-client algorithm state."""

@@ -80,16 +80,15 @@ class CAFEDistillHeads(Algorithm):
     def __init__(self, params: CAFEDistillHeadsParams, setup: Setup):
         super().__init__(params, setup)
         self.head_prefix = f"heads.{setup.num_exits - 1}."
-        self._head_numel: dict[str, int] = {}  # last head's parameter sizes, learnt in shared_mask
+        self._head_numel: dict[str, int] = {}  # last head's parameter sizes, learnt in bind_model
         self.last_alpha: Tensor | None = None
         self.last_report: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- layout
+    def bind_model(self, model: nn.Module) -> None:
+        self._head_numel = {k: p.numel() for k, p in model.named_parameters() if k.startswith(self.head_prefix)}
+
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
-        # The loop evaluates this on its probe model on every rank before any exchange: the
-        # only hook that shows an algorithm the architecture in time for upload_spec.
-        if key.startswith(self.head_prefix):
-            self._head_numel[key] = tensor.numel()
         return is_body(key)
 
     @property
@@ -97,7 +96,7 @@ class CAFEDistillHeads(Algorithm):
         """Number of parameters of the last exit head (the uploaded row's length)."""
         if not self._head_numel:
             raise RuntimeError("cafedistill-heads: the last head's size is unknown "
-                               "(shared_mask was never evaluated on the model)")
+                               "(bind_model was never called)")
         return sum(self._head_numel.values())
 
     # ---------------------------------------------------------------- client side

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.algorithms.common import exit_index, exits_ce
@@ -132,8 +132,11 @@ class FedPAC(Algorithm):
     def _extractor(self, key: str) -> bool:
         return not self._is_classifier(key)
 
+    def bind_model(self, model: nn.Module) -> None:
+        for key, p in model.named_parameters():
+            self.layout.record(key, p.shape)
+
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
-        self.layout.record(key, tensor.shape)
         return self._extractor(key)
 
     def _feature_sizes(self) -> list[int]:

@@ -287,8 +287,11 @@ class ParameterMixing(Algorithm):
         raise NotImplementedError
 
     # ------------------------------------------------------------- shared behaviour
+    def bind_model(self, model: nn.Module) -> None:
+        for key, p in model.named_parameters():
+            self.layout.record(key, p.shape)
+
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
-        self.layout.record(key, tensor.shape)
         return False  # nothing is averaged globally: each client gets its own mixture
 
     def on_local_start(self, client: ClientView, round_idx: int) -> None:

@@ -143,6 +143,7 @@ class Trainer:
                            local_epochs=cfg.train.local_epochs, proxy_size=self.proxy_size)
         self.algo: Algorithm = algo_cls(params, self.setup)
         self.n_params = sum(p.numel() for p in probe.parameters())
+        self.algo.bind_model(probe)
         self.shared_keys, self.shared_masks = self._shared_layout(probe)
         self.clients = [self._make_client(cid) for cid in self.my_ids]
 

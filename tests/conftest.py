@@ -27,6 +27,19 @@ dist: {{timeout_s: 60}}
 """
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """In-process training runs on one thread: tiny convolutions run many times faster on
+    one thread than on two contended ones, and results match the subprocess runs
+    (OMP_NUM_THREADS=1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def store_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("stores")

@@ -27,14 +27,6 @@ from cafedist.train.client import local_update
 from cafedist.train.loop import participating
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convolutions run much faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def spy(tr) -> dict:
     """Record what the coordinator receives and returns in the next aggregations."""

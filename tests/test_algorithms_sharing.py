@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from algo_harness import make_trainer, params_of
 
-from cafedist.algorithms.base import Algorithm, LocalBatch
+from cafedist.algorithms.base import LocalBatch
 from cafedist.algorithms.common import equal_groups, exit_index, is_body, is_head, kd_kl, mutual_distillation
 from cafedist.algorithms.depthfl import consistency_weight
 from cafedist.algorithms.fedrep import FedRepParams
@@ -24,16 +24,7 @@ from cafedist.errors import ConfigError
 from cafedist.train.client import local_update
 from cafedist.train.loop import participating
 
-#: the loop lets non-holders receive the holders' average (needed by DepthFL / ScaleFL evaluation)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run ~20x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def locally_trained(tr, rnd: int = 0) -> list[dict[str, torch.Tensor]]:

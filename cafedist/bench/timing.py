@@ -1,8 +1,9 @@
 """Measurement helpers shared by the benchmarks: interleaved timing and peak memory.
 
 Machines are noisy (2 shared cores here, busy GPUs elsewhere), so every ratio a benchmark
-reports comes from candidates timed *side by side*: runs alternate A, B, A, B, ... and each
-candidate's median is taken, so a burst of background load hits both candidates alike.
+reports comes from candidates timed *side by side*: short runs alternate A, B, A, B, ..., and
+the ratio is the median of the per-pair ratios, so a burst of background load hits both
+candidates of a pair alike and bursts that hit one pair only are voted out.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int,
 def median(values: list[float]) -> float:
     """Median of a non-empty list (the robust centre of repeated timings)."""
     return float(statistics.median(values))
+
+
+def paired_speed_ratio(ours: list[float], reference: list[float]) -> float:
+    """Median over repeats of ``reference_i / ours_i`` (> 1: ours is faster).
+
+    Each pair ran back to back, so it shares the machine's load of that moment; the median of
+    per-pair ratios is steadier than the ratio of two medians when the load comes in bursts.
+    """
+    return median([r / o for o, r in zip(ours, reference)])
 
 
 def _status_kib(field: str) -> int | None:

@@ -243,6 +243,8 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
     models = [c.models[phase.model] for c in clients]
     opts = [c.optimizers[phase.model] for c in clients]
     template = models[0]
+    for model in models:
+        model.train()
     stack = _Stack.of(models, opts)
     # what run_phase's only_trainable leaves trainable: requires_grad and accepted by the filter
     trainable = [n for n, p in template.named_parameters()
@@ -251,7 +253,9 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
                  for i, c in enumerate(clients)]
     draws = [_draws(c, phase, train, round_idx, seed, pidx[i].shape[0] if use_proxy[i] else None)
              for i, c in enumerate(clients)]
-    structure = [(use_proxy[i], tuple(algo.students(c.state).tolist())) for i, c in enumerate(clients)]
+    # what must be equal inside a vmapped group: the loss's control flow and the state's keys
+    structure = [(use_proxy[i], tuple(algo.students(c.state).tolist()), tuple(sorted(c.state)))
+                 for i, c in enumerate(clients)]
 
     # data padded to the largest client, so one gather serves every client of a step
     n_max = max(c.n_train for c in clients)
@@ -282,7 +286,7 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
         for i in range(k):
             if t < counts[i]:
                 groups.setdefault((draws[i][t].idx.shape[0], structure[i]), []).append(i)
-        for (_, (with_proxy, _)), members in groups.items():
+        for (_, (with_proxy, _, _)), members in groups.items():
             key = tuple(members)
             if key not in states:
                 states[key] = _stack_states([clients[i].state for i in members], device)

@@ -1,0 +1,68 @@
+"""``cafedist bench {local,packed,aggregate,comm,scaling}``: side-by-side performance measurements.
+
+Every benchmark returns rows (dicts) and reports ratios measured in one process/run, with the
+candidates timed alternately (ABAB) -- see :mod:`cafedist.bench.timing`. The command prints a
+table per benchmark, or with ``--json`` one JSON object per row. ``docs/PERFORMANCE.md``
+records the commands, their output on the reference machine, and what each optimisation did.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+import torch
+
+BENCHMARKS = ("local", "packed", "aggregate", "comm", "scaling")
+
+
+def _runner(name: str) -> Callable[..., list[dict[str, Any]]]:
+    # imported lazily: `cafedist bench comm` should not pay for the packed trainer's imports
+    if name == "local":
+        from cafedist.bench.local import bench_local as fn
+    elif name == "packed":
+        from cafedist.bench.packed import bench_packed as fn
+    elif name == "aggregate":
+        from cafedist.bench.aggregate import bench_aggregate as fn
+    elif name == "comm":
+        from cafedist.bench.comm import bench_comm as fn
+    else:
+        from cafedist.bench.scaling import bench_scaling as fn
+    return fn
+
+
+def run_benchmark(name: str, quick: bool = False, **options: Any) -> list[dict[str, Any]]:
+    """Run benchmark ``name`` and return its rows."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r} (choices: {', '.join(BENCHMARKS)})")
+    return _runner(name)(quick=quick, **options)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cafedist bench``."""
+    parser.add_argument("which", choices=BENCHMARKS, metavar="BENCHMARK",
+                        help=f"one of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (each benchmark < 5 min on 2 cores)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per result line")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: steady ratios on a shared machine)")
+    parser.add_argument("--sharded", action="store_true",
+                        help="aggregate: also time every rank computing its own clients' rows")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run one benchmark and print its rows."""
+    from cafedist.bench.report import render
+    from cafedist.errors import ConfigError
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
+    if args.sharded and args.which != "aggregate":
+        raise ConfigError("--sharded: only `cafedist bench aggregate` has a sharded mode")
+    torch.set_num_threads(args.threads)
+    options = {"sharded": True} if args.sharded else {}
+    print(render(run_benchmark(args.which, quick=args.quick, **options), as_json=args.json), flush=True)
+    return 0
+
+
+__all__ = ["BENCHMARKS", "add_arguments", "main", "run_benchmark"]

@@ -1,0 +1,150 @@
+"""``bench aggregate``: CAFEDistill's coordinator step for n clients, time and peak memory.
+
+Synthetic proxy logits [n, m, P', C] with cluster structure (clients of one of 8 clusters
+share a mean logit pattern, as non-IID clients with similar label mixes do), so the teacher
+weights are as sparse or dense as they are in practice rather than trivially diagonal.
+
+* ``ratio_vs_matmul``: aggregation time over the time of the dominant similarity product
+  ``[n, P'C] x [P'C, n]`` in float32, timed alternately with it (median of per-pair ratios);
+* ``peak_mb``: how far the resident set rises above its level before the call, measured in a
+  fresh process (Linux ``VmHWM`` reset; sees torch's allocations, which tracemalloc does not;
+  a fresh process and ``MALLOC_MMAP_THRESHOLD_`` keep memory freed by earlier calls from
+  hiding the peak), next to ``input_mb``, the size of the logits: linear in n when
+  ``peak_mb / n`` is flat;
+* ``--sharded``: every one of W simulated ranks computes only its own clients' rows
+  (:meth:`CAFEDistill.aggregate_rows`) from all-gathered logits; reports the slowest rank's
+  time against rank-0-only aggregation and checks the rows equal the full result.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from cafedist.algorithms.base import Setup
+from cafedist.algorithms.cafedistill import CAFEDistill, CAFEDistillParams, cosine_similarity_rows, teacher_weights
+from cafedist.bench.timing import interleaved, median, peak_rss_delta
+
+CLUSTERS = 8
+
+
+def synthetic_logits(n: int, m: int, proxy: int, classes: int, seed: int = 0) -> Tensor:
+    """[n, m, P', C] float32: a per-cluster pattern (scale 3) plus per-client noise (scale 1)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(CLUSTERS, proxy, classes, generator=g) * 3
+    out = torch.randn(n, m, proxy, classes, generator=g)
+    out += centers[torch.arange(n) % CLUSTERS].unsqueeze(1)
+    return out
+
+
+def make_algo(n: int, m: int, proxy: int, classes: int, rounds: int = 20) -> CAFEDistill:
+    """CAFEDistill with default parameters and uneven client sizes."""
+    setup = Setup(num_clients=n, num_exits=m, num_classes=classes, rounds=rounds,
+                  train_sizes=tuple(50 + (7 * i) % 100 for i in range(n)), seed=0, proxy_size=proxy)
+    return CAFEDistill(CAFEDistillParams(proxy_size=proxy), setup)
+
+
+def measure_peak(n: int, m: int, proxy: int, classes: int, rnd: int) -> int | None:
+    """Peak extra resident bytes of one ``aggregate_logits`` call (run in a fresh process)."""
+    logits = synthetic_logits(n, m, proxy, classes)
+    algo = make_algo(n, m, proxy, classes)
+    with peak_rss_delta() as mem:
+        algo.aggregate_logits(rnd, logits, torch.ones(n, dtype=torch.bool))
+    return mem["bytes"]
+
+
+def peak_in_subprocess(n: int, m: int, proxy: int, classes: int, rnd: int) -> int | None:
+    """:func:`measure_peak` in a child process with the same thread count (None if unsupported)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()),
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    code = ("import torch; torch.set_num_threads(%d); from cafedist.bench.aggregate import measure_peak; "
+            "print(measure_peak(%d, %d, %d, %d, %d))" % (torch.get_num_threads(), n, m, proxy, classes, rnd))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    value = out.stdout.strip().splitlines()[-1]
+    return None if value == "None" else int(value)
+
+
+def shard_rows(n: int, world: int) -> list[Tensor]:
+    """Client ids of each simulated rank (round-robin, like a balanced placement)."""
+    return [torch.arange(r, n, world) for r in range(world)]
+
+
+def _sharded(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor, world: int, repeats: int,
+             reference: dict[str, Tensor]) -> dict[str, Any]:
+    """Time each simulated rank computing its own rows; the slowest rank is the critical path."""
+    n, m = logits.shape[:2]
+    q = torch.softmax(logits[:, m - 1], dim=2).reshape(n, -1)
+    full_sim = cosine_similarity_rows(q)  # what the all-gather of every rank's rows delivers
+    del q
+    per_rank, diff = [], 0.0
+    for ids in shard_rows(n, world):
+        def run(ids: Tensor = ids) -> dict[str, Tensor]:
+            return algo.aggregate_rows(rnd, logits, active, rows=ids, gather_sim=lambda own: full_sim)[0]
+        payload = run()
+        diff = max(diff, float((payload["targets"] - reference["targets"][ids]).abs().max()))
+        if not torch.equal(payload["students"], reference["students"][ids]):
+            diff = float("inf")
+        per_rank.append(median(interleaved({"rank": run}, repeats=repeats, warmup=0)["rank"]))
+    return {"world": world, "slowest_rank_s": max(per_rank), "max_diff": diff}
+
+
+def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, proxy: int | None = None,
+                    classes: int = 100, exits: int = 4, repeats: int | None = None, sharded: bool = False,
+                    worlds: tuple[int, ...] = (2, 4), memory: bool = True) -> list[dict[str, Any]]:
+    """Time, peak memory and ``ratio_vs_matmul`` of ``aggregate_logits`` for each n in ``sizes``."""
+    sizes = sizes or ((64, 256) if quick else (64, 128, 256, 512, 1024))
+    proxy = proxy or (200 if quick else 1000)
+    repeats = repeats or 3
+    rows = []
+    for n in sizes:
+        logits = synthetic_logits(n, exits, proxy, classes)
+        algo = make_algo(n, exits, proxy, classes)
+        active = torch.ones(n, dtype=torch.bool)
+        rnd = 3  # mid-schedule: a partial depth, so the greedy selection runs
+        times = _time_vs_matmul(algo, rnd, logits, active, repeats)
+        payload, report = algo.aggregate_logits(rnd, logits, active)
+        peak = peak_in_subprocess(n, exits, proxy, classes, rnd) if memory else None
+        alpha_density = _alpha_density(algo, logits)
+        row = {"benchmark": "aggregate", "n": n, "m": exits, "proxy": proxy, "classes": classes,
+               "threads": torch.get_num_threads(),
+               "time_s": round(median(times["aggregate"]), 6), "matmul_s": round(median(times["matmul"]), 6),
+               "ratio_vs_matmul": round(median([a / b for a, b in zip(times["aggregate"], times["matmul"])]), 3),
+               "input_mb": round(logits.numel() * logits.element_size() / 2**20, 1),
+               "peak_mb": None if peak is None else round(peak / 2**20, 1),
+               "alpha_density": round(alpha_density, 3), "self_weight": round(report["self_weight"], 3)}
+        if row["peak_mb"] is not None:
+            row["peak_mb_per_client"] = round(row["peak_mb"] / n, 3)
+        if sharded:
+            for world in worlds:
+                if world <= n:
+                    s = _sharded(algo, rnd, logits, active, world, repeats, payload)
+                    row[f"sharded{world}_s_per_rank"] = round(s["slowest_rank_s"], 4)
+                    row[f"sharded{world}_speedup"] = round(row["time_s"] / s["slowest_rank_s"], 3)
+                    row[f"sharded{world}_max_diff"] = s["max_diff"]
+        rows.append(row)
+        del logits, payload  # free this size's inputs before the next, larger one is made
+    return rows
+
+
+def _time_vs_matmul(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor,
+                    repeats: int) -> dict[str, list[float]]:
+    """Aggregation and the float32 similarity product [n, P'C] x [P'C, n], timed alternately."""
+    n, m = logits.shape[:2]
+    q = torch.softmax(logits[:, m - 1], dim=2).reshape(n, -1).contiguous()
+    aggregate: Callable[[], Any] = lambda: algo.aggregate_logits(rnd, logits, active)
+    return interleaved({"aggregate": aggregate, "matmul": lambda: q @ q.T}, repeats=repeats)
+
+
+def _alpha_density(algo: CAFEDistill, logits: Tensor) -> float:
+    """Share of non-zero teacher weights (how much of the target mixture is real work)."""
+    n, m = logits.shape[:2]
+    q = torch.softmax(logits[:, m - 1], dim=2).reshape(n, -1)
+    alpha = teacher_weights(cosine_similarity_rows(q), algo.setup.data_weights, algo.params.mu)
+    return float((alpha > 0).to(torch.float64).mean())

@@ -1,0 +1,285 @@
+"""``cafedist scaling-report RUN_DIR...``: the table and plot of a scaling sweep.
+
+Reads each run's ``metrics.jsonl`` (the loop's per-round timers and byte counters, written
+by rank 0), plus ``summary.json`` and ``config.yaml`` when present, and writes
+``scaling.md``, ``scaling.csv`` and ``scaling.png`` (atomically, via :mod:`cafedist.fsutil`).
+
+Per run: ranks, clients per rank, mean round time (round 0 is skipped as warm-up when a run
+has more than 2 rounds), its split into local training / communication / aggregation /
+evaluation (rank 0's timers; "other" is the rest: proxy inference, bookkeeping), bytes per
+round, and the scaling efficiency relative to the run with the smallest world size:
+
+* **weak** scaling (clients per rank constant, total grows with the ranks):
+  ``efficiency = t_base / t_N`` (1.0 = perfect: N times the work in the same time). With a
+  fixed dataset, more clients means fewer samples per client, so when the runs' stores can be
+  found the efficiency is normalised by the training samples of the busiest rank:
+  ``(t_base / s_base) / (t_N / s_N)`` (column ``samples_per_rank``);
+* **strong** scaling (total clients constant): ``efficiency = t_base / (t_N * N / N_base)``;
+* otherwise the run is not comparable to the baseline and gets no efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cafedist.errors import DataError
+from cafedist.fsutil import atomic_output, write_text_atomic
+
+TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
+_REQUIRED = ("round", "seconds", "world_size", "clients_per_rank", *TIMERS)
+
+
+@dataclass
+class RunStats:
+    """What the report needs from one run directory."""
+
+    path: Path
+    ranks: int
+    clients_per_rank: list[int]
+    rounds_used: int
+    rounds_total: int
+    round_s: float
+    timers: dict[str, float]
+    wire_bytes_per_round: float
+    logical_bytes_per_round: float
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    samples_per_rank: int | None = None  # training samples of the busiest rank (None: store not found)
+
+    @property
+    def clients(self) -> int:
+        return sum(self.clients_per_rank)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (expected the metrics.jsonl of a run written by `cafedist train`)")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: not a JSON object (expected one metrics record per line)") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in _REQUIRED if k not in rec]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (written by an older cafedist?)")
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no rounds recorded yet")
+    return records
+
+
+def _read_optional(path: Path, loader) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = loader(path.read_text())
+    except (ValueError, yaml.YAMLError):
+        raise DataError(f"{path}: unreadable (expected the file `cafedist train` writes)") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def busiest_rank_samples(config: dict[str, Any], ranks: int, run_dir: Path) -> int | None:
+    """Training samples of the busiest rank under the loop's placement, from the run's store."""
+    from cafedist.config import config_from_dict
+    from cafedist.data.store import Store
+    from cafedist.dist.placement import place_clients
+    from cafedist.errors import CafeError
+
+    try:
+        cfg = config_from_dict(config)
+        store = cfg.data.store_path(cfg.seed)
+        for candidate in (store, run_dir.parent / store, run_dir / store):
+            if candidate.is_file():
+                with Store(candidate) as st:
+                    sizes = [tr for tr, _ in st.client_sizes()]
+                return max(sum(sizes[c] for c in part) for part in place_clients(sizes, ranks))
+    except (CafeError, OSError, ValueError):
+        return None
+    return None
+
+
+def load_run(run_dir: str | Path) -> RunStats:
+    """Summarise one run directory (mean over rounds, round 0 skipped when > 2 rounds)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise DataError(f"{run}: not a directory (expected a run directory written by `cafedist train`)")
+    records = _read_metrics(run / "metrics.jsonl")
+    used = records[1:] if len(records) > 2 else records
+    world = {int(r["world_size"]) for r in records}
+    if len(world) > 1:
+        raise DataError(f"{run / 'metrics.jsonl'}: world_size changes between rounds {sorted(world)} "
+                        f"(a resume on another number of ranks): time one world size per run")
+    cpr = [int(c) for c in records[-1]["clients_per_rank"]]
+    config = _read_optional(run / "config.yaml", yaml.safe_load)
+    logical = [(r.get("bytes_up", 0) + r.get("bytes_down", 0)) * r.get("clients_trained", sum(cpr)) for r in used]
+    return RunStats(
+        path=run, ranks=next(iter(world)), clients_per_rank=cpr, rounds_used=len(used), rounds_total=len(records),
+        round_s=_mean([float(r["seconds"]) for r in used]),
+        timers={k: _mean([float(r[k]) for r in used]) for k in TIMERS},
+        wire_bytes_per_round=_mean([float(r.get("wire_bytes", 0)) for r in used]),
+        logical_bytes_per_round=_mean([float(v) for v in logical]),
+        config=config,
+        summary=_read_optional(run / "summary.json", json.loads),
+        samples_per_rank=busiest_rank_samples(config, next(iter(world)), run) if config else None,
+    )
+
+
+def scaling_table(runs: list[RunStats]) -> list[dict[str, Any]]:
+    """One row per run, sorted by ranks, with weak/strong efficiency against the smallest world size."""
+    if not runs:
+        return []
+    runs = sorted(runs, key=lambda r: (r.ranks, r.clients))
+    base = runs[0]
+    rows = []
+    for r in runs:
+        mode, eff = _efficiency(base, r)
+        split = {k[2:]: round(v, 4) for k, v in r.timers.items()}
+        other = r.round_s - sum(r.timers.values())
+        rows.append({
+            "run": r.path.name, "ranks": r.ranks, "clients": r.clients,
+            "clients_per_rank": "/".join(str(c) for c in r.clients_per_rank),
+            "rounds": r.rounds_used, "samples_per_rank": r.samples_per_rank, "round_s": round(r.round_s, 4), **split, "other": round(max(other, 0.0), 4),
+            "wire_mb_per_round": round(r.wire_bytes_per_round / 2**20, 3),
+            "logical_mb_per_round": round(r.logical_bytes_per_round / 2**20, 3),
+            "speedup": round(base.round_s / r.round_s, 3) if r.round_s > 0 else None,
+            "mode": mode, "efficiency": None if eff is None else round(eff, 3),
+        })
+    return rows
+
+
+def _efficiency(base: RunStats, run: RunStats) -> tuple[str, float | None]:
+    """(mode, efficiency) of ``run`` relative to ``base``."""
+    if run.round_s <= 0:
+        return "n/a", None
+    if run is base or (run.ranks == base.ranks and run.clients == base.clients):
+        return "baseline", base.round_s / run.round_s
+    if run.clients == base.clients:
+        return "strong", base.round_s / (run.round_s * run.ranks / base.ranks)
+    if max(run.clients_per_rank) == max(base.clients_per_rank) and \
+            min(run.clients_per_rank) == min(base.clients_per_rank):
+        if base.samples_per_rank and run.samples_per_rank:  # same clients per rank, maybe not same work
+            return "weak", (base.round_s / base.samples_per_rank) / (run.round_s / run.samples_per_rank)
+        return "weak", base.round_s / run.round_s
+    return "n/a", None
+
+
+# ----------------------------------------------------------------------------- outputs
+_COLUMNS = ("run", "ranks", "clients", "clients_per_rank", "rounds", "samples_per_rank", "round_s", "local", "comm", "aggregate",
+            "eval", "other", "wire_mb_per_round", "logical_mb_per_round", "speedup", "mode", "efficiency")
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """The table as CSV text."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in _COLUMNS})
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[dict[str, Any]], runs: list[RunStats]) -> str:
+    """The table as Markdown, with what the columns mean and which scaling mode applies."""
+    head = "| " + " | ".join(_COLUMNS) + " |\n|" + "|".join("---" for _ in _COLUMNS) + "|\n"
+    body = "".join("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in _COLUMNS) + " |\n"
+                   for r in rows)
+    modes = sorted({r["mode"] for r in rows if r["mode"] not in ("baseline", "n/a")})
+    base = rows[0] if rows else None
+    lines = ["# Scaling report", ""]
+    if base:
+        lines.append(f"Baseline: `{base['run']}` ({base['ranks']} rank(s), {base['clients']} clients). "
+                     f"Scaling mode: {', '.join(modes) or 'none (no comparable runs)'}.")
+        lines.append("")
+    lines += [head + body,
+              "Times are seconds per round on rank 0, averaged over the rounds counted "
+              "(round 0 skipped as warm-up when a run has more than 2 rounds); `other` = round time "
+              "minus the four timers (proxy inference, bookkeeping). `wire_mb_per_round`: bytes all ranks "
+              "put on the wire; `logical_mb_per_round`: per-client payload (up + down) x clients trained.",
+              "Weak scaling (clients per rank constant): efficiency = t_base / t_N, normalised by the "
+              "training samples of the busiest rank when known: (t_base / s_base) / (t_N / s_N). "
+              "Strong scaling (total clients constant): efficiency = t_base / (t_N x N / N_base).", ""]
+    names = {json.dumps({k: v for k, v in r.config.items() if k != "data"}, sort_keys=True) for r in runs}
+    if len(names) > 1:
+        lines.append("Note: the runs differ in more than the data section of their configs; compare with care.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Stacked round-time split per run (left) and efficiency vs ranks (right), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['ranks']}r\n{r['clients_per_rank']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in ("local", "comm", "aggregate", "eval", "other"):
+        vals = [float(r[part]) for r in rows]
+        ax1.bar(labels, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax1.set_ylabel("seconds per round (rank 0)")
+    ax1.set_xlabel("ranks / clients per rank")
+    ax1.legend(fontsize=8)
+    ax1.set_title("round time split")
+    for mode, marker in (("weak", "o-"), ("strong", "s-")):
+        pts = [(r["ranks"], r["efficiency"]) for r in rows if r["mode"] in (mode, "baseline") and r["efficiency"]]
+        if len(pts) > 1:
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"{mode} scaling")
+    ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax2.set_xlabel("ranks")
+    ax2.set_ylabel("efficiency")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("scaling efficiency")
+    if ax2.lines[1:]:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Read the runs, write scaling.md / scaling.csv / scaling.png into ``out_dir``; returns the paths."""
+    runs = [load_run(d) for d in run_dirs]
+    rows = scaling_table(runs)
+    out = Path(out_dir)
+    paths = {"md": out / "scaling.md", "csv": out / "scaling.csv", "png": out / "scaling.png"}
+    write_text_atomic(paths["md"], to_markdown(rows, runs))
+    write_text_atomic(paths["csv"], to_csv(rows))
+    plot(rows, paths["png"])
+    return paths
+
+
+# ----------------------------------------------------------------------------- command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cafedist scaling-report``."""
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of one sweep")
+    parser.add_argument("--out", default=None,
+                        help="where to write scaling.md/.csv/.png (default: the first run's parent directory)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Write the report and print its table."""
+    out = args.out or str(Path(args.run_dirs[0]).resolve().parent)
+    paths = write_report(args.run_dirs, out)
+    print(paths["md"].read_text(), end="")
+    print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}")
+    return 0

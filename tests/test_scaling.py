@@ -1,0 +1,113 @@
+"""`cafedist scaling-report` on synthetic metrics files: numbers, modes, outputs, errors."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from cafedist.cli import main as cli_main
+from cafedist.errors import DataError
+from cafedist.scaling import load_run, scaling_table, write_report
+
+
+def _record(rnd, world, cpr, seconds, split=(0.5, 0.2, 0.1, 0.1), wire=1000):
+    t_local, t_comm, t_agg, t_eval = (seconds * f for f in split)
+    return {"round": rnd, "acc_per_exit": [0.5, 0.6], "loss": 1.0, "n_students": 0, "bytes_up": 400,
+            "bytes_down": 100, "wire_bytes": wire, "clients_trained": sum(cpr), "t_local": t_local,
+            "t_comm": t_comm, "t_aggregate": t_agg, "t_eval": t_eval, "seconds": seconds,
+            "world_size": world, "clients_per_rank": cpr}
+
+
+def _run(tmp_path, name, world, cpr, seconds, clients=None, summary=True):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(_record(i, world, cpr, s)) + "\n"
+                                             for i, s in enumerate(seconds)))
+    (d / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "data": {"clients": clients or sum(cpr),
+                                                                       "cache_dir": str(tmp_path / "none")}}))
+    if summary:
+        (d / "summary.json").write_text(json.dumps({"n_params": 10, "ratio_to_fedavg": 0.1}))
+    return d
+
+
+def test_round_zero_is_skipped_as_warmup_only_when_there_are_more_than_two_rounds(tmp_path):
+    long = load_run(_run(tmp_path, "long", 1, [4], [10.0, 2.0, 4.0]))
+    assert long.rounds_used == 2 and long.round_s == pytest.approx(3.0)
+    assert long.timers["t_local"] == pytest.approx(1.5)
+    assert long.logical_bytes_per_round == pytest.approx(500 * 4)
+    short = load_run(_run(tmp_path, "short", 1, [4], [10.0, 2.0], summary=False))
+    assert short.rounds_used == 2 and short.round_s == pytest.approx(6.0)
+    assert short.summary == {}
+
+
+def test_strong_scaling_efficiency(tmp_path):
+    runs = [load_run(_run(tmp_path, "w4", 4, [2, 2, 2, 2], [9, 1.0, 1.0])),
+            load_run(_run(tmp_path, "w1", 1, [8], [9, 2.0, 2.0])),
+            load_run(_run(tmp_path, "w2", 2, [4, 4], [9, 1.25, 1.25]))]
+    rows = scaling_table(runs)
+    assert [r["ranks"] for r in rows] == [1, 2, 4]  # sorted; the smallest world size is the baseline
+    assert [r["mode"] for r in rows] == ["baseline", "strong", "strong"]
+    assert rows[1]["speedup"] == pytest.approx(1.6)
+    assert rows[1]["efficiency"] == pytest.approx(2.0 / (1.25 * 2))
+    assert rows[2]["efficiency"] == pytest.approx(2.0 / (1.0 * 4))
+    assert rows[2]["clients_per_rank"] == "2/2/2/2"
+    assert rows[0]["local"] == pytest.approx(1.0) and rows[0]["other"] == pytest.approx(0.2)
+
+
+def test_weak_scaling_efficiency_and_incomparable_runs(tmp_path):
+    runs = [load_run(_run(tmp_path, "a", 1, [2], [5, 1.0, 1.0])),
+            load_run(_run(tmp_path, "b", 2, [2, 2], [5, 1.25, 1.25])),
+            load_run(_run(tmp_path, "c", 2, [3, 2], [5, 1.0, 1.0]))]
+    rows = {r["run"]: r for r in scaling_table(runs)}
+    assert rows["b"]["mode"] == "weak" and rows["b"]["efficiency"] == pytest.approx(0.8)
+    assert rows["c"]["mode"] == "n/a" and rows["c"]["efficiency"] is None
+    assert rows["b"]["samples_per_rank"] is None  # no store found: efficiency is not sample-normalised
+
+
+def test_write_report_outputs(tmp_path):
+    dirs = [_run(tmp_path, f"w{w}", w, [4 // w] * w, [3, 1.0 / w ** 0.5, 1.0 / w ** 0.5]) for w in (1, 2, 4)]
+    out = tmp_path / "report"
+    paths = write_report(dirs, out)
+    md = paths["md"].read_text()
+    assert "| run | ranks |" in md and "strong" in md and "w4" in md
+    table = list(csv.DictReader(paths["csv"].open()))
+    assert [int(r["ranks"]) for r in table] == [1, 2, 4]
+    assert float(table[1]["efficiency"]) == pytest.approx(2 ** 0.5 / 2, abs=1e-3)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_cli_scaling_report(tmp_path, capsys):
+    dirs = [str(_run(tmp_path, f"w{w}", w, [2] * w, [3, 1.0, 1.1])) for w in (1, 2)]
+    assert cli_main(["scaling-report", *dirs, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "weak" in out and (tmp_path / "o" / "scaling.png").is_file()
+    assert cli_main(["scaling-report", dirs[0]]) == 0  # default --out: the runs' parent directory
+    assert (tmp_path / "scaling.md").is_file()
+
+
+def test_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        load_run(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="metrics.jsonl: not found"):
+        load_run(empty)
+    bad = _run(tmp_path, "bad", 1, [2], [1.0, 1.0])
+    with open(bad / "metrics.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl:3: not a JSON object"):
+        load_run(bad)
+    old = _run(tmp_path, "old", 1, [2], [1.0])
+    rec = json.loads((old / "metrics.jsonl").read_text())
+    del rec["t_comm"]
+    (old / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match="missing field 't_comm'"):
+        load_run(old)
+    mixed = _run(tmp_path, "mixed", 1, [2], [1.0])
+    with open(mixed / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(_record(1, 2, [1, 1], 1.0)) + "\n")
+    with pytest.raises(DataError, match="world_size changes"):
+        load_run(mixed)
+    assert cli_main(["scaling-report", str(empty)]) == 2

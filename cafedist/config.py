@@ -91,11 +91,17 @@ class TrainConfig:
     weight_decay: float = 5e-4
     eval_every: int = 1  # evaluate every k rounds (the last round always)
     clients_per_round: float = 1.0  # fraction (<= 1) or count (> 1) of clients that train each round
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    # YAML 1.1 reads a bare off/on as false/true: both spellings are accepted
+    amp: Literal["off", "bf16", "fp16"] | bool = "off"
     compile: bool = False
-    packed: Literal["auto", "on", "off"] = "auto"  # step same-architecture clients together (vmap)
+    packed: Literal["auto", "on", "off"] | bool = "auto"  # step same-architecture clients together (vmap)
 
     def validate(self) -> None:
+        if isinstance(self.amp, bool):
+            _check(not self.amp, "train.amp", "expected 'off', 'bf16' or 'fp16', got true")
+            self.amp = "off"
+        if isinstance(self.packed, bool):
+            self.packed = "on" if self.packed else "off"
         _check(self.rounds >= 1, "train.rounds", f"must be >= 1, got {self.rounds}")
         _check(self.local_epochs >= 1, "train.local_epochs", f"must be >= 1, got {self.local_epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")

@@ -39,6 +39,8 @@ def test_overrides_are_typed_and_dotted(tmp_path):
     ({"algorithm": {"cafedistill": {"mu": 0}}}, "algorithm.cafedistill.mu"),
     ({"comm": {"logits_dtype": "int8"}}, "comm.logits_dtype"),
     ({"train": {"amp": True}}, "train.amp"),
+    ({"train": {"amp": "fp8"}}, "train.amp"),
+    ({"train": {"packed": "sometimes"}}, "train.packed"),
 ])
 def test_bad_values_name_the_field(raw, field):
     with pytest.raises(ConfigError) as exc:
@@ -69,3 +71,9 @@ def test_hash_ignores_runtime_only_sections():
     c = config_from_dict({"seed": 1})
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert isinstance(Config().to_dict()["algorithm"]["cafedistill"], dict)
+
+
+def test_yaml_on_off_spellings():
+    cfg = load_config(None, ["train.amp=off", "train.packed=on"])
+    assert cfg.train.amp == "off" and cfg.train.packed == "on"
+    assert load_config(None, ["train.packed=off"]).train.packed == "off"

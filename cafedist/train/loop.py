@@ -46,6 +46,7 @@ from cafedist.train.checkpoint import CheckpointDir, load_torch
 from cafedist.train.faults import maybe_fault
 from cafedist.train.client import Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits
 from cafedist.train.metrics import MetricsLog
+from cafedist.train.packed import pack_blocker, packed_local_update
 from cafedist.train.progress import Progress
 from cafedist.train.signals import StopFlag
 
@@ -146,6 +147,7 @@ class Trainer:
         self.algo.bind_model(probe)
         self.shared_keys, self.shared_masks = self._shared_layout(probe)
         self.clients = [self._make_client(cid) for cid in self.my_ids]
+        self.use_packed = self._decide_packing()
 
     def _shared_layout(self, probe) -> tuple[list[str], dict[int, Tensor] | None]:
         """Which parameters are averaged, and each client's flat holding mask (None: all hold all)."""
@@ -216,16 +218,7 @@ class Trainer:
         # 1. local updates
         maybe_fault("local", rnd, self.rt.rank)
         t = time.perf_counter()
-        losses = []
-        for c in self.clients:
-            if not active[c.cid]:
-                losses.append(float("nan"))
-                continue
-            prev_idx = None
-            if "targets_round" in c.state and self.proxy_x is not None:
-                prev_idx = proxy_subset(cfg.seed, int(c.state["targets_round"]), self.proxy_x.shape[0],
-                                        self.proxy_size).to(self.device)
-            losses.append(local_update(c, algo, cfg.train, rnd, cfg.seed, self.proxy_x, prev_idx))
+        losses = self._local_updates(rnd, active)
         timers["t_local"] = time.perf_counter() - t
         n_students = sum(int(algo.students(c.state)[:-1].sum()) for c in self.clients if active[c.cid])
 
@@ -302,6 +295,40 @@ class Trainer:
         record.update({k: round(v, 6) for k, v in timers.items()})
         record["seconds"] = round(time.perf_counter() - t_start, 6)
         return record
+
+    def _targets_subset(self, c: Client) -> Tensor | None:
+        """The proxy subset a client's current targets were computed on (None: no targets)."""
+        if "targets_round" not in c.state or self.proxy_x is None:
+            return None
+        return proxy_subset(self.cfg.seed, int(c.state["targets_round"]), self.proxy_x.shape[0],
+                            self.proxy_size).to(self.device)
+
+    def _local_updates(self, rnd: int, active: Tensor) -> list[float]:
+        """Local training of my active clients (packed when ``train.packed`` says so); NaN for idle ones."""
+        cfg, algo = self.cfg, self.algo
+        mine = [c for c in self.clients if active[c.cid]]
+        losses: dict[int, float] = {}
+        if mine and self.use_packed:
+            trained = packed_local_update(mine, algo, cfg.train, rnd, cfg.seed, self.proxy_x,
+                                          [self._targets_subset(c) for c in mine])
+            losses = {c.cid: loss for c, loss in zip(mine, trained)}
+        else:
+            for c in mine:
+                losses[c.cid] = local_update(c, algo, cfg.train, rnd, cfg.seed, self.proxy_x, self._targets_subset(c))
+        return [losses.get(c.cid, float("nan")) for c in self.clients]
+
+    def _decide_packing(self) -> bool:
+        """``train.packed``: auto packs on CUDA only (on CPU a vmapped grouped convolution is
+        slower than separate ones, docs/PERFORMANCE.md); on packs wherever possible."""
+        mode = self.cfg.train.packed
+        if mode == "off" or len(self.clients) < 2:
+            return False
+        reason = pack_blocker(self.clients, self.algo)
+        if reason is not None:
+            if mode == "on" and self.rt.is_main:
+                log.warning("train.packed=on: clients are trained one after another (%s)", reason)
+            return False
+        return mode == "on" or self.device.type == "cuda"
 
     def _average_shared(self, active: Tensor) -> int:
         """Replace shared parameters of my clients by the weighted average over active holders.

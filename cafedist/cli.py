@@ -1,4 +1,4 @@
-"""``cafedist`` command line: prepare | train | eval (and more, one module per command).
+"""``cafedist`` command line: prepare | train | eval | compare | submit | bench | scaling-report.
 
 Bad input (a :class:`~cafedist.errors.CafeError`) is reported as one line
 ``cafedist: error: ...`` with exit status 2; a run stopped by SIGTERM/SIGUSR1 exits with
@@ -8,6 +8,7 @@ Bad input (a :class:`~cafedist.errors.CafeError`) is reported as one line
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -85,23 +86,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- prepare
-def _add_prepare(p: argparse.ArgumentParser) -> None:
-    from cafedist.data import prepare
+# ----------------------------------------------------------------------------- the command table
+def _lazy(module: str) -> tuple[Callable, Callable]:
+    """(add_arguments, main) of a command module, imported only when that command is used."""
 
-    prepare.add_arguments(p)
+    def add(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).main(args)
+
+    return add, run
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from cafedist.data import prepare
-
-    return prepare.main(args)
-
-
+# name -> (help, add_arguments, main); every module named here exposes add_arguments(parser) and main(args)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "prepare": ("build a federated HDF5 store from a dataset (or --describe one)", _add_prepare, _prepare),
+    "prepare": ("build a federated HDF5 store from a dataset (or --describe one)", *_lazy("cafedist.data.prepare")),
     "train": ("train (or resume) a run; works plainly and under torchrun/srun/mpiexec", _add_train, _train),
     "eval": ("evaluate a finished run: per-exit, per-client and dynamic-inference accuracy", _add_eval, _eval),
+    "compare": ("run every (algorithm, seed) of a config and report mean ± std per exit, dynamic inference, cost",
+                *_lazy("cafedist.compare")),
+    "submit": ("submit a run or a sweep (job array) to Slurm with submitit, requeued on preemption; "
+               "--local without Slurm", *_lazy("cafedist.submit")),
+    "bench": ("performance benchmarks: local | packed | aggregate | comm | scaling (ratios measured side by side)",
+              *_lazy("cafedist.bench")),
+    "scaling-report": ("table (md/csv) and plot of a scaling sweep's run directories", *_lazy("cafedist.scaling")),
 }
 
 

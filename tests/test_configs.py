@@ -41,3 +41,10 @@ def test_config_reference_documents_every_field():
 
     for f in dataclasses.fields(CAFEDistillParams):
         assert f"`{f.name}`" in text, f"algorithm.cafedistill.{f.name} missing from docs/CONFIG.md"
+
+
+def test_algorithm_reference_is_current():
+    from cafedist.algorithms import reference_markdown
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ALGORITHMS.md").read_text()
+    assert text == reference_markdown(), "docs/ALGORITHMS.md is stale: regenerate it (see reference_markdown)"

@@ -43,3 +43,34 @@ def get_algorithm(name: str, field_name: str = "algorithm.name") -> type[Algorit
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientView", "LocalBatch", "Phase", "Setup", "get_algorithm"]
+
+
+def reference_markdown() -> str:
+    """``docs/ALGORITHMS.md``: every registered algorithm, its source line and parameters.
+
+    Generated from the code (module docstrings and ``Params`` dataclasses), so it cannot drift;
+    ``tests/test_configs.py`` checks the file is current. Regenerate with
+    ``python -c "from cafedist.algorithms import reference_markdown as r; print(r(), end='')" > docs/ALGORITHMS.md``.
+    """
+    import dataclasses
+    import sys
+
+    lines = ["# Algorithms", "",
+             "Every algorithm runs on the same early-exit models, store, launchers, checkpoints and metrics.",
+             "Select one with `algorithm.name=NAME`; its parameters live in `algorithm.NAME.*`.",
+             "The module docstring of each (`cafedist/algorithms/<module>.py`) gives the source, the",
+             "reference defaults and every deviation. *(Generated from the code.)*", ""]
+    for name, cls in ALGORITHMS.items():
+        module = sys.modules[cls.__module__]
+        title = (module.__doc__ or cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        lines += [f"## `{name}`", "", f"{title} (`{cls.__module__.replace('.', '/')}.py`)", ""]
+        fields = dataclasses.fields(cls.Params) if dataclasses.is_dataclass(cls.Params) else ()
+        if not fields:
+            lines += ["No parameters.", ""]
+            continue
+        lines += ["| parameter | default |", "|---|---|"]
+        defaults = cls.Params()
+        for f in fields:
+            lines.append(f"| `{f.name}` | `{getattr(defaults, f.name)!r}` |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,681 @@
+"""``cafedist compare``: every (algorithm, seed) of one config, then one report.
+
+::
+
+    cafedist compare --config configs/digits.yaml --algorithms all --seeds 3 --out runs/cmp
+    cafedist compare --config configs/digits.yaml --algorithms cafedistill,fedavg --seeds 0,5 \\
+        --out runs/cmp train.rounds=10 --jobs 2
+    cafedist compare ... --submit [--local] [--partition gpu --time 2:00:00]
+
+Each run is an ordinary ``cafedist train`` into ``OUT/runs/<algorithm>/seed<seed>``: a
+subprocess (``--jobs`` at a time), so a crashing run is reported and the others go on, or a
+submitit job per run with ``--submit`` (through :mod:`cafedist.submit`). A run whose
+``summary.json`` was written by the same resolved config is not redone; an unfinished one is
+resumed by ``train``'s ``--resume auto``. Then ``OUT/results.md``, ``OUT/results.csv``,
+``OUT/accuracy_vs_macs.png`` and ``OUT/per_exit_accuracy.png`` are written (atomically)
+from the summaries: mean and sample standard deviation over seeds.
+
+Besides the registered algorithms there are ablations of CAFEDistill (:data:`ABLATIONS`),
+run as ``cafedistill`` with one switch turned off; ``all`` includes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import statistics
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from cafedist.errors import ConfigError
+from cafedist.fsutil import write_text_atomic
+
+log = logging.getLogger("cafedist")
+
+#: thresholds at which the report lists dynamic-inference accuracy and MACs
+REPORT_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+#: the method every other row is read against: listed first, its ablations next to it
+REFERENCE = "cafedistill"
+
+#: pseudo-algorithms: name -> (registered algorithm, parameters of its section to set)
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cafedistill-nokd": ("cafedistill", {"cross_client_kd": False}),
+    "cafedistill-nosel": ("cafedistill", {"student_selection": False}),
+}
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so children import this cafedist from any cwd
+
+
+# ----------------------------------------------------------------------------- what to run
+@dataclass(frozen=True)
+class Variant:
+    """A row of the comparison: a registered algorithm plus config overrides."""
+
+    name: str
+    algorithm: str
+    overrides: tuple[str, ...] = ()
+
+
+def _yaml_scalar(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (bool, int, float)) else str(value)
+
+
+def available_variants() -> dict[str, Variant]:
+    """Every registered algorithm and every ablation whose base algorithm is registered, in
+    report order: the reference method, its ablations, then the rest alphabetically."""
+    from cafedist.algorithms import ALGORITHMS
+
+    out = {name: Variant(name, name, (f"algorithm.name={name}",)) for name in ALGORITHMS}
+    for name, (base, params) in ABLATIONS.items():
+        if base in ALGORITHMS and name not in out:
+            sets = tuple(f"algorithm.{base}.{k}={_yaml_scalar(v)}" for k, v in params.items())
+            out[name] = Variant(name, base, (f"algorithm.name={base}", *sets))
+
+    def rank(name: str) -> tuple[int, str]:
+        if name == REFERENCE:
+            return 0, name
+        return (1 if name in ABLATIONS and ABLATIONS[name][0] == REFERENCE else 2), name
+
+    return {name: out[name] for name in sorted(out, key=rank)}
+
+
+def resolve_algorithms(spec: str | Sequence[str]) -> list[Variant]:
+    """``"all"`` or ``"a,b,c"`` (or a list of names) -> variants, in the given order, no duplicates."""
+    known = available_variants()
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ConfigError("--algorithms: expected 'all' or a comma-separated list of algorithm names")
+    if names == ["all"]:
+        return list(known.values())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--algorithms: unknown algorithm {unknown[0]!r} (choices: all, {', '.join(known)})")
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+def resolve_seeds(spec: str | int | Sequence[int], base_seed: int) -> list[int]:
+    """A count ``k`` -> ``base_seed + 0 .. k-1``; a comma list ``"0,5,7"`` (or a sequence) -> those seeds."""
+    if isinstance(spec, int):
+        count: int | None = spec
+        seeds: list[int] = []
+    elif isinstance(spec, str) and "," not in spec:
+        try:
+            count, seeds = int(spec), []
+        except ValueError:
+            raise ConfigError(f"--seeds {spec!r}: expected a number of seeds (e.g. 3) "
+                              "or a comma-separated list (e.g. 0,5,7)") from None
+    else:
+        count = None
+        items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+        try:
+            seeds = [int(s) for s in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--seeds {spec!r}: expected comma-separated integers, e.g. 0,5,7") from None
+    if count is not None:
+        if count < 1:
+            raise ConfigError(f"--seeds {spec!r}: expected at least 1 seed")
+        seeds = [base_seed + k for k in range(count)]
+    if not seeds:
+        raise ConfigError(f"--seeds {spec!r}: expected at least 1 seed")
+    return list(dict.fromkeys(seeds))
+
+
+@dataclass
+class PlannedRun:
+    """One (variant, seed) of a comparison and the ``cafedist train`` that produces it."""
+
+    variant: Variant
+    seed: int
+    run_dir: Path
+    config: str | None  # absolute path of the YAML file
+    overrides: tuple[str, ...]  # user overrides, then the variant's, then the seed
+    config_hash: str  # of the resolved config: what a reusable summary.json must carry
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name} seed{self.seed}"
+
+    def train_argv(self) -> list[str]:
+        """Arguments of ``cafedist`` (``train`` and its options) for this run."""
+        from cafedist.submit import RunSpec
+
+        return RunSpec(self.config, str(self.run_dir), self.overrides).train_argv()
+
+    def finished_summary(self) -> dict | None:
+        """The run's summary if it is finished with this very config, else None."""
+        path = self.run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if summary.get("config_hash") == self.config_hash else None
+
+
+def plan_runs(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
+              out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every (variant, seed) run, its directory and its resolved config (validated now, so a
+    typo fails before anything starts). Seeds given as a count start at the config's seed."""
+    from cafedist.config import config_hash, load_config
+
+    config_path = str(Path(config).resolve()) if config else None
+    base = load_config(config_path, list(overrides))
+    runs = []
+    for variant in variants:
+        for seed in resolve_seeds(seeds, base.seed):
+            # later overrides win: the variant and the seed are what compare controls
+            ovr = (*overrides, *variant.overrides, f"seed={seed}")
+            cfg = load_config(config_path, list(ovr))
+            runs.append(PlannedRun(variant, seed, Path(out).resolve() / "runs" / variant.name / f"seed{seed}",
+                                   config_path, ovr, config_hash(cfg)))
+    return runs
+
+
+# ----------------------------------------------------------------------------- running
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class RunOutcome:
+    """How one planned run ended in this invocation."""
+
+    run: PlannedRun
+    status: Status
+    message: str = ""
+    seconds: float = 0.0
+
+
+def _last_error(text: str) -> str:
+    """The line of a train log that says what went wrong (its last error line, else its last line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("cafedist: error:") or "Error" in ln.split(":")[0]]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def _child_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(_PACKAGE_ROOT), *[p for p in parts if p != str(_PACKAGE_ROOT)]])
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        # concurrent runs would each start one thread per core: share the cores instead
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+class _Children:
+    """The training subprocesses running now, so that stopping compare stops them too: an
+    orphaned run would go on writing into a directory the next compare may start again."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def run(self, cmd: list[str], **kwargs: Any) -> int:
+        """Start ``cmd`` and wait for it (refused once :meth:`stop_all` was called)."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("compare is stopping: run not started")
+            proc = subprocess.Popen(cmd, **kwargs)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def stop_all(self) -> None:
+        """SIGTERM every child (``train`` writes a checkpoint and exits) and wait for them."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+_CHILDREN = _Children()
+
+
+def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
+    """``python -m cafedist train ...`` for ``run``; output appended to ``RUN_DIR/train.log``."""
+    cmd = [sys.executable, "-m", "cafedist", *run.train_argv()]
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = run.run_dir / "train.log"
+    t0 = time.perf_counter()
+    with open(logfile, "a") as fh:
+        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        fh.flush()
+        code = _CHILDREN.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(jobs),
+                             stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    if code == 0 and run.finished_summary() is not None:
+        return RunOutcome(run, "done", seconds=seconds)
+    why = f"exit status {code}" if code else "no summary.json written"
+    tail = logfile.read_text(errors="replace")[-20000:]
+    return RunOutcome(run, "failed", f"{why}: {_last_error(tail)} (log: {logfile})", seconds)
+
+
+@dataclass
+class SubmitOptions:
+    """``--submit``: one submitit job per run, on Slurm or (``local``) as local processes.
+
+    Fields left ``None`` take ``cafedist submit``'s defaults.
+    """
+
+    local: bool = False
+    time: str | None = None
+    partition: str | None = None
+    nodes: int | None = None
+    tasks_per_node: int | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    slurm_arg: list[str] = field(default_factory=list)
+
+
+def run_submitit(runs: Sequence[PlannedRun], options: SubmitOptions, folder: Path,
+                 jobs: int | None = None) -> list[RunOutcome]:
+    """Submit the runs as jobs through :mod:`cafedist.submit` and wait for them.
+
+    Slurm: one job array, at most ``jobs`` elements at once (None: no limit). Local: waves of
+    ``jobs`` (default 1) jobs, since the local executor starts everything it is given at once.
+    """
+    from cafedist import submit
+
+    parser = argparse.ArgumentParser()
+    submit.add_arguments(parser)
+    ns = parser.parse_args(["--out", str(folder)])  # the defaults of every executor option
+    for key, value in vars(options).items():
+        if value is not None and value != []:
+            setattr(ns, key, value)
+    ns.job_name = "cafedist-compare"
+    ns.array_parallelism = None if options.local else jobs
+    params = submit.executor_parameters(ns)
+    executor = submit.make_executor(folder / "%j", options.local, params)
+    env = {"OMP_NUM_THREADS": str(ns.cpus_per_task)}
+    specs = [submit.RunSpec(r.config, str(r.run_dir), r.overrides, label=r.label) for r in runs]
+    wave = (jobs or 1) if options.local else len(specs)
+    outcomes: list[RunOutcome] = []
+    for start in range(0, len(specs), wave):
+        part, part_runs = specs[start:start + wave], list(runs[start:start + wave])
+        t0 = time.perf_counter()
+        submitted = submit.submit_runs(executor, part, env)
+        for job, run in zip(submitted, part_runs):
+            log.info("compare: %s submitted as job %s (logs: %s)", run.label, job.job_id, job.paths.stderr.parent)
+        for res, run in zip(submit.wait_for(submitted, part), part_runs):
+            ok = res.ok and run.finished_summary() is not None
+            msg = "" if ok else (res.error or "no summary.json written") + f" (job {res.job_id})"
+            outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))
+    return outcomes
+
+
+def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: SubmitOptions | None = None,
+            submit_folder: Path | None = None,
+            runner: Callable[[PlannedRun, int], RunOutcome] = run_subprocess) -> list[RunOutcome]:
+    """Run what is not finished yet, ``jobs`` at a time (default: 1 locally, no limit on Slurm);
+    returns one outcome per run, in plan order. ``runner`` runs one plan locally."""
+    outcomes: dict[int, RunOutcome] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        if run.finished_summary() is not None:
+            outcomes[i] = RunOutcome(run, "skipped", "finished earlier with the same config")
+            log.info("compare: [%d/%d] %s: skipped (finished, summary.json matches the config)",
+                     i + 1, len(runs), run.label)
+        else:
+            todo.append(i)
+    if todo and submit is not None:
+        folder = submit_folder or runs[0].run_dir.parents[2] / "submitit"
+        for i, res in zip(todo, run_submitit([runs[i] for i in todo], submit, folder, jobs)):
+            outcomes[i] = res
+            _log_outcome(i, len(runs), res)
+    elif todo:
+        jobs = jobs or 1
+
+        def one(i: int) -> None:
+            log.info("compare: [%d/%d] %s: running", i + 1, len(runs), runs[i].label)
+            outcomes[i] = runner(runs[i], jobs)
+            _log_outcome(i, len(runs), outcomes[i])
+
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            list(pool.map(one, todo))
+        except BaseException:  # Ctrl-C or SIGTERM: start nothing more, stop what runs (it checkpoints)
+            pool.shutdown(wait=False, cancel_futures=True)
+            _CHILDREN.stop_all()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+    return [outcomes[i] for i in range(len(runs))]
+
+
+def _log_outcome(i: int, total: int, res: RunOutcome) -> None:
+    if res.status == "failed":
+        log.error("compare: [%d/%d] %s: FAILED: %s", i + 1, total, res.run.label, res.message)
+    else:
+        log.info("compare: [%d/%d] %s: done in %.1f s", i + 1, total, res.run.label, res.seconds)
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Stat:
+    """One number of the report: mean and sample std over seeds of a metric of a variant."""
+
+    algorithm: str
+    metric: str
+    exit: int | None  # 1-based, for per-exit metrics
+    threshold: float | None  # for dynamic-inference metrics
+    n: int
+    mean: float
+    std: float  # sample standard deviation (n - 1); NaN for a single seed
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN when there is only one value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _row_at(table: list[dict], threshold: float) -> dict | None:
+    return next((row for row in table if abs(row["threshold"] - threshold) < 1e-9), None)
+
+
+def summarize(summaries: dict[str, list[dict]], thresholds: Sequence[float] = REPORT_THRESHOLDS) -> list[Stat]:
+    """Per variant: accuracy per exit, dynamic accuracy/MACs at ``thresholds``, MAC reduction at
+    <= 1 point loss, bytes per client per round and wall time, each as mean/std over seeds."""
+    stats: list[Stat] = []
+    for name, runs in summaries.items():
+        if not runs:
+            continue
+
+        def add(metric: str, values: list[float], exit_: int | None = None, th: float | None = None) -> None:
+            if values:
+                stats.append(Stat(name, metric, exit_, th, len(values), *mean_std(values)))
+
+        for k in range(max(len(s["acc_per_exit"]) for s in runs)):
+            add("accuracy", [s["acc_per_exit"][k] for s in runs if k < len(s["acc_per_exit"])], exit_=k + 1)
+            add("exit_macs", [s["macs_per_exit"][k] for s in runs if k < len(s["macs_per_exit"])], exit_=k + 1)
+        for th in thresholds:
+            rows = [r for r in (_row_at(s["dynamic"], th) for s in runs) if r is not None]
+            add("dynamic_accuracy", [r["accuracy"] for r in rows], th=th)
+            add("dynamic_mean_macs", [r["mean_macs"] for r in rows], th=th)
+            add("dynamic_macs_reduction", [r["macs_reduction"] for r in rows], th=th)
+        add("mac_reduction_at_1pt", [s["mac_reduction_at_1pt"]["macs_reduction"] for s in runs])
+        add("bytes_per_client_per_round", [s["bytes_per_client_per_round"] for s in runs])
+        add("wall_seconds", [s["wall_seconds"] for s in runs])
+    return stats
+
+
+def mean_curve(runs: list[dict]) -> list[dict]:
+    """The seeds' dynamic-inference tables averaged threshold by threshold (thresholds all share)."""
+    common = [row["threshold"] for row in runs[0]["dynamic"]
+              if all(_row_at(s["dynamic"], row["threshold"]) is not None for s in runs)]
+    curve = []
+    for th in common:
+        rows = [_row_at(s["dynamic"], th) for s in runs]
+        curve.append({"threshold": th, "accuracy": statistics.fmean(r["accuracy"] for r in rows),
+                      "mean_macs": statistics.fmean(r["mean_macs"] for r in rows)})
+    return curve
+
+
+# ----------------------------------------------------------------------------- report
+CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "n_seeds", "mean", "std")
+
+
+def results_csv(stats: Sequence[Stat]) -> str:
+    """Tidy CSV, one number per line (fractions, MACs, bytes and seconds as they are)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for s in stats:
+        w.writerow([s.algorithm, s.metric, "" if s.exit is None else s.exit,
+                    "" if s.threshold is None else f"{s.threshold:g}", s.n, repr(s.mean),
+                    "" if math.isnan(s.std) else repr(s.std)])
+    return buf.getvalue()
+
+
+def _count(x: float) -> str:
+    """12952 -> '12.95K' (MACs, bytes)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
+    if s is None:
+        return "–"
+    if math.isnan(s.std):
+        return f"{s.mean * scale:.{digits}f}"
+    return f"{s.mean * scale:.{digits}f} ± {s.std * scale:.{digits}f}"
+
+
+def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
+                     thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = ()) -> str:
+    """The ``results.md`` text: the command line first, then the tables, failures and plots."""
+    index = {(s.algorithm, s.metric, s.exit, s.threshold): s for s in stats}
+    names = list(dict.fromkeys(s.algorithm for s in stats))
+    n_exits = max((s.exit for s in stats if s.metric == "accuracy"), default=0)
+
+    def get(name: str, metric: str, exit_: int | None = None, th: float | None = None) -> Stat | None:
+        return index.get((name, metric, exit_, th))
+
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
+    seeds = sorted({o.run.seed for o in outcomes})
+    lines = ["```sh", command, "```", "",
+             f"# Comparison: {len(names)} algorithm(s) × seeds {', '.join(map(str, seeds))}", "",
+             f"{len(outcomes)} runs: {counts['done']} trained now, {counts['skipped']} reused (finished earlier "
+             f"with the same config), {counts['failed']} failed. Every number is the mean ± sample standard "
+             "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "
+             "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
+             "averaged over clients weighted by test size.", ""]
+    if names:
+        head = ["algorithm", "seeds"] + [f"exit {k} ({_count(get(names[0], 'exit_macs', k).mean)} MACs)"
+                                         if get(names[0], "exit_macs", k) else f"exit {k}"
+                                         for k in range(1, n_exits + 1)]
+        lines += ["## Personalized accuracy per exit (%)", "", _md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            n = max(s.n for s in stats if s.algorithm == name)
+            lines.append(_md_row([name, str(n)] + [_pm(get(name, "accuracy", k)) for k in range(1, n_exits + 1)]))
+        lines += ["", "## Dynamic inference: accuracy (%) / mean MACs per sample at confidence threshold θ", "",
+                  "A sample leaves at the first exit whose softmax confidence is ≥ θ; the last exit always answers.",
+                  ""]
+        head = ["algorithm"] + [f"θ = {th:g}" for th in thresholds]
+        lines += [_md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            cells = []
+            for th in thresholds:
+                acc, macs = get(name, "dynamic_accuracy", th=th), get(name, "dynamic_mean_macs", th=th)
+                cells.append(f"{_pm(acc)} / {_count(macs.mean)}" if acc and macs else "–")
+            lines.append(_md_row([name] + cells))
+        lines += ["", "## Cost", "",
+                  "MAC reduction: the cheapest threshold whose accuracy is within 1 point of the last exit, "
+                  "per seed, vs always running the last exit. Bytes: what one client sends plus receives "
+                  "in a round. Wall time: training time of a run (of its last resumed part, if it was resumed).",
+                  ""]
+        head = ["algorithm", "MAC reduction at ≤ 1 pt loss (%)", "bytes / client / round", "wall time (s)"]
+        lines += [_md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
+            lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
+                                  _count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{o.run.variant.name}` seed {o.run.seed}: {o.message}" for o in failed]
+    missing = sorted({o.run.variant.name for o in outcomes} - set(names))
+    if missing:
+        lines += ["", f"No finished run, so not in the tables: {', '.join(missing)}."]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
+    """Variant name -> the summaries of its finished runs (seed order), for every variant run."""
+    out: dict[str, list[dict]] = {}
+    for o in outcomes:
+        out.setdefault(o.run.variant.name, [])
+        summary = o.run.finished_summary() if o.status != "failed" else None
+        if summary is not None:
+            out[o.run.variant.name].append(summary)
+    return out
+
+
+def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOutcome],
+                 thresholds: Sequence[float] = REPORT_THRESHOLDS) -> dict[str, Path]:
+    """Write ``results.md``, ``results.csv`` and (if any run finished) the two plots into ``out``."""
+    from cafedist.eval import plot_accuracy_vs_macs, plot_per_exit_bars
+
+    out = Path(out)
+    summaries = collect_summaries(outcomes)
+    stats = summarize(summaries, thresholds)
+    finished = {name: runs for name, runs in summaries.items() if runs}
+    paths = {"csv": out / "results.csv", "md": out / "results.md"}
+    plots: list[str] = []
+    if finished:
+        curves = {name: mean_curve(runs) for name, runs in finished.items()}
+        per_exit = {name: [s.mean for s in stats if s.algorithm == name and s.metric == "accuracy"]
+                    for name in finished}
+        exit_macs = {name: runs[0]["macs_per_exit"] for name, runs in finished.items()}
+        paths["accuracy_vs_macs"] = out / "accuracy_vs_macs.png"
+        paths["per_exit_accuracy"] = out / "per_exit_accuracy.png"
+        # the static exits as extra points only while the legend stays readable
+        points = {n: (per_exit[n], exit_macs[n]) for n in finished} if len(finished) <= 4 else None
+        plot_accuracy_vs_macs(curves, paths["accuracy_vs_macs"], per_exit=points,
+                              title="accuracy vs MACs (mean over seeds)")
+        plot_per_exit_bars(per_exit, paths["per_exit_accuracy"], title="personalized accuracy per exit")
+        plots = [paths["accuracy_vs_macs"].name, paths["per_exit_accuracy"].name]
+    write_text_atomic(paths["csv"], results_csv(stats))
+    write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots))
+    return paths
+
+
+# ----------------------------------------------------------------------------- API and CLI
+@dataclass
+class CompareResult:
+    """What :func:`compare` did: every run's outcome and the files it wrote."""
+
+    outcomes: list[RunOutcome]
+    paths: dict[str, Path]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",
+            seeds: str | int | Sequence[int] = 3, overrides: Sequence[str] = (), jobs: int | None = None,
+            submit: SubmitOptions | None = None, command: str | None = None,
+            thresholds: Sequence[float] = REPORT_THRESHOLDS) -> CompareResult:
+    """Run (or reuse) every (algorithm, seed) and write the report into ``out``.
+
+    ``command`` is the first line of ``results.md`` (default: an equivalent ``cafedist
+    compare`` command line). Failed runs are reported, not raised.
+    """
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
+    variants = resolve_algorithms(algorithms)
+    runs = plan_runs(config, variants, seeds, out, overrides)
+    log.info("compare: %d runs (%d algorithms x %d seeds) in %s", len(runs), len(variants),
+             len(runs) // max(1, len(variants)), Path(out) / "runs")
+    outcomes = execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
+    if command is None:
+        algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
+        seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
+        command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
+                              "--algorithms", algos, "--seeds", str(seed_arg), "--out", str(out), *overrides])
+    paths = write_report(out, command, outcomes, thresholds)
+    return CompareResult(outcomes, paths)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cafedist compare``."""
+    p.add_argument("--config", help="YAML config shared by every run (algorithm.name is set per run)")
+    p.add_argument("--algorithms", default="all",
+                   help="'all' (every registered algorithm and the CAFEDistill ablations) or a comma-separated "
+                        "list, e.g. cafedistill,fedavg,cafedistill-nokd (default all)")
+    p.add_argument("--seeds", default="3",
+                   help="number of seeds (config seed + 0..k-1) or a comma-separated list, e.g. 0,5,7 "
+                        "(one given seed: 7,) (default 3)")
+    p.add_argument("--out", required=True, help="output directory: runs/<algorithm>/seed<seed>, results.*, plots")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at once (default 1; with --submit on Slurm: no limit); with several local runs "
+                        "at once each gets cores/jobs threads unless OMP_NUM_THREADS is set")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. train.rounds=10")
+    s = p.add_argument_group("submitit (see `cafedist submit --help`)")
+    s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
+    s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor instead of Slurm")
+    s.add_argument("--time", default=None, help="with --submit: time limit per run, minutes or H:MM:SS")
+    s.add_argument("--partition", default=None, help="with --submit: Slurm partition")
+    s.add_argument("--nodes", type=int, default=None, help="with --submit: nodes per run")
+    s.add_argument("--tasks-per-node", type=int, default=None, help="with --submit: ranks per node")
+    s.add_argument("--gpus-per-node", type=int, default=None, help="with --submit: GPUs per node")
+    s.add_argument("--cpus-per-task", type=int, default=None, help="with --submit: CPUs per rank")
+    s.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --submit: any other sbatch option (repeatable)")
+
+
+_SUBMIT_FIELDS = ("time", "partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task")
+
+
+def _submit_options(args: argparse.Namespace) -> SubmitOptions | None:
+    given = [f"--{f.replace('_', '-')}" for f in _SUBMIT_FIELDS if getattr(args, f) is not None]
+    given += ["--local"] * bool(args.local) + ["--slurm-arg"] * bool(args.slurm_arg)
+    if not args.submit:
+        if given:
+            raise ConfigError(f"{given[0]}: only meaningful with --submit")
+        return None
+    return SubmitOptions(local=args.local, slurm_arg=list(args.slurm_arg),
+                         **{f: getattr(args, f) for f in _SUBMIT_FIELDS})
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed when this process is the ``cafedist`` CLI, else "" (use the canonical form)."""
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if argv0 in ("cafedist", "__main__.py") and "compare" in sys.argv[1:]:
+        return shlex.join(["cafedist", *sys.argv[1:]])
+    return ""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``cafedist compare``: 0 if every run finished, 1 if any failed."""
+    submit = _submit_options(args)
+    # SIGTERM (kill, Slurm) unwinds like Ctrl-C, so the running trainings are stopped with us
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        result = compare(args.config, args.out, args.algorithms, args.seeds, args.overrides, jobs=args.jobs,
+                         submit=submit, command=_command_line(args) or None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for o in result.failed:
+        print(f"FAILED {o.run.label}: {o.message}")
+    print(f"wrote {result.paths['md']} and {result.paths['csv']}"
+          + (f" (+ {result.paths['accuracy_vs_macs'].name}, {result.paths['per_exit_accuracy'].name})"
+             if "accuracy_vs_macs" in result.paths else ""))
+    if result.failed:
+        print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
+        return 1
+    return 0

@@ -1,0 +1,248 @@
+"""`cafedist compare`: planning, statistics, report files, resume, failure isolation, submitit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cafedist, env_for_tests, summary
+
+from cafedist.algorithms import ALGORITHMS
+from cafedist.cli import main as cli_main
+from cafedist.compare import (ABLATIONS, REPORT_THRESHOLDS, PlannedRun, RunOutcome, Variant, available_variants,
+                              mean_std, plan_runs, resolve_algorithms, resolve_seeds, results_markdown, summarize)
+from cafedist.config import load_config
+from cafedist.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- planning (no training)
+def test_all_means_every_registered_algorithm_and_the_ablations():
+    names = [v.name for v in resolve_algorithms("all")]
+    assert set(names) == set(ALGORITHMS) | set(ABLATIONS)
+    assert names[0] == "cafedistill" and names[1:3] == sorted(ABLATIONS)  # the method, then its ablations
+    assert len(names) == len(set(names))
+
+
+def test_algorithm_list_keeps_order_drops_duplicates_and_rejects_unknown_names():
+    assert [v.name for v in resolve_algorithms("fedavg, cafedistill,fedavg")] == ["fedavg", "cafedistill"]
+    with pytest.raises(ConfigError, match="--algorithms: unknown algorithm 'fedavgg'"):
+        resolve_algorithms("cafedistill,fedavgg")
+    with pytest.raises(ConfigError, match="--algorithms"):
+        resolve_algorithms(" , ")
+
+
+def test_seeds_are_a_count_from_the_config_seed_or_an_explicit_list():
+    assert resolve_seeds("3", 10) == [10, 11, 12]
+    assert resolve_seeds(2, 0) == [0, 1]
+    assert resolve_seeds("0,5,7", 10) == [0, 5, 7]
+    assert resolve_seeds([4, 4, 2], 10) == [4, 2]
+    for bad in ("0", "x", "1,a"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            resolve_seeds(bad, 0)
+
+
+def test_ablation_runs_are_cafedistill_with_one_switch_off(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    variants = [available_variants()[n] for n in ("cafedistill-nokd", "cafedistill-nosel", "fedavg")]
+    runs = plan_runs(cfg, variants, "1", tmp_path / "out", ["train.rounds=1", "seed=9", "algorithm.name=fedprox"])
+    assert [(r.variant.name, r.seed) for r in runs] == [("cafedistill-nokd", 9), ("cafedistill-nosel", 9),
+                                                       ("fedavg", 9)]
+    assert runs[0].run_dir == (tmp_path / "out" / "runs" / "cafedistill-nokd" / "seed9").resolve()
+    resolved = [load_config(r.config, list(r.overrides)) for r in runs]
+    assert [c.algorithm.name for c in resolved] == ["cafedistill", "cafedistill", "fedavg"]  # compare's wins
+    assert all(c.train.rounds == 1 for c in resolved)  # the user's override applies to every run
+    nokd, nosel = resolved[0].algorithm_params(), resolved[1].algorithm_params()
+    assert (nokd.cross_client_kd, nokd.student_selection) == (False, True)
+    assert (nosel.cross_client_kd, nosel.student_selection) == (True, False)
+    assert len({r.config_hash for r in runs}) == 3
+
+
+def test_a_bad_override_fails_before_anything_runs(tiny_config, tmp_path, capsys):
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(tmp_path / "out"), "train.roundz=2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cafedist: error:" in err and "train.roundz" in err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- statistics (synthetic summaries)
+def _fake_summary(accs: list[float], dyn_acc: float, macs: float, red: float, nbytes: int, wall: float) -> dict:
+    table = [{"threshold": th, "accuracy": dyn_acc + th / 100, "mean_macs": macs * (1 + th), "macs_reduction": red}
+             for th in (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    return {"acc_per_exit": accs, "macs_per_exit": [10, 20, 30], "dynamic": table,
+            "mac_reduction_at_1pt": {"macs_reduction": red}, "bytes_per_client_per_round": nbytes,
+            "wall_seconds": wall}
+
+
+def test_summarize_gives_mean_and_sample_std_over_seeds():
+    runs = [_fake_summary([0.5, 0.6, 0.7], 0.4, 10.0, 0.2, 100, 3.0),
+            _fake_summary([0.7, 0.6, 0.9], 0.6, 20.0, 0.4, 100, 5.0),
+            _fake_summary([0.6, 0.9, 0.8], 0.5, 30.0, 0.3, 100, 4.0)]
+    stats = {(s.metric, s.exit, s.threshold): s for s in summarize({"a": runs, "b": runs[:1], "c": []})
+             if s.algorithm == "a"}
+    acc1 = stats[("accuracy", 1, None)]
+    assert acc1.n == 3 and acc1.mean == pytest.approx(0.6) and acc1.std == pytest.approx(0.1)
+    assert stats[("accuracy", 2, None)].std == pytest.approx(statistics.stdev([0.6, 0.6, 0.9]))
+    dyn = stats[("dynamic_accuracy", None, 0.7)]
+    assert dyn.mean == pytest.approx(0.507) and dyn.std == pytest.approx(0.1)
+    assert stats[("dynamic_mean_macs", None, 0.5)].mean == pytest.approx(30.0)
+    assert stats[("mac_reduction_at_1pt", None, None)].mean == pytest.approx(0.3)
+    assert stats[("bytes_per_client_per_round", None, None)].std == 0.0
+    assert stats[("wall_seconds", None, None)].mean == pytest.approx(4.0)
+    assert {th for (m, _, th) in stats if m == "dynamic_accuracy"} == set(REPORT_THRESHOLDS)
+    # one seed: no spread to report (NaN, shown without "±"); no finished seed: no rows at all
+    single = summarize({"b": runs[:1]})
+    assert all(s.n == 1 and math.isnan(s.std) for s in single)
+    assert summarize({"c": []}) == []
+    md = results_markdown("cafedist compare X", single, [])
+    assert "| b | 1 | 50.00 | 60.00 | 70.00 |" in md
+
+
+def test_mean_std_matches_statistics():
+    assert mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(statistics.stdev([1, 2, 4])))
+    m, s = mean_std([5.0])
+    assert m == 5.0 and math.isnan(s)
+
+
+def test_results_markdown_lists_failures_and_algorithms_without_results(tmp_path):
+    run = PlannedRun(Variant("x", "fedavg"), 4, tmp_path, None, (), "h")
+    md = results_markdown("cafedist compare --out D", [], [RunOutcome(run, "failed", "exit status 2: boom")])
+    assert md.splitlines()[:3] == ["```sh", "cafedist compare --out D", "```"]
+    assert "- `x` seed 4: exit status 2: boom" in md
+    assert "No finished run, so not in the tables: x." in md
+
+
+# ----------------------------------------------------------------------------- end to end (real runs)
+def _csv(path) -> dict[tuple, dict]:
+    with open(path) as fh:
+        return {(r["algorithm"], r["metric"], r["exit"], r["threshold"]): r for r in csv.DictReader(fh)}
+
+
+def _check_stat(rows: dict, key: tuple, values: list[float]) -> None:
+    row = rows[key]
+    assert int(row["n_seeds"]) == len(values)
+    assert float(row["mean"]) == pytest.approx(statistics.fmean(values), rel=1e-12, abs=1e-12)
+    assert float(row["std"]) == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    out = tmp_path / "cmp"
+    algos = "cafedistill,fedavg,fedprox"
+    # fedprox cannot run: its run directories hold an unreadable config (train refuses to touch them)
+    for seed in (3, 4):
+        bad = out / "runs" / "fedprox" / f"seed{seed}"
+        bad.mkdir(parents=True)
+        (bad / "config.yaml").write_text("seed: [unclosed\n")
+    args = ("compare", "--config", str(cfg), "--algorithms", algos, "--seeds", "2", "--out", str(out), "--jobs", "2")
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "FAILED fedprox seed3" in proc.stdout and "FAILED fedprox seed4" in proc.stdout
+    assert "2 of 6 runs failed" in proc.stdout
+
+    runs = {(a, s): out / "runs" / a / f"seed{s}" for a in ("cafedistill", "fedavg") for s in (3, 4)}
+    sums = {k: summary(d) for k, d in runs.items()}
+    assert {(a, s): v["algorithm"] for (a, s), v in sums.items()} == {k: k[0] for k in runs}
+    assert all(json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 1 for d in runs.values())
+    for name in ("results.md", "results.csv", "accuracy_vs_macs.png", "per_exit_accuracy.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp*")), "a temporary file was left behind"
+
+    md = (out / "results.md").read_text()
+    assert md.splitlines()[1].startswith("cafedist compare --config ") and "--algorithms cafedistill,fedavg,fedprox" in md
+    assert "- `fedprox` seed 3:" in md and "unreadable" in md and "not in the tables: fedprox" in md
+
+    rows = _csv(out / "results.csv")
+    for algo in ("cafedistill", "fedavg"):
+        s3, s4 = sums[(algo, 3)], sums[(algo, 4)]
+        for k in range(3):
+            _check_stat(rows, (algo, "accuracy", str(k + 1), ""), [s3["acc_per_exit"][k], s4["acc_per_exit"][k]])
+        for th in REPORT_THRESHOLDS:
+            at = [next(r for r in s["dynamic"] if abs(r["threshold"] - th) < 1e-9) for s in (s3, s4)]
+            _check_stat(rows, (algo, "dynamic_accuracy", "", f"{th:g}"), [r["accuracy"] for r in at])
+            _check_stat(rows, (algo, "dynamic_mean_macs", "", f"{th:g}"), [r["mean_macs"] for r in at])
+        _check_stat(rows, (algo, "mac_reduction_at_1pt", "", ""),
+                    [s["mac_reduction_at_1pt"]["macs_reduction"] for s in (s3, s4)])
+        _check_stat(rows, (algo, "bytes_per_client_per_round", "", ""),
+                    [s["bytes_per_client_per_round"] for s in (s3, s4)])
+        _check_stat(rows, (algo, "wall_seconds", "", ""), [s["wall_seconds"] for s in (s3, s4)])
+        acc = statistics.fmean([s3["acc_per_exit"][2], s4["acc_per_exit"][2]])
+        assert f"| {algo} | 2 | " in md and f"{100 * acc:.2f} ± " in md
+    assert not any(k[0] == "fedprox" for k in rows)
+
+    # rerun once fedprox's directories are usable: finished runs are reused untouched, fedprox trains
+    for seed in (3, 4):
+        (out / "runs" / "fedprox" / f"seed{seed}" / "config.yaml").unlink()
+    mtimes = {k: (d / "summary.json").stat().st_mtime_ns for k, d in runs.items()}
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("skipped (finished") == 4
+    assert {k: (d / "summary.json").stat().st_mtime_ns for k, d in runs.items()} == mtimes
+    assert summary(out / "runs" / "fedprox" / "seed4")["algorithm"] == "fedprox"
+    md = (out / "results.md").read_text()
+    assert "2 trained now, 4 reused" in md and "| fedprox | 2 | " in md and "Failed runs" not in md
+
+
+@pytest.mark.slow
+def test_compare_through_submitit_local_executor(tiny_config, tmp_path):
+    out = tmp_path / "sub"
+    proc = cafedist("compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",
+                    "--out", str(out), "--submit", "--local", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted as job" in proc.stderr
+    assert summary(out / "runs" / "fedavg" / "seed3")["rounds"] == 1
+    assert "| fedavg | 1 | " in (out / "results.md").read_text()
+
+
+def test_submit_options_need_submit(tiny_config, tmp_path, capsys):
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(tmp_path / "o"), "--local"])
+    assert code == 2 and "--local: only meaningful with --submit" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _trainers_in(run_dir) -> list[int]:
+    """Pids of live processes whose command line names ``run_dir`` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(run_dir) in cmd and " train " in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path):
+    out = tmp_path / "stop"
+    run_dir = out / "runs" / "fedavg" / "seed3"
+    proc = subprocess.Popen([sys.executable, "-m", "cafedist", "compare", "--config", str(tiny_config(rounds=2000)),
+                             "--algorithms", "fedavg", "--seeds", "1", "--out", str(out)],
+                            cwd=ROOT, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "training never started"
+            time.sleep(0.2)
+        assert _trainers_in(run_dir)
+        proc.terminate()
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert _trainers_in(run_dir) == []  # no orphan keeps writing into the run directory
+    assert "stop signal received" in (run_dir / "train.log").read_text()  # it checkpointed, so a rerun resumes
+    assert not (out / "results.md").exists()

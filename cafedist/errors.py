@@ -28,5 +28,9 @@ class DistError(CafeError):
     """The distributed launch environment is inconsistent, or a collective failed/timed out."""
 
 
+class TrainingDiverged(CafeError):
+    """Parameters or losses became non-finite or astronomically large (e.g. too high a lr)."""
+
+
 class RequeueRequested(Exception):
     """Raised after a stop signal once a checkpoint is safely written (not an error)."""

@@ -119,3 +119,10 @@ def test_packed_training_matches_sequential_through_the_cli(tiny_config, tmp_pat
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-3
         assert max(abs(x - y) for x, y in zip(ra["acc_per_exit"], rb["acc_per_exit"])) <= 0.02
+
+
+def test_divergence_is_a_one_line_error(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    proc = cafedist("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "algorithm.name=fedavg",
+                    "train.lr=1.0e+12", "train.momentum=0.0")
+    _assert_clean_error(proc, "diverged")

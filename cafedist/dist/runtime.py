@@ -402,4 +402,11 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
 def shutdown_runtime(rt: Runtime) -> None:
     """Destroy the process group if :func:`init_runtime` created one (idempotent)."""
     if rt.backend is not None and dist.is_initialized():
+        # Leave together: a rank that tears its gloo pairs down while a peer is still working
+        # (rank 0 writing the summary) can make the peer's transport threads abort the process
+        # ("terminate called without an active exception") after the run has succeeded.
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a broken group is torn down anyway
+            pass
         dist.destroy_process_group()

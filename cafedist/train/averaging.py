@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from cafedist.errors import TrainingDiverged
+
 FRACTION_BITS = 40
 _SCALE = float(2 ** FRACTION_BITS)
 _LIMIT = float(2 ** 62) / _SCALE  # |weighted value| beyond this would overflow int64
@@ -28,8 +30,9 @@ _LIMIT = float(2 ** 62) / _SCALE  # |weighted value| beyond this would overflow 
 def to_fixed(x: Tensor) -> Tensor:
     """float tensor -> int64 fixed point (round to nearest)."""
     x = x.to(torch.float64)
-    if x.numel() and float(x.abs().max()) >= _LIMIT:
-        raise OverflowError(f"value {float(x.abs().max()):.3g} too large for deterministic averaging")
+    if x.numel() and not float(x.abs().max()) < _LIMIT:  # also catches NaN
+        raise TrainingDiverged(f"a shared parameter reached {float(x.abs().max()):.3g}: training diverged "
+                               f"(try a lower train.lr)")
     return torch.round(x * _SCALE).to(torch.int64)
 
 

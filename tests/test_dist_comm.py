@@ -115,7 +115,8 @@ def worker_main(scenario: str, outdir: str) -> int:
         shutdown_runtime(rt)
     except CafeError as exc:
         print(f"cafedist: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        # like the CLI: a broken gloo group's threads may abort the interpreter at exit
+        os._exit(2)
     return 0
 
 

@@ -13,7 +13,7 @@ Layout (every field has a default; see ``docs/CONFIG.md`` for the reference)::
     train:      {rounds, local_epochs, batch_size, proxy_batch_size, lr, momentum, weight_decay,
                  eval_every, amp, compile, clients_per_round}
     algorithm:  {name: cafedistill, cafedistill: {tau, lam, mu, ...}, <other algorithm>: {...}}
-    comm:       {logits_dtype}
+    comm:       {logits_dtype, exits}
     dist:       {backend, device, timeout_s}
     checkpoint: {every, keep}
 
@@ -128,6 +128,8 @@ class CommConfig:
     """What goes over the wire."""
 
     logits_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # proxy logits of the exits the algorithm reads (CAFEDistill: the last) or of every exit
+    exits: Literal["used", "all"] = "used"
 
 
 @dataclass

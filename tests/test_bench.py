@@ -231,22 +231,24 @@ def test_bench_aggregate_rows_memory_and_sharding():
 
 def test_bench_comm_counts_bytes_exactly():
     rows = run_benchmark("comm", arch="cnn", input_shape=(1, 28, 28), classes=10, proxy=100)
-    by = {(r["uplink"], r["logits_dtype"]): r for r in rows}
-    r32 = by[("all_exits", "float32")]
+    by = {(r["comm_exits"], r["logits_dtype"]): r for r in rows}
+    r32 = by[("all", "float32")]
     m, n_params = r32["m"], r32["n_params"]
     assert r32["bytes_up"] == m * 100 * 10 * 4
     assert r32["bytes_down"] == 100 * 10 * 4 + m  # targets float32 + student mask uint8
     assert r32["fedavg_bytes_per_client_per_round"] == 8 * n_params
-    assert by[("all_exits", "float16")]["bytes_up"] == r32["bytes_up"] // 2
-    assert by[("last_exit", "float32")]["bytes_up"] == r32["bytes_up"] // m
+    assert by[("all", "float16")]["bytes_up"] == r32["bytes_up"] // 2
+    assert by[("used", "float32")]["bytes_up"] == r32["bytes_up"] // m  # CAFEDistill reads the last exit
     assert r32["ratio_vs_fedavg"] == pytest.approx((r32["bytes_up"] + r32["bytes_down"]) / (8 * n_params), rel=1e-3)
 
 
-def test_bench_comm_resnet18_meets_the_fp16_target():
+def test_bench_comm_resnet18_default_exchange_meets_the_target():
     rows = run_benchmark("comm")
-    fp16 = next(r for r in rows if r["logits_dtype"] == "float16" and r["uplink"] == "all_exits")
-    assert fp16["arch"] == "resnet18" and fp16["proxy"] == 1000 and fp16["classes"] == 100
-    assert fp16["ratio_vs_fedavg"] <= 0.02
+    default = [r for r in rows if r["comm_exits"] == "used"]
+    assert {r["logits_dtype"] for r in default} == {"float32", "float16"}
+    for r in default:
+        assert r["arch"] == "resnet18" and r["proxy"] == 1000 and r["classes"] == 100
+        assert r["ratio_vs_fedavg"] <= 0.02, r
 
 
 def test_cli_bench_prints_one_json_object_per_row(capsys):

@@ -16,7 +16,7 @@ def test_train_writes_outputs_and_eval_reports(tiny_config, tmp_path):
         assert key in recs[-1], key
     # R(t) = min(2t/T, 1) with T = 4: N_s = floor((m-1) n R) = 0, 4, 8, 8 for n = 4, m = 3
     assert [r["n_students"] for r in recs] == [0, 4, 8, 8]
-    assert recs[-1]["bytes_up"] == 3 * 64 * 10 * 4  # m exits x P' x C x float32
+    assert recs[-1]["bytes_up"] == 64 * 10 * 4  # the last exit only (comm.exits: used) x P' x C x float32
     s = summary(out)
     assert len(s["acc_per_exit"]) == 3 and len(s["macs_per_exit"]) == 3
     assert s["macs_per_exit"] == sorted(s["macs_per_exit"])
@@ -42,6 +42,21 @@ def test_same_config_same_result_and_seed_matters(tiny_config, tmp_path):
     assert summary(a)["model_hashes"] == summary(b)["model_hashes"]
     assert comparable(metrics(a)) == comparable(metrics(b))
     assert summary(a)["model_hashes"] != summary(c)["model_hashes"]
+
+
+def test_sending_every_exit_changes_bytes_not_results(tiny_config, tmp_path):
+    """CAFEDistill reads only the last exit: gathering all m exits costs m x the uplink, same run."""
+    cfg = tiny_config(rounds=3)
+    used, every = tmp_path / "used", tmp_path / "all"
+    cafedist("train", "--config", str(cfg), "--out", str(used), "--no-progress", check=True)
+    cafedist("train", "--config", str(cfg), "--out", str(every), "--no-progress", "comm.exits=all", check=True)
+    a, b = metrics(used), metrics(every)
+    assert [r["bytes_up"] * 3 for r in a] == [r["bytes_up"] for r in b]
+    assert [r["bytes_down"] for r in a] == [r["bytes_down"] for r in b]
+    drop = {"bytes_up", "wire_bytes"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in comparable(a)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in comparable(b)]
+    assert summary(used)["model_hashes"] == summary(every)["model_hashes"]
 
 
 def _assert_clean_error(proc, *needles):

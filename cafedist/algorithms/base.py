@@ -161,6 +161,15 @@ class Algorithm:
         """
         return False
 
+    def proxy_exits(self) -> tuple[int, ...]:
+        """The exits whose proxy logits :meth:`aggregate` reads (default: all of them).
+
+        The loop gathers only these (``comm.exits: used``, the default) or every exit
+        (``comm.exits: all``), in increasing order either way, so an algorithm that reads only
+        the last exit finds it at ``logits[:, -1]`` in both cases.
+        """
+        return tuple(range(self.setup.num_exits))
+
     def upload_spec(self) -> Spec:
         """Per-client rows (besides proxy logits) sent to the coordinator each round."""
         return {}
@@ -172,8 +181,9 @@ class Algorithm:
     # ---------------------------------------------------------------- coordinator (rank 0)
     def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
                   active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """From the gathered rows (client-id order; ``"logits"`` [n, m, P', C] for algorithms
-        that exchange logits) compute per-client payload rows. ``active`` (bool [n]) marks
+        """From the gathered rows (client-id order; ``"logits"`` [n, e, P', C] for algorithms
+        that exchange logits: the exits of :meth:`proxy_exits`, or all exits under ``comm.exits: all``)
+        compute per-client payload rows. ``active`` (bool [n]) marks
         the clients that trained this round; only they receive their rows.
 
         Returns ``(payload, report)``: ``payload`` maps a name to a tensor whose first

@@ -114,7 +114,6 @@ def cosine_similarity_rows(q: Tensor, rows: RowSel = None, block: int = 256) -> 
     then mirrored; the diagonal is exactly 1 (``cos(q, q)``) for non-zero rows.
     """
     n = q.shape[0]
-    norms = torch.linalg.vector_norm(q, dim=1).to(torch.float64).clamp_min(1e-12)
     if rows is None:
         gram = torch.empty(n, n, dtype=q.dtype, device=q.device)
         for i in range(0, n, block):
@@ -122,9 +121,12 @@ def cosine_similarity_rows(q: Tensor, rows: RowSel = None, block: int = 256) -> 
             gram[i:i + block, i:] = part
             gram[i + block:, i:i + block] = part[:, block:].T
         ids = torch.arange(n, device=q.device)
+        norms = torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()  # ||q_i||^2 is on the diagonal
     else:
         ids = _row_ids(rows, n, q.device)
         gram = torch.cat([q[ids[i:i + block]] @ q.T for i in range(0, ids.shape[0], block)], dim=0)
+        norms = torch.linalg.vector_norm(q, dim=1).to(torch.float64)
+    norms = norms.clamp_min(1e-12)
     sim = gram.to(torch.float64) / (norms[ids].unsqueeze(1) * norms.unsqueeze(0))
     sim[torch.arange(ids.shape[0], device=q.device), ids] = torch.where(norms[ids] > 1e-12, 1.0, 0.0).to(sim.dtype)
     return sim
@@ -157,14 +159,45 @@ def teacher_weights(sim: Tensor, w: Tensor, mu: float, healthy: Tensor | None = 
     return project_rows_to_simplex(w.unsqueeze(0) - d / (2.0 * mu), active=healthy)
 
 
+def _mixture_blocks(nonzero: Tensor, max_rows: int) -> list[tuple[Tensor, Tensor]]:
+    """Blocks ``(rows, cols)`` covering every non-zero of a sparse weight matrix [r, n].
+
+    Rows are grouped by their first teacher (non-IID clients of one cluster trust the same
+    few teachers); neighbouring groups merge while that costs < 25 % more multiply-adds than
+    keeping them apart (``rows x cols`` of the block), so a block-diagonal matrix gives one
+    block per cluster and a dense one a single block.
+    """
+    first = nonzero.to(torch.uint8).argmax(dim=1)
+    order = torch.sort(first, stable=True).indices
+    starts = torch.nonzero(torch.diff(first[order], prepend=first[order][:1] - 1)).flatten().tolist()
+    blocks: list[tuple[Tensor, Tensor]] = []
+    cur_rows: Tensor | None = None
+    cur_cols = torch.zeros(nonzero.shape[1], dtype=torch.bool, device=nonzero.device)
+    for g, start in enumerate(starts):
+        rows = order[start:(starts[g + 1] if g + 1 < len(starts) else order.shape[0])]
+        cols = nonzero[rows].any(dim=0)
+        if cur_rows is not None:
+            union = cur_cols | cols
+            merged = (cur_rows.shape[0] + rows.shape[0]) * int(union.sum())
+            apart = cur_rows.shape[0] * int(cur_cols.sum()) + rows.shape[0] * int(cols.sum())
+            if cur_rows.shape[0] + rows.shape[0] <= max_rows and merged <= 1.25 * apart:
+                cur_rows, cur_cols = torch.cat([cur_rows, rows]), union
+                continue
+            blocks.append((cur_rows, torch.nonzero(cur_cols).flatten()))
+        cur_rows, cur_cols = rows, cols
+    if cur_rows is not None:
+        blocks.append((cur_rows, torch.nonzero(cur_cols).flatten()))
+    return blocks
+
+
 def mix_targets(alpha: Tensor, probs: Tensor, block: int = 128) -> Tensor:
     """``T_i = sum_j alpha_ij probs_j`` for alpha [r, n], probs [n, P, C] -> [r, P, C] (float32).
 
     Computed in ``probs``' dtype: the aggregation passes float32 (a mixture of distributions
     with weights summing to 1 loses nothing worth a float64 product twice as slow).
     Teacher weights are often block-sparse (non-IID clients trust their own cluster only), so
-    when most weights are zero, rows are ordered by their first teacher and each block of rows
-    multiplies only the teachers it uses; dense weights take one plain product.
+    when most weights are zero each block of rows (:func:`_mixture_blocks`, at most ``block``
+    rows) multiplies only the teachers it uses; dense weights take one plain product.
     """
     n = probs.shape[0]
     flat = probs.reshape(n, -1)
@@ -173,22 +206,26 @@ def mix_targets(alpha: Tensor, probs: Tensor, block: int = 128) -> Tensor:
     nonzero = a != 0
     if int(nonzero.sum()) > a.numel() // 2:
         return (a @ flat).reshape(shape).to(torch.float32)
-    # rows with the same first teacher (usually: the same cluster) land in the same block
-    order = torch.sort(nonzero.to(torch.uint8).argmax(dim=1), stable=True).indices
-    out = None if a.shape[0] <= block else torch.empty(a.shape[0], flat.shape[1], dtype=flat.dtype,
-                                                        device=flat.device)
-    for i in range(0, order.shape[0], block):
-        rows = order[i:i + block] if out is not None else slice(None)
-        cols = torch.nonzero(nonzero[rows].any(dim=0)).squeeze(1)
-        part = a[rows]
-        if cols.shape[0] <= n // 2:
-            part = part.index_select(1, cols) @ flat.index_select(0, cols)
+    out = torch.empty(a.shape[0], flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for rows, cols in _mixture_blocks(nonzero, block):
+        if cols.shape[0] == n:
+            out.index_copy_(0, rows, a[rows] @ flat)
         else:
-            part = part @ flat
-        if out is None:  # a single block: no reordering needed
-            return part.reshape(shape).to(torch.float32)
-        out.index_copy_(0, rows, part)
+            out.index_copy_(0, rows, a[rows][:, cols] @ flat.index_select(0, cols))
     return out.reshape(shape).to(torch.float32)
+
+
+def softmax_into(out: Tensor, logits: Tensor, tau: float = 1.0) -> Tensor:
+    """``softmax(logits / tau)`` over the last dim, written into ``out`` (same shape).
+
+    Writing into a reused buffer instead of two fresh tensors (``logits / tau``, then the
+    softmax) halves the time on CPU, where first-touching new memory costs more than the
+    math; the in-place softmax is bitwise equal to ``torch.softmax(logits / tau)``.
+    """
+    if tau == 1.0:
+        return torch.softmax(logits, dim=-1, out=out)
+    torch.div(logits, tau, out=out)
+    return torch.softmax(out, dim=-1, out=out)
 
 
 def selection_counts(round_idx: int, rounds: int, n: int, m: int, span: float = 0.5) -> tuple[int, int, int]:
@@ -286,6 +323,20 @@ class CAFEDistill(Algorithm):
     def __init__(self, params: CAFEDistillParams, setup: Setup):
         super().__init__(params, setup)
         self.last_report: dict[str, Any] = {}
+        self._buffer: Tensor | None = None
+
+    def _workspace(self, like: Tensor) -> Tensor:
+        """A float32 buffer shaped like ``like``, kept between rounds on CPU.
+
+        Rank 0 needs one [n, P', C] scratch tensor per round; on CPU allocating it afresh costs
+        page faults comparable to the softmax written into it. GPUs' caching allocator already
+        reuses memory, so nothing is kept there.
+        """
+        buf = self._buffer
+        if buf is None or buf.shape != like.shape or buf.device != like.device:
+            buf = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        self._buffer = buf if buf.device.type == "cpu" else None
+        return buf
 
     # ---------------------------------------------------------------- client side
     def init_client_state(self, cid: int) -> dict[str, Tensor]:
@@ -325,6 +376,9 @@ class CAFEDistill(Algorithm):
         return self.params.shared_body and not key.startswith("heads.")
 
     # ---------------------------------------------------------------- coordinator
+    def proxy_exits(self) -> tuple[int, ...]:
+        return (self.setup.num_exits - 1,)  # teachers and similarities are last-exit only
+
     def payload_spec(self) -> Spec:
         return {"targets": ((self.setup.proxy_size, self.setup.num_classes), torch.float32),
                 "students": ((self.setup.num_exits,), torch.uint8)}
@@ -335,13 +389,17 @@ class CAFEDistill(Algorithm):
 
     def aggregate_logits(self, round_idx: int, logits: Tensor,
                          active: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Teacher weights, targets and the next round's students from logits [n, m, P', C]."""
+        """Teacher weights, targets and the next round's students from logits [n, e, P', C].
+
+        ``e`` exits in increasing order, the last exit last (e = 1 by default, see
+        :meth:`proxy_exits`); the health check covers every exit given.
+        """
         return self.aggregate_rows(round_idx, logits, active)
 
     def aggregate_rows(self, round_idx: int, logits: Tensor, active: Tensor | None = None, rows: RowSel = None,
                        gather_sim: Callable[[Tensor], Tensor] | None = None
                        ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """The payload rows of the clients ``rows`` (all by default) from logits [n, m, P', C].
+        """The payload rows of the clients ``rows`` (all by default) from logits [n, e, P', C].
 
         Sharded aggregation: after an all-gather of the logits, every rank calls this for its
         own clients; ``gather_sim`` turns the rank's similarity rows [r, n] into the full
@@ -354,24 +412,24 @@ class CAFEDistill(Algorithm):
         health check are single passes over the data. Peak memory ~2 copies of [n, P', C].
         """
         p = self.params
-        n, m = logits.shape[0], logits.shape[1]
+        n, m = logits.shape[0], self.setup.num_exits
         ids = _row_ids(rows, n, logits.device)
         finite = healthy_clients(logits, p.logit_bound)
         # clients that did not train this round send stale logits: they teach no one
         healthy = finite if active is None else finite & active.to(finite.device)
-        last = logits[:, m - 1].float()  # [n, P', C], a view when the logits are float32
+        last = logits[:, -1].float()  # [n, P', C]: the last exit (a view when the logits are float32)
+        # similarity on plain probabilities (discriminative); teachers at temperature tau.
+        # One buffer serves both: the teacher softmax overwrites the similarity's in place.
+        probs = softmax_into(self._workspace(last), last)
         if not bool(healthy.all()):
-            last = torch.where(healthy.view(n, 1, 1), last, torch.zeros((), dtype=last.dtype, device=last.device))
-        # similarity on plain probabilities (discriminative); teachers at temperature tau
-        q = torch.softmax(last, dim=2).reshape(n, -1)
-        sim_rows = cosine_similarity_rows(q, rows)
-        del q  # freed before the teacher distributions are made: keeps the peak at ~2 copies
+            probs[~healthy] = 1.0 / probs.shape[2]  # broken logits compare as uniform
+        sim_rows = cosine_similarity_rows(probs.reshape(n, -1), rows)
         sim = sim_rows if rows is None else (gather_sim(sim_rows) if gather_sim else None)
         if p.cross_client_kd:
             alpha = teacher_weights(sim_rows, self.setup.data_weights.to(sim_rows.device), p.mu, healthy, rows)
         else:
             alpha = torch.eye(n, dtype=torch.float64, device=sim_rows.device)[ids]
-        teacher_probs = torch.softmax(last / p.tau, dim=2)
+        teacher_probs = softmax_into(probs, last, p.tau)
         if not bool(healthy.all()):
             teacher_probs[~healthy] = 0.0
         targets = mix_targets(alpha, teacher_probs)

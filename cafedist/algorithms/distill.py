@@ -161,17 +161,21 @@ class ProxyDistillation(Algorithm):
         return self.params.digest_weight * loss
 
     # ---------------------------------------------------------------- coordinator
+    def proxy_exits(self) -> tuple[int, ...]:
+        m = self.setup.num_exits
+        return tuple(range(m)) if self.params.targets_from == "same" else (m - 1,)
+
     def payload_spec(self) -> Spec:
         return {"targets": ((self.target_exits(), self.setup.proxy_size, self.setup.num_classes), torch.float32)}
 
     def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
                   active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        logits = gathered["logits"]  # [n, m, P', C], client-id order
-        n, m = logits.shape[0], logits.shape[1]
+        logits = gathered["logits"]  # [n, e, P', C], client-id order, e >= len(proxy_exits())
+        n = logits.shape[0]
         finite = healthy_clients(logits, self.params.logit_bound)
         # clients that did not train this round hold stale logits: they teach no one
         teachers = finite & active.to(device=finite.device, dtype=torch.bool)
-        source = logits if self.params.targets_from == "same" else logits[:, m - 1:]
+        source = logits if self.params.targets_from == "same" else logits[:, -1:]
         keep, zero = teachers.view(n, 1, 1, 1), torch.zeros((), dtype=torch.float64, device=logits.device)
         source = torch.where(keep, source.to(torch.float64), zero)  # NaN never enters the math
         reps = torch.where(keep, self.represent(source), zero)

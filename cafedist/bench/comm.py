@@ -2,12 +2,11 @@
 
 * FedAvg: every parameter up and the average back, float32: ``2 * 4 * n_params`` (the
   same count ``summary.json`` uses for ``fedavg_bytes_per_client_per_round``);
-* CAFEDistill up: the proxy logits the loop gathers, ``m * P' * C`` values in the wire dtype
-  (``comm.logits_dtype``); down: the algorithm's real ``payload_spec()`` (targets [P', C]
-  float32 and the student mask), independent of the model size and of n.
-
-A second uplink variant, ``last_exit``, counts only the last exit's logits: that is all
-``aggregate_logits`` reads besides the health check (see docs/PERFORMANCE.md).
+* CAFEDistill up: the proxy logits the loop gathers, ``e * P' * C`` values in the wire dtype
+  (``comm.logits_dtype``), where ``e`` is what ``comm.exits`` selects: ``used`` (default) =
+  the algorithm's ``proxy_exits()`` (CAFEDistill reads the last exit only), ``all`` = every
+  exit; down: the algorithm's real ``payload_spec()`` (targets [P', C] float32 and the
+  student mask), independent of the model size and of n.
 """
 
 from __future__ import annotations
@@ -36,11 +35,11 @@ def bench_comm(quick: bool = False, arch: str = "resnet18", input_shape: tuple[i
     down = sum(prod(shape) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
     fedavg = 2 * 4 * n_params
     rows = []
-    for uplink, exits in (("all_exits", m), ("last_exit", 1)):
+    for comm_exits, exits in (("used", len(algo.proxy_exits())), ("all", m)):
         for name, dtype in _WIRE.items():
             up = exits * proxy * classes * dtype.itemsize
             rows.append({"benchmark": "comm", "arch": arch, "classes": classes, "proxy": proxy, "m": m,
-                         "n_params": n_params, "logits_dtype": name, "uplink": uplink,
+                         "n_params": n_params, "logits_dtype": name, "comm_exits": comm_exits,
                          "bytes_up": up, "bytes_down": down, "bytes_per_client_per_round": up + down,
                          "fedavg_bytes_per_client_per_round": fedavg,
                          "ratio_vs_fedavg": round((up + down) / fedavg, 5)})

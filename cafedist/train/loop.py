@@ -3,7 +3,7 @@
 One round on every rank::
 
     local updates of my clients
-      -> proxy logits [k_local, m, P', C]      (algorithms that exchange logits)
+      -> proxy logits [k_local, e, P', C]      (the exits the algorithm reads, or all: comm.exits)
       -> gathered to rank 0, reordered by client id
       -> rank 0: algorithm.aggregate_logits     (teacher weights, targets, selection, ...)
       -> scattered: each rank receives only its clients' rows
@@ -231,7 +231,9 @@ class Trainer:
             if algo.exchanges_logits:
                 idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
                 xp = self.proxy_x[idx]
-                local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp, amp=cfg.train.amp) for c in self.clients])  # [k, m, P', C]
+                exits = list(range(self.setup.num_exits)) if cfg.comm.exits == "all" else list(algo.proxy_exits())
+                local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp, amp=cfg.train.amp)[exits]
+                                               for c in self.clients])  # [k, e, P', C]
             uploads = [algo.upload(c.view) for c in self.clients]
             for key in algo.upload_spec():
                 local[key] = torch.stack([u[key] for u in uploads]).to(self.device)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Setup
-from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, cosine_similarity_matrix,
-                                             greedy_similar, healthy_clients, mix_targets,
+from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, _mixture_blocks,
+                                             cosine_similarity_matrix, greedy_similar, healthy_clients, mix_targets,
                                              project_rows_to_simplex, selection_counts, student_masks,
                                              teacher_weights)
 
@@ -76,6 +76,61 @@ def test_targets_are_exact_mixtures():
     t = mix_targets(alpha, probs)
     assert torch.allclose(t[1], 0.5 * probs[0] + 0.5 * probs[1])
     assert torch.allclose(t.sum(2), torch.ones(3, 4))
+
+
+def _clustered_alpha(n, clusters, seed=0):
+    """Block-diagonal teacher weights (clients i % clusters trust each other), rows on the simplex."""
+    g = torch.Generator().manual_seed(seed)
+    same = (torch.arange(n) % clusters).unsqueeze(0) == (torch.arange(n) % clusters).unsqueeze(1)
+    alpha = torch.rand(n, n, generator=g, dtype=torch.float64) * same
+    return alpha / alpha.sum(1, keepdim=True)
+
+
+def test_mixture_blocks_follow_teacher_clusters():
+    alpha = _clustered_alpha(12, 4)
+    blocks = _mixture_blocks(alpha != 0, max_rows=128)
+    assert len(blocks) == 4  # one block per cluster, each multiplying only its 3 teachers
+    for rows, cols in blocks:
+        assert set(rows.tolist()) == set(cols.tolist()) and len(cols) == 3
+    assert sorted(torch.cat([r for r, _ in blocks]).tolist()) == list(range(12))
+    assert len(_mixture_blocks(alpha != 0, max_rows=2)) == 8  # a block never exceeds max_rows
+    assert len(_mixture_blocks(torch.eye(5, dtype=torch.bool), max_rows=128)) == 5  # local KD: rows apart
+
+
+@pytest.mark.parametrize("clusters", [1, 3, 8, 40])
+def test_block_sparse_mixture_equals_the_dense_product(clusters):
+    g = torch.Generator().manual_seed(clusters)
+    probs = torch.softmax(torch.randn(40, 6, 5, generator=g), dim=2)
+    alpha = _clustered_alpha(40, clusters, seed=clusters)
+    dense = (alpha @ probs.reshape(40, -1).double()).reshape(40, 6, 5)
+    assert torch.allclose(mix_targets(alpha, probs, block=16).double(), dense, atol=1e-6)
+
+
+def test_aggregation_reuses_its_buffer_without_aliasing_results():
+    """Repeated calls (and a change of n) give what a fresh algorithm gives; results stay put."""
+    def logits(n, seed):
+        return torch.randn(n, 1, 20, 5, generator=torch.Generator().manual_seed(seed)) * 2
+    algo = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=6, c=5))
+    first, _ = algo.aggregate_logits(2, logits(6, 0))
+    kept = first["targets"].clone()
+    second, _ = algo.aggregate_logits(2, logits(6, 1))
+    assert torch.equal(first["targets"], kept)
+    fresh, _ = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=6, c=5)).aggregate_logits(2, logits(6, 1))
+    assert torch.equal(second["targets"], fresh["targets"])
+    assert torch.equal(second["students"], fresh["students"])
+    algo.setup = _setup(n=4, c=5)  # another world of clients: the buffer is reshaped
+    small, _ = algo.aggregate_logits(2, logits(4, 2))
+    ref, _ = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=4, c=5)).aggregate_logits(2, logits(4, 2))
+    assert torch.equal(small["targets"], ref["targets"])
+
+
+def test_all_exits_or_last_exit_only_give_the_same_aggregate():
+    x = torch.randn(6, 3, 20, 5, generator=torch.Generator().manual_seed(4))
+    algo = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=6, m=3, c=5))
+    assert algo.proxy_exits() == (2,)
+    every, _ = algo.aggregate_logits(3, x)
+    last, _ = algo.aggregate_logits(3, x[:, 2:].contiguous())
+    assert torch.equal(every["targets"], last["targets"]) and torch.equal(every["students"], last["students"])
 
 
 @pytest.mark.parametrize("n,m,rounds", [(10, 3, 20), (7, 4, 9), (1, 2, 5)])

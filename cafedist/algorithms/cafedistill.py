@@ -159,22 +159,45 @@ def teacher_weights(sim: Tensor, w: Tensor, mu: float, healthy: Tensor | None = 
     return project_rows_to_simplex(w.unsqueeze(0) - d / (2.0 * mu), active=healthy)
 
 
+def _teacher_components(nonzero: Tensor) -> Tensor:
+    """Component label [r] of every row of a weight pattern [r, n] (bool).
+
+    Rows sharing a teacher, directly or through other rows, get one label (the smallest
+    teacher id of the component): connected components of the bipartite row-teacher graph,
+    by min-label propagation, batched (a few passes over the [r, n] mask).
+    """
+    big = nonzero.shape[1]
+    teacher = torch.arange(big, device=nonzero.device)
+    while True:
+        row = torch.where(nonzero, teacher.unsqueeze(0), big).amin(dim=1)  # [r]
+        spread = torch.where(nonzero, row.unsqueeze(1), big).amin(dim=0)  # [n]; big: no row uses it
+        new = torch.minimum(teacher, spread)
+        if torch.equal(new, teacher):
+            return row
+        teacher = new
+
+
 def _mixture_blocks(nonzero: Tensor, max_rows: int) -> list[tuple[Tensor, Tensor]]:
     """Blocks ``(rows, cols)`` covering every non-zero of a sparse weight matrix [r, n].
 
-    Rows are grouped by their first teacher (non-IID clients of one cluster trust the same
-    few teachers); neighbouring groups merge while that costs < 25 % more multiply-adds than
-    keeping them apart (``rows x cols`` of the block), so a block-diagonal matrix gives one
-    block per cluster and a dense one a single block.
+    Rows are grouped by the connected component of their teachers (non-IID clients of one
+    cluster trust each other and nobody else), then by first teacher; groups are cut at
+    ``max_rows`` rows (bounding the temporaries of one product) and neighbours merge while
+    that costs < 25 % more multiply-adds than keeping them apart (``rows x cols``), so a
+    block-diagonal matrix gives one block per cluster.
     """
+    n = nonzero.shape[1]
     first = nonzero.to(torch.uint8).argmax(dim=1)
-    order = torch.sort(first, stable=True).indices
-    starts = torch.nonzero(torch.diff(first[order], prepend=first[order][:1] - 1)).flatten().tolist()
+    key = _teacher_components(nonzero) * n + first
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    starts = torch.nonzero(torch.diff(sorted_key, prepend=sorted_key[:1] - 1)).flatten().tolist()
+    ends = starts[1:] + [order.shape[0]]
+    groups = [order[i:min(i + max_rows, end)] for start, end in zip(starts, ends) for i in range(start, end, max_rows)]
     blocks: list[tuple[Tensor, Tensor]] = []
     cur_rows: Tensor | None = None
-    cur_cols = torch.zeros(nonzero.shape[1], dtype=torch.bool, device=nonzero.device)
-    for g, start in enumerate(starts):
-        rows = order[start:(starts[g + 1] if g + 1 < len(starts) else order.shape[0])]
+    cur_cols = torch.zeros(n, dtype=torch.bool, device=nonzero.device)
+    for rows in groups:
         cols = nonzero[rows].any(dim=0)
         if cur_rows is not None:
             union = cur_cols | cols

@@ -1,8 +1,9 @@
 """``bench aggregate``: CAFEDistill's coordinator step for n clients, time and peak memory.
 
-Synthetic proxy logits [n, m, P', C] with cluster structure (clients of one of 8 clusters
+Synthetic proxy logits with cluster structure (clients of one of 8 clusters
 share a mean logit pattern, as non-IID clients with similar label mixes do), so the teacher
-weights are as sparse or dense as they are in practice rather than trivially diagonal.
+weights are as sparse or dense as they are in practice rather than trivially diagonal. The
+aggregation gets what the loop gathers by default: the exits CAFEDistill reads (the last one).
 
 * ``ratio_vs_matmul``: aggregation time over the time of the dominant similarity product
   ``[n, P'C] x [P'C, n]`` in float32, timed alternately with it (median of per-pair ratios);
@@ -50,10 +51,15 @@ def make_algo(n: int, m: int, proxy: int, classes: int, rounds: int = 20) -> CAF
     return CAFEDistill(CAFEDistillParams(proxy_size=proxy), setup)
 
 
+def sent_exits(algo: CAFEDistill, logits: Tensor) -> Tensor:
+    """The exits the loop gathers by default (``comm.exits: used``): [n, e, P', C], contiguous."""
+    return logits[:, list(algo.proxy_exits())].contiguous()
+
+
 def measure_peak(n: int, m: int, proxy: int, classes: int, rnd: int) -> int | None:
     """Peak extra resident bytes of one ``aggregate_logits`` call (run in a fresh process)."""
-    logits = synthetic_logits(n, m, proxy, classes)
     algo = make_algo(n, m, proxy, classes)
+    logits = sent_exits(algo, synthetic_logits(n, m, proxy, classes))
     with peak_rss_delta() as mem:
         algo.aggregate_logits(rnd, logits, torch.ones(n, dtype=torch.bool))
     return mem["bytes"]
@@ -79,8 +85,8 @@ def shard_rows(n: int, world: int) -> list[Tensor]:
 def _sharded(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor, world: int, repeats: int,
              reference: dict[str, Tensor]) -> dict[str, Any]:
     """Time each simulated rank computing its own rows; the slowest rank is the critical path."""
-    n, m = logits.shape[:2]
-    q = torch.softmax(logits[:, m - 1], dim=2).reshape(n, -1)
+    n = logits.shape[0]
+    q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1)
     full_sim = cosine_similarity_rows(q)  # what the all-gather of every rank's rows delivers
     del q
     per_rank, diff = [], 0.0
@@ -104,15 +110,16 @@ def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, p
     repeats = repeats or 3
     rows = []
     for n in sizes:
-        logits = synthetic_logits(n, exits, proxy, classes)
         algo = make_algo(n, exits, proxy, classes)
+        logits = sent_exits(algo, synthetic_logits(n, exits, proxy, classes))
         active = torch.ones(n, dtype=torch.bool)
         rnd = 3  # mid-schedule: a partial depth, so the greedy selection runs
         times = _time_vs_matmul(algo, rnd, logits, active, repeats)
         payload, report = algo.aggregate_logits(rnd, logits, active)
         peak = peak_in_subprocess(n, exits, proxy, classes, rnd) if memory else None
         alpha_density = _alpha_density(algo, logits)
-        row = {"benchmark": "aggregate", "n": n, "m": exits, "proxy": proxy, "classes": classes,
+        row = {"benchmark": "aggregate", "n": n, "m": exits, "exits_sent": logits.shape[1], "proxy": proxy,
+               "classes": classes,
                "threads": torch.get_num_threads(),
                "time_s": round(median(times["aggregate"]), 6), "matmul_s": round(median(times["matmul"]), 6),
                "ratio_vs_matmul": round(median([a / b for a, b in zip(times["aggregate"], times["matmul"])]), 3),
@@ -136,15 +143,15 @@ def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, p
 def _time_vs_matmul(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor,
                     repeats: int) -> dict[str, list[float]]:
     """Aggregation and the float32 similarity product [n, P'C] x [P'C, n], timed alternately."""
-    n, m = logits.shape[:2]
-    q = torch.softmax(logits[:, m - 1], dim=2).reshape(n, -1).contiguous()
+    n = logits.shape[0]
+    q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1).contiguous()
     aggregate: Callable[[], Any] = lambda: algo.aggregate_logits(rnd, logits, active)
     return interleaved({"aggregate": aggregate, "matmul": lambda: q @ q.T}, repeats=repeats)
 
 
 def _alpha_density(algo: CAFEDistill, logits: Tensor) -> float:
     """Share of non-zero teacher weights (how much of the target mixture is real work)."""
-    n, m = logits.shape[:2]
-    q = torch.softmax(logits[:, m - 1], dim=2).reshape(n, -1)
+    n = logits.shape[0]
+    q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1)
     alpha = teacher_weights(cosine_similarity_rows(q), algo.setup.data_weights, algo.params.mu)
     return float((alpha > 0).to(torch.float64).mean())

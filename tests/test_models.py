@@ -25,6 +25,7 @@ CASES = [
     ("cnn", (1, 3, 3), {"width": 4}, 3),  # pooling skipped once the map is 1x1
     ("resnet18", (3, 32, 32), {"width": 4}, 4),
     ("resnet18", (3, 64, 64), {"width": 4, "norm": "batch"}, 4),
+    ("resnet18", (1, 8, 8), {"width": 4}, 4),  # 1x1 maps at the end: GroupNorm groups of >= 2 channels
     ("transformer", (12,), TINY_TEXT, 4),
     ("transformer", (12,), {**TINY_TEXT, "layers": 2}, 2),
 ]

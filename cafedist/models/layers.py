@@ -13,9 +13,11 @@ NormFactory = Callable[[int], nn.Module]
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with the usual 32 groups, fewer when ``channels`` is not a multiple of 32.
 
-    gcd keeps every group the same size for any width (tiny test widths included).
+    gcd keeps every group the same size for any width; groups hold at least 2 channels, since
+    a group of one channel normalises a single value once the feature map is 1x1 (small
+    widths on 8x8 inputs), which is undefined (PyTorch raises in training).
     """
-    return nn.GroupNorm(math.gcd(channels, 32), channels)
+    return nn.GroupNorm(math.gcd(channels, 32, max(1, channels // 2)), channels)
 
 
 def conv_head(channels: int, num_classes: int, spatial: int, *, conv: bool,

@@ -16,7 +16,7 @@ from cafedist.bench import run_benchmark
 from cafedist.bench.aggregate import shard_rows, synthetic_logits
 from cafedist.bench.report import format_table, render
 from cafedist.bench.synthetic import clone_cohort, make_cohort
-from cafedist.bench.timing import interleaved, paired_speed_ratio, peak_rss_delta
+from cafedist.bench.timing import interleaved, paired_speed_ratio, peak_rss_delta, resolve_device
 from cafedist.cli import main as cli_main
 from cafedist.train.client import local_update, make_optimizer
 from cafedist.train.packed import pack_blocker, packed_local_update
@@ -173,7 +173,7 @@ def test_similarity_is_symmetric_and_row_blocks_agree():
     assert torch.allclose(cosine_similarity_rows(q, slice(10, 30), block=8), full[10:30], atol=1e-6)
 
 
-@pytest.mark.parametrize("clusters", [1, 5])
+@pytest.mark.parametrize("clusters", [1, 3, 5, 40])
 def test_block_sparse_mixture_equals_the_dense_product(clusters):
     g = torch.Generator().manual_seed(1)
     n = 40
@@ -272,6 +272,26 @@ def test_interleaved_alternates_and_paired_ratio():
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4 and len(times["a"]) == 3
     assert paired_speed_ratio([1.0, 2.0, 1.0], [2.0, 4.0, 20.0]) == 2.0  # median of 2, 2, 20
+
+
+def test_interleaved_synchronizes_around_every_timed_run():
+    events = []
+    interleaved({"a": lambda: events.append("a")}, repeats=2, warmup=1, sync=lambda: events.append("sync"))
+    assert events == ["a", "sync", "a", "sync", "sync", "a", "sync"]  # clock starts and stops after a sync
+
+
+def test_bench_device_resolution_and_errors(capsys):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cli_main(["bench", "comm", "--device", "cpu"]) == 2
+    assert "--device" in capsys.readouterr().err
+    assert cli_main(["bench", "local", "--device", "tpu"]) == 2
+    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main(["bench", "packed", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    rows = run_benchmark("local", quick=True, repeats=1, n_train=16, scenarios=("ce",), device="cpu")
+    assert rows[0]["device"] == "cpu"
 
 
 def test_peak_rss_delta_sees_torch_allocations():

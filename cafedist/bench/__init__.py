@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 BENCHMARKS = ("local", "packed", "aggregate", "comm", "scaling")
+DEVICE_BENCHMARKS = ("local", "packed", "aggregate")  # the others count bytes or launch gloo ranks
 
 
 def _runner(name: str) -> Callable[..., list[dict[str, Any]]]:
@@ -48,11 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default 1: steady ratios on a shared machine)")
     parser.add_argument("--sharded", action="store_true",
                         help="aggregate: also time every rank computing its own clients' rows")
+    parser.add_argument("--device", default="auto",
+                        help="local, packed, aggregate: auto (the GPU when CUDA is available, else cpu) | cpu | cuda[:N]")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run one benchmark and print its rows."""
     from cafedist.bench.report import render
+    from cafedist.bench.timing import resolve_device
     from cafedist.errors import ConfigError
 
     if args.threads < 1:
@@ -60,7 +64,12 @@ def main(args: argparse.Namespace) -> int:
     if args.sharded and args.which != "aggregate":
         raise ConfigError("--sharded: only `cafedist bench aggregate` has a sharded mode")
     torch.set_num_threads(args.threads)
-    options = {"sharded": True} if args.sharded else {}
+    options: dict[str, Any] = {"sharded": True} if args.sharded else {}
+    if args.which in DEVICE_BENCHMARKS:
+        options["device"] = resolve_device(args.device)
+    elif args.device != "auto":
+        raise ConfigError(f"--device: `cafedist bench {args.which}` does not run on a device "
+                          f"(only {', '.join(DEVICE_BENCHMARKS)} do)")
     print(render(run_benchmark(args.which, quick=args.quick, **options), as_json=args.json), flush=True)
     return 0
 

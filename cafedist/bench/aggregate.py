@@ -30,7 +30,7 @@ from torch import Tensor
 
 from cafedist.algorithms.base import Setup
 from cafedist.algorithms.cafedistill import CAFEDistill, CAFEDistillParams, cosine_similarity_rows, teacher_weights
-from cafedist.bench.timing import interleaved, median, peak_rss_delta
+from cafedist.bench.timing import interleaved, median, peak_rss_delta, synchronizer
 
 CLUSTERS = 8
 
@@ -97,13 +97,15 @@ def _sharded(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor, world:
         diff = max(diff, float((payload["targets"] - reference["targets"][ids]).abs().max()))
         if not torch.equal(payload["students"], reference["students"][ids]):
             diff = float("inf")
-        per_rank.append(median(interleaved({"rank": run}, repeats=repeats, warmup=0)["rank"]))
+        per_rank.append(median(interleaved({"rank": run}, repeats=repeats, warmup=0,
+                                           sync=synchronizer(logits.device))["rank"]))
     return {"world": world, "slowest_rank_s": max(per_rank), "max_diff": diff}
 
 
 def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, proxy: int | None = None,
                     classes: int = 100, exits: int = 4, repeats: int | None = None, sharded: bool = False,
-                    worlds: tuple[int, ...] = (2, 4), memory: bool = True) -> list[dict[str, Any]]:
+                    worlds: tuple[int, ...] = (2, 4), memory: bool = True,
+                    device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """Time, peak memory and ``ratio_vs_matmul`` of ``aggregate_logits`` for each n in ``sizes``."""
     sizes = sizes or ((64, 256) if quick else (64, 128, 256, 512, 1024))
     proxy = proxy or (200 if quick else 1000)
@@ -111,15 +113,18 @@ def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, p
     rows = []
     for n in sizes:
         algo = make_algo(n, exits, proxy, classes)
-        logits = sent_exits(algo, synthetic_logits(n, exits, proxy, classes))
-        active = torch.ones(n, dtype=torch.bool)
+        logits = sent_exits(algo, synthetic_logits(n, exits, proxy, classes)).to(device)
+        active = torch.ones(n, dtype=torch.bool, device=logits.device)
         rnd = 3  # mid-schedule: a partial depth, so the greedy selection runs
         times = _time_vs_matmul(algo, rnd, logits, active, repeats)
         payload, report = algo.aggregate_logits(rnd, logits, active)
-        peak = peak_in_subprocess(n, exits, proxy, classes, rnd) if memory else None
+        peak = None
+        if memory:
+            peak = (peak_in_subprocess(n, exits, proxy, classes, rnd) if logits.device.type == "cpu"
+                    else _cuda_peak(algo, rnd, logits, active))
         alpha_density = _alpha_density(algo, logits)
         row = {"benchmark": "aggregate", "n": n, "m": exits, "exits_sent": logits.shape[1], "proxy": proxy,
-               "classes": classes,
+               "classes": classes, "device": str(logits.device),
                "threads": torch.get_num_threads(),
                "time_s": round(median(times["aggregate"]), 6), "matmul_s": round(median(times["matmul"]), 6),
                "ratio_vs_matmul": round(median([a / b for a, b in zip(times["aggregate"], times["matmul"])]), 3),
@@ -146,12 +151,23 @@ def _time_vs_matmul(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor,
     n = logits.shape[0]
     q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1).contiguous()
     aggregate: Callable[[], Any] = lambda: algo.aggregate_logits(rnd, logits, active)
-    return interleaved({"aggregate": aggregate, "matmul": lambda: q @ q.T}, repeats=repeats)
+    return interleaved({"aggregate": aggregate, "matmul": lambda: q @ q.T}, repeats=repeats,
+                       sync=synchronizer(logits.device))
+
+
+def _cuda_peak(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor) -> int:
+    """Peak extra bytes the CUDA caching allocator hands out during one aggregation."""
+    torch.cuda.synchronize(logits.device)
+    base = torch.cuda.memory_allocated(logits.device)
+    torch.cuda.reset_peak_memory_stats(logits.device)
+    algo.aggregate_logits(rnd, logits, active)
+    torch.cuda.synchronize(logits.device)
+    return torch.cuda.max_memory_allocated(logits.device) - base
 
 
 def _alpha_density(algo: CAFEDistill, logits: Tensor) -> float:
     """Share of non-zero teacher weights (how much of the target mixture is real work)."""
     n = logits.shape[0]
     q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1)
-    alpha = teacher_weights(cosine_similarity_rows(q), algo.setup.data_weights, algo.params.mu)
+    alpha = teacher_weights(cosine_similarity_rows(q), algo.setup.data_weights.to(q.device), algo.params.mu)
     return float((alpha > 0).to(torch.float64).mean())

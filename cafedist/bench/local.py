@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cafedist.bench.synthetic import SCENARIOS, make_cohort
-from cafedist.bench.timing import interleaved, median, paired_speed_ratio
+from cafedist.bench.timing import interleaved, median, paired_speed_ratio, synchronizer
 from cafedist.config import TrainConfig
 from cafedist.train.client import local_update, make_optimizer
 
@@ -30,7 +30,8 @@ def plain_loop(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
     on every shallow exit (all exits get cross-entropy then, as in scenario ``kd``).
     """
     n, bs = x.shape[0], train.batch_size
-    total, steps = 0.0, 0
+    # summed on the device like local_update does: a .item() per step would stall a GPU
+    total, steps = torch.zeros((), dtype=torch.float64, device=x.device), 0
     for _ in range(train.local_epochs):
         perm = torch.randperm(n, generator=g).to(x.device)
         for start in range(0, n, bs):
@@ -50,20 +51,20 @@ def plain_loop(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            total += loss.detach().to(torch.float64)
             steps += 1
-    return total / max(steps, 1)
+    return float(total) / max(steps, 1)
 
 
 def bench_local(quick: bool = False, repeats: int | None = None, n_train: int | None = None,
-                scenarios: tuple[str, ...] = SCENARIOS) -> list[dict[str, Any]]:
+                scenarios: tuple[str, ...] = SCENARIOS, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """Samples/s of ``local_update`` vs the plain loop per scenario (``ratio_vs_plain`` >= 0.97 wanted)."""
     # many short alternating runs (one epoch of 256 samples each) beat a few long ones on a shared box
     repeats = repeats or (21 if quick else 41)
     n_train = n_train or 256
     rows = []
     for scenario in scenarios:
-        cohort = make_cohort(1, n_train, scenario)
+        cohort = make_cohort(1, n_train, scenario, device=device)
         c, algo, train = cohort.clients[0], cohort.algo, cohort.train
         # the plain loop trains its own copy: same weights, same data, same optimizer settings
         plain_model = copy.deepcopy(c.model)
@@ -77,11 +78,12 @@ def bench_local(quick: bool = False, repeats: int | None = None, n_train: int | 
         times = interleaved({
             "cafedist": lambda: local_update(c, algo, train, next(rounds), 0, cohort.proxy_x, cohort.proxy_idx),
             "plain": lambda: plain_loop(plain_model, plain_opt, c.data.x_train, c.data.y_train, train, g, proxy),
-        }, repeats=repeats)
+        }, repeats=repeats, sync=synchronizer(device))
         samples = n_train * train.local_epochs
         ours, ref = samples / median(times["cafedist"]), samples / median(times["plain"])
         rows.append({"benchmark": "local", "scenario": scenario, "n_train": n_train,
-                     "batch_size": train.batch_size, "repeats": repeats, "threads": torch.get_num_threads(),
+                     "batch_size": train.batch_size, "device": str(device), "repeats": repeats,
+                     "threads": torch.get_num_threads(),
                      "samples_per_s": round(ours, 1), "plain_samples_per_s": round(ref, 1),
                      "ratio_vs_plain": round(paired_speed_ratio(times["cafedist"], times["plain"]), 4)})
     return rows

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cafedist.bench.synthetic import clone_cohort, make_cohort
-from cafedist.bench.timing import interleaved, median, paired_speed_ratio
+from cafedist.bench.timing import interleaved, median, paired_speed_ratio, synchronizer
 from cafedist.train.client import local_update
 from cafedist.train.packed import packed_local_update
 
@@ -27,13 +27,14 @@ def max_param_diff(a, b) -> float:
 
 
 def bench_packed(quick: bool = False, ks: tuple[int, ...] = (4, 16, 64), n_train: int | None = None,
-                 scenario: str = "kd", repeats: int | None = None) -> list[dict[str, Any]]:
+                 scenario: str = "kd", repeats: int | None = None,
+                 device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """Samples/s of sequential vs packed local training for each k; ``speedup_vs_sequential``."""
     n_train = n_train or (32 if quick else 96)
     repeats = repeats or (3 if quick else 5)
     rows = []
     for k in ks:
-        seq = make_cohort(k, n_train, scenario)
+        seq = make_cohort(k, n_train, scenario, device=device)
         pack = clone_cohort(seq)
         rounds = iter(range(1, 10**9))
 
@@ -45,9 +46,9 @@ def bench_packed(quick: bool = False, ks: tuple[int, ...] = (4, 16, 64), n_train
         def packed() -> None:
             packed_local_update(pack.clients, pack.algo, pack.train, next(rounds), 0, pack.proxy_x, pack.proxy_idx)
 
-        times = interleaved({"sequential": sequential, "packed": packed}, repeats=repeats)
+        times = interleaved({"sequential": sequential, "packed": packed}, repeats=repeats, sync=synchronizer(device))
         # equality: one more round from identical copies
-        a = make_cohort(k, n_train, scenario)
+        a = make_cohort(k, n_train, scenario, device=device)
         b = clone_cohort(a)
         for c in a.clients:
             local_update(c, a.algo, a.train, 0, 0, a.proxy_x, a.proxy_idx)

@@ -15,24 +15,57 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first GPU when CUDA is available, else the CPU; ``cpu``/``cuda[:N]`` as given."""
+    from cafedist.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """What makes a timing honest on ``device``: CUDA kernels run asynchronously, so the clock
+    is read only after the device has finished; on the CPU there is nothing to wait for."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
+                warmup: int = 1, sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Time each candidate ``repeats`` times in round-robin order (ABAB...); seconds per run.
 
     ``warmup`` untimed rounds first (lazy initialisation, allocator and cache warm-up).
+    ``sync`` (see :func:`synchronizer`) is called before starting and before stopping each
+    clock, so asynchronous GPU work is inside the run that launched it.
     """
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t)
     return times
 

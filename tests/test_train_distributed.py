@@ -40,6 +40,32 @@ def test_torchrun_world_sizes_match_single_process(reference, tmp_path, world):
     assert sorted(metrics(out)[0]["clients_per_rank"]) in ([2, 3], [1, 1, 1, 2])
 
 
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_torchrun_nodes_match_single_process(reference, tmp_path, rendezvous):
+    """Multi-node rendezvous on one machine: two torchrun agents (2 ranks each, so LOCAL_RANK
+    restarts at 0 on the second "node"), with a static master (node_rank given) or the c10d
+    rendezvous of the README (ranks assigned by the store), train the same models as one process."""
+    cfg, ref = reference
+    out, port = tmp_path / "nodes", free_port()
+    exe = torchrun(1)[0]
+
+    def where(node: int) -> list[str]:
+        if rendezvous == "static":
+            return [f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        return ["--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes"]
+
+    agents = [subprocess.Popen([exe, "--nnodes=2", "--nproc_per_node=2", *where(node),
+                                "-m", "cafedist", "train", "--config", str(cfg), "--out", str(out), "--no-progress"],
+                               cwd=ROOT, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for node in (0, 1)]
+    results = [a.communicate(timeout=300) for a in agents]
+    for agent, (_, err) in zip(agents, results):
+        assert agent.returncode == 0, err[-3000:]
+    assert summary(out)["world_size"] == 4
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    assert comparable(metrics(out)) == comparable(metrics(ref))
+
+
 def test_mpiexec_matches_single_process(reference, tmp_path):
     cfg, ref = reference
     launcher = mpiexec_cmd(2)

@@ -79,3 +79,19 @@ def test_plot_input_validation(tmp_path):
     with pytest.raises(ValueError):
         plot_per_exit_bars({}, tmp_path / "b.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_many_series_get_distinct_styles_and_a_side_legend(tmp_path):
+    from cafedist.eval.plots import _series_styles
+
+    for count in (3, 19, 45):
+        styles = [(s["color"], s["linestyle"], s["marker"]) for s in _series_styles(count)]
+        assert len(set(styles)) == count  # no two methods share a look
+    curves = {f"method{i}": [{"mean_macs": 1e6 * (k + 1), "accuracy": 0.5 + 0.01 * i + 0.05 * k} for k in range(3)]
+              for i in range(19)}
+    out = tmp_path / "many.png"
+    plot_accuracy_vs_macs(curves, out)
+    from PIL import Image  # matplotlib depends on pillow
+
+    width, height = Image.open(out).size
+    assert width > 2 * height  # widened (default 6.4 x 4.4 in) for the legend beside the axes

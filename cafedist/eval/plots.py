@@ -29,6 +29,33 @@ def _new_figure(width: float = 6.4, height: float = 4.4) -> Any:
     return fig
 
 
+_CROWDED = 6  # more series than this: legend beside the axes, one style per series
+
+
+def _series_styles(count: int) -> list[dict[str, Any]]:
+    """Distinct colour/line/marker per series: ``tab20`` colours (default cycle's 10 repeat at
+    the 11th method of a comparison), then line styles and markers vary as well."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10" if count <= 10 else "tab20"].colors
+    lines, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v", "P")
+    return [{"color": colours[i % len(colours)], "linestyle": lines[(i // len(colours)) % len(lines)],
+             "marker": markers[i % len(markers)]} for i in range(count)]
+
+
+def _legend(fig: Any, ax: Any, count: int) -> None:
+    """In the axes while it stays small, else beside them so no curve is hidden."""
+    if count <= _CROWDED:
+        ax.legend(fontsize=8)
+    else:
+        fig.legend(loc="outside right upper", fontsize=7, ncols=1 if count <= 24 else 2)
+
+
+def _figure_for(count: int) -> Any:
+    """Wider figures when the legend sits beside the axes."""
+    return _new_figure(width=6.4 if count <= _CROWDED else 9.6)
+
+
 def _save_png(fig: Any, path: str | os.PathLike) -> None:
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=150)
@@ -65,13 +92,14 @@ def plot_accuracy_vs_macs(
     all_macs += [float(m) for _, macs in per_exit.values() for m in macs]
     scale, unit = _mac_unit(max(all_macs, default=0.0))
 
-    fig = _new_figure()
+    entries = len(curves) + len(per_exit)
+    fig = _figure_for(entries)
     ax = fig.add_subplot()
     colours: dict[str, Any] = {}
-    for name, rows in curves.items():
+    for (name, rows), style in zip(curves.items(), _series_styles(len(curves))):
         xs = [row["mean_macs"] / scale for row in rows]
         ys = [100.0 * row["accuracy"] for row in rows]
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{name} (dynamic)")
+        (line,) = ax.plot(xs, ys, markersize=3, label=f"{name} (dynamic)", **style)
         colours[name] = line.get_color()
     for name, (accs, macs) in per_exit.items():
         xs = [m / scale for m in macs]
@@ -84,7 +112,7 @@ def plot_accuracy_vs_macs(
     ax.set_xlabel(f"mean cost per sample ({unit})")
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(fig, ax, entries)
     if title:
         ax.set_title(title)
     _save_png(fig, path)
@@ -99,17 +127,18 @@ def plot_per_exit_bars(per_exit: dict[str, list[float]], path: str | os.PathLike
         raise ValueError("plot_per_exit_bars needs at least one series")
     n_exits = max(len(accs) for accs in per_exit.values())
     width = 0.8 / len(per_exit)
-    fig = _new_figure()
+    fig = _figure_for(len(per_exit))
     ax = fig.add_subplot()
+    styles = _series_styles(len(per_exit))
     for j, (name, accs) in enumerate(per_exit.items()):
         # Centre the group of bars on each exit's tick.
         xs = [k + (j - (len(per_exit) - 1) / 2) * width for k in range(1, len(accs) + 1)]
-        ax.bar(xs, [100.0 * a for a in accs], width=width, label=name)
+        ax.bar(xs, [100.0 * a for a in accs], width=width, label=name, color=styles[j]["color"])
     ax.set_xticks(range(1, n_exits + 1), [f"exit {k}" for k in range(1, n_exits + 1)])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(fig, ax, len(per_exit))
     if title:
         ax.set_title(title)
     _save_png(fig, path)

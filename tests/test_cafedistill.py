@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Setup
-from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, _mixture_blocks,
+from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, _mixture_blocks, _teacher_components,
                                              cosine_similarity_matrix, greedy_similar, healthy_clients, mix_targets,
                                              project_rows_to_simplex, selection_counts, student_masks,
                                              teacher_weights)
@@ -97,6 +97,26 @@ def test_mixture_blocks_follow_teacher_clusters():
     assert len(_mixture_blocks(torch.eye(5, dtype=torch.bool), max_rows=128)) == 5  # local KD: rows apart
 
 
+def test_mixture_blocks_group_by_component_not_just_first_teacher():
+    """Two interleaved clusters whose rows start at different teachers: sorting by first teacher
+    alone alternates the clusters (4 blocks); components keep each cluster together (2 blocks)."""
+    supports = {0: [0, 2, 4, 6], 2: [2, 4, 6], 4: [0, 2, 4, 6], 6: [2, 4, 6],
+                1: [1, 3, 5, 7], 3: [3, 5, 7], 5: [1, 3, 5, 7], 7: [3, 5, 7]}
+    nonzero = torch.zeros(8, 8, dtype=torch.bool)
+    for row, cols in supports.items():
+        nonzero[row, cols] = True
+    assert _teacher_components(nonzero).tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    blocks = _mixture_blocks(nonzero, max_rows=128)
+    assert sorted(sorted(rows.tolist()) for rows, _ in blocks) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_teacher_components_of_a_long_chain_are_one():
+    n = 300  # row i trusts teachers i and i + 1: one component, diameter n
+    nonzero = torch.eye(n, dtype=torch.bool) | torch.eye(n, dtype=torch.bool).roll(1, dims=1)
+    nonzero[n - 1, 0] = False
+    assert set(_teacher_components(nonzero).tolist()) == {0}
+
+
 def test_aggregation_reuses_its_buffer_without_aliasing_results():
     """Repeated calls (and a change of n) give what a fresh algorithm gives; results stay put."""
     def logits(n, seed):
@@ -113,6 +133,28 @@ def test_aggregation_reuses_its_buffer_without_aliasing_results():
     small, _ = algo.aggregate_logits(2, logits(4, 2))
     ref, _ = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=4, c=5)).aggregate_logits(2, logits(4, 2))
     assert torch.equal(small["targets"], ref["targets"])
+
+
+def test_a_diverged_shallow_exit_quarantines_only_when_every_exit_is_sent():
+    """The health check covers the exits that were sent: with the default (last exit only) a NaN
+    in a shallow exit cannot be seen, and the client still teaches with its sound last exit."""
+    x = torch.randn(6, 3, 20, 5, generator=torch.Generator().manual_seed(5))
+    x[4, 0, 3, 1] = float("nan")
+    algo = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=6, m=3, c=5))
+    _, every = algo.aggregate_logits(3, x)
+    _, last = algo.aggregate_logits(3, x[:, 2:].contiguous())
+    assert every["quarantined"] == [4] and last["quarantined"] == []
+
+
+def test_proxy_exits_contract_is_checked():
+    class Backwards(CAFEDistill):
+        def proxy_exits(self):
+            return (2, 0)
+    algo = Backwards(CAFEDistillParams(proxy_size=20), _setup(n=6, m=3, c=5))
+    with pytest.raises(ValueError, match="increasing order"):
+        algo.sent_exits()
+    assert algo.sent_exits(every_exit=True) == [0, 1, 2]
+    assert CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=6, m=3, c=5)).sent_exits() == [2]
 
 
 def test_all_exits_or_last_exit_only_give_the_same_aggregate():

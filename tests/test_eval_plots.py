@@ -82,11 +82,19 @@ def test_plot_input_validation(tmp_path):
 
 
 def test_many_series_get_distinct_styles_and_a_side_legend(tmp_path):
-    from cafedist.eval.plots import _series_styles
+    from cafedist.eval.plots import _figure_for, _legend, _series_styles
 
     for count in (3, 19, 45):
         styles = [(s["color"], s["linestyle"], s["marker"]) for s in _series_styles(count)]
         assert len(set(styles)) == count  # no two methods share a look
+        assert all(s["marker"] != "s" for s in _series_styles(count))  # "s" marks the static exits
+    for count, beside in ((3, False), (19, True)):
+        fig = _figure_for(count)
+        ax = fig.add_subplot()
+        for i, style in enumerate(_series_styles(count)):
+            ax.plot([0, 1], [i, i], label=f"m{i}", **style)
+        _legend(fig, ax, count)
+        assert (ax.get_legend() is None) == beside and bool(fig.legends) == beside
     curves = {f"method{i}": [{"mean_macs": 1e6 * (k + 1), "accuracy": 0.5 + 0.01 * i + 0.05 * k} for k in range(3)]
               for i in range(19)}
     out = tmp_path / "many.png"

@@ -253,3 +253,11 @@ def test_float_option_accepts_int_and_numpy_shapes():
     model = build_model("transformer", (np.int64(8),), 3, vocab_size=20, d_model=8, heads=2,
                         ff=8, layers=1, dropout=0)
     assert model.input_shape == (8,) and model.num_exits == 1
+
+
+@pytest.mark.parametrize("channels,groups", [(64, 32), (512, 32), (24, 8), (12, 4), (32, 16), (16, 8), (4, 2),
+                                             (2, 1), (1, 1)])
+def test_group_norm_keeps_32_groups_unless_a_group_would_hold_one_channel(channels, groups):
+    from cafedist.models.layers import group_norm
+
+    assert group_norm(channels).num_groups == groups

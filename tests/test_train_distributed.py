@@ -1,5 +1,7 @@
 """Multi-rank training: determinism across world sizes and launchers, uneven placement, dead ranks."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,13 +56,22 @@ def test_two_torchrun_nodes_match_single_process(reference, tmp_path, rendezvous
             return [f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
         return ["--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes"]
 
-    agents = [subprocess.Popen([exe, "--nnodes=2", "--nproc_per_node=2", *where(node),
-                                "-m", "cafedist", "train", "--config", str(cfg), "--out", str(out), "--no-progress"],
-                               cwd=ROOT, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for node in (0, 1)]
-    results = [a.communicate(timeout=300) for a in agents]
-    for agent, (_, err) in zip(agents, results):
-        assert agent.returncode == 0, err[-3000:]
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
+    agents = []
+    try:
+        for node, log in zip((0, 1), logs):
+            with open(log, "w") as sink:  # files, not pipes: an unread pipe could stall an agent
+                agents.append(subprocess.Popen(
+                    [exe, "--nnodes=2", "--nproc_per_node=2", *where(node), "-m", "cafedist", "train",
+                     "--config", str(cfg), "--out", str(out), "--no-progress"],
+                    cwd=ROOT, env=env_for_tests(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True))
+        for agent, log in zip(agents, logs):
+            assert agent.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for agent in agents:  # a failed or hung agent takes its worker ranks with it
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
     assert summary(out)["world_size"] == 4
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
     assert comparable(metrics(out)) == comparable(metrics(ref))

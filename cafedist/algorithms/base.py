@@ -170,6 +170,21 @@ class Algorithm:
         """
         return tuple(range(self.setup.num_exits))
 
+    def sent_exits(self, every_exit: bool = False) -> list[int]:
+        """The exits whose proxy logits the loop gathers: :meth:`proxy_exits`, checked, or all.
+
+        Raises ``ValueError`` naming the algorithm when ``proxy_exits`` breaks its contract
+        (increasing, without repeats, within ``0..m-1``), since aggregations index from the end.
+        """
+        m = self.setup.num_exits
+        if every_exit:
+            return list(range(m))
+        exits = list(self.proxy_exits())
+        if not exits or exits != sorted(set(exits)) or exits[0] < 0 or exits[-1] >= m:
+            raise ValueError(f"algorithm {self.name!r}: proxy_exits() must list exits in increasing order, "
+                             f"without repeats, within 0..{m - 1}; got {exits}")
+        return exits
+
     def upload_spec(self) -> Spec:
         """Per-client rows (besides proxy logits) sent to the coordinator each round."""
         return {}

@@ -124,7 +124,8 @@ def cosine_similarity_rows(q: Tensor, rows: RowSel = None, block: int = 256) -> 
         norms = torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()  # ||q_i||^2 is on the diagonal
     else:
         ids = _row_ids(rows, n, q.device)
-        gram = torch.cat([q[ids[i:i + block]] @ q.T for i in range(0, ids.shape[0], block)], dim=0)
+        parts = [q[ids[i:i + block]] @ q.T for i in range(0, ids.shape[0], block)]
+        gram = torch.cat(parts, dim=0) if parts else q.new_zeros(0, n)  # a rank may own no client
         norms = torch.linalg.vector_norm(q, dim=1).to(torch.float64)
     norms = norms.clamp_min(1e-12)
     sim = gram.to(torch.float64) / (norms[ids].unsqueeze(1) * norms.unsqueeze(0))
@@ -159,22 +160,32 @@ def teacher_weights(sim: Tensor, w: Tensor, mu: float, healthy: Tensor | None = 
     return project_rows_to_simplex(w.unsqueeze(0) - d / (2.0 * mu), active=healthy)
 
 
-def _teacher_components(nonzero: Tensor) -> Tensor:
+def _teacher_components(nonzero: Tensor, max_passes: int = 64) -> Tensor:
     """Component label [r] of every row of a weight pattern [r, n] (bool).
 
     Rows sharing a teacher, directly or through other rows, get one label (the smallest
     teacher id of the component): connected components of the bipartite row-teacher graph,
-    by min-label propagation, batched (a few passes over the [r, n] mask).
+    by min-label propagation with pointer jumping (``label = label[label]``), so a long chain
+    of overlapping supports takes O(log n) passes over the [r, n] mask, not O(n). The labels
+    only order rows for :func:`_mixture_blocks`, which covers every non-zero whatever they
+    are, so after ``max_passes`` the current labels are used as they are.
     """
     big = nonzero.shape[1]
     teacher = torch.arange(big, device=nonzero.device)
-    while True:
+    row = torch.zeros(nonzero.shape[0], dtype=teacher.dtype, device=nonzero.device)
+    for _ in range(max_passes):
         row = torch.where(nonzero, teacher.unsqueeze(0), big).amin(dim=1)  # [r]
         spread = torch.where(nonzero, row.unsqueeze(1), big).amin(dim=0)  # [n]; big: no row uses it
         new = torch.minimum(teacher, spread)
+        while True:  # labels only decrease (label[k] <= k), so jumping converges
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
         if torch.equal(new, teacher):
-            return row
+            break
         teacher = new
+    return row
 
 
 def _mixture_blocks(nonzero: Tensor, max_rows: int) -> list[tuple[Tensor, Tensor]]:
@@ -227,11 +238,13 @@ def mix_targets(alpha: Tensor, probs: Tensor, block: int = 128) -> Tensor:
     a = alpha.to(flat.dtype)
     shape = (a.shape[0], *probs.shape[1:])
     nonzero = a != 0
+    if a.shape[0] == 0:
+        return torch.zeros(shape, dtype=torch.float32, device=flat.device)
     if int(nonzero.sum()) > a.numel() // 2:
         return (a @ flat).reshape(shape).to(torch.float32)
     out = torch.empty(a.shape[0], flat.shape[1], dtype=flat.dtype, device=flat.device)
     for rows, cols in _mixture_blocks(nonzero, block):
-        if cols.shape[0] == n:
+        if cols.shape[0] > n // 2:  # copying most teachers costs more than multiplying by zeros
             out.index_copy_(0, rows, a[rows] @ flat)
         else:
             out.index_copy_(0, rows, a[rows][:, cols] @ flat.index_select(0, cols))
@@ -469,7 +482,8 @@ class CAFEDistill(Algorithm):
         report = {
             "n_students_next": int(students[:, : m - 1].sum()),
             "quarantined": [int(i) for i in torch.nonzero(~finite).flatten()],
-            "self_weight": float(alpha[torch.arange(ids.shape[0], device=alpha.device), ids].mean()),
+            "self_weight": (float(alpha[torch.arange(ids.shape[0], device=alpha.device), ids].mean())
+                            if ids.numel() else None),
         }
         self.last_report = report
         return {"targets": targets, "students": students[ids.cpu()].to(torch.uint8)}, report

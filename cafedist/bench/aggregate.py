@@ -53,7 +53,7 @@ def make_algo(n: int, m: int, proxy: int, classes: int, rounds: int = 20) -> CAF
 
 def sent_exits(algo: CAFEDistill, logits: Tensor) -> Tensor:
     """The exits the loop gathers by default (``comm.exits: used``): [n, e, P', C], contiguous."""
-    return logits[:, list(algo.proxy_exits())].contiguous()
+    return logits[:, algo.sent_exits()].contiguous()
 
 
 def measure_peak(n: int, m: int, proxy: int, classes: int, rnd: int) -> int | None:

@@ -35,7 +35,7 @@ def bench_comm(quick: bool = False, arch: str = "resnet18", input_shape: tuple[i
     down = sum(prod(shape) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
     fedavg = 2 * 4 * n_params
     rows = []
-    for comm_exits, exits in (("used", len(algo.proxy_exits())), ("all", m)):
+    for comm_exits, exits in (("used", len(algo.sent_exits())), ("all", m)):
         for name, dtype in _WIRE.items():
             up = exits * proxy * classes * dtype.itemsize
             rows.append({"benchmark": "comm", "arch": arch, "classes": classes, "proxy": proxy, "m": m,

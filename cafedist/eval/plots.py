@@ -38,7 +38,7 @@ def _series_styles(count: int) -> list[dict[str, Any]]:
     from matplotlib import colormaps
 
     colours = colormaps["tab10" if count <= 10 else "tab20"].colors
-    lines, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v", "P")
+    lines, markers = ("-", "--", ":", "-."), ("o", "^", "D", "v", "P", "X")  # "s" marks static exits
     return [{"color": colours[i % len(colours)], "linestyle": lines[(i // len(colours)) % len(lines)],
              "marker": markers[i % len(markers)]} for i in range(count)]
 

@@ -17,7 +17,10 @@ def group_norm(channels: int) -> nn.GroupNorm:
     a group of one channel normalises a single value once the feature map is 1x1 (small
     widths on 8x8 inputs), which is undefined (PyTorch raises in training).
     """
-    return nn.GroupNorm(math.gcd(channels, 32, max(1, channels // 2)), channels)
+    groups = math.gcd(channels, 32)
+    if groups > 1 and channels // groups < 2:
+        groups //= 2  # groups is a power of two dividing channels, so half of it does too
+    return nn.GroupNorm(groups, channels)
 
 
 def conv_head(channels: int, num_classes: int, spatial: int, *, conv: bool,

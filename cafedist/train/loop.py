@@ -145,6 +145,8 @@ class Trainer:
         self.algo: Algorithm = algo_cls(params, self.setup)
         self.n_params = sum(p.numel() for p in probe.parameters())
         self.algo.bind_model(probe)
+        if self.algo.exchanges_logits:
+            self.algo.sent_exits()  # an algorithm breaking the proxy_exits contract fails before round 0
         self.shared_keys, self.shared_masks = self._shared_layout(probe)
         self.clients = [self._make_client(cid) for cid in self.my_ids]
         self.use_packed = self._decide_packing()
@@ -231,7 +233,7 @@ class Trainer:
             if algo.exchanges_logits:
                 idx = proxy_subset(cfg.seed, rnd, self.proxy_x.shape[0], self.proxy_size).to(self.device)
                 xp = self.proxy_x[idx]
-                exits = list(range(self.setup.num_exits)) if cfg.comm.exits == "all" else list(algo.proxy_exits())
+                exits = algo.sent_exits(every_exit=cfg.comm.exits == "all")
                 local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp, amp=cfg.train.amp)[exits]
                                                for c in self.clients])  # [k, e, P', C]
             uploads = [algo.upload(c.view) for c in self.clients]

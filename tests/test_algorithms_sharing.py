@@ -215,6 +215,18 @@ def test_depthfl_shallow_clients_receive_the_deep_clients_average(tmp_path):
             assert close(shallow[key], (w[2] * sent[2][key] + w[3] * sent[3][key]) / (w[2] + w[3])), key
 
 
+def test_depthfl_bytes_count_what_each_client_holds_up_and_the_whole_model_down(tmp_path):
+    tr = make_trainer(tmp_path, "depthfl")
+    record = tr.run_round(0)
+    named = dict(tr.clients[0].model.named_parameters())
+    full = sum(named[k].numel() for k in tr.shared_keys)
+    held = [sum(named[k].numel() for k in tr.shared_keys if exit_index(k) < tr.algo.depth(i)) for i in range(4)]
+    assert record["bytes_down"] == 4 * full  # every client keeps a copy of the one global model
+    assert record["bytes_up"] == round(4 * sum(held) / 4) < 4 * full  # shallow clients send less
+    fedavg = make_trainer(tmp_path / "f", "fedavg").run_round(0)
+    assert fedavg["bytes_up"] == fedavg["bytes_down"] == 4 * full
+
+
 def test_depthfl_layer_no_active_client_holds_is_untouched(tmp_path):
     tr = make_trainer(tmp_path, "depthfl", rounds=10, clients_per_round=0.5)
     rnd = next(r for r in range(10) if not participating(0, r, 4, 0.5)[3])

@@ -263,10 +263,10 @@ class Trainer:
         # 5. shared parameters (FedAvg-style), sample-weighted over holders, deterministic on any world size
         if self.shared_keys:
             t = time.perf_counter()
-            moved = self._average_shared(active)
+            up, down = self._average_shared(active)
             timers["t_comm"] += time.perf_counter() - t
-            bytes_up += moved
-            bytes_down += moved
+            bytes_up += up
+            bytes_down += down
 
         # 5b. training after aggregation (e.g. fine-tuning personal heads)
         for c in self.clients:
@@ -334,10 +334,12 @@ class Trainer:
             return False
         return mode == "on" or self.device.type == "cuda"
 
-    def _average_shared(self, active: Tensor) -> int:
+    def _average_shared(self, active: Tensor) -> tuple[int, int]:
         """Replace shared parameters of my clients by the weighted average over active holders.
 
-        Returns the bytes one client sends (and receives) for it.
+        Returns the bytes one client sends and receives for it (float32 parameters): what it
+        holds, averaged over the clients that trained, up; what it is given, averaged over all
+        clients, down (everything under ``non_holders_receive``, e.g. DepthFL's global model).
         """
         keys, masks = self.shared_keys, self.shared_masks
         w = self.setup.data_weights * active.to(torch.float64)
@@ -366,7 +368,12 @@ class Trainer:
             sd = c.models[self.algo.shared_model].state_dict()
             where = held if receive_all else held & masks[c.cid].to(self.device)
             unflatten_into(avg, [sd[k] for k in keys], where=where)
-        return length * 4
+        if masks is None:
+            return length * 4, length * 4
+        trained = [cid for cid in range(self.n) if active[cid]] or list(range(self.n))
+        up = sum(int(masks[cid].sum()) for cid in trained) / len(trained)
+        down = length if receive_all else sum(int(masks[cid].sum()) for cid in range(self.n)) / self.n
+        return round(4 * up), round(4 * down)
 
     def _client_stats(self, losses: list[float], evaluate: bool) -> Tensor | None:
         """[n, 2 + m] float64 rows (loss, n_test, correct per exit) in client order, on every rank."""

@@ -12,9 +12,9 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-from cafedist.errors import CafeError, DistError
+from cafedist.errors import CafeError, ConfigError, DistError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -34,6 +34,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="override dist.backend (gloo|nccl|mpi)")
     p.add_argument("--device", default=None, help="override dist.device (cpu|cuda|cuda:N)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (data, model, bytes per round, placement on the ranks) and exit; "
+                        "trains nothing and writes nothing into --out")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: ranks to plan for (default: the launcher's world size, else 1)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=5 algorithm.cafedistill.mu=1")
 
 
@@ -55,6 +60,10 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"dist.device={args.device}")
     cfg = load_config(args.config, overrides)
     out = args.out or _run_dir_default(args.config)
+    if args.world_size is not None and not args.dry_run:
+        raise ConfigError("--world-size: only with --dry-run (a real run takes its world size from the launcher)")
+    if args.dry_run:
+        return _dry_run(cfg, out, args.world_size)
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if result.stopped:
         return REQUEUE_EXIT_CODE
@@ -63,6 +72,19 @@ def _train(args: argparse.Namespace) -> int:
         red = result.summary["mac_reduction_at_1pt"]
         print(f"done: {out}  acc_per_exit [{acc}]  MAC reduction at <=1pt loss "
               f"{100 * red['macs_reduction']:.1f}% (threshold {red['threshold']})")
+    return 0
+
+
+def _dry_run(cfg: Any, out: str, world_size: int | None) -> int:
+    from cafedist.dist.runtime import detect_launch
+    from cafedist.train.plan import describe_plan
+
+    launch = detect_launch()
+    if launch.rank != 0:  # under a launcher every rank parses the command: one plan is enough
+        return 0
+    if world_size is not None and world_size < 1:
+        raise ConfigError(f"--world-size: expected an integer >= 1, got {world_size}")
+    print(describe_plan(cfg, world_size or launch.world_size, run_dir=out), flush=True)
     return 0
 
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from cafedist.errors import ConfigError
 from cafedist.fsutil import write_text_atomic
+from cafedist.units import short_count
 
 log = logging.getLogger("cafedist")
 
@@ -448,14 +449,6 @@ def results_csv(stats: Sequence[Stat]) -> str:
     return buf.getvalue()
 
 
-def _count(x: float) -> str:
-    """12952 -> '12.95K' (MACs, bytes)."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.0f}"
-
-
 def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
     if s is None:
         return "–"
@@ -484,7 +477,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
              "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
              "averaged over clients weighted by test size.", ""]
     if names:
-        head = ["algorithm", "seeds"] + [f"exit {k} ({_count(get(names[0], 'exit_macs', k).mean)} MACs)"
+        head = ["algorithm", "seeds"] + [f"exit {k} ({short_count(get(names[0], 'exit_macs', k).mean)} MACs)"
                                          if get(names[0], "exit_macs", k) else f"exit {k}"
                                          for k in range(1, n_exits + 1)]
         lines += ["## Personalized accuracy per exit (%)", "", _md_row(head), _md_row(["---"] * len(head))]
@@ -500,7 +493,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
             cells = []
             for th in thresholds:
                 acc, macs = get(name, "dynamic_accuracy", th=th), get(name, "dynamic_mean_macs", th=th)
-                cells.append(f"{_pm(acc)} / {_count(macs.mean)}" if acc and macs else "–")
+                cells.append(f"{_pm(acc)} / {short_count(macs.mean)}" if acc and macs else "–")
             lines.append(_md_row([name] + cells))
         lines += ["", "## Cost", "",
                   "MAC reduction: the cheapest threshold whose accuracy is within 1 point of the last exit, "
@@ -512,7 +505,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
         for name in names:
             b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
             lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
-                                  _count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
+                                  short_count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -59,6 +59,27 @@ def test_sending_every_exit_changes_bytes_not_results(tiny_config, tmp_path):
     assert summary(used)["model_hashes"] == summary(every)["model_hashes"]
 
 
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=3)
+    out = tmp_path / "run"
+    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "3", check=True)
+    assert not out.exists()
+    text = proc.stdout
+    assert "4 clients" in text and "3 exits" in text and "placement on 3 rank(s)" in text
+    lines = text.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "clients"]) + 1:]
+    rows = [line.split() for line in table if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    ids = sorted(int(i.strip(",")) for row in rows for i in row[3:])
+    assert ids == [0, 1, 2, 3]  # every client placed exactly once
+    # bytes per client and round: the last exit's logits up, targets + student mask down (P' = 64, C = 10)
+    assert f"{64 * 10 * 4 / 1000:.3g}KB up" in text
+    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "9"),
+                        "9 ranks")
+    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "--world-size", "2"),
+                        "--world-size")
+
+
 def _assert_clean_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]

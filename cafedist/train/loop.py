@@ -148,6 +148,8 @@ class Trainer:
         if self.algo.exchanges_logits:
             self.algo.sent_exits()  # an algorithm breaking the proxy_exits contract fails before round 0
         self.shared_keys, self.shared_masks = self._shared_layout(probe)
+        named = dict(probe.named_parameters())  # extra models share the main architecture
+        self.shared_length = sum(named[k].numel() for k in self.shared_keys)
         self.clients = [self._make_client(cid) for cid in self.my_ids]
         self.use_packed = self._decide_packing()
 
@@ -244,8 +246,10 @@ class Trainer:
             for key, rows in local.items():
                 dtype = wire if key == "logits" and wire != torch.float32 else None
                 gathered[key] = self.gather_by_client(rows, transport_dtype=dtype)
-                bytes_up += rows[0].numel() * (wire.itemsize if key == "logits" else rows.dtype.itemsize)
             timers["t_comm"] += time.perf_counter() - t
+            up, down = self.exchange_bytes()
+            bytes_up += up
+            bytes_down += down
             payload = None
             if self.rt.is_main:
                 t = time.perf_counter()
@@ -258,7 +262,6 @@ class Trainer:
             for j, c in enumerate(self.clients):
                 if active[c.cid]:
                     algo.receive(c.view, {k: v[j] for k, v in mine.items()}, rnd)
-            bytes_down += sum(int(torch.Size(s).numel()) * d.itemsize for s, d in spec.values())
 
         # 5. shared parameters (FedAvg-style), sample-weighted over holders, deterministic on any world size
         if self.shared_keys:
@@ -334,16 +337,42 @@ class Trainer:
             return False
         return mode == "on" or self.device.type == "cuda"
 
-    def _average_shared(self, active: Tensor) -> tuple[int, int]:
-        """Replace shared parameters of my clients by the weighted average over active holders.
+    def exchange_bytes(self) -> tuple[int, int]:
+        """Bytes one client sends and receives per round in the coordinator exchange: proxy
+        logits of the sent exits in ``comm.logits_dtype`` plus the algorithm's upload rows, up;
+        its payload rows, down (0, 0 for algorithms without an exchange)."""
+        algo = self.algo
+        if not algo.uses_exchange():
+            return 0, 0
+        up = 0
+        if algo.exchanges_logits:
+            exits = algo.sent_exits(every_exit=self.cfg.comm.exits == "all")
+            up += len(exits) * self.proxy_size * self.setup.num_classes * _DTYPES[self.cfg.comm.logits_dtype].itemsize
+        up += sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.upload_spec().values())
+        down = sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
+        return up, down
 
-        Returns the bytes one client sends and receives for it (float32 parameters): what it
+    def shared_bytes(self, active: Tensor) -> tuple[int, int]:
+        """Bytes one client sends and receives for the averaged parameters (float32): what it
         holds, averaged over the clients that trained, up; what it is given, averaged over all
-        clients, down (everything under ``non_holders_receive``, e.g. DepthFL's global model).
-        """
+        clients, down (everything under ``non_holders_receive``, e.g. DepthFL's global model)."""
+        if not self.shared_keys:
+            return 0, 0
+        length, masks = self.shared_length, self.shared_masks
+        if masks is None:
+            return length * 4, length * 4
+        trained = [cid for cid in range(self.n) if active[cid]] or list(range(self.n))
+        up = sum(int(masks[cid].sum()) for cid in trained) / len(trained)
+        receive_all = self.algo.non_holders_receive
+        down = length if receive_all else sum(int(masks[cid].sum()) for cid in range(self.n)) / self.n
+        return round(4 * up), round(4 * down)
+
+    def _average_shared(self, active: Tensor) -> tuple[int, int]:
+        """Replace shared parameters of my clients by the weighted average over active holders;
+        returns :meth:`shared_bytes`."""
         keys, masks = self.shared_keys, self.shared_masks
         w = self.setup.data_weights * active.to(torch.float64)
-        length = sum(self.clients[0].models[self.algo.shared_model].state_dict()[k].numel() for k in keys)
+        length = self.shared_length
         # denominators: every rank knows every client's weight and mask (client-id order)
         if masks is None:
             den = torch.full((length,), float(w.sum()), dtype=torch.float64)
@@ -368,12 +397,7 @@ class Trainer:
             sd = c.models[self.algo.shared_model].state_dict()
             where = held if receive_all else held & masks[c.cid].to(self.device)
             unflatten_into(avg, [sd[k] for k in keys], where=where)
-        if masks is None:
-            return length * 4, length * 4
-        trained = [cid for cid in range(self.n) if active[cid]] or list(range(self.n))
-        up = sum(int(masks[cid].sum()) for cid in trained) / len(trained)
-        down = length if receive_all else sum(int(masks[cid].sum()) for cid in range(self.n)) / self.n
-        return round(4 * up), round(4 * down)
+        return self.shared_bytes(active)
 
     def _client_stats(self, losses: list[float], evaluate: bool) -> Tensor | None:
         """[n, 2 + m] float64 rows (loss, n_test, correct per exit) in client order, on every rank."""

@@ -1,0 +1,66 @@
+"""``cafedist train --dry-run``: what a run would do on N ranks, without training.
+
+Before queueing a multi-node job it is worth knowing how the clients will be spread over the
+ranks, how big the model is, what a round puts on the wire and whether the clients of a rank
+can be trained packed on a GPU. The plan builds rank 0's part of the run exactly as training
+would (:class:`~cafedist.train.loop.Trainer` with a simulated runtime: same store, same
+placement, same algorithm), prints those facts and stops. It prepares the data store if it is
+missing, as training would, but writes nothing into the run directory and starts no process
+group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cafedist.config import Config
+from cafedist.dist.runtime import Runtime
+from cafedist.train.loop import Trainer
+from cafedist.train.packed import pack_blocker
+from cafedist.units import short_count
+
+
+def _ids(ids: list[int], shown: int = 8) -> str:
+    text = ", ".join(map(str, ids[:shown]))
+    return text + (f", ... (+{len(ids) - shown})" if len(ids) > shown else "")
+
+
+def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -> str:
+    """A human-readable plan of ``cfg`` on ``world_size`` ranks (rank 0's view; no training)."""
+    if world_size < 1:
+        raise ValueError(f"--world-size: expected an integer >= 1, got {world_size}")
+    rt = Runtime(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), backend=None,
+                 launcher="dry-run")
+    tr = Trainer(cfg, run_dir, rt)
+    sizes = list(tr.setup.train_sizes)
+    everyone = torch.ones(tr.n, dtype=torch.bool)
+    ex_up, ex_down = tr.exchange_bytes()
+    sh_up, sh_down = tr.shared_bytes(everyone)
+    up, down = ex_up + sh_up, ex_down + sh_down
+    fedavg = 8 * tr.n_params
+    lines = [
+        f"data:       {cfg.data.dataset}, {tr.n} clients, {sum(sizes)} train samples "
+        f"(per client {min(sizes)}..{max(sizes)}), store {tr.store.path}",
+        f"model:      {cfg.model.arch}, {tr.num_exits} exits, {tr.n_params:,} parameters, "
+        f"MACs per sample at each exit {' / '.join(short_count(m, '.3g') for m in tr.macs)}",
+        f"algorithm:  {tr.algo.name}, {cfg.train.rounds} rounds, "
+        f"{'all' if cfg.train.clients_per_round == 1.0 else cfg.train.clients_per_round} clients per round",
+    ]
+    if tr.algo.exchanges_logits:
+        exits = tr.algo.sent_exits(every_exit=cfg.comm.exits == "all")
+        lines.append(f"exchange:   proxy logits of exit(s) {', '.join(str(e + 1) for e in exits)} "
+                     f"(comm.exits: {cfg.comm.exits}) on P' = {tr.proxy_size} items, {cfg.comm.logits_dtype}")
+    lines.append(f"per client and round: {short_count(up, '.3g')}B up, {short_count(down, '.3g')}B down "
+                 f"({(up + down) / fedavg:.4f} of FedAvg's {short_count(fedavg, '.3g')}B)")
+    blocker = pack_blocker(tr.clients, tr.algo) if len(tr.clients) > 1 else "one client per rank"
+    lines.append(f"packing:    {cfg.train.packed}: on a GPU rank 0's clients would "
+                 + ("be stepped together" if blocker is None and cfg.train.packed != "off"
+                    else f"be trained one after another ({blocker or 'train.packed: off'})")
+                 + "; on CPU sequential unless train.packed: on")
+    load = [sum(sizes[c] for c in ids) for ids in tr.placement]
+    mean = sum(load) / len(load)
+    lines += ["", f"placement on {world_size} rank(s) (largest clients first onto the least loaded rank):",
+              f"{'rank':>4}  {'clients':>7}  {'train samples':>13}  ids"]
+    lines += [f"{r:>4}  {len(ids):>7}  {load[r]:>13}  {_ids(ids)}" for r, ids in enumerate(tr.placement)]
+    lines.append(f"load imbalance (busiest rank / mean): {max(load) / mean:.3f}")
+    return "\n".join(lines)

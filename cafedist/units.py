@@ -1,0 +1,11 @@
+"""Short human-readable counts for tables and plans (MACs, bytes, parameters)."""
+
+from __future__ import annotations
+
+
+def short_count(x: float, fmt: str = ".2f") -> str:
+    """``12952 -> '12.95K'``, ``2.18e6 -> '2.18M'`` (``fmt`` formats the scaled number)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:{fmt}}{unit}"
+    return f"{x:.0f}"

@@ -168,5 +168,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Console-script entry (``cafedist``, ``python -m cafedist``): :func:`main`, then leave.
+
+    After a distributed command the process ends with ``os._exit`` once its output is
+    flushed, skipping the interpreter teardown in which gloo's threads can abort a rank that
+    has already succeeded. :func:`main` itself returns normally (it runs inside submitit jobs).
+    """
+    from cafedist import lifecycle
+
+    lifecycle.EXIT_WITHOUT_TEARDOWN = True
+    code = main()
+    if torch_distributed_used():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        mpi = sys.modules.get("mpi4py.MPI")  # under mpiexec: a process must finalize MPI to count as ended well
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+def torch_distributed_used() -> bool:
+    """Whether this process created a torch.distributed process group (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

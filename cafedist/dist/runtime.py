@@ -22,6 +22,7 @@ from typing import Mapping, MutableMapping
 import torch
 import torch.distributed as dist
 
+from cafedist import lifecycle
 from cafedist.errors import DistError
 
 log = logging.getLogger("cafedist")
@@ -400,13 +401,19 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
 
 
 def shutdown_runtime(rt: Runtime) -> None:
-    """Destroy the process group if :func:`init_runtime` created one (idempotent)."""
+    """Leave the process group if :func:`init_runtime` created one (idempotent).
+
+    All ranks meet at a barrier first: a rank that tears its gloo pairs down while a peer is
+    still working (rank 0 writing the summary) can make the peer's transport threads abort.
+    Then the group is destroyed, unless the process is about to end with ``os._exit``
+    (:data:`cafedist.lifecycle.EXIT_WITHOUT_TEARDOWN`): destroying it, or letting the interpreter's teardown do
+    so, still aborted a successful rank now and then ("terminate called without an active
+    exception", SIGABRT from a gloo thread's destructor, ~1 in 40 runs on 2 cores).
+    """
     if rt.backend is not None and dist.is_initialized():
-        # Leave together: a rank that tears its gloo pairs down while a peer is still working
-        # (rank 0 writing the summary) can make the peer's transport threads abort the process
-        # ("terminate called without an active exception") after the run has succeeded.
         try:
             dist.barrier()
         except Exception:  # noqa: BLE001 - a broken group is torn down anyway
             pass
-        dist.destroy_process_group()
+        if not lifecycle.EXIT_WITHOUT_TEARDOWN:
+            dist.destroy_process_group()

@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
@@ -178,7 +179,13 @@ def run() -> None:
     from cafedist import lifecycle
 
     lifecycle.EXIT_WITHOUT_TEARDOWN = True
-    code = main()
+    try:
+        code = main()
+    except Exception:  # noqa: BLE001 - a bug: report it, then leave the same way
+        if not torch_distributed_used():
+            raise
+        traceback.print_exc()
+        code = 1
     if torch_distributed_used():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -191,9 +198,14 @@ def run() -> None:
 
 
 def torch_distributed_used() -> bool:
-    """Whether this process created a torch.distributed process group (without importing torch)."""
+    """Whether this process holds a gloo/NCCL process group (checked without importing torch).
+
+    torch's own MPI backend is left out: it has no gloo threads to dodge, and it finalizes
+    MPI in an exit handler that ``os._exit`` would skip.
+    """
     dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+    return bool(dist is not None and dist.is_available() and dist.is_initialized()
+                and dist.get_backend() != "mpi")
 
 
 if __name__ == "__main__":

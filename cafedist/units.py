@@ -6,6 +6,7 @@ from __future__ import annotations
 def short_count(x: float, fmt: str = ".2f") -> str:
     """``12952 -> '12.95K'``, ``2.18e6 -> '2.18M'`` (``fmt`` formats the scaled number)."""
     for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= scale:
-            return f"{x / scale:{fmt}}{unit}"
+        text = f"{x / scale:{fmt}}"
+        if abs(float(text)) >= 1:  # judged after rounding: 999,999 is "1M", not "1e+03K"
+            return text + unit
     return f"{x:.0f}"

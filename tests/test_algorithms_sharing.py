@@ -225,6 +225,16 @@ def test_depthfl_bytes_count_what_each_client_holds_up_and_the_whole_model_down(
     assert record["bytes_up"] == round(4 * sum(held) / 4) < 4 * full  # shallow clients send less
     fedavg = make_trainer(tmp_path / "f", "fedavg").run_round(0)
     assert fedavg["bytes_up"] == fedavg["bytes_down"] == 4 * full
+    # partial participation: up is averaged over the clients that trained in that round
+    half = make_trainer(tmp_path / "h", "depthfl", rounds=10, clients_per_round=0.5)
+
+    def trained(r):
+        return [i for i in range(4) if participating(0, r, 4, 0.5)[i]]
+
+    # a round whose trained clients hold another amount on average than all clients do
+    rnd = next(r for r in range(10) if sum(held[i] for i in trained(r)) * 4 != sum(held) * len(trained(r)))
+    expected = round(4 * sum(held[i] for i in trained(rnd)) / len(trained(rnd)))
+    assert half.run_round(rnd)["bytes_up"] == expected != round(4 * sum(held) / 4)
 
 
 def test_depthfl_layer_no_active_client_holds_is_untouched(tmp_path):

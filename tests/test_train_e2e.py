@@ -74,6 +74,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_config, tmp_path):
     assert ids == [0, 1, 2, 3]  # every client placed exactly once
     # bytes per client and round: the last exit's logits up, targets + student mask down (P' = 64, C = 10)
     assert f"{64 * 10 * 4 / 1000:.3g}KB up" in text
+    assert f"{(64 * 10 * 4 + 3) / 1000:.3g}KB down" in text  # targets float32 + the student mask (m = 3)
+    assert "4 of 4 clients per round" in text
     _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "9"),
                         "9 ranks")
     _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "--world-size", "2"),

@@ -15,7 +15,7 @@ import torch
 
 from cafedist.config import Config
 from cafedist.dist.runtime import Runtime
-from cafedist.train.loop import Trainer
+from cafedist.train.loop import Trainer, participating
 from cafedist.train.packed import pack_blocker
 from cafedist.units import short_count
 
@@ -33,9 +33,9 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
                  launcher="dry-run")
     tr = Trainer(cfg, run_dir, rt)
     sizes = list(tr.setup.train_sizes)
-    everyone = torch.ones(tr.n, dtype=torch.bool)
+    first_round = participating(cfg.seed, 0, tr.n, cfg.train.clients_per_round)
     ex_up, ex_down = tr.exchange_bytes()
-    sh_up, sh_down = tr.shared_bytes(everyone)
+    sh_up, sh_down = tr.shared_bytes(first_round)  # partial holders: the clients of round 0
     up, down = ex_up + sh_up, ex_down + sh_down
     fedavg = 8 * tr.n_params
     lines = [
@@ -43,8 +43,7 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
         f"(per client {min(sizes)}..{max(sizes)}), store {tr.store.path}",
         f"model:      {cfg.model.arch}, {tr.num_exits} exits, {tr.n_params:,} parameters, "
         f"MACs per sample at each exit {' / '.join(short_count(m, '.3g') for m in tr.macs)}",
-        f"algorithm:  {tr.algo.name}, {cfg.train.rounds} rounds, "
-        f"{'all' if cfg.train.clients_per_round == 1.0 else cfg.train.clients_per_round} clients per round",
+        f"algorithm:  {tr.algo.name}, {cfg.train.rounds} rounds, {int(first_round.sum())} of {tr.n} clients per round",
     ]
     if tr.algo.exchanges_logits:
         exits = tr.algo.sent_exits(every_exit=cfg.comm.exits == "all")

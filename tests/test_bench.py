@@ -173,11 +173,13 @@ def test_similarity_is_symmetric_and_row_blocks_agree():
     assert torch.allclose(cosine_similarity_rows(q, slice(10, 30), block=8), full[10:30], atol=1e-6)
 
 
-@pytest.mark.parametrize("clusters", [1, 3, 5, 40])
+@pytest.mark.parametrize("clusters", [1, 3, 5, 40, "big"])
 def test_block_sparse_mixture_equals_the_dense_product(clusters):
     g = torch.Generator().manual_seed(1)
     n = 40
-    group = torch.arange(n) % clusters
+    # "big": one cluster of 25 (a block using more than half the teachers: the plain-product
+    # branch) beside 15 clients on their own, 40 % non-zero overall (the block-sparse path)
+    group = torch.where(torch.arange(n) < 25, 0, torch.arange(n)) if clusters == "big" else torch.arange(n) % clusters
     alpha = (group[:, None] == group[None, :]).double() * torch.rand(n, n, generator=g, dtype=torch.float64)
     alpha = alpha / alpha.sum(1, keepdim=True)
     probs = torch.softmax(torch.randn(n, 6, 4, generator=g), dim=2)

@@ -146,6 +146,22 @@ def test_a_diverged_shallow_exit_quarantines_only_when_every_exit_is_sent():
     assert every["quarantined"] == [4] and last["quarantined"] == []
 
 
+def test_a_rank_without_clients_gets_empty_rows_and_still_shares_its_similarities():
+    x = torch.randn(6, 1, 20, 5, generator=torch.Generator().manual_seed(6))
+    algo = CAFEDistill(CAFEDistillParams(proxy_size=20), _setup(n=6, m=3, c=5))
+    full, _ = algo.aggregate_logits(3, x)
+    calls = []
+
+    def gather(own):
+        calls.append(own.shape)
+        return cosine_similarity_matrix(torch.softmax(x[:, -1], 2).reshape(6, -1))
+
+    rows, report = algo.aggregate_rows(3, x, rows=torch.zeros(0, dtype=torch.int64), gather_sim=gather)
+    assert calls == [torch.Size([0, 6])]  # the collective is still joined, with no rows
+    assert rows["targets"].shape == (0, 20, 5) and rows["students"].shape == (0, 3)
+    assert report["self_weight"] is None
+
+
 def test_proxy_exits_contract_is_checked():
     class Backwards(CAFEDistill):
         def proxy_exits(self):

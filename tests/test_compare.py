@@ -246,3 +246,11 @@ def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path):
     assert _trainers_in(run_dir) == []  # no orphan keeps writing into the run directory
     assert "stop signal received" in (run_dir / "train.log").read_text()  # it checkpointed, so a rerun resumes
     assert not (out / "results.md").exists()
+
+
+@pytest.mark.parametrize("value,fmt,text", [(12952, ".2f", "12.95K"), (500, ".2f", "500"), (2.18e6, ".3g", "2.18M"),
+                                            (999_999, ".3g", "1M"), (999.7, ".3g", "1K"), (3e9, ".2f", "3.00G")])
+def test_short_count_picks_the_unit_after_rounding(value, fmt, text):
+    from cafedist.units import short_count
+
+    assert short_count(value, fmt) == text

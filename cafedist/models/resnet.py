@@ -5,7 +5,8 @@ stages of 2 BasicBlocks with ``width * (1, 2, 4, 8)`` channels (default 64-128-2
 stages 2-4 starting with stride 2: 32x32 -> 32, 16, 8, 4; 64x64 -> 64, 32, 16, 8.
 Block 0 is stem + stage 1; blocks 1-3 are stages 2-4.
 
-``norm="group"`` (default) uses GroupNorm (gcd(channels, 32) groups): no running
+``norm="group"`` (default) uses GroupNorm (gcd(channels, 32) groups, halved when a group
+would hold a single channel; see :func:`~cafedist.models.layers.group_norm`): no running
 statistics, so it is the usual choice under non-IID data and works with ``torch.func.vmap``;
 ``norm="batch"`` uses BatchNorm2d. Heads: exits 0..2 use [Conv3x3 stride 2 -> norm -> ReLU]
 -> GAP -> Linear (``head_conv=True``); the last exit is the standard GAP -> Linear.

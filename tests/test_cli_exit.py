@@ -1,0 +1,75 @@
+"""How a command-line process ends after a distributed command (cafedist.cli.run, lifecycle)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, env_for_tests, free_port
+
+# a one-rank gloo group stands in for a distributed run; `main` is replaced by what the case needs
+SCRIPT = textwrap.dedent("""
+    import sys, atexit
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import cafedist.cli as cli
+    atexit.register(lambda: print("ATEXIT-RAN", flush=True))  # skipped by os._exit only
+
+    def main():
+        print("OUTPUT-BEFORE-EXIT", end="", flush=False)  # unflushed on purpose: run() must flush it
+        {body}
+
+    cli.main = main
+    cli.run()
+""")
+
+
+def _run(body: str, group: bool = True) -> subprocess.CompletedProcess:
+    script = SCRIPT.format(port=free_port(), body=body)
+    if not group:
+        script = script.replace('dist.init_process_group("gloo"', '(lambda *a, **k: None)("gloo"')
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env_for_tests(), capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("code", [0, 2, 75])
+def test_a_distributed_command_leaves_by_os_exit_with_its_status_and_flushed_output(code):
+    proc = _run(f"return {code}")
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "OUTPUT-BEFORE-EXIT" in proc.stdout
+    assert "ATEXIT-RAN" not in proc.stdout  # the interpreter teardown (and gloo's destructors) never ran
+
+
+def test_an_unexpected_error_in_a_distributed_command_is_reported_and_exits_1():
+    proc = _run("raise RuntimeError('boom in a rank')")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr and "boom in a rank" in proc.stderr
+    assert "ATEXIT-RAN" not in proc.stdout
+
+
+def test_without_a_process_group_the_process_ends_normally():
+    proc = _run("return 3", group=False)
+    assert proc.returncode == 3
+    assert "ATEXIT-RAN" in proc.stdout  # plain SystemExit: atexit handlers run as usual
+
+
+def test_shutdown_keeps_the_group_only_when_the_process_will_os_exit():
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from cafedist import lifecycle
+        from cafedist.dist.runtime import Runtime, shutdown_runtime
+        rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="test")
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        lifecycle.EXIT_WITHOUT_TEARDOWN = True
+        shutdown_runtime(rt)
+        kept = dist.is_initialized()
+        lifecycle.EXIT_WITHOUT_TEARDOWN = False
+        shutdown_runtime(rt)
+        print(kept, dist.is_initialized())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env_for_tests(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.split() == ["True", "False"], proc.stderr[-2000:]

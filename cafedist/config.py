@@ -95,6 +95,9 @@ class TrainConfig:
     amp: Literal["off", "bf16", "fp16"] | bool = "off"
     compile: bool = False
     packed: Literal["auto", "on", "off"] | bool = "auto"  # step same-architecture clients together (vmap)
+    # each client's SGD momentum: kept across rounds (and across parameter averaging), or
+    # cleared at the start of every round like a fresh local optimizer (most FL code)
+    optimizer_state: Literal["keep", "reset"] = "keep"
 
     def validate(self) -> None:
         if isinstance(self.amp, bool):

@@ -106,6 +106,12 @@ class Algorithm:
     # ScaleFL: every client keeps a copy of the one global model and is evaluated with it)
     non_holders_receive: ClassVar[bool] = False
 
+    @classmethod
+    def needs_proxy(cls, params: Any) -> bool:
+        """Whether a run of this algorithm with ``params`` loads the proxy set (and then
+        exchanges proxy logits): ``exchanges_logits`` unless a parameter switches it on."""
+        return cls.exchanges_logits
+
     def __init__(self, params: Any, setup: Setup):
         self.params = params
         self.setup = setup
@@ -140,6 +146,14 @@ class Algorithm:
     def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
         """The loss a client minimises on one local step (default: CE summed over exits)."""
         return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits)
+
+    def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
+        """The local loss split by exit: entry k holds every term on exit k's logits (its CE,
+        its KD...), None when exit k gets no loss this step; the entries sum to
+        :meth:`local_loss`. Read by diagnostics (``train.diagnostics: [conflict]``), never by
+        training. Default: CE on every exit, matching the default :meth:`local_loss`;
+        algorithms whose loss differs per exit override both."""
+        return [torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits]
 
     def eval_model(self, client: ClientView) -> nn.Module:
         """The network that answers for this client (evaluation and proxy logits).

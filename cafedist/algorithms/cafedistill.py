@@ -34,10 +34,16 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup, Spec
+from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, validate_choices
 from cafedist.errors import ConfigError
+
+#: what the teacher QP and the student selection compare: the clients' last-exit proxy
+#: probabilities, or the parameters of their last exit heads (what public summaries of the paper say)
+SIMILARITIES = ("output", "head_params")
 
 
 @dataclass
@@ -53,6 +59,11 @@ class CAFEDistillParams:
     student_selection: bool = True  # ablation "no student selection": False = all exits always
     logit_bound: float = 1.0e4  # |logit| above this quarantines a client as teacher
     shared_body: bool = False  # FedAvg the body parameters as well (paper's shared-backbone variant)
+    # our readings of what the paper leaves open (docs/METHOD.md, algorithms/exit_loss.py)
+    kd_weighting: str = "lam_tau2"  # lam_tau2: CE + lam tau^2 KL | lam: CE + lam KL | convex
+    unselected: str = "none"  # what a not-yet-selected shallow exit gets: none | ce
+    exit_weights: list | None = None  # one loss multiplier per exit (None: all 1)
+    similarity: str = "output"  # QP/selection similarity: output (last-exit proxy probs) | head_params
 
     def validate(self) -> None:
         for name, ok, expected in (
@@ -62,6 +73,8 @@ class CAFEDistillParams:
             ("proxy_size", self.proxy_size >= 1, ">= 1"),
             ("schedule_span", 0 < self.schedule_span <= 1, "in (0, 1]"),
             ("logit_bound", self.logit_bound > 0, "> 0"),
+            ("similarity", self.similarity in SIMILARITIES, f"one of {', '.join(SIMILARITIES)}"),
+            *validate_choices("cafedistill", self),
         ):
             if not ok:
                 raise ConfigError(f"algorithm.cafedistill.{name}: must be {expected}, "
@@ -358,8 +371,14 @@ class CAFEDistill(Algorithm):
 
     def __init__(self, params: CAFEDistillParams, setup: Setup):
         super().__init__(params, setup)
+        self.loss_rule = ExitLossRule.of("cafedistill", params, setup.num_exits)
+        self.head_prefix = f"heads.{setup.num_exits - 1}."
         self.last_report: dict[str, Any] = {}
         self._buffer: Tensor | None = None
+        self._head_numel = 0
+
+    def bind_model(self, model: nn.Module) -> None:
+        self._head_numel = sum(p.numel() for k, p in model.named_parameters() if k.startswith(self.head_prefix))
 
     def _workspace(self, like: Tensor) -> Tensor:
         """A float32 buffer shaped like ``like``, kept between rounds on CPU.
@@ -391,22 +410,21 @@ class CAFEDistill(Algorithm):
         has_students = bool(self.students(state)[:-1].any())
         return has_students and "targets" in state and self.params.lam > 0
 
-    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
-        students = self.students(state)
-        m = len(batch.logits)
-        loss = F.cross_entropy(batch.logits[-1], batch.y)
-        for k in range(m - 1):
-            if students[k]:
-                loss = loss + F.cross_entropy(batch.logits[k], batch.y)
+    def _terms(self, state: dict[str, Tensor], batch: LocalBatch) -> list:
+        kl = None
         if batch.proxy_logits is not None:
-            tau = self.params.tau
-            teacher = state["targets"][batch.proxy_pos]
-            for k in range(m - 1):
-                if students[k]:
-                    log_student = F.log_softmax(batch.proxy_logits[k] / tau, dim=1)
-                    kd = kl_batchmean(log_student, teacher)
-                    loss = loss + self.params.lam * tau * tau * kd
-        return loss
+            tau, teacher = self.params.tau, state["targets"][batch.proxy_pos]
+
+            def kl(k: int) -> Tensor:
+                return kl_batchmean(F.log_softmax(batch.proxy_logits[k] / tau, dim=1), teacher)
+
+        return self.loss_rule.terms(batch.logits, batch.y, self.students(state), kl)
+
+    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
+        return total(self._terms(state, batch))
+
+    def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
+        return per_exit(self._terms(state, batch), len(batch.logits))
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return self.params.shared_body and not key.startswith("heads.")
@@ -415,13 +433,31 @@ class CAFEDistill(Algorithm):
     def proxy_exits(self) -> tuple[int, ...]:
         return (self.setup.num_exits - 1,)  # teachers and similarities are last-exit only
 
+    def upload_spec(self) -> Spec:
+        if self.params.similarity != "head_params":
+            return {}
+        return {"head": ((self._head_numel,), torch.float32)}
+
+    def upload(self, client: ClientView) -> dict[str, Tensor]:
+        if self.params.similarity != "head_params":
+            return {}
+        head = client.model.heads[self.setup.num_exits - 1]
+        return {"head": parameters_to_vector(head.parameters()).detach().to(torch.float32)}
+
     def payload_spec(self) -> Spec:
         return {"targets": ((self.setup.proxy_size, self.setup.num_classes), torch.float32),
                 "students": ((self.setup.num_exits,), torch.uint8)}
 
     def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
                   active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return self.aggregate_logits(round_idx, gathered["logits"], active)
+        heads = gathered.get("head")
+        if heads is None:
+            return self.aggregate_logits(round_idx, gathered["logits"], active)
+        # similarity of the last heads' parameters; a client with broken heads compares as zero
+        finite = healthy_clients(heads, self.params.logit_bound).to(heads.device)
+        safe = torch.where(finite.unsqueeze(1), heads.to(torch.float64), torch.zeros((), dtype=torch.float64,
+                                                                                     device=heads.device))
+        return self.aggregate_rows(round_idx, gathered["logits"], active, sim_override=cosine_similarity_matrix(safe))
 
     def aggregate_logits(self, round_idx: int, logits: Tensor,
                          active: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -433,7 +469,7 @@ class CAFEDistill(Algorithm):
         return self.aggregate_rows(round_idx, logits, active)
 
     def aggregate_rows(self, round_idx: int, logits: Tensor, active: Tensor | None = None, rows: RowSel = None,
-                       gather_sim: Callable[[Tensor], Tensor] | None = None
+                       gather_sim: Callable[[Tensor], Tensor] | None = None, sim_override: Tensor | None = None
                        ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The payload rows of the clients ``rows`` (all by default) from logits [n, e, P', C].
 
@@ -459,8 +495,11 @@ class CAFEDistill(Algorithm):
         probs = softmax_into(self._workspace(last), last)
         if not bool(healthy.all()):
             probs[~healthy] = 1.0 / probs.shape[2]  # broken logits compare as uniform
-        sim_rows = cosine_similarity_rows(probs.reshape(n, -1), rows)
-        sim = sim_rows if rows is None else (gather_sim(sim_rows) if gather_sim else None)
+        if sim_override is not None:  # similarity: head_params (all rows, computed by the caller)
+            sim_rows = sim = sim_override.to(probs.device)
+        else:
+            sim_rows = cosine_similarity_rows(probs.reshape(n, -1), rows)
+            sim = sim_rows if rows is None else (gather_sim(sim_rows) if gather_sim else None)
         if p.cross_client_kd:
             alpha = teacher_weights(sim_rows, self.setup.data_weights.to(sim_rows.device), p.mu, healthy, rows)
         else:

@@ -37,9 +37,11 @@ from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Setup, Spec
-from cafedist.algorithms.cafedistill import cosine_similarity_matrix, healthy_clients, student_masks, teacher_weights
+from cafedist.algorithms.cafedistill import (SIMILARITIES, cosine_similarity_matrix, healthy_clients,
+                                              student_masks, teacher_weights)
 from cafedist.algorithms.common import is_body
-from cafedist.algorithms.distill import check_fields, initial_students, selected_ce, soft_kd
+from cafedist.algorithms.distill import check_fields, initial_students, kl_batchmean
+from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, validate_choices
 
 
 @dataclass
@@ -57,12 +59,22 @@ class CAFEDistillHeadsParams:
     cross_client_kd: bool = True  # ablation: False = every client's teacher is its own last head
     student_selection: bool = True  # ablation: False = all exits are students every round
     param_bound: float = 1.0e4  # |head parameter| above this quarantines a client as teacher
+    # our readings of what the paper leaves open (docs/METHOD.md, algorithms/exit_loss.py)
+    kd_weighting: str = "lam_tau2"  # lam_tau2: CE + lam tau^2 KL | lam: CE + lam KL | convex
+    unselected: str = "none"  # what a not-yet-selected shallow exit gets: none | ce
+    exit_weights: list | None = None  # one loss multiplier per exit (None: all 1)
+    # QP/selection similarity: head_params (the paper's) | output (last-exit probabilities on
+    # a proxy subset of proxy_size items: this variant then exchanges proxy logits too)
+    similarity: str = "head_params"
+    proxy_size: int = 1000
 
     def validate(self) -> None:
         check_fields("cafedistill-heads", self, [
             ("tau", self.tau > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"), ("mu", self.mu > 0, "> 0"),
             ("schedule_span", 0 < self.schedule_span <= 1, "in (0, 1]"),
-            ("param_bound", self.param_bound > 0, "> 0")])
+            ("param_bound", self.param_bound > 0, "> 0"), ("proxy_size", self.proxy_size >= 1, ">= 1"),
+            ("similarity", self.similarity in SIMILARITIES, f"one of {', '.join(SIMILARITIES)}"),
+            *validate_choices("cafedistill-heads", self)])
 
 
 def last_block_features(model: nn.Module, x: Tensor) -> Any:
@@ -83,6 +95,8 @@ class CAFEDistillHeads(Algorithm):
 
     def __init__(self, params: CAFEDistillHeadsParams, setup: Setup):
         super().__init__(params, setup)
+        self.loss_rule = ExitLossRule.of("cafedistill-heads", params, setup.num_exits)
+        self.exchanges_logits = params.similarity == "output"
         self.head_prefix = f"heads.{setup.num_exits - 1}."
         self._head_numel: dict[str, int] = {}  # last head's parameter sizes, learnt in bind_model
         self.last_alpha: Tensor | None = None
@@ -110,18 +124,31 @@ class CAFEDistillHeads(Algorithm):
     def students(self, state: dict[str, Tensor]) -> Tensor:
         return state["students"].to(torch.bool).cpu()
 
-    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
+    @classmethod
+    def needs_proxy(cls, params: CAFEDistillHeadsParams) -> bool:
+        return params.similarity == "output"
+
+    def proxy_exits(self) -> tuple[int, ...]:
+        return (self.setup.num_exits - 1,)
+
+    def _terms(self, state: dict[str, Tensor], batch: LocalBatch) -> list:
         students = self.students(state)
-        loss = selected_ce(batch.logits, batch.y, students)
         m = len(batch.logits)
-        if "teacher" not in state or self.params.lam == 0 or not bool(students[: m - 1].any()):
-            return loss
-        teacher = self.teacher_probs(batch.module, state["teacher"], batch.x)
-        tau = self.params.tau
-        for k in range(m - 1):
-            if students[k]:
-                loss = loss + self.params.lam * soft_kd(batch.logits[k], teacher, tau)
-        return loss
+        kl = None
+        if "teacher" in state and self.params.lam != 0 and bool(students[: m - 1].any()):
+            teacher = self.teacher_probs(batch.module, state["teacher"], batch.x)
+            tau = self.params.tau
+
+            def kl(k: int) -> Tensor:
+                return kl_batchmean(torch.log_softmax(batch.logits[k] / tau, dim=1), teacher)
+
+        return self.loss_rule.terms(batch.logits, batch.y, students, kl)
+
+    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
+        return total(self._terms(state, batch))
+
+    def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
+        return per_exit(self._terms(state, batch), len(batch.logits))
 
     def teacher_probs(self, model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
         """``softmax(t(f(x)) / tau)``: the teacher head ``flat`` on the model's own features."""
@@ -154,7 +181,12 @@ class CAFEDistillHeads(Algorithm):
         # clients that did not train this round hold stale heads: they teach no one
         healthy = finite & active.to(device=finite.device, dtype=torch.bool)
         safe = torch.where(healthy.unsqueeze(1), heads, torch.zeros_like(heads))
-        sim = cosine_similarity_matrix(safe)
+        if "logits" in gathered:  # similarity: output (last-exit probabilities on the proxy subset)
+            probs = torch.softmax(gathered["logits"][:, -1].to(torch.float64), dim=-1)
+            probs = torch.where(healthy.view(n, 1, 1), probs, torch.zeros_like(probs))
+            sim = cosine_similarity_matrix(probs.reshape(n, -1))
+        else:
+            sim = cosine_similarity_matrix(safe)
         alpha = teacher_weights(sim, self.setup.data_weights.to(sim.device), p.mu, healthy)
         if not p.cross_client_kd:
             # local KD; a quarantined client keeps the healthy mixture instead of its broken head

@@ -55,6 +55,12 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
                            weight_decay=train.weight_decay)
 
 
+def reset_optimizers(client: Client) -> None:
+    """Forget every optimizer's state (SGD momentum buffers): the next step starts fresh."""
+    for opt in client.optimizers.values():
+        opt.state.clear()
+
+
 def build_client_model(build: Callable[[], nn.Module], seed: int, key: object) -> nn.Module:
     """Build a model whose initial weights depend only on (seed, key), e.g. the client id."""
     with torch.random.fork_rng(devices=[]):

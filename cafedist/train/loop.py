@@ -44,7 +44,8 @@ from cafedist.rng import generator
 from cafedist.train.averaging import flatten, unflatten_into, weighted_sum
 from cafedist.train.checkpoint import CheckpointDir, load_torch
 from cafedist.train.faults import maybe_fault
-from cafedist.train.client import Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits
+from cafedist.train.client import (Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits,
+                                   reset_optimizers)
 from cafedist.train.metrics import MetricsLog
 from cafedist.train.packed import pack_blocker, packed_local_update
 from cafedist.train.progress import Progress
@@ -136,7 +137,7 @@ class Trainer:
         params = cfg.algorithm_params()
         probe = build()
         self.num_exits = probe.num_exits
-        self.proxy_x = self.store.load_proxy(device=self.device) if algo_cls.exchanges_logits else None
+        self.proxy_x = self.store.load_proxy(device=self.device) if algo_cls.needs_proxy(params) else None
         self.proxy_size = (min(getattr(params, "proxy_size", self.proxy_x.shape[0]), self.proxy_x.shape[0])
                            if self.proxy_x is not None else 0)
         self.setup = Setup(num_clients=self.n, num_exits=self.num_exits, num_classes=self.store.num_classes,
@@ -219,8 +220,11 @@ class Trainer:
         t_start = time.perf_counter()
         active = participating(cfg.seed, rnd, self.n, cfg.train.clients_per_round)
 
-        # 1. local updates
+        # 1. local updates (a fresh local optimizer under train.optimizer_state: reset)
         maybe_fault("local", rnd, self.rt.rank)
+        if cfg.train.optimizer_state == "reset":
+            for c in self.clients:
+                reset_optimizers(c)
         t = time.perf_counter()
         losses = self._local_updates(rnd, active)
         timers["t_local"] = time.perf_counter() - t

@@ -1,0 +1,112 @@
+"""Run named variants of one config (``cafedist train`` per variant) and tabulate them.
+
+A one-factor sweep is not a product grid, so ``cafedist compare --grid`` does not fit it::
+
+    python experiments/sweep.py experiments/readings_mnist5k.txt --out runs/readings --jobs 2
+
+The variants file holds one variant a line: ``NAME  --config FILE  key=value ...`` (``#``
+starts a comment). Every variant runs into ``OUT/NAME`` with ``--resume auto``, so an
+interrupted sweep continues where it stopped and a finished variant is not redone (``train``
+itself checks that a run directory holds the same config). Then ``OUT/variants.csv`` (final
+validation and test accuracy per exit) and ``OUT/curves.csv`` (per round) are written.
+Settings are chosen on validation accuracy only; test accuracy is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def read_variants(path: Path) -> list[tuple[str, list[str]]]:
+    """``(name, train arguments)`` per non-comment line of the variants file."""
+    out = []
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            out.append((words[0], words[1:]))
+    return out
+
+
+def run(name: str, args: list[str], out: Path) -> tuple[str, int]:
+    """One variant: ``cafedist train`` (resumes an unfinished run, skips a finished one)."""
+    run_dir = out / name
+    if (run_dir / "summary.json").exists():
+        return name, 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cafedist", "train", *args, "--out", str(run_dir), "--no-progress"]
+    with open(out / f"{name}.log", "a") as log:
+        return name, subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def tabulate(variants: list[tuple[str, list[str]]], out: Path) -> None:
+    """``variants.csv`` and ``curves.csv`` from the finished runs."""
+    rows, curves = [], []
+    for name, args in variants:
+        summary_file = out / name / "summary.json"
+        if not summary_file.exists():
+            continue
+        s = json.loads(summary_file.read_text())
+        overrides = " ".join(a for a in args if "=" in a)
+        row = {"variant": name, "overrides": overrides, "rounds": s["rounds"], "seed": _seed(out / name),
+               "wall_seconds": s["wall_seconds"]}
+        for k, (v, t) in enumerate(zip(s.get("val_acc_per_exit") or [None] * len(s["acc_per_exit"]),
+                                       s["acc_per_exit"])):
+            row[f"val_exit{k + 1}"] = _r(v)
+            row[f"test_exit{k + 1}"] = _r(t)
+        rows.append(row)
+        for line in (out / name / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            curves.append({"variant": name, "round": rec["round"], "loss": _r(rec.get("loss")),
+                           **{f"val_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("val_acc_per_exit") or [])},
+                           **{f"test_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("acc_per_exit") or [])}})
+    _write_csv(out / "variants.csv", rows)
+    _write_csv(out / "curves.csv", curves)
+
+
+def _seed(run_dir: Path) -> int | None:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text()).get("seed")
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 5)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only-table", action="store_true", help="tabulate the finished runs, run nothing")
+    a = ap.parse_args()
+    variants = read_variants(a.variants)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if not a.only_table:
+        with ThreadPoolExecutor(a.jobs) as pool:
+            for name, rc in pool.map(lambda v: run(v[0], v[1], a.out), variants):
+                print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {a.out / name}.log)'}", flush=True)
+                tabulate(variants, a.out)
+    tabulate(variants, a.out)
+
+
+if __name__ == "__main__":
+    main()

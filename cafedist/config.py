@@ -7,8 +7,8 @@ start-up and what a resume checks against.
 Layout (every field has a default; see ``docs/CONFIG.md`` for the reference)::
 
     seed: 0
-    data:       {dataset, root, store, cache_dir, clients, alpha, proxy_fraction, test_fraction, min_size,
-                 options}
+    data:       {dataset, root, store, cache_dir, clients, alpha, proxy_fraction, test_fraction, val_fraction,
+                 min_size, options}
     model:      {arch, options: {...}}
     train:      {rounds, local_epochs, batch_size, proxy_batch_size, lr, momentum, weight_decay,
                  eval_every, amp, compile, clients_per_round}
@@ -48,6 +48,9 @@ class DataConfig:
     alpha: float = 0.3  # Dirichlet concentration of the label skew
     proxy_fraction: float = 0.1  # share of all samples set aside as the unlabeled proxy set
     test_fraction: float = 0.2  # share of each client's data held out as its personal test set
+    # share of each client's train split held out as its validation split (0 = none): what
+    # tuning and calibration choose on, so the test split is never used for a choice
+    val_fraction: float = 0.0
     min_size: int = 20  # every client gets at least this many samples
     options: dict = field(default_factory=dict)  # loader options, e.g. agnews {vocab_size, max_len}
 
@@ -56,14 +59,17 @@ class DataConfig:
         _check(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
         _check(0 < self.proxy_fraction < 1, "data.proxy_fraction", f"must be in (0, 1), got {self.proxy_fraction}")
         _check(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction",
+               f"must be in [0, 1) (0 = no validation split), got {self.val_fraction}")
         _check(self.min_size >= 2, "data.min_size", f"must be >= 2, got {self.min_size}")
 
     def store_path(self, seed: int) -> Path:
         """Where the prepared store lives: ``store`` if given, else a name derived from the split."""
         if self.store:
             return Path(self.store)
+        val = f"-v{self.val_fraction:g}" if self.val_fraction > 0 else ""  # old names stay valid
         name = (f"{self.dataset}-n{self.clients}-a{self.alpha:g}-p{self.proxy_fraction:g}"
-                f"-t{self.test_fraction:g}-m{self.min_size}-s{seed}")
+                f"-t{self.test_fraction:g}{val}-m{self.min_size}-s{seed}")
         if self.options:
             opts = json.dumps(self.options, sort_keys=True).encode()
             name += "-o" + hashlib.sha256(opts).hexdigest()[:8]
@@ -390,10 +396,21 @@ def dump_config(cfg: Config) -> str:
 #: backend/device/timeouts, and checkpoint frequency
 _NOT_HASHED = ("dist", "checkpoint", "data.root", "data.store", "data.cache_dir")
 
+#: fields added after runs were recorded, left out of the hash while at their default: the
+#: runs, checkpoints and summaries written before the field existed keep their hash
+_HASHED_ONLY_IF_SET: dict[str, Any] = {"data.val_fraction": 0.0}
+
+
+def _get(d: dict, dotted: str) -> Any:
+    """``d["a"]["b"]`` for ``"a.b"`` (None when absent)."""
+    section, _, leaf = dotted.partition(".")
+    return d.get(section, {}).get(leaf) if leaf else d.get(section)
+
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
     """sha256 of the canonical resolved config, minus fields that do not change results."""
     d = cfg.to_dict()
+    ignore = ignore + tuple(k for k, default in _HASHED_ONLY_IF_SET.items() if _get(d, k) == default)
     for key in ignore:
         section, _, leaf = key.partition(".")
         if leaf:

@@ -1,5 +1,8 @@
 """Config: YAML + overrides, validation errors that name the field, stable hashing."""
 
+import hashlib
+import json
+
 import pytest
 
 from cafedist.config import Config, apply_overrides, config_from_dict, config_hash, dump_config, load_config
@@ -77,3 +80,21 @@ def test_yaml_on_off_spellings():
     cfg = load_config(None, ["train.amp=off", "train.packed=on"])
     assert cfg.train.amp == "off" and cfg.train.packed == "on"
     assert load_config(None, ["train.packed=off"]).train.packed == "off"
+
+
+def test_val_fraction_names_the_store_and_keeps_old_hashes():
+    plain = config_from_dict({"data": {"dataset": "digits", "clients": 4}})
+    val = config_from_dict({"data": {"dataset": "digits", "clients": 4, "val_fraction": 0.1}})
+    assert plain.data.store_path(0).name == "digits-n4-a0.3-p0.1-t0.2-m20-s0.h5"  # unchanged without a split
+    assert val.data.store_path(0).name == "digits-n4-a0.3-p0.1-t0.2-v0.1-m20-s0.h5"
+    # runs recorded before the field existed (no data.val_fraction in their config) keep their hash
+    # (the hash the config had before the field existed: the same dict without it)
+    old = plain.to_dict()
+    for section in ("dist", "checkpoint"):
+        old.pop(section)
+    for key in ("root", "store", "cache_dir", "val_fraction"):
+        old["data"].pop(key)
+    before = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
+    assert config_hash(plain) == before != config_hash(val)
+    with pytest.raises(ConfigError, match=r"data.val_fraction: must be in \[0, 1\)"):
+        config_from_dict({"data": {"val_fraction": 1}})

@@ -1,4 +1,4 @@
-"""Partitioning: proxy split, Dirichlet label skew, per-client stratified test split."""
+"""Partitioning: proxy split, Dirichlet label skew, per-client stratified test and validation splits."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cafedist.data import dirichlet_partition, split_proxy, train_test_split_stratified
+from cafedist.data.partition import train_val_split_stratified
 from cafedist.errors import ConfigError
 
 
@@ -111,3 +112,35 @@ def test_train_test_split_keeps_one_each():
     assert len(train) == 3 and len(test) == 1
     with pytest.raises(ConfigError, match="test_fraction"):
         train_test_split_stratified(np.array([0, 1]), labels, 1.0, seed=0)
+
+
+def test_val_split_stratified_disjoint_deterministic():
+    labels = _labels(400, classes=5, seed=3)
+    train = np.arange(0, 400, 2)  # the client's train split: every other sample
+    kept, val = train_val_split_stratified(train, labels, 0.25, seed=7)
+    assert len(np.intersect1d(kept, val)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, val])), train)
+    # per class round(0.25 * count): the validation split has the train split's label mix
+    counts = np.bincount(labels[train], minlength=5)
+    assert np.bincount(labels[val], minlength=5).tolist() == np.floor(0.25 * counts + 0.5).astype(int).tolist()
+    again = train_val_split_stratified(train, labels, 0.25, seed=7)
+    np.testing.assert_array_equal(again[1], val)
+    other = train_val_split_stratified(train, labels, 0.25, seed=8)[1]
+    assert len(other) == len(val) and not np.array_equal(other, val)
+    # its own random stream: not the samples a test split with the same seed would pick
+    assert not np.array_equal(train_test_split_stratified(train, labels, 0.25, seed=7)[1], val)
+
+
+def test_val_split_sizes_at_the_edges():
+    labels = np.array([0, 1, 2, 3, 0, 0], dtype=np.int64)
+    kept, val = train_val_split_stratified(np.array([0, 1, 2, 3, 4, 5]), labels, 0.0, seed=0)
+    assert kept.tolist() == [0, 1, 2, 3, 4, 5] and val.dtype == np.int64 and len(val) == 0  # 0 = no split
+    kept, val = train_val_split_stratified(np.array([3]), labels, 0.5, seed=0)
+    assert kept.tolist() == [3] and len(val) == 0  # a single train sample stays in train
+    kept, val = train_val_split_stratified(np.array([1, 2]), labels, 0.01, seed=0)
+    assert len(kept) == 1 and len(val) == 1  # >= 2 train samples: >= 1 validation sample
+    kept, val = train_val_split_stratified(np.array([1, 2]), labels, 0.99, seed=0)
+    assert len(kept) == 1 and len(val) == 1  # and >= 1 left to train on
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=r"val_fraction must be in \[0, 1\)"):
+            train_val_split_stratified(np.array([0, 1]), labels, bad, seed=0)

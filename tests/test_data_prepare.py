@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cafedist.data import Store, ensure_store, load_dataset, make_splits, partition_params, prepare_store
+from cafedist.data.prepare import carve_val_splits
 from cafedist.data import prepare as prepare_mod
 from cafedist.errors import ConfigError, DataError
 
@@ -147,3 +148,33 @@ def test_cli_errors(tmp_path):
     with pytest.raises(ConfigError, match="takes no option"):
         prepare_mod.main(_parse(["--dataset", "digits", "--clients", "3", "--alpha", "1", "--proxy-fraction",
                                  "0.2", "--vocab-size", "100", "--out", str(tmp_path / "x.h5")]))
+
+
+def test_val_fraction_carves_from_train_and_leaves_test_alone(tmp_path):
+    y = load_dataset("digits").y
+    plain = partition_params(**KW)
+    params = partition_params(**KW, val_fraction=0.1)
+    assert "val_fraction" not in plain and params == {**plain, "val_fraction": 0.1}
+    train, test, proxy = make_splits(y, params)
+    assert [t.tolist() for t in test] == [t.tolist() for t in make_splits(y, plain)[1]]  # test unchanged
+    kept, val = carve_val_splits(train, y, params)
+    for before, tr, va in zip(train, kept, val):
+        np.testing.assert_array_equal(np.sort(np.concatenate([tr, va])), before)
+        assert len(np.intersect1d(tr, va)) == 0 and len(va) >= 1
+        # per-class rounding: off from 10 % by at most half a sample per class present
+        assert abs(len(va) - 0.1 * len(before)) <= 0.5 * len(np.unique(y[before]))
+    assert carve_val_splits(train, y, plain) == (train, None)
+    a = prepare_store(out=tmp_path / "a.h5", **KW, val_fraction=0.1)
+    with Store(a) as s:
+        assert s.has_val and s.params == params
+        assert s.val_sizes() == [len(v) for v in val]
+        assert [n_tr for n_tr, _ in s.client_sizes()] == [len(t) for t in kept]
+        c = s.load_client(2)
+        assert c.y_val.tolist() == y[val[2]].tolist() and c.x_val.shape[0] == len(val[2])
+        assert "val_fraction=0.1" in s.describe() and " val " in s.describe()
+    # a store without validation splits does not satisfy a run that asks for one, and vice versa
+    b = prepare_store(out=tmp_path / "b.h5", **KW)
+    with pytest.raises(DataError, match="exists with params"):
+        ensure_store(b, **KW, val_fraction=0.1)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        partition_params(**KW, val_fraction=1.0)

@@ -202,3 +202,47 @@ def test_client_out_of_range(image_store):
     path, _ = image_store
     with Store(path) as s, pytest.raises(DataError, match=r"no client 3 \(the store has clients 0..2\)"):
         s.load_client(3)
+
+
+def test_validation_split_round_trip_and_old_stores(tmp_path, image_store):
+    raw = _image_raw()
+    train, test, proxy = _splits()
+    val = [np.arange(0, 2), np.arange(10, 11), np.empty(0, np.int64)]  # carved from train; one empty
+    kept = [np.setdiff1d(t, v) for t, v in zip(train, val)]
+    path = tmp_path / "v.h5"
+    write_store(path, raw, kept, test, proxy, {**PARAMS, "val_fraction": 0.2}, client_val=val)
+    with Store(path) as s:
+        assert s.has_val and s.val_sizes() == [2, 1, 0]
+        assert s.client_sizes() == [(6, 2), (9, 2), (8, 2)]
+        c = s.load_client(0)
+        assert c.y_val.tolist() == raw.y[val[0]].tolist() and c.x_val.dtype == torch.float32
+        empty = s.load_client(2)
+        assert empty.x_val.shape == (0, 3, 4, 4) and empty.y_val.shape == (0,)
+        lines = s.describe().splitlines()
+        assert lines[5].split()[:4] == ["client", "train", "val", "test"] and lines[6].split()[:4] == ["0", "6", "2", "2"]
+    with h5py.File(path, "r") as f:
+        assert f["clients/00000/x_val"].attrs["sha256"]  # checksummed like every dataset
+    with h5py.File(path, "r+") as f:  # corrupt a validation array: caught on read
+        f["clients/00001/y_val"][0] = 3 - f["clients/00001/y_val"][0]
+    with Store(path) as s, pytest.raises(DataError, match="checksum mismatch in clients/00001/y_val"):
+        s.load_client(1)
+    with pytest.raises(ValueError, match="overlap"):
+        write_store(tmp_path / "o.h5", raw, train, test, proxy, PARAMS, client_val=val)
+    # a version-1 store (written before validation splits) still loads, with empty ones
+    old, _ = image_store
+    with h5py.File(old, "r+") as f:
+        f.attrs["schema_version"] = 1
+    with Store(old) as s:
+        assert not s.has_val and s.val_sizes() == [0, 0, 0] and "val" not in s.describe().split()
+        c = s.load_client(1)
+        assert c.x_val.shape == (0, 3, 4, 4) and c.y_val.dtype == torch.int64
+
+
+def test_validation_split_in_some_clients_only_is_rejected(tmp_path):
+    train, test, proxy = _splits()
+    path = tmp_path / "v.h5"
+    write_store(path, _image_raw(), train, test, proxy, PARAMS)
+    with h5py.File(path, "r+") as f:
+        f["clients/00001"].create_dataset("x_val", data=np.zeros((0, 3, 4, 4), np.uint8))
+    with pytest.raises(DataError, match="clients/00001 has a validation split but client 0 has none"):
+        Store(path)

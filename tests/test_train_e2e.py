@@ -164,3 +164,21 @@ def test_divergence_is_a_one_line_error(tiny_config, tmp_path):
     proc = cafedist("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "algorithm.name=fedavg",
                     "train.lr=1.0e+12", "train.momentum=0.0")
     _assert_clean_error(proc, "diverged")
+
+
+def test_validation_metrics_iff_val_fraction(tiny_config, tmp_path):
+    """data.val_fraction > 0: every evaluated round and the summary report validation accuracy;
+    0 (the default): no validation keys at all."""
+    cfg = tiny_config(rounds=2)
+    plain, val = tmp_path / "plain", tmp_path / "val"
+    cafedist("train", "--config", str(cfg), "--out", str(plain), "--no-progress", check=True)
+    cafedist("train", "--config", str(cfg), "--out", str(val), "--no-progress", "data.val_fraction=0.2", check=True)
+    assert not any(k.startswith("val_") for r in metrics(plain) for k in r)
+    assert not any(k.startswith("val_") for k in summary(plain))
+    for rec in metrics(val):
+        assert len(rec["val_acc_per_exit"]) == len(rec["acc_per_exit"]) == 3
+        assert all(0.0 <= a <= 1.0 for a in rec["val_acc_per_exit"])
+    s = summary(val)
+    assert s["val_acc_per_exit"] == metrics(val)[-1]["val_acc_per_exit"]  # the last round's models
+    assert len(s["val_acc_per_client"]) == 4 and all(len(a) == 3 for a in s["val_acc_per_client"])
+    assert s["val_acc_per_exit"][-1] > 0.2  # far above chance: the split is labelled like the client's data

@@ -1,4 +1,5 @@
-"""Deterministic federated splits: public proxy set, Dirichlet label skew, per-client test split.
+"""Deterministic federated splits: public proxy set, Dirichlet label skew, per-client test and
+validation splits.
 
 Every function is a pure function of its inputs and ``seed``; randomness comes from numpy
 Generators seeded with :func:`cafedist.rng.derive_seed`, keyed by purpose, so one split never
@@ -119,32 +120,64 @@ def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, min_si
                       f"(raise alpha, lower min_size or use fewer clients)")
 
 
-def train_test_split_stratified(idx: np.ndarray, labels: np.ndarray, test_fraction: float,
-                                seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split one client's samples ``idx`` into ``(train_idx, test_idx)`` with the same label mix.
+def stratified_holdout(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int,
+                       purpose: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's samples ``idx`` into ``(kept, held_out)`` with the same label mix.
 
     ``labels`` is the full label array (``labels[idx]`` are the client's labels). Per class,
-    ``round(test_fraction * count)`` samples (0.5 rounds up) go to test. The client always
-    keeps >= 1 train sample and, when it has >= 2 samples, gets >= 1 test sample (one is
-    moved from/to its largest class), so every client can both train and be evaluated.
+    ``round(fraction * count)`` samples (0.5 rounds up) are held out. The client always keeps
+    >= 1 sample and, when it has >= 2 samples, holds out >= 1 (one is moved from/to its
+    largest class), so both sides are usable. ``purpose`` keys the random stream, so the
+    test and the validation split of one client draw independent permutations.
     """
     idx = np.asarray(idx, dtype=np.int64)
     labels = _check_labels(labels)
+    if len(idx) == 0:
+        raise ConfigError(f"stratified_holdout ({purpose}): a client has no samples")
+    own = labels[idx]
+    classes, counts = np.unique(own, return_counts=True)
+    n_held = _round_half_up(fraction * counts)
+    largest = int(np.argmax(counts))  # argmax takes the first, i.e. smallest label, on ties
+    if n_held.sum() == len(idx):
+        n_held[largest] -= 1
+    elif n_held.sum() == 0 and len(idx) >= 2:
+        n_held[largest] += 1
+    rng = _rng(seed, purpose)
+    kept, held = [], []
+    for c, k in zip(classes, n_held):
+        members = rng.permutation(idx[own == c])
+        held.append(members[:k])
+        kept.append(members[k:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def train_test_split_stratified(idx: np.ndarray, labels: np.ndarray, test_fraction: float,
+                                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's samples ``idx`` into ``(train_idx, test_idx)`` with the same label mix
+    (:func:`stratified_holdout`): every client can both train and be evaluated."""
     check_fraction("test_fraction", test_fraction)
     if len(idx) == 0:
         raise ConfigError("train_test_split_stratified: a client has no samples")
-    own = labels[idx]
-    classes, counts = np.unique(own, return_counts=True)
-    n_test = _round_half_up(test_fraction * counts)
-    largest = int(np.argmax(counts))  # argmax takes the first, i.e. smallest label, on ties
-    if n_test.sum() == len(idx):
-        n_test[largest] -= 1
-    elif n_test.sum() == 0 and len(idx) >= 2:
-        n_test[largest] += 1
-    rng = _rng(seed, "train_test_split")
-    train, test = [], []
-    for c, k in zip(classes, n_test):
-        members = rng.permutation(idx[own == c])
-        test.append(members[:k])
-        train.append(members[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    return stratified_holdout(idx, labels, test_fraction, seed, "train_test_split")
+
+
+def check_val_fraction(value: float) -> None:
+    """Validate ``val_fraction``: 0 (no validation split) or strictly between 0 and 1."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1) (0 = no validation split), got {value}")
+
+
+def train_val_split_stratified(train_idx: np.ndarray, labels: np.ndarray, val_fraction: float,
+                               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a client's validation split from its train split: ``(train_idx, val_idx)``.
+
+    Same rule as the test split (:func:`stratified_holdout`, its own random stream): a client
+    with >= 2 train samples gets >= 1 validation sample and keeps >= 1 to train on; a client
+    with a single train sample keeps it and has no validation sample. ``val_fraction`` 0
+    returns the train split unchanged and an empty validation split.
+    """
+    check_val_fraction(val_fraction)
+    train_idx = np.sort(np.asarray(train_idx, dtype=np.int64))
+    if val_fraction == 0.0:
+        return train_idx, np.empty(0, dtype=np.int64)
+    return stratified_holdout(train_idx, labels, val_fraction, seed, "train_val_split")

@@ -1,7 +1,8 @@
 """Build the federated store from a raw dataset: ``cafedist prepare`` and ``ensure_store``.
 
 ``prepare_store`` = load (pooled train+test) -> proxy split -> Dirichlet partition of the rest
--> per-client stratified train/test split -> atomic HDF5 write. The result depends only on
+-> per-client stratified train/test split -> (optional) validation split carved from each
+client's train split -> atomic HDF5 write. The result depends only on
 the partition parameters (recorded in the store as ``params``), never on who builds it.
 
 ``ensure_store`` is what ``cafedist train`` calls on every rank: the first process to take
@@ -21,8 +22,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from cafedist.data.partition import (check_fraction, check_partition_args, dirichlet_partition,
-                                     split_proxy, train_test_split_stratified)
+from cafedist.data.partition import (check_fraction, check_partition_args, check_val_fraction,
+                                     dirichlet_partition, split_proxy, train_test_split_stratified,
+                                     train_val_split_stratified)
 from cafedist.data.registry import DATASETS, load_dataset, options_of
 from cafedist.data.store import Store, write_store
 from cafedist.errors import ConfigError, DataError
@@ -39,8 +41,12 @@ def _as_int(name: str, value: Any) -> int:
 
 def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction: float,
                      test_fraction: float = 0.2, min_size: int = 10, seed: int = 0,
-                     loader_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     loader_options: Mapping[str, Any] | None = None,
+                     val_fraction: float = 0.0) -> dict[str, Any]:
     """The normalised, validated parameter record stored in (and compared against) a store.
+
+    ``val_fraction`` is recorded only when > 0, so a store built before validation splits
+    existed still matches a run that asks for none.
 
     Loader options (e.g. ``vocab_size``/``max_len`` for text) are recorded with their
     defaults filled in, so omitting a default and passing it explicitly give the same record;
@@ -60,6 +66,9 @@ def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction
     check_partition_args(params["clients"], params["alpha"], params["min_size"])
     check_fraction("proxy_fraction", params["proxy_fraction"])
     check_fraction("test_fraction", params["test_fraction"])
+    check_val_fraction(float(val_fraction))
+    if float(val_fraction) > 0:
+        params["val_fraction"] = float(val_fraction)
     defaults = options_of(dataset)
     given = dict(loader_options or {})
     unknown = set(given) - set(defaults)
@@ -72,7 +81,8 @@ def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction
 
 
 def make_splits(labels: np.ndarray, params: Mapping[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """``(client_train, client_test, proxy_idx)`` index arrays into ``labels`` for ``params``."""
+    """``(client_train, client_test, proxy_idx)`` index arrays into ``labels`` for ``params``
+    (client train splits before any validation split: see :func:`carve_val_splits`)."""
     seed = params["seed"]
     proxy_idx, rest = split_proxy(labels, params["proxy_fraction"], seed)
     local = dirichlet_partition(labels[rest], params["clients"], params["alpha"], params["min_size"], seed)
@@ -86,21 +96,39 @@ def make_splits(labels: np.ndarray, params: Mapping[str, Any]) -> tuple[list[np.
     return train, test, proxy_idx
 
 
+def carve_val_splits(train: list[np.ndarray], labels: np.ndarray,
+                     params: Mapping[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """``(client_train, client_val)``: each client's validation split carved from its train split.
+
+    Drawn after (and independently of) the test split, keyed by (seed, client id), so the test
+    split is the same with or without validation. ``client_val`` is None when
+    ``params`` has no ``val_fraction`` (no validation split: train splits returned as given).
+    """
+    fraction = float(params.get("val_fraction", 0.0))
+    if fraction == 0.0:
+        return list(train), None
+    pairs = [train_val_split_stratified(tr, labels, fraction, derive_seed(params["seed"], "client", cid))
+             for cid, tr in enumerate(train)]
+    return [tr for tr, _ in pairs], [va for _, va in pairs]
+
+
 def prepare_store(dataset: str, out: str | Path, *, root: str | Path | None = None, clients: int,
                   alpha: float, proxy_fraction: float, test_fraction: float = 0.2, min_size: int = 10,
-                  seed: int = 0, loader_options: Mapping[str, Any] | None = None) -> Path:
+                  seed: int = 0, loader_options: Mapping[str, Any] | None = None,
+                  val_fraction: float = 0.0) -> Path:
     """Load ``dataset`` from ``root``, partition it and write the store to ``out`` (atomically).
 
     An existing file at ``out`` is replaced. Returns ``Path(out)``.
     """
     params = partition_params(dataset, clients=clients, alpha=alpha, proxy_fraction=proxy_fraction,
                               test_fraction=test_fraction, min_size=min_size, seed=seed,
-                              loader_options=loader_options)
+                              loader_options=loader_options, val_fraction=val_fraction)
     log.info("prepare: loading %s", dataset)
     raw = load_dataset(dataset, None if root is None else str(root), **params.get("loader_options", {}))
     train, test, proxy_idx = make_splits(raw.y, params)
+    train, val = carve_val_splits(train, raw.y, params)
     log.info("prepare: writing %s (%d clients, proxy %d)", out, len(train), len(proxy_idx))
-    write_store(out, raw, train, test, proxy_idx, params)
+    write_store(out, raw, train, test, proxy_idx, params, client_val=val)
     return Path(out)
 
 
@@ -138,7 +166,8 @@ def _matches(out: Path, want: dict[str, Any]) -> bool:
 
 def ensure_store(out: str | Path, *, dataset: str, root: str | Path | None = None, clients: int,
                  alpha: float, proxy_fraction: float, test_fraction: float = 0.2, min_size: int = 10,
-                 seed: int = 0, loader_options: Mapping[str, Any] | None = None) -> Path:
+                 seed: int = 0, loader_options: Mapping[str, Any] | None = None,
+                 val_fraction: float = 0.0) -> Path:
     """Return ``out``, building it first unless it already holds a store with these params.
 
     Safe when many processes call it at once: they serialise on an exclusive lock on
@@ -147,7 +176,7 @@ def ensure_store(out: str | Path, *, dataset: str, root: str | Path | None = Non
     """
     out = Path(out)
     kwargs = dict(clients=clients, alpha=alpha, proxy_fraction=proxy_fraction, test_fraction=test_fraction,
-                  min_size=min_size, seed=seed, loader_options=loader_options)
+                  min_size=min_size, seed=seed, loader_options=loader_options, val_fraction=val_fraction)
     want = partition_params(dataset, **kwargs)
     if _matches(out, want):  # fast path: stores appear by atomic rename, so no lock is needed to read
         return out
@@ -171,6 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of all samples held out as the public unlabelled proxy set")
     parser.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
                         help="fraction of each client's samples kept as its test split (default 0.2)")
+    parser.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                        help="fraction of each client's train split held out as its validation split "
+                             "(default 0: none)")
     parser.add_argument("--min-size", type=int, default=10, metavar="N",
                         help="minimum samples per client (default 10)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="partition seed (default 0)")
@@ -193,7 +225,8 @@ def main(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
     path = prepare_store(args.dataset, args.out, root=args.root, clients=args.clients, alpha=args.alpha,
                          proxy_fraction=args.proxy_fraction, test_fraction=args.test_fraction,
-                         min_size=args.min_size, seed=args.seed, loader_options=options or None)
+                         min_size=args.min_size, seed=args.seed, loader_options=options or None,
+                         val_fraction=args.val_fraction)
     with Store(path) as store:
         print(store.describe())
     return 0

@@ -1,6 +1,6 @@
 """The prepared federated dataset: one HDF5 file, written once, read by every rank.
 
-Layout (``SCHEMA_VERSION`` 1)::
+Layout (``SCHEMA_VERSION`` 2; version 1 is the same without validation splits and is still read)::
 
     /                       attrs:
         schema_version      int, == SCHEMA_VERSION
@@ -12,10 +12,13 @@ Layout (``SCHEMA_VERSION`` 1)::
         mean, std           float64[C], per-channel stats of x/255 (images); empty for text
         vocab_size          int, incl. pad=0 and unk=1 (text); 0 for images
         params              str, JSON of the partition parameters (dataset, clients, alpha,
-                            proxy_fraction, test_fraction, min_size, seed[, loader_options])
+                            proxy_fraction, test_fraction, min_size, seed[, loader_options]
+                            [, val_fraction])
     /clients/00000/         one group per client, named by zero-padded client id
         x_train  x_test     uint8 [n, C, H, W] (images) or int64 [n, L] token ids (text)
         y_train  y_test     int64 [n], labels 0..num_classes-1
+        x_val    y_val      (optional, in every client or none) the validation split, carved
+                            from the client's train split (``val_fraction`` > 0); may be empty
     /proxy/x                the public proxy set: inputs only, NO labels (it is unlabelled)
     /vocab                  (text, optional) uint8: UTF-8 of the id-ordered tokens joined by "\\n"
 
@@ -43,9 +46,12 @@ from cafedist.data.base import RawDataset
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this reader accepts: 1 predates validation splits and reads as "no validation split"
+READABLE_VERSIONS = (1, 2)
 CHECKSUM_ATTR = "sha256"
 CLIENT_FIELDS = ("x_train", "y_train", "x_test", "y_test")
+VAL_FIELDS = ("x_val", "y_val")
 ROOT_ATTRS = ("schema_version", "dataset", "kind", "num_classes", "num_clients", "input_shape",
               "mean", "std", "vocab_size", "params")
 
@@ -66,21 +72,29 @@ def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
 
 
 def _check_split(raw: RawDataset, client_train: Sequence[np.ndarray], client_test: Sequence[np.ndarray],
-                 proxy_idx: np.ndarray) -> None:
+                 proxy_idx: np.ndarray, client_val: Sequence[np.ndarray] | None = None) -> None:
     """Programming-error checks: the index sets must be valid and pairwise disjoint."""
     if len(client_train) != len(client_test) or not client_train:
         raise ValueError("write_store: need one train and one test index array per client (>= 1 client)")
-    every = np.concatenate([np.asarray(a, dtype=np.int64) for a in (*client_train, *client_test, proxy_idx)])
+    if client_val is not None and len(client_val) != len(client_train):
+        raise ValueError("write_store: need one validation index array per client")
+    every = np.concatenate([np.asarray(a, dtype=np.int64)
+                            for a in (*client_train, *client_test, *(client_val or ()), proxy_idx)])
     if len(every) and (every.min() < 0 or every.max() >= len(raw.x)):
         raise ValueError(f"write_store: indices out of range for {len(raw.x)} samples")
     if len(np.unique(every)) != len(every):
-        raise ValueError("write_store: client train/test and proxy indices overlap")
+        raise ValueError("write_store: client train/test/val and proxy indices overlap")
 
 
 def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.ndarray],
-                client_test: Sequence[np.ndarray], proxy_idx: np.ndarray, params: dict) -> None:
-    """Write the store for ``raw`` split by the given index arrays (atomically)."""
-    _check_split(raw, client_train, client_test, proxy_idx)
+                client_test: Sequence[np.ndarray], proxy_idx: np.ndarray, params: dict,
+                client_val: Sequence[np.ndarray] | None = None) -> None:
+    """Write the store for ``raw`` split by the given index arrays (atomically).
+
+    ``client_val`` (one array per client, possibly empty) adds validation splits; None
+    writes none.
+    """
+    _check_split(raw, client_train, client_test, proxy_idx, client_val)
     with atomic_output(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -99,6 +113,10 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
                 _put(g, "y_train", raw.y[tr])
                 _put(g, "x_test", raw.x[te])
                 _put(g, "y_test", raw.y[te])
+                if client_val is not None:
+                    va = np.asarray(client_val[cid], dtype=np.int64)
+                    _put(g, "x_val", raw.x[va])
+                    _put(g, "y_val", raw.y[va])
             _put(f.create_group("proxy"), "x", raw.x[np.asarray(proxy_idx, dtype=np.int64)])
             if raw.vocab is not None:
                 _put(f, "vocab", np.frombuffer("\n".join(raw.vocab).encode("utf-8"), dtype=np.uint8))
@@ -106,12 +124,25 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
 
 @dataclass
 class ClientData:
-    """One client's data as tensors on a device (inputs already normalised)."""
+    """One client's data as tensors on a device (inputs already normalised).
+
+    ``x_val``/``y_val`` hold the validation split (also the calibration split of later
+    choices, e.g. per-client exit budgets); left out, they become empty tensors shaped like
+    the test split, which is what a store without validation splits gives.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.x_val is None:
+            self.x_val = self.x_test[:0]
+        if self.y_val is None:
+            self.y_val = self.y_test[:0]
 
 
 class Store:
@@ -160,9 +191,10 @@ class Store:
         if "schema_version" not in attrs:
             raise self._fail("not a cafedist store (no 'schema_version' attribute)")
         version = int(attrs["schema_version"])
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise self._fail(f"schema version {version}, but this cafedist reads version {SCHEMA_VERSION} "
-                             f"(re-create the store with `cafedist prepare`)")
+                             f"(or older: {', '.join(map(str, READABLE_VERSIONS[:-1]))}); "
+                             f"re-create the store with `cafedist prepare`")
         missing = [a for a in ROOT_ATTRS if a not in attrs]
         if missing:
             raise self._fail(f"missing root attribute(s) {missing}")
@@ -184,16 +216,23 @@ class Store:
                              f"num_clients={self.num_clients}")
         x_dtype = np.dtype(np.uint8 if self.kind == "image" else np.int64)
         self._sizes: list[tuple[int, int]] = []
+        self._val_sizes: list[int] = []
+        # validation splits exist in every client or in none (version 1 stores: none)
+        self.has_val = version >= 2 and self.num_clients >= 1 and f"{_client_group(0)}/x_val" in self._f
+        fields = CLIENT_FIELDS + (VAL_FIELDS if self.has_val else ())
         for cid in range(self.num_clients):
             name = _client_group(cid)
             if name not in self._f:
                 raise self._fail(f"missing group {name} (num_clients={self.num_clients})")
             lengths = {field: self._check_dataset(f"{name}/{field}", x_dtype if field[0] == "x" else np.dtype(np.int64),
                                                   self.input_shape if field[0] == "x" else ())
-                       for field in CLIENT_FIELDS}
-            if lengths["x_train"] != lengths["y_train"] or lengths["x_test"] != lengths["y_test"]:
+                       for field in fields}
+            if any(lengths[f"x_{part}"] != lengths[f"y_{part}"] for part in ("train", "test", "val") if f"x_{part}" in lengths):
                 raise self._fail(f"{name}: x and y lengths differ")
+            if not self.has_val and any(f"{name}/{field}" in self._f for field in VAL_FIELDS):
+                raise self._fail(f"{name} has a validation split but client 0 has none (expected all or none)")
             self._sizes.append((lengths["x_train"], lengths["x_test"]))
+            self._val_sizes.append(lengths.get("x_val", 0))
         extra = set(self._f["clients"]) - {_client_group(c).split("/")[1] for c in range(self.num_clients)}
         if extra:
             raise self._fail(f"unexpected client group(s) {sorted(extra)[:3]} for num_clients={self.num_clients}")
@@ -241,17 +280,26 @@ class Store:
         """``(n_train, n_test)`` per client, from metadata only."""
         return list(self._sizes)
 
+    def val_sizes(self) -> list[int]:
+        """Validation samples per client, from metadata only (all 0 without validation splits)."""
+        return list(self._val_sizes)
+
     def load_client(self, cid: int, device: str | torch.device = "cpu") -> ClientData:
-        """Client ``cid``'s train/test tensors on ``device`` (reads only that client's arrays)."""
+        """Client ``cid``'s train/test(/val) tensors on ``device`` (reads only that client's arrays)."""
         if not 0 <= cid < self.num_clients:
             raise self._fail(f"no client {cid} (the store has clients 0..{self.num_clients - 1})")
-        arrays = {field: self._read(f"{_client_group(cid)}/{field}") for field in CLIENT_FIELDS}
-        return ClientData(
+        fields = CLIENT_FIELDS + (VAL_FIELDS if self.has_val else ())
+        arrays = {field: self._read(f"{_client_group(cid)}/{field}") for field in fields}
+        data = ClientData(
             x_train=self.to_inputs(arrays["x_train"], device),
             y_train=torch.from_numpy(arrays["y_train"]).to(device),
             x_test=self.to_inputs(arrays["x_test"], device),
             y_test=torch.from_numpy(arrays["y_test"]).to(device),
         )
+        if self.has_val:
+            data.x_val = self.to_inputs(arrays["x_val"], device)
+            data.y_val = torch.from_numpy(arrays["y_val"]).to(device)
+        return data
 
     def load_proxy(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """The unlabelled proxy inputs on ``device``, transformed like client inputs."""
@@ -272,7 +320,8 @@ class Store:
         return out
 
     def describe(self) -> str:
-        """A human-readable summary: header, then per-client sizes and train label histogram."""
+        """A human-readable summary: header, then per-client sizes (train, val if any, test) and
+        train label histogram."""
         hist = self.label_histograms()
         shape = "x".join(map(str, self.input_shape))
         lines = [
@@ -293,11 +342,14 @@ class Store:
             head = "top labels (label:count)"
             rows = [" ".join(f"{c}:{h[c]}" for c in np.argsort(-h, kind="stable")[:5] if h[c]) for h in hist]
             total = ""
-        lines.append(f"{'client':>6} {'train':>7} {'test':>6} {'labels':>7}  {head}")
+        # the val column appears only for stores with validation splits (old output unchanged)
+        val = [f" {v:>5}" for v in self._val_sizes] if self.has_val else [""] * self.num_clients
+        val_head, val_total = (f" {'val':>5}", f" {sum(self._val_sizes):>5}") if self.has_val else ("", "")
+        lines.append(f"{'client':>6} {'train':>7}{val_head} {'test':>6} {'labels':>7}  {head}")
         for cid, ((n_tr, n_te), row) in enumerate(zip(sizes, rows)):
             present = f"{int((hist[cid] > 0).sum())}/{self.num_classes}"
-            lines.append(f"{cid:>6} {n_tr:>7} {n_te:>6} {present:>7}  {row}")
-        lines.append(f"{'total':>6} {sizes[:, 0].sum():>7} {sizes[:, 1].sum():>6} {'':>7}  {total}".rstrip())
+            lines.append(f"{cid:>6} {n_tr:>7}{val[cid]} {n_te:>6} {present:>7}  {row}")
+        lines.append(f"{'total':>6} {sizes[:, 0].sum():>7}{val_total} {sizes[:, 1].sum():>6} {'':>7}  {total}".rstrip())
         return "\n".join(lines)
 
     # -- lifetime ------------------------------------------------------------------------

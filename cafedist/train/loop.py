@@ -115,7 +115,8 @@ class Trainer:
                                   clients=cfg.data.clients, alpha=cfg.data.alpha,
                                   proxy_fraction=cfg.data.proxy_fraction,
                                   test_fraction=cfg.data.test_fraction, min_size=cfg.data.min_size,
-                                  seed=cfg.seed, loader_options=cfg.data.options or None)
+                                  seed=cfg.seed, loader_options=cfg.data.options or None,
+                                  val_fraction=cfg.data.val_fraction)
         self.store = Store(store_path)
         self.n = self.store.num_clients
         sizes = [tr for tr, _ in self.store.client_sizes()]
@@ -295,6 +296,8 @@ class Trainer:
             record["loss"] = float((loss[trained] * w).sum() / w.sum()) if trained.any() else None
             if not torch.isnan(correct).any():
                 record["acc_per_exit"] = (correct.sum(0) / n_test.sum()).tolist()
+                if self.store.has_val:  # validation: only where the store has the split
+                    record["val_acc_per_exit"] = self._val_accuracy(to_all=True)[0]
         record.update({
             "n_students": self._sum_int(n_students),
             "bytes_up": bytes_up,
@@ -417,6 +420,28 @@ class Trainer:
         local = torch.stack(rows).to(self.device)
         return self.gather_by_client(local, to_all=True).cpu()
 
+    # ---------------------------------------------------------------- validation split (data.val_fraction)
+    def _val_accuracy(self, to_all: bool) -> tuple[list[float], list[list[float] | None]] | None:
+        """Validation accuracy per exit (pooled over clients, weighted by their validation
+        sizes, like ``acc_per_exit``) and per client (None for a client without validation
+        samples); None on ranks other than 0 unless ``to_all``. Every rank must call it."""
+        m = self.num_exits
+        rows = []
+        for c in self.clients:
+            n_val = int(c.data.y_val.shape[0])
+            correct = torch.zeros(m, dtype=torch.float64)
+            if n_val:
+                pred, _ = exit_predictions(self.algo.eval_model(c.view), c.data.x_val)
+                correct = per_exit_correct(pred, c.data.y_val).to(torch.float64).cpu()
+            rows.append(torch.cat([torch.tensor([n_val], dtype=torch.float64), correct]))
+        allrows = self.gather_by_client(torch.stack(rows).to(self.device), to_all=to_all)
+        if allrows is None:
+            return None
+        n_val, correct = allrows[:, 0].cpu(), allrows[:, 1:].cpu()
+        pooled = (correct.sum(0) / max(float(n_val.sum()), 1.0)).tolist()
+        per_client = [(correct[i] / n_val[i]).tolist() if n_val[i] > 0 else None for i in range(self.n)]
+        return pooled, per_client
+
     def _sum_int(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         self.comm.all_reduce_sum_(t)
@@ -496,6 +521,7 @@ class Trainer:
                                    counts["exits"].to(torch.float64).reshape(-1)]))
         allrows = self.gather_by_client(torch.stack(rows).to(self.device), to_all=False)
         hashes = self.comm.all_gather_object({c.cid: model_hash(c.model) for c in self.clients})
+        val = self._val_accuracy(to_all=False) if self.store.has_val else None
         if not self.rt.is_main:
             return None
         allrows = allrows.cpu()
@@ -512,6 +538,7 @@ class Trainer:
         merged_hashes = {k: v for part in hashes for k, v in part.items()}
         per_client_bytes = records[-1]["bytes_up"] + records[-1]["bytes_down"] if records else 0
         fedavg_bytes = 2 * self.n_params * 4
+        val_fields = {"val_acc_per_exit": val[0], "val_acc_per_client": val[1]} if val is not None else {}
         return {
             "algorithm": self.cfg.algorithm.name,
             "rounds": self.cfg.train.rounds,
@@ -519,6 +546,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "acc_per_exit": acc,
             "acc_per_client": [(correct[i] / n_test[i]).tolist() for i in range(self.n)],
+            **val_fields,
             "macs_per_exit": self.macs,
             "dynamic": table,
             "mac_reduction_at_1pt": mac_reduction_at_loss(table, acc[-1], 0.01),

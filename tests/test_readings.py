@@ -145,3 +145,28 @@ def test_optimizer_reset_packed_equals_sequential(tmp_path):
     for a, b in zip(*models):
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_packed_bf16_run_agrees_with_sequential_bf16(tmp_path):
+    """train.amp reaches the packed path: both paths run the forward in bf16 (the loss in
+    fp32), and their first-round losses agree to bf16 resolution."""
+    losses, dtypes = {}, {}
+    for packed, amp in (("off", "bf16"), ("on", "bf16"), ("on", "off")):
+        tr = make_trainer(tmp_path / f"{packed}{amp}", "cafedistill", {"proxy_size": 48, "student_selection": False},
+                          packed=packed, amp=amp)
+        assert tr.use_packed == (packed == "on")
+        seen = set()
+        for c in tr.clients:  # the last head's output dtype: what the forward ran in
+            c.model.heads[-1].register_forward_hook(lambda mod, args, out, seen=seen: seen.add(out.dtype))
+        losses[packed, amp] = tr.run_round(0)["loss"]
+        dtypes[packed, amp] = seen
+    assert torch.bfloat16 in dtypes["off", "bf16"] and torch.bfloat16 in dtypes["on", "bf16"]
+    assert dtypes["on", "off"] == {torch.float32}
+    assert losses["off", "bf16"] == pytest.approx(losses["on", "bf16"], abs=5e-3)  # bf16 resolution
+
+
+def test_fp16_is_not_packed(tmp_path):
+    from cafedist.train.packed import pack_blocker
+
+    tr = make_trainer(tmp_path, "cafedistill", {"proxy_size": 48}, amp="fp16")
+    assert "fp16" in pack_blocker(tr.clients, tr.algo, tr.cfg.train)

@@ -94,6 +94,38 @@ def only_trainable(model: nn.Module, trainable: Callable[[str], bool] | None) ->
             p.requires_grad_(True)
 
 
+def assemble_batch(outs: list[Tensor], y: Tensor, x: Tensor, phase: str, module: nn.Module | None = None,
+                   proxy_x: Tensor | None = None, proxy_pos: Tensor | None = None) -> LocalBatch:
+    """The loss's inputs from one forward pass over the private rows (and, when ``proxy_x`` is
+    given, the proxy rows after them), for both local-training paths.
+
+    The logits are float32 whatever ``train.amp`` is: mixed precision covers the forward pass,
+    the loss always runs in full precision (a no-op without amp).
+    """
+    outs = [o.float() for o in outs]
+    if proxy_x is None:
+        return LocalBatch(logits=outs, y=y, x=x, module=module, phase=phase)
+    b = x.shape[0]
+    return LocalBatch(logits=[o[:b] for o in outs], y=y, x=x, module=module, phase=phase,
+                      proxy_logits=[o[b:] for o in outs], proxy_pos=proxy_pos, proxy_x=proxy_x)
+
+
+def amp_cast(tensors: Tensor | dict[str, Tensor], amp: str) -> Tensor | dict[str, Tensor]:
+    """A tensor, or a dict's tensors, cast to ``train.amp``'s dtype when floating (unchanged
+    when amp is "off"; integer inputs such as token ids stay as they are).
+
+    The packed path's forward under vmap: autocast does not reach vmapped kernels, so the
+    parameters and inputs are cast explicitly (differentiably: gradients reach the fp32
+    parameters, as with autocast).
+    """
+    if amp == "off":
+        return tensors
+    dtype = _AMP_DTYPES[amp]
+    if isinstance(tensors, Tensor):
+        return tensors.to(dtype) if tensors.is_floating_point() else tensors
+    return {k: amp_cast(v, amp) for k, v in tensors.items()}
+
+
 def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
               proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None) -> tuple[Tensor, int]:
     """Run one local phase; returns (summed loss as a float64 tensor, number of steps).
@@ -122,15 +154,9 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
                     pos = torch.randint(0, proxy_idx.shape[0], (train.proxy_batch_size,), generator=g).to(device)
                     xp = proxy_x[proxy_idx[pos]]
                 with autocast(device, train.amp):
-                    if use_proxy:
-                        outs = model(torch.cat([xb, xp], dim=0), upto=phase.upto)
-                        b = xb.shape[0]
-                        batch = LocalBatch(logits=[o[:b] for o in outs], y=yb, x=xb, module=model, phase=phase.name,
-                                           proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
-                    else:
-                        batch = LocalBatch(logits=model(xb, upto=phase.upto), y=yb, x=xb, module=model,
-                                           phase=phase.name)
-                    loss = algo.local_loss(client.state, batch)
+                    outs = model(torch.cat([xb, xp], dim=0) if use_proxy else xb, upto=phase.upto)
+                batch = assemble_batch(outs, yb, xb, phase.name, model, *((xp, pos) if use_proxy else (None, None)))
+                loss = algo.local_loss(client.state, batch)
                 opt.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()

@@ -337,7 +337,7 @@ class Trainer:
         mode = self.cfg.train.packed
         if mode == "off" or len(self.clients) < 2:
             return False
-        reason = pack_blocker(self.clients, self.algo)
+        reason = pack_blocker(self.clients, self.algo, self.cfg.train)
         if reason is not None:
             if mode == "on" and self.rt.is_main:
                 log.warning("train.packed=on: clients are trained one after another (%s)", reason)

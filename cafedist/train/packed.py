@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from cafedist.algorithms.base import Algorithm, LocalBatch, Phase
+from cafedist.algorithms.base import Algorithm, Phase
 from cafedist.config import TrainConfig
 from cafedist.rng import generator
-from cafedist.train.client import Client, run_phase
+from cafedist.train.client import Client, amp_cast, assemble_batch, run_phase
 
 
 # ----------------------------------------------------------------------------- can we pack?
@@ -58,10 +58,12 @@ def _sgd_hparams(opt: torch.optim.Optimizer) -> tuple[float, float, float] | Non
     return float(g["lr"]), float(g["momentum"]), float(g["weight_decay"])
 
 
-def pack_blocker(clients: Sequence[Client], algo: Algorithm) -> str | None:
-    """Why ``clients`` cannot be trained packed (None when they can)."""
+def pack_blocker(clients: Sequence[Client], algo: Algorithm, train: TrainConfig | None = None) -> str | None:
+    """Why ``clients`` cannot be trained packed with ``train``'s options (None when they can)."""
     if not clients:
         return "no clients"
+    if train is not None and train.amp == "fp16":
+        return "train.amp: fp16 needs loss scaling, which only the sequential path has (bf16 packs)"
     if not getattr(algo, "vmappable_loss", False):
         return f"algorithm {algo.name!r} does not declare a vmappable local_loss"
     first = clients[0]
@@ -198,7 +200,7 @@ def packed_local_update(clients: Sequence[Client], algo: Algorithm, train: Train
     Raises ``ValueError`` when :func:`pack_blocker` finds a reason not to pack; clients whose
     algorithm gives them different local phases are trained one after another.
     """
-    reason = pack_blocker(clients, algo)
+    reason = pack_blocker(clients, algo, train)
     if reason is not None:
         raise ValueError(f"cannot pack these clients: {reason}")
     k = len(clients)
@@ -268,15 +270,10 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
 
     def loss_of(params: dict[str, Tensor], state: dict[str, Tensor], x: Tensor, y: Tensor,
                 xp: Tensor | None, pos: Tensor | None) -> Tensor:
-        kwargs = {"upto": phase.upto}
-        if xp is None:
-            batch = LocalBatch(logits=functional_call(template, params, (x,), kwargs), y=y, x=x, phase=phase.name)
-        else:
-            outs = functional_call(template, params, (torch.cat([x, xp], dim=0),), kwargs)
-            b = x.shape[0]
-            batch = LocalBatch(logits=[o[:b] for o in outs], y=y, x=x, phase=phase.name,
-                               proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
-        return algo.local_loss(state, batch)
+        inputs = x if xp is None else torch.cat([x, xp], dim=0)
+        outs = functional_call(template, amp_cast(params, train.amp), (amp_cast(inputs, train.amp),),
+                               {"upto": phase.upto})
+        return algo.local_loss(state, assemble_batch(outs, y, x, phase.name, None, xp, pos))
 
     states: dict[tuple[int, ...], tuple[dict, dict]] = {}
     totals = torch.zeros(k, dtype=torch.float64)

@@ -51,7 +51,7 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
                      f"(comm.exits: {cfg.comm.exits}) on P' = {tr.proxy_size} items, {cfg.comm.logits_dtype}")
     lines.append(f"per client and round: {short_count(up, '.3g')}B up, {short_count(down, '.3g')}B down "
                  f"({(up + down) / fedavg:.4f} of FedAvg's {short_count(fedavg, '.3g')}B)")
-    blocker = pack_blocker(tr.clients, tr.algo) if len(tr.clients) > 1 else "one client per rank"
+    blocker = pack_blocker(tr.clients, tr.algo, tr.cfg.train) if len(tr.clients) > 1 else "one client per rank"
     lines.append(f"packing:    {cfg.train.packed}: on a GPU rank 0's clients would "
                  + ("be stepped together" if blocker is None and cfg.train.packed != "off"
                     else f"be trained one after another ({blocker or 'train.packed: off'})")

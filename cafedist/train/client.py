@@ -94,6 +94,27 @@ def only_trainable(model: nn.Module, trainable: Callable[[str], bool] | None) ->
             p.requires_grad_(True)
 
 
+def draw_proxy(g: torch.Generator, proxy_x: Tensor, proxy_idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """One proxy mini-batch: ``(inputs, positions)``, positions into ``proxy_idx`` (the subset
+    a client's targets were computed on), drawn from ``g``."""
+    pos = torch.randint(0, proxy_idx.shape[0], (size,), generator=g).to(proxy_x.device)
+    return proxy_x[proxy_idx[pos]], pos
+
+
+def forward_batch(model: nn.Module, phase: Phase, xb: Tensor, yb: Tensor,
+                  proxy: tuple[Tensor, Tensor] | None = None) -> LocalBatch:
+    """The :class:`LocalBatch` of one step: a forward pass of the private inputs, together
+    with the proxy inputs ``(x, positions)`` when given (one pass, split afterwards).
+    Shared by training (:func:`run_phase`) and diagnostics, so both see the same batch."""
+    if proxy is None:
+        return LocalBatch(logits=model(xb, upto=phase.upto), y=yb, x=xb, module=model, phase=phase.name)
+    xp, pos = proxy
+    outs = model(torch.cat([xb, xp], dim=0), upto=phase.upto)
+    b = xb.shape[0]
+    return LocalBatch(logits=[o[:b] for o in outs], y=yb, x=xb, module=model, phase=phase.name,
+                      proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
+
+
 def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
               proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None) -> tuple[Tensor, int]:
     """Run one local phase; returns (summed loss as a float64 tensor, number of steps).
@@ -118,18 +139,9 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
             for start in range(0, n, bs):
                 idx = perm[start:start + bs]
                 xb, yb = data.x_train[idx], data.y_train[idx]
-                if use_proxy:
-                    pos = torch.randint(0, proxy_idx.shape[0], (train.proxy_batch_size,), generator=g).to(device)
-                    xp = proxy_x[proxy_idx[pos]]
+                proxy = draw_proxy(g, proxy_x, proxy_idx, train.proxy_batch_size) if use_proxy else None
                 with autocast(device, train.amp):
-                    if use_proxy:
-                        outs = model(torch.cat([xb, xp], dim=0), upto=phase.upto)
-                        b = xb.shape[0]
-                        batch = LocalBatch(logits=[o[:b] for o in outs], y=yb, x=xb, module=model, phase=phase.name,
-                                           proxy_logits=[o[b:] for o in outs], proxy_pos=pos, proxy_x=xp)
-                    else:
-                        batch = LocalBatch(logits=model(xb, upto=phase.upto), y=yb, x=xb, module=model,
-                                           phase=phase.name)
+                    batch = forward_batch(model, phase, xb, yb, proxy)
                     loss = algo.local_loss(client.state, batch)
                 opt.zero_grad(set_to_none=True)
                 if scaler is None:

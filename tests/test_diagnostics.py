@@ -111,6 +111,25 @@ def test_client_conflict_flags_untrained_pairs_and_uses_plain_ce():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_client_conflict_leaves_rng_buffers_grads_and_mode_alone():
+    """BatchNorm statistics, the global RNG (dropout), ``.grad`` and eval mode are as before."""
+    torch.manual_seed(3)
+    net = EarlyExitNet([nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Dropout(0.5)), nn.Linear(6, 6)],
+                       [nn.Linear(6, 2), nn.Linear(6, 2)])
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    client = Client(cid=0, models={"main": net}, optimizers={}, data=ClientData(x, y, x[:4], y[:4]))
+    setup = Setup(num_clients=1, num_exits=2, num_classes=2, rounds=1, train_sizes=(40,), seed=0)
+    net.eval()
+    buffers = {k: b.clone() for k, b in net.named_buffers()}
+    rng = torch.get_rng_state()
+    row = client_conflict(client, Algorithm(None, setup), batch_size=16, proxy_batch_size=4, rnd=1, seed=0)
+    assert torch.isfinite(row).all() and row[1:].tolist() == [1.0]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(b, buffers[k]) for k, b in net.named_buffers())
+    assert all(p.grad is None for p in net.parameters())
+    assert not net.training
+
+
 def test_record_means_shares_and_inactive_clients():
     # pairs 0-1, 0-2, 1-2; client 1 is idle (its row must not count), client 2 trained pair 1-2 only
     nan = float("nan")

@@ -14,7 +14,12 @@ Why it cannot change training: the batch is drawn from its own generator keyed b
 ``(seed, "diag", client, round)``; dropout runs under a forked global RNG; gradients come
 from :func:`torch.autograd.grad` (``.grad`` and the optimizer are untouched); buffers
 (BatchNorm statistics) are restored after the forward pass. With the option off, nothing
-here runs.
+here runs. The measurement runs in float32 whatever ``train.amp`` says (no autocast): the
+cosines of small gradients are what it reports, and it is read, not trained on.
+
+Algorithms with several local phases (FedRep, FedPAC, FedMD...) are measured with the loss
+of their last phase that trains the main model; depth-limited clients (DepthFL, ScaleFL)
+only have the pairs among the exits they run (the others are null).
 
 The record (rank 0, one per round, ``metrics.jsonl``'s ``conflict``)::
 
@@ -32,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +52,7 @@ from cafedist.train.client import Client, draw_proxy, forward_batch
 if TYPE_CHECKING:  # the loop imports this module; no import cycle at run time
     from cafedist.train.loop import Trainer
 
-__all__ = ["DIAGNOSTICS", "Diagnostics", "exit_pairs", "pair_cosines", "conflict_record", "client_conflict"]
+__all__ = ["DIAGNOSTICS", "Diagnostics", "client_conflict", "conflict_record", "exit_pairs", "pair_cosines"]
 
 
 # ----------------------------------------------------------------------------- the math
@@ -174,11 +180,11 @@ class Diagnostics:
         self.names = tuple(names)
 
     @classmethod
-    def of(cls, names: Sequence[str]) -> "Diagnostics | None":
+    def of(cls, names: Sequence[str]) -> Diagnostics | None:
         """None when no diagnostic is asked for: the loop then does no work at all."""
         return cls(names) if names else None
 
-    def after_local(self, trainer: "Trainer", rnd: int, active: Tensor) -> dict[str, Any]:
+    def after_local(self, trainer: Trainer, rnd: int, active: Tensor) -> dict[str, Any]:
         """Every rank, after local training: measure my active clients, gather the rows in
         client-id order; returns the record entries on rank 0 (``{}`` elsewhere), with the
         time spent as ``t_diag``."""

@@ -105,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"acc_per_exit [{acc}]")
     print(f"dynamic inference: {100 * red['macs_reduction']:.1f}% fewer MACs at threshold {red['threshold']} "
           f"for {100 * red['accuracy_loss']:.2f} points of accuracy (budget {100 * args.max_loss:.2f})")
-    print(f"wrote {report['paths']['json']} and {report['paths']['plot']}")
+    print(f"wrote {', '.join(report['paths'].values())}")
     return 0
 
 

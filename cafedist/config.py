@@ -35,6 +35,9 @@ import yaml
 
 from cafedist.errors import ConfigError
 
+#: names ``train.diagnostics`` accepts (implemented in :mod:`cafedist.train.diagnostics`)
+DIAGNOSTICS = ("conflict",)
+
 
 @dataclass
 class DataConfig:
@@ -104,6 +107,8 @@ class TrainConfig:
     # each client's SGD momentum: kept across rounds (and across parameter averaging), or
     # cleared at the start of every round like a fresh local optimizer (most FL code)
     optimizer_state: Literal["keep", "reset"] = "keep"
+    # opt-in measurements that never change training (cafedist.train.diagnostics): "conflict"
+    diagnostics: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if isinstance(self.amp, bool):
@@ -122,6 +127,11 @@ class TrainConfig:
         _check(self.clients_per_round > 0, "train.clients_per_round", f"must be > 0, got {self.clients_per_round}")
         _check(self.clients_per_round <= 1 or float(self.clients_per_round).is_integer(), "train.clients_per_round",
                f"must be a fraction <= 1 or a whole number of clients, got {self.clients_per_round}")
+        bad = [d for d in self.diagnostics if d not in DIAGNOSTICS]
+        _check(not bad, "train.diagnostics", f"unknown diagnostic {bad[0]!r} (known: {', '.join(DIAGNOSTICS)})"
+               if bad else "")
+        _check(len(set(self.diagnostics)) == len(self.diagnostics), "train.diagnostics",
+               f"each diagnostic at most once, got {self.diagnostics}")
 
 
 @dataclass

@@ -142,3 +142,48 @@ def plot_per_exit_bars(per_exit: dict[str, list[float]], path: str | os.PathLike
     if title:
         ax.set_title(title)
     _save_png(fig, path)
+
+
+def plot_conflict(records: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Depth-wise gradient conflict over rounds (``metrics.jsonl`` records with a ``conflict``
+    object, see :mod:`cafedist.train.diagnostics`), as a PNG.
+
+    Top: mean cosine per exit pair, solid over the clients where both exits trained, dashed
+    over all pairs (untrained exits by their plain CE) -- the gap is what student selection
+    keeps out of the body. Bottom: the share of negative (conflicting) pairs, same styles.
+    A round where no pair trained leaves a gap in the solid lines.
+    """
+    rows = [r for r in records if r.get("conflict")]
+    if not rows:
+        raise ValueError("plot_conflict needs at least one record with a 'conflict' object")
+    pairs = rows[0]["conflict"]["pairs"]
+    rounds = [r["round"] for r in rows]
+
+    def series(key: str, pair: str | None = None) -> list[float]:
+        values = [r["conflict"][key] if pair is None else r["conflict"][key].get(pair) for r in rows]
+        return [float("nan") if v is None else v for v in values]
+
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(width=9.6, height=6.4)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    for pair, style in zip(pairs, _series_styles(len(pairs))):
+        i, j = (int(k) + 1 for k in pair.split("-"))  # exits are numbered from 1 in plots
+        top.plot(rounds, series("trained", pair), color=style["color"], marker=style["marker"], markersize=3,
+                 label=f"exits {i}-{j}, trained")
+        top.plot(rounds, series("all", pair), color=style["color"], linestyle="--", alpha=0.7,
+                 label=f"exits {i}-{j}, all (CE if untrained)")
+    top.axhline(0.0, color="black", linewidth=0.8)
+    top.set_ylabel("mean cosine on shared blocks")
+    top.grid(True, alpha=0.3)
+    fig.legend(*top.get_legend_handles_labels(), loc="outside right upper", fontsize=7)  # beside: no curve hidden
+    bottom.plot(rounds, [100 * v for v in series("neg_trained")], marker="o", markersize=3, label="trained pairs")
+    bottom.plot(rounds, [100 * v for v in series("neg_all")], linestyle="--", label="all pairs")
+    bottom.set_ylabel("negative pairs (%)")
+    bottom.set_ylim(-2, 102)
+    bottom.set_xlabel("round")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=7)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_title(title or "depth-wise gradient conflict between exits")
+    _save_png(fig, path)

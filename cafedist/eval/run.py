@@ -2,11 +2,13 @@
 
 Loads the resolved ``config.yaml`` and the newest verified checkpoint of the run, then writes
 ``eval.json`` (per-exit and per-client accuracy, dynamic inference over thresholds 0..1 with
-mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``.
+mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``; when
+the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ from cafedist.config import config_from_dict, read_yaml
 from cafedist.dist.runtime import Runtime
 from cafedist.errors import CheckpointError
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
-from cafedist.eval.plots import plot_accuracy_vs_macs
+from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
 from cafedist.fsutil import write_json_atomic
+from cafedist.train.metrics import MetricsLog
+
+log = logging.getLogger("cafedist")
 
 
 def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu") -> dict[str, Any]:
@@ -43,6 +48,13 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     acc = summary["acc_per_exit"]
     reduction = mac_reduction_at_loss(table, acc[-1], max_loss)
     paths = {"json": str(run_dir / "eval.json"), "plot": str(run_dir / "accuracy_vs_macs.png")}
+    try:
+        conflict = [r for r in MetricsLog(run_dir, tensorboard=False).read() if r.get("conflict")]
+    except ValueError:  # a line torn by a kill: the plot is optional, the evaluation is not
+        log.warning("%s/metrics.jsonl: unreadable line, conflict.png not drawn", run_dir)
+        conflict = []
+    if conflict:
+        paths["conflict_plot"] = str(run_dir / "conflict.png")
     report = {
         "run_dir": str(run_dir),
         "algorithm": summary["algorithm"],
@@ -59,6 +71,9 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},
                           title=f"{cfg.data.dataset}, {summary['num_clients']} clients: accuracy vs MACs")
+    if conflict:
+        plot_conflict(conflict, paths["conflict_plot"],
+                      title=f"{cfg.data.dataset}, {summary['algorithm']}: gradient conflict between exits")
     return report
 
 

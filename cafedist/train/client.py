@@ -126,6 +126,24 @@ def amp_cast(tensors: Tensor | dict[str, Tensor], amp: str) -> Tensor | dict[str
     return {k: amp_cast(v, amp) for k, v in tensors.items()}
 
 
+def draw_proxy(g: torch.Generator, proxy_x: Tensor, proxy_idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """One proxy mini-batch: ``(inputs, positions)``, positions into ``proxy_idx`` (the subset
+    a client's targets were computed on), drawn from ``g``."""
+    pos = torch.randint(0, proxy_idx.shape[0], (size,), generator=g).to(proxy_x.device)
+    return proxy_x[proxy_idx[pos]], pos
+
+
+def forward_batch(model: nn.Module, phase: Phase, xb: Tensor, yb: Tensor,
+                  proxy: tuple[Tensor, Tensor] | None = None, amp: str = "off") -> LocalBatch:
+    """The :class:`LocalBatch` of one step: a forward pass of the private inputs, together
+    with the proxy inputs ``(x, positions)`` when given (one pass, split afterwards), under
+    ``train.amp``. Shared by training (:func:`run_phase`) and diagnostics, so both see the
+    same batch."""
+    with autocast(xb.device, amp):
+        outs = model(xb if proxy is None else torch.cat([xb, proxy[0]], dim=0), upto=phase.upto)
+    return assemble_batch(outs, yb, xb, phase.name, model, *(proxy or (None, None)))
+
+
 def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
               proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None) -> tuple[Tensor, int]:
     """Run one local phase; returns (summed loss as a float64 tensor, number of steps).
@@ -150,12 +168,8 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
             for start in range(0, n, bs):
                 idx = perm[start:start + bs]
                 xb, yb = data.x_train[idx], data.y_train[idx]
-                if use_proxy:
-                    pos = torch.randint(0, proxy_idx.shape[0], (train.proxy_batch_size,), generator=g).to(device)
-                    xp = proxy_x[proxy_idx[pos]]
-                with autocast(device, train.amp):
-                    outs = model(torch.cat([xb, xp], dim=0) if use_proxy else xb, upto=phase.upto)
-                batch = assemble_batch(outs, yb, xb, phase.name, model, *((xp, pos) if use_proxy else (None, None)))
+                proxy = draw_proxy(g, proxy_x, proxy_idx, train.proxy_batch_size) if use_proxy else None
+                batch = forward_batch(model, phase, xb, yb, proxy, train.amp)
                 loss = algo.local_loss(client.state, batch)
                 opt.zero_grad(set_to_none=True)
                 if scaler is None:

@@ -46,6 +46,7 @@ from cafedist.train.checkpoint import CheckpointDir, load_torch
 from cafedist.train.faults import maybe_fault
 from cafedist.train.client import (Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits,
                                    reset_optimizers)
+from cafedist.train.diagnostics import Diagnostics
 from cafedist.train.metrics import MetricsLog
 from cafedist.train.packed import pack_blocker, packed_local_update
 from cafedist.train.progress import Progress
@@ -154,6 +155,7 @@ class Trainer:
         self.shared_length = sum(named[k].numel() for k in self.shared_keys)
         self.clients = [self._make_client(cid) for cid in self.my_ids]
         self.use_packed = self._decide_packing()
+        self.diagnostics = Diagnostics.of(cfg.train.diagnostics)  # None (no work) unless train.diagnostics
 
     def _shared_layout(self, probe) -> tuple[list[str], dict[int, Tensor] | None]:
         """Which parameters are averaged, and each client's flat holding mask (None: all hold all)."""
@@ -230,6 +232,8 @@ class Trainer:
         losses = self._local_updates(rnd, active)
         timers["t_local"] = time.perf_counter() - t
         n_students = sum(int(algo.students(c.state)[:-1].sum()) for c in self.clients if active[c.cid])
+        # train.diagnostics: read-only measurements of the models just trained (rank 0 gets the entries)
+        diag = self.diagnostics.after_local(self, rnd, active) if self.diagnostics else {}
 
         report: dict[str, Any] = {}
         bytes_up = bytes_down = 0
@@ -306,6 +310,7 @@ class Trainer:
             "clients_trained": int(active.sum()),
         })
         record.update({k: v for k, v in report.items()})
+        record.update(diag)
         record.update({k: round(v, 6) for k, v in timers.items()})
         record["seconds"] = round(time.perf_counter() - t_start, 6)
         return record

@@ -264,3 +264,40 @@ def test_eval_budget_without_a_calibration_split_is_refused(tiny_runs):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "has none (trained with data.val_fraction = 0)" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tiny_runs["noval"] / "budget.csv").exists()
+
+
+# ----------------------------------------------------------------------------- the figure
+def _synthetic_clients(count: int, seed: int = 0) -> list[tuple[Split, Split]]:
+    """Clients whose 3 exits get better with depth and whose exit 1 is calibrated-ish."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        splits = []
+        for n in (30, 60):
+            y = torch.randint(0, 4, (n,), generator=g)
+            logits = torch.randn(3, n, 4, generator=g, dtype=torch.float64)
+            for k, strength in enumerate((1.0, 2.5, 4.0)):
+                logits[k, torch.arange(n), y] += strength * torch.rand(n, generator=g, dtype=torch.float64) * 2
+            splits.append(Split(logits, y))
+        out.append((splits[0], splits[1]))
+    return out
+
+
+@pytest.mark.parametrize("count", [10, 100])
+def test_budget_figure_for_10_and_100_clients(tmp_path, count):
+    pytest.importorskip("matplotlib")
+    from cafedist.eval.budget_plots import plot_budget
+    from cafedist.eval.dynamic import dynamic_counts, dynamic_table
+
+    macs = [1_000, 2_500, 4_000]
+    clients = _synthetic_clients(count)
+    pooled = [torch.cat([test.logits for _, test in clients], dim=1), torch.cat([test.y for _, test in clients])]
+    probs = pooled[0].softmax(-1)
+    table = dynamic_table(dynamic_counts(probs.argmax(-1), probs.max(-1).values, pooled[1], macs), macs)
+    budgets = [Budget("macs", 0.5) if i % 3 else Budget("loss", 2.0) for i in range(count)]
+    section, curves = personalized_budgets(clients, budgets, macs, table)
+    section["spec"] = "mixed"
+    out = tmp_path / f"budget_{count}.png"
+    plot_budget(section, curves, table, out, title=f"{count} synthetic clients")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert len(curves) == count and all(curves)

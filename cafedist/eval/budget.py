@@ -12,9 +12,12 @@ and never on its test split:
    paired accuracy loss against the last exit + z·sd/√n <= P points (z from
    ``confidence``). The margin is there because the budget is checked on test: a threshold
    that only just meets the budget on calibration misses it on test about half the time;
-3. among feasible candidates: under a MACs budget the most accurate (ties: fewer MACs);
-   under a loss budget the cheapest (ties: more accurate); remaining ties go to the earlier
-   policy (``POLICIES`` order, unscaled before scaled), then the smaller θ. A feasible
+3. among feasible candidates: under a MACs budget the most accurate, and among equally
+   accurate ones the one spending more of the budget (a small calibration split often
+   cannot tell candidates apart; deeper exits are the more accurate ones on average, and
+   the budget is what the client is willing to spend); under a loss budget the cheapest
+   (ties: more accurate). Remaining ties go to the earlier policy (``POLICIES`` order,
+   unscaled before scaled), then the smaller θ. A feasible
    candidate always exists: θ = 0 (everything at exit 1) for a MACs budget at or above
    exit 1's cost (lower ones are refused up front), θ = 1 (last exit only) for a loss budget.
 
@@ -167,8 +170,8 @@ def choose_policy(
         stats = _candidates(cal, macs, policy, temps, z)
         if budget.kind == "macs":
             feasible = stats["macs_ub"] <= budget.value * last_macs * (1 + _EPS)
-            # most accurate, then fewer MACs; negated so that min() picks the best
-            keys = torch.stack([-stats["accuracy"], stats["macs"]], dim=1)
+            # most accurate, then more of the budget spent (module docstring); min() picks the best
+            keys = torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
         else:
             feasible = 100.0 * stats["loss_ub"] <= budget.value + _EPS
             keys = torch.stack([stats["macs"], -stats["accuracy"]], dim=1)

@@ -91,6 +91,10 @@ def _draw_slack(ax: Any, rows: list[dict]) -> None:
                         ha="center")
     ax.axhline(0.0, color="black", linewidth=1)
     kinds = {row["budget"].split("=")[0] for row in rows}
+    if len(kinds) > 1:  # mixed budgets: say which marker is which
+        ax.scatter([], [], marker="o", color="grey", label="MACs budget (% of last exit)")
+        ax.scatter([], [], marker="^", color="grey", label="loss budget (accuracy points)")
+        ax.legend(fontsize=7, loc="upper left")
     unit = {"macs": "MACs (% of last exit)", "loss": "accuracy points"}
     ax.set_ylabel("slack on test: budget − used\n" + " / ".join(unit[k] for k in sorted(kinds)))
     ax.set_xlabel("clients, sorted by slack (below 0: over budget)")

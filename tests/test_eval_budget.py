@@ -114,6 +114,18 @@ def test_the_confidence_margin_keeps_a_distance_from_the_budget():
     assert careful.calibration_accuracy < plain.calibration_accuracy
 
 
+def test_no_spread_on_a_small_calibration_split_is_not_taken_for_certainty():
+    # exit 1 agrees with the last exit on all 10 samples: no observed loss, standard error 0
+    cal = _split([[0.9, 0.1]] * 10, [0] * 10)
+    plain = choose_policy(cal, Budget("loss", 1.0), MACS, temperature=False, confidence=0.5)
+    careful = choose_policy(cal, Budget("loss", 1.0), MACS, temperature=False, confidence=0.95)
+    assert plain.calibration_macs == 1.0  # the plain estimate: 0 points lost, everything at exit 1
+    assert careful.threshold == 1.0 and careful.calibration_macs == 2.0  # 10 samples cannot certify 1 point
+    # the data-independent candidates keep their exact cost: θ = 0 meets a budget of exactly exit 1
+    floor = choose_policy(cal, Budget("macs", 0.5), MACS, temperature=False, confidence=0.95)
+    assert floor.calibration_macs == 1.0 and floor.fallback is None
+
+
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):
     empty = Split(torch.zeros(3, 0, 2), torch.zeros(0, dtype=torch.long))
     test = Split(_logits([[[0.9, 0.1]], [[0.9, 0.1]], [[0.9, 0.1]]]), torch.tensor([0]))

@@ -10,8 +10,10 @@ and never on its test split:
 2. a candidate is *feasible* if an upper confidence bound of its cost stays within the
    budget: for ``macs=F`` the mean MACs + z·sd/√n <= F × last-exit MACs; for ``loss=P`` the
    paired accuracy loss against the last exit + z·sd/√n <= P points (z from
-   ``confidence``). The margin is there because the budget is checked on test: a threshold
-   that only just meets the budget on calibration misses it on test about half the time;
+   ``confidence``; one pseudo-sample at each end of the range keeps sd from being 0 on small
+   splits, see :func:`_upper_bound`). The margin is there because the budget is checked on
+   test: a threshold that only just meets the budget on calibration misses it on test
+   about half the time;
 3. among feasible candidates: under a MACs budget the most accurate, and among equally
    accurate ones the one spending more of the budget (a small calibration split often
    cannot tell candidates apart; deeper exits are the more accurate ones on average, and
@@ -99,13 +101,22 @@ def candidate_thresholds(scores: Tensor) -> list[float]:
     return sorted(values)
 
 
-def _upper_bound(per_sample: Tensor, z: float) -> Tensor:
-    """Mean + z × standard error along the last dim (sample sd; one sample: no margin)."""
-    n = per_sample.shape[-1]
+def _upper_bound(per_sample: Tensor, z: float, low: float, high: float, exact: Tensor) -> Tensor:
+    """One-sided upper confidence bound of the mean of ``per_sample`` [T, N] (values in
+    [low, high]): mean + z × standard error, after adding one pseudo-sample at ``low`` and one
+    at ``high`` to each row. The pseudo-samples are a variance floor: on a small calibration
+    split a candidate often shows no spread at all (no sample went deeper, no answer changed)
+    and the plain standard error would claim certainty. Rows flagged in ``exact`` [T] do not
+    depend on the data (the cost of θ = 0, all at exit 1; cost and loss of θ >= 1, the last
+    exit) and keep their plain mean; so does everything at z = 0 (``confidence`` 0.5: the
+    plain estimate)."""
     mean = per_sample.mean(dim=-1)
-    if n < 2 or z == 0:
+    if z == 0:
         return mean
-    return mean + z * per_sample.std(dim=-1, correction=1) / math.sqrt(n)
+    rows = per_sample.shape[0]
+    padded = torch.cat([per_sample, torch.tensor([[low, high]], dtype=per_sample.dtype).expand(rows, 2)], dim=1)
+    bound = padded.mean(dim=-1) + z * padded.std(dim=-1, correction=1) / math.sqrt(padded.shape[-1])
+    return torch.where(exact, mean, bound)
 
 
 def _candidates(cal: Split, macs: Tensor, policy: str, temps: Tensor | None, z: float) -> dict[str, Any]:
@@ -116,13 +127,16 @@ def _candidates(cal: Split, macs: Tensor, policy: str, temps: Tensor | None, z: 
     hit = (cal.logits.argmax(dim=-1).cpu() == cal.y.cpu().unsqueeze(0)).double()  # [m, N]
     correct = hit.gather(0, idx)  # [T, N]
     cost = macs[idx]  # [T, N]
+    th = torch.tensor(thresholds, dtype=torch.float64)
+    last_only = th >= 1.0  # the last exit: cost and loss (0) known without data
+    all_first = th <= 0.0  # everything at exit 1: its cost is known, its loss is not
     return {
         "thresholds": thresholds,
         "accuracy": correct.mean(dim=1),
         "macs": cost.mean(dim=1),
-        "macs_ub": _upper_bound(cost, z),
+        "macs_ub": _upper_bound(cost, z, float(macs[0]), float(macs[-1]), last_only | all_first),
         # paired against the last exit on the same samples: far less noisy than two accuracies
-        "loss_ub": _upper_bound(hit[-1].unsqueeze(0) - correct, z),
+        "loss_ub": _upper_bound(hit[-1].unsqueeze(0) - correct, z, -1.0, 1.0, last_only),
     }
 
 

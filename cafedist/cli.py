@@ -94,17 +94,23 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory written by `cafedist train`")
     p.add_argument("--max-loss", type=float, default=0.01,
                    help="accuracy loss budget for the reported MAC reduction (default 0.01 = 1 point)")
+    from cafedist.eval.budget_run import add_budget_arguments  # issue 12: --budget and its knobs
+
+    add_budget_arguments(p)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from cafedist.eval.budget_run import BudgetOptions, format_budget
     from cafedist.eval.run import evaluate_run
 
-    report = evaluate_run(args.run_dir, max_loss=args.max_loss)
+    report = evaluate_run(args.run_dir, max_loss=args.max_loss, budget=BudgetOptions.from_args(args))
     red = report["mac_reduction"]
     acc = ", ".join(f"{a:.4f}" for a in report["acc_per_exit"])
     print(f"acc_per_exit [{acc}]")
     print(f"dynamic inference: {100 * red['macs_reduction']:.1f}% fewer MACs at threshold {red['threshold']} "
           f"for {100 * red['accuracy_loss']:.2f} points of accuracy (budget {100 * args.max_loss:.2f})")
+    if "budget" in report:  # issue 12: the per-client budget result beside the global threshold
+        print("\n".join(format_budget(report["budget"])))
     print(f"wrote {', '.join(report['paths'].values())}")
     return 0
 

@@ -5,6 +5,9 @@
 - :mod:`.dynamic`: threshold sweep as summable counts, the table, and the MAC reduction
   at a given accuracy loss.
 - :mod:`.plots`: PNG figures (matplotlib imported only when plotting).
+- per-client inference budgets (``cafedist eval --budget``): :mod:`.policies` (exit scores,
+  temperature scaling), :mod:`.budget_spec` (specs and budget files), :mod:`.budget` (the
+  search and the test check), :mod:`.budget_run` (the eval glue), :mod:`.budget_plots`.
 """
 
 from cafedist.eval.dynamic import (

@@ -7,7 +7,7 @@ all-reduce before anything is divided; accuracies are only formed at the very en
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,27 @@ def _check_exit_outputs(outputs: object, batch: int) -> list[Tensor]:
 
 
 @torch.no_grad()
+def _exit_logit_chunks(model: nn.Module, x: Tensor, batch_size: int) -> Iterator[Tensor]:
+    """Yield the model's stacked per-exit logits [m, B, C] (float32) for ``x`` in chunks of
+    ``batch_size`` items, each moved to the model's device, in eval mode; the model's
+    previous train/eval mode is restored afterwards, also on error."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model, x.device)
+    was_training = model.training
+    model.eval()
+    try:
+        # An empty input still runs once so the number of exits m is known.
+        starts = range(0, x.shape[0], batch_size) if x.shape[0] else [0]
+        for start in starts:
+            chunk = x[start:start + batch_size].to(device)
+            outputs = _check_exit_outputs(model(chunk), chunk.shape[0])
+            # float32 even for half-precision logits, so confidences are comparable.
+            yield torch.stack([logits.float() for logits in outputs])
+    finally:
+        model.train(was_training)
+
+
 def exit_predictions(model: nn.Module, x: Tensor, batch_size: int = 512) -> tuple[Tensor, Tensor]:
     """Run ``model`` on ``x`` in eval mode and return every exit's prediction and confidence.
 
@@ -42,27 +63,20 @@ def exit_predictions(model: nn.Module, x: Tensor, batch_size: int = 512) -> tupl
     chunks of ``batch_size`` items, each moved to the model's device; the results live on
     that device. The model's previous train/eval mode is restored afterwards, also on error.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model, x.device)
-    was_training = model.training
-    model.eval()
-    try:
-        preds: list[Tensor] = []
-        confs: list[Tensor] = []
-        # An empty input still runs once so the number of exits m is known.
-        starts = range(0, x.shape[0], batch_size) if x.shape[0] else [0]
-        for start in starts:
-            chunk = x[start:start + batch_size].to(device)
-            outputs = _check_exit_outputs(model(chunk), chunk.shape[0])
-            # Softmax in float32 even for half-precision logits, so conf is comparable.
-            probs = torch.stack([logits.float().softmax(dim=-1) for logits in outputs])
-            conf, pred = probs.max(dim=-1)
-            preds.append(pred)
-            confs.append(conf)
-        return torch.cat(preds, dim=1).long(), torch.cat(confs, dim=1).float()
-    finally:
-        model.train(was_training)
+    preds: list[Tensor] = []
+    confs: list[Tensor] = []
+    for logits in _exit_logit_chunks(model, x, batch_size):
+        conf, pred = logits.softmax(dim=-1).max(dim=-1)
+        preds.append(pred)
+        confs.append(conf)
+    return torch.cat(preds, dim=1).long(), torch.cat(confs, dim=1).float()
+
+
+def exit_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Every exit's logits for ``x``: [m, N, C] float32 on the model's device (same chunking
+    and mode handling as :func:`exit_predictions`). Exit policies other than max-softmax and
+    temperature scaling need the whole logit vector, not just the top class."""
+    return torch.cat(list(_exit_logit_chunks(model, x, batch_size)), dim=1)
 
 
 def per_exit_correct(pred: Tensor, y: Tensor) -> Tensor:

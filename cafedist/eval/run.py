@@ -3,7 +3,8 @@
 Loads the resolved ``config.yaml`` and the newest verified checkpoint of the run, then writes
 ``eval.json`` (per-exit and per-client accuracy, dynamic inference over thresholds 0..1 with
 mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``; when
-the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds).
+the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds);
+with ``--budget`` also per-client exit policies within budgets, ``budget.csv``, ``budget.png``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from cafedist.config import config_from_dict, read_yaml
 from cafedist.dist.runtime import Runtime
 from cafedist.errors import CheckpointError
+from cafedist.eval.budget_run import BudgetOptions, run_budget
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
 from cafedist.fsutil import write_json_atomic
@@ -25,8 +27,14 @@ from cafedist.train.metrics import MetricsLog
 log = logging.getLogger("cafedist")
 
 
-def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json."""
+def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu",
+                 budget: BudgetOptions | None = None) -> dict[str, Any]:
+    """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json.
+
+    With ``budget`` (``--budget``) the report also gets a ``budget`` section: every client's
+    exit policy chosen within its budget on its calibration split, checked on test
+    (:mod:`cafedist.eval.budget_run`; also writes budget.csv and budget.png).
+    """
     from cafedist.train.loop import Trainer  # the trainer knows how to rebuild clients
 
     run_dir = Path(run_dir)
@@ -41,6 +49,10 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
         if trainer.load_checkpoint() == 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
         summary = trainer.summary([], wall=0.0)
+        # --budget: needs the loaded models, so it runs before the store closes
+        budget_section = None if budget is None else run_budget(
+            trainer, run_dir, budget, summary["dynamic"],
+            title=f"{cfg.data.dataset}, {summary['num_clients']} clients, {summary['algorithm']}")
     finally:
         trainer.store.close()
     assert summary is not None
@@ -67,6 +79,9 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
         "model_hashes": summary["model_hashes"],
         "paths": paths,
     }
+    if budget_section is not None:
+        report["budget"] = budget_section
+        paths.update(budget_section.pop("paths"))
     write_json_atomic(paths["json"], report)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},

@@ -1,0 +1,342 @@
+"""Personalized dynamic inference: each client's most accurate exit policy within its budget.
+
+For every client, on its **calibration split** (the validation split, ``data.val_fraction``)
+and never on its test split:
+
+1. every candidate (policy, temperatures, threshold θ) is scored: policies from
+   :mod:`cafedist.eval.policies`, each with T = 1 and (unless disabled) with per-exit
+   temperatures fitted on the calibration split; thresholds from a fixed grid plus the
+   calibration scores themselves, so the search sees every distinct behaviour;
+2. a candidate is *feasible* if an upper confidence bound of its cost stays within the
+   budget: for ``macs=F`` the mean MACs + z·sd/√n <= F × last-exit MACs; for ``loss=P`` the
+   paired accuracy loss against the last exit + z·sd/√n <= P points (z from
+   ``confidence``; one pseudo-sample at each end of the range keeps sd from being 0 on small
+   splits, see :func:`_upper_bound`). The margin is there because the budget is checked on
+   test: a threshold that only just meets the budget on calibration misses it on test
+   about half the time;
+3. among feasible candidates: under a MACs budget the most accurate, and among equally
+   accurate ones the one spending more of the budget (a small calibration split often
+   cannot tell candidates apart; deeper exits are the more accurate ones on average, and
+   the budget is what the client is willing to spend); under a loss budget the cheapest
+   (ties: more accurate). Remaining ties go to the earlier policy (``POLICIES`` order,
+   unscaled before scaled), then the smaller θ. A feasible
+   candidate always exists: θ = 0 (everything at exit 1) for a MACs budget at or above
+   exit 1's cost (lower ones are refused up front), θ = 1 (last exit only) for a loss budget.
+
+The chosen policy is then applied once to the client's test split, which reports its
+accuracy, its MACs and whether the budget held there.
+
+A client without calibration samples gets a static exit that needs no calibration and
+still honours its budget — the last exit under a loss budget, the deepest exit within a
+MACs budget — with a warning and ``fallback`` set in its row. A run without any validation
+split is refused (see :func:`run_budget`): every client would be such a fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from cafedist.eval.budget_spec import Budget
+from cafedist.eval.dynamic import THRESHOLDS, dynamic_counts, dynamic_table, exit_indices
+from cafedist.eval.policies import POLICIES, check_policy, exit_scores, fit_temperatures
+
+log = logging.getLogger("cafedist")
+
+_MAX_DATA_THRESHOLDS = 512  # more calibration scores than this: use this many quantiles
+_EPS = 1e-9  # slack in budget comparisons, so e.g. exactly 0.5 of the MACs counts as within 0.5
+
+
+@dataclass(frozen=True)
+class Split:
+    """One client's per-exit logits [m, N, C] on one split, with the labels [N]."""
+
+    logits: Tensor
+    y: Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A client's exit policy: ``policy`` with ``temperatures`` (None: unscaled) and ``threshold``;
+    or, for a fallback, ``policy = "static"`` and every sample answered by exit ``static_exit``."""
+
+    policy: str
+    threshold: float | None
+    temperatures: tuple[float, ...] | None = None
+    static_exit: int | None = None
+    calibration_accuracy: float | None = None
+    calibration_macs: float | None = None
+    fallback: str | None = None
+
+    def exits(self, split: Split) -> Tensor:
+        """The exit (0-based) that answers each sample of ``split`` under this policy: [N]."""
+        if self.static_exit is not None:
+            return torch.full((split.n,), self.static_exit, dtype=torch.int64)
+        temps = None if self.temperatures is None else torch.tensor(self.temperatures, dtype=torch.float64)
+        scores = exit_scores(split.logits, self.policy, temps)
+        return exit_indices(scores, [float(self.threshold)])[0].cpu()
+
+
+# ----------------------------------------------------------------------------- the search
+def candidate_thresholds(scores: Tensor) -> list[float]:
+    """Thresholds worth trying for these calibration ``scores`` [m, N]: the fixed grid, 0, 1,
+    just below 1 (lets saturated scores leave), and every score of an early exit — between
+    two neighbouring scores nothing changes, so these cover every distinct behaviour (capped
+    at ``_MAX_DATA_THRESHOLDS`` quantiles for large splits)."""
+    early = scores[:-1].flatten().double().cpu()
+    early = early[torch.isfinite(early)].unique()
+    if early.numel() > _MAX_DATA_THRESHOLDS:
+        early = early.quantile(torch.linspace(0, 1, _MAX_DATA_THRESHOLDS, dtype=torch.float64)).unique()
+    values = set(THRESHOLDS) | {0.0, 1.0, math.nextafter(1.0, 0.0)} | set(early.clamp(0.0, 1.0).tolist())
+    return sorted(values)
+
+
+def _upper_bound(per_sample: Tensor, z: float, low: float, high: float, exact: Tensor) -> Tensor:
+    """One-sided upper confidence bound of the mean of ``per_sample`` [T, N] (values in
+    [low, high]): mean + z × standard error, after adding one pseudo-sample at ``low`` and one
+    at ``high`` to each row. The pseudo-samples are a variance floor: on a small calibration
+    split a candidate often shows no spread at all (no sample went deeper, no answer changed)
+    and the plain standard error would claim certainty. Rows flagged in ``exact`` [T] do not
+    depend on the data (the cost of θ = 0, all at exit 1; cost and loss of θ >= 1, the last
+    exit) and keep their plain mean; so does everything at z = 0 (``confidence`` 0.5: the
+    plain estimate)."""
+    mean = per_sample.mean(dim=-1)
+    if z == 0:
+        return mean
+    rows = per_sample.shape[0]
+    padded = torch.cat([per_sample, torch.tensor([[low, high]], dtype=per_sample.dtype).expand(rows, 2)], dim=1)
+    bound = padded.mean(dim=-1) + z * padded.std(dim=-1, correction=1) / math.sqrt(padded.shape[-1])
+    return torch.where(exact, mean, bound)
+
+
+def _candidates(cal: Split, macs: Tensor, policy: str, temps: Tensor | None, z: float) -> dict[str, Any]:
+    """Calibration statistics of every threshold of one (policy, temperatures): [T] tensors."""
+    scores = exit_scores(cal.logits, policy, temps).cpu()
+    thresholds = candidate_thresholds(scores)
+    idx = exit_indices(scores, thresholds)  # [T, N]
+    hit = (cal.logits.argmax(dim=-1).cpu() == cal.y.cpu().unsqueeze(0)).double()  # [m, N]
+    correct = hit.gather(0, idx)  # [T, N]
+    cost = macs[idx]  # [T, N]
+    th = torch.tensor(thresholds, dtype=torch.float64)
+    last_only = th >= 1.0  # the last exit: cost and loss (0) known without data
+    all_first = th <= 0.0  # everything at exit 1: its cost is known, its loss is not
+    return {
+        "thresholds": thresholds,
+        "accuracy": correct.mean(dim=1),
+        "macs": cost.mean(dim=1),
+        "macs_ub": _upper_bound(cost, z, float(macs[0]), float(macs[-1]), last_only | all_first),
+        # paired against the last exit on the same samples: far less noisy than two accuracies
+        "loss_ub": _upper_bound(hit[-1].unsqueeze(0) - correct, z, -1.0, 1.0, last_only),
+    }
+
+
+def _z(confidence: float) -> float:
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    return NormalDist().inv_cdf(confidence)
+
+
+def static_fallback(budget: Budget, macs_per_exit: Sequence[int], reason: str) -> Choice:
+    """The static exit that honours ``budget`` without calibration: the last exit for a loss
+    budget, the deepest exit whose cost fits a MACs budget (exit 1 always does once
+    :func:`~cafedist.eval.budget_spec.check_feasible` has passed)."""
+    last = len(macs_per_exit) - 1
+    k = last
+    if budget.kind == "macs":
+        limit = budget.value * macs_per_exit[-1] * (1 + _EPS)
+        k = max((i for i, c in enumerate(macs_per_exit) if c <= limit), default=0)
+    return Choice(policy="static", threshold=None, static_exit=k, fallback=reason)
+
+
+def choose_policy(
+    cal: Split,
+    budget: Budget,
+    macs_per_exit: Sequence[int],
+    policies: Sequence[str] = POLICIES,
+    temperature: bool = True,
+    confidence: float = 0.95,
+) -> Choice:
+    """The most accurate (MACs budget) or cheapest (loss budget) policy and threshold within
+    ``budget`` on the calibration split ``cal`` (see the module docstring for the rules)."""
+    if cal.n == 0:
+        return static_fallback(budget, macs_per_exit, "no calibration samples")
+    z = _z(confidence)
+    macs = torch.as_tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
+    last_macs = float(macs[-1])
+    variants: list[tuple[str, Tensor | None]] = []
+    fitted = fit_temperatures(cal.logits, cal.y) if temperature else None
+    for policy in policies:
+        variants.append((check_policy(policy), None))
+        if fitted is not None:
+            variants.append((policy, fitted))
+    best: tuple | None = None
+    for v, (policy, temps) in enumerate(variants):
+        stats = _candidates(cal, macs, policy, temps, z)
+        if budget.kind == "macs":
+            feasible = stats["macs_ub"] <= budget.value * last_macs * (1 + _EPS)
+            # most accurate, then more of the budget spent (module docstring); min() picks the best
+            keys = torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
+        else:
+            feasible = 100.0 * stats["loss_ub"] <= budget.value + _EPS
+            keys = torch.stack([stats["macs"], -stats["accuracy"]], dim=1)
+        for t in torch.nonzero(feasible).flatten().tolist():
+            key = (*keys[t].tolist(), v, t)  # ties: earlier variant, then smaller threshold
+            if best is None or key < best[0]:
+                best = (key, policy, temps, stats["thresholds"][t],
+                        float(stats["accuracy"][t]), float(stats["macs"][t]))
+    if best is None:  # unreachable after check_feasible; kept so a bug cannot break the budget
+        return static_fallback(budget, macs_per_exit, "no feasible policy on calibration")
+    _, policy, temps, threshold, acc, mean_macs = best
+    return Choice(policy=policy, threshold=threshold,
+                  temperatures=None if temps is None else tuple(float(t) for t in temps),
+                  calibration_accuracy=acc, calibration_macs=mean_macs)
+
+
+# ----------------------------------------------------------------------------- test check and report
+def apply_choice(choice: Choice, split: Split, macs_per_exit: Sequence[int]) -> dict[str, Any]:
+    """Correct count, summed MACs, n and the last exit's correct count of ``choice`` on ``split``."""
+    idx = choice.exits(split)
+    hit = split.logits.argmax(dim=-1).cpu() == split.y.cpu().unsqueeze(0)
+    macs = torch.as_tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
+    return {
+        "correct": int(hit.gather(0, idx.unsqueeze(0)).sum()),
+        "macs": float(macs[idx].sum()),
+        "n": split.n,
+        "last_correct": int(hit[-1].sum()),
+    }
+
+
+def within_budget(budget: Budget, accuracy: float, last_accuracy: float, mean_macs: float,
+                  last_macs: float) -> bool:
+    """Whether measured accuracy/MACs honour ``budget``."""
+    if budget.kind == "macs":
+        return mean_macs <= budget.value * last_macs * (1 + _EPS)
+    return 100.0 * (last_accuracy - accuracy) <= budget.value + _EPS
+
+
+def client_row(cid: int, budget: Budget, choice: Choice, n_cal: int, test: dict[str, Any],
+               macs_per_exit: Sequence[int]) -> dict[str, Any]:
+    """One JSON-ready row of the per-client budget table."""
+    last_macs = float(macs_per_exit[-1])
+    n = test["n"]
+    acc = test["correct"] / n if n else None
+    last_acc = test["last_correct"] / n if n else None
+    mean_macs = test["macs"] / n if n else None
+    return {
+        "client": cid,
+        "budget": budget.spec,
+        "policy": choice.policy,
+        "temperatures": list(choice.temperatures) if choice.temperatures is not None else None,
+        "threshold": choice.threshold,
+        "static_exit": None if choice.static_exit is None else choice.static_exit + 1,  # 1-based like "exit k"
+        "n_calibration": n_cal,
+        "calibration_accuracy": choice.calibration_accuracy,
+        "calibration_macs_fraction": None if choice.calibration_macs is None else choice.calibration_macs / last_macs,
+        "n_test": n,
+        "test_accuracy": acc,
+        "test_mean_macs": mean_macs,
+        "test_macs_fraction": None if mean_macs is None else mean_macs / last_macs,
+        "last_exit_test_accuracy": last_acc,
+        "within_budget": None if n == 0 else within_budget(budget, acc, last_acc, mean_macs, last_macs),
+        "fallback": choice.fallback,
+    }
+
+
+def accuracy_at_macs(table: list[dict], mean_macs: float) -> dict[str, Any]:
+    """The global-threshold curve (``dynamic_table`` rows) read at ``mean_macs``: linear
+    interpolation between the two neighbouring thresholds (reachable by mixing them), clamped
+    to the curve's ends. Rows with equal MACs keep the more accurate one."""
+    points: dict[float, dict] = {}
+    for row in table:
+        kept = points.get(row["mean_macs"])
+        if kept is None or row["accuracy"] > kept["accuracy"]:
+            points[row["mean_macs"]] = row
+    xs = sorted(points)
+    if mean_macs <= xs[0] or mean_macs >= xs[-1]:
+        row = points[xs[0] if mean_macs <= xs[0] else xs[-1]]
+        return {"accuracy": row["accuracy"], "mean_macs": row["mean_macs"], "thresholds": [row["threshold"]]}
+    hi = next(i for i, x in enumerate(xs) if x >= mean_macs)
+    lo_row, hi_row = points[xs[hi - 1]], points[xs[hi]]
+    w = (mean_macs - lo_row["mean_macs"]) / (hi_row["mean_macs"] - lo_row["mean_macs"])
+    return {"accuracy": (1 - w) * lo_row["accuracy"] + w * hi_row["accuracy"], "mean_macs": mean_macs,
+            "thresholds": [lo_row["threshold"], hi_row["threshold"]]}
+
+
+def summarize(rows: list[dict], tests: list[dict], macs_per_exit: Sequence[int],
+              global_table: list[dict]) -> dict[str, Any]:
+    """Overall numbers: pooled test accuracy and MACs (like ``acc_per_exit``), the client mean,
+    the share of clients within budget, and the global threshold at the same mean MACs."""
+    n = sum(t["n"] for t in tests)
+    if n == 0:
+        raise ValueError("no client has test samples: the budget report is undefined")
+    mean_macs = sum(t["macs"] for t in tests) / n
+    judged = [r["within_budget"] for r in rows if r["within_budget"] is not None]
+    accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
+    return {
+        "accuracy": sum(t["correct"] for t in tests) / n,
+        "client_mean_accuracy": sum(accs) / len(accs),
+        "mean_macs": mean_macs,
+        "macs_fraction": mean_macs / float(macs_per_exit[-1]),
+        "last_exit_accuracy": sum(t["last_correct"] for t in tests) / n,
+        "clients_within_budget": sum(judged),
+        "share_within_budget": sum(judged) / len(judged) if judged else None,
+        "fallback_clients": [r["client"] for r in rows if r["fallback"]],
+        "global_at_same_macs": accuracy_at_macs(global_table, mean_macs),
+    }
+
+
+def client_curve(choice: Choice, split: Split, macs_per_exit: Sequence[int]) -> list[dict]:
+    """The chosen policy's accuracy-vs-MACs curve on ``split`` over the threshold grid (for
+    the figure only; nothing is chosen from it). A static fallback has no curve."""
+    if choice.static_exit is not None or split.n == 0:
+        return []
+    temps = None if choice.temperatures is None else torch.tensor(choice.temperatures, dtype=torch.float64)
+    scores = exit_scores(split.logits, choice.policy, temps).cpu()
+    pred = split.logits.argmax(dim=-1).cpu()
+    counts = dynamic_counts(pred, scores, split.y.cpu(), macs_per_exit)
+    return dynamic_table(counts, macs_per_exit)
+
+
+def personalized_budgets(
+    splits: Sequence[tuple[Split, Split]],
+    budgets: Sequence[Budget],
+    macs_per_exit: Sequence[int],
+    global_table: list[dict],
+    policies: Sequence[str] = POLICIES,
+    temperature: bool = True,
+    confidence: float = 0.95,
+) -> tuple[dict[str, Any], list[list[dict]]]:
+    """Choose, check and report every client's policy: ``splits[cid] = (calibration, test)``.
+
+    Returns the ``budget`` section of eval.json (``clients``: one row per client, and the
+    overall numbers) and each client's test curve for the figure.
+    """
+    if len(splits) != len(budgets):
+        raise ValueError(f"{len(splits)} clients but {len(budgets)} budgets")
+    rows, tests, curves = [], [], []
+    for cid, ((cal, test), budget) in enumerate(zip(splits, budgets)):
+        choice = choose_policy(cal, budget, macs_per_exit, policies, temperature, confidence)
+        if choice.fallback:
+            log.warning("client %d: %s: static exit %d for budget %s", cid, choice.fallback,
+                        choice.static_exit + 1, budget.spec)
+        result = apply_choice(choice, test, macs_per_exit)
+        rows.append(client_row(cid, budget, choice, cal.n, result, macs_per_exit))
+        tests.append(result)
+        curves.append(client_curve(choice, test, macs_per_exit))
+    section = {"confidence": confidence, "policies": list(policies), "temperature": temperature,
+               **summarize(rows, tests, macs_per_exit, global_table), "clients": rows}
+    return section, curves
+
+
+__all__ = ["Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds", "choose_policy",
+           "client_row", "personalized_budgets", "static_fallback", "summarize", "within_budget"]

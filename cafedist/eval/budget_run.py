@@ -1,0 +1,153 @@
+"""``cafedist eval RUN --budget ...``: glue between a loaded run and :mod:`cafedist.eval.budget`.
+
+Collects every client's per-exit logits on its calibration (validation) and test splits,
+resolves the budgets, runs the per-client search, writes ``budget.csv`` and ``budget.png``
+and returns the ``budget`` section of eval.json. :func:`format_budget` renders the lines
+``cafedist eval`` prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cafedist.errors import ConfigError
+from cafedist.eval.budget import Split, personalized_budgets
+from cafedist.eval.budget_spec import (check_feasible, looks_like_spec, parse_budget_spec, read_budget_file,
+                                       resolve_budgets)
+from cafedist.eval.exits import exit_logits
+from cafedist.eval.policies import POLICIES
+from cafedist.fsutil import write_text_atomic
+
+CSV_COLUMNS = ("client", "budget", "policy", "temperatures", "threshold", "static_exit", "n_calibration",
+               "calibration_accuracy", "calibration_macs_fraction", "n_test", "test_accuracy", "test_mean_macs",
+               "test_macs_fraction", "last_exit_test_accuracy", "within_budget", "fallback")
+
+
+def parse_policies(text: str) -> list[str]:
+    """``--policies`` -> a list of known policy names (ConfigError otherwise)."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if not names or unknown:
+        raise ConfigError(f"--policies: expected a comma-separated subset of {','.join(POLICIES)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def client_splits(trainer: Any) -> list[tuple[Split, Split]]:
+    """(calibration, test) logits of every client of a single-rank :class:`Trainer`, by client id."""
+    out = []
+    for c in sorted(trainer.clients, key=lambda c: c.cid):
+        model = trainer.algo.eval_model(c.view)
+        out.append((Split(exit_logits(model, c.data.x_val).cpu(), c.data.y_val.cpu()),
+                    Split(exit_logits(model, c.data.x_test).cpu(), c.data.y_test.cpu())))
+    return out
+
+
+def write_budget_csv(rows: Sequence[dict], path: str | Path) -> None:
+    """The per-client table as CSV (temperatures joined with ';'; empty cells for None)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {k: row[k] for k in CSV_COLUMNS}
+        if cells["temperatures"] is not None:
+            cells["temperatures"] = ";".join(f"{t:.6g}" for t in cells["temperatures"])
+        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+    write_text_atomic(path, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """What ``cafedist eval --budget`` was asked: the spec or file, and the search's knobs."""
+
+    budget: str
+    policies: str = ",".join(POLICIES)
+    temperature: bool = True
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        # fail on a bad flag before the run's models are loaded and evaluated
+        if not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"--budget-confidence: expected a number in [0.5, 1), got {self.confidence}")
+        parse_policies(self.policies)
+        if looks_like_spec(self.budget):
+            parse_budget_spec(self.budget)
+        else:
+            read_budget_file(self.budget)
+
+    @classmethod
+    def from_args(cls, args: Any) -> "BudgetOptions | None":
+        """From the parsed flags of :func:`add_budget_arguments`; None without ``--budget``."""
+        if args.budget is None:
+            return None
+        return cls(args.budget, args.policies, not args.no_temperature, args.budget_confidence)
+
+
+def run_budget(trainer: Any, run_dir: Path, options: BudgetOptions, global_table: list[dict],
+               title: str = "") -> dict[str, Any]:
+    """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section.
+
+    A run whose store has no validation split is refused: the policies are chosen on that
+    split, and falling back to a static exit for every client would be a report about
+    nothing (a single client without calibration samples does get that fallback).
+    """
+    names = parse_policies(options.policies)
+    budgets = resolve_budgets(options.budget, trainer.n)
+    check_feasible(budgets, trainer.macs)
+    if not trainer.store.has_val:
+        raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
+                          f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
+    section, curves = personalized_budgets(client_splits(trainer), budgets, trainer.macs, global_table,
+                                           policies=names, temperature=options.temperature,
+                                           confidence=options.confidence)
+    paths = {"budget_csv": str(run_dir / "budget.csv"), "budget_plot": str(run_dir / "budget.png")}
+    section["spec"] = options.budget
+    write_budget_csv(section["clients"], paths["budget_csv"])
+    from cafedist.eval.budget_plots import plot_budget  # matplotlib only when plotting
+
+    plot_budget(section, curves, global_table, paths["budget_plot"], title=title)
+    section["paths"] = paths
+    return section
+
+
+def format_budget(section: dict[str, Any]) -> list[str]:
+    """The lines ``cafedist eval --budget`` prints: the per-client result and the comparison."""
+    glob = section["global_at_same_macs"]
+    judged = sum(r["within_budget"] is not None for r in section["clients"])
+    share = section["share_within_budget"]
+    lines = [
+        f"budget {section['spec']}: {section['clients_within_budget']}/{judged} clients within budget on test"
+        + (f" (share_within_budget {share:.2f})" if share is not None else ""),
+        f"  personalized policies: accuracy {100 * section['accuracy']:.2f}% at "
+        f"{100 * section['macs_fraction']:.1f}% of the last exit's MACs (last exit alone: "
+        f"{100 * section['last_exit_accuracy']:.2f}%)",
+        f"  global threshold at the same mean MACs: accuracy {100 * glob['accuracy']:.2f}% "
+        f"(threshold {' .. '.join(f'{t:g}' for t in glob['thresholds'])})",
+    ]
+    if section["fallback_clients"]:
+        lines.append(f"  static fallback (no calibration samples) for clients {section['fallback_clients']}")
+    return lines
+
+
+def add_budget_arguments(parser: Any) -> None:
+    """The ``cafedist eval`` flags of personalized budgets."""
+    parser.add_argument("--budget", default=None, metavar="SPEC|FILE",
+                        help="per-client dynamic inference within a budget: macs=F (mean MACs <= F x the last "
+                             "exit's), loss=P (at most P accuracy points below the last exit, on calibration), or "
+                             "a CSV/YAML file 'client id -> spec' (a 'default' entry covers the rest); needs a run "
+                             "trained with data.val_fraction > 0 (the calibration split). Writes budget.csv and "
+                             "budget.png")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="with --budget: exit policies to choose from, comma-separated "
+                             "(max-softmax, entropy, margin; default all)")
+    parser.add_argument("--no-temperature", action="store_true",
+                        help="with --budget: do not also try per-exit temperature scaling fitted on calibration")
+    parser.add_argument("--budget-confidence", type=float, default=0.95,
+                        help="with --budget: a policy is chosen only if its calibration estimate meets the budget "
+                             "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")
+
+
+__all__ = ["CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "client_splits", "format_budget", "parse_policies", "run_budget", "write_budget_csv"]

@@ -1,0 +1,189 @@
+"""Inference budgets for ``cafedist eval --budget``: parsing specs and per-client budget files.
+
+A budget spec is one of
+
+- ``macs=F``: the client's mean MACs per test sample must stay <= F × the last exit's MACs
+  (F > 0; below exit 1's share it cannot be met and is refused);
+- ``loss=P``: the client's accuracy may be at most P accuracy points (0-100 scale) below its
+  own last exit's, measured on its calibration split.
+
+``--budget`` takes a spec (every client gets it) or a file mapping client ids to specs, for
+clients whose devices differ: CSV (``client,budget`` rows, an optional header, ``#``
+comments) or YAML (a mapping ``client id: spec``). A ``default`` entry covers every client
+the file does not name; without one the file must name them all. Errors are
+:class:`~cafedist.errors.ConfigError` (one line, exit 2) naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cafedist.errors import ConfigError
+
+KINDS = ("macs", "loss")
+DEFAULT_KEY = "default"
+_SPEC_HELP = "macs=F (mean MACs <= F x the last exit's) or loss=P (at most P accuracy points below the last exit)"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One client's budget: ``kind`` "macs" (``value`` = fraction of the last exit's MACs)
+    or "loss" (``value`` = accuracy points below the last exit, on a 0-100 scale)."""
+
+    kind: str
+    value: float
+
+    @property
+    def spec(self) -> str:
+        """The spec string this budget parses from (``macs=0.5``)."""
+        return f"{self.kind}={self.value:g}"
+
+
+def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
+    """Parse ``macs=F`` or ``loss=P``; ``where`` prefixes the error (a flag or ``file:line``)."""
+    kind, sep, raw = str(text).strip().partition("=")
+    kind = kind.strip().lower()
+    if not sep or kind not in KINDS:
+        raise ConfigError(f"{where}: budget {text!r} not understood; expected {_SPEC_HELP}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: budget {text!r}: {raw.strip()!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (kind == "macs" and value == 0):
+        bound = "> 0" if kind == "macs" else ">= 0"
+        raise ConfigError(f"{where}: budget {text!r}: {kind} must be a finite number {bound}")
+    return Budget(kind, value)
+
+
+def looks_like_spec(text: str) -> bool:
+    """Whether ``--budget``'s argument is a spec rather than a file name."""
+    kind, sep, _ = text.partition("=")
+    return bool(sep) and kind.strip().lower() in KINDS
+
+
+# ----------------------------------------------------------------------------- budget files
+def _client_key(raw: Any, where: str) -> int | str:
+    """A client id (int >= 0) or the ``default`` key."""
+    text = str(raw).strip()
+    if text.lower() == DEFAULT_KEY:
+        return DEFAULT_KEY
+    try:
+        cid = int(text)
+    except ValueError:
+        raise ConfigError(f"{where}: client id {text!r} is not an integer (or '{DEFAULT_KEY}')") from None
+    if cid < 0:
+        raise ConfigError(f"{where}: client id {cid} must be >= 0")
+    return cid
+
+
+def _add_entry(entries: dict[int | str, Budget], lines: dict[int | str, str], key: int | str,
+               spec: Any, where: str) -> None:
+    if key in entries:
+        raise ConfigError(f"{where}: client {key} is given a budget twice (first at {lines[key]})")
+    entries[key] = parse_budget_spec(str(spec), where)
+    lines[key] = where
+
+
+def _read_csv(path: Path, text: str) -> dict[int | str, Budget]:
+    entries: dict[int | str, Budget] = {}
+    lines: dict[int | str, str] = {}
+    reader = csv.reader(io.StringIO(text))
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        cells = [c.strip() for c in row]
+        if not any(cells) or cells[0].startswith("#"):
+            continue
+        if not entries and cells[0].lower() == "client":
+            continue  # the optional header "client,budget"
+        if len(cells) != 2:
+            raise ConfigError(f"{where}: expected 2 columns 'client,budget', got {len(cells)}: {','.join(row)!r}")
+        _add_entry(entries, lines, _client_key(cells[0], where), cells[1], where)
+    return entries
+
+
+def _read_yaml(path: Path, text: str) -> dict[int | str, Budget]:
+    import yaml
+
+    try:
+        # compose, not load: nodes keep their line numbers for the error messages
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected a mapping 'client id: budget'")
+    entries: dict[int | str, Budget] = {}
+    lines: dict[int | str, str] = {}
+    for key_node, value_node in root.value:
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        if not isinstance(key_node, yaml.ScalarNode) or not isinstance(value_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}: expected 'client id: budget' with a budget such as macs=0.5")
+        _add_entry(entries, lines, _client_key(key_node.value, where), value_node.value, where)
+    return entries
+
+
+def read_budget_file(path: str | Path) -> dict[int | str, Budget]:
+    """Client id (or ``default``) -> :class:`Budget`, from a ``.csv`` or ``.yaml``/``.yml`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--budget {path}: neither a budget spec ({_SPEC_HELP}) nor an existing file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read budget file ({exc})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        entries = _read_csv(path, text)
+    elif suffix in (".yaml", ".yml"):
+        entries = _read_yaml(path, text)
+    else:
+        raise ConfigError(f"{path}: budget file must end in .csv, .yaml or .yml")
+    if not entries:
+        raise ConfigError(f"{path}: budget file names no client")
+    return entries
+
+
+def _id_list(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
+    """One :class:`Budget` per client (index = client id) from ``--budget``'s argument."""
+    if looks_like_spec(arg):
+        return [parse_budget_spec(arg)] * num_clients
+    entries = read_budget_file(arg)
+    unknown = sorted(k for k in entries if k != DEFAULT_KEY and int(k) >= num_clients)
+    if unknown:
+        raise ConfigError(f"{arg}: unknown client ids {_id_list(unknown)} (this run has clients 0..{num_clients - 1})")
+    default = entries.get(DEFAULT_KEY)
+    missing = [cid for cid in range(num_clients) if cid not in entries]
+    if missing and default is None:
+        raise ConfigError(f"{arg}: no budget for clients {_id_list(missing)} "
+                          f"(name them or add a '{DEFAULT_KEY}' entry)")
+    return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
+
+
+def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str = "--budget") -> None:
+    """Refuse a MACs budget below exit 1's cost: no policy can meet it (every sample pays at
+    least exit 1). One message names every such client."""
+    if not macs_per_exit or macs_per_exit[-1] <= 0:
+        raise ConfigError("cannot apply MACs budgets: the model's last exit has no MAC count")
+    floor = macs_per_exit[0] / macs_per_exit[-1]
+    low = [cid for cid, b in enumerate(budgets) if b.kind == "macs" and b.value < floor - 1e-12]
+    if low:
+        smallest = min(budgets[cid].value for cid in low)
+        who = "" if len(low) == len(budgets) else f" for clients {_id_list(low)}"
+        raise ConfigError(f"{source}: macs={smallest:g}{who} is below exit 1's cost "
+                          f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
+
+
+__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "check_feasible", "looks_like_spec",
+           "parse_budget_spec", "read_budget_file", "resolve_budgets"]

@@ -1,0 +1,315 @@
+"""Personalized budgets (issue 12): exit policies, temperature scaling, the threshold search,
+budget specs and files, and ``cafedist eval --budget`` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from cafedist.errors import ConfigError
+from cafedist.eval.budget import Split, accuracy_at_macs, choose_policy, personalized_budgets
+from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec, resolve_budgets
+from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
+
+from conftest import TINY, cafedist
+
+MACS = [1, 2]  # two exits: answering at exit 2 costs twice exit 1
+
+
+def _logits(probs: list[list[list[float]]]) -> torch.Tensor:
+    """[m][N][C] probabilities -> logits whose softmax gives them back."""
+    return torch.tensor(probs, dtype=torch.float64).clamp_min(1e-12).log()
+
+
+def _split(exit1: list[list[float]], y: list[int]) -> Split:
+    """Exit 1 with the given probabilities; exit 2 always right and sure."""
+    classes = len(exit1[0])
+    exit2 = [[0.98 if c == label else 0.02 / (classes - 1) for c in range(classes)] for label in y]
+    return Split(_logits([exit1, exit2]), torch.tensor(y))
+
+
+# ----------------------------------------------------------------------------- policies
+def test_scores_of_each_policy_on_known_distributions():
+    logits = _logits([[[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.3, 0.2]]])
+    soft = exit_scores(logits, "max-softmax")[0]
+    ent = exit_scores(logits, "entropy")[0]
+    margin = exit_scores(logits, "margin")[0]
+    assert soft.tolist() == pytest.approx([1.0, 1 / 3, 0.5])
+    assert ent[0] == pytest.approx(1.0) and ent[1] == pytest.approx(0.0, abs=1e-9)
+    h = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))
+    assert ent[2] == pytest.approx(1 - h / math.log(3))
+    assert margin.tolist() == pytest.approx([1.0, 0.0, 0.2])
+    with pytest.raises(ValueError, match="unknown exit policy"):
+        exit_scores(logits, "variance")
+
+
+def test_temperature_fit_recovers_the_temperature_that_made_the_labels():
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(2, 20000, 5, generator=g, dtype=torch.float64)
+    y = torch.multinomial((z[0] / 2.0).softmax(-1), 1, generator=g).squeeze(1)  # exit 1: T = 2
+    z[1] = z[0] * 0.5  # exit 2 = exit 1's logits already divided by 2: T = 1
+    temps = fit_temperatures(z, y)
+    assert temps[0] == pytest.approx(2.0, rel=0.05)
+    assert temps[1] == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(temps, fit_temperatures(z, y))  # deterministic
+
+
+def test_temperature_fit_is_bounded_and_neutral_without_data():
+    separable = torch.tensor([[[5.0, -5.0], [-5.0, 5.0]]])  # NLL -> 0 as T -> 0: sharpen, within the bound
+    assert 1 / BETA_MAX <= fit_temperatures(separable, torch.tensor([0, 1]))[0] < 0.5
+    always_wrong = torch.tensor([[[5.0, -5.0], [-5.0, 5.0]]])  # NLL falls as T grows: stops at the bound
+    assert fit_temperatures(always_wrong, torch.tensor([1, 0]))[0] == pytest.approx(1 / BETA_MIN, rel=1e-6)
+    assert fit_temperatures(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.long)).tolist() == [1.0, 1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- the threshold search
+def test_search_sends_exactly_the_wrong_early_answers_deeper():
+    # exit 1 is right on samples 0, 1 and wrong on 2, 3 (least confident); exit 2 is always right.
+    cal = _split([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3]], [0, 0, 1, 1])
+    choice = choose_policy(cal, Budget("macs", 0.75), MACS, policies=["max-softmax"], temperature=False,
+                           confidence=0.5)
+    # optimum: θ in (0.7, 0.9] -> samples 2 and 3 at exit 2: accuracy 1, 1.5 MACs = 0.75 of the last exit
+    assert choice.policy == "max-softmax" and 0.7 < choice.threshold <= 0.9
+    assert choice.calibration_accuracy == 1.0 and choice.calibration_macs == 1.5
+    # a tighter budget affords no sample at exit 2: everything leaves at exit 1
+    tight = choose_policy(cal, Budget("macs", 0.6), MACS, policies=["max-softmax"], temperature=False,
+                          confidence=0.5)
+    assert tight.calibration_macs == 1.0 and tight.calibration_accuracy == 0.5
+
+
+def test_search_picks_the_policy_that_ranks_the_mistakes_lowest():
+    # sample 0: exit 1 torn between two classes (wrong), yet the higher max-softmax;
+    # sample 1: exit 1 right with a clear margin. Only `margin` sends sample 0 deeper.
+    cal = _split([[0.5, 0.5, 0.0], [0.45, 0.275, 0.275]], [1, 0])
+    choice = choose_policy(cal, Budget("macs", 0.75), MACS, temperature=False, confidence=0.5)
+    assert choice.policy == "margin" and choice.calibration_accuracy == 1.0
+
+
+def test_loss_budget_takes_the_cheapest_policy_within_the_loss():
+    cal = _split([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3]], [0, 0, 1, 1])
+    none_lost = choose_policy(cal, Budget("loss", 0.0), MACS, policies=["max-softmax"], temperature=False,
+                              confidence=0.5)
+    assert none_lost.calibration_accuracy == 1.0 and none_lost.calibration_macs == 1.5
+    half_lost = choose_policy(cal, Budget("loss", 50.0), MACS, policies=["max-softmax"], temperature=False,
+                              confidence=0.5)
+    assert half_lost.calibration_macs == 1.0  # everything at exit 1 costs 50 points: allowed
+
+
+def test_the_confidence_margin_keeps_a_distance_from_the_budget():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(200, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    labels = (torch.rand(200, generator=g, dtype=torch.float64) >= probs).long()  # exit 1 calibrated
+    cal = _split([[p, 1 - p] for p in probs.tolist()], labels.tolist())
+    plain = choose_policy(cal, Budget("macs", 0.75), MACS, policies=["max-softmax"], temperature=False,
+                          confidence=0.5)
+    careful = choose_policy(cal, Budget("macs", 0.75), MACS, policies=["max-softmax"], temperature=False,
+                            confidence=0.95)
+    assert 1.48 <= plain.calibration_macs <= 1.5  # the plain estimate goes right up to the budget
+    # 95 %: mean + 1.645 sd / sqrt(n) within budget, sd of a 0/1-deep cost near 0.5
+    assert careful.calibration_macs <= 1.5 - 1.6 * 0.5 / math.sqrt(200)
+    assert careful.calibration_accuracy < plain.calibration_accuracy
+
+
+def test_no_spread_on_a_small_calibration_split_is_not_taken_for_certainty():
+    # exit 1 agrees with the last exit on all 10 samples: no observed loss, standard error 0
+    cal = _split([[0.9, 0.1]] * 10, [0] * 10)
+    plain = choose_policy(cal, Budget("loss", 1.0), MACS, temperature=False, confidence=0.5)
+    careful = choose_policy(cal, Budget("loss", 1.0), MACS, temperature=False, confidence=0.95)
+    assert plain.calibration_macs == 1.0  # the plain estimate: 0 points lost, everything at exit 1
+    assert careful.threshold == 1.0 and careful.calibration_macs == 2.0  # 10 samples cannot certify 1 point
+    # the data-independent candidates keep their exact cost: θ = 0 meets a budget of exactly exit 1
+    floor = choose_policy(cal, Budget("macs", 0.5), MACS, temperature=False, confidence=0.95)
+    assert floor.calibration_macs == 1.0 and floor.fallback is None
+
+
+def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):
+    empty = Split(torch.zeros(3, 0, 2), torch.zeros(0, dtype=torch.long))
+    test = Split(_logits([[[0.9, 0.1]], [[0.9, 0.1]], [[0.9, 0.1]]]), torch.tensor([0]))
+    macs = [1, 2, 4]
+    table = [{"threshold": 1.0, "accuracy": 1.0, "mean_macs": 4.0, "last_exit_macs": 4.0}]
+    with caplog.at_level("WARNING", logger="cafedist"):
+        section, curves = personalized_budgets([(empty, test), (empty, test)],
+                                               [Budget("macs", 0.5), Budget("loss", 1.0)], macs, table)
+    first, second = section["clients"]
+    assert (first["policy"], first["static_exit"], first["fallback"]) == ("static", 2, "no calibration samples")
+    assert first["test_macs_fraction"] == 0.5 and first["within_budget"] is True
+    assert (second["static_exit"], second["within_budget"]) == (3, True)  # loss budget: the last exit
+    assert section["fallback_clients"] == [0, 1] and curves == [[], []]
+    assert "client 0: no calibration samples" in caplog.text
+
+
+def test_global_curve_is_read_at_the_same_mean_macs():
+    table = [{"threshold": 0.5, "accuracy": 0.6, "mean_macs": 1.0},
+             {"threshold": 0.9, "accuracy": 0.8, "mean_macs": 3.0},
+             {"threshold": 1.0, "accuracy": 0.9, "mean_macs": 4.0}]
+    assert accuracy_at_macs(table, 2.0) == {"accuracy": pytest.approx(0.7), "mean_macs": 2.0,
+                                            "thresholds": [0.5, 0.9]}
+    assert accuracy_at_macs(table, 0.5)["accuracy"] == 0.6  # clamped to the ends
+    assert accuracy_at_macs(table, 9.0)["accuracy"] == 0.9
+
+
+# ----------------------------------------------------------------------------- specs and files
+def test_budget_specs_parse_and_bad_ones_say_what_is_expected():
+    assert parse_budget_spec("macs=0.5") == Budget("macs", 0.5)
+    assert parse_budget_spec(" LOSS = 1 ").spec == "loss=1"
+    for bad, message in [("macs", "not understood"), ("flops=0.5", "not understood"),
+                         ("macs=half", "not a number"), ("macs=0", "> 0"), ("loss=-1", ">= 0"),
+                         ("macs=nan", "finite")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_budget_spec(bad)
+
+
+def test_budget_below_exit_1_is_refused_with_the_floor():
+    check_feasible([Budget("macs", 0.25)], [1, 2, 4])  # exactly exit 1: fine
+    with pytest.raises(ConfigError, match=r"macs=0.2 is below exit 1's cost \(0.2500 of the last exit's MACs\)"):
+        check_feasible([Budget("macs", 0.2)] * 3, [1, 2, 4])
+    with pytest.raises(ConfigError, match="for clients 1"):
+        check_feasible([Budget("loss", 0.0), Budget("macs", 0.1)], [1, 2, 4])
+
+
+def test_budget_csv_file_with_header_comments_and_default(tmp_path):
+    path = tmp_path / "budgets.csv"
+    path.write_text("client,budget\n# phones\n0,macs=0.4\n\n2,loss=1\ndefault,macs=0.8\n")
+    assert resolve_budgets(str(path), 4) == [Budget("macs", 0.4), Budget("macs", 0.8), Budget("loss", 1.0),
+                                             Budget("macs", 0.8)]
+
+
+def test_budget_yaml_file(tmp_path):
+    path = tmp_path / "budgets.yaml"
+    path.write_text("0: macs=0.4\n1: loss=2\n")
+    assert resolve_budgets(str(path), 2) == [Budget("macs", 0.4), Budget("loss", 2.0)]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("b.csv", "client,budget\n0,macs=0.5\n1,macs=lots\n", r"b.csv:3: budget 'macs=lots'"),
+    ("b.csv", "0,macs=0.5,extra\n", r"b.csv:1: expected 2 columns"),
+    ("b.csv", "zero,macs=0.5\n", r"b.csv:1: client id 'zero' is not an integer"),
+    ("b.csv", "0,macs=0.5\n0,loss=1\n", r"b.csv:2: client 0 is given a budget twice \(first at .*b.csv:1\)"),
+    ("b.yaml", "0: macs=0.5\n1: [macs=0.5]\n", r"b.yaml:2: expected 'client id: budget'"),
+    ("b.yaml", "0: macs=0.5\n  1: x: y\n", r"b.yaml:2: not valid YAML"),
+    ("b.yaml", "0: flops=3\n", r"b.yaml:1: budget 'flops=3' not understood"),
+    ("b.json", "{}", r"must end in .csv, .yaml or .yml"),
+    ("b.csv", "# nothing\n", r"names no client"),
+])
+def test_malformed_budget_files_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve_budgets(str(path), 2)
+
+
+def test_budget_file_with_unknown_or_missing_clients(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text("0,macs=0.5\n7,macs=0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown client ids 7 \(this run has clients 0..3\)"):
+        resolve_budgets(str(path), 4)
+    path.write_text("0,macs=0.5\n")
+    with pytest.raises(ConfigError, match=r"no budget for clients 1, 2, 3 \(name them or add a 'default'"):
+        resolve_budgets(str(path), 4)
+    with pytest.raises(ConfigError, match="neither a budget spec .* nor an existing file"):
+        resolve_budgets(str(tmp_path / "missing.csv"), 4)
+
+
+# ----------------------------------------------------------------------------- cafedist eval --budget
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two 1-round runs of 4 clients: with a validation split and without one."""
+    root = tmp_path_factory.mktemp("budget_runs")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY.format(rounds=1, clients=4, every=1, cache=root / "stores"))
+    runs = {}
+    for name, frac in (("val", 0.2), ("noval", 0.0)):
+        runs[name] = root / name
+        cafedist("train", "--config", str(cfg), "--out", str(runs[name]), "--no-progress",
+                 f"data.val_fraction={frac}", check=True)
+    return runs
+
+
+def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
+    run = tiny_runs["val"]
+    proc = cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
+    assert "clients within budget on test" in proc.stdout
+    assert "personalized policies: accuracy" in proc.stdout
+    assert "global threshold at the same mean MACs: accuracy" in proc.stdout
+    report = json.loads((run / "eval.json").read_text())
+    section = report["budget"]
+    for key in ("spec", "share_within_budget", "clients_within_budget", "accuracy", "mean_macs", "macs_fraction",
+                "client_mean_accuracy", "global_at_same_macs", "confidence", "policies", "clients"):
+        assert key in section, key
+    assert section["spec"] == "macs=0.5" and len(section["clients"]) == 4
+    row = section["clients"][0]
+    for key in ("policy", "threshold", "temperatures", "calibration_accuracy", "test_accuracy", "test_mean_macs",
+                "within_budget"):
+        assert key in row, key
+    assert 0.0 <= section["share_within_budget"] <= 1.0
+    assert {r["policy"] for r in section["clients"]} <= {"max-softmax", "entropy", "margin"}
+    with open(run / "budget.csv", newline="") as fh:
+        assert [r["client"] for r in csv.DictReader(fh)] == ["0", "1", "2", "3"]
+    assert (run / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["paths"]["budget_csv"].endswith("budget.csv")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "macs=0.01"], "macs=0.01 is below exit 1's cost"),
+    (["--budget", "macs=lots"], "budget 'macs=lots': 'lots' is not a number"),
+    (["--budget", "macs=0.5", "--policies", "softmax"], "--policies: expected a comma-separated subset"),
+])
+def test_eval_budget_errors_are_one_line_with_status_2(tiny_runs, args, message):
+    proc = cafedist("eval", str(tiny_runs["val"]), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_budget_file_with_an_unknown_client_is_refused(tiny_runs, tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("0: macs=0.5\n9: macs=0.5\ndefault: loss=1\n")
+    proc = cafedist("eval", str(tiny_runs["val"]), "--budget", str(path))
+    assert proc.returncode == 2 and "unknown client ids 9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_budget_without_a_calibration_split_is_refused(tiny_runs):
+    proc = cafedist("eval", str(tiny_runs["noval"]), "--budget", "macs=0.5")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "has none (trained with data.val_fraction = 0)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tiny_runs["noval"] / "budget.csv").exists()
+
+
+# ----------------------------------------------------------------------------- the figure
+def _synthetic_clients(count: int, seed: int = 0) -> list[tuple[Split, Split]]:
+    """Clients whose 3 exits get better with depth and whose exit 1 is calibrated-ish."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        splits = []
+        for n in (30, 60):
+            y = torch.randint(0, 4, (n,), generator=g)
+            logits = torch.randn(3, n, 4, generator=g, dtype=torch.float64)
+            for k, strength in enumerate((1.0, 2.5, 4.0)):
+                logits[k, torch.arange(n), y] += strength * torch.rand(n, generator=g, dtype=torch.float64) * 2
+            splits.append(Split(logits, y))
+        out.append((splits[0], splits[1]))
+    return out
+
+
+@pytest.mark.parametrize("count", [10, 100])
+def test_budget_figure_for_10_and_100_clients(tmp_path, count):
+    pytest.importorskip("matplotlib")
+    from cafedist.eval.budget_plots import plot_budget
+    from cafedist.eval.dynamic import dynamic_counts, dynamic_table
+
+    macs = [1_000, 2_500, 4_000]
+    clients = _synthetic_clients(count)
+    pooled = [torch.cat([test.logits for _, test in clients], dim=1), torch.cat([test.y for _, test in clients])]
+    probs = pooled[0].softmax(-1)
+    table = dynamic_table(dynamic_counts(probs.argmax(-1), probs.max(-1).values, pooled[1], macs), macs)
+    budgets = [Budget("macs", 0.5) if i % 3 else Budget("loss", 2.0) for i in range(count)]
+    section, curves = personalized_budgets(clients, budgets, macs, table)
+    section["spec"] = "mixed"
+    out = tmp_path / f"budget_{count}.png"
+    plot_budget(section, curves, table, out, title=f"{count} synthetic clients")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert len(curves) == count and all(curves)

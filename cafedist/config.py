@@ -404,17 +404,39 @@ def dump_config(cfg: Config) -> str:
 #: fields that may differ between a run and its resume without changing what is computed:
 #: where files live (the store itself is validated against the partition parameters),
 #: backend/device/timeouts, and checkpoint frequency
-_NOT_HASHED = ("dist", "checkpoint", "data.root", "data.store", "data.cache_dir")
+_NOT_HASHED = ("dist", "checkpoint", "data.root", "data.store", "data.cache_dir",
+               "train.diagnostics")  # diagnostics measure, they never change a model (tested)
 
 #: fields added after runs were recorded, left out of the hash while at their default: the
 #: runs, checkpoints and summaries written before the field existed keep their hash
-_HASHED_ONLY_IF_SET: dict[str, Any] = {"data.val_fraction": 0.0}
+_HASHED_ONLY_IF_SET: dict[str, Any] = {
+    "data.val_fraction": 0.0,
+    "train.optimizer_state": "keep",
+    **{f"algorithm.{section}.{name}": default for section in ("cafedistill", "cafedistill-heads")
+       for name, default in (("kd_weighting", "lam_tau2"), ("unselected", "none"), ("exit_weights", None))},
+    "algorithm.cafedistill.similarity": "output",
+    "algorithm.cafedistill-heads.similarity": "head_params",
+    "algorithm.cafedistill-heads.proxy_size": 1000,
+}
 
 
 def _get(d: dict, dotted: str) -> Any:
-    """``d["a"]["b"]`` for ``"a.b"`` (None when absent)."""
-    section, _, leaf = dotted.partition(".")
-    return d.get(section, {}).get(leaf) if leaf else d.get(section)
+    """``d["a"]["b"]["c"]`` for ``"a.b.c"`` (None when absent)."""
+    for key in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _pop(d: dict, dotted: str) -> None:
+    """Remove ``d["a"]["b"]["c"]`` for ``"a.b.c"`` if present."""
+    *path, leaf = dotted.split(".")
+    for key in path:
+        d = d.get(key)
+        if not isinstance(d, dict):
+            return
+    d.pop(leaf, None)
 
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
@@ -422,10 +444,6 @@ def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
     d = cfg.to_dict()
     ignore = ignore + tuple(k for k, default in _HASHED_ONLY_IF_SET.items() if _get(d, k) == default)
     for key in ignore:
-        section, _, leaf = key.partition(".")
-        if leaf:
-            d.get(section, {}).pop(leaf, None)
-        else:
-            d.pop(section, None)
+        _pop(d, key)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

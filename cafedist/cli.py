@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _dry_run(cfg: Any, out: str, world_size: int | None) -> int:
-    from cafedist.dist.runtime import detect_launch
+    from cafedist.distributed.runtime import detect_launch
     from cafedist.train.plan import describe_plan
 
     launch = detect_launch()

@@ -29,8 +29,8 @@ import logging
 import math
 import os
 import shlex
-import statistics
 import signal
+import statistics
 import subprocess
 import sys
 import threading

@@ -99,7 +99,7 @@ def busiest_rank_samples(config: dict[str, Any], ranks: int, run_dir: Path) -> i
     """Training samples of the busiest rank under the loop's placement, from the run's store."""
     from cafedist.config import config_from_dict
     from cafedist.data.store import Store
-    from cafedist.dist.placement import place_clients
+    from cafedist.distributed.placement import place_clients
     from cafedist.errors import CafeError
 
     try:
@@ -155,7 +155,8 @@ def scaling_table(runs: list[RunStats]) -> list[dict[str, Any]]:
         rows.append({
             "run": r.path.name, "ranks": r.ranks, "clients": r.clients,
             "clients_per_rank": "/".join(str(c) for c in r.clients_per_rank),
-            "rounds": r.rounds_used, "samples_per_rank": r.samples_per_rank, "round_s": round(r.round_s, 4), **split, "other": round(max(other, 0.0), 4),
+            "rounds": r.rounds_used, "samples_per_rank": r.samples_per_rank, "round_s": round(r.round_s, 4),
+            **split, "other": round(max(other, 0.0), 4),
             "wire_mb_per_round": round(r.wire_bytes_per_round / 2**20, 3),
             "logical_mb_per_round": round(r.logical_bytes_per_round / 2**20, 3),
             "speedup": round(base.round_s / r.round_s, 3) if r.round_s > 0 else None,
@@ -181,7 +182,8 @@ def _efficiency(base: RunStats, run: RunStats) -> tuple[str, float | None]:
 
 
 # ----------------------------------------------------------------------------- outputs
-_COLUMNS = ("run", "ranks", "clients", "clients_per_rank", "rounds", "samples_per_rank", "round_s", "local", "comm", "aggregate",
+_COLUMNS = ("run", "ranks", "clients", "clients_per_rank", "rounds", "samples_per_rank", "round_s", "local", "comm",
+            "aggregate",
             "eval", "other", "wire_mb_per_round", "logical_mb_per_round", "speedup", "mode", "efficiency")
 
 

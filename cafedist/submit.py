@@ -432,7 +432,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=100")
     g = p.add_argument_group("resources")
     g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    g.add_argument("--tasks-per-node", type=int, default=1, help="ranks per node: one per GPU, or CPU ranks (default 1)")
+    g.add_argument("--tasks-per-node", type=int, default=1,
+                   help="ranks per node: one per GPU, or CPU ranks (default 1)")
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: CPU)")
     g.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per rank; also OMP_NUM_THREADS (default 1)")
     g.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: cluster default)")
@@ -444,7 +445,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. --slurm-arg exclusive=true (repeatable)")
     g.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which the job is told to checkpoint and requeue (default 120)")
+                   help="seconds before the time limit at which the job is told to checkpoint and requeue "
+                        "(default 120)")
     g.add_argument("--max-requeues", type=int, default=20,
                    help="give up after this many time-limit requeues (preemptions do not count; default 20)")
     s = p.add_argument_group("sweeps")

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from cafedist.config import config_from_dict
-from cafedist.dist.runtime import Runtime
+from cafedist.distributed.runtime import Runtime
 from cafedist.train.loop import Trainer
+
 
 def make_trainer(tmp_path: Path, algorithm: str, params: dict[str, Any] | None = None, *, clients: int = 4,
                  rounds: int = 4, arch: str = "cnn", options: dict | None = None, **train: Any) -> Trainer:

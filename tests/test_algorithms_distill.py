@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from torch.nn.utils import parameters_to_vector
-
 from algo_harness import make_trainer, params_of
 from conftest import ROOT, cafedist, summary
+from torch.nn.utils import parameters_to_vector
+
 from cafedist.algorithms.base import LocalBatch, Phase
 from cafedist.algorithms.cafedistill import cosine_similarity_matrix, teacher_weights
 from cafedist.algorithms.ktpfl import coefficient_objective, learn_coefficients
@@ -45,7 +45,11 @@ def test_fedmd_consensus_is_the_mean_and_digest_then_revisit(tmp_path):
     # both phases run in round 1, and only the digest phase sees proxy batches
     seen = []
     loss = tr.algo.local_loss
-    tr.algo.local_loss = lambda state, batch: seen.append((batch.phase, batch.proxy_logits is not None)) or loss(state, batch)
+    def spy(state, batch):
+        seen.append((batch.phase, batch.proxy_logits is not None))
+        return loss(state, batch)
+
+    tr.algo.local_loss = spy
     tr.run_round(1)
     del tr.algo.local_loss
     assert ("digest", True) in seen and ("revisit", False) in seen
@@ -54,7 +58,8 @@ def test_fedmd_consensus_is_the_mean_and_digest_then_revisit(tmp_path):
     # digesting pulls a client's proxy logits toward the consensus it received
     consensus = c0.state["targets"]
     idx = proxy_subset(tr.cfg.seed, 1, tr.proxy_x.shape[0], tr.proxy_size)
-    gap = lambda: float((proxy_logits(c0.model, tr.proxy_x[idx]) - consensus).abs().mean())
+    def gap() -> float:
+        return float((proxy_logits(c0.model, tr.proxy_x[idx]) - consensus).abs().mean())
     before = gap()
     run_phase(c0, tr.algo, Phase(name="digest", epochs=3), tr.cfg.train, 2, tr.cfg.seed, tr.proxy_x, idx)
     assert gap() < before

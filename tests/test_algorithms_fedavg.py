@@ -21,5 +21,6 @@ def test_fedprox_pulls_toward_the_round_start(tmp_path):
     start = params_of(far.clients[0].model)
     far.run_round(0)
     near.run_round(0)
-    drift = lambda tr: sum(float((v - start[k]).pow(2).sum()) for k, v in params_of(tr.clients[0].model).items())
+    def drift(tr) -> float:
+        return sum(float((v - start[k]).pow(2).sum()) for k, v in params_of(tr.clients[0].model).items())
     assert drift(near) < drift(far)

@@ -19,13 +19,21 @@ from cafedist.algorithms.base import LocalBatch
 from cafedist.algorithms.fedamp import cosine_attention, kernel_attention
 from cafedist.algorithms.fedpac import GLOBAL, FedPAC, head_weights
 from cafedist.algorithms.fedrod import COUNTS, balanced_softmax_ce
-from cafedist.algorithms.personalization import (INIT, classifier_names, cosine_from_gram, feature_tap, gram_matrix,
-                                                 params_row, simplex_qp, simplex_qp_identity, sq_distances_from_gram)
+from cafedist.algorithms.personalization import (
+    INIT,
+    classifier_names,
+    cosine_from_gram,
+    feature_tap,
+    gram_matrix,
+    params_row,
+    simplex_qp,
+    simplex_qp_identity,
+    sq_distances_from_gram,
+)
 from cafedist.algorithms.pfedgraph import TARGET, graph_rows
 from cafedist.errors import ConfigError
 from cafedist.train.client import local_update
 from cafedist.train.loop import participating
-
 
 
 def spy(tr) -> dict:

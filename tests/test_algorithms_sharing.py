@@ -25,8 +25,6 @@ from cafedist.train.client import local_update
 from cafedist.train.loop import participating
 
 
-
-
 def locally_trained(tr, rnd: int = 0) -> list[dict[str, torch.Tensor]]:
     """Run every client's local update of round ``rnd`` without any aggregation."""
     for c in tr.clients:

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, comparable, env_for_tests, metrics, summary, torchrun
 
 from cafedist.algorithms import ALGORITHMS
 from cafedist.compare import available_variants
 from cafedist.config import load_config
-from cafedist.dist.runtime import Runtime
+from cafedist.distributed.runtime import Runtime
 from cafedist.train import loop
 from cafedist.train.loop import train
 

@@ -9,9 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cafedist.algorithms.base import Setup
-from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, cosine_similarity_rows,
-                                             healthy_clients, mix_targets, project_rows_to_simplex,
-                                             student_masks)
+from cafedist.algorithms.cafedistill import (
+    CAFEDistill,
+    CAFEDistillParams,
+    cosine_similarity_rows,
+    healthy_clients,
+    mix_targets,
+    project_rows_to_simplex,
+    student_masks,
+)
 from cafedist.bench import run_benchmark
 from cafedist.bench.aggregate import shard_rows, synthetic_logits
 from cafedist.bench.report import format_table, render

@@ -6,10 +6,20 @@ import pytest
 import torch
 
 from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Setup
-from cafedist.algorithms.cafedistill import (CAFEDistill, CAFEDistillParams, _mixture_blocks, _teacher_components,
-                                             cosine_similarity_matrix, greedy_similar, healthy_clients, mix_targets,
-                                             project_rows_to_simplex, selection_counts, student_masks,
-                                             teacher_weights)
+from cafedist.algorithms.cafedistill import (
+    CAFEDistill,
+    CAFEDistillParams,
+    _mixture_blocks,
+    _teacher_components,
+    cosine_similarity_matrix,
+    greedy_similar,
+    healthy_clients,
+    mix_targets,
+    project_rows_to_simplex,
+    selection_counts,
+    student_masks,
+    teacher_weights,
+)
 
 
 def _setup(n=6, m=3, c=5, rounds=10, sizes=None):

@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT, env_for_tests, free_port
 
 # a one-rank gloo group stands in for a distributed run; `main` is replaced by what the case needs
@@ -60,7 +59,7 @@ def test_shutdown_keeps_the_group_only_when_the_process_will_os_exit():
     script = textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from cafedist import lifecycle
-        from cafedist.dist.runtime import Runtime, shutdown_runtime
+        from cafedist.distributed.runtime import Runtime, shutdown_runtime
         rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", launcher="test")
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         lifecycle.EXIT_WITHOUT_TEARDOWN = True

@@ -12,13 +12,24 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cafedist, env_for_tests, summary
 
 from cafedist.algorithms import ALGORITHMS
 from cafedist.cli import main as cli_main
-from cafedist.compare import (ABLATIONS, REPORT_THRESHOLDS, PlannedRun, RunOutcome, Variant, available_variants,
-                              mean_std, plan_runs, resolve_algorithms, resolve_seeds, results_markdown, summarize)
+from cafedist.compare import (
+    ABLATIONS,
+    REPORT_THRESHOLDS,
+    PlannedRun,
+    RunOutcome,
+    Variant,
+    available_variants,
+    mean_std,
+    plan_runs,
+    resolve_algorithms,
+    resolve_seeds,
+    results_markdown,
+    summarize,
+)
 from cafedist.config import load_config
 from cafedist.errors import ConfigError
 
@@ -159,7 +170,8 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
     assert not list(out.glob(".*.tmp*")), "a temporary file was left behind"
 
     md = (out / "results.md").read_text()
-    assert md.splitlines()[1].startswith("cafedist compare --config ") and "--algorithms cafedistill,fedavg,fedprox" in md
+    assert md.splitlines()[1].startswith("cafedist compare --config ")
+    assert "--algorithms cafedistill,fedavg,fedprox" in md
     assert "- `fedprox` seed 3:" in md and "unreadable" in md and "not in the tables: fedprox" in md
 
     rows = _csv(out / "results.csv")

@@ -1,7 +1,5 @@
 """Config: YAML + overrides, validation errors that name the field, stable hashing."""
 
-import hashlib
-import json
 from pathlib import Path
 
 import pytest

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cafedist.data import Store, ensure_store, load_dataset, make_splits, partition_params, prepare_store
-from cafedist.data.prepare import carve_val_splits
 from cafedist.data import prepare as prepare_mod
+from cafedist.data.prepare import carve_val_splits
 from cafedist.errors import ConfigError, DataError
 
 KW = dict(dataset="digits", clients=4, alpha=0.5, proxy_fraction=0.1, test_fraction=0.2, min_size=5, seed=1)

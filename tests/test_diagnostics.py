@@ -8,14 +8,13 @@ import subprocess
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import ROOT, cafedist, comparable, env_for_tests, metrics, summary, torchrun
+from torch import nn
 
 from cafedist.algorithms.base import Algorithm, LocalBatch, Setup
 from cafedist.config import load_config
 from cafedist.data.store import ClientData
-from cafedist.dist.runtime import Runtime
+from cafedist.distributed.runtime import Runtime
 from cafedist.errors import ConfigError
 from cafedist.eval.run import evaluate_run
 from cafedist.models.base import EarlyExitNet

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a worker script
     sys.path.insert(0, str(REPO))
 
-from cafedist.dist import Comm, init_runtime, shutdown_runtime  # noqa: E402
+from cafedist.distributed import Comm, init_runtime, shutdown_runtime  # noqa: E402
 from cafedist.errors import CafeError, DistError  # noqa: E402
 
 ROW_SHAPE = (4, 5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cafedist.dist import LaunchInfo, detect_launch, expand_nodelist, init_runtime
+from cafedist.distributed import LaunchInfo, detect_launch, expand_nodelist, init_runtime
 from cafedist.errors import DistError
 
 REPO = Path(__file__).resolve().parents[1]

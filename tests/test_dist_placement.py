@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cafedist.dist import place_clients, rank_of_clients
+from cafedist.distributed import place_clients, rank_of_clients
 from cafedist.errors import DistError
 
 

@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
+from conftest import TINY, cafedist
 
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import Split, accuracy_at_macs, choose_policy, personalized_budgets
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec, resolve_budgets
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
-
-from conftest import TINY, cafedist
 
 MACS = [1, 2]  # two exits: answering at exit 2 costs twice exit 1
 

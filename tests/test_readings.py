@@ -4,8 +4,8 @@ unselected exit gets, the similarity, and the optimizer state across rounds."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from algo_harness import make_trainer, params_of
+
 from cafedist.algorithms.base import LocalBatch
 from cafedist.algorithms.cafedistill import cosine_similarity_matrix, teacher_weights
 from cafedist.algorithms.distill import kl_batchmean

@@ -7,9 +7,18 @@ import sys
 import time
 
 import pytest
-
-from conftest import (ROOT, cafedist, comparable, env_for_tests, free_port, metrics, mpi_env, mpiexec_cmd,
-                      summary, torchrun)
+from conftest import (
+    ROOT,
+    cafedist,
+    comparable,
+    env_for_tests,
+    free_port,
+    metrics,
+    mpi_env,
+    mpiexec_cmd,
+    summary,
+    torchrun,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, cafedist, comparable, env_for_tests, metrics, summary, torchrun
 
 pytestmark = pytest.mark.slow

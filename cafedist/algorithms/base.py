@@ -169,9 +169,10 @@ class Algorithm:
 
         ``False``: personal. ``True``: averaged (sample-weighted) over all active clients that
         share it; every holder receives the average, active or not (an idle client downloads
-        the current global parameters like any other). A bool tensor shaped like the parameter: element-wise holding mask (width-
-        scaled sub-models); each element is averaged over its holders only. Must depend only
-        on (cid, key, shape): every rank evaluates it for every client to know the holders.
+        the current global parameters like any other). A bool tensor shaped like the parameter:
+        element-wise holding mask (width-scaled sub-models); each element is averaged over its
+        holders only. Must depend only on (cid, key, shape): every rank evaluates it for every
+        client to know the holders.
         """
         return False
 

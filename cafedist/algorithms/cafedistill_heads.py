@@ -37,8 +37,13 @@ from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Setup, Spec
-from cafedist.algorithms.cafedistill import (SIMILARITIES, cosine_similarity_matrix, healthy_clients,
-                                              student_masks, teacher_weights)
+from cafedist.algorithms.cafedistill import (
+    SIMILARITIES,
+    cosine_similarity_matrix,
+    healthy_clients,
+    student_masks,
+    teacher_weights,
+)
 from cafedist.algorithms.common import is_body
 from cafedist.algorithms.distill import check_fields, initial_students, kl_batchmean
 from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, validate_choices

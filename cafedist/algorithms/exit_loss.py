@@ -47,7 +47,7 @@ class ExitLossRule:
     def of(cls, section: str, params: object, num_exits: int) -> "ExitLossRule":
         """Build from an algorithm's params (fields ``lam, tau, kd_weighting, unselected,
         exit_weights``); raises :class:`ConfigError` naming ``algorithm.<section>.<field>``."""
-        weights = getattr(params, "exit_weights")
+        weights = params.exit_weights
         if weights is not None:
             if not isinstance(weights, (list, tuple)) or len(weights) != num_exits \
                     or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):

@@ -40,8 +40,13 @@ from torch import Tensor
 
 from cafedist.algorithms.base import ClientView, LocalBatch
 from cafedist.algorithms.common import exits_ce, proximal
-from cafedist.algorithms.personalization import (ParameterMixing, cosine_from_gram, gram_matrix,
-                                                 split_row, sq_distances_from_gram)
+from cafedist.algorithms.personalization import (
+    ParameterMixing,
+    cosine_from_gram,
+    gram_matrix,
+    split_row,
+    sq_distances_from_gram,
+)
 from cafedist.errors import ConfigError
 
 

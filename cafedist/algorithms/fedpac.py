@@ -41,8 +41,18 @@ from torch import Tensor, nn
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.algorithms.common import exit_index, exits_ce
-from cafedist.algorithms.personalization import (ParamLayout, epoch_window, feature_tap, gram_matrix, load_row,
-                                                 masked_rows, mix_rows, params_row, simplex_qp, sparsify_simplex)
+from cafedist.algorithms.personalization import (
+    ParamLayout,
+    epoch_window,
+    feature_tap,
+    gram_matrix,
+    load_row,
+    masked_rows,
+    mix_rows,
+    params_row,
+    simplex_qp,
+    sparsify_simplex,
+)
 from cafedist.errors import ConfigError
 
 SIZE = "pac.size"  # the client's number of training samples

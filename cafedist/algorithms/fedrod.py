@@ -31,8 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase
-from cafedist.algorithms.personalization import (classifier_names, classifier_prefixes, epoch_window, feature_tap,
-                                                 final_linear)
+from cafedist.algorithms.personalization import (
+    classifier_names,
+    classifier_prefixes,
+    epoch_window,
+    feature_tap,
+    final_linear,
+)
 from cafedist.errors import ConfigError
 
 COUNTS = "rod.counts"  # float64 [C]: the client's training-label counts

@@ -35,8 +35,13 @@ from torch import Tensor
 
 from cafedist.algorithms.base import ClientView, LocalBatch
 from cafedist.algorithms.common import exits_ce
-from cafedist.algorithms.personalization import (ParameterMixing, cosine_from_gram, gram_matrix, load_row,
-                                                 simplex_qp_identity)
+from cafedist.algorithms.personalization import (
+    ParameterMixing,
+    cosine_from_gram,
+    gram_matrix,
+    load_row,
+    simplex_qp_identity,
+)
 from cafedist.errors import ConfigError
 
 TARGET = "graph.target"  # the client's latest personalized aggregate u_i (row)

@@ -120,7 +120,7 @@ class ScaleFL(DepthScaled):
     def __init__(self, params: ScaleFLParams, setup: Setup):
         super().__init__(params, setup)
         m, levels = setup.num_exits, len(params.widths)
-        self.level_depths = list(params.depths) or [math.ceil((l + 1) * m / levels) for l in range(levels)]
+        self.level_depths = list(params.depths) or [math.ceil((lv + 1) * m / levels) for lv in range(levels)]
         if max(self.level_depths) > m:
             raise ConfigError(f"algorithm.scalefl.depths: the model has {m} exits, got {params.depths}")
         order = torch.randperm(setup.num_clients, generator=generator(setup.seed, "scalefl", "levels"))

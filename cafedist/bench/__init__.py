@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharded", action="store_true",
                         help="aggregate: also time every rank computing its own clients' rows")
     parser.add_argument("--device", default="auto",
-                        help="local, packed, aggregate: auto (the GPU when CUDA is available, else cpu) | cpu | cuda[:N]")
+                        help="local, packed, aggregate: auto (the GPU when CUDA is available, else cpu) "
+                             "| cpu | cuda[:N]")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -150,7 +150,8 @@ def _time_vs_matmul(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor,
     """Aggregation and the float32 similarity product [n, P'C] x [P'C, n], timed alternately."""
     n = logits.shape[0]
     q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1).contiguous()
-    aggregate: Callable[[], Any] = lambda: algo.aggregate_logits(rnd, logits, active)
+    def aggregate() -> Any:
+        return algo.aggregate_logits(rnd, logits, active)
     return interleaved({"aggregate": aggregate, "matmul": lambda: q @ q.T}, repeats=repeats,
                        sync=synchronizer(logits.device))
 

@@ -65,6 +65,7 @@ def bench_scaling(quick: bool = False, worlds: tuple[int, ...] = (1, 2), clients
             runs.append(load_run(base / f"w{world}"))
         table = scaling_table(runs)
     return [{"benchmark": "scaling", "ranks": r["ranks"], "clients_per_rank": r["clients_per_rank"],
-             "rounds": r["rounds"], "samples_per_rank": r["samples_per_rank"], "round_s": r["round_s"], "local_s": r["local"], "comm_s": r["comm"],
+             "rounds": r["rounds"], "samples_per_rank": r["samples_per_rank"], "round_s": r["round_s"],
+             "local_s": r["local"], "comm_s": r["comm"],
              "aggregate_s": r["aggregate"], "eval_s": r["eval"], "mode": r["mode"], "efficiency": r["efficiency"]}
             for r in table]

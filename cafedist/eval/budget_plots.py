@@ -46,7 +46,7 @@ def _curve_style(count: int) -> tuple[list[Any], float]:
 def _draw_curves(ax: Any, section: dict, curves: list[list[dict]], global_table: list[dict]) -> None:
     rows = section["clients"]
     colours, alpha = _curve_style(len(rows))
-    for row, curve, colour in zip(rows, curves, colours):
+    for curve, colour in zip(curves, colours):
         if curve:
             ax.plot([100.0 * r["mean_macs"] / r["last_exit_macs"] for r in curve],
                     [100.0 * r["accuracy"] for r in curve], color=colour, alpha=alpha, linewidth=0.9)

@@ -16,8 +16,13 @@ from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import Split, personalized_budgets
-from cafedist.eval.budget_spec import (check_feasible, looks_like_spec, parse_budget_spec, read_budget_file,
-                                       resolve_budgets)
+from cafedist.eval.budget_spec import (
+    check_feasible,
+    looks_like_spec,
+    parse_budget_spec,
+    read_budget_file,
+    resolve_budgets,
+)
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.policies import POLICIES
 from cafedist.fsutil import write_text_atomic
@@ -150,4 +155,5 @@ def add_budget_arguments(parser: Any) -> None:
                              "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")
 
 
-__all__ = ["CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "client_splits", "format_budget", "parse_policies", "run_budget", "write_budget_csv"]
+__all__ = ["CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "client_splits", "format_budget", "parse_policies",
+           "run_budget", "write_budget_csv"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cafedist.config import config_from_dict, read_yaml
-from cafedist.dist.runtime import Runtime
+from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CheckpointError
 from cafedist.eval.budget_run import BudgetOptions, run_budget
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
@@ -40,7 +40,8 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml; expected the --out of `cafedist train`)")
+        raise CheckpointError(f"{run_dir}: not a run directory "
+                              f"(no config.yaml; expected the --out of `cafedist train`)")
     cfg = config_from_dict(read_yaml(cfg_file))
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
     trainer = Trainer(cfg, run_dir, rt)

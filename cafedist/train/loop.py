@@ -33,9 +33,9 @@ from cafedist.algorithms.base import Algorithm, Setup
 from cafedist.config import Config, config_from_dict, config_hash, dump_config, read_yaml
 from cafedist.data.prepare import ensure_store
 from cafedist.data.store import Store
-from cafedist.dist.comm import Comm
-from cafedist.dist.placement import place_clients
-from cafedist.dist.runtime import Runtime, init_runtime, shutdown_runtime
+from cafedist.distributed.comm import Comm
+from cafedist.distributed.placement import place_clients
+from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.eval import dynamic_counts, dynamic_table, exit_predictions, mac_reduction_at_loss, per_exit_correct
 from cafedist.fsutil import write_json_atomic, write_text_atomic
@@ -43,10 +43,17 @@ from cafedist.models import build_model, macs_per_exit
 from cafedist.rng import generator
 from cafedist.train.averaging import flatten, unflatten_into, weighted_sum
 from cafedist.train.checkpoint import CheckpointDir, load_torch
-from cafedist.train.faults import maybe_fault
-from cafedist.train.client import (Client, build_client_model, local_update, make_optimizer, model_hash, proxy_logits,
-                                   reset_optimizers)
+from cafedist.train.client import (
+    Client,
+    build_client_model,
+    local_update,
+    make_optimizer,
+    model_hash,
+    proxy_logits,
+    reset_optimizers,
+)
 from cafedist.train.diagnostics import Diagnostics
+from cafedist.train.faults import maybe_fault
 from cafedist.train.metrics import MetricsLog
 from cafedist.train.packed import pack_blocker, packed_local_update
 from cafedist.train.progress import Progress

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from cafedist.config import Config
-from cafedist.dist.runtime import Runtime
+from cafedist.distributed.runtime import Runtime
 from cafedist.train.loop import Trainer, participating
 from cafedist.train.packed import pack_blocker
 from cafedist.units import short_count

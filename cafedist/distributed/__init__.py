@@ -1,14 +1,14 @@
 """The distributed runtime: launch detection, client placement, collectives.
 
 This package knows nothing about federated learning. It answers "who am I in the job"
-(:mod:`~cafedist.dist.runtime`), "which clients do I host" (:mod:`~cafedist.dist.placement`)
+(:mod:`~cafedist.distributed.runtime`), "which clients do I host" (:mod:`~cafedist.distributed.placement`)
 and moves tensors between ranks with byte accounting and one-line errors
-(:mod:`~cafedist.dist.comm`).
+(:mod:`~cafedist.distributed.comm`).
 """
 
-from cafedist.dist.comm import Comm
-from cafedist.dist.placement import place_clients, rank_of_clients
-from cafedist.dist.runtime import (
+from cafedist.distributed.comm import Comm
+from cafedist.distributed.placement import place_clients, rank_of_clients
+from cafedist.distributed.runtime import (
     LaunchInfo,
     Runtime,
     detect_launch,

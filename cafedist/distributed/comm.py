@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cafedist.dist.runtime import Runtime, short_reason
+from cafedist.distributed.runtime import Runtime, short_reason
 from cafedist.errors import CafeError, DistError
 
 

@@ -30,7 +30,3 @@ class DistError(CafeError):
 
 class TrainingDiverged(CafeError):
     """Parameters or losses became non-finite or astronomically large (e.g. too high a lr)."""
-
-
-class RequeueRequested(Exception):
-    """Raised after a stop signal once a checkpoint is safely written (not an error)."""

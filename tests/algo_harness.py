@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-from cafedist.config import config_from_dict
+from cafedist.config import config_from_dict, config_hash
 from cafedist.distributed.runtime import Runtime
-from cafedist.train.loop import Trainer
+from cafedist.run.build import build_run
+from cafedist.run.checkpoint import CheckpointDir, load_checkpoint, save_checkpoint
+from cafedist.train.round import Trainer
 
 
 def make_trainer(tmp_path: Path, algorithm: str, params: dict[str, Any] | None = None, *, clients: int = 4,
@@ -30,9 +32,22 @@ def make_trainer(tmp_path: Path, algorithm: str, params: dict[str, Any] | None =
     }
     cfg = config_from_dict(raw)
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="single")
-    return Trainer(cfg, tmp_path / "run", rt)
+    tr = Trainer(build_run(cfg, rt))
+    tr.run_dir = tmp_path / "run"  # where save/load below keep its checkpoints
+    return tr
 
 
 def params_of(module: torch.nn.Module, select=lambda k: True) -> dict[str, torch.Tensor]:
     """Detached copies of the selected parameters."""
     return {k: p.detach().clone() for k, p in module.named_parameters() if select(k)}
+
+
+def save(tr: Trainer, rnd: int, keep: int = 2) -> None:
+    """Checkpoint a harness trainer's clients after round ``rnd`` (into its run directory)."""
+    save_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.clients, tr.algo, rnd, config_hash=config_hash(tr.cfg),
+                    keep=keep)
+
+
+def load(tr: Trainer) -> int:
+    """Resume a harness trainer from its run directory; the next round to run."""
+    return load_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.clients, tr.algo, config_hash=config_hash(tr.cfg))

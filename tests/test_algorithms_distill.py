@@ -2,24 +2,24 @@
 
 import pytest
 import torch
-from algo_harness import make_trainer, params_of
+from algo_harness import load, make_trainer, params_of, save
 from conftest import ROOT, cafedist, summary
 from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import LocalBatch, Phase
-from cafedist.algorithms.cafedistill import cosine_similarity_matrix, teacher_weights
 from cafedist.algorithms.ktpfl import coefficient_objective, learn_coefficients
+from cafedist.algorithms.proxy_math import cosine_similarity_matrix, teacher_weights
 from cafedist.errors import ConfigError
-from cafedist.train.client import proxy_logits, run_phase
-from cafedist.train.loop import proxy_subset
+from cafedist.train.local import proxy_logits, run_phase
+from cafedist.train.schedule import proxy_subset
 
 PROXY = {"proxy_size": 48}
 
 
 def round_logits(tr, rnd):
     """[n, m, P', C]: every client's current proxy logits on round ``rnd``'s subset."""
-    idx = proxy_subset(tr.cfg.seed, rnd, tr.proxy_x.shape[0], tr.proxy_size)
-    return torch.stack([proxy_logits(c.model, tr.proxy_x[idx]) for c in tr.clients]), idx
+    idx = proxy_subset(tr.cfg.seed, rnd, tr.run.proxy_x.shape[0], tr.run.proxy_size)
+    return torch.stack([proxy_logits(c.model, tr.run.proxy_x[idx]) for c in tr.clients]), idx
 
 
 def entropy(p):
@@ -57,11 +57,11 @@ def test_fedmd_consensus_is_the_mean_and_digest_then_revisit(tmp_path):
 
     # digesting pulls a client's proxy logits toward the consensus it received
     consensus = c0.state["targets"]
-    idx = proxy_subset(tr.cfg.seed, 1, tr.proxy_x.shape[0], tr.proxy_size)
+    idx = proxy_subset(tr.cfg.seed, 1, tr.run.proxy_x.shape[0], tr.run.proxy_size)
     def gap() -> float:
-        return float((proxy_logits(c0.model, tr.proxy_x[idx]) - consensus).abs().mean())
+        return float((proxy_logits(c0.model, tr.run.proxy_x[idx]) - consensus).abs().mean())
     before = gap()
-    run_phase(c0, tr.algo, Phase(name="digest", epochs=3), tr.cfg.train, 2, tr.cfg.seed, tr.proxy_x, idx)
+    run_phase(c0, tr.algo, Phase(name="digest", epochs=3), tr.cfg.train, 2, tr.cfg.seed, tr.run.proxy_x, idx)
     assert gap() < before
 
 
@@ -110,7 +110,7 @@ def test_dsfl_era_sharpens_confident_disagreeing_clients(tmp_path):
 # ----------------------------------------------------------------------------- KT-pFL
 def test_ktpfl_coefficients_learn_on_the_simplex_and_survive_resume(tmp_path):
     tr = make_trainer(tmp_path, "ktpfl", PROXY)
-    n = tr.n
+    n = tr.run.n
     uniform = torch.full((n, n), 1.0 / n, dtype=torch.float64)
     assert torch.equal(tr.algo.coef, uniform)
     tr.run_round(0)
@@ -120,7 +120,7 @@ def test_ktpfl_coefficients_learn_on_the_simplex_and_survive_resume(tmp_path):
     # the learned c beats the uniform start on this round's objective; targets are sum_j c_ij s_j
     logits, _ = round_logits(tr, 0)
     soft = torch.softmax(logits.double() / tr.algo.params.tau, -1).reshape(n, -1)
-    items, rho = tr.proxy_size, tr.algo.params.rho
+    items, rho = tr.run.proxy_size, tr.algo.params.rho
     assert coefficient_objective(coef, soft, items, rho) < coefficient_objective(uniform, soft, items, rho)
     for i, c in enumerate(tr.clients):
         want = (coef[i] @ soft).reshape(c.state["targets"].shape)
@@ -128,9 +128,9 @@ def test_ktpfl_coefficients_learn_on_the_simplex_and_survive_resume(tmp_path):
 
     tr.run_round(1)
     assert on_simplex(tr.algo.coef)
-    tr.save_checkpoint(1)
+    save(tr, 1)
     resumed = make_trainer(tmp_path, "ktpfl", PROXY)
-    assert resumed.load_checkpoint() == 2
+    assert load(resumed) == 2
     assert torch.equal(resumed.algo.coef, tr.algo.coef)
     tr.run_round(2)
     resumed.run_round(2)
@@ -151,7 +151,7 @@ def test_ktpfl_only_teachers_rows_move():
 
 # ----------------------------------------------------------------------------- cafedistill-heads
 def _last_heads(tr):
-    m = tr.num_exits
+    m = tr.run.num_exits
     return torch.stack([parameters_to_vector(c.model.heads[m - 1].parameters()).detach() for c in tr.clients])
 
 
@@ -192,7 +192,7 @@ def test_cafedistill_heads_distils_student_exits_from_the_teacher_head(tmp_path)
 def test_poisoned_client_is_quarantined_like_an_absent_one(tmp_path, name):
     tr = make_trainer(tmp_path, name, PROXY)
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, tr.num_exits, tr.proxy_size, tr.setup.num_classes, generator=g)
+    logits = torch.randn(4, tr.run.num_exits, tr.run.proxy_size, tr.setup.num_classes, generator=g)
     poisoned = logits.clone()
     poisoned[1, 0, 3, 2] = float("nan")
     all_on = torch.ones(4, dtype=torch.bool)

@@ -32,8 +32,8 @@ from cafedist.algorithms.personalization import (
 )
 from cafedist.algorithms.pfedgraph import TARGET, graph_rows
 from cafedist.errors import ConfigError
-from cafedist.train.client import local_update
-from cafedist.train.loop import participating
+from cafedist.train.local import local_update
+from cafedist.train.schedule import participating
 
 
 def spy(tr) -> dict:
@@ -313,7 +313,7 @@ def test_clients_that_did_not_train_influence_no_one(tmp_path, name):
                             p.add_(0.5)
         tr.run_round(0)
         runs.append(tr)
-        shared = set(tr.shared_keys)
+        shared = set(tr.shared.keys)
         for c in tr.clients:
             if idle[c.cid] and not perturb:
                 # an idle client does not train: only parameters averaged by the loop (which every

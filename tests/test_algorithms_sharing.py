@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from algo_harness import make_trainer, params_of
 
 from cafedist.algorithms.base import LocalBatch
-from cafedist.algorithms.common import equal_groups, exit_index, is_body, is_head, kd_kl, mutual_distillation
+from cafedist.algorithms.common import equal_groups, exit_index, is_body, is_head, mutual_distillation
 from cafedist.algorithms.depthfl import consistency_weight
 from cafedist.algorithms.fedrep import FedRepParams
+from cafedist.algorithms.proxy_math import kd_loss as kd_kl
 from cafedist.algorithms.scalefl import ScaleFLParams, width_mask
 from cafedist.errors import ConfigError
-from cafedist.train.client import local_update
-from cafedist.train.loop import participating
+from cafedist.train.local import local_update
+from cafedist.train.schedule import participating
 
 
 def locally_trained(tr, rnd: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -217,8 +218,8 @@ def test_depthfl_bytes_count_what_each_client_holds_up_and_the_whole_model_down(
     tr = make_trainer(tmp_path, "depthfl")
     record = tr.run_round(0)
     named = dict(tr.clients[0].model.named_parameters())
-    full = sum(named[k].numel() for k in tr.shared_keys)
-    held = [sum(named[k].numel() for k in tr.shared_keys if exit_index(k) < tr.algo.depth(i)) for i in range(4)]
+    full = sum(named[k].numel() for k in tr.shared.keys)
+    held = [sum(named[k].numel() for k in tr.shared.keys if exit_index(k) < tr.algo.depth(i)) for i in range(4)]
     assert record["bytes_down"] == 4 * full  # every client keeps a copy of the one global model
     assert record["bytes_up"] == round(4 * sum(held) / 4) < 4 * full  # shallow clients send less
     fedavg = make_trainer(tmp_path / "f", "fedavg").run_round(0)

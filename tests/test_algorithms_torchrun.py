@@ -22,8 +22,10 @@ from cafedist.algorithms import ALGORITHMS
 from cafedist.compare import available_variants
 from cafedist.config import load_config
 from cafedist.distributed.runtime import Runtime
-from cafedist.train import loop
+from cafedist.run.build import build_run
+from cafedist.train import round as loop
 from cafedist.train.loop import train
+from cafedist.train.schedule import participating
 
 VARIANTS = available_variants()  # registered algorithms + ablations, fixed at collection time
 PROXY_SIZE = 32
@@ -94,15 +96,15 @@ def test_partial_participation_trains_exactly_the_sampled_half(name, tiny_config
     monkeypatch.setattr(loop, "local_update", spy)
     cfg = load_config(tiny_config(rounds=3, clients=4), _overrides(name, "train.clients_per_round=0.5"))
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, launcher="single")
-    trainer = loop.Trainer(cfg, tmp_path / "run", rt)
+    trainer = loop.Trainer(build_run(cfg, rt))
     try:
         samples = set()
         for rnd in range(cfg.train.rounds):
-            active = loop.participating(cfg.seed, rnd, 4, 0.5)
+            active = participating(cfg.seed, rnd, 4, 0.5)
             samples.add(tuple(active.tolist()))
             record = trainer.run_round(rnd)
             assert record["clients_trained"] == 2
             assert sorted(cid for r, cid in trained if r == rnd) == torch.nonzero(active).flatten().tolist()
         assert len(samples) > 1  # the sample is redrawn every round
     finally:
-        trainer.store.close()
+        trainer.run.store.close()

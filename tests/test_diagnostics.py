@@ -19,7 +19,7 @@ from cafedist.errors import ConfigError
 from cafedist.eval.run import evaluate_run
 from cafedist.models.base import EarlyExitNet
 from cafedist.rng import generator
-from cafedist.train.client import Client
+from cafedist.run.client import Client
 from cafedist.train.diagnostics import Diagnostics, client_conflict, conflict_record, exit_pairs, pair_cosines
 from cafedist.train.loop import train
 

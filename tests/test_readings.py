@@ -7,11 +7,10 @@ import torch.nn.functional as F
 from algo_harness import make_trainer, params_of
 
 from cafedist.algorithms.base import LocalBatch
-from cafedist.algorithms.cafedistill import cosine_similarity_matrix, teacher_weights
-from cafedist.algorithms.distill import kl_batchmean
 from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total
+from cafedist.algorithms.proxy_math import cosine_similarity_matrix, kl_batchmean, teacher_weights
 from cafedist.errors import ConfigError
-from cafedist.train.client import model_hash
+from cafedist.run.client import model_hash
 
 
 def _batch(m=3, b=8, c=5, seed=0):
@@ -75,7 +74,7 @@ def test_exit_losses_sum_to_the_local_loss(tmp_path):
     tr.run_round(0)
     c = tr.clients[0]
     x = c.data.x_train[:8]
-    xp = tr.proxy_x[:6]
+    xp = tr.run.proxy_x[:6]
     outs = c.model(torch.cat([x, xp]))
     batch = LocalBatch(logits=[o[:8] for o in outs], y=c.data.y_train[:8], x=x,
                        proxy_logits=[o[8:] for o in outs], proxy_pos=torch.arange(6), proxy_x=xp)
@@ -99,12 +98,12 @@ def test_head_params_similarity_drives_the_teacher_weights(tmp_path):
     tr = make_trainer(tmp_path, "cafedistill", {"proxy_size": 48, "similarity": "head_params"})
     assert "head" in tr.algo.upload_spec()
     tr.run_round(0)
-    m = tr.num_exits
+    m = tr.run.num_exits
     heads = torch.stack([torch.cat([p.detach().reshape(-1) for p in c.model.heads[m - 1].parameters()])
                          for c in tr.clients]).double()
     n = len(tr.clients)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(n, 1, tr.proxy_size, tr.setup.num_classes, generator=g)
+    logits = torch.randn(n, 1, tr.run.proxy_size, tr.setup.num_classes, generator=g)
     out, report = tr.algo.aggregate(0, {"logits": logits, "head": heads.float()}, torch.ones(n, dtype=torch.bool))
     alpha = teacher_weights(cosine_similarity_matrix(heads), tr.setup.data_weights, tr.algo.params.mu)
     assert report["self_weight"] == pytest.approx(float(torch.diagonal(alpha).mean()), abs=1e-6)
@@ -112,9 +111,9 @@ def test_head_params_similarity_drives_the_teacher_weights(tmp_path):
 
 def test_heads_with_output_similarity_exchanges_last_exit_logits(tmp_path):
     plain = make_trainer(tmp_path / "params", "cafedistill-heads")
-    assert plain.proxy_x is None
+    assert plain.run.proxy_x is None
     tr = make_trainer(tmp_path / "output", "cafedistill-heads", {"similarity": "output", "proxy_size": 32})
-    assert tr.proxy_x is not None and tr.proxy_size == 32
+    assert tr.run.proxy_x is not None and tr.run.proxy_size == 32
     record = tr.run_round(0)
     assert record["bytes_up"] - plain.run_round(0)["bytes_up"] == 32 * tr.setup.num_classes * 4
     assert all("teacher" in c.state for c in tr.clients)

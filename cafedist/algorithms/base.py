@@ -1,6 +1,6 @@
 """The small interface every federated algorithm implements; the round loop is generic.
 
-An algorithm answers three questions, and the loop (:mod:`cafedist.train.loop`) does the rest:
+An algorithm answers three questions, and the loop (:mod:`cafedist.train.round`) does the rest:
 
 * **local objective** -- what a client minimises: :meth:`Algorithm.local_loss` on a
   :class:`LocalBatch` (private batch, optional proxy batch), organised in
@@ -94,16 +94,32 @@ class Algorithm:
     """Base class; subclasses set ``name`` and ``Params`` and override what they need.
 
     The defaults describe purely local training: every exit trained with CE, nothing exchanged.
+    Everything the loop (:mod:`cafedist.train`) and packed training read from an algorithm is
+    declared here: the class attributes below and the methods of this class. Methods that
+    exchange proxy logits start from :class:`~cafedist.algorithms.logit_exchange.LogitExchange`,
+    which implements the proxy-side hooks for them.
+
+    Class attributes:
+
+    * ``name``, ``Params`` -- the registry name and the parameter dataclass (``algorithm.NAME.*``).
+    * ``exchanges_logits`` -- the loop computes every client's proxy logits each round and
+      gathers them to rank 0 (``gathered["logits"]`` in :meth:`aggregate`).
+    * ``vmappable_loss`` -- :meth:`local_loss` reads only the batch's tensors and the state,
+      never ``batch.module``, so packed training may call it under ``torch.func.vmap``.
+    * ``common_init`` -- all clients start from the same weights (FedAvg family).
+    * ``extra_models`` -- more same-architecture models per client (e.g. Ditto's global model).
+    * ``shared_model`` -- whose parameters :meth:`shared_mask` refers to.
+    * ``non_holders_receive`` -- clients that do not hold a shared parameter still receive the
+      holders' average (DepthFL, ScaleFL: every client keeps a copy of the one global model).
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
-    exchanges_logits: ClassVar[bool] = False  # gather per-exit proxy logits every round
-    common_init: ClassVar[bool] = False  # all clients start from the same weights (FedAvg family)
-    extra_models: ClassVar[tuple[str, ...]] = ()  # more same-architecture models per client
-    shared_model: ClassVar[str] = "main"  # whose parameters shared_mask refers to
-    # clients that do not hold a parameter still receive the holders' average (DepthFL,
-    # ScaleFL: every client keeps a copy of the one global model and is evaluated with it)
+    exchanges_logits: ClassVar[bool] = False
+    vmappable_loss: ClassVar[bool] = False
+    common_init: ClassVar[bool] = False
+    extra_models: ClassVar[tuple[str, ...]] = ()
+    shared_model: ClassVar[str] = "main"
     non_holders_receive: ClassVar[bool] = False
 
     @classmethod
@@ -111,6 +127,12 @@ class Algorithm:
         """Whether a run of this algorithm with ``params`` loads the proxy set (and then
         exchanges proxy logits): ``exchanges_logits`` unless a parameter switches it on."""
         return cls.exchanges_logits
+
+    @classmethod
+    def proxy_size(cls, params: Any, available: int) -> int:
+        """P': how many proxy items a round exchanges logits on, out of the ``available`` ones
+        (0 when :meth:`needs_proxy` is false). Default: all of them."""
+        return available if cls.needs_proxy(params) else 0
 
     def __init__(self, params: Any, setup: Setup):
         self.params = params
@@ -140,8 +162,23 @@ class Algorithm:
         """Called before local training (e.g. snapshot the global weights for a proximal term)."""
 
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
-        """Whether this phase's local steps also need a proxy mini-batch."""
+        """Whether this phase's local steps also need a proxy mini-batch (rows of the client's
+        current targets, see :meth:`targets_round`)."""
         return False
+
+    def targets_round(self, state: dict[str, Tensor]) -> int | None:
+        """The round whose proxy subset the client's current targets were computed on, None
+        when it holds none. The loop draws proxy batches from that subset, so an algorithm
+        with proxy batches must answer it (:class:`~cafedist.algorithms.logit_exchange.LogitExchange`
+        does)."""
+        return None
+
+    def trained_exits(self, state: dict[str, Tensor]) -> Tensor:
+        """Bool [m]: the exits a client trains with CE this round (default: all). The round
+        record's ``n_students`` counts the shallow ones over active clients; packed training
+        steps clients together only when their masks agree (the loss's control flow may
+        depend on it)."""
+        return torch.ones(self.setup.num_exits, dtype=torch.bool)
 
     def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
         """The loss a client minimises on one local step (default: CE summed over exits)."""
@@ -176,29 +213,10 @@ class Algorithm:
         """
         return False
 
-    def proxy_exits(self) -> tuple[int, ...]:
-        """The exits whose proxy logits :meth:`aggregate` reads (default: all of them).
-
-        The loop gathers only these (``comm.exits: used``, the default) or every exit
-        (``comm.exits: all``), in increasing order either way, so an algorithm that reads only
-        the last exit finds it at ``logits[:, -1]`` in both cases.
-        """
-        return tuple(range(self.setup.num_exits))
-
     def sent_exits(self, every_exit: bool = False) -> list[int]:
-        """The exits whose proxy logits the loop gathers: :meth:`proxy_exits`, checked, or all.
-
-        Raises ``ValueError`` naming the algorithm when ``proxy_exits`` breaks its contract
-        (increasing, without repeats, within ``0..m-1``), since aggregations index from the end.
-        """
-        m = self.setup.num_exits
-        if every_exit:
-            return list(range(m))
-        exits = list(self.proxy_exits())
-        if not exits or exits != sorted(set(exits)) or exits[0] < 0 or exits[-1] >= m:
-            raise ValueError(f"algorithm {self.name!r}: proxy_exits() must list exits in increasing order, "
-                             f"without repeats, within 0..{m - 1}; got {exits}")
-        return exits
+        """The exits whose proxy logits the loop gathers, in increasing order (read only when
+        ``exchanges_logits``): every exit here; ``every_exit`` is ``comm.exits: all``."""
+        return list(range(self.setup.num_exits))
 
     def upload_spec(self) -> Spec:
         """Per-client rows (besides proxy logits) sent to the coordinator each round."""
@@ -212,7 +230,7 @@ class Algorithm:
     def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
                   active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """From the gathered rows (client-id order; ``"logits"`` [n, e, P', C] for algorithms
-        that exchange logits: the exits of :meth:`proxy_exits`, or all exits under ``comm.exits: all``)
+        that exchange logits: the exits of :meth:`sent_exits`)
         compute per-client payload rows. ``active`` (bool [n]) marks
         the clients that trained this round; only they receive their rows.
 
@@ -234,10 +252,6 @@ class Algorithm:
 
     def load_server_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`server_state` returned."""
-
-    def students(self, state: dict[str, Tensor]) -> Tensor:
-        """Bool mask [m] of exits trained with CE this round (the last exit always is)."""
-        return torch.ones(self.setup.num_exits, dtype=torch.bool)
 
     def uses_exchange(self) -> bool:
         """Whether the coordinator step runs at all this run."""

@@ -36,17 +36,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Setup, Spec
-from cafedist.algorithms.cafedistill import (
-    SIMILARITIES,
-    cosine_similarity_matrix,
-    healthy_clients,
-    student_masks,
-    teacher_weights,
-)
-from cafedist.algorithms.common import is_body
-from cafedist.algorithms.distill import check_fields, initial_students, kl_batchmean
+from cafedist.algorithms.base import ClientView, LocalBatch, Setup, Spec
+from cafedist.algorithms.cafedistill import SIMILARITIES
+from cafedist.algorithms.common import is_body, is_head
+from cafedist.algorithms.distill import check_fields
 from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, validate_choices
+from cafedist.algorithms.logit_exchange import LogitExchange
+from cafedist.algorithms.proxy_math import cosine_similarity_matrix, healthy_clients, kd_loss, teacher_weights
+from cafedist.algorithms.students import initial_students, student_masks
 
 
 @dataclass
@@ -91,7 +88,7 @@ def last_block_features(model: nn.Module, x: Tensor) -> Any:
     return h
 
 
-class CAFEDistillHeads(Algorithm):
+class CAFEDistillHeads(LogitExchange):
     """Shared body, personal heads; shallow exits distil from a mixture of the clients' last heads."""
 
     name = "cafedistill-heads"
@@ -102,14 +99,12 @@ class CAFEDistillHeads(Algorithm):
         super().__init__(params, setup)
         self.loss_rule = ExitLossRule.of("cafedistill-heads", params, setup.num_exits)
         self.exchanges_logits = params.similarity == "output"
-        self.head_prefix = f"heads.{setup.num_exits - 1}."
         self._head_numel: dict[str, int] = {}  # last head's parameter sizes, learnt in bind_model
         self.last_alpha: Tensor | None = None
-        self.last_report: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- layout
     def bind_model(self, model: nn.Module) -> None:
-        self._head_numel = {k: p.numel() for k, p in model.named_parameters() if k.startswith(self.head_prefix)}
+        self._head_numel = {k: p.numel() for k, p in model.named_parameters() if is_head(k, self.setup.num_exits - 1)}
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return is_body(key)
@@ -145,7 +140,7 @@ class CAFEDistillHeads(Algorithm):
             tau = self.params.tau
 
             def kl(k: int) -> Tensor:
-                return kl_batchmean(torch.log_softmax(batch.logits[k] / tau, dim=1), teacher)
+                return kd_loss(batch.logits[k], teacher, tau, tau_squared=False)  # the rule weights it
 
         return self.loss_rule.terms(batch.logits, batch.y, students, kl)
 
@@ -206,7 +201,6 @@ class CAFEDistillHeads(Algorithm):
         report = {"n_students_next": int(students[:, : m - 1].sum()),
                   "quarantined": [int(i) for i in torch.nonzero(~finite).flatten()],
                   "self_weight": float(torch.diagonal(alpha).mean())}
-        self.last_report = report
         return {"teacher": teacher, "students": students.to(torch.uint8)}, report
 
     def receive(self, client: ClientView, payload: dict[str, Tensor], round_idx: int) -> None:

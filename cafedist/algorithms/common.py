@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase
+from cafedist.algorithms.proxy_math import kd_loss
 
 
-def is_head(key: str) -> bool:
-    """True for exit-head parameters (``heads.*``), False for the body (``blocks.*``)."""
-    return key.startswith("heads.")
+def is_head(key: str, exit_: int | None = None) -> bool:
+    """True for exit-head parameters (``heads.*``; of exit ``exit_`` only, when given), False for
+    the body (``blocks.*``). The one test of what a head parameter is."""
+    return key.startswith("heads." if exit_ is None else f"heads.{exit_}.")
 
 
 def is_body(key: str) -> bool:
@@ -33,12 +35,6 @@ def exits_ce(logits: list[Tensor], y: Tensor, weights: list[float] | None = None
     """Cross-entropy summed over exits (optionally weighted per exit)."""
     ws = weights or [1.0] * len(logits)
     return sum(w * F.cross_entropy(z, y) for w, z in zip(ws, logits))
-
-
-def kd_kl(student_logits: Tensor, teacher_probs: Tensor, tau: float) -> Tensor:
-    """``tau^2 * KL(teacher || softmax(student / tau))``, batch mean (Hinton et al.)."""
-    log_student = F.log_softmax(student_logits / tau, dim=1)
-    return tau * tau * F.kl_div(log_student, teacher_probs, reduction="batchmean")
 
 
 def snapshot(module: nn.Module) -> dict[str, Tensor]:
@@ -97,7 +93,7 @@ def mutual_distillation(logits: list[Tensor], tau: float = 1.0) -> list[Tensor]:
     if m < 2:
         return [z.new_zeros(()) for z in logits]
     teachers = [F.softmax(z.detach() / tau, dim=1) for z in logits]
-    return [sum(kd_kl(zi, teachers[j], tau) for j in range(m) if j != i) / (m - 1)
+    return [sum(kd_loss(zi, teachers[j], tau) for j in range(m) if j != i) / (m - 1)
             for i, zi in enumerate(logits)]
 
 

@@ -41,12 +41,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup, Spec
-from cafedist.algorithms.cafedistill import healthy_clients, kl_batchmean, student_masks
+from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Spec
 from cafedist.algorithms.common import exits_ce
+from cafedist.algorithms.logit_exchange import LogitExchange
+from cafedist.algorithms.proxy_math import healthy_clients
 from cafedist.errors import ConfigError
 
 DIGEST = "digest"  # phase name: match the received targets on proxy batches
@@ -88,14 +88,6 @@ class ProxyDistillParams:
 
 
 # ----------------------------------------------------------------------------- shared math
-def initial_students(setup: Setup, span: float, selection: bool = True) -> Tensor:
-    """Bool [m]: a client's student exits before any aggregation (round 0 of the schedule)."""
-    m = setup.num_exits
-    if not selection:
-        return torch.ones(m, dtype=torch.bool)
-    return student_masks(0, setup.rounds, 1, m, torch.ones(1, 1), span)[0]
-
-
 def selected_ce(logits: list[Tensor], y: Tensor, students: Tensor) -> Tensor:
     """CE on the last exit plus every student exit (exits not selected get no loss)."""
     m = len(logits)
@@ -109,7 +101,7 @@ def mean_over(rows: Tensor, keep: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- base class
-class ProxyDistillation(Algorithm):
+class ProxyDistillation(LogitExchange):
     """Digest the received targets on proxy data, revisit the private data, exchange proxy logits.
 
     Subclasses set ``name``/``Params`` and implement :meth:`represent` (what a client's proxy
@@ -117,13 +109,8 @@ class ProxyDistillation(Algorithm):
     :meth:`digest_loss`.
     """
 
-    exchanges_logits = True
     # local_loss reads only logits, labels and state tensors: cafedist.train.packed may vmap it
     vmappable_loss = True
-
-    def __init__(self, params: ProxyDistillParams, setup: Setup):
-        super().__init__(params, setup)
-        self.last_report: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- subclass hooks
     def represent(self, logits: Tensor) -> Tensor:
@@ -182,7 +169,6 @@ class ProxyDistillation(Algorithm):
         targets = self.combine(reps, teachers)
         report = {"quarantined": [int(i) for i in torch.nonzero(~finite).flatten()],
                   "teachers": int(teachers.sum()), **self.combine_report()}
-        self.last_report = report
         return {"targets": targets.to(torch.float32)}, report
 
     def combine_report(self) -> dict[str, Any]:
@@ -190,10 +176,4 @@ class ProxyDistillation(Algorithm):
         return {}
 
     def receive(self, client: ClientView, payload: dict[str, Tensor], round_idx: int) -> None:
-        client.state["targets"] = payload["targets"]
-        client.state["targets_round"] = torch.tensor(round_idx, dtype=torch.int64)
-
-
-def soft_kd(student_logits: Tensor, target: Tensor, tau: float = 1.0) -> Tensor:
-    """``tau^2 * KL(target || softmax(student / tau))``, batch mean, with vmap-friendly ops."""
-    return tau * tau * kl_batchmean(F.log_softmax(student_logits / tau, dim=1), target)
+        self.keep_targets(client.state, payload["targets"], round_idx)

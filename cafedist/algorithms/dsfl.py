@@ -28,7 +28,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from cafedist.algorithms.distill import ProxyDistillation, ProxyDistillParams, mean_over, soft_kd
+from cafedist.algorithms.distill import ProxyDistillation, ProxyDistillParams, mean_over
+from cafedist.algorithms.proxy_math import kd_loss
 
 
 @dataclass
@@ -62,4 +63,4 @@ class DSFL(ProxyDistillation):
         return targets.unsqueeze(0).expand(reps.shape[0], *targets.shape)
 
     def digest_loss(self, student_logits: Tensor, target: Tensor) -> Tensor:
-        return soft_kd(student_logits, target)
+        return kd_loss(student_logits, target)

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 from cafedist.algorithms.base import Setup
-from cafedist.algorithms.cafedistill import project_rows_to_simplex
-from cafedist.algorithms.distill import ProxyDistillation, ProxyDistillParams, soft_kd
+from cafedist.algorithms.distill import ProxyDistillation, ProxyDistillParams
+from cafedist.algorithms.proxy_math import kd_loss, project_rows_to_simplex
 
 
 @dataclass
@@ -141,7 +141,7 @@ class KTpFL(ProxyDistillation):
         return dict(self._report)
 
     def digest_loss(self, student_logits: Tensor, target: Tensor) -> Tensor:
-        return soft_kd(student_logits, target, self.params.tau)
+        return kd_loss(student_logits, target, self.params.tau)
 
     def server_state(self) -> dict[str, Any]:
         return {"coef": self.coef.clone()}

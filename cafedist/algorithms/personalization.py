@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from cafedist.algorithms.base import Algorithm, ClientView, Setup, Spec
-from cafedist.algorithms.cafedistill import project_rows_to_simplex
 from cafedist.algorithms.common import is_head
-from cafedist.train.averaging import flatten, unflatten_into
+from cafedist.algorithms.proxy_math import project_rows_to_simplex
+from cafedist.flat import flatten, unflatten_into
 
 _CHUNK = 1 << 16  # columns of an [n, D] row block handled at once on rank 0
 

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cafedist.algorithms.base import ClientView, LocalBatch, Setup
-from cafedist.algorithms.common import DepthScaled, equal_groups, is_head, kd_kl
+from cafedist.algorithms.common import DepthScaled, equal_groups, is_head
+from cafedist.algorithms.proxy_math import kd_loss
 from cafedist.errors import ConfigError
 from cafedist.rng import generator
 
@@ -189,6 +190,6 @@ class ScaleFL(DepthScaled):
         for j, zj in enumerate(z):
             term = F.cross_entropy(zj, y)
             if kd and j < depth - 1:
-                term = term + self.params.gamma * kd_kl(zj, teacher, self.params.tau)
+                term = term + self.params.gamma * kd_loss(zj, teacher, self.params.tau)
             loss = loss + (j + 1) * term
         return loss / (depth * (depth + 1) / 2)

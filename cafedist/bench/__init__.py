@@ -47,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per result line")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: steady ratios on a shared machine)")
-    parser.add_argument("--sharded", action="store_true",
-                        help="aggregate: also time every rank computing its own clients' rows")
     parser.add_argument("--device", default="auto",
                         help="local, packed, aggregate: auto (the GPU when CUDA is available, else cpu) "
                              "| cpu | cuda[:N]")
@@ -62,10 +60,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
-    if args.sharded and args.which != "aggregate":
-        raise ConfigError("--sharded: only `cafedist bench aggregate` has a sharded mode")
     torch.set_num_threads(args.threads)
-    options: dict[str, Any] = {"sharded": True} if args.sharded else {}
+    options: dict[str, Any] = {}
     if args.which in DEVICE_BENCHMARKS:
         options["device"] = resolve_device(args.device)
     elif args.device != "auto":

@@ -11,10 +11,7 @@ aggregation gets what the loop gathers by default: the exits CAFEDistill reads (
   fresh process (Linux ``VmHWM`` reset; sees torch's allocations, which tracemalloc does not;
   a fresh process and ``MALLOC_MMAP_THRESHOLD_`` keep memory freed by earlier calls from
   hiding the peak), next to ``input_mb``, the size of the logits: linear in n when
-  ``peak_mb / n`` is flat;
-* ``--sharded``: every one of W simulated ranks computes only its own clients' rows
-  (:meth:`CAFEDistill.aggregate_rows`) from all-gathered logits; reports the slowest rank's
-  time against rank-0-only aggregation and checks the rows equal the full result.
+  ``peak_mb / n`` is flat.
 """
 
 from __future__ import annotations
@@ -28,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cafedist.algorithms import Algorithm, get_algorithm
 from cafedist.algorithms.base import Setup
-from cafedist.algorithms.cafedistill import CAFEDistill, CAFEDistillParams, cosine_similarity_rows, teacher_weights
+from cafedist.algorithms.proxy_math import cosine_similarity_rows, teacher_weights
 from cafedist.bench.timing import interleaved, median, peak_rss_delta, synchronizer
 
 CLUSTERS = 8
@@ -44,14 +42,15 @@ def synthetic_logits(n: int, m: int, proxy: int, classes: int, seed: int = 0) ->
     return out
 
 
-def make_algo(n: int, m: int, proxy: int, classes: int, rounds: int = 20) -> CAFEDistill:
+def make_algo(n: int, m: int, proxy: int, classes: int, rounds: int = 20) -> Algorithm:
     """CAFEDistill with default parameters and uneven client sizes."""
     setup = Setup(num_clients=n, num_exits=m, num_classes=classes, rounds=rounds,
                   train_sizes=tuple(50 + (7 * i) % 100 for i in range(n)), seed=0, proxy_size=proxy)
-    return CAFEDistill(CAFEDistillParams(proxy_size=proxy), setup)
+    cls = get_algorithm("cafedistill")
+    return cls(cls.Params(proxy_size=proxy), setup)
 
 
-def sent_exits(algo: CAFEDistill, logits: Tensor) -> Tensor:
+def sent_exits(algo: Algorithm, logits: Tensor) -> Tensor:
     """The exits the loop gathers by default (``comm.exits: used``): [n, e, P', C], contiguous."""
     return logits[:, algo.sent_exits()].contiguous()
 
@@ -77,34 +76,8 @@ def peak_in_subprocess(n: int, m: int, proxy: int, classes: int, rnd: int) -> in
     return None if value == "None" else int(value)
 
 
-def shard_rows(n: int, world: int) -> list[Tensor]:
-    """Client ids of each simulated rank (round-robin, like a balanced placement)."""
-    return [torch.arange(r, n, world) for r in range(world)]
-
-
-def _sharded(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor, world: int, repeats: int,
-             reference: dict[str, Tensor]) -> dict[str, Any]:
-    """Time each simulated rank computing its own rows; the slowest rank is the critical path."""
-    n = logits.shape[0]
-    q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1)
-    full_sim = cosine_similarity_rows(q)  # what the all-gather of every rank's rows delivers
-    del q
-    per_rank, diff = [], 0.0
-    for ids in shard_rows(n, world):
-        def run(ids: Tensor = ids) -> dict[str, Tensor]:
-            return algo.aggregate_rows(rnd, logits, active, rows=ids, gather_sim=lambda own: full_sim)[0]
-        payload = run()
-        diff = max(diff, float((payload["targets"] - reference["targets"][ids]).abs().max()))
-        if not torch.equal(payload["students"], reference["students"][ids]):
-            diff = float("inf")
-        per_rank.append(median(interleaved({"rank": run}, repeats=repeats, warmup=0,
-                                           sync=synchronizer(logits.device))["rank"]))
-    return {"world": world, "slowest_rank_s": max(per_rank), "max_diff": diff}
-
-
 def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, proxy: int | None = None,
-                    classes: int = 100, exits: int = 4, repeats: int | None = None, sharded: bool = False,
-                    worlds: tuple[int, ...] = (2, 4), memory: bool = True,
+                    classes: int = 100, exits: int = 4, repeats: int | None = None, memory: bool = True,
                     device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """Time, peak memory and ``ratio_vs_matmul`` of ``aggregate_logits`` for each n in ``sizes``."""
     sizes = sizes or ((64, 256) if quick else (64, 128, 256, 512, 1024))
@@ -133,19 +106,12 @@ def bench_aggregate(quick: bool = False, sizes: tuple[int, ...] | None = None, p
                "alpha_density": round(alpha_density, 3), "self_weight": round(report["self_weight"], 3)}
         if row["peak_mb"] is not None:
             row["peak_mb_per_client"] = round(row["peak_mb"] / n, 3)
-        if sharded:
-            for world in worlds:
-                if world <= n:
-                    s = _sharded(algo, rnd, logits, active, world, repeats, payload)
-                    row[f"sharded{world}_s_per_rank"] = round(s["slowest_rank_s"], 4)
-                    row[f"sharded{world}_speedup"] = round(row["time_s"] / s["slowest_rank_s"], 3)
-                    row[f"sharded{world}_max_diff"] = s["max_diff"]
         rows.append(row)
         del logits, payload  # free this size's inputs before the next, larger one is made
     return rows
 
 
-def _time_vs_matmul(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor,
+def _time_vs_matmul(algo: Algorithm, rnd: int, logits: Tensor, active: Tensor,
                     repeats: int) -> dict[str, list[float]]:
     """Aggregation and the float32 similarity product [n, P'C] x [P'C, n], timed alternately."""
     n = logits.shape[0]
@@ -156,7 +122,7 @@ def _time_vs_matmul(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor,
                        sync=synchronizer(logits.device))
 
 
-def _cuda_peak(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor) -> int:
+def _cuda_peak(algo: Algorithm, rnd: int, logits: Tensor, active: Tensor) -> int:
     """Peak extra bytes the CUDA caching allocator hands out during one aggregation."""
     torch.cuda.synchronize(logits.device)
     base = torch.cuda.memory_allocated(logits.device)
@@ -166,7 +132,7 @@ def _cuda_peak(algo: CAFEDistill, rnd: int, logits: Tensor, active: Tensor) -> i
     return torch.cuda.max_memory_allocated(logits.device) - base
 
 
-def _alpha_density(algo: CAFEDistill, logits: Tensor) -> float:
+def _alpha_density(algo: Algorithm, logits: Tensor) -> float:
     """Share of non-zero teacher weights (how much of the target mixture is real work)."""
     n = logits.shape[0]
     q = torch.softmax(logits[:, -1], dim=2).reshape(n, -1)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from cafedist.algorithms import get_algorithm
 from cafedist.algorithms.base import Setup
-from cafedist.algorithms.cafedistill import CAFEDistill, CAFEDistillParams
 from cafedist.models import build_model
 
 _WIRE = {"float32": torch.float32, "float16": torch.float16}
@@ -31,7 +31,8 @@ def bench_comm(quick: bool = False, arch: str = "resnet18", input_shape: tuple[i
     m = model.num_exits
     setup = Setup(num_clients=1, num_exits=m, num_classes=classes, rounds=1, train_sizes=(1,), seed=0,
                   proxy_size=proxy)
-    algo = CAFEDistill(CAFEDistillParams(proxy_size=proxy), setup)
+    cafedistill = get_algorithm("cafedistill")
+    algo = cafedistill(cafedistill.Params(proxy_size=proxy), setup)
     down = sum(prod(shape) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
     fedavg = 2 * 4 * n_params
     rows = []

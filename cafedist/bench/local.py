@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from cafedist.bench.synthetic import SCENARIOS, make_cohort
 from cafedist.bench.timing import interleaved, median, paired_speed_ratio, synchronizer
 from cafedist.config import TrainConfig
-from cafedist.train.client import local_update, make_optimizer
+from cafedist.run.client import make_optimizer
+from cafedist.train.local import local_update
 
 
 def plain_loop(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, train: TrainConfig,

@@ -15,7 +15,7 @@ import torch
 
 from cafedist.bench.synthetic import clone_cohort, make_cohort
 from cafedist.bench.timing import interleaved, median, paired_speed_ratio, synchronizer
-from cafedist.train.client import local_update
+from cafedist.train.local import local_update
 from cafedist.train.packed import packed_local_update
 
 

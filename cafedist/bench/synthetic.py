@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cafedist.algorithms import Algorithm, get_algorithm
 from cafedist.algorithms.base import Setup
-from cafedist.algorithms.cafedistill import CAFEDistill, CAFEDistillParams
 from cafedist.config import TrainConfig
 from cafedist.data.store import ClientData
 from cafedist.models import build_model
-from cafedist.train.client import Client, build_client_model, make_optimizer
+from cafedist.run.client import Client, build_client_model, make_optimizer
 
 SCENARIOS = ("ce", "kd")
 
@@ -29,7 +29,7 @@ class Cohort:
     """Clients ready for ``local_update`` / ``packed_local_update``, and what those need."""
 
     clients: list[Client]
-    algo: CAFEDistill
+    algo: Algorithm
     train: TrainConfig
     proxy_x: Tensor | None
     proxy_idx: Tensor | None
@@ -47,7 +47,8 @@ def make_cohort(k: int, n_train: int | list[int], scenario: str = "kd", *, shape
     train = TrainConfig(batch_size=batch_size, proxy_batch_size=proxy_batch_size, local_epochs=local_epochs)
     setup = Setup(num_clients=k, num_exits=3, num_classes=num_classes, rounds=10, train_sizes=tuple(sizes),
                   seed=seed, local_epochs=local_epochs, proxy_size=proxy_size)
-    algo = CAFEDistill(CAFEDistillParams(proxy_size=proxy_size), setup)
+    cafedistill = get_algorithm("cafedistill")
+    algo = cafedistill(cafedistill.Params(proxy_size=proxy_size), setup)
     proxy_x = torch.randn(2 * proxy_size, *shape, generator=g).to(device)
     proxy_idx = torch.randperm(2 * proxy_size, generator=g)[:proxy_size].sort().values.to(device)
     clients = []

@@ -3,9 +3,11 @@
 This package knows nothing about federated learning. It answers "who am I in the job"
 (:mod:`~cafedist.distributed.runtime`), "which clients do I host" (:mod:`~cafedist.distributed.placement`)
 and moves tensors between ranks with byte accounting and one-line errors
-(:mod:`~cafedist.distributed.comm`).
+(:mod:`~cafedist.distributed.comm`); :mod:`~cafedist.distributed.client_rows` orders the rows
+of a placement by their owners' ids.
 """
 
+from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.placement import place_clients, rank_of_clients
 from cafedist.distributed.runtime import (
@@ -18,6 +20,7 @@ from cafedist.distributed.runtime import (
 )
 
 __all__ = [
+    "ClientRows",
     "Comm",
     "LaunchInfo",
     "Runtime",

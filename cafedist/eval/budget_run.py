@@ -41,11 +41,12 @@ def parse_policies(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def client_splits(trainer: Any) -> list[tuple[Split, Split]]:
-    """(calibration, test) logits of every client of a single-rank :class:`Trainer`, by client id."""
+def client_splits(run: Any) -> list[tuple[Split, Split]]:
+    """(calibration, test) logits of every client of a single-rank run (:class:`~cafedist.run.build.Run`),
+    by client id."""
     out = []
-    for c in sorted(trainer.clients, key=lambda c: c.cid):
-        model = trainer.algo.eval_model(c.view)
+    for c in sorted(run.clients, key=lambda c: c.cid):
+        model = run.algo.eval_model(c.view)
         out.append((Split(exit_logits(model, c.data.x_val).cpu(), c.data.y_val.cpu()),
                     Split(exit_logits(model, c.data.x_test).cpu(), c.data.y_test.cpu())))
     return out
@@ -91,7 +92,7 @@ class BudgetOptions:
         return cls(args.budget, args.policies, not args.no_temperature, args.budget_confidence)
 
 
-def run_budget(trainer: Any, run_dir: Path, options: BudgetOptions, global_table: list[dict],
+def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: list[dict],
                title: str = "") -> dict[str, Any]:
     """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section.
 
@@ -100,12 +101,12 @@ def run_budget(trainer: Any, run_dir: Path, options: BudgetOptions, global_table
     nothing (a single client without calibration samples does get that fallback).
     """
     names = parse_policies(options.policies)
-    budgets = resolve_budgets(options.budget, trainer.n)
-    check_feasible(budgets, trainer.macs)
-    if not trainer.store.has_val:
+    budgets = resolve_budgets(options.budget, run.n)
+    check_feasible(budgets, run.macs)
+    if not run.store.has_val:
         raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
                           f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
-    section, curves = personalized_budgets(client_splits(trainer), budgets, trainer.macs, global_table,
+    section, curves = personalized_budgets(client_splits(run), budgets, run.macs, global_table,
                                            policies=names, temperature=options.temperature,
                                            confidence=options.confidence)
     paths = {"budget_csv": str(run_dir / "budget.csv"), "budget_plot": str(run_dir / "budget.png")}

@@ -1,6 +1,7 @@
 """``cafedist eval RUN_DIR``: re-evaluate a run's final models in one process.
 
-Loads the resolved ``config.yaml`` and the newest verified checkpoint of the run, then writes
+Reads the resolved ``config.yaml``, opens the run's store read-only, builds the clients and
+loads them from the newest verified checkpoint (:mod:`cafedist.run`), then writes
 ``eval.json`` (per-exit and per-client accuracy, dynamic inference over thresholds 0..1 with
 mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``; when
 the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds);
@@ -15,14 +16,19 @@ from typing import Any
 
 import torch
 
-from cafedist.config import config_from_dict, read_yaml
+from cafedist.config import config_from_dict, config_hash, read_yaml
+from cafedist.distributed.client_rows import ClientRows
+from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CheckpointError
 from cafedist.eval.budget_run import BudgetOptions, run_budget
+from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
 from cafedist.fsutil import write_json_atomic
-from cafedist.train.metrics import MetricsLog
+from cafedist.run.build import build_run
+from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
+from cafedist.run.metrics import MetricsLog
 
 log = logging.getLogger("cafedist")
 
@@ -35,8 +41,6 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     exit policy chosen within its budget on its calibration split, checked on test
     (:mod:`cafedist.eval.budget_run`; also writes budget.csv and budget.png).
     """
-    from cafedist.train.loop import Trainer  # the trainer knows how to rebuild clients
-
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
@@ -44,18 +48,21 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
                               f"(no config.yaml; expected the --out of `cafedist train`)")
     cfg = config_from_dict(read_yaml(cfg_file))
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
-    trainer = Trainer(cfg, run_dir, rt)
-    trainer._resume_mode = "force"
+    run = build_run(cfg, rt, prepare_store=False)
     try:
-        if trainer.load_checkpoint() == 0:
+        comm = Comm(rt)
+        if load_checkpoint(CheckpointDir(run_dir), comm, run.clients, run.algo, config_hash=config_hash(cfg),
+                           resume="force") == 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
-        summary = trainer.summary([], wall=0.0)
+        summary = final_evaluation(run.clients, run.algo, ClientRows(comm, run.placement, rt.device), run.macs,
+                                   run.num_exits, run.store.has_val, is_main=True)
+        summary.update(algorithm=cfg.algorithm.name, num_clients=run.n)
         # --budget: needs the loaded models, so it runs before the store closes
         budget_section = None if budget is None else run_budget(
-            trainer, run_dir, budget, summary["dynamic"],
+            run, run_dir, budget, summary["dynamic"],
             title=f"{cfg.data.dataset}, {summary['num_clients']} clients, {summary['algorithm']}")
     finally:
-        trainer.store.close()
+        run.store.close()
     assert summary is not None
     table = summary["dynamic"]
     acc = summary["acc_per_exit"]

@@ -80,10 +80,5 @@ class EarlyExitNet(nn.Module):
         """Parameters of the exit heads, exit 0 first."""
         return self.heads.parameters()
 
-    @staticmethod
-    def is_head_key(name: str) -> bool:
-        """True for state_dict / named_parameters keys that belong to an exit head."""
-        return name.startswith("heads.")
-
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_exits={self.num_exits}, input_shape={self.input_shape}"

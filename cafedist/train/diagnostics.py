@@ -47,10 +47,11 @@ from torch import Tensor, nn
 from cafedist.algorithms.base import Algorithm, Phase
 from cafedist.config import DIAGNOSTICS
 from cafedist.rng import derive_seed, generator
-from cafedist.train.client import Client, draw_proxy, forward_batch
+from cafedist.run.client import Client
+from cafedist.train.local import draw_proxy, forward_batch, wants_proxy
 
 if TYPE_CHECKING:  # the loop imports this module; no import cycle at run time
-    from cafedist.train.loop import Trainer
+    from cafedist.train.round import Trainer
 
 __all__ = ["DIAGNOSTICS", "Diagnostics", "client_conflict", "conflict_record", "exit_pairs", "pair_cosines"]
 
@@ -127,7 +128,7 @@ def client_conflict(client: Client, algo: Algorithm, batch_size: int, proxy_batc
     phase = _diag_phase(algo, client, rnd)
     g = generator(seed, "diag", client.cid, rnd)
     idx = torch.randperm(client.n_train, generator=g)[:batch_size].to(data.x_train.device)
-    use_proxy = proxy_x is not None and proxy_idx is not None and algo.uses_proxy_batch(client.view, phase)
+    use_proxy = wants_proxy(algo, client, phase, proxy_x, proxy_idx)
     with _untouched(model, derive_seed(seed, "diag-dropout", client.cid, rnd)):
         proxy = draw_proxy(g, proxy_x, proxy_idx, proxy_batch_size) if use_proxy else None
         batch = forward_batch(model, phase, data.x_train[idx], data.y_train[idx], proxy)
@@ -189,15 +190,15 @@ class Diagnostics:
         client-id order; returns the record entries on rank 0 (``{}`` elsewhere), with the
         time spent as ``t_diag``."""
         t = time.perf_counter()
-        cfg, m = trainer.cfg, trainer.num_exits
+        cfg, run, m = trainer.cfg, trainer.run, trainer.run.num_exits
         width = 2 * len(exit_pairs(m))
         rows = [client_conflict(c, trainer.algo, cfg.train.batch_size, cfg.train.proxy_batch_size, rnd, cfg.seed,
-                                trainer.proxy_x, trainer._targets_subset(c))
+                                run.proxy_x, trainer.exchange.targets_subset(c.state))
                 if active[c.cid] else torch.full((width,), float("nan"), dtype=torch.float64)
                 for c in trainer.clients]
-        local = torch.stack(rows).to(trainer.device) if rows else torch.empty(0, width, dtype=torch.float64,
-                                                                                  device=trainer.device)
-        gathered = trainer.gather_by_client(local)
+        local = torch.stack(rows).to(run.device) if rows else torch.empty(0, width, dtype=torch.float64,
+                                                                              device=run.device)
+        gathered = trainer.rows.gather(local)
         if gathered is None:
             return {}
         return {"conflict": conflict_record(gathered, active, m), "t_diag": round(time.perf_counter() - t, 6)}

@@ -6,19 +6,21 @@ a new leading dimension and one vmapped forward/backward steps all of them at on
 (``torch.func.functional_call`` + ``vmap``; a vmapped convolution becomes a grouped
 convolution), followed by the same SGD (momentum, weight decay) on the stacked tensors.
 
-The math is that of :func:`cafedist.train.client.local_update` for every client:
+The math is that of :func:`cafedist.train.local.local_update` for every client:
 
-* the same keyed random streams: each client's shuffling and proxy positions are drawn from
-  its own ``generator(seed, "shuffle", cid, round, phase)`` in the same order as
-  :func:`~cafedist.train.client.run_phase`;
-* the same loss: ``algo.local_loss`` itself, called under vmap. Clients whose step differs in
+* the same draws: :func:`~cafedist.train.local.step_draws`, the one definition of each
+  client's shuffling and proxy positions;
+* the same batch and loss: :func:`~cafedist.train.local.assemble_batch` and
+  ``algo.local_loss`` itself, called under vmap; ``train.amp`` casts parameters and inputs
+  (autocast does not reach vmapped kernels). Clients whose step differs in
   *structure* -- batch size (a short last batch, fewer samples), whether a proxy batch is
   drawn, which exits are students -- are stepped in separate groups, so inside a group the
   loss's Python control flow is identical for every client and only tensors differ; algorithm
   state entries equal across a group are passed unbatched, the others stacked;
-* the same update as ``torch.optim.SGD`` (``grad.add(p, alpha=wd)``, ``buf.mul_(m).add_(grad)``,
-  ``p.add_(buf, alpha=-lr)``) on each client's own momentum buffers, and parameters that get
-  no gradient (an exit that is not a student) are skipped exactly as SGD skips them.
+* the same update: torch's own SGD step (``torch.optim.sgd.sgd``, what ``torch.optim.SGD``
+  calls) applied to the stacked parameters and each client's own momentum buffers;
+  parameters that get no gradient (an exit that is not a student) are skipped exactly as SGD
+  skips them.
 
 Results equal sequential training to float tolerance (vmapped kernels sum in another order).
 Packing needs (:func:`pack_blocker` says what is missing): an algorithm whose ``local_loss``
@@ -30,17 +32,21 @@ architecture and one plain-SGD setting for all clients.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.optim.sgd import sgd
 
 from cafedist.algorithms.base import Algorithm, Phase
 from cafedist.config import TrainConfig
-from cafedist.rng import generator
-from cafedist.train.client import Client, amp_cast, assemble_batch, run_phase
+from cafedist.run.client import Client
+from cafedist.train.local import amp_cast, assemble_batch, local_update, step_draws, wants_proxy
+
+log = logging.getLogger("cafedist")
 
 
 # ----------------------------------------------------------------------------- can we pack?
@@ -64,7 +70,7 @@ def pack_blocker(clients: Sequence[Client], algo: Algorithm, train: TrainConfig 
         return "no clients"
     if train is not None and train.amp == "fp16":
         return "train.amp: fp16 needs loss scaling, which only the sequential path has (bf16 packs)"
-    if not getattr(algo, "vmappable_loss", False):
+    if not algo.vmappable_loss:
         return f"algorithm {algo.name!r} does not declare a vmappable local_loss"
     first = clients[0]
     if set(first.models) != set(first.optimizers):
@@ -92,28 +98,19 @@ def pack_blocker(clients: Sequence[Client], algo: Algorithm, train: TrainConfig 
     return None
 
 
-# ----------------------------------------------------------------------------- random draws
-@dataclass
-class _Draw:
-    """One client's local step: sample rows and (optionally) proxy positions."""
-
-    idx: Tensor
-    pos: Tensor | None
-
-
-def _draws(client: Client, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
-           n_proxy: int | None) -> list[_Draw]:
-    """The exact draws :func:`run_phase` makes for this client, in the same order."""
-    g = generator(seed, "shuffle", client.cid, round_idx, phase.name)
-    n, bs = client.n_train, train.batch_size
-    epochs = train.local_epochs if phase.epochs is None else phase.epochs
-    out = []
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for start in range(0, n, bs):
-            pos = None if n_proxy is None else torch.randint(0, n_proxy, (train.proxy_batch_size,), generator=g)
-            out.append(_Draw(perm[start:start + bs], pos))
-    return out
+def use_packing(mode: str, clients: Sequence[Client], algo: Algorithm, train: TrainConfig, device: torch.device,
+                warn: bool = True) -> bool:
+    """``train.packed``: auto packs on CUDA only (on CPU a vmapped grouped convolution is
+    slower than separate ones, docs/PERFORMANCE.md); on packs wherever possible (and says
+    why not, when ``warn``); off never packs."""
+    if mode == "off" or len(clients) < 2:
+        return False
+    reason = pack_blocker(clients, algo, train)
+    if reason is not None:
+        if mode == "on" and warn:
+            log.warning("train.packed=on: clients are trained one after another (%s)", reason)
+        return False
+    return mode == "on" or device.type == "cuda"
 
 
 # ----------------------------------------------------------------------------- stacked state
@@ -148,19 +145,18 @@ class _Stack:
     def step(self, members: Tensor | None, grads: dict[str, Tensor]) -> None:
         """``torch.optim.SGD``'s update for the clients ``members`` (None: all), in place."""
         with torch.no_grad():
-            for n, g in grads.items():
-                p = self.params[n] if members is None else self.params[n][members]
-                buf = None if self.bufs is None else (self.bufs[n] if members is None else self.bufs[n][members])
-                if self.wd != 0:
-                    g = g.add(p, alpha=self.wd)
-                if buf is not None:
-                    buf.mul_(self.momentum).add_(g)
-                    g = buf
-                p.add_(g, alpha=-self.lr)
+            names = list(grads)
+            params = [self.params[n] if members is None else self.params[n][members] for n in names]
+            bufs = None if self.bufs is None else [self.bufs[n] if members is None else self.bufs[n][members]
+                                                   for n in names]
+            sgd(params, [grads[n] for n in names], bufs if bufs is not None else [None] * len(names),
+                foreach=False, weight_decay=self.wd, momentum=self.momentum, lr=self.lr, dampening=0.0,
+                nesterov=False, maximize=False)
+            for i, n in enumerate(names):
                 if members is not None:  # advanced indexing copied: write back
-                    self.params[n][members] = p
-                    if buf is not None:
-                        self.bufs[n][members] = buf
+                    self.params[n][members] = params[i]
+                    if bufs is not None:
+                        self.bufs[n][members] = bufs[i]
                 if self.bufs is not None:
                     self.has_buf[n][slice(None) if members is None else members.cpu()] = True
 
@@ -204,15 +200,16 @@ def packed_local_update(clients: Sequence[Client], algo: Algorithm, train: Train
     if reason is not None:
         raise ValueError(f"cannot pack these clients: {reason}")
     k = len(clients)
+    pidx = list(proxy_idx) if isinstance(proxy_idx, (list, tuple)) else [proxy_idx] * k
     if phases is None:
         per_client = []
         for c in clients:
             algo.on_local_start(c.view, round_idx)
             per_client.append(algo.local_phases(c.view, round_idx))
-        if any(p != per_client[0] for p in per_client[1:]):
-            return _sequential(clients, algo, train, round_idx, seed, proxy_x, proxy_idx, per_client)
+        if any(p != per_client[0] for p in per_client[1:]):  # one after another, on the one local path
+            return [local_update(c, algo, train, round_idx, seed, proxy_x, pidx[i], phases=per_client[i])
+                    for i, c in enumerate(clients)]
         phases = per_client[0]
-    pidx = list(proxy_idx) if isinstance(proxy_idx, (list, tuple)) else [proxy_idx] * k
     totals = torch.zeros(k, dtype=torch.float64)
     steps = torch.zeros(k, dtype=torch.float64)
     for phase in phases:
@@ -220,21 +217,6 @@ def packed_local_update(clients: Sequence[Client], algo: Algorithm, train: Train
         totals += t
         steps += s
     return (totals / steps.clamp_min(1)).tolist()
-
-
-def _sequential(clients: Sequence[Client], algo: Algorithm, train: TrainConfig, round_idx: int, seed: int,
-                proxy_x: Tensor | None, proxy_idx, phases: list[list[Phase]]) -> list[float]:
-    """Fallback when clients' phases differ: plain :func:`run_phase`, one client at a time."""
-    out = []
-    for i, c in enumerate(clients):
-        pi = proxy_idx[i] if isinstance(proxy_idx, (list, tuple)) else proxy_idx
-        total, steps = 0.0, 0
-        for phase in phases[i]:
-            t, s = run_phase(c, algo, phase, train, round_idx, seed, proxy_x, pi)
-            total += float(t)
-            steps += s
-        out.append(total / max(steps, 1))
-    return out
 
 
 def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int,
@@ -251,12 +233,11 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
     # what run_phase's only_trainable leaves trainable: requires_grad and accepted by the filter
     trainable = [n for n, p in template.named_parameters()
                  if p.requires_grad and (phase.trainable is None or phase.trainable(n))]
-    use_proxy = [proxy_x is not None and pidx[i] is not None and algo.uses_proxy_batch(c.view, phase)
-                 for i, c in enumerate(clients)]
-    draws = [_draws(c, phase, train, round_idx, seed, pidx[i].shape[0] if use_proxy[i] else None)
+    use_proxy = [wants_proxy(algo, c, phase, proxy_x, pidx[i]) for i, c in enumerate(clients)]
+    draws = [list(step_draws(c, phase, train, round_idx, seed, pidx[i].shape[0] if use_proxy[i] else None))
              for i, c in enumerate(clients)]
     # what must be equal inside a vmapped group: the loss's control flow and the state's keys
-    structure = [(use_proxy[i], tuple(algo.students(c.state).tolist()), tuple(sorted(c.state)))
+    structure = [(use_proxy[i], tuple(algo.trained_exits(c.state).tolist()), tuple(sorted(c.state)))
                  for i, c in enumerate(clients)]
 
     # data padded to the largest client, so one gather serves every client of a step

@@ -3,7 +3,7 @@
 Before queueing a multi-node job it is worth knowing how the clients will be spread over the
 ranks, how big the model is, what a round puts on the wire and whether the clients of a rank
 can be trained packed on a GPU. The plan builds rank 0's part of the run exactly as training
-would (:class:`~cafedist.train.loop.Trainer` with a simulated runtime: same store, same
+would (:func:`~cafedist.run.build.build_run` with a simulated runtime: same store, same
 placement, same algorithm), prints those facts and stops. It prepares the data store if it is
 missing, as training would, but writes nothing into the run directory and starts no process
 group.
@@ -14,9 +14,14 @@ from __future__ import annotations
 import torch
 
 from cafedist.config import Config
+from cafedist.distributed.client_rows import ClientRows
+from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
-from cafedist.train.loop import Trainer, participating
+from cafedist.run.build import Run, build_run
+from cafedist.train.exchange import Exchange
 from cafedist.train.packed import pack_blocker
+from cafedist.train.schedule import participating
+from cafedist.train.sharing import SharedParams
 from cafedist.units import short_count
 
 
@@ -31,11 +36,18 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
         raise ValueError(f"--world-size: expected an integer >= 1, got {world_size}")
     rt = Runtime(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), backend=None,
                  launcher="dry-run")
-    tr = Trainer(cfg, run_dir, rt)
+    tr = build_run(cfg, rt)
+    try:
+        return _describe(tr, cfg, world_size)
+    finally:
+        tr.store.close()
+
+
+def _describe(tr: Run, cfg: Config, world_size: int) -> str:
     sizes = list(tr.setup.train_sizes)
     first_round = participating(cfg.seed, 0, tr.n, cfg.train.clients_per_round)
-    ex_up, ex_down = tr.exchange_bytes()
-    sh_up, sh_down = tr.shared_bytes(first_round)  # partial holders: the clients of round 0
+    ex_up, ex_down = Exchange(tr, ClientRows(Comm(tr.rt), tr.placement, tr.device)).bytes_per_client()
+    sh_up, sh_down = SharedParams.of(tr.algo, tr.probe).bytes_per_client(first_round)  # holders: round 0's
     up, down = ex_up + sh_up, ex_down + sh_down
     fedavg = 8 * tr.n_params
     lines = [
@@ -51,7 +63,7 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
                      f"(comm.exits: {cfg.comm.exits}) on P' = {tr.proxy_size} items, {cfg.comm.logits_dtype}")
     lines.append(f"per client and round: {short_count(up, '.3g')}B up, {short_count(down, '.3g')}B down "
                  f"({(up + down) / fedavg:.4f} of FedAvg's {short_count(fedavg, '.3g')}B)")
-    blocker = pack_blocker(tr.clients, tr.algo, tr.cfg.train) if len(tr.clients) > 1 else "one client per rank"
+    blocker = pack_blocker(tr.clients, tr.algo, cfg.train) if len(tr.clients) > 1 else "one client per rank"
     lines.append(f"packing:    {cfg.train.packed}: on a GPU rank 0's clients would "
                  + ("be stepped together" if blocker is None and cfg.train.packed != "off"
                     else f"be trained one after another ({blocker or 'train.packed: off'})")

@@ -1,72 +1,25 @@
-"""A client is the unit of state: models, optimizers, algorithm state and data live together.
+"""Local training of one client: the draws, the batch, the loss and the optimizer step.
 
-Nothing here depends on the rank a client runs on: model initialisation, shuffling and proxy
-batches are drawn from streams keyed by ``(seed, client id, round)`` (see :mod:`cafedist.rng`),
-so a client trains identically whichever rank hosts it and after a resume.
+Shuffling and proxy batches are drawn from streams keyed by ``(seed, client id, round,
+phase)`` (see :mod:`cafedist.rng`), so a client trains identically whichever rank hosts it
+and after a resume. :func:`step_draws` (the random draws of a phase, in order) and
+:func:`assemble_batch` (the loss's inputs) are shared with packed training
+(:mod:`cafedist.train.packed`), which steps several clients at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase
+from cafedist.algorithms.base import Algorithm, LocalBatch, Phase
 from cafedist.config import TrainConfig
-from cafedist.data.store import ClientData
 from cafedist.rng import derive_seed, generator
-
-
-@dataclass
-class Client:
-    """One federated client hosted on this rank."""
-
-    cid: int
-    models: dict[str, nn.Module]  # "main" (evaluated) and any extra models of the algorithm
-    optimizers: dict[str, torch.optim.Optimizer]
-    data: ClientData
-    state: dict[str, Tensor] = field(default_factory=dict)  # algorithm state (checkpointed)
-
-    @property
-    def model(self) -> nn.Module:
-        return self.models["main"]
-
-    @property
-    def view(self) -> ClientView:
-        """What algorithm hooks get to see (models and state, not data)."""
-        return ClientView(cid=self.cid, models=self.models, state=self.state)
-
-    @property
-    def n_train(self) -> int:
-        return int(self.data.y_train.shape[0])
-
-    @property
-    def n_test(self) -> int:
-        return int(self.data.y_test.shape[0])
-
-
-def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay (the paper's local optimiser)."""
-    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                           weight_decay=train.weight_decay)
-
-
-def reset_optimizers(client: Client) -> None:
-    """Forget every optimizer's state (SGD momentum buffers): the next step starts fresh."""
-    for opt in client.optimizers.values():
-        opt.state.clear()
-
-
-def build_client_model(build: Callable[[], nn.Module], seed: int, key: object) -> nn.Module:
-    """Build a model whose initial weights depend only on (seed, key), e.g. the client id."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "init", key))
-        return build()
-
+from cafedist.run.client import Client
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -133,6 +86,37 @@ def draw_proxy(g: torch.Generator, proxy_x: Tensor, proxy_idx: Tensor, size: int
     return proxy_x[proxy_idx[pos]], pos
 
 
+def wants_proxy(algo: Algorithm, client: Client, phase: Phase, proxy_x: Tensor | None,
+                proxy_idx: Tensor | None) -> bool:
+    """Whether this client's steps in ``phase`` also draw a proxy mini-batch: the algorithm asks
+    for one and the client holds targets (``proxy_idx``, the subset they were computed on)."""
+    return proxy_x is not None and proxy_idx is not None and algo.uses_proxy_batch(client.view, phase)
+
+
+@dataclass
+class Draw:
+    """The random draws of one local step: private sample rows and, when the step has a proxy
+    batch, positions into the client's targets."""
+
+    idx: Tensor
+    pos: Tensor | None
+
+
+def step_draws(client: Client, phase: Phase, train: TrainConfig, round_idx: int, seed: int,
+               n_targets: int | None) -> Iterator[Draw]:
+    """Every step's draws of ``phase`` in order: per epoch a permutation of the private rows,
+    cut into batches; per batch (when ``n_targets`` is given) ``proxy_batch_size`` positions
+    into the targets. The one definition of the draw order, for both training paths."""
+    g = generator(seed, "shuffle", client.cid, round_idx, phase.name)
+    n, bs = client.n_train, train.batch_size
+    epochs = train.local_epochs if phase.epochs is None else phase.epochs
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for start in range(0, n, bs):
+            pos = None if n_targets is None else torch.randint(0, n_targets, (train.proxy_batch_size,), generator=g)
+            yield Draw(perm[start:start + bs], pos)
+
+
 def forward_batch(model: nn.Module, phase: Phase, xb: Tensor, yb: Tensor,
                   proxy: tuple[Tensor, Tensor] | None = None, amp: str = "off") -> LocalBatch:
     """The :class:`LocalBatch` of one step: a forward pass of the private inputs, together
@@ -154,33 +138,30 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
     """
     model, opt, data = client.models[phase.model], client.optimizers[phase.model], client.data
     device = data.x_train.device
-    g = generator(seed, "shuffle", client.cid, round_idx, phase.name)
-    use_proxy = proxy_x is not None and proxy_idx is not None and algo.uses_proxy_batch(client.view, phase)
+    use_proxy = wants_proxy(algo, client, phase, proxy_x, proxy_idx)
     torch.manual_seed(derive_seed(seed, "dropout", client.cid, round_idx, phase.name))  # dropout stream
     model.train()
-    n, bs = client.n_train, train.batch_size
     total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
-    epochs = train.local_epochs if phase.epochs is None else phase.epochs
     scaler = torch.amp.GradScaler(device.type) if train.amp == "fp16" else None
     with only_trainable(model, phase.trainable):
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=g).to(device)
-            for start in range(0, n, bs):
-                idx = perm[start:start + bs]
-                xb, yb = data.x_train[idx], data.y_train[idx]
-                proxy = draw_proxy(g, proxy_x, proxy_idx, train.proxy_batch_size) if use_proxy else None
-                batch = forward_batch(model, phase, xb, yb, proxy, train.amp)
-                loss = algo.local_loss(client.state, batch)
-                opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:  # fp16 needs loss scaling to keep small gradients representable
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                total += loss.detach().to(torch.float64)
-                steps += 1
+        for draw in step_draws(client, phase, train, round_idx, seed, proxy_idx.shape[0] if use_proxy else None):
+            idx = draw.idx.to(device)
+            proxy = None
+            if use_proxy:
+                pos = draw.pos.to(proxy_x.device)
+                proxy = (proxy_x[proxy_idx[pos]], pos)
+            batch = forward_batch(model, phase, data.x_train[idx], data.y_train[idx], proxy, train.amp)
+            loss = algo.local_loss(client.state, batch)
+            opt.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:  # fp16 needs loss scaling to keep small gradients representable
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            total += loss.detach().to(torch.float64)
+            steps += 1
     return total, steps
 
 
@@ -208,15 +189,3 @@ def proxy_logits(model: nn.Module, x: Tensor, batch_size: int = 1024, amp: str =
         chunks = [torch.stack(model(x[i:i + batch_size])).float() for i in range(0, x.shape[0], batch_size)]
     model.train(was_training)
     return torch.cat(chunks, dim=1).float()
-
-
-def model_hash(model: nn.Module) -> str:
-    """sha256 over the model's state_dict (names, shapes, dtypes, bytes), short hex."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]

@@ -14,6 +14,9 @@ fsyncs them; rank 0 then writes ``server.pt`` and ``MANIFEST.json``, renames the
 into place, updates ``latest`` and prunes old checkpoints. A directory without a verifying
 manifest is never used. Shards are keyed by client id, not rank, so a run written by 4 ranks
 resumes on 2. Loading uses ``torch.load(weights_only=True)``: no code runs from a checkpoint.
+
+:func:`save_checkpoint` and :func:`load_checkpoint` do this for a rank's clients and the
+algorithm's coordinator state; every rank calls them together.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
+from cafedist.algorithms.base import Algorithm
+from cafedist.distributed.comm import Comm
 from cafedist.errors import CheckpointError
 from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_text_atomic
+from cafedist.run.client import Client
 
 log = logging.getLogger("cafedist")
 
@@ -164,3 +171,64 @@ class CheckpointDir:
             except CheckpointError as exc:
                 warn(f"skipping checkpoint: {exc}")
         return None
+
+
+# ----------------------------------------------------------------------------- a rank's clients
+RESUME_MODES = ("auto", "none", "force")
+
+
+def save_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo: Algorithm, round_idx: int, *,
+                    config_hash: str, keep: int, before_commit: Callable[[], None] | None = None) -> None:
+    """All ranks: write my clients' shards; rank 0 commits the checkpoint of ``round_idx``.
+    ``before_commit`` runs on every rank once the shards are written (fault injection)."""
+    rt = comm.rt
+    if rt.is_main:
+        ckpt.begin(round_idx)
+    comm.barrier()
+    files = {}
+    for c in clients:
+        shard = {"models": {k: m.state_dict() for k, m in c.models.items()},
+                 "optimizers": {k: o.state_dict() for k, o in c.optimizers.items()},
+                 "algo": dict(c.state), "cid": c.cid}
+        name, digest = ckpt.write_client(round_idx, c.cid, shard)
+        files[name] = digest
+    every = comm.all_gather_object(files)
+    if before_commit is not None:
+        before_commit()
+    if rt.is_main:
+        merged = {k: v for part in every for k, v in part.items()}
+        server = {"round": round_idx, "algo": algo.server_state(), "config_hash": config_hash}
+        ckpt.commit(round_idx, server, merged, world_size=rt.world_size, config_hash=config_hash, keep=keep)
+    comm.barrier()
+
+
+def load_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo: Algorithm, *,
+                    config_hash: str, resume: str = "auto") -> int:
+    """All ranks: restore my clients and the algorithm from the newest valid checkpoint;
+    returns the next round to run (0 if there is none). A checkpoint of another config is
+    refused unless ``resume`` is ``"force"``."""
+    rt = comm.rt
+    ref = None
+    if rt.is_main:
+        ref = ckpt.newest_valid()
+        if ref is not None and ref.manifest.get("config_hash") not in (None, config_hash) and resume != "force":
+            raise CheckpointError(f"{ref.path}: written by a different config "
+                                  f"(use --resume force to continue anyway)")
+    path = comm.broadcast_object(None if ref is None else str(ref.path))
+    if path is None:
+        return 0
+    path = Path(path)
+    for c in clients:
+        shard = load_torch(path / client_file(c.cid))
+        for k, m in c.models.items():
+            m.load_state_dict(shard["models"][k])
+        for k, o in c.optimizers.items():
+            o.load_state_dict(shard["optimizers"][k])
+        c.state = {k: v.to(rt.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
+    server = load_torch(path / "server.pt")
+    algo.load_server_state(server.get("algo", {}))
+    done = int(server["round"])
+    if ref is not None:
+        log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
+                 ref.manifest["world_size"], rt.world_size)
+    return done + 1

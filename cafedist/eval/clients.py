@@ -1,0 +1,97 @@
+"""Evaluating a rank's clients: per-client rows gathered in client-id order, then pooled.
+
+Every function that gathers must be called by every rank together (training calls them on all
+ranks; ``cafedist eval`` on one). Each client answers with its algorithm's ``eval_model``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from cafedist.algorithms.base import Algorithm
+from cafedist.distributed.client_rows import ClientRows
+from cafedist.eval.dynamic import dynamic_counts, dynamic_table, mac_reduction_at_loss
+from cafedist.eval.exits import exit_predictions, per_exit_correct
+from cafedist.run.client import Client, model_hash
+
+
+def client_test_stats(clients: Sequence[Client], algo: Algorithm, losses: Sequence[float], rows: ClientRows,
+               num_exits: int, evaluate: bool) -> Tensor:
+    """[n, 2 + m] float64 (loss, n_test, correct per exit; NaN when not ``evaluate``), client
+    order, on every rank."""
+    out = []
+    for c, loss in zip(clients, losses):
+        if evaluate:
+            pred, _ = exit_predictions(algo.eval_model(c.view), c.data.x_test)
+            correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
+        else:
+            correct = torch.full((num_exits,), float("nan"), dtype=torch.float64)
+        out.append(torch.cat([torch.tensor([loss, c.n_test], dtype=torch.float64), correct]))
+    return rows.gather(torch.stack(out).to(rows.device), to_all=True).cpu()
+
+
+def val_accuracy(clients: Sequence[Client], algo: Algorithm, rows: ClientRows, num_exits: int,
+                 to_all: bool) -> tuple[list[float], list[list[float] | None]] | None:
+    """Validation accuracy per exit (pooled over clients, weighted by their validation sizes,
+    like ``acc_per_exit``) and per client (None for a client without validation samples);
+    None on ranks other than 0 unless ``to_all``."""
+    out = []
+    for c in clients:
+        n_val = int(c.data.y_val.shape[0])
+        correct = torch.zeros(num_exits, dtype=torch.float64)
+        if n_val:
+            pred, _ = exit_predictions(algo.eval_model(c.view), c.data.x_val)
+            correct = per_exit_correct(pred, c.data.y_val).to(torch.float64).cpu()
+        out.append(torch.cat([torch.tensor([n_val], dtype=torch.float64), correct]))
+    allrows = rows.gather(torch.stack(out).to(rows.device), to_all=to_all)
+    if allrows is None:
+        return None
+    n_val, correct = allrows[:, 0].cpu(), allrows[:, 1:].cpu()
+    pooled = (correct.sum(0) / max(float(n_val.sum()), 1.0)).tolist()
+    per_client = [(correct[i] / n_val[i]).tolist() if n_val[i] > 0 else None for i in range(n_val.shape[0])]
+    return pooled, per_client
+
+
+def final_evaluation(clients: Sequence[Client], algo: Algorithm, rows: ClientRows, macs: list[int],
+                     num_exits: int, has_val: bool, is_main: bool) -> dict[str, Any] | None:
+    """Accuracy per exit and per client, dynamic inference over thresholds, validation
+    accuracy (when the store has the split) and model hashes; rank 0 returns it."""
+    m = num_exits
+    out = []
+    for c in clients:
+        pred, conf = exit_predictions(algo.eval_model(c.view), c.data.x_test)
+        counts = dynamic_counts(pred.cpu(), conf.cpu(), c.data.y_test.cpu(), macs)
+        correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
+        out.append(torch.cat([torch.tensor([c.n_test], dtype=torch.float64), correct,
+                              counts["correct"].to(torch.float64), counts["macs"].to(torch.float64),
+                              counts["exits"].to(torch.float64).reshape(-1)]))
+    allrows = rows.gather(torch.stack(out).to(rows.device), to_all=False)
+    hashes = rows.comm.all_gather_object({c.cid: model_hash(c.model) for c in clients})
+    val = val_accuracy(clients, algo, rows, m, to_all=False) if has_val else None
+    if not is_main:
+        return None
+    allrows = allrows.cpu()
+    n = allrows.shape[0]
+    n_test, correct = allrows[:, 0], allrows[:, 1:1 + m]
+    nth = (allrows.shape[1] - 1 - m) // (2 + m)
+    o = 1 + m
+    dyn = {"correct": allrows[:, o:o + nth].sum(0).round().to(torch.int64),
+           "macs": allrows[:, o + nth:o + 2 * nth].sum(0),
+           "exits": allrows[:, o + 2 * nth:].reshape(n, nth, m).sum(0).round().to(torch.int64),
+           "n": n_test.sum().round().to(torch.int64)}
+    table = dynamic_table(dyn, macs)
+    acc = (correct.sum(0) / n_test.sum()).tolist()
+    merged = {k: v for part in hashes for k, v in part.items()}
+    val_fields = {"val_acc_per_exit": val[0], "val_acc_per_client": val[1]} if val is not None else {}
+    return {
+        "acc_per_exit": acc,
+        "acc_per_client": [(correct[i] / n_test[i]).tolist() for i in range(n)],
+        **val_fields,
+        "macs_per_exit": macs,
+        "dynamic": table,
+        "mac_reduction_at_1pt": mac_reduction_at_loss(table, acc[-1], 0.01),
+        "model_hashes": {str(k): merged[k] for k in sorted(merged)},
+    }

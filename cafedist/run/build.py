@@ -1,0 +1,123 @@
+"""Building one rank's part of a run from its config: the one way train, dry-run and eval do it.
+
+config -> store (prepared when missing, or opened read-only) -> placement of clients on ranks
+-> model factory and costs -> algorithm with its :class:`~cafedist.algorithms.base.Setup`
+-> this rank's clients (models, optimizers, algorithm state, data on the device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from cafedist.algorithms import get_algorithm
+from cafedist.algorithms.base import Algorithm, Setup
+from cafedist.config import Config
+from cafedist.data.prepare import ensure_store
+from cafedist.data.store import Store
+from cafedist.distributed.placement import place_clients
+from cafedist.distributed.runtime import Runtime
+from cafedist.errors import DataError
+from cafedist.models import build_model, macs_per_exit
+from cafedist.run.client import Client, build_client_model, compile_in_place, make_optimizer
+
+
+@dataclass
+class Run:
+    """One rank's part of a run: what every command that trains or evaluates it starts from."""
+
+    cfg: Config
+    rt: Runtime
+    store: Store
+    placement: list[list[int]]  # client ids per rank
+    algo: Algorithm
+    setup: Setup
+    build: Callable[[], nn.Module]  # an untrained instance of the run's architecture
+    probe: nn.Module  # one such instance, for parameter names and shapes
+    macs: list[int]  # MACs per sample to reach each exit
+    proxy_x: Tensor | None  # the proxy inputs on the device (algorithms that exchange logits)
+    clients: list[Client]  # this rank's clients, in placement order
+
+    @property
+    def n(self) -> int:
+        return self.setup.num_clients
+
+    @property
+    def num_exits(self) -> int:
+        return self.setup.num_exits
+
+    @property
+    def proxy_size(self) -> int:
+        return self.setup.proxy_size
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.probe.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+
+def open_store(cfg: Config, prepare: bool = True) -> Store:
+    """The config's store: prepared first when missing (``prepare``), else opened read-only."""
+    data = cfg.data
+    path = data.store_path(cfg.seed)
+    if prepare:
+        path = ensure_store(path, dataset=data.dataset, root=data.root, clients=data.clients, alpha=data.alpha,
+                            proxy_fraction=data.proxy_fraction, test_fraction=data.test_fraction,
+                            min_size=data.min_size, seed=cfg.seed, loader_options=data.options or None,
+                            val_fraction=data.val_fraction)
+    elif not path.is_file():
+        raise DataError(f"{path}: the run's data store is missing (`cafedist train` or `cafedist prepare` "
+                        f"builds it from the run's config)")
+    return Store(path)
+
+
+def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True) -> Run:
+    """This rank's part of the run of ``cfg`` (see the module docstring)."""
+    store = open_store(cfg, prepare_store)
+    sizes = [tr for tr, _ in store.client_sizes()]
+    placement = place_clients(sizes, rt.world_size)
+    options = dict(cfg.model.options)
+    if store.kind == "text":
+        options.setdefault("vocab_size", store.vocab_size)
+
+    def build() -> nn.Module:
+        return build_model(cfg.model.arch, tuple(store.input_shape), store.num_classes, **options)
+
+    macs = [int(v) for v in macs_per_exit(build(), tuple(store.input_shape))]
+    algo_cls = get_algorithm(cfg.algorithm.name)
+    params = cfg.algorithm_params()
+    probe = build()
+    proxy_x = store.load_proxy(device=rt.device) if algo_cls.needs_proxy(params) else None
+    setup = Setup(num_clients=store.num_clients, num_exits=probe.num_exits, num_classes=store.num_classes,
+                  rounds=cfg.train.rounds, train_sizes=tuple(sizes), seed=cfg.seed,
+                  local_epochs=cfg.train.local_epochs,
+                  proxy_size=algo_cls.proxy_size(params, proxy_x.shape[0]) if proxy_x is not None else 0)
+    algo = algo_cls(params, setup)
+    algo.bind_model(probe)
+    if algo.exchanges_logits:
+        algo.sent_exits()  # an algorithm breaking the proxy_exits contract fails before round 0
+    clients = [_make_client(cfg, algo, build, store, rt.device, cid) for cid in placement[rt.rank]]
+    return Run(cfg=cfg, rt=rt, store=store, placement=placement, algo=algo, setup=setup, build=build, probe=probe,
+               macs=macs, proxy_x=proxy_x, clients=clients)
+
+
+def _make_client(cfg: Config, algo: Algorithm, build: Callable[[], nn.Module], store: Store,
+                 device: torch.device, cid: int) -> Client:
+    """A client at its initial weights (keyed by seed and client id, or common), on ``device``."""
+    key = "common" if algo.common_init else cid
+    models = {"main": build_client_model(build, cfg.seed, key).to(device)}
+    for name in algo.extra_models:
+        models[name] = build_client_model(build, cfg.seed, (key, name)).to(device)
+    if cfg.train.compile:
+        for m in models.values():
+            compile_in_place(m)
+    return Client(cid=cid, models=models,
+                  optimizers={k: make_optimizer(m, cfg.train) for k, m in models.items()},
+                  data=store.load_client(cid, device=device),
+                  state=algo.init_client_state(cid))

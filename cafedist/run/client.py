@@ -1,0 +1,90 @@
+"""A client is the unit of state: models, optimizers, algorithm state and data live together.
+
+Nothing here depends on the rank a client runs on: model initialisation is drawn from a
+stream keyed by ``(seed, client id)`` (see :mod:`cafedist.rng`), so a client is the same
+whichever rank hosts it and after a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from cafedist.algorithms.base import ClientView
+from cafedist.config import TrainConfig
+from cafedist.data.store import ClientData
+from cafedist.rng import derive_seed
+
+log = logging.getLogger("cafedist")
+
+
+@dataclass
+class Client:
+    """One federated client hosted on this rank."""
+
+    cid: int
+    models: dict[str, nn.Module]  # "main" (evaluated) and any extra models of the algorithm
+    optimizers: dict[str, torch.optim.Optimizer]
+    data: ClientData
+    state: dict[str, Tensor] = field(default_factory=dict)  # algorithm state (checkpointed)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models["main"]
+
+    @property
+    def view(self) -> ClientView:
+        """What algorithm hooks get to see (models and state, not data)."""
+        return ClientView(cid=self.cid, models=self.models, state=self.state)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.data.y_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.data.y_test.shape[0])
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay (the paper's local optimiser)."""
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay)
+
+
+def reset_optimizers(client: Client) -> None:
+    """Forget every optimizer's state (SGD momentum buffers): the next step starts fresh."""
+    for opt in client.optimizers.values():
+        opt.state.clear()
+
+
+def build_client_model(build: Callable[[], nn.Module], seed: int, key: object) -> nn.Module:
+    """Build a model whose initial weights depend only on (seed, key), e.g. the client id."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init", key))
+        return build()
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """``train.compile``: compile a model's forward in place (keeps state_dict keys), or warn."""
+    try:
+        model.compile()
+    except Exception as exc:  # noqa: BLE001 - no compiler toolchain: eager mode still works
+        log.warning("train.compile: torch.compile unavailable (%s); running eagerly", type(exc).__name__)
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 over the model's state_dict (names, shapes, dtypes, bytes), short hex."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,86 @@
+"""The coordinator exchange of a round: rows up to rank 0, aggregation, each client's row back.
+
+What goes up: every client's proxy logits on this round's proxy subset (the exits the
+algorithm reads, or all: ``comm.exits``; in ``comm.logits_dtype`` on the wire) and the
+algorithm's other upload rows. Rank 0 aggregates them in client-id order; each rank then
+receives only its own clients' payload rows, which active clients take.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cafedist.distributed.client_rows import ClientRows
+from cafedist.run.build import Run
+from cafedist.train.local import proxy_logits
+from cafedist.train.schedule import proxy_subset
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Exchange:
+    """One run's coordinator step (a no-op for algorithms without one)."""
+
+    def __init__(self, run: Run, rows: ClientRows):
+        self.run, self.rows = run, rows
+        self.algo, self.cfg = run.algo, run.cfg
+        self.wire = DTYPES[self.cfg.comm.logits_dtype]
+        self.exits = self.algo.sent_exits(every_exit=self.cfg.comm.exits == "all") if self.algo.exchanges_logits \
+            else []
+
+    @property
+    def active(self) -> bool:
+        """Whether the coordinator step runs at all this run."""
+        return self.algo.uses_exchange()
+
+    def bytes_per_client(self) -> tuple[int, int]:
+        """Bytes one client sends and receives per round: proxy logits of the sent exits in
+        ``comm.logits_dtype`` plus the algorithm's upload rows, up; its payload rows, down."""
+        algo = self.algo
+        if not self.active:
+            return 0, 0
+        up = len(self.exits) * self.run.proxy_size * self.run.setup.num_classes * self.wire.itemsize
+        up += sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.upload_spec().values())
+        down = sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
+        return up, down
+
+    def targets_subset(self, state: dict[str, Tensor]) -> Tensor | None:
+        """The proxy subset a client's current targets were computed on (None: no targets)."""
+        rnd = self.algo.targets_round(state)
+        if rnd is None or self.run.proxy_x is None:
+            return None
+        return proxy_subset(self.cfg.seed, rnd, self.run.proxy_x.shape[0], self.run.proxy_size).to(self.run.device)
+
+    def __call__(self, rnd: int, active: Tensor, timers: dict[str, float]) -> dict[str, Any]:
+        """Run the exchange of round ``rnd`` on every rank; returns rank 0's report ({} elsewhere)."""
+        algo, clients, device = self.algo, self.run.clients, self.run.device
+        local: dict[str, Tensor] = {}
+        if algo.exchanges_logits:
+            proxy_x = self.run.proxy_x
+            xp = proxy_x[proxy_subset(self.cfg.seed, rnd, proxy_x.shape[0], self.run.proxy_size).to(device)]
+            local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp, amp=self.cfg.train.amp)[self.exits]
+                                           for c in clients])  # [k, e, P', C]
+        uploads = [algo.upload(c.view) for c in clients]
+        for key in algo.upload_spec():
+            local[key] = torch.stack([u[key] for u in uploads]).to(device)
+        t = time.perf_counter()
+        gathered = {key: self.rows.gather(rows, transport_dtype=self.wire if key == "logits" and
+                                          self.wire != torch.float32 else None)
+                    for key, rows in local.items()}
+        timers["t_comm"] += time.perf_counter() - t
+        payload, report = None, {}
+        if self.run.rt.is_main:
+            t = time.perf_counter()
+            payload, report = algo.aggregate(rnd, gathered, active.to(device))
+            timers["t_aggregate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        mine = self.rows.scatter(payload, algo.payload_spec())
+        timers["t_comm"] += time.perf_counter() - t
+        for j, c in enumerate(clients):
+            if active[c.cid]:
+                algo.receive(c.view, {k: v[j] for k, v in mine.items()}, rnd)
+        return report

@@ -1,0 +1,50 @@
+"""What a run writes about itself: one record per round (metrics.jsonl) and the final summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cafedist.distributed.client_rows import ClientRows
+from cafedist.eval.clients import final_evaluation
+from cafedist.run.build import Run
+
+
+def round_metrics(stats: Tensor, train_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """``loss`` (sample-weighted over the clients that trained) and, when the round was
+    evaluated, ``acc_per_exit``, from the gathered rows of
+    :func:`~cafedist.eval.clients.client_test_stats`."""
+    loss, n_test, correct = stats[:, 0], stats[:, 1], stats[:, 2:]
+    trained = ~torch.isnan(loss)
+    w = torch.tensor(train_sizes, dtype=torch.float64)[trained]
+    record: dict[str, Any] = {"loss": float((loss[trained] * w).sum() / w.sum()) if trained.any() else None}
+    if not torch.isnan(correct).any():
+        record["acc_per_exit"] = (correct.sum(0) / n_test.sum()).tolist()
+    return record
+
+
+def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str, Any]],
+            wall: float) -> dict[str, Any] | None:
+    """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it)."""
+    ev = final_evaluation(run.clients, run.algo, rows, run.macs, run.num_exits, run.store.has_val, run.rt.is_main)
+    if ev is None:
+        return None
+    per_client_bytes = records[-1]["bytes_up"] + records[-1]["bytes_down"] if records else 0
+    fedavg_bytes = 2 * run.n_params * 4
+    hashes = ev.pop("model_hashes")
+    return {
+        "algorithm": run.cfg.algorithm.name,
+        "rounds": run.cfg.train.rounds,
+        "num_clients": run.n,
+        "world_size": run.rt.world_size,
+        **ev,
+        "bytes_per_client_per_round": per_client_bytes,
+        "fedavg_bytes_per_client_per_round": fedavg_bytes,
+        "ratio_to_fedavg": per_client_bytes / fedavg_bytes,
+        "n_params": run.n_params,
+        "model_hashes": hashes,
+        "config_hash": config_hash,
+        "wall_seconds": round(wall, 3),
+    }

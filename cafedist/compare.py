@@ -644,19 +644,11 @@ def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: 
 
     base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
     tuning.check_tunable(base.data.val_fraction, axes)
-    seed_list = resolve_seeds(seeds, base.seed)
-    counts = {v.name: len(settings[v.name]) for v in variants}
-    log.info("compare --tune: %d trials on seed %d (%s), then the chosen settings on seeds %s",
-             sum(counts.values()), seed_list[0], ", ".join(f"{k} {n}" for k, n in counts.items()),
-             ", ".join(map(str, seed_list)))
-    if len(set(counts.values())) > 1:
-        log.warning("compare --tune: methods get different numbers of trials (%s): the grid keys that apply "
-                    "differ; results.md says so", ", ".join(f"{k} {n}" for k, n in counts.items()))
 
     def plan(variant: Variant, setting: Setting, seed: int) -> PlannedRun:
         return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
 
-    return tuning.tune(variants, settings, seed_list, plan, run)
+    return tuning.tune(variants, settings, resolve_seeds(seeds, base.seed), plan, run)
 
 
 def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",

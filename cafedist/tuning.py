@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 import yaml
 
 from cafedist.errors import ConfigError
+
+log = logging.getLogger("cafedist")
 
 #: keys ``compare`` itself controls, so a grid over them would fight its own flags
 _CONTROLLED = {"seed": "--seeds", "algorithm.name": "--algorithms"}
@@ -219,7 +222,13 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
     """Trials of every method's settings on ``seeds[0]``, the choice, then the chosen settings
     on every seed. ``methods`` have a ``name``; ``plan(method, setting, seed)`` makes a planned
     run and ``execute(runs)`` runs them (reusing finished ones), one outcome per run in order."""
-    trial_runs = {m.name: [plan(m, s, seeds[0]) for s in settings[m.name]] for m in methods}
+    counts = ", ".join(f"{m.name} {len(settings[m.name])}" for m in methods)
+    trial_runs = {m.name: [plan(m, s, seeds[0]) for s in settings[m.name]] for m in methods}  # validates all first
+    log.info("compare --tune: trials on seed %d (%s), then the chosen settings on seeds %s",
+             seeds[0], counts, ", ".join(map(str, seeds)))
+    if len({len(settings[m.name]) for m in methods}) > 1:
+        log.warning("compare --tune: the methods get different numbers of trials (%s), because the grid keys "
+                    "that apply to them differ; results.md says so", counts)
     flat = execute([r for runs in trial_runs.values() for r in runs])
     result: TuneResult[O] = TuneResult(seed=seeds[0])
     it = iter(flat)

@@ -513,7 +513,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     info = rows or {}
     tuned = any(i.trials for i in info.values())  # the chosen setting is not in the row's name
     if names:
-        head = ["algorithm", "seeds", "rounds"] + ["setting", "trials"] * tuned + [
+        head = ["algorithm", "seeds"] + ["rounds"] * (rows is not None) + ["setting", "trials"] * tuned + [
             f"exit {k} ({short_count(get(names[0], 'exit_macs', k).mean)} MACs)"
             if get(names[0], "exit_macs", k) else f"exit {k}" for k in range(1, n_exits + 1)]
         lines += ["## Personalized accuracy per exit (%)", "", _md_row(head), _md_row(["---"] * len(head))]
@@ -521,7 +521,8 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
             n = max(s.n for s in stats if s.algorithm == name)
             row = info.get(name) or RowInfo(name, "", "", "", "")
             extra = [f"`{row.setting}`" if row.setting else "–", row.trials] if tuned else []
-            lines.append(_md_row([name, str(n), row.rounds or "–", *extra]
+            rounds = [row.rounds or "–"] if rows is not None else []
+            lines.append(_md_row([name, str(n), *rounds, *extra]
                                  + [_pm(get(name, "accuracy", k)) for k in range(1, n_exits + 1)]))
         lines += ["", "## Dynamic inference: accuracy (%) / mean MACs per sample at confidence threshold θ", "",
                   "A sample leaves at the first exit whose softmax confidence is ≥ θ; the last exit always answers.",

@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from cafedist import runtables, tuning
 from cafedist.errors import ConfigError
 from cafedist.fsutil import write_text_atomic
-from cafedist import runtables, tuning
 from cafedist.runtables import RowInfo
-from cafedist.tuning import Setting, TuneResult
+from cafedist.tuning import NO_SETTING, Setting, TuneResult
 from cafedist.units import short_count
 
 log = logging.getLogger("cafedist")
@@ -154,7 +154,7 @@ class PlannedRun:
     config: str | None  # absolute path of the YAML file
     overrides: tuple[str, ...]  # user overrides, then the setting's, then the variant's, then the seed
     config_hash: str  # of the resolved config: what a reusable summary.json must carry
-    setting: Setting = Setting()  # the grid point (empty without --grid)
+    setting: Setting = NO_SETTING  # the grid point (empty without --grid)
     row: str = ""  # the report row the run belongs to (default: the variant name)
 
     def __post_init__(self) -> None:
@@ -181,7 +181,7 @@ class PlannedRun:
 
 
 def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out: str | os.PathLike,
-             overrides: Sequence[str] = (), setting: Setting = Setting(), row: str = "") -> PlannedRun:
+             overrides: Sequence[str] = (), setting: Setting = NO_SETTING, row: str = "") -> PlannedRun:
     """One run, its directory (``runs/<variant>[/<setting>]/seed<seed>``) and its resolved
     config (validated now, so a typo fails before anything starts)."""
     from cafedist.config import config_hash, load_config
@@ -207,7 +207,7 @@ def plan_runs(config: str | os.PathLike | None, variants: Sequence[Variant], see
     base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
     runs = []
     for variant in variants:
-        for setting in (settings or {}).get(variant.name, [Setting()]):
+        for setting in (settings or {}).get(variant.name, [NO_SETTING]):
             row = f"{variant.name} [{setting.label}]" if setting.pairs else variant.name
             for seed in resolve_seeds(seeds, base.seed):
                 runs.append(plan_run(config, variant, seed, out, overrides, setting, row))
@@ -490,8 +490,8 @@ def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
 
 def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
                      thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
-                     rows: dict[str, RowInfo] | None = None, tuning: Sequence[str] = ()) -> str:
-    """The ``results.md`` text: the command line first, then the tables, the ``tuning`` lines,
+                     rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = ()) -> str:
+    """The ``results.md`` text: the command line first, then the tables, the ``tuning_lines``,
     failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
     setting and trial count, to the accuracy table."""
     index = {(s.algorithm, s.metric, s.exit, s.threshold): s for s in stats}
@@ -546,8 +546,8 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
             b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
             lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
                                   short_count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
-    if tuning:
-        lines += [""] + list(tuning)
+    if tuning_lines:
+        lines += [""] + list(tuning_lines)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -147,6 +147,10 @@ class Setting:
         return f"{safe[:80]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+#: the setting of a method no grid axis applies to: it runs with the config as given
+NO_SETTING = Setting()
+
+
 def settings_for(axes: Sequence[GridAxis], algorithm: str, budget: int | None = None) -> list[Setting]:
     """The settings of a method running the registered ``algorithm``: the product of the axes
     that apply to it (first axis slowest), the first ``budget`` of them if given."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -121,7 +121,7 @@ class M:
 
 
 def _val(*last: float | None) -> list[FakeOutcome]:
-    return [FakeOutcome(FakeRun(M("x"), Setting(((f"k", str(i)),)), 0,
+    return [FakeOutcome(FakeRun(M("x"), Setting((("k", str(i)),)), 0,
                                 None if v is None else {"val_acc_per_exit": [0.1, v], "acc_per_exit": [0.9, 0.99]}),
                         "failed" if v is None else "done") for i, v in enumerate(last)]
 

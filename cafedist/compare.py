@@ -775,9 +775,8 @@ def main(args: argparse.Namespace) -> int:
         for name in result.tuned.trials:
             setting = result.tuned.chosen_setting(name)
             print(f"tuned {name}: " + ("no trial finished" if setting is None else setting.label or "(config as given)"))
-    print(f"wrote {result.paths['md']} and {result.paths['csv']}"
-          + (f" (+ {result.paths['accuracy_vs_macs'].name}, {result.paths['per_exit_accuracy'].name})"
-             if "accuracy_vs_macs" in result.paths else ""))
+    extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]
+    print(f"wrote {result.paths['md']} and {result.paths['csv']} (+ {', '.join(extra)})")
     if result.failed:
         print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
         return 1

@@ -645,6 +645,7 @@ def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: 
 
     base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
     tuning.check_tunable(base.data.val_fraction, axes)
+    overrides = tuple(overrides)
 
     def plan(variant: Variant, setting: Setting, seed: int) -> PlannedRun:
         return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
@@ -677,6 +678,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
 
     tuned = None
     if tune:
+        overrides = tuning.with_validation_split(config, overrides)
         tuned = _tune(config, variants, seeds, out, overrides, settings, axes, run)
         outcomes = tuned.finals
     else:
@@ -716,7 +718,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "without --tune every setting is its own row")
     g.add_argument("--tune", action="store_true",
                    help="train every setting on the first seed, choose per method by validation accuracy at the "
-                        "last exit, then run the chosen setting on every seed (needs data.val_fraction > 0)")
+                        "last exit, then run the chosen setting on every seed (on a validation split: "
+                        "data.val_fraction, 0.1 when the config has none)")
     g.add_argument("--budget", type=int, default=None, metavar="N",
                    help="at most N settings (trials) per method: the first N in grid order")
     s = p.add_argument_group("submitit (see `cafedist submit --help`)")

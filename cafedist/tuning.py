@@ -7,7 +7,8 @@ its key is ``algorithm.<name>.*`` for another registered algorithm than the meth
 ablations ``cafedistill-no*`` read the ``cafedistill`` section). ``--budget N`` keeps the
 first N settings of each method, in that order.
 
-``--tune`` (:func:`tune`) needs ``data.val_fraction > 0``. It trains every setting of every
+``--tune`` (:func:`tune`) chooses on the validation split (``data.val_fraction``; compare adds 0.1
+when the config has none, :func:`with_validation_split`). It trains every setting of every
 method on the first seed (the *trials*), picks per method the setting with the highest
 validation accuracy at the last exit (``summary.json`` ``val_acc_per_exit[-1]``; ties go to
 the earlier setting in grid order), then trains the chosen setting on every seed. The test
@@ -22,8 +23,10 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import yaml
@@ -159,6 +162,27 @@ def settings_for(axes: Sequence[GridAxis], algorithm: str, budget: int | None = 
     mine = [a for a in axes if a.applies_to(algorithm)]
     combos = itertools.product(*[[(a.key, v) for v in a.values] for a in mine])
     return [Setting(tuple(c)) for c in itertools.islice(combos, budget)]
+
+
+#: the validation share ``--tune`` holds out when the config has no validation split
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def with_validation_split(config: str | os.PathLike | None, overrides: Sequence[str]) -> tuple[str, ...]:
+    """The overrides, plus ``data.val_fraction=0.1`` when the config and overrides leave it at 0.
+
+    Tuning must choose on held-out data, never on test; rather than refuse a config without a
+    validation split, ``--tune`` carves one (and says so), so every run of the comparison,
+    trials and finals alike, trains on the same smaller train split.
+    """
+    from cafedist.config import load_config
+
+    base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
+    if base.data.val_fraction > 0:
+        return tuple(overrides)
+    log.warning("--tune: the config has no validation split (data.val_fraction: 0); holding out %g of every "
+                "client's train split to choose on (set data.val_fraction to change it)", DEFAULT_VAL_FRACTION)
+    return (*overrides, f"data.val_fraction={DEFAULT_VAL_FRACTION}")
 
 
 def check_tunable(val_fraction: float, axes: Sequence[GridAxis]) -> None:

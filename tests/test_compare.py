@@ -257,12 +257,22 @@ def test_short_count_picks_the_unit_after_rounding(value, fmt, text):
 
 
 # ----------------------------------------------------------------------------- grids and tuning
-def test_tune_without_a_validation_split_is_one_clear_error(tiny_config, tmp_path, capsys):
+def test_tune_without_a_validation_split_carves_one_and_says_so(tiny_config, tmp_path, caplog):
+    from cafedist.tuning import with_validation_split
+
+    cfg = str(tiny_config())
+    with caplog.at_level("WARNING", logger="cafedist"):
+        assert with_validation_split(cfg, ["train.rounds=1"]) == ("train.rounds=1", "data.val_fraction=0.1")
+    assert "no validation split" in caplog.text
+    assert with_validation_split(cfg, ["data.val_fraction=0.2"]) == ("data.val_fraction=0.2",)
+
+
+def test_tune_grid_over_data_is_one_clear_error(tiny_config, tmp_path, capsys):
     code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--grid",
-                     "train.lr=0.02,0.05", "--tune", "--out", str(tmp_path / "out"), "train.rounds=1"])
+                     "data.alpha=0.1,0.3", "--tune", "--out", str(tmp_path / "out"), "train.rounds=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("cafedist: error: --tune:") and "data.val_fraction=0.1" in err[0]
+    assert err[0].startswith("cafedist: error: --grid data.alpha:")
     assert not (tmp_path / "out").exists()
 
 

@@ -17,6 +17,11 @@ from the summaries: mean and sample standard deviation over seeds.
 
 Besides the registered algorithms there are ablations of CAFEDistill (:data:`ABLATIONS`),
 run as ``cafedistill`` with one switch turned off; ``all`` includes them.
+
+``--grid KEY=v1,v2`` runs every setting of a grid (``OUT/runs/<algorithm>/<setting>/seed<seed>``,
+one report row per setting), ``--tune`` picks each method's setting on the validation split
+first (:mod:`cafedist.tuning`). ``runs.csv``, ``curves.csv``/``curves.png`` and, with
+``--tune``, ``trials.csv`` hold the per-run numbers (:mod:`cafedist.runtables`).
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from cafedist import runtables, tuning
 from cafedist.errors import ConfigError
 from cafedist.fsutil import write_text_atomic
+from cafedist.runtables import RowInfo
+from cafedist.tuning import NO_SETTING, Setting, TuneResult
 from cafedist.units import short_count
 
 log = logging.getLogger("cafedist")
@@ -138,18 +146,23 @@ def resolve_seeds(spec: str | int | Sequence[int], base_seed: int) -> list[int]:
 
 @dataclass
 class PlannedRun:
-    """One (variant, seed) of a comparison and the ``cafedist train`` that produces it."""
+    """One (variant, setting, seed) of a comparison and the ``cafedist train`` that produces it."""
 
     variant: Variant
     seed: int
     run_dir: Path
     config: str | None  # absolute path of the YAML file
-    overrides: tuple[str, ...]  # user overrides, then the variant's, then the seed
+    overrides: tuple[str, ...]  # user overrides, then the setting's, then the variant's, then the seed
     config_hash: str  # of the resolved config: what a reusable summary.json must carry
+    setting: Setting = NO_SETTING  # the grid point (empty without --grid)
+    row: str = ""  # the report row the run belongs to (default: the variant name)
+
+    def __post_init__(self) -> None:
+        self.row = self.row or self.variant.name
 
     @property
     def label(self) -> str:
-        return f"{self.variant.name} seed{self.seed}"
+        return f"{self.variant.name}{f' [{self.setting.label}]' if self.setting.pairs else ''} seed{self.seed}"
 
     def train_argv(self) -> list[str]:
         """Arguments of ``cafedist`` (``train`` and its options) for this run."""
@@ -167,22 +180,37 @@ class PlannedRun:
         return summary if summary.get("config_hash") == self.config_hash else None
 
 
-def plan_runs(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
-              out: str | os.PathLike, overrides: Sequence[str] = ()) -> list[PlannedRun]:
-    """Every (variant, seed) run, its directory and its resolved config (validated now, so a
-    typo fails before anything starts). Seeds given as a count start at the config's seed."""
+def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out: str | os.PathLike,
+             overrides: Sequence[str] = (), setting: Setting = NO_SETTING, row: str = "") -> PlannedRun:
+    """One run, its directory (``runs/<variant>[/<setting>]/seed<seed>``) and its resolved
+    config (validated now, so a typo fails before anything starts)."""
     from cafedist.config import config_hash, load_config
 
     config_path = str(Path(config).resolve()) if config else None
-    base = load_config(config_path, list(overrides))
+    # later overrides win: the setting, the variant (an ablation's switch must hold) and the
+    # seed are what compare controls
+    ovr = (*overrides, *setting.overrides, *variant.overrides, f"seed={seed}")
+    cfg = load_config(config_path, list(ovr))
+    run_dir = Path(out).resolve() / "runs" / variant.name
+    run_dir = (run_dir / setting.slug if setting.pairs else run_dir) / f"seed{seed}"
+    return PlannedRun(variant, seed, run_dir, config_path, ovr, config_hash(cfg), setting, row)
+
+
+def plan_runs(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
+              out: str | os.PathLike, overrides: Sequence[str] = (),
+              settings: dict[str, list[Setting]] | None = None) -> list[PlannedRun]:
+    """Every (variant, setting, seed) run (``settings``: per variant name, default the empty
+    setting). Seeds given as a count start at the config's seed. A variant with several
+    settings gets one report row per setting."""
+    from cafedist.config import load_config
+
+    base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
     runs = []
     for variant in variants:
-        for seed in resolve_seeds(seeds, base.seed):
-            # later overrides win: the variant and the seed are what compare controls
-            ovr = (*overrides, *variant.overrides, f"seed={seed}")
-            cfg = load_config(config_path, list(ovr))
-            runs.append(PlannedRun(variant, seed, Path(out).resolve() / "runs" / variant.name / f"seed{seed}",
-                                   config_path, ovr, config_hash(cfg)))
+        for setting in (settings or {}).get(variant.name, [NO_SETTING]):
+            row = f"{variant.name} [{setting.label}]" if setting.pairs else variant.name
+            for seed in resolve_seeds(seeds, base.seed):
+                runs.append(plan_run(config, variant, seed, out, overrides, setting, row))
     return runs
 
 
@@ -434,18 +462,21 @@ def mean_curve(runs: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- report
-CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "n_seeds", "mean", "std")
+CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "n_seeds", "mean", "std",
+               "rounds", "seeds", "setting", "trials")
 
 
-def results_csv(stats: Sequence[Stat]) -> str:
-    """Tidy CSV, one number per line (fractions, MACs, bytes and seconds as they are)."""
+def results_csv(stats: Sequence[Stat], rows: dict[str, RowInfo] | None = None) -> str:
+    """Tidy CSV, one number per line (fractions, MACs, bytes and seconds as they are); the
+    last columns say which runs a row is made of (``rows``: row key -> RowInfo)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for s in stats:
-        w.writerow([s.algorithm, s.metric, "" if s.exit is None else s.exit,
+        info = (rows or {}).get(s.algorithm) or RowInfo(s.algorithm, "", "", "", "")
+        w.writerow([info.algorithm, s.metric, "" if s.exit is None else s.exit,
                     "" if s.threshold is None else f"{s.threshold:g}", s.n, repr(s.mean),
-                    "" if math.isnan(s.std) else repr(s.std)])
+                    "" if math.isnan(s.std) else repr(s.std), info.rounds, info.seeds, info.setting, info.trials])
     return buf.getvalue()
 
 
@@ -458,8 +489,11 @@ def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
-                     thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = ()) -> str:
-    """The ``results.md`` text: the command line first, then the tables, failures and plots."""
+                     thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
+                     rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = ()) -> str:
+    """The ``results.md`` text: the command line first, then the tables, the ``tuning_lines``,
+    failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
+    setting and trial count, to the accuracy table."""
     index = {(s.algorithm, s.metric, s.exit, s.threshold): s for s in stats}
     names = list(dict.fromkeys(s.algorithm for s in stats))
     n_exits = max((s.exit for s in stats if s.metric == "accuracy"), default=0)
@@ -476,14 +510,20 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
              "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "
              "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
              "averaged over clients weighted by test size.", ""]
+    info = rows or {}
+    tuned = any(i.trials for i in info.values())  # the chosen setting is not in the row's name
     if names:
-        head = ["algorithm", "seeds"] + [f"exit {k} ({short_count(get(names[0], 'exit_macs', k).mean)} MACs)"
-                                         if get(names[0], "exit_macs", k) else f"exit {k}"
-                                         for k in range(1, n_exits + 1)]
+        head = ["algorithm", "seeds"] + ["rounds"] * (rows is not None) + ["setting", "trials"] * tuned + [
+            f"exit {k} ({short_count(get(names[0], 'exit_macs', k).mean)} MACs)"
+            if get(names[0], "exit_macs", k) else f"exit {k}" for k in range(1, n_exits + 1)]
         lines += ["## Personalized accuracy per exit (%)", "", _md_row(head), _md_row(["---"] * len(head))]
         for name in names:
             n = max(s.n for s in stats if s.algorithm == name)
-            lines.append(_md_row([name, str(n)] + [_pm(get(name, "accuracy", k)) for k in range(1, n_exits + 1)]))
+            row = info.get(name) or RowInfo(name, "", "", "", "")
+            extra = [f"`{row.setting}`" if row.setting else "–", row.trials] if tuned else []
+            rounds = [row.rounds or "–"] if rows is not None else []
+            lines.append(_md_row([name, str(n), *rounds, *extra]
+                                 + [_pm(get(name, "accuracy", k)) for k in range(1, n_exits + 1)]))
         lines += ["", "## Dynamic inference: accuracy (%) / mean MACs per sample at confidence threshold θ", "",
                   "A sample leaves at the first exit whose softmax confidence is ≥ θ; the last exit always answers.",
                   ""]
@@ -506,11 +546,13 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
             b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
             lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
                                   short_count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
+    if tuning_lines:
+        lines += [""] + list(tuning_lines)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
-        lines += [f"- `{o.run.variant.name}` seed {o.run.seed}: {o.message}" for o in failed]
-    missing = sorted({o.run.variant.name for o in outcomes} - set(names))
+        lines += [f"- `{o.run.row}` seed {o.run.seed}: {o.message}" for o in failed]
+    missing = sorted({o.run.row for o in outcomes} - set(names))
     if missing:
         lines += ["", f"No finished run, so not in the tables: {', '.join(missing)}."]
     if plots:
@@ -523,20 +565,22 @@ def _md_row(cells: Sequence[str]) -> str:
 
 
 def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
-    """Variant name -> the summaries of its finished runs (seed order), for every variant run."""
+    """Report row (variant name, with its setting under --grid) -> the summaries of its
+    finished runs (seed order), for every row run."""
     out: dict[str, list[dict]] = {}
     for o in outcomes:
-        out.setdefault(o.run.variant.name, [])
+        out.setdefault(o.run.row, [])
         summary = o.run.finished_summary() if o.status != "failed" else None
         if summary is not None:
-            out[o.run.variant.name].append(summary)
+            out[o.run.row].append(summary)
     return out
 
 
 def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOutcome],
-                 thresholds: Sequence[float] = REPORT_THRESHOLDS) -> dict[str, Path]:
-    """Write ``results.md``, ``results.csv`` and (if any run finished) the two plots into ``out``."""
-    from cafedist.eval import plot_accuracy_vs_macs, plot_per_exit_bars
+                 thresholds: Sequence[float] = REPORT_THRESHOLDS, tuned: TuneResult | None = None) -> dict[str, Path]:
+    """Write ``results.md``, ``results.csv``, the per-run tables and (if any run finished) the
+    plots into ``out``; with ``tuned`` (a tuning's result), also ``trials.csv`` and the tuning section."""
+    from cafedist.eval import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
     out = Path(out)
     summaries = collect_summaries(outcomes)
@@ -557,8 +601,23 @@ def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOut
                               title="accuracy vs MACs (mean over seeds)")
         plot_per_exit_bars(per_exit, paths["per_exit_accuracy"], title="personalized accuracy per exit")
         plots = [paths["accuracy_vs_macs"].name, paths["per_exit_accuracy"].name]
-    write_text_atomic(paths["csv"], results_csv(stats))
-    write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots))
+        rounds_curves = runtables.mean_curves(outcomes)
+        if rounds_curves:
+            paths["curves_png"] = out / "curves.png"
+            plot_curves_per_exit(rounds_curves, paths["curves_png"], ylabel="test accuracy (%)",
+                                 title="personalized accuracy vs rounds completed (mean over seeds)")
+            plots.append(paths["curves_png"].name)
+    paths.update(runs=out / "runs.csv", curves=out / "curves.csv")
+    write_text_atomic(paths["runs"], runtables.runs_csv(outcomes))
+    write_text_atomic(paths["curves"], runtables.curves_csv(outcomes))
+    section: list[str] = []
+    if tuned is not None:
+        paths["trials"] = out / "trials.csv"
+        write_text_atomic(paths["trials"], runtables.trials_csv(tuned.trials, tuned.chosen))
+        section = tuning.tuning_markdown(tuned, tuned.seed)
+    rows = runtables.row_infos(outcomes, tuned.counts() if tuned is not None else None)
+    write_text_atomic(paths["csv"], results_csv(stats, rows))
+    write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots, rows, section))
     return paths
 
 
@@ -569,35 +628,73 @@ class CompareResult:
 
     outcomes: list[RunOutcome]
     paths: dict[str, Path]
+    tuned: TuneResult | None = None  # --tune: the trials and the choice
 
     @property
     def failed(self) -> list[RunOutcome]:
-        return [o for o in self.outcomes if o.status == "failed"]
+        """Failed runs of the report, then failed tuning trials."""
+        trials = [o for t in self.tuned.trials.values() for o in t] if self.tuned else []
+        return [o for o in [*self.outcomes, *trials] if o.status == "failed"]
+
+
+def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
+          out: str | os.PathLike, overrides: Sequence[str], settings: dict[str, list[Setting]],
+          axes: Sequence[tuning.GridAxis], run: Callable[[list[PlannedRun]], list[RunOutcome]]) -> TuneResult:
+    """``--tune``: trials on the first seed, choice on validation, chosen settings on every seed."""
+    from cafedist.config import load_config
+
+    base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
+    tuning.check_tunable(base.data.val_fraction, axes)
+    overrides = tuple(overrides)
+
+    def plan(variant: Variant, setting: Setting, seed: int) -> PlannedRun:
+        return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
+
+    return tuning.tune(variants, settings, resolve_seeds(seeds, base.seed), plan, run)
 
 
 def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",
             seeds: str | int | Sequence[int] = 3, overrides: Sequence[str] = (), jobs: int | None = None,
             submit: SubmitOptions | None = None, command: str | None = None,
-            thresholds: Sequence[float] = REPORT_THRESHOLDS) -> CompareResult:
-    """Run (or reuse) every (algorithm, seed) and write the report into ``out``.
+            thresholds: Sequence[float] = REPORT_THRESHOLDS, grid: Sequence[str] = (), tune: bool = False,
+            budget: int | None = None) -> CompareResult:
+    """Run (or reuse) every (algorithm, setting, seed) and write the report into ``out``.
 
+    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``budget`` caps the settings per method;
+    ``tune`` chooses each method's setting on the validation split (:mod:`cafedist.tuning`).
     ``command`` is the first line of ``results.md`` (default: an equivalent ``cafedist
     compare`` command line). Failed runs are reported, not raised.
     """
+    from cafedist.algorithms import ALGORITHMS
+
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
     variants = resolve_algorithms(algorithms)
-    runs = plan_runs(config, variants, seeds, out, overrides)
-    log.info("compare: %d runs (%d algorithms x %d seeds) in %s", len(runs), len(variants),
-             len(runs) // max(1, len(variants)), Path(out) / "runs")
-    outcomes = execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
+    axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
+    settings = {v.name: tuning.settings_for(axes, v.algorithm, budget) for v in variants}
+
+    def run(runs: list[PlannedRun]) -> list[RunOutcome]:
+        return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
+
+    tuned = None
+    if tune:
+        overrides = tuning.with_validation_split(config, overrides)
+        tuned = _tune(config, variants, seeds, out, overrides, settings, axes, run)
+        outcomes = tuned.finals
+    else:
+        runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None)
+        log.info("compare: %d runs (%d algorithms, %d settings) in %s", len(runs), len(variants),
+                 sum(map(len, settings.values())), Path(out) / "runs")
+        outcomes = run(runs)
     if command is None:
         algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
         seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
+        flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
+                 *(["--budget", str(budget)] if budget is not None else [])]
         command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
-                              "--algorithms", algos, "--seeds", str(seed_arg), "--out", str(out), *overrides])
-    paths = write_report(out, command, outcomes, thresholds)
-    return CompareResult(outcomes, paths)
+                              "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
+    paths = write_report(out, command, outcomes, thresholds, tuned)
+    return CompareResult(outcomes, paths, tuned)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -614,6 +711,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs at once (default 1; with --submit on Slurm: no limit); with several local runs "
                         "at once each gets cores/jobs threads unless OMP_NUM_THREADS is set")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. train.rounds=10")
+    g = p.add_argument_group("grids and tuning (see `cafedist.tuning`)")
+    g.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a parameter grid axis, values in YAML syntax (repeatable; the product of the axes that "
+                        "apply to a method: algorithm.<name>.* keys only to that algorithm and its ablations); "
+                        "without --tune every setting is its own row")
+    g.add_argument("--tune", action="store_true",
+                   help="train every setting on the first seed, choose per method by validation accuracy at the "
+                        "last exit, then run the chosen setting on every seed (on a validation split: "
+                        "data.val_fraction, 0.1 when the config has none)")
+    g.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="at most N settings (trials) per method: the first N in grid order")
     s = p.add_argument_group("submitit (see `cafedist submit --help`)")
     s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
     s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor instead of Slurm")
@@ -660,14 +768,18 @@ def main(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         result = compare(args.config, args.out, args.algorithms, args.seeds, args.overrides, jobs=args.jobs,
-                         submit=submit, command=_command_line(args) or None)
+                         submit=submit, command=_command_line(args) or None, grid=args.grid, tune=args.tune,
+                         budget=args.budget)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for o in result.failed:
         print(f"FAILED {o.run.label}: {o.message}")
-    print(f"wrote {result.paths['md']} and {result.paths['csv']}"
-          + (f" (+ {result.paths['accuracy_vs_macs'].name}, {result.paths['per_exit_accuracy'].name})"
-             if "accuracy_vs_macs" in result.paths else ""))
+    if result.tuned is not None:
+        for name in result.tuned.trials:
+            setting = result.tuned.chosen_setting(name)
+            print(f"tuned {name}: " + ("no trial finished" if setting is None else setting.label or "(config as given)"))
+    extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]
+    print(f"wrote {result.paths['md']} and {result.paths['csv']} (+ {', '.join(extra)})")
     if result.failed:
         print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
         return 1

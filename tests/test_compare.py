@@ -266,3 +266,89 @@ def test_short_count_picks_the_unit_after_rounding(value, fmt, text):
     from cafedist.units import short_count
 
     assert short_count(value, fmt) == text
+
+
+# ----------------------------------------------------------------------------- grids and tuning
+def test_tune_without_a_validation_split_carves_one_and_says_so(tiny_config, tmp_path, caplog):
+    from cafedist.tuning import with_validation_split
+
+    cfg = str(tiny_config())
+    with caplog.at_level("WARNING", logger="cafedist"):
+        assert with_validation_split(cfg, ["train.rounds=1"]) == ("train.rounds=1", "data.val_fraction=0.1")
+    assert "no validation split" in caplog.text
+    assert with_validation_split(cfg, ["data.val_fraction=0.2"]) == ("data.val_fraction=0.2",)
+
+
+def test_tune_grid_over_data_is_one_clear_error(tiny_config, tmp_path, capsys):
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--grid",
+                     "data.alpha=0.1,0.3", "--tune", "--out", str(tmp_path / "out"), "train.rounds=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("cafedist: error: --grid data.alpha:")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_tune_picks_each_methods_setting_on_validation_then_runs_it_on_every_seed(tiny_config, tmp_path):
+    out = tmp_path / "tune"
+    args = ("compare", "--config", str(tiny_config(rounds=2)), "--algorithms", "fedavg,cafedistill",
+            "--grid", "train.lr=0.02,0.05", "--tune", "--seeds", "2", "--out", str(out),
+            "train.rounds=2", "data.val_fraction=0.1")
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    with open(out / "trials.csv") as fh:
+        trials = list(csv.DictReader(fh))
+    assert [(t["algorithm"], t["setting"], t["seed"]) for t in trials] == [
+        (a, f"train.lr={lr}", "3") for a in ("fedavg", "cafedistill") for lr in ("0.02", "0.05")]
+    chosen = {}
+    for algo in ("fedavg", "cafedistill"):
+        mine = [t for t in trials if t["algorithm"] == algo]
+        best = max(mine, key=lambda t: float(t["val_acc_exit3"]))  # max() keeps the first on ties
+        assert [t["chosen"] for t in mine] == ["yes" if t is best else "no" for t in mine]
+        chosen[algo] = best["setting"]
+        assert f"tuned {algo}: {best['setting']}" in proc.stdout
+    with open(out / "results.csv") as fh:
+        results = list(csv.DictReader(fh))
+    for algo in ("fedavg", "cafedistill"):
+        rows = [r for r in results if r["algorithm"] == algo]
+        assert rows and all(r["setting"] == chosen[algo] and r["trials"] == "2" and r["rounds"] == "2"
+                            and r["seeds"] == "3 4" for r in rows)
+        last = next(r for r in rows if r["metric"] == "accuracy" and r["exit"] == "3")
+        seeds = [summary(out / "runs" / algo / chosen[algo] / f"seed{s}") for s in (3, 4)]
+        assert float(last["mean"]) == pytest.approx(statistics.fmean(s["acc_per_exit"][2] for s in seeds))
+    with open(out / "runs.csv") as fh:
+        runs = list(csv.DictReader(fh))
+    assert [(r["algorithm"], r["setting"], r["seed"]) for r in runs] == [
+        (a, chosen[a], s) for a in ("fedavg", "cafedistill") for s in ("3", "4")]
+    with open(out / "curves.csv") as fh:
+        curves = list(csv.DictReader(fh))
+    assert len(curves) == 4 * 2 * 3 and all(c["val_acc"] for c in curves)  # runs x rounds x exits
+    md = (out / "results.md").read_text()
+    assert "## Tuning" in md and "Unequal" not in md and f"`{chosen['fedavg']}`" in md
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the first seed's final run is the chosen trial: 4 trials + 2 new runs of seed 4, nothing else
+    assert len(list((out / "runs").glob("*/*/seed*/summary.json"))) == 6
+    # rerun: every trial and run is finished with the same config, nothing trains again
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 0 and "running" not in proc.stderr
+    assert proc.stderr.count("skipped (finished") == 4 + 4
+
+
+@pytest.mark.slow
+def test_grid_without_tune_reports_every_setting_and_seed(tiny_config, tmp_path):
+    out = tmp_path / "grid"
+    proc = cafedist("compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg,cafedistill-nokd",
+                    "--grid", "algorithm.cafedistill.mu=0.1,2", "--seeds", "1", "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _csv(out / "results.csv")  # fedavg: no axis applies, one row; the ablation: one row per mu
+    with open(out / "results.csv") as fh:
+        settings = {(r["algorithm"], r["setting"]) for r in csv.DictReader(fh)}
+    assert settings == {("fedavg", ""), ("cafedistill-nokd", "algorithm.cafedistill.mu=0.1"),
+                        ("cafedistill-nokd", "algorithm.cafedistill.mu=2")}
+    assert rows[("fedavg", "accuracy", "3", "")]["trials"] == ""
+    assert (out / "runs" / "fedavg" / "seed3" / "summary.json").exists()  # the layout without a grid
+    assert summary(out / "runs" / "cafedistill-nokd" / "algorithm.cafedistill.mu=2" / "seed3")["algorithm"] \
+        == "cafedistill"
+    md = (out / "results.md").read_text()
+    assert "| cafedistill-nokd [algorithm.cafedistill.mu=0.1] | 1 | 1 |" in md
+    assert not (out / "trials.csv").exists()

@@ -4,7 +4,8 @@
   per-client accuracy.
 - :mod:`.dynamic`: threshold sweep as summable counts, the table, and the MAC reduction
   at a given accuracy loss.
-- :mod:`.plots`: PNG figures (matplotlib imported only when plotting).
+- :mod:`.plots`: PNG figures (matplotlib imported only when plotting): accuracy vs MACs,
+  accuracy per exit, accuracy vs round per exit.
 - per-client inference budgets (``cafedist eval --budget``): :mod:`.policies` (exit scores,
   temperature scaling), :mod:`.budget_spec` (specs and budget files), :mod:`.budget` (the
   search and the test check), :mod:`.budget_run` (the eval glue), :mod:`.budget_plots`.
@@ -19,7 +20,7 @@ from cafedist.eval.dynamic import (
     sum_counts,
 )
 from cafedist.eval.exits import average_exit_accuracy, exit_predictions, per_exit_correct, summarize_per_client
-from cafedist.eval.plots import plot_accuracy_vs_macs, plot_per_exit_bars
+from cafedist.eval.plots import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
 __all__ = [
     "THRESHOLDS",
@@ -31,6 +32,7 @@ __all__ = [
     "mac_reduction_at_loss",
     "per_exit_correct",
     "plot_accuracy_vs_macs",
+    "plot_curves_per_exit",
     "plot_per_exit_bars",
     "sum_counts",
     "summarize_per_client",

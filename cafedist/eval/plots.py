@@ -186,4 +186,39 @@ def plot_conflict(records: list[dict], path: str | os.PathLike, title: str = "")
     bottom.legend(fontsize=7)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_title(title or "depth-wise gradient conflict between exits")
+
+
+def plot_curves_per_exit(series: dict[str, list[list[tuple[int, float]]]], path: str | os.PathLike,
+                         title: str = "", ylabel: str = "accuracy (%)") -> None:
+    """Accuracy vs round, one panel per exit, one line per name, as a PNG.
+
+    ``series`` maps a name (method, or method and setting) to, per exit, its ``(rounds
+    completed, accuracy)`` points (fractions, shown in percent). Panels share the y axis so exits compare
+    at a glance; with many names the legend sits beside the panels.
+    """
+    if not series:
+        raise ValueError("plot_curves_per_exit needs at least one series")
+    n_exits = max(len(per_exit) for per_exit in series.values())
+    if n_exits == 0:
+        raise ValueError("plot_curves_per_exit: no exit has any point")
+    crowded = len(series) > _CROWDED
+    fig = _new_figure(width=3.2 * n_exits + (3.2 if crowded else 0.0), height=3.8)
+    axes = fig.subplots(1, n_exits, sharey=True, squeeze=False)[0]
+    for (name, per_exit), style in zip(series.items(), _series_styles(len(series))):
+        for k, points in enumerate(per_exit):
+            if points:
+                xs, ys = zip(*points)
+                axes[k].plot(xs, [100.0 * y for y in ys], markersize=2, linewidth=1.2,
+                             label=name if k == 0 else None, **style)
+    from matplotlib.ticker import MaxNLocator
+
+    for k, ax in enumerate(axes):
+        ax.set_title(f"exit {k + 1}", fontsize=9)
+        ax.set_xlabel("rounds completed")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    _legend(fig, axes[0], len(series))
+    if title:
+        fig.suptitle(title)
     _save_png(fig, path)

@@ -45,6 +45,86 @@ def get_algorithm(name: str, field_name: str = "algorithm.name") -> type[Algorit
 __all__ = ["ALGORITHMS", "Algorithm", "ClientView", "LocalBatch", "Phase", "Setup", "get_algorithm"]
 
 
+RECIPES = '''## Adding an algorithm
+
+Add one module under `cafedist/algorithms/` with a subclass that has a `name`: the registry finds
+it. `cafedist/algorithms/base.py` declares every hook and attribute the loop reads, with its
+default. Two recipes (`tests/test_algorithm_recipes.py` runs both, copied from this page):
+
+**A logit-exchanging method** starts from `LogitExchange` (`Params` needs a `proxy_size`): say
+which exits the coordinator reads, whether a phase draws proxy batches, the loss, the payload
+and the aggregation; keep what a client receives with `keep_targets`, and the loop draws its
+proxy batches from the subset those targets were computed on.
+
+```python
+from dataclasses import dataclass
+
+import torch
+
+from cafedist.algorithms.common import exits_ce
+from cafedist.algorithms.logit_exchange import LogitExchange
+from cafedist.algorithms.proxy_math import kd_loss
+
+
+@dataclass
+class MeanTeacherParams:
+    proxy_size: int = 200  # P' proxy items per round
+    tau: float = 2.0
+
+
+class MeanTeacher(LogitExchange):
+    """Every exit distils from the mean last-exit distribution of last round's clients."""
+
+    name = "mean-teacher"
+    Params = MeanTeacherParams
+    vmappable_loss = True  # local_loss reads only the batch's tensors: packed training may vmap it
+
+    def proxy_exits(self):
+        return (self.setup.num_exits - 1,)
+
+    def uses_proxy_batch(self, client, phase):
+        return "targets" in client.state
+
+    def local_loss(self, state, batch):
+        loss = exits_ce(batch.logits, batch.y)
+        if batch.proxy_logits is not None:
+            teacher = state["targets"][batch.proxy_pos]
+            loss = loss + sum(kd_loss(z, teacher, self.params.tau) for z in batch.proxy_logits)
+        return loss
+
+    def payload_spec(self):
+        return {"targets": ((self.setup.proxy_size, self.setup.num_classes), torch.float32)}
+
+    def aggregate(self, round_idx, gathered, active):
+        probs = torch.softmax(gathered["logits"][:, -1].double() / self.params.tau, dim=-1)
+        mean = probs[active].mean(0).float()
+        return {"targets": mean.expand(probs.shape[0], -1, -1).clone()}, {}
+
+    def receive(self, client, payload, round_idx):
+        self.keep_targets(client.state, payload["targets"], round_idx)
+```
+
+**A parameter-sharing method** says, per client and parameter, what is averaged
+(`shared_mask`: `True`, `False` or an element mask); the loop averages it sample-weighted over
+the clients that trained, in fixed point, and hands every holder the average.
+
+```python
+from cafedist.algorithms.base import Algorithm
+from cafedist.algorithms.common import is_head
+
+
+class SharedHeads(Algorithm):
+    """Personal bodies, exit heads averaged over all clients."""
+
+    name = "shared-heads"
+    common_init = True  # averaged parameters start equal
+
+    def shared_mask(self, cid, key, tensor):
+        return is_head(key)
+```
+'''
+
+
 def reference_markdown() -> str:
     """``docs/ALGORITHMS.md``: every registered algorithm, its source line and parameters.
 
@@ -59,7 +139,8 @@ def reference_markdown() -> str:
              "Every algorithm runs on the same early-exit models, store, launchers, checkpoints and metrics.",
              "Select one with `algorithm.name=NAME`; its parameters live in `algorithm.NAME.*`.",
              "The module docstring of each (`cafedist/algorithms/<module>.py`) gives the source, the",
-             "reference defaults and every deviation. *(Generated from the code.)*", ""]
+             "reference defaults and every deviation. *(Generated from the code.)*", "",
+             *RECIPES.splitlines(), ""]
     for name, cls in ALGORITHMS.items():
         module = sys.modules[cls.__module__]
         title = (module.__doc__ or cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")

@@ -90,6 +90,11 @@ class ClientView:
         return self.models["main"]
 
 
+@dataclass
+class NoParams:
+    """The parameters of an algorithm that has none (``Params``' default)."""
+
+
 class Algorithm:
     """Base class; subclasses set ``name`` and ``Params`` and override what they need.
 
@@ -114,7 +119,7 @@ class Algorithm:
     """
 
     name: ClassVar[str] = ""
-    Params: ClassVar[type] = object
+    Params: ClassVar[type] = NoParams
     exchanges_logits: ClassVar[bool] = False
     vmappable_loss: ClassVar[bool] = False
     common_init: ClassVar[bool] = False

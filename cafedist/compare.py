@@ -325,18 +325,13 @@ def run_submitit(runs: Sequence[PlannedRun], options: SubmitOptions, folder: Pat
     ``jobs`` (default 1) jobs, since the local executor starts everything it is given at once.
     """
     from cafedist import submit
+    from cafedist.jobs import ExecutorOptions, wait_for
 
-    parser = argparse.ArgumentParser()
-    submit.add_arguments(parser)
-    ns = parser.parse_args(["--out", str(folder)])  # the defaults of every executor option
-    for key, value in vars(options).items():
-        if value is not None and value != []:
-            setattr(ns, key, value)
-    ns.job_name = "cafedist-compare"
-    ns.array_parallelism = None if options.local else jobs
-    params = submit.executor_parameters(ns)
-    executor = submit.make_executor(folder / "%j", options.local, params)
-    env = {"OMP_NUM_THREADS": str(ns.cpus_per_task)}
+    given = {key: value for key, value in vars(options).items() if value is not None and value != []}
+    executor_options = ExecutorOptions(**given, job_name="cafedist-compare",
+                                       array_parallelism=None if options.local else jobs)
+    executor = executor_options.executor(folder / "%j", folder)
+    env = {"OMP_NUM_THREADS": str(executor_options.cpus_per_task)}
     specs = [submit.RunSpec(r.config, str(r.run_dir), r.overrides, label=r.label) for r in runs]
     wave = (jobs or 1) if options.local else len(specs)
     outcomes: list[RunOutcome] = []
@@ -346,7 +341,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: SubmitOptions, folder: Pat
         submitted = submit.submit_runs(executor, part, env)
         for job, run in zip(submitted, part_runs):
             log.info("compare: %s submitted as job %s (logs: %s)", run.label, job.job_id, job.paths.stderr.parent)
-        for res, run in zip(submit.wait_for(submitted, part), part_runs):
+        for res, run in zip(wait_for(submitted, part), part_runs):
             ok = res.ok and run.finished_summary() is not None
             msg = "" if ok else (res.error or "no summary.json written") + f" (job {res.job_id})"
             outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))

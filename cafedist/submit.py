@@ -34,12 +34,13 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
-from cafedist.errors import CafeError, ConfigError
+from cafedist.errors import ConfigError
+from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, wait_for
 from cafedist.train.signals import REQUEUE_EXIT_CODE  # light module: no torch at submit time
 
 
@@ -235,191 +236,14 @@ class TrainTask(Checkpointable):
         raise SystemExit(REQUEUE_EXIT_CODE)
 
 
-# ----------------------------------------------------------------------------- executor
-@dataclass
-class JobOutcome:
-    """How one submitted job (or array element) ended."""
-
-    job_id: str
-    out: str
-    ok: bool
-    summary: dict[str, Any] | None = None
-    error: str = ""
-
-
-def parse_time(text: str) -> int:
-    """Slurm time (``MIN``, ``MIN:SEC``, ``H:MM:SS``, ``D-H``, ``D-H:MM``, ``D-H:MM:SS``) -> minutes (rounded up)."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not m:
-        raise ConfigError(f"--time {text!r}: expected minutes or a Slurm time such as 90, 4:00:00 or 1-12:00:00")
-    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
-    if days is not None:  # D-H[:M[:S]]
-        seconds = ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    elif c is not None:  # H:M:S
-        seconds = (a * 60 + b) * 60 + c
-    elif b is not None:  # M:S
-        seconds = a * 60 + b
-    else:  # M
-        seconds = a * 60
-    if seconds <= 0:
-        raise ConfigError(f"--time {text!r}: must be more than 0 minutes")
-    return -(-seconds // 60)
-
-
-def _key_values(texts: Sequence[str], flag: str) -> dict[str, str]:
-    out = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {text!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
-
-
-def executor_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """submitit ``update_parameters`` keywords from the command line (generic + ``slurm_*``)."""
-    if args.nodes < 1 or args.tasks_per_node < 1 or args.cpus_per_task < 1 or args.gpus_per_node < 0:
-        raise ConfigError("--nodes, --tasks-per-node and --cpus-per-task must be >= 1, --gpus-per-node >= 0")
-    if args.local and args.nodes != 1:
-        raise ConfigError(f"--nodes {args.nodes}: the local executor (--local) runs on one node; use --nodes 1")
-    params: dict[str, Any] = {
-        "name": args.job_name or f"cafedist-{Path(args.out).name}",
-        "timeout_min": parse_time(args.time),
-        "nodes": args.nodes,
-        "tasks_per_node": args.tasks_per_node,
-        "cpus_per_task": args.cpus_per_task,
-        "slurm_signal_delay_s": args.signal_delay,
-    }
-    if args.gpus_per_node:
-        params["gpus_per_node"] = args.gpus_per_node
-    if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
-    for name in ("partition", "account", "qos", "constraint"):
-        if getattr(args, name):
-            params[f"slurm_{name}"] = getattr(args, name)
-    if args.array_parallelism:
-        params["slurm_array_parallelism"] = args.array_parallelism
-    # --requeue: `scontrol requeue` needs it on clusters with JobRequeue=0.
-    params["slurm_additional_parameters"] = {"requeue": True, **_key_values(args.slurm_arg, "--slurm-arg")}
-    return params
-
-
-def make_executor(folder: str | Path, local: bool, params: dict[str, Any], python: str | None = None,
-                  max_requeues: int = 20) -> Any:
-    """A submitit AutoExecutor for Slurm (or the local executor) with ``params`` applied.
-
-    ``max_requeues``: how many time-limit requeues submitit allows (its ``max_num_timeout``;
-    preemptions do not count). Jobs shorter than ~50 min count every requeue as a time-out.
-    """
-    cluster = "local" if local else "slurm"
-    kwargs: dict[str, Any] = {f"{cluster}_max_num_timeout": max_requeues}
-    if python:
-        kwargs[f"{cluster}_python"] = python
-    try:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, **kwargs)
-    except RuntimeError as exc:  # e.g. no sbatch on PATH
-        raise CafeError(f"cannot create the {cluster} executor: {exc} (use --local without Slurm)") from None
-    executor.update_parameters(**params)
-    return executor
-
-
-def _ensure_importable_in_jobs() -> None:
-    """A source checkout (not an installed package): put it on the jobs' PYTHONPATH.
-
-    Jobs inherit this process's environment (sbatch exports it; the local executor copies it),
-    and they must import cafedist to unpickle the task.
-    """
-    from importlib import metadata
-
-    try:
-        metadata.distribution("cafedist")
-        return
-    except metadata.PackageNotFoundError:
-        pass
-    root = str(Path(__file__).resolve().parent.parent)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
-
-
 def submit_runs(executor: Any, runs: Sequence[RunSpec], env: dict[str, str] | None = None,
                 as_array: bool | None = None) -> list[Any]:
     """Submit ``runs`` (a job array when there are several, or ``as_array``); returns submitit jobs."""
     task = TrainTask(env)
-    _ensure_importable_in_jobs()
+    ensure_importable_in_jobs()
     if as_array or (as_array is None and len(runs) > 1):
         return list(executor.map_array(task, list(runs)))
     return [executor.submit(task, run) for run in runs]
-
-
-# ----------------------------------------------------------------------------- waiting
-def _slurm_in_queue(job_id: str) -> bool:
-    """True while Slurm lists the job (pending, running, completing or requeued)."""
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return True
-    return res.returncode == 0 and bool(res.stdout.strip())
-
-
-def _is_slurm_job(job: Any) -> bool:
-    return type(job).__name__ == "SlurmJob"
-
-
-def _finished(job: Any) -> bool:
-    """All tasks wrote their result file. For Slurm jobs this avoids ``job.done()``, which
-    polls ``sacct`` and only warns ("Bypassing sacct error") on clusters without accounting."""
-    if not _is_slurm_job(job):
-        return bool(job.done())
-    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
-    return all(t.paths.result_pickle.exists() for t in tasks)
-
-
-def _outcome(job: Any, run: RunSpec) -> JobOutcome:
-    try:
-        results = job.results()
-    except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's exception
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        return JobOutcome(str(job.job_id), run.out, False, error=lines[-1] if lines else type(exc).__name__)
-    summary = next((r.get("summary") for r in results if isinstance(r, dict) and r.get("summary")), None)
-    return JobOutcome(str(job.job_id), run.out, True, summary=summary)
-
-
-def wait_for(jobs: Sequence[Any], runs: Sequence[RunSpec], timeout_s: float | None = None,
-             poll_s: float = 2.0, grace_s: float = 20.0,
-             on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
-    """Wait until every job ends; a Slurm job that left the queue without writing results for
-    ``grace_s`` seconds counts as failed (so this works without ``sacct``/accounting).
-
-    ``timeout_s`` bounds the whole wait (a :class:`TimeoutError` names the unfinished jobs).
-    """
-    start = time.monotonic()
-    pending = dict(enumerate(jobs))
-    outcomes: dict[int, JobOutcome] = {}
-    gone_since: dict[int, float] = {}
-    while pending:
-        for i, job in list(pending.items()):
-            if _finished(job):
-                outcomes[i] = _outcome(job, runs[i])
-            elif _is_slurm_job(job) and not _slurm_in_queue(str(job.job_id)):
-                first = gone_since.setdefault(i, time.monotonic())
-                if time.monotonic() - first < grace_s:
-                    continue
-                outcomes[i] = JobOutcome(str(job.job_id), runs[i].out, False,
-                                         error=f"job left the queue without a result (killed or cancelled?); "
-                                               f"logs: {job.paths.stderr}")
-            else:
-                continue
-            del pending[i]
-            if on_done is not None:
-                on_done(outcomes[i])
-        if pending:
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                ids = ", ".join(str(j.job_id) for j in pending.values())
-                raise TimeoutError(f"jobs still running after {timeout_s:.0f} s: {ids}")
-            time.sleep(poll_s)
-    return [outcomes[i] for i in range(len(jobs))]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -469,7 +293,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _job_env(args: argparse.Namespace) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.cpus_per_task))}
-    env.update(_key_values(args.env, "--env"))
+    env.update(key_values(args.env, "--env"))
     return env
 
 
@@ -492,7 +316,8 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``cafedist submit`` (0: submitted, or with --wait: every job succeeded)."""
     runs = build_runs(args.config, args.out, args.overrides, args.array, args.resume)
     validate_runs(runs)
-    params = executor_parameters(args)
+    options = ExecutorOptions.from_args(args)
+    params = options.parameters(args.out)
     env = _job_env(args)
     folder = Path(args.folder).resolve() if args.folder else _default_folder(args.out)
     if args.dry_run:
@@ -500,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
                           "parameters": params, "env": env,
                           "runs": [{"out": r.out, "argv": r.train_argv()} for r in runs]}, indent=2))
         return 0
-    executor = make_executor(folder / "%j", args.local, params, args.python, args.max_requeues)
+    executor = options.executor(folder / "%j", args.out)
     jobs = submit_runs(executor, runs, env, as_array=bool(args.array))
     for job, run in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {run.out}  (logs: {job.paths.stderr.parent})")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cafedist import submit
+from cafedist import jobs, submit
 from cafedist.cli import main as cli_main
 from cafedist.errors import ConfigError
 
@@ -217,14 +217,14 @@ def _submit_one(workdir: Path, name: str, monkeypatch, local: bool = False):
     args = _submit_args("--config", str(workdir / "tiny.yaml"), "--out", str(out), "--tasks-per-node", "2",
                         "--time", "5", *(["--local"] if local else []))
     runs = submit.build_runs(args.config, args.out, args.overrides)
-    executor = submit.make_executor(workdir / f"submitit-{name}" / "%j", args.local, submit.executor_parameters(args))
+    executor = jobs.ExecutorOptions.from_args(args).executor(workdir / f"submitit-{name}" / "%j", args.out)
     [job] = submit.submit_runs(executor, runs, env={"OMP_NUM_THREADS": "1"})
     return job, runs, out
 
 
 def test_submitit_job_matches_single_process(slurm, workdir, reference, monkeypatch):
     job, runs, out = _submit_one(workdir, "submitit", monkeypatch)
-    [outcome] = submit.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    [outcome] = jobs.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
     assert outcome.ok, f"{outcome.error}\n{_tail(job.paths.stderr)}"
     assert outcome.summary["model_hashes"] == reference["model_hashes"]
     _assert_same_result(out, reference, world_size=2)
@@ -237,7 +237,7 @@ def test_submitit_preemption_requeues_and_resumes(slurm, workdir, reference, mon
     # submitit's preemption/time-limit signal (USR2) reaches every task of the step; the task
     # turns it into the trainer's SIGUSR1, and rank 0 hands over to submitit's requeue.
     subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True, timeout=60)
-    [outcome] = submit.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    [outcome] = jobs.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
     assert outcome.ok, f"{outcome.error}\n{_tail(log)}"
     text = log.read_text()
     assert f"Requeued job {job.job_id}" in text, _tail(log)
@@ -285,13 +285,13 @@ def test_bad_array_is_a_one_line_config_error(bad):
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("1:30", 2), ("4:00:00", 240), ("1-12", 2160),
                                           ("1-0:30", 1470), ("0:0:30", 1)])
 def test_parse_time_accepts_slurm_formats(text, minutes):
-    assert submit.parse_time(text) == minutes
+    assert jobs.parse_time(text) == minutes
 
 
 def test_parse_time_rejects_nonsense():
     for bad in ("abc", "0", "1:2:3:4"):
         with pytest.raises(ConfigError, match="--time"):
-            submit.parse_time(bad)
+            jobs.parse_time(bad)
 
 
 def test_dry_run_maps_options_to_submitit(tmp_path, workdir, capsys):
@@ -320,4 +320,5 @@ def test_config_errors_are_caught_before_submitting(tmp_path, workdir, capsys):
 
 def test_local_executor_is_single_node(tmp_path):
     with pytest.raises(ConfigError, match="--nodes 2"):
-        submit.executor_parameters(_submit_args("--out", str(tmp_path), "--local", "--nodes", "2"))
+        args = _submit_args("--out", str(tmp_path), "--local", "--nodes", "2")
+        jobs.ExecutorOptions.from_args(args).parameters(args.out)

@@ -1,0 +1,229 @@
+"""submitit executors: the options of a job's resources, creating the executor, waiting for jobs.
+
+:class:`ExecutorOptions` is the one description of where and with what a job runs, shared by
+``cafedist submit`` (from its command line) and ``cafedist compare --submit``; its defaults are
+those of ``cafedist submit --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import submitit
+
+from cafedist.errors import CafeError, ConfigError
+
+
+@dataclass
+class ExecutorOptions:
+    """Resources and placement of submitted jobs (Slurm, or submitit's local executor)."""
+
+    local: bool = False  # submitit's local executor (no Slurm; one node)
+    nodes: int = 1
+    tasks_per_node: int = 1  # ranks per node: one per GPU, or CPU ranks
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1  # also the jobs' OMP_NUM_THREADS
+    mem_gb: float | None = None
+    time: str = "60"  # minutes or a Slurm time
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    slurm_arg: list[str] = field(default_factory=list)  # other sbatch options, KEY=VALUE
+    signal_delay: int = 120  # seconds before the time limit at which a job checkpoints and requeues
+    max_requeues: int = 20  # time-limit requeues allowed (preemptions do not count)
+    array_parallelism: int | None = None  # at most this many array elements at once
+    job_name: str | None = None  # default cafedist-<name of the run directory>
+    python: str | None = None  # the jobs' interpreter (default: this one)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExecutorOptions:
+        """The options of a parsed ``cafedist submit`` command line."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def parameters(self, out: str | Path) -> dict[str, Any]:
+        """submitit ``update_parameters`` keywords (generic + ``slurm_*``) for runs under ``out``."""
+        if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_node < 0:
+            raise ConfigError("--nodes, --tasks-per-node and --cpus-per-task must be >= 1, --gpus-per-node >= 0")
+        if self.local and self.nodes != 1:
+            raise ConfigError(f"--nodes {self.nodes}: the local executor (--local) runs on one node; use --nodes 1")
+        params: dict[str, Any] = {
+            "name": self.job_name or f"cafedist-{Path(out).name}",
+            "timeout_min": parse_time(self.time),
+            "nodes": self.nodes,
+            "tasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task,
+            "slurm_signal_delay_s": self.signal_delay,
+        }
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        if self.mem_gb:
+            params["mem_gb"] = self.mem_gb
+        for name in ("partition", "account", "qos", "constraint"):
+            if getattr(self, name):
+                params[f"slurm_{name}"] = getattr(self, name)
+        if self.array_parallelism:
+            params["slurm_array_parallelism"] = self.array_parallelism
+        # --requeue: `scontrol requeue` needs it on clusters with JobRequeue=0.
+        params["slurm_additional_parameters"] = {"requeue": True, **key_values(self.slurm_arg, "--slurm-arg")}
+        return params
+
+    def executor(self, folder: str | Path, out: str | Path) -> Any:
+        """A submitit executor writing pickles and logs to ``folder``, for runs under ``out``."""
+        return make_executor(folder, self.local, self.parameters(out), self.python, self.max_requeues)
+
+
+@dataclass
+class JobOutcome:
+    """How one submitted job (or array element) ended."""
+
+    job_id: str
+    out: str
+    ok: bool
+    summary: dict[str, Any] | None = None
+    error: str = ""
+
+
+def parse_time(text: str) -> int:
+    """Slurm time (``MIN``, ``MIN:SEC``, ``H:MM:SS``, ``D-H``, ``D-H:MM``, ``D-H:MM:SS``) -> minutes (rounded up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise ConfigError(f"--time {text!r}: expected minutes or a Slurm time such as 90, 4:00:00 or 1-12:00:00")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        seconds = ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    elif c is not None:  # H:M:S
+        seconds = (a * 60 + b) * 60 + c
+    elif b is not None:  # M:S
+        seconds = a * 60 + b
+    else:  # M
+        seconds = a * 60
+    if seconds <= 0:
+        raise ConfigError(f"--time {text!r}: must be more than 0 minutes")
+    return -(-seconds // 60)
+
+
+def key_values(texts: Sequence[str], flag: str) -> dict[str, str]:
+    """``["A=1", "B=2"]`` -> ``{"A": "1", "B": "2"}`` (ConfigError naming ``flag`` otherwise)."""
+    out = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {text!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def make_executor(folder: str | Path, local: bool, params: dict[str, Any], python: str | None = None,
+                  max_requeues: int = 20) -> Any:
+    """A submitit AutoExecutor for Slurm (or the local executor) with ``params`` applied.
+
+    ``max_requeues``: how many time-limit requeues submitit allows (its ``max_num_timeout``;
+    preemptions do not count). Jobs shorter than ~50 min count every requeue as a time-out.
+    """
+    cluster = "local" if local else "slurm"
+    kwargs: dict[str, Any] = {f"{cluster}_max_num_timeout": max_requeues}
+    if python:
+        kwargs[f"{cluster}_python"] = python
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, **kwargs)
+    except RuntimeError as exc:  # e.g. no sbatch on PATH
+        raise CafeError(f"cannot create the {cluster} executor: {exc} (use --local without Slurm)") from None
+    executor.update_parameters(**params)
+    return executor
+
+
+def ensure_importable_in_jobs() -> None:
+    """A source checkout (not an installed package): put it on the jobs' PYTHONPATH.
+
+    Jobs inherit this process's environment (sbatch exports it; the local executor copies it),
+    and they must import cafedist to unpickle the task.
+    """
+    from importlib import metadata
+
+    try:
+        metadata.distribution("cafedist")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    root = str(Path(__file__).resolve().parent.parent)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+
+
+# ----------------------------------------------------------------------------- waiting
+def _slurm_in_queue(job_id: str) -> bool:
+    """True while Slurm lists the job (pending, running, completing or requeued)."""
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return res.returncode == 0 and bool(res.stdout.strip())
+
+
+def _is_slurm_job(job: Any) -> bool:
+    return type(job).__name__ == "SlurmJob"
+
+
+def _finished(job: Any) -> bool:
+    """All tasks wrote their result file. For Slurm jobs this avoids ``job.done()``, which
+    polls ``sacct`` and only warns ("Bypassing sacct error") on clusters without accounting."""
+    if not _is_slurm_job(job):
+        return bool(job.done())
+    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    return all(t.paths.result_pickle.exists() for t in tasks)
+
+
+def _outcome(job: Any, run: Any) -> JobOutcome:
+    try:
+        results = job.results()
+    except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's exception
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return JobOutcome(str(job.job_id), run.out, False, error=lines[-1] if lines else type(exc).__name__)
+    summary = next((r.get("summary") for r in results if isinstance(r, dict) and r.get("summary")), None)
+    return JobOutcome(str(job.job_id), run.out, True, summary=summary)
+
+
+def wait_for(jobs: Sequence[Any], runs: Sequence[Any], timeout_s: float | None = None,
+             poll_s: float = 2.0, grace_s: float = 20.0,
+             on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
+    """Wait until every job ends; a Slurm job that left the queue without writing results for
+    ``grace_s`` seconds counts as failed (so this works without ``sacct``/accounting).
+
+    ``timeout_s`` bounds the whole wait (a :class:`TimeoutError` names the unfinished jobs).
+    """
+    start = time.monotonic()
+    pending = dict(enumerate(jobs))
+    outcomes: dict[int, JobOutcome] = {}
+    gone_since: dict[int, float] = {}
+    while pending:
+        for i, job in list(pending.items()):
+            if _finished(job):
+                outcomes[i] = _outcome(job, runs[i])
+            elif _is_slurm_job(job) and not _slurm_in_queue(str(job.job_id)):
+                first = gone_since.setdefault(i, time.monotonic())
+                if time.monotonic() - first < grace_s:
+                    continue
+                outcomes[i] = JobOutcome(str(job.job_id), runs[i].out, False,
+                                         error=f"job left the queue without a result (killed or cancelled?); "
+                                               f"logs: {job.paths.stderr}")
+            else:
+                continue
+            del pending[i]
+            if on_done is not None:
+                on_done(outcomes[i])
+        if pending:
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                ids = ", ".join(str(j.job_id) for j in pending.values())
+                raise TimeoutError(f"jobs still running after {timeout_s:.0f} s: {ids}")
+            time.sleep(poll_s)
+    return [outcomes[i] for i in range(len(jobs))]

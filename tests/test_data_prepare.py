@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cafedist.data import Store, ensure_store, load_dataset, make_splits, partition_params, prepare_store
+from cafedist.data import PartitionSpec, Store, ensure_store, load_dataset, make_splits, partition_params, prepare_store
 from cafedist.data import prepare as prepare_mod
 from cafedist.data.prepare import carve_val_splits
 from cafedist.errors import ConfigError, DataError
@@ -25,7 +25,7 @@ def _client_arrays(path: Path) -> list[list]:
 
 def test_make_splits_partition_everything_once():
     y = load_dataset("digits").y
-    params = partition_params(**KW)
+    params = partition_params(PartitionSpec(**KW))
     train, test, proxy = make_splits(y, params)
     flat = np.concatenate(train + test + [proxy])
     np.testing.assert_array_equal(np.sort(flat), np.arange(len(y)))  # disjoint, nothing lost
@@ -38,46 +38,46 @@ def test_make_splits_partition_everything_once():
 
 
 def test_prepare_store_deterministic(tmp_path):
-    a = prepare_store(out=tmp_path / "a.h5", **KW)
-    b = prepare_store(out=tmp_path / "b.h5", **KW)
+    a = prepare_store(tmp_path / "a.h5", PartitionSpec(**KW))
+    b = prepare_store(tmp_path / "b.h5", PartitionSpec(**KW))
     assert a == tmp_path / "a.h5"
     with Store(a) as s:
-        assert s.params == partition_params(**KW) and s.num_clients == 4 and s.dataset == "digits"
+        assert s.params == partition_params(PartitionSpec(**KW)) and s.num_clients == 4 and s.dataset == "digits"
         assert s.input_shape == (1, 8, 8) and s.proxy_size == 180
         assert sum(n for pair in s.client_sizes() for n in pair) == 1797 - 180
     assert _client_arrays(a) == _client_arrays(b)
-    c = prepare_store(out=tmp_path / "c.h5", **{**KW, "seed": 2})
+    c = prepare_store(tmp_path / "c.h5", PartitionSpec(**{**KW, "seed": 2}))
     assert _client_arrays(a) != _client_arrays(c)
 
 
 def test_partition_params_normalises_and_validates():
-    p = partition_params("agnews", clients=3, alpha=1, proxy_fraction=0.1)
+    p = partition_params(PartitionSpec("agnews", clients=3, alpha=1, proxy_fraction=0.1))
     assert p["alpha"] == 1.0 and p["loader_options"] == {"vocab_size": 20000, "max_len": 64}
     # Passing a default explicitly gives the same record, so ensure_store still matches.
-    assert partition_params("agnews", clients=3, alpha=1, proxy_fraction=0.1,
-                            loader_options={"vocab_size": 20000}) == p
-    assert "loader_options" not in partition_params(**KW)
+    assert partition_params(PartitionSpec("agnews", clients=3, alpha=1, proxy_fraction=0.1,
+                            loader_options={"vocab_size": 20000})) == p
+    assert "loader_options" not in partition_params(PartitionSpec(**KW))
     with pytest.raises(ConfigError, match="takes no option"):
-        partition_params(**KW, loader_options={"max_len": 3})
+        partition_params(PartitionSpec(**KW, loader_options={"max_len": 3}))
     with pytest.raises(ConfigError, match="clients must be an integer"):
-        partition_params(**{**KW, "clients": 2.5})
+        partition_params(PartitionSpec(**{**KW, "clients": 2.5}))
     with pytest.raises(ConfigError, match="test_fraction"):
-        partition_params(**{**KW, "test_fraction": 0})
+        partition_params(PartitionSpec(**{**KW, "test_fraction": 0}))
     with pytest.raises(DataError, match="unknown dataset"):
-        partition_params(**{**KW, "dataset": "imagenet"})
+        partition_params(PartitionSpec(**{**KW, "dataset": "imagenet"}))
 
 
 def test_ensure_store_reuses_and_refuses_other_params(tmp_path):
     out = tmp_path / "sub" / "s.h5"
-    ensure_store(out, **KW)
+    ensure_store(out, PartitionSpec(**KW))
     mtime = out.stat().st_mtime_ns
-    assert ensure_store(out, **KW) == out
+    assert ensure_store(out, PartitionSpec(**KW)) == out
     assert out.stat().st_mtime_ns == mtime  # reused, not rebuilt
     with pytest.raises(DataError, match=r'exists with params .*"alpha": 0.5.* asks for .*"alpha": 0.3'):
-        ensure_store(out, **{**KW, "alpha": 0.3})
+        ensure_store(out, PartitionSpec(**{**KW, "alpha": 0.3}))
     out.write_bytes(b"junk")  # an unreadable file is reported, never silently replaced
     with pytest.raises(DataError, match="cannot open as HDF5"):
-        ensure_store(out, **KW)
+        ensure_store(out, PartitionSpec(**KW))
     assert out.read_bytes() == b"junk"
 
 
@@ -94,7 +94,7 @@ def _race(out: str, counter: str, barrier, results) -> None:
     prepare_mod.prepare_store = counting_build
     try:
         barrier.wait(timeout=30)
-        path = ensure_store(out, **KW)
+        path = ensure_store(out, PartitionSpec(**KW))
         with Store(path) as s:
             results.put(("ok", s.client_sizes()))
     except Exception as exc:  # report to the parent instead of dying silently
@@ -152,8 +152,8 @@ def test_cli_errors(tmp_path):
 
 def test_val_fraction_carves_from_train_and_leaves_test_alone(tmp_path):
     y = load_dataset("digits").y
-    plain = partition_params(**KW)
-    params = partition_params(**KW, val_fraction=0.1)
+    plain = partition_params(PartitionSpec(**KW))
+    params = partition_params(PartitionSpec(**KW, val_fraction=0.1))
     assert "val_fraction" not in plain and params == {**plain, "val_fraction": 0.1}
     train, test, proxy = make_splits(y, params)
     assert [t.tolist() for t in test] == [t.tolist() for t in make_splits(y, plain)[1]]  # test unchanged
@@ -164,7 +164,7 @@ def test_val_fraction_carves_from_train_and_leaves_test_alone(tmp_path):
         # per-class rounding: off from 10 % by at most half a sample per class present
         assert abs(len(va) - 0.1 * len(before)) <= 0.5 * len(np.unique(y[before]))
     assert carve_val_splits(train, y, plain) == (train, None)
-    a = prepare_store(out=tmp_path / "a.h5", **KW, val_fraction=0.1)
+    a = prepare_store(tmp_path / "a.h5", PartitionSpec(**KW, val_fraction=0.1))
     with Store(a) as s:
         assert s.has_val and s.params == params
         assert s.val_sizes() == [len(v) for v in val]
@@ -173,8 +173,8 @@ def test_val_fraction_carves_from_train_and_leaves_test_alone(tmp_path):
         assert c.y_val.tolist() == y[val[2]].tolist() and c.x_val.shape[0] == len(val[2])
         assert "val_fraction=0.1" in s.describe() and " val " in s.describe()
     # a store without validation splits does not satisfy a run that asks for one, and vice versa
-    b = prepare_store(out=tmp_path / "b.h5", **KW)
+    b = prepare_store(tmp_path / "b.h5", PartitionSpec(**KW))
     with pytest.raises(DataError, match="exists with params"):
-        ensure_store(b, **KW, val_fraction=0.1)
+        ensure_store(b, PartitionSpec(**KW, val_fraction=0.1))
     with pytest.raises(ConfigError, match="val_fraction"):
-        partition_params(**KW, val_fraction=1.0)
+        partition_params(PartitionSpec(**KW, val_fraction=1.0))

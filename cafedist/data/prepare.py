@@ -26,6 +26,7 @@ from cafedist.data.partition import (check_fraction, check_partition_args, check
                                      dirichlet_partition, split_proxy, train_test_split_stratified,
                                      train_val_split_stratified)
 from cafedist.data.registry import DATASETS, load_dataset, options_of
+from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import Store, write_store
 from cafedist.errors import ConfigError, DataError
 from cafedist.rng import derive_seed
@@ -39,11 +40,8 @@ def _as_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction: float,
-                     test_fraction: float = 0.2, min_size: int = 10, seed: int = 0,
-                     loader_options: Mapping[str, Any] | None = None,
-                     val_fraction: float = 0.0) -> dict[str, Any]:
-    """The normalised, validated parameter record stored in (and compared against) a store.
+def partition_params(spec: PartitionSpec) -> dict[str, Any]:
+    """The normalised, validated parameter record of ``spec``, stored in (and compared against) a store.
 
     ``val_fraction`` is recorded only when > 0, so a store built before validation splits
     existed still matches a run that asks for none.
@@ -52,16 +50,17 @@ def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction
     defaults filled in, so omitting a default and passing it explicitly give the same record;
     datasets without options record none.
     """
+    dataset, val_fraction = spec.dataset, spec.val_fraction
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r} (expected one of: {', '.join(sorted(DATASETS))})")
     params: dict[str, Any] = {
         "dataset": dataset,
-        "clients": _as_int("clients", clients),
-        "alpha": float(alpha),
-        "proxy_fraction": float(proxy_fraction),
-        "test_fraction": float(test_fraction),
-        "min_size": _as_int("min_size", min_size),
-        "seed": _as_int("seed", seed),
+        "clients": _as_int("clients", spec.clients),
+        "alpha": float(spec.alpha),
+        "proxy_fraction": float(spec.proxy_fraction),
+        "test_fraction": float(spec.test_fraction),
+        "min_size": _as_int("min_size", spec.min_size),
+        "seed": _as_int("seed", spec.seed),
     }
     check_partition_args(params["clients"], params["alpha"], params["min_size"])
     check_fraction("proxy_fraction", params["proxy_fraction"])
@@ -70,7 +69,7 @@ def partition_params(dataset: str, *, clients: int, alpha: float, proxy_fraction
     if float(val_fraction) > 0:
         params["val_fraction"] = float(val_fraction)
     defaults = options_of(dataset)
-    given = dict(loader_options or {})
+    given = dict(spec.loader_options or {})
     unknown = set(given) - set(defaults)
     if unknown:
         raise ConfigError(f"dataset {dataset!r} takes no option(s) {sorted(unknown)} "
@@ -112,19 +111,14 @@ def carve_val_splits(train: list[np.ndarray], labels: np.ndarray,
     return [tr for tr, _ in pairs], [va for _, va in pairs]
 
 
-def prepare_store(dataset: str, out: str | Path, *, root: str | Path | None = None, clients: int,
-                  alpha: float, proxy_fraction: float, test_fraction: float = 0.2, min_size: int = 10,
-                  seed: int = 0, loader_options: Mapping[str, Any] | None = None,
-                  val_fraction: float = 0.0) -> Path:
-    """Load ``dataset`` from ``root``, partition it and write the store to ``out`` (atomically).
+def prepare_store(out: str | Path, spec: PartitionSpec, root: str | Path | None = None) -> Path:
+    """Load ``spec.dataset`` from ``root``, partition it and write the store to ``out`` (atomically).
 
     An existing file at ``out`` is replaced. Returns ``Path(out)``.
     """
-    params = partition_params(dataset, clients=clients, alpha=alpha, proxy_fraction=proxy_fraction,
-                              test_fraction=test_fraction, min_size=min_size, seed=seed,
-                              loader_options=loader_options, val_fraction=val_fraction)
-    log.info("prepare: loading %s", dataset)
-    raw = load_dataset(dataset, None if root is None else str(root), **params.get("loader_options", {}))
+    params = partition_params(spec)
+    log.info("prepare: loading %s", spec.dataset)
+    raw = load_dataset(spec.dataset, None if root is None else str(root), **params.get("loader_options", {}))
     train, test, proxy_idx = make_splits(raw.y, params)
     train, val = carve_val_splits(train, raw.y, params)
     log.info("prepare: writing %s (%d clients, proxy %d)", out, len(train), len(proxy_idx))
@@ -164,27 +158,22 @@ def _matches(out: Path, want: dict[str, Any]) -> bool:
     return True
 
 
-def ensure_store(out: str | Path, *, dataset: str, root: str | Path | None = None, clients: int,
-                 alpha: float, proxy_fraction: float, test_fraction: float = 0.2, min_size: int = 10,
-                 seed: int = 0, loader_options: Mapping[str, Any] | None = None,
-                 val_fraction: float = 0.0) -> Path:
-    """Return ``out``, building it first unless it already holds a store with these params.
+def ensure_store(out: str | Path, spec: PartitionSpec, root: str | Path | None = None) -> Path:
+    """Return ``out``, building it first unless it already holds a store of ``spec``.
 
     Safe when many processes call it at once: they serialise on an exclusive lock on
     ``out + ".lock"`` and re-check after taking it, so exactly one builds. An existing store
     with different params (or an unreadable file) raises DataError instead of being replaced.
     """
     out = Path(out)
-    kwargs = dict(clients=clients, alpha=alpha, proxy_fraction=proxy_fraction, test_fraction=test_fraction,
-                  min_size=min_size, seed=seed, loader_options=loader_options, val_fraction=val_fraction)
-    want = partition_params(dataset, **kwargs)
+    want = partition_params(spec)
     if _matches(out, want):  # fast path: stores appear by atomic rename, so no lock is needed to read
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(Path(f"{out}.lock")):
         if _matches(out, want):
             return out
-        return prepare_store(dataset, out, root=root, **kwargs)
+        return prepare_store(out, spec, root)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,14 +187,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration (smaller = more skew)")
     parser.add_argument("--proxy-fraction", type=float, metavar="F",
                         help="fraction of all samples held out as the public unlabelled proxy set")
-    parser.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
-                        help="fraction of each client's samples kept as its test split (default 0.2)")
-    parser.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+    d = PartitionSpec("", 0, 0.0, 0.0)  # the defaults, shared with data.* of a run config
+    parser.add_argument("--test-fraction", type=float, default=d.test_fraction, metavar="F",
+                        help=f"fraction of each client's samples kept as its test split (default {d.test_fraction})")
+    parser.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
                         help="fraction of each client's train split held out as its validation split "
                              "(default 0: none)")
-    parser.add_argument("--min-size", type=int, default=10, metavar="N",
-                        help="minimum samples per client (default 10)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="partition seed (default 0)")
+    parser.add_argument("--min-size", type=int, default=d.min_size, metavar="N",
+                        help=f"minimum samples per client (default {d.min_size})")
+    parser.add_argument("--seed", type=int, default=d.seed, metavar="S", help=f"partition seed (default {d.seed})")
     parser.add_argument("--vocab-size", type=int, metavar="N", help="text only: vocabulary size incl. pad/unk")
     parser.add_argument("--max-len", type=int, metavar="N", help="text only: tokens per document")
     parser.add_argument("--out", metavar="STORE", help="output HDF5 file (replaced if it exists)")
@@ -223,10 +213,10 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"prepare --dataset needs {', '.join(missing)}")
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
-    path = prepare_store(args.dataset, args.out, root=args.root, clients=args.clients, alpha=args.alpha,
-                         proxy_fraction=args.proxy_fraction, test_fraction=args.test_fraction,
-                         min_size=args.min_size, seed=args.seed, loader_options=options or None,
-                         val_fraction=args.val_fraction)
+    spec = PartitionSpec(args.dataset, clients=args.clients, alpha=args.alpha, proxy_fraction=args.proxy_fraction,
+                         test_fraction=args.test_fraction, val_fraction=args.val_fraction, min_size=args.min_size,
+                         seed=args.seed, loader_options=options or None)
+    path = prepare_store(args.out, spec, args.root)
     with Store(path) as store:
         print(store.describe())
     return 0

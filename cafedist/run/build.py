@@ -17,6 +17,7 @@ from cafedist.algorithms import get_algorithm
 from cafedist.algorithms.base import Algorithm, Setup
 from cafedist.config import Config
 from cafedist.data.prepare import ensure_store
+from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import Store
 from cafedist.distributed.placement import place_clients
 from cafedist.distributed.runtime import Runtime
@@ -64,13 +65,9 @@ class Run:
 
 def open_store(cfg: Config, prepare: bool = True) -> Store:
     """The config's store: prepared first when missing (``prepare``), else opened read-only."""
-    data = cfg.data
-    path = data.store_path(cfg.seed)
+    path = cfg.data.store_path(cfg.seed)
     if prepare:
-        path = ensure_store(path, dataset=data.dataset, root=data.root, clients=data.clients, alpha=data.alpha,
-                            proxy_fraction=data.proxy_fraction, test_fraction=data.test_fraction,
-                            min_size=data.min_size, seed=cfg.seed, loader_options=data.options or None,
-                            val_fraction=data.val_fraction)
+        path = ensure_store(path, PartitionSpec.of(cfg.data, cfg.seed), cfg.data.root)
     elif not path.is_file():
         raise DataError(f"{path}: the run's data store is missing (`cafedist train` or `cafedist prepare` "
                         f"builds it from the run's config)")

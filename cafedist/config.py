@@ -283,16 +283,15 @@ def _build(cls: type, values: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
+    prefix = f"{where}." if where else ""
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})"
-                          if where else f"{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    obj = cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in values.items()})
+    for name, ok, expected in obj.checks() if hasattr(obj, "checks") else ():  # algorithm parameters
+        if not ok:
+            raise ConfigError(f"{prefix}{name}: must be {expected}, got {getattr(obj, name)!r}")
+    if hasattr(obj, "validate"):  # the config's own sections
+        obj.validate()
     return obj
 
 

@@ -69,12 +69,14 @@ def test_mutual_distillation_teaches_every_exit_from_the_others_only():
 
 
 def test_params_validate_with_field_names():
-    with pytest.raises(ConfigError, match="algorithm.fedrep.head_epochs"):
-        FedRepParams(head_epochs=0).validate()
-    with pytest.raises(ConfigError, match="algorithm.scalefl.widths"):
-        ScaleFLParams(widths=[0.5, 1.5]).validate()
-    with pytest.raises(ConfigError, match="algorithm.scalefl.depths"):
-        ScaleFLParams(widths=[0.5, 1.0], depths=[1]).validate()
+    from cafedist.config import config_from_dict
+
+    for name, params, field in (("fedrep", {"head_epochs": 0}, "head_epochs"),
+                                ("scalefl", {"widths": [0.5, 1.5]}, "widths"),
+                                ("scalefl", {"widths": [0.5, 1.0], "depths": [1]}, "depths")):
+        with pytest.raises(ConfigError, match=rf"^algorithm\.{name}\.{field}: must be "):
+            config_from_dict({"algorithm": {"name": name, name: params}})
+    assert FedRepParams().checks() and all(ok for _, ok, _ in ScaleFLParams().checks())
 
 
 # ----------------------------------------------------------------------------- FedPer

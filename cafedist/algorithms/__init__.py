@@ -13,7 +13,7 @@ import pkgutil
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup
 from cafedist.errors import ConfigError
 
-_NOT_ALGORITHMS = {"base", "common"}
+_NOT_ALGORITHMS = {"base", "common", "exit_loss", "logit_exchange", "proxy_math", "students"}
 
 
 def _discover() -> dict[str, type[Algorithm]]:

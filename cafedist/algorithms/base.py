@@ -30,6 +30,10 @@ import torch
 from torch import Tensor, nn
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (row shape, dtype)
+#: one check of an algorithm's parameters: (field, ok, what the field must be, e.g. "> 0").
+#: A ``Params`` dataclass lists its checks in a ``checks()`` method; the config reports the
+#: first failed one as ``algorithm.<name>.<field>: must be <expected>, got <value>``.
+Check = tuple[str, bool, str]
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector
 
-from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Setup, Spec
+from cafedist.algorithms.base import Check, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.algorithms.common import is_body, is_head
-from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, validate_choices
+from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, weighting_checks
 from cafedist.algorithms.logit_exchange import LogitExchange
 from cafedist.algorithms.proxy_math import (
     cosine_similarity_matrix,
@@ -50,7 +50,6 @@ from cafedist.algorithms.proxy_math import (
     teacher_weights,
 )
 from cafedist.algorithms.students import initial_students, student_masks
-from cafedist.errors import ConfigError
 
 #: what the teacher QP and the student selection compare: the clients' last-exit proxy
 #: probabilities, or the parameters of their last exit heads (what public summaries of the paper say)
@@ -76,8 +75,8 @@ class CAFEDistillParams:
     exit_weights: list | None = None  # one loss multiplier per exit (None: all 1)
     similarity: str = "output"  # QP/selection similarity: output (last-exit proxy probs) | head_params
 
-    def validate(self) -> None:
-        for name, ok, expected in (
+    def checks(self) -> list[Check]:
+        return [
             ("tau", self.tau > 0, "> 0"),
             ("lam", self.lam >= 0, ">= 0"),
             ("mu", self.mu > 0, "> 0"),
@@ -85,11 +84,8 @@ class CAFEDistillParams:
             ("schedule_span", 0 < self.schedule_span <= 1, "in (0, 1]"),
             ("logit_bound", self.logit_bound > 0, "> 0"),
             ("similarity", self.similarity in SIMILARITIES, f"one of {', '.join(SIMILARITIES)}"),
-            *validate_choices("cafedistill", self),
-        ):
-            if not ok:
-                raise ConfigError(f"algorithm.cafedistill.{name}: must be {expected}, "
-                                  f"got {getattr(self, name)}")
+            *weighting_checks(self),
+        ]
 
 
 # ----------------------------------------------------------------------------- algorithm

@@ -36,11 +36,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parameters_to_vector
 
-from cafedist.algorithms.base import ClientView, LocalBatch, Setup, Spec
+from cafedist.algorithms.base import Check, ClientView, LocalBatch, Setup, Spec
 from cafedist.algorithms.cafedistill import SIMILARITIES
 from cafedist.algorithms.common import is_body, is_head
-from cafedist.algorithms.distill import check_fields
-from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, validate_choices
+from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, weighting_checks
 from cafedist.algorithms.logit_exchange import LogitExchange
 from cafedist.algorithms.proxy_math import cosine_similarity_matrix, healthy_clients, kd_loss, teacher_weights
 from cafedist.algorithms.students import initial_students, student_masks
@@ -70,13 +69,13 @@ class CAFEDistillHeadsParams:
     similarity: str = "head_params"
     proxy_size: int = 1000
 
-    def validate(self) -> None:
-        check_fields("cafedistill-heads", self, [
+    def checks(self) -> list[Check]:
+        return [
             ("tau", self.tau > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"), ("mu", self.mu > 0, "> 0"),
             ("schedule_span", 0 < self.schedule_span <= 1, "in (0, 1]"),
             ("param_bound", self.param_bound > 0, "> 0"), ("proxy_size", self.proxy_size >= 1, ">= 1"),
             ("similarity", self.similarity in SIMILARITIES, f"one of {', '.join(SIMILARITIES)}"),
-            *validate_choices("cafedistill-heads", self)])
+            *weighting_checks(self)]
 
 
 def last_block_features(model: nn.Module, x: Tensor) -> Any:

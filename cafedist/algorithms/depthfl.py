@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cafedist.algorithms.base import ClientView, LocalBatch, Setup
+from cafedist.algorithms.base import Check, ClientView, LocalBatch, Setup
 from cafedist.algorithms.common import DepthScaled, equal_groups, exits_ce, mutual_distillation
-from cafedist.errors import ConfigError
 
 _KD_WEIGHT = "depthfl.kd_weight"  # client state: w_t of the current round
 
@@ -48,9 +47,8 @@ class DepthFLParams:
     kd: bool = True  # mutual self-distillation between the client's exits
     rampup: float = 0.3  # w_t reaches 1 after rampup * train.rounds rounds (reference 300 / 1000)
 
-    def validate(self) -> None:
-        if not 0 <= self.rampup <= 1:
-            raise ConfigError(f"algorithm.depthfl.rampup: must be in [0, 1], got {self.rampup}")
+    def checks(self) -> list[Check]:
+        return [("rampup", 0 <= self.rampup <= 1, "in [0, 1]")]
 
 
 def consistency_weight(round_idx: int, rampup_rounds: float) -> float:

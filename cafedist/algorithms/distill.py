@@ -31,42 +31,32 @@ digest keeps pulling every exit toward them: on the quickstart config FedMD, DS-
 stay at the majority-class accuracy for several rounds with ``digest_weight: 1`` and learn
 steadily with ``0.1``.
 
-Pieces also used by cafedistill-heads (and reusable by CAFEDistill itself):
-:func:`initial_students` and :func:`selected_ce`.
+:func:`selected_ce` and :func:`mean_over` are reusable by other methods; the student schedule
+lives in :mod:`cafedist.algorithms.students`, the shared math in :mod:`cafedist.algorithms.proxy_math`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Spec
+from cafedist.algorithms.base import Check, ClientView, LocalBatch, Phase, Spec
 from cafedist.algorithms.common import exits_ce
 from cafedist.algorithms.logit_exchange import LogitExchange
 from cafedist.algorithms.proxy_math import healthy_clients
-from cafedist.errors import ConfigError
 
 DIGEST = "digest"  # phase name: match the received targets on proxy batches
 REVISIT = "revisit"  # phase name: CE on the private data
 
 
 # ----------------------------------------------------------------------------- parameters
-def check_fields(section: str, params: object, checks: Iterable[tuple[str, bool, str]]) -> None:
-    """Raise ``ConfigError("algorithm.<section>.<field>: must be <expected>, got <value>")``
-    for the first failed ``(field, ok, expected)`` check."""
-    for name, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"algorithm.{section}.{name}: must be {expected}, got {getattr(params, name)!r}")
-
-
 @dataclass
 class ProxyDistillParams:
     """Fields every proxy-distillation baseline shares (subclasses add their own)."""
 
-    section: ClassVar[str] = ""  # the algorithm's config section, for error messages
 
     proxy_size: int = 1000  # P' = min(proxy_size, |P|) proxy items per round (as CAFEDistill)
     digest_epochs: int = 1  # epochs of the digest phase (reference: one pass of logit matching)
@@ -75,10 +65,7 @@ class ProxyDistillParams:
     targets_from: Literal["same", "last"] = "same"  # exit k distils from exit k, or from the last exits
     logit_bound: float = 1.0e4  # |logit| above this quarantines a client as teacher
 
-    def validate(self) -> None:
-        check_fields(self.section, self, self.checks())
-
-    def checks(self) -> list[tuple[str, bool, str]]:
+    def checks(self) -> list[Check]:
         """``(field, ok, expected)`` triples; subclasses extend the list."""
         return [("proxy_size", self.proxy_size >= 1, ">= 1"),
                 ("digest_epochs", self.digest_epochs >= 1, ">= 1"),

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase
+from cafedist.algorithms.base import Algorithm, Check, ClientView, LocalBatch, Phase
 from cafedist.algorithms.common import exits_ce, proximal, snapshot
-from cafedist.errors import ConfigError
 
 _SYNCED = "ditto.synced"  # client state flag: the personal model was initialised from the global one
 
@@ -37,11 +36,9 @@ class DittoParams:
     lam: float = 0.1
     personal_epochs: int | None = None  # None: train.local_epochs
 
-    def validate(self) -> None:
-        if self.lam < 0:
-            raise ConfigError(f"algorithm.ditto.lam: must be >= 0, got {self.lam}")
-        if self.personal_epochs is not None and self.personal_epochs < 1:
-            raise ConfigError(f"algorithm.ditto.personal_epochs: must be >= 1 or null, got {self.personal_epochs}")
+    def checks(self) -> list[Check]:
+        return [("lam", self.lam >= 0, ">= 0"),
+                ("personal_epochs", self.personal_epochs is None or self.personal_epochs >= 1, ">= 1 or null")]
 
 
 class Ditto(Algorithm):

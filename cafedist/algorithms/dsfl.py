@@ -23,7 +23,6 @@ server-side model of some DS-FL variants is not trained (clients are what we eva
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -36,7 +35,6 @@ from cafedist.algorithms.proxy_math import kd_loss
 class DSFLParams(ProxyDistillParams):
     """DS-FL hyperparameters (besides the shared proxy-distillation ones)."""
 
-    section: ClassVar[str] = "dsfl"
 
     era_temperature: float = 0.1  # ERA's softmax temperature (reference 0.1)
 

@@ -110,7 +110,7 @@ def per_exit(terms: Sequence[Term], num_exits: int) -> list[Tensor | None]:
     return out
 
 
-def validate_choices(section: str, params: object) -> list[tuple[str, bool, str]]:
-    """The (field, ok, expected) checks of the weighting options, for a Params.validate."""
+def weighting_checks(params: object) -> list[tuple[str, bool, str]]:
+    """The (field, ok, expected) checks of the weighting options, for a Params' ``checks``."""
     return [("kd_weighting", params.kd_weighting in KD_WEIGHTINGS, f"one of {', '.join(KD_WEIGHTINGS)}"),
             ("unselected", params.unselected in UNSELECTED, f"one of {', '.join(UNSELECTED)}")]

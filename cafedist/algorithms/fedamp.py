@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from cafedist.algorithms.base import ClientView, LocalBatch
+from cafedist.algorithms.base import Check, ClientView, LocalBatch
 from cafedist.algorithms.common import exits_ce, proximal
 from cafedist.algorithms.personalization import (
     ParameterMixing,
@@ -47,7 +47,6 @@ from cafedist.algorithms.personalization import (
     split_row,
     sq_distances_from_gram,
 )
-from cafedist.errors import ConfigError
 
 
 @dataclass
@@ -61,16 +60,14 @@ class FedAMPParams:
     alpha_k: float = 1.0  # distance attention: message-passing step alpha_k
     kernel_sigma: float = 1.0  # distance attention: A'(x) = exp(-x / sigma) / sigma
 
-    def validate(self) -> None:
-        for name, ok, expected in (
+    def checks(self) -> list[Check]:
+        return [
             ("lam", self.lam >= 0, ">= 0"),
             ("sigma", self.sigma >= 0, ">= 0"),
             ("self_weight", 0 <= self.self_weight <= 1, "in [0, 1]"),
             ("alpha_k", self.alpha_k > 0, "> 0"),
             ("kernel_sigma", self.kernel_sigma > 0, "> 0"),
-        ):
-            if not ok:
-                raise ConfigError(f"algorithm.fedamp.{name}: must be {expected}, got {getattr(self, name)}")
+        ]
 
 
 def _others(active: Tensor) -> Tensor:

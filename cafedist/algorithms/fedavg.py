@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch
+from cafedist.algorithms.base import Algorithm, Check, ClientView, LocalBatch
 from cafedist.algorithms.common import exits_ce, proximal, snapshot
-from cafedist.errors import ConfigError
 
 
 @dataclass
@@ -45,9 +44,8 @@ class FedProxParams:
 
     mu: float = 0.01
 
-    def validate(self) -> None:
-        if self.mu < 0:
-            raise ConfigError(f"algorithm.fedprox.mu: must be >= 0, got {self.mu}")
+    def checks(self) -> list[Check]:
+        return [("mu", self.mu >= 0, ">= 0")]
 
 
 class FedProx(FedAvg):

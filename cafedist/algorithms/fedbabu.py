@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cafedist.algorithms.base import ClientView, Phase
+from cafedist.algorithms.base import Check, ClientView, Phase
 from cafedist.algorithms.common import SharedBody, is_body, is_head
-from cafedist.errors import ConfigError
 
 
 @dataclass
@@ -31,9 +30,8 @@ class FedBABUParams:
     finetune_epochs: int = 5
     finetune_body: bool = False  # also fine-tune the body (the reference code does)
 
-    def validate(self) -> None:
-        if self.finetune_epochs < 0:
-            raise ConfigError(f"algorithm.fedbabu.finetune_epochs: must be >= 0, got {self.finetune_epochs}")
+    def checks(self) -> list[Check]:
+        return [("finetune_epochs", self.finetune_epochs >= 0, ">= 0")]
 
 
 class FedBABU(SharedBody):

@@ -30,7 +30,7 @@ Reference defaults kept: consensus = plain (unweighted) mean of raw logits; dige
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,7 +42,6 @@ from cafedist.algorithms.distill import ProxyDistillation, ProxyDistillParams, m
 class FedMDParams(ProxyDistillParams):
     """FedMD hyperparameters (besides the shared proxy-distillation ones)."""
 
-    section: ClassVar[str] = "fedmd"
 
     digest_loss: Literal["l1", "mse"] = "l1"  # reference: Keras mean_absolute_error on logits
 

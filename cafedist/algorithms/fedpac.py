@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup, Spec
+from cafedist.algorithms.base import Algorithm, Check, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.algorithms.common import exit_index, exits_ce
 from cafedist.algorithms.personalization import (
     ParamLayout,
@@ -53,7 +53,6 @@ from cafedist.algorithms.personalization import (
     simplex_qp,
     sparsify_simplex,
 )
-from cafedist.errors import ConfigError
 
 SIZE = "pac.size"  # the client's number of training samples
 SEEN = "pac.seen"  # samples of the extractor phase so far this round
@@ -69,11 +68,8 @@ class FedPACParams:
     lam: float = 1.0  # weight of the feature-alignment (prototype MSE) term
     qp_iters: int = 500  # iterations of the classifier-weight QP solver
 
-    def validate(self) -> None:
-        if self.lam < 0:
-            raise ConfigError(f"algorithm.fedpac.lam: must be >= 0, got {self.lam}")
-        if self.qp_iters < 1:
-            raise ConfigError(f"algorithm.fedpac.qp_iters: must be >= 1, got {self.qp_iters}")
+    def checks(self) -> list[Check]:
+        return [("lam", self.lam >= 0, ">= 0"), ("qp_iters", self.qp_iters >= 1, ">= 1")]
 
 
 def accumulate_classes(state: dict[str, Tensor], prefix: str, feats: list[Tensor], y: Tensor,

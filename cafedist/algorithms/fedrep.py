@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cafedist.algorithms.base import ClientView, Phase
+from cafedist.algorithms.base import Check, ClientView, Phase
 from cafedist.algorithms.common import SharedBody, is_body, is_head
-from cafedist.errors import ConfigError
 
 
 @dataclass
@@ -29,9 +28,8 @@ class FedRepParams:
 
     head_epochs: int = 1  # reference: 10
 
-    def validate(self) -> None:
-        if self.head_epochs < 1:
-            raise ConfigError(f"algorithm.fedrep.head_epochs: must be >= 1, got {self.head_epochs}")
+    def checks(self) -> list[Check]:
+        return [("head_epochs", self.head_epochs >= 1, ">= 1")]
 
 
 class FedRep(SharedBody):

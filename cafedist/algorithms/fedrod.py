@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase
+from cafedist.algorithms.base import Algorithm, Check, ClientView, LocalBatch, Phase
 from cafedist.algorithms.personalization import (
     classifier_names,
     classifier_prefixes,
@@ -38,7 +38,6 @@ from cafedist.algorithms.personalization import (
     feature_tap,
     final_linear,
 )
-from cafedist.errors import ConfigError
 
 COUNTS = "rod.counts"  # float64 [C]: the client's training-label counts
 SEEN = "rod.seen"  # samples counted so far (counting stops after one epoch)
@@ -53,9 +52,8 @@ class FedRoDParams:
 
     personal_epochs: int | None = None  # epochs of personal-classifier training; None: train.local_epochs
 
-    def validate(self) -> None:
-        if self.personal_epochs is not None and self.personal_epochs < 1:
-            raise ConfigError(f"algorithm.fedrod.personal_epochs: must be >= 1 or null, got {self.personal_epochs}")
+    def checks(self) -> list[Check]:
+        return [("personal_epochs", self.personal_epochs is None or self.personal_epochs >= 1, ">= 1 or null")]
 
 
 def balanced_softmax_ce(logits: Tensor, y: Tensor, counts: Tensor) -> Tensor:

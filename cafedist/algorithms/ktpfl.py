@@ -39,7 +39,7 @@ initialised to ``1/n``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +53,6 @@ from cafedist.algorithms.proxy_math import kd_loss, project_rows_to_simplex
 class KTpFLParams(ProxyDistillParams):
     """KT-pFL hyperparameters (besides the shared proxy-distillation ones)."""
 
-    section: ClassVar[str] = "ktpfl"
 
     tau: float = 10.0  # softmax temperature of the soft predictions and of distillation
     rho: float = 0.7  # penalty pulling each row of c toward uniform 1/n

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cafedist.algorithms.base import ClientView, LocalBatch
+from cafedist.algorithms.base import Check, ClientView, LocalBatch
 from cafedist.algorithms.common import exits_ce
 from cafedist.algorithms.personalization import (
     ParameterMixing,
@@ -42,7 +42,6 @@ from cafedist.algorithms.personalization import (
     load_row,
     simplex_qp_identity,
 )
-from cafedist.errors import ConfigError
 
 TARGET = "graph.target"  # the client's latest personalized aggregate u_i (row)
 SAME_DIRECTION = 0.9  # reference: a cosine above this counts as identical updates
@@ -55,11 +54,8 @@ class PFedGraphParams:
     alpha: float = 0.8  # graph QP: weight of ||x||^2 (keeps the graph from collapsing on itself)
     lam: float = 0.01  # weight of the cosine regulariser toward the aggregated model
 
-    def validate(self) -> None:
-        if self.alpha <= 0:
-            raise ConfigError(f"algorithm.pfedgraph.alpha: must be > 0, got {self.alpha}")
-        if self.lam < 0:
-            raise ConfigError(f"algorithm.pfedgraph.lam: must be >= 0, got {self.lam}")
+    def checks(self) -> list[Check]:
+        return [("alpha", self.alpha > 0, "> 0"), ("lam", self.lam >= 0, ">= 0")]
 
 
 def graph_rows(cos: Tensor, p: Tensor, alpha: float, active: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cafedist.algorithms.base import ClientView, LocalBatch, Setup
+from cafedist.algorithms.base import Check, ClientView, LocalBatch, Setup
 from cafedist.algorithms.common import DepthScaled, equal_groups, is_head
 from cafedist.algorithms.proxy_math import kd_loss
 from cafedist.errors import ConfigError
@@ -70,18 +70,14 @@ class ScaleFLParams:
     tau: float = 3.0  # KD temperature
     kd_start: float = 0.25  # KD only in rounds t > kd_start * train.rounds
 
-    def validate(self) -> None:
-        where = "algorithm.scalefl"
-        if not self.widths or not all(isinstance(w, (int, float)) and 0 < w <= 1 for w in self.widths):
-            raise ConfigError(f"{where}.widths: expected a non-empty list of ratios in (0, 1], got {self.widths}")
-        if self.depths and (len(self.depths) != len(self.widths)
-                            or not all(isinstance(d, int) and d >= 1 for d in self.depths)):
-            raise ConfigError(f"{where}.depths: expected [] or {len(self.widths)} integers >= 1 "
-                              f"(one per entry of widths), got {self.depths}")
-        for name, ok, expected in (("gamma", self.gamma >= 0, ">= 0"), ("tau", self.tau > 0, "> 0"),
-                                   ("kd_start", 0 <= self.kd_start <= 1, "in [0, 1]")):
-            if not ok:
-                raise ConfigError(f"{where}.{name}: must be {expected}, got {getattr(self, name)}")
+    def checks(self) -> list[Check]:
+        widths_ok = bool(self.widths) and all(isinstance(w, (int, float)) and 0 < w <= 1 for w in self.widths)
+        depths_ok = not self.depths or (len(self.depths) == len(self.widths)
+                                        and all(isinstance(d, int) and d >= 1 for d in self.depths))
+        return [("widths", widths_ok, "a non-empty list of ratios in (0, 1]"),
+                ("depths", depths_ok, f"[] or {len(self.widths)} integers >= 1 (one per entry of widths)"),
+                ("gamma", self.gamma >= 0, ">= 0"), ("tau", self.tau > 0, "> 0"),
+                ("kd_start", 0 <= self.kd_start <= 1, "in [0, 1]")]
 
 
 def kept(size: int, ratio: float) -> int:

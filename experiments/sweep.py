@@ -61,14 +61,31 @@ def tabulate(variants: list[tuple[str, list[str]]], out: Path) -> None:
                                        s["acc_per_exit"])):
             row[f"val_exit{k + 1}"] = _r(v)
             row[f"test_exit{k + 1}"] = _r(t)
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        row.update(conflict_means(records, s["rounds"]))
         rows.append(row)
-        for line in (out / name / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
+        for rec in records:
             curves.append({"variant": name, "round": rec["round"], "loss": _r(rec.get("loss")),
                            **{f"val_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("val_acc_per_exit") or [])},
                            **{f"test_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("acc_per_exit") or [])}})
     _write_csv(out / "variants.csv", rows)
     _write_csv(out / "curves.csv", curves)
+
+
+def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:
+    """Means over rounds of the conflict record (``train.diagnostics: [conflict]``), for the
+    first and the second half of the schedule (selection withholds exits in the first half
+    with the default ``schedule_span`` 0.5): the mean cosine over exit pairs and the share of
+    negative pairs, over the trained pairs and over all pairs."""
+    out: dict[str, float | None] = {}
+    for half, (lo, hi) in (("h1", (0, rounds // 2)), ("h2", (rounds // 2, rounds))):
+        window = [r["conflict"] for r in records if r.get("conflict") and lo <= r["round"] < hi]
+        for kind in ("trained", "all"):
+            cos = [v for c in window for v in c[kind].values() if v is not None]
+            neg = [c[f"neg_{kind}"] for c in window if c[f"neg_{kind}"] is not None]
+            out[f"cos_{kind}_{half}"] = _r(sum(cos) / len(cos)) if cos else None
+            out[f"neg_{kind}_{half}"] = _r(sum(neg) / len(neg)) if neg else None
+    return out
 
 
 def _seed(run_dir: Path) -> int | None:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The T = 100 study of issue 14 (docs/RESULTS.md): every method tuned on validation (lr grid,
+# seed 0), the chosen setting run on three seeds, in four settings. Resumable: rerun the same
+# line and finished runs are reused, unfinished ones resume from their last checkpoint.
+# ~13 minutes per run on one core of the 2-core CI-like machine (mnist5k, 100 rounds).
+#
+#   bash experiments/study_T100.sh mnist5k-a0.3                  # tune + 3 seeds (the study)
+#   bash experiments/study_T100.sh mnist5k-a0.3 --first-trials   # only every method's lr=0.05 trial (seed 0), reused by the study
+#
+# Order of the budget: mnist5k a0.3, mnist5k a0.1, digits a0.3, digits a0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+setting=${1:?usage: study_T100.sh SETTING [extra compare args]}; shift
+case "$setting" in
+  mnist5k-a0.3) config=configs/quickstart.yaml; extra=() ;;
+  mnist5k-a0.1) config=configs/quickstart.yaml; extra=(data.alpha=0.1) ;;
+  digits-a0.3)  config=configs/digits.yaml;     extra=() ;;
+  digits-a0.1)  config=configs/digits.yaml;     extra=(data.alpha=0.1) ;;
+  *) echo "unknown setting $setting" >&2; exit 2 ;;
+esac
+METHODS=cafedistill,cafedistill-heads,cafedistill-nokd,cafedistill-nosel,fedavg,fedper,fedrep,fedrod,fedpac,ditto
+mode=(--tune --seeds 3)
+if [ "${1:-}" = "--first-trials" ]; then  # only the lr=0.05 trial of every method (seed 0), no tuning
+  shift; mode=(--seeds 0); grid=(--grid train.lr=0.05)
+else
+  grid=(--grid train.lr=0.05,0.02)
+fi
+export OMP_NUM_THREADS=1
+exec python -m cafedist compare --config "$config" --algorithms "$METHODS" "${grid[@]}" "${mode[@]}" \
+  --jobs "${JOBS:-2}" --out "runs/study/$setting" "$@" \
+  train.rounds=100 train.eval_every=5 data.val_fraction=0.1 checkpoint.every=10 "${extra[@]}"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cafedist.distributed import place_clients, rank_of_clients
+from cafedist.distributed import place_clients
 from cafedist.errors import DistError
 
 
@@ -52,12 +52,6 @@ def test_zero_size_clients_still_fill_every_rank() -> None:
 
 def test_one_rank_gets_everything() -> None:
     assert place_clients([3, 1, 2], 1) == [[0, 1, 2]]
-
-
-def test_rank_of_clients_inverts() -> None:
-    placement = place_clients([4, 3, 2, 1], 2)
-    owner = rank_of_clients(placement)
-    assert all(c in placement[r] for c, r in owner.items()) and len(owner) == 4
 
 
 @pytest.mark.parametrize("sizes, world, msg", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cafedist.eval import average_exit_accuracy, exit_predictions, per_exit_correct, summarize_per_client
+from cafedist.eval import exit_predictions, per_exit_correct
 
 
 class TinyExitNet(nn.Module):
@@ -84,17 +84,3 @@ def test_per_exit_correct_counts():
         per_exit_correct(pred, y[:3])
 
 
-def test_summarize_per_client_and_averages():
-    correct = torch.tensor([[1, 2], [6, 9], [0, 0]])
-    n = torch.tensor([2, 10, 0])
-    rows = summarize_per_client(correct, n, client_ids=[5, 7, 9])
-    assert rows[0] == {"client": 5, "n": 2, "exit_accuracy": [0.5, 1.0]}
-    assert rows[1]["exit_accuracy"] == pytest.approx([0.6, 0.9])
-    assert rows[2]["exit_accuracy"] is None  # no test items: no NaN in JSON
-    avg = average_exit_accuracy(correct, n)
-    assert avg["weighted"] == pytest.approx([7 / 12, 11 / 12])  # pooled over items
-    assert avg["client_mean"] == pytest.approx([0.55, 0.95])  # empty client ignored
-    with pytest.raises(ValueError):
-        summarize_per_client(correct, n, client_ids=[1])
-    with pytest.raises(ValueError, match="no client"):
-        average_exit_accuracy(correct[2:], n[2:])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
+from cafedist.algorithms.common import is_head
 from cafedist.errors import ConfigError
 from cafedist.models import ARCHS, EarlyExitNet, arch_options, build_model, macs_per_exit
 from cafedist.models.macs import macs_breakdown
@@ -137,15 +138,15 @@ def test_macs_leave_batchnorm_state_and_mode_alone():
 @pytest.mark.parametrize("arch,shape,opts,m", CASES[::2], ids=IDS[::2])
 def test_body_and_head_parameters_partition_all(arch, shape, opts, m):
     model = build(arch, shape, opts)
-    body = {id(p) for p in model.body_parameters()}
-    head = {id(p) for p in model.head_parameters()}
+    body = {id(p) for p in model.blocks.parameters()}
+    head = {id(p) for p in model.heads.parameters()}
     assert body and head and not body & head
     assert body | head == {id(p) for p in model.parameters()}
     for name, p in model.named_parameters():
-        assert EarlyExitNet.is_head_key(name) == (id(p) in head), name
+        assert is_head(name) == (id(p) in head), name  # the one head test of the algorithms
     keys = model.state_dict().keys()
     assert all(k.startswith(("blocks.", "heads.")) for k in keys)
-    assert not EarlyExitNet.is_head_key("blocks.0.heads.weight")
+    assert not is_head("blocks.0.heads.weight") and is_head("heads.2.0.weight", 2)
 
 
 @pytest.mark.parametrize("arch,shape,opts,m", CASES[::2], ids=IDS[::2])

@@ -60,12 +60,6 @@ class ExitLossRule:
             raise ConfigError(f"algorithm.{section}.lam: must be in [0, 1] with kd_weighting: convex, got {rule.lam}")
         return rule
 
-    def kd_scale(self) -> float:
-        """The factor in front of a student exit's ``KL`` term."""
-        if self.kd_weighting == "lam":
-            return self.lam
-        return self.lam * self.tau * self.tau
-
     def terms(self, logits: Sequence[Tensor], y: Tensor, students: Tensor,
               kl: Callable[[int], Tensor] | None) -> list[Term]:
         """The loss terms of one step in their fixed order.

@@ -305,12 +305,6 @@ class Store:
         """The unlabelled proxy inputs on ``device``, transformed like client inputs."""
         return self.to_inputs(self._read("proxy/x"), device)
 
-    def load_vocab(self) -> list[str] | None:
-        """Token strings by id (text stores written with a vocabulary), else None."""
-        if "vocab" not in self._f:
-            return None
-        return self._read("vocab").tobytes().decode("utf-8").split("\n")
-
     def label_histograms(self) -> np.ndarray:
         """int64 ``[num_clients, num_classes]``: count of each label in each client's train split."""
         out = np.zeros((self.num_clients, self.num_classes), dtype=np.int64)

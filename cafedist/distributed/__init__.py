@@ -9,7 +9,7 @@ of a placement by their owners' ids.
 
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
-from cafedist.distributed.placement import place_clients, rank_of_clients
+from cafedist.distributed.placement import place_clients
 from cafedist.distributed.runtime import (
     LaunchInfo,
     Runtime,
@@ -28,6 +28,5 @@ __all__ = [
     "expand_nodelist",
     "init_runtime",
     "place_clients",
-    "rank_of_clients",
     "shutdown_runtime",
 ]

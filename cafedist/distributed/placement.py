@@ -43,6 +43,3 @@ def place_clients(sizes: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(ids) for ids in placement]
 
 
-def rank_of_clients(placement: Sequence[Sequence[int]]) -> dict[int, int]:
-    """Invert a placement: client id -> hosting rank."""
-    return {cid: rank for rank, ids in enumerate(placement) for cid in ids}

@@ -1,7 +1,9 @@
 """Evaluation: per-exit accuracy, dynamic (early-exit) inference, accuracy-vs-MACs plots.
 
-- :mod:`.exits`: run a model once, get every exit's prediction/confidence; per-exit and
-  per-client accuracy.
+- :mod:`.exits`: run a model once, get every exit's prediction/confidence; per-exit correct
+  counts.
+- :mod:`.clients`: a rank's clients evaluated, rows gathered in client-id order (training's
+  records and summary, and ``cafedist eval``).
 - :mod:`.dynamic`: threshold sweep as summable counts, the table, and the MAC reduction
   at a given accuracy loss.
 - :mod:`.plots`: PNG figures (matplotlib imported only when plotting): accuracy vs MACs,
@@ -17,14 +19,12 @@ from cafedist.eval.dynamic import (
     dynamic_table,
     exit_indices,
     mac_reduction_at_loss,
-    sum_counts,
 )
-from cafedist.eval.exits import average_exit_accuracy, exit_predictions, per_exit_correct, summarize_per_client
+from cafedist.eval.exits import exit_predictions, per_exit_correct
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
 __all__ = [
     "THRESHOLDS",
-    "average_exit_accuracy",
     "dynamic_counts",
     "dynamic_table",
     "exit_indices",
@@ -34,6 +34,4 @@ __all__ = [
     "plot_accuracy_vs_macs",
     "plot_curves_per_exit",
     "plot_per_exit_bars",
-    "sum_counts",
-    "summarize_per_client",
 ]

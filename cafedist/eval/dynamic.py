@@ -9,13 +9,14 @@ an accuracy-vs-MACs curve and the fallback of :func:`mac_reduction_at_loss` need
 confidence never fires, so such a sample falls through to the last exit.
 
 :func:`dynamic_counts` returns pure sums (correct, MACs, exit histogram, n) so that the
-counts of many clients or ranks can be added (:func:`sum_counts`, or an all-reduce of each
-tensor) before :func:`dynamic_table` divides once.
+counts of many clients or ranks can be added (the gathered rows of
+:func:`cafedist.eval.clients.final_evaluation`, or an all-reduce of each tensor)
+before :func:`dynamic_table` divides once.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -95,15 +96,6 @@ def dynamic_counts(
         "exits": exits,
         "n": torch.tensor(n, dtype=torch.int64, device=device),
     }
-
-
-def sum_counts(parts: Iterable[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Add the :func:`dynamic_counts` of several clients/ranks (same thresholds and exits)."""
-    parts = list(parts)
-    if not parts:
-        raise ValueError("sum_counts needs at least one counts dict")
-    keys = parts[0].keys()
-    return {key: torch.stack([p[key].to(parts[0][key].device) for p in parts]).sum(dim=0) for key in keys}
 
 
 def dynamic_table(

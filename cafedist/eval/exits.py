@@ -7,7 +7,7 @@ all-reduce before anything is divided; accuracies are only formed at the very en
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -91,42 +91,3 @@ def _check_client_counts(correct: Tensor, n: Tensor) -> None:
         raise ValueError(
             f"expected correct [clients, m] and n [clients], got {tuple(correct.shape)} and {tuple(n.shape)}"
         )
-
-
-def summarize_per_client(
-    correct: Tensor, n: Tensor, client_ids: Sequence[int] | None = None
-) -> list[dict]:
-    """Per-client, per-exit accuracy table (one JSON-ready dict per client).
-
-    ``correct`` [clients, m] holds each client's per-exit correct counts (from
-    :func:`per_exit_correct`), ``n`` [clients] its test-set sizes; ``client_ids`` names the
-    rows (default 0..clients-1). Each row is ``{"client", "n", "exit_accuracy"}``, where
-    ``exit_accuracy`` is a list of m floats, or ``None`` for a client with no test items
-    (so no NaN ends up in a JSON file).
-    """
-    _check_client_counts(correct, n)
-    ids = list(range(correct.shape[0])) if client_ids is None else list(client_ids)
-    if len(ids) != correct.shape[0]:
-        raise ValueError(f"got {len(ids)} client ids for {correct.shape[0]} clients")
-    rows = []
-    for cid, c, size in zip(ids, correct.tolist(), n.tolist()):
-        acc = [ci / size for ci in c] if size > 0 else None
-        rows.append({"client": int(cid), "n": int(size), "exit_accuracy": acc})
-    return rows
-
-
-def average_exit_accuracy(correct: Tensor, n: Tensor) -> dict[str, list[float]]:
-    """Per-exit accuracy over clients, two ways (the paper's personalized accuracy).
-
-    ``"weighted"``: pooled over all test items (each client weighted by its test size);
-    ``"client_mean"``: plain mean of the clients' accuracies, ignoring clients without
-    test items. Inputs as in :func:`summarize_per_client`.
-    """
-    _check_client_counts(correct, n)
-    has_data = n > 0
-    if not bool(has_data.any()):
-        raise ValueError("no client has test items: per-exit accuracy is undefined")
-    correct64 = correct.double()
-    weighted = correct64.sum(dim=0) / n.double().sum()
-    client_mean = (correct64[has_data] / n[has_data].double().unsqueeze(1)).mean(dim=0)
-    return {"weighted": weighted.tolist(), "client_mean": client_mean.tolist()}

@@ -72,13 +72,5 @@ class EarlyExitNet(nn.Module):
         """
         return list(self.iter_exits(x, upto))
 
-    def body_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the shared body (the blocks), shallow to deep."""
-        return self.blocks.parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the exit heads, exit 0 first."""
-        return self.heads.parameters()
-
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_exits={self.num_exits}, input_shape={self.input_shape}"

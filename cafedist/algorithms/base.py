@@ -6,7 +6,7 @@ An algorithm answers three questions, and the loop (:mod:`cafedist.train.round`)
   :class:`LocalBatch` (private batch, optional proxy batch), organised in
   :meth:`Algorithm.local_phases` (which model, which parameters, how many epochs);
 * **exchange** -- what leaves a client after local training:
-  proxy-set logits of every exit (``exchanges_logits``), other per-client rows
+  proxy-set logits of the exits it reads (``exchanges_logits``), other per-client rows
   (:meth:`Algorithm.upload`), and parameters averaged over clients
   (:meth:`Algorithm.shared_mask`: sample-weighted, deterministic, optionally only over the
   clients that hold a parameter or element);
@@ -168,7 +168,8 @@ class Algorithm:
         return []
 
     def on_local_start(self, client: ClientView, round_idx: int) -> None:
-        """Called before local training (e.g. snapshot the global weights for a proximal term)."""
+        """Called once per round for each client that trains, right before :meth:`local_phases`
+        (e.g. snapshot the global weights for a proximal term)."""
 
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
         """Whether this phase's local steps also need a proxy mini-batch (rows of the client's

@@ -206,7 +206,7 @@ class _Outcome(Protocol):
     status: str
 
 
-O = TypeVar("O", bound=_Outcome)
+OutcomeT = TypeVar("OutcomeT", bound=_Outcome)
 
 
 def validation_score(summary: dict | None) -> float | None:
@@ -228,13 +228,13 @@ def choose(outcomes: Sequence[_Outcome]) -> int | None:
 
 
 @dataclass
-class TuneResult(Generic[O]):
+class TuneResult(Generic[OutcomeT]):
     """What :func:`tune` did, per method name (in method order)."""
 
     seed: int = 0  # the seed the trials ran on
-    trials: dict[str, list[O]] = field(default_factory=dict)  # every trial, in grid order
+    trials: dict[str, list[OutcomeT]] = field(default_factory=dict)  # every trial, in grid order
     chosen: dict[str, int | None] = field(default_factory=dict)  # index into trials[name]; None: none usable
-    finals: list[O] = field(default_factory=list)  # the chosen settings on every seed
+    finals: list[OutcomeT] = field(default_factory=list)  # the chosen settings on every seed
 
     def counts(self) -> dict[str, int]:
         """Trials per method."""
@@ -246,7 +246,8 @@ class TuneResult(Generic[O]):
 
 
 def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequence[int],
-         plan: Callable[[Any, Setting, int], Any], execute: Callable[[list[Any]], list[O]]) -> TuneResult[O]:
+         plan: Callable[[Any, Setting, int], Any],
+         execute: Callable[[list[Any]], list[OutcomeT]]) -> TuneResult[OutcomeT]:
     """Trials of every method's settings on ``seeds[0]``, the choice, then the chosen settings
     on every seed. ``methods`` have a ``name``; ``plan(method, setting, seed)`` makes a planned
     run and ``execute(runs)`` runs them (reusing finished ones), one outcome per run in order."""
@@ -258,7 +259,7 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
         log.warning("compare --tune: the methods get different numbers of trials (%s), because the grid keys "
                     "that apply to them differ; results.md says so", counts)
     flat = execute([r for runs in trial_runs.values() for r in runs])
-    result: TuneResult[O] = TuneResult(seed=seeds[0])
+    result: TuneResult[OutcomeT] = TuneResult(seed=seeds[0])
     it = iter(flat)
     for m in methods:
         result.trials[m.name] = [next(it) for _ in trial_runs[m.name]]
@@ -283,7 +284,8 @@ def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
     if len(set(counts.values())) > 1:
         lines += ["**Unequal trial budgets**: the grid keys that apply differ between methods, so they got "
                   + ", ".join(f"{name} {n}" for name, n in counts.items()) + " trials.", ""]
-    lines += ["| algorithm | trials | chosen setting | validation accuracy, last exit (%) |", "| --- | --- | --- | --- |"]
+    lines += ["| algorithm | trials | chosen setting | validation accuracy, last exit (%) |",
+              "| --- | --- | --- | --- |"]
     for name, trials in result.trials.items():
         i = result.chosen[name]
         if i is None:

@@ -1,0 +1,239 @@
+"""``cafedist compare``: every (algorithm, seed) of one config, then one report.
+
+::
+
+    cafedist compare --config configs/digits.yaml --algorithms all --seeds 3 --out runs/cmp
+    cafedist compare --config configs/digits.yaml --algorithms cafedistill,fedavg --seeds 0,5 \\
+        --out runs/cmp train.rounds=10 --jobs 2
+    cafedist compare ... --submit [--local] [--partition gpu --time 2:00:00]
+
+Each run is an ordinary ``cafedist train`` into ``OUT/runs/<algorithm>/seed<seed>``: a
+subprocess (``--jobs`` at a time), so a crashing run is reported and the others go on, or a
+submitit job per run with ``--submit`` (through :mod:`cafedist.submit`). A run whose
+``summary.json`` was written by the same resolved config is not redone; an unfinished one is
+resumed by ``train``'s ``--resume auto``. Then ``OUT/results.md``, ``OUT/results.csv``,
+``OUT/accuracy_vs_macs.png`` and ``OUT/per_exit_accuracy.png`` are written (atomically)
+from the summaries: mean and sample standard deviation over seeds.
+
+Besides the registered algorithms there are ablations of CAFEDistill (:data:`ABLATIONS`),
+run as ``cafedistill`` with one switch turned off; ``all`` includes them.
+
+``--grid KEY=v1,v2`` runs every setting of a grid (``OUT/runs/<algorithm>/<setting>/seed<seed>``,
+one report row per setting), ``--tune`` picks each method's setting on the validation split
+first (:mod:`cafedist.tuning`). ``runs.csv``, ``curves.csv``/``curves.png`` and, with
+``--tune``, ``trials.csv`` hold the per-run numbers (:mod:`cafedist.runtables`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cafedist import tuning
+from cafedist.compare.execute import RunOutcome, execute
+from cafedist.compare.plan import (
+    ABLATIONS,
+    REFERENCE,
+    PlannedRun,
+    Variant,
+    available_variants,
+    plan_run,
+    plan_runs,
+    resolve_algorithms,
+    resolve_seeds,
+)
+from cafedist.compare.report import (
+    REPORT_THRESHOLDS,
+    Stat,
+    mean_std,
+    results_csv,
+    results_markdown,
+    summarize,
+    write_report,
+)
+from cafedist.errors import ConfigError
+from cafedist.jobs import ExecutorOptions
+from cafedist.tuning import Setting, TuneResult
+
+log = logging.getLogger("cafedist")
+
+
+# ----------------------------------------------------------------------------- API and CLI
+@dataclass
+class CompareResult:
+    """What :func:`compare` did: every run's outcome and the files it wrote."""
+
+    outcomes: list[RunOutcome]
+    paths: dict[str, Path]
+    tuned: TuneResult | None = None  # --tune: the trials and the choice
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        """Failed runs of the report, then failed tuning trials."""
+        trials = [o for t in self.tuned.trials.values() for o in t] if self.tuned else []
+        return [o for o in [*self.outcomes, *trials] if o.status == "failed"]
+
+
+def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
+          out: str | os.PathLike, overrides: Sequence[str], settings: dict[str, list[Setting]],
+          axes: Sequence[tuning.GridAxis], run: Callable[[list[PlannedRun]], list[RunOutcome]]) -> TuneResult:
+    """``--tune``: trials on the first seed, choice on validation, chosen settings on every seed."""
+    from cafedist.config import load_config
+
+    base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
+    tuning.check_tunable(base.data.val_fraction, axes)
+    overrides = tuple(overrides)
+
+    def plan(variant: Variant, setting: Setting, seed: int) -> PlannedRun:
+        return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
+
+    return tuning.tune(variants, settings, resolve_seeds(seeds, base.seed), plan, run)
+
+
+def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",
+            seeds: str | int | Sequence[int] = 3, overrides: Sequence[str] = (), jobs: int | None = None,
+            submit: ExecutorOptions | None = None, command: str | None = None,
+            thresholds: Sequence[float] = REPORT_THRESHOLDS, grid: Sequence[str] = (), tune: bool = False,
+            budget: int | None = None) -> CompareResult:
+    """Run (or reuse) every (algorithm, setting, seed) and write the report into ``out``.
+
+    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``budget`` caps the settings per method;
+    ``tune`` chooses each method's setting on the validation split (:mod:`cafedist.tuning`).
+    ``command`` is the first line of ``results.md`` (default: an equivalent ``cafedist
+    compare`` command line). Failed runs are reported, not raised.
+    """
+    from cafedist.algorithms import ALGORITHMS
+
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
+    variants = resolve_algorithms(algorithms)
+    axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
+    settings = {v.name: tuning.settings_for(axes, v.algorithm, budget) for v in variants}
+
+    def run(runs: list[PlannedRun]) -> list[RunOutcome]:
+        return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
+
+    tuned = None
+    if tune:
+        overrides = tuning.with_validation_split(config, overrides)
+        tuned = _tune(config, variants, seeds, out, overrides, settings, axes, run)
+        outcomes = tuned.finals
+    else:
+        runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None)
+        log.info("compare: %d runs (%d algorithms, %d settings) in %s", len(runs), len(variants),
+                 sum(map(len, settings.values())), Path(out) / "runs")
+        outcomes = run(runs)
+    if command is None:
+        algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
+        seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
+        flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
+                 *(["--budget", str(budget)] if budget is not None else [])]
+        command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
+                              "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
+    paths = write_report(out, command, outcomes, thresholds, tuned)
+    return CompareResult(outcomes, paths, tuned)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cafedist compare``."""
+    p.add_argument("--config", help="YAML config shared by every run (algorithm.name is set per run)")
+    p.add_argument("--algorithms", default="all",
+                   help="'all' (every registered algorithm and the CAFEDistill ablations) or a comma-separated "
+                        "list, e.g. cafedistill,fedavg,cafedistill-nokd (default all)")
+    p.add_argument("--seeds", default="3",
+                   help="number of seeds (config seed + 0..k-1) or a comma-separated list, e.g. 0,5,7 "
+                        "(one given seed: 7,) (default 3)")
+    p.add_argument("--out", required=True, help="output directory: runs/<algorithm>/seed<seed>, results.*, plots")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at once (default 1; with --submit on Slurm: no limit); with several local runs "
+                        "at once each gets cores/jobs threads unless OMP_NUM_THREADS is set")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. train.rounds=10")
+    g = p.add_argument_group("grids and tuning (see `cafedist.tuning`)")
+    g.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a parameter grid axis, values in YAML syntax (repeatable; the product of the axes that "
+                        "apply to a method: algorithm.<name>.* keys only to that algorithm and its ablations); "
+                        "without --tune every setting is its own row")
+    g.add_argument("--tune", action="store_true",
+                   help="train every setting on the first seed, choose per method by validation accuracy at the "
+                        "last exit, then run the chosen setting on every seed (on a validation split: "
+                        "data.val_fraction, 0.1 when the config has none)")
+    g.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="at most N settings (trials) per method: the first N in grid order")
+    s = p.add_argument_group("submitit (see `cafedist submit --help`)")
+    s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
+    s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor instead of Slurm")
+    s.add_argument("--time", default=None, help="with --submit: time limit per run, minutes or H:MM:SS")
+    s.add_argument("--partition", default=None, help="with --submit: Slurm partition")
+    s.add_argument("--nodes", type=int, default=None, help="with --submit: nodes per run")
+    s.add_argument("--tasks-per-node", type=int, default=None, help="with --submit: ranks per node")
+    s.add_argument("--gpus-per-node", type=int, default=None, help="with --submit: GPUs per node")
+    s.add_argument("--cpus-per-task", type=int, default=None, help="with --submit: CPUs per rank")
+    s.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --submit: any other sbatch option (repeatable)")
+
+
+_SUBMIT_FIELDS = ("time", "partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task")
+
+
+def _submit_options(args: argparse.Namespace) -> ExecutorOptions | None:
+    """``--submit`` and its resource flags: the executor options (``cafedist submit``'s defaults
+    for what is not given)."""
+    given = [f"--{f.replace('_', '-')}" for f in _SUBMIT_FIELDS if getattr(args, f) is not None]
+    given += ["--local"] * bool(args.local) + ["--slurm-arg"] * bool(args.slurm_arg)
+    if not args.submit:
+        if given:
+            raise ConfigError(f"{given[0]}: only meaningful with --submit")
+        return None
+    return ExecutorOptions(local=args.local, slurm_arg=list(args.slurm_arg),
+                           **{f: getattr(args, f) for f in _SUBMIT_FIELDS if getattr(args, f) is not None})
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed when this process is the ``cafedist`` CLI, else "" (use the canonical form)."""
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if argv0 in ("cafedist", "__main__.py") and "compare" in sys.argv[1:]:
+        return shlex.join(["cafedist", *sys.argv[1:]])
+    return ""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``cafedist compare``: 0 if every run finished, 1 if any failed."""
+    submit = _submit_options(args)
+    # SIGTERM (kill, Slurm) unwinds like Ctrl-C, so the running trainings are stopped with us
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        result = compare(args.config, args.out, args.algorithms, args.seeds, args.overrides, jobs=args.jobs,
+                         submit=submit, command=_command_line(args) or None, grid=args.grid, tune=args.tune,
+                         budget=args.budget)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for o in result.failed:
+        print(f"FAILED {o.run.label}: {o.message}")
+    if result.tuned is not None:
+        for name in result.tuned.trials:
+            setting = result.tuned.chosen_setting(name)
+            chosen = "no trial finished" if setting is None else setting.label or "(config as given)"
+            print(f"tuned {name}: {chosen}")
+    extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]
+    print(f"wrote {result.paths['md']} and {result.paths['csv']} (+ {', '.join(extra)})")
+    if result.failed:
+        print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
+        return 1
+    return 0
+
+
+
+__all__ = ["ABLATIONS", "REFERENCE", "REPORT_THRESHOLDS", "CompareResult", "PlannedRun", "RunOutcome", "Stat",
+           "Variant", "available_variants", "compare", "mean_std", "plan_runs", "resolve_algorithms",
+           "resolve_seeds", "results_csv", "results_markdown", "summarize"]

@@ -1,0 +1,185 @@
+"""Running planned runs: local subprocesses (``--jobs`` at a time, stopped together on Ctrl-C or
+SIGTERM) or submitit jobs (``--submit``, through :mod:`cafedist.submit` and :mod:`cafedist.jobs`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from cafedist.compare.plan import PlannedRun
+from cafedist.jobs import ExecutorOptions
+
+log = logging.getLogger("cafedist")
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so children import this cafedist from any cwd
+
+
+# ----------------------------------------------------------------------------- running
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class RunOutcome:
+    """How one planned run ended in this invocation."""
+
+    run: PlannedRun
+    status: Status
+    message: str = ""
+    seconds: float = 0.0
+
+
+def _last_error(text: str) -> str:
+    """The line of a train log that says what went wrong (its last error line, else its last line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("cafedist: error:") or "Error" in ln.split(":")[0]]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def _child_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(_PACKAGE_ROOT), *[p for p in parts if p != str(_PACKAGE_ROOT)]])
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        # concurrent runs would each start one thread per core: share the cores instead
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+class _Children:
+    """The training subprocesses running now, so that stopping compare stops them too: an
+    orphaned run would go on writing into a directory the next compare may start again."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def run(self, cmd: list[str], **kwargs: Any) -> int:
+        """Start ``cmd`` and wait for it (refused once :meth:`stop_all` was called)."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("compare is stopping: run not started")
+            proc = subprocess.Popen(cmd, **kwargs)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def stop_all(self) -> None:
+        """SIGTERM every child (``train`` writes a checkpoint and exits) and wait for them."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+_CHILDREN = _Children()
+
+
+def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
+    """``python -m cafedist train ...`` for ``run``; output appended to ``RUN_DIR/train.log``."""
+    cmd = [sys.executable, "-m", "cafedist", *run.train_argv()]
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = run.run_dir / "train.log"
+    t0 = time.perf_counter()
+    with open(logfile, "a") as fh:
+        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        fh.flush()
+        code = _CHILDREN.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(jobs),
+                             stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    if code == 0 and run.finished_summary() is not None:
+        return RunOutcome(run, "done", seconds=seconds)
+    why = f"exit status {code}" if code else "no summary.json written"
+    tail = logfile.read_text(errors="replace")[-20000:]
+    return RunOutcome(run, "failed", f"{why}: {_last_error(tail)} (log: {logfile})", seconds)
+
+
+def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: Path,
+                 jobs: int | None = None) -> list[RunOutcome]:
+    """Submit the runs as jobs through :mod:`cafedist.submit` and wait for them.
+
+    Slurm: one job array, at most ``jobs`` elements at once (None: no limit). Local: waves of
+    ``jobs`` (default 1) jobs, since the local executor starts everything it is given at once.
+    """
+    from cafedist import submit
+    from cafedist.jobs import wait_for
+
+    options = replace(options, job_name=options.job_name or "cafedist-compare",
+                      array_parallelism=None if options.local else jobs)
+    executor = options.executor(folder / "%j", folder)
+    env = {"OMP_NUM_THREADS": str(options.cpus_per_task)}
+    specs = [submit.RunSpec(r.config, str(r.run_dir), r.overrides, label=r.label) for r in runs]
+    wave = (jobs or 1) if options.local else len(specs)
+    outcomes: list[RunOutcome] = []
+    for start in range(0, len(specs), wave):
+        part, part_runs = specs[start:start + wave], list(runs[start:start + wave])
+        t0 = time.perf_counter()
+        submitted = submit.submit_runs(executor, part, env)
+        for job, run in zip(submitted, part_runs):
+            log.info("compare: %s submitted as job %s (logs: %s)", run.label, job.job_id, job.paths.stderr.parent)
+        for res, run in zip(wait_for(submitted, part), part_runs):
+            ok = res.ok and run.finished_summary() is not None
+            msg = "" if ok else (res.error or "no summary.json written") + f" (job {res.job_id})"
+            outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))
+    return outcomes
+
+
+def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: ExecutorOptions | None = None,
+            submit_folder: Path | None = None,
+            runner: Callable[[PlannedRun, int], RunOutcome] = run_subprocess) -> list[RunOutcome]:
+    """Run what is not finished yet, ``jobs`` at a time (default: 1 locally, no limit on Slurm);
+    returns one outcome per run, in plan order. ``runner`` runs one plan locally."""
+    outcomes: dict[int, RunOutcome] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        if run.finished_summary() is not None:
+            outcomes[i] = RunOutcome(run, "skipped", "finished earlier with the same config")
+            log.info("compare: [%d/%d] %s: skipped (finished, summary.json matches the config)",
+                     i + 1, len(runs), run.label)
+        else:
+            todo.append(i)
+    if todo and submit is not None:
+        folder = submit_folder or runs[0].run_dir.parents[2] / "submitit"
+        for i, res in zip(todo, run_submitit([runs[i] for i in todo], submit, folder, jobs)):
+            outcomes[i] = res
+            _log_outcome(i, len(runs), res)
+    elif todo:
+        jobs = jobs or 1
+
+        def one(i: int) -> None:
+            log.info("compare: [%d/%d] %s: running", i + 1, len(runs), runs[i].label)
+            outcomes[i] = runner(runs[i], jobs)
+            _log_outcome(i, len(runs), outcomes[i])
+
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            list(pool.map(one, todo))
+        except BaseException:  # Ctrl-C or SIGTERM: start nothing more, stop what runs (it checkpoints)
+            pool.shutdown(wait=False, cancel_futures=True)
+            _CHILDREN.stop_all()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+    return [outcomes[i] for i in range(len(runs))]
+
+
+def _log_outcome(i: int, total: int, res: RunOutcome) -> None:
+    if res.status == "failed":
+        log.error("compare: [%d/%d] %s: FAILED: %s", i + 1, total, res.run.label, res.message)
+    else:
+        log.info("compare: [%d/%d] %s: done in %.1f s", i + 1, total, res.run.label, res.seconds)

@@ -1,0 +1,172 @@
+"""What ``cafedist compare`` runs: the variants (algorithms and CAFEDistill ablations),
+seeds and grid settings, each planned as one ``cafedist train`` into its own run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from cafedist.errors import ConfigError
+from cafedist.tuning import NO_SETTING, Setting
+
+log = logging.getLogger("cafedist")
+
+
+
+#: the method every other row is read against: listed first, its ablations next to it
+REFERENCE = "cafedistill"
+
+#: pseudo-algorithms: name -> (registered algorithm, parameters of its section to set)
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cafedistill-nokd": ("cafedistill", {"cross_client_kd": False}),
+    "cafedistill-nosel": ("cafedistill", {"student_selection": False}),
+}
+
+
+# ----------------------------------------------------------------------------- what to run
+@dataclass(frozen=True)
+class Variant:
+    """A row of the comparison: a registered algorithm plus config overrides."""
+
+    name: str
+    algorithm: str
+    overrides: tuple[str, ...] = ()
+
+
+def _yaml_scalar(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (bool, int, float)) else str(value)
+
+
+def available_variants() -> dict[str, Variant]:
+    """Every registered algorithm and every ablation whose base algorithm is registered, in
+    report order: the reference method, its ablations, then the rest alphabetically."""
+    from cafedist.algorithms import ALGORITHMS
+
+    out = {name: Variant(name, name, (f"algorithm.name={name}",)) for name in ALGORITHMS}
+    for name, (base, params) in ABLATIONS.items():
+        if base in ALGORITHMS and name not in out:
+            sets = tuple(f"algorithm.{base}.{k}={_yaml_scalar(v)}" for k, v in params.items())
+            out[name] = Variant(name, base, (f"algorithm.name={base}", *sets))
+
+    def rank(name: str) -> tuple[int, str]:
+        if name == REFERENCE:
+            return 0, name
+        return (1 if name in ABLATIONS and ABLATIONS[name][0] == REFERENCE else 2), name
+
+    return {name: out[name] for name in sorted(out, key=rank)}
+
+
+def resolve_algorithms(spec: str | Sequence[str]) -> list[Variant]:
+    """``"all"`` or ``"a,b,c"`` (or a list of names) -> variants, in the given order, no duplicates."""
+    known = available_variants()
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ConfigError("--algorithms: expected 'all' or a comma-separated list of algorithm names")
+    if names == ["all"]:
+        return list(known.values())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--algorithms: unknown algorithm {unknown[0]!r} (choices: all, {', '.join(known)})")
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+def resolve_seeds(spec: str | int | Sequence[int], base_seed: int) -> list[int]:
+    """A count ``k`` -> ``base_seed + 0 .. k-1``; a comma list ``"0,5,7"`` (or a sequence) -> those seeds."""
+    if isinstance(spec, int):
+        count: int | None = spec
+        seeds: list[int] = []
+    elif isinstance(spec, str) and "," not in spec:
+        try:
+            count, seeds = int(spec), []
+        except ValueError:
+            raise ConfigError(f"--seeds {spec!r}: expected a number of seeds (e.g. 3) "
+                              "or a comma-separated list (e.g. 0,5,7)") from None
+    else:
+        count = None
+        items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+        try:
+            seeds = [int(s) for s in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--seeds {spec!r}: expected comma-separated integers, e.g. 0,5,7") from None
+    if count is not None:
+        if count < 1:
+            raise ConfigError(f"--seeds {spec!r}: expected at least 1 seed")
+        seeds = [base_seed + k for k in range(count)]
+    if not seeds:
+        raise ConfigError(f"--seeds {spec!r}: expected at least 1 seed")
+    return list(dict.fromkeys(seeds))
+
+
+@dataclass
+class PlannedRun:
+    """One (variant, setting, seed) of a comparison and the ``cafedist train`` that produces it."""
+
+    variant: Variant
+    seed: int
+    run_dir: Path
+    config: str | None  # absolute path of the YAML file
+    overrides: tuple[str, ...]  # user overrides, then the setting's, then the variant's, then the seed
+    config_hash: str  # of the resolved config: what a reusable summary.json must carry
+    setting: Setting = NO_SETTING  # the grid point (empty without --grid)
+    row: str = ""  # the report row the run belongs to (default: the variant name)
+
+    def __post_init__(self) -> None:
+        self.row = self.row or self.variant.name
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name}{f' [{self.setting.label}]' if self.setting.pairs else ''} seed{self.seed}"
+
+    def train_argv(self) -> list[str]:
+        """Arguments of ``cafedist`` (``train`` and its options) for this run."""
+        from cafedist.submit import RunSpec
+
+        return RunSpec(self.config, str(self.run_dir), self.overrides).train_argv()
+
+    def finished_summary(self) -> dict | None:
+        """The run's summary if it is finished with this very config, else None."""
+        path = self.run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if summary.get("config_hash") == self.config_hash else None
+
+
+def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out: str | os.PathLike,
+             overrides: Sequence[str] = (), setting: Setting = NO_SETTING, row: str = "") -> PlannedRun:
+    """One run, its directory (``runs/<variant>[/<setting>]/seed<seed>``) and its resolved
+    config (validated now, so a typo fails before anything starts)."""
+    from cafedist.config import config_hash, load_config
+
+    config_path = str(Path(config).resolve()) if config else None
+    # later overrides win: the setting, the variant (an ablation's switch must hold) and the
+    # seed are what compare controls
+    ovr = (*overrides, *setting.overrides, *variant.overrides, f"seed={seed}")
+    cfg = load_config(config_path, list(ovr))
+    run_dir = Path(out).resolve() / "runs" / variant.name
+    run_dir = (run_dir / setting.slug if setting.pairs else run_dir) / f"seed{seed}"
+    return PlannedRun(variant, seed, run_dir, config_path, ovr, config_hash(cfg), setting, row)
+
+
+def plan_runs(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
+              out: str | os.PathLike, overrides: Sequence[str] = (),
+              settings: dict[str, list[Setting]] | None = None) -> list[PlannedRun]:
+    """Every (variant, setting, seed) run (``settings``: per variant name, default the empty
+    setting). Seeds given as a count start at the config's seed. A variant with several
+    settings gets one report row per setting."""
+    from cafedist.config import load_config
+
+    base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
+    runs = []
+    for variant in variants:
+        for setting in (settings or {}).get(variant.name, [NO_SETTING]):
+            row = f"{variant.name} [{setting.label}]" if setting.pairs else variant.name
+            for seed in resolve_seeds(seeds, base.seed):
+                runs.append(plan_run(config, variant, seed, out, overrides, setting, row))
+    return runs

@@ -1,0 +1,247 @@
+"""The report of a comparison: statistics over seeds, results.md/.csv, plots and the per-run tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from cafedist import runtables, tuning
+from cafedist.compare.execute import RunOutcome
+from cafedist.fsutil import write_text_atomic
+from cafedist.runtables import RowInfo
+from cafedist.tuning import TuneResult
+from cafedist.units import short_count
+
+log = logging.getLogger("cafedist")
+
+#: thresholds at which the report lists dynamic-inference accuracy and MACs
+REPORT_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Stat:
+    """One number of the report: mean and sample std over seeds of a metric of a variant."""
+
+    algorithm: str
+    metric: str
+    exit: int | None  # 1-based, for per-exit metrics
+    threshold: float | None  # for dynamic-inference metrics
+    n: int
+    mean: float
+    std: float  # sample standard deviation (n - 1); NaN for a single seed
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN when there is only one value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _row_at(table: list[dict], threshold: float) -> dict | None:
+    return next((row for row in table if abs(row["threshold"] - threshold) < 1e-9), None)
+
+
+def summarize(summaries: dict[str, list[dict]], thresholds: Sequence[float] = REPORT_THRESHOLDS) -> list[Stat]:
+    """Per variant: accuracy per exit, dynamic accuracy/MACs at ``thresholds``, MAC reduction at
+    <= 1 point loss, bytes per client per round and wall time, each as mean/std over seeds."""
+    stats: list[Stat] = []
+    for name, runs in summaries.items():
+        if not runs:
+            continue
+
+        def add(metric: str, values: list[float], exit_: int | None = None, th: float | None = None) -> None:
+            if values:
+                stats.append(Stat(name, metric, exit_, th, len(values), *mean_std(values)))
+
+        for k in range(max(len(s["acc_per_exit"]) for s in runs)):
+            add("accuracy", [s["acc_per_exit"][k] for s in runs if k < len(s["acc_per_exit"])], exit_=k + 1)
+            add("exit_macs", [s["macs_per_exit"][k] for s in runs if k < len(s["macs_per_exit"])], exit_=k + 1)
+        for th in thresholds:
+            rows = [r for r in (_row_at(s["dynamic"], th) for s in runs) if r is not None]
+            add("dynamic_accuracy", [r["accuracy"] for r in rows], th=th)
+            add("dynamic_mean_macs", [r["mean_macs"] for r in rows], th=th)
+            add("dynamic_macs_reduction", [r["macs_reduction"] for r in rows], th=th)
+        add("mac_reduction_at_1pt", [s["mac_reduction_at_1pt"]["macs_reduction"] for s in runs])
+        add("bytes_per_client_per_round", [s["bytes_per_client_per_round"] for s in runs])
+        add("wall_seconds", [s["wall_seconds"] for s in runs])
+    return stats
+
+
+def mean_curve(runs: list[dict]) -> list[dict]:
+    """The seeds' dynamic-inference tables averaged threshold by threshold (thresholds all share)."""
+    common = [row["threshold"] for row in runs[0]["dynamic"]
+              if all(_row_at(s["dynamic"], row["threshold"]) is not None for s in runs)]
+    curve = []
+    for th in common:
+        rows = [_row_at(s["dynamic"], th) for s in runs]
+        curve.append({"threshold": th, "accuracy": statistics.fmean(r["accuracy"] for r in rows),
+                      "mean_macs": statistics.fmean(r["mean_macs"] for r in rows)})
+    return curve
+
+
+# ----------------------------------------------------------------------------- report
+CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "n_seeds", "mean", "std",
+               "rounds", "seeds", "setting", "trials")
+
+
+def results_csv(stats: Sequence[Stat], rows: dict[str, RowInfo] | None = None) -> str:
+    """Tidy CSV, one number per line (fractions, MACs, bytes and seconds as they are); the
+    last columns say which runs a row is made of (``rows``: row key -> RowInfo)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for s in stats:
+        info = (rows or {}).get(s.algorithm) or RowInfo(s.algorithm, "", "", "", "")
+        w.writerow([info.algorithm, s.metric, "" if s.exit is None else s.exit,
+                    "" if s.threshold is None else f"{s.threshold:g}", s.n, repr(s.mean),
+                    "" if math.isnan(s.std) else repr(s.std), info.rounds, info.seeds, info.setting, info.trials])
+    return buf.getvalue()
+
+
+def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
+    if s is None:
+        return "–"
+    if math.isnan(s.std):
+        return f"{s.mean * scale:.{digits}f}"
+    return f"{s.mean * scale:.{digits}f} ± {s.std * scale:.{digits}f}"
+
+
+def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
+                     thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
+                     rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = ()) -> str:
+    """The ``results.md`` text: the command line first, then the tables, the ``tuning_lines``,
+    failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
+    setting and trial count, to the accuracy table."""
+    index = {(s.algorithm, s.metric, s.exit, s.threshold): s for s in stats}
+    names = list(dict.fromkeys(s.algorithm for s in stats))
+    n_exits = max((s.exit for s in stats if s.metric == "accuracy"), default=0)
+
+    def get(name: str, metric: str, exit_: int | None = None, th: float | None = None) -> Stat | None:
+        return index.get((name, metric, exit_, th))
+
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
+    seeds = sorted({o.run.seed for o in outcomes})
+    lines = ["```sh", command, "```", "",
+             f"# Comparison: {len(names)} algorithm(s) × seeds {', '.join(map(str, seeds))}", "",
+             f"{len(outcomes)} runs: {counts['done']} trained now, {counts['skipped']} reused (finished earlier "
+             f"with the same config), {counts['failed']} failed. Every number is the mean ± sample standard "
+             "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "
+             "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
+             "averaged over clients weighted by test size.", ""]
+    info = rows or {}
+    tuned = any(i.trials for i in info.values())  # the chosen setting is not in the row's name
+    if names:
+        head = ["algorithm", "seeds"] + ["rounds"] * (rows is not None) + ["setting", "trials"] * tuned + [
+            f"exit {k} ({short_count(get(names[0], 'exit_macs', k).mean)} MACs)"
+            if get(names[0], "exit_macs", k) else f"exit {k}" for k in range(1, n_exits + 1)]
+        lines += ["## Personalized accuracy per exit (%)", "", _md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            n = max(s.n for s in stats if s.algorithm == name)
+            row = info.get(name) or RowInfo(name, "", "", "", "")
+            extra = [f"`{row.setting}`" if row.setting else "–", row.trials] if tuned else []
+            rounds = [row.rounds or "–"] if rows is not None else []
+            lines.append(_md_row([name, str(n), *rounds, *extra]
+                                 + [_pm(get(name, "accuracy", k)) for k in range(1, n_exits + 1)]))
+        lines += ["", "## Dynamic inference: accuracy (%) / mean MACs per sample at confidence threshold θ", "",
+                  "A sample leaves at the first exit whose softmax confidence is ≥ θ; the last exit always answers.",
+                  ""]
+        head = ["algorithm"] + [f"θ = {th:g}" for th in thresholds]
+        lines += [_md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            cells = []
+            for th in thresholds:
+                acc, macs = get(name, "dynamic_accuracy", th=th), get(name, "dynamic_mean_macs", th=th)
+                cells.append(f"{_pm(acc)} / {short_count(macs.mean)}" if acc and macs else "–")
+            lines.append(_md_row([name] + cells))
+        lines += ["", "## Cost", "",
+                  "MAC reduction: the cheapest threshold whose accuracy is within 1 point of the last exit, "
+                  "per seed, vs always running the last exit. Bytes: what one client sends plus receives "
+                  "in a round. Wall time: training time of a run (of its last resumed part, if it was resumed).",
+                  ""]
+        head = ["algorithm", "MAC reduction at ≤ 1 pt loss (%)", "bytes / client / round", "wall time (s)"]
+        lines += [_md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
+            lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
+                                  short_count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
+    if tuning_lines:
+        lines += [""] + list(tuning_lines)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{o.run.row}` seed {o.run.seed}: {o.message}" for o in failed]
+    missing = sorted({o.run.row for o in outcomes} - set(names))
+    if missing:
+        lines += ["", f"No finished run, so not in the tables: {', '.join(missing)}."]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
+    """Report row (variant name, with its setting under --grid) -> the summaries of its
+    finished runs (seed order), for every row run."""
+    out: dict[str, list[dict]] = {}
+    for o in outcomes:
+        out.setdefault(o.run.row, [])
+        summary = o.run.finished_summary() if o.status != "failed" else None
+        if summary is not None:
+            out[o.run.row].append(summary)
+    return out
+
+
+def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOutcome],
+                 thresholds: Sequence[float] = REPORT_THRESHOLDS, tuned: TuneResult | None = None) -> dict[str, Path]:
+    """Write ``results.md``, ``results.csv``, the per-run tables and (if any run finished) the
+    plots into ``out``; with ``tuned`` (a tuning's result), also ``trials.csv`` and the tuning section."""
+    from cafedist.eval import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
+
+    out = Path(out)
+    summaries = collect_summaries(outcomes)
+    stats = summarize(summaries, thresholds)
+    finished = {name: runs for name, runs in summaries.items() if runs}
+    paths = {"csv": out / "results.csv", "md": out / "results.md"}
+    plots: list[str] = []
+    if finished:
+        curves = {name: mean_curve(runs) for name, runs in finished.items()}
+        per_exit = {name: [s.mean for s in stats if s.algorithm == name and s.metric == "accuracy"]
+                    for name in finished}
+        exit_macs = {name: runs[0]["macs_per_exit"] for name, runs in finished.items()}
+        paths["accuracy_vs_macs"] = out / "accuracy_vs_macs.png"
+        paths["per_exit_accuracy"] = out / "per_exit_accuracy.png"
+        # the static exits as extra points only while the legend stays readable
+        points = {n: (per_exit[n], exit_macs[n]) for n in finished} if len(finished) <= 4 else None
+        plot_accuracy_vs_macs(curves, paths["accuracy_vs_macs"], per_exit=points,
+                              title="accuracy vs MACs (mean over seeds)")
+        plot_per_exit_bars(per_exit, paths["per_exit_accuracy"], title="personalized accuracy per exit")
+        plots = [paths["accuracy_vs_macs"].name, paths["per_exit_accuracy"].name]
+        rounds_curves = runtables.mean_curves(outcomes)
+        if rounds_curves:
+            paths["curves_png"] = out / "curves.png"
+            plot_curves_per_exit(rounds_curves, paths["curves_png"], ylabel="test accuracy (%)",
+                                 title="personalized accuracy vs rounds completed (mean over seeds)")
+            plots.append(paths["curves_png"].name)
+    paths.update(runs=out / "runs.csv", curves=out / "curves.csv")
+    write_text_atomic(paths["runs"], runtables.runs_csv(outcomes))
+    write_text_atomic(paths["curves"], runtables.curves_csv(outcomes))
+    section: list[str] = []
+    if tuned is not None:
+        paths["trials"] = out / "trials.csv"
+        write_text_atomic(paths["trials"], runtables.trials_csv(tuned.trials, tuned.chosen))
+        section = tuning.tuning_markdown(tuned, tuned.seed)
+    rows = runtables.row_infos(outcomes, tuned.counts() if tuned is not None else None)
+    write_text_atomic(paths["csv"], results_csv(stats, rows))
+    write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots, rows, section))
+    return paths

@@ -124,7 +124,7 @@ def test_fedbabu_never_updates_heads_during_fl_and_fine_tunes_them_at_the_end(tm
     init = [params_of(c.model) for c in tr.clients]
     heads = [k for k in init[0] if is_head(k)]
     assert all(torch.equal(i[k], init[0][k]) for i in init for k in heads)  # one common random head
-    assert tr.algo.post_phases(tr.clients[0].view, 0) == []
+    assert tr.algo.post_phases(tr.clients[0].view, 0, trained=True) == []
 
     tr.run_round(0)
     after = [params_of(c.model) for c in tr.clients]

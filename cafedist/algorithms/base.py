@@ -160,10 +160,11 @@ class Algorithm:
         """The local training of ``round_idx`` (default: one phase, all parameters)."""
         return [Phase()]
 
-    def post_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
+    def post_phases(self, client: ClientView, round_idx: int, trained: bool) -> list[Phase]:
         """Training after this round's aggregation (e.g. FedBABU's final head fine-tuning).
 
-        Asked of every client, including those that did not train this round.
+        Asked of every client; ``trained`` says whether it trained this round (an idle client
+        has received the current shared parameters but no payload).
         """
         return []
 

@@ -43,7 +43,7 @@ class FedBABU(SharedBody):
     def local_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
         return [Phase(name="body", trainable=is_body)]
 
-    def post_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
+    def post_phases(self, client: ClientView, round_idx: int, trained: bool) -> list[Phase]:
         if round_idx != self.setup.rounds - 1 or self.params.finetune_epochs == 0:
             return []
         return [Phase(name="finetune", epochs=self.params.finetune_epochs,

@@ -42,7 +42,6 @@ from cafedist.algorithms.personalization import (
 COUNTS = "rod.counts"  # float64 [C]: the client's training-label counts
 SEEN = "rod.seen"  # samples counted so far (counting stops after one epoch)
 SIZE = "rod.size"  # the client's number of training samples (one epoch)
-TRAINED = "rod.trained"  # the last round in which the client trained
 GENERIC = "rod.generic."  # prefix: copies of the generic classifiers for the personal phase
 
 
@@ -104,13 +103,9 @@ class FedRoD(Algorithm):
         state[COUNTS] = counts
         return sum(balanced_softmax_ce(z, batch.y, counts) for z in batch.logits)
 
-    def on_local_start(self, client: ClientView, round_idx: int) -> None:
-        client.state[TRAINED] = torch.tensor(round_idx, dtype=torch.int64)
-
     # ---------------------------------------------------------------- personal part
-    def post_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
-        # the loop asks every client; one that did not train this round must be left untouched
-        if int(client.state.get(TRAINED, -1)) != round_idx:
+    def post_phases(self, client: ClientView, round_idx: int, trained: bool) -> list[Phase]:
+        if not trained:  # a client that did not train this round is left untouched
             return []
         generic, personal = client.model, client.models["personal"]
         names = classifier_names(generic)

@@ -74,7 +74,7 @@ class Trainer:
             up, down = (a + b for a, b in zip((up, down), self.shared.bytes_per_client(active)))
 
         for c in self.clients:  # training after aggregation (e.g. fine-tuning personal heads)
-            post = self.algo.post_phases(c.view, rnd)
+            post = self.algo.post_phases(c.view, rnd, trained=bool(active[c.cid]))
             if post:
                 local_update(c, self.algo, cfg.train, rnd, cfg.seed, phases=post)
 

@@ -22,6 +22,22 @@ from cafedist.train.schedule import proxy_subset
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def exchange_bytes(run: Run) -> tuple[int, int]:
+    """Bytes one client sends and receives per round: proxy logits of the sent exits in
+    ``comm.logits_dtype`` plus the algorithm's upload rows, up; its payload rows, down
+    (0, 0 for algorithms without an exchange)."""
+    algo, comm = run.algo, run.cfg.comm
+    if not algo.uses_exchange():
+        return 0, 0
+    up = 0
+    if algo.exchanges_logits:
+        exits = algo.sent_exits(every_exit=comm.exits == "all")
+        up += len(exits) * run.proxy_size * run.setup.num_classes * DTYPES[comm.logits_dtype].itemsize
+    up += sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.upload_spec().values())
+    down = sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
+    return up, down
+
+
 class Exchange:
     """One run's coordinator step (a no-op for algorithms without one)."""
 
@@ -38,15 +54,8 @@ class Exchange:
         return self.algo.uses_exchange()
 
     def bytes_per_client(self) -> tuple[int, int]:
-        """Bytes one client sends and receives per round: proxy logits of the sent exits in
-        ``comm.logits_dtype`` plus the algorithm's upload rows, up; its payload rows, down."""
-        algo = self.algo
-        if not self.active:
-            return 0, 0
-        up = len(self.exits) * self.run.proxy_size * self.run.setup.num_classes * self.wire.itemsize
-        up += sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.upload_spec().values())
-        down = sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
-        return up, down
+        """:func:`exchange_bytes` of this run."""
+        return exchange_bytes(self.run)
 
     def targets_subset(self, state: dict[str, Tensor]) -> Tensor | None:
         """The proxy subset a client's current targets were computed on (None: no targets)."""

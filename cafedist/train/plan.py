@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 
 from cafedist.config import Config
-from cafedist.distributed.client_rows import ClientRows
-from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.run.build import Run, build_run
-from cafedist.train.exchange import Exchange
+from cafedist.train.exchange import exchange_bytes
 from cafedist.train.packed import pack_blocker
 from cafedist.train.schedule import participating
 from cafedist.train.sharing import SharedParams
@@ -46,7 +44,7 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
 def _describe(tr: Run, cfg: Config, world_size: int) -> str:
     sizes = list(tr.setup.train_sizes)
     first_round = participating(cfg.seed, 0, tr.n, cfg.train.clients_per_round)
-    ex_up, ex_down = Exchange(tr, ClientRows(Comm(tr.rt), tr.placement, tr.device)).bytes_per_client()
+    ex_up, ex_down = exchange_bytes(tr)
     sh_up, sh_down = SharedParams.of(tr.algo, tr.probe).bytes_per_client(first_round)  # holders: round 0's
     up, down = ex_up + sh_up, ex_down + sh_down
     fedavg = 8 * tr.n_params

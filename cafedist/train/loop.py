@@ -121,7 +121,9 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
     run = build_run(cfg, rt)
     trainer = Trainer(run)
     ckpt = CheckpointDir(run_dir)
-    start = load_checkpoint(ckpt, comm, run.clients, run.algo, config_hash=h, resume=resume) if resume != "none" else 0
+    # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
+    start = (load_checkpoint(ckpt, trainer.comm, run.clients, run.algo, config_hash=h, resume=resume)
+             if resume != "none" else 0)
     metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
     if metrics is not None:
         metrics.truncate_after(start - 1)
@@ -142,7 +144,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             want_stop = trainer.rows.sum_int(1 if stop.requested else 0) > 0
             every = cfg.checkpoint.every
             if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
-                save_checkpoint(ckpt, comm, run.clients, run.algo, rnd, config_hash=h, keep=cfg.checkpoint.keep,
+                save_checkpoint(ckpt, trainer.comm, run.clients, run.algo, rnd, config_hash=h, keep=cfg.checkpoint.keep,
                                 before_commit=lambda r=rnd: maybe_fault("checkpoint", r, rt.rank))
             if want_stop and rnd < cfg.train.rounds - 1:
                 stopped = True

@@ -231,7 +231,9 @@ def _is_finite_number(value: Any) -> bool:
 # annotation -> (accepts the YAML value?, conversion, what the error says was expected)
 _SCALARS: dict[Any, tuple[Any, Any, str]] = {
     bool: (lambda v: isinstance(v, bool), bool, "true or false"),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
+    # 64 bits: what torch tensors, generators and HDF5 attributes hold
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63, int,
+          "an integer (64-bit)"),
     float: (_is_finite_number, float, "a finite number"),
     str: (lambda v: isinstance(v, str), str, "a string"),
     dict: (lambda v: isinstance(v, dict), dict, "a mapping"),

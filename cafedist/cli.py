@@ -59,6 +59,18 @@ def _run_dir_default(config: str | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from cafedist.parentwatch import guard_launched_rank
+
+    # under a launcher, die with it from the start (importing torch alone takes seconds)
+    watch = guard_launched_rank()
+    try:
+        return _train_guarded(args)
+    finally:
+        if watch is not None:
+            watch.stop()
+
+
+def _train_guarded(args: argparse.Namespace) -> int:
     from cafedist.config import load_config
     from cafedist.train.loop import train
     from cafedist.train.signals import REQUEUE_EXIT_CODE

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import ROOT, TINY, env_for_tests
 from test_run_dir import run_cli, tree_hashes
+from cafedist.config import load_config
 from cafedist.rundir import RunLock
 
 
@@ -194,7 +195,9 @@ def shared(tmp_path_factory, store_cache) -> Ctx:
     assert code == 0, err
     code, _, err = run_cli("eval", str(run))  # eval.json is part of what must not change
     assert code == 0, err
-    (store,) = Path(store_cache).glob("digits-n4-*.h5")
+    parsed = load_config(cfg)
+    store = parsed.data.store_path(parsed.seed)
+    assert store.is_file()
     ctx = Ctx(cfg=cfg, run=run, store=store, tmp=base)
     files(ctx)
     return ctx

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cafedist, env_for_tests, metrics, torchrun
-from cafedist.dist.parentwatch import ORPHAN_EXIT_CODE, ParentWatch, guard_launched_rank, launcher_parent
+from cafedist.parentwatch import ORPHAN_EXIT_CODE, ParentWatch, guard_launched_rank, launcher_parent
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -51,7 +51,7 @@ def test_watchdog_fires_once_the_parent_changes():
 # the middle process plays a launcher that dies; its child must notice without the kernel's help
 ORPHAN = textwrap.dedent("""
     import os, sys, time
-    import cafedist.dist.parentwatch as pw
+    import cafedist.parentwatch as pw
     pw.set_parent_death_signal = lambda sig: False  # as on an OS without prctl: the watchdog alone
     pw.guard_launched_rank({"TORCHELASTIC_RUN_ID": "x"}, interval=0.05)
     print("ready", flush=True)

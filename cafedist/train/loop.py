@@ -33,7 +33,7 @@ from cafedist.config import Config, config_hash, dump_config
 from cafedist.data.prepare import ensure_store
 from cafedist.data.store import Store
 from cafedist.dist.comm import Comm
-from cafedist.dist.parentwatch import guard_launched_rank
+from cafedist.parentwatch import guard_launched_rank
 from cafedist.dist.placement import place_clients
 from cafedist.dist.runtime import Runtime, init_runtime, shutdown_runtime
 from cafedist.errors import CafeError, CheckpointError, DistError

@@ -9,7 +9,8 @@ the parent pid and ends the process with :data:`ORPHAN_EXIT_CODE`. Either way no
 written: checkpoints are atomic, so the last committed one stays valid for a resume.
 
 Only a process whose parent is a launcher is guarded (:func:`launcher_parent`): a plain
-``cafedist train`` from a shell is never stopped this way.
+``cafedist train`` from a shell is never stopped this way. The module imports no torch, so the
+command line arms the guard first thing, before the seconds that importing torch takes.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class ParentWatch:
                 self._on_orphan(self.parent)
                 return
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Stop watching (and disarm the parent-death signal this module armed)."""
         self._stop.set()
@@ -100,10 +105,17 @@ class ParentWatch:
             self.pdeathsig = False
 
 
+_active: ParentWatch | None = None
+
+
 def guard_launched_rank(env: Mapping[str, str] = os.environ, interval: float = 1.0) -> ParentWatch | None:
-    """Under a launcher: arm SIGKILL on parent death and start the watchdog; else None."""
+    """Under a launcher: arm SIGKILL on parent death and start the watchdog; the caller stops it.
+
+    None when there is no launcher parent, or when an earlier caller's guard is still active.
+    """
+    global _active
     launcher = launcher_parent(env)
-    if launcher is None:
+    if launcher is None or (_active is not None and not _active.stopped):
         return None
     parent = os.getppid()
     watch = ParentWatch(parent, interval=interval)
@@ -112,4 +124,5 @@ def guard_launched_rank(env: Mapping[str, str] = os.environ, interval: float = 1
         _leave_orphaned(parent)
     log.debug("rank guarded against losing its launcher (%s, parent pid %d, pdeathsig %s)",
               launcher, parent, watch.pdeathsig)
-    return watch.start()
+    _active = watch.start()
+    return _active

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[args.command][2](args) or 0)
     except DistError as exc:
         print(f"cafedist: error: {exc}", file=sys.stderr)
-        if torch_distributed_used():
+        if _group_exists():
             # a collective failed: the process group is broken and its background threads may
             # abort the interpreter at exit, so leave at once with our own status
             sys.stdout.flush()
@@ -252,6 +252,12 @@ def run() -> None:
             mpi.Finalize()
         os._exit(code)
     raise SystemExit(code)
+
+
+def _group_exists() -> bool:
+    """Whether this process holds a process group of any backend (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def torch_distributed_used() -> bool:

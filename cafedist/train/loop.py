@@ -33,13 +33,13 @@ from cafedist.config import Config, config_hash, dump_config
 from cafedist.data.prepare import ensure_store
 from cafedist.data.store import Store
 from cafedist.dist.comm import Comm
-from cafedist.parentwatch import guard_launched_rank
 from cafedist.dist.placement import place_clients
 from cafedist.dist.runtime import Runtime, init_runtime, shutdown_runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.eval import dynamic_counts, dynamic_table, exit_predictions, mac_reduction_at_loss, per_exit_correct
 from cafedist.fsutil import write_json_atomic, write_text_atomic
 from cafedist.models import build_model, macs_per_exit
+from cafedist.parentwatch import guard_launched_rank
 from cafedist.rundir import RunLock, move_aside
 from cafedist.rng import generator
 from cafedist.train.averaging import flatten, unflatten_into, weighted_sum

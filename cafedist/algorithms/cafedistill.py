@@ -124,7 +124,8 @@ def cosine_similarity_rows(q: Tensor, rows: RowSel = None, block: int = 256) -> 
     float32 is accurate to ~1e-6 here), in blocks of ``block`` rows, so nothing bigger than
     [block, n] is ever created besides the result. For all rows (``rows=None``) the Gram
     matrix is symmetric and only its upper block triangle is computed (about half the work),
-    then mirrored; the diagonal is exactly 1 (``cos(q, q)``) for non-zero rows.
+    then mirrored, the diagonal blocks included: the result is bit-symmetric whatever the BLAS
+    kernel; the diagonal is exactly 1 (``cos(q, q)``) for non-zero rows.
     """
     n = q.shape[0]
     if rows is None:
@@ -133,6 +134,10 @@ def cosine_similarity_rows(q: Tensor, rows: RowSel = None, block: int = 256) -> 
             part = q[i:i + block] @ q[i:].T  # [b, n - i]: this block against itself and later rows
             gram[i:i + block, i:] = part
             gram[i + block:, i:i + block] = part[:, block:].T
+            # a BLAS kernel need not return q_b @ q_b.T bit-symmetric: mirror its upper triangle
+            diag = gram[i:i + block, i:i + block]
+            upper = torch.ones(diag.shape, dtype=torch.bool, device=q.device).triu()
+            diag.copy_(torch.where(upper, diag, diag.T))
         ids = torch.arange(n, device=q.device)
         norms = torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()  # ||q_i||^2 is on the diagonal
     else:

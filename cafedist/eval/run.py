@@ -5,11 +5,17 @@ Loads the resolved ``config.yaml`` and the newest verified checkpoint of the run
 mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``; when
 the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds);
 with ``--budget`` also per-client exit policies within budgets, ``budget.csv``, ``budget.png``.
+
+The report names the round and checkpoint it evaluated. When that is not the run's final
+round (an unfinished run, or a final checkpoint that no longer verifies) the evaluation is
+refused unless ``allow_partial``, and marked ``"partial": true``: its numbers are not the
+run's result. It takes no lock: evaluating a run while it trains is allowed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ import torch
 
 from cafedist.config import config_from_dict, read_yaml
 from cafedist.dist.runtime import Runtime
-from cafedist.errors import CheckpointError
+from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.eval.budget_run import BudgetOptions, run_budget
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
@@ -27,27 +33,47 @@ from cafedist.train.metrics import MetricsLog
 log = logging.getLogger("cafedist")
 
 
+def check_max_loss(max_loss: Any) -> float:
+    """``--max-loss`` is an accuracy loss: a finite number in [0, 1]."""
+    ok = isinstance(max_loss, (int, float)) and not isinstance(max_loss, bool) and math.isfinite(max_loss)
+    if not ok or not 0 <= max_loss <= 1:
+        raise ConfigError(f"--max-loss: expected an accuracy loss in [0, 1] (0.01 = 1 point), got {max_loss!r}")
+    return float(max_loss)
+
+
 def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu",
-                 budget: BudgetOptions | None = None) -> dict[str, Any]:
+                 allow_partial: bool = False, budget: BudgetOptions | None = None) -> dict[str, Any]:
     """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json.
 
-    With ``budget`` (``--budget``) the report also gets a ``budget`` section: every client's
-    exit policy chosen within its budget on its calibration split, checked on test
-    (:mod:`cafedist.eval.budget_run`; also writes budget.csv and budget.png).
+    Raises CheckpointError before writing anything when that checkpoint is not the run's
+    final round, unless ``allow_partial``. With ``budget`` (``--budget``) the report also gets
+    a ``budget`` section: every client's exit policy chosen within its budget on its
+    calibration split, checked on test (:mod:`cafedist.eval.budget_run`; also writes
+    budget.csv and budget.png).
     """
     from cafedist.train.loop import Trainer  # the trainer knows how to rebuild clients
 
+    max_loss = check_max_loss(max_loss)
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml; expected the --out of `cafedist train`)")
-    cfg = config_from_dict(read_yaml(cfg_file))
+    try:
+        cfg = config_from_dict(read_yaml(cfg_file))
+    except CafeError as exc:
+        raise CheckpointError(f"{cfg_file}: not a usable run config ({exc})") from None
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
     trainer = Trainer(cfg, run_dir, rt)
     trainer._resume_mode = "force"
     try:
-        if trainer.load_checkpoint() == 0:
+        done, final = trainer.load_checkpoint() - 1, cfg.train.rounds - 1
+        if done < 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
+        if done != final and not allow_partial:
+            raise CheckpointError(f"{run_dir}: the newest valid checkpoint is round {done} "
+                                  f"({trainer.loaded_from.name}), not the final round {final}: the run is "
+                                  f"unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
+                                  f"or pass --allow-partial to evaluate round {done} anyway)")
         summary = trainer.summary([], wall=0.0)
         # --budget: needs the loaded models, so it runs before the store closes
         budget_section = None if budget is None else run_budget(
@@ -69,6 +95,10 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
         paths["conflict_plot"] = str(run_dir / "conflict.png")
     report = {
         "run_dir": str(run_dir),
+        "round": done,
+        "final_round": final,
+        "partial": done != final,
+        "checkpoint": str(trainer.loaded_from),
         "algorithm": summary["algorithm"],
         "acc_per_exit": acc,
         "macs_per_exit": summary["macs_per_exit"],

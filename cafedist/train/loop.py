@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from cafedist.algorithms import get_algorithm
 from cafedist.algorithms.base import Algorithm, Setup
-from cafedist.config import Config, config_from_dict, config_hash, dump_config, read_yaml
+from cafedist.config import Config, config_hash, dump_config
 from cafedist.data.prepare import ensure_store
 from cafedist.data.store import Store
 from cafedist.dist.comm import Comm
@@ -40,6 +39,8 @@ from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.eval import dynamic_counts, dynamic_table, exit_predictions, mac_reduction_at_loss, per_exit_correct
 from cafedist.fsutil import write_json_atomic, write_text_atomic
 from cafedist.models import build_model, macs_per_exit
+from cafedist.parentwatch import guard_launched_rank
+from cafedist.rundir import RunLock, move_aside
 from cafedist.rng import generator
 from cafedist.train.averaging import flatten, unflatten_into, weighted_sum
 from cafedist.train.checkpoint import CheckpointDir, load_torch
@@ -49,6 +50,7 @@ from cafedist.train.client import (Client, build_client_model, local_update, mak
 from cafedist.train.diagnostics import Diagnostics
 from cafedist.train.metrics import MetricsLog
 from cafedist.train.packed import pack_blocker, packed_local_update
+from cafedist.train.preflight import RunDirPlan, check_paths, plan_run_dir
 from cafedist.train.progress import Progress
 from cafedist.train.signals import StopFlag
 
@@ -80,17 +82,6 @@ def participating(seed: int, round_idx: int, n: int, per_round: float) -> Tensor
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n, generator=generator(seed, "participation", round_idx))[:k]] = True
     return mask
-
-
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
-    """First dotted key where two nested dicts differ (for 'different config' errors)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            d = _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
 
 
 def compile_in_place(model: torch.nn.Module) -> None:
@@ -484,33 +475,45 @@ class Trainer:
 
     def load_checkpoint(self) -> int:
         """Resume from the newest valid checkpoint; returns the next round to run (0 if none)."""
-        ref = None
-        if self.rt.is_main:
+        ref, problem = None, None
+        if self.rt.is_main:  # rank 0 decides; a refusal reaches every rank (none is left waiting)
             ref = self.ckpt.newest_valid()
-            if ref is not None and ref.manifest.get("config_hash") not in (None, self.hash) \
+            if ref is None and self.ckpt.candidates():
+                problem = (f"{self.ckpt.root}: no checkpoint verifies, so this run cannot be resumed "
+                           f"(use --resume none to move it aside and start over)")
+            elif ref is not None and ref.manifest.get("config_hash") not in (None, self.hash) \
                     and self._resume_mode != "force":
-                raise CheckpointError(f"{ref.path}: written by a different config "
-                                      f"(use --resume force to continue anyway)")
-        path = self.comm.broadcast_object(None if ref is None else str(ref.path))
+                problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
+        path, problem = self.comm.broadcast_object((None if ref is None else str(ref.path), problem))
+        if problem:
+            raise CheckpointError(problem)
         if path is None:
             return 0
         path = Path(path)
-        for c in self.clients:
-            shard = load_torch(path / f"client_{c.cid:05d}.pt")
-            for k, m in c.models.items():
-                m.load_state_dict(shard["models"][k])
-            for k, o in c.optimizers.items():
-                o.load_state_dict(shard["optimizers"][k])
-            c.state = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
-        server = load_torch(path / "server.pt")
-        self.algo.load_server_state(server.get("algo", {}))
-        done = int(server["round"])
+        try:  # a checkpoint of another model or algorithm (--resume force): one line, not a traceback
+            for c in self.clients:
+                shard = load_torch(path / f"client_{c.cid:05d}.pt")
+                for k, m in c.models.items():
+                    m.load_state_dict(shard["models"][k])
+                for k, o in c.optimizers.items():
+                    o.load_state_dict(shard["optimizers"][k])
+                c.state = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
+            server = load_torch(path / "server.pt")
+            self.algo.load_server_state(server.get("algo", {}))
+            done = int(server["round"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # load_state_dict's first problem
+            reason = reason if len(reason) <= 200 else reason[:197] + "..."
+            raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
+        self.loaded_from = path
         if self.rt.is_main:
             log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
                      json.loads((path / "MANIFEST.json").read_text())["world_size"], self.rt.world_size)
         return done + 1
 
     _resume_mode = "auto"
+    loaded_from: Path | None = None  # the checkpoint load_checkpoint restored
 
     # ---------------------------------------------------------------- the final summary
     def summary(self, records: list[dict[str, Any]], wall: float) -> dict[str, Any] | None:
@@ -566,27 +569,22 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> None:
-    """Rank 0: create the run directory, check it holds this config, write ``config.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = run_dir / "config.yaml"
-    if resume == "none":
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
-            p = run_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    elif cfg_file.exists():
-        try:
-            old = config_from_dict(read_yaml(cfg_file))
-        except CafeError as exc:
-            raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc})") from None
-        if config_hash(old) != config_hash(cfg) and resume != "force":
-            diff = _dict_diff(old.to_dict(), cfg.to_dict()) or "?"
-            raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
-                                  f"use another --out, --resume none to start over, or --resume force")
-    write_text_atomic(cfg_file, dump_config(cfg))
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
+    """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
+
+    Moves an earlier run aside (``--resume none``) and writes ``config.yaml``, except under
+    ``--resume force`` onto a different config: then the old ``config.yaml`` stays until the
+    first new round is checkpointed. Returns whether that write is still due.
+    """
+    plan = plan_run_dir(cfg, run_dir, resume)  # again, under the lock: the directory may have changed
+    if plan is RunDirPlan.ASIDE:
+        moved = move_aside(run_dir)
+        log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+    if plan is RunDirPlan.DEFER:
+        log.warning("--resume force: %s/config.yaml keeps the old config until the first new checkpoint", run_dir)
+        return True
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    return False
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | None = None,
@@ -595,12 +593,17 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     if resume not in ("auto", "none", "force"):
         raise CheckpointError(f"--resume: expected auto, none or force, got {resume!r}")
     own_rt = rt is None
-    rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
-    stop = StopFlag().install()
+    watch = guard_launched_rank()  # under torchrun/srun/mpiexec: die with the launcher, write nothing more
     try:
-        result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
+        rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
+        stop = StopFlag().install()
+        try:
+            result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
+        finally:
+            stop.uninstall()
     finally:
-        stop.uninstall()
+        if watch is not None:
+            watch.stop()
     # only a healthy group is torn down: destroying one whose peer died can hang or abort
     if own_rt:
         shutdown_runtime(rt)
@@ -614,6 +617,17 @@ def _agree(comm: Comm, error: str | None) -> None:
         raise CafeError(errors[0])
 
 
+def _agreed(comm: Comm, step: Any) -> Any:
+    """Run ``step()`` on this rank; if it raised a user-facing error on any rank, raise it on every rank."""
+    result, err = None, None
+    try:
+        result = step()
+    except CafeError as exc:
+        err = str(exc)
+    _agree(comm, err)
+    return result
+
+
 def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
     comm = Comm(rt)
     h = config_hash(cfg)
@@ -622,25 +636,35 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
         raise DistError(f"config differs between ranks: rank(s) {bad} disagree with rank 0 "
                         f"(same config file and overrides on every rank?)")
-    err = None
-    if rt.is_main:
-        try:
-            prepare_run_dir(cfg, run_dir, resume)
-        except CafeError as exc:
-            err = str(exc)
-    _agree(comm, err)
+    lock = RunLock(run_dir) if rt.is_main else None
 
-    trainer = Trainer(cfg, run_dir, rt)
-    trainer._resume_mode = resume
-    start = trainer.load_checkpoint() if resume != "none" else 0
-    metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
-    if metrics is not None:
-        metrics.truncate_after(start - 1)
-    bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
-    t0 = time.perf_counter()
-    last_done = start - 1
-    stopped = False
+    def check_run_dir() -> None:  # read-only
+        if rt.is_main:
+            check_paths(cfg, run_dir)
+            plan_run_dir(cfg, run_dir, resume)
+
+    def take_run_dir() -> bool:  # the first write: only once every check has passed
+        if not rt.is_main:
+            return False
+        lock.acquire()
+        return prepare_run_dir(cfg, run_dir, resume)
+
+    # validate everything before the run directory is touched: paths and what the directory
+    # holds (rank 0), then store, model and algorithm (every rank, building the trainer)
+    _agreed(comm, check_run_dir)
+    trainer = _agreed(comm, lambda: Trainer(cfg, run_dir, rt))
+    metrics = None
     try:
+        config_due = _agreed(comm, take_run_dir)
+        trainer._resume_mode = resume
+        start = _agreed(comm, trainer.load_checkpoint) if resume != "none" else 0
+        metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
+        if metrics is not None:
+            metrics.truncate_after(start - 1)
+        bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
+        t0 = time.perf_counter()
+        last_done = start - 1
+        stopped = False
         for rnd in range(start, cfg.train.rounds):
             record = trainer.run_round(rnd)
             last_done = rnd
@@ -654,6 +678,9 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             every = cfg.checkpoint.every
             if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
                 trainer.save_checkpoint(rnd)
+                if config_due:  # --resume force: the new config now has a checkpoint of its own
+                    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+                    config_due = False
             if want_stop and rnd < cfg.train.rounds - 1:
                 stopped = True
                 if rt.is_main:
@@ -670,3 +697,5 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if metrics is not None:
             metrics.close()
         trainer.store.close()
+        if lock is not None:
+            lock.release()

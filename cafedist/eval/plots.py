@@ -186,6 +186,7 @@ def plot_conflict(records: list[dict], path: str | os.PathLike, title: str = "")
     bottom.legend(fontsize=7)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_title(title or "depth-wise gradient conflict between exits")
+    _save_png(fig, path)
 
 
 def plot_curves_per_exit(series: dict[str, list[list[tuple[int, float]]]], path: str | os.PathLike,

@@ -18,10 +18,10 @@ case "$setting" in
   digits-a0.1)  config=configs/digits.yaml;     extra=(data.alpha=0.1) ;;
   *) echo "unknown setting $setting" >&2; exit 2 ;;
 esac
-METHODS=cafedistill,cafedistill-heads,cafedistill-nokd,cafedistill-nosel,fedavg,fedper,fedrep,fedrod,fedpac,ditto
+METHODS=cafedistill,fedper,cafedistill-heads,fedrod,fedavg,fedrep,fedpac,ditto,cafedistill-nosel,cafedistill-nokd
 mode=(--tune --seeds 3)
 if [ "${1:-}" = "--first-trials" ]; then  # only the lr=0.05 trial of every method (seed 0), no tuning
-  shift; mode=(--seeds 0); grid=(--grid train.lr=0.05)
+  shift; mode=(--seeds 1); grid=(--grid train.lr=0.05)  # --seeds 1: the first seed (0) only
 else
   grid=(--grid train.lr=0.05,0.02)
 fi

@@ -18,7 +18,7 @@ case "$setting" in
   digits-a0.1)  config=configs/digits.yaml;     extra=(data.alpha=0.1) ;;
   *) echo "unknown setting $setting" >&2; exit 2 ;;
 esac
-METHODS=cafedistill,fedper,cafedistill-heads,fedrod,fedavg,fedrep,fedpac,ditto,cafedistill-nosel,cafedistill-nokd
+METHODS=${METHODS:-cafedistill,fedper,cafedistill-heads,fedrod,fedavg,fedrep,fedpac,ditto,cafedistill-nosel,cafedistill-nokd}  # METHODS=a,b runs a subset (same run directories)
 mode=(--tune --seeds 3)
 if [ "${1:-}" = "--first-trials" ]; then  # only the lr=0.05 trial of every method (seed 0), no tuning
   shift; mode=(--seeds 1); grid=(--grid train.lr=0.05)  # --seeds 1: the first seed (0) only

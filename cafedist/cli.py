@@ -1,8 +1,9 @@
 """``cafedist`` command line: prepare | train | eval | compare | submit | bench | scaling-report.
 
-Bad input (a :class:`~cafedist.errors.CafeError`) is reported as one line
-``cafedist: error: ...`` with exit status 2; a run stopped by SIGTERM/SIGUSR1 exits with
-:data:`~cafedist.train.signals.REQUEUE_EXIT_CODE` after writing its checkpoint.
+Bad input (a :class:`~cafedist.errors.CafeError`, a malformed command line, a path that
+cannot be used) is reported as one line ``cafedist...: error: ...`` with exit status 2; a run
+stopped by SIGTERM/SIGUSR1 exits with :data:`~cafedist.train.signals.REQUEUE_EXIT_CODE` after
+writing its checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import traceback
 from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``cafedist train: error: ...``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -40,7 +48,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                         "trains nothing and writes nothing into --out")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: ranks to plan for (default: the launcher's world size, else 1)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=5 algorithm.cafedistill.mu=1")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. train.rounds=5 algorithm.cafedistill.mu=1 (anywhere among the options)")
 
 
 def _run_dir_default(config: str | None) -> str:
@@ -50,6 +59,18 @@ def _run_dir_default(config: str | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from cafedist.parentwatch import guard_launched_rank
+
+    # under a launcher, die with it from the start (importing torch alone takes seconds)
+    watch = guard_launched_rank()
+    try:
+        return _train_guarded(args)
+    finally:
+        if watch is not None:
+            watch.stop()
+
+
+def _train_guarded(args: argparse.Namespace) -> int:
     from cafedist.config import load_config
     from cafedist.train.loop import train
     from cafedist.train.signals import REQUEUE_EXIT_CODE
@@ -60,6 +81,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"dist.device={args.device}")
     cfg = load_config(args.config, overrides)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out: empty path; expected a run directory (omit --out for runs/<config name>)")
     out = args.out or _run_dir_default(args.config)
     if args.world_size is not None and not args.dry_run:
         raise ConfigError("--world-size: only with --dry-run (a real run takes its world size from the launcher)")
@@ -93,7 +116,10 @@ def _dry_run(cfg: Any, out: str, world_size: int | None) -> int:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory written by `cafedist train`")
     p.add_argument("--max-loss", type=float, default=0.01,
-                   help="accuracy loss budget for the reported MAC reduction (default 0.01 = 1 point)")
+                   help="accuracy loss budget for the reported MAC reduction, in [0, 1] (default 0.01 = 1 point)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="evaluate even when the newest valid checkpoint is not the run's final round "
+                        "(unfinished run, or a corrupt final checkpoint); a warning still says so")
     from cafedist.eval.budget_run import add_budget_arguments  # issue 12: --budget and its knobs
 
     add_budget_arguments(p)
@@ -103,9 +129,15 @@ def _eval(args: argparse.Namespace) -> int:
     from cafedist.eval.budget_run import BudgetOptions, format_budget
     from cafedist.eval.run import evaluate_run
 
-    report = evaluate_run(args.run_dir, max_loss=args.max_loss, budget=BudgetOptions.from_args(args))
+    report = evaluate_run(args.run_dir, max_loss=args.max_loss, allow_partial=args.allow_partial,
+                          budget=BudgetOptions.from_args(args))
     red = report["mac_reduction"]
     acc = ", ".join(f"{a:.4f}" for a in report["acc_per_exit"])
+    print(f"evaluated round {report['round']} (final round {report['final_round']}) "
+          f"from checkpoint {report['checkpoint']}")
+    if report["partial"]:
+        print(f"cafedist: WARNING: round {report['round']} is NOT the run's final round {report['final_round']}: "
+              f"these numbers are not the run's result (--allow-partial)", file=sys.stderr)
     print(f"acc_per_exit [{acc}]")
     print(f"dynamic inference: {100 * red['macs_reduction']:.1f}% fewer MACs at threshold {red['threshold']} "
           f"for {100 * red['accuracy_loss']:.2f} points of accuracy (budget {100 * args.max_loss:.2f})")
@@ -144,7 +176,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cafedist", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cafedist", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _) in COMMANDS.items():
@@ -156,23 +188,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cafedist`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     _setup_logging(args.verbose)
     try:
         return int(COMMANDS[args.command][2](args) or 0)
     except DistError as exc:
-        # a collective failed: the process group is broken and its background threads may
-        # abort the interpreter at exit, so leave at once with our own status
         print(f"cafedist: error: {exc}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exc.exit_code)
+        if _group_exists():
+            # a collective failed: the process group is broken and its background threads may
+            # abort the interpreter at exit, so leave at once with our own status
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
+        return exc.exit_code
     except CafeError as exc:
         print(f"cafedist: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # a path the user gave that the OS refused (permissions, a file where a folder should be)
+        print(f"cafedist: error: {exc.filename}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cafedist: interrupted", file=sys.stderr)
         return 130
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, accepting dotted overrides anywhere among the options.
+
+    argparse collects a positional list only where it starts (``train --config C a=1 --out R
+    b=2`` leaves ``b=2`` over), and ``parse_intermixed_args`` does not support subcommands:
+    left-over words that are not options join the command's overrides.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        options = [e for e in extra if e.startswith("-")]
+        if options or not hasattr(args, "overrides"):
+            sub = f"cafedist {args.command}" if getattr(args, "command", None) else "cafedist"
+            parser.exit(2, f"{sub}: error: unrecognized arguments: {' '.join(options or extra)} "
+                           f"(see {sub} --help)\n")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def run() -> None:
@@ -201,6 +259,12 @@ def run() -> None:
             mpi.Finalize()
         os._exit(code)
     raise SystemExit(code)
+
+
+def _group_exists() -> bool:
+    """Whether this process holds a process group of any backend (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def torch_distributed_used() -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,12 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def validate(self) -> None:
+        """Checks that involve more than one section."""
+        per_round = self.train.clients_per_round
+        _check(per_round <= 1 or per_round <= self.data.clients, "train.clients_per_round",
+               f"{per_round:g} clients per round, but data.clients is {self.data.clients}")
+
     def algorithm_params(self) -> Any:
         """The typed parameter dataclass of the selected algorithm (defaults filled in)."""
         from cafedist.algorithms import get_algorithm
@@ -235,11 +242,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    # nan/inf (YAML .nan/.inf) are never meaningful settings: lr=.inf "trains" to chance
+    return _is_number(value) and math.isfinite(value)
+
+
 # annotation -> (accepts the YAML value?, conversion, what the error says was expected)
 _SCALARS: dict[Any, tuple[Any, Any, str]] = {
     bool: (lambda v: isinstance(v, bool), bool, "true or false"),
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
-    float: (_is_number, float, "a number"),
+    # 64 bits: what torch tensors, generators and HDF5 attributes hold
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63, int,
+          "an integer (64-bit)"),
+    float: (_is_finite_number, float, "a finite number"),
     str: (lambda v: isinstance(v, str), str, "a string"),
     dict: (lambda v: isinstance(v, dict), dict, "a mapping"),
     list: (lambda v: isinstance(v, (list, tuple)), list, "a list"),
@@ -368,10 +382,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML config file with a clear error for a missing or malformed file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, expected a YAML config file")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (expected a YAML config)") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -7,6 +7,7 @@
 #   bash experiments/study_T100.sh mnist5k-a0.3                  # tune + 3 seeds (the study)
 #   bash experiments/study_T100.sh mnist5k-a0.3 --first-trials   # only every method's lr=0.05 trial (seed 0), reused by the study
 #
+# PYTHON=path/to/venv/bin/python picks the interpreter; JOBS=1 runs one training at a time.
 # Order of the budget: mnist5k a0.3, mnist5k a0.1, digits a0.3, digits a0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,14 +19,14 @@ case "$setting" in
   digits-a0.1)  config=configs/digits.yaml;     extra=(data.alpha=0.1) ;;
   *) echo "unknown setting $setting" >&2; exit 2 ;;
 esac
-METHODS=cafedistill,cafedistill-heads,cafedistill-nokd,cafedistill-nosel,fedavg,fedper,fedrep,fedrod,fedpac,ditto
+METHODS=${METHODS:-cafedistill,fedper,cafedistill-heads,fedrod,fedavg,fedrep,fedpac,ditto,cafedistill-nosel,cafedistill-nokd}  # METHODS=a,b runs a subset (same run directories)
 mode=(--tune --seeds 3)
 if [ "${1:-}" = "--first-trials" ]; then  # only the lr=0.05 trial of every method (seed 0), no tuning
-  shift; mode=(--seeds 0); grid=(--grid train.lr=0.05)
+  shift; mode=(--seeds 1); grid=(--grid train.lr=0.05)  # --seeds 1: the first seed (0) only
 else
   grid=(--grid train.lr=0.05,0.02)
 fi
 export OMP_NUM_THREADS=1
-exec python -m cafedist compare --config "$config" --algorithms "$METHODS" "${grid[@]}" "${mode[@]}" \
+exec "${PYTHON:-python}" -m cafedist compare --config "$config" --algorithms "$METHODS" "${grid[@]}" "${mode[@]}" \
   --jobs "${JOBS:-2}" --out "runs/study/$setting" "$@" \
   train.rounds=100 train.eval_every=5 data.val_fraction=0.1 checkpoint.every=10 "${extra[@]}"

@@ -50,4 +50,5 @@ def save(tr: Trainer, rnd: int, keep: int = 2) -> None:
 
 def load(tr: Trainer) -> int:
     """Resume a harness trainer from its run directory; the next round to run."""
-    return load_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.clients, tr.algo, config_hash=config_hash(tr.cfg))
+    return load_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.clients, tr.algo,
+                           config_hash=config_hash(tr.cfg)).next_round

@@ -151,6 +151,33 @@ def test_similarity_is_symmetric_and_row_blocks_agree():
     assert torch.allclose(full, ref, atol=1e-5)
 
 
+class _SkewedProducts(torch.Tensor):
+    """A tensor whose matrix products come back with the entries below the diagonal one ulp up:
+    what a BLAS kernel may legally return for q_b @ q_b.T (seen on AMD EPYC)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func in (torch.Tensor.__matmul__, torch.matmul, torch.Tensor.matmul, torch.mm):
+            with torch._C.DisableTorchFunctionSubclass():
+                below = torch.ones(out.shape, dtype=torch.bool).tril(-1)
+                out = torch.where(below, torch.nextafter(out, torch.full_like(out, float("inf"))), out)
+            out = out.as_subclass(cls)
+        return out
+
+
+def test_similarity_is_symmetric_even_when_blas_products_are_not():
+    q = torch.rand(70, 40, generator=torch.Generator().manual_seed(0))
+    skewed = q.as_subclass(_SkewedProducts)
+    block = skewed[:16] @ skewed[:16].T
+    assert not torch.equal(block.as_subclass(torch.Tensor), block.as_subclass(torch.Tensor).T)  # the stand-in works
+    full = cosine_similarity_rows(skewed, block=16).as_subclass(torch.Tensor)
+    assert torch.equal(full, full.T)
+    plain = cosine_similarity_rows(q, block=16)
+    upper = torch.ones(70, 70, dtype=torch.bool).triu()
+    assert torch.equal(full[upper], plain[upper])  # only the mirrored lower triangle was affected
+
+
 @pytest.mark.parametrize("clusters", [1, 3, 5, 40, "big"])
 def test_block_sparse_mixture_equals_the_dense_product(clusters):
     g = torch.Generator().manual_seed(1)

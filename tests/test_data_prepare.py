@@ -135,7 +135,22 @@ def test_cli_prepare_and_describe(tmp_path, capsys):
     with Store(out) as s:
         assert s.params["seed"] == 4 and s.params["test_fraction"] == 0.2 and s.num_clients == 3
     assert prepare_mod.main(_parse(["--describe", str(out)])) == 0
-    assert capsys.readouterr().out.strip() == built.strip()
+    described = capsys.readouterr().out.strip().splitlines()
+    assert described[:-1] == built.strip().splitlines()
+    assert described[-1] == "checksums: all 13 arrays verified"  # 4 per client, the proxy set
+
+
+def test_describe_verifies_every_checksum(tmp_path):
+    out = tmp_path / "d.h5"
+    prepare_mod.main(_parse(["--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.2",
+                             "--out", str(out)]))
+    with Store(out) as s:  # flip one byte inside client 2's test images (read by nothing else --describe prints)
+        offset = s._f["clients/00002/x_test"].id.get_offset()
+    data = bytearray(out.read_bytes())
+    data[offset + 5] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum mismatch in clients/00002/x_test"):
+        prepare_mod.main(_parse(["--describe", str(out)]))
 
 
 def test_cli_errors(tmp_path):

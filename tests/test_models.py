@@ -237,6 +237,9 @@ def test_archs_and_defaults():
     ("transformer", (16,), 4, {"vocab_size": 10, "dropout": 1.0}, ["model.options.dropout"]),
     ("cnn", (32, 32), 10, {}, ["model.arch='cnn'", "(channels, height, width)"]),
     ("transformer", (3, 16), 4, {"vocab_size": 10}, ["(sequence_length,)"]),
+    ("transformer", (1, 8, 8), 10, {},
+     ["model.arch='transformer'", "text datasets", "image samples", "cnn or resnet18"]),
+    ("cnn", (64,), 4, {}, ["model.arch='cnn'", "image datasets", "text samples", "use transformer"]),
     ("cnn", (3, 32.5, 32), 10, {}, ["input shape", "integers"]),
     ("cnn", (3, 32, 32), 1, {}, ["classes", ">= 2"]),
 ])

@@ -43,8 +43,9 @@ def cosine_similarity_rows(q: Tensor, block: int = 256) -> Tensor:
     The products run in ``q``'s dtype (float32 in the aggregation: the dominant cost, and
     float32 is accurate to ~1e-6 here), in blocks of ``block`` rows, so nothing bigger than
     [block, n] is ever created besides the result. The Gram matrix is symmetric, so only its
-    upper block triangle is computed (about half the work), then mirrored; the diagonal is
-    exactly 1 (``cos(q, q)``) for non-zero rows.
+    upper block triangle is computed (about half the work), then mirrored, the diagonal blocks
+    included: the result is bit-symmetric whatever the BLAS kernel; the diagonal is exactly 1
+    (``cos(q, q)``) for non-zero rows.
     """
     n = q.shape[0]
     gram = torch.empty(n, n, dtype=q.dtype, device=q.device)
@@ -52,6 +53,10 @@ def cosine_similarity_rows(q: Tensor, block: int = 256) -> Tensor:
         part = q[i:i + block] @ q[i:].T  # [b, n - i]: this block against itself and later rows
         gram[i:i + block, i:] = part
         gram[i + block:, i:i + block] = part[:, block:].T
+        # a BLAS kernel need not return q_b @ q_b.T bit-symmetric: mirror its upper triangle
+        diag = gram[i:i + block, i:i + block]
+        upper = torch.ones(diag.shape, dtype=torch.bool, device=q.device).triu()
+        diag.copy_(torch.where(upper, diag, diag.T))
     ids = torch.arange(n, device=q.device)
     norms = torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()  # ||q_i||^2 is on the diagonal
     norms = norms.clamp_min(1e-12)

@@ -29,6 +29,7 @@ from cafedist.data.registry import DATASETS, load_dataset, options_of
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import Store, write_store
 from cafedist.errors import ConfigError, DataError
+from cafedist.paths import check_dir_creatable
 from cafedist.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``cafedist prepare`` flags to ``parser``."""
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", choices=sorted(DATASETS), help="dataset to prepare")
-    what.add_argument("--describe", metavar="STORE", help="print the summary of an existing store and exit")
+    what.add_argument("--describe", metavar="STORE",
+                      help="verify every checksum of an existing store (reads the whole file), print its summary, exit")
     parser.add_argument("--root", metavar="DIR", help="folder holding the raw dataset (or its parent); "
                         "not needed for the bundled mnist5k and digits")
     parser.add_argument("--clients", type=int, metavar="N", help="number of clients")
@@ -201,17 +203,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="STORE", help="output HDF5 file (replaced if it exists)")
 
 
+def _check_out_file(out: Path) -> None:
+    """``prepare --out`` must name a file whose folder exists or can be created."""
+    if not str(out).strip():
+        raise ConfigError("--out: empty path; expected an HDF5 store file")
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a directory, expected a store file such as {out / 'store.h5'}")
+    check_dir_creatable(out.parent, "--out")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``cafedist prepare``: build a store (then print its summary) or ``--describe`` one."""
     if args.describe:
         with Store(args.describe) as store:
+            count = store.verify()
             print(store.describe())
+            print(f"checksums: all {count} arrays verified")
         return 0
     required = {"--clients": args.clients, "--alpha": args.alpha, "--proxy-fraction": args.proxy_fraction,
                 "--out": args.out}
     missing = [flag for flag, value in required.items() if value is None]
     if missing:
         raise ConfigError(f"prepare --dataset needs {', '.join(missing)}")
+    _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
     spec = PartitionSpec(args.dataset, clients=args.clients, alpha=args.alpha, proxy_fraction=args.proxy_fraction,
                          test_fraction=args.test_fraction, val_fraction=args.val_fraction, min_size=args.min_size,

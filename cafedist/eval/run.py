@@ -6,11 +6,17 @@ loads them from the newest verified checkpoint (:mod:`cafedist.run`), then write
 mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``; when
 the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds);
 with ``--budget`` also per-client exit policies within budgets, ``budget.csv``, ``budget.png``.
+
+The report names the round and checkpoint it evaluated. When that is not the run's final
+round (an unfinished run, or a final checkpoint that no longer verifies) the evaluation is
+refused unless ``allow_partial``, and marked ``"partial": true``: its numbers are not the
+run's result. It takes no lock: evaluating a run while it trains is allowed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ from cafedist.config import config_from_dict, config_hash, read_yaml
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
-from cafedist.errors import CheckpointError
+from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.eval.budget_run import BudgetOptions, run_budget
 from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
@@ -33,27 +39,48 @@ from cafedist.run.metrics import MetricsLog
 log = logging.getLogger("cafedist")
 
 
+def check_max_loss(max_loss: Any) -> float:
+    """``--max-loss`` is an accuracy loss: a finite number in [0, 1]."""
+    ok = isinstance(max_loss, (int, float)) and not isinstance(max_loss, bool) and math.isfinite(max_loss)
+    if not ok or not 0 <= max_loss <= 1:
+        raise ConfigError(f"--max-loss: expected an accuracy loss in [0, 1] (0.01 = 1 point), got {max_loss!r}")
+    return float(max_loss)
+
+
 def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu",
-                 budget: BudgetOptions | None = None) -> dict[str, Any]:
+                 allow_partial: bool = False, budget: BudgetOptions | None = None) -> dict[str, Any]:
     """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json.
 
-    With ``budget`` (``--budget``) the report also gets a ``budget`` section: every client's
-    exit policy chosen within its budget on its calibration split, checked on test
-    (:mod:`cafedist.eval.budget_run`; also writes budget.csv and budget.png).
+    Raises CheckpointError before writing anything when that checkpoint is not the run's
+    final round, unless ``allow_partial``. With ``budget`` (``--budget``) the report also gets
+    a ``budget`` section: every client's exit policy chosen within its budget on its
+    calibration split, checked on test (:mod:`cafedist.eval.budget_run`; also writes
+    budget.csv and budget.png).
     """
+    max_loss = check_max_loss(max_loss)
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory "
                               f"(no config.yaml; expected the --out of `cafedist train`)")
-    cfg = config_from_dict(read_yaml(cfg_file))
+    try:
+        cfg = config_from_dict(read_yaml(cfg_file))
+    except CafeError as exc:
+        raise CheckpointError(f"{cfg_file}: not a usable run config ({exc})") from None
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
     run = build_run(cfg, rt, prepare_store=False)
     try:
         comm = Comm(rt)
-        if load_checkpoint(CheckpointDir(run_dir), comm, run.clients, run.algo, config_hash=config_hash(cfg),
-                           resume="force") == 0:
+        restored = load_checkpoint(CheckpointDir(run_dir), comm, run.clients, run.algo, config_hash=config_hash(cfg),
+                                   resume="force")
+        done, final = restored.next_round - 1, cfg.train.rounds - 1
+        if done < 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
+        if done != final and not allow_partial:
+            raise CheckpointError(f"{run_dir}: the newest valid checkpoint is round {done} "
+                                  f"({restored.path.name}), not the final round {final}: the run is "
+                                  f"unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
+                                  f"or pass --allow-partial to evaluate round {done} anyway)")
         summary = final_evaluation(run.clients, run.algo, ClientRows(comm, run.placement, rt.device), run.macs,
                                    run.num_exits, run.store.has_val, is_main=True)
         summary.update(algorithm=cfg.algorithm.name, num_clients=run.n)
@@ -77,6 +104,10 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
         paths["conflict_plot"] = str(run_dir / "conflict.png")
     report = {
         "run_dir": str(run_dir),
+        "round": done,
+        "final_round": final,
+        "partial": done != final,
+        "checkpoint": str(restored.path),
         "algorithm": summary["algorithm"],
         "acc_per_exit": acc,
         "macs_per_exit": summary["macs_per_exit"],

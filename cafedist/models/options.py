@@ -8,6 +8,7 @@ the family's module. Every mistake becomes a one-line :class:`ConfigError` namin
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -36,6 +37,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is float:
+        return "a finite number"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -52,8 +55,8 @@ def _matches(tp: Any, value: Any) -> bool:
         return isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # nan/inf are never meaningful option values
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, tp)
 
 

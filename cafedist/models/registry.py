@@ -16,13 +16,15 @@ from .transformer import TransformerOptions, build_transformer
 class Family(NamedTuple):
     options: type  # frozen dataclass of the family's options
     build: Callable[[tuple[int, ...], int, Any], EarlyExitNet]
+    inputs: str  # "image": samples (C, H, W); "text": token ids (L,)
 
 
 _FAMILIES: dict[str, Family] = {
-    "cnn": Family(CnnOptions, build_cnn),
-    "resnet18": Family(ResNetOptions, build_resnet18),
-    "transformer": Family(TransformerOptions, build_transformer),
+    "cnn": Family(CnnOptions, build_cnn, "image"),
+    "resnet18": Family(ResNetOptions, build_resnet18, "image"),
+    "transformer": Family(TransformerOptions, build_transformer, "text"),
 }
+_SAMPLE_NDIM = {"image": 3, "text": 1}
 ARCHS: tuple[str, ...] = tuple(_FAMILIES)
 
 
@@ -31,6 +33,18 @@ def _family(arch: str) -> Family:
         raise ConfigError(f"{ARCH_FIELD}: unknown architecture {arch!r}; "
                           f"expected one of: {', '.join(ARCHS)}")
     return _FAMILIES[arch]
+
+
+def _check_input_kind(arch: str, family: Family, shape: tuple[int, ...]) -> None:
+    """Name a dataset/architecture mismatch before any option (e.g. vocab_size) is asked for."""
+    if len(shape) == _SAMPLE_NDIM[family.inputs]:
+        return
+    have = next((kind for kind, ndim in _SAMPLE_NDIM.items() if ndim == len(shape)), None)
+    if have is None:
+        return  # no kind of data at all: the family's own shape check says what it expected
+    fitting = " or ".join(name for name, fam in _FAMILIES.items() if fam.inputs == have)
+    raise ConfigError(f"{ARCH_FIELD}={arch!r} takes {family.inputs} datasets, but the dataset holds "
+                      f"{have} samples of shape {shape}: use {fitting}")
 
 
 def arch_options(arch: str) -> dict[str, Any]:
@@ -55,5 +69,6 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
     except TypeError:
         raise ConfigError(f"{ARCH_FIELD}={arch!r}: input shape must be a tuple of integers, "
                           f"got {input_shape!r}") from None
+    _check_input_kind(arch, family, shape)
     opts = parse_options(arch, family.options, options)
     return family.build(shape, num_classes, opts)

@@ -202,33 +202,55 @@ def save_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo
     comm.barrier()
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What :func:`load_checkpoint` restored: the next round to run and the checkpoint's path."""
+
+    next_round: int  # 0: nothing restored
+    path: Path | None
+
+
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo: Algorithm, *,
-                    config_hash: str, resume: str = "auto") -> int:
-    """All ranks: restore my clients and the algorithm from the newest valid checkpoint;
-    returns the next round to run (0 if there is none). A checkpoint of another config is
-    refused unless ``resume`` is ``"force"``."""
+                    config_hash: str, resume: str = "auto") -> Resumed:
+    """All ranks: restore my clients and the algorithm from the newest valid checkpoint.
+
+    Rank 0 decides and every rank learns its decision (none is left waiting): a run whose
+    checkpoints all fail to verify, or whose newest one was written by another config (unless
+    ``resume`` is ``"force"``), is refused with a :class:`CheckpointError` on every rank; so is
+    a checkpoint that does not fit the model or algorithm (one line, not a traceback).
+    """
     rt = comm.rt
-    ref = None
+    ref, problem = None, None
     if rt.is_main:
         ref = ckpt.newest_valid()
-        if ref is not None and ref.manifest.get("config_hash") not in (None, config_hash) and resume != "force":
-            raise CheckpointError(f"{ref.path}: written by a different config "
-                                  f"(use --resume force to continue anyway)")
-    path = comm.broadcast_object(None if ref is None else str(ref.path))
+        if ref is None and ckpt.candidates():
+            problem = (f"{ckpt.root}: no checkpoint verifies, so this run cannot be resumed "
+                       f"(use --resume none to move it aside and start over)")
+        elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash) and resume != "force":
+            problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
+    path, problem = comm.broadcast_object((None if ref is None else str(ref.path), problem))
+    if problem:
+        raise CheckpointError(problem)
     if path is None:
-        return 0
+        return Resumed(0, None)
     path = Path(path)
-    for c in clients:
-        shard = load_torch(path / client_file(c.cid))
-        for k, m in c.models.items():
-            m.load_state_dict(shard["models"][k])
-        for k, o in c.optimizers.items():
-            o.load_state_dict(shard["optimizers"][k])
-        c.state = {k: v.to(rt.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
-    server = load_torch(path / "server.pt")
-    algo.load_server_state(server.get("algo", {}))
-    done = int(server["round"])
+    try:
+        for c in clients:
+            shard = load_torch(path / client_file(c.cid))
+            for k, m in c.models.items():
+                m.load_state_dict(shard["models"][k])
+            for k, o in c.optimizers.items():
+                o.load_state_dict(shard["optimizers"][k])
+            c.state = {k: v.to(rt.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
+        server = load_torch(path / "server.pt")
+        algo.load_server_state(server.get("algo", {}))
+        done = int(server["round"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # load_state_dict's first problem
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
     if ref is not None:
         log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
                  ref.manifest["world_size"], rt.world_size)
-    return done + 1
+    return Resumed(done + 1, path)

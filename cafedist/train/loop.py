@@ -10,21 +10,23 @@ signal (SIGTERM/SIGUSR1 before a Slurm requeue), and writes ``summary.json``.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cafedist.config import Config, config_from_dict, config_hash, dump_config, read_yaml
+from cafedist.config import Config, config_hash, dump_config
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.fsutil import write_json_atomic, write_text_atomic
+from cafedist.parentwatch import guard_launched_rank
 from cafedist.run.build import build_run
 from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint, save_checkpoint
 from cafedist.run.metrics import MetricsLog
+from cafedist.rundir import RunLock, move_aside
 from cafedist.train.faults import maybe_fault
+from cafedist.train.preflight import RunDirPlan, check_paths, plan_run_dir
 from cafedist.train.progress import Progress
 from cafedist.train.records import summary
 from cafedist.train.round import Trainer
@@ -42,39 +44,23 @@ class RunResult:
     summary: dict[str, Any] | None
 
 
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
-    """First dotted key where two nested dicts differ (for 'different config' errors)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            d = _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
-
-
 # ----------------------------------------------------------------------------- entry point
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> None:
-    """Rank 0: create the run directory, check it holds this config, write ``config.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = run_dir / "config.yaml"
-    if resume == "none":
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "tensorboard"):
-            p = run_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    elif cfg_file.exists():
-        try:
-            old = config_from_dict(read_yaml(cfg_file))
-        except CafeError as exc:
-            raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc})") from None
-        if config_hash(old) != config_hash(cfg) and resume != "force":
-            diff = _dict_diff(old.to_dict(), cfg.to_dict()) or "?"
-            raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
-                                  f"use another --out, --resume none to start over, or --resume force")
-    write_text_atomic(cfg_file, dump_config(cfg))
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
+    """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
+
+    Moves an earlier run aside (``--resume none``) and writes ``config.yaml``, except under
+    ``--resume force`` onto a different config: then the old ``config.yaml`` stays until the
+    first new round is checkpointed. Returns whether that write is still due.
+    """
+    plan = plan_run_dir(cfg, run_dir, resume)  # again, under the lock: the directory may have changed
+    if plan is RunDirPlan.ASIDE:
+        moved = move_aside(run_dir)
+        log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+    if plan is RunDirPlan.DEFER:
+        log.warning("--resume force: %s/config.yaml keeps the old config until the first new checkpoint", run_dir)
+        return True
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    return False
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | None = None,
@@ -83,12 +69,17 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     if resume not in RESUME_MODES:
         raise CheckpointError(f"--resume: expected auto, none or force, got {resume!r}")
     own_rt = rt is None
-    rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
-    stop = StopFlag().install()
+    watch = guard_launched_rank()  # under torchrun/srun/mpiexec: die with the launcher, write nothing more
     try:
-        result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
+        rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
+        stop = StopFlag().install()
+        try:
+            result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
+        finally:
+            stop.uninstall()
     finally:
-        stop.uninstall()
+        if watch is not None:
+            watch.stop()
     # only a healthy group is torn down: destroying one whose peer died can hang or abort
     if own_rt:
         shutdown_runtime(rt)
@@ -102,6 +93,17 @@ def _agree(comm: Comm, error: str | None) -> None:
         raise CafeError(errors[0])
 
 
+def _agreed(comm: Comm, step: Any) -> Any:
+    """Run ``step()`` on this rank; if it raised a user-facing error on any rank, raise it on every rank."""
+    result, err = None, None
+    try:
+        result = step()
+    except CafeError as exc:
+        err = str(exc)
+    _agree(comm, err)
+    return result
+
+
 def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
     comm = Comm(rt)
     h = config_hash(cfg)
@@ -110,28 +112,38 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
         raise DistError(f"config differs between ranks: rank(s) {bad} disagree with rank 0 "
                         f"(same config file and overrides on every rank?)")
-    err = None
-    if rt.is_main:
-        try:
-            prepare_run_dir(cfg, run_dir, resume)
-        except CafeError as exc:
-            err = str(exc)
-    _agree(comm, err)
+    lock = RunLock(run_dir) if rt.is_main else None
 
-    run = build_run(cfg, rt)
-    trainer = Trainer(run)
-    ckpt = CheckpointDir(run_dir)
-    # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
-    start = (load_checkpoint(ckpt, trainer.comm, run.clients, run.algo, config_hash=h, resume=resume)
-             if resume != "none" else 0)
-    metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
-    if metrics is not None:
-        metrics.truncate_after(start - 1)
-    bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
-    t0 = time.perf_counter()
-    last_done = start - 1
-    stopped = False
+    def check_run_dir() -> None:  # read-only
+        if rt.is_main:
+            check_paths(cfg, run_dir)
+            plan_run_dir(cfg, run_dir, resume)
+
+    def take_run_dir() -> bool:  # the first write: only once every check has passed
+        if not rt.is_main:
+            return False
+        lock.acquire()
+        return prepare_run_dir(cfg, run_dir, resume)
+
+    # validate everything before the run directory is touched: paths and what the directory
+    # holds (rank 0), then store, model and algorithm (every rank, building the run)
+    _agreed(comm, check_run_dir)
+    run = _agreed(comm, lambda: build_run(cfg, rt))
+    metrics = None
     try:
+        trainer = Trainer(run)
+        ckpt = CheckpointDir(run_dir)
+        config_due = _agreed(comm, take_run_dir)
+        # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
+        start = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.clients, run.algo, config_hash=h,
+                                                      resume=resume).next_round) if resume != "none" else 0
+        metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
+        if metrics is not None:
+            metrics.truncate_after(start - 1)
+        bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
+        t0 = time.perf_counter()
+        last_done = start - 1
+        stopped = False
         for rnd in range(start, cfg.train.rounds):
             record = trainer.run_round(rnd)
             last_done = rnd
@@ -146,6 +158,9 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
                 save_checkpoint(ckpt, trainer.comm, run.clients, run.algo, rnd, config_hash=h, keep=cfg.checkpoint.keep,
                                 before_commit=lambda r=rnd: maybe_fault("checkpoint", r, rt.rank))
+                if config_due:  # --resume force: the new config now has a checkpoint of its own
+                    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+                    config_due = False
             if want_stop and rnd < cfg.train.rounds - 1:
                 stopped = True
                 if rt.is_main:
@@ -162,3 +177,5 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if metrics is not None:
             metrics.close()
         run.store.close()
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,27 @@
+"""Paths given by the user, checked before anything is written to them (one-line errors)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cafedist.errors import ConfigError
+
+
+def check_dir_creatable(path: Path, field: str) -> None:
+    """Raise a one-line ConfigError unless ``path`` is a directory or can be created as one.
+
+    ``field`` names the option or config field in the message (``--out``, ``data.cache_dir``).
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field}: {path} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path and probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{field}: cannot create {path}: {probe} is a file, not a directory")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        what = "write into" if probe == path else f"create {path} in"
+        raise ConfigError(f"{field}: cannot {what} {probe} (permission denied)")

@@ -1,0 +1,143 @@
+"""One writer per run directory, and starting over without deleting anything.
+
+:class:`RunLock` is an advisory ``flock`` on ``RUN_DIR/run.lock``, taken by rank 0 of
+``cafedist train`` for the whole run and released by the kernel when the process ends, however
+it ends. The file records the holder (``host pid``) so that a refused second writer can say who
+holds the run, and so that a run that was killed can be recognised: the record of a holder that
+no longer runs is a stale lock, taken over with a message. ``cafedist eval`` and
+``prepare --describe`` read only and take no lock.
+
+:func:`move_aside` is what ``--resume none`` does to an existing run: its files move into
+``RUN_DIR/previous-<timestamp>/`` (renames within the directory, nothing is copied or deleted).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from cafedist.errors import CafeError
+from cafedist.fsutil import fsync_dir
+
+log = logging.getLogger("cafedist")
+
+LOCK_NAME = "run.lock"
+PREVIOUS_PREFIX = "previous-"
+#: what a run directory holds besides the lock and earlier runs moved aside
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "eval.json",
+             "accuracy_vs_macs.png")
+
+
+class RunDirBusy(CafeError):
+    """Another live process holds the run directory's lock."""
+
+
+def _holder_text(raw: str) -> str:
+    parts = raw.split()
+    return f"pid {parts[1]} on {parts[0]}" if len(parts) >= 2 else "an unknown process"
+
+
+def _holder_alive(raw: str) -> bool | None:
+    """Whether the recorded holder still runs: None when it cannot be told (another host)."""
+    parts = raw.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    if parts[0] != socket.gethostname():
+        return None
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive advisory lock on a run directory (``with RunLock(run_dir):`` or acquire/release)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        """Create the run directory if needed and take the lock, or raise :class:`RunDirBusy`."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CafeError(f"{self.path}: cannot create the run's lock file ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            previous = os.pread(fd, 256, 0).decode("utf-8", "replace")
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise CafeError(f"{self.path}: cannot lock the run directory ({exc.strerror})") from None
+            raise RunDirBusy(f"{self.run_dir} is in use by another cafedist train ({_holder_text(previous)}, "
+                             f"lock {self.path}): wait for it to end or use another --out") from None
+        previous = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        if previous:
+            # the kernel drops a flock when its holder dies; a record left behind means it was killed
+            alive = _holder_alive(previous)
+            state = "no longer running" if alive is False else "not holding it"
+            log.warning("%s: taking over the stale lock of %s (%s; its run was interrupted)", self.path,
+                        _holder_text(previous), state)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Clear the holder record and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # an empty record: the run ended, nothing stale
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def has_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds output of an earlier run (anything :data:`RUN_FILES` names)."""
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move the run in ``run_dir`` into ``run_dir/previous-<timestamp>/``; returns it (None: nothing to move).
+
+    Only renames inside ``run_dir``: atomic per entry, nothing copied, nothing deleted. Call it
+    with the run's lock held.
+    """
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir / f"{PREVIOUS_PREFIX}{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir / f"{PREVIOUS_PREFIX}{stamp}-{n}"
+    target.mkdir()
+    for name in present:
+        os.replace(run_dir / name, target / name)
+    fsync_dir(target)
+    fsync_dir(run_dir)
+    return target

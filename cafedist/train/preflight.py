@@ -1,0 +1,89 @@
+"""Checks made before a run directory is created, changed or deleted.
+
+``cafedist train`` validates in this order and touches the run directory only after all of
+them pass: the config (when it is loaded), :func:`check_paths` (``--out`` and the data paths),
+:func:`plan_run_dir` (what the directory holds and whether this config may use it), then the
+store, model and algorithm (building the trainer); only then does rank 0 take the run's lock
+and carry out the plan (:func:`cafedist.train.loop.prepare_run_dir`). Everything here only
+reads.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from cafedist.config import Config, config_from_dict, config_hash, read_yaml
+from cafedist.errors import CafeError, CheckpointError, ConfigError
+from cafedist.paths import check_dir_creatable
+from cafedist.run.checkpoint import CheckpointDir
+from cafedist.rundir import has_run
+
+
+def check_paths(cfg: Config, run_dir: Path) -> None:
+    """``--out`` must be (or become) a directory; the store's folder likewise."""
+    check_dir_creatable(run_dir, "--out")
+    store = cfg.data.store_path(cfg.seed)
+    field = "data.store" if cfg.data.store else "data.cache_dir"
+    if store.is_dir():
+        raise ConfigError(f"{field}: {store} is a directory, expected an HDF5 store file")
+    if not store.exists():  # it will be built there
+        check_dir_creatable(store.parent, field)
+
+
+class RunDirPlan(Enum):
+    """What rank 0 will do to the run directory once every check has passed."""
+
+    FRESH = "fresh"  # nothing there: write config.yaml
+    WRITE = "write"  # this config may use the directory: (re)write config.yaml, resume if possible
+    ASIDE = "aside"  # --resume none on an existing run: move it to previous-<time>/, then FRESH
+    DEFER = "defer"  # --resume force on a different config: config.yaml once a new round is checkpointed
+
+
+def dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    """First dotted key where two nested dicts differ (for 'different config' errors)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            d = dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
+
+
+def has_work(run_dir: Path) -> bool:
+    """Whether the directory holds results: a checkpoint, a metrics row or a summary."""
+    metrics = run_dir / "metrics.jsonl"
+    return (bool(CheckpointDir(run_dir).candidates()) or (run_dir / "summary.json").exists()
+            or (metrics.is_file() and metrics.stat().st_size > 0))
+
+
+def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
+    """Decide what the run may do to ``run_dir`` (read-only); raise CheckpointError if nothing.
+
+    ``auto`` refuses a directory holding a run of a different config (naming the first
+    difference) unless that run has no results yet; ``force`` accepts it but leaves its
+    ``config.yaml`` alone until the new config has a checkpoint; ``none`` moves a run aside.
+    """
+    if resume not in ("auto", "none", "force"):
+        raise CheckpointError(f"--resume: expected auto, none or force, got {resume!r}")
+    if not run_dir.is_dir() or not has_run(run_dir):
+        return RunDirPlan.FRESH
+    if resume == "none":
+        return RunDirPlan.ASIDE
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        return RunDirPlan.WRITE  # checkpoints without a config: their manifests carry the config hash
+    try:
+        old = config_from_dict(read_yaml(cfg_file))
+    except CafeError as exc:
+        raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc}); "
+                              f"use --resume none to move that run aside and start over") from None
+    if config_hash(old) == config_hash(cfg) or not has_work(run_dir):
+        return RunDirPlan.WRITE
+    if resume == "force":
+        return RunDirPlan.DEFER
+    diff = dict_diff(old.to_dict(), cfg.to_dict()) or "?"
+    raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
+                          f"use another --out, --resume none to start over, or --resume force")

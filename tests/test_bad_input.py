@@ -1,0 +1,249 @@
+"""Bad-input corpus (issue 13): every case exits with status 2 and one line on stderr, shows no
+traceback, and leaves every file of an existing run as it was (hashed before and after).
+
+Cases run in this process through ``cafedist.cli.main`` against one finished tiny run created
+once per module (cases that need a damaged run get a private copy); most fail before any
+training. One case goes through the real entry point (``python -m cafedist``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from conftest import ROOT, TINY, env_for_tests
+from test_run_dir import run_cli, tree_hashes
+
+from cafedist.config import load_config
+from cafedist.rundir import RunLock
+
+
+@dataclass
+class Ctx:
+    """Paths a case may use: ``run`` is the finished run (or the case's damaged copy of it)."""
+
+    cfg: Path
+    run: Path
+    store: Path
+    tmp: Path
+
+    @property
+    def fresh(self) -> Path:
+        """A run directory that does not exist and must not be created."""
+        return self.tmp / "fresh-run"
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Ctx], list[str]]
+    needle: str  # must appear in the one error line
+    env: dict[str, str] = field(default_factory=dict)
+    damage: Callable[[Ctx], None] | None = None  # applied to a private copy of the run first
+    hold_lock: bool = False  # a live writer holds the run directory
+
+
+def train(*extra: str, out: str = "run") -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        target = {"run": str(c.run), "fresh": str(c.fresh)}.get(out, out)
+        return ["train", "--config", str(c.cfg), "--out", target, "--no-progress", *extra]
+    return argv
+
+
+def fresh(*extra: str) -> Callable[[Ctx], list[str]]:
+    return train(*extra, out="fresh")
+
+
+def flip_byte(path: Path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def corrupt_all_checkpoints(c: Ctx) -> None:
+    for f in (c.run / "checkpoints").glob("round_*/client_00000.pt"):
+        flip_byte(f)
+
+
+def corrupt_newest(c: Ctx) -> None:
+    flip_byte(c.run / "checkpoints" / "round_000001" / "client_00001.pt")
+
+
+def bad_config_yaml(c: Ctx) -> None:
+    (c.run / "config.yaml").write_text("train: {rounds: [\n")
+
+
+def flipped_store(c: Ctx) -> None:
+    shutil.copy(c.store, c.tmp / "flipped.h5")
+    import h5py
+
+    with h5py.File(c.tmp / "flipped.h5", "r") as f:
+        offset = f["clients/00001/x_train"].id.get_offset()
+    data = bytearray((c.tmp / "flipped.h5").read_bytes())
+    data[offset + 3] ^= 0xFF
+    (c.tmp / "flipped.h5").write_bytes(bytes(data))
+
+
+def files(c: Ctx) -> None:
+    (c.tmp / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (c.tmp / "list.yaml").write_text("- a\n- b\n")
+    (c.tmp / "afile").write_text("x")
+    (c.tmp / "adir").mkdir(exist_ok=True)
+    (c.tmp / "truncated.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+
+
+CASES = [
+    # -- config: values, fields, overrides (item 6: nonsense accepted; items 1-2: failed restarts)
+    Case("item1-resume-none-unknown-arch", train("--resume", "none", "model.arch=cnnn"), "model.arch"),
+    Case("item2-resume-force-typo-option", train("--resume", "force", "model.options.widht=4"), "model.options.widht"),
+    Case("item2-resume-force-model-misfit", train("--resume", "force", "model.options.width=8"), "does not fit"),
+    Case("item6-lr-inf", fresh("train.lr=.inf"), "train.lr"),
+    Case("lr-nan", fresh("train.lr=.nan"), "train.lr"),
+    Case("item6-clients-per-round-above-clients", fresh("train.clients_per_round=10"), "train.clients_per_round"),
+    Case("mu-inf", train("algorithm.cafedistill.mu=-.inf"), "algorithm.cafedistill.mu"),
+    Case("clients-per-round-fractional-count", train("train.clients_per_round=2.5"), "train.clients_per_round"),
+    Case("momentum-negative", train("train.momentum=-0.5"), "train.momentum"),
+    Case("rounds-zero", train("train.rounds=0"), "train.rounds"),
+    Case("rounds-float", train("train.rounds=1.5"), "train.rounds"),
+    Case("rounds-beyond-64-bit", train("train.rounds=100000000000000000000000"), "train.rounds"),
+    Case("alpha-negative", fresh("data.alpha=-1"), "data.alpha"),
+    Case("algorithm-unknown", train("algorithm.name=nope"), "algorithm.name"),
+    Case("algorithm-param-unknown", train("algorithm.cafedistill.bogus=1"), "algorithm.cafedistill.bogus"),
+    Case("train-key-unknown", train("train.bogus=1"), "train.bogus"),
+    Case("model-option-out-of-range", fresh("model.options.width=0"), "model.options.width"),
+    Case("item7-transformer-on-images", fresh("model.arch=transformer"), "takes text datasets"),
+    Case("timeout-zero", train("dist.timeout_s=0"), "dist.timeout_s"),
+    Case("keep-zero", train("checkpoint.keep=0"), "checkpoint.keep"),
+    Case("seed-string", train("seed=abc"), "seed"),
+    Case("override-without-value", train("train.rounds"), "KEY=VALUE"),
+    Case("override-bad-yaml", train("train.rounds=["), "not valid YAML"),
+    Case("different-config-on-resume", train("algorithm.cafedistill.mu=2.0"), "different config"),
+    Case("resume-mode-unknown", train("--resume", "maybe"), "--resume"),
+    Case("option-unknown", train("--bogus"), "unrecognized arguments: --bogus"),
+    # -- paths (item 7: tracebacks; item 6: --out "")
+    Case("config-missing", lambda c: ["train", "--config", str(c.tmp / "none.yaml"), "--out", str(c.run)],
+         "config file not found"),
+    Case("item7-config-binary", lambda c: ["train", "--config", str(c.tmp / "binary.yaml"), "--out", str(c.run)],
+         "not a text file"),
+    Case("config-directory", lambda c: ["train", "--config", str(c.tmp / "adir"), "--out", str(c.run)],
+         "is a directory"),
+    Case("config-not-a-mapping", lambda c: ["train", "--config", str(c.tmp / "list.yaml"), "--out", str(c.run)],
+         "expected a mapping"),
+    Case("item6-out-empty", train(out=""), "--out"),
+    Case("item7-out-is-a-file", lambda c: train(out=str(c.run / "config.yaml"))(c), "exists and is not a directory"),
+    Case("out-below-a-file", lambda c: train(out=str(c.run / "summary.json" / "sub"))(c), "is a file"),
+    Case("item7-cache-dir-is-a-file", lambda c: fresh(f"data.cache_dir={c.run / 'config.yaml'}")(c),
+         "data.cache_dir"),
+    Case("store-is-a-directory", lambda c: fresh(f"data.store={c.tmp / 'adir'}")(c), "data.store"),
+    Case("item7-prepare-out-is-a-directory",
+         lambda c: ["prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.1",
+                    "--out", str(c.run)], "is a directory"),
+    Case("describe-missing-store", lambda c: ["prepare", "--describe", str(c.tmp / "none.h5")], "does not exist"),
+    Case("eval-not-a-run", lambda c: ["eval", str(c.tmp / "adir")], "not a run directory"),
+    # -- store
+    Case("store-truncated", lambda c: fresh(f"data.store={c.tmp / 'truncated.h5'}")(c), "truncated.h5"),
+    Case("store-other-partition", lambda c: fresh(f"data.store={c.store}", "data.clients=5")(c), "exists with params"),
+    Case("item6-describe-flipped-bytes", lambda c: ["prepare", "--describe", str(c.tmp / "flipped.h5")],
+         "checksum mismatch", damage=flipped_store),
+    # -- checkpoints and the run's own files
+    Case("no-checkpoint-verifies", train(), "no checkpoint verifies", damage=corrupt_all_checkpoints),
+    Case("eval-no-checkpoint-verifies", lambda c: ["eval", str(c.run)], "no checkpoint verifies",
+         damage=corrupt_all_checkpoints),
+    Case("item5-eval-corrupt-final-checkpoint", lambda c: ["eval", str(c.run)], "not the final round 1",
+         damage=corrupt_newest),
+    Case("run-config-unreadable", train(), "unreadable", damage=bad_config_yaml),
+    Case("eval-run-config-unreadable", lambda c: ["eval", str(c.run)], "config.yaml", damage=bad_config_yaml),
+    Case("item3-second-writer", train(), "in use by another cafedist train", hold_lock=True),
+    Case("item3-resume-none-while-held", train("--resume", "none"), "in use", hold_lock=True),
+    # -- launch environment
+    Case("env-rank-not-int", train(), "RANK='abc'", env={"RANK": "abc", "WORLD_SIZE": "2"}),
+    Case("env-rank-without-world-size", train(), "WORLD_SIZE", env={"RANK": "0"}),
+    Case("env-rank-beyond-world", train(), "must be < WORLD_SIZE", env={"RANK": "2", "WORLD_SIZE": "2"}),
+    Case("env-world-size-zero", train(), "WORLD_SIZE", env={"RANK": "0", "WORLD_SIZE": "0"}),
+    Case("env-master-port", train(), "MASTER_PORT", env={"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "70000"}),
+    Case("env-slurm-without-nodelist", train(), "SLURM_NODELIST",
+         env={"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}),
+    Case("env-mpi-without-size", train(), "OMPI_COMM_WORLD_RANK", env={"OMPI_COMM_WORLD_RANK": "0"}),
+    Case("backend-nccl-on-cpu", train("--backend", "nccl", "--device", "cpu"), "nccl"),
+    Case("device-unknown", train("--device", "tpu"), "device"),
+    Case("world-size-without-dry-run", train("--world-size", "2"), "--world-size"),
+    Case("dry-run-world-size-zero", train("--dry-run", "--world-size", "0"), "--world-size"),
+    # -- eval flags (item 6: --max-loss nan overwrote eval.json; item 7: -1 gave a traceback)
+    Case("item6-eval-max-loss-nan", lambda c: ["eval", str(c.run), "--max-loss", "nan"], "--max-loss"),
+    Case("item7-eval-max-loss-negative", lambda c: ["eval", str(c.run), "--max-loss", "-1"], "--max-loss"),
+    Case("eval-max-loss-above-one", lambda c: ["eval", str(c.run), "--max-loss", "2"], "--max-loss"),
+    Case("eval-max-loss-not-a-number", lambda c: ["eval", str(c.run), "--max-loss", "abc"], "--max-loss"),
+    Case("eval-unknown-flag", lambda c: ["eval", str(c.run), "--partial"], "unrecognized arguments"),
+    Case("eval-without-run-dir", lambda c: ["eval"], "run_dir"),
+    Case("command-unknown", lambda c: ["trian"], "invalid choice"),
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, store_cache) -> Ctx:
+    """The finished run every case is tried against (and the files some cases name)."""
+    base = tmp_path_factory.mktemp("corpus")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(TINY.format(rounds=2, clients=4, every=1, cache=store_cache))
+    run = base / "finished"
+    code, _, err = run_cli("train", "--config", str(cfg), "--out", str(run), "--no-progress")
+    assert code == 0, err
+    code, _, err = run_cli("eval", str(run))  # eval.json is part of what must not change
+    assert code == 0, err
+    parsed = load_config(cfg)
+    store = parsed.data.store_path(parsed.seed)
+    assert store.is_file()
+    ctx = Ctx(cfg=cfg, run=run, store=store, tmp=base)
+    files(ctx)
+    return ctx
+
+
+def test_corpus_size(capsys):
+    names = [c.name for c in CASES]
+    assert len(set(names)) == len(names)
+    with capsys.disabled():
+        print(f"\nbad-input corpus: {len(CASES)} cases")
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
+    ctx = shared
+    if case.damage is not None:
+        ctx = Ctx(cfg=shared.cfg, run=tmp_path / "run", store=shared.store, tmp=shared.tmp)
+        shutil.copytree(shared.run, ctx.run)
+        case.damage(ctx)
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v)
+    lock = RunLock(ctx.run).acquire() if case.hold_lock else None
+    try:
+        before = tree_hashes(ctx.run)
+        code, _, err = run_cli(*case.argv(ctx))
+        after = tree_hashes(ctx.run)
+    finally:
+        if lock is not None:
+            lock.release()
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("cafedist") and "error:" in lines[0], lines[0]
+    assert case.needle in lines[0], lines[0]
+    assert after == before, "files of the run changed"
+    assert not ctx.fresh.exists(), "a run directory was created"
+
+
+def test_bad_input_through_the_real_entry_point(shared: Ctx):
+    before = tree_hashes(shared.run)
+    proc = subprocess.run([sys.executable, "-m", "cafedist", "train", "--config", str(shared.tmp / "binary.yaml"),
+                           "--out", str(shared.run)], cwd=ROOT, env=env_for_tests(RANK="0", WORLD_SIZE="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"cafedist: error: {shared.tmp / 'binary.yaml'}: not a text file "
+                                        f"(expected a YAML config)"], proc.stderr
+    assert tree_hashes(shared.run) == before

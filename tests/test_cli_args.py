@@ -1,0 +1,35 @@
+"""The command line itself: overrides anywhere among the options, one-line usage errors (issue 13 item 7)."""
+
+from __future__ import annotations
+
+import pytest
+from test_run_dir import run_cli
+
+
+def test_overrides_may_sit_between_options(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    code, out, err = run_cli("train", "--config", str(cfg), "train.rounds=3", "--out", str(tmp_path / "r"),
+                             "algorithm.name=fedavg", "--dry-run", "data.clients=3")
+    assert code == 0, err
+    assert "algorithm:  fedavg, 3 rounds, 3 of 3 clients per round" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_later_override_wins_wherever_it_sits(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=2)
+    code, out, err = run_cli("train", "--config", str(cfg), "train.rounds=3", "--dry-run", "train.rounds=5")
+    assert code == 0, err
+    assert "5 rounds" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--config", "c.yaml", "a=1", "--bogus", "b=2"],
+     "cafedist train: error: unrecognized arguments: --bogus"),
+    (["eval", "run", "extra"], "cafedist eval: error: unrecognized arguments: extra"),
+    (["eval", "run", "--max-loss", "x"], "cafedist eval: error: argument --max-loss: invalid float value: 'x'"),
+    (["nope"], "cafedist: error: argument COMMAND: invalid choice: 'nope'"),
+])
+def test_usage_errors_are_one_line(argv, needle):
+    code, out, err = run_cli(*argv)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(needle), err

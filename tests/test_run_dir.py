@@ -1,0 +1,228 @@
+"""Never lose a run (issue 13): validate before touching, one writer per run directory,
+--resume none moves a run aside, --resume force keeps config.yaml until a new checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY, cafedist, env_for_tests, metrics, summary
+
+from cafedist.cli import main
+from cafedist.rundir import LOCK_NAME, RunDirBusy, RunLock, move_aside
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Every file (hidden ones included) and directory under ``root`` -> sha256 (or 'dir')."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``cafedist ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, store_cache) -> tuple[Path, Path]:
+    """(config, run dir) of a finished 2-round tiny run with a checkpoint after every round."""
+    base = tmp_path_factory.mktemp("rundir")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(TINY.format(rounds=2, clients=4, every=1, cache=store_cache))
+    run = base / "finished"
+    code, _, err = run_cli("train", "--config", str(cfg), "--out", str(run), "--no-progress")
+    assert code == 0, err
+    return cfg, run
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished[1], copy)
+    return copy
+
+
+def _one_error_line(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- item 1: --resume none
+def test_failed_resume_none_leaves_the_run_untouched(finished, run_copy):
+    before = tree_hashes(run_copy)
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "none",
+                           "--no-progress", "model.arch=cnnn")
+    assert code == 2
+    _one_error_line(err, "model.arch")
+    assert tree_hashes(run_copy) == before
+
+
+def test_resume_none_moves_the_old_run_aside(finished, run_copy):
+    before = tree_hashes(run_copy)
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "none",
+                           "--no-progress", "seed=5")
+    assert code == 0, err
+    moved = [p for p in run_copy.iterdir() if p.name.startswith("previous-")]
+    assert len(moved) == 1
+    kept = tree_hashes(moved[0])  # the old run, byte for byte, one level down
+    assert kept == {k: v for k, v in before.items() if k != LOCK_NAME}
+    assert summary(run_copy)["model_hashes"] != json.loads((moved[0] / "summary.json").read_text())["model_hashes"]
+    assert [r["round"] for r in metrics(run_copy)] == [0, 1]
+
+
+def test_move_aside_never_overwrites_an_earlier_one(tmp_path):
+    run = tmp_path / "r"
+    for i in range(2):
+        run.mkdir(exist_ok=True)
+        (run / "config.yaml").write_text(f"v{i}")
+        move_aside(run)
+    assert sorted((p / "config.yaml").read_text() for p in run.iterdir()) == ["v0", "v1"]
+    assert move_aside(run) is None  # nothing left to move
+
+
+# ----------------------------------------------------------------------------- item 2: config.yaml
+def test_failed_force_keeps_config_yaml_and_the_right_command_still_works(finished, run_copy):
+    cfg = str(finished[0])
+    before = tree_hashes(run_copy)
+    for bad in ("model.options.widht=4", "model.options.width=8"):  # a typo; a model the checkpoint does not fit
+        code, _, err = run_cli("train", "--config", cfg, "--out", str(run_copy), "--resume", "force",
+                               "--no-progress", bad)
+        assert code == 2
+        _one_error_line(err, "model.options.widht" if "widht" in bad else "does not fit")
+        assert tree_hashes(run_copy) == before
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run_copy), "--no-progress")
+    assert code == 0, err
+    code, out, err = run_cli("eval", str(run_copy))
+    assert code == 0, err
+
+
+def test_errors_found_by_building_store_or_model_leave_no_run_dir(finished, tmp_path):
+    cfg = str(finished[0])
+    out = tmp_path / "fresh"
+    for bad in ("model.arch=transformer", "model.options.width=0", f"data.store={tmp_path / 'absent' / 'x.h5'}"):
+        argv = ["train", "--config", cfg, "--out", str(out), "--no-progress", bad]
+        if bad.startswith("data.store"):
+            (tmp_path / "absent").mkdir()
+            (tmp_path / "absent" / "x.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+        code, _, err = run_cli(*argv)
+        assert code == 2, err
+        assert not out.exists(), bad
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(out), "--no-progress", "train.rounds=1")
+    assert code == 0, err
+
+
+def test_force_writes_config_yaml_only_after_the_first_new_checkpoint(finished, run_copy):
+    old = (run_copy / "config.yaml").read_text()
+    # round 2 is killed before its checkpoint: the run directory still describes the old config
+    proc = cafedist("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                    "--no-progress", "train.rounds=4", env=env_for_tests(CAFEDIST_FAULT="kill@checkpoint:2"))
+    assert proc.returncode < 0, proc.stderr[-2000:]
+    assert (run_copy / "config.yaml").read_text() == old
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                           "--no-progress", "train.rounds=4")
+    assert code == 0, err
+    assert "rounds: 4" in (run_copy / "config.yaml").read_text()
+    assert [r["round"] for r in metrics(run_copy)] == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- item 3: one writer
+def test_a_second_writer_is_refused_while_the_lock_is_held(finished, run_copy):
+    before = tree_hashes(run_copy)
+    with RunLock(run_copy) as lock:
+        assert lock.path.read_text().split()[1] == str(__import__("os").getpid())
+        held = tree_hashes(run_copy)
+        code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
+        assert code == 2
+        _one_error_line(err, "in use by another cafedist train", f"pid {__import__('os').getpid()}")
+        assert tree_hashes(run_copy) == held
+        code, _, err = run_cli("eval", str(run_copy))  # eval takes no lock
+        assert code == 0, err
+    assert (run_copy / LOCK_NAME).read_text() == ""  # released: no holder recorded
+    assert tree_hashes(run_copy)[LOCK_NAME] == before[LOCK_NAME]
+
+
+def test_two_trainings_on_one_directory_one_is_refused(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=4, every=1)
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                              "--no-progress"], cwd=ROOT, env=env_for_tests(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "round_000000").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # mid-run, holding the lock, for as long as the second one needs
+    try:
+        second = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    errors = [ln for ln in second.stderr.splitlines() if not ln.startswith("[cafedist r")]
+    assert len(errors) == 1 and "in use by another cafedist train" in errors[0], second.stderr
+    assert [r["round"] for r in metrics(out)] == list(range(4))
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(finished, run_copy, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_copy / LOCK_NAME).write_text(f"{__import__('socket').gethostname()} {dead.pid} 2020-01-01T00:00:00\n")
+    with caplog.at_level(logging.WARNING, logger="cafedist"):
+        lock = RunLock(run_copy).acquire()
+    lock.release()
+    assert f"stale lock of pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
+
+
+def test_lock_refusal_names_the_holder(tmp_path):
+    with RunLock(tmp_path / "r"):
+        with pytest.raises(RunDirBusy, match=r"in use by another cafedist train \(pid \d+ on "):
+            RunLock(tmp_path / "r").acquire()
+
+
+# ----------------------------------------------------------------------------- item 5: eval's round
+def test_eval_names_the_round_and_checkpoint_it_evaluated(finished, run_copy):
+    code, out, err = run_cli("eval", str(run_copy))
+    assert code == 0, err
+    report = json.loads((run_copy / "eval.json").read_text())
+    assert (report["round"], report["final_round"], report["partial"]) == (1, 1, False)
+    assert report["checkpoint"] == str(run_copy / "checkpoints" / "round_000001")
+    assert f"evaluated round 1 (final round 1) from checkpoint {report['checkpoint']}" in out
+    assert report["acc_per_exit"] == summary(run_copy)["acc_per_exit"]
+
+
+def test_eval_of_an_earlier_round_is_refused_unless_allowed_and_then_flagged(finished, run_copy):
+    data = bytearray((run_copy / "checkpoints" / "round_000001" / "client_00002.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run_copy / "checkpoints" / "round_000001" / "client_00002.pt").write_bytes(bytes(data))
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2
+    _one_error_line(err, "round 0", "not the final round 1", "--allow-partial")
+    assert not (run_copy / "eval.json").exists()
+    code, out, err = run_cli("eval", str(run_copy), "--allow-partial")
+    assert code == 0, err
+    assert "WARNING: round 0 is NOT the run's final round 1" in err
+    report = json.loads((run_copy / "eval.json").read_text())
+    assert (report["round"], report["final_round"], report["partial"]) == (0, 1, True)
+    assert report["checkpoint"].endswith("round_000000")
+    assert report["model_hashes"] != summary(run_copy)["model_hashes"]

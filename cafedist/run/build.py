@@ -75,8 +75,17 @@ def open_store(cfg: Config, prepare: bool = True) -> Store:
 
 
 def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True) -> Run:
-    """This rank's part of the run of ``cfg`` (see the module docstring)."""
+    """This rank's part of the run of ``cfg`` (see the module docstring); the caller closes
+    ``run.store``. Nothing stays open when building fails."""
     store = open_store(cfg, prepare_store)
+    try:
+        return _build(cfg, rt, store)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _build(cfg: Config, rt: Runtime, store: Store) -> Run:
     sizes = [tr for tr, _ in store.client_sizes()]
     placement = place_clients(sizes, rt.world_size)
     options = dict(cfg.model.options)

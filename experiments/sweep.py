@@ -65,7 +65,8 @@ def tabulate(variants: list[tuple[str, list[str]]], out: Path) -> None:
         row.update(conflict_means(records, s["rounds"]))
         rows.append(row)
         for rec in records:
-            curves.append({"variant": name, "round": rec["round"], "loss": _r(rec.get("loss")),
+            curves.append({"variant": name, "seed": row["seed"], "rounds": s["rounds"], "round": rec["round"],
+                           "loss": _r(rec.get("loss")),
                            **{f"val_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("val_acc_per_exit") or [])},
                            **{f"test_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("acc_per_exit") or [])}})
     _write_csv(out / "variants.csv", rows)

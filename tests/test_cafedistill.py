@@ -260,7 +260,7 @@ def test_ablations_local_kd_and_all_students():
 
 def test_local_loss_uses_ce_on_students_and_kd_on_proxy():
     setup = _setup(n=2, m=3, c=4)
-    algo = CAFEDistill(CAFEDistillParams(lam=1.0, tau=2.0), setup)
+    algo = CAFEDistill(CAFEDistillParams(lam=1.0, tau=2.0, unselected="none"), setup)
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(5, 4, generator=g, requires_grad=True) for _ in range(3)]
     proxy = [torch.randn(6, 4, generator=g, requires_grad=True) for _ in range(3)]

@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +33,7 @@ from typing import Any, Literal
 import yaml
 
 from cafedist.errors import ConfigError
+from cafedist.typed import build_dataclass
 
 #: names ``train.diagnostics`` accepts (implemented in :mod:`cafedist.train.diagnostics`)
 DIAGNOSTICS = ("conflict",)
@@ -200,7 +199,7 @@ class Config:
         from cafedist.algorithms import get_algorithm
 
         cls = get_algorithm(self.algorithm.name, field_name="algorithm.name")
-        return _build(cls.Params, self.algorithm.params.get(self.algorithm.name, {}),
+        return build_dataclass(cls.Params, self.algorithm.params.get(self.algorithm.name, {}),
                       f"algorithm.{self.algorithm.name}")
 
     def to_dict(self) -> dict:
@@ -227,88 +226,6 @@ def _check(ok: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"{field_name}: {message}")
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_finite_number(value: Any) -> bool:
-    # nan/inf (YAML .nan/.inf) are never meaningful settings: lr=.inf "trains" to chance
-    return _is_number(value) and math.isfinite(value)
-
-
-# annotation -> (accepts the YAML value?, conversion, what the error says was expected)
-_SCALARS: dict[Any, tuple[Any, Any, str]] = {
-    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
-    # 64 bits: what torch tensors, generators and HDF5 attributes hold
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63, int,
-          "an integer (64-bit)"),
-    float: (_is_finite_number, float, "a finite number"),
-    str: (lambda v: isinstance(v, str), str, "a string"),
-    dict: (lambda v: isinstance(v, dict), dict, "a mapping"),
-    list: (lambda v: isinstance(v, (list, tuple)), list, "a list"),
-}
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
-    if tp in _SCALARS or origin in (dict, list) or tp in (dict, list):
-        accepts, convert, expected = _SCALARS[origin or tp]
-        if accepts(value):
-            return convert(value)
-        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    return value
-
-
-def _build(cls: type, values: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    prefix = f"{where}." if where else ""
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    obj = cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in values.items()})
-    for name, ok, expected in obj.checks() if hasattr(obj, "checks") else ():  # algorithm parameters
-        if not ok:
-            raise ConfigError(f"{prefix}{name}: must be {expected}, got {getattr(obj, name)!r}")
-    if hasattr(obj, "validate"):  # the config's own sections
-        obj.validate()
-    return obj
-
-
 def _split_algorithm_section(section: Any) -> dict:
     """``{name, <algo>: {...}}`` as written in YAML -> AlgorithmConfig fields."""
     from cafedist.algorithms import ALGORITHMS, get_algorithm
@@ -329,7 +246,7 @@ def _split_algorithm_section(section: Any) -> dict:
             raise ConfigError(f"algorithm.{key}: unknown key (expected 'name' or an algorithm name: "
                               f"{', '.join(sorted(ALGORITHMS))})")
         # validate every section now, so a typo in an unused algorithm is caught too
-        params[key] = dataclasses.asdict(_build(ALGORITHMS[key].Params, value, f"algorithm.{key}"))
+        params[key] = dataclasses.asdict(build_dataclass(ALGORITHMS[key].Params, value, f"algorithm.{key}"))
     return {"name": name, "params": params}
 
 
@@ -341,7 +258,7 @@ def config_from_dict(raw: Any) -> Config:
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     raw = dict(raw)
     algo = _split_algorithm_section(raw.pop("algorithm", None))
-    cfg = _build(Config, raw, "")
+    cfg = build_dataclass(Config, raw, "")
     cfg.algorithm = AlgorithmConfig(**algo)
     cfg.algorithm_params()  # validates the selected algorithm's defaults/values
     return cfg

@@ -102,6 +102,20 @@ def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:
     return out
 
 
+def markdown_table(rows: list[dict], exits: int = 3) -> str:
+    """A markdown table of finished runs: rounds, seed, test and validation accuracy per exit (%)."""
+    head = ["run", "rounds", "seed", *[f"test e{k}" for k in range(1, exits + 1)],
+            *[f"val e{k}" for k in range(1, exits + 1)]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["variant"], str(r["rounds"]), str(r["seed"])]
+        for kind in ("test", "val"):
+            cells += [f"{100 * float(r[f'{kind}_exit{k}']):.1f}" if r.get(f"{kind}_exit{k}") not in (None, "") else "–"
+                      for k in range(1, exits + 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _seed(run_dir: Path) -> int | None:
     import yaml
 
@@ -132,6 +146,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.collect:
         tabulate_runs(finished_runs(a.collect), a.out)
+        with open(a.out / "variants.csv") as f:
+            print(markdown_table(list(csv.DictReader(f))))
         return
     variants = read_variants(a.variants)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ The variants file holds one variant a line: ``NAME  --config FILE  key=value ...
 starts a comment). Every variant runs into ``OUT/NAME`` with ``--resume auto``, so an
 interrupted sweep continues where it stopped and a finished variant is not redone (``train``
 itself checks that a run directory holds the same config). Then ``OUT/variants.csv`` (final
-validation and test accuracy per exit) and ``OUT/curves.csv`` (per round) are written.
+validation and test accuracy per exit, conflict means) and ``OUT/curves.csv`` (per round) are
+written; ``--collect DIR --out TABLES`` writes the same two tables for every finished run below
+DIR (e.g. a ``cafedist compare`` folder whose report is not written yet).
 Settings are chosen on validation accuracy only; test accuracy is reported beside it.
 """
 
@@ -46,22 +48,32 @@ def run(name: str, args: list[str], out: Path) -> tuple[str, int]:
         return name, subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def tabulate(variants: list[tuple[str, list[str]]], out: Path) -> None:
-    """``variants.csv`` and ``curves.csv`` from the finished runs."""
+def tabulate(variants: list[tuple[str, list[str]]], out: Path, tables: Path | None = None) -> None:
+    """``variants.csv`` and ``curves.csv`` (in ``tables``, default ``out``) from the finished runs."""
+    tabulate_runs([(name, out / name, " ".join(a for a in args if "=" in a)) for name, args in variants],
+                  tables or out)
+
+
+def finished_runs(root: Path) -> list[tuple[str, Path, str]]:
+    """Every finished run below ``root`` (e.g. a ``cafedist compare`` folder), named by its path."""
+    return [(str(f.parent.relative_to(root)), f.parent, "") for f in sorted(root.rglob("summary.json"))]
+
+
+def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
+    """``variants.csv`` and ``curves.csv`` in ``tables`` for ``(name, run_dir, overrides)`` runs."""
     rows, curves = [], []
-    for name, args in variants:
-        summary_file = out / name / "summary.json"
+    for name, run_dir, overrides in runs:
+        summary_file = run_dir / "summary.json"
         if not summary_file.exists():
             continue
         s = json.loads(summary_file.read_text())
-        overrides = " ".join(a for a in args if "=" in a)
-        row = {"variant": name, "overrides": overrides, "rounds": s["rounds"], "seed": _seed(out / name),
+        row = {"variant": name, "overrides": overrides, "rounds": s["rounds"], "seed": _seed(run_dir),
                "wall_seconds": s["wall_seconds"]}
         for k, (v, t) in enumerate(zip(s.get("val_acc_per_exit") or [None] * len(s["acc_per_exit"]),
                                        s["acc_per_exit"])):
             row[f"val_exit{k + 1}"] = _r(v)
             row[f"test_exit{k + 1}"] = _r(t)
-        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         row.update(conflict_means(records, s["rounds"]))
         rows.append(row)
         for rec in records:
@@ -69,8 +81,9 @@ def tabulate(variants: list[tuple[str, list[str]]], out: Path) -> None:
                            "loss": _r(rec.get("loss")),
                            **{f"val_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("val_acc_per_exit") or [])},
                            **{f"test_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("acc_per_exit") or [])}})
-    _write_csv(out / "variants.csv", rows)
-    _write_csv(out / "curves.csv", curves)
+    tables.mkdir(parents=True, exist_ok=True)
+    _write_csv(tables / "variants.csv", rows)
+    _write_csv(tables / "curves.csv", curves)
 
 
 def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:
@@ -87,6 +100,20 @@ def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:
             out[f"cos_{kind}_{half}"] = _r(sum(cos) / len(cos)) if cos else None
             out[f"neg_{kind}_{half}"] = _r(sum(neg) / len(neg)) if neg else None
     return out
+
+
+def markdown_table(rows: list[dict], exits: int = 3) -> str:
+    """A markdown table of finished runs: rounds, seed, test and validation accuracy per exit (%)."""
+    head = ["run", "rounds", "seed", *[f"test e{k}" for k in range(1, exits + 1)],
+            *[f"val e{k}" for k in range(1, exits + 1)]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["variant"], str(r["rounds"]), str(r["seed"])]
+        for kind in ("test", "val"):
+            cells += [f"{100 * float(r[f'{kind}_exit{k}']):.1f}" if r.get(f"{kind}_exit{k}") not in (None, "") else "–"
+                      for k in range(1, exits + 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _seed(run_dir: Path) -> int | None:
@@ -111,11 +138,17 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variants", type=Path)
+    ap.add_argument("variants", type=Path, nargs="?", help="the variants file (not with --collect)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only-table", action="store_true", help="tabulate the finished runs, run nothing")
+    ap.add_argument("--collect", type=Path, help="tabulate every finished run below this folder into --out")
     a = ap.parse_args()
+    if a.collect:
+        tabulate_runs(finished_runs(a.collect), a.out)
+        with open(a.out / "variants.csv") as f:
+            print(markdown_table(list(csv.DictReader(f))))
+        return
     variants = read_variants(a.variants)
     a.out.mkdir(parents=True, exist_ok=True)
     if not a.only_table:

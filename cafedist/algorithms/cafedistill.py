@@ -7,8 +7,9 @@ released; ``docs/METHOD.md`` lists what follows the paper and what is our readin
 One round (the loop in :mod:`cafedist.train.round` drives it):
 
 1. local update: CE on the last exit and on this round's student exits, plus
-   ``lam * tau^2 * KL(T_i || softmax(z_i^k / tau))`` on proxy items for every student exit k,
-   where ``T_i`` is the personalized teacher received last round;
+   ``lam * KL(T_i || softmax(z_i^k / tau))`` on proxy items for every student exit k (the
+   weighting is an option, :mod:`cafedist.algorithms.exit_loss`), where ``T_i`` is the
+   personalized teacher received last round;
 2. every client evaluates all exits on this round's proxy subset P'(t) (keyed by seed and
    round, identical on every rank) and the logits are gathered to rank 0 in client-id order;
 3. rank 0 (:meth:`CAFEDistill.aggregate_logits`, batched over clients):

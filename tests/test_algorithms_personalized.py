@@ -341,3 +341,13 @@ def test_clients_that_did_not_train_influence_no_one(tmp_path, name):
 def test_impossible_hyperparameters_are_rejected(tmp_path, name, params):
     with pytest.raises(ConfigError, match=f"algorithm.{name}."):
         make_trainer(tmp_path, name, params)
+
+
+def test_fedrod_balanced_softmax_knows_the_full_label_counts_from_the_first_step(tmp_path):
+    """Label counts come with the Setup: the very first local step already uses the client's
+    whole train-label distribution (not the counts of the batches seen so far)."""
+    tr = make_trainer(tmp_path, "fedrod")
+    for c in tr.clients:
+        want = torch.bincount(c.data.y_train, minlength=tr.setup.num_classes).to(torch.float64)
+        assert torch.equal(c.state[COUNTS], want)
+        assert tuple(int(v) for v in want) == tr.setup.label_counts[c.cid]

@@ -48,6 +48,9 @@ class Setup:
     seed: int
     local_epochs: int = 1
     proxy_size: int = 0  # P' (0 when the algorithm exchanges no logits)
+    # per client id: the count of each label in its train split (what FedRoD's balanced
+    # softmax needs); empty when the caller builds a Setup without a store (benchmarks)
+    label_counts: tuple[tuple[int, ...], ...] = ()
 
     @property
     def data_weights(self) -> Tensor:

@@ -17,9 +17,8 @@ Classification" (ICLR 2022); reference code hongyouc/Fed-RoD and PFLlib's FedRoD
 Deviations: the personal classifiers are trained *after* this round's aggregation (a post
 phase, ``personal_epochs``, default the local epochs) on the received generic model -- the
 one they are evaluated with -- while PFLlib interleaves both updates step by step on the
-pre-aggregation features. The class counts n_c are learned from the training batches during
-the client's first local epoch (algorithms never see data outside local steps), so that
-epoch's balanced-softmax offsets use the counts seen so far; afterwards they are exact.
+pre-aggregation features. The class counts n_c are the client's train-label counts, given
+with the run's ``Setup`` (``label_counts``), as in the reference code.
 """
 
 from __future__ import annotations
@@ -34,14 +33,11 @@ from cafedist.algorithms.base import Algorithm, Check, ClientView, LocalBatch, P
 from cafedist.algorithms.personalization import (
     classifier_names,
     classifier_prefixes,
-    epoch_window,
     feature_tap,
     final_linear,
 )
 
 COUNTS = "rod.counts"  # float64 [C]: the client's training-label counts
-SEEN = "rod.seen"  # samples counted so far (counting stops after one epoch)
-SIZE = "rod.size"  # the client's number of training samples (one epoch)
 GENERIC = "rod.generic."  # prefix: copies of the generic classifiers for the personal phase
 
 
@@ -84,9 +80,9 @@ class FedRoD(Algorithm):
     extra_models = ("personal",)
 
     def init_client_state(self, cid: int) -> dict[str, Tensor]:
-        return {COUNTS: torch.zeros(self.setup.num_classes, dtype=torch.float64),
-                SEEN: torch.zeros((), dtype=torch.int64),
-                SIZE: torch.tensor(self.setup.train_sizes[cid], dtype=torch.int64)}
+        if not self.setup.label_counts:
+            raise ValueError("fedrod: the run's Setup carries no label_counts (build it from a store)")
+        return {COUNTS: torch.tensor(self.setup.label_counts[cid], dtype=torch.float64)}
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return True  # the whole "main" model is generic
@@ -98,9 +94,6 @@ class FedRoD(Algorithm):
         if batch.phase == "personal":
             return self._personal_loss(state, batch)
         counts = state[COUNTS].to(batch.y.device)
-        if epoch_window(state, SEEN, batch.y.shape[0], 0, int(state[SIZE])):
-            counts = counts + torch.bincount(batch.y, minlength=counts.shape[0]).to(counts.dtype)
-        state[COUNTS] = counts
         return sum(balanced_softmax_ce(z, batch.y, counts) for z in batch.logits)
 
     # ---------------------------------------------------------------- personal part

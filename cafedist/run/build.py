@@ -103,7 +103,8 @@ def _build(cfg: Config, rt: Runtime, store: Store) -> Run:
     setup = Setup(num_clients=store.num_clients, num_exits=probe.num_exits, num_classes=store.num_classes,
                   rounds=cfg.train.rounds, train_sizes=tuple(sizes), seed=cfg.seed,
                   local_epochs=cfg.train.local_epochs,
-                  proxy_size=algo_cls.proxy_size(params, proxy_x.shape[0]) if proxy_x is not None else 0)
+                  proxy_size=algo_cls.proxy_size(params, proxy_x.shape[0]) if proxy_x is not None else 0,
+                  label_counts=tuple(tuple(int(v) for v in row) for row in store.label_histograms()))
     algo = algo_cls(params, setup)
     algo.bind_model(probe)
     if algo.exchanges_logits:

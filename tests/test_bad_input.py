@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import ROOT, TINY, env_for_tests
-from test_run_dir import run_cli, tree_hashes
+from conftest import ROOT, env_for_tests
+from test_run_dir import run_cli, train_tiny_run, tree_hashes
 
 from cafedist.config import load_config
 from cafedist.rundir import RunLock
@@ -188,11 +188,7 @@ CASES = [
 def shared(tmp_path_factory, store_cache) -> Ctx:
     """The finished run every case is tried against (and the files some cases name)."""
     base = tmp_path_factory.mktemp("corpus")
-    cfg = base / "tiny.yaml"
-    cfg.write_text(TINY.format(rounds=2, clients=4, every=1, cache=store_cache))
-    run = base / "finished"
-    code, _, err = run_cli("train", "--config", str(cfg), "--out", str(run), "--no-progress")
-    assert code == 0, err
+    cfg, run = train_tiny_run(base, store_cache)
     code, _, err = run_cli("eval", str(run))  # eval.json is part of what must not change
     assert code == 0, err
     parsed = load_config(cfg)

@@ -41,16 +41,20 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, store_cache) -> tuple[Path, Path]:
-    """(config, run dir) of a finished 2-round tiny run with a checkpoint after every round."""
-    base = tmp_path_factory.mktemp("rundir")
+def train_tiny_run(base: Path, store_cache: Path) -> tuple[Path, Path]:
+    """(config, run dir) of a finished 2-round tiny run in ``base``, a checkpoint after every round."""
     cfg = base / "tiny.yaml"
     cfg.write_text(TINY.format(rounds=2, clients=4, every=1, cache=store_cache))
     run = base / "finished"
     code, _, err = run_cli("train", "--config", str(cfg), "--out", str(run), "--no-progress")
     assert code == 0, err
     return cfg, run
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, store_cache) -> tuple[Path, Path]:
+    """(config, run dir) of a finished 2-round tiny run with a checkpoint after every round."""
+    return train_tiny_run(tmp_path_factory.mktemp("rundir"), store_cache)
 
 
 @pytest.fixture

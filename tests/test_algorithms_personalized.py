@@ -351,3 +351,8 @@ def test_fedrod_balanced_softmax_knows_the_full_label_counts_from_the_first_step
         want = torch.bincount(c.data.y_train, minlength=tr.setup.num_classes).to(torch.float64)
         assert torch.equal(c.state[COUNTS], want)
         assert tuple(int(v) for v in want) == tr.setup.label_counts[c.cid]
+
+
+def test_only_algorithms_that_read_label_counts_pay_for_them(tmp_path):
+    """Reading every client's labels at start-up is skipped unless the algorithm declares it."""
+    assert make_trainer(tmp_path, "fedavg").setup.label_counts == ()

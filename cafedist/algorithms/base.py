@@ -49,7 +49,7 @@ class Setup:
     local_epochs: int = 1
     proxy_size: int = 0  # P' (0 when the algorithm exchanges no logits)
     # per client id: the count of each label in its train split (what FedRoD's balanced
-    # softmax needs); empty when the caller builds a Setup without a store (benchmarks)
+    # softmax needs); empty unless the algorithm sets ``uses_label_counts``
     label_counts: tuple[tuple[int, ...], ...] = ()
 
     @property
@@ -133,6 +133,9 @@ class Algorithm:
     extra_models: ClassVar[tuple[str, ...]] = ()
     shared_model: ClassVar[str] = "main"
     non_holders_receive: ClassVar[bool] = False
+    # Setup.label_counts is filled only for algorithms that read it: it costs a read of every
+    # client's labels at start-up, on every rank
+    uses_label_counts: ClassVar[bool] = False
 
     @classmethod
     def needs_proxy(cls, params: Any) -> bool:

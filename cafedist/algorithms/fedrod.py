@@ -78,10 +78,11 @@ class FedRoD(Algorithm):
     Params = FedRoDParams
     common_init = True
     extra_models = ("personal",)
+    uses_label_counts = True
 
     def init_client_state(self, cid: int) -> dict[str, Tensor]:
         if not self.setup.label_counts:
-            raise ValueError("fedrod: the run's Setup carries no label_counts (build it from a store)")
+            raise ValueError("fedrod: the run's Setup carries no label_counts (build it from a store with run.build)")
         return {COUNTS: torch.tensor(self.setup.label_counts[cid], dtype=torch.float64)}
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:

@@ -104,7 +104,8 @@ def _build(cfg: Config, rt: Runtime, store: Store) -> Run:
                   rounds=cfg.train.rounds, train_sizes=tuple(sizes), seed=cfg.seed,
                   local_epochs=cfg.train.local_epochs,
                   proxy_size=algo_cls.proxy_size(params, proxy_x.shape[0]) if proxy_x is not None else 0,
-                  label_counts=tuple(tuple(int(v) for v in row) for row in store.label_histograms()))
+                  label_counts=(tuple(tuple(int(v) for v in row) for row in store.label_histograms())
+                                if algo_cls.uses_label_counts else ()))
     algo = algo_cls(params, setup)
     algo.bind_model(probe)
     if algo.exchanges_logits:

@@ -109,6 +109,10 @@ class TrainConfig:
     optimizer_state: Literal["keep", "reset"] = "keep"
     # opt-in measurements that never change training (cafedist.train.diagnostics): "conflict"
     diagnostics: list[str] = field(default_factory=list)
+    # clients materialized on the device at once per rank (None: all, always); the others are
+    # parked in host memory or on disk (cafedist.run.residency). Never changes a result.
+    resident_clients: int | None = None
+    client_state: Literal["host", "disk"] = "host"  # where parked clients live
 
     def validate(self) -> None:
         if isinstance(self.amp, bool):
@@ -127,6 +131,8 @@ class TrainConfig:
         _check(self.clients_per_round > 0, "train.clients_per_round", f"must be > 0, got {self.clients_per_round}")
         _check(self.clients_per_round <= 1 or float(self.clients_per_round).is_integer(), "train.clients_per_round",
                f"must be a fraction <= 1 or a whole number of clients, got {self.clients_per_round}")
+        _check(self.resident_clients is None or self.resident_clients >= 1, "train.resident_clients",
+               f"must be >= 1 (or null: every client resident), got {self.resident_clients}")
         bad = [d for d in self.diagnostics if d not in DIAGNOSTICS]
         _check(not bad, "train.diagnostics", f"unknown diagnostic {bad[0]!r} (known: {', '.join(DIAGNOSTICS)})"
                if bad else "")
@@ -341,7 +347,8 @@ def dump_config(cfg: Config) -> str:
 #: where files live (the store itself is validated against the partition parameters),
 #: backend/device/timeouts, and checkpoint frequency
 _NOT_HASHED = ("dist", "checkpoint", "data.root", "data.store", "data.cache_dir",
-               "train.diagnostics")  # diagnostics measure, they never change a model (tested)
+               "train.diagnostics",  # diagnostics measure, they never change a model (tested)
+               "train.resident_clients", "train.client_state")  # where clients live: same bits (tested)
 
 #: fields added after runs were recorded, left out of the hash while at their default: the
 #: runs, checkpoints and summaries written before the field existed keep their hash

@@ -44,11 +44,11 @@ def params_of(module: torch.nn.Module, select=lambda k: True) -> dict[str, torch
 
 def save(tr: Trainer, rnd: int, keep: int = 2) -> None:
     """Checkpoint a harness trainer's clients after round ``rnd`` (into its run directory)."""
-    save_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.clients, tr.algo, rnd, config_hash=config_hash(tr.cfg),
-                    keep=keep)
+    save_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.pool, tr.algo, tr.shared, rnd,
+                    config_hash=config_hash(tr.cfg), keep=keep)
 
 
 def load(tr: Trainer) -> int:
     """Resume a harness trainer from its run directory; the next round to run."""
-    return load_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.clients, tr.algo,
+    return load_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.pool, tr.algo, tr.shared,
                            config_hash=config_hash(tr.cfg)).next_round

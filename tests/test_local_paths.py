@@ -29,6 +29,7 @@ ROUND_OPTIONS = {
     "optimizer_state",  # reset before local training, whatever the path (tests/test_readings.py)
     "compile",  # compiles the models at build time
     "diagnostics",  # read-only measurements after local training
+    "resident_clients", "client_state",  # where clients live between uses (tests/test_residency.py)
 }
 
 

@@ -123,6 +123,9 @@ class Algorithm:
     * ``shared_model`` -- whose parameters :meth:`shared_mask` refers to.
     * ``non_holders_receive`` -- clients that do not hold a shared parameter still receive the
       holders' average (DepthFL, ScaleFL: every client keeps a copy of the one global model).
+    * ``cohort_exchange`` -- the coordinator needs only this round's active clients: the loop
+      computes and gathers only their rows and calls :meth:`aggregate_cohort`, so the exchange's
+      time and memory follow the cohort, not ``n`` (partial participation at scale).
     """
 
     name: ClassVar[str] = ""
@@ -136,6 +139,7 @@ class Algorithm:
     # Setup.label_counts is filled only for algorithms that read it: it costs a read of every
     # client's labels at start-up, on every rank
     uses_label_counts: ClassVar[bool] = False
+    cohort_exchange: ClassVar[bool] = False
 
     @classmethod
     def needs_proxy(cls, params: Any) -> bool:
@@ -255,6 +259,13 @@ class Algorithm:
         dimension is the client id; ``report`` holds small JSON-able facts for metrics.
         """
         return {}, {}
+
+    def aggregate_cohort(self, round_idx: int, gathered: dict[str, Tensor],
+                         cohort: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """:meth:`aggregate` over the active clients only (``cohort_exchange``): rows [k, ...]
+        of the clients ``cohort`` (int64 [k], increasing ids); payload rows [k, ...] for them.
+        An algorithm that sets ``cohort_exchange`` implements it."""
+        raise NotImplementedError(f"{self.name}: cohort_exchange is set but aggregate_cohort is missing")
 
     def payload_spec(self) -> Spec:
         """Shape (without the client dimension) and dtype of each payload entry."""

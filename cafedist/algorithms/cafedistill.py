@@ -99,6 +99,8 @@ class CAFEDistill(LogitExchange):
     Params = CAFEDistillParams
     # local_loss reads only logits, labels and state tensors: cafedist.train.packed may vmap it
     vmappable_loss = True
+    # idle clients teach no one and receive nothing: the exchange needs the active ones only
+    cohort_exchange = True
 
     def __init__(self, params: CAFEDistillParams, setup: Setup):
         super().__init__(params, setup)
@@ -174,22 +176,35 @@ class CAFEDistill(LogitExchange):
 
     def aggregate(self, round_idx: int, gathered: dict[str, Tensor],
                   active: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return self._aggregate(round_idx, gathered, active, None)
+
+    def aggregate_cohort(self, round_idx: int, gathered: dict[str, Tensor],
+                         cohort: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        # the cohort is the federation of this round: teachers, weights and the schedule's
+        # student counts are taken over it (with every client active, the same as aggregate)
+        return self._aggregate(round_idx, gathered, None, cohort)
+
+    def _aggregate(self, round_idx: int, gathered: dict[str, Tensor], active: Tensor | None,
+                   cohort: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         heads = gathered.get("head")
-        if heads is None:
-            return self.aggregate_logits(round_idx, gathered["logits"], active)
-        # similarity of the last heads' parameters; a client with broken heads compares as zero
-        finite = healthy_clients(heads, self.params.logit_bound).to(heads.device)
-        safe = torch.where(finite.unsqueeze(1), heads.to(torch.float64), torch.zeros((), dtype=torch.float64,
-                                                                                     device=heads.device))
-        return self.aggregate_logits(round_idx, gathered["logits"], active, sim=cosine_similarity_matrix(safe))
+        sim = None
+        if heads is not None:
+            # similarity of the last heads' parameters; a client with broken heads compares as zero
+            finite = healthy_clients(heads, self.params.logit_bound).to(heads.device)
+            safe = torch.where(finite.unsqueeze(1), heads.to(torch.float64),
+                               torch.zeros((), dtype=torch.float64, device=heads.device))
+            sim = cosine_similarity_matrix(safe)
+        return self.aggregate_logits(round_idx, gathered["logits"], active, sim=sim, cohort=cohort)
 
     def aggregate_logits(self, round_idx: int, logits: Tensor, active: Tensor | None = None,
-                         sim: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                         sim: Tensor | None = None, cohort: Tensor | None = None
+                         ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Teacher weights, targets and the next round's students from logits [n, e, P', C].
 
         ``e`` exits in increasing order, the last exit last (e = 1 by default, see
         :meth:`proxy_exits`); the health check covers every exit given. ``sim`` replaces the
-        similarity of the last-exit probabilities (``similarity: head_params``).
+        similarity of the last-exit probabilities (``similarity: head_params``). ``cohort``:
+        the rows are those of these client ids only (:meth:`aggregate_cohort`).
 
         Cost: the similarity Gram product (float32, symmetric half) and the target mixture
         ``alpha @ probs`` are the two O(n^2 P' C) steps; softmaxes and the health check are
@@ -209,7 +224,8 @@ class CAFEDistill(LogitExchange):
         # similarity: head_params gives it (computed by the caller)
         sim = cosine_similarity_rows(probs.reshape(n, -1)) if sim is None else sim.to(probs.device)
         if p.cross_client_kd:
-            alpha = teacher_weights(sim, self.setup.data_weights.to(sim.device), p.mu, healthy)
+            weights = self.setup.data_weights if cohort is None else self.setup.data_weights[cohort.cpu()]
+            alpha = teacher_weights(sim, weights.to(sim.device), p.mu, healthy)
         else:
             alpha = torch.eye(n, dtype=torch.float64, device=sim.device)
         teacher_probs = softmax_into(probs, last, p.tau)
@@ -226,7 +242,7 @@ class CAFEDistill(LogitExchange):
             students = student_masks(round_idx + 1, self.setup.rounds, n, m, sim, p.schedule_span, healthy)
         report = {
             "n_students_next": int(students[:, : m - 1].sum()),
-            "quarantined": [int(i) for i in torch.nonzero(~finite).flatten()],
+            "quarantined": [int(i if cohort is None else cohort[i]) for i in torch.nonzero(~finite).flatten()],
             "self_weight": float(torch.diagonal(alpha).mean()) if n else None,
         }
         return {"targets": targets, "students": students.to(torch.uint8)}, report

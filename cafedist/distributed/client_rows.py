@@ -21,8 +21,17 @@ class ClientRows:
 
     def __init__(self, comm: Comm, placement: list[list[int]], device: torch.device):
         self.comm, self.device = comm, device
+        self.placement = placement
         self.counts = [len(p) for p in placement]
-        self.rank_order = torch.tensor([c for p in placement for c in p], dtype=torch.int64)
+        # where each rank-ordered row goes: its client's position among all ids, increasing
+        position = {cid: i for i, cid in enumerate(sorted(c for p in placement for c in p))}
+        self.rank_order = torch.tensor([position[c] for p in placement for c in p], dtype=torch.int64)
+
+    def cohort(self, active: Tensor) -> ClientRows:
+        """The same collectives over the clients ``active`` (bool [n]) only: rows [k, ...] in
+        increasing client id, k the number of active clients (every rank knows who they are)."""
+        keep = active.cpu()
+        return ClientRows(self.comm, [[c for c in p if keep[c]] for p in self.placement], self.device)
 
     def gather(self, local: Tensor, transport_dtype: torch.dtype | None = None, to_all: bool = False) -> Tensor | None:
         """Rows of my clients -> [n, ...] in client-id order (rank 0 only unless ``to_all``)."""

@@ -45,7 +45,7 @@ def client_splits(run: Any) -> list[tuple[Split, Split]]:
     """(calibration, test) logits of every client of a single-rank run (:class:`~cafedist.run.build.Run`),
     by client id."""
     out = []
-    for c in sorted(run.clients, key=lambda c: c.cid):
+    for c in run.pool.each(sorted(run.pool.ids), modify=False):
         model = run.algo.eval_model(c.view)
         out.append((Split(exit_logits(model, c.data.x_val).cpu(), c.data.y_val.cpu()),
                     Split(exit_logits(model, c.data.x_test).cpu(), c.data.y_test.cpu())))

@@ -13,40 +13,55 @@ from torch import Tensor
 
 from cafedist.algorithms.base import Algorithm
 from cafedist.distributed.client_rows import ClientRows
-from cafedist.eval.dynamic import dynamic_counts, dynamic_table, mac_reduction_at_loss
+from cafedist.eval.dynamic import THRESHOLDS, dynamic_counts, dynamic_table, mac_reduction_at_loss
 from cafedist.eval.exits import exit_predictions, per_exit_correct
 from cafedist.run.client import Client, model_hash
+from cafedist.run.residency import ClientPool
 
 
-def client_test_stats(clients: Sequence[Client], algo: Algorithm, losses: Sequence[float], rows: ClientRows,
-               num_exits: int, evaluate: bool) -> Tensor:
+def client_test_stats(pool: ClientPool, algo: Algorithm, losses: Sequence[float], rows: ClientRows,
+                      num_exits: int, evaluate: bool, n_test: Sequence[int]) -> Tensor:
     """[n, 2 + m] float64 (loss, n_test, correct per exit; NaN when not ``evaluate``), client
-    order, on every rank."""
-    out = []
-    for c, loss in zip(clients, losses):
-        if evaluate:
-            pred, _ = exit_predictions(algo.eval_model(c.view), c.data.x_test)
-            correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
-        else:
-            correct = torch.full((num_exits,), float("nan"), dtype=torch.float64)
-        out.append(torch.cat([torch.tensor([loss, c.n_test], dtype=torch.float64), correct]))
-    return rows.gather(torch.stack(out).to(rows.device), to_all=True).cpu()
+    order, on every rank. ``n_test``: test samples by client id (no client is materialized
+    unless ``evaluate``)."""
+    nan = torch.full((num_exits,), float("nan"), dtype=torch.float64)
+    correct = {c.cid: _correct(algo, c, c.data.x_test, c.data.y_test)
+               for c in pool.each(pool.ids if evaluate else [], modify=False)}
+    out = [torch.cat([torch.tensor([loss, n_test[cid]], dtype=torch.float64), correct.get(cid, nan)])
+           for cid, loss in zip(pool.ids, losses)]
+    return rows.gather(_stack(out, 2 + num_exits, rows.device), to_all=True).cpu()
 
 
-def val_accuracy(clients: Sequence[Client], algo: Algorithm, rows: ClientRows, num_exits: int,
+def _stack(out: list[Tensor], width: int, device: torch.device) -> Tensor:
+    """Rows -> [k, width] on ``device`` (a rank without clients still joins the gather)."""
+    return torch.stack(out).to(device) if out else torch.empty(0, width, dtype=torch.float64, device=device)
+
+
+def _correct(algo: Algorithm, client: Client, x: Tensor, y: Tensor) -> Tensor:
+    """Correct predictions per exit of the client's eval model on (x, y), float64 on the CPU."""
+    pred, _ = exit_predictions(algo.eval_model(client.view), x)
+    return per_exit_correct(pred, y).to(torch.float64).cpu()
+
+
+def _val_row(algo: Algorithm, client: Client, num_exits: int) -> Tensor:
+    """[1 + m]: validation samples, then correct predictions per exit."""
+    n_val = int(client.data.y_val.shape[0])
+    correct = _correct(algo, client, client.data.x_val, client.data.y_val) if n_val else \
+        torch.zeros(num_exits, dtype=torch.float64)
+    return torch.cat([torch.tensor([n_val], dtype=torch.float64), correct])
+
+
+def val_accuracy(pool: ClientPool, algo: Algorithm, rows: ClientRows, num_exits: int,
                  to_all: bool) -> tuple[list[float], list[list[float] | None]] | None:
     """Validation accuracy per exit (pooled over clients, weighted by their validation sizes,
     like ``acc_per_exit``) and per client (None for a client without validation samples);
     None on ranks other than 0 unless ``to_all``."""
-    out = []
-    for c in clients:
-        n_val = int(c.data.y_val.shape[0])
-        correct = torch.zeros(num_exits, dtype=torch.float64)
-        if n_val:
-            pred, _ = exit_predictions(algo.eval_model(c.view), c.data.x_val)
-            correct = per_exit_correct(pred, c.data.y_val).to(torch.float64).cpu()
-        out.append(torch.cat([torch.tensor([n_val], dtype=torch.float64), correct]))
-    allrows = rows.gather(torch.stack(out).to(rows.device), to_all=to_all)
+    out = [_val_row(algo, c, num_exits) for c in pool.each(pool.ids, modify=False)]
+    return _pool_val(rows.gather(_stack(out, 1 + num_exits, rows.device), to_all=to_all))
+
+
+def _pool_val(allrows: Tensor | None) -> tuple[list[float], list[list[float] | None]] | None:
+    """Gathered validation rows -> (pooled accuracy per exit, per-client accuracy or None)."""
     if allrows is None:
         return None
     n_val, correct = allrows[:, 0].cpu(), allrows[:, 1:].cpu()
@@ -55,22 +70,26 @@ def val_accuracy(clients: Sequence[Client], algo: Algorithm, rows: ClientRows, n
     return pooled, per_client
 
 
-def final_evaluation(clients: Sequence[Client], algo: Algorithm, rows: ClientRows, macs: list[int],
+def final_evaluation(pool: ClientPool, algo: Algorithm, rows: ClientRows, macs: list[int],
                      num_exits: int, has_val: bool, is_main: bool) -> dict[str, Any] | None:
     """Accuracy per exit and per client, dynamic inference over thresholds, validation
-    accuracy (when the store has the split) and model hashes; rank 0 returns it."""
+    accuracy (when the store has the split) and model hashes; rank 0 returns it. One pass
+    over the clients (each materialized once)."""
     m = num_exits
-    out = []
-    for c in clients:
+    out, val_rows, hashes = [], [], {}
+    for c in pool.each(pool.ids, modify=False):
         pred, conf = exit_predictions(algo.eval_model(c.view), c.data.x_test)
         counts = dynamic_counts(pred.cpu(), conf.cpu(), c.data.y_test.cpu(), macs)
         correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
         out.append(torch.cat([torch.tensor([c.n_test], dtype=torch.float64), correct,
                               counts["correct"].to(torch.float64), counts["macs"].to(torch.float64),
                               counts["exits"].to(torch.float64).reshape(-1)]))
-    allrows = rows.gather(torch.stack(out).to(rows.device), to_all=False)
-    hashes = rows.comm.all_gather_object({c.cid: model_hash(c.model) for c in clients})
-    val = val_accuracy(clients, algo, rows, m, to_all=False) if has_val else None
+        hashes[c.cid] = model_hash(c.model)
+        if has_val:
+            val_rows.append(_val_row(algo, c, m))
+    allrows = rows.gather(_stack(out, 1 + m + len(THRESHOLDS) * (2 + m), rows.device), to_all=False)
+    hashes = rows.comm.all_gather_object(hashes)
+    val = _pool_val(rows.gather(_stack(val_rows, 1 + m, rows.device), to_all=False)) if has_val else None
     if not is_main:
         return None
     allrows = allrows.cpu()

@@ -32,7 +32,7 @@ from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
 from cafedist.fsutil import write_json_atomic
-from cafedist.run.build import build_run
+from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
 
@@ -71,7 +71,8 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     run = build_run(cfg, rt, prepare_store=False)
     try:
         comm = Comm(rt)
-        restored = load_checkpoint(CheckpointDir(run_dir), comm, run.clients, run.algo, config_hash=config_hash(cfg),
+        restored = load_checkpoint(CheckpointDir(run_dir), comm, run.pool, run.algo, run.shared,
+                                   config_hash=config_hash(cfg),
                                    resume="force")
         done, final = restored.next_round - 1, cfg.train.rounds - 1
         if done < 0:
@@ -81,7 +82,7 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
                                   f"({restored.path.name}), not the final round {final}: the run is "
                                   f"unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
                                   f"or pass --allow-partial to evaluate round {done} anyway)")
-        summary = final_evaluation(run.clients, run.algo, ClientRows(comm, run.placement, rt.device), run.macs,
+        summary = final_evaluation(run.pool, run.algo, ClientRows(comm, run.placement, rt.device), run.macs,
                                    run.num_exits, run.store.has_val, is_main=True)
         summary.update(algorithm=cfg.algorithm.name, num_clients=run.n)
         # --budget: needs the loaded models, so it runs before the store closes
@@ -89,7 +90,7 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
             run, run_dir, budget, summary["dynamic"],
             title=f"{cfg.data.dataset}, {summary['num_clients']} clients, {summary['algorithm']}")
     finally:
-        run.store.close()
+        close_run(run)
     assert summary is not None
     table = summary["dynamic"]
     acc = summary["acc_per_exit"]

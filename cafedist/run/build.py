@@ -2,12 +2,15 @@
 
 config -> store (prepared when missing, or opened read-only) -> placement of clients on ranks
 -> model factory and costs -> algorithm with its :class:`~cafedist.algorithms.base.Setup`
--> this rank's clients (models, optimizers, algorithm state, data on the device).
+-> this rank's clients (a :class:`~cafedist.run.residency.ClientPool`: on the device, or at
+most ``train.resident_clients`` at a time with the others parked in host memory or on disk).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,12 +21,14 @@ from cafedist.algorithms.base import Algorithm, Setup
 from cafedist.config import Config
 from cafedist.data.prepare import ensure_store
 from cafedist.data.spec import PartitionSpec
-from cafedist.data.store import Store
+from cafedist.data.store import ClientData, Store
 from cafedist.distributed.placement import place_clients
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import DataError
 from cafedist.models import build_model, macs_per_exit
 from cafedist.run.client import Client, build_client_model, compile_in_place, make_optimizer
+from cafedist.run.residency import STATE_DIR, ClientPool
+from cafedist.run.sharing import SharedParams
 
 
 @dataclass
@@ -40,7 +45,8 @@ class Run:
     probe: nn.Module  # one such instance, for parameter names and shapes
     macs: list[int]  # MACs per sample to reach each exit
     proxy_x: Tensor | None  # the proxy inputs on the device (algorithms that exchange logits)
-    clients: list[Client]  # this rank's clients, in placement order
+    pool: ClientPool  # this rank's clients, in placement order
+    shared: SharedParams  # the averaged parameters (and the newest average, for parked clients)
 
     @property
     def n(self) -> int:
@@ -53,6 +59,16 @@ class Run:
     @property
     def proxy_size(self) -> int:
         return self.setup.proxy_size
+
+    @property
+    def clients(self) -> list[Client]:
+        """Every client of this rank, when all are resident (:meth:`ClientPool.all_clients`)."""
+        return self.pool.all_clients()
+
+    @property
+    def n_test(self) -> list[int]:
+        """Test samples per client, by client id (store metadata: no client is materialized)."""
+        return [te for _, te in self.store.client_sizes()]
 
     @property
     def n_params(self) -> int:
@@ -74,18 +90,25 @@ def open_store(cfg: Config, prepare: bool = True) -> Store:
     return Store(path)
 
 
-def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True) -> Run:
+def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True, run_dir: Path | None = None) -> Run:
     """This rank's part of the run of ``cfg`` (see the module docstring); the caller closes
-    ``run.store``. Nothing stays open when building fails."""
+    it (:func:`close_run`). Nothing stays open when building fails. ``run_dir`` holds the
+    parked clients of ``train.client_state: disk`` (a temporary directory without it)."""
     store = open_store(cfg, prepare_store)
     try:
-        return _build(cfg, rt, store)
+        return _build(cfg, rt, store, run_dir)
     except BaseException:
         store.close()
         raise
 
 
-def _build(cfg: Config, rt: Runtime, store: Store) -> Run:
+def close_run(run: Run) -> None:
+    """Release what a run holds open: the prefetch thread and the store."""
+    run.pool.close()
+    run.store.close()
+
+
+def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
     sizes = [tr for tr, _ in store.client_sizes()]
     placement = place_clients(sizes, rt.world_size)
     options = dict(cfg.model.options)
@@ -110,12 +133,20 @@ def _build(cfg: Config, rt: Runtime, store: Store) -> Run:
     algo.bind_model(probe)
     if algo.exchanges_logits:
         algo.sent_exits()  # an algorithm breaking the proxy_exits contract fails before round 0
-    clients = [_make_client(cfg, algo, build, store, rt.device, cid) for cid in placement[rt.rank]]
+    state_dir = None
+    if cfg.train.client_state == "disk":
+        base = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="cafedist-clients-"))
+        state_dir = base / STATE_DIR / f"rank{rt.rank:05d}"
+    pool = ClientPool(placement[rt.rank], lambda cid, data: _make_client(cfg, algo, build, data, rt.device, cid),
+                      lambda cid: store.load_client(cid, device="cpu" if cfg.train.resident_clients else rt.device),
+                      rt.device, bound=cfg.train.resident_clients, where=cfg.train.client_state, state_dir=state_dir)
+    shared = SharedParams.of(algo, probe)
+    pool.on_load = shared.catch_up  # a materialized client gets the averages it missed while parked
     return Run(cfg=cfg, rt=rt, store=store, placement=placement, algo=algo, setup=setup, build=build, probe=probe,
-               macs=macs, proxy_x=proxy_x, clients=clients)
+               macs=macs, proxy_x=proxy_x, pool=pool, shared=shared)
 
 
-def _make_client(cfg: Config, algo: Algorithm, build: Callable[[], nn.Module], store: Store,
+def _make_client(cfg: Config, algo: Algorithm, build: Callable[[], nn.Module], data: ClientData,
                  device: torch.device, cid: int) -> Client:
     """A client at its initial weights (keyed by seed and client id, or common), on ``device``."""
     key = "common" if algo.common_init else cid
@@ -127,5 +158,5 @@ def _make_client(cfg: Config, algo: Algorithm, build: Callable[[], nn.Module], s
             compile_in_place(m)
     return Client(cid=cid, models=models,
                   optimizers={k: make_optimizer(m, cfg.train) for k, m in models.items()},
-                  data=store.load_client(cid, device=device),
+                  data=data,
                   state=algo.init_client_state(cid))

@@ -3,17 +3,26 @@
 Layout of ``RUN_DIR/checkpoints/``::
 
     round_000010/               one directory per checkpoint (the round it completed)
-        client_00000.pt         per client: model, optimizer and algorithm state
-        ...
-        server.pt               round, algorithm server state, metrics cursor
-        MANIFEST.json           sha256 of every file, world size that wrote it, config hash
+        client_00000.pt         per client whose state changed since the previous checkpoint:
+        ...                     model, optimizer and algorithm state
+        server.pt               round, algorithm server state, the newest shared average
+        MANIFEST.json           sha256 of every file, the shards it reuses from older
+                                checkpoints ("refs"), world size that wrote it, config hash
     latest                      name of the newest complete checkpoint (written atomically)
+
+Checkpoints are incremental: a client that did not change since the previous checkpoint
+(partial participation leaves most of thousands untouched) is not written again; the manifest
+references its shard in the older directory, with its sha256. A client never touched has no
+shard: it resumes at its initial weights. ``checkpoint.keep`` prunes old checkpoints but
+never a shard that a kept checkpoint references: such a directory loses its manifest and its
+other files and stays as ``SHARDS_ONLY`` until nothing references it.
 
 Writing is atomic: every rank writes its clients' shards into ``.round_000010.tmp/`` and
 fsyncs them; rank 0 then writes ``server.pt`` and ``MANIFEST.json``, renames the directory
 into place, updates ``latest`` and prunes old checkpoints. A directory without a verifying
-manifest is never used. Shards are keyed by client id, not rank, so a run written by 4 ranks
-resumes on 2. Loading uses ``torch.load(weights_only=True)``: no code runs from a checkpoint.
+manifest (its references included) is never used. Shards are keyed by client id, not rank,
+so a run written by 4 ranks resumes on 2. Loading uses ``torch.load(weights_only=True)``:
+no code runs from a checkpoint.
 
 :func:`save_checkpoint` and :func:`load_checkpoint` do this for a rank's clients and the
 algorithm's coordinator state; every rank calls them together.
@@ -32,17 +41,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 
 from cafedist.algorithms.base import Algorithm
 from cafedist.distributed.comm import Comm
 from cafedist.errors import CheckpointError
 from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_text_atomic
-from cafedist.run.client import Client
+from cafedist.run.residency import ClientPool
+from cafedist.run.sharing import SharedParams
 
 log = logging.getLogger("cafedist")
 
 _DIR_RE = re.compile(r"^round_(\d{6,})$")
+SHARDS_ONLY = "SHARDS_ONLY"  # marker of a pruned directory kept for the shards others reference
 
 
 def sha256_file(path: Path) -> str:
@@ -87,6 +97,14 @@ class CheckpointRef:
     manifest: dict
 
 
+def _read_manifest(path: Path) -> dict:
+    """A checkpoint's manifest, {} when unreadable (pruning must not fail on a broken one)."""
+    try:
+        return json.loads((path / "MANIFEST.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 class CheckpointDir:
     """Reads and writes the checkpoints of one run directory."""
 
@@ -112,13 +130,14 @@ class CheckpointDir:
         return name, save_torch(shard, self.staging(round_idx) / name)
 
     def commit(self, round_idx: int, server: dict[str, Any], files: dict[str, str], *,
-               world_size: int, config_hash: str, keep: int) -> Path:
-        """Rank 0, after every rank wrote its shards: manifest, rename, ``latest``, prune."""
+               world_size: int, config_hash: str, keep: int, refs: dict[str, dict[str, str]] | None = None) -> Path:
+        """Rank 0, after every rank wrote its shards: manifest, rename, ``latest``, prune.
+        ``refs``: shards reused from older checkpoints (file name -> {"dir", "sha256"})."""
         tmp = self.staging(round_idx)
         files = dict(files)
         files["server.pt"] = save_torch(server, tmp / "server.pt")
         manifest = {"round": round_idx, "world_size": world_size, "config_hash": config_hash,
-                    "files": dict(sorted(files.items()))}
+                    "files": dict(sorted(files.items())), "refs": dict(sorted((refs or {}).items()))}
         write_json_atomic(tmp / "MANIFEST.json", manifest)
         fsync_dir(tmp)
         final = self.root / checkpoint_name(round_idx)
@@ -131,19 +150,36 @@ class CheckpointDir:
         return final
 
     def prune(self, keep: int) -> None:
-        """Delete all but the newest ``keep`` complete checkpoints."""
+        """Delete all but the newest ``keep`` complete checkpoints, except the shards a kept
+        one references (their directory is reduced to them, marked ``SHARDS_ONLY``)."""
         dirs = self.candidates()
-        for path in dirs[keep:]:
-            shutil.rmtree(path, ignore_errors=True)
+        kept, needed = dirs[:keep], {}
+        for path in kept:
+            for name, ref in _read_manifest(path).get("refs", {}).items():
+                needed.setdefault(ref["dir"], set()).add(name)
+        for path in self._all_dirs():
+            if path in kept:
+                continue
+            if path.name not in needed:
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            (path / "MANIFEST.json").unlink(missing_ok=True)  # no longer a checkpoint to resume from
+            (path / SHARDS_ONLY).touch()
+            for f in path.iterdir():
+                if f.name not in needed[path.name] and f.name != SHARDS_ONLY:
+                    f.unlink(missing_ok=True)
+
+    def _all_dirs(self) -> list[Path]:
+        """Every checkpoint directory, complete or reduced to shards, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _DIR_RE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- read
     def candidates(self) -> list[Path]:
         """Checkpoint directories, newest first (by round number, not mtime)."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if p.is_dir() and (m := _DIR_RE.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
+        return [p for p in self._all_dirs() if not (p / SHARDS_ONLY).exists()]
 
     @staticmethod
     def verify(path: Path) -> CheckpointRef:
@@ -155,13 +191,21 @@ class CheckpointDir:
             round_idx = int(manifest["round"])
         except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(f"{mpath}: missing or unreadable manifest") from None
-        for name, digest in files.items():
-            f = path / name
+        located = [(path / name, digest) for name, digest in files.items()]
+        located += [(path.parent / ref["dir"] / name, ref["sha256"]) for name, ref in manifest.get("refs", {}).items()]
+        for f, digest in located:
             if not f.is_file():
-                raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
+                raise CheckpointError(f"{path}: file {f.parent.name}/{f.name} listed in the manifest is missing")
             if sha256_file(f) != digest:
                 raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted)")
         return CheckpointRef(path=path, round=round_idx, manifest=manifest)
+
+    @staticmethod
+    def shard_locations(ref: CheckpointRef) -> dict[str, dict[str, str]]:
+        """Every client shard a checkpoint holds or references: file name -> {"dir", "sha256"}."""
+        own = {name: {"dir": ref.path.name, "sha256": digest} for name, digest in ref.manifest["files"].items()
+               if name.startswith("client_")}
+        return {**ref.manifest.get("refs", {}), **own}
 
     def newest_valid(self, warn: Callable[[str], None] = log.warning) -> CheckpointRef | None:
         """The newest checkpoint whose manifest verifies; broken newer ones are reported."""
@@ -177,29 +221,35 @@ class CheckpointDir:
 RESUME_MODES = ("auto", "none", "force")
 
 
-def save_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo: Algorithm, round_idx: int, *,
-                    config_hash: str, keep: int, before_commit: Callable[[], None] | None = None) -> None:
-    """All ranks: write my clients' shards; rank 0 commits the checkpoint of ``round_idx``.
+def save_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams,
+                    round_idx: int, *, config_hash: str, keep: int,
+                    before_commit: Callable[[], None] | None = None) -> None:
+    """All ranks: write the shards of my clients that changed since the previous checkpoint;
+    rank 0 commits the checkpoint of ``round_idx``, referencing the unchanged shards.
     ``before_commit`` runs on every rank once the shards are written (fault injection)."""
     rt = comm.rt
     if rt.is_main:
         ckpt.begin(round_idx)
     comm.barrier()
     files = {}
-    for c in clients:
-        shard = {"models": {k: m.state_dict() for k, m in c.models.items()},
-                 "optimizers": {k: o.state_dict() for k, o in c.optimizers.items()},
-                 "algo": dict(c.state), "cid": c.cid}
-        name, digest = ckpt.write_client(round_idx, c.cid, shard)
-        files[name] = digest
+    for cid in sorted(pool.changed):
+        shard = pool.shard(cid)
+        if shard is not None:
+            name, digest = ckpt.write_client(round_idx, cid, shard)
+            files[name] = digest
     every = comm.all_gather_object(files)
     if before_commit is not None:
         before_commit()
     if rt.is_main:
         merged = {k: v for part in every for k, v in part.items()}
-        server = {"round": round_idx, "algo": algo.server_state(), "config_hash": config_hash}
-        ckpt.commit(round_idx, server, merged, world_size=rt.world_size, config_hash=config_hash, keep=keep)
+        refs = {name: loc for name, loc in pool.checkpointed.items() if name not in merged}
+        server = {"round": round_idx, "algo": algo.server_state(), "config_hash": config_hash,
+                  "shared": shared.state()}
+        final = ckpt.commit(round_idx, server, merged, world_size=rt.world_size, config_hash=config_hash, keep=keep,
+                            refs=refs)
+        pool.checkpointed = {**refs, **{name: {"dir": final.name, "sha256": d} for name, d in merged.items()}}
     comm.barrier()
+    pool.changed.clear()
 
 
 @dataclass(frozen=True)
@@ -210,9 +260,10 @@ class Resumed:
     path: Path | None
 
 
-def load_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo: Algorithm, *,
+def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
                     config_hash: str, resume: str = "auto") -> Resumed:
-    """All ranks: restore my clients and the algorithm from the newest valid checkpoint.
+    """All ranks: restore my clients, the shared average and the algorithm from the newest
+    valid checkpoint (a client without a shard stays at its initial weights).
 
     Rank 0 decides and every rank learns its decision (none is left waiting): a run whose
     checkpoints all fail to verify, or whose newest one was written by another config (unless
@@ -220,7 +271,7 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo
     a checkpoint that does not fit the model or algorithm (one line, not a traceback).
     """
     rt = comm.rt
-    ref, problem = None, None
+    ref, problem, locations = None, None, {}
     if rt.is_main:
         ref = ckpt.newest_valid()
         if ref is None and ckpt.candidates():
@@ -228,28 +279,32 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, clients: list[Client], algo
                        f"(use --resume none to move it aside and start over)")
         elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash) and resume != "force":
             problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
-    path, problem = comm.broadcast_object((None if ref is None else str(ref.path), problem))
+        elif ref is not None:
+            locations = ckpt.shard_locations(ref)
+    path, problem, locations = comm.broadcast_object((None if ref is None else str(ref.path), problem, locations))
     if problem:
         raise CheckpointError(problem)
     if path is None:
         return Resumed(0, None)
     path = Path(path)
+    pool.checkpointed = locations
     try:
-        for c in clients:
-            shard = load_torch(path / client_file(c.cid))
-            for k, m in c.models.items():
-                m.load_state_dict(shard["models"][k])
-            for k, o in c.optimizers.items():
-                o.load_state_dict(shard["optimizers"][k])
-            c.state = {k: v.to(rt.device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
+        for cid in pool.ids:
+            loc = locations.get(client_file(cid))
+            if loc is not None:
+                pool.restore(cid, load_torch(ckpt.root / loc["dir"] / client_file(cid)))
         server = load_torch(path / "server.pt")
         algo.load_server_state(server.get("algo", {}))
+        shared.load_state(server.get("shared", {}), pool.device)
+        for client in pool.resident():
+            shared.catch_up(client)
         done = int(server["round"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
         reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # load_state_dict's first problem
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
+    pool.changed.clear()
     if ref is not None:
         log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
                  ref.manifest["world_size"], rt.world_size)

@@ -32,6 +32,9 @@ class Client:
     optimizers: dict[str, torch.optim.Optimizer]
     data: ClientData
     state: dict[str, Tensor] = field(default_factory=dict)  # algorithm state (checkpointed)
+    # the last round whose shared-parameter average this client holds (-1: none yet); the
+    # average reaches idle clients lazily (cafedist.run.sharing)
+    shared_round: int = -1
 
     @property
     def model(self) -> nn.Module:

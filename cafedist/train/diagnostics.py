@@ -192,10 +192,10 @@ class Diagnostics:
         t = time.perf_counter()
         cfg, run, m = trainer.cfg, trainer.run, trainer.run.num_exits
         width = 2 * len(exit_pairs(m))
-        rows = [client_conflict(c, trainer.algo, cfg.train.batch_size, cfg.train.proxy_batch_size, rnd, cfg.seed,
-                                run.proxy_x, trainer.exchange.targets_subset(c.state))
-                if active[c.cid] else torch.full((width,), float("nan"), dtype=torch.float64)
-                for c in trainer.clients]
+        measured = {c.cid: client_conflict(c, trainer.algo, cfg.train.batch_size, cfg.train.proxy_batch_size, rnd,
+                                           cfg.seed, run.proxy_x, trainer.exchange.targets_subset(c.state))
+                    for c in trainer.pool.each([cid for cid in trainer.pool.ids if active[cid]], modify=False)}
+        rows = [measured.get(cid, torch.full((width,), float("nan"), dtype=torch.float64)) for cid in trainer.pool.ids]
         local = torch.stack(rows).to(run.device) if rows else torch.empty(0, width, dtype=torch.float64,
                                                                               device=run.device)
         gathered = trainer.rows.gather(local)

@@ -66,30 +66,46 @@ class Exchange:
 
     def __call__(self, rnd: int, active: Tensor, timers: dict[str, float]) -> dict[str, Any]:
         """Run the exchange of round ``rnd`` on every rank; returns rank 0's report ({} elsewhere)."""
-        algo, clients, device = self.algo, self.run.clients, self.run.device
+        algo, pool, device = self.algo, self.run.pool, self.run.device
+        # cohort_exchange: only this round's active clients take part, in rows and in time
+        rows_of = self.rows.cohort(active) if algo.cohort_exchange else self.rows
+        ids = [cid for cid in pool.ids if active[cid]] if algo.cohort_exchange else pool.ids
         local: dict[str, Tensor] = {}
+        rows: dict[str, list[Tensor]] = {"logits": []} if algo.exchanges_logits else {}
+        rows.update({key: [] for key in algo.upload_spec()})
+        xp = None
         if algo.exchanges_logits:
             proxy_x = self.run.proxy_x
             xp = proxy_x[proxy_subset(self.cfg.seed, rnd, proxy_x.shape[0], self.run.proxy_size).to(device)]
-            local["logits"] = torch.stack([proxy_logits(algo.eval_model(c.view), xp, amp=self.cfg.train.amp)[self.exits]
-                                           for c in clients])  # [k, e, P', C]
-        uploads = [algo.upload(c.view) for c in clients]
-        for key in algo.upload_spec():
-            local[key] = torch.stack([u[key] for u in uploads]).to(device)
+        for c in pool.each(ids, modify=False):
+            if xp is not None:
+                rows["logits"].append(proxy_logits(algo.eval_model(c.view), xp, amp=self.cfg.train.amp)[self.exits])
+            upload = algo.upload(c.view)
+            for key in algo.upload_spec():
+                rows[key].append(upload[key])
+        for key, spec_rows in rows.items():
+            shape, dtype = ((len(self.exits), self.run.proxy_size, self.run.setup.num_classes), torch.float32) \
+                if key == "logits" else algo.upload_spec()[key]
+            local[key] = torch.stack(spec_rows).to(device) if spec_rows else \
+                torch.empty(0, *shape, dtype=dtype, device=device)  # [k, e, P', C] for logits
         t = time.perf_counter()
-        gathered = {key: self.rows.gather(rows, transport_dtype=self.wire if key == "logits" and
-                                          self.wire != torch.float32 else None)
+        gathered = {key: rows_of.gather(rows, transport_dtype=self.wire if key == "logits" and
+                                        self.wire != torch.float32 else None)
                     for key, rows in local.items()}
         timers["t_comm"] += time.perf_counter() - t
         payload, report = None, {}
         if self.run.rt.is_main:
             t = time.perf_counter()
-            payload, report = algo.aggregate(rnd, gathered, active.to(device))
+            if algo.cohort_exchange:
+                payload, report = algo.aggregate_cohort(rnd, gathered, torch.nonzero(active.cpu()).flatten())
+            else:
+                payload, report = algo.aggregate(rnd, gathered, active.to(device))
             timers["t_aggregate"] = time.perf_counter() - t
         t = time.perf_counter()
-        mine = self.rows.scatter(payload, algo.payload_spec())
+        mine = rows_of.scatter(payload, algo.payload_spec())
         timers["t_comm"] += time.perf_counter() - t
-        for j, c in enumerate(clients):
-            if active[c.cid]:
-                algo.receive(c.view, {k: v[j] for k, v in mine.items()}, rnd)
+        position = {cid: j for j, cid in enumerate(ids)}
+        for c in pool.each([cid for cid in pool.ids if active[cid]], modify=True):
+            j = position[c.cid]
+            algo.receive(c.view, {k: v[j] for k, v in mine.items()}, rnd)
         return report

@@ -21,7 +21,7 @@ from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.fsutil import write_json_atomic, write_text_atomic
 from cafedist.parentwatch import guard_launched_rank
-from cafedist.run.build import build_run
+from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint, save_checkpoint
 from cafedist.run.metrics import MetricsLog
 from cafedist.rundir import RunLock, move_aside
@@ -128,14 +128,14 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
     # validate everything before the run directory is touched: paths and what the directory
     # holds (rank 0), then store, model and algorithm (every rank, building the run)
     _agreed(comm, check_run_dir)
-    run = _agreed(comm, lambda: build_run(cfg, rt))
+    run = _agreed(comm, lambda: build_run(cfg, rt, run_dir=run_dir))
     metrics = None
     try:
         trainer = Trainer(run)
         ckpt = CheckpointDir(run_dir)
         config_due = _agreed(comm, take_run_dir)
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
-        start = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.clients, run.algo, config_hash=h,
+        start = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, config_hash=h,
                                                       resume=resume).next_round) if resume != "none" else 0
         metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
         if metrics is not None:
@@ -156,7 +156,8 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             want_stop = trainer.rows.sum_int(1 if stop.requested else 0) > 0
             every = cfg.checkpoint.every
             if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
-                save_checkpoint(ckpt, trainer.comm, run.clients, run.algo, rnd, config_hash=h, keep=cfg.checkpoint.keep,
+                save_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, rnd, config_hash=h,
+                                keep=cfg.checkpoint.keep,
                                 before_commit=lambda r=rnd: maybe_fault("checkpoint", r, rt.rank))
                 if config_due:  # --resume force: the new config now has a checkpoint of its own
                     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
@@ -176,6 +177,6 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
     finally:
         if metrics is not None:
             metrics.close()
-        run.store.close()
+        close_run(run)
         if lock is not None:
             lock.release()

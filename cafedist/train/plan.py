@@ -15,11 +15,10 @@ import torch
 
 from cafedist.config import Config
 from cafedist.distributed.runtime import Runtime
-from cafedist.run.build import Run, build_run
+from cafedist.run.build import Run, build_run, close_run
 from cafedist.train.exchange import exchange_bytes
 from cafedist.train.packed import pack_blocker
 from cafedist.train.schedule import participating
-from cafedist.train.sharing import SharedParams
 from cafedist.units import short_count
 
 
@@ -38,14 +37,14 @@ def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -
     try:
         return _describe(tr, cfg, world_size)
     finally:
-        tr.store.close()
+        close_run(tr)
 
 
 def _describe(tr: Run, cfg: Config, world_size: int) -> str:
     sizes = list(tr.setup.train_sizes)
     first_round = participating(cfg.seed, 0, tr.n, cfg.train.clients_per_round)
     ex_up, ex_down = exchange_bytes(tr)
-    sh_up, sh_down = SharedParams.of(tr.algo, tr.probe).bytes_per_client(first_round)  # holders: round 0's
+    sh_up, sh_down = tr.shared.bytes_per_client(first_round)  # holders: round 0's
     up, down = ex_up + sh_up, ex_down + sh_down
     fedavg = 8 * tr.n_params
     lines = [
@@ -61,7 +60,8 @@ def _describe(tr: Run, cfg: Config, world_size: int) -> str:
                      f"(comm.exits: {cfg.comm.exits}) on P' = {tr.proxy_size} items, {cfg.comm.logits_dtype}")
     lines.append(f"per client and round: {short_count(up, '.3g')}B up, {short_count(down, '.3g')}B down "
                  f"({(up + down) / fedavg:.4f} of FedAvg's {short_count(fedavg, '.3g')}B)")
-    blocker = pack_blocker(tr.clients, tr.algo, cfg.train) if len(tr.clients) > 1 else "one client per rank"
+    sample = tr.pool.sample()
+    blocker = pack_blocker(sample, tr.algo, cfg.train) if len(sample) > 1 else "one client per rank"
     lines.append(f"packing:    {cfg.train.packed}: on a GPU rank 0's clients would "
                  + ("be stepped together" if blocker is None and cfg.train.packed != "off"
                     else f"be trained one after another ({blocker or 'train.packed: off'})")

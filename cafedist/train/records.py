@@ -28,7 +28,7 @@ def round_metrics(stats: Tensor, train_sizes: tuple[int, ...]) -> dict[str, Any]
 def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str, Any]],
             wall: float) -> dict[str, Any] | None:
     """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it)."""
-    ev = final_evaluation(run.clients, run.algo, rows, run.macs, run.num_exits, run.store.has_val, run.rt.is_main)
+    ev = final_evaluation(run.pool, run.algo, rows, run.macs, run.num_exits, run.store.has_val, run.rt.is_main)
     if ev is None:
         return None
     per_client_bytes = records[-1]["bytes_up"] + records[-1]["bytes_down"] if records else 0

@@ -19,11 +19,12 @@ from typing import Any
 
 from torch import Tensor
 
+from cafedist.algorithms.base import Algorithm
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.eval.clients import client_test_stats, val_accuracy
 from cafedist.run.build import Run
-from cafedist.run.client import reset_optimizers
+from cafedist.run.client import Client, reset_optimizers
 from cafedist.train.diagnostics import Diagnostics
 from cafedist.train.exchange import Exchange
 from cafedist.train.faults import maybe_fault
@@ -31,21 +32,27 @@ from cafedist.train.local import local_update
 from cafedist.train.packed import packed_local_update, use_packing
 from cafedist.train.records import round_metrics
 from cafedist.train.schedule import participating
-from cafedist.train.sharing import SharedParams
 
 
 class Trainer:
     """Runs the rounds of one rank's part of a run (:class:`~cafedist.run.build.Run`)."""
 
     def __init__(self, run: Run):
-        self.run, self.cfg, self.algo, self.clients, self.setup = run, run.cfg, run.algo, run.clients, run.setup
+        self.run, self.cfg, self.algo, self.pool, self.setup = run, run.cfg, run.algo, run.pool, run.setup
         self.comm = Comm(run.rt)
         self.rows = ClientRows(self.comm, run.placement, run.device)
         self.exchange = Exchange(run, self.rows)
-        self.shared = SharedParams.of(run.algo, run.probe)
-        self.use_packed = use_packing(self.cfg.train.packed, self.clients, self.algo, self.cfg.train, run.device,
-                                      warn=run.rt.is_main)
+        self.shared = run.shared
+        self.use_packed = use_packing(self.cfg.train.packed, self.pool.sample(), self.algo, self.cfg.train,
+                                      run.device, warn=run.rt.is_main)
+        # post-training phases are asked of every client: only for algorithms that have them
+        self.has_post_phases = type(self.algo).post_phases is not Algorithm.post_phases
         self.diagnostics = Diagnostics.of(self.cfg.train.diagnostics)  # None (no work) unless asked for
+
+    @property
+    def clients(self) -> list[Client]:
+        """Every client of this rank, when all are resident (:meth:`ClientPool.all_clients`)."""
+        return self.pool.all_clients()
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         """Every rank: one round (see the module docstring); returns its record (identical on
@@ -58,9 +65,8 @@ class Trainer:
 
         maybe_fault("local", rnd, self.run.rt.rank)
         t = time.perf_counter()
-        losses = self.local_updates(rnd, active)
+        losses, n_students = self.local_updates(rnd, active)
         timers["t_local"] = time.perf_counter() - t
-        n_students = sum(int(self.algo.trained_exits(c.state)[:-1].sum()) for c in self.clients if active[c.cid])
         diag = self.diagnostics.after_local(self, rnd, active) if self.diagnostics else {}
 
         report, (up, down) = {}, (0, 0)
@@ -69,24 +75,27 @@ class Trainer:
             up, down = self.exchange.bytes_per_client()
         if self.shared.keys:
             t = time.perf_counter()
-            self.shared.average(self.clients, active, self.comm.all_reduce_sum_, self.run.device)
+            self.shared.average(self.pool, active, rnd, self.comm.all_reduce_sum_, self.run.device)
             timers["t_comm"] += time.perf_counter() - t
             up, down = (a + b for a, b in zip((up, down), self.shared.bytes_per_client(active)))
 
-        for c in self.clients:  # training after aggregation (e.g. fine-tuning personal heads)
+        post_ids = self.pool.ids if self.has_post_phases else []
+        for c in self.pool.each(post_ids, modify=False):  # training after aggregation (e.g. personal heads)
             post = self.algo.post_phases(c.view, rnd, trained=bool(active[c.cid]))
             if post:
+                self.pool.mark_changed(c.cid)
                 local_update(c, self.algo, cfg.train, rnd, cfg.seed, phases=post)
 
         t = time.perf_counter()
         every = cfg.train.eval_every
         evaluate = rnd % every == every - 1 or rnd == cfg.train.rounds - 1
-        stats = client_test_stats(self.clients, self.algo, losses, self.rows, self.run.num_exits, evaluate)
+        stats = client_test_stats(self.pool, self.algo, losses, self.rows, self.run.num_exits, evaluate,
+                                  self.run.n_test)
         timers["t_eval"] = time.perf_counter() - t
         record: dict[str, Any] = {"round": rnd, **round_metrics(stats, self.setup.train_sizes)}
         wire_bytes = self.rows.wire_bytes()
         if "acc_per_exit" in record and self.run.store.has_val:  # validation: only where the store has it
-            record["val_acc_per_exit"] = val_accuracy(self.clients, self.algo, self.rows, self.run.num_exits,
+            record["val_acc_per_exit"] = val_accuracy(self.pool, self.algo, self.rows, self.run.num_exits,
                                                       to_all=True)[0]
         record.update({"n_students": self.rows.sum_int(n_students), "bytes_up": up, "bytes_down": down,
                        "wire_bytes": wire_bytes, "clients_trained": int(active.sum())})
@@ -96,19 +105,24 @@ class Trainer:
         record["seconds"] = round(time.perf_counter() - t_start, 6)
         return record
 
-    def local_updates(self, rnd: int, active: Tensor) -> list[float]:
-        """Local training of my active clients (a fresh optimizer under ``train.optimizer_state:
-        reset``; packed when :attr:`use_packed`); the mean loss per client, NaN for idle ones."""
+    def local_updates(self, rnd: int, active: Tensor) -> tuple[list[float], int]:
+        """Local training of my active clients, a wave of resident ones at a time (a fresh
+        optimizer under ``train.optimizer_state: reset``; packed when :attr:`use_packed`).
+        Returns the mean loss per client (placement order, NaN for idle ones) and the shallow
+        exits they trained (summed over ranks: the record's ``n_students``)."""
         cfg, algo = self.cfg, self.algo
-        if cfg.train.optimizer_state == "reset":
-            for c in self.clients:
-                reset_optimizers(c)
-        mine = [c for c in self.clients if active[c.cid]]
-        subsets = [self.exchange.targets_subset(c.state) for c in mine]
-        if mine and self.use_packed:
-            trained = packed_local_update(mine, algo, cfg.train, rnd, cfg.seed, self.run.proxy_x, subsets)
-        else:
-            trained = [local_update(c, algo, cfg.train, rnd, cfg.seed, self.run.proxy_x, s)
-                       for c, s in zip(mine, subsets)]
-        losses = {c.cid: loss for c, loss in zip(mine, trained)}
-        return [losses.get(c.cid, float("nan")) for c in self.clients]
+        losses: dict[int, float] = {}
+        n_students = 0
+        for wave in self.pool.waves([cid for cid in self.pool.ids if active[cid]], modify=True):
+            if cfg.train.optimizer_state == "reset":
+                for c in wave:
+                    reset_optimizers(c)
+            subsets = [self.exchange.targets_subset(c.state) for c in wave]
+            if self.use_packed and len(wave) > 1:
+                trained = packed_local_update(wave, algo, cfg.train, rnd, cfg.seed, self.run.proxy_x, subsets)
+            else:
+                trained = [local_update(c, algo, cfg.train, rnd, cfg.seed, self.run.proxy_x, s)
+                           for c, s in zip(wave, subsets)]
+            losses.update({c.cid: loss for c, loss in zip(wave, trained)})
+            n_students += sum(int(algo.trained_exits(c.state)[:-1].sum()) for c in wave)
+        return [losses.get(cid, float("nan")) for cid in self.pool.ids], n_students

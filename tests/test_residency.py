@@ -1,0 +1,148 @@
+"""Client residency (train.resident_clients, train.client_state) never changes a result, and
+incremental checkpoints keep, reference and verify every shard a resume needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cafedist, comparable, env_for_tests, metrics, summary, torchrun
+
+from cafedist.config import config_from_dict
+from cafedist.run.checkpoint import SHARDS_ONLY, CheckpointDir, sha256_file
+from cafedist.train.loop import train
+from cafedist.train.schedule import participating
+
+
+def tiny(cache: Path, algorithm: str = "cafedistill", clients: int = 6, rounds: int = 4, per_round: float = 3,
+         **train_opts) -> dict:
+    return {
+        "seed": 0,
+        "data": {"dataset": "digits", "clients": clients, "alpha": 0.5, "proxy_fraction": 0.1, "min_size": 20,
+                 "cache_dir": str(cache)},
+        "model": {"arch": "cnn", "options": {"width": 4}},
+        "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 32, "proxy_batch_size": 16,
+                  "clients_per_round": per_round, **train_opts},
+        "algorithm": {"name": algorithm},
+        "checkpoint": {"every": 1, "keep": 1},
+    }
+
+
+def run(raw: dict, out: Path) -> dict:
+    train(config_from_dict(raw), out, progress=False)
+    return summary(out)
+
+
+def assert_same(a: Path, b: Path) -> None:
+    assert summary(a)["model_hashes"] == summary(b)["model_hashes"]
+    assert summary(a)["acc_per_exit"] == summary(b)["acc_per_exit"]
+    assert comparable(metrics(a)) == comparable(metrics(b))
+
+
+# fedavg: shared parameters (lazily averaged into parked clients); depthfl: element-wise
+# holders; fedbabu: post-training phases of every client in the last round; fedrod: post
+# phases of active clients and two models; cafedistill: the cohort-only exchange
+@pytest.mark.parametrize("algorithm,where", [("cafedistill", "disk"), ("fedavg", "host"), ("depthfl", "host"),
+                                             ("fedbabu", "disk"), ("fedrod", "host"), ("ditto", "disk")])
+def test_a_residency_bound_gives_the_same_bits(tmp_path, store_cache, algorithm, where):
+    ref = tmp_path / "all"
+    run(tiny(store_cache, algorithm), ref)
+    bounded = tmp_path / "bounded"
+    run(tiny(store_cache, algorithm, resident_clients=2, client_state=where), bounded)
+    assert_same(bounded, ref)
+    assert not (bounded / "client_state").exists() or not any((bounded / "client_state").rglob("*.pt"))
+
+
+def test_parked_on_disk_and_resumed_after_a_kill_is_identical(tmp_path, store_cache):
+    """A bounded disk run killed inside a checkpoint write resumes to the same bits."""
+    raw = tiny(store_cache, "fedavg", clients=8, rounds=5, per_round=3, resident_clients=2, client_state="disk")
+    ref = tmp_path / "ref"
+    run(raw, ref)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                      env=env_for_tests(CAFEDIST_FAULT="kill@checkpoint:2"))
+    assert killed.returncode == -9
+    assert (out / "checkpoints" / ".round_000002.tmp").exists()
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert_same(out, ref)
+
+
+def test_checkpoints_write_only_changed_clients_and_keep_referenced_shards(tmp_path, store_cache):
+    out = tmp_path / "run"
+    run(tiny(store_cache, "cafedistill", clients=8, rounds=4, per_round=2), out)
+    ckpt = CheckpointDir(out)
+    newest = ckpt.newest_valid()
+    assert newest is not None and newest.round == 3
+    manifest = newest.manifest
+    written = [n for n in manifest["files"] if n.startswith("client_")]
+    assert len(written) == 2  # the two clients of round 3
+    assert manifest["refs"], "unchanged clients are referenced, not rewritten"
+    for name, ref in manifest["refs"].items():  # keep=1 pruned the older checkpoints to their shards
+        older = ckpt.root / ref["dir"]
+        assert (older / SHARDS_ONLY).exists() and (older / name).is_file()
+        assert not (older / "MANIFEST.json").exists()
+    assert [p.name for p in ckpt.candidates()] == ["round_000003"]
+    trained = {cid for rnd in range(4) for cid in range(8) if participating(0, rnd, 8, 2)[cid]}
+    assert set(written) | set(manifest["refs"]) == {f"client_{cid:05d}.pt" for cid in trained}
+    # a referenced shard that is corrupted makes the checkpoint fail to verify
+    name, ref = next(iter(manifest["refs"].items()))
+    (ckpt.root / ref["dir"] / name).write_bytes(b"broken")
+    with pytest.raises(Exception, match="sha256|missing"):
+        CheckpointDir.verify(newest.path)
+
+
+def test_a_resume_on_another_world_size_with_a_bound(tmp_path, store_cache):
+    """2 ranks with one resident client each == 1 rank with all resident (gloo)."""
+    raw = tiny(store_cache, "cafedistill", clients=6, rounds=3, per_round=4)
+    ref = tmp_path / "ref"
+    run(raw, ref)
+    bounded = dict(raw, train=dict(raw["train"], resident_clients=1, client_state="disk"))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(bounded))
+    out = tmp_path / "two"
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", launcher=torchrun(2), check=True)
+    assert_same(out, ref)
+
+
+def test_eval_of_a_bounded_run_matches(tmp_path, store_cache):
+    out = tmp_path / "run"
+    run(tiny(store_cache, "fedavg", resident_clients=2), out)
+    proc = cafedist("eval", str(out), check=True)
+    assert proc.returncode == 0
+    assert json.loads((out / "eval.json").read_text())["model_hashes"] == summary(out)["model_hashes"]
+
+
+def test_resident_clients_must_be_positive(tmp_path, store_cache):
+    from cafedist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.resident_clients"):
+        config_from_dict(tiny(store_cache, resident_clients=0))
+
+
+def test_a_checkpoint_from_before_incremental_checkpoints_still_resumes(tmp_path, store_cache):
+    """A full checkpoint without refs or a shared average (the earlier format) resumes to the
+    same bits, bounded or not: every client held every average then."""
+    raw = tiny(store_cache, "fedavg", rounds=3, per_round=6)
+    raw["checkpoint"]["keep"] = 5
+    ref = tmp_path / "ref"
+    run(raw, ref)
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "checkpoints" / "round_000002")
+    (out / "summary.json").unlink()
+    old = out / "checkpoints" / "round_000001"
+    server = torch.load(old / "server.pt", weights_only=True)
+    server.pop("shared")
+    torch.save(server, old / "server.pt")
+    m = json.loads((old / "MANIFEST.json").read_text())
+    m.pop("refs")
+    m["files"]["server.pt"] = sha256_file(old / "server.pt")
+    (old / "MANIFEST.json").write_text(json.dumps(m))
+    (out / "checkpoints" / "latest").write_text("round_000001\n")
+    run(dict(raw, train=dict(raw["train"], resident_clients=2)), out)
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]

@@ -7,8 +7,8 @@ start-up and what a resume checks against.
 Layout (every field has a default; see ``docs/CONFIG.md`` for the reference)::
 
     seed: 0
-    data:       {dataset, root, store, cache_dir, clients, alpha, proxy_fraction, test_fraction, val_fraction,
-                 min_size, options}
+    data:       {dataset, root, store, cache_dir, partition, clients, alpha, proxy_fraction, proxy_users,
+                 test_fraction, val_fraction, min_size, options}
     model:      {arch, options: {...}}
     train:      {rounds, local_epochs, batch_size, proxy_batch_size, lr, momentum, weight_decay,
                  eval_every, amp, compile, clients_per_round}
@@ -47,9 +47,14 @@ class DataConfig:
     root: str | None = None  # folder holding the raw dataset (not needed for mnist5k/digits)
     store: str | None = None  # prepared HDF5 store; default: <cache_dir>/<derived name>.h5
     cache_dir: str = "data/stores"
+    # "dirichlet": pool all samples, split them with Dirichlet(alpha) label skew; "natural":
+    # one client per user of the source (LEAF femnist/shakespeare), proxy set from other users
+    partition: Literal["dirichlet", "natural"] = "dirichlet"
     clients: int = 10
-    alpha: float = 0.3  # Dirichlet concentration of the label skew
-    proxy_fraction: float = 0.1  # share of all samples set aside as the unlabeled proxy set
+    alpha: float = 0.3  # Dirichlet concentration of the label skew (dirichlet only)
+    proxy_fraction: float = 0.1  # share of all samples set aside as the unlabeled proxy set (dirichlet only)
+    # natural only: how many of the users not made clients feed the proxy set (null = all)
+    proxy_users: int | None = None
     test_fraction: float = 0.2  # share of each client's data held out as its personal test set
     # share of each client's train split held out as its validation split (0 = none): what
     # tuning and calibration choose on, so the test split is never used for a choice
@@ -65,14 +70,22 @@ class DataConfig:
         _check(0 <= self.val_fraction < 1, "data.val_fraction",
                f"must be in [0, 1) (0 = no validation split), got {self.val_fraction}")
         _check(self.min_size >= 2, "data.min_size", f"must be >= 2, got {self.min_size}")
+        _check(self.proxy_users is None or self.partition == "natural", "data.proxy_users",
+               "applies only to data.partition: natural (dirichlet uses data.proxy_fraction)")
+        _check(self.proxy_users is None or self.proxy_users >= 1, "data.proxy_users",
+               f"must be >= 1 or null (all users not made clients), got {self.proxy_users}")
 
     def store_path(self, seed: int) -> Path:
         """Where the prepared store lives: ``store`` if given, else a name derived from the split."""
         if self.store:
             return Path(self.store)
         val = f"-v{self.val_fraction:g}" if self.val_fraction > 0 else ""  # old names stay valid
-        name = (f"{self.dataset}-n{self.clients}-a{self.alpha:g}-p{self.proxy_fraction:g}"
-                f"-t{self.test_fraction:g}{val}-m{self.min_size}-s{seed}")
+        if self.partition == "natural":
+            proxy = f"-u{self.proxy_users}" if self.proxy_users is not None else ""
+            split = f"natural-n{self.clients}{proxy}"
+        else:
+            split = f"n{self.clients}-a{self.alpha:g}-p{self.proxy_fraction:g}"
+        name = f"{self.dataset}-{split}-t{self.test_fraction:g}{val}-m{self.min_size}-s{seed}"
         if self.options:
             opts = json.dumps(self.options, sort_keys=True).encode()
             name += "-o" + hashlib.sha256(opts).hexdigest()[:8]
@@ -354,6 +367,8 @@ _NOT_HASHED = ("dist", "checkpoint", "data.root", "data.store", "data.cache_dir"
 #: runs, checkpoints and summaries written before the field existed keep their hash
 _HASHED_ONLY_IF_SET: dict[str, Any] = {
     "data.val_fraction": 0.0,
+    "data.partition": "dirichlet",
+    "data.proxy_users": None,
     "train.optimizer_state": "keep",
     **{f"algorithm.{section}.{name}": default for section in ("cafedistill", "cafedistill-heads")
        for name, default in (("kd_weighting", "lam_tau2"), ("unselected", "none"), ("exit_weights", None))},

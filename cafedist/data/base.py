@@ -38,6 +38,9 @@ class RawDataset:
     # Optional extras (not required by the store): token strings by id, class names by label.
     vocab: list[str] | None = field(default=None, repr=False)
     class_names: list[str] | None = field(default=None, repr=False)
+    # The natural partition, for sources that record who produced each sample (LEAF): user
+    # name -> sorted indices of that user's samples; every sample belongs to exactly one user.
+    user_samples: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Catch loader bugs early and in one place rather than deep inside the store writer.
@@ -52,6 +55,10 @@ class RawDataset:
             raise ValueError(f"{self.name}: y must be int64 [{len(self.x)}], got {self.y.dtype} {self.y.shape}")
         if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
             raise ValueError(f"{self.name}: labels must lie in 0..{self.num_classes - 1}")
+        if self.user_samples is not None:
+            owned = np.concatenate([np.asarray(v, dtype=np.int64) for v in self.user_samples.values()] or [[]])
+            if len(owned) != len(self.x) or not np.array_equal(np.sort(owned), np.arange(len(self.x))):
+                raise ValueError(f"{self.name}: user_samples must hold every sample exactly once")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

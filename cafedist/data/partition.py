@@ -1,5 +1,5 @@
-"""Deterministic federated splits: public proxy set, Dirichlet label skew, per-client test and
-validation splits.
+"""Deterministic federated splits: public proxy set, Dirichlet label skew (or the natural
+partition by user), per-client test and validation splits.
 
 Every function is a pure function of its inputs and ``seed``; randomness comes from numpy
 Generators seeded with :func:`cafedist.rng.derive_seed`, keyed by purpose, so one split never
@@ -30,14 +30,19 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def check_partition_args(n_clients: int, alpha: float, min_size: int) -> None:
-    """Validate the data-independent Dirichlet parameters (ConfigError naming the field)."""
+def check_client_args(n_clients: int, min_size: int) -> None:
+    """Validate the number of clients and their minimum size (ConfigError naming the field)."""
     if n_clients < 1:
         raise ConfigError(f"clients must be >= 1, got {n_clients}")
-    if not alpha > 0:
-        raise ConfigError(f"alpha must be > 0, got {alpha}")
     if min_size < 1:
         raise ConfigError(f"min_size must be >= 1 (every client needs data), got {min_size}")
+
+
+def check_partition_args(n_clients: int, alpha: float, min_size: int) -> None:
+    """Validate the data-independent Dirichlet parameters (ConfigError naming the field)."""
+    check_client_args(n_clients, min_size)
+    if not alpha > 0:
+        raise ConfigError(f"alpha must be > 0, got {alpha}")
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -181,3 +186,34 @@ def train_val_split_stratified(train_idx: np.ndarray, labels: np.ndarray, val_fr
     if val_fraction == 0.0:
         return train_idx, np.empty(0, dtype=np.int64)
     return stratified_holdout(train_idx, labels, val_fraction, seed, "train_val_split")
+
+
+def natural_partition(sizes: np.ndarray, n_clients: int, min_size: int, proxy_users: int | None,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Choose which users become clients and which feed the proxy set: ``(client_users, proxy_users)``.
+
+    ``sizes[u]`` is user ``u``'s sample count (users in name order). The users are put in a
+    seeded random order; the first ``n_clients`` with >= ``min_size`` samples become clients
+    0, 1, ... in that order (so asking for more clients keeps the first ones, ids included);
+    the remaining users with samples, in the same order, feed the proxy set: the first
+    ``proxy_users`` of them, or all when ``proxy_users`` is None. Client users are returned in
+    client-id order, proxy users sorted; the two are disjoint by construction.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    check_client_args(n_clients, min_size)
+    order = _rng(seed, "natural_partition").permutation(len(sizes))
+    eligible = order[sizes[order] >= min_size]
+    if len(eligible) < n_clients:
+        raise ConfigError(f"clients={n_clients}, but only {len(eligible)} of the {len(sizes)} users have "
+                          f">= min_size={min_size} samples (lower clients or min_size)")
+    clients = eligible[:n_clients]
+    rest = order[~np.isin(order, clients) & (sizes[order] > 0)]
+    if proxy_users is not None:
+        if proxy_users < 1 or proxy_users > len(rest):
+            raise ConfigError(f"proxy_users={proxy_users}, but {len(rest)} users with samples are left after "
+                              f"choosing {n_clients} clients (expected 1..{len(rest)}, or null for all)")
+        rest = rest[:proxy_users]
+    if len(rest) == 0:
+        raise ConfigError(f"no users with samples are left for the proxy set after choosing {n_clients} of "
+                          f"{len(sizes)} users as clients (lower clients)")
+    return clients.astype(np.int64), np.sort(rest).astype(np.int64)

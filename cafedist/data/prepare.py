@@ -1,6 +1,7 @@
 """Build the federated store from a raw dataset: ``cafedist prepare`` and ``ensure_store``.
 
 ``prepare_store`` = load (pooled train+test) -> proxy split -> Dirichlet partition of the rest
+(or, ``partition: natural``, one client per chosen user and the proxy set from other users)
 -> per-client stratified train/test split -> (optional) validation split carved from each
 client's train split -> atomic HDF5 write. The result depends only on
 the partition parameters (recorded in the store as ``params``), never on who builds it.
@@ -22,10 +23,11 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from cafedist.data.partition import (check_fraction, check_partition_args, check_val_fraction,
-                                     dirichlet_partition, split_proxy, train_test_split_stratified,
-                                     train_val_split_stratified)
-from cafedist.data.registry import DATASETS, load_dataset, options_of
+from cafedist.data.partition import (check_client_args, check_fraction, check_partition_args, check_val_fraction,
+                                     dirichlet_partition, natural_partition, split_proxy,
+                                     train_test_split_stratified, train_val_split_stratified)
+from cafedist.data.registry import DATASETS, NATURAL, load_dataset, options_of
+from cafedist.config import DataConfig
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import Store, write_store
 from cafedist.errors import ConfigError, DataError
@@ -45,7 +47,9 @@ def partition_params(spec: PartitionSpec) -> dict[str, Any]:
     """The normalised, validated parameter record of ``spec``, stored in (and compared against) a store.
 
     ``val_fraction`` is recorded only when > 0, so a store built before validation splits
-    existed still matches a run that asks for none.
+    existed still matches a run that asks for none. A natural partition records
+    ``partition: natural`` (and ``proxy_users`` when set) instead of ``alpha`` and
+    ``proxy_fraction``, which it does not use; a Dirichlet one records no ``partition``.
 
     Loader options (e.g. ``vocab_size``/``max_len`` for text) are recorded with their
     defaults filled in, so omitting a default and passing it explicitly give the same record;
@@ -57,14 +61,30 @@ def partition_params(spec: PartitionSpec) -> dict[str, Any]:
     params: dict[str, Any] = {
         "dataset": dataset,
         "clients": _as_int("clients", spec.clients),
-        "alpha": float(spec.alpha),
-        "proxy_fraction": float(spec.proxy_fraction),
         "test_fraction": float(spec.test_fraction),
         "min_size": _as_int("min_size", spec.min_size),
         "seed": _as_int("seed", spec.seed),
     }
-    check_partition_args(params["clients"], params["alpha"], params["min_size"])
-    check_fraction("proxy_fraction", params["proxy_fraction"])
+    if spec.partition == "natural":
+        if dataset not in NATURAL:
+            raise ConfigError(f"partition natural needs a dataset that records its users ({', '.join(sorted(NATURAL))}), "
+                              f"not {dataset!r} (use partition dirichlet)")
+        check_client_args(params["clients"], params["min_size"])
+        params["partition"] = "natural"
+        if spec.proxy_users is not None:
+            params["proxy_users"] = _as_int("proxy_users", spec.proxy_users)
+            if params["proxy_users"] < 1:
+                raise ConfigError(f"proxy_users must be >= 1 or null (all users not made clients), "
+                                  f"got {spec.proxy_users}")
+    elif spec.partition == "dirichlet":
+        if spec.proxy_users is not None:
+            raise ConfigError("proxy_users applies only to partition natural (dirichlet uses proxy_fraction)")
+        params["alpha"] = float(spec.alpha)
+        params["proxy_fraction"] = float(spec.proxy_fraction)
+        check_partition_args(params["clients"], params["alpha"], params["min_size"])
+        check_fraction("proxy_fraction", params["proxy_fraction"])
+    else:
+        raise ConfigError(f"partition must be 'dirichlet' or 'natural', got {spec.partition!r}")
     check_fraction("test_fraction", params["test_fraction"])
     check_val_fraction(float(val_fraction))
     if float(val_fraction) > 0:
@@ -80,17 +100,40 @@ def partition_params(spec: PartitionSpec) -> dict[str, Any]:
     return params
 
 
-def make_splits(labels: np.ndarray, params: Mapping[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def natural_users(user_samples: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(client_users, proxy_users)`` names of a natural partition: client ``cid`` is user
+    ``client_users[cid]`` (see :func:`~cafedist.data.partition.natural_partition`)."""
+    names = list(user_samples)
+    clients, proxy = natural_partition(np.asarray([len(user_samples[u]) for u in names]), params["clients"],
+                                       params["min_size"], params.get("proxy_users"), params["seed"])
+    return [names[u] for u in clients], [names[u] for u in proxy]
+
+
+def make_splits(labels: np.ndarray, params: Mapping[str, Any],
+                user_samples: Mapping[str, np.ndarray] | None = None,
+                ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """``(client_train, client_test, proxy_idx)`` index arrays into ``labels`` for ``params``
-    (client train splits before any validation split: see :func:`carve_val_splits`)."""
+    (client train splits before any validation split: see :func:`carve_val_splits`).
+
+    A natural partition (``params["partition"] == "natural"``) needs ``user_samples``, the
+    loader's user -> sample indices: each client holds all of one user's samples, the proxy
+    set all samples of the proxy users.
+    """
     seed = params["seed"]
-    proxy_idx, rest = split_proxy(labels, params["proxy_fraction"], seed)
-    local = dirichlet_partition(labels[rest], params["clients"], params["alpha"], params["min_size"], seed)
+    if params.get("partition") == "natural":
+        if user_samples is None:
+            raise ValueError("make_splits: a natural partition needs the dataset's user_samples")
+        client_users, proxy_users = natural_users(user_samples, params)
+        owned = [np.sort(np.asarray(user_samples[u], dtype=np.int64)) for u in client_users]
+        proxy_idx = np.sort(np.concatenate([np.asarray(user_samples[u], dtype=np.int64) for u in proxy_users]))
+    else:
+        proxy_idx, rest = split_proxy(labels, params["proxy_fraction"], seed)
+        local = dirichlet_partition(labels[rest], params["clients"], params["alpha"], params["min_size"], seed)
+        owned = [rest[positions] for positions in local]
     train, test = [], []
-    for cid, positions in enumerate(local):
+    for cid, idx in enumerate(owned):
         # A per-client key: a client's split does not change when other clients change.
-        tr, te = train_test_split_stratified(rest[positions], labels, params["test_fraction"],
-                                             derive_seed(seed, "client", cid))
+        tr, te = train_test_split_stratified(idx, labels, params["test_fraction"], derive_seed(seed, "client", cid))
         train.append(tr)
         test.append(te)
     return train, test, proxy_idx
@@ -120,10 +163,11 @@ def prepare_store(out: str | Path, spec: PartitionSpec, root: str | Path | None 
     params = partition_params(spec)
     log.info("prepare: loading %s", spec.dataset)
     raw = load_dataset(spec.dataset, None if root is None else str(root), **params.get("loader_options", {}))
-    train, test, proxy_idx = make_splits(raw.y, params)
+    train, test, proxy_idx = make_splits(raw.y, params, raw.user_samples)
     train, val = carve_val_splits(train, raw.y, params)
+    users = natural_users(raw.user_samples, params)[0] if params.get("partition") == "natural" else None
     log.info("prepare: writing %s (%d clients, proxy %d)", out, len(train), len(proxy_idx))
-    write_store(out, raw, train, test, proxy_idx, params, client_val=val)
+    write_store(out, raw, train, test, proxy_idx, params, client_val=val, client_users=users)
     return Path(out)
 
 
@@ -185,11 +229,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="verify every checksum of an existing store (reads the whole file), print its summary, exit")
     parser.add_argument("--root", metavar="DIR", help="folder holding the raw dataset (or its parent); "
                         "not needed for the bundled mnist5k and digits")
+    d = PartitionSpec("", 0, 0.0, 0.0)  # the defaults, shared with data.* of a run config
+    parser.add_argument("--partition", choices=("dirichlet", "natural"), default=d.partition,
+                        help="dirichlet: pooled samples split with label skew (needs --alpha, --proxy-fraction); "
+                             f"natural: one client per user ({', '.join(sorted(NATURAL))}) "
+                             f"(default {d.partition})")
     parser.add_argument("--clients", type=int, metavar="N", help="number of clients")
     parser.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration (smaller = more skew)")
     parser.add_argument("--proxy-fraction", type=float, metavar="F",
                         help="fraction of all samples held out as the public unlabelled proxy set")
-    d = PartitionSpec("", 0, 0.0, 0.0)  # the defaults, shared with data.* of a run config
+    parser.add_argument("--proxy-users", type=int, metavar="N",
+                        help="natural only: users (not made clients) whose samples form the proxy set "
+                             "(default: all of them)")
     parser.add_argument("--test-fraction", type=float, default=d.test_fraction, metavar="F",
                         help=f"fraction of each client's samples kept as its test split (default {d.test_fraction})")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
@@ -220,16 +271,22 @@ def main(args: argparse.Namespace) -> int:
             print(store.describe())
             print(f"checksums: all {count} arrays verified")
         return 0
-    required = {"--clients": args.clients, "--alpha": args.alpha, "--proxy-fraction": args.proxy_fraction,
-                "--out": args.out}
+    dirichlet = {"--alpha": args.alpha, "--proxy-fraction": args.proxy_fraction}
+    required = {"--clients": args.clients, **(dirichlet if args.partition == "dirichlet" else {}), "--out": args.out}
     missing = [flag for flag, value in required.items() if value is None]
     if missing:
         raise ConfigError(f"prepare --dataset needs {', '.join(missing)}")
+    if args.partition == "natural" and any(v is not None for v in dirichlet.values()):
+        raise ConfigError("prepare --partition natural takes no --alpha or --proxy-fraction "
+                          "(the users decide the skew; --proxy-users sizes the proxy set)")
     _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
-    spec = PartitionSpec(args.dataset, clients=args.clients, alpha=args.alpha, proxy_fraction=args.proxy_fraction,
+    spec = PartitionSpec(args.dataset, clients=args.clients,
+                         alpha=DataConfig.alpha if args.alpha is None else args.alpha,  # natural: unused
+                         proxy_fraction=DataConfig.proxy_fraction if args.proxy_fraction is None else args.proxy_fraction,
                          test_fraction=args.test_fraction, val_fraction=args.val_fraction, min_size=args.min_size,
-                         seed=args.seed, loader_options=options or None)
+                         seed=args.seed, loader_options=options or None, partition=args.partition,
+                         proxy_users=args.proxy_users)
     path = prepare_store(args.out, spec, args.root)
     with Store(path) as store:
         print(store.describe())

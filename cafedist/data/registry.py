@@ -1,4 +1,4 @@
-"""Dataset name -> loader. A loader takes the data root (``None`` for bundled data) and
+"""Dataset name -> loader (and which ones know their users). A loader takes the data root (``None`` for bundled data) and
 optional keyword options (e.g. ``vocab_size``/``max_len`` for text) and returns a RawDataset.
 """
 
@@ -11,6 +11,7 @@ from cafedist.data.agnews import load_agnews
 from cafedist.data.base import RawDataset
 from cafedist.data.builtin import load_digits, load_mnist5k
 from cafedist.data.cifar import load_cifar10, load_cifar100
+from cafedist.data.leaf import load_femnist, load_shakespeare
 from cafedist.data.tinyimagenet import load_tinyimagenet
 from cafedist.errors import ConfigError, DataError
 
@@ -21,7 +22,13 @@ DATASETS: dict[str, Callable[..., RawDataset]] = {
     "cifar100": load_cifar100,
     "tinyimagenet": load_tinyimagenet,
     "agnews": load_agnews,
+    "femnist": load_femnist,
+    "shakespeare": load_shakespeare,
 }
+
+#: datasets whose loader records each sample's user (``RawDataset.user_samples``): the ones
+#: ``partition: natural`` accepts
+NATURAL = frozenset({"femnist", "shakespeare"})
 
 
 def options_of(name: str) -> dict[str, Any]:

@@ -13,8 +13,10 @@ Layout (``SCHEMA_VERSION`` 2; version 1 is the same without validation splits an
         vocab_size          int, incl. pad=0 and unk=1 (text); 0 for images
         params              str, JSON of the partition parameters (dataset, clients, alpha,
                             proxy_fraction, test_fraction, min_size, seed[, loader_options]
-                            [, val_fraction])
-    /clients/00000/         one group per client, named by zero-padded client id
+                            [, val_fraction]; a natural partition has partition="natural"
+                            [, proxy_users] instead of alpha and proxy_fraction)
+    /clients/00000/         one group per client, named by zero-padded client id;
+                            attr ``user`` (natural partition only): the source's user name
         x_train  x_test     uint8 [n, C, H, W] (images) or int64 [n, L] token ids (text)
         y_train  y_test     int64 [n], labels 0..num_classes-1
         x_val    y_val      (optional, in every client or none) the validation split, carved
@@ -88,13 +90,15 @@ def _check_split(raw: RawDataset, client_train: Sequence[np.ndarray], client_tes
 
 def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.ndarray],
                 client_test: Sequence[np.ndarray], proxy_idx: np.ndarray, params: dict,
-                client_val: Sequence[np.ndarray] | None = None) -> None:
+                client_val: Sequence[np.ndarray] | None = None, client_users: Sequence[str] | None = None) -> None:
     """Write the store for ``raw`` split by the given index arrays (atomically).
 
     ``client_val`` (one array per client, possibly empty) adds validation splits; None
-    writes none.
+    writes none. ``client_users`` (natural partition) names each client's source user.
     """
     _check_split(raw, client_train, client_test, proxy_idx, client_val)
+    if client_users is not None and len(client_users) != len(client_train):
+        raise ValueError("write_store: need one user name per client")
     with atomic_output(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
@@ -109,6 +113,8 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
             f.attrs["params"] = json.dumps(params, sort_keys=True)
             for cid, (tr, te) in enumerate(zip(client_train, client_test)):
                 g = f.create_group(_client_group(cid))
+                if client_users is not None:
+                    g.attrs["user"] = client_users[cid]
                 _put(g, "x_train", raw.x[tr])
                 _put(g, "y_train", raw.y[tr])
                 _put(g, "x_test", raw.x[te])
@@ -279,6 +285,12 @@ class Store:
     def client_sizes(self) -> list[tuple[int, int]]:
         """``(n_train, n_test)`` per client, from metadata only."""
         return list(self._sizes)
+
+    def client_user(self, cid: int) -> str | None:
+        """The source user of client ``cid`` (natural partition), else None."""
+        with self._guard(f"cannot read {_client_group(cid)}"):
+            user = self._f[_client_group(cid)].attrs.get("user")
+        return None if user is None else str(user)
 
     def val_sizes(self) -> list[int]:
         """Validation samples per client, from metadata only (all 0 without validation splits)."""

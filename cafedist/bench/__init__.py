@@ -1,4 +1,4 @@
-"""``cafedist bench {local,packed,aggregate,comm,scaling}``: side-by-side performance measurements.
+"""``cafedist bench {local,packed,aggregate,comm,scaling,memory}``: side-by-side performance measurements.
 
 Every benchmark returns rows (dicts) and reports ratios measured in one process/run, with the
 candidates timed alternately (ABAB) -- see :mod:`cafedist.bench.timing`. The command prints a
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-BENCHMARKS = ("local", "packed", "aggregate", "comm", "scaling")
+BENCHMARKS = ("local", "packed", "aggregate", "comm", "scaling", "memory")
 DEVICE_BENCHMARKS = ("local", "packed", "aggregate")  # the others count bytes or launch gloo ranks
 
 
@@ -27,6 +27,8 @@ def _runner(name: str) -> Callable[..., list[dict[str, Any]]]:
         from cafedist.bench.aggregate import bench_aggregate as fn
     elif name == "comm":
         from cafedist.bench.comm import bench_comm as fn
+    elif name == "memory":
+        from cafedist.bench.memory import bench_memory as fn
     else:
         from cafedist.bench.scaling import bench_scaling as fn
     return fn
@@ -64,7 +66,9 @@ def main(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.which in DEVICE_BENCHMARKS:
         options["device"] = resolve_device(args.device)
-    elif args.device != "auto":
+    elif args.which == "memory":
+        options["threads"] = args.threads  # the training children's OMP_NUM_THREADS
+    if args.which not in DEVICE_BENCHMARKS and args.device != "auto":
         raise ConfigError(f"--device: `cafedist bench {args.which}` does not run on a device "
                           f"(only {', '.join(DEVICE_BENCHMARKS)} do)")
     print(render(run_benchmark(args.which, quick=args.quick, **options), as_json=args.json), flush=True)

@@ -12,6 +12,7 @@ from cafedist.data.base import RawDataset
 from cafedist.data.builtin import load_digits, load_mnist5k
 from cafedist.data.cifar import load_cifar10, load_cifar100
 from cafedist.data.leaf import load_femnist, load_shakespeare
+from cafedist.data.synthetic import load_synthetic
 from cafedist.data.tinyimagenet import load_tinyimagenet
 from cafedist.errors import ConfigError, DataError
 
@@ -24,11 +25,12 @@ DATASETS: dict[str, Callable[..., RawDataset]] = {
     "agnews": load_agnews,
     "femnist": load_femnist,
     "shakespeare": load_shakespeare,
+    "synthetic": load_synthetic,  # benchmarks and scale tests only (cafedist.data.synthetic)
 }
 
 #: datasets whose loader records each sample's user (``RawDataset.user_samples``): the ones
 #: ``partition: natural`` accepts
-NATURAL = frozenset({"femnist", "shakespeare"})
+NATURAL = frozenset({"femnist", "shakespeare", "synthetic"})
 
 
 def options_of(name: str) -> dict[str, Any]:

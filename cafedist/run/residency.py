@@ -219,6 +219,10 @@ class ClientPool:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+            try:
+                self.state_dir.parent.rmdir()  # RUN/client_state, once no rank's folder is left
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ internals
     def _device_data(self, data: ClientData) -> ClientData:

@@ -47,4 +47,7 @@ def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str
         "model_hashes": hashes,
         "config_hash": config_hash,
         "wall_seconds": round(wall, 3),
+        # rank 0's peak device memory (CUDA only): what `cafedist bench memory` reports beside RSS
+        **({"peak_device_mb": round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)}
+           if run.device.type == "cuda" else {}),
     }

@@ -146,3 +146,35 @@ def test_a_checkpoint_from_before_incremental_checkpoints_still_resumes(tmp_path
     (out / "checkpoints" / "latest").write_text("round_000001\n")
     run(dict(raw, train=dict(raw["train"], resident_clients=2)), out)
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+
+
+def test_kill_during_an_incremental_checkpoint_of_1000_clients(tmp_path, store_cache):
+    """1,000 clients (the labelled synthetic dataset: one client per generated user), 10 per
+    round, at most 16 resident on disk: SIGKILL while a checkpoint's shards are written, then
+    resume -> the same final models as an uninterrupted run."""
+    raw = {
+        "seed": 0,
+        "data": {"dataset": "synthetic", "partition": "natural", "clients": 1000, "proxy_users": 20, "min_size": 4,
+                 "cache_dir": str(store_cache), "options": {"users": 1020, "samples_per_user": 8}},
+        "model": {"arch": "cnn", "options": {"width": 4}},
+        "train": {"rounds": 3, "local_epochs": 1, "batch_size": 16, "proxy_batch_size": 16, "clients_per_round": 10,
+                  "eval_every": 3, "resident_clients": 16, "client_state": "disk"},
+        "algorithm": {"name": "cafedistill", "cafedistill": {"proxy_size": 100}},
+        "checkpoint": {"every": 1, "keep": 1},
+    }
+    ref = tmp_path / "ref"
+    run(raw, ref)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                      env=env_for_tests(CAFEDIST_FAULT="kill@checkpoint:1"))
+    assert killed.returncode == -9
+    staged = out / "checkpoints" / ".round_000001.tmp"
+    assert len(list(staged.glob("client_*.pt"))) == 10  # only the round's cohort is written
+    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert "resumed" in resumed.stderr and "round 0" in resumed.stderr
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    manifest = CheckpointDir.verify(out / "checkpoints" / "round_000002").manifest
+    assert len([n for n in manifest["files"] if n.startswith("client_")]) == 10
+    assert len(manifest["refs"]) == 20  # rounds 0 and 1's clients, by reference

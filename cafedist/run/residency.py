@@ -34,6 +34,7 @@ from cafedist.run.client import Client
 
 Shard = dict[str, Any]  # {"models", "optimizers", "algo", "cid", "shared_round"}: also a checkpoint shard
 STATE_DIR = "client_state"
+_DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
 
 
 def _to_host(obj: Any, pin: bool) -> Any:
@@ -225,11 +226,18 @@ class ClientPool:
                 pass
 
     # ------------------------------------------------------------------ internals
+    def _host_data(self, cid: int) -> ClientData:
+        """A client's data read from the store on the prefetch thread (pinned for an
+        asynchronous copy when the device is a GPU)."""
+        data = self._read_data(cid)
+        if not self._pin:
+            return data
+        return ClientData(**{k: getattr(data, k).pin_memory() for k in _DATA_FIELDS})
+
     def _device_data(self, data: ClientData) -> ClientData:
         if self.device.type == "cpu":
             return data
-        return ClientData(**{k: getattr(data, k).to(self.device, non_blocking=True)
-                             for k in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")})
+        return ClientData(**{k: getattr(data, k).to(self.device, non_blocking=True) for k in _DATA_FIELDS})
 
     def _path(self, cid: int) -> Path:
         assert self.state_dir is not None
@@ -250,7 +258,7 @@ class ClientPool:
             done.set_result((None, self._read_data(cid)))
             self._prefetch[cid] = done
             return
-        self._prefetch[cid] = self._pool.submit(lambda: (self._read_parked(cid), self._read_data(cid)))
+        self._prefetch[cid] = self._pool.submit(lambda: (self._read_parked(cid), self._host_data(cid)))
 
     def _park(self, cid: int, shard: Shard) -> None:
         if self.where == "disk":

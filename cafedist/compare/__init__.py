@@ -101,10 +101,10 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
             seeds: str | int | Sequence[int] = 3, overrides: Sequence[str] = (), jobs: int | None = None,
             submit: ExecutorOptions | None = None, command: str | None = None,
             thresholds: Sequence[float] = REPORT_THRESHOLDS, grid: Sequence[str] = (), tune: bool = False,
-            budget: int | None = None) -> CompareResult:
+            max_trials: int | None = None) -> CompareResult:
     """Run (or reuse) every (algorithm, setting, seed) and write the report into ``out``.
 
-    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``budget`` caps the settings per method;
+    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``max_trials`` caps the settings per method;
     ``tune`` chooses each method's setting on the validation split (:mod:`cafedist.tuning`).
     ``command`` is the first line of ``results.md`` (default: an equivalent ``cafedist
     compare`` command line). Failed runs are reported, not raised.
@@ -115,7 +115,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
     variants = resolve_algorithms(algorithms)
     axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
-    settings = {v.name: tuning.settings_for(axes, v.algorithm, budget) for v in variants}
+    settings = {v.name: tuning.settings_for(axes, v.algorithm, max_trials) for v in variants}
 
     def run(runs: list[PlannedRun]) -> list[RunOutcome]:
         return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
@@ -134,7 +134,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
         seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
         flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
-                 *(["--budget", str(budget)] if budget is not None else [])]
+                 *(["--max-trials", str(max_trials)] if max_trials is not None else [])]
         command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
                               "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
     paths = write_report(out, command, outcomes, thresholds, tuned)
@@ -164,7 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train every setting on the first seed, choose per method by validation accuracy at the "
                         "last exit, then run the chosen setting on every seed (on a validation split: "
                         "data.val_fraction, 0.1 when the config has none)")
-    g.add_argument("--budget", type=int, default=None, metavar="N",
+    g.add_argument("--max-trials", type=int, default=None, metavar="N",
                    help="at most N settings (trials) per method: the first N in grid order")
     s = p.add_argument_group("submitit (see `cafedist submit --help`)")
     s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
@@ -215,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = compare(args.config, args.out, args.algorithms, args.seeds, args.overrides, jobs=args.jobs,
                          submit=submit, command=_command_line(args) or None, grid=args.grid, tune=args.tune,
-                         budget=args.budget)
+                         max_trials=args.max_trials)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for o in result.failed:

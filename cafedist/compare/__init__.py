@@ -22,6 +22,9 @@ run as ``cafedistill`` with one switch turned off; ``all`` includes them.
 one report row per setting), ``--tune`` picks each method's setting on the validation split
 first (:mod:`cafedist.tuning`). ``runs.csv``, ``curves.csv``/``curves.png`` and, with
 ``--tune``, ``trials.csv`` hold the per-run numbers (:mod:`cafedist.runtables`).
+
+``--budget SPEC|FILE`` evaluates every finished run under per-client inference budgets, as
+``cafedist eval RUN --budget`` does, and adds them to the report (:mod:`cafedist.compare.budgets`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Per-run tables of a comparison, for plots and for committing next to the summary tables.
 
 - ``runs.csv``: one row per run of the report (method, setting, seed, rounds, validation and
-  test accuracy per exit, dynamic inference at θ = 0.6, bytes, wall seconds);
+  test accuracy per exit, dynamic inference at θ = 0.6, bytes, wall seconds; with ``compare
+  --budget``, each budget's numbers as ``<metric>@<budget>`` columns);
 - ``trials.csv`` (``--tune``): one row per tuning trial, with whether it was chosen;
 - ``curves.csv``: accuracy (test and, with a validation split, validation) per round and exit
   of every run, read from its ``metrics.jsonl``; ``curves.png``: its mean over seeds, one
@@ -86,24 +87,32 @@ def _at_threshold(summary: dict, threshold: float) -> dict:
     return next((r for r in summary.get("dynamic", []) if abs(r["threshold"] - threshold) < 1e-9), {})
 
 
-def runs_csv(outcomes: Sequence[Any]) -> str:
-    """``runs.csv``: one row per run (failed ones with their status and empty numbers)."""
+def runs_csv(outcomes: Sequence[Any], budgets: dict[str, dict] | None = None) -> str:
+    """``runs.csv``: one row per run (failed ones with their status and empty numbers);
+    ``budgets`` (run directory -> {budget: eval section}, ``compare --budget``) adds each
+    budget's accuracy, MACs fraction, share within budget and global accuracy at the same MACs."""
+    from cafedist.compare.budgets import METRICS, numbers
+
     summaries = [_summary(o) for o in outcomes]
     m = _n_exits(summaries)
+    labels = list(dict.fromkeys(b for run in (budgets or {}).values() for b in run))
     header = (["algorithm", "setting", "seed", "rounds", "status"] + _exit_columns("val_acc", m)
               + _exit_columns("test_acc", m)
               + [f"dynamic_accuracy_{RUNS_THRESHOLD:g}", f"dynamic_mean_macs_{RUNS_THRESHOLD:g}",
-                 "bytes_per_client_per_round", "wall_seconds", "run_dir"])
+                 "bytes_per_client_per_round", "wall_seconds"]
+              + [f"{metric}@{b}" for b in labels for metric, _ in METRICS] + ["run_dir"])
     rows = []
     for o, s in zip(outcomes, summaries):
         s = s or {}
         dyn = _at_threshold(s, RUNS_THRESHOLD) if s else {}
+        mine = (budgets or {}).get(str(o.run.run_dir), {})
+        cells = [numbers(mine[b]) if b in mine else {} for b in labels]
         rows.append([o.run.variant.name, o.run.setting.label, o.run.seed, _num(s.get("rounds")),
                      "finished" if s else o.status]
                     + _per_exit(s.get("val_acc_per_exit"), m) + _per_exit(s.get("acc_per_exit"), m)
                     + [_num(dyn.get("accuracy")), _num(dyn.get("mean_macs")),
-                       _num(s.get("bytes_per_client_per_round")), _num(s.get("wall_seconds")),
-                       _relative(o.run.run_dir)])
+                       _num(s.get("bytes_per_client_per_round")), _num(s.get("wall_seconds"))]
+                    + [_num(c.get(metric)) for c in cells for metric, _ in METRICS] + [_relative(o.run.run_dir)])
     return _csv_text(header, rows)
 
 

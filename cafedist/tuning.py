@@ -4,7 +4,7 @@
 brackets) gives each method a list of *settings*: the product, in grid order (the first
 ``--grid`` varies slowest), of the axes that apply to it. An axis applies to a method unless
 its key is ``algorithm.<name>.*`` for another registered algorithm than the method's own (the
-ablations ``cafedistill-no*`` read the ``cafedistill`` section). ``--budget N`` keeps the
+ablations ``cafedistill-no*`` read the ``cafedistill`` section). ``--max-trials N`` keeps the
 first N settings of each method, in that order.
 
 ``--tune`` (:func:`tune`) chooses on the validation split (``data.val_fraction``; compare adds 0.1
@@ -154,14 +154,14 @@ class Setting:
 NO_SETTING = Setting()
 
 
-def settings_for(axes: Sequence[GridAxis], algorithm: str, budget: int | None = None) -> list[Setting]:
+def settings_for(axes: Sequence[GridAxis], algorithm: str, max_trials: int | None = None) -> list[Setting]:
     """The settings of a method running the registered ``algorithm``: the product of the axes
-    that apply to it (first axis slowest), the first ``budget`` of them if given."""
-    if budget is not None and budget < 1:
-        raise ConfigError(f"--budget: expected >= 1 trials per method, got {budget}")
+    that apply to it (first axis slowest), the first ``max_trials`` of them if given."""
+    if max_trials is not None and max_trials < 1:
+        raise ConfigError(f"--max-trials: expected >= 1 trials per method, got {max_trials}")
     mine = [a for a in axes if a.applies_to(algorithm)]
     combos = itertools.product(*[[(a.key, v) for v in a.values] for a in mine])
-    return [Setting(tuple(c)) for c in itertools.islice(combos, budget)]
+    return [Setting(tuple(c)) for c in itertools.islice(combos, max_trials)]
 
 
 #: the validation share ``--tune`` holds out when the config has no validation split

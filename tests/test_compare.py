@@ -352,3 +352,79 @@ def test_grid_without_tune_reports_every_setting_and_seed(tiny_config, tmp_path)
     md = (out / "results.md").read_text()
     assert "| cafedistill-nokd [algorithm.cafedistill.mu=0.1] | 1 | 1 |" in md
     assert not (out / "trials.csv").exists()
+
+
+# ----------------------------------------------------------------------------- per-client inference budgets
+@pytest.mark.parametrize("extra, message", [
+    (["--budget", "macs=lots"], "--budget: budget 'macs=lots': 'lots' is not a number"),
+    (["--budget", "macs=0.5,speed=2"], "neither a budget spec"),
+    (["--budget", "4"], "the cap on tuning trials per method is --max-trials 4"),
+    (["--budget", "macs=0.5", "data.val_fraction=0"], "--budget: fedavg would train without a validation split"),
+])
+def test_a_bad_budget_is_one_clear_error_before_anything_trains(tiny_config, tmp_path, capsys, extra, message):
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("cafedist: error:") and message in err[0], err[0]
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_budget_file_must_cover_the_runs_clients_before_anything_trains(tiny_config, tmp_path, capsys):
+    budgets = tmp_path / "budgets.csv"
+    budgets.write_text("client,budget\n0,macs=0.5\n9,loss=1\n")
+    code = cli_main(["compare", "--config", str(tiny_config(clients=4)), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(tmp_path / "out"), "--budget", str(budgets), "data.val_fraction=0.2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown client ids 9" in err[0], err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_path):
+    out = tmp_path / "budget"
+    args = ("compare", "--config", str(tiny_config(rounds=2)), "--algorithms", "fedavg", "--seeds", "2",
+            "--out", str(out), "--budget", "macs=0.5", "--budget", "loss=1",
+            "data.val_fraction=0.2")
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+    runs = [out / "runs" / "fedavg" / f"seed{s}" for s in (3, 4)]
+    kept = [json.loads((r / "budgets.json").read_text()) for r in runs]
+    sections = [{s["spec"]: s for s in k["sections"].values()} for k in kept]
+    for run, k, secs in zip(runs, kept, sections):
+        assert k["models"]["model_hashes"] == summary(run)["model_hashes"]
+        assert set(secs) == {"macs=0.5", "loss=1"}
+        half = secs["macs=0.5"]
+        for row in half["clients"]:  # the choice met the budget on calibration, where it was made
+            assert row["calibration_macs_fraction"] <= 0.5 + 1e-9
+        assert half["global_at_same_macs"]["mean_macs"] == pytest.approx(half["mean_macs"])
+
+    rows = {(r["algorithm"], r["metric"], r["budget"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    for spec in ("macs=0.5", "loss=1"):
+        per_run = [s[spec] for s in sections]
+        values = {"budget_accuracy": [s["accuracy"] for s in per_run],
+                  "budget_macs_fraction": [s["macs_fraction"] for s in per_run],
+                  "budget_share_within": [s["share_within_budget"] for s in per_run],
+                  "budget_global_accuracy": [s["global_at_same_macs"]["accuracy"] for s in per_run]}
+        for metric, vals in values.items():
+            assert all(0.0 <= v <= 1.0 for v in vals), (metric, vals)
+            _check_stat(rows, ("fedavg", metric, spec), vals)
+    assert ("fedavg", "accuracy", "") in {(a, m, b) for a, m, b in rows}  # the usual rows keep budget ""
+
+    md = (out / "results.md").read_text()
+    assert md.splitlines()[1].endswith("--budget macs=0.5 --budget loss=1 data.val_fraction=0.2")
+    assert "## Per-client inference budgets" in md and "| fedavg | `macs=0.5` | " in md
+    table = list(csv.DictReader(open(out / "runs.csv")))
+    assert len(table) == 2
+    for row, secs in zip(table, sections):
+        assert float(row["budget_accuracy@macs=0.5"]) == secs["macs=0.5"]["accuracy"]
+        assert float(row["budget_share_within@loss=1"]) == secs["loss=1"]["share_within_budget"]
+
+    # rerun: runs and their budget evaluations are reused, no model is loaded again
+    mtimes = [(r / "budgets.json").stat().st_mtime_ns for r in runs]
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert [(r / "budgets.json").stat().st_mtime_ns for r in runs] == mtimes
+    budget_part = md[md.index("## Per-client inference budgets"):]
+    assert (out / "results.md").read_text().endswith(budget_part)

@@ -50,10 +50,10 @@ def test_settings_are_the_product_of_the_axes_that_apply_in_grid_order():
     caf = settings_for(axes, "cafedistill")
     assert [s.label for s in caf] == [f"train.lr={lr} algorithm.cafedistill.mu={mu}"
                                       for lr in ("0.02", "0.05") for mu in ("0.1", "0.5", "2")]
-    assert [s.label for s in settings_for(axes, "cafedistill", budget=4)] == [s.label for s in caf[:4]]
+    assert [s.label for s in settings_for(axes, "cafedistill", max_trials=4)] == [s.label for s in caf[:4]]
     assert settings_for([], "fedavg") == [Setting()]  # no axis: the config as given
-    with pytest.raises(ConfigError, match="--budget"):
-        settings_for(axes, "fedavg", budget=0)
+    with pytest.raises(ConfigError, match="--max-trials"):
+        settings_for(axes, "fedavg", max_trials=0)
 
 
 def test_ablations_take_the_cafedistill_section_and_run_dirs_are_unique(tiny_config, tmp_path):

@@ -22,6 +22,9 @@ run as ``cafedistill`` with one switch turned off; ``all`` includes them.
 one report row per setting), ``--tune`` picks each method's setting on the validation split
 first (:mod:`cafedist.tuning`). ``runs.csv``, ``curves.csv``/``curves.png`` and, with
 ``--tune``, ``trials.csv`` hold the per-run numbers (:mod:`cafedist.runtables`).
+
+``--budget SPEC|FILE`` evaluates every finished run under per-client inference budgets, as
+``cafedist eval RUN --budget`` does, and adds them to the report (:mod:`cafedist.compare.budgets`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cafedist import tuning
+from cafedist.compare.budgets import check_runs, evaluate_outcomes, parse_budgets
 from cafedist.compare.execute import RunOutcome, execute
 from cafedist.compare.plan import (
     ABLATIONS,
@@ -73,6 +77,7 @@ class CompareResult:
     outcomes: list[RunOutcome]
     paths: dict[str, Path]
     tuned: TuneResult | None = None  # --tune: the trials and the choice
+    budget_errors: list[str] = field(default_factory=list)  # --budget: runs whose evaluation failed
 
     @property
     def failed(self) -> list[RunOutcome]:
@@ -101,11 +106,13 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
             seeds: str | int | Sequence[int] = 3, overrides: Sequence[str] = (), jobs: int | None = None,
             submit: ExecutorOptions | None = None, command: str | None = None,
             thresholds: Sequence[float] = REPORT_THRESHOLDS, grid: Sequence[str] = (), tune: bool = False,
-            budget: int | None = None) -> CompareResult:
+            max_trials: int | None = None, budgets: Sequence[str] = ()) -> CompareResult:
     """Run (or reuse) every (algorithm, setting, seed) and write the report into ``out``.
 
-    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``budget`` caps the settings per method;
+    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``max_trials`` caps the settings per method;
     ``tune`` chooses each method's setting on the validation split (:mod:`cafedist.tuning`).
+    ``budgets`` (``--budget``: specs or budget files, comma-separated allowed) evaluates every
+    finished run under each per-client inference budget (:mod:`cafedist.compare.budgets`).
     ``command`` is the first line of ``results.md`` (default: an equivalent ``cafedist
     compare`` command line). Failed runs are reported, not raised.
     """
@@ -115,14 +122,18 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
     variants = resolve_algorithms(algorithms)
     axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
-    settings = {v.name: tuning.settings_for(axes, v.algorithm, budget) for v in variants}
+    settings = {v.name: tuning.settings_for(axes, v.algorithm, max_trials) for v in variants}
+    budget_options = parse_budgets(budgets)
+    if tune:
+        overrides = tuning.with_validation_split(config, overrides)
+    if budget_options:
+        check_runs(budget_options, _method_configs(config, variants, settings, overrides))
 
     def run(runs: list[PlannedRun]) -> list[RunOutcome]:
         return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
 
     tuned = None
     if tune:
-        overrides = tuning.with_validation_split(config, overrides)
         tuned = _tune(config, variants, seeds, out, overrides, settings, axes, run)
         outcomes = tuned.finals
     else:
@@ -134,11 +145,23 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
         seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
         flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
-                 *(["--budget", str(budget)] if budget is not None else [])]
+                 *(["--max-trials", str(max_trials)] if max_trials is not None else []),
+                 *(f for b in budget_options for f in ("--budget", b.budget))]
         command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
                               "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
-    paths = write_report(out, command, outcomes, thresholds, tuned)
-    return CompareResult(outcomes, paths, tuned)
+    evaluated, budget_errors = evaluate_outcomes(outcomes, budget_options) if budget_options else ({}, [])
+    paths = write_report(out, command, outcomes, thresholds, tuned, evaluated, budget_errors)
+    return CompareResult(outcomes, paths, tuned, budget_errors)
+
+
+def _method_configs(config: str | os.PathLike | None, variants: Sequence[Variant],
+                    settings: dict[str, list[Setting]], overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """(method, resolved config) of every setting of every method (seeds aside), as planned."""
+    from cafedist.config import load_config
+
+    path = str(Path(config).resolve()) if config else None
+    return [(v.name, load_config(path, [*overrides, *s.overrides, *v.overrides]))
+            for v in variants for s in settings[v.name]]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,8 +187,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train every setting on the first seed, choose per method by validation accuracy at the "
                         "last exit, then run the chosen setting on every seed (on a validation split: "
                         "data.val_fraction, 0.1 when the config has none)")
-    g.add_argument("--budget", type=int, default=None, metavar="N",
+    g.add_argument("--max-trials", type=int, default=None, metavar="N",
                    help="at most N settings (trials) per method: the first N in grid order")
+    b = p.add_argument_group("per-client inference budgets (as `cafedist eval RUN --budget`)")
+    b.add_argument("--budget", action="append", default=[], metavar="SPEC|FILE",
+                   help="after training, evaluate every run with each client's exit policy chosen on its "
+                        "validation split within this budget: macs=F, loss=P or a per-client CSV/YAML file "
+                        "(repeatable, or comma-separated); reports accuracy, MACs, clients within budget and "
+                        "the global threshold at the same MACs. Needs data.val_fraction > 0")
     s = p.add_argument_group("submitit (see `cafedist submit --help`)")
     s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
     s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor instead of Slurm")
@@ -215,11 +244,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = compare(args.config, args.out, args.algorithms, args.seeds, args.overrides, jobs=args.jobs,
                          submit=submit, command=_command_line(args) or None, grid=args.grid, tune=args.tune,
-                         budget=args.budget)
+                         max_trials=args.max_trials, budgets=args.budget)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for o in result.failed:
         print(f"FAILED {o.run.label}: {o.message}")
+    for e in result.budget_errors:
+        print(f"FAILED {e}")
     if result.tuned is not None:
         for name in result.tuned.trials:
             setting = result.tuned.chosen_setting(name)
@@ -230,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
     if result.failed:
         print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
         return 1
-    return 0
+    return 1 if result.budget_errors else 0
 
 
 

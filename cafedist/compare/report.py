@@ -37,6 +37,7 @@ class Stat:
     n: int
     mean: float
     std: float  # sample standard deviation (n - 1); NaN for a single seed
+    budget: str | None = None  # for per-client budget metrics: the --budget spec or file
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -75,6 +76,23 @@ def summarize(summaries: dict[str, list[dict]], thresholds: Sequence[float] = RE
     return stats
 
 
+def summarize_budgets(rows: dict[str, list[dict]]) -> list[Stat]:
+    """Per row and budget (``rows``: row -> one {budget: eval section} per finished run, see
+    :mod:`cafedist.compare.budgets`): accuracy, MACs fraction, share of clients within budget
+    and the global threshold's accuracy at the same MACs, each as mean/std over seeds."""
+    from cafedist.compare.budgets import METRICS, numbers
+
+    stats: list[Stat] = []
+    for name, runs in rows.items():
+        for budget in dict.fromkeys(b for run in runs for b in run):
+            per_run = [numbers(run[budget]) for run in runs if budget in run]
+            for metric, _ in METRICS:
+                values = [v[metric] for v in per_run if v[metric] is not None]
+                if values:
+                    stats.append(Stat(name, metric, None, None, len(values), *mean_std(values), budget=budget))
+    return stats
+
+
 def mean_curve(runs: list[dict]) -> list[dict]:
     """The seeds' dynamic-inference tables averaged threshold by threshold (thresholds all share)."""
     common = [row["threshold"] for row in runs[0]["dynamic"]
@@ -88,7 +106,7 @@ def mean_curve(runs: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- report
-CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "n_seeds", "mean", "std",
+CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "budget", "n_seeds", "mean", "std",
                "rounds", "seeds", "setting", "trials")
 
 
@@ -101,7 +119,7 @@ def results_csv(stats: Sequence[Stat], rows: dict[str, RowInfo] | None = None) -
     for s in stats:
         info = (rows or {}).get(s.algorithm) or RowInfo(s.algorithm, "", "", "", "")
         w.writerow([info.algorithm, s.metric, "" if s.exit is None else s.exit,
-                    "" if s.threshold is None else f"{s.threshold:g}", s.n, repr(s.mean),
+                    "" if s.threshold is None else f"{s.threshold:g}", s.budget or "", s.n, repr(s.mean),
                     "" if math.isnan(s.std) else repr(s.std), info.rounds, info.seeds, info.setting, info.trials])
     return buf.getvalue()
 
@@ -116,16 +134,19 @@ def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
 
 def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
                      thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
-                     rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = ()) -> str:
+                     rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = (),
+                     budget_errors: Sequence[str] = ()) -> str:
     """The ``results.md`` text: the command line first, then the tables, the ``tuning_lines``,
     failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
-    setting and trial count, to the accuracy table."""
-    index = {(s.algorithm, s.metric, s.exit, s.threshold): s for s in stats}
+    setting and trial count, to the accuracy table; stats with a ``budget`` make the budget
+    table, ``budget_errors`` lists the runs whose budget evaluation failed."""
+    index = {(s.algorithm, s.metric, s.exit, s.threshold, s.budget): s for s in stats}
     names = list(dict.fromkeys(s.algorithm for s in stats))
     n_exits = max((s.exit for s in stats if s.metric == "accuracy"), default=0)
 
-    def get(name: str, metric: str, exit_: int | None = None, th: float | None = None) -> Stat | None:
-        return index.get((name, metric, exit_, th))
+    def get(name: str, metric: str, exit_: int | None = None, th: float | None = None,
+            budget: str | None = None) -> Stat | None:
+        return index.get((name, metric, exit_, th, budget))
 
     counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
     seeds = sorted({o.run.seed for o in outcomes})
@@ -172,6 +193,25 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
             b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
             lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
                                   short_count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
+    budgets = list(dict.fromkeys(s.budget for s in stats if s.budget is not None))
+    if budgets:
+        lines += ["", "## Per-client inference budgets", "",
+                  "Each client's exit policy chosen on its own calibration (validation) split within its budget "
+                  "and checked on its test split, as `cafedist eval RUN --budget` does: test accuracy (%), mean "
+                  "MACs per sample (% of the last exit's), clients within budget on test (%), and beside it one "
+                  "global threshold for all clients at the same mean MACs (accuracy, %).", ""]
+        head = ["algorithm", "budget", "accuracy", "MACs (% of last exit)", "clients within budget",
+                "global threshold, same MACs"]
+        lines += [_md_row(head), _md_row(["---"] * len(head))]
+        for name in names:
+            for budget in budgets:
+                cells = [_pm(get(name, m, budget=budget), digits=d) for m, d in
+                         (("budget_accuracy", 2), ("budget_macs_fraction", 1), ("budget_share_within", 0),
+                          ("budget_global_accuracy", 2))]
+                if any(c != "–" for c in cells):
+                    lines.append(_md_row([name, f"`{budget}`", *cells]))
+    if budget_errors:
+        lines += ["", "## Failed budget evaluations", ""] + [f"- {e}" for e in budget_errors]
     if tuning_lines:
         lines += [""] + list(tuning_lines)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -203,14 +243,23 @@ def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
 
 
 def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOutcome],
-                 thresholds: Sequence[float] = REPORT_THRESHOLDS, tuned: TuneResult | None = None) -> dict[str, Path]:
+                 thresholds: Sequence[float] = REPORT_THRESHOLDS, tuned: TuneResult | None = None,
+                 budgets: dict[str, dict] | None = None, budget_errors: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``results.md``, ``results.csv``, the per-run tables and (if any run finished) the
-    plots into ``out``; with ``tuned`` (a tuning's result), also ``trials.csv`` and the tuning section."""
+    plots into ``out``; with ``tuned`` (a tuning's result), also ``trials.csv`` and the tuning
+    section; with ``budgets`` (run directory -> {budget: eval section}, ``--budget``) the
+    per-client budget numbers."""
     from cafedist.eval import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
     out = Path(out)
     summaries = collect_summaries(outcomes)
     stats = summarize(summaries, thresholds)
+    if budgets:
+        by_row: dict[str, list[dict]] = {}
+        for o in outcomes:
+            if str(o.run.run_dir) in budgets:
+                by_row.setdefault(o.run.row, []).append(budgets[str(o.run.run_dir)])
+        stats += summarize_budgets(by_row)
     finished = {name: runs for name, runs in summaries.items() if runs}
     paths = {"csv": out / "results.csv", "md": out / "results.md"}
     plots: list[str] = []
@@ -234,7 +283,7 @@ def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOut
                                  title="personalized accuracy vs rounds completed (mean over seeds)")
             plots.append(paths["curves_png"].name)
     paths.update(runs=out / "runs.csv", curves=out / "curves.csv")
-    write_text_atomic(paths["runs"], runtables.runs_csv(outcomes))
+    write_text_atomic(paths["runs"], runtables.runs_csv(outcomes, budgets))
     write_text_atomic(paths["curves"], runtables.curves_csv(outcomes))
     section: list[str] = []
     if tuned is not None:
@@ -243,5 +292,6 @@ def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOut
         section = tuning.tuning_markdown(tuned, tuned.seed)
     rows = runtables.row_infos(outcomes, tuned.counts() if tuned is not None else None)
     write_text_atomic(paths["csv"], results_csv(stats, rows))
-    write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots, rows, section))
+    write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots, rows, section,
+                                                          budget_errors))
     return paths

@@ -51,6 +51,9 @@ log = logging.getLogger("cafedist")
 
 _MAX_DATA_THRESHOLDS = 512  # more calibration scores than this: use this many quantiles
 _EPS = 1e-9  # slack in budget comparisons, so e.g. exactly 0.5 of the MACs counts as within 0.5
+#: the search's version: bump it when :func:`choose_policy` chooses differently, so that the
+#: budget results ``cafedist compare`` keeps per run (cafedist.compare.budgets) are recomputed
+SEARCH_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -338,5 +341,5 @@ def personalized_budgets(
     return section, curves
 
 
-__all__ = ["Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds", "choose_policy",
-           "client_row", "personalized_budgets", "static_fallback", "summarize", "within_budget"]
+__all__ = ["SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
+           "choose_policy", "client_row", "personalized_budgets", "static_fallback", "summarize", "within_budget"]

@@ -92,9 +92,12 @@ class BudgetOptions:
         return cls(args.budget, args.policies, not args.no_temperature, args.budget_confidence)
 
 
-def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: list[dict],
-               title: str = "") -> dict[str, Any]:
-    """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section.
+def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global_table: list[dict],
+                   splits: Sequence[tuple[Split, Split]] | None = None) -> tuple[dict[str, Any], list[list[dict]]]:
+    """The ``budget`` section of eval.json for a loaded run (:class:`~cafedist.run.build.Run`)
+    and each client's test curve under its chosen policy. ``splits``: the clients'
+    (calibration, test) logits when already computed (:func:`client_splits`), so that several
+    budgets of one run share one forward pass.
 
     A run whose store has no validation split is refused: the policies are chosen on that
     split, and falling back to a static exit for every client would be a report about
@@ -106,11 +109,19 @@ def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: li
     if not run.store.has_val:
         raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
                           f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
-    section, curves = personalized_budgets(client_splits(run), budgets, run.macs, global_table,
-                                           policies=names, temperature=options.temperature,
+    section, curves = personalized_budgets(client_splits(run) if splits is None else splits, budgets, run.macs,
+                                           global_table, policies=names, temperature=options.temperature,
                                            confidence=options.confidence)
-    paths = {"budget_csv": str(run_dir / "budget.csv"), "budget_plot": str(run_dir / "budget.png")}
     section["spec"] = options.budget
+    return section, curves
+
+
+def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: list[dict],
+               title: str = "") -> dict[str, Any]:
+    """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section
+    (:func:`budget_section`) and writes budget.csv and budget.png into ``run_dir``."""
+    section, curves = budget_section(run, run_dir, options, global_table)
+    paths = {"budget_csv": str(run_dir / "budget.csv"), "budget_plot": str(run_dir / "budget.png")}
     write_budget_csv(section["clients"], paths["budget_csv"])
     from cafedist.eval.budget_plots import plot_budget  # matplotlib only when plotting
 
@@ -156,5 +167,5 @@ def add_budget_arguments(parser: Any) -> None:
                              "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")
 
 
-__all__ = ["CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "client_splits", "format_budget", "parse_policies",
-           "run_budget", "write_budget_csv"]
+__all__ = ["CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section", "client_splits",
+           "format_budget", "parse_policies", "run_budget", "write_budget_csv"]

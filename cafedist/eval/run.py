@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,17 +49,23 @@ def check_max_loss(max_loss: Any) -> float:
     return float(max_loss)
 
 
-def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu",
-                 allow_partial: bool = False, budget: BudgetOptions | None = None) -> dict[str, Any]:
-    """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json.
+@dataclass
+class LoadedRun:
+    """A run directory's final models, loaded for evaluation: the built run
+    (:class:`~cafedist.run.build.Run`, store open read-only, ``run.cfg`` its config), the
+    restored checkpoint, the round it holds and the run's final round."""
 
-    Raises CheckpointError before writing anything when that checkpoint is not the run's
-    final round, unless ``allow_partial``. With ``budget`` (``--budget``) the report also gets
-    a ``budget`` section: every client's exit policy chosen within its budget on its
-    calibration split, checked on test (:mod:`cafedist.eval.budget_run`; also writes
-    budget.csv and budget.png).
-    """
-    max_loss = check_max_loss(max_loss)
+    run: Any
+    restored: Any
+    done: int
+    final: int
+
+
+@contextmanager
+def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False) -> Iterator[LoadedRun]:
+    """Build ``run_dir``'s clients and load them from its newest verified checkpoint; the
+    store is closed on exit. Raises CheckpointError when that checkpoint is not the run's
+    final round, unless ``allow_partial``."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
@@ -70,10 +78,8 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
     run = build_run(cfg, rt, prepare_store=False)
     try:
-        comm = Comm(rt)
-        restored = load_checkpoint(CheckpointDir(run_dir), comm, run.pool, run.algo, run.shared,
-                                   config_hash=config_hash(cfg),
-                                   resume="force")
+        restored = load_checkpoint(CheckpointDir(run_dir), Comm(rt), run.pool, run.algo, run.shared,
+                                   config_hash=config_hash(cfg), resume="force")
         done, final = restored.next_round - 1, cfg.train.rounds - 1
         if done < 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
@@ -82,15 +88,33 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
                                   f"({restored.path.name}), not the final round {final}: the run is "
                                   f"unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
                                   f"or pass --allow-partial to evaluate round {done} anyway)")
-        summary = final_evaluation(run.pool, run.algo, ClientRows(comm, run.placement, rt.device), run.macs,
-                                   run.num_exits, run.store.has_val, is_main=True)
+        yield LoadedRun(run, restored, done, final)
+    finally:
+        close_run(run)
+
+
+def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu",
+                 allow_partial: bool = False, budget: BudgetOptions | None = None) -> dict[str, Any]:
+    """Evaluate the newest checkpoint of ``run_dir``; returns the report written to eval.json.
+
+    Raises CheckpointError before writing anything when that checkpoint is not the run's
+    final round, unless ``allow_partial``. With ``budget`` (``--budget``) the report also gets
+    a ``budget`` section: every client's exit policy chosen within its budget on its
+    calibration split, checked on test (:mod:`cafedist.eval.budget_run`; also writes
+    budget.csv and budget.png).
+    """
+    max_loss = check_max_loss(max_loss)
+    run_dir = Path(run_dir)
+    with load_run(run_dir, device, allow_partial) as loaded:
+        run, restored, done, final = loaded.run, loaded.restored, loaded.done, loaded.final
+        cfg = run.cfg
+        summary = final_evaluation(run.pool, run.algo, ClientRows(Comm(run.rt), run.placement, run.rt.device),
+                                   run.macs, run.num_exits, run.store.has_val, is_main=True)
         summary.update(algorithm=cfg.algorithm.name, num_clients=run.n)
         # --budget: needs the loaded models, so it runs before the store closes
         budget_section = None if budget is None else run_budget(
             run, run_dir, budget, summary["dynamic"],
             title=f"{cfg.data.dataset}, {summary['num_clients']} clients, {summary['algorithm']}")
-    finally:
-        close_run(run)
     assert summary is not None
     table = summary["dynamic"]
     acc = summary["acc_per_exit"]
@@ -132,4 +156,4 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     return report
 
 
-__all__ = ["evaluate_run", "dynamic_table"]
+__all__ = ["LoadedRun", "evaluate_run", "dynamic_table", "load_run"]

@@ -1,0 +1,142 @@
+"""``cafedist compare --budget SPEC|FILE``: every finished run under per-client inference budgets.
+
+Each budget is what ``cafedist eval RUN --budget`` takes (``macs=F``, ``loss=P`` or a
+per-client CSV/YAML file) and is evaluated by the same code
+(:func:`cafedist.eval.budget_run.budget_section`): every client's exit policy is chosen on its
+own calibration (validation) split and checked on its test split. The report gets, per
+method and budget, the pooled test accuracy, the mean MACs as a fraction of the last exit's,
+the share of clients within budget on test, and the global threshold's accuracy at the same
+mean MACs (read off the run's ``summary.json`` dynamic-inference curve, as eval does).
+
+The sections are kept in ``RUN_DIR/budgets.json``, keyed by the budget and the search's
+options, for the run's models (its ``config_hash`` and ``model_hashes``): rerunning compare
+reuses them and loads no model unless a run or a budget changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from cafedist.errors import CafeError, ConfigError
+from cafedist.eval.budget import SEARCH_VERSION
+from cafedist.eval.budget_run import BudgetOptions
+from cafedist.eval.budget_spec import looks_like_spec, resolve_budgets
+from cafedist.fsutil import write_json_atomic
+
+log = logging.getLogger("cafedist")
+
+BUDGETS_FILE = "budgets.json"
+
+#: the per-run numbers of one budget: (report metric, key of the eval section)
+METRICS: tuple[tuple[str, str], ...] = (
+    ("budget_accuracy", "accuracy"),
+    ("budget_macs_fraction", "macs_fraction"),
+    ("budget_share_within", "share_within_budget"),
+    ("budget_global_accuracy", "global_accuracy"),
+)
+
+
+def parse_budgets(values: Sequence[str]) -> list[BudgetOptions]:
+    """``--budget`` (repeatable, each comma-separated) -> validated options, in order, without
+    duplicates. A bad spec or an unreadable file is a one-line ConfigError."""
+    specs = [s.strip() for v in values for s in str(v).split(",") if s.strip()]
+    out = []
+    for spec in dict.fromkeys(specs):
+        if not looks_like_spec(spec) and spec.isdigit() and not Path(spec).exists():
+            raise ConfigError(f"--budget {spec}: expected an inference budget (macs=F, loss=P or a per-client "
+                              f"budget file); the cap on tuning trials per method is --max-trials {spec}")
+        out.append(BudgetOptions(spec))
+    return out
+
+
+def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, Any]]) -> None:
+    """Refuse, before anything trains, what would make every budget evaluation fail
+    (``configs``: (method, a resolved config of its runs)): a method whose runs have no
+    validation split, on which each client's policy is chosen, and a budget file that does
+    not cover the runs' clients."""
+    configs = list(configs)
+    lacking = list(dict.fromkeys(name for name, cfg in configs if not cfg.data.val_fraction > 0))
+    if lacking:
+        raise ConfigError(f"--budget: {', '.join(lacking)} would train without a validation split "
+                          f"(data.val_fraction = 0), on which each client's exit policy is chosen; "
+                          f"add e.g. data.val_fraction=0.1")
+    for n_clients in dict.fromkeys(cfg.data.clients for _, cfg in configs):
+        for b in budgets:
+            resolve_budgets(b.budget, n_clients)
+
+
+def _key(options: BudgetOptions) -> str:
+    """What a kept section depends on besides the run's models: the budget (a file by its
+    resolved path and content), the search's options and the search's version."""
+    key: dict[str, Any] = {"budget": options.budget, "policies": options.policies,
+                           "temperature": options.temperature, "confidence": options.confidence,
+                           "search": SEARCH_VERSION}
+    if not looks_like_spec(options.budget):
+        path = Path(options.budget).resolve()
+        key.update(budget=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    return json.dumps(key, sort_keys=True)
+
+
+def _read_kept(path: Path, models: dict[str, Any]) -> dict[str, dict]:
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(kept, dict) and kept.get("models") == models and isinstance(kept.get("sections"), dict)
+    return kept["sections"] if ok else {}
+
+
+def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[BudgetOptions]) -> list[dict]:
+    """The eval ``budget`` section of each budget for the finished run in ``run_dir`` (whose
+    ``summary.json`` is ``summary``), reused from ``budgets.json`` when kept for these models."""
+    from cafedist.eval.budget_run import budget_section, client_splits
+    from cafedist.eval.run import load_run
+
+    run_dir = Path(run_dir)
+    path = run_dir / BUDGETS_FILE
+    models = {"config_hash": summary.get("config_hash"), "model_hashes": summary.get("model_hashes")}
+    sections = _read_kept(path, models)
+    keys = [_key(b) for b in budgets]
+    todo = [(k, b) for k, b in zip(keys, budgets) if k not in sections]
+    if todo:
+        with load_run(run_dir) as loaded:
+            splits = client_splits(loaded.run)  # one forward pass for every budget
+            for k, b in todo:
+                sections[k] = budget_section(loaded.run, run_dir, b, summary["dynamic"], splits)[0]
+        write_json_atomic(path, {"models": models, "sections": sections})
+    return [sections[k] for k in keys]
+
+
+def numbers(section: dict) -> dict[str, float | None]:
+    """The report's metrics of one run under one budget (None where undefined)."""
+    values = {**section, "global_accuracy": section["global_at_same_macs"]["accuracy"]}
+    return {metric: values.get(key) for metric, key in METRICS}
+
+
+def evaluate_outcomes(outcomes: Sequence[Any], budgets: Sequence[BudgetOptions]) -> tuple[dict[str, dict], list[str]]:
+    """Every finished run of ``outcomes`` (compare's RunOutcome) under every budget: run
+    directory -> {budget spec: section}, and one message per run whose evaluation failed."""
+    results: dict[str, dict] = {}
+    errors: list[str] = []
+    finished = [(o, s) for o in outcomes if o.status != "failed" and (s := o.run.finished_summary()) is not None]
+    for i, (o, summary) in enumerate(finished):
+        try:
+            sections = run_budgets(o.run.run_dir, summary, budgets)
+        except CafeError as exc:
+            errors.append(f"{o.run.label}: budget evaluation failed: {exc}")
+            log.error("compare: %s", errors[-1])
+            continue
+        results[str(o.run.run_dir)] = {b.budget: s for b, s in zip(budgets, sections)}
+        log.info("compare: [%d/%d] %s: evaluated under %s", i + 1, len(finished), o.run.label,
+                 ", ".join(f"{b.budget} ({100 * s['accuracy']:.2f}% at {100 * s['macs_fraction']:.1f}% MACs)"
+                           for b, s in zip(budgets, sections)))
+    return results, errors
+
+
+__all__ = ["BUDGETS_FILE", "METRICS", "check_runs", "evaluate_outcomes", "numbers", "parse_budgets",
+           "run_budgets"]

@@ -315,6 +315,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+def yaml_error_line(exc: yaml.YAMLError) -> int | None:
+    """The 1-based line a YAML parse error points at (None when it points nowhere)."""
+    mark = getattr(exc, "problem_mark", None)
+    return mark.line + 1 if mark is not None else None
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML config file with a clear error for a missing or malformed file."""
     p = Path(path)
@@ -329,9 +335,8 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}") from None
+        line = yaml_error_line(exc)
+        raise ConfigError(f"{p}: not valid YAML{f' at line {line}' if line else ''}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

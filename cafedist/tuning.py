@@ -168,8 +168,9 @@ def settings_for(axes: Sequence[GridAxis], algorithm: str, max_trials: int | Non
 DEFAULT_VAL_FRACTION = 0.1
 
 
-def with_validation_split(config: str | os.PathLike | None, overrides: Sequence[str]) -> tuple[str, ...]:
-    """The overrides, plus ``data.val_fraction=0.1`` when the config and overrides leave it at 0.
+def with_validation_split(config: str | os.PathLike | None, overrides: Sequence[str]) -> tuple[tuple[str, ...], int]:
+    """The overrides, plus ``data.val_fraction=0.1`` when the config and overrides leave it at
+    0; and the config's seed (the first seed of the comparison).
 
     Tuning must choose on held-out data, never on test; rather than refuse a config without a
     validation split, ``--tune`` carves one (and says so), so every run of the comparison,
@@ -179,18 +180,16 @@ def with_validation_split(config: str | os.PathLike | None, overrides: Sequence[
 
     base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
     if base.data.val_fraction > 0:
-        return tuple(overrides)
+        return tuple(overrides), base.seed
     log.warning("--tune: the config has no validation split (data.val_fraction: 0); holding out %g of every "
                 "client's train split to choose on (set data.val_fraction to change it)", DEFAULT_VAL_FRACTION)
-    return (*overrides, f"data.val_fraction={DEFAULT_VAL_FRACTION}")
+    return (*overrides, f"data.val_fraction={DEFAULT_VAL_FRACTION}"), base.seed
 
 
-def check_tunable(val_fraction: float, axes: Sequence[GridAxis]) -> None:
-    """``--tune`` chooses on the validation split: it must exist, and no axis may change the
-    data (every trial of a method must be judged on the same validation samples)."""
-    if not val_fraction > 0:
-        raise ConfigError("--tune: needs a validation split to choose on; add data.val_fraction=0.1 "
-                          "(the share of each client's train split held out; the test split is never used)")
+def check_tunable(axes: Sequence[GridAxis]) -> None:
+    """``--tune`` chooses on the validation split (:func:`with_validation_split` makes sure
+    there is one): no axis may change the data (every trial of a method must be judged on the
+    same validation samples)."""
     data = next((a.key for a in axes if a.key.split(".")[0] == "data"), None)
     if data is not None:
         raise ConfigError(f"--grid {data}: with --tune the grid may not change the data "

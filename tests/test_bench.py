@@ -311,3 +311,14 @@ def test_table_and_json_rendering():
     assert text.startswith("== bench x") and "0.1235" in text and "extra" in text
     assert [json.loads(line)["n"] for line in render(rows, as_json=True).splitlines()] == [1, 10]
     assert format_table([]) == "(no results)"
+
+
+def test_bench_memory_rows(tmp_path):
+    """Two tiny synthetic runs in child processes: peak RSS read back, the ratio row, the
+    residency sweep's identical-models check."""
+    rows = run_benchmark("memory", sizes=(20, 40), workdir=tmp_path, bounds=())
+    sizes = [r for r in rows if "clients" in r]
+    assert [r["clients"] for r in sizes] == [20, 40]
+    assert all(r["rss_mb"] > 50 and r["round_s"] > 0 and r["resident"] == 16 for r in sizes)
+    ratio = next(r["rss_ratio_40_vs_20"] for r in rows if "rss_ratio_40_vs_20" in r)
+    assert ratio == round(sizes[1]["rss_mb"] / sizes[0]["rss_mb"], 3)

@@ -104,9 +104,14 @@ def _round_s(records: list[dict]) -> float:
 
 
 def bench_memory(quick: bool = False, threads: int = 1, workdir: str | Path | None = None,
-                 sizes: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """The two sweeps of the module docstring; one row per run plus the ratio rows."""
+                 sizes: tuple[int, ...] | None = None,
+                 bounds: tuple[tuple[int | None, str], ...] | None = None) -> list[dict[str, Any]]:
+    """The two sweeps of the module docstring; one row per run plus the ratio rows.
+    ``sizes``: client counts of the first sweep; ``bounds``: (resident bound or None for all,
+    client_state) of the second, the first of them the reference (empty: no second sweep)."""
     sizes = sizes or ((100, 1000) if quick else (100, 1000, 10000))
+    if bounds is None:
+        bounds = ((None, "host"), (16, "host"), (16, "disk")) + (() if quick else ((4, "disk"),))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cafedist-memory-") as tmp:
         base = Path(workdir) if workdir else Path(tmp)
@@ -123,16 +128,15 @@ def bench_memory(quick: bool = False, threads: int = 1, workdir: str | Path | No
                          "round_s": round(_round_s(got["records"]), 3),
                          "final_eval_s": round(got["records"][-1].get("t_eval", 0.0), 2),
                          "wall_s": round(got["wall_s"], 1)})
-        big = max(by_n)
-        if 100 in by_n and big != 100:
+        small, big = min(by_n), max(by_n)
+        if big != small:
             rows.append({"benchmark": "memory", "sweep": "clients (synthetic data)",
-                         f"rss_ratio_{big}_vs_100": round(by_n[big]["rss_mb"] / by_n[100]["rss_mb"], 3)})
+                         f"rss_ratio_{big}_vs_{small}": round(by_n[big]["rss_mb"] / by_n[small]["rss_mb"], 3)})
         raw = quickstart_config(stores)
-        _prepare(raw)
+        if bounds:
+            _prepare(raw)
         ref = None
-        for bound, state in ((None, "host"), (16, "host"), (16, "disk"), (4, "disk")):
-            if quick and bound == 4:
-                continue
+        for bound, state in bounds:
             variant = dict(raw, train=dict(raw["train"], resident_clients=bound, client_state=state))
             got = train_child(variant, base / f"bound{bound}-{state}", threads)
             ref = ref or got

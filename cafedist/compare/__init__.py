@@ -88,18 +88,14 @@ class CompareResult:
 
 def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
           out: str | os.PathLike, overrides: Sequence[str], settings: dict[str, list[Setting]],
-          axes: Sequence[tuning.GridAxis], run: Callable[[list[PlannedRun]], list[RunOutcome]]) -> TuneResult:
+          base_seed: int, run: Callable[[list[PlannedRun]], list[RunOutcome]]) -> TuneResult:
     """``--tune``: trials on the first seed, choice on validation, chosen settings on every seed."""
-    from cafedist.config import load_config
-
-    base = load_config(str(Path(config).resolve()) if config else None, list(overrides))
-    tuning.check_tunable(base.data.val_fraction, axes)
     overrides = tuple(overrides)
 
     def plan(variant: Variant, setting: Setting, seed: int) -> PlannedRun:
         return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
 
-    return tuning.tune(variants, settings, resolve_seeds(seeds, base.seed), plan, run)
+    return tuning.tune(variants, settings, resolve_seeds(seeds, base_seed), plan, run)
 
 
 def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",
@@ -125,7 +121,8 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
     settings = {v.name: tuning.settings_for(axes, v.algorithm, max_trials) for v in variants}
     budget_options = parse_budgets(budgets)
     if tune:
-        overrides = tuning.with_validation_split(config, overrides)
+        tuning.check_tunable(axes)
+        overrides, base_seed = tuning.with_validation_split(config, overrides)
     if budget_options:
         check_runs(budget_options, _method_configs(config, variants, settings, overrides))
 
@@ -134,7 +131,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
 
     tuned = None
     if tune:
-        tuned = _tune(config, variants, seeds, out, overrides, settings, axes, run)
+        tuned = _tune(config, variants, seeds, out, overrides, settings, base_seed, run)
         outcomes = tuned.finals
     else:
         runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None)

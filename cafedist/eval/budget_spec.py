@@ -109,13 +109,15 @@ def _read_csv(path: Path, text: str) -> dict[int | str, Budget]:
 def _read_yaml(path: Path, text: str) -> dict[int | str, Budget]:
     import yaml
 
+    from cafedist.config import yaml_error_line
+
     try:
         # compose, not load: nodes keep their line numbers for the error messages
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        line = yaml_error_line(exc)
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: not valid YAML "
+                          f"({getattr(exc, 'problem', None) or exc})") from None
     if root is None:
         return {}
     if not isinstance(root, yaml.MappingNode):

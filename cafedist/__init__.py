@@ -8,3 +8,9 @@ checkpoints) -> ``eval`` (per-exit and dynamic-inference metrics).
 """
 
 __version__ = "0.1.0"
+
+#: Bumped by hand whenever a code change alters what a run computes for an unchanged config
+#: (a bug fix in an algorithm, a new default kept out of the config hash, ...). Summaries
+#: record it, and ``cafedist compare`` reuses a finished run only when it matches: an older
+#: run is moved aside (``--resume none``) and trained again. Summaries without it are 1.
+RESULTS_VERSION = 1

@@ -204,6 +204,16 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
     md = (out / "results.md").read_text()
     assert "2 trained now, 4 reused" in md and "| fedprox | 2 | " in md and "Failed runs" not in md
 
+    # a run finished by code of another RESULTS_VERSION is moved aside and trained again
+    stale = out / "runs" / "fedprox" / "seed3"
+    old = json.loads((stale / "summary.json").read_text())
+    (stale / "summary.json").write_text(json.dumps(dict(old, results_version=0)))
+    proc = cafedist(*args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULTS_VERSION changed" in proc.stderr and proc.stderr.count("skipped (finished") == 5
+    assert summary(stale)["results_version"] == summary(out / "runs" / "fedprox" / "seed4")["results_version"]
+    assert [p.name.startswith("previous-") for p in stale.iterdir() if p.is_dir() and p.name != "checkpoints"] == [True]
+
 
 @pytest.mark.slow
 def test_compare_through_submitit_local_executor(tiny_config, tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cafedist import RESULTS_VERSION
 from cafedist.errors import ConfigError
 from cafedist.tuning import NO_SETTING, Setting
 
@@ -123,19 +124,31 @@ class PlannedRun:
         return f"{self.variant.name}{f' [{self.setting.label}]' if self.setting.pairs else ''} seed{self.seed}"
 
     def train_argv(self) -> list[str]:
-        """Arguments of ``cafedist`` (``train`` and its options) for this run."""
+        """Arguments of ``cafedist`` (``train`` and its options) for this run: a run finished
+        by code of another :data:`~cafedist.RESULTS_VERSION` is moved aside and trained again."""
         from cafedist.submit import RunSpec
 
-        return RunSpec(self.config, str(self.run_dir), self.overrides).train_argv()
+        resume = "none" if self.outdated() else "auto"
+        return RunSpec(self.config, str(self.run_dir), self.overrides, resume=resume).train_argv()
 
-    def finished_summary(self) -> dict | None:
-        """The run's summary if it is finished with this very config, else None."""
-        path = self.run_dir / "summary.json"
+    def _summary(self) -> dict | None:
+        """The run's summary.json when it was written for this very config."""
         try:
-            summary = json.loads(path.read_text())
+            summary = json.loads((self.run_dir / "summary.json").read_text())
         except (OSError, ValueError):
             return None
-        return summary if summary.get("config_hash") == self.config_hash else None
+        return summary if isinstance(summary, dict) and summary.get("config_hash") == self.config_hash else None
+
+    def outdated(self) -> bool:
+        """Finished with this config, but by code whose results differ (another RESULTS_VERSION)."""
+        summary = self._summary()
+        return summary is not None and summary.get("results_version", 1) != RESULTS_VERSION
+
+    def finished_summary(self) -> dict | None:
+        """The run's summary if it is finished with this very config by code of this
+        :data:`~cafedist.RESULTS_VERSION`, else None."""
+        summary = self._summary()
+        return summary if summary is not None and summary.get("results_version", 1) == RESULTS_VERSION else None
 
 
 def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out: str | os.PathLike,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cafedist import RESULTS_VERSION
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.eval.clients import final_evaluation
 from cafedist.run.build import Run
@@ -46,6 +47,7 @@ def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str
         "n_params": run.n_params,
         "model_hashes": hashes,
         "config_hash": config_hash,
+        "results_version": RESULTS_VERSION,
         "wall_seconds": round(wall, 3),
         # rank 0's peak device memory (CUDA only): what `cafedist bench memory` reports beside RSS
         **({"peak_device_mb": round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)}

@@ -378,6 +378,7 @@ _HASHED_ONLY_IF_SET: dict[str, Any] = {
     **{f"algorithm.{section}.{name}": default for section in ("cafedistill", "cafedistill-heads")
        for name, default in (("kd_weighting", "lam_tau2"), ("unselected", "none"), ("exit_weights", None))},
     "algorithm.cafedistill.similarity": "output",
+    "algorithm.cafedistill.last_exit_kd": False,
     "algorithm.cafedistill-heads.similarity": "head_params",
     "algorithm.cafedistill-heads.proxy_size": 1000,
 }

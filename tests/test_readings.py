@@ -56,6 +56,32 @@ def test_weightings_unselected_ce_and_exit_weights():
     assert torch.allclose(total(weighted.terms(logits, y, students, None)), 0.5 * ce[0] + 2.0 * ce[2])
 
 
+def test_last_exit_kd_adds_the_last_exits_kd_term_only():
+    logits, proxy, teacher, y = _batch()
+    students = torch.tensor([True, False, True])
+    kl = _kl(proxy, teacher, 3.0)
+    off = per_exit(ExitLossRule(lam=0.5, tau=3.0, kd_weighting="lam").terms(logits, y, students, kl), 3)
+    on = per_exit(ExitLossRule(lam=0.5, tau=3.0, kd_weighting="lam", last_exit_kd=True).terms(logits, y, students, kl),
+                  3)
+    assert torch.equal(on[0], off[0]) and on[1] is None
+    assert torch.allclose(on[2], F.cross_entropy(logits[2], y) + 0.5 * kl(2))
+    assert torch.equal(off[2], F.cross_entropy(logits[2], y))
+
+
+def test_last_exit_kd_trains_the_last_exit_on_the_proxy_from_the_first_targets(tmp_path):
+    """Early in a 20-round run no shallow exit is a student yet, so plain CAFEDistill draws no
+    proxy batch; with last_exit_kd the last exit distils as soon as targets arrive."""
+    losses = {}
+    for flag in (False, True):
+        tr = make_trainer(tmp_path / str(flag), "cafedistill", {"proxy_size": 48, "last_exit_kd": flag}, rounds=20)
+        tr.run_round(0)  # targets arrive, no students for round 1 at T = 20 (R = 0.1)
+        c = tr.clients[0]
+        assert not bool(tr.algo.students(c.state)[:-1].any())
+        assert tr.algo.uses_proxy_batch(c.view, None) is flag
+        losses[flag] = tr.run_round(1)["loss"]
+    assert losses[True] != losses[False]
+
+
 @pytest.mark.parametrize("name", ["cafedistill", "cafedistill-heads"])
 @pytest.mark.parametrize("params, field", [
     ({"exit_weights": [1.0, 2.0]}, "exit_weights"),

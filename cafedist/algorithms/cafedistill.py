@@ -30,6 +30,7 @@ exit is trained from round 0 while a not-yet-selected shallow exit is still untr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,9 @@ class CAFEDistillParams:
     unselected: str = "none"  # what a not-yet-selected shallow exit gets: none | ce
     exit_weights: list | None = None  # one loss multiplier per exit (None: all 1)
     similarity: str = "output"  # QP/selection similarity: output (last-exit proxy probs) | head_params
+    # the last exit distils from the personalized teacher too (ours, not the paper's: there only
+    # the shallow exits do, so the last exit sees other clients only through shared layers)
+    last_exit_kd: bool = False
 
     def checks(self) -> list[Check]:
         return [
@@ -104,7 +108,8 @@ class CAFEDistill(LogitExchange):
 
     def __init__(self, params: CAFEDistillParams, setup: Setup):
         super().__init__(params, setup)
-        self.loss_rule = ExitLossRule.of("cafedistill", params, setup.num_exits)
+        self.loss_rule = dataclasses.replace(ExitLossRule.of("cafedistill", params, setup.num_exits),
+                                             last_exit_kd=params.last_exit_kd)
         self._buffer: Tensor | None = None
         self._head_numel = 0
 
@@ -133,8 +138,8 @@ class CAFEDistill(LogitExchange):
 
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
         state = client.state
-        has_students = bool(self.students(state)[:-1].any())
-        return has_students and "targets" in state and self.params.lam > 0
+        distils = self.params.last_exit_kd or bool(self.students(state)[:-1].any())
+        return distils and "targets" in state and self.params.lam > 0
 
     def _terms(self, state: dict[str, Tensor], batch: LocalBatch) -> list:
         kl = None

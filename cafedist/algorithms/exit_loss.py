@@ -9,7 +9,9 @@ the defaults use and why):
   its full CE);
 * ``unselected``: what a shallow exit that is not a student this round receives: ``none``
   (no loss, the paper's reading) or ``ce`` (its CE, without KD, until it is selected);
-* ``exit_weights``: one multiplier per exit (None: all 1), applied to every term of that exit.
+* ``exit_weights``: one multiplier per exit (None: all 1), applied to every term of that exit;
+* ``last_exit_kd`` (proxy-logit CAFEDistill only): the last exit also distils from the
+  personalized teacher (an extension: the paper distils the shallow exits only).
 
 The terms are produced in one fixed order (last-exit CE, shallow CEs, shallow KDs), so the
 summed loss of the defaults is bit-identical to the formula written out by hand, and
@@ -42,6 +44,7 @@ class ExitLossRule:
     kd_weighting: str = "lam_tau2"
     unselected: str = "none"
     exit_weights: tuple[float, ...] | None = None
+    last_exit_kd: bool = False
 
     @classmethod
     def of(cls, section: str, params: object, num_exits: int) -> "ExitLossRule":
@@ -79,8 +82,8 @@ class ExitLossRule:
                 out.append((k, F.cross_entropy(logits[k], y)))
         if kl is not None:
             lam, tau = self.lam, self.tau
-            for k in range(m - 1):
-                if students[k]:
+            for k in range(m):
+                if (students[k] if k < m - 1 else self.last_exit_kd):
                     # written as before the options existed, so the default loss keeps its bits
                     out.append((k, lam * kl(k) if self.kd_weighting == "lam" else lam * tau * tau * kl(k)))
         if self.exit_weights is not None:

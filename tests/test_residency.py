@@ -56,18 +56,25 @@ def test_a_residency_bound_gives_the_same_bits(tmp_path, store_cache, algorithm,
     assert not (bounded / "client_state").exists() or not any((bounded / "client_state").rglob("*.pt"))
 
 
-def test_parked_on_disk_and_resumed_after_a_kill_is_identical(tmp_path, store_cache):
-    """A bounded disk run killed inside a checkpoint write resumes to the same bits."""
-    raw = tiny(store_cache, "fedavg", clients=8, rounds=5, per_round=3, resident_clients=2, client_state="disk")
+def killed_inside_a_checkpoint(raw: dict, tmp_path: Path, rnd: int) -> tuple[Path, Path, Path]:
+    """An uninterrupted reference run of ``raw``, and the same run SIGKILLed while the shards
+    of round ``rnd``'s checkpoint are written: (reference, killed run, its config file)."""
     ref = tmp_path / "ref"
     run(raw, ref)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(raw))
     out = tmp_path / "run"
     killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                      env=env_for_tests(CAFEDIST_FAULT="kill@checkpoint:2"))
+                      env=env_for_tests(CAFEDIST_FAULT=f"kill@checkpoint:{rnd}"))
     assert killed.returncode == -9
-    assert (out / "checkpoints" / ".round_000002.tmp").exists()
+    assert (out / "checkpoints" / f".round_{rnd:06d}.tmp").exists()
+    return ref, out, cfg
+
+
+def test_parked_on_disk_and_resumed_after_a_kill_is_identical(tmp_path, store_cache):
+    """A bounded disk run killed inside a checkpoint write resumes to the same bits."""
+    raw = tiny(store_cache, "fedavg", clients=8, rounds=5, per_round=3, resident_clients=2, client_state="disk")
+    ref, out, cfg = killed_inside_a_checkpoint(raw, tmp_path, 2)
     cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert_same(out, ref)
 
@@ -162,14 +169,7 @@ def test_kill_during_an_incremental_checkpoint_of_1000_clients(tmp_path, store_c
         "algorithm": {"name": "cafedistill", "cafedistill": {"proxy_size": 100}},
         "checkpoint": {"every": 1, "keep": 1},
     }
-    ref = tmp_path / "ref"
-    run(raw, ref)
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(raw))
-    out = tmp_path / "run"
-    killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                      env=env_for_tests(CAFEDIST_FAULT="kill@checkpoint:1"))
-    assert killed.returncode == -9
+    ref, out, cfg = killed_inside_a_checkpoint(raw, tmp_path, 1)
     staged = out / "checkpoints" / ".round_000001.tmp"
     assert len(list(staged.glob("client_*.pt"))) == 10  # only the round's cohort is written
     resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)

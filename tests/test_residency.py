@@ -178,3 +178,24 @@ def test_kill_during_an_incremental_checkpoint_of_1000_clients(tmp_path, store_c
     manifest = CheckpointDir.verify(out / "checkpoints" / "round_000002").manifest
     assert len([n for n in manifest["files"] if n.startswith("client_")]) == 10
     assert len(manifest["refs"]) == 20  # rounds 0 and 1's clients, by reference
+
+
+def test_incremental_checkpoints_resume_on_another_world_size(tmp_path, store_cache):
+    """Checkpoints with references (partial participation) written by 1 rank, stopped like a
+    preempted job, resume on 2 ranks with a bound to the same models as an uninterrupted run."""
+    raw = tiny(store_cache, "cafedistill", clients=6, rounds=4, per_round=2)
+    ref = tmp_path / "ref"
+    run(raw, ref)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    stopped = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                       env=env_for_tests(CAFEDIST_FAULT="term@local:2"))
+    assert stopped.returncode == 75  # checkpoint of round 2 written, exit for requeue
+    assert CheckpointDir(out).newest_valid().manifest["refs"]
+    bounded = tmp_path / "bounded.json"  # where clients live is not part of the config's identity
+    bounded.write_text(json.dumps(dict(raw, train=dict(raw["train"], resident_clients=1, client_state="disk"))))
+    proc = cafedist("train", "--config", str(bounded), "--out", str(out), "--no-progress", launcher=torchrun(2),
+                    check=True)
+    assert "written by 1 ranks, now 2" in proc.stderr
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]

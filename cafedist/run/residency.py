@@ -10,7 +10,8 @@ Parked state lives in host memory (pinned on CUDA) or, with ``train.client_state
 in one file per client under ``RUN/client_state/``. A client never touched has no parked
 state at all: it is built at its initial weights (keyed by seed and client id), so memory
 and disk grow with the clients that trained, not with ``n``. The next client's parked state
-and data are read by a background thread while the current one works.
+and data are read by a background thread while the current one works (on a GPU the thread
+also copies the data to the device on a side stream).
 
 Nothing here changes a result: building, parking and loading copy tensors exactly, and
 every random draw is keyed by (seed, client id, round), so a run is bit-identical whatever
@@ -94,6 +95,8 @@ class ClientPool:
         self._parked: dict[int, Shard] = {}  # host-parked state
         self._on_disk: set[int] = set()
         self._pin = device.type == "cuda"
+        # bounded on a GPU: the prefetch thread copies the next client's data on this stream
+        self._copy_stream = torch.cuda.Stream(device) if self._pin and self.bound is not None else None
         self._prefetch: dict[int, futures.Future] = {}
         self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafedist-prefetch") \
             if self.bound is not None else None
@@ -173,7 +176,12 @@ class ClientPool:
             return client
         if cid not in self._prefetch:
             self._start_prefetch(cid)
-        shard, data = self._prefetch.pop(cid).result()
+        shard, (data, ready) = self._prefetch.pop(cid).result()
+        if ready is not None:  # the side stream's copy must finish before this stream reads it
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for name in _DATA_FIELDS:
+                getattr(data, name).record_stream(stream)
         while len(self._resident) >= (self.bound or 1 << 62):
             self._evict()
         client = self._build(cid, self._device_data(data))
@@ -226,13 +234,19 @@ class ClientPool:
                 pass
 
     # ------------------------------------------------------------------ internals
-    def _host_data(self, cid: int) -> ClientData:
-        """A client's data read from the store on the prefetch thread (pinned for an
-        asynchronous copy when the device is a GPU)."""
+    def _staged_data(self, cid: int) -> tuple[ClientData, Any]:
+        """A client's data, read from the store on the prefetch thread. On a GPU it is pinned
+        and copied to the device on a side stream, so the copy overlaps the current client's
+        work; the returned CUDA event marks its end (None on the CPU)."""
         data = self._read_data(cid)
-        if not self._pin:
-            return data
-        return ClientData(**{k: getattr(data, k).pin_memory() for k in _DATA_FIELDS})
+        if self._copy_stream is None:
+            return data, None
+        pinned = {k: getattr(data, k).pin_memory() for k in _DATA_FIELDS}
+        with torch.cuda.stream(self._copy_stream):
+            moved = ClientData(**{k: v.to(self.device, non_blocking=True) for k, v in pinned.items()})
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return moved, ready
 
     def _device_data(self, data: ClientData) -> ClientData:
         if self.device.type == "cpu":
@@ -255,10 +269,10 @@ class ClientPool:
             return
         if self._pool is None:  # no bound: nothing is ever parked
             done: futures.Future = futures.Future()
-            done.set_result((None, self._read_data(cid)))
+            done.set_result((None, (self._read_data(cid), None)))
             self._prefetch[cid] = done
             return
-        self._prefetch[cid] = self._pool.submit(lambda: (self._read_parked(cid), self._host_data(cid)))
+        self._prefetch[cid] = self._pool.submit(lambda: (self._read_parked(cid), self._staged_data(cid)))
 
     def _park(self, cid: int, shard: Shard) -> None:
         if self.where == "disk":

@@ -403,6 +403,15 @@ def _pop(d: dict, dotted: str) -> None:
     d.pop(leaf, None)
 
 
+def run_identity(cfg: Config) -> str:
+    """:func:`config_hash` without the parameter sections of algorithms other than the
+    selected one: what decides whether a run directory holds *this* run. A config file may
+    carry sections for several algorithms (``cafedist compare`` switches ``algorithm.name``),
+    and a changed default of one algorithm must not make finished runs of another foreign."""
+    others = tuple(f"algorithm.{name}" for name in cfg.algorithm.params if name != cfg.algorithm.name)
+    return config_hash(cfg, ignore=_NOT_HASHED + others)
+
+
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
     """sha256 of the canonical resolved config, minus fields that do not change results."""
     d = cfg.to_dict()

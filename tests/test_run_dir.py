@@ -230,3 +230,41 @@ def test_eval_of_an_earlier_round_is_refused_unless_allowed_and_then_flagged(fin
     assert (report["round"], report["final_round"], report["partial"]) == (0, 1, True)
     assert report["checkpoint"].endswith("round_000000")
     assert report["model_hashes"] != summary(run_copy)["model_hashes"]
+
+
+def _other_section_config(tmp_path: Path, store_cache: Path, mu: float) -> Path:
+    """A fedavg run whose config file also carries a cafedistill section (as a shared
+    `compare` config does)."""
+    path = tmp_path / f"mu{mu}.yaml"
+    text = TINY.format(rounds=4, clients=4, every=1, cache=store_cache)
+    assert "cafedistill: {proxy_size: 64}" in text
+    path.write_text(text.replace("cafedistill: {proxy_size: 64}", f"cafedistill: {{proxy_size: 64, mu: {mu}}}"))
+    return path
+
+
+def test_another_algorithms_section_does_not_make_a_run_foreign(tmp_path, store_cache):
+    """Changing only the section of an algorithm the run does not use (e.g. a default that
+    changed in cafedist) neither refuses the run directory nor its checkpoints, and compare
+    still reuses the finished run."""
+    from cafedist.compare.plan import Variant, plan_run
+
+    first, second = _other_section_config(tmp_path, store_cache, 0.5), _other_section_config(tmp_path, store_cache, 2.0)
+    ref = tmp_path / "ref"
+    cafedist("train", "--config", str(first), "--out", str(ref), "--no-progress", "algorithm.name=fedavg", check=True)
+    out = tmp_path / "run"
+    stopped = cafedist("train", "--config", str(first), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
+                       env=env_for_tests(CAFEDIST_FAULT="term@local:2"))
+    assert stopped.returncode == 75
+    resumed = cafedist("train", "--config", str(second), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
+                       check=True)
+    assert "resumed" in resumed.stderr
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    # the finished reference, planned again under the second file, is reused as it is
+    variant = Variant("fedavg", "fedavg", ("algorithm.name=fedavg",))
+    planned = plan_run(str(second), variant, 3, tmp_path / "cmp")
+    planned.run_dir = ref
+    assert planned.config_hash != summary(ref)["config_hash"] and planned.finished_summary() is not None
+    # a change that matters is still a different config
+    refused = cafedist("train", "--config", str(second), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
+                       "train.lr=0.2")
+    assert refused.returncode == 2 and "different config" in refused.stderr and "train.lr" in refused.stderr

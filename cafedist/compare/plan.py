@@ -132,12 +132,21 @@ class PlannedRun:
         return RunSpec(self.config, str(self.run_dir), self.overrides, resume=resume).train_argv()
 
     def _summary(self) -> dict | None:
-        """The run's summary.json when it was written for this very config."""
+        """The run's summary.json when it was written for this very config, or for an earlier
+        config file of the same run (it differed only in other algorithms' sections)."""
         try:
             summary = json.loads((self.run_dir / "summary.json").read_text())
         except (OSError, ValueError):
             return None
-        return summary if isinstance(summary, dict) and summary.get("config_hash") == self.config_hash else None
+        if not isinstance(summary, dict):
+            return None
+        if summary.get("config_hash") == self.config_hash:
+            return summary
+        from cafedist.config import load_config
+        from cafedist.train.preflight import earlier_hash
+
+        earlier = earlier_hash(load_config(self.config, list(self.overrides)), self.run_dir)
+        return summary if earlier is not None and summary.get("config_hash") == earlier else None
 
     def outdated(self) -> bool:
         """Finished with this config, but by code whose results differ (another RESULTS_VERSION)."""

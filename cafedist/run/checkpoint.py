@@ -261,7 +261,7 @@ class Resumed:
 
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
-                    config_hash: str, resume: str = "auto") -> Resumed:
+                    config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = ()) -> Resumed:
     """All ranks: restore my clients, the shared average and the algorithm from the newest
     valid checkpoint (a client without a shard stays at its initial weights).
 
@@ -269,6 +269,8 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     checkpoints all fail to verify, or whose newest one was written by another config (unless
     ``resume`` is ``"force"``), is refused with a :class:`CheckpointError` on every rank; so is
     a checkpoint that does not fit the model or algorithm (one line, not a traceback).
+    ``also_accept``: hashes of earlier config files of this same run (they differed only in
+    other algorithms' sections, :func:`~cafedist.config.run_identity`).
     """
     rt = comm.rt
     ref, problem, locations = None, None, {}
@@ -277,7 +279,8 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
         if ref is None and ckpt.candidates():
             problem = (f"{ckpt.root}: no checkpoint verifies, so this run cannot be resumed "
                        f"(use --resume none to move it aside and start over)")
-        elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash) and resume != "force":
+        elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash, *also_accept) \
+                and resume != "force":
             problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
         elif ref is not None:
             locations = ckpt.shard_locations(ref)

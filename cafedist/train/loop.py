@@ -26,7 +26,7 @@ from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
 from cafedist.rundir import RunLock, move_aside
 from cafedist.train.faults import maybe_fault
-from cafedist.train.preflight import RunDirPlan, check_paths, plan_run_dir
+from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan_run_dir
 from cafedist.train.progress import Progress
 from cafedist.train.records import summary
 from cafedist.train.round import Trainer
@@ -119,10 +119,15 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             check_paths(cfg, run_dir)
             plan_run_dir(cfg, run_dir, resume)
 
+    earlier: list[str] = []  # rank 0: the hash this run's checkpoints carry under an earlier config file
+
     def take_run_dir() -> bool:  # the first write: only once every check has passed
         if not rt.is_main:
             return False
         lock.acquire()
+        found = earlier_hash(cfg, run_dir)  # before config.yaml is rewritten
+        if found is not None and found != h:
+            earlier.append(found)
         return prepare_run_dir(cfg, run_dir, resume)
 
     # validate everything before the run directory is touched: paths and what the directory
@@ -136,7 +141,8 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         config_due = _agreed(comm, take_run_dir)
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
         start = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, config_hash=h,
-                                                      resume=resume).next_round) if resume != "none" else 0
+                                                      resume=resume, also_accept=tuple(earlier)).next_round) \
+            if resume != "none" else 0
         metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
         if metrics is not None:
             metrics.truncate_after(start - 1)

@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from cafedist.config import Config, config_from_dict, config_hash, read_yaml
+from cafedist.config import Config, config_from_dict, config_hash, read_yaml, run_identity
 from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.paths import check_dir_creatable
 from cafedist.run.checkpoint import CheckpointDir
@@ -52,6 +52,23 @@ def dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
 
 
+def _own_sections(cfg: Config) -> dict:
+    """The config as a dict with only the selected algorithm's parameter section."""
+    d = cfg.to_dict()
+    d["algorithm"] = {k: v for k, v in d["algorithm"].items() if k in ("name", cfg.algorithm.name)}
+    return d
+
+
+def earlier_hash(cfg: Config, run_dir: Path) -> str | None:
+    """The full :func:`config_hash` of the run already in ``run_dir`` when it is this run
+    (same :func:`run_identity`) under another config file: its checkpoints carry that hash."""
+    try:
+        old = config_from_dict(read_yaml(run_dir / "config.yaml"))
+    except CafeError:
+        return None
+    return config_hash(old) if run_identity(old) == run_identity(cfg) else None
+
+
 def has_work(run_dir: Path) -> bool:
     """Whether the directory holds results: a checkpoint, a metrics row or a summary."""
     metrics = run_dir / "metrics.jsonl"
@@ -80,10 +97,10 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     except CafeError as exc:
         raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc}); "
                               f"use --resume none to move that run aside and start over") from None
-    if config_hash(old) == config_hash(cfg) or not has_work(run_dir):
+    if run_identity(old) == run_identity(cfg) or not has_work(run_dir):
         return RunDirPlan.WRITE
     if resume == "force":
         return RunDirPlan.DEFER
-    diff = dict_diff(old.to_dict(), cfg.to_dict()) or "?"
+    diff = dict_diff(_own_sections(old), _own_sections(cfg)) or "?"
     raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
                           f"use another --out, --resume none to start over, or --resume force")

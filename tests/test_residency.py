@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,17 +57,23 @@ def test_a_residency_bound_gives_the_same_bits(tmp_path, store_cache, algorithm,
     assert not (bounded / "client_state").exists() or not any((bounded / "client_state").rglob("*.pt"))
 
 
-def killed_inside_a_checkpoint(raw: dict, tmp_path: Path, rnd: int) -> tuple[Path, Path, Path]:
-    """An uninterrupted reference run of ``raw``, and the same run SIGKILLed while the shards
-    of round ``rnd``'s checkpoint are written: (reference, killed run, its config file)."""
+def interrupted(raw: dict, tmp_path: Path, fault: str) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """An uninterrupted reference run of ``raw``, and the same run in a subprocess stopped by
+    ``fault`` (``CAFEDIST_FAULT``): (reference, interrupted run, its config file, the process)."""
     ref = tmp_path / "ref"
     run(raw, ref)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(raw))
     out = tmp_path / "run"
-    killed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                      env=env_for_tests(CAFEDIST_FAULT=f"kill@checkpoint:{rnd}"))
-    assert killed.returncode == -9
+    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                    env=env_for_tests(CAFEDIST_FAULT=fault))
+    return ref, out, cfg, proc
+
+
+def killed_inside_a_checkpoint(raw: dict, tmp_path: Path, rnd: int) -> tuple[Path, Path, Path]:
+    """:func:`interrupted` by SIGKILL while the shards of round ``rnd``'s checkpoint are written."""
+    ref, out, cfg, proc = interrupted(raw, tmp_path, f"kill@checkpoint:{rnd}")
+    assert proc.returncode == -9
     assert (out / "checkpoints" / f".round_{rnd:06d}.tmp").exists()
     return ref, out, cfg
 
@@ -184,13 +191,7 @@ def test_incremental_checkpoints_resume_on_another_world_size(tmp_path, store_ca
     """Checkpoints with references (partial participation) written by 1 rank, stopped like a
     preempted job, resume on 2 ranks with a bound to the same models as an uninterrupted run."""
     raw = tiny(store_cache, "cafedistill", clients=6, rounds=4, per_round=2)
-    ref = tmp_path / "ref"
-    run(raw, ref)
-    cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps(raw))
-    out = tmp_path / "run"
-    stopped = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
-                       env=env_for_tests(CAFEDIST_FAULT="term@local:2"))
+    ref, out, _, stopped = interrupted(raw, tmp_path, "term@local:2")
     assert stopped.returncode == 75  # checkpoint of round 2 written, exit for requeue
     assert CheckpointDir(out).newest_valid().manifest["refs"]
     bounded = tmp_path / "bounded.json"  # where clients live is not part of the config's identity

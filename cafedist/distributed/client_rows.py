@@ -16,6 +16,12 @@ from cafedist.distributed.comm import Comm
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (row shape, dtype)
 
 
+def stack_rows(rows: list[Tensor], row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A rank's client rows -> [k, *row_shape] on ``device``; a rank with no row to send (no
+    client, or none active) still joins the collective with an empty [0, *row_shape]."""
+    return torch.stack(rows).to(device) if rows else torch.empty(0, *row_shape, dtype=dtype, device=device)
+
+
 class ClientRows:
     """Client-id-ordered collectives of one placement (``placement[r]``: the ids rank r hosts)."""
 

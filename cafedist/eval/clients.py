@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from cafedist.algorithms.base import Algorithm
-from cafedist.distributed.client_rows import ClientRows
+from cafedist.distributed.client_rows import ClientRows, stack_rows
 from cafedist.eval.dynamic import THRESHOLDS, dynamic_counts, dynamic_table, mac_reduction_at_loss
 from cafedist.eval.exits import exit_predictions, per_exit_correct
 from cafedist.run.client import Client, model_hash
@@ -29,12 +29,7 @@ def client_test_stats(pool: ClientPool, algo: Algorithm, losses: Sequence[float]
                for c in pool.each(pool.ids if evaluate else [], modify=False)}
     out = [torch.cat([torch.tensor([loss, n_test[cid]], dtype=torch.float64), correct.get(cid, nan)])
            for cid, loss in zip(pool.ids, losses)]
-    return rows.gather(_stack(out, 2 + num_exits, rows.device), to_all=True).cpu()
-
-
-def _stack(out: list[Tensor], width: int, device: torch.device) -> Tensor:
-    """Rows -> [k, width] on ``device`` (a rank without clients still joins the gather)."""
-    return torch.stack(out).to(device) if out else torch.empty(0, width, dtype=torch.float64, device=device)
+    return rows.gather(stack_rows(out, (2 + num_exits,), torch.float64, rows.device), to_all=True).cpu()
 
 
 def _correct(algo: Algorithm, client: Client, x: Tensor, y: Tensor) -> Tensor:
@@ -57,7 +52,7 @@ def val_accuracy(pool: ClientPool, algo: Algorithm, rows: ClientRows, num_exits:
     like ``acc_per_exit``) and per client (None for a client without validation samples);
     None on ranks other than 0 unless ``to_all``."""
     out = [_val_row(algo, c, num_exits) for c in pool.each(pool.ids, modify=False)]
-    return _pool_val(rows.gather(_stack(out, 1 + num_exits, rows.device), to_all=to_all))
+    return _pool_val(rows.gather(stack_rows(out, (1 + num_exits,), torch.float64, rows.device), to_all=to_all))
 
 
 def _pool_val(allrows: Tensor | None) -> tuple[list[float], list[list[float] | None]] | None:
@@ -87,9 +82,11 @@ def final_evaluation(pool: ClientPool, algo: Algorithm, rows: ClientRows, macs: 
         hashes[c.cid] = model_hash(c.model)
         if has_val:
             val_rows.append(_val_row(algo, c, m))
-    allrows = rows.gather(_stack(out, 1 + m + len(THRESHOLDS) * (2 + m), rows.device), to_all=False)
+    width = 1 + m + len(THRESHOLDS) * (2 + m)
+    allrows = rows.gather(stack_rows(out, (width,), torch.float64, rows.device), to_all=False)
     hashes = rows.comm.all_gather_object(hashes)
-    val = _pool_val(rows.gather(_stack(val_rows, 1 + m, rows.device), to_all=False)) if has_val else None
+    val = _pool_val(rows.gather(stack_rows(val_rows, (1 + m,), torch.float64, rows.device), to_all=False)) \
+        if has_val else None
     if not is_main:
         return None
     allrows = allrows.cpu()

@@ -61,11 +61,6 @@ class Run:
         return self.setup.proxy_size
 
     @property
-    def clients(self) -> list[Client]:
-        """Every client of this rank, when all are resident (:meth:`ClientPool.all_clients`)."""
-        return self.pool.all_clients()
-
-    @property
     def n_test(self) -> list[int]:
         """Test samples per client, by client id (store metadata: no client is materialized)."""
         return [te for _, te in self.store.client_sizes()]

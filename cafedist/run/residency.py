@@ -110,14 +110,6 @@ class ClientPool:
                 self._resident[cid] = self._build(cid, self._device_data(read_data(cid)))
 
     # ------------------------------------------------------------------ queries
-    @property
-    def all_resident(self) -> bool:
-        """Every client stays on the device (no bound)."""
-        return self.bound is None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def all_clients(self) -> list[Client]:
         """Every client, in placement order; only when all are resident (tests, small runs)."""
         if self.bound is not None:
@@ -127,10 +119,6 @@ class ClientPool:
     def resident(self) -> list[Client]:
         """The clients materialized now (every client without a bound), in placement order."""
         return [self._resident[cid] for cid in self.ids if cid in self._resident]
-
-    def touched(self) -> set[int]:
-        """Clients that have state beyond their initial weights (resident or parked)."""
-        return set(self._resident) | set(self._parked) | self._on_disk if self.bound is not None else set(self.ids)
 
     def sample(self, k: int = 2) -> list[Client]:
         """Up to ``k`` of the first clients, materialized together (for checks such as packing)."""
@@ -154,18 +142,9 @@ class ClientPool:
         """The clients ``cids`` in groups that are resident together (all at once without a
         bound, else ``bound`` at a time): a wave is what packed training steps together."""
         order = list(cids)
-        size = len(order) if self.bound is None else self.bound
-        for start in range(0, len(order), max(size, 1)):
-            chunk = order[start:start + size]
-            wave = []
-            for i, cid in enumerate(chunk):
-                if i + 1 < len(chunk):
-                    self._start_prefetch(chunk[i + 1])
-                wave.append(self.get(cid))
-            if modify:
-                for cid in chunk:
-                    self.mark_changed(cid)
-            yield wave
+        size = max(len(order) if self.bound is None else self.bound, 1)
+        for start in range(0, len(order), size):
+            yield list(self.each(order[start:start + size], modify))
 
     def get(self, cid: int) -> Client:
         """Client ``cid`` on the device (materialized from its parked state when needed)."""
@@ -205,11 +184,7 @@ class ClientPool:
         if client is not None and (cid in self._dirty or self.bound is None
                                    or cid not in self._parked and cid not in self._on_disk):
             return client_shard(client)
-        if cid in self._parked:
-            return self._parked[cid]
-        if cid in self._on_disk:
-            return torch.load(self._path(cid), map_location="cpu", weights_only=True)
-        return None
+        return self._read_parked(cid)
 
     def restore(self, cid: int, shard: Shard) -> None:
         """Replace client ``cid``'s state by a checkpoint's shard (resume)."""

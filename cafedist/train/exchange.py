@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cafedist.distributed.client_rows import ClientRows
+from cafedist.distributed.client_rows import ClientRows, stack_rows
 from cafedist.run.build import Run
 from cafedist.train.local import proxy_logits
 from cafedist.train.schedule import proxy_subset
@@ -70,9 +70,11 @@ class Exchange:
         # cohort_exchange: only this round's active clients take part, in rows and in time
         rows_of = self.rows.cohort(active) if algo.cohort_exchange else self.rows
         ids = [cid for cid in pool.ids if active[cid]] if algo.cohort_exchange else pool.ids
-        local: dict[str, Tensor] = {}
-        rows: dict[str, list[Tensor]] = {"logits": []} if algo.exchanges_logits else {}
-        rows.update({key: [] for key in algo.upload_spec()})
+        spec = dict(algo.upload_spec())
+        if algo.exchanges_logits:  # [e, P', C] per client
+            spec = {"logits": ((len(self.exits), self.run.proxy_size, self.run.setup.num_classes), torch.float32),
+                    **spec}
+        rows: dict[str, list[Tensor]] = {key: [] for key in spec}
         xp = None
         if algo.exchanges_logits:
             proxy_x = self.run.proxy_x
@@ -83,11 +85,7 @@ class Exchange:
             upload = algo.upload(c.view)
             for key in algo.upload_spec():
                 rows[key].append(upload[key])
-        for key, spec_rows in rows.items():
-            shape, dtype = ((len(self.exits), self.run.proxy_size, self.run.setup.num_classes), torch.float32) \
-                if key == "logits" else algo.upload_spec()[key]
-            local[key] = torch.stack(spec_rows).to(device) if spec_rows else \
-                torch.empty(0, *shape, dtype=dtype, device=device)  # [k, e, P', C] for logits
+        local = {key: stack_rows(rows[key], tuple(shape), dtype, device) for key, (shape, dtype) in spec.items()}
         t = time.perf_counter()
         gathered = {key: rows_of.gather(rows, transport_dtype=self.wire if key == "logits" and
                                         self.wire != torch.float32 else None)

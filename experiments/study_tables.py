@@ -1,0 +1,117 @@
+"""Tables of the T = 100 study (``experiments/study_T100.sh``) for docs/results and docs/RESULTS.md.
+
+    python experiments/study_tables.py mnist5k-a0.3 [--study runs/study] [--results-md docs/RESULTS.md]
+
+For one setting it writes, under ``docs/results/`` (``-`` in the setting's name becomes ``_``):
+
+- ``study_T100_<setting>_runs.csv``: every finished run (lr trials and seeds), final validation
+  and test accuracy per exit, with ``rounds`` and ``seed`` columns (``sweep.py --collect``);
+- ``study_T100_<setting>_curves.csv``: the same runs' accuracy per exit every evaluated round;
+- ``study_T100_<setting>_trials.csv``: ``cafedist compare``'s tuning record (which lr won,
+  on validation; absent until the compare has written its report).
+
+and replaces, in RESULTS.md, the blocks between ``<!-- study:<setting>:runs -->`` and
+``<!-- /study:<setting>:runs -->`` (one row per run) and ``<!-- study:<setting>:seeds -->`` /
+``<!-- /study:<setting>:seeds -->`` (each method at its chosen lr: mean ± sample sd over its
+seeds) when those markers exist. The chosen lr comes from the compare's trials.csv, never
+from test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def collect(study_dir: Path, setting: str, results: Path) -> list[dict]:
+    """Write the setting's CSVs into ``results``; return the per-run rows."""
+    stem = f"study_T100_{setting.replace('-', '_')}"  # mnist5k-a0.3 -> study_T100_mnist5k_a0.3
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, str(ROOT / "experiments" / "sweep.py"), "--collect",
+                        str(study_dir / "runs"), "--out", tmp], check=True, capture_output=True)
+        for name in ("variants", "curves"):
+            shutil.copy(Path(tmp) / f"{name}.csv",
+                        results / f"{stem}_{'runs' if name == 'variants' else name}.csv")
+    trials = study_dir / "trials.csv"
+    if trials.is_file():
+        shutil.copy(trials, results / f"{stem}_trials.csv")
+    with open(results / f"{stem}_runs.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def chosen_settings(study_dir: Path) -> dict[str, str]:
+    """``method -> chosen setting`` (e.g. ``train.lr=0.05``) from the compare's trials.csv."""
+    trials = study_dir / "trials.csv"
+    if not trials.is_file():
+        return {}
+    with open(trials) as f:
+        return {r["algorithm"]: r["setting"] for r in csv.DictReader(f) if r["chosen"] == "yes"}
+
+
+def _pct(value: str) -> str:
+    return "" if value == "" else f"{100 * float(value):.1f}"
+
+
+def runs_table(rows: list[dict]) -> str:
+    """Markdown: one row per run, test then validation accuracy per exit (%)."""
+    lines = ["| run | seed | test e1 | test e2 | test e3 | val e1 | val e2 | val e3 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: r["variant"]):
+        cells = [_pct(r[k]) for k in ("test_exit1", "test_exit2", "test_exit3", "val_exit1", "val_exit2", "val_exit3")]
+        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seeds_table(rows: list[dict], chosen: dict[str, str]) -> str:
+    """Markdown: each method at its chosen setting, mean ± sample sd over its seeds (one seed: the value)."""
+    lines = ["| method (chosen) | seeds | test e1 | test e2 | test e3 | val e3 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method, setting in chosen.items():
+        picked = [r for r in rows if r["variant"].startswith(f"{method}/{setting}/")]
+        if not picked:
+            continue
+        cells = []
+        for key in ("test_exit1", "test_exit2", "test_exit3", "val_exit3"):
+            values = [100 * float(r[key]) for r in picked]
+            cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+                         if len(values) > 1 else f"{values[0]:.1f}")
+        lines.append(f"| {method} ({setting.split('=', 1)[-1]}) | {len(picked)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, marker: str, body: str) -> str:
+    """``text`` with the lines between ``<!-- marker -->`` and ``<!-- /marker -->`` set to ``body``."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if start not in text or end not in text:
+        return text
+    a = text.index(start) + len(start)
+    return text[:a] + "\n" + body + "\n" + text[text.index(end):]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("setting", help="e.g. mnist5k-a0.3 (a folder of --study)")
+    parser.add_argument("--study", type=Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--results-md", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    args = parser.parse_args()
+    study_dir = args.study / args.setting
+    rows = collect(study_dir, args.setting, args.results)
+    runs, seeds = runs_table(rows), seeds_table(rows, chosen_settings(study_dir))
+    text = args.results_md.read_text()
+    text = replace_block(text, f"study:{args.setting}:runs", runs)
+    text = replace_block(text, f"study:{args.setting}:seeds", seeds)
+    args.results_md.write_text(text)
+    print(runs, seeds, sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,16 +20,23 @@ from cafedist.run.residency import ClientPool
 
 
 def client_test_stats(pool: ClientPool, algo: Algorithm, losses: Sequence[float], rows: ClientRows,
-                      num_exits: int, evaluate: bool, n_test: Sequence[int]) -> Tensor:
+                      num_exits: int, evaluate: bool, n_test: Sequence[int], with_val: bool = False) -> Tensor:
     """[n, 2 + m] float64 (loss, n_test, correct per exit; NaN when not ``evaluate``), client
-    order, on every rank. ``n_test``: test samples by client id (no client is materialized
-    unless ``evaluate``)."""
-    nan = torch.full((num_exits,), float("nan"), dtype=torch.float64)
-    correct = {c.cid: _correct(algo, c, c.data.x_test, c.data.y_test)
-               for c in pool.each(pool.ids if evaluate else [], modify=False)}
-    out = [torch.cat([torch.tensor([loss, n_test[cid]], dtype=torch.float64), correct.get(cid, nan)])
+    order, on every rank; ``with_val`` appends the :func:`val_accuracy` row (n_val, correct
+    per exit) from the same pass over the clients, so an evaluated round materializes each
+    client once. ``n_test``: test samples by client id (no client is materialized unless
+    ``evaluate``)."""
+    width = 2 + num_exits + (1 + num_exits if with_val else 0)
+    nan = torch.full((width - 2,), float("nan"), dtype=torch.float64)
+    evaluated = {}
+    for c in pool.each(pool.ids if evaluate else [], modify=False):
+        parts = [_correct(algo, c, c.data.x_test, c.data.y_test)]
+        if with_val:
+            parts.append(_val_row(algo, c, num_exits))
+        evaluated[c.cid] = torch.cat(parts)
+    out = [torch.cat([torch.tensor([loss, n_test[cid]], dtype=torch.float64), evaluated.get(cid, nan)])
            for cid, loss in zip(pool.ids, losses)]
-    return rows.gather(stack_rows(out, (2 + num_exits,), torch.float64, rows.device), to_all=True).cpu()
+    return rows.gather(stack_rows(out, (width,), torch.float64, rows.device), to_all=True).cpu()
 
 
 def _correct(algo: Algorithm, client: Client, x: Tensor, y: Tensor) -> Tensor:
@@ -46,17 +53,8 @@ def _val_row(algo: Algorithm, client: Client, num_exits: int) -> Tensor:
     return torch.cat([torch.tensor([n_val], dtype=torch.float64), correct])
 
 
-def val_accuracy(pool: ClientPool, algo: Algorithm, rows: ClientRows, num_exits: int,
-                 to_all: bool) -> tuple[list[float], list[list[float] | None]] | None:
-    """Validation accuracy per exit (pooled over clients, weighted by their validation sizes,
-    like ``acc_per_exit``) and per client (None for a client without validation samples);
-    None on ranks other than 0 unless ``to_all``."""
-    out = [_val_row(algo, c, num_exits) for c in pool.each(pool.ids, modify=False)]
-    return _pool_val(rows.gather(stack_rows(out, (1 + num_exits,), torch.float64, rows.device), to_all=to_all))
-
-
-def _pool_val(allrows: Tensor | None) -> tuple[list[float], list[list[float] | None]] | None:
-    """Gathered validation rows -> (pooled accuracy per exit, per-client accuracy or None)."""
+def pool_val(allrows: Tensor | None) -> tuple[list[float], list[list[float] | None]] | None:
+    """Gathered validation rows [n, 1 + m] -> (pooled accuracy per exit, per-client accuracy or None)."""
     if allrows is None:
         return None
     n_val, correct = allrows[:, 0].cpu(), allrows[:, 1:].cpu()
@@ -85,7 +83,7 @@ def final_evaluation(pool: ClientPool, algo: Algorithm, rows: ClientRows, macs: 
     width = 1 + m + len(THRESHOLDS) * (2 + m)
     allrows = rows.gather(stack_rows(out, (width,), torch.float64, rows.device), to_all=False)
     hashes = rows.comm.all_gather_object(hashes)
-    val = _pool_val(rows.gather(stack_rows(val_rows, (1 + m,), torch.float64, rows.device), to_all=False)) \
+    val = pool_val(rows.gather(stack_rows(val_rows, (1 + m,), torch.float64, rows.device), to_all=False)) \
         if has_val else None
     if not is_main:
         return None

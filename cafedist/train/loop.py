@@ -176,7 +176,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         result = None
         if not stopped:
             records = metrics.read() if metrics is not None else []
-            result = summary(run, trainer.rows, h, records, time.perf_counter() - t0)
+            result = summary(run, trainer.rows, h, records, time.perf_counter() - t0, trainer.final_evaluation)
             if result is not None:
                 write_json_atomic(run_dir / "summary.json", result)
         return RunResult(last_round=last_done, stopped=stopped, summary=result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,29 +10,57 @@ from torch import Tensor
 
 from cafedist import RESULTS_VERSION
 from cafedist.distributed.client_rows import ClientRows
-from cafedist.eval.clients import final_evaluation
+from cafedist.eval.clients import final_evaluation, pool_val
 from cafedist.run.build import Run
 
 
-def round_metrics(stats: Tensor, train_sizes: tuple[int, ...]) -> dict[str, Any]:
+def round_metrics(stats: Tensor, train_sizes: tuple[int, ...], num_exits: int) -> dict[str, Any]:
     """``loss`` (sample-weighted over the clients that trained) and, when the round was
-    evaluated, ``acc_per_exit``, from the gathered rows of
-    :func:`~cafedist.eval.clients.client_test_stats`."""
-    loss, n_test, correct = stats[:, 0], stats[:, 1], stats[:, 2:]
+    evaluated, ``acc_per_exit`` and (when the rows carry it) ``val_acc_per_exit``, from the
+    gathered rows of :func:`~cafedist.eval.clients.client_test_stats`."""
+    m = num_exits
+    loss, n_test, correct = stats[:, 0], stats[:, 1], stats[:, 2:2 + m]
     trained = ~torch.isnan(loss)
     w = torch.tensor(train_sizes, dtype=torch.float64)[trained]
     record: dict[str, Any] = {"loss": float((loss[trained] * w).sum() / w.sum()) if trained.any() else None}
     if not torch.isnan(correct).any():
         record["acc_per_exit"] = (correct.sum(0) / n_test.sum()).tolist()
+        if stats.shape[1] > 2 + m:
+            record["val_acc_per_exit"] = pool_val(stats[:, 2 + m:])[0]
     return record
 
 
+@dataclass(frozen=True)
+class FinalEvaluation:
+    """The final models' :func:`~cafedist.eval.clients.final_evaluation`, made once in the last
+    round and reused by :func:`summary` (at scale every evaluation pass reads every client).
+    ``result`` is None on ranks other than 0; that the object exists is known on every rank."""
+
+    result: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, run: Run, rows: ClientRows) -> "FinalEvaluation":
+        """Every rank together: evaluate the run's current models."""
+        return cls(final_evaluation(run.pool, run.algo, rows, run.macs, run.num_exits, run.store.has_val,
+                                    run.rt.is_main))
+
+    def record_fields(self) -> dict[str, Any]:
+        """What the last round's record reports of it (rank 0; empty elsewhere)."""
+        if self.result is None:
+            return {}
+        keys = ("acc_per_exit", "val_acc_per_exit")
+        return {k: self.result[k] for k in keys if k in self.result}
+
+
 def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str, Any]],
-            wall: float) -> dict[str, Any] | None:
-    """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it)."""
-    ev = final_evaluation(run.pool, run.algo, rows, run.macs, run.num_exits, run.store.has_val, run.rt.is_main)
+            wall: float, evaluation: FinalEvaluation | None = None) -> dict[str, Any] | None:
+    """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it).
+    ``evaluation``: the last round's, when this process ran it (every rank, or none); otherwise
+    (e.g. resumed after the last checkpoint) the models are evaluated here."""
+    ev = (evaluation or FinalEvaluation.of(run, rows)).result
     if ev is None:
         return None
+    ev = dict(ev)
     per_client_bytes = records[-1]["bytes_up"] + records[-1]["bytes_down"] if records else 0
     fedavg_bytes = 2 * run.n_params * 4
     hashes = ev.pop("model_hashes")

@@ -22,7 +22,7 @@ from torch import Tensor
 from cafedist.algorithms.base import Algorithm
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
-from cafedist.eval.clients import client_test_stats, val_accuracy
+from cafedist.eval.clients import client_test_stats
 from cafedist.run.build import Run
 from cafedist.run.client import Client, reset_optimizers
 from cafedist.train.diagnostics import Diagnostics
@@ -30,7 +30,7 @@ from cafedist.train.exchange import Exchange
 from cafedist.train.faults import maybe_fault
 from cafedist.train.local import local_update
 from cafedist.train.packed import packed_local_update, use_packing
-from cafedist.train.records import round_metrics
+from cafedist.train.records import FinalEvaluation, round_metrics
 from cafedist.train.schedule import participating
 
 
@@ -48,6 +48,7 @@ class Trainer:
         # post-training phases are asked of every client: only for algorithms that have them
         self.has_post_phases = type(self.algo).post_phases is not Algorithm.post_phases
         self.diagnostics = Diagnostics.of(self.cfg.train.diagnostics)  # None (no work) unless asked for
+        self.final_evaluation: FinalEvaluation | None = None  # set by the last round, read by the summary
 
     @property
     def clients(self) -> list[Client]:
@@ -88,15 +89,16 @@ class Trainer:
 
         t = time.perf_counter()
         every = cfg.train.eval_every
-        evaluate = rnd % every == every - 1 or rnd == cfg.train.rounds - 1
+        last = rnd == cfg.train.rounds - 1
+        evaluate = rnd % every == every - 1 and not last  # the last round: the final evaluation below
         stats = client_test_stats(self.pool, self.algo, losses, self.rows, self.run.num_exits, evaluate,
-                                  self.run.n_test)
+                                  self.run.n_test, with_val=evaluate and self.run.store.has_val)
+        record: dict[str, Any] = {"round": rnd, **round_metrics(stats, self.setup.train_sizes, self.run.num_exits)}
+        if last:  # one pass over the final models serves this record and the run's summary
+            self.final_evaluation = FinalEvaluation.of(self.run, self.rows)
+            record.update(self.final_evaluation.record_fields())
         timers["t_eval"] = time.perf_counter() - t
-        record: dict[str, Any] = {"round": rnd, **round_metrics(stats, self.setup.train_sizes)}
         wire_bytes = self.rows.wire_bytes()
-        if "acc_per_exit" in record and self.run.store.has_val:  # validation: only where the store has it
-            record["val_acc_per_exit"] = val_accuracy(self.pool, self.algo, self.rows, self.run.num_exits,
-                                                      to_all=True)[0]
         record.update({"n_students": self.rows.sum_int(n_students), "bytes_up": up, "bytes_down": down,
                        "wire_bytes": wire_bytes, "clients_trained": int(active.sum())})
         record.update(report)

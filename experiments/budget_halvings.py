@@ -1,0 +1,118 @@
+"""Per-client budget rules against the global threshold, measured on calibration data only.
+
+    python experiments/budget_halvings.py RUN_DIR [RUN_DIR ...] [--budget macs=0.5] [--repeats 20]
+
+Each client's calibration (validation) split is halved at random; a rule chooses every
+client's policy on one half and is scored on the other half against the global max-softmax
+curve of that half read at the same mean MACs (what ``cafedist eval --budget`` reports on
+test). The test splits are never read. Prints, per run and overall, each rule's gap (points;
+positive: the per-client policies are more accurate), MACs share and share of clients within
+budget on the scoring half. docs/METHOD.md ("Against the global threshold") quotes its output.
+
+The rules: ``current`` (:func:`cafedist.eval.budget.choose_policy`), ``max-softmax`` (that
+policy only, unscaled), ``quarter`` (the current rule on a quarter of the split instead of a
+half), ``cheapest-near-tie`` (the cheapest feasible candidate within 2 calibration samples of
+the most accurate) and ``hindsight`` (the current rule without margin, choosing on the scoring
+half itself: an optimistic bound on what per-client thresholds can reach).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+from cafedist.eval.budget import _EPS, Choice, Split, _candidates, _z, accuracy_at_macs, apply_choice, choose_policy
+from cafedist.eval.budget_run import client_splits
+from cafedist.eval.budget_spec import Budget, parse_budget_spec
+from cafedist.eval.dynamic import dynamic_counts, dynamic_table
+from cafedist.eval.policies import POLICIES, exit_scores, fit_temperatures
+from cafedist.eval.run import load_run
+
+Rule = Callable[[Split, Split, Budget, Sequence[int]], Choice]  # (choice half, scoring half, budget, MACs)
+
+
+def cheapest_near_tie(cal: Split, budget: Budget, macs_per_exit: Sequence[int], slack: float = 2.0) -> Choice:
+    """The cheapest feasible candidate whose calibration accuracy is within ``slack`` samples of the best."""
+    z = _z(0.95)
+    macs = torch.tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
+    fitted = fit_temperatures(cal.logits, cal.y)
+    cands = []
+    for policy in POLICIES:
+        for temps in (None, fitted):
+            st = _candidates(cal, macs, policy, temps, z)
+            feasible = st["macs_ub"] <= budget.value * float(macs[-1]) * (1 + _EPS)
+            for t in torch.nonzero(feasible).flatten().tolist():
+                cands.append((float(st["accuracy"][t]), float(st["macs"][t]), policy, temps, st["thresholds"][t]))
+    best = max(c[0] for c in cands)
+    _, _, policy, temps, threshold = min((c for c in cands if c[0] >= best - slack / cal.n - 1e-12),
+                                         key=lambda c: (c[1], -c[0]))
+    return Choice(policy=policy, threshold=threshold,
+                  temperatures=None if temps is None else tuple(float(t) for t in temps))
+
+
+RULES: dict[str, Rule] = {
+    "current": lambda a, b, bud, macs: choose_policy(a, bud, macs),
+    "max-softmax": lambda a, b, bud, macs: choose_policy(a, bud, macs, ("max-softmax",), False),
+    "quarter": lambda a, b, bud, macs: choose_policy(Split(a.logits[:, : a.n // 2], a.y[: a.n // 2]), bud, macs),
+    "cheapest-near-tie": lambda a, b, bud, macs: cheapest_near_tie(a, bud, macs),
+    "hindsight": lambda a, b, bud, macs: choose_policy(b, bud, macs, confidence=0.5),
+}
+
+
+def global_table(splits: Sequence[Split], macs: Sequence[int]) -> list[dict]:
+    """The pooled max-softmax accuracy-vs-MACs curve of ``splits`` (as ``cafedist eval``)."""
+    total = None
+    for s in splits:
+        c = dynamic_counts(s.logits.argmax(-1), exit_scores(s.logits, "max-softmax"), s.y, macs)
+        total = c if total is None else {k: total[k] + c[k] for k in c}
+    return dynamic_table(total, macs)
+
+
+def score(choices: Sequence[Choice], halves: Sequence[Split], macs: Sequence[int], budget: Budget) -> tuple:
+    """(gap to the global curve in points, MACs share, share of clients within budget) on ``halves``."""
+    results = [apply_choice(c, s, macs) for c, s in zip(choices, halves)]
+    n = sum(r["n"] for r in results)
+    accuracy, mean_macs = sum(r["correct"] for r in results) / n, sum(r["macs"] for r in results) / n
+    limit = budget.value * macs[-1] * (1 + _EPS)
+    within = [r["macs"] / r["n"] <= limit for r in results if r["n"]]
+    gap = 100 * (accuracy - accuracy_at_macs(global_table(halves, macs), mean_macs)["accuracy"])
+    return gap, mean_macs / macs[-1], sum(within) / len(within)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="finished run directories trained with data.val_fraction > 0")
+    parser.add_argument("--budget", default="macs=0.5")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    budget = parse_budget_spec(args.budget)
+    results: dict[str, list[tuple]] = {name: [] for name in RULES}
+    for run_dir in args.runs:
+        with load_run(run_dir) as loaded:
+            cals, macs = [cal for cal, _test in client_splits(loaded.run)], list(loaded.run.macs)
+        for rep in range(args.repeats):
+            g = torch.Generator().manual_seed(rep)
+            first, second = [], []
+            for cal in cals:
+                perm = torch.randperm(cal.n, generator=g)
+                h = cal.n // 2
+                first.append(Split(cal.logits[:, perm[:h]], cal.y[perm[:h]]))
+                second.append(Split(cal.logits[:, perm[h:]], cal.y[perm[h:]]))
+            for name, rule in RULES.items():
+                results[name].append(score([rule(a, b, budget, macs) for a, b in zip(first, second)],
+                                           second, macs, budget))
+        print(run_dir, {k: round(statistics.mean(r[0] for r in v[-args.repeats:]), 2) for k, v in results.items()},
+              flush=True)
+    print(f"{'rule':18s} {'gap (points)':>16s} {'MACs share':>11s} {'within':>7s}")
+    for name, rows in results.items():
+        gaps = [r[0] for r in rows]
+        sem = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+        print(f"{name:18s} {statistics.mean(gaps):+8.2f} ± {sem:5.2f} {statistics.mean(r[1] for r in rows):11.3f} "
+              f"{statistics.mean(r[2] for r in rows):7.2f}")
+
+
+if __name__ == "__main__":
+    main()

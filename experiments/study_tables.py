@@ -8,7 +8,8 @@ For one setting it writes, under ``docs/results/`` (``-`` in the setting's name 
   and test accuracy per exit, with ``rounds`` and ``seed`` columns (``sweep.py --collect``);
 - ``study_T100_<setting>_curves.csv``: the same runs' accuracy per exit every evaluated round;
 - ``study_T100_<setting>_trials.csv``: ``cafedist compare``'s tuning record (which lr won,
-  on validation; absent until the compare has written its report).
+  on validation), and ``..._curves.png``, its plot of test accuracy per exit vs round (mean
+  over seeds); both absent until the compare has written its report.
 
 and replaces, in RESULTS.md, the blocks between ``<!-- study:<setting>:runs -->`` and
 ``<!-- /study:<setting>:runs -->`` (one row per run) and ``<!-- study:<setting>:seeds -->`` /
@@ -40,9 +41,9 @@ def collect(study_dir: Path, setting: str, results: Path) -> list[dict]:
         for name in ("variants", "curves"):
             shutil.copy(Path(tmp) / f"{name}.csv",
                         results / f"{stem}_{'runs' if name == 'variants' else name}.csv")
-    trials = study_dir / "trials.csv"
-    if trials.is_file():
-        shutil.copy(trials, results / f"{stem}_trials.csv")
+    for name, suffix in (("trials.csv", "trials.csv"), ("curves.png", "curves.png")):  # written by compare's report
+        if (study_dir / name).is_file():
+            shutil.copy(study_dir / name, results / f"{stem}_{suffix}")
     with open(results / f"{stem}_runs.csv") as f:
         return list(csv.DictReader(f))
 

@@ -57,7 +57,8 @@ class Trainer:
 
     def run_round(self, rnd: int) -> dict[str, Any]:
         """Every rank: one round (see the module docstring); returns its record (identical on
-        every rank except the aggregation's report and diagnostics, which rank 0 holds)."""
+        every rank except the aggregation's report, the diagnostics and, in the last round, the
+        final evaluation's accuracies, which rank 0 holds)."""
         cfg = self.cfg
         self.comm.context = f"round {rnd}"
         timers = {"t_local": 0.0, "t_comm": 0.0, "t_aggregate": 0.0, "t_eval": 0.0}

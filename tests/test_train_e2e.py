@@ -182,3 +182,33 @@ def test_validation_metrics_iff_val_fraction(tiny_config, tmp_path):
     assert s["val_acc_per_exit"] == metrics(val)[-1]["val_acc_per_exit"]  # the last round's models
     assert len(s["val_acc_per_client"]) == 4 and all(len(a) == 3 for a in s["val_acc_per_client"])
     assert s["val_acc_per_exit"][-1] > 0.2  # far above chance: the split is labelled like the client's data
+
+
+def test_each_evaluated_round_reads_every_client_once(tiny_config, tmp_path, monkeypatch):
+    """Test and validation accuracy come from one pass per evaluated round, and the last round's
+    final evaluation also serves the summary (at scale each pass reads every client)."""
+    import cafedist.eval.clients as clients_mod
+    import cafedist.train.records as records_mod
+    from cafedist.config import load_config
+    from cafedist.train.loop import train
+
+    calls = {"final": 0, "val_rows": 0}
+    real_final, real_val_row = records_mod.final_evaluation, clients_mod._val_row
+
+    def counting_final(*args, **kwargs):
+        calls["final"] += 1
+        return real_final(*args, **kwargs)
+
+    def counting_val_row(*args, **kwargs):
+        calls["val_rows"] += 1
+        return real_val_row(*args, **kwargs)
+
+    monkeypatch.setattr(records_mod, "final_evaluation", counting_final)
+    monkeypatch.setattr(clients_mod, "_val_row", counting_val_row)
+    out = tmp_path / "run"
+    train(load_config(tiny_config(rounds=3, clients=4), ["data.val_fraction=0.2"]), out, progress=False)
+    assert calls["final"] == 1
+    assert calls["val_rows"] == 3 * 4  # 3 evaluated rounds x 4 clients, none again for the summary
+    recs, s = metrics(out), summary(out)
+    assert all("val_acc_per_exit" in r and "acc_per_exit" in r for r in recs)
+    assert s["acc_per_exit"] == recs[-1]["acc_per_exit"] and s["val_acc_per_exit"] == recs[-1]["val_acc_per_exit"]

@@ -13,7 +13,8 @@ The rules: ``current`` (:func:`cafedist.eval.budget.choose_policy`), ``max-softm
 policy only, unscaled), ``quarter`` (the current rule on a quarter of the split instead of a
 half), ``cheapest-near-tie`` (the cheapest feasible candidate within 2 calibration samples of
 the most accurate) and ``hindsight`` (the current rule without margin, choosing on the scoring
-half itself: an optimistic bound on what per-client thresholds can reach).
+half itself: an optimistic bound on what per-client thresholds can reach). An experiment, not
+an interface: it reuses the budget search's internals (``_candidates``, ``_z``, ``_EPS``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ Rule = Callable[[Split, Split, Budget, Sequence[int]], Choice]  # (choice half, 
 
 
 def cheapest_near_tie(cal: Split, budget: Budget, macs_per_exit: Sequence[int], slack: float = 2.0) -> Choice:
-    """The cheapest feasible candidate whose calibration accuracy is within ``slack`` samples of the best."""
+    """The cheapest feasible candidate whose calibration accuracy is within ``slack`` samples of the best
+    (without calibration samples: :func:`choose_policy`'s static fallback)."""
+    if cal.n == 0:
+        return choose_policy(cal, budget, macs_per_exit)
     z = _z(0.95)
     macs = torch.tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
     fitted = fit_temperatures(cal.logits, cal.y)
@@ -71,7 +75,8 @@ def global_table(splits: Sequence[Split], macs: Sequence[int]) -> list[dict]:
     return dynamic_table(total, macs)
 
 
-def score(choices: Sequence[Choice], halves: Sequence[Split], macs: Sequence[int], budget: Budget) -> tuple:
+def score(choices: Sequence[Choice], halves: Sequence[Split], macs: Sequence[int],
+          budget: Budget) -> tuple[float, float, float]:
     """(gap to the global curve in points, MACs share, share of clients within budget) on ``halves``."""
     results = [apply_choice(c, s, macs) for c, s in zip(choices, halves)]
     n = sum(r["n"] for r in results)
@@ -89,7 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     budget = parse_budget_spec(args.budget)
-    results: dict[str, list[tuple]] = {name: [] for name in RULES}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in RULES}
     for run_dir in args.runs:
         with load_run(run_dir) as loaded:
             cals, macs = [cal for cal, _test in client_splits(loaded.run)], list(loaded.run.macs)

@@ -37,7 +37,7 @@ def collect(study_dir: Path, setting: str, results: Path) -> list[dict]:
     stem = f"study_T100_{setting.replace('-', '_')}"  # mnist5k-a0.3 -> study_T100_mnist5k_a0.3
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, str(ROOT / "experiments" / "sweep.py"), "--collect",
-                        str(study_dir / "runs"), "--out", tmp], check=True, capture_output=True)
+                        str(study_dir / "runs"), "--out", tmp], check=True, stdout=subprocess.DEVNULL)
         for name in ("variants", "curves"):
             shutil.copy(Path(tmp) / f"{name}.csv",
                         results / f"{stem}_{'runs' if name == 'variants' else name}.csv")
@@ -81,7 +81,10 @@ def seeds_table(rows: list[dict], chosen: dict[str, str]) -> str:
             continue
         cells = []
         for key in ("test_exit1", "test_exit2", "test_exit3", "val_exit3"):
-            values = [100 * float(r[key]) for r in picked]
+            values = [100 * float(r[key]) for r in picked if r[key] != ""]
+            if not values:
+                cells.append("")
+                continue
             cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
                          if len(values) > 1 else f"{values[0]:.1f}")
         lines.append(f"| {method} ({setting.split('=', 1)[-1]}) | {len(picked)} | " + " | ".join(cells) + " |")
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--results-md", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args()
     study_dir = args.study / args.setting
+    args.results.mkdir(parents=True, exist_ok=True)
     rows = collect(study_dir, args.setting, args.results)
     runs, seeds = runs_table(rows), seeds_table(rows, chosen_settings(study_dir))
     text = args.results_md.read_text()

@@ -186,29 +186,38 @@ def test_validation_metrics_iff_val_fraction(tiny_config, tmp_path):
 
 def test_each_evaluated_round_reads_every_client_once(tiny_config, tmp_path, monkeypatch):
     """Test and validation accuracy come from one pass per evaluated round, and the last round's
-    final evaluation also serves the summary (at scale each pass reads every client)."""
+    final evaluation also serves the summary (at scale each pass reads every client); a run
+    resumed after its final checkpoint (summary.json lost) evaluates for the summary itself."""
     import cafedist.eval.clients as clients_mod
     import cafedist.train.records as records_mod
     from cafedist.config import load_config
     from cafedist.train.loop import train
 
-    calls = {"final": 0, "val_rows": 0}
-    real_final, real_val_row = records_mod.final_evaluation, clients_mod._val_row
+    calls = {"final": 0, "forward": 0}
+    real_final, real_forward = records_mod.final_evaluation, clients_mod.exit_predictions
 
     def counting_final(*args, **kwargs):
         calls["final"] += 1
         return real_final(*args, **kwargs)
 
-    def counting_val_row(*args, **kwargs):
-        calls["val_rows"] += 1
-        return real_val_row(*args, **kwargs)
+    def counting_forward(*args, **kwargs):  # one model on one split
+        calls["forward"] += 1
+        return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(records_mod, "final_evaluation", counting_final)
-    monkeypatch.setattr(clients_mod, "_val_row", counting_val_row)
+    monkeypatch.setattr(clients_mod, "exit_predictions", counting_forward)
+    cfg = load_config(tiny_config(rounds=3, clients=4), ["data.val_fraction=0.2"])
     out = tmp_path / "run"
-    train(load_config(tiny_config(rounds=3, clients=4), ["data.val_fraction=0.2"]), out, progress=False)
+    train(cfg, out, progress=False)
     assert calls["final"] == 1
-    assert calls["val_rows"] == 3 * 4  # 3 evaluated rounds x 4 clients, none again for the summary
+    assert calls["forward"] == 3 * 4 * 2  # rounds 0-1 and the final evaluation: 4 clients x (test, validation)
     recs, s = metrics(out), summary(out)
     assert all("val_acc_per_exit" in r and "acc_per_exit" in r for r in recs)
     assert s["acc_per_exit"] == recs[-1]["acc_per_exit"] and s["val_acc_per_exit"] == recs[-1]["val_acc_per_exit"]
+
+    (out / "summary.json").unlink()  # killed after the final checkpoint, before the summary
+    train(cfg, out, progress=False)
+    assert calls["final"] == 2 and calls["forward"] == 3 * 4 * 2 + 4 * 2  # no round retrained
+    again = summary(out)
+    assert again.pop("wall_seconds") is not None and s.pop("wall_seconds") is not None
+    assert again == s

@@ -22,13 +22,13 @@ from cafedist.run.residency import ClientPool
 def client_test_stats(pool: ClientPool, algo: Algorithm, losses: Sequence[float], rows: ClientRows,
                       num_exits: int, evaluate: bool, n_test: Sequence[int], with_val: bool = False) -> Tensor:
     """[n, 2 + m] float64 (loss, n_test, correct per exit; NaN when not ``evaluate``), client
-    order, on every rank; ``with_val`` appends the :func:`val_accuracy` row (n_val, correct
-    per exit) from the same pass over the clients, so an evaluated round materializes each
-    client once. ``n_test``: test samples by client id (no client is materialized unless
-    ``evaluate``)."""
+    order, on every rank; ``with_val`` appends 1 + m columns (n_val, correct per exit: read
+    them with :func:`pool_val`) from the same pass over the clients, so an evaluated round
+    materializes each client once. ``n_test``: test samples by client id (no client is
+    materialized unless ``evaluate``)."""
     width = 2 + num_exits + (1 + num_exits if with_val else 0)
     nan = torch.full((width - 2,), float("nan"), dtype=torch.float64)
-    evaluated = {}
+    evaluated: dict[int, Tensor] = {}
     for c in pool.each(pool.ids if evaluate else [], modify=False):
         parts = [_correct(algo, c, c.data.x_test, c.data.y_test)]
         if with_val:

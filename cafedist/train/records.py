@@ -25,8 +25,9 @@ def round_metrics(stats: Tensor, train_sizes: tuple[int, ...], num_exits: int) -
     record: dict[str, Any] = {"loss": float((loss[trained] * w).sum() / w.sum()) if trained.any() else None}
     if not torch.isnan(correct).any():
         record["acc_per_exit"] = (correct.sum(0) / n_test.sum()).tolist()
-        if stats.shape[1] > 2 + m:
-            record["val_acc_per_exit"] = pool_val(stats[:, 2 + m:])[0]
+        val = pool_val(stats[:, 2 + m:]) if stats.shape[1] > 2 + m else None
+        if val is not None:
+            record["val_acc_per_exit"] = val[0]
     return record
 
 
@@ -57,7 +58,7 @@ def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str
     """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it).
     ``evaluation``: the last round's, when this process ran it (every rank, or none); otherwise
     (e.g. resumed after the last checkpoint) the models are evaluated here."""
-    ev = (evaluation or FinalEvaluation.of(run, rows)).result
+    ev = (evaluation if evaluation is not None else FinalEvaluation.of(run, rows)).result
     if ev is None:
         return None
     ev = dict(ev)

@@ -24,10 +24,10 @@ import argparse
 import csv
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from sweep import finished_runs, tabulate_runs  # experiments/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,8 +36,7 @@ def collect(study_dir: Path, setting: str, results: Path) -> list[dict]:
     """Write the setting's CSVs into ``results``; return the per-run rows."""
     stem = f"study_T100_{setting.replace('-', '_')}"  # mnist5k-a0.3 -> study_T100_mnist5k_a0.3
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, str(ROOT / "experiments" / "sweep.py"), "--collect",
-                        str(study_dir / "runs"), "--out", tmp], check=True, stdout=subprocess.DEVNULL)
+        tabulate_runs(finished_runs(study_dir / "runs"), Path(tmp))  # sweep.py --collect, in-process
         for name in ("variants", "curves"):
             shutil.copy(Path(tmp) / f"{name}.csv",
                         results / f"{stem}_{'runs' if name == 'variants' else name}.csv")

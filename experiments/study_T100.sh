@@ -6,24 +6,27 @@
 #
 #   bash experiments/study_T100.sh mnist5k-a0.3                  # tune + 3 seeds (the study)
 #   bash experiments/study_T100.sh mnist5k-a0.3 --first-trials   # only every method's lr=0.05 trial (seed 0), reused by the study
-#   bash experiments/study_T100.sh mnist5k-a0.3-last-exit-kd     # CAFEDistill with last_exit_kd (one method)
+#   bash experiments/study_T100.sh mnist5k-a0.3-last-exit-kd     # CAFEDistill with last_exit_kd (one method; any setting + -last-exit-kd)
 #
 # PYTHON=path/to/venv/bin/python picks the interpreter; JOBS=1 runs one training at a time.
 # Order of the budget: mnist5k a0.3, mnist5k a0.1, digits a0.3, digits a0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 setting=${1:?usage: study_T100.sh SETTING [extra compare args]}; shift
-case "$setting" in
+# SETTING-last-exit-kd: CAFEDistill alone with the last exit distilling too (ours, not the paper's;
+# docs/METHOD.md, "The last exit starves"): the best CAFEDistill variant on validation, tuned
+# and seeded like the other methods of SETTING
+base=${setting%-last-exit-kd}
+case "$base" in
   mnist5k-a0.3) config=configs/quickstart.yaml; extra=() ;;
   mnist5k-a0.1) config=configs/quickstart.yaml; extra=(data.alpha=0.1) ;;
   digits-a0.3)  config=configs/digits.yaml;     extra=() ;;
   digits-a0.1)  config=configs/digits.yaml;     extra=(data.alpha=0.1) ;;
-  # CAFEDistill with the last exit distilling too (ours, not the paper's; docs/METHOD.md,
-  # "The last exit starves"): the best CAFEDistill variant on validation, tuned and seeded alike
-  mnist5k-a0.3-last-exit-kd) config=configs/quickstart.yaml; extra=(algorithm.cafedistill.last_exit_kd=true)
-                METHODS=${METHODS:-cafedistill} ;;
   *) echo "unknown setting $setting" >&2; exit 2 ;;
 esac
+if [ "$base" != "$setting" ]; then
+  extra+=(algorithm.cafedistill.last_exit_kd=true); METHODS=${METHODS:-cafedistill}
+fi
 METHODS=${METHODS:-cafedistill,fedper,cafedistill-heads,fedrod,fedavg,fedrep,fedpac,ditto,cafedistill-nosel,cafedistill-nokd}  # METHODS=a,b runs a subset (same run directories)
 mode=(--tune --seeds 3)
 if [ "${1:-}" = "--first-trials" ]; then  # only the lr=0.05 trial of every method (seed 0), no tuning

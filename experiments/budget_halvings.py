@@ -9,12 +9,17 @@ test). The test splits are never read. Prints, per run and overall, each rule's 
 positive: the per-client policies are more accurate), MACs share and share of clients within
 budget on the scoring half. docs/METHOD.md ("Against the global threshold") quotes its output.
 
-The rules: ``current`` (:func:`cafedist.eval.budget.choose_policy`), ``max-softmax`` (that
-policy only, unscaled), ``quarter`` (the current rule on a quarter of the split instead of a
-half), ``cheapest-near-tie`` (the cheapest feasible candidate within 2 calibration samples of
-the most accurate) and ``hindsight`` (the current rule without margin, choosing on the scoring
-half itself: an optimistic bound on what per-client thresholds can reach). An experiment, not
-an interface: it reuses the budget search's internals (``_candidates``, ``_z``, ``_EPS``).
+The rules: ``pooled`` (the default scope of ``cafedist eval --budget``: the search on all
+clients' halves pooled, then each client's θ moved until its own budget holds,
+:func:`cafedist.eval.budget.fit_to_budget`), ``pooled-max-softmax`` (the same, max-softmax
+only), ``client`` (the search on each client's half alone,
+:func:`cafedist.eval.budget.choose_policy`; ``--policy-scope client``), ``max-softmax`` (that
+policy only, unscaled, per client), ``quarter`` (``client`` on a quarter of the split
+instead of a half), ``cheapest-near-tie`` (the cheapest feasible candidate within 2
+calibration samples of the most accurate) and ``hindsight`` (``client`` without margin,
+choosing on the scoring half itself: an optimistic bound on what per-client thresholds can
+reach). An experiment, not an interface: it reuses the budget search's internals
+(``_candidates``, ``_z``, ``_EPS``).
 """
 
 from __future__ import annotations
@@ -25,14 +30,26 @@ from typing import Callable, Sequence
 
 import torch
 
-from cafedist.eval.budget import _EPS, Choice, Split, _candidates, _z, accuracy_at_macs, apply_choice, choose_policy
+from cafedist.eval.budget import (
+    _EPS,
+    Choice,
+    Split,
+    _candidates,
+    _z,
+    accuracy_at_macs,
+    apply_choice,
+    choose_policy,
+    fit_to_budget,
+    population_choices,
+)
 from cafedist.eval.budget_run import client_splits
 from cafedist.eval.budget_spec import Budget, parse_budget_spec
 from cafedist.eval.dynamic import dynamic_counts, dynamic_table
 from cafedist.eval.policies import POLICIES, exit_scores, fit_temperatures
 from cafedist.eval.run import load_run
 
-Rule = Callable[[Split, Split, Budget, Sequence[int]], Choice]  # (choice half, scoring half, budget, MACs)
+# (every client's choice half, their scoring halves, budget, MACs) -> every client's choice
+Rule = Callable[[Sequence[Split], Sequence[Split], Budget, Sequence[int]], list[Choice]]
 
 
 def cheapest_near_tie(cal: Split, budget: Budget, macs_per_exit: Sequence[int], slack: float = 2.0) -> Choice:
@@ -57,12 +74,28 @@ def cheapest_near_tie(cal: Split, budget: Budget, macs_per_exit: Sequence[int], 
                   temperatures=None if temps is None else tuple(float(t) for t in temps))
 
 
+def per_client(rule: Callable[[Split, Split, Budget, Sequence[int]], Choice]) -> Rule:
+    """A rule that chooses for each client from its own halves alone."""
+    return lambda firsts, seconds, bud, macs: [rule(a, b, bud, macs) for a, b in zip(firsts, seconds)]
+
+
+def pooled(policies: Sequence[str] = POLICIES) -> Rule:
+    """The pooled scope: the population's choice on all choice halves, fitted to each client's budget."""
+    def rule(firsts: Sequence[Split], seconds: Sequence[Split], bud: Budget, macs: Sequence[int]) -> list[Choice]:
+        population = population_choices(firsts, [bud] * len(firsts), macs, policies)[bud]
+        return [fit_to_budget(population, a, bud, macs) for a in firsts]
+    return rule
+
+
 RULES: dict[str, Rule] = {
-    "current": lambda a, b, bud, macs: choose_policy(a, bud, macs),
-    "max-softmax": lambda a, b, bud, macs: choose_policy(a, bud, macs, ("max-softmax",), False),
-    "quarter": lambda a, b, bud, macs: choose_policy(Split(a.logits[:, : a.n // 2], a.y[: a.n // 2]), bud, macs),
-    "cheapest-near-tie": lambda a, b, bud, macs: cheapest_near_tie(a, bud, macs),
-    "hindsight": lambda a, b, bud, macs: choose_policy(b, bud, macs, confidence=0.5),
+    "pooled": pooled(),
+    "pooled-max-softmax": pooled(("max-softmax",)),
+    "client": per_client(lambda a, b, bud, macs: choose_policy(a, bud, macs)),
+    "max-softmax": per_client(lambda a, b, bud, macs: choose_policy(a, bud, macs, ("max-softmax",), False)),
+    "quarter": per_client(lambda a, b, bud, macs: choose_policy(Split(a.logits[:, : a.n // 2], a.y[: a.n // 2]),
+                                                               bud, macs)),
+    "cheapest-near-tie": per_client(lambda a, b, bud, macs: cheapest_near_tie(a, bud, macs)),
+    "hindsight": per_client(lambda a, b, bud, macs: choose_policy(b, bud, macs, confidence=0.5)),
 }
 
 
@@ -107,8 +140,7 @@ def main() -> None:
                 first.append(Split(cal.logits[:, perm[:h]], cal.y[perm[:h]]))
                 second.append(Split(cal.logits[:, perm[h:]], cal.y[perm[h:]]))
             for name, rule in RULES.items():
-                results[name].append(score([rule(a, b, budget, macs) for a, b in zip(first, second)],
-                                           second, macs, budget))
+                results[name].append(score(rule(first, second, budget, macs), second, macs, budget))
         print(run_dir, {k: round(statistics.mean(r[0] for r in v[-args.repeats:]), 2) for k, v in results.items()},
               flush=True)
     print(f"{'rule':18s} {'gap (points)':>16s} {'MACs share':>11s} {'within':>7s}")

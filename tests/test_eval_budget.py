@@ -12,7 +12,15 @@ import torch
 from conftest import TINY, cafedist
 
 from cafedist.errors import ConfigError
-from cafedist.eval.budget import Split, accuracy_at_macs, choose_policy, personalized_budgets
+from cafedist.eval.budget import (
+    Choice,
+    Split,
+    accuracy_at_macs,
+    choose_policy,
+    fit_to_budget,
+    personalized_budgets,
+    pooled_split,
+)
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec, resolve_budgets
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 
@@ -125,6 +133,53 @@ def test_no_spread_on_a_small_calibration_split_is_not_taken_for_certainty():
     assert floor.calibration_macs == 1.0 and floor.fallback is None
 
 
+# ----------------------------------------------------------------------------- the pooled scope
+def test_pooled_threshold_moves_only_as_far_as_each_clients_budget_needs():
+    population = Choice(policy="max-softmax", threshold=0.8)
+    budget = Budget("macs", 0.75)  # at most 1.5 MACs per sample: two of four samples at exit 2
+    # θ = 0.8 sends samples 2 and 3 deeper: within this client's budget, kept as it is
+    fits = _split([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3]], [0, 0, 1, 1])
+    kept = fit_to_budget(population, fits, budget, MACS, confidence=0.5)
+    assert (kept.policy, kept.threshold, kept.calibration_macs) == ("max-softmax", 0.8, 1.5)
+    # here θ = 0.8 would send three deeper; the largest θ below it that sends two is 0.75
+    # (the score of sample 1, which then leaves at exit 1)
+    costly = _split([[0.95, 0.05], [0.75, 0.25], [0.6, 0.4], [0.7, 0.3]], [0, 0, 1, 1])
+    moved = fit_to_budget(population, costly, budget, MACS, confidence=0.5)
+    assert moved.threshold == pytest.approx(0.75) and (moved.calibration_macs, moved.calibration_accuracy) == (1.5, 1.0)
+
+
+def test_pooled_threshold_under_a_loss_budget_rises_until_no_answer_is_lost():
+    # exit 1 is wrong on sample 3 (score 0.7); θ = 0.65 answers it there: 25 points lost
+    cal = _split([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3]], [0, 0, 1, 1])
+    choice = fit_to_budget(Choice(policy="max-softmax", threshold=0.65), cal, Budget("loss", 0.0), MACS,
+                           confidence=0.5)
+    assert 0.7 < choice.threshold <= 0.9  # the smallest θ above 0.7 that keeps sample 1 at exit 1
+    assert choice.calibration_accuracy == 1.0 and choice.calibration_macs == 1.5
+
+
+def test_pooled_scope_chooses_once_on_all_calibration_samples_and_fits_each_client():
+    clients = _synthetic_clients(6, seed=3)
+    macs = [1, 3, 6]
+    budgets = [Budget("macs", 0.5)] * 4 + [Budget("macs", 0.8)] * 2
+    table = [{"threshold": 1.0, "accuracy": 1.0, "mean_macs": 6.0}]
+    section, _ = personalized_budgets(clients, budgets, macs, table, scope="pooled")
+    pooled = pooled_split([cal for cal, _ in clients])
+    for budget in (Budget("macs", 0.5), Budget("macs", 0.8)):  # one population choice per distinct budget
+        expected = choose_policy(pooled, budget, macs)
+        assert section["population"][budget.spec]["policy"] == expected.policy
+        assert section["population"][budget.spec]["threshold"] == expected.threshold
+    for budget, row in zip(budgets, section["clients"]):
+        population = section["population"][budget.spec]
+        assert row["policy"] == population["policy"] and row["threshold"] <= population["threshold"]
+        assert row["calibration_macs_fraction"] <= budget.value + 1e-9
+    by_client, _ = personalized_budgets(clients, budgets, macs, table, scope="client")
+    assert "population" not in by_client and by_client["scope"] == "client"
+    assert [r["threshold"] for r in by_client["clients"]] == [
+        choose_policy(cal, b, macs).threshold for (cal, _), b in zip(clients, budgets)]
+    with pytest.raises(ValueError, match="unknown policy scope 'global'"):
+        personalized_budgets(clients, budgets, macs, table, scope="global")
+
+
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):
     empty = Split(torch.zeros(3, 0, 2), torch.zeros(0, dtype=torch.long))
     test = Split(_logits([[[0.9, 0.1]], [[0.9, 0.1]], [[0.9, 0.1]]]), torch.tensor([0]))
@@ -232,7 +287,7 @@ def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     run = tiny_runs["val"]
     proc = cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
     assert "clients within budget on test" in proc.stdout
-    assert "personalized policies: accuracy" in proc.stdout
+    assert "personalized policies (pooled scope): accuracy" in proc.stdout
     assert "global threshold at the same mean MACs: accuracy" in proc.stdout
     report = json.loads((run / "eval.json").read_text())
     section = report["budget"]
@@ -256,6 +311,7 @@ def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     (["--budget", "macs=0.01"], "macs=0.01 is below exit 1's cost"),
     (["--budget", "macs=lots"], "budget 'macs=lots': 'lots' is not a number"),
     (["--budget", "macs=0.5", "--policies", "softmax"], "--policies: expected a comma-separated subset"),
+    (["--budget", "macs=0.5", "--policy-scope", "global"], "--policy-scope: invalid choice: 'global'"),
 ])
 def test_eval_budget_errors_are_one_line_with_status_2(tiny_runs, args, message):
     proc = cafedist("eval", str(tiny_runs["val"]), *args)

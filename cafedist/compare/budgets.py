@@ -75,7 +75,7 @@ def _key(options: BudgetOptions) -> str:
     resolved path and content), the search's options and the search's version."""
     key: dict[str, Any] = {"budget": options.budget, "policies": options.policies,
                            "temperature": options.temperature, "confidence": options.confidence,
-                           "search": SEARCH_VERSION}
+                           "scope": options.scope, "search": SEARCH_VERSION}
     if not looks_like_spec(options.budget):
         path = Path(options.budget).resolve()
         key.update(budget=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())

@@ -1,7 +1,20 @@
 """Personalized dynamic inference: each client's most accurate exit policy within its budget.
 
 For every client, on its **calibration split** (the validation split, ``data.val_fraction``)
-and never on its test split:
+and never on its test split. Two scopes decide where the policy comes from:
+
+- ``pooled`` (the default): the (policy, temperatures, θ) is chosen once for the population
+  by the search below on all clients' calibration splits pooled (per distinct budget), then
+  each client keeps it or moves θ just far enough that its **own** budget holds on its own
+  calibration split (:func:`fit_to_budget`: under a MACs budget the largest θ <= the pooled
+  one, under a loss budget the smallest θ >= it). Every client gets a threshold of its own,
+  and the choices that need data (which policy, which temperatures) are made on 10× more of
+  it: on calibration splits of 7–50 samples the per-client search below loses about half a
+  point to estimation noise, the pooled one does not (docs/METHOD.md, "Against the global
+  threshold");
+- ``client``: the search runs on each client's calibration split alone.
+
+The search (:func:`choose_policy`), on one calibration split:
 
 1. every candidate (policy, temperatures, threshold θ) is scored: policies from
    :mod:`cafedist.eval.policies`, each with T = 1 and (unless disabled) with per-exit
@@ -28,8 +41,9 @@ accuracy, its MACs and whether the budget held there.
 
 A client without calibration samples gets a static exit that needs no calibration and
 still honours its budget — the last exit under a loss budget, the deepest exit within a
-MACs budget — with a warning and ``fallback`` set in its row. A run without any validation
-split is refused (see :func:`run_budget`): every client would be such a fallback.
+MACs budget — with a warning and ``fallback`` set in its row (in both scopes: without its
+own samples nothing can check that a pooled threshold keeps its budget). A run without any
+validation split is refused (see :func:`run_budget`): every client would be such a fallback.
 """
 
 from __future__ import annotations
@@ -53,7 +67,9 @@ _MAX_DATA_THRESHOLDS = 512  # more calibration scores than this: use this many q
 _EPS = 1e-9  # slack in budget comparisons, so e.g. exactly 0.5 of the MACs counts as within 0.5
 #: the search's version: bump it when :func:`choose_policy` chooses differently, so that the
 #: budget results ``cafedist compare`` keeps per run (cafedist.compare.budgets) are recomputed
-SEARCH_VERSION = 1
+SEARCH_VERSION = 2
+#: where a client's policy is chosen (module docstring); the first is the default
+SCOPES: tuple[str, ...] = ("pooled", "client")
 
 
 @dataclass(frozen=True)
@@ -122,10 +138,12 @@ def _upper_bound(per_sample: Tensor, z: float, low: float, high: float, exact: T
     return torch.where(exact, mean, bound)
 
 
-def _candidates(cal: Split, macs: Tensor, policy: str, temps: Tensor | None, z: float) -> dict[str, Any]:
-    """Calibration statistics of every threshold of one (policy, temperatures): [T] tensors."""
+def _candidates(cal: Split, macs: Tensor, policy: str, temps: Tensor | None, z: float,
+                extra: Sequence[float] = ()) -> dict[str, Any]:
+    """Calibration statistics of every threshold of one (policy, temperatures), and of the
+    ``extra`` thresholds: [T] tensors."""
     scores = exit_scores(cal.logits, policy, temps).cpu()
-    thresholds = candidate_thresholds(scores)
+    thresholds = sorted(set(candidate_thresholds(scores)) | set(extra))
     idx = exit_indices(scores, thresholds)  # [T, N]
     hit = (cal.logits.argmax(dim=-1).cpu() == cal.y.cpu().unsqueeze(0)).double()  # [m, N]
     correct = hit.gather(0, idx)  # [T, N]
@@ -147,6 +165,13 @@ def _z(confidence: float) -> float:
     if not 0.5 <= confidence < 1.0:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     return NormalDist().inv_cdf(confidence)
+
+
+def _feasible(stats: dict[str, Any], budget: Budget, last_macs: float) -> Tensor:
+    """[T] bool: which candidates' upper confidence bounds (:func:`_candidates`) meet ``budget``."""
+    if budget.kind == "macs":
+        return stats["macs_ub"] <= budget.value * last_macs * (1 + _EPS)
+    return 100.0 * stats["loss_ub"] <= budget.value + _EPS
 
 
 def static_fallback(budget: Budget, macs_per_exit: Sequence[int], reason: str) -> Choice:
@@ -185,12 +210,11 @@ def choose_policy(
     best: tuple | None = None
     for v, (policy, temps) in enumerate(variants):
         stats = _candidates(cal, macs, policy, temps, z)
+        feasible = _feasible(stats, budget, last_macs)
         if budget.kind == "macs":
-            feasible = stats["macs_ub"] <= budget.value * last_macs * (1 + _EPS)
             # most accurate, then more of the budget spent (module docstring); min() picks the best
             keys = torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
         else:
-            feasible = 100.0 * stats["loss_ub"] <= budget.value + _EPS
             keys = torch.stack([stats["macs"], -stats["accuracy"]], dim=1)
         for t in torch.nonzero(feasible).flatten().tolist():
             key = (*keys[t].tolist(), v, t)  # ties: earlier variant, then smaller threshold
@@ -203,6 +227,41 @@ def choose_policy(
     return Choice(policy=policy, threshold=threshold,
                   temperatures=None if temps is None else tuple(float(t) for t in temps),
                   calibration_accuracy=acc, calibration_macs=mean_macs)
+
+
+def fit_to_budget(population: Choice, cal: Split, budget: Budget, macs_per_exit: Sequence[int],
+                  confidence: float = 0.95) -> Choice:
+    """The population's choice (policy, temperatures, θ; from :func:`choose_policy` on the
+    pooled calibration splits) adapted to one client: θ moved just far enough that the
+    client's own ``budget`` holds on its calibration split ``cal`` with ``confidence`` —
+    under a MACs budget the largest feasible θ <= the population's (a lower θ answers more
+    samples early), under a loss budget the smallest feasible θ >= it. θ = 0 and θ = 1 are
+    always candidates, so one always exists after
+    :func:`~cafedist.eval.budget_spec.check_feasible`. Without calibration samples: the static
+    fallback (nothing could check the budget)."""
+    if cal.n == 0:
+        return static_fallback(budget, macs_per_exit, "no calibration samples")
+    if population.threshold is None:  # a static population choice cannot happen with pooled samples
+        raise ValueError("fit_to_budget needs a threshold policy, not a static exit")
+    macs = torch.as_tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
+    temps = None if population.temperatures is None else torch.tensor(population.temperatures, dtype=torch.float64)
+    theta = float(population.threshold)
+    stats = _candidates(cal, macs, population.policy, temps, _z(confidence), extra=(theta,))
+    feasible = _feasible(stats, budget, float(macs[-1])).tolist()
+    ths = stats["thresholds"]
+    if budget.kind == "macs":
+        t = max((i for i, th in enumerate(ths) if th <= theta and feasible[i]), default=None)
+    else:
+        t = min((i for i, th in enumerate(ths) if th >= theta and feasible[i]), default=None)
+    if t is None:  # unreachable: θ = 0 (MACs) and θ = 1 (loss) are exact and feasible
+        return static_fallback(budget, macs_per_exit, "no feasible threshold on calibration")
+    return Choice(policy=population.policy, threshold=ths[t], temperatures=population.temperatures,
+                  calibration_accuracy=float(stats["accuracy"][t]), calibration_macs=float(stats["macs"][t]))
+
+
+def pooled_split(splits: Sequence[Split]) -> Split:
+    """All clients' calibration samples as one split (the population's)."""
+    return Split(torch.cat([s.logits for s in splits], dim=1), torch.cat([s.y for s in splits]))
 
 
 # ----------------------------------------------------------------------------- test check and report
@@ -310,6 +369,22 @@ def client_curve(choice: Choice, split: Split, macs_per_exit: Sequence[int]) -> 
     return dynamic_table(counts, macs_per_exit)
 
 
+def population_choices(cals: Sequence[Split], budgets: Sequence[Budget], macs_per_exit: Sequence[int],
+                       policies: Sequence[str] = POLICIES, temperature: bool = True,
+                       confidence: float = 0.95) -> dict[Budget, Choice]:
+    """The pooled scope's population choice for each distinct budget: :func:`choose_policy`
+    on every client's calibration samples together (a client with none adds nothing)."""
+    pooled = pooled_split(cals)
+    return {b: choose_policy(pooled, b, macs_per_exit, policies, temperature, confidence)
+            for b in dict.fromkeys(budgets)}
+
+
+def _choice_json(choice: Choice) -> dict[str, Any]:
+    return {"policy": choice.policy, "threshold": choice.threshold,
+            "temperatures": None if choice.temperatures is None else list(choice.temperatures),
+            "calibration_accuracy": choice.calibration_accuracy}
+
+
 def personalized_budgets(
     splits: Sequence[tuple[Split, Split]],
     budgets: Sequence[Budget],
@@ -318,17 +393,27 @@ def personalized_budgets(
     policies: Sequence[str] = POLICIES,
     temperature: bool = True,
     confidence: float = 0.95,
+    scope: str = SCOPES[0],
 ) -> tuple[dict[str, Any], list[list[dict]]]:
-    """Choose, check and report every client's policy: ``splits[cid] = (calibration, test)``.
+    """Choose, check and report every client's policy: ``splits[cid] = (calibration, test)``;
+    ``scope`` "pooled" or "client" (module docstring).
 
     Returns the ``budget`` section of eval.json (``clients``: one row per client, and the
-    overall numbers) and each client's test curve for the figure.
+    overall numbers; under the pooled scope also ``population``: the pooled choice per budget)
+    and each client's test curve for the figure.
     """
     if len(splits) != len(budgets):
         raise ValueError(f"{len(splits)} clients but {len(budgets)} budgets")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown policy scope {scope!r}; expected one of {', '.join(SCOPES)}")
+    population = (population_choices([cal for cal, _ in splits], budgets, macs_per_exit, policies, temperature,
+                                     confidence) if scope == "pooled" else {})
     rows, tests, curves = [], [], []
     for cid, ((cal, test), budget) in enumerate(zip(splits, budgets)):
-        choice = choose_policy(cal, budget, macs_per_exit, policies, temperature, confidence)
+        if scope == "pooled":
+            choice = fit_to_budget(population[budget], cal, budget, macs_per_exit, confidence)
+        else:
+            choice = choose_policy(cal, budget, macs_per_exit, policies, temperature, confidence)
         if choice.fallback:
             log.warning("client %d: %s: static exit %d for budget %s", cid, choice.fallback,
                         choice.static_exit + 1, budget.spec)
@@ -336,10 +421,13 @@ def personalized_budgets(
         rows.append(client_row(cid, budget, choice, cal.n, result, macs_per_exit))
         tests.append(result)
         curves.append(client_curve(choice, test, macs_per_exit))
-    section = {"confidence": confidence, "policies": list(policies), "temperature": temperature,
+    section = {"scope": scope, "confidence": confidence, "policies": list(policies), "temperature": temperature,
                **summarize(rows, tests, macs_per_exit, global_table), "clients": rows}
+    if population:
+        section["population"] = {b.spec: _choice_json(c) for b, c in population.items()}
     return section, curves
 
 
-__all__ = ["SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
-           "choose_policy", "client_row", "personalized_budgets", "static_fallback", "summarize", "within_budget"]
+__all__ = ["SCOPES", "SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
+           "choose_policy", "client_row", "fit_to_budget", "personalized_budgets", "population_choices",
+           "pooled_split", "static_fallback", "summarize", "within_budget"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
-from cafedist.eval.budget import Split, personalized_budgets
+from cafedist.eval.budget import SCOPES, Split, personalized_budgets
 from cafedist.eval.budget_spec import (
     check_feasible,
     looks_like_spec,
@@ -73,11 +73,14 @@ class BudgetOptions:
     policies: str = ",".join(POLICIES)
     temperature: bool = True
     confidence: float = 0.95
+    scope: str = SCOPES[0]
 
     def __post_init__(self) -> None:
         # fail on a bad flag before the run's models are loaded and evaluated
         if not 0.5 <= self.confidence < 1.0:
             raise ConfigError(f"--budget-confidence: expected a number in [0.5, 1), got {self.confidence}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"--policy-scope: expected one of {', '.join(SCOPES)}, got {self.scope!r}")
         parse_policies(self.policies)
         if looks_like_spec(self.budget):
             parse_budget_spec(self.budget)
@@ -89,7 +92,7 @@ class BudgetOptions:
         """From the parsed flags of :func:`add_budget_arguments`; None without ``--budget``."""
         if args.budget is None:
             return None
-        return cls(args.budget, args.policies, not args.no_temperature, args.budget_confidence)
+        return cls(args.budget, args.policies, not args.no_temperature, args.budget_confidence, args.policy_scope)
 
 
 def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global_table: list[dict],
@@ -111,7 +114,7 @@ def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global
                           f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
     section, curves = personalized_budgets(client_splits(run) if splits is None else splits, budgets, run.macs,
                                            global_table, policies=names, temperature=options.temperature,
-                                           confidence=options.confidence)
+                                           confidence=options.confidence, scope=options.scope)
     section["spec"] = options.budget
     return section, curves
 
@@ -138,7 +141,7 @@ def format_budget(section: dict[str, Any]) -> list[str]:
     lines = [
         f"budget {section['spec']}: {section['clients_within_budget']}/{judged} clients within budget on test"
         + (f" (share_within_budget {share:.2f})" if share is not None else ""),
-        f"  personalized policies: accuracy {100 * section['accuracy']:.2f}% at "
+        f"  personalized policies ({section['scope']} scope): accuracy {100 * section['accuracy']:.2f}% at "
         f"{100 * section['macs_fraction']:.1f}% of the last exit's MACs (last exit alone: "
         f"{100 * section['last_exit_accuracy']:.2f}%)",
         f"  global threshold at the same mean MACs: accuracy {100 * glob['accuracy']:.2f}% "
@@ -162,6 +165,11 @@ def add_budget_arguments(parser: Any) -> None:
                              "(max-softmax, entropy, margin; default all)")
     parser.add_argument("--no-temperature", action="store_true",
                         help="with --budget: do not also try per-exit temperature scaling fitted on calibration")
+    parser.add_argument("--policy-scope", choices=SCOPES, default=SCOPES[0],
+                        help="with --budget: 'pooled' (default) chooses the policy, temperatures and threshold on "
+                             "all clients' calibration splits together and then moves each client's threshold until "
+                             "its own budget holds on its own split; 'client' searches each client's split alone "
+                             "(noisier on small splits: docs/METHOD.md)")
     parser.add_argument("--budget-confidence", type=float, default=0.95,
                         help="with --budget: a policy is chosen only if its calibration estimate meets the budget "
                              "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")

@@ -14,8 +14,10 @@ For one setting it writes, under ``docs/results/`` (``-`` in the setting's name 
 and replaces, in RESULTS.md, the blocks between ``<!-- study:<setting>:runs -->`` and
 ``<!-- /study:<setting>:runs -->`` (one row per run) and ``<!-- study:<setting>:seeds -->`` /
 ``<!-- /study:<setting>:seeds -->`` (each method at its chosen lr: mean ± sample sd over its
-seeds) when those markers exist. The chosen lr comes from the compare's trials.csv, never
-from test accuracy.
+seeds) and ``<!-- study:<setting>:paired -->`` / ``<!-- /study:<setting>:paired -->``
+(CAFEDistill minus each other method, seed by seed — a seed gives every method the same
+partition — mean ± standard error over the seeds) when those markers exist. The chosen lr
+comes from the compare's trials.csv, never from test accuracy.
 """
 
 from __future__ import annotations
@@ -90,6 +92,33 @@ def seeds_table(rows: list[dict], chosen: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(rows: list[dict], chosen: dict[str, str], reference: str = "cafedistill") -> str:
+    """Markdown: ``reference`` minus each other method at their chosen settings, seed-matched
+    test accuracy differences per exit (points, mean ± standard error over the shared seeds)."""
+    exits = ("test_exit1", "test_exit2", "test_exit3")
+
+    def by_seed(method: str) -> dict[str, dict]:
+        prefix = f"{method}/{chosen[method]}/"
+        return {r["seed"]: r for r in rows if r["variant"].startswith(prefix)}
+
+    if reference not in chosen:
+        return ""
+    ref = by_seed(reference)
+    lines = [f"| {reference} minus | seeds | exit 1 | exit 2 | exit 3 |", "| --- | --- | --- | --- | --- |"]
+    for method in chosen:
+        other = by_seed(method)
+        seeds = sorted(set(ref) & set(other))
+        if method == reference or not seeds:
+            continue
+        cells = []
+        for key in exits:
+            diffs = [100 * (float(ref[s][key]) - float(other[s][key])) for s in seeds]
+            sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+            cells.append(f"{statistics.mean(diffs):+.1f} ± {sem:.1f}")
+        lines.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def replace_block(text: str, marker: str, body: str) -> str:
     """``text`` with the lines between ``<!-- marker -->`` and ``<!-- /marker -->`` set to ``body``."""
     start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
@@ -109,12 +138,14 @@ def main() -> None:
     study_dir = args.study / args.setting
     args.results.mkdir(parents=True, exist_ok=True)
     rows = collect(study_dir, args.setting, args.results)
-    runs, seeds = runs_table(rows), seeds_table(rows, chosen_settings(study_dir))
+    chosen = chosen_settings(study_dir)
+    runs, seeds, paired = runs_table(rows), seeds_table(rows, chosen), paired_table(rows, chosen)
     text = args.results_md.read_text()
     text = replace_block(text, f"study:{args.setting}:runs", runs)
     text = replace_block(text, f"study:{args.setting}:seeds", seeds)
+    text = replace_block(text, f"study:{args.setting}:paired", paired)
     args.results_md.write_text(text)
-    print(runs, seeds, sep="\n\n")
+    print(runs, seeds, paired, sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -112,9 +112,13 @@ def paired_table(rows: list[dict], chosen: dict[str, str], reference: str = "caf
             continue
         cells = []
         for key in exits:
-            diffs = [100 * (float(ref[s][key]) - float(other[s][key])) for s in seeds]
-            sem = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-            cells.append(f"{statistics.mean(diffs):+.1f} ± {sem:.1f}")
+            diffs = [100 * (float(ref[s][key]) - float(other[s][key])) for s in seeds
+                     if ref[s][key] != "" and other[s][key] != ""]
+            if not diffs:
+                cells.append("")
+                continue
+            mean = f"{statistics.mean(diffs):+.1f}"
+            cells.append(f"{mean} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}" if len(diffs) > 1 else mean)
         lines.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

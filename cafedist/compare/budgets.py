@@ -2,11 +2,11 @@
 
 Each budget is what ``cafedist eval RUN --budget`` takes (``macs=F``, ``loss=P`` or a
 per-client CSV/YAML file) and is evaluated by the same code
-(:func:`cafedist.eval.budget_run.budget_section`): every client's exit policy is chosen on its
-own calibration (validation) split and checked on its test split. The report gets, per
-method and budget, the pooled test accuracy, the mean MACs as a fraction of the last exit's,
-the share of clients within budget on test, and the global threshold's accuracy at the same
-mean MACs (read off the run's ``summary.json`` dynamic-inference curve, as eval does).
+(:func:`cafedist.eval.budget_run.budget_section`, with its default scope): every client's exit
+policy is chosen on calibration (validation) data within its own budget and checked on its
+test split. The report gets, per method and budget, the pooled test accuracy, the mean MACs
+as a fraction of the last exit's, the share of clients within budget on test, and the global
+threshold's accuracy at the same mean MACs (read off the run's ``summary.json`` dynamic-inference curve, as eval does).
 
 The sections are kept in ``RUN_DIR/budgets.json``, keyed by the budget and the search's
 options, for the run's models (its ``config_hash`` and ``model_hashes``): rerunning compare

@@ -196,8 +196,9 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     budgets = list(dict.fromkeys(s.budget for s in stats if s.budget is not None))
     if budgets:
         lines += ["", "## Per-client inference budgets", "",
-                  "Each client's exit policy chosen on its own calibration (validation) split within its budget "
-                  "and checked on its test split, as `cafedist eval RUN --budget` does: test accuracy (%), mean "
+                  "Each client's exit policy chosen on calibration (validation) data within its own budget and "
+                  "checked on its test split, as `cafedist eval RUN --budget` does (pooled scope): test "
+                  "accuracy (%), mean "
                   "MACs per sample (% of the last exit's), clients within budget on test (%), and beside it one "
                   "global threshold for all clients at the same mean MACs (accuracy, %).", ""]
         head = ["algorithm", "budget", "accuracy", "MACs (% of last exit)", "clients within budget",

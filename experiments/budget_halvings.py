@@ -38,9 +38,8 @@ from cafedist.eval.budget import (
     _z,
     accuracy_at_macs,
     apply_choice,
+    choose_all,
     choose_policy,
-    fit_to_budget,
-    population_choices,
 )
 from cafedist.eval.budget_run import client_splits
 from cafedist.eval.budget_spec import Budget, parse_budget_spec
@@ -81,10 +80,7 @@ def per_client(rule: Callable[[Split, Split, Budget, Sequence[int]], Choice]) ->
 
 def pooled(policies: Sequence[str] = POLICIES) -> Rule:
     """The pooled scope: the population's choice on all choice halves, fitted to each client's budget."""
-    def rule(firsts: Sequence[Split], seconds: Sequence[Split], bud: Budget, macs: Sequence[int]) -> list[Choice]:
-        population = population_choices(firsts, [bud] * len(firsts), macs, policies)[bud]
-        return [fit_to_budget(population, a, bud, macs) for a in firsts]
-    return rule
+    return lambda firsts, seconds, bud, macs: choose_all(firsts, [bud] * len(firsts), macs, policies)[0]
 
 
 RULES: dict[str, Rule] = {

@@ -58,6 +58,11 @@ def chosen_settings(study_dir: Path) -> dict[str, str]:
         return {r["algorithm"]: r["setting"] for r in csv.DictReader(f) if r["chosen"] == "yes"}
 
 
+def chosen_runs(rows: list[dict], method: str, setting: str) -> list[dict]:
+    """The per-run rows of ``method`` at ``setting`` (one per seed)."""
+    return [r for r in rows if r["variant"].startswith(f"{method}/{setting}/")]
+
+
 def _pct(value: str) -> str:
     return "" if value == "" else f"{100 * float(value):.1f}"
 
@@ -77,7 +82,7 @@ def seeds_table(rows: list[dict], chosen: dict[str, str]) -> str:
     lines = ["| method (chosen) | seeds | test e1 | test e2 | test e3 | val e3 |",
              "| --- | --- | --- | --- | --- | --- |"]
     for method, setting in chosen.items():
-        picked = [r for r in rows if r["variant"].startswith(f"{method}/{setting}/")]
+        picked = chosen_runs(rows, method, setting)
         if not picked:
             continue
         cells = []
@@ -98,8 +103,7 @@ def paired_table(rows: list[dict], chosen: dict[str, str], reference: str = "caf
     exits = ("test_exit1", "test_exit2", "test_exit3")
 
     def by_seed(method: str) -> dict[str, dict]:
-        prefix = f"{method}/{chosen[method]}/"
-        return {r["seed"]: r for r in rows if r["variant"].startswith(prefix)}
+        return {r["seed"]: r for r in chosen_runs(rows, method, chosen[method])}
 
     if reference not in chosen:
         return ""

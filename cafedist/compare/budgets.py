@@ -6,7 +6,8 @@ per-client CSV/YAML file) and is evaluated by the same code
 policy is chosen on calibration (validation) data within its own budget and checked on its
 test split. The report gets, per method and budget, the pooled test accuracy, the mean MACs
 as a fraction of the last exit's, the share of clients within budget on test, and the global
-threshold's accuracy at the same mean MACs (read off the run's ``summary.json`` dynamic-inference curve, as eval does).
+threshold's accuracy at the same mean MACs (read off the run's ``summary.json``
+dynamic-inference curve, as eval does).
 
 The sections are kept in ``RUN_DIR/budgets.json``, keyed by the budget and the search's
 options, for the run's models (its ``config_hash`` and ``model_hashes``): rerunning compare

@@ -198,9 +198,8 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
         lines += ["", "## Per-client inference budgets", "",
                   "Each client's exit policy chosen on calibration (validation) data within its own budget and "
                   "checked on its test split, as `cafedist eval RUN --budget` does (pooled scope): test "
-                  "accuracy (%), mean "
-                  "MACs per sample (% of the last exit's), clients within budget on test (%), and beside it one "
-                  "global threshold for all clients at the same mean MACs (accuracy, %).", ""]
+                  "accuracy (%), mean MACs per sample (% of the last exit's), clients within budget on test (%), "
+                  "and beside it one global threshold for all clients at the same mean MACs (accuracy, %).", ""]
         head = ["algorithm", "budget", "accuracy", "MACs (% of last exit)", "clients within budget",
                 "global threshold, same MACs"]
         lines += [_md_row(head), _md_row(["---"] * len(head))]

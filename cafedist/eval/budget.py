@@ -379,6 +379,21 @@ def population_choices(cals: Sequence[Split], budgets: Sequence[Budget], macs_pe
             for b in dict.fromkeys(budgets)}
 
 
+def choose_all(cals: Sequence[Split], budgets: Sequence[Budget], macs_per_exit: Sequence[int],
+               policies: Sequence[str] = POLICIES, temperature: bool = True, confidence: float = 0.95,
+               scope: str = SCOPES[0]) -> tuple[list[Choice], dict[Budget, Choice]]:
+    """Every client's choice under ``scope`` (module docstring) from its calibration split
+    ``cals[cid]`` and budget, and the population's choice per budget (empty for "client")."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown policy scope {scope!r}; expected one of {', '.join(SCOPES)}")
+    if scope == "client":
+        return [choose_policy(cal, b, macs_per_exit, policies, temperature, confidence)
+                for cal, b in zip(cals, budgets)], {}
+    population = population_choices(cals, budgets, macs_per_exit, policies, temperature, confidence)
+    fitted = [fit_to_budget(population[b], cal, b, macs_per_exit, confidence) for cal, b in zip(cals, budgets)]
+    return fitted, population
+
+
 def _choice_json(choice: Choice) -> dict[str, Any]:
     return {"policy": choice.policy, "threshold": choice.threshold,
             "temperatures": None if choice.temperatures is None else list(choice.temperatures),
@@ -404,16 +419,10 @@ def personalized_budgets(
     """
     if len(splits) != len(budgets):
         raise ValueError(f"{len(splits)} clients but {len(budgets)} budgets")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown policy scope {scope!r}; expected one of {', '.join(SCOPES)}")
-    population = (population_choices([cal for cal, _ in splits], budgets, macs_per_exit, policies, temperature,
-                                     confidence) if scope == "pooled" else {})
+    choices, population = choose_all([cal for cal, _ in splits], budgets, macs_per_exit, policies, temperature,
+                                     confidence, scope)
     rows, tests, curves = [], [], []
-    for cid, ((cal, test), budget) in enumerate(zip(splits, budgets)):
-        if scope == "pooled":
-            choice = fit_to_budget(population[budget], cal, budget, macs_per_exit, confidence)
-        else:
-            choice = choose_policy(cal, budget, macs_per_exit, policies, temperature, confidence)
+    for cid, ((cal, test), budget, choice) in enumerate(zip(splits, budgets, choices)):
         if choice.fallback:
             log.warning("client %d: %s: static exit %d for budget %s", cid, choice.fallback,
                         choice.static_exit + 1, budget.spec)
@@ -429,5 +438,5 @@ def personalized_budgets(
 
 
 __all__ = ["SCOPES", "SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
-           "choose_policy", "client_row", "fit_to_budget", "personalized_budgets", "population_choices",
+           "choose_all", "choose_policy", "client_row", "fit_to_budget", "personalized_budgets", "population_choices",
            "pooled_split", "static_fallback", "summarize", "within_budget"]

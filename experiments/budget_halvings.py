@@ -18,8 +18,10 @@ policy only, unscaled, per client), ``quarter`` (``client`` on a quarter of the 
 instead of a half), ``cheapest-near-tie`` (the cheapest feasible candidate within 2
 calibration samples of the most accurate) and ``hindsight`` (``client`` without margin,
 choosing on the scoring half itself: an optimistic bound on what per-client thresholds can
-reach). An experiment, not an interface: it reuses the budget search's internals
-(``_candidates``, ``_z``, ``_EPS``).
+reach) and ``pooled-hindsight-fit`` (``pooled``, but each client's θ fitted on its scoring half
+without margin: what the pooled scope reaches if every client's MACs were known exactly). An
+experiment, not an interface: it reuses the budget search's internals (``_candidates``,
+``_z``, ``_EPS``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cafedist.eval.budget import (
     apply_choice,
     choose_all,
     choose_policy,
+    fit_to_budget,
 )
 from cafedist.eval.budget_run import client_splits
 from cafedist.eval.budget_spec import Budget, parse_budget_spec
@@ -83,6 +86,14 @@ def pooled(policies: Sequence[str] = POLICIES) -> Rule:
     return lambda firsts, seconds, bud, macs: choose_all(firsts, [bud] * len(firsts), macs, policies)[0]
 
 
+def pooled_hindsight_fit(firsts: Sequence[Split], seconds: Sequence[Split], bud: Budget,
+                         macs: Sequence[int]) -> list[Choice]:
+    """The pooled population choice (on the choice halves), each client's θ then fitted on its scoring
+    half itself without margin: the pooled scope with perfect knowledge of every client's MACs."""
+    _, population = choose_all(firsts, [bud] * len(firsts), macs)
+    return [fit_to_budget(population[bud], b, bud, macs, confidence=0.5) for b in seconds]
+
+
 RULES: dict[str, Rule] = {
     "pooled": pooled(),
     "pooled-max-softmax": pooled(("max-softmax",)),
@@ -92,6 +103,7 @@ RULES: dict[str, Rule] = {
                                                                bud, macs)),
     "cheapest-near-tie": per_client(lambda a, b, bud, macs: cheapest_near_tie(a, bud, macs)),
     "hindsight": per_client(lambda a, b, bud, macs: choose_policy(b, bud, macs, confidence=0.5)),
+    "pooled-hindsight-fit": pooled_hindsight_fit,
 }
 
 
@@ -139,11 +151,17 @@ def main() -> None:
                 results[name].append(score(rule(first, second, budget, macs), second, macs, budget))
         print(run_dir, {k: round(statistics.mean(r[0] for r in v[-args.repeats:]), 2) for k, v in results.items()},
               flush=True)
-    print(f"{'rule':18s} {'gap (points)':>16s} {'MACs share':>11s} {'within':>7s}")
+    print_table(results)
+
+
+def print_table(results: dict[str, list[tuple[float, float, float]]]) -> None:
+    """Each rule's mean gap ± standard error, MACs share and share within budget over all halvings."""
+    width = max(len(name) for name in results) + 2
+    print(f"{'rule':{width}s} {'gap (points)':>16s} {'MACs share':>11s} {'within':>7s}")
     for name, rows in results.items():
         gaps = [r[0] for r in rows]
         sem = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
-        print(f"{name:18s} {statistics.mean(gaps):+8.2f} ± {sem:5.2f} {statistics.mean(r[1] for r in rows):11.3f} "
+        print(f"{name:{width}s} {statistics.mean(gaps):+8.2f} ± {sem:5.2f} {statistics.mean(r[1] for r in rows):11.3f} "
               f"{statistics.mean(r[2] for r in rows):7.2f}")
 
 

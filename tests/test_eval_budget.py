@@ -180,6 +180,25 @@ def test_pooled_scope_chooses_once_on_all_calibration_samples_and_fits_each_clie
         personalized_budgets(clients, budgets, macs, table, scope="global")
 
 
+def test_global_threshold_on_calibration_is_judged_against_each_clients_own_budget():
+    easy = _split([[0.95, 0.05]] * 4, [0, 0, 0, 0])  # exit 1 sure and right
+    hard = _split([[0.6, 0.4]] * 4, [1, 1, 1, 1])  # exit 1 unsure and wrong
+    budget = Budget("macs", 0.75)  # at most 1.5 MACs per sample
+    table = [{"threshold": 1.0, "accuracy": 1.0, "mean_macs": 2.0}]
+    section, _ = personalized_budgets([(easy, easy), (hard, hard)], [budget] * 2, MACS, table, confidence=0.5)
+    fair = section["global_on_calibration"]
+    # pooled, a threshold in (0.6, 0.95] answers everything right at 1.5 MACs on average: within the
+    # budget of the population, but the hard client pays 2 MACs per sample, over its own budget
+    assert 0.6 < fair["threshold"] <= 0.95
+    assert (fair["accuracy"], fair["mean_macs"], fair["macs_fraction"]) == (1.0, 1.5, 0.75)
+    assert (fair["clients_within_budget"], fair["share_within_budget"]) == (1, 0.5)
+    # the personalized policies keep both clients within budget
+    assert section["clients_within_budget"] == 2
+    mixed, _ = personalized_budgets([(easy, easy), (hard, hard)], [budget, Budget("macs", 1.0)], MACS, table,
+                                    confidence=0.5)
+    assert mixed["global_on_calibration"] is None  # "the same budget" is undefined when budgets differ
+
+
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):
     empty = Split(torch.zeros(3, 0, 2), torch.zeros(0, dtype=torch.long))
     test = Split(_logits([[[0.9, 0.1]], [[0.9, 0.1]], [[0.9, 0.1]]]), torch.tensor([0]))
@@ -289,10 +308,12 @@ def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     assert "clients within budget on test" in proc.stdout
     assert "personalized policies (pooled scope): accuracy" in proc.stdout
     assert "global threshold at the same mean MACs: accuracy" in proc.stdout
+    assert "one global threshold chosen on calibration (no per-client budgets): accuracy" in proc.stdout
     report = json.loads((run / "eval.json").read_text())
     section = report["budget"]
     for key in ("spec", "share_within_budget", "clients_within_budget", "accuracy", "mean_macs", "macs_fraction",
-                "client_mean_accuracy", "global_at_same_macs", "confidence", "policies", "clients"):
+                "client_mean_accuracy", "global_at_same_macs", "global_on_calibration", "confidence", "policies",
+                "clients"):
         assert key in section, key
     assert section["spec"] == "macs=0.5" and len(section["clients"]) == 4
     row = section["clients"][0]

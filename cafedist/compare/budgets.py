@@ -7,7 +7,9 @@ policy is chosen on calibration (validation) data within its own budget and chec
 test split. The report gets, per method and budget, the pooled test accuracy, the mean MACs
 as a fraction of the last exit's, the share of clients within budget on test, and the global
 threshold's accuracy at the same mean MACs (read off the run's ``summary.json``
-dynamic-inference curve, as eval does).
+dynamic-inference curve, as eval does); and, where every client has the same budget, one
+global threshold chosen on calibration for that budget: its accuracy and share of clients
+within their budget.
 
 The sections are kept in ``RUN_DIR/budgets.json``, keyed by the budget and the search's
 options, for the run's models (its ``config_hash`` and ``model_hashes``): rerunning compare
@@ -39,6 +41,8 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("budget_macs_fraction", "macs_fraction"),
     ("budget_share_within", "share_within_budget"),
     ("budget_global_accuracy", "global_accuracy"),
+    ("budget_global_cal_accuracy", "global_cal_accuracy"),
+    ("budget_global_cal_share_within", "global_cal_share_within"),
 )
 
 
@@ -115,7 +119,9 @@ def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[Bud
 
 def numbers(section: dict) -> dict[str, float | None]:
     """The report's metrics of one run under one budget (None where undefined)."""
-    values = {**section, "global_accuracy": section["global_at_same_macs"]["accuracy"]}
+    fair = section.get("global_on_calibration") or {}  # None when clients' budgets differ
+    values = {**section, "global_accuracy": section["global_at_same_macs"]["accuracy"],
+              "global_cal_accuracy": fair.get("accuracy"), "global_cal_share_within": fair.get("share_within_budget")}
     return {metric: values.get(key) for metric, key in METRICS}
 
 

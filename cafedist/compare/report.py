@@ -78,8 +78,8 @@ def summarize(summaries: dict[str, list[dict]], thresholds: Sequence[float] = RE
 
 def summarize_budgets(rows: dict[str, list[dict]]) -> list[Stat]:
     """Per row and budget (``rows``: row -> one {budget: eval section} per finished run, see
-    :mod:`cafedist.compare.budgets`): accuracy, MACs fraction, share of clients within budget
-    and the global threshold's accuracy at the same MACs, each as mean/std over seeds."""
+    :mod:`cafedist.compare.budgets`): its ``METRICS`` (accuracy, MACs fraction, share of clients
+    within budget, the global thresholds'), each as mean/std over seeds."""
     from cafedist.compare.budgets import METRICS, numbers
 
     stats: list[Stat] = []
@@ -199,15 +199,18 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
                   "Each client's exit policy chosen on calibration (validation) data within its own budget and "
                   "checked on its test split, as `cafedist eval RUN --budget` does (pooled scope): test "
                   "accuracy (%), mean MACs per sample (% of the last exit's), clients within budget on test (%), "
-                  "and beside it one global threshold for all clients at the same mean MACs (accuracy, %).", ""]
+                  "beside it one global threshold for all clients at the same mean MACs (accuracy, %), and "
+                  "one global threshold chosen on calibration for the same budget (accuracy, %, and clients "
+                  "within their own budget, %; where all clients share one budget).", ""]
         head = ["algorithm", "budget", "accuracy", "MACs (% of last exit)", "clients within budget",
-                "global threshold, same MACs"]
+                "global threshold, same MACs", "global threshold on calibration", "its clients within budget"]
         lines += [_md_row(head), _md_row(["---"] * len(head))]
         for name in names:
             for budget in budgets:
                 cells = [_pm(get(name, m, budget=budget), digits=d) for m, d in
                          (("budget_accuracy", 2), ("budget_macs_fraction", 1), ("budget_share_within", 0),
-                          ("budget_global_accuracy", 2))]
+                          ("budget_global_accuracy", 2), ("budget_global_cal_accuracy", 2),
+                          ("budget_global_cal_share_within", 0))]
                 if any(c != "–" for c in cells):
                     lines.append(_md_row([name, f"`{budget}`", *cells]))
     if budget_errors:

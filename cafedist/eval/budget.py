@@ -65,9 +65,10 @@ log = logging.getLogger("cafedist")
 
 _MAX_DATA_THRESHOLDS = 512  # more calibration scores than this: use this many quantiles
 _EPS = 1e-9  # slack in budget comparisons, so e.g. exactly 0.5 of the MACs counts as within 0.5
-#: the search's version: bump it when :func:`choose_policy` chooses differently, so that the
-#: budget results ``cafedist compare`` keeps per run (cafedist.compare.budgets) are recomputed
-SEARCH_VERSION = 2
+#: the search's version: bump it when :func:`choose_policy` chooses differently or the budget
+#: section holds something new, so that the results ``cafedist compare`` keeps per run
+#: (cafedist.compare.budgets) are recomputed (3: ``global_on_calibration``)
+SEARCH_VERSION = 3
 #: where a client's policy is chosen (module docstring); the first is the default
 SCOPES: tuple[str, ...] = ("pooled", "client")
 
@@ -394,6 +395,26 @@ def choose_all(cals: Sequence[Split], budgets: Sequence[Budget], macs_per_exit: 
     return fitted, population
 
 
+def global_on_calibration(splits: Sequence[tuple[Split, Split]], budget: Budget, macs_per_exit: Sequence[int],
+                          confidence: float = 0.95) -> dict[str, Any]:
+    """One max-softmax threshold for every client, chosen on all calibration splits pooled
+    (:func:`choose_policy` without temperatures) so that ``budget`` holds for the population —
+    what a deployment without per-client budgets would use — checked on test like the
+    personalized policies: its accuracy and MACs, and for how many clients their *own* budget
+    holds (one threshold lets hard clients spend more than easy ones)."""
+    choice = choose_policy(pooled_split([cal for cal, _ in splits]), budget, macs_per_exit, ("max-softmax",),
+                           temperature=False, confidence=confidence)
+    tests = [apply_choice(choice, test, macs_per_exit) for _, test in splits]
+    last_macs = float(macs_per_exit[-1])
+    judged = [within_budget(budget, t["correct"] / t["n"], t["last_correct"] / t["n"], t["macs"] / t["n"], last_macs)
+              for t in tests if t["n"]]
+    n = sum(t["n"] for t in tests)
+    mean_macs = sum(t["macs"] for t in tests) / n
+    return {"threshold": choice.threshold, "accuracy": sum(t["correct"] for t in tests) / n, "mean_macs": mean_macs,
+            "macs_fraction": mean_macs / last_macs, "clients_within_budget": sum(judged),
+            "share_within_budget": sum(judged) / len(judged)}
+
+
 def _choice_json(choice: Choice) -> dict[str, Any]:
     return {"policy": choice.policy, "threshold": choice.threshold,
             "temperatures": None if choice.temperatures is None else list(choice.temperatures),
@@ -414,8 +435,9 @@ def personalized_budgets(
     ``scope`` "pooled" or "client" (module docstring).
 
     Returns the ``budget`` section of eval.json (``clients``: one row per client, and the
-    overall numbers; under the pooled scope also ``population``: the pooled choice per budget)
-    and each client's test curve for the figure.
+    overall numbers; under the pooled scope also ``population``: the pooled choice per budget;
+    ``global_on_calibration``: :func:`global_on_calibration` when every client has the same
+    budget, else None) and each client's test curve for the figure.
     """
     if len(splits) != len(budgets):
         raise ValueError(f"{len(splits)} clients but {len(budgets)} budgets")
@@ -434,9 +456,14 @@ def personalized_budgets(
                **summarize(rows, tests, macs_per_exit, global_table), "clients": rows}
     if population:
         section["population"] = {b.spec: _choice_json(c) for b, c in population.items()}
+    # the fair alternative without per-client budgets; defined when every client has the same budget
+    uniform = len(set(budgets)) == 1
+    section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, confidence)
+                                        if uniform else None)
     return section, curves
 
 
 __all__ = ["SCOPES", "SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
-           "choose_all", "choose_policy", "client_row", "fit_to_budget", "personalized_budgets", "population_choices",
-           "pooled_split", "static_fallback", "summarize", "within_budget"]
+           "choose_all", "choose_policy", "client_row", "fit_to_budget", "global_on_calibration",
+           "personalized_budgets", "population_choices", "pooled_split", "static_fallback", "summarize",
+           "within_budget"]

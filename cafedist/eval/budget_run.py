@@ -147,6 +147,12 @@ def format_budget(section: dict[str, Any]) -> list[str]:
         f"  global threshold at the same mean MACs: accuracy {100 * glob['accuracy']:.2f}% "
         f"(threshold {' .. '.join(f'{t:g}' for t in glob['thresholds'])})",
     ]
+    fair = section.get("global_on_calibration")
+    if fair is not None:
+        lines.append(f"  one global threshold chosen on calibration (no per-client budgets): accuracy "
+                     f"{100 * fair['accuracy']:.2f}% at {100 * fair['macs_fraction']:.1f}% of the MACs, "
+                     f"{fair['clients_within_budget']}/{judged} clients within their budget "
+                     f"(threshold {fair['threshold']:.3f})")
     if section["fallback_clients"]:
         lines.append(f"  static fallback (no calibration samples) for clients {section['fallback_clients']}")
     return lines

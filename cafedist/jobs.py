@@ -16,8 +16,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import submitit
-
 from cafedist.errors import CafeError, ConfigError
 
 
@@ -121,6 +119,18 @@ def key_values(texts: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+def require_submitit() -> Any:
+    """The submitit module, imported only when jobs are submitted, so that everything else
+    (train, eval, compare without ``--submit``; the CLI's flags) runs where it is missing;
+    there a submission stops with one line saying what to install."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("submitting jobs needs submitit, which is not installed here "
+                          "(pip install 'submitit>=1.5'; `cafedist train` runs without it)") from None
+    return submitit
+
+
 def make_executor(folder: str | Path, local: bool, params: dict[str, Any], python: str | None = None,
                   max_requeues: int = 20) -> Any:
     """A submitit AutoExecutor for Slurm (or the local executor) with ``params`` applied.
@@ -133,7 +143,7 @@ def make_executor(folder: str | Path, local: bool, params: dict[str, Any], pytho
     if python:
         kwargs[f"{cluster}_python"] = python
     try:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, **kwargs)
+        executor = require_submitit().AutoExecutor(folder=str(folder), cluster=cluster, **kwargs)
     except RuntimeError as exc:  # e.g. no sbatch on PATH
         raise CafeError(f"cannot create the {cluster} executor: {exc} (use --local without Slurm)") from None
     executor.update_parameters(**params)

@@ -36,11 +36,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import submitit
-from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
-
 from cafedist.errors import ConfigError
-from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, wait_for
+from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, require_submitit, wait_for
+
+try:  # only submitting needs submitit; the CLI imports this module for its flags everywhere
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+except ImportError:  # then main() stops at require_submitit() before a TrainTask is made
+    submitit = None
+    Checkpointable = object
 from cafedist.train.signals import REQUEUE_EXIT_CODE  # light module: no torch at submit time
 
 
@@ -314,6 +318,7 @@ def _report(outcome: JobOutcome) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``cafedist submit`` (0: submitted, or with --wait: every job succeeded)."""
+    require_submitit()
     runs = build_runs(args.config, args.out, args.overrides, args.array, args.resume)
     validate_runs(runs)
     options = ExecutorOptions.from_args(args)

@@ -63,7 +63,7 @@ from cafedist.compare.report import (
     write_report,
 )
 from cafedist.errors import ConfigError
-from cafedist.jobs import ExecutorOptions
+from cafedist.jobs import ExecutorOptions, require_submitit
 from cafedist.tuning import Setting, TuneResult
 
 log = logging.getLogger("cafedist")
@@ -217,6 +217,7 @@ def _submit_options(args: argparse.Namespace) -> ExecutorOptions | None:
         if given:
             raise ConfigError(f"{given[0]}: only meaningful with --submit")
         return None
+    require_submitit()  # before anything trains
     return ExecutorOptions(local=args.local, slurm_arg=list(args.slurm_arg),
                            **{f: getattr(args, f) for f in _SUBMIT_FIELDS if getattr(args, f) is not None})
 

@@ -90,7 +90,7 @@ def _at_threshold(summary: dict, threshold: float) -> dict:
 def runs_csv(outcomes: Sequence[Any], budgets: dict[str, dict] | None = None) -> str:
     """``runs.csv``: one row per run (failed ones with their status and empty numbers);
     ``budgets`` (run directory -> {budget: eval section}, ``compare --budget``) adds each
-    budget's accuracy, MACs fraction, share within budget and global accuracy at the same MACs."""
+    budget's :data:`~cafedist.compare.budgets.METRICS` as ``<metric>@<budget>`` columns."""
     from cafedist.compare.budgets import METRICS, numbers
 
     summaries = [_summary(o) for o in outcomes]

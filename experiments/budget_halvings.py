@@ -19,7 +19,8 @@ instead of a half), ``cheapest-near-tie`` (the cheapest feasible candidate withi
 calibration samples of the most accurate) and ``hindsight`` (``client`` without margin,
 choosing on the scoring half itself: an optimistic bound on what per-client thresholds can
 reach) and ``pooled-hindsight-fit`` (``pooled``, but each client's θ fitted on its scoring half
-without margin: what the pooled scope reaches if every client's MACs were known exactly). An
+without margin: what the pooled rule, which only lowers θ, reaches if every client's MACs were
+known exactly). An
 experiment, not an interface: it reuses the budget search's internals (``_candidates``,
 ``_z``, ``_EPS``).
 """
@@ -43,6 +44,7 @@ from cafedist.eval.budget import (
     choose_all,
     choose_policy,
     fit_to_budget,
+    population_choices,
 )
 from cafedist.eval.budget_run import client_splits
 from cafedist.eval.budget_spec import Budget, parse_budget_spec
@@ -89,9 +91,10 @@ def pooled(policies: Sequence[str] = POLICIES) -> Rule:
 def pooled_hindsight_fit(firsts: Sequence[Split], seconds: Sequence[Split], bud: Budget,
                          macs: Sequence[int]) -> list[Choice]:
     """The pooled population choice (on the choice halves), each client's θ then fitted on its scoring
-    half itself without margin: the pooled scope with perfect knowledge of every client's MACs."""
-    _, population = choose_all(firsts, [bud] * len(firsts), macs)
-    return [fit_to_budget(population[bud], b, bud, macs, confidence=0.5) for b in seconds]
+    half itself without margin: the pooled rule (which only lowers θ under a MACs budget) with
+    perfect knowledge of every client's MACs."""
+    population = population_choices(firsts, [bud], macs)[bud]
+    return [fit_to_budget(population, b, bud, macs, confidence=0.5) for b in seconds]
 
 
 RULES: dict[str, Rule] = {
@@ -128,13 +131,28 @@ def score(choices: Sequence[Choice], halves: Sequence[Split], macs: Sequence[int
     return gap, mean_macs / macs[-1], sum(within) / len(within)
 
 
+def halves(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample positions 0..n-1 split at random into two halves (the first gets n // 2)."""
+    perm = torch.randperm(n, generator=g)
+    return perm[: n // 2], perm[n // 2:]
+
+
+def macs_budget(parser: argparse.ArgumentParser, text: str) -> Budget:
+    """``--budget``: a ``macs=F`` spec (the scoring reads MACs budgets only)."""
+    budget = parse_budget_spec(text)
+    if budget.kind != "macs":
+        parser.error(f"--budget: expected macs=F (these experiments score MACs budgets only), got {text!r}")
+    return budget
+
+
 def main() -> None:
+    """Every rule on ``--repeats`` random halvings of each run's calibration splits; prints per run and overall."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="finished run directories trained with data.val_fraction > 0")
     parser.add_argument("--budget", default="macs=0.5")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    budget = parse_budget_spec(args.budget)
+    budget = macs_budget(parser, args.budget)
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in RULES}
     for run_dir in args.runs:
         with load_run(run_dir) as loaded:
@@ -143,10 +161,9 @@ def main() -> None:
             g = torch.Generator().manual_seed(rep)
             first, second = [], []
             for cal in cals:
-                perm = torch.randperm(cal.n, generator=g)
-                h = cal.n // 2
-                first.append(Split(cal.logits[:, perm[:h]], cal.y[perm[:h]]))
-                second.append(Split(cal.logits[:, perm[h:]], cal.y[perm[h:]]))
+                a, b = halves(cal.n, g)
+                first.append(Split(cal.logits[:, a], cal.y[a]))
+                second.append(Split(cal.logits[:, b], cal.y[b]))
             for name, rule in RULES.items():
                 results[name].append(score(rule(first, second, budget, macs), second, macs, budget))
         print(run_dir, {k: round(statistics.mean(r[0] for r in v[-args.repeats:]), 2) for k, v in results.items()},

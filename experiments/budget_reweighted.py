@@ -12,7 +12,10 @@ every client's calibration inputs in one place, which the pooled scope does not)
 scored on the other halves as in ``budget_halvings.py``: ``pooled`` and ``client`` (as there),
 ``reweighted`` (the search on the reweighted pooled half: three policies, unscaled and with the
 population's temperatures; feasibility from the weighted mean + z·sd/√n_eff) and
-``reweighted-unscaled`` (unscaled policies only). An experiment, not an interface.
+``reweighted-unscaled`` (unscaled policies only). Simpler than ``choose_policy`` in two ways
+that may cost it a little: a fixed grid of 101 thresholds, and no pseudo-sample variance floor
+in the bound (the weighted effective sample size stands in for n). An experiment, not an
+interface.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import statistics
 from statistics import NormalDist
 
 import torch
-from budget_halvings import print_table, score
+from budget_halvings import halves, macs_budget, print_table, score
 from torch import Tensor
 
 from cafedist.eval.budget import Choice, Split, choose_all, choose_policy
-from cafedist.eval.budget_spec import Budget, parse_budget_spec
+from cafedist.eval.budget_spec import Budget
 from cafedist.eval.dynamic import exit_indices
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.policies import POLICIES, exit_scores
@@ -64,13 +67,14 @@ def weighted_choice(logits: Tensor, y: Tensor, w: Tensor, macs: Tensor, budget: 
 
 
 def main() -> None:
+    """The four rules on ``--repeats`` random halvings of each run; prints per run and overall."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="finished run directories trained with data.val_fraction > 0")
     parser.add_argument("--budget", default="macs=0.5")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--confidence", type=float, default=0.95)
     args = parser.parse_args()
-    budget, z = parse_budget_spec(args.budget), NormalDist().inv_cdf(args.confidence)
+    budget, z = macs_budget(parser, args.budget), NormalDist().inv_cdf(args.confidence)
     rules = ("pooled", "client", "reweighted", "reweighted-unscaled")
     results: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rules}
     for run_dir in args.runs:
@@ -94,9 +98,9 @@ def main() -> None:
             firsts_idx, seconds_idx = [], []
             for i in range(n):
                 own = torch.nonzero(owner == i).flatten()
-                own = own[torch.randperm(own.numel(), generator=g)]
-                firsts_idx.append(own[: own.numel() // 2])
-                seconds_idx.append(own[own.numel() // 2:])
+                a, b = halves(own.numel(), g)
+                firsts_idx.append(own[a])
+                seconds_idx.append(own[b])
             pooled_idx = torch.cat(firsts_idx)
             firsts = [Split(cross[i][:, firsts_idx[i]], labels[firsts_idx[i]]) for i in range(n)]
             seconds = [Split(cross[i][:, seconds_idx[i]], labels[seconds_idx[i]]) for i in range(n)]

@@ -219,19 +219,27 @@ def test_mpiexec_wrapper_prefers_mpiexec_next_to_python(tmp_path: Path) -> None:
     assert cmd[:3] == [str(tmp_path / "mpiexec"), "-n", "2"]
 
 
+def _cuda_check(out: Path, device: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "DEVICE": device, "BENCH": "0", "ROUNDS": "1", "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(REPO / "launch" / "cuda_check.sh")], cwd=out.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
 def test_cuda_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     """launch/cuda_check.sh, the prepared GPU check, runs end to end with DEVICE=cpu: every step
     succeeds and the summary compares the runs it trained (so it cannot rot unseen before a GPU
-    session needs it)."""
+    session needs it); a failing step makes the exit status 1."""
     out = tmp_path / "check"
-    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "BENCH": "0", "ROUNDS": "1",
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(REPO / "launch" / "cuda_check.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = _cuda_check(out, "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
     for name in ("train-bf16-packed", "eval-budget", "train-fp32-packed", "train-fp32-seq", "torchrun-1rank"):
         assert f"{name}: rc=0" in summary, summary
     assert "repeated sequential runs bit-identical (model hashes): yes" in summary
     assert "torchrun run equals the plain run (model hashes): yes" in summary
-    assert "share_within_budget" in summary
+    assert "share_within_budget" in summary and "every step succeeded" in summary
+    failing = _cuda_check(tmp_path / "bad", "bogus")  # every training step refuses the device
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert "train-fp32-seq: rc=2" in failing.stdout and "n/a (a run did not finish)" in failing.stdout

@@ -18,6 +18,7 @@ from cafedist.eval.budget import (
     accuracy_at_macs,
     choose_policy,
     fit_to_budget,
+    global_on_calibration,
     personalized_budgets,
     pooled_split,
 )
@@ -197,6 +198,8 @@ def test_global_threshold_on_calibration_is_judged_against_each_clients_own_budg
     mixed, _ = personalized_budgets([(easy, easy), (hard, hard)], [budget, Budget("macs", 1.0)], MACS, table,
                                     confidence=0.5)
     assert mixed["global_on_calibration"] is None  # "the same budget" is undefined when budgets differ
+    empty = Split(torch.zeros(2, 0, 2), torch.zeros(0, dtype=torch.long))
+    assert global_on_calibration([(empty, easy), (empty, hard)], budget, MACS, table) is None  # nothing to choose on
 
 
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):

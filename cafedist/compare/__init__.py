@@ -190,8 +190,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--budget", action="append", default=[], metavar="SPEC|FILE",
                    help="after training, evaluate every run with each client's exit policy chosen on its "
                         "validation split within this budget: macs=F, loss=P or a per-client CSV/YAML file "
-                        "(repeatable, or comma-separated); reports accuracy, MACs, clients within budget and "
-                        "the global threshold at the same MACs. Needs data.val_fraction > 0")
+                        "(repeatable, or comma-separated); reports accuracy, MACs, clients within budget, "
+                        "the global threshold at the same MACs and one global threshold chosen on calibration. "
+                        "Needs data.val_fraction > 0")
     s = p.add_argument_group("submitit (see `cafedist submit --help`)")
     s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
     s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor instead of Slurm")

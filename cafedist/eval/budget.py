@@ -396,23 +396,23 @@ def choose_all(cals: Sequence[Split], budgets: Sequence[Budget], macs_per_exit: 
 
 
 def global_on_calibration(splits: Sequence[tuple[Split, Split]], budget: Budget, macs_per_exit: Sequence[int],
-                          confidence: float = 0.95) -> dict[str, Any]:
-    """One max-softmax threshold for every client, chosen on all calibration splits pooled
-    (:func:`choose_policy` without temperatures) so that ``budget`` holds for the population —
-    what a deployment without per-client budgets would use — checked on test like the
-    personalized policies: its accuracy and MACs, and for how many clients their *own* budget
-    holds (one threshold lets hard clients spend more than easy ones)."""
-    choice = choose_policy(pooled_split([cal for cal, _ in splits]), budget, macs_per_exit, ("max-softmax",),
-                           temperature=False, confidence=confidence)
+                          global_table: list[dict], confidence: float = 0.95) -> dict[str, Any] | None:
+    """One unscaled max-softmax threshold for every client (the policy of eval's global curve),
+    chosen on all calibration splits pooled so that ``budget`` holds for the population — what
+    a deployment without per-client budgets would use — and checked on test like the
+    personalized policies (:func:`summarize`): its accuracy and MACs, and for how many clients
+    their *own* budget holds (one threshold lets hard clients spend more than easy ones).
+    None without calibration samples (nothing to choose on)."""
+    pooled = pooled_split([cal for cal, _ in splits])
+    if pooled.n == 0:
+        return None
+    choice = choose_policy(pooled, budget, macs_per_exit, ("max-softmax",), temperature=False, confidence=confidence)
     tests = [apply_choice(choice, test, macs_per_exit) for _, test in splits]
-    last_macs = float(macs_per_exit[-1])
-    judged = [within_budget(budget, t["correct"] / t["n"], t["last_correct"] / t["n"], t["macs"] / t["n"], last_macs)
-              for t in tests if t["n"]]
-    n = sum(t["n"] for t in tests)
-    mean_macs = sum(t["macs"] for t in tests) / n
-    return {"threshold": choice.threshold, "accuracy": sum(t["correct"] for t in tests) / n, "mean_macs": mean_macs,
-            "macs_fraction": mean_macs / last_macs, "clients_within_budget": sum(judged),
-            "share_within_budget": sum(judged) / len(judged)}
+    rows = [client_row(cid, budget, choice, cal.n, t, macs_per_exit)
+            for cid, ((cal, _), t) in enumerate(zip(splits, tests))]
+    overall = summarize(rows, tests, macs_per_exit, global_table)
+    keys = ("accuracy", "mean_macs", "macs_fraction", "clients_within_budget", "share_within_budget")
+    return {"threshold": choice.threshold, **{k: overall[k] for k in keys}}
 
 
 def _choice_json(choice: Choice) -> dict[str, Any]:
@@ -458,8 +458,8 @@ def personalized_budgets(
         section["population"] = {b.spec: _choice_json(c) for b, c in population.items()}
     # the fair alternative without per-client budgets; defined when every client has the same budget
     uniform = len(set(budgets)) == 1
-    section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, confidence)
-                                        if uniform else None)
+    section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, global_table,
+                                                              confidence) if uniform else None)
     return section, curves
 
 

@@ -150,9 +150,9 @@ def format_budget(section: dict[str, Any]) -> list[str]:
     fair = section.get("global_on_calibration")
     if fair is not None:
         lines.append(f"  one global threshold chosen on calibration (no per-client budgets): accuracy "
-                     f"{100 * fair['accuracy']:.2f}% at {100 * fair['macs_fraction']:.1f}% of the MACs, "
+                     f"{100 * fair['accuracy']:.2f}% at {100 * fair['macs_fraction']:.1f}% of the last exit's MACs, "
                      f"{fair['clients_within_budget']}/{judged} clients within their budget "
-                     f"(threshold {fair['threshold']:.3f})")
+                     f"(threshold {fair['threshold']:g})")
     if section["fallback_clients"]:
         lines.append(f"  static fallback (no calibration samples) for clients {section['fallback_clients']}")
     return lines

@@ -22,6 +22,7 @@ from cafedist.eval.budget import (
     personalized_budgets,
     pooled_split,
 )
+from cafedist.eval.budget_run import format_budget
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec, resolve_budgets
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 
@@ -198,6 +199,10 @@ def test_global_threshold_on_calibration_is_judged_against_each_clients_own_budg
     mixed, _ = personalized_budgets([(easy, easy), (hard, hard)], [budget, Budget("macs", 1.0)], MACS, table,
                                     confidence=0.5)
     assert mixed["global_on_calibration"] is None  # "the same budget" is undefined when budgets differ
+    lines = format_budget({**mixed, "spec": "budgets.csv"})
+    assert lines[-1] == "  one global threshold chosen on calibration: not compared (the clients' budgets differ)"
+    assert format_budget({**section, "spec": "macs=0.75"})[-1].startswith(
+        "  one global threshold chosen on calibration (no per-client budgets): accuracy 100.00% at 75.0%")
     empty = Split(torch.zeros(2, 0, 2), torch.zeros(0, dtype=torch.long))
     assert global_on_calibration([(empty, easy), (empty, hard)], budget, MACS, table) is None  # nothing to choose on
 

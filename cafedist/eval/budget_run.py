@@ -148,7 +148,9 @@ def format_budget(section: dict[str, Any]) -> list[str]:
         f"(threshold {' .. '.join(f'{t:g}' for t in glob['thresholds'])})",
     ]
     fair = section.get("global_on_calibration")
-    if fair is not None:
+    if fair is None and "global_on_calibration" in section:
+        lines.append("  one global threshold chosen on calibration: not compared (the clients' budgets differ)")
+    elif fair is not None:
         lines.append(f"  one global threshold chosen on calibration (no per-client budgets): accuracy "
                      f"{100 * fair['accuracy']:.2f}% at {100 * fair['macs_fraction']:.1f}% of the last exit's MACs, "
                      f"{fair['clients_within_budget']}/{judged} clients within their budget "

@@ -5,8 +5,10 @@ Two panels that stay readable from a handful of clients to hundreds:
 - left, one axis: each client's test curve under its chosen policy as a faint line (own
   colours up to 10 clients, one translucent colour beyond, so 100 lines read as a band),
   its chosen point on top (circle: within budget on test; red cross: over), the global
-  max-softmax threshold curve in black, and the budget as a dashed line when all clients
-  share one MACs budget;
+  max-softmax threshold curve in black, the overall result of the per-client policies (star)
+  and of one threshold chosen on calibration for the same budget (diamond, with how many
+  clients it keeps within budget), and the budget as a dashed line when all clients share
+  one MACs budget;
 - right, the budget check: every client's slack on test (budget minus what it used, in
   points of the last exit's MACs or of accuracy), sorted, with the zero line; client ids
   are written next to the points up to 20 clients.
@@ -63,6 +65,16 @@ def _draw_curves(ax: Any, section: dict, curves: list[list[dict]], global_table:
     last = float(global_table[0]["last_exit_macs"])
     ax.plot([100.0 * r["mean_macs"] / last for r in global_table], [100.0 * r["accuracy"] for r in global_table],
             color="black", linewidth=1.8, label="global threshold (max-softmax), all clients")
+    # the two overall results eval prints: what the per-client policies reach on all clients together,
+    # and the alternative without per-client budgets (one threshold chosen on calibration)
+    ax.scatter([100.0 * section["macs_fraction"]], [100.0 * section["accuracy"]], s=140, marker="*", color="gold",
+               edgecolors="black", linewidths=0.8, zorder=5, label="per-client policies, all clients")
+    fair = section.get("global_on_calibration")
+    if fair is not None:
+        ax.scatter([100.0 * fair["macs_fraction"]], [100.0 * fair["accuracy"]], s=70, marker="D", color="white",
+                   edgecolors="black", linewidths=1.0, zorder=5,
+                   label=f"one threshold chosen on calibration ({fair['clients_within_budget']}/"
+                         f"{sum(r['within_budget'] is not None for r in rows)} clients within budget)")
     budgets = {row["budget"] for row in rows}
     if len(budgets) == 1 and next(iter(budgets)).startswith("macs="):
         ax.axvline(100.0 * float(next(iter(budgets)).split("=")[1]), color="grey", linestyle="--",

@@ -20,9 +20,8 @@ calibration samples of the most accurate) and ``hindsight`` (``client`` without 
 choosing on the scoring half itself: an optimistic bound on what per-client thresholds can
 reach) and ``pooled-hindsight-fit`` (``pooled``, but each client's θ fitted on its scoring half
 without margin: what the pooled rule, which only lowers θ, reaches if every client's MACs were
-known exactly). An
-experiment, not an interface: it reuses the budget search's internals (``_candidates``,
-``_z``, ``_EPS``).
+known exactly). An experiment, not an interface: it reuses the budget search's internals
+(``_candidates``, ``_z``, ``_EPS``).
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def test_global_threshold_on_calibration_is_judged_against_each_clients_own_budg
     assert format_budget({**section, "spec": "macs=0.75"})[-1].startswith(
         "  one global threshold chosen on calibration (no per-client budgets): accuracy 100.00% at 75.0%")
     empty = Split(torch.zeros(2, 0, 2), torch.zeros(0, dtype=torch.long))
-    assert global_on_calibration([(empty, easy), (empty, hard)], budget, MACS, table) is None  # nothing to choose on
+    assert global_on_calibration([(empty, easy), (empty, hard)], budget, MACS) is None  # nothing to choose on
 
 
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):

@@ -335,10 +335,9 @@ def accuracy_at_macs(table: list[dict], mean_macs: float) -> dict[str, Any]:
             "thresholds": [lo_row["threshold"], hi_row["threshold"]]}
 
 
-def summarize(rows: list[dict], tests: list[dict], macs_per_exit: Sequence[int],
-              global_table: list[dict]) -> dict[str, Any]:
-    """Overall numbers: pooled test accuracy and MACs (like ``acc_per_exit``), the client mean,
-    the share of clients within budget, and the global threshold at the same mean MACs."""
+def overall_result(rows: list[dict], tests: list[dict], macs_per_exit: Sequence[int]) -> dict[str, Any]:
+    """Overall numbers of one policy per client: pooled test accuracy and MACs (like
+    ``acc_per_exit``), the client mean, the share of clients within budget, the fallbacks."""
     n = sum(t["n"] for t in tests)
     if n == 0:
         raise ValueError("no client has test samples: the budget report is undefined")
@@ -354,8 +353,14 @@ def summarize(rows: list[dict], tests: list[dict], macs_per_exit: Sequence[int],
         "clients_within_budget": sum(judged),
         "share_within_budget": sum(judged) / len(judged) if judged else None,
         "fallback_clients": [r["client"] for r in rows if r["fallback"]],
-        "global_at_same_macs": accuracy_at_macs(global_table, mean_macs),
     }
+
+
+def summarize(rows: list[dict], tests: list[dict], macs_per_exit: Sequence[int],
+              global_table: list[dict]) -> dict[str, Any]:
+    """:func:`overall_result` and the global threshold curve read at the same mean MACs."""
+    result = overall_result(rows, tests, macs_per_exit)
+    return {**result, "global_at_same_macs": accuracy_at_macs(global_table, result["mean_macs"])}
 
 
 def client_curve(choice: Choice, split: Split, macs_per_exit: Sequence[int]) -> list[dict]:
@@ -396,11 +401,11 @@ def choose_all(cals: Sequence[Split], budgets: Sequence[Budget], macs_per_exit: 
 
 
 def global_on_calibration(splits: Sequence[tuple[Split, Split]], budget: Budget, macs_per_exit: Sequence[int],
-                          global_table: list[dict], confidence: float = 0.95) -> dict[str, Any] | None:
+                          confidence: float = 0.95) -> dict[str, Any] | None:
     """One unscaled max-softmax threshold for every client (the policy of eval's global curve),
     chosen on all calibration splits pooled so that ``budget`` holds for the population — what
     a deployment without per-client budgets would use — and checked on test like the
-    personalized policies (:func:`summarize`): its accuracy and MACs, and for how many clients
+    personalized policies (:func:`overall_result`): its accuracy and MACs, and for how many clients
     their *own* budget holds (one threshold lets hard clients spend more than easy ones).
     None without calibration samples (nothing to choose on)."""
     pooled = pooled_split([cal for cal, _ in splits])
@@ -410,7 +415,7 @@ def global_on_calibration(splits: Sequence[tuple[Split, Split]], budget: Budget,
     tests = [apply_choice(choice, test, macs_per_exit) for _, test in splits]
     rows = [client_row(cid, budget, choice, cal.n, t, macs_per_exit)
             for cid, ((cal, _), t) in enumerate(zip(splits, tests))]
-    overall = summarize(rows, tests, macs_per_exit, global_table)
+    overall = overall_result(rows, tests, macs_per_exit)
     keys = ("accuracy", "mean_macs", "macs_fraction", "clients_within_budget", "share_within_budget")
     return {"threshold": choice.threshold, **{k: overall[k] for k in keys}}
 
@@ -458,12 +463,12 @@ def personalized_budgets(
         section["population"] = {b.spec: _choice_json(c) for b, c in population.items()}
     # the fair alternative without per-client budgets; defined when every client has the same budget
     uniform = len(set(budgets)) == 1
-    section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, global_table,
-                                                              confidence) if uniform else None)
+    section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, confidence)
+                                        if uniform else None)
     return section, curves
 
 
 __all__ = ["SCOPES", "SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
            "choose_all", "choose_policy", "client_row", "fit_to_budget", "global_on_calibration",
-           "personalized_budgets", "population_choices", "pooled_split", "static_fallback", "summarize",
-           "within_budget"]
+           "overall_result", "personalized_budgets", "population_choices", "pooled_split", "static_fallback",
+           "summarize", "within_budget"]

@@ -397,3 +397,32 @@ def test_budget_figure_for_10_and_100_clients(tmp_path, count):
     plot_budget(section, curves, table, out, title=f"{count} synthetic clients")
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert len(curves) == count and all(curves)
+
+
+def test_budget_figure_marks_both_overall_results():
+    """The left panel marks the per-client policies' overall point and, with one shared budget,
+    the calibrated global threshold's, at the numbers eval.json holds."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from cafedist.eval.budget_plots import _draw_curves
+    from cafedist.eval.dynamic import dynamic_counts, dynamic_table
+
+    macs = [1_000, 2_500, 4_000]
+    clients = _synthetic_clients(4, seed=1)
+    logits = torch.cat([test.logits for _, test in clients], dim=1)
+    y = torch.cat([test.y for _, test in clients])
+    probs = logits.softmax(-1)
+    table = dynamic_table(dynamic_counts(probs.argmax(-1), probs.max(-1).values, y, macs), macs)
+    section, curves = personalized_budgets(clients, [Budget("macs", 0.5)] * 4, macs, table)
+    fair = section["global_on_calibration"]
+    fig, ax = plt.subplots()
+    try:
+        _draw_curves(ax, section, curves, table)
+        marks = {c.get_label(): c.get_offsets().tolist() for c in ax.collections if not c.get_label().startswith("_")}
+    finally:
+        plt.close(fig)
+    assert marks["per-client policies, all clients"] == [[pytest.approx(100 * section["macs_fraction"]),
+                                                          pytest.approx(100 * section["accuracy"])]]
+    label = f"one threshold chosen on calibration ({fair['clients_within_budget']}/4 clients within budget)"
+    assert marks[label] == [[pytest.approx(100 * fair["macs_fraction"]), pytest.approx(100 * fair["accuracy"])]]

@@ -144,15 +144,16 @@ def macs_budget(parser: argparse.ArgumentParser, text: str) -> Budget:
     return budget
 
 
-def main() -> None:
-    """Every rule on ``--repeats`` random halvings of each run's calibration splits; prints per run and overall."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(rules: dict[str, Rule] = RULES, description: str = __doc__) -> None:
+    """Every rule of ``rules`` on ``--repeats`` random halvings of each run's calibration splits; prints per
+    run and overall (other experiments pass their own rules and docstring)."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="finished run directories trained with data.val_fraction > 0")
     parser.add_argument("--budget", default="macs=0.5")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     budget = macs_budget(parser, args.budget)
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in RULES}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in rules}
     for run_dir in args.runs:
         with load_run(run_dir) as loaded:
             cals, macs = [cal for cal, _test in client_splits(loaded.run)], list(loaded.run.macs)
@@ -163,7 +164,7 @@ def main() -> None:
                 a, b = halves(cal.n, g)
                 first.append(Split(cal.logits[:, a], cal.y[a]))
                 second.append(Split(cal.logits[:, b], cal.y[b]))
-            for name, rule in RULES.items():
+            for name, rule in rules.items():
                 results[name].append(score(rule(first, second, budget, macs), second, macs, budget))
         print(run_dir, {k: round(statistics.mean(r[0] for r in v[-args.repeats:]), 2) for k, v in results.items()},
               flush=True)

@@ -1,6 +1,7 @@
 """Per-client budgets against one global threshold, on test, for many finished runs.
 
     python experiments/budget_vs_global.py RUN_DIR [RUN_DIR ...] --out CSV [--budget macs=0.5]
+    python experiments/budget_vs_global.py --summarize CSV [CSV ...]
 
 For each run, what ``cafedist eval RUN --budget SPEC`` reports (default scope, nothing chosen on
 test): the per-client policies' accuracy, MACs share and share of clients within budget; the
@@ -9,15 +10,17 @@ global threshold read on the test curve at the same mean MACs; and ``global_on_c
 each client's own budget). One more column set is hindsight and labelled so: the pooled policy
 with each client's threshold fitted on its *test* split exactly to its budget (no margin), and
 the global curve at those MACs — the ceiling of the pooled rule on that run. Appends one CSV
-row per run and skips runs already in ``--out`` (resumable). docs/METHOD.md ("Against the global
-threshold") quotes ``docs/results/budget_macs0.5_T100.csv``, written by this script for the
-120 seed runs of the T = 100 study.
+row per run and skips runs already in ``--out`` (resumable). ``--summarize`` prints, per CSV,
+the means over its runs that docs/METHOD.md ("Against the global threshold") quotes from
+``docs/results/budget_macs*_T100.csv``, written by this script for the 120 seed runs of the
+T = 100 study.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 from pathlib import Path
 
 from budget_halvings import global_table, macs_budget
@@ -54,13 +57,52 @@ def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser) -> dict[st
     return {"run": run_dir, **{k: f"{v:.6f}" for k, v in zip(COLUMNS[1:], values)}}
 
 
+def _points(diffs: list[float]) -> str:
+    """Mean ± standard error of accuracy differences, in points."""
+    return f"{100 * statistics.mean(diffs):+.2f} ± {100 * statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}"
+
+
+def summary(path: Path) -> str:
+    """One CSV's runs in a few lines: each comparison's mean gap, MACs shares, clients within budget."""
+    rows = [{k: (v if k == "run" else float(v)) for k, v in row.items()} for row in csv.DictReader(path.open())]
+    n = len(rows)
+    gap = [r["pooled_accuracy"] - r["global_at_same_macs_accuracy"] for r in rows]
+    deployed = [r["global_on_calibration_accuracy"] - r["pooled_accuracy"] for r in rows]
+    ceiling = [r["hindsight_test_fit_accuracy"] - r["hindsight_test_fit_global_at_same_macs_accuracy"] for r in rows]
+
+    def mean(key: str) -> float:
+        return statistics.mean(r[key] for r in rows)
+
+    def held(key: str) -> int:
+        return sum(r[key] >= 0.9 - 1e-9 for r in rows)
+
+    return "\n".join([
+        f"{path} ({n} runs)",
+        f"  per-client (pooled) minus global curve at the same MACs: {_points(gap)} points, "
+        f"at or above on {sum(g >= -1e-9 for g in gap)}; MACs share {mean('pooled_macs_fraction'):.3f}; "
+        f"clients within budget {mean('pooled_share_within_budget'):.2f} (>= 0.9 on {held('pooled_share_within_budget')})",
+        f"  global threshold chosen on calibration minus per-client: {_points(deployed)} points; MACs share "
+        f"{mean('global_on_calibration_macs_fraction'):.3f}; clients within budget "
+        f"{mean('global_on_calibration_share_within_budget'):.2f} (>= 0.9 on "
+        f"{held('global_on_calibration_share_within_budget')})",
+        f"  hindsight ceiling (θ fitted on test) minus global curve at its MACs: {_points(ceiling)} points; "
+        f"MACs share {mean('hindsight_test_fit_macs_fraction'):.3f}",
+    ])
+
+
 def main() -> None:
-    """Append a row per run not yet in ``--out``."""
+    """Append a row per run not yet in ``--out``; or ``--summarize`` CSVs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="finished run directories trained with data.val_fraction > 0")
-    parser.add_argument("--out", required=True, help="CSV to append to")
+    parser.add_argument("runs", nargs="*", help="finished run directories trained with data.val_fraction > 0")
+    parser.add_argument("--out", help="CSV to append to")
     parser.add_argument("--budget", default="macs=0.5")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="CSV", help="print these CSVs' summaries")
     args = parser.parse_args()
+    if args.summarize:
+        print("\n".join(summary(p) for p in args.summarize))
+        return
+    if not args.runs or not args.out:
+        parser.error("give RUN_DIR ... and --out CSV, or --summarize CSV ...")
     out = Path(args.out)
     done = {row["run"] for row in csv.DictReader(out.open())} if out.exists() else set()
     for run_dir in args.runs:

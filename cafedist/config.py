@@ -403,20 +403,33 @@ def _pop(d: dict, dotted: str) -> None:
     d.pop(leaf, None)
 
 
-def run_identity(cfg: Config) -> str:
-    """:func:`config_hash` without the parameter sections of algorithms other than the
-    selected one: what decides whether a run directory holds *this* run. A config file may
-    carry sections for several algorithms (``cafedist compare`` switches ``algorithm.name``),
-    and a changed default of one algorithm must not make finished runs of another foreign."""
+def identity_fields(cfg: Config) -> dict:
+    """The config as a dict without what does not decide whether a run directory holds *this*
+    run: fields that do not change results, and the parameter sections of algorithms other
+    than the selected one (a config file may carry sections for several algorithms —
+    ``cafedist compare`` switches ``algorithm.name`` — and a changed default of one algorithm
+    must not make finished runs of another foreign)."""
     others = tuple(f"algorithm.{name}" for name in cfg.algorithm.params if name != cfg.algorithm.name)
-    return config_hash(cfg, ignore=_NOT_HASHED + others)
+    return _hashed_fields(cfg, _NOT_HASHED + others)
+
+
+def run_identity(cfg: Config) -> str:
+    """sha256 of :func:`identity_fields`: equal for every config of the same run."""
+    return _sha256(identity_fields(cfg))
 
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
     """sha256 of the canonical resolved config, minus fields that do not change results."""
+    return _sha256(_hashed_fields(cfg, ignore))
+
+
+def _hashed_fields(cfg: Config, ignore: tuple[str, ...]) -> dict:
     d = cfg.to_dict()
     ignore = ignore + tuple(k for k, default in _HASHED_ONLY_IF_SET.items() if _get(d, k) == default)
     for key in ignore:
         _pop(d, key)
-    text = json.dumps(d, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return d
+
+
+def _sha256(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()

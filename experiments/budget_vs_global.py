@@ -80,7 +80,8 @@ def summary(path: Path) -> str:
         f"{path} ({n} runs)",
         f"  per-client (pooled) minus global curve at the same MACs: {_points(gap)} points, "
         f"at or above on {sum(g >= -1e-9 for g in gap)}; MACs share {mean('pooled_macs_fraction'):.3f}; "
-        f"clients within budget {mean('pooled_share_within_budget'):.2f} (>= 0.9 on {held('pooled_share_within_budget')})",
+        f"clients within budget {mean('pooled_share_within_budget'):.2f} "
+        f"(>= 0.9 on {held('pooled_share_within_budget')})",
         f"  global threshold chosen on calibration minus per-client: {_points(deployed)} points; MACs share "
         f"{mean('global_on_calibration_macs_fraction'):.3f}; clients within budget "
         f"{mean('global_on_calibration_share_within_budget'):.2f} (>= 0.9 on "

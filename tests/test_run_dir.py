@@ -268,3 +268,22 @@ def test_another_algorithms_section_does_not_make_a_run_foreign(tmp_path, store_
     refused = cafedist("train", "--config", str(second), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
                        "train.lr=0.2")
     assert refused.returncode == 2 and "different config" in refused.stderr and "train.lr" in refused.stderr
+
+
+def test_different_config_names_a_field_that_decides_the_run(tmp_path):
+    """The refusal names the first difference among the fields that make a run another run, not
+    one that never does (data.cache_dir differs too, and alone would resume)."""
+    from cafedist.config import dump_config, load_config
+    from cafedist.errors import CheckpointError
+    from cafedist.train.preflight import plan_run_dir
+
+    quickstart = ROOT / "configs" / "quickstart.yaml"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config(quickstart)))
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    moved = load_config(quickstart, ["data.cache_dir=/elsewhere"])
+    assert plan_run_dir(moved, run_dir, "auto") is not None  # same run: no refusal
+    with pytest.raises(CheckpointError, match=r"first difference: train\.lr") as refused:
+        plan_run_dir(load_config(quickstart, ["data.cache_dir=/elsewhere", "train.lr=0.123"]), run_dir, "auto")
+    assert "cache_dir" not in str(refused.value)

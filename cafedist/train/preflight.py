@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from cafedist.config import Config, config_from_dict, config_hash, read_yaml, run_identity
+from cafedist.config import Config, config_from_dict, config_hash, identity_fields, read_yaml, run_identity
 from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.paths import check_dir_creatable
 from cafedist.run.checkpoint import CheckpointDir
@@ -50,13 +50,6 @@ def dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
                 return d
         return None
     return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
-
-
-def _own_sections(cfg: Config) -> dict:
-    """The config as a dict with only the selected algorithm's parameter section."""
-    d = cfg.to_dict()
-    d["algorithm"] = {k: v for k, v in d["algorithm"].items() if k in ("name", cfg.algorithm.name)}
-    return d
 
 
 def earlier_hash(cfg: Config, run_dir: Path) -> str | None:
@@ -101,6 +94,6 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
         return RunDirPlan.WRITE
     if resume == "force":
         return RunDirPlan.DEFER
-    diff = dict_diff(_own_sections(old), _own_sections(cfg)) or "?"
+    diff = dict_diff(identity_fields(old), identity_fields(cfg)) or "?"
     raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
                           f"use another --out, --resume none to start over, or --resume force")

@@ -370,6 +370,8 @@ def test_grid_without_tune_reports_every_setting_and_seed(tiny_config, tmp_path)
     (["--budget", "macs=lots"], "--budget: budget 'macs=lots': 'lots' is not a number"),
     (["--budget", "macs=0.5,speed=2"], "neither a budget spec"),
     (["--budget", "4"], "the cap on tuning trials per method is --max-trials 4"),
+    (["--budget", ""], "--budget '': an empty item"),
+    (["--budget", "macs=0.5,"], "--budget 'macs=0.5,': an empty item"),
     (["--budget", "macs=0.5", "data.val_fraction=0"], "--budget: fedavg would train without a validation split"),
 ])
 def test_a_bad_budget_is_one_clear_error_before_anything_trains(tiny_config, tmp_path, capsys, extra, message):
@@ -382,7 +384,7 @@ def test_a_bad_budget_is_one_clear_error_before_anything_trains(tiny_config, tmp
 
 
 def test_a_budget_file_must_cover_the_runs_clients_before_anything_trains(tiny_config, tmp_path, capsys):
-    budgets = tmp_path / "budgets.csv"
+    budgets = tmp_path / "my,budgets.csv"  # a comma in the name: still one file, not two budgets
     budgets.write_text("client,budget\n0,macs=0.5\n9,loss=1\n")
     code = cli_main(["compare", "--config", str(tiny_config(clients=4)), "--algorithms", "fedavg", "--seeds", "1",
                      "--out", str(tmp_path / "out"), "--budget", str(budgets), "data.val_fraction=0.2"])

@@ -23,7 +23,7 @@ from cafedist.eval.budget import (
     pooled_split,
 )
 from cafedist.eval.budget_run import format_budget
-from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec, resolve_budgets
+from cafedist.eval.budget_spec import Budget, budget_source, check_feasible, parse_budget_spec, resolve_budgets
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 
 MACS = [1, 2]  # two exits: answering at exit 2 costs twice exit 1
@@ -237,9 +237,11 @@ def test_global_curve_is_read_at_the_same_mean_macs():
 def test_budget_specs_parse_and_bad_ones_say_what_is_expected():
     assert parse_budget_spec("macs=0.5") == Budget("macs", 0.5)
     assert parse_budget_spec(" LOSS = 1 ").spec == "loss=1"
+    assert parse_budget_spec("macs=1") == Budget("macs", 1.0) and parse_budget_spec("loss=100").value == 100
     for bad, message in [("macs", "not understood"), ("flops=0.5", "not understood"),
-                         ("macs=half", "not a number"), ("macs=0", "> 0"), ("loss=-1", ">= 0"),
-                         ("macs=nan", "finite")]:
+                         ("macs=half", "not a number"), ("macs=0", "0 < F <= 1"), ("loss=-1", "0 <= P <= 100"),
+                         ("macs=nan", "0 < F <= 1"), ("macs=50", "fraction of the last exit's MACs"),
+                         ("macs=inf", "0 < F <= 1"), ("loss=200", "accuracy points")]:
         with pytest.raises(ConfigError, match=message):
             parse_budget_spec(bad)
 
@@ -248,8 +250,11 @@ def test_budget_below_exit_1_is_refused_with_the_floor():
     check_feasible([Budget("macs", 0.25)], [1, 2, 4])  # exactly exit 1: fine
     with pytest.raises(ConfigError, match=r"macs=0.2 is below exit 1's cost \(0.2500 of the last exit's MACs\)"):
         check_feasible([Budget("macs", 0.2)] * 3, [1, 2, 4])
-    with pytest.raises(ConfigError, match="for clients 1"):
-        check_feasible([Budget("loss", 0.0), Budget("macs", 0.1)], [1, 2, 4])
+    with pytest.raises(ConfigError, match="^budgets.csv: macs=0.1 for client 1 is below"):
+        check_feasible([Budget("loss", 0.0), Budget("macs", 0.1)], [1, 2, 4], budget_source("budgets.csv"))
+    with pytest.raises(ConfigError, match="^--budget: macs=0.1 for clients 1, 2 is below"):
+        check_feasible([Budget("loss", 0.0), Budget("macs", 0.1), Budget("macs", 0.2)], [1, 2, 4],
+                       budget_source("macs=0.1"))
 
 
 def test_budget_csv_file_with_header_comments_and_default(tmp_path):
@@ -275,12 +280,29 @@ def test_budget_yaml_file(tmp_path):
     ("b.yaml", "0: flops=3\n", r"b.yaml:1: budget 'flops=3' not understood"),
     ("b.json", "{}", r"must end in .csv, .yaml or .yml"),
     ("b.csv", "# nothing\n", r"names no client"),
+    ("b.csv", "1_0,macs=0.5\n", r"b.csv:1: client id '1_0' is not an integer"),  # int() would read 10
+    ("b.csv", "\uff11,macs=0.5\n", r"b.csv:1: client id '\uff11' is not an integer"),  # a full-width 1
 ])
 def test_malformed_budget_files_name_the_file_and_line(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         resolve_budgets(str(path), 2)
+
+
+def test_budget_csv_with_a_byte_order_mark(tmp_path):
+    """Spreadsheets' "CSV UTF-8" starts with a byte-order mark: the header is still a header."""
+    path = tmp_path / "b.csv"
+    path.write_bytes("client,budget\n0,macs=0.4\ndefault,macs=0.6\n".encode("utf-8-sig"))
+    assert resolve_budgets(str(path), 2) == [Budget("macs", 0.4), Budget("macs", 0.6)]
+
+
+def test_empty_or_directory_budget_argument_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="^--budget: empty; expected a budget spec"):
+        resolve_budgets("", 2)
+    (tmp_path / "b.csv").mkdir()
+    with pytest.raises(ConfigError, match=r"b.csv: a directory; expected a budget spec .* or a .csv/.yaml"):
+        resolve_budgets(str(tmp_path / "b.csv"), 2)
 
 
 def test_budget_file_with_unknown_or_missing_clients(tmp_path):
@@ -341,6 +363,10 @@ def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     (["--budget", "macs=lots"], "budget 'macs=lots': 'lots' is not a number"),
     (["--budget", "macs=0.5", "--policies", "softmax"], "--policies: expected a comma-separated subset"),
     (["--budget", "macs=0.5", "--policy-scope", "global"], "--policy-scope: invalid choice: 'global'"),
+    (["--budget", "macs=0.5", "--budget", "loss=1"], "--budget: given 2 times; eval takes one"),
+    (["--budget-confidence", "0.9"], "--budget-confidence: only used with --budget"),
+    (["--policies", "margin", "--no-temperature", "--policy-scope", "pooled"],
+     "--policies, --no-temperature, --policy-scope: only used with --budget"),
 ])
 def test_eval_budget_errors_are_one_line_with_status_2(tiny_runs, args, message):
     proc = cafedist("eval", str(tiny_runs["val"]), *args)

@@ -48,8 +48,15 @@ METRICS: tuple[tuple[str, str], ...] = (
 
 def parse_budgets(values: Sequence[str]) -> list[BudgetOptions]:
     """``--budget`` (repeatable, each comma-separated) -> validated options, in order, without
-    duplicates. A bad spec or an unreadable file is a one-line ConfigError."""
-    specs = [s.strip() for v in values for s in str(v).split(",") if s.strip()]
+    duplicates. A bad spec, an empty item or an unreadable file is a one-line ConfigError; a
+    value naming an existing file is that file even if its name has a comma."""
+    specs = []
+    for value in map(str, values):
+        items = [value] if Path(value).is_file() else [item.strip() for item in value.split(",")]
+        if not all(items):
+            raise ConfigError(f"--budget {value!r}: an empty item; expected comma-separated budgets "
+                              f"(macs=F, loss=P or per-client budget files)")
+        specs += items
     out = []
     for spec in dict.fromkeys(specs):
         if not looks_like_spec(spec) and spec.isdigit() and not Path(spec).exists():

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import SCOPES, Split, personalized_budgets
 from cafedist.eval.budget_spec import (
+    budget_source,
     check_feasible,
     looks_like_spec,
     parse_budget_spec,
@@ -65,14 +66,18 @@ def write_budget_csv(rows: Sequence[dict], path: str | Path) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+DEFAULT_POLICIES = ",".join(POLICIES)
+DEFAULT_CONFIDENCE = 0.95
+
+
 @dataclass(frozen=True)
 class BudgetOptions:
     """What ``cafedist eval --budget`` was asked: the spec or file, and the search's knobs."""
 
     budget: str
-    policies: str = ",".join(POLICIES)
+    policies: str = DEFAULT_POLICIES
     temperature: bool = True
-    confidence: float = 0.95
+    confidence: float = DEFAULT_CONFIDENCE
     scope: str = SCOPES[0]
 
     def __post_init__(self) -> None:
@@ -89,10 +94,23 @@ class BudgetOptions:
 
     @classmethod
     def from_args(cls, args: Any) -> "BudgetOptions | None":
-        """From the parsed flags of :func:`add_budget_arguments`; None without ``--budget``."""
+        """From the parsed flags of :func:`add_budget_arguments`; None without ``--budget``. A
+        search flag without ``--budget``, or ``--budget`` twice, is a ConfigError: either
+        would otherwise be dropped without a word."""
+        knobs = {"--policies": args.policies is not None, "--no-temperature": args.no_temperature,
+                 "--budget-confidence": args.budget_confidence is not None,
+                 "--policy-scope": args.policy_scope is not None}
         if args.budget is None:
+            given = [flag for flag, set_ in knobs.items() if set_]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: only used with --budget (settings of its per-client search)")
             return None
-        return cls(args.budget, args.policies, not args.no_temperature, args.budget_confidence, args.policy_scope)
+        if len(args.budget) > 1:
+            raise ConfigError(f"--budget: given {len(args.budget)} times; eval takes one (a per-client budget file "
+                              f"gives clients different budgets; cafedist compare takes several)")
+        return cls(args.budget[0], args.policies or DEFAULT_POLICIES, not args.no_temperature,
+                   DEFAULT_CONFIDENCE if args.budget_confidence is None else args.budget_confidence,
+                   args.policy_scope or SCOPES[0])
 
 
 def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global_table: list[dict],
@@ -108,7 +126,7 @@ def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global
     """
     names = parse_policies(options.policies)
     budgets = resolve_budgets(options.budget, run.n)
-    check_feasible(budgets, run.macs)
+    check_feasible(budgets, run.macs, budget_source(options.budget))
     if not run.store.has_val:
         raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
                           f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
@@ -162,23 +180,23 @@ def format_budget(section: dict[str, Any]) -> list[str]:
 
 def add_budget_arguments(parser: Any) -> None:
     """The ``cafedist eval`` flags of personalized budgets."""
-    parser.add_argument("--budget", default=None, metavar="SPEC|FILE",
+    parser.add_argument("--budget", action="append", default=None, metavar="SPEC|FILE",
                         help="per-client dynamic inference within a budget: macs=F (mean MACs <= F x the last "
                              "exit's), loss=P (at most P accuracy points below the last exit, on calibration), or "
                              "a CSV/YAML file 'client id -> spec' (a 'default' entry covers the rest); needs a run "
                              "trained with data.val_fraction > 0 (the calibration split). Writes budget.csv and "
                              "budget.png")
-    parser.add_argument("--policies", default=",".join(POLICIES),
+    parser.add_argument("--policies", default=None,
                         help="with --budget: exit policies to choose from, comma-separated "
                              "(max-softmax, entropy, margin; default all)")
     parser.add_argument("--no-temperature", action="store_true",
                         help="with --budget: do not also try per-exit temperature scaling fitted on calibration")
-    parser.add_argument("--policy-scope", choices=SCOPES, default=SCOPES[0],
+    parser.add_argument("--policy-scope", choices=SCOPES, default=None,
                         help="with --budget: 'pooled' (default) chooses the policy, temperatures and threshold on "
                              "all clients' calibration splits together and then moves each client's threshold until "
                              "its own budget holds on its own split; 'client' searches each client's split alone "
                              "(noisier on small splits: docs/METHOD.md)")
-    parser.add_argument("--budget-confidence", type=float, default=0.95,
+    parser.add_argument("--budget-confidence", type=float, default=None,
                         help="with --budget: a policy is chosen only if its calibration estimate meets the budget "
                              "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")
 

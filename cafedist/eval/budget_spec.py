@@ -3,13 +3,14 @@
 A budget spec is one of
 
 - ``macs=F``: the client's mean MACs per test sample must stay <= F × the last exit's MACs
-  (F > 0; below exit 1's share it cannot be met and is refused);
-- ``loss=P``: the client's accuracy may be at most P accuracy points (0-100 scale) below its
+  (0 < F <= 1; below exit 1's share it cannot be met and is refused);
+- ``loss=P``: the client's accuracy may be at most P accuracy points (0 <= P <= 100) below its
   own last exit's, measured on its calibration split.
 
 ``--budget`` takes a spec (every client gets it) or a file mapping client ids to specs, for
 clients whose devices differ: CSV (``client,budget`` rows, an optional header, ``#``
-comments) or YAML (a mapping ``client id: spec``). A ``default`` entry covers every client
+comments; UTF-8, with or without the byte-order mark spreadsheets write) or YAML (a mapping
+``client id: spec``). A ``default`` entry covers every client
 the file does not name; without one the file must name them all. Errors are
 :class:`~cafedist.errors.ConfigError` (one line, exit 2) naming the file and line.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
-import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,14 @@ def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{where}: budget {text!r}: {raw.strip()!r} is not a number") from None
-    if not math.isfinite(value) or value < 0 or (kind == "macs" and value == 0):
-        bound = "> 0" if kind == "macs" else ">= 0"
-        raise ConfigError(f"{where}: budget {text!r}: {kind} must be a finite number {bound}")
+    # macs is a fraction of the last exit's cost, loss a number of accuracy points: outside
+    # these ranges a budget is meaningless (macs=50 probably meant 0.5, loss=0.01 is not 1 point
+    # either, but a value there cannot be told from an intended one)
+    if kind == "macs" and not 0 < value <= 1:
+        raise ConfigError(f"{where}: budget {text!r}: macs is a fraction of the last exit's MACs, "
+                          f"expected 0 < F <= 1")
+    if kind == "loss" and not 0 <= value <= 100:
+        raise ConfigError(f"{where}: budget {text!r}: loss is in accuracy points, expected 0 <= P <= 100")
     return Budget(kind, value)
 
 
@@ -72,10 +78,10 @@ def _client_key(raw: Any, where: str) -> int | str:
     text = str(raw).strip()
     if text.lower() == DEFAULT_KEY:
         return DEFAULT_KEY
-    try:
-        cid = int(text)
-    except ValueError:
-        raise ConfigError(f"{where}: client id {text!r} is not an integer (or '{DEFAULT_KEY}')") from None
+    # ASCII digits only: int() would also take "1_0" (10) and other scripts' digits
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise ConfigError(f"{where}: client id {text!r} is not an integer (or '{DEFAULT_KEY}')")
+    cid = int(text)
     if cid < 0:
         raise ConfigError(f"{where}: client id {cid} must be >= 0")
     return cid
@@ -132,13 +138,18 @@ def _read_yaml(path: Path, text: str) -> dict[int | str, Budget]:
     return entries
 
 
-def read_budget_file(path: str | Path) -> dict[int | str, Budget]:
+def read_budget_file(name: str | Path) -> dict[int | str, Budget]:
     """Client id (or ``default``) -> :class:`Budget`, from a ``.csv`` or ``.yaml``/``.yml`` file."""
-    path = Path(path)
+    if not str(name).strip():
+        raise ConfigError(f"--budget: empty; expected a budget spec ({_SPEC_HELP}) or a budget file")
+    path = Path(name)
+    if path.is_dir():
+        raise ConfigError(f"--budget {name}: a directory; expected a budget spec ({_SPEC_HELP}) "
+                          f"or a .csv/.yaml budget file")
     if not path.is_file():
-        raise ConfigError(f"--budget {path}: neither a budget spec ({_SPEC_HELP}) nor an existing file")
+        raise ConfigError(f"--budget {name}: neither a budget spec ({_SPEC_HELP}) nor an existing file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read budget file ({exc})") from None
     suffix = path.suffix.lower()
@@ -173,19 +184,25 @@ def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
     return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
 
 
+def budget_source(arg: str) -> str:
+    """How errors name where ``--budget``'s budgets came from: the flag, or the budget file."""
+    return "--budget" if looks_like_spec(arg) else str(arg)
+
+
 def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str = "--budget") -> None:
     """Refuse a MACs budget below exit 1's cost: no policy can meet it (every sample pays at
-    least exit 1). One message names every such client."""
+    least exit 1). One message names every such client; ``source`` (:func:`budget_source`)
+    says where the budgets came from."""
     if not macs_per_exit or macs_per_exit[-1] <= 0:
         raise ConfigError("cannot apply MACs budgets: the model's last exit has no MAC count")
     floor = macs_per_exit[0] / macs_per_exit[-1]
     low = [cid for cid, b in enumerate(budgets) if b.kind == "macs" and b.value < floor - 1e-12]
     if low:
         smallest = min(budgets[cid].value for cid in low)
-        who = "" if len(low) == len(budgets) else f" for clients {_id_list(low)}"
+        who = "" if len(low) == len(budgets) else f" for client{'s' if len(low) > 1 else ''} {_id_list(low)}"
         raise ConfigError(f"{source}: macs={smallest:g}{who} is below exit 1's cost "
                           f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
 
 
-__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "check_feasible", "looks_like_spec",
+__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "budget_source", "check_feasible", "looks_like_spec",
            "parse_budget_spec", "read_budget_file", "resolve_budgets"]

@@ -28,9 +28,11 @@ log = logging.getLogger("cafedist")
 
 LOCK_NAME = "run.lock"
 PREVIOUS_PREFIX = "previous-"
-#: what a run directory holds besides the lock and earlier runs moved aside
+#: what a run directory holds besides the lock and earlier runs moved aside: what train
+#: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
+#: conflict diagnostic) and compare's kept budget results (budgets.json)
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "eval.json",
-             "accuracy_vs_macs.png")
+             "accuracy_vs_macs.png", "conflict.png", "budget.csv", "budget.png", "budgets.json")
 
 
 class RunDirBusy(CafeError):

@@ -358,6 +358,18 @@ def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     assert report["paths"]["budget_csv"].endswith("budget.csv")
 
 
+def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_runs):
+    """eval.json is rewritten without a budget section, so budget.csv/png beside it would describe
+    an evaluation that is no longer there."""
+    run = tiny_runs["val"]
+    cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
+    assert (run / "budget.csv").exists() and (run / "budget.png").exists()
+    plain = cafedist("eval", str(run), check=True)
+    assert not (run / "budget.csv").exists() and not (run / "budget.png").exists()
+    assert "removed budget.csv and budget.png of an earlier `eval --budget`" in plain.stderr
+    assert "budget" not in json.loads((run / "eval.json").read_text())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "macs=0.01"], "macs=0.01 is below exit 1's cost"),
     (["--budget", "macs=lots"], "budget 'macs=lots': 'lots' is not a number"),

@@ -105,6 +105,20 @@ def test_move_aside_never_overwrites_an_earlier_one(tmp_path):
     assert move_aside(run) is None  # nothing left to move
 
 
+def test_move_aside_takes_every_output_of_the_run_and_nothing_else(tmp_path):
+    """train's, eval's (also with --budget and the conflict diagnostic) and compare's kept budget results
+    go with the run they describe; a file the user put there stays."""
+    run = tmp_path / "r"
+    run.mkdir()
+    outputs = ("config.yaml", "summary.json", "eval.json", "accuracy_vs_macs.png", "conflict.png", "budget.csv",
+               "budget.png", "budgets.json")
+    for name in (*outputs, "notes.txt"):
+        (run / name).write_text(name)
+    moved = move_aside(run)
+    assert moved is not None and sorted(p.name for p in moved.iterdir()) == sorted(outputs)
+    assert sorted(p.name for p in run.iterdir()) == sorted([moved.name, "notes.txt"])
+
+
 # ----------------------------------------------------------------------------- item 2: config.yaml
 def test_failed_force_keeps_config_yaml_and_the_right_command_still_works(finished, run_copy):
     cfg = str(finished[0])

@@ -66,6 +66,8 @@ def write_budget_csv(rows: Sequence[dict], path: str | Path) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+#: eval.json's ``paths`` key -> the file ``--budget`` writes into the run directory
+BUDGET_OUTPUTS = {"budget_csv": "budget.csv", "budget_plot": "budget.png"}
 DEFAULT_POLICIES = ",".join(POLICIES)
 DEFAULT_CONFIDENCE = 0.95
 
@@ -142,7 +144,7 @@ def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: li
     """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section
     (:func:`budget_section`) and writes budget.csv and budget.png into ``run_dir``."""
     section, curves = budget_section(run, run_dir, options, global_table)
-    paths = {"budget_csv": str(run_dir / "budget.csv"), "budget_plot": str(run_dir / "budget.png")}
+    paths = {key: str(run_dir / name) for key, name in BUDGET_OUTPUTS.items()}
     write_budget_csv(section["clients"], paths["budget_csv"])
     from cafedist.eval.budget_plots import plot_budget  # matplotlib only when plotting
 
@@ -201,5 +203,5 @@ def add_budget_arguments(parser: Any) -> None:
                              "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")
 
 
-__all__ = ["CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section", "client_splits",
+__all__ = ["BUDGET_OUTPUTS", "CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section", "client_splits",
            "format_budget", "parse_policies", "run_budget", "write_budget_csv"]

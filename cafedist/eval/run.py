@@ -29,7 +29,7 @@ from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CafeError, CheckpointError, ConfigError
-from cafedist.eval.budget_run import BudgetOptions, run_budget
+from cafedist.eval.budget_run import BUDGET_OUTPUTS, BudgetOptions, run_budget
 from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
@@ -147,6 +147,8 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
         report["budget"] = budget_section
         paths.update(budget_section.pop("paths"))
     write_json_atomic(paths["json"], report)
+    if budget_section is None:
+        _remove_stale_budget_outputs(run_dir)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},
                           title=f"{cfg.data.dataset}, {summary['num_clients']} clients: accuracy vs MACs")
@@ -154,6 +156,17 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
         plot_conflict(conflict, paths["conflict_plot"],
                       title=f"{cfg.data.dataset}, {summary['algorithm']}: gradient conflict between exits")
     return report
+
+
+def _remove_stale_budget_outputs(run_dir: Path) -> None:
+    """Remove budget.csv and budget.png of an earlier ``--budget`` eval: the eval.json just
+    written has no budget section, and files beside it must describe it."""
+    stale = [run_dir / name for name in BUDGET_OUTPUTS.values() if (run_dir / name).exists()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("removed %s of an earlier `eval --budget` (this eval has no --budget)",
+                 " and ".join(p.name for p in stale))
 
 
 __all__ = ["LoadedRun", "evaluate_run", "dynamic_table", "load_run"]

@@ -115,6 +115,19 @@ class BudgetOptions:
                    args.policy_scope or SCOPES[0])
 
 
+def resolve_run_budgets(run: Any, run_dir: str | Path, options: BudgetOptions) -> list:
+    """Every client's :class:`~cafedist.eval.budget_spec.Budget` for a built run, or a
+    ConfigError if the run cannot be evaluated under them: a budget file that does not cover
+    its clients, a MACs budget below exit 1's cost, or no validation split. Needs no trained
+    model, so eval calls it before loading the checkpoint (:func:`~cafedist.eval.run.load_run`)."""
+    budgets = resolve_budgets(options.budget, run.n)
+    check_feasible(budgets, run.macs, budget_source(options.budget))
+    if not run.store.has_val:
+        raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
+                          f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
+    return budgets
+
+
 def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global_table: list[dict],
                    splits: Sequence[tuple[Split, Split]] | None = None) -> tuple[dict[str, Any], list[list[dict]]]:
     """The ``budget`` section of eval.json for a loaded run (:class:`~cafedist.run.build.Run`)
@@ -127,11 +140,7 @@ def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global
     nothing (a single client without calibration samples does get that fallback).
     """
     names = parse_policies(options.policies)
-    budgets = resolve_budgets(options.budget, run.n)
-    check_feasible(budgets, run.macs, budget_source(options.budget))
-    if not run.store.has_val:
-        raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
-                          f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")
+    budgets = resolve_run_budgets(run, run_dir, options)
     section, curves = personalized_budgets(client_splits(run) if splits is None else splits, budgets, run.macs,
                                            global_table, policies=names, temperature=options.temperature,
                                            confidence=options.confidence, scope=options.scope)
@@ -204,4 +213,4 @@ def add_budget_arguments(parser: Any) -> None:
 
 
 __all__ = ["BUDGET_OUTPUTS", "CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section", "client_splits",
-           "format_budget", "parse_policies", "run_budget", "write_budget_csv"]
+           "format_budget", "parse_policies", "resolve_run_budgets", "run_budget", "write_budget_csv"]

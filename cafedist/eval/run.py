@@ -20,7 +20,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,7 +29,7 @@ from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CafeError, CheckpointError, ConfigError
-from cafedist.eval.budget_run import BUDGET_OUTPUTS, BudgetOptions, run_budget
+from cafedist.eval.budget_run import BUDGET_OUTPUTS, BudgetOptions, resolve_run_budgets, run_budget
 from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
@@ -62,10 +62,12 @@ class LoadedRun:
 
 
 @contextmanager
-def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False) -> Iterator[LoadedRun]:
+def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False,
+             check: Callable[[Any], None] | None = None) -> Iterator[LoadedRun]:
     """Build ``run_dir``'s clients and load them from its newest verified checkpoint; the
     store is closed on exit. Raises CheckpointError when that checkpoint is not the run's
-    final round, unless ``allow_partial``."""
+    final round, unless ``allow_partial``. ``check`` (optional) is called with the built run
+    before any checkpoint is read: a request the run cannot serve fails before loading."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
@@ -78,6 +80,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
     run = build_run(cfg, rt, prepare_store=False)
     try:
+        if check is not None:
+            check(run)
         restored = load_checkpoint(CheckpointDir(run_dir), Comm(rt), run.pool, run.algo, run.shared,
                                    config_hash=config_hash(cfg), resume="force")
         done, final = restored.next_round - 1, cfg.train.rounds - 1
@@ -105,7 +109,9 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     """
     max_loss = check_max_loss(max_loss)
     run_dir = Path(run_dir)
-    with load_run(run_dir, device, allow_partial) as loaded:
+    # a budget the run cannot serve is refused before its checkpoint is loaded
+    check = None if budget is None else (lambda built: resolve_run_budgets(built, run_dir, budget))
+    with load_run(run_dir, device, allow_partial, check) as loaded:
         run, restored, done, final = loaded.run, loaded.restored, loaded.done, loaded.final
         cfg = run.cfg
         summary = final_evaluation(run.pool, run.algo, ClientRows(Comm(run.rt), run.placement, run.rt.device),

@@ -403,14 +403,16 @@ def _pop(d: dict, dotted: str) -> None:
     d.pop(leaf, None)
 
 
-def identity_fields(cfg: Config) -> dict:
+def identity_fields(cfg: Config, *, keep_defaults: bool = False) -> dict:
     """The config as a dict without what does not decide whether a run directory holds *this*
     run: fields that do not change results, and the parameter sections of algorithms other
     than the selected one (a config file may carry sections for several algorithms —
     ``cafedist compare`` switches ``algorithm.name`` — and a changed default of one algorithm
-    must not make finished runs of another foreign)."""
+    must not make finished runs of another foreign). The hash also leaves out fields added
+    later while at their default; ``keep_defaults`` keeps them, so that a message comparing
+    two configs shows their values."""
     others = tuple(f"algorithm.{name}" for name in cfg.algorithm.params if name != cfg.algorithm.name)
-    return _hashed_fields(cfg, _NOT_HASHED + others)
+    return _hashed_fields(cfg, _NOT_HASHED + others, drop_defaults=not keep_defaults)
 
 
 def run_identity(cfg: Config) -> str:
@@ -423,9 +425,10 @@ def config_hash(cfg: Config, *, ignore: tuple[str, ...] = _NOT_HASHED) -> str:
     return _sha256(_hashed_fields(cfg, ignore))
 
 
-def _hashed_fields(cfg: Config, ignore: tuple[str, ...]) -> dict:
+def _hashed_fields(cfg: Config, ignore: tuple[str, ...], drop_defaults: bool = True) -> dict:
     d = cfg.to_dict()
-    ignore = ignore + tuple(k for k, default in _HASHED_ONLY_IF_SET.items() if _get(d, k) == default)
+    if drop_defaults:
+        ignore = ignore + tuple(k for k, default in _HASHED_ONLY_IF_SET.items() if _get(d, k) == default)
     for key in ignore:
         _pop(d, key)
     return d

@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="CSV", help="print these CSVs' summaries")
     args = parser.parse_args()
     if args.summarize:
+        if args.runs or args.out:
+            parser.error("--summarize reads CSVs only; give RUN_DIR ... --out CSV in a separate call")
         print("\n".join(summary(p) for p in args.summarize))
         return
     if not args.runs or not args.out:

@@ -368,6 +368,19 @@ def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_ru
     assert not (run / "budget.csv").exists() and not (run / "budget.png").exists()
     assert "removed budget.csv and budget.png of an earlier `eval --budget`" in plain.stderr
     assert "budget" not in json.loads((run / "eval.json").read_text())
+    # a file of the user's with that name, which no eval wrote, stays
+    (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")
+    cafedist("eval", str(run), check=True)
+    assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
+
+
+def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
+    run = tiny_runs["val"]
+    (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")
+    proc = cafedist("eval", str(run), "--budget", str(run / "budget.csv"))
+    assert proc.returncode == 2 and "would overwrite it" in proc.stderr, proc.stderr
+    assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
+    (run / "budget.csv").unlink()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -377,6 +390,7 @@ def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_ru
     (["--budget", "macs=0.5", "--policy-scope", "global"], "--policy-scope: invalid choice: 'global'"),
     (["--budget", "macs=0.5", "--budget", "loss=1"], "--budget: given 2 times; eval takes one"),
     (["--budget-confidence", "0.9"], "--budget-confidence: only used with --budget"),
+    (["--budget", "macs=0.5", "--policies", ""], "--policies: expected a comma-separated subset"),
     (["--policies", "margin", "--no-temperature", "--policy-scope", "pooled"],
      "--policies, --no-temperature, --policy-scope: only used with --budget"),
 ])

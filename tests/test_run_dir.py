@@ -301,3 +301,7 @@ def test_different_config_names_a_field_that_decides_the_run(tmp_path):
     with pytest.raises(CheckpointError, match=r"first difference: train\.lr") as refused:
         plan_run_dir(load_config(quickstart, ["data.cache_dir=/elsewhere", "train.lr=0.123"]), run_dir, "auto")
     assert "cache_dir" not in str(refused.value)
+    # a field the hash leaves out at its default shows both values, not None
+    (run_dir / "config.yaml").write_text(dump_config(load_config(quickstart, ["data.val_fraction=0"])))
+    with pytest.raises(CheckpointError, match=r"first difference: data\.val_fraction \(0\.0 vs 0\.1\)"):
+        plan_run_dir(load_config(quickstart), run_dir, "auto")

@@ -110,9 +110,22 @@ class BudgetOptions:
         if len(args.budget) > 1:
             raise ConfigError(f"--budget: given {len(args.budget)} times; eval takes one (a per-client budget file "
                               f"gives clients different budgets; cafedist compare takes several)")
-        return cls(args.budget[0], args.policies or DEFAULT_POLICIES, not args.no_temperature,
+        return cls(args.budget[0], DEFAULT_POLICIES if args.policies is None else args.policies,
+                   not args.no_temperature,
                    DEFAULT_CONFIDENCE if args.budget_confidence is None else args.budget_confidence,
-                   args.policy_scope or SCOPES[0])
+                   SCOPES[0] if args.policy_scope is None else args.policy_scope)
+
+
+def check_not_an_output(run_dir: str | Path, options: BudgetOptions) -> None:
+    """Refuse a budget file that is one of the files ``--budget`` writes into the run directory:
+    eval would overwrite its own input."""
+    if looks_like_spec(options.budget):
+        return
+    given = Path(options.budget).resolve()
+    for name in BUDGET_OUTPUTS.values():
+        if given == (Path(run_dir) / name).resolve():
+            raise ConfigError(f"--budget {options.budget}: eval writes its per-client table there and would "
+                              f"overwrite it; keep the budget file under another name")
 
 
 def resolve_run_budgets(run: Any, run_dir: str | Path, options: BudgetOptions) -> list:
@@ -212,5 +225,6 @@ def add_budget_arguments(parser: Any) -> None:
                              "with this one-sided confidence (0.5 = the plain estimate; default 0.95)")
 
 
-__all__ = ["BUDGET_OUTPUTS", "CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section", "client_splits",
-           "format_budget", "parse_policies", "resolve_run_budgets", "run_budget", "write_budget_csv"]
+__all__ = ["BUDGET_OUTPUTS", "CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section",
+           "check_not_an_output", "client_splits", "format_budget", "parse_policies", "resolve_run_budgets",
+           "run_budget", "write_budget_csv"]

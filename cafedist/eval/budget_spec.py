@@ -179,7 +179,7 @@ def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
     default = entries.get(DEFAULT_KEY)
     missing = [cid for cid in range(num_clients) if cid not in entries]
     if missing and default is None:
-        raise ConfigError(f"{arg}: no budget for clients {_id_list(missing)} "
+        raise ConfigError(f"{arg}: no budget for client{'s' if len(missing) > 1 else ''} {_id_list(missing)} "
                           f"(name them or add a '{DEFAULT_KEY}' entry)")
     return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
 

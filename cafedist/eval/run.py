@@ -15,6 +15,7 @@ run's result. It takes no lock: evaluating a run while it trains is allowed.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from contextlib import contextmanager
@@ -29,7 +30,13 @@ from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CafeError, CheckpointError, ConfigError
-from cafedist.eval.budget_run import BUDGET_OUTPUTS, BudgetOptions, resolve_run_budgets, run_budget
+from cafedist.eval.budget_run import (
+    BUDGET_OUTPUTS,
+    BudgetOptions,
+    check_not_an_output,
+    resolve_run_budgets,
+    run_budget,
+)
 from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
@@ -110,6 +117,8 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     max_loss = check_max_loss(max_loss)
     run_dir = Path(run_dir)
     # a budget the run cannot serve is refused before its checkpoint is loaded
+    if budget is not None:
+        check_not_an_output(run_dir, budget)
     check = None if budget is None else (lambda built: resolve_run_budgets(built, run_dir, budget))
     with load_run(run_dir, device, allow_partial, check) as loaded:
         run, restored, done, final = loaded.run, loaded.restored, loaded.done, loaded.final
@@ -152,9 +161,9 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     if budget_section is not None:
         report["budget"] = budget_section
         paths.update(budget_section.pop("paths"))
+    stale = [] if budget_section is not None else _budget_outputs_of_last_eval(run_dir)
     write_json_atomic(paths["json"], report)
-    if budget_section is None:
-        _remove_stale_budget_outputs(run_dir)
+    _remove_stale_budget_outputs(stale)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},
                           title=f"{cfg.data.dataset}, {summary['num_clients']} clients: accuracy vs MACs")
@@ -164,10 +173,24 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     return report
 
 
-def _remove_stale_budget_outputs(run_dir: Path) -> None:
-    """Remove budget.csv and budget.png of an earlier ``--budget`` eval: the eval.json just
-    written has no budget section, and files beside it must describe it."""
-    stale = [run_dir / name for name in BUDGET_OUTPUTS.values() if (run_dir / name).exists()]
+def _budget_outputs_of_last_eval(run_dir: Path) -> list[Path]:
+    """The budget.csv and budget.png that the run's current eval.json says an ``eval --budget``
+    wrote (and that are still files): only those are eval's to remove, not a file of the user's
+    that happens to have the name."""
+    try:
+        previous = json.loads((run_dir / "eval.json").read_text())
+        written = previous["paths"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(written, dict):
+        return []
+    return [run_dir / name for key, name in BUDGET_OUTPUTS.items()
+            if isinstance(written.get(key), str) and Path(written[key]).name == name and (run_dir / name).is_file()]
+
+
+def _remove_stale_budget_outputs(stale: list[Path]) -> None:
+    """Remove the previous ``--budget`` eval's outputs (:func:`_budget_outputs_of_last_eval`):
+    the eval.json just written has no budget section, and files beside it must describe it."""
     for path in stale:
         path.unlink()
     if stale:

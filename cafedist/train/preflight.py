@@ -94,6 +94,6 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
         return RunDirPlan.WRITE
     if resume == "force":
         return RunDirPlan.DEFER
-    diff = dict_diff(identity_fields(old), identity_fields(cfg)) or "?"
+    diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True)) or "?"
     raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
                           f"use another --out, --resume none to start over, or --resume force")

@@ -313,6 +313,8 @@ def test_budget_file_with_unknown_or_missing_clients(tmp_path):
     path.write_text("0,macs=0.5\n")
     with pytest.raises(ConfigError, match=r"no budget for clients 1, 2, 3 \(name them or add a 'default'"):
         resolve_budgets(str(path), 4)
+    with pytest.raises(ConfigError, match=r"no budget for client 1 \("):
+        resolve_budgets(str(path), 2)
     with pytest.raises(ConfigError, match="neither a budget spec .* nor an existing file"):
         resolve_budgets(str(tmp_path / "missing.csv"), 4)
 

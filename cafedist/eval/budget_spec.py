@@ -168,6 +168,11 @@ def _id_list(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
+def _clients(ids: list[int]) -> str:
+    """``client 3`` or ``clients 1, 2``, for messages."""
+    return f"client{'s' if len(ids) > 1 else ''} {_id_list(ids)}"
+
+
 def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
     """One :class:`Budget` per client (index = client id) from ``--budget``'s argument."""
     if looks_like_spec(arg):
@@ -179,7 +184,7 @@ def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
     default = entries.get(DEFAULT_KEY)
     missing = [cid for cid in range(num_clients) if cid not in entries]
     if missing and default is None:
-        raise ConfigError(f"{arg}: no budget for client{'s' if len(missing) > 1 else ''} {_id_list(missing)} "
+        raise ConfigError(f"{arg}: no budget for {_clients(missing)} "
                           f"(name them or add a '{DEFAULT_KEY}' entry)")
     return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
 
@@ -199,7 +204,7 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
     low = [cid for cid, b in enumerate(budgets) if b.kind == "macs" and b.value < floor - 1e-12]
     if low:
         smallest = min(budgets[cid].value for cid in low)
-        who = "" if len(low) == len(budgets) else f" for client{'s' if len(low) > 1 else ''} {_id_list(low)}"
+        who = "" if len(low) == len(budgets) else f" for {_clients(low)}"
         raise ConfigError(f"{source}: macs={smallest:g}{who} is below exit 1's cost "
                           f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -391,6 +392,36 @@ def test_a_budget_file_must_cover_the_runs_clients_before_anything_trains(tiny_c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown client ids 9" in err[0], err
     assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.parametrize("budget_file", [False, True])
+def test_a_macs_budget_below_exit_1_is_refused_before_anything_trains(tiny_config, tmp_path, capsys, budget_file):
+    budget = "macs=0.01"
+    if budget_file:  # one client of a per-client file is enough to refuse
+        budget = str(tmp_path / "budgets.yaml")
+        Path(budget).write_text("default: macs=0.5\n2: macs=0.01\n")
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg,fedper", "--seeds", "4,5",
+                     "--out", str(tmp_path / "out"), "--budget", f"loss=1,{budget}" if not budget_file else budget,
+                     "data.val_fraction=0.2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    where = budget if budget_file else "--budget"
+    who = " for client 2" if budget_file else ""
+    assert re.search(rf"{re.escape(where)}: macs=0.01{who} is below exit 1's cost \(0\.\d{{4}} of the last exit's "
+                     r"MACs\): no exit policy can meet it \(method fedavg, model cnn\)$", err[0]), err[0]
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_feasible_macs_budget_passes_the_check_and_prepares_the_first_seeds_store(tiny_config, tmp_path):
+    from cafedist.compare.budgets import check_runs, parse_budgets
+    from cafedist.config import load_config
+
+    cfg = load_config(str(tiny_config()), ["data.val_fraction=0.2", f"data.cache_dir={tmp_path / 'stores'}"])
+    check_runs(parse_budgets(["macs=0.5"]), [("fedavg", cfg)], "7,8")
+    assert cfg.data.store_path(7).is_file()  # training will reuse it
+    assert not cfg.data.store_path(3).exists() and cfg.seed == 3  # the config's own seed is not run
+    check_runs(parse_budgets(["loss=1"]), [("fedavg", cfg)], "9")  # no MACs budget: no store needed
+    assert not cfg.data.store_path(9).exists()
 
 
 @pytest.mark.slow

@@ -22,13 +22,16 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from cafedist.compare.plan import resolve_seeds
 from cafedist.errors import CafeError, ConfigError
 from cafedist.eval.budget import SEARCH_VERSION
 from cafedist.eval.budget_run import BudgetOptions
-from cafedist.eval.budget_spec import looks_like_spec, resolve_budgets
+from cafedist.eval.budget_spec import budget_source, check_feasible, looks_like_spec, resolve_budgets
 from cafedist.fsutil import write_json_atomic
 
 log = logging.getLogger("cafedist")
@@ -66,20 +69,42 @@ def parse_budgets(values: Sequence[str]) -> list[BudgetOptions]:
     return out
 
 
-def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, Any]]) -> None:
+def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, Any]],
+               seeds: str | int | Sequence[int] = 1) -> None:
     """Refuse, before anything trains, what would make every budget evaluation fail
-    (``configs``: (method, a resolved config of its runs)): a method whose runs have no
-    validation split, on which each client's policy is chosen, and a budget file that does
-    not cover the runs' clients."""
+    (``configs``: (method, a resolved config of its runs); ``seeds``: compare's ``--seeds``):
+    a method whose runs have no validation split, on which each client's policy is chosen, a
+    budget file that does not cover the runs' clients, and a MACs budget below exit 1's cost
+    of a method's model (its data store is prepared for the first seed to learn the inputs'
+    shape; training reuses it)."""
+    from cafedist.run.build import exit_macs, open_store
+
     configs = list(configs)
     lacking = list(dict.fromkeys(name for name, cfg in configs if not cfg.data.val_fraction > 0))
     if lacking:
         raise ConfigError(f"--budget: {', '.join(lacking)} would train without a validation split "
                           f"(data.val_fraction = 0), on which each client's exit policy is chosen; "
                           f"add e.g. data.val_fraction=0.1")
-    for n_clients in dict.fromkeys(cfg.data.clients for _, cfg in configs):
-        for b in budgets:
-            resolve_budgets(b.budget, n_clients)
+    resolved = {n: [resolve_budgets(b.budget, n) for b in budgets]
+                for n in dict.fromkeys(cfg.data.clients for _, cfg in configs)}
+    checked: set[str] = set()
+    for name, cfg in configs:
+        per_budget = resolved[cfg.data.clients]
+        if not any(b.kind == "macs" for clients in per_budget for b in clients):
+            continue
+        cfg = replace(cfg, seed=resolve_seeds(seeds, cfg.seed)[0])
+        model = json.dumps([str(cfg.data.store_path(cfg.seed)), cfg.model.arch, cfg.model.options],
+                           sort_keys=True, default=str)
+        if model in checked:
+            continue
+        checked.add(model)
+        with closing(open_store(cfg)) as store:
+            macs = exit_macs(cfg, store)
+        for options, clients in zip(budgets, per_budget):
+            try:
+                check_feasible(clients, macs, budget_source(options.budget))
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (method {name}, model {cfg.model.arch})") from None
 
 
 def _key(options: BudgetOptions) -> str:

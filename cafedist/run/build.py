@@ -103,9 +103,9 @@ def close_run(run: Run) -> None:
     run.store.close()
 
 
-def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
-    sizes = [tr for tr, _ in store.client_sizes()]
-    placement = place_clients(sizes, rt.world_size)
+def model_factory(cfg: Config, store: Store) -> Callable[[], nn.Module]:
+    """A function building an untrained instance of the config's architecture for ``store``'s
+    inputs and classes (and vocabulary, for text)."""
     options = dict(cfg.model.options)
     if store.kind == "text":
         options.setdefault("vocab_size", store.vocab_size)
@@ -113,7 +113,20 @@ def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
     def build() -> nn.Module:
         return build_model(cfg.model.arch, tuple(store.input_shape), store.num_classes, **options)
 
-    macs = [int(v) for v in macs_per_exit(build(), tuple(store.input_shape))]
+    return build
+
+
+def exit_macs(cfg: Config, store: Store, build: Callable[[], nn.Module] | None = None) -> list[int]:
+    """MACs per sample to reach each exit of the config's model on ``store``'s inputs."""
+    model = (build or model_factory(cfg, store))()
+    return [int(v) for v in macs_per_exit(model, tuple(store.input_shape))]
+
+
+def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
+    sizes = [tr for tr, _ in store.client_sizes()]
+    placement = place_clients(sizes, rt.world_size)
+    build = model_factory(cfg, store)
+    macs = exit_macs(cfg, store, build)
     algo_cls = get_algorithm(cfg.algorithm.name)
     params = cfg.algorithm_params()
     probe = build()

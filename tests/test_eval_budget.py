@@ -4,6 +4,7 @@ budget specs and files, and ``cafedist eval --budget`` end to end."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 
@@ -22,7 +23,7 @@ from cafedist.eval.budget import (
     personalized_budgets,
     pooled_split,
 )
-from cafedist.eval.budget_run import format_budget
+from cafedist.eval.budget_run import BudgetOptions, format_budget
 from cafedist.eval.budget_spec import Budget, budget_source, check_feasible, parse_budget_spec, resolve_budgets
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 
@@ -262,6 +263,21 @@ def test_budget_csv_file_with_header_comments_and_default(tmp_path):
     path.write_text("client,budget\n# phones\n0,macs=0.4\n\n2,loss=1\ndefault,macs=0.8\n")
     assert resolve_budgets(str(path), 4) == [Budget("macs", 0.4), Budget("macs", 0.8), Budget("loss", 1.0),
                                              Budget("macs", 0.8)]
+
+
+def test_a_budget_file_is_read_once_when_the_options_are_made(tmp_path):
+    """What eval checks before loading the models is what it evaluates: a file edited (or
+    removed) meanwhile changes nothing, and compare keys kept results by the bytes read."""
+    path = tmp_path / "budgets.csv"
+    path.write_bytes(b"0,macs=0.4\ndefault,loss=1\n")
+    options = BudgetOptions(str(path))
+    path.unlink()
+    assert options.per_client(3) == [Budget("macs", 0.4), Budget("loss", 1.0), Budget("loss", 1.0)]
+    assert options.sha256 == hashlib.sha256(b"0,macs=0.4\ndefault,loss=1\n").hexdigest()
+    assert BudgetOptions("macs=0.3").per_client(2) == [Budget("macs", 0.3)] * 2
+    path.write_text("5,macs=0.4\n")
+    with pytest.raises(ConfigError, match=r"budgets.csv: unknown client ids 5 \(this run has clients 0..1\)"):
+        BudgetOptions(str(path)).per_client(2)
 
 
 def test_budget_yaml_file(tmp_path):

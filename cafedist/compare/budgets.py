@@ -18,7 +18,6 @@ reuses them and loads no model unless a run or a budget changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from cafedist.compare.plan import resolve_seeds
 from cafedist.errors import CafeError, ConfigError
 from cafedist.eval.budget import SEARCH_VERSION
 from cafedist.eval.budget_run import BudgetOptions
-from cafedist.eval.budget_spec import budget_source, check_feasible, looks_like_spec, resolve_budgets
+from cafedist.eval.budget_spec import budget_source, check_feasible, looks_like_spec
 from cafedist.fsutil import write_json_atomic
 
 log = logging.getLogger("cafedist")
@@ -85,7 +84,7 @@ def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, An
         raise ConfigError(f"--budget: {', '.join(lacking)} would train without a validation split "
                           f"(data.val_fraction = 0), on which each client's exit policy is chosen; "
                           f"add e.g. data.val_fraction=0.1")
-    resolved = {n: [resolve_budgets(b.budget, n) for b in budgets]
+    resolved = {n: [b.per_client(n) for b in budgets]
                 for n in dict.fromkeys(cfg.data.clients for _, cfg in configs)}
     checked: set[str] = set()
     for name, cfg in configs:
@@ -114,8 +113,7 @@ def _key(options: BudgetOptions) -> str:
                            "temperature": options.temperature, "confidence": options.confidence,
                            "scope": options.scope, "search": SEARCH_VERSION}
     if not looks_like_spec(options.budget):
-        path = Path(options.budget).resolve()
-        key.update(budget=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        key.update(budget=str(Path(options.budget).resolve()), sha256=options.sha256)
     return json.dumps(key, sort_keys=True)
 
 

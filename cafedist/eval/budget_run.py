@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import SCOPES, Split, personalized_budgets
 from cafedist.eval.budget_spec import (
+    DEFAULT_KEY,
+    Budget,
     budget_source,
     check_feasible,
+    load_budget_file,
     looks_like_spec,
     parse_budget_spec,
-    read_budget_file,
-    resolve_budgets,
+    per_client,
 )
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.policies import POLICIES
@@ -81,6 +83,10 @@ class BudgetOptions:
     temperature: bool = True
     confidence: float = DEFAULT_CONFIDENCE
     scope: str = SCOPES[0]
+    #: the budget as read once, here: client id (or ``default``) -> Budget
+    entries: dict[int | str, Budget] = field(init=False, repr=False, compare=False)
+    #: SHA-256 of the budget file's bytes (None for a spec)
+    sha256: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # fail on a bad flag before the run's models are loaded and evaluated
@@ -90,9 +96,15 @@ class BudgetOptions:
             raise ConfigError(f"--policy-scope: expected one of {', '.join(SCOPES)}, got {self.scope!r}")
         parse_policies(self.policies)
         if looks_like_spec(self.budget):
-            parse_budget_spec(self.budget)
+            entries, digest = {DEFAULT_KEY: parse_budget_spec(self.budget)}, None
         else:
-            read_budget_file(self.budget)
+            entries, digest = load_budget_file(self.budget)
+        object.__setattr__(self, "entries", entries)  # frozen: set once, here
+        object.__setattr__(self, "sha256", digest)
+
+    def per_client(self, num_clients: int) -> list[Budget]:
+        """Every client's budget (index = client id) for a run of ``num_clients`` clients."""
+        return per_client(self.entries, num_clients, self.budget)
 
     @classmethod
     def from_args(cls, args: Any) -> "BudgetOptions | None":
@@ -133,7 +145,7 @@ def resolve_run_budgets(run: Any, run_dir: str | Path, options: BudgetOptions) -
     ConfigError if the run cannot be evaluated under them: a budget file that does not cover
     its clients, a MACs budget below exit 1's cost, or no validation split. Needs no trained
     model, so eval calls it before loading the checkpoint (:func:`~cafedist.eval.run.load_run`)."""
-    budgets = resolve_budgets(options.budget, run.n)
+    budgets = options.per_client(run.n)
     check_feasible(budgets, run.macs, budget_source(options.budget))
     if not run.store.has_val:
         raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "

@@ -18,6 +18,7 @@ the file does not name; without one the file must name them all. Errors are
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -140,6 +141,12 @@ def _read_yaml(path: Path, text: str) -> dict[int | str, Budget]:
 
 def read_budget_file(name: str | Path) -> dict[int | str, Budget]:
     """Client id (or ``default``) -> :class:`Budget`, from a ``.csv`` or ``.yaml``/``.yml`` file."""
+    return load_budget_file(name)[0]
+
+
+def load_budget_file(name: str | Path) -> tuple[dict[int | str, Budget], str]:
+    """:func:`read_budget_file`'s entries and the SHA-256 of the bytes they were parsed from,
+    from one read (what compare keys kept results by)."""
     if not str(name).strip():
         raise ConfigError(f"--budget: empty; expected a budget spec ({_SPEC_HELP}) or a budget file")
     path = Path(name)
@@ -149,7 +156,8 @@ def read_budget_file(name: str | Path) -> dict[int | str, Budget]:
     if not path.is_file():
         raise ConfigError(f"--budget {name}: neither a budget spec ({_SPEC_HELP}) nor an existing file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read budget file ({exc})") from None
     suffix = path.suffix.lower()
@@ -161,7 +169,13 @@ def read_budget_file(name: str | Path) -> dict[int | str, Budget]:
         raise ConfigError(f"{path}: budget file must end in .csv, .yaml or .yml")
     if not entries:
         raise ConfigError(f"{path}: budget file names no client")
-    return entries
+    return entries, hashlib.sha256(raw).hexdigest()
+
+
+def budget_entries(arg: str) -> dict[int | str, Budget]:
+    """``--budget``'s argument as client id (or ``default``) -> :class:`Budget`: a spec is
+    everyone's default."""
+    return {DEFAULT_KEY: parse_budget_spec(arg)} if looks_like_spec(arg) else read_budget_file(arg)
 
 
 def _id_list(ids: list[int]) -> str:
@@ -175,9 +189,12 @@ def _clients(ids: list[int]) -> str:
 
 def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
     """One :class:`Budget` per client (index = client id) from ``--budget``'s argument."""
-    if looks_like_spec(arg):
-        return [parse_budget_spec(arg)] * num_clients
-    entries = read_budget_file(arg)
+    return per_client(budget_entries(arg), num_clients, arg)
+
+
+def per_client(entries: dict[int | str, Budget], num_clients: int, arg: str) -> list[Budget]:
+    """One :class:`Budget` per client (index = client id) from :func:`budget_entries`'
+    ``entries`` of ``--budget``'s argument ``arg`` (which errors name)."""
     unknown = sorted(k for k in entries if k != DEFAULT_KEY and int(k) >= num_clients)
     if unknown:
         raise ConfigError(f"{arg}: unknown client ids {_id_list(unknown)} (this run has clients 0..{num_clients - 1})")
@@ -209,5 +226,5 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
                           f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
 
 
-__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "budget_source", "check_feasible", "looks_like_spec",
-           "parse_budget_spec", "read_budget_file", "resolve_budgets"]
+__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "budget_entries", "budget_source", "check_feasible", "load_budget_file",
+           "looks_like_spec", "parse_budget_spec", "per_client", "read_budget_file", "resolve_budgets"]

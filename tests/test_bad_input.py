@@ -151,9 +151,10 @@ CASES = [
     Case("item6-describe-flipped-bytes", lambda c: ["prepare", "--describe", str(c.tmp / "flipped.h5")],
          "checksum mismatch", damage=flipped_store),
     # -- checkpoints and the run's own files
-    Case("no-checkpoint-verifies", train(), "no checkpoint verifies", damage=corrupt_all_checkpoints),
-    Case("eval-no-checkpoint-verifies", lambda c: ["eval", str(c.run)], "no checkpoint verifies",
+    Case("no-checkpoint-verifies", train(), "no checkpoint verifies, so this run cannot be resumed (use --resume none",
          damage=corrupt_all_checkpoints),
+    Case("eval-no-checkpoint-verifies", lambda c: ["eval", str(c.run)],
+         "no checkpoint verifies, so this run cannot be evaluated (every checkpoint", damage=corrupt_all_checkpoints),
     Case("item5-eval-corrupt-final-checkpoint", lambda c: ["eval", str(c.run)], "not the final round 1",
          damage=corrupt_newest),
     Case("run-config-unreadable", train(), "unreadable", damage=bad_config_yaml),

@@ -424,6 +424,12 @@ def test_a_feasible_macs_budget_passes_the_check_and_prepares_the_first_seeds_st
     assert not cfg.data.store_path(9).exists()
 
 
+def test_equal_budget_specs_are_one_budget():
+    from cafedist.compare.budgets import parse_budgets
+
+    assert [b.budget for b in parse_budgets(["macs=0.5,MACS=.50", "loss=1", "macs=0.5"])] == ["macs=0.5", "loss=1"]
+
+
 @pytest.mark.slow
 def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_path):
     out = tmp_path / "budget"

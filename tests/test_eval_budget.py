@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,10 +242,21 @@ def test_budget_specs_parse_and_bad_ones_say_what_is_expected():
     assert parse_budget_spec("macs=1") == Budget("macs", 1.0) and parse_budget_spec("loss=100").value == 100
     for bad, message in [("macs", "not understood"), ("flops=0.5", "not understood"),
                          ("macs=half", "not a number"), ("macs=0", "0 < F <= 1"), ("loss=-1", "0 <= P <= 100"),
-                         ("macs=nan", "0 < F <= 1"), ("macs=50", "fraction of the last exit's MACs"),
-                         ("macs=inf", "0 < F <= 1"), ("loss=200", "accuracy points")]:
+                         ("macs=nan", "not a number"), ("macs=50", "fraction of the last exit's MACs"),
+                         ("macs=inf", "not a number"), ("loss=200", "accuracy points"),
+                         ("loss=1_0", "'1_0' is not a number")]:  # float() reads 1_0 as 10
         with pytest.raises(ConfigError, match=message):
             parse_budget_spec(bad)
+    assert parse_budget_spec("macs=.5").spec == "macs=0.5" and parse_budget_spec("loss=1e-1").value == 0.1
+    assert Budget("macs", 0.5000001).spec == "macs=0.5000001"  # distinct budgets keep distinct names
+
+
+def test_a_budget_spec_is_canonical_and_a_file_named_like_one_is_the_file(tmp_path, monkeypatch):
+    assert BudgetOptions("MACS=.50").budget == "macs=0.5" == BudgetOptions("macs=0.5").budget
+    monkeypatch.chdir(tmp_path)
+    Path("loss=1.csv").write_text("default,macs=0.4\n")
+    options = BudgetOptions("loss=1.csv")
+    assert options.budget == "loss=1.csv" and options.per_client(2) == [Budget("macs", 0.4)] * 2
 
 
 def test_budget_below_exit_1_is_refused_with_the_floor():
@@ -392,6 +404,25 @@ def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_ru
     assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
 
 
+def test_a_failed_eval_leaves_every_output_of_the_run_as_it_was(tiny_runs):
+    """eval.json lists budget.csv and budget.png: a failure writing any of them (here the
+    figure's name is taken by a directory) must not leave a new table beside the old report."""
+    run = tiny_runs["val"]
+    cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    (run / "budget.png").unlink()
+    (run / "budget.png" / "inside").mkdir(parents=True)
+    del before["budget.png"]
+    try:
+        proc = cafedist("eval", str(run), "--budget", "loss=1")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"cafedist: error: {run / 'budget.png'}: Is a directory"
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # no temporary file either
+    finally:
+        (run / "budget.png" / "inside").rmdir()
+        (run / "budget.png").rmdir()
+
+
 def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
     run = tiny_runs["val"]
     (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")
@@ -407,6 +438,7 @@ def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
     (["--budget", "macs=0.5", "--policies", "softmax"], "--policies: expected a comma-separated subset"),
     (["--budget", "macs=0.5", "--policy-scope", "global"], "--policy-scope: invalid choice: 'global'"),
     (["--budget", "macs=0.5", "--budget", "loss=1"], "--budget: given 2 times; eval takes one"),
+    (["--budget", "macs=0.5,loss=1"], "--budget macs=0.5,loss=1: eval takes one budget (cafedist compare takes"),
     (["--budget-confidence", "0.9"], "--budget-confidence: only used with --budget"),
     (["--budget", "macs=0.5", "--policies", ""], "--policies: expected a comma-separated subset"),
     (["--policies", "margin", "--no-temperature", "--policy-scope", "pooled"],

@@ -50,8 +50,9 @@ METRICS: tuple[tuple[str, str], ...] = (
 
 def parse_budgets(values: Sequence[str]) -> list[BudgetOptions]:
     """``--budget`` (repeatable, each comma-separated) -> validated options, in order, without
-    duplicates. A bad spec, an empty item or an unreadable file is a one-line ConfigError; a
-    value naming an existing file is that file even if its name has a comma."""
+    duplicates (specs compared in canonical form). A bad spec, an empty item or an unreadable
+    file is a one-line ConfigError; a value naming an existing file is that file even if its
+    name has a comma."""
     specs = []
     for value in map(str, values):
         items = [value] if Path(value).is_file() else [item.strip() for item in value.split(",")]
@@ -59,13 +60,14 @@ def parse_budgets(values: Sequence[str]) -> list[BudgetOptions]:
             raise ConfigError(f"--budget {value!r}: an empty item; expected comma-separated budgets "
                               f"(macs=F, loss=P or per-client budget files)")
         specs += items
-    out = []
-    for spec in dict.fromkeys(specs):
+    out: dict[str, BudgetOptions] = {}
+    for spec in specs:
         if not looks_like_spec(spec) and spec.isdigit() and not Path(spec).exists():
             raise ConfigError(f"--budget {spec}: expected an inference budget (macs=F, loss=P or a per-client "
                               f"budget file); the cap on tuning trials per method is --max-trials {spec}")
-        out.append(BudgetOptions(spec))
-    return out
+        options = BudgetOptions(spec)
+        out.setdefault(options.budget, options)  # canonical: macs=0.5 and MACS=0.50 are one budget
+    return list(out.values())
 
 
 def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, Any]],

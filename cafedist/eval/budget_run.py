@@ -96,7 +96,9 @@ class BudgetOptions:
             raise ConfigError(f"--policy-scope: expected one of {', '.join(SCOPES)}, got {self.scope!r}")
         parse_policies(self.policies)
         if looks_like_spec(self.budget):
-            entries, digest = {DEFAULT_KEY: parse_budget_spec(self.budget)}, None
+            spec = parse_budget_spec(self.budget)
+            entries, digest = {DEFAULT_KEY: spec}, None
+            object.__setattr__(self, "budget", spec.spec)  # canonical: MACS=.50 and macs=0.5 are one budget
         else:
             entries, digest = load_budget_file(self.budget)
         object.__setattr__(self, "entries", entries)  # frozen: set once, here
@@ -122,6 +124,9 @@ class BudgetOptions:
         if len(args.budget) > 1:
             raise ConfigError(f"--budget: given {len(args.budget)} times; eval takes one (a per-client budget file "
                               f"gives clients different budgets; cafedist compare takes several)")
+        if looks_like_spec(args.budget[0]) and "," in args.budget[0]:
+            raise ConfigError(f"--budget {args.budget[0]}: eval takes one budget (cafedist compare takes a "
+                              f"comma-separated list; a per-client budget file gives clients different budgets)")
         return cls(args.budget[0], DEFAULT_POLICIES if args.policies is None else args.policies,
                    not args.no_temperature,
                    DEFAULT_CONFIDENCE if args.budget_confidence is None else args.budget_confidence,

@@ -43,7 +43,7 @@ class Budget:
     @property
     def spec(self) -> str:
         """The spec string this budget parses from (``macs=0.5``)."""
-        return f"{self.kind}={self.value:g}"
+        return f"{self.kind}={self.value:.15g}"  # :g's 6 digits would merge 0.5000001 with 0.5
 
 
 def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
@@ -52,10 +52,10 @@ def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
     kind = kind.strip().lower()
     if not sep or kind not in KINDS:
         raise ConfigError(f"{where}: budget {text!r} not understood; expected {_SPEC_HELP}")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{where}: budget {text!r}: {raw.strip()!r} is not a number") from None
+    # a plain decimal number: float() would also take "1_0" (10), "nan" and "inf"
+    if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", raw.strip()):
+        raise ConfigError(f"{where}: budget {text!r}: {raw.strip()!r} is not a number")
+    value = float(raw)
     # macs is a fraction of the last exit's cost, loss a number of accuracy points: outside
     # these ranges a budget is meaningless (macs=50 probably meant 0.5, loss=0.01 is not 1 point
     # either, but a value there cannot be told from an intended one)
@@ -68,9 +68,10 @@ def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
 
 
 def looks_like_spec(text: str) -> bool:
-    """Whether ``--budget``'s argument is a spec rather than a file name."""
+    """Whether ``--budget``'s argument is a spec rather than a file name (an existing file
+    named like a spec, ``loss=1.csv``, is the file)."""
     kind, sep, _ = text.partition("=")
-    return bool(sep) and kind.strip().lower() in KINDS
+    return bool(sep) and kind.strip().lower() in KINDS and not Path(text).is_file()
 
 
 # ----------------------------------------------------------------------------- budget files
@@ -226,5 +227,6 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
                           f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
 
 
-__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "budget_entries", "budget_source", "check_feasible", "load_budget_file",
-           "looks_like_spec", "parse_budget_spec", "per_client", "read_budget_file", "resolve_budgets"]
+__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "budget_entries", "budget_source", "check_feasible",
+           "load_budget_file", "looks_like_spec", "parse_budget_spec", "per_client", "read_budget_file",
+           "resolve_budgets"]

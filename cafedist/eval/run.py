@@ -40,7 +40,7 @@ from cafedist.eval.budget_run import (
 from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
-from cafedist.fsutil import write_json_atomic
+from cafedist.fsutil import replaced_together, write_json_atomic
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
@@ -70,7 +70,7 @@ class LoadedRun:
 
 @contextmanager
 def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False,
-             check: Callable[[Any], None] | None = None) -> Iterator[LoadedRun]:
+             check: Callable[[Any], object] | None = None) -> Iterator[LoadedRun]:
     """Build ``run_dir``'s clients and load them from its newest verified checkpoint; the
     store is closed on exit. Raises CheckpointError when that checkpoint is not the run's
     final round, unless ``allow_partial``. ``check`` (optional) is called with the built run
@@ -90,7 +90,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         if check is not None:
             check(run)
         restored = load_checkpoint(CheckpointDir(run_dir), Comm(rt), run.pool, run.algo, run.shared,
-                                   config_hash=config_hash(cfg), resume="force")
+                                   config_hash=config_hash(cfg), resume="force", evaluating=True)
         done, final = restored.next_round - 1, cfg.train.rounds - 1
         if done < 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
@@ -120,6 +120,18 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     if budget is not None:
         check_not_an_output(run_dir, budget)
     check = None if budget is None else (lambda built: resolve_run_budgets(built, run_dir, budget))
+    stale = [] if budget is not None else _budget_outputs_of_last_eval(run_dir)
+    # eval.json lists the files beside it: all are replaced at the end or, on a failure or
+    # Ctrl-C anywhere before, none is
+    with replaced_together():
+        report = _evaluate(run_dir, max_loss, device, allow_partial, budget, check)
+    _remove_stale_budget_outputs(stale)
+    return report
+
+
+def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, budget: BudgetOptions | None,
+              check: Callable[[Any], object] | None) -> dict[str, Any]:
+    """:func:`evaluate_run`'s work: load, evaluate, write eval.json and its figures."""
     with load_run(run_dir, device, allow_partial, check) as loaded:
         run, restored, done, final = loaded.run, loaded.restored, loaded.done, loaded.final
         cfg = run.cfg
@@ -161,9 +173,7 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     if budget_section is not None:
         report["budget"] = budget_section
         paths.update(budget_section.pop("paths"))
-    stale = [] if budget_section is not None else _budget_outputs_of_last_eval(run_dir)
     write_json_atomic(paths["json"], report)
-    _remove_stale_budget_outputs(stale)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},
                           title=f"{cfg.data.dataset}, {summary['num_clients']} clients: accuracy vs MACs")

@@ -261,7 +261,8 @@ class Resumed:
 
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
-                    config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = ()) -> Resumed:
+                    config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = (),
+                    evaluating: bool = False) -> Resumed:
     """All ranks: restore my clients, the shared average and the algorithm from the newest
     valid checkpoint (a client without a shard stays at its initial weights).
 
@@ -270,15 +271,18 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     ``resume`` is ``"force"``), is refused with a :class:`CheckpointError` on every rank; so is
     a checkpoint that does not fit the model or algorithm (one line, not a traceback).
     ``also_accept``: hashes of earlier config files of this same run (they differed only in
-    other algorithms' sections, :func:`~cafedist.config.run_identity`).
+    other algorithms' sections, :func:`~cafedist.config.run_identity`). ``evaluating``: the
+    caller evaluates the run (eval has no --resume), which the refusal's hint says.
     """
     rt = comm.rt
     ref, problem, locations = None, None, {}
     if rt.is_main:
         ref = ckpt.newest_valid()
         if ref is None and ckpt.candidates():
-            problem = (f"{ckpt.root}: no checkpoint verifies, so this run cannot be resumed "
-                       f"(use --resume none to move it aside and start over)")
+            problem = (f"{ckpt.root}: no checkpoint verifies, so this run cannot be "
+                       + ("evaluated (every checkpoint is incomplete or corrupt; `cafedist train` with "
+                          "--resume none moves the run aside and trains it again)" if evaluating else
+                          "resumed (use --resume none to move it aside and start over)"))
         elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash, *also_accept) \
                 and resume != "force":
             problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import json
 import os
-import tempfile
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, NoReturn
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -31,110 +33,116 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    """The process's umask. os.umask can only be read by setting it, so this sets it back at
-    once; called once, at import, before any thread writes files."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+@dataclass
+class _Batch:
+    """What a :func:`replaced_together` block does when it ends without an exception."""
+
+    renames: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, target)
+    removals: list[Path] = field(default_factory=list)
 
 
-_UMASK = _umask()
-
-
-#: inside :func:`replaced_together`: the (temporary, target) pairs waiting to be renamed
-_DEFERRED: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("deferred", default=None)
+#: the innermost active :func:`replaced_together` block (None outside one)
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("cafedist_batch", default=None)
 
 
 @contextlib.contextmanager
-def replaced_together() -> Iterator[None]:
+def replaced_together(remove: Iterable[Path] = ()) -> Iterator[None]:
     """Files written by :func:`atomic_output` inside this block replace their targets only
-    when the block ends without an exception, one after the other; on an exception (a
-    failed write, Ctrl-C) none does and the temporary files are removed. For outputs that
-    describe each other (eval.json and the files it lists): a failure leaves the old set."""
-    pending: list[tuple[Path, Path]] = []
-    token = _DEFERRED.set(pending)
+    when the block ends without an exception, and the files in ``remove`` are deleted then
+    too; on an exception (a failed write, Ctrl-C) nothing is replaced or deleted and the
+    temporary files are removed. For outputs that describe each other (eval.json and the
+    files it lists). The renames at the end run one after another: the set changes in a
+    moment, not atomically. A block inside another joins the outer one."""
+    outer = _BATCH.get()
+    if outer is not None:
+        outer.removals.extend(remove)
+        yield
+        return
+    batch = _Batch(removals=list(remove))
+    token = _BATCH.set(batch)
     try:
         yield
     except BaseException:
-        for tmp, _ in pending:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        _discard(tmp for tmp, _ in batch.renames)
         raise
     finally:
-        _DEFERRED.reset(token)
-    for i, (tmp, target) in enumerate(pending):
+        _BATCH.reset(token)
+    for i, (tmp, target) in enumerate(batch.renames):
         try:
             os.replace(tmp, target)
         except BaseException as exc:
-            for later, _ in pending[i:]:
-                with contextlib.suppress(FileNotFoundError):
-                    later.unlink()
-            if isinstance(exc, OSError) and _is_temp_of(exc.filename, target):
-                raise OSError(exc.errno, exc.strerror, str(target)) from exc
-            raise
-    for parent in dict.fromkeys(target.parent for _, target in pending):
+            _discard(later for later, _ in batch.renames[i:])
+            _raise_named(exc, target)
+    for path in batch.removals:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    for parent in dict.fromkeys(target.parent for _, target in batch.renames):
         fsync_dir(parent)
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, suffix: str = "", now: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left untouched; inside
-    :func:`replaced_together` the rename waits for the end of that block. An OSError
-    about the temporary file names ``path`` instead (the name a user knows). The file gets the
-    mode of the one it replaces, or that of a new file under the umask (mkstemp's temporary
-    file is private to its owner, which would hide results from a cluster group).
-    ``suffix`` keeps a file extension on the temp name for libraries that look at it
-    (e.g. matplotlib picks the format from ``.png``).
+    On an exception the temporary file is removed and ``path`` is left untouched. Inside
+    :func:`replaced_together` the rename waits for the end of that block, unless ``now``
+    (for a caller that reads the file back at once). An OSError about the temporary file
+    names ``path`` instead (the name a user knows). The file gets the mode of a new file
+    under the process's umask. ``suffix`` keeps a file extension on the temp name for
+    libraries that look at it (e.g. matplotlib picks the format from ``.png``).
     """
     target = Path(path)
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, _mode_for(target))
-        finally:
-            os.close(fd)
+        tmp = _create_temp(target, suffix)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        deferred = _DEFERRED.get()
-        if deferred is not None:
-            if target.is_dir():  # fail now, with the other outputs not yet replaced
-                raise IsADirectoryError(21, "Is a directory", str(target))
-            deferred.append((tmp, target))
+        batch = None if now else _BATCH.get()
+        if batch is not None:
+            if target.is_dir():  # fail now, while the block's other outputs are not replaced yet
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+            batch.renames.append((tmp, target))
             return
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException as exc:
         if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        if isinstance(exc, OSError) and _is_temp_of(exc.filename, target):
+            _discard([tmp])
+        _raise_named(exc, target)
+
+
+def _create_temp(target: Path, suffix: str) -> Path:
+    """A new empty file beside ``target`` under a unique hidden name. Created with mode 0o666
+    for the kernel to apply the current umask: mkstemp's 0600 would hide results from the
+    user's group on a cluster."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+def _discard(paths: Iterable[Path]) -> None:
+    for path in list(paths):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _raise_named(exc: BaseException, target: Path) -> NoReturn:
+    """Re-raise ``exc``; an OSError about one of ``target``'s temporary files as one about
+    ``target``."""
+    filename = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and isinstance(filename, (str, os.PathLike)):
+        name = Path(os.path.abspath(filename))
+        if name.parent == Path(os.path.abspath(target)).parent and name.name.startswith(f".{target.name}."):
             raise OSError(exc.errno, exc.strerror, str(target)) from exc
-        raise
-
-
-def _is_temp_of(filename: object, target: Path) -> bool:
-    """Whether an OSError's ``filename`` is one of :func:`atomic_output`'s temporary names
-    for ``target``."""
-    if not isinstance(filename, (str, os.PathLike)):
-        return False
-    name = Path(os.path.abspath(filename))
-    return (name.parent == Path(os.path.abspath(target)).parent and name.name.startswith(f".{target.name}.")
-            and ".tmp" in name.name)
-
-
-def _mode_for(target: Path) -> int:
-    """Permission bits for a file written over ``target``: its own, or a new file's."""
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        return 0o666 & ~_UMASK
+    raise exc
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

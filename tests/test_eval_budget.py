@@ -25,7 +25,7 @@ from cafedist.eval.budget import (
     pooled_split,
 )
 from cafedist.eval.budget_run import BudgetOptions, format_budget
-from cafedist.eval.budget_spec import Budget, budget_source, check_feasible, parse_budget_spec, resolve_budgets
+from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 
 MACS = [1, 2]  # two exits: answering at exit 2 costs twice exit 1
@@ -257,6 +257,10 @@ def test_a_budget_spec_is_canonical_and_a_file_named_like_one_is_the_file(tmp_pa
     Path("loss=1.csv").write_text("default,macs=0.4\n")
     options = BudgetOptions("loss=1.csv")
     assert options.budget == "loss=1.csv" and options.per_client(2) == [Budget("macs", 0.4)] * 2
+    Path("loss=1.csv").unlink()
+    assert options.is_file and options.source == "loss=1.csv"  # decided once, when it was read
+    Path("macs=0.5").write_text("not a budget file\n")  # a stray file is no budget file
+    assert BudgetOptions("macs=0.5").per_client(1) == [Budget("macs", 0.5)]
 
 
 def test_budget_below_exit_1_is_refused_with_the_floor():
@@ -264,16 +268,16 @@ def test_budget_below_exit_1_is_refused_with_the_floor():
     with pytest.raises(ConfigError, match=r"macs=0.2 is below exit 1's cost \(0.2500 of the last exit's MACs\)"):
         check_feasible([Budget("macs", 0.2)] * 3, [1, 2, 4])
     with pytest.raises(ConfigError, match="^budgets.csv: macs=0.1 for client 1 is below"):
-        check_feasible([Budget("loss", 0.0), Budget("macs", 0.1)], [1, 2, 4], budget_source("budgets.csv"))
+        check_feasible([Budget("loss", 0.0), Budget("macs", 0.1)], [1, 2, 4], "budgets.csv")
     with pytest.raises(ConfigError, match="^--budget: macs=0.1 for clients 1, 2 is below"):
         check_feasible([Budget("loss", 0.0), Budget("macs", 0.1), Budget("macs", 0.2)], [1, 2, 4],
-                       budget_source("macs=0.1"))
+                       "--budget")
 
 
 def test_budget_csv_file_with_header_comments_and_default(tmp_path):
     path = tmp_path / "budgets.csv"
     path.write_text("client,budget\n# phones\n0,macs=0.4\n\n2,loss=1\ndefault,macs=0.8\n")
-    assert resolve_budgets(str(path), 4) == [Budget("macs", 0.4), Budget("macs", 0.8), Budget("loss", 1.0),
+    assert BudgetOptions(str(path)).per_client(4) == [Budget("macs", 0.4), Budget("macs", 0.8), Budget("loss", 1.0),
                                              Budget("macs", 0.8)]
 
 
@@ -295,7 +299,7 @@ def test_a_budget_file_is_read_once_when_the_options_are_made(tmp_path):
 def test_budget_yaml_file(tmp_path):
     path = tmp_path / "budgets.yaml"
     path.write_text("0: macs=0.4\n1: loss=2\n")
-    assert resolve_budgets(str(path), 2) == [Budget("macs", 0.4), Budget("loss", 2.0)]
+    assert BudgetOptions(str(path)).per_client(2) == [Budget("macs", 0.4), Budget("loss", 2.0)]
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -315,36 +319,36 @@ def test_malformed_budget_files_name_the_file_and_line(tmp_path, name, text, mes
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        resolve_budgets(str(path), 2)
+        BudgetOptions(str(path)).per_client(2)
 
 
 def test_budget_csv_with_a_byte_order_mark(tmp_path):
     """Spreadsheets' "CSV UTF-8" starts with a byte-order mark: the header is still a header."""
     path = tmp_path / "b.csv"
     path.write_bytes("client,budget\n0,macs=0.4\ndefault,macs=0.6\n".encode("utf-8-sig"))
-    assert resolve_budgets(str(path), 2) == [Budget("macs", 0.4), Budget("macs", 0.6)]
+    assert BudgetOptions(str(path)).per_client(2) == [Budget("macs", 0.4), Budget("macs", 0.6)]
 
 
 def test_empty_or_directory_budget_argument_says_so(tmp_path):
     with pytest.raises(ConfigError, match="^--budget: empty; expected a budget spec"):
-        resolve_budgets("", 2)
+        BudgetOptions("").per_client(2)
     (tmp_path / "b.csv").mkdir()
     with pytest.raises(ConfigError, match=r"b.csv: a directory; expected a budget spec .* or a .csv/.yaml"):
-        resolve_budgets(str(tmp_path / "b.csv"), 2)
+        BudgetOptions(str(tmp_path / "b.csv")).per_client(2)
 
 
 def test_budget_file_with_unknown_or_missing_clients(tmp_path):
     path = tmp_path / "b.csv"
     path.write_text("0,macs=0.5\n7,macs=0.5\n")
     with pytest.raises(ConfigError, match=r"unknown client ids 7 \(this run has clients 0..3\)"):
-        resolve_budgets(str(path), 4)
+        BudgetOptions(str(path)).per_client(4)
     path.write_text("0,macs=0.5\n")
     with pytest.raises(ConfigError, match=r"no budget for clients 1, 2, 3 \(name them or add a 'default'"):
-        resolve_budgets(str(path), 4)
+        BudgetOptions(str(path)).per_client(4)
     with pytest.raises(ConfigError, match=r"no budget for client 1 \("):
-        resolve_budgets(str(path), 2)
+        BudgetOptions(str(path)).per_client(2)
     with pytest.raises(ConfigError, match="neither a budget spec .* nor an existing file"):
-        resolve_budgets(str(tmp_path / "missing.csv"), 4)
+        BudgetOptions(str(tmp_path / "missing.csv")).per_client(4)
 
 
 # ----------------------------------------------------------------------------- cafedist eval --budget

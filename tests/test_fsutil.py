@@ -7,26 +7,30 @@ import stat
 
 import pytest
 
-from cafedist.fsutil import atomic_output, write_text_atomic
+from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
 
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_a_new_file_gets_the_umask_mode_not_mkstemps_private_one(tmp_path):
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    write_text_atomic(tmp_path / "eval.json", "{}\n")
-    assert _mode(tmp_path / "eval.json") == 0o666 & ~mask  # group/others can read results as usual
+    return mask
 
 
-def test_a_replaced_file_keeps_its_mode(tmp_path):
-    path = tmp_path / "budget.csv"
-    path.write_text("old\n")
-    path.chmod(0o640)
-    write_text_atomic(path, "new\n")
-    assert path.read_text() == "new\n" and _mode(path) == 0o640
+@pytest.mark.parametrize("old_mode", [None, 0o600, 0o444])
+def test_outputs_get_the_umask_mode_not_mkstemps_private_one(tmp_path, old_mode):
+    """Results are readable by the user's group as usual; a file written by an older version
+    (0600) or write-protected (0444) is replaced all the same (the rename needs only the
+    folder to be writable)."""
+    path = tmp_path / "eval.json"
+    if old_mode is not None:
+        path.write_text("old\n")
+        path.chmod(old_mode)
+    write_text_atomic(path, "{}\n")
+    assert path.read_text() == "{}\n" and _mode(path) == 0o666 & ~_umask()
 
 
 def test_a_failure_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -45,3 +49,24 @@ def test_an_os_error_names_the_target_not_the_temporary_file(tmp_path):
         write_text_atomic(target, "png")
     assert info.value.filename == str(target), info.value
     assert sorted(os.listdir(tmp_path)) == ["budget.png"]  # the temporary file is gone
+
+
+def test_replaced_together_replaces_and_removes_only_when_the_block_ends(tmp_path):
+    a, b, stale = tmp_path / "eval.json", tmp_path / "budget.csv", tmp_path / "budget.png"
+    for path in (a, b, stale):
+        path.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt), replaced_together(remove=[stale]):
+        write_text_atomic(a, "new\n")
+        assert a.read_text() == "old\n"  # deferred
+        raise KeyboardInterrupt
+    assert [p.read_text() for p in (a, b, stale)] == ["old\n"] * 3
+    assert sorted(os.listdir(tmp_path)) == ["budget.csv", "budget.png", "eval.json"]
+    with replaced_together(remove=[stale]):
+        write_text_atomic(a, "new\n")
+        with replaced_together():  # joins the outer block
+            write_text_atomic(b, "new\n")
+        assert b.read_text() == "old\n"
+        with atomic_output(tmp_path / "now.txt", now=True) as tmp:  # for a caller that reads it back
+            tmp.write_text("x")
+        assert (tmp_path / "now.txt").read_text() == "x"
+    assert a.read_text() == b.read_text() == "new\n" and not stale.exists()

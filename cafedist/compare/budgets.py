@@ -30,7 +30,7 @@ from cafedist.compare.plan import resolve_seeds
 from cafedist.errors import CafeError, ConfigError
 from cafedist.eval.budget import SEARCH_VERSION
 from cafedist.eval.budget_run import BudgetOptions
-from cafedist.eval.budget_spec import budget_source, check_feasible, looks_like_spec
+from cafedist.eval.budget_spec import check_feasible, looks_like_spec
 from cafedist.fsutil import write_json_atomic
 
 log = logging.getLogger("cafedist")
@@ -103,7 +103,7 @@ def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, An
             macs = exit_macs(cfg, store)
         for options, clients in zip(budgets, per_budget):
             try:
-                check_feasible(clients, macs, budget_source(options.budget))
+                check_feasible(clients, macs, options.source)
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (method {name}, model {cfg.model.arch})") from None
 
@@ -114,7 +114,7 @@ def _key(options: BudgetOptions) -> str:
     key: dict[str, Any] = {"budget": options.budget, "policies": options.policies,
                            "temperature": options.temperature, "confidence": options.confidence,
                            "scope": options.scope, "search": SEARCH_VERSION}
-    if not looks_like_spec(options.budget):
+    if options.is_file:
         key.update(budget=str(Path(options.budget).resolve()), sha256=options.sha256)
     return json.dumps(key, sort_keys=True)
 

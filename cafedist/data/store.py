@@ -99,7 +99,7 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
     _check_split(raw, client_train, client_test, proxy_idx, client_val)
     if client_users is not None and len(client_users) != len(client_train):
         raise ValueError("write_store: need one user name per client")
-    with atomic_output(path, suffix=".h5") as tmp:
+    with atomic_output(path, suffix=".h5", now=True) as tmp:  # opened right after: never deferred
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["dataset"] = raw.name

@@ -19,7 +19,6 @@ from cafedist.eval.budget import SCOPES, Split, personalized_budgets
 from cafedist.eval.budget_spec import (
     DEFAULT_KEY,
     Budget,
-    budget_source,
     check_feasible,
     load_budget_file,
     looks_like_spec,
@@ -87,6 +86,8 @@ class BudgetOptions:
     entries: dict[int | str, Budget] = field(init=False, repr=False, compare=False)
     #: SHA-256 of the budget file's bytes (None for a spec)
     sha256: str | None = field(init=False, repr=False, compare=False)
+    #: whether ``budget`` names a file (decided once, here: the file may go away after it is read)
+    is_file: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # fail on a bad flag before the run's models are loaded and evaluated
@@ -95,7 +96,8 @@ class BudgetOptions:
         if self.scope not in SCOPES:
             raise ConfigError(f"--policy-scope: expected one of {', '.join(SCOPES)}, got {self.scope!r}")
         parse_policies(self.policies)
-        if looks_like_spec(self.budget):
+        object.__setattr__(self, "is_file", not looks_like_spec(self.budget))
+        if not self.is_file:
             spec = parse_budget_spec(self.budget)
             entries, digest = {DEFAULT_KEY: spec}, None
             object.__setattr__(self, "budget", spec.spec)  # canonical: MACS=.50 and macs=0.5 are one budget
@@ -103,6 +105,11 @@ class BudgetOptions:
             entries, digest = load_budget_file(self.budget)
         object.__setattr__(self, "entries", entries)  # frozen: set once, here
         object.__setattr__(self, "sha256", digest)
+
+    @property
+    def source(self) -> str:
+        """How errors name where the budgets came from: the flag, or the budget file."""
+        return self.budget if self.is_file else "--budget"
 
     def per_client(self, num_clients: int) -> list[Budget]:
         """Every client's budget (index = client id) for a run of ``num_clients`` clients."""
@@ -136,7 +143,7 @@ class BudgetOptions:
 def check_not_an_output(run_dir: str | Path, options: BudgetOptions) -> None:
     """Refuse a budget file that is one of the files ``--budget`` writes into the run directory:
     eval would overwrite its own input."""
-    if looks_like_spec(options.budget):
+    if not options.is_file:
         return
     given = Path(options.budget).resolve()
     for name in BUDGET_OUTPUTS.values():
@@ -151,7 +158,7 @@ def resolve_run_budgets(run: Any, run_dir: str | Path, options: BudgetOptions) -
     its clients, a MACs budget below exit 1's cost, or no validation split. Needs no trained
     model, so eval calls it before loading the checkpoint (:func:`~cafedist.eval.run.load_run`)."""
     budgets = options.per_client(run.n)
-    check_feasible(budgets, run.macs, budget_source(options.budget))
+    check_feasible(budgets, run.macs, options.source)
     if not run.store.has_val:
         raise ConfigError(f"{run_dir}: --budget chooses each client's policy on its calibration split, and this run "
                           f"has none (trained with data.val_fraction = 0); train with e.g. data.val_fraction=0.1")

@@ -67,11 +67,17 @@ def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
     return Budget(kind, value)
 
 
+#: the names a budget file may end in
+FILE_SUFFIXES = (".csv", ".yaml", ".yml")
+
+
 def looks_like_spec(text: str) -> bool:
-    """Whether ``--budget``'s argument is a spec rather than a file name (an existing file
-    named like a spec, ``loss=1.csv``, is the file)."""
+    """Whether ``--budget``'s argument is a spec rather than a file name (an existing budget
+    file named like a spec, ``loss=1.csv``, is the file; a stray file ``macs=0.5`` is not)."""
     kind, sep, _ = text.partition("=")
-    return bool(sep) and kind.strip().lower() in KINDS and not Path(text).is_file()
+    path = Path(text)
+    return bool(sep) and kind.strip().lower() in KINDS and not (path.suffix.lower() in FILE_SUFFIXES
+                                                                  and path.is_file())
 
 
 # ----------------------------------------------------------------------------- budget files
@@ -164,7 +170,7 @@ def load_budget_file(name: str | Path) -> tuple[dict[int | str, Budget], str]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         entries = _read_csv(path, text)
-    elif suffix in (".yaml", ".yml"):
+    elif suffix in FILE_SUFFIXES:
         entries = _read_yaml(path, text)
     else:
         raise ConfigError(f"{path}: budget file must end in .csv, .yaml or .yml")
@@ -172,11 +178,6 @@ def load_budget_file(name: str | Path) -> tuple[dict[int | str, Budget], str]:
         raise ConfigError(f"{path}: budget file names no client")
     return entries, hashlib.sha256(raw).hexdigest()
 
-
-def budget_entries(arg: str) -> dict[int | str, Budget]:
-    """``--budget``'s argument as client id (or ``default``) -> :class:`Budget`: a spec is
-    everyone's default."""
-    return {DEFAULT_KEY: parse_budget_spec(arg)} if looks_like_spec(arg) else read_budget_file(arg)
 
 
 def _id_list(ids: list[int]) -> str:
@@ -188,14 +189,9 @@ def _clients(ids: list[int]) -> str:
     return f"client{'s' if len(ids) > 1 else ''} {_id_list(ids)}"
 
 
-def resolve_budgets(arg: str, num_clients: int) -> list[Budget]:
-    """One :class:`Budget` per client (index = client id) from ``--budget``'s argument."""
-    return per_client(budget_entries(arg), num_clients, arg)
-
-
 def per_client(entries: dict[int | str, Budget], num_clients: int, arg: str) -> list[Budget]:
-    """One :class:`Budget` per client (index = client id) from :func:`budget_entries`'
-    ``entries`` of ``--budget``'s argument ``arg`` (which errors name)."""
+    """One :class:`Budget` per client (index = client id) from ``entries`` (client id or
+    ``default`` -> Budget, as read from ``--budget``'s argument ``arg``, which errors name)."""
     unknown = sorted(k for k in entries if k != DEFAULT_KEY and int(k) >= num_clients)
     if unknown:
         raise ConfigError(f"{arg}: unknown client ids {_id_list(unknown)} (this run has clients 0..{num_clients - 1})")
@@ -207,15 +203,11 @@ def per_client(entries: dict[int | str, Budget], num_clients: int, arg: str) -> 
     return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
 
 
-def budget_source(arg: str) -> str:
-    """How errors name where ``--budget``'s budgets came from: the flag, or the budget file."""
-    return "--budget" if looks_like_spec(arg) else str(arg)
-
 
 def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str = "--budget") -> None:
     """Refuse a MACs budget below exit 1's cost: no policy can meet it (every sample pays at
-    least exit 1). One message names every such client; ``source`` (:func:`budget_source`)
-    says where the budgets came from."""
+    least exit 1). One message names every such client; ``source`` says where the budgets
+    came from (the flag, or the budget file)."""
     if not macs_per_exit or macs_per_exit[-1] <= 0:
         raise ConfigError("cannot apply MACs budgets: the model's last exit has no MAC count")
     floor = macs_per_exit[0] / macs_per_exit[-1]
@@ -227,6 +219,5 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
                           f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
 
 
-__all__ = ["Budget", "DEFAULT_KEY", "KINDS", "budget_entries", "budget_source", "check_feasible",
-           "load_budget_file", "looks_like_spec", "parse_budget_spec", "per_client", "read_budget_file",
-           "resolve_budgets"]
+__all__ = ["Budget", "DEFAULT_KEY", "FILE_SUFFIXES", "KINDS", "check_feasible", "load_budget_file", "looks_like_spec",
+           "parse_budget_spec", "per_client", "read_budget_file"]

@@ -120,12 +120,16 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     if budget is not None:
         check_not_an_output(run_dir, budget)
     check = None if budget is None else (lambda built: resolve_run_budgets(built, run_dir, budget))
+    # without --budget, the budget.csv/png of an earlier `eval --budget` describe an eval.json
+    # that is being replaced
     stale = [] if budget is not None else _budget_outputs_of_last_eval(run_dir)
-    # eval.json lists the files beside it: all are replaced at the end or, on a failure or
-    # Ctrl-C anywhere before, none is
-    with replaced_together():
+    # eval.json lists the files beside it: all are replaced (and the stale ones removed) at the
+    # end or, on a failure or Ctrl-C anywhere before, none is
+    with replaced_together(remove=stale):
         report = _evaluate(run_dir, max_loss, device, allow_partial, budget, check)
-    _remove_stale_budget_outputs(stale)
+    if stale:
+        log.info("removed %s of an earlier `eval --budget` (this eval has no --budget)",
+                 " and ".join(p.name for p in stale))
     return report
 
 
@@ -197,15 +201,6 @@ def _budget_outputs_of_last_eval(run_dir: Path) -> list[Path]:
     return [run_dir / name for key, name in BUDGET_OUTPUTS.items()
             if isinstance(written.get(key), str) and Path(written[key]).name == name and (run_dir / name).is_file()]
 
-
-def _remove_stale_budget_outputs(stale: list[Path]) -> None:
-    """Remove the previous ``--budget`` eval's outputs (:func:`_budget_outputs_of_last_eval`):
-    the eval.json just written has no budget section, and files beside it must describe it."""
-    for path in stale:
-        path.unlink()
-    if stale:
-        log.info("removed %s of an earlier `eval --budget` (this eval has no --budget)",
-                 " and ".join(p.name for p in stale))
 
 
 __all__ = ["LoadedRun", "evaluate_run", "dynamic_table", "load_run"]

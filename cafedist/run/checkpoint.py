@@ -75,7 +75,7 @@ def client_file(cid: int) -> str:
 
 def save_torch(obj: Any, path: Path) -> str:
     """torch.save atomically (temp + fsync + rename); returns the file's sha256."""
-    with atomic_output(path) as tmp:
+    with atomic_output(path, now=True) as tmp:  # hashed right after: never deferred
         torch.save(obj, tmp)
     return sha256_file(path)
 

@@ -3,7 +3,9 @@
 Everything cafedist writes that a user or a later run reads (stores, metrics summaries,
 checkpoints, plots) goes through :func:`atomic_output`: the content is written to a
 temporary name in the same directory, flushed and fsynced, then renamed over the target,
-so a crash leaves either the old file or the new one, never a truncated one.
+so a crash leaves either the old file or the new one, never a truncated one. Inside
+:func:`replaced_together` the renames wait for the end of the block, so that files that
+describe each other (eval.json and the figures it lists) are replaced as a set or not at all.
 """
 
 from __future__ import annotations

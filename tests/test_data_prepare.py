@@ -73,7 +73,7 @@ def test_ensure_store_reuses_and_refuses_other_params(tmp_path):
     mtime = out.stat().st_mtime_ns
     assert ensure_store(out, PartitionSpec(**KW)) == out
     assert out.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    with pytest.raises(DataError, match=r'exists with params .*"alpha": 0.5.* asks for .*"alpha": 0.3'):
+    with pytest.raises(DataError, match=r'exists with params .*"alpha": 0.5.* but .*"alpha": 0.3.* are asked for'):
         ensure_store(out, PartitionSpec(**{**KW, "alpha": 0.3}))
     out.write_bytes(b"junk")  # an unreadable file is reported, never silently replaced
     with pytest.raises(DataError, match="cannot open as HDF5"):
@@ -138,6 +138,24 @@ def test_cli_prepare_and_describe(tmp_path, capsys):
     described = capsys.readouterr().out.strip().splitlines()
     assert described[:-1] == built.strip().splitlines()
     assert described[-1] == "checksums: all 13 arrays verified"  # 4 per client, the proxy set
+
+
+def test_cli_prepare_replaces_no_existing_file_but_keeps_the_same_store(tmp_path, capsys):
+    """--out may name anything: a user's file, a run's summary.json, the store runs depend on."""
+    flags = ["--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.2"]
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("my thesis\n")
+    with pytest.raises(DataError, match=r"^--out .*thesis.txt exists and is not this store, so prepare leaves it"):
+        prepare_mod.main(_parse([*flags, "--out", str(thesis)]))
+    assert thesis.read_text() == "my thesis\n"
+    store = tmp_path / "s.h5"
+    prepare_mod.main(_parse([*flags, "--out", str(store)]))
+    before = store.read_bytes()
+    assert prepare_mod.main(_parse([*flags, "--out", str(store)])) == 0  # the same store: kept
+    with pytest.raises(DataError, match=r"exists and is not this store.*exists with params"):
+        prepare_mod.main(_parse([*flags[:-3], "0.5", *flags[-2:], "--out", str(store)]))  # another alpha
+    assert store.read_bytes() == before
+    assert "dataset digits" in capsys.readouterr().out
 
 
 def test_describe_verifies_every_checksum(tmp_path):

@@ -198,8 +198,8 @@ def _matches(out: Path, want: dict[str, Any]) -> bool:
     with Store(out) as store:
         have = store.params
     if have != want:
-        raise DataError(f"store {out} exists with params {json.dumps(have, sort_keys=True)} but this run "
-                        f"asks for {json.dumps(want, sort_keys=True)} (delete it or choose another path)")
+        raise DataError(f"store {out} exists with params {json.dumps(have, sort_keys=True)} but "
+                        f"{json.dumps(want, sort_keys=True)} are asked for (delete it or choose another path)")
     return True
 
 
@@ -251,7 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, metavar="S", help=f"partition seed (default {d.seed})")
     parser.add_argument("--vocab-size", type=int, metavar="N", help="text only: vocabulary size incl. pad/unk")
     parser.add_argument("--max-len", type=int, metavar="N", help="text only: tokens per document")
-    parser.add_argument("--out", metavar="STORE", help="output HDF5 file (replaced if it exists)")
+    parser.add_argument("--out", metavar="STORE", help="output HDF5 file (an existing store of the same dataset and "
+                        "partition is kept; any other existing file is refused)")
 
 
 def _check_out_file(out: Path) -> None:
@@ -287,7 +288,18 @@ def main(args: argparse.Namespace) -> int:
                          test_fraction=args.test_fraction, val_fraction=args.val_fraction, min_size=args.min_size,
                          seed=args.seed, loader_options=options or None, partition=args.partition,
                          proxy_users=args.proxy_users)
-    path = prepare_store(args.out, spec, args.root)
+    # an existing file is kept if it is this very store and refused otherwise: runs depend on
+    # their store, and --out may name anything
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        path = ensure_store(out, spec, args.root)
+    except DataError as exc:
+        if not existed:
+            raise
+        raise DataError(f"--out {out} exists and is not this store, so prepare leaves it as it is ({exc})") from None
+    if existed:
+        log.info("prepare: %s already holds this store (same dataset and partition): kept", out)
     with Store(path) as store:
         print(store.describe())
     return 0

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
@@ -73,6 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 def _train_guarded(args: argparse.Namespace) -> int:
     from cafedist.config import load_config
     from cafedist.train.loop import train
+    from cafedist.train.preflight import check_config_source
     from cafedist.train.signals import REQUEUE_EXIT_CODE
 
     overrides = list(args.overrides)
@@ -88,6 +90,7 @@ def _train_guarded(args: argparse.Namespace) -> int:
         raise ConfigError("--world-size: only with --dry-run (a real run takes its world size from the launcher)")
     if args.dry_run:
         return _dry_run(cfg, out, args.world_size)
+    check_config_source(args.config, cfg, Path(out))
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if result.stopped:
         return REQUEUE_EXIT_CODE

@@ -135,6 +135,47 @@ def test_failed_force_keeps_config_yaml_and_the_right_command_still_works(finish
     assert code == 0, err
 
 
+# ----------------------------------------------------------------------------- a run without config.yaml
+def test_a_run_without_config_yaml_is_judged_by_its_checkpoints(finished, run_copy):
+    (run_copy / "config.yaml").unlink()
+    before = tree_hashes(run_copy)
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress", "seed=4")
+    assert code == 2
+    _one_error_line(err, "written by a different config (and", "has no config.yaml")
+    assert tree_hashes(run_copy) == before  # no config.yaml of the refused config either
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
+    assert code == 0, err  # its own config: resumed (nothing left to train), config.yaml back
+    assert (run_copy / "config.yaml").is_file()
+    assert summary(run_copy)["model_hashes"] == summary(finished[1])["model_hashes"]
+
+
+def test_results_without_config_yaml_or_checkpoints_are_never_overwritten(finished, run_copy):
+    (run_copy / "config.yaml").unlink()
+    shutil.rmtree(run_copy / "checkpoints")
+    before = tree_hashes(run_copy)
+    for resume in ("auto", "force"):
+        code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
+                               "--resume", resume)
+        assert code == 2
+        _one_error_line(err, "holds results (summary.json, metrics.jsonl) but no config.yaml", "--resume none")
+        assert tree_hashes(run_copy) == before
+
+
+def test_a_users_own_config_in_out_is_not_replaced(finished, run_copy, tmp_path):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    mine = folder / "config.yaml"
+    mine.write_text("# my experiment\n" + finished[0].read_text())
+    code, _, err = run_cli("train", "--config", str(mine), "--out", str(folder), "--no-progress")
+    assert code == 2
+    _one_error_line(err, f"--config {mine} is the config.yaml that train writes into --out")
+    assert mine.read_text().startswith("# my experiment")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+    # a run's own config.yaml (the resolved config train wrote) may be given back to train
+    code, _, err = run_cli("train", "--config", str(run_copy / "config.yaml"), "--out", str(run_copy), "--no-progress")
+    assert code == 0, err
+
+
 def test_errors_found_by_building_store_or_model_leave_no_run_dir(finished, tmp_path):
     cfg = str(finished[0])
     out = tmp_path / "fresh"

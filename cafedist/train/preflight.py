@@ -14,7 +14,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from cafedist.config import Config, config_from_dict, config_hash, identity_fields, read_yaml, run_identity
+from cafedist.config import (
+    Config,
+    config_from_dict,
+    config_hash,
+    dump_config,
+    identity_fields,
+    load_config,
+    read_yaml,
+    run_identity,
+)
 from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.paths import check_dir_creatable
 from cafedist.run.checkpoint import CheckpointDir
@@ -84,7 +93,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
         return RunDirPlan.ASIDE
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
-        return RunDirPlan.WRITE  # checkpoints without a config: their manifests carry the config hash
+        return _plan_without_config(cfg, run_dir, resume)
     try:
         old = config_from_dict(read_yaml(cfg_file))
     except CafeError as exc:
@@ -97,3 +106,42 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True)) or "?"
     raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
                           f"use another --out, --resume none to start over, or --resume force")
+
+
+def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
+    """A directory with run files but no ``config.yaml`` (deleted by hand, or a folder of the
+    user's): its newest checkpoint's manifest says which config wrote it; results without a
+    checkpoint that verifies cannot be told from another run's, so they are never overwritten."""
+    if not has_work(run_dir):
+        return RunDirPlan.WRITE
+    ref = CheckpointDir(run_dir).newest_valid(warn=lambda _: None)  # load_checkpoint reports broken ones
+    if ref is None:
+        present = [name for name in ("summary.json", "metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
+        raise CheckpointError(f"{run_dir} holds results ({', '.join(present)}) but no config.yaml and no checkpoint "
+                              f"that verifies, so whose they are cannot be told; use another --out, or --resume "
+                              f"none to move them aside and start over")
+    if ref.manifest.get("config_hash") in (None, config_hash(cfg)):
+        return RunDirPlan.WRITE
+    if resume == "force":
+        return RunDirPlan.DEFER
+    raise CheckpointError(f"{ref.path}: written by a different config (and {run_dir} has no config.yaml to name "
+                          f"the difference); use another --out, --resume none to start over, or --resume force")
+
+
+def check_config_source(config: str | Path | None, cfg: Config, run_dir: Path) -> None:
+    """Refuse ``--config OUT/config.yaml`` when that file is the user's own rather than one
+    train wrote (the resolved config): train would replace it with the resolved config,
+    dropping its comments and folding in the overrides."""
+    if not config:
+        return
+    source, target = Path(config), run_dir / "config.yaml"
+    try:
+        if source.resolve() != target.resolve() or not source.is_file():
+            return
+        text = source.read_text()
+    except OSError:
+        return
+    if text != dump_config(load_config(source)):
+        raise ConfigError(f"--config {config} is the config.yaml that train writes into --out {run_dir} (the "
+                          f"resolved config, which would replace your file); keep your config outside the run "
+                          f"directory or choose another --out")

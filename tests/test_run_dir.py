@@ -176,6 +176,35 @@ def test_a_users_own_config_in_out_is_not_replaced(finished, run_copy, tmp_path)
     assert code == 0, err
 
 
+def test_eval_refuses_models_of_another_config_than_config_yaml(finished, run_copy):
+    """An edited config.yaml would describe models it did not train (another seed would even
+    score them on another data split): eval must refuse, not print numbers under it."""
+    text = (run_copy / "config.yaml").read_text()
+    assert "  lr: 0.05\n" in text
+    (run_copy / "config.yaml").write_text(text.replace("  lr: 0.05\n", "  lr: 0.1\n"))
+    before = tree_hashes(run_copy)
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2
+    assert "written by a different config than" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert tree_hashes(run_copy) == before
+
+
+def test_eval_refuses_a_store_replaced_by_another_partition(finished, tmp_path):
+    from cafedist.data.prepare import prepare_store
+    from cafedist.data.spec import PartitionSpec
+
+    store = tmp_path / "mine.h5"
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run), "--no-progress",
+                           f"data.store={store}", "train.rounds=1")
+    assert code == 0, err
+    prepare_store(store, PartitionSpec("digits", clients=4, alpha=0.1, proxy_fraction=0.1, seed=3))  # another alpha
+    code, _, err = run_cli("eval", str(run))
+    assert code == 2
+    assert "exists with params" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not (run / "eval.json").exists()
+
+
 def test_errors_found_by_building_store_or_model_leave_no_run_dir(finished, tmp_path):
     cfg = str(finished[0])
     out = tmp_path / "fresh"

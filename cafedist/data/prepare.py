@@ -191,7 +191,7 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _matches(out: Path, want: dict[str, Any]) -> bool:
+def store_matches(out: Path, want: dict[str, Any]) -> bool:
     """True if ``out`` is a valid store built with ``want``; False if absent; DataError otherwise."""
     if not out.exists():
         return False
@@ -212,11 +212,11 @@ def ensure_store(out: str | Path, spec: PartitionSpec, root: str | Path | None =
     """
     out = Path(out)
     want = partition_params(spec)
-    if _matches(out, want):  # fast path: stores appear by atomic rename, so no lock is needed to read
+    if store_matches(out, want):  # fast path: stores appear by atomic rename, so no lock is needed to read
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(Path(f"{out}.lock")):
-        if _matches(out, want):
+        if store_matches(out, want):
             return out
         return prepare_store(out, spec, root)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from cafedist.config import config_from_dict, config_hash, read_yaml
+from cafedist.config import config_from_dict, config_hash, read_yaml, run_identity
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
@@ -90,7 +90,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         if check is not None:
             check(run)
         restored = load_checkpoint(CheckpointDir(run_dir), Comm(rt), run.pool, run.algo, run.shared,
-                                   config_hash=config_hash(cfg), resume="force", evaluating=True)
+                                   config_hash=config_hash(cfg), resume="force",
+                                   evaluating=run_identity(cfg))
         done, final = restored.next_round - 1, cfg.train.rounds - 1
         if done < 0:
             raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from cafedist.algorithms import get_algorithm
 from cafedist.algorithms.base import Algorithm, Setup
 from cafedist.config import Config
-from cafedist.data.prepare import ensure_store
+from cafedist.data.prepare import ensure_store, partition_params, store_matches
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import ClientData, Store
 from cafedist.distributed.placement import place_clients
@@ -82,6 +82,8 @@ def open_store(cfg: Config, prepare: bool = True) -> Store:
     elif not path.is_file():
         raise DataError(f"{path}: the run's data store is missing (`cafedist train` or `cafedist prepare` "
                         f"builds it from the run's config)")
+    else:  # a store replaced by another partition under the same name would give wrong numbers
+        store_matches(path, partition_params(PartitionSpec.of(cfg.data, cfg.seed)))
     return Store(path)
 
 

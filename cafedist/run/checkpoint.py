@@ -31,6 +31,7 @@ algorithm's coordinator state; every rank calls them together.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -74,10 +75,16 @@ def client_file(cid: int) -> str:
 
 
 def save_torch(obj: Any, path: Path) -> str:
-    """torch.save atomically (temp + fsync + rename); returns the file's sha256."""
-    with atomic_output(path, now=True) as tmp:  # hashed right after: never deferred
-        torch.save(obj, tmp)
-    return sha256_file(path)
+    """torch.save atomically (temp + fsync + rename); returns the file's sha256.
+
+    Serialized in memory first and written by Python: torch's own file writer reports a full
+    disk as an opaque RuntimeError, Python's write as ENOSPC naming the file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    with atomic_output(path, now=True) as tmp, open(tmp, "wb") as fh:  # a checkpoint is never deferred
+        fh.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_torch(path: Path) -> Any:
@@ -130,13 +137,16 @@ class CheckpointDir:
         return name, save_torch(shard, self.staging(round_idx) / name)
 
     def commit(self, round_idx: int, server: dict[str, Any], files: dict[str, str], *,
-               world_size: int, config_hash: str, keep: int, refs: dict[str, dict[str, str]] | None = None) -> Path:
+               world_size: int, config_hash: str, keep: int, refs: dict[str, dict[str, str]] | None = None,
+               identity: str | None = None) -> Path:
         """Rank 0, after every rank wrote its shards: manifest, rename, ``latest``, prune.
-        ``refs``: shards reused from older checkpoints (file name -> {"dir", "sha256"})."""
+        ``refs``: shards reused from older checkpoints (file name -> {"dir", "sha256"});
+        ``identity``: the config's :func:`~cafedist.config.run_identity`, which eval checks."""
         tmp = self.staging(round_idx)
         files = dict(files)
         files["server.pt"] = save_torch(server, tmp / "server.pt")
         manifest = {"round": round_idx, "world_size": world_size, "config_hash": config_hash,
+                    **({"run_identity": identity} if identity is not None else {}),
                     "files": dict(sorted(files.items())), "refs": dict(sorted((refs or {}).items()))}
         write_json_atomic(tmp / "MANIFEST.json", manifest)
         fsync_dir(tmp)
@@ -222,10 +232,11 @@ RESUME_MODES = ("auto", "none", "force")
 
 
 def save_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams,
-                    round_idx: int, *, config_hash: str, keep: int,
+                    round_idx: int, *, config_hash: str, keep: int, identity: str | None = None,
                     before_commit: Callable[[], None] | None = None) -> None:
     """All ranks: write the shards of my clients that changed since the previous checkpoint;
     rank 0 commits the checkpoint of ``round_idx``, referencing the unchanged shards.
+    ``identity``: the config's run identity, recorded in the manifest for eval to check.
     ``before_commit`` runs on every rank once the shards are written (fault injection)."""
     rt = comm.rt
     if rt.is_main:
@@ -246,7 +257,7 @@ def save_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
         server = {"round": round_idx, "algo": algo.server_state(), "config_hash": config_hash,
                   "shared": shared.state()}
         final = ckpt.commit(round_idx, server, merged, world_size=rt.world_size, config_hash=config_hash, keep=keep,
-                            refs=refs)
+                            refs=refs, identity=identity)
         pool.checkpointed = {**refs, **{name: {"dir": final.name, "sha256": d} for name, d in merged.items()}}
     comm.barrier()
     pool.changed.clear()
@@ -262,7 +273,7 @@ class Resumed:
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
                     config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = (),
-                    evaluating: bool = False) -> Resumed:
+                    evaluating: str | None = None) -> Resumed:
     """All ranks: restore my clients, the shared average and the algorithm from the newest
     valid checkpoint (a client without a shard stays at its initial weights).
 
@@ -272,7 +283,10 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     a checkpoint that does not fit the model or algorithm (one line, not a traceback).
     ``also_accept``: hashes of earlier config files of this same run (they differed only in
     other algorithms' sections, :func:`~cafedist.config.run_identity`). ``evaluating``: the
-    caller evaluates the run (eval has no --resume), which the refusal's hint says.
+    run identity of the config that eval reads the models under (eval has no ``--resume``): a
+    checkpoint whose manifest records another is refused, whatever ``resume`` says, and one
+    from before manifests recorded it is checked by its config hash, with a warning only
+    (the config file may have been rewritten for another algorithm's section since).
     """
     rt = comm.rt
     ref, problem, locations = None, None, {}
@@ -281,12 +295,19 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
         if ref is None and ckpt.candidates():
             problem = (f"{ckpt.root}: no checkpoint verifies, so this run cannot be "
                        + ("evaluated (every checkpoint is incomplete or corrupt; `cafedist train` with "
-                          "--resume none moves the run aside and trains it again)" if evaluating else
+                          "--resume none moves the run aside and trains it again)" if evaluating is not None else
                           "resumed (use --resume none to move it aside and start over)"))
+        elif ref is not None and evaluating is not None and ref.manifest.get("run_identity") not in (None, evaluating):
+            problem = (f"{ref.path}: written by a different config than {ckpt.root.parent / 'config.yaml'} "
+                       f"(edited, or replaced since?): its models would be scored on another run's data")
         elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash, *also_accept) \
                 and resume != "force":
             problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
-        elif ref is not None:
+        elif ref is not None and evaluating is not None and "run_identity" not in ref.manifest \
+                and ref.manifest.get("config_hash") not in (None, config_hash):
+            log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
+                        "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)
+        if ref is not None and problem is None:
             locations = ckpt.shard_locations(ref)
     path, problem, locations = comm.broadcast_object((None if ref is None else str(ref.path), problem, locations))
     if problem:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cafedist.config import Config, config_hash, dump_config
+from cafedist.config import Config, config_hash, dump_config, run_identity
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
@@ -163,7 +163,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             every = cfg.checkpoint.every
             if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
                 save_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, rnd, config_hash=h,
-                                keep=cfg.checkpoint.keep,
+                                keep=cfg.checkpoint.keep, identity=run_identity(cfg),
                                 before_commit=lambda r=rnd: maybe_fault("checkpoint", r, rt.rank))
                 if config_due:  # --resume force: the new config now has a checkpoint of its own
                     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))

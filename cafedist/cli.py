@@ -9,6 +9,7 @@ writing its checkpoint.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OSErrors about storage rather than a bug, reported in one line even without a file name
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cafedist`` console script."""
     parser = build_parser()
@@ -208,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cafedist: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None and exc.errno not in _STORAGE_ERRNOS:
             raise
-        # a path the user gave that the OS refused (permissions, a file where a folder should be)
-        print(f"cafedist: error: {exc.filename}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+        # a path the user gave that the OS refused (permissions, a file where a folder should be),
+        # or storage that refused a write (a full disk, a quota)
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"cafedist: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cafedist: interrupted", file=sys.stderr)

@@ -137,9 +137,11 @@ def _discard(paths: Iterable[Path]) -> None:
 
 
 def _raise_named(exc: BaseException, target: Path) -> NoReturn:
-    """Re-raise ``exc``; an OSError about one of ``target``'s temporary files as one about
-    ``target``."""
+    """Re-raise ``exc``; an OSError about one of ``target``'s temporary files, or about no
+    file at all, as one about ``target``."""
     filename = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and filename is None and exc.errno is not None:  # e.g. a write to a full disk
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
     if isinstance(exc, OSError) and isinstance(filename, (str, os.PathLike)):
         name = Path(os.path.abspath(filename))
         if name.parent == Path(os.path.abspath(target)).parent and name.name.startswith(f".{target.name}."):

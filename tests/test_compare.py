@@ -481,3 +481,16 @@ def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_p
     assert [(r / "budgets.json").stat().st_mtime_ns for r in runs] == mtimes
     budget_part = md[md.index("## Per-client inference budgets"):]
     assert (out / "results.md").read_text().endswith(budget_part)
+
+
+def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, tmp_path, capsys, caplog):
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",
+            "--out", str(out)]
+    assert cli_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "results.md" in before
+    capsys.readouterr()
+    assert cli_main([*args, "train.lr=0.2"]) == 1  # its run directory holds a run of another config: refused
+    assert "FAILED fedavg seed3" in capsys.readouterr().out and "the report already in" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

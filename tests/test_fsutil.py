@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -70,3 +71,28 @@ def test_replaced_together_replaces_and_removes_only_when_the_block_ends(tmp_pat
             tmp.write_text("x")
         assert (tmp_path / "now.txt").read_text() == "x"
     assert a.read_text() == b.read_text() == "new\n" and not stale.exists()
+
+
+def test_a_write_that_fails_without_a_file_name_names_the_target(tmp_path):
+    """A full disk fails a write with ENOSPC and no file name: the error names the output."""
+    path = tmp_path / "client_00003.pt"
+    with pytest.raises(OSError) as info, atomic_output(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError(errno.ENOSPC, "No space left on device"), "cafedist: error: No space left on device"),
+    (OSError(errno.ENOSPC, "No space left on device", "run/metrics.jsonl"),
+     "cafedist: error: run/metrics.jsonl: No space left on device"),
+])
+def test_storage_errors_are_one_line_with_status_2(monkeypatch, capsys, exc, line):
+    from cafedist import cli
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (*cli.COMMANDS["train"][:2], fail))
+    assert cli.main(["train", "--config", "x.yaml"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]

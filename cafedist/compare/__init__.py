@@ -147,6 +147,11 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
                               "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
     evaluated, budget_errors = evaluate_outcomes(outcomes, budget_options) if budget_options else ({}, [])
+    if not any(o.status != "failed" for o in outcomes) and (Path(out) / "results.md").exists():
+        # every run failed (e.g. refused by its run directory): the report of an earlier compare
+        # in ``out`` would be replaced by an empty one
+        log.error("compare: no run finished; the report already in %s is left as it was", out)
+        return CompareResult(outcomes, {}, tuned, budget_errors)
     paths = write_report(out, command, outcomes, thresholds, tuned, evaluated, budget_errors)
     return CompareResult(outcomes, paths, tuned, budget_errors)
 
@@ -255,8 +260,9 @@ def main(args: argparse.Namespace) -> int:
             setting = result.tuned.chosen_setting(name)
             chosen = "no trial finished" if setting is None else setting.label or "(config as given)"
             print(f"tuned {name}: {chosen}")
-    extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]
-    print(f"wrote {result.paths['md']} and {result.paths['csv']} (+ {', '.join(extra)})")
+    if result.paths:
+        extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]
+        print(f"wrote {result.paths['md']} and {result.paths['csv']} (+ {', '.join(extra)})")
     if result.failed:
         print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
         return 1

@@ -205,6 +205,29 @@ def test_eval_refuses_a_store_replaced_by_another_partition(finished, tmp_path):
     assert not (run / "eval.json").exists()
 
 
+@pytest.mark.parametrize("override", ["train.rounds=1", "algorithm.name=fedavg"])
+def test_force_with_nothing_left_to_train_is_refused(finished, run_copy, override):
+    """Under a config that trains no round, summary.json would be rewritten to describe models
+    that config never trained."""
+    before = tree_hashes(run_copy)
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                           "--no-progress", override)
+    assert code == 2
+    _one_error_line(err, "nothing would be trained under it")
+    assert tree_hashes(run_copy) == before
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(finished, run_copy):
+    before = (run_copy / "summary.json").read_bytes()
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
+    assert code == 0, err
+    assert (run_copy / "summary.json").read_bytes() == before  # its wall time too
+    (run_copy / "summary.json").unlink()  # a lost summary is written again
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
+    assert code == 0, err
+    assert summary(run_copy)["model_hashes"] == json.loads(before)["model_hashes"]
+
+
 def test_errors_found_by_building_store_or_model_leave_no_run_dir(finished, tmp_path):
     cfg = str(finished[0])
     out = tmp_path / "fresh"

@@ -9,6 +9,7 @@ signal (SIGTERM/SIGUSR1 before a Slurm requeue), and writes ``summary.json``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -86,6 +87,15 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     return result
 
 
+def _finished_summary(run_dir: Path, h: str) -> dict[str, Any] | None:
+    """The run's summary.json when it was written for this config (None otherwise)."""
+    try:
+        kept = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and kept.get("config_hash") == h else None
+
+
 def _agree(comm: Comm, error: str | None) -> None:
     """Every rank raises if any rank hit a (user-facing) error at start-up."""
     errors = [e for e in comm.all_gather_object(error) if e]
@@ -143,6 +153,10 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         start = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, config_hash=h,
                                                       resume=resume, also_accept=tuple(earlier)).next_round) \
             if resume != "none" else 0
+        if config_due and start >= cfg.train.rounds:  # every rank: start is agreed
+            raise CheckpointError(f"{run_dir}: --resume force: the run has trained {start} rounds and the new config "
+                                  f"asks for {cfg.train.rounds}, so nothing would be trained under it; raise "
+                                  f"train.rounds to continue, or use --resume none to start over")
         metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
         if metrics is not None:
             metrics.truncate_after(start - 1)
@@ -174,7 +188,12 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
                     log.warning("stop signal received: checkpoint of round %d written, exiting for requeue", rnd)
                 break
         result = None
-        if not stopped:
+        # nothing trained now: rank 0 keeps the summary of the run's training (its wall time);
+        # every rank must agree, as the final evaluation below is collective
+        kept = _finished_summary(run_dir, h) if rt.is_main and not stopped and start >= cfg.train.rounds else None
+        if comm.broadcast_object(kept is not None):
+            result = kept
+        elif not stopped:
             records = metrics.read() if metrics is not None else []
             result = summary(run, trainer.rows, h, records, time.perf_counter() - t0, trainer.final_evaluation)
             if result is not None:

@@ -494,3 +494,15 @@ def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, 
     assert cli_main([*args, "train.lr=0.2"]) == 1  # its run directory holds a run of another config: refused
     assert "FAILED fedavg seed3" in capsys.readouterr().out and "the report already in" in caplog.text
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_compare_out_at_a_training_run_is_refused(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    (run / "accuracy_vs_macs.png").write_bytes(b"eval's figure")
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds a training run" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == ["accuracy_vs_macs.png", "config.yaml"]

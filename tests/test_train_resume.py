@@ -105,3 +105,13 @@ def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert "sha256 does not match" in resumed.stderr and "round 2" in resumed.stderr
     _assert_same_run(out, ref)
+
+
+def test_a_checkpoint_file_pruned_while_read_says_so(tmp_path):
+    """eval may read a run that is training: a shard pruned between verifying and loading is
+    not called corrupt."""
+    from cafedist.errors import CheckpointError
+    from cafedist.run.checkpoint import load_torch
+
+    with pytest.raises(CheckpointError, match=r"client_00003.pt: removed while it was read .* try again"):
+        load_torch(tmp_path / "round_000090" / "client_00003.pt")

@@ -116,6 +116,9 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
 
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
+    if (Path(out) / "config.yaml").is_file() or (Path(out) / "checkpoints").is_dir():
+        raise ConfigError(f"--out {out} holds a training run, whose files (accuracy_vs_macs.png, ...) the "
+                          f"comparison's report would replace; choose another --out")
     variants = resolve_algorithms(algorithms)
     axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
     settings = {v.name: tuning.settings_for(axes, v.algorithm, max_trials) for v in variants}

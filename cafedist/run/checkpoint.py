@@ -91,6 +91,9 @@ def load_torch(path: Path) -> Any:
     """torch.load with ``weights_only=True`` and a clear error for unreadable files."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:  # verified a moment ago: a training run pruned it meanwhile
+        raise CheckpointError(f"{path}: removed while it was read (a run that is training prunes older "
+                              f"checkpoints); try again") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint file ({type(exc).__name__})") from None
 

@@ -217,6 +217,18 @@ def test_force_with_nothing_left_to_train_is_refused(finished, run_copy, overrid
     assert tree_hashes(run_copy) == before
 
 
+def test_extending_a_run_warns_that_its_eval_json_is_of_earlier_models(finished, run_copy, caplog):
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 0, err
+    before = (run_copy / "eval.json").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="cafedist"):
+        code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                               "--no-progress", "train.rounds=3")
+    assert code == 0, err
+    assert f"{run_copy}/eval.json describes earlier models (round 1); run `cafedist eval" in caplog.text
+    assert (run_copy / "eval.json").read_bytes() == before  # the user's to redo, not deleted
+
+
 def test_rerunning_a_finished_run_keeps_its_summary(finished, run_copy):
     before = (run_copy / "summary.json").read_bytes()
     code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")

@@ -96,6 +96,18 @@ def _finished_summary(run_dir: Path, h: str) -> dict[str, Any] | None:
     return kept if isinstance(kept, dict) and kept.get("config_hash") == h else None
 
 
+def _warn_if_eval_is_stale(run_dir: Path, result: dict[str, Any]) -> None:
+    """An eval.json of earlier models (a run extended since) is the user's to redo, not
+    ours to delete: say so."""
+    try:
+        earlier = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict) and earlier.get("model_hashes") != result.get("model_hashes"):
+        log.warning("%s/eval.json describes earlier models (round %s); run `cafedist eval %s` again",
+                    run_dir, earlier.get("round"), run_dir)
+
+
 def _agree(comm: Comm, error: str | None) -> None:
     """Every rank raises if any rank hit a (user-facing) error at start-up."""
     errors = [e for e in comm.all_gather_object(error) if e]
@@ -198,6 +210,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             result = summary(run, trainer.rows, h, records, time.perf_counter() - t0, trainer.final_evaluation)
             if result is not None:
                 write_json_atomic(run_dir / "summary.json", result)
+                _warn_if_eval_is_stale(run_dir, result)
         return RunResult(last_round=last_done, stopped=stopped, summary=result)
     finally:
         if metrics is not None:

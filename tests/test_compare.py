@@ -420,8 +420,12 @@ def test_a_feasible_macs_budget_passes_the_check_and_prepares_the_first_seeds_st
     check_runs(parse_budgets(["macs=0.5"]), [("fedavg", cfg)], "7,8")
     assert cfg.data.store_path(7).is_file()  # training will reuse it
     assert not cfg.data.store_path(3).exists() and cfg.seed == 3  # the config's own seed is not run
-    check_runs(parse_budgets(["loss=1"]), [("fedavg", cfg)], "9")  # no MACs budget: no store needed
+    check_runs(parse_budgets(["loss=1"]), [("fedavg", cfg)], "9,")  # no MACs budget: no store needed
     assert not cfg.data.store_path(9).exists()
+    check_runs(parse_budgets(["macs=0.01"]), [("fedavg", cfg)], "9,", prepare=False)  # --submit: jobs prepare it
+    assert not cfg.data.store_path(9).exists()
+    with pytest.raises(ConfigError, match="below exit 1's cost"):  # a store that exists is read all the same
+        check_runs(parse_budgets(["macs=0.01"]), [("fedavg", cfg)], "7,", prepare=False)
 
 
 def test_equal_budget_specs_are_one_budget():

@@ -127,7 +127,8 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         tuning.check_tunable(axes)
         overrides, base_seed = tuning.with_validation_split(config, overrides)
     if budget_options:
-        check_runs(budget_options, _method_configs(config, variants, settings, overrides), seeds)
+        check_runs(budget_options, _method_configs(config, variants, settings, overrides), seeds,
+                   prepare=submit is None)
 
     def run(runs: list[PlannedRun]) -> list[RunOutcome]:
         return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")

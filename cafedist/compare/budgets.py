@@ -71,13 +71,14 @@ def parse_budgets(values: Sequence[str]) -> list[BudgetOptions]:
 
 
 def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, Any]],
-               seeds: str | int | Sequence[int] = 1) -> None:
+               seeds: str | int | Sequence[int] = 1, prepare: bool = True) -> None:
     """Refuse, before anything trains, what would make every budget evaluation fail
     (``configs``: (method, a resolved config of its runs); ``seeds``: compare's ``--seeds``):
     a method whose runs have no validation split, on which each client's policy is chosen, a
     budget file that does not cover the runs' clients, and a MACs budget below exit 1's cost
     of a method's model (its data store is prepared for the first seed to learn the inputs'
-    shape; training reuses it)."""
+    shape, and training reuses it; without ``prepare``, as for ``--submit``, whose jobs
+    prepare their stores on the cluster, a missing store skips this check)."""
     from cafedist.run.build import exit_macs, open_store
 
     configs = list(configs)
@@ -99,6 +100,9 @@ def check_runs(budgets: Sequence[BudgetOptions], configs: Iterable[tuple[str, An
         if model in checked:
             continue
         checked.add(model)
+        if not prepare and not cfg.data.store_path(cfg.seed).is_file():
+            log.info("compare: %s's store is not prepared yet; --budget's MACs are checked after training", name)
+            continue
         with closing(open_store(cfg)) as store:
             macs = exit_macs(cfg, store)
         for options, clients in zip(budgets, per_budget):

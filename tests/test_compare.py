@@ -503,10 +503,16 @@ def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, 
 def test_compare_out_at_a_training_run_is_refused(tiny_config, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("seed: 1\n")
+    (run / "summary.json").write_text("{}\n")
     (run / "accuracy_vs_macs.png").write_bytes(b"eval's figure")
     code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
                      "--out", str(run)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "holds a training run" in err[0], err
-    assert sorted(p.name for p in run.iterdir()) == ["accuracy_vs_macs.png", "config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["accuracy_vs_macs.png", "summary.json"]
+    # a folder that keeps the experiment's own config beside its report is no training run
+    mine = tmp_path / "cmp"
+    mine.mkdir()
+    (mine / "config.yaml").write_text(tiny_config(rounds=1).read_text())
+    assert cli_main(["compare", "--config", str(mine / "config.yaml"), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(mine)]) == 0

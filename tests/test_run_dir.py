@@ -171,8 +171,12 @@ def test_a_users_own_config_in_out_is_not_replaced(finished, run_copy, tmp_path)
     _one_error_line(err, f"--config {mine} is the config.yaml that train writes into --out")
     assert mine.read_text().startswith("# my experiment")
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
-    # a run's own config.yaml (the resolved config train wrote) may be given back to train
-    code, _, err = run_cli("train", "--config", str(run_copy / "config.yaml"), "--out", str(run_copy), "--no-progress")
+    # a run's own config.yaml (the resolved config train wrote) may be given back to train, also
+    # one written before fields were added (it no longer matches today's resolved text)
+    own = run_copy / "config.yaml"
+    own.write_text("".join(line for line in own.read_text().splitlines(keepends=True)
+                           if "optimizer_state:" not in line and "proxy_users:" not in line))
+    code, _, err = run_cli("train", "--config", str(own), "--out", str(run_copy), "--no-progress")
     assert code == 0, err
 
 
@@ -227,6 +231,19 @@ def test_extending_a_run_warns_that_its_eval_json_is_of_earlier_models(finished,
     assert code == 0, err
     assert f"{run_copy}/eval.json describes earlier models (round 1); run `cafedist eval" in caplog.text
     assert (run_copy / "eval.json").read_bytes() == before  # the user's to redo, not deleted
+
+
+def test_force_finishes_a_run_stopped_between_its_final_checkpoint_and_config_yaml(finished, run_copy):
+    old = (run_copy / "config.yaml").read_text()
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                           "--no-progress", "train.rounds=3")
+    assert code == 0, err
+    (run_copy / "config.yaml").write_text(old)  # as if killed right after the final checkpoint
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                           "--no-progress", "train.rounds=3")
+    assert code == 0, err
+    assert "rounds: 3" in (run_copy / "config.yaml").read_text()
+    assert run_cli("eval", str(run_copy))[0] == 0
 
 
 def test_rerunning_a_finished_run_keeps_its_summary(finished, run_copy):
@@ -383,6 +400,12 @@ def test_another_algorithms_section_does_not_make_a_run_foreign(tmp_path, store_
     planned = plan_run(str(second), variant, 3, tmp_path / "cmp")
     planned.run_dir = ref
     assert planned.config_hash != summary(ref)["config_hash"] and planned.finished_summary() is not None
+    # rerunning the finished reference under the second file trains nothing and keeps its summary
+    # (its wall time), with the hash of the config.yaml it now has
+    kept = summary(ref)
+    cafedist("train", "--config", str(second), "--out", str(ref), "--no-progress", "algorithm.name=fedavg", check=True)
+    assert summary(ref) == {**kept, "config_hash": planned.config_hash} and kept["wall_seconds"] > 0
+    assert planned.finished_summary() is not None
     # a change that matters is still a different config
     refused = cafedist("train", "--config", str(second), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
                        "train.lr=0.2")

@@ -167,3 +167,20 @@ def test_inconsistent_config_between_ranks_is_an_error(tiny_config, tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2, err[-2000:]
         assert "config differs between ranks" in err
+
+
+def test_torchrun_force_with_nothing_left_to_train_ends_on_every_rank(reference, tmp_path):
+    """Only rank 0 knows a --resume force is pending: its refusal must reach the other ranks,
+    which would otherwise wait for it in a collective."""
+    import shutil
+
+    cfg, ref = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
+    proc = subprocess.run(torchrun(2) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(run),
+                                         "--resume", "force", "--no-progress", "train.rounds=1"],
+                          cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0, proc.stderr[-3000:]  # (torchrun's agent prints its own traceback of the exit)
+    assert proc.stderr.count("nothing would be trained under it") == 2, proc.stderr[-3000:]  # both ranks, no hang
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"} == before

@@ -113,5 +113,36 @@ def test_a_checkpoint_file_pruned_while_read_says_so(tmp_path):
     from cafedist.errors import CheckpointError
     from cafedist.run.checkpoint import load_torch
 
-    with pytest.raises(CheckpointError, match=r"client_00003.pt: removed while it was read .* try again"):
+    with pytest.raises(CheckpointError, match=r"client_00003.pt: removed while being read .* try again"):
         load_torch(tmp_path / "round_000090" / "client_00003.pt")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
+    """torch's own writer reports a full disk as an opaque RuntimeError; save_torch writes the
+    bytes itself, so ENOSPC arrives as an OSError naming the shard."""
+    import errno
+    import os
+
+    import torch
+
+    from cafedist.run import checkpoint
+
+    class FullDisk:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "open", FullDisk, raising=False)
+    path = tmp_path / "client_00003.pt"
+    with pytest.raises(OSError) as info:
+        checkpoint.save_torch({"w": torch.zeros(3)}, path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert os.listdir(tmp_path) == []

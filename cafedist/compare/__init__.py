@@ -116,7 +116,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
 
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
-    if (Path(out) / "config.yaml").is_file() or (Path(out) / "checkpoints").is_dir():
+    if any((Path(out) / name).exists() for name in ("checkpoints", "summary.json", "metrics.jsonl")):
         raise ConfigError(f"--out {out} holds a training run, whose files (accuracy_vs_macs.png, ...) the "
                           f"comparison's report would replace; choose another --out")
     variants = resolve_algorithms(algorithms)

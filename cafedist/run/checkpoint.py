@@ -91,9 +91,9 @@ def load_torch(path: Path) -> Any:
     """torch.load with ``weights_only=True`` and a clear error for unreadable files."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:  # verified a moment ago: a training run pruned it meanwhile
-        raise CheckpointError(f"{path}: removed while it was read (a run that is training prunes older "
-                              f"checkpoints); try again") from None
+    except FileNotFoundError:  # verified a moment ago: removed since (eval beside a training run that pruned it)
+        raise CheckpointError(f"{path}: removed while being read (if the run is training, it pruned this "
+                              f"checkpoint meanwhile: try again)") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
         raise CheckpointError(f"{path}: cannot read checkpoint file ({type(exc).__name__})") from None
 
@@ -272,6 +272,7 @@ class Resumed:
 
     next_round: int  # 0: nothing restored
     path: Path | None
+    config_hash: str | None = None  # the hash its manifest records (rank 0 only)
 
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
@@ -302,7 +303,7 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
                           "resumed (use --resume none to move it aside and start over)"))
         elif ref is not None and evaluating is not None and ref.manifest.get("run_identity") not in (None, evaluating):
             problem = (f"{ref.path}: written by a different config than {ckpt.root.parent / 'config.yaml'} "
-                       f"(edited, or replaced since?): its models would be scored on another run's data")
+                       f"(edited or replaced since?); eval scores models only under the config that trained them")
         elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash, *also_accept) \
                 and resume != "force":
             problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
@@ -339,4 +340,4 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     if ref is not None:
         log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
                  ref.manifest["world_size"], rt.world_size)
-    return Resumed(done + 1, path)
+    return Resumed(done + 1, path, None if ref is None else ref.manifest.get("config_hash"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cafedist import RESULTS_VERSION
 from cafedist.config import Config, config_hash, dump_config, run_identity
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
@@ -87,13 +88,41 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     return result
 
 
-def _finished_summary(run_dir: Path, h: str) -> dict[str, Any] | None:
-    """The run's summary.json when it was written for this config (None otherwise)."""
+def _force_with_nothing_to_train(comm: Comm, config_due: bool, start: int, cfg: Config, resumed: Any,
+                                 h: str) -> bool:
+    """``--resume force`` onto a config that would train no further round: refused (its summary
+    would describe models it never trained), unless the newest checkpoint is already the new
+    config's (a run stopped between its final checkpoint and writing config.yaml): then True,
+    on rank 0, which finishes the run. Rank 0 decides (only it knows ``config_due``); every
+    rank learns it."""
+    verdict = None
+    if comm.rt.is_main and config_due and start >= cfg.train.rounds:
+        verdict = "finish" if resumed is not None and resumed.config_hash == h else "refuse"
+    verdict = comm.broadcast_object(verdict)
+    if verdict == "refuse":
+        raise CheckpointError(f"--resume force: the run has trained {start} rounds and the new config asks for "
+                              f"{cfg.train.rounds}, so nothing would be trained under it; raise train.rounds to "
+                              f"continue, or use --resume none to start over")
+    return verdict == "finish" and comm.rt.is_main
+
+
+def _finished_summary(run_dir: Path, hashes: tuple[str, ...]) -> tuple[dict[str, Any] | None, bool]:
+    """The run's summary.json when this version of the results wrote it for this config
+    (``hashes[0]``) or for this run under an earlier config file (``hashes[1:]``), carrying the
+    current hash; and whether it must be rewritten for that hash (config.yaml was). (None,
+    False) when there is none to keep."""
+    kept = _read_json(run_dir / "summary.json")
+    if not (isinstance(kept, dict) and kept.get("config_hash") in hashes
+            and kept.get("results_version") == RESULTS_VERSION):
+        return None, False
+    return {**kept, "config_hash": hashes[0]}, kept["config_hash"] != hashes[0]
+
+
+def _read_json(path: Path) -> Any:
     try:
-        kept = json.loads((run_dir / "summary.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return kept if isinstance(kept, dict) and kept.get("config_hash") == h else None
 
 
 def _warn_if_eval_is_stale(run_dir: Path, result: dict[str, Any]) -> None:
@@ -162,13 +191,14 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         ckpt = CheckpointDir(run_dir)
         config_due = _agreed(comm, take_run_dir)
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
-        start = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, config_hash=h,
-                                                      resume=resume, also_accept=tuple(earlier)).next_round) \
-            if resume != "none" else 0
-        if config_due and start >= cfg.train.rounds:  # every rank: start is agreed
-            raise CheckpointError(f"{run_dir}: --resume force: the run has trained {start} rounds and the new config "
-                                  f"asks for {cfg.train.rounds}, so nothing would be trained under it; raise "
-                                  f"train.rounds to continue, or use --resume none to start over")
+        resumed = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared,
+                                                        config_hash=h, resume=resume, also_accept=tuple(earlier))) \
+            if resume != "none" else None
+        start = resumed.next_round if resumed is not None else 0
+        if _force_with_nothing_to_train(comm, config_due, start, cfg, resumed, h):
+            # the new config's final checkpoint exists; only its config.yaml was never written
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+            config_due = False
         metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
         if metrics is not None:
             metrics.truncate_after(start - 1)
@@ -202,9 +232,12 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         result = None
         # nothing trained now: rank 0 keeps the summary of the run's training (its wall time);
         # every rank must agree, as the final evaluation below is collective
-        kept = _finished_summary(run_dir, h) if rt.is_main and not stopped and start >= cfg.train.rounds else None
+        kept, rehash = _finished_summary(run_dir, (h, *earlier)) \
+            if rt.is_main and not stopped and start >= cfg.train.rounds else (None, False)
         if comm.broadcast_object(kept is not None):
             result = kept
+            if rehash:
+                write_json_atomic(run_dir / "summary.json", kept)
         elif not stopped:
             records = metrics.read() if metrics is not None else []
             result = summary(run, trainer.rows, h, records, time.perf_counter() - t0, trainer.final_evaluation)

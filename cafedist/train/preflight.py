@@ -10,6 +10,7 @@ reads.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,9 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
 
 def check_config_source(config: str | Path | None, cfg: Config, run_dir: Path) -> None:
     """Refuse ``--config OUT/config.yaml`` when that file is the user's own rather than one
-    train wrote (the resolved config): train would replace it with the resolved config,
-    dropping its comments and folding in the overrides."""
+    train wrote: train replaces it with the resolved config, which would drop its comments.
+    A config.yaml train wrote has none (also one of an older version, which may lack fields
+    added since and so not match today's resolved text)."""
     if not config:
         return
     source, target = Path(config), run_dir / "config.yaml"
@@ -141,7 +143,7 @@ def check_config_source(config: str | Path | None, cfg: Config, run_dir: Path) -
         text = source.read_text()
     except OSError:
         return
-    if text != dump_config(load_config(source)):
-        raise ConfigError(f"--config {config} is the config.yaml that train writes into --out {run_dir} (the "
-                          f"resolved config, which would replace your file); keep your config outside the run "
+    if text != dump_config(load_config(source)) and re.search(r"(^|\s)#", text, flags=re.MULTILINE):
+        raise ConfigError(f"--config {config} is the config.yaml that train writes into --out {run_dir}, and its "
+                          f"comments would be lost to the resolved config; keep your config outside the run "
                           f"directory or choose another --out")

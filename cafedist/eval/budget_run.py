@@ -86,8 +86,6 @@ class BudgetOptions:
     entries: dict[int | str, Budget] = field(init=False, repr=False, compare=False)
     #: SHA-256 of the budget file's bytes (None for a spec)
     sha256: str | None = field(init=False, repr=False, compare=False)
-    #: whether ``budget`` names a file (decided once, here: the file may go away after it is read)
-    is_file: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # fail on a bad flag before the run's models are loaded and evaluated
@@ -96,8 +94,7 @@ class BudgetOptions:
         if self.scope not in SCOPES:
             raise ConfigError(f"--policy-scope: expected one of {', '.join(SCOPES)}, got {self.scope!r}")
         parse_policies(self.policies)
-        object.__setattr__(self, "is_file", not looks_like_spec(self.budget))
-        if not self.is_file:
+        if looks_like_spec(self.budget):
             spec = parse_budget_spec(self.budget)
             entries, digest = {DEFAULT_KEY: spec}, None
             object.__setattr__(self, "budget", spec.spec)  # canonical: MACS=.50 and macs=0.5 are one budget
@@ -105,6 +102,11 @@ class BudgetOptions:
             entries, digest = load_budget_file(self.budget)
         object.__setattr__(self, "entries", entries)  # frozen: set once, here
         object.__setattr__(self, "sha256", digest)
+
+    @property
+    def is_file(self) -> bool:
+        """Whether ``budget`` named a file (decided when it was read: the file may go away since)."""
+        return self.sha256 is not None
 
     @property
     def source(self) -> str:

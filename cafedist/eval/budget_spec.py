@@ -146,14 +146,9 @@ def _read_yaml(path: Path, text: str) -> dict[int | str, Budget]:
     return entries
 
 
-def read_budget_file(name: str | Path) -> dict[int | str, Budget]:
-    """Client id (or ``default``) -> :class:`Budget`, from a ``.csv`` or ``.yaml``/``.yml`` file."""
-    return load_budget_file(name)[0]
-
-
 def load_budget_file(name: str | Path) -> tuple[dict[int | str, Budget], str]:
-    """:func:`read_budget_file`'s entries and the SHA-256 of the bytes they were parsed from,
-    from one read (what compare keys kept results by)."""
+    """Client id (or ``default``) -> :class:`Budget`, from a ``.csv`` or ``.yaml``/``.yml`` file,
+    and the SHA-256 of the bytes they were parsed from (what compare keys kept results by)."""
     if not str(name).strip():
         raise ConfigError(f"--budget: empty; expected a budget spec ({_SPEC_HELP}) or a budget file")
     path = Path(name)
@@ -179,7 +174,6 @@ def load_budget_file(name: str | Path) -> tuple[dict[int | str, Budget], str]:
     return entries, hashlib.sha256(raw).hexdigest()
 
 
-
 def _id_list(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
@@ -203,7 +197,6 @@ def per_client(entries: dict[int | str, Budget], num_clients: int, arg: str) -> 
     return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
 
 
-
 def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str = "--budget") -> None:
     """Refuse a MACs budget below exit 1's cost: no policy can meet it (every sample pays at
     least exit 1). One message names every such client; ``source`` says where the budgets
@@ -220,4 +213,4 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
 
 
 __all__ = ["Budget", "DEFAULT_KEY", "FILE_SUFFIXES", "KINDS", "check_feasible", "load_budget_file", "looks_like_spec",
-           "parse_budget_spec", "per_client", "read_budget_file"]
+           "parse_budget_spec", "per_client"]

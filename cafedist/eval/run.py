@@ -203,5 +203,4 @@ def _budget_outputs_of_last_eval(run_dir: Path) -> list[Path]:
             if isinstance(written.get(key), str) and Path(written[key]).name == name and (run_dir / name).is_file()]
 
 
-
 __all__ = ["LoadedRun", "evaluate_run", "dynamic_table", "load_run"]

@@ -128,10 +128,7 @@ def _read_json(path: Path) -> Any:
 def _warn_if_eval_is_stale(run_dir: Path, result: dict[str, Any]) -> None:
     """An eval.json of earlier models (a run extended since) is the user's to redo, not
     ours to delete: say so."""
-    try:
-        earlier = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        return
+    earlier = _read_json(run_dir / "eval.json")
     if isinstance(earlier, dict) and earlier.get("model_hashes") != result.get("model_hashes"):
         log.warning("%s/eval.json describes earlier models (round %s); run `cafedist eval %s` again",
                     run_dir, earlier.get("round"), run_dir)

@@ -143,7 +143,8 @@ def check_config_source(config: str | Path | None, cfg: Config, run_dir: Path) -
         text = source.read_text()
     except OSError:
         return
-    if text != dump_config(load_config(source)) and re.search(r"(^|\s)#", text, flags=re.MULTILINE):
+    # a '#' may also sit inside a quoted value of a resolved config: that text is train's own
+    if re.search(r"(^|\s)#", text, flags=re.MULTILINE) and text != dump_config(load_config(source)):
         raise ConfigError(f"--config {config} is the config.yaml that train writes into --out {run_dir}, and its "
                           f"comments would be lost to the resolved config; keep your config outside the run "
                           f"directory or choose another --out")

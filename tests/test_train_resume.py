@@ -118,8 +118,8 @@ def test_a_checkpoint_file_pruned_while_read_says_so(tmp_path):
 
 
 def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
-    """torch's own writer reports a full disk as an opaque RuntimeError; save_torch writes the
-    bytes itself, so ENOSPC arrives as an OSError naming the shard."""
+    """torch's own writer reports a full disk as an opaque RuntimeError; save_torch keeps the
+    OSError of the failed write, so ENOSPC arrives naming the shard."""
     import errno
     import os
 

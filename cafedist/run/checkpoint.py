@@ -31,7 +31,6 @@ algorithm's coordinator state; every rank calls them together.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from cafedist.errors import CheckpointError
 from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_text_atomic
 from cafedist.run.residency import ClientPool
 from cafedist.run.sharing import SharedParams
+from cafedist.run.torch_files import save_torch_to
 
 log = logging.getLogger("cafedist")
 
@@ -75,16 +75,10 @@ def client_file(cid: int) -> str:
 
 
 def save_torch(obj: Any, path: Path) -> str:
-    """torch.save atomically (temp + fsync + rename); returns the file's sha256.
-
-    Serialized in memory first and written by Python: torch's own file writer reports a full
-    disk as an opaque RuntimeError, Python's write as ENOSPC naming the file."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getbuffer()
+    """torch.save atomically (temp + fsync + rename); returns the file's sha256. Streamed, not
+    held in memory; a full disk raises ENOSPC naming ``path`` (:func:`save_torch_to`)."""
     with atomic_output(path, now=True) as tmp, open(tmp, "wb") as fh:  # a checkpoint is never deferred
-        fh.write(data)
-    return hashlib.sha256(data).hexdigest()
+        return save_torch_to(obj, fh, path)
 
 
 def load_torch(path: Path) -> Any:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from cafedist.data.store import ClientData
 from cafedist.run.client import Client
+from cafedist.run.torch_files import save_torch_to
 
 Shard = dict[str, Any]  # {"models", "optimizers", "algo", "cid", "shared_round"}: also a checkpoint shard
 STATE_DIR = "client_state"
@@ -255,7 +256,8 @@ class ClientPool:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 self.state_dir.mkdir(parents=True)
             tmp = self._path(cid).with_suffix(".tmp")
-            torch.save(shard, tmp)
+            with open(tmp, "wb") as fh:  # a full disk: ENOSPC naming the file, not torch's RuntimeError
+                save_torch_to(shard, fh, self._path(cid))
             os.replace(tmp, self._path(cid))  # a cache, not a record: no fsync needed
             self._on_disk.add(cid)
         else:

@@ -149,6 +149,21 @@ def test_a_run_without_config_yaml_is_judged_by_its_checkpoints(finished, run_co
     assert summary(run_copy)["model_hashes"] == summary(finished[1])["model_hashes"]
 
 
+def test_a_run_without_config_yaml_is_its_own_under_another_algorithms_section(finished, run_copy):
+    """The manifest's run identity decides, not the full hash: a config that also sets another
+    algorithm's parameters is this run's config, as it is with config.yaml in place (the
+    finished run trains nothing, keeps its summary and gets config.yaml back)."""
+    (run_copy / "config.yaml").unlink()
+    kept = (run_copy / "summary.json").read_bytes()
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
+                           "algorithm.fedprox.mu=0.5")
+    assert code == 0, err
+    assert "fedprox" in (run_copy / "config.yaml").read_text()
+    assert json.loads((run_copy / "summary.json").read_bytes())["model_hashes"] == json.loads(kept)["model_hashes"]
+    assert json.loads((run_copy / "summary.json").read_bytes())["wall_seconds"] == json.loads(kept)["wall_seconds"]
+    assert [r["round"] for r in metrics(run_copy)] == [0, 1]
+
+
 def test_results_without_config_yaml_or_checkpoints_are_never_overwritten(finished, run_copy):
     (run_copy / "config.yaml").unlink()
     shutil.rmtree(run_copy / "checkpoints")

@@ -64,7 +64,12 @@ def dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
 
 def earlier_hash(cfg: Config, run_dir: Path) -> str | None:
     """The full :func:`config_hash` of the run already in ``run_dir`` when it is this run
-    (same :func:`run_identity`) under another config file: its checkpoints carry that hash."""
+    (same :func:`run_identity`) under another config file: its checkpoints carry that hash.
+    Without a ``config.yaml`` the newest checkpoint's manifest tells (it records both)."""
+    if not (run_dir / "config.yaml").exists():
+        ref = CheckpointDir(run_dir).newest_valid(warn=lambda _: None)
+        same_run = ref is not None and ref.manifest.get("run_identity") == run_identity(cfg)
+        return ref.manifest.get("config_hash") if same_run else None
     try:
         old = config_from_dict(read_yaml(run_dir / "config.yaml"))
     except CafeError:
@@ -121,7 +126,10 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
         raise CheckpointError(f"{run_dir} holds results ({', '.join(present)}) but no config.yaml and no checkpoint "
                               f"that verifies, so whose they are cannot be told; use another --out, or --resume "
                               f"none to move them aside and start over")
-    if ref.manifest.get("config_hash") in (None, config_hash(cfg)):
+    # this run, also under a config file that differs only where results do not (another
+    # algorithm's section); manifests from before run_identity was recorded: the full hash
+    if (ref.manifest.get("config_hash") in (None, config_hash(cfg))
+            or ref.manifest.get("run_identity") == run_identity(cfg)):
         return RunDirPlan.WRITE
     if resume == "force":
         return RunDirPlan.DEFER

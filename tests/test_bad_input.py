@@ -59,6 +59,13 @@ def fresh(*extra: str) -> Callable[[Ctx], list[str]]:
     return train(*extra, out="fresh")
 
 
+def prepare(c: Ctx, *extra: str, out: str | None = None) -> list[str]:
+    """``prepare`` of a small digits store into the case's scratch folder, with ``extra`` flags last."""
+    target = str(c.tmp / "prepared.h5") if out is None else out
+    return ["prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.1",
+            "--out", target, *extra]
+
+
 def flip_byte(path: Path, where: float = 0.5) -> None:
     data = bytearray(path.read_bytes())
     data[int(len(data) * where)] ^= 0xFF
@@ -143,6 +150,10 @@ CASES = [
     Case("item7-prepare-out-is-a-directory",
          lambda c: ["prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.1",
                     "--out", str(c.run)], "is a directory"),
+    Case("prepare-min-size-one", lambda c: prepare(c, "--min-size", "1"), "min_size must be >= 2"),
+    Case("prepare-alpha-inf", lambda c: prepare(c, "--alpha", "inf"), "alpha must be a finite number > 0"),
+    Case("prepare-seed-beyond-64-bit", lambda c: prepare(c, "--seed", "9" * 22), "seed must be a 64-bit integer"),
+    Case("prepare-out-empty", lambda c: prepare(c, out=""), "--out: empty path"),
     Case("describe-missing-store", lambda c: ["prepare", "--describe", str(c.tmp / "none.h5")], "does not exist"),
     Case("eval-not-a-run", lambda c: ["eval", str(c.tmp / "adir")], "not a run directory"),
     # -- store

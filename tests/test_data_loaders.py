@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +274,86 @@ def test_agnews_errors(tmp_path):
         load_dataset("agnews", str(tmp_path))
     with pytest.raises(ConfigError, match="vocab_size"):
         load_dataset("agnews", str(tmp_path / "z"), vocab_size=2)
+
+
+# ---------------------------------------------------------------- malformed contents (a user's broken copy)
+@pytest.mark.parametrize("labels,needle", [
+    (["1", "2"], "labels must be a list of integers 0..9, got <U1"),
+    ([None, 1], "labels must be a list of integers 0..9, got object"),
+    ([2**70, 1], "labels must be a list of integers 0..9, got object"),
+    ([[1], [2, 3]], "labels must be a list of integers 0..9, got ragged"),
+    ([[1], [2]], r"labels must be a list of integers 0..9, got int64 with shape \(2, 1\)"),
+    ([1.7, 2.0], "labels must be a list of integers 0..9, got float64"),  # was truncated to 1 silently
+    ([True, False], "labels must be a list of integers 0..9, got bool"),
+    ([-1, 2], r"labels outside 0..9 \(found -1..2\)"),
+])
+def test_cifar_labels_of_the_wrong_type_are_refused(tmp_path, labels, needle):
+    folder, _ = _write_cifar10(tmp_path)
+    _pickle(folder / "data_batch_2", {b"data": np.zeros((2, 3072), np.uint8), b"labels": labels})
+    with pytest.raises(DataError, match=rf"data_batch_2: {needle}"):
+        load_dataset("cifar10", str(folder))
+
+
+def test_cifar_ragged_data_mixed_keys_and_a_strange_meta(tmp_path):
+    folder, _ = _write_cifar10(tmp_path / "a")
+    _pickle(folder / "data_batch_1", {b"data": [[1, 2], [3]], b"labels": [0, 1]})
+    with pytest.raises(DataError, match=r"data_batch_1 has data object"):
+        load_dataset("cifar10", str(folder))
+    _pickle(folder / "data_batch_1", {b"data": np.zeros((1, 3072), np.uint8), 1: 2, "s": 3})  # keys not comparable
+    with pytest.raises(DataError, match=r"data_batch_1 lacks b'data'/b'labels' \(found \[\"'s'\", '1', \"b'data'\"\]"):
+        load_dataset("cifar10", str(folder))
+    folder, _ = _write_cifar10(tmp_path / "b")
+    _pickle(folder / "batches.meta", {b"label_names": 5})  # class names are optional: ignored
+    raw = load_dataset("cifar10", str(folder))
+    assert raw.class_names is None and len(raw.y) == 18
+
+
+def test_tinyimagenet_text_files_that_are_not_utf8_or_repeat_an_image(tmp_path):
+    root = _write_tiny(tmp_path / "a")
+    (root / "wnids.txt").write_bytes(b"\xff\xfe\xfa\n")
+    with pytest.raises(DataError, match=r"wnids.txt is not UTF-8 text"):
+        load_dataset("tinyimagenet", str(root))
+    root = _write_tiny(tmp_path / "b")
+    ann = root / "val" / "val_annotations.txt"
+    ann.write_bytes(b"\xff\xfegarbage\n")
+    with pytest.raises(DataError, match=r"val_annotations.txt is not UTF-8 text"):
+        load_dataset("tinyimagenet", str(root))
+    ann.write_text("val_0.JPEG\tn02\t0\t0\t10\t10\nval_1.JPEG\tn01\t1\t2\t3\t4\nval_0.JPEG\tn02\t0\t0\t10\t10\n")
+    with pytest.raises(DataError, match=r"line 3 repeats the image val_0.JPEG of line 1"):
+        load_dataset("tinyimagenet", str(root))
+    ann.unlink()
+    ann.mkdir()
+    with pytest.raises(DataError, match=r"cannot read .*val_annotations.txt \(Is a directory"):
+        load_dataset("tinyimagenet", str(root))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
+def test_an_unreadable_folder_is_named_as_unreadable(tmp_path):
+    root = _write_tiny(tmp_path)
+    images = root / "train" / "n01" / "images"
+    images.chmod(0)
+    try:
+        with pytest.raises(DataError, match=r"cannot read the directory .*n01/images \(permission denied"):
+            load_dataset("tinyimagenet", str(root))
+    finally:
+        images.chmod(0o755)
+
+
+def test_an_unreadable_folder_is_named_as_unreadable_also_as_root(tmp_path, monkeypatch):
+    """As root (CI runs as root), permissions are simulated: os.access is what is consulted."""
+    root = _write_tiny(tmp_path)
+    images = root / "train" / "n01" / "images"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != images and real_access(p, mode))
+    with pytest.raises(DataError, match=r"cannot read the directory .*n01/images \(permission denied"):
+        load_dataset("tinyimagenet", str(root))
+    folder, _ = _write_cifar10(tmp_path / "c")
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and real_access(p, mode))
+    with pytest.raises(DataError, match=r"cannot read the directory .*cifar-10-batches-py \(permission denied"):
+        load_dataset("cifar10", str(folder))
+
+
+def test_agnews_class_must_be_one_of_1_to_4_in_ascii(tmp_path):
+    _write_agnews(tmp_path / "x", [["1", "a", "b"], ["\u00b2", "t", "d"]], [["1", "a", "b"]])  # "²".isdigit()
+    with pytest.raises(DataError, match=r"train.csv record 2 is malformed: \['²'\]"):
+        load_dataset("agnews", str(tmp_path / "x"))

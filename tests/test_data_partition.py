@@ -76,7 +76,7 @@ def test_dirichlet_single_client_gets_everything():
 
 def test_dirichlet_validation_and_impossible():
     y = _labels(100)
-    with pytest.raises(ConfigError, match="alpha must be > 0"):
+    with pytest.raises(ConfigError, match="alpha must be a finite number > 0"):
         dirichlet_partition(y, 5, 0.0, 1, 0)
     with pytest.raises(ConfigError, match="clients must be >= 1"):
         dirichlet_partition(y, 0, 1.0, 1, 0)

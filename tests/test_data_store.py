@@ -247,3 +247,34 @@ def test_validation_split_in_some_clients_only_is_rejected(tmp_path):
         f["clients/00001"].create_dataset("x_val", data=np.zeros((0, 3, 4, 4), np.uint8))
     with pytest.raises(DataError, match="clients/00001 has a validation split but client 0 has none"):
         Store(path)
+
+
+def _rewrite_with_checksum(path, name: str, arr: np.ndarray) -> None:
+    """Replace dataset ``name`` by ``arr`` with a matching checksum: content a checksum cannot catch."""
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        ds = f.create_dataset(name, data=arr)
+        ds.attrs["sha256"] = hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [-1, 99])
+def test_labels_outside_the_classes_are_refused_even_with_a_valid_checksum(image_store, bad):
+    path, _ = image_store
+    with Store(path) as s:
+        y = s._read("clients/00001/y_train").copy()
+    y[0] = bad
+    _rewrite_with_checksum(path, "clients/00001/y_train", y)
+    with Store(path) as s:
+        s.load_client(0)
+        with pytest.raises(DataError, match=rf"clients/00001/y_train holds labels {min(bad, 0)}\.\..* outside 0\.\.3"):
+            s.load_client(1)
+        with pytest.raises(DataError, match="outside 0..3"):
+            s.describe()
+
+
+def test_params_must_be_a_json_object(image_store):
+    path, _ = image_store
+    with h5py.File(path, "r+") as f:
+        f.attrs["params"] = "[1, 2]"
+    with pytest.raises(DataError, match="attribute 'params' must be a JSON object, got list"):
+        Store(path)

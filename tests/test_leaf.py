@@ -158,7 +158,7 @@ def test_natural_partition_errors(femnist):
     with pytest.raises(ConfigError, match=r"clients=8, but only 7 of the 12 users have >= min_size=8"):
         make_splits(raw.y, partition_params(PartitionSpec(**{**NATURAL, "clients": 8})), raw.user_samples)
     with pytest.raises(ConfigError, match="no users with samples are left for the proxy set"):
-        make_splits(raw.y, partition_params(PartitionSpec(**{**NATURAL, "clients": 12, "min_size": 1})),
+        make_splits(raw.y, partition_params(PartitionSpec(**{**NATURAL, "clients": 12, "min_size": 2})),
                     raw.user_samples)
     with pytest.raises(ConfigError, match="proxy_users=9, but 7 users"):
         make_splits(raw.y, partition_params(PartitionSpec(**NATURAL, proxy_users=9)), raw.user_samples)
@@ -273,6 +273,10 @@ def test_bad_shakespeare_and_folders(tmp_path):
     _edit(path, lambda d: (_first_user(d)["x"].__setitem__(0, "a" * 80), _first_user(d)["y"].__setitem__(0, "ab")))
     with pytest.raises(DataError, match="y must be one character of LEAF's 80-character ALL_LETTERS, got 'ab'"):
         load_dataset("shakespeare", str(tmp_path / "s"))
+    _edit(path, lambda d: (_first_user(d)["x"].__setitem__(0, "\ud800" + "a" * 79),
+                           _first_user(d)["y"].__setitem__(0, "a")))
+    raw = load_dataset("shakespeare", str(tmp_path / "s"))  # a lone surrogate is one more unknown character
+    assert (raw.x[:, 0] == 1).sum() >= 1
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("femnist", str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()

@@ -19,6 +19,7 @@ from cafedist.errors import ConfigError, DataError
 NAME = "agnews"
 FOLDER = "ag_news_csv"
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+_CLASS_INDICES = {str(i + 1): i for i in range(len(CLASS_NAMES))}  # "1".."4" exactly: "²".isdigit() is True
 LAYOUT = ("the AG News CSV release: train.csv and test.csv, no header, quoted columns "
           "class index 1..4, title, description")
 
@@ -33,10 +34,10 @@ def _read_csv(path: Path) -> tuple[list[list[str]], list[int]]:
                 if not row:
                     continue
                 label = row[0].strip()
-                if len(row) != 3 or not label.isdigit() or not 1 <= int(label) <= len(CLASS_NAMES):
+                if len(row) != 3 or label not in _CLASS_INDICES:
                     raise DataError(f"{NAME}: {path} record {lineno} is malformed: {row[:1]} with "
                                     f"{len(row)} columns (expected {LAYOUT})")
-                labels.append(int(label) - 1)
+                labels.append(_CLASS_INDICES[label])
                 docs.append(tokenize(row[1] + " " + row[2]))
     except FileNotFoundError:
         raise DataError(f"{NAME}: {path} is missing (expected {LAYOUT})") from None

@@ -8,6 +8,7 @@ and client-test splits, so the source's split boundary carries no meaning here.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,12 +115,49 @@ def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layou
                         f"or its parent; expected {layout})")
     base = Path(root).expanduser()
     for cand in (base, base / folder):
+        readable_dir(cand, dataset, layout)
         if (cand / marker).exists():
             return cand
     if not base.exists():
         raise DataError(f"{dataset}: data root {base} does not exist (expected '{folder}/' with {layout})")
     where = base / folder if (base / folder).is_dir() else base
     raise DataError(f"{dataset}: no '{marker}' under {where} (expected {layout})")
+
+
+def readable_dir(path: Path, dataset: str, layout: str) -> None:
+    """Refuse a directory this process may not list or enter: otherwise its files would look
+    missing, and the message would name the wrong cause. Paths that are no directory pass."""
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"{dataset}: cannot read the directory {path} (permission denied; expected {layout})")
+
+
+def read_text(path: Path, dataset: str, layout: str) -> str:
+    """A UTF-8 text file of a dataset, every failure one DataError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{dataset}: {path} is missing (expected {layout})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (expected {layout})") from None
+    except OSError as exc:  # a directory, permissions, an I/O error
+        raise DataError(f"{dataset}: cannot read {path} ({exc.strerror or type(exc).__name__}; "
+                        f"expected {layout})") from None
+
+
+def int_labels(values: Any, where: str, num_classes: int) -> np.ndarray:
+    """``values`` as int64 labels ``[N]``, refused unless they are integers in
+    ``0..num_classes-1``: strings, floats, booleans, None, nested lists and integers beyond
+    64 bits are not labels (a float would otherwise be truncated silently)."""
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError):  # ragged nesting
+        arr = None
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
+        kind = "ragged" if arr is None else f"{arr.dtype} with shape {arr.shape}"
+        raise DataError(f"{where}: labels must be a list of integers 0..{num_classes - 1}, got {kind}")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise DataError(f"{where}: labels outside 0..{num_classes - 1} (found {arr.min()}..{arr.max()})")
+    return arr.astype(np.int64)
 
 
 class _ArrayUnpickler(pickle.Unpickler):

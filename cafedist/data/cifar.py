@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats, load_pickle, resolve_root
+from cafedist.data.base import RawDataset, channel_stats, int_labels, load_pickle, resolve_root
 from cafedist.errors import DataError
 
 
@@ -43,16 +43,25 @@ CIFAR100 = _CifarFormat(
 def _read_batch(fmt: _CifarFormat, path) -> tuple[np.ndarray, np.ndarray]:
     batch = load_pickle(path, fmt.name, fmt.layout)
     if not isinstance(batch, dict) or b"data" not in batch or fmt.label_key not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{fmt.name}: {path} lacks b'data'/{fmt.label_key!r} (found {keys}; expected {fmt.layout})")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[fmt.label_key], dtype=np.int64)
+    try:
+        data = np.asarray(batch[b"data"])
+    except (ValueError, TypeError):  # ragged rows
+        data = np.empty(0, dtype=object)
+    labels = int_labels(batch[fmt.label_key], f"{fmt.name}: {path}", fmt.num_classes)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise DataError(f"{fmt.name}: {path} has data {data.dtype} {data.shape} and {len(labels)} labels "
                         f"(expected uint8 [N, 3072] and N labels)")
-    if len(labels) and (labels.min() < 0 or labels.max() >= fmt.num_classes):
-        raise DataError(f"{fmt.name}: {path} has labels outside 0..{fmt.num_classes - 1}")
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _class_names(fmt: _CifarFormat, meta: object) -> list[str] | None:
+    """The class names of a meta file, or None when it does not hold a list of them (they are a nicety)."""
+    names = meta.get(fmt.names_key) if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or len(names) != fmt.num_classes:
+        return None
+    return [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _load(fmt: _CifarFormat, root: str | None) -> RawDataset:
@@ -62,9 +71,7 @@ def _load(fmt: _CifarFormat, root: str | None) -> RawDataset:
     y = np.concatenate([p[1] for p in parts])
     names = None
     if (folder / fmt.meta_file).exists():  # class names are a nicety; the labels suffice
-        meta = load_pickle(folder / fmt.meta_file, fmt.name, fmt.layout)
-        if isinstance(meta, dict) and fmt.names_key in meta:
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[fmt.names_key]]
+        names = _class_names(fmt, load_pickle(folder / fmt.meta_file, fmt.name, fmt.layout))
     mean, std = channel_stats(x)
     return RawDataset(name=fmt.name, x=x, y=y, num_classes=fmt.num_classes, kind="image",
                       mean=mean, std=std, class_names=names)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats
+from cafedist.data.base import RawDataset, channel_stats, readable_dir
 from cafedist.data.text import PAD_ID, SPECIALS, UNK_ID
 from cafedist.errors import DataError
 
@@ -82,7 +82,8 @@ def _shakespeare_x(xs: list[Any]) -> np.ndarray:
     if bad:
         got = f"a {len(bad[0])}-character string" if isinstance(bad[0], str) else type(bad[0]).__name__
         raise _Bad(f"x must be {SEQ_LEN}-character strings, got {got}")
-    codes = np.frombuffer("".join(xs).encode("utf-32-le"), dtype="<u4").astype(np.int64)
+    # surrogatepass: a lone surrogate ("\\ud800" in the JSON) is one more character outside ALL_LETTERS
+    codes = np.frombuffer("".join(xs).encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
     ids = np.where(codes < 128, _ASCII_IDS[np.minimum(codes, 127)], UNK_ID)
     return ids.reshape(len(xs), SEQ_LEN)
 
@@ -125,6 +126,7 @@ def find_json_dir(root: str | None, fmt: _LeafFormat) -> Path:
     if not base.is_dir():
         raise DataError(f"{fmt.name}: data root {base} is not a directory (expected {fmt.layout})")
     for folder in (base / fmt.name / "data" / "all_data", base / "data" / "all_data", base / "all_data", base):
+        readable_dir(folder, fmt.name, fmt.layout)
         if folder.is_dir() and any(folder.glob("*.json")):
             return folder
     raise DataError(f"{fmt.name}: no *.json files under {base} (expected {fmt.layout})")

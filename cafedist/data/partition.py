@@ -8,6 +8,8 @@ shifts another's random stream. All returned index arrays are sorted int64.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from cafedist.errors import ConfigError
@@ -41,8 +43,8 @@ def check_client_args(n_clients: int, min_size: int) -> None:
 def check_partition_args(n_clients: int, alpha: float, min_size: int) -> None:
     """Validate the data-independent Dirichlet parameters (ConfigError naming the field)."""
     check_client_args(n_clients, min_size)
-    if not alpha > 0:
-        raise ConfigError(f"alpha must be > 0, got {alpha}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ConfigError(f"alpha must be a finite number > 0, got {alpha}")
 
 
 def check_fraction(name: str, value: float) -> None:

@@ -65,6 +65,11 @@ def partition_params(spec: PartitionSpec) -> dict[str, Any]:
         "min_size": _as_int("min_size", spec.min_size),
         "seed": _as_int("seed", spec.seed),
     }
+    # the rules data.* of a run config follows, so prepare builds no store a run would refuse
+    if params["min_size"] < 2:
+        raise ConfigError(f"min_size must be >= 2 (each client needs a train and a test sample), got {spec.min_size}")
+    if not -2**63 <= params["seed"] < 2**63:
+        raise ConfigError(f"seed must be a 64-bit integer, got {spec.seed}")
     if spec.partition == "natural":
         if dataset not in NATURAL:
             raise ConfigError(f"partition natural needs a dataset that records its users ({', '.join(sorted(NATURAL))}), "
@@ -257,8 +262,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_out_file(out: Path) -> None:
     """``prepare --out`` must name a file whose folder exists or can be created."""
-    if not str(out).strip():
-        raise ConfigError("--out: empty path; expected an HDF5 store file")
     if out.is_dir():
         raise ConfigError(f"--out: {out} is a directory, expected a store file such as {out / 'store.h5'}")
     check_dir_creatable(out.parent, "--out")
@@ -280,6 +283,8 @@ def main(args: argparse.Namespace) -> int:
     if args.partition == "natural" and any(v is not None for v in dirichlet.values()):
         raise ConfigError("prepare --partition natural takes no --alpha or --proxy-fraction "
                           "(the users decide the skew; --proxy-users sizes the proxy set)")
+    if not args.out.strip():  # Path("") would be ".", a directory
+        raise ConfigError("--out: empty path; expected an HDF5 store file")
     _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
     spec = PartitionSpec(args.dataset, clients=args.clients,

@@ -217,6 +217,8 @@ class Store:
             self.params: dict[str, Any] = json.loads(str(attrs["params"]))
         except json.JSONDecodeError:
             raise self._fail("attribute 'params' is not valid JSON") from None
+        if not isinstance(self.params, dict):
+            raise self._fail(f"attribute 'params' must be a JSON object, got {type(self.params).__name__}")
         if self.kind not in ("image", "text") or self.num_classes < 1 or self.num_clients < 1:
             raise self._fail(f"bad root attributes kind={self.kind!r} num_classes={self.num_classes} "
                              f"num_clients={self.num_clients}")
@@ -268,6 +270,9 @@ class Store:
             expected = str(ds.attrs[CHECKSUM_ATTR])
         if _sha256(arr) != expected:
             raise self._fail(f"checksum mismatch in {name}: the file is corrupt (re-create it with `cafedist prepare`)")
+        if name.rsplit("/", 1)[-1].startswith("y_") and arr.size and (arr.min() < 0 or arr.max() >= self.num_classes):
+            raise self._fail(f"{name} holds labels {arr.min()}..{arr.max()}, outside 0..{self.num_classes - 1} "
+                             f"(re-create it with `cafedist prepare`)")
         return arr
 
     def to_inputs(self, x: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats, resolve_root
+from cafedist.data.base import RawDataset, channel_stats, read_text, readable_dir, resolve_root
 from cafedist.errors import DataError
 
 NAME = "tinyimagenet"
@@ -39,29 +39,34 @@ def _decode(path: Path) -> np.ndarray:
 
 def _listing(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     """All labelled image paths (train then val) with their labels, and the wnids."""
-    wnids = [w.strip() for w in (folder / "wnids.txt").read_text().splitlines() if w.strip()]
+    wnids_file = folder / "wnids.txt"
+    wnids = [w.strip() for w in read_text(wnids_file, NAME, LAYOUT).splitlines() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
-        raise DataError(f"{NAME}: {folder / 'wnids.txt'} is empty or has duplicate ids (expected {LAYOUT})")
+        raise DataError(f"{NAME}: {wnids_file} is empty or has duplicate ids (expected {LAYOUT})")
     label_of = {w: i for i, w in enumerate(wnids)}
     paths: list[Path] = []
     labels: list[int] = []
     for w in wnids:
         images = folder / "train" / w / "images"
+        readable_dir(images, NAME, LAYOUT)
         files = sorted(images.glob("*.JPEG")) if images.is_dir() else []
         if not files:
             raise DataError(f"{NAME}: no JPEG images in {images} (expected {LAYOUT})")
         paths += files
         labels += [label_of[w]] * len(files)
     ann = folder / "val" / "val_annotations.txt"
-    if not ann.is_file():
-        raise DataError(f"{NAME}: {ann} is missing (expected {LAYOUT})")
-    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(read_text(ann, NAME, LAYOUT).splitlines(), 1):
         if not line.strip():
             continue
         cols = line.split("\t")
         if len(cols) < 2 or cols[1] not in label_of:
             raise DataError(f"{NAME}: {ann} line {lineno} is malformed or names an unknown wnid "
                             f"(expected '<file>\\t<wnid>\\t<box>' with a wnid from wnids.txt)")
+        if cols[0] in seen:  # one image twice could land in a client's train and its test split
+            raise DataError(f"{NAME}: {ann} line {lineno} repeats the image {cols[0]} of line {seen[cols[0]]} "
+                            f"(expected one line per validation image)")
+        seen[cols[0]] = lineno
         paths.append(folder / "val" / "images" / cols[0])
         labels.append(label_of[cols[1]])
     return paths, labels, wnids

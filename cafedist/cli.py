@@ -13,6 +13,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -221,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         print(f"cafedist: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a deferred SIGTERM (cafedist.interrupts)
         print("cafedist: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

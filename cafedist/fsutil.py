@@ -15,6 +15,7 @@ import contextvars
 import errno
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,12 +116,30 @@ def atomic_output(path: str | os.PathLike, suffix: str = "", now: bool = False) 
         _raise_named(exc, target)
 
 
+def _temp_name(target: Path, token: str, suffix: str) -> Path:
+    return target.parent / f".{target.name}.{token}.tmp{suffix}"
+
+
+def remove_stale_temps(target: str | os.PathLike, suffix: str = "") -> list[Path]:
+    """Remove the temporary files :func:`atomic_output` left beside ``target`` when its
+    process was killed (SIGKILL, a node failure). Only for a caller that knows no one else is
+    writing ``target`` now (it holds the lock all writers take). Returns what was removed."""
+    target = Path(target)
+    pattern = re.compile(re.escape(_temp_name(target, "TOKEN", suffix).name).replace("TOKEN", "[0-9a-f]{8}") + "$")
+    try:
+        stale = [p for p in target.parent.iterdir() if pattern.match(p.name) and p.is_file()]
+    except FileNotFoundError:
+        return []
+    _discard(stale)
+    return stale
+
+
 def _create_temp(target: Path, suffix: str) -> Path:
     """A new empty file beside ``target`` under a unique hidden name. Created with mode 0o666
     for the kernel to apply the current umask: mkstemp's 0600 would hide results from the
     user's group on a cluster."""
     for _ in range(100):
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        tmp = _temp_name(target, secrets.token_hex(4), suffix)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

@@ -8,6 +8,7 @@ those of ``cafedist submit --help``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -50,6 +51,13 @@ class ExecutorOptions:
         """submitit ``update_parameters`` keywords (generic + ``slurm_*``) for runs under ``out``."""
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.gpus_per_node < 0:
             raise ConfigError("--nodes, --tasks-per-node and --cpus-per-task must be >= 1, --gpus-per-node >= 0")
+        if self.mem_gb is not None and not (self.mem_gb > 0 and math.isfinite(self.mem_gb)):
+            raise ConfigError(f"--mem-gb {self.mem_gb}: expected a number of GB > 0 (leave it out for the cluster's "
+                              f"default)")
+        for flag, value, least in (("--signal-delay", self.signal_delay, 0), ("--max-requeues", self.max_requeues, 0),
+                                   ("--array-parallelism", self.array_parallelism, 1)):
+            if value is not None and value < least:
+                raise ConfigError(f"{flag} {value}: expected an integer >= {least}")
         if self.local and self.nodes != 1:
             raise ConfigError(f"--nodes {self.nodes}: the local executor (--local) runs on one node; use --nodes 1")
         params: dict[str, Any] = {
@@ -62,12 +70,12 @@ class ExecutorOptions:
         }
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
-        if self.mem_gb:
+        if self.mem_gb is not None:
             params["mem_gb"] = self.mem_gb
         for name in ("partition", "account", "qos", "constraint"):
             if getattr(self, name):
                 params[f"slurm_{name}"] = getattr(self, name)
-        if self.array_parallelism:
+        if self.array_parallelism is not None:
             params["slurm_array_parallelism"] = self.array_parallelism
         # --requeue: `scontrol requeue` needs it on clusters with JobRequeue=0.
         params["slurm_additional_parameters"] = {"requeue": True, **key_values(self.slurm_arg, "--slurm-arg")}
@@ -193,12 +201,23 @@ def _finished(job: Any) -> bool:
     return all(t.paths.result_pickle.exists() for t in tasks)
 
 
+def job_error(text: str) -> str:
+    """The line that says why a job failed, from submitit's report of its exception (which
+    holds the job's traceback and ends with the paths of its logs): the run's own ``cafedist:
+    error:`` line when there is one, else the exception's line of the traceback, else the last."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("cafedist: error:", "Error: ", "Exception: "):
+        found = [ln for ln in lines if marker in ln]
+        if found:
+            return found[-1]
+    return lines[-1] if lines else ""
+
+
 def _outcome(job: Any, run: Any) -> JobOutcome:
     try:
         results = job.results()
     except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's exception
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        return JobOutcome(str(job.job_id), run.out, False, error=lines[-1] if lines else type(exc).__name__)
+        return JobOutcome(str(job.job_id), run.out, False, error=job_error(str(exc)) or type(exc).__name__)
     summary = next((r.get("summary") for r in results if isinstance(r, dict) and r.get("summary")), None)
     return JobOutcome(str(job.job_id), run.out, True, summary=summary)
 

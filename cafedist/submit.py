@@ -23,6 +23,8 @@ Slurm still reports it RUNNING, never after ``scancel``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -46,6 +48,24 @@ except ImportError:  # then main() stops at require_submitit() before a TrainTas
     submitit = None
     Checkpointable = object
 from cafedist.train.signals import REQUEUE_EXIT_CODE  # light module: no torch at submit time
+
+
+class _ErrorLineTee(io.TextIOBase):
+    """Passes writes on to ``stream`` and keeps the last ``cafedist: error:`` line among them."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self._stream = stream
+        self.error_line: str | None = None
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith("cafedist: error:"):
+                self.error_line = line
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 class JobStopped(RuntimeError):
@@ -180,15 +200,18 @@ class TrainTask(Checkpointable):
             # Slurm and in the local executor alike.
             rank = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True).rank
         preempt, previous = self._forward_preemption()
+        stderr = _ErrorLineTee(sys.stderr)
         try:
-            rc = cafedist_main(run.train_argv())
+            with contextlib.redirect_stderr(stderr):
+                rc = cafedist_main(run.train_argv())
         finally:
             if preempt is not None:
                 signal.signal(preempt, previous)
         if rc == REQUEUE_EXIT_CODE:
             self._requeue(run)
-        if rc != 0:
-            raise RuntimeError(f"cafedist train exited with status {rc} for {run.out} (see the job's stderr log)")
+        if rc != 0:  # the error line travels in the exception, which is what the submitting side sees
+            raise RuntimeError(f"cafedist train exited with status {rc} for {run.out}: "
+                               f"{stderr.error_line or 'see the job stderr log'}")
         summary = None
         if rank == 0:
             path = Path(run.out) / "summary.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 
 import h5py
 import numpy as np
@@ -14,6 +15,7 @@ from cafedist.data import SCHEMA_VERSION, RawDataset, Store, write_store
 from cafedist.data import store as store_mod
 from cafedist.data.base import channel_stats
 from cafedist.errors import DataError
+from cafedist.interrupts import Interrupted, deferred_interrupts
 
 PARAMS = {"dataset": "tiny", "clients": 3, "alpha": 0.5, "proxy_fraction": 0.2, "test_fraction": 0.2,
           "min_size": 2, "seed": 0}
@@ -278,3 +280,71 @@ def test_params_must_be_a_json_object(image_store):
         f.attrs["params"] = "[1, 2]"
     with pytest.raises(DataError, match="attribute 'params' must be a JSON object, got list"):
         Store(path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch, sig):
+    """Ctrl-C (raised anywhere, even in an h5py callback where it would be lost) and SIGTERM
+    (which would end the process on the spot) wait for the next client, then stop the write."""
+    raw = _image_raw()
+    train, test, proxy = _splits()
+    calls = []
+    original = store_mod._put
+
+    def signalled_put(group, name, arr):
+        calls.append(name)
+        if len(calls) == 2:
+            os.kill(os.getpid(), sig)  # delivered now; recorded, not raised
+        return original(group, name, arr)
+
+    monkeypatch.setattr(store_mod, "_put", signalled_put)
+    with pytest.raises(Interrupted) as info:
+        write_store(tmp_path / "s.h5", raw, train, test, proxy, PARAMS)
+    assert info.value.signum == sig
+    assert len(calls) == 4  # the first client was finished, the second never begun
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+def test_a_handler_of_the_caller_is_left_alone(tmp_path):
+    """train's stop flag handles SIGTERM itself (checkpoint and requeue): the write goes on."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with deferred_interrupts() as check:
+            os.kill(os.getpid(), signal.SIGTERM)
+            check()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM]
+
+
+def test_orphaned_temp_files_are_removed_under_the_store_lock(tmp_path, caplog):
+    """A build killed with SIGKILL leaves its temp file; the next build (holding the lock) removes it."""
+    from cafedist.data.prepare import ensure_store
+    from cafedist.data.spec import PartitionSpec
+
+    out = tmp_path / "d.h5"
+    orphan = tmp_path / ".d.h5.0123abcd.tmp.h5"
+    orphan.write_bytes(b"half a store")
+    others = [tmp_path / ".e.h5.0123abcd.tmp.h5", tmp_path / "d.h5.notes", tmp_path / ".d.h5.0123abcd.tmp"]
+    for p in others:
+        p.write_text("not ours")
+    ensure_store(out, PartitionSpec("digits", 3, 0.5, 0.1))
+    assert not orphan.exists() and all(p.exists() for p in others)
+    assert "left by a store build that was killed" in caplog.text
+    with Store(out) as s:
+        assert s.num_clients == 3
+
+
+def test_a_sigterm_during_prepare_exits_143_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from cafedist import cli
+
+    original = store_mod._put
+    monkeypatch.setattr(store_mod, "_put", lambda g, n, a: (os.kill(os.getpid(), signal.SIGTERM), original(g, n, a)))
+    code = cli.main(["prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.5", "--proxy-fraction", "0.1",
+                     "--out", str(tmp_path / "d.h5")])
+    assert code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "cafedist: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5.lock"]

@@ -26,6 +26,7 @@ import pytest
 from cafedist import jobs, submit
 from cafedist.cli import main as cli_main
 from cafedist.errors import ConfigError
+from cafedist.rundir import RunLock
 
 pytestmark = pytest.mark.slurm
 
@@ -322,3 +323,51 @@ def test_local_executor_is_single_node(tmp_path):
     with pytest.raises(ConfigError, match="--nodes 2"):
         args = _submit_args("--out", str(tmp_path), "--local", "--nodes", "2")
         jobs.ExecutorOptions.from_args(args).parameters(args.out)
+
+
+@pytest.mark.parametrize("flags,needle", [(("--mem-gb", "-1"), "--mem-gb -1.0"), (("--mem-gb", "0"), "--mem-gb 0.0"),
+                                          (("--signal-delay", "-5"), "--signal-delay -5"),
+                                          (("--max-requeues", "-1"), "--max-requeues -1"),
+                                          (("--array-parallelism", "0"), "--array-parallelism 0")])
+def test_resource_flags_out_of_range_are_refused(tmp_path, flags, needle):
+    """They were passed on to sbatch as given (a negative memory) or silently dropped (0)."""
+    args = _submit_args("--out", str(tmp_path), *flags)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        jobs.ExecutorOptions.from_args(args).parameters(args.out)
+
+
+SUBMITIT_REPORT = """Job (task=0) failed during processing with trace:
+----------------------
+Traceback (most recent call last):
+  File "/x/submitit/core/submission.py", line 55, in process_job
+    result = delayed.result()
+RuntimeError: cafedist train exited with status 2 for /r/run: cafedist: error: /r/run is in use by another writer
+----------------------
+You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:
+  - /r/run/submitit/1/1_0_log.err
+  - /r/run/submitit/1/1_0_log.out"""
+
+
+def test_a_failed_jobs_reason_is_its_error_line_not_its_log_path():
+    assert jobs.job_error(SUBMITIT_REPORT).endswith("cafedist: error: /r/run is in use by another writer")
+    other = SUBMITIT_REPORT.replace("RuntimeError: cafedist train exited with status 2 for /r/run: cafedist: error: "
+                                    "/r/run is in use by another writer", "ValueError: bad thing")
+    assert jobs.job_error(other) == "ValueError: bad thing"
+    assert jobs.job_error("") == ""
+
+
+def test_a_failed_local_job_reports_the_runs_error(workdir, monkeypatch, capsys):
+    """The run refuses to start (another writer holds it): the FAILED line says so."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = workdir / "held"
+    out.mkdir()
+    lock = RunLock(out).acquire()
+    try:
+        rc = cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(out), "--local",
+                       "--time", "5", "--wait", "train.rounds=1"])
+    finally:
+        lock.release()
+    printed = capsys.readouterr().out
+    assert rc != 0
+    assert re.search(r"job \S+ FAILED: .*cafedist: error: .*in use by another cafedist train", printed), printed

@@ -29,8 +29,9 @@ from cafedist.data.partition import (check_client_args, check_fraction, check_pa
 from cafedist.data.registry import DATASETS, NATURAL, load_dataset, options_of
 from cafedist.config import DataConfig
 from cafedist.data.spec import PartitionSpec
-from cafedist.data.store import Store, write_store
+from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
+from cafedist.fsutil import remove_stale_temps
 from cafedist.paths import check_dir_creatable
 from cafedist.rng import derive_seed
 
@@ -223,6 +224,8 @@ def ensure_store(out: str | Path, spec: PartitionSpec, root: str | Path | None =
     with _exclusive_lock(Path(f"{out}.lock")):
         if store_matches(out, want):
             return out
+        for stale in remove_stale_temps(out, STORE_SUFFIX):  # every writer holds this lock: these are orphans
+            log.warning("removed %s, left by a store build that was killed", stale)
         return prepare_store(out, spec, root)
 
 

@@ -47,6 +47,7 @@ import torch
 from cafedist.data.base import RawDataset
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output
+from cafedist.interrupts import deferred_interrupts
 
 SCHEMA_VERSION = 2
 #: versions this reader accepts: 1 predates validation splits and reads as "no validation split"
@@ -56,6 +57,10 @@ CLIENT_FIELDS = ("x_train", "y_train", "x_test", "y_test")
 VAL_FIELDS = ("x_val", "y_val")
 ROOT_ATTRS = ("schema_version", "dataset", "kind", "num_classes", "num_clients", "input_shape",
               "mean", "std", "vocab_size", "params")
+
+
+#: the extension of a store's temporary file while it is written (h5py needs none; it marks the type)
+STORE_SUFFIX = ".h5"
 
 
 def _client_group(cid: int) -> str:
@@ -99,7 +104,8 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
     _check_split(raw, client_train, client_test, proxy_idx, client_val)
     if client_users is not None and len(client_users) != len(client_train):
         raise ValueError("write_store: need one user name per client")
-    with atomic_output(path, suffix=".h5", now=True) as tmp:  # opened right after: never deferred
+    # an interrupt (Ctrl-C, SIGTERM) lands between clients, where atomic_output removes the temp file
+    with atomic_output(path, suffix=STORE_SUFFIX, now=True) as tmp, deferred_interrupts() as check:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["dataset"] = raw.name
@@ -112,6 +118,7 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
             f.attrs["vocab_size"] = int(raw.vocab_size or 0)
             f.attrs["params"] = json.dumps(params, sort_keys=True)
             for cid, (tr, te) in enumerate(zip(client_train, client_test)):
+                check()
                 g = f.create_group(_client_group(cid))
                 if client_users is not None:
                     g.attrs["user"] = client_users[cid]

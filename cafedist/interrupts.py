@@ -1,0 +1,64 @@
+"""Deferring fatal signals to safe points, so that an interrupted write can clean up after itself.
+
+Python raises KeyboardInterrupt for Ctrl-C wherever the interpreter happens to be — also
+inside a weakref callback of h5py, where it is printed as "Exception ignored" and lost (the
+command then finishes as if nothing happened) — and SIGTERM, the signal of ``kill``,
+``timeout`` and Slurm, ends the process at once, leaving a half-written temporary file
+behind. Inside :func:`deferred_interrupts` both are recorded instead and raised as
+:class:`Interrupted` at the next ``check()`` and at the end of the block, where the code
+around can remove what it was writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator
+
+#: the signals deferred, when they would otherwise end the process (their default handling)
+FATAL_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A deferred SIGINT or SIGTERM, raised at a safe point; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _is_default(handler: object) -> bool:
+    # SIGINT's default in Python is default_int_handler (KeyboardInterrupt); SIGTERM's SIG_DFL.
+    # A handler installed by someone else (train's stop flag) is theirs: left alone.
+    return handler in (signal.SIG_DFL, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[Callable[[], None]]:
+    """Record SIGINT/SIGTERM (where they would end the process) until the block's next
+    ``check()`` or its end, which raise :class:`Interrupted`. Outside the main thread signals
+    cannot be handled: the block then defers nothing."""
+    pending: list[int] = []
+
+    def check() -> None:
+        if pending:
+            raise Interrupted(pending[0])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+    previous = {sig: signal.getsignal(sig) for sig in FATAL_SIGNALS}
+    for sig, handler in previous.items():
+        if _is_default(handler):
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield check
+    finally:
+        for sig, handler in previous.items():
+            if _is_default(handler):
+                signal.signal(sig, handler)
+    check()
+
+
+__all__ = ["FATAL_SIGNALS", "Interrupted", "deferred_interrupts"]

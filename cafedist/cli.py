@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
+from cafedist.interrupts import noticed_interrupts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     _setup_logging(args.verbose)
     try:
-        return int(COMMANDS[args.command][2](args) or 0)
+        with noticed_interrupts() as interrupted:
+            status = int(COMMANDS[args.command][2](args) or 0)
+            if interrupted():  # a Ctrl-C that Python lost inside a callback (h5py's): still an interrupt
+                raise KeyboardInterrupt
+        return status
     except DistError as exc:
         print(f"cafedist: error: {exc}", file=sys.stderr)
         if _group_exists():

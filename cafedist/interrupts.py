@@ -28,10 +28,37 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_noticed: list[int] = []  # SIGINTs received under noticed_interrupts()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
+    _noticed.append(signum)
+    raise KeyboardInterrupt
+
+
 def _is_default(handler: object) -> bool:
     # SIGINT's default in Python is default_int_handler (KeyboardInterrupt); SIGTERM's SIG_DFL.
     # A handler installed by someone else (train's stop flag) is theirs: left alone.
-    return handler in (signal.SIG_DFL, signal.default_int_handler)
+    return handler in (signal.SIG_DFL, signal.default_int_handler, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def noticed_interrupts() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C raises KeyboardInterrupt as always, and is also remembered: the yielded function
+    says whether one arrived, so a command whose KeyboardInterrupt Python lost (raised inside
+    a callback and printed as "Exception ignored") can still end as interrupted. Main thread
+    only, and only where SIGINT has its default handling."""
+    _noticed.clear()
+    install = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if install:
+        signal.signal(signal.SIGINT, _raise_interrupt)
+    try:
+        yield lambda: bool(_noticed)
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _noticed.clear()
 
 
 @contextlib.contextmanager
@@ -61,4 +88,4 @@ def deferred_interrupts() -> Iterator[Callable[[], None]]:
     check()
 
 
-__all__ = ["FATAL_SIGNALS", "Interrupted", "deferred_interrupts"]
+__all__ = ["FATAL_SIGNALS", "Interrupted", "deferred_interrupts", "noticed_interrupts"]

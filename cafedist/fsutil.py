@@ -83,6 +83,15 @@ def replaced_together(remove: Iterable[Path] = ()) -> Iterator[None]:
         fsync_dir(parent)
 
 
+def remove_together(paths: Iterable[Path]) -> None:
+    """Inside :func:`replaced_together`: delete ``paths`` when the block commits (for outputs
+    that turn out to be stale only while the block writes the new ones)."""
+    batch = _BATCH.get()
+    if batch is None:
+        raise RuntimeError("remove_together() outside replaced_together()")
+    batch.removals.extend(paths)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = "", now: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``.

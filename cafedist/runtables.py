@@ -87,8 +87,9 @@ def _at_threshold(summary: dict, threshold: float) -> dict:
     return next((r for r in summary.get("dynamic", []) if abs(r["threshold"] - threshold) < 1e-9), {})
 
 
-def runs_csv(outcomes: Sequence[Any], budgets: dict[str, dict] | None = None) -> str:
-    """``runs.csv``: one row per run (failed ones with their status and empty numbers);
+def runs_csv(outcomes: Sequence[Any], root: str | os.PathLike, budgets: dict[str, dict] | None = None) -> str:
+    """``runs.csv``: one row per run (failed ones with their status and empty numbers), its
+    run directory relative to ``root`` (the comparison's folder, where runs.csv lies);
     ``budgets`` (run directory -> {budget: eval section}, ``compare --budget``) adds each
     budget's :data:`~cafedist.compare.budgets.METRICS` as ``<metric>@<budget>`` columns."""
     from cafedist.compare.budgets import METRICS, numbers
@@ -112,14 +113,9 @@ def runs_csv(outcomes: Sequence[Any], budgets: dict[str, dict] | None = None) ->
                     + _per_exit(s.get("val_acc_per_exit"), m) + _per_exit(s.get("acc_per_exit"), m)
                     + [_num(dyn.get("accuracy")), _num(dyn.get("mean_macs")),
                        _num(s.get("bytes_per_client_per_round")), _num(s.get("wall_seconds"))]
-                    + [_num(c.get(metric)) for c in cells for metric, _ in METRICS] + [_relative(o.run.run_dir)])
+                    + [_num(c.get(metric)) for c in cells for metric, _ in METRICS]
+                    + [os.path.relpath(o.run.run_dir, root)])
     return _csv_text(header, rows)
-
-
-def _relative(path: Path) -> str:
-    """``runs/<method>/...``: the part of a run directory below the comparison's folder."""
-    parts = Path(path).parts
-    return str(Path(*parts[parts.index("runs"):])) if "runs" in parts else str(path)
 
 
 def trials_csv(trials: dict[str, list[Any]], chosen: dict[str, int | None]) -> str:

@@ -488,10 +488,13 @@ def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_p
 
 
 def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, tmp_path, capsys, caplog):
-    out = tmp_path / "cmp"
+    out = tmp_path / "runs" / "cmp"  # a folder named runs above --out (the README's own --out runs/cmp)
     args = ["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",
             "--out", str(out)]
     assert cli_main(args) == 0
+    with open(out / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run_dir"] for r in rows] == ["runs/fedavg/seed3"] and (out / rows[0]["run_dir"]).is_dir()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert "results.md" in before
     capsys.readouterr()
@@ -516,3 +519,31 @@ def test_compare_out_at_a_training_run_is_refused(tiny_config, tmp_path, capsys)
     (mine / "config.yaml").write_text(tiny_config(rounds=1).read_text())
     assert cli_main(["compare", "--config", str(mine / "config.yaml"), "--algorithms", "fedavg", "--seeds", "1",
                      "--out", str(mine)]) == 0
+
+
+def test_a_report_replaces_the_earlier_one_as_a_set(tmp_path, monkeypatch):
+    """A failure (or a kill) while the report is written leaves the earlier report whole; a
+    new report without plots or tuning removes the earlier one's, which described other runs."""
+    import cafedist.compare.report as report
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    earlier = {"results.md": b"old md", "results.csv": b"old csv", "runs.csv": b"old runs", "curves.png": b"png",
+               "trials.csv": b"old trials", "notes.txt": b"the user's"}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+    run = PlannedRun(Variant("x", "fedavg"), 4, out / "runs" / "x" / "seed4", None, (), "h")
+    outcomes = [RunOutcome(run, "failed", "exit status 2: boom")]
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "results_markdown", broken)
+    with pytest.raises(OSError):
+        report.write_report(out, "cafedist compare", outcomes)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # runs.csv was written, not yet in place
+    monkeypatch.undo()
+    paths = report.write_report(out, "cafedist compare", outcomes)
+    assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "notes.txt", "results.csv", "results.md",
+                                                      "runs.csv"]
+    assert set(paths.values()) <= set(out.iterdir())

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from cafedist import runtables, tuning
 from cafedist.compare.execute import RunOutcome
-from cafedist.fsutil import write_text_atomic
+from cafedist.fsutil import remove_together, replaced_together, write_text_atomic
 from cafedist.runtables import RowInfo
 from cafedist.tuning import TuneResult
 from cafedist.units import short_count
@@ -245,16 +245,32 @@ def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
     return out
 
 
+#: outputs a report has only sometimes (plots need a finished run, trials.csv a tuning): an
+#: earlier report's are removed when the new one has none, so that no file describes other runs
+OPTIONAL_OUTPUTS = ("accuracy_vs_macs.png", "per_exit_accuracy.png", "curves.png", "trials.csv")
+
+
 def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOutcome],
                  thresholds: Sequence[float] = REPORT_THRESHOLDS, tuned: TuneResult | None = None,
                  budgets: dict[str, dict] | None = None, budget_errors: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``results.md``, ``results.csv``, the per-run tables and (if any run finished) the
     plots into ``out``; with ``tuned`` (a tuning's result), also ``trials.csv`` and the tuning
     section; with ``budgets`` (run directory -> {budget: eval section}, ``--budget``) the
-    per-client budget numbers."""
+    per-client budget numbers. The files replace an earlier report's as one set, at the end
+    (a kill while writing leaves the earlier report whole), and optional files the new report
+    lacks are removed with it."""
+    out = Path(out)
+    with replaced_together():
+        paths = _write_report_files(out, command, outcomes, thresholds, tuned, budgets, budget_errors)
+        remove_together([out / name for name in OPTIONAL_OUTPUTS if out / name not in paths.values()])
+    return paths
+
+
+def _write_report_files(out: Path, command: str, outcomes: Sequence[RunOutcome], thresholds: Sequence[float],
+                        tuned: TuneResult | None, budgets: dict[str, dict] | None,
+                        budget_errors: Sequence[str]) -> dict[str, Path]:
     from cafedist.eval import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
-    out = Path(out)
     summaries = collect_summaries(outcomes)
     stats = summarize(summaries, thresholds)
     if budgets:
@@ -286,7 +302,7 @@ def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOut
                                  title="personalized accuracy vs rounds completed (mean over seeds)")
             plots.append(paths["curves_png"].name)
     paths.update(runs=out / "runs.csv", curves=out / "curves.csv")
-    write_text_atomic(paths["runs"], runtables.runs_csv(outcomes, budgets))
+    write_text_atomic(paths["runs"], runtables.runs_csv(outcomes, out, budgets))
     write_text_atomic(paths["curves"], runtables.curves_csv(outcomes))
     section: list[str] = []
     if tuned is not None:

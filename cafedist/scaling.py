@@ -32,6 +32,7 @@ import yaml
 
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, write_text_atomic
+from cafedist.paths import check_dir_creatable
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
 _REQUIRED = ("round", "seconds", "world_size", "clients_per_rank", *TIMERS)
@@ -59,6 +60,25 @@ class RunStats:
         return sum(self.clients_per_rank)
 
 
+_NUMBERS = ("round", "seconds", "world_size", *TIMERS)
+_OPTIONAL_NUMBERS = ("bytes_up", "bytes_down", "clients_trained", "wire_bytes")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(rec: dict[str, Any], where: str) -> None:
+    """The fields the report computes with must hold what train writes (a damaged or
+    hand-edited file otherwise fails deep inside the arithmetic)."""
+    for key in (*_NUMBERS, *(k for k in _OPTIONAL_NUMBERS if k in rec)):
+        if not _is_number(rec[key]):
+            raise DataError(f"{where}: field {key!r} is {rec[key]!r}, expected a number")
+    cpr = rec["clients_per_rank"]
+    if not (isinstance(cpr, list) and cpr and all(isinstance(c, int) and not isinstance(c, bool) for c in cpr)):
+        raise DataError(f"{where}: field 'clients_per_rank' is {cpr!r}, expected a list of integers (one per rank)")
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: not found (expected the metrics.jsonl of a run written by `cafedist train`)")
@@ -75,6 +95,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
         missing = [k for k in _REQUIRED if k not in rec]
         if missing:
             raise DataError(f"{path}:{lineno}: missing field {missing[0]!r} (written by an older cafedist?)")
+        _check_types(rec, f"{path}:{lineno}")
         records.append(rec)
     if not records:
         raise DataError(f"{path}: no rounds recorded yet")
@@ -281,6 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Write the report and print its table."""
     out = args.out or str(Path(args.run_dirs[0]).resolve().parent)
+    check_dir_creatable(Path(out), "--out")
     paths = write_report(args.run_dirs, out)
     print(paths["md"].read_text(), end="")
     print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}")

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
 from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, require_submitit, wait_for
+from cafedist.paths import check_dir_creatable
 
 try:  # only submitting needs submitit; the CLI imports this module for its flags everywhere
     import submitit
@@ -348,6 +349,7 @@ def main(args: argparse.Namespace) -> int:
     params = options.parameters(args.out)
     env = _job_env(args)
     folder = Path(args.folder).resolve() if args.folder else _default_folder(args.out)
+    check_dir_creatable(folder, "--folder")
     if args.dry_run:
         print(json.dumps({"cluster": "local" if args.local else "slurm", "folder": str(folder / "%j"),
                           "parameters": params, "env": env,

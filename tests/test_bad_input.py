@@ -154,6 +154,10 @@ CASES = [
     Case("prepare-alpha-inf", lambda c: prepare(c, "--alpha", "inf"), "alpha must be a finite number > 0"),
     Case("prepare-seed-beyond-64-bit", lambda c: prepare(c, "--seed", "9" * 22), "seed must be a 64-bit integer"),
     Case("prepare-out-empty", lambda c: prepare(c, out=""), "--out: empty path"),
+    Case("compare-out-is-a-file", lambda c: ["compare", "--config", str(c.cfg), "--algorithms", "fedavg", "--seeds",
+                                             "1", "--out", str(c.tmp / "afile")], "--out: "),
+    Case("submit-folder-is-a-file", lambda c: ["submit", "--config", str(c.cfg), "--out", str(c.fresh), "--local",
+                                               "--folder", str(c.tmp / "afile"), "--dry-run"], "--folder: "),
     Case("describe-missing-store", lambda c: ["prepare", "--describe", str(c.tmp / "none.h5")], "does not exist"),
     Case("eval-not-a-run", lambda c: ["eval", str(c.tmp / "adir")], "not a run directory"),
     # -- store

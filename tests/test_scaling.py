@@ -111,3 +111,29 @@ def test_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(DataError, match="world_size changes"):
         load_run(mixed)
     assert cli_main(["scaling-report", str(empty)]) == 2
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("seconds", "abc", "field 'seconds' is 'abc', expected a number"),
+    ("t_eval", None, "field 't_eval' is None, expected a number"),
+    ("bytes_up", "x", "field 'bytes_up' is 'x', expected a number"),
+    ("world_size", True, "field 'world_size' is True, expected a number"),
+    ("clients_per_rank", 10, "field 'clients_per_rank' is 10, expected a list of integers"),
+    ("clients_per_rank", [1.5], r"field 'clients_per_rank' is \[1.5\], expected a list of integers"),
+])
+def test_a_field_of_the_wrong_type_is_one_line_naming_file_and_line(tmp_path, capsys, key, value, needle):
+    run = _run(tmp_path, "garbled", 1, [2], [1.0, 1.0])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), key: value})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"metrics.jsonl:2: {needle}"):
+        load_run(run)
+    assert cli_main(["scaling-report", str(run), "--out", str(tmp_path / "o")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_out_that_is_a_file_is_refused_before_reading(tmp_path, capsys):
+    run = _run(tmp_path, "w1", 1, [2], [1.0])
+    (tmp_path / "afile").write_text("mine")
+    assert cli_main(["scaling-report", str(run), "--out", str(tmp_path / "afile")]) == 2
+    assert "--out: " in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"

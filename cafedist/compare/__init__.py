@@ -64,6 +64,7 @@ from cafedist.compare.report import (
 )
 from cafedist.errors import ConfigError
 from cafedist.jobs import ExecutorOptions, require_submitit
+from cafedist.paths import check_dir_creatable
 from cafedist.tuning import Setting, TuneResult
 
 log = logging.getLogger("cafedist")
@@ -116,6 +117,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
 
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
+    check_dir_creatable(Path(out), "--out")
     if any((Path(out) / name).exists() for name in ("checkpoints", "summary.json", "metrics.jsonl")):
         raise ConfigError(f"--out {out} holds a training run, whose files (accuracy_vs_macs.png, ...) the "
                           f"comparison's report would replace; choose another --out")

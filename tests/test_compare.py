@@ -24,6 +24,7 @@ from cafedist.compare import (
     RunOutcome,
     Variant,
     available_variants,
+    check_ablation_axes,
     mean_std,
     plan_runs,
     resolve_algorithms,
@@ -75,6 +76,19 @@ def test_ablation_runs_are_cafedistill_with_one_switch_off(tiny_config, tmp_path
     assert (nokd.cross_client_kd, nokd.student_selection) == (False, True)
     assert (nosel.cross_client_kd, nosel.student_selection) == (True, False)
     assert len({r.config_hash for r in runs}) == 3
+
+
+def test_a_grid_over_the_switch_an_ablation_fixes_is_refused(tiny_config, tmp_path, capsys):
+    """Each row would have trained the ablation's value under a label naming the other."""
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "cafedistill,cafedistill-nokd",
+                     "--grid", "algorithm.cafedistill.cross_client_kd=true,false", "--out", str(tmp_path / "cmp")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--grid algorithm.cafedistill.cross_client_kd: cafedistill-nokd is cafedistill with cross_client_kd " \
+           "fixed to false" in err[0]
+    assert not (tmp_path / "cmp").exists()
+    check_ablation_axes([available_variants()["cafedistill-nokd"]], ["algorithm.cafedistill.student_selection",
+                                                                      "train.lr"])  # other keys vary it
 
 
 def test_a_bad_override_fails_before_anything_runs(tiny_config, tmp_path, capsys):

@@ -48,6 +48,7 @@ from cafedist.compare.plan import (
     PlannedRun,
     Variant,
     available_variants,
+    check_ablation_axes,
     plan_run,
     plan_runs,
     resolve_algorithms,
@@ -123,6 +124,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
                           f"comparison's report would replace; choose another --out")
     variants = resolve_algorithms(algorithms)
     axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
+    check_ablation_axes(variants, [a.key for a in axes])
     settings = {v.name: tuning.settings_for(axes, v.algorithm, max_trials) for v in variants}
     budget_options = parse_budgets(budgets)
     if tune:
@@ -277,5 +279,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = ["ABLATIONS", "REFERENCE", "REPORT_THRESHOLDS", "CompareResult", "PlannedRun", "RunOutcome", "Stat",
-           "Variant", "available_variants", "compare", "mean_std", "plan_runs", "resolve_algorithms",
-           "resolve_seeds", "results_csv", "results_markdown", "summarize"]
+           "Variant", "available_variants", "check_ablation_axes", "compare", "mean_std", "plan_runs",
+           "resolve_algorithms", "resolve_seeds", "results_csv", "results_markdown", "summarize"]

@@ -61,6 +61,22 @@ def available_variants() -> dict[str, Variant]:
     return {name: out[name] for name in sorted(out, key=rank)}
 
 
+def check_ablation_axes(variants: Sequence[Variant], grid_keys: Sequence[str]) -> None:
+    """Refuse a ``--grid`` key that an ablation among ``variants`` fixes (``cafedistill-nokd``
+    and ``algorithm.cafedistill.cross_client_kd``): every row of it would train the ablation's
+    value under a label that names another."""
+    for variant in variants:
+        if variant.name not in ABLATIONS:
+            continue
+        base, fixed = ABLATIONS[variant.name]
+        for key in grid_keys:
+            param = key.removeprefix(f"algorithm.{base}.")
+            if param in fixed:
+                raise ConfigError(f"--grid {key}: {variant.name} is {base} with {param} fixed to "
+                                  f"{_yaml_scalar(fixed[param])}, so each of its rows would train that value; "
+                                  f"drop {variant.name} from --algorithms or vary another key")
+
+
 def resolve_algorithms(spec: str | Sequence[str]) -> list[Variant]:
     """``"all"`` or ``"a,b,c"`` (or a list of names) -> variants, in the given order, no duplicates."""
     known = available_variants()

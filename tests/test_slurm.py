@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -371,3 +372,43 @@ def test_a_failed_local_job_reports_the_runs_error(workdir, monkeypatch, capsys)
     printed = capsys.readouterr().out
     assert rc != 0
     assert re.search(r"job \S+ FAILED: .*cafedist: error: .*in use by another cafedist train", printed), printed
+
+
+def _child_takes_ctrl_c() -> bool:
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() \
+        == "True"
+
+
+def test_local_jobs_started_from_a_background_compare_can_be_cancelled():
+    """Started in the background of a script, compare has SIGINT ignored; the local executor's
+    controller inherited that and ignored the SIGINT that cancels it, training on after compare."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert not _child_takes_ctrl_c()
+        with jobs.children_take_ctrl_c():
+            assert _child_takes_ctrl_c()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_cancel_local_jobs_cancels_and_waits_but_leaves_slurm_jobs_alone():
+    class LocalJob:
+        def __init__(self):
+            self.cancelled, self.polls = False, 0
+
+        def cancel(self, check=True):
+            self.cancelled = True
+
+        def done(self):
+            self.polls += 1
+            return self.cancelled and self.polls > 2  # ends a moment after the cancel
+
+    class SlurmJob(LocalJob):
+        pass
+
+    local, cluster = LocalJob(), SlurmJob()
+    jobs.cancel_local_jobs([local, cluster], timeout_s=5, poll_s=0.01)
+    assert local.cancelled and local.polls >= 3
+    assert not cluster.cancelled

@@ -117,7 +117,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
     ``jobs`` (default 1) jobs, since the local executor starts everything it is given at once.
     """
     from cafedist import submit
-    from cafedist.jobs import wait_for
+    from cafedist.jobs import cancel_local_jobs, children_take_ctrl_c, wait_for
 
     options = replace(options, job_name=options.job_name or "cafedist-compare",
                       array_parallelism=None if options.local else jobs)
@@ -129,10 +129,16 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
     for start in range(0, len(specs), wave):
         part, part_runs = specs[start:start + wave], list(runs[start:start + wave])
         t0 = time.perf_counter()
-        submitted = submit.submit_runs(executor, part, env)
+        with children_take_ctrl_c():
+            submitted = submit.submit_runs(executor, part, env)
         for job, run in zip(submitted, part_runs):
             log.info("compare: %s submitted as job %s (logs: %s)", run.label, job.job_id, job.paths.stderr.parent)
-        for res, run in zip(wait_for(submitted, part), part_runs):
+        try:
+            results = wait_for(submitted, part)
+        except BaseException:  # Ctrl-C or SIGTERM: local jobs are our children and stop with us
+            cancel_local_jobs(submitted)
+            raise
+        for res, run in zip(results, part_runs):
             ok = res.ok and run.finished_summary() is not None
             msg = "" if ok else (res.error or "no summary.json written") + f" (job {res.job_id})"
             outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))

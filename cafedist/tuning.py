@@ -265,7 +265,11 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
         result.chosen[m.name] = choose(result.trials[m.name])
     finals = [plan(m, setting, seed) for m in methods
               if (setting := result.chosen_setting(m.name)) is not None for seed in seeds]
-    result.finals = execute(finals) if finals else []
+    # a final on the first seed is its trial: trained in this call when the trial was, which
+    # the report's "trained now / reused" counts must say (execute sees a finished run)
+    trained_now = {str(o.run.run_dir): o for o in flat if o.status == "done"}
+    result.finals = [trained_now.get(str(o.run.run_dir), o) if o.status == "skipped" else o
+                     for o in (execute(finals) if finals else [])]
     return result
 
 

@@ -322,6 +322,7 @@ def test_tune_picks_each_methods_setting_on_validation_then_runs_it_on_every_see
             "train.rounds=2", "data.val_fraction=0.1")
     proc = cafedist(*args, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "4 runs: 4 trained now, 0 reused" in (out / "results.md").read_text()  # seed 3's were the trials
     with open(out / "trials.csv") as fh:
         trials = list(csv.DictReader(fh))
     assert [(t["algorithm"], t["setting"], t["seed"]) for t in trials] == [

@@ -164,6 +164,23 @@ def test_tune_runs_trials_on_the_first_seed_then_the_choice_on_every_seed():
     assert rows[1]["val_acc_exit1"] == "0.8" and rows[1]["seed"] == "7"
 
 
+def test_a_final_that_is_its_trial_counts_as_trained_now_when_the_trial_was():
+    """results.md said "2 trained now, 2 reused" for a tuning that trained all of them."""
+    def plan(m, setting, seed):
+        return FakeRun(m, setting, seed, {"val_acc_per_exit": [0.5]}, run_dir=Path(f"runs/{m.name}/{seed}"))
+
+    earlier = {Path("runs/a/8")}  # a final on the second seed finished in an earlier call
+
+    def execute(runs):
+        return [FakeOutcome(r, "skipped" if r.seed == 7 or r.run_dir in earlier else "done", f"{r.seed}")
+                for r in runs] if len(runs) == 2 and runs[0].seed != runs[1].seed else \
+            [FakeOutcome(r, "done", "trial") for r in runs]
+
+    result = tuning.tune([M("a")], {"a": [Setting()]}, [7, 8], plan, execute)
+    assert [(o.status, o.message) for o in result.finals] == [("done", "trial"), ("skipped", "8")]
+    assert result.finals[0] is result.trials["a"][0]
+
+
 # ----------------------------------------------------------------------------- per-run tables
 def _run_dir(root: Path, name: str, accs: list[list[float]], val: bool) -> Path:
     d = root / "runs" / name / "seed0"

@@ -89,7 +89,8 @@ def _at_threshold(summary: dict, threshold: float) -> dict:
 
 def runs_csv(outcomes: Sequence[Any], root: str | os.PathLike, budgets: dict[str, dict] | None = None) -> str:
     """``runs.csv``: one row per run (failed ones with their status and empty numbers), its
-    run directory relative to ``root`` (the comparison's folder, where runs.csv lies);
+    run directory relative to ``root`` (the comparison's folder, where runs.csv lies; resolved
+    like the run directories, so a symlink on the way does not add ``..`` steps);
     ``budgets`` (run directory -> {budget: eval section}, ``compare --budget``) adds each
     budget's :data:`~cafedist.compare.budgets.METRICS` as ``<metric>@<budget>`` columns."""
     from cafedist.compare.budgets import METRICS, numbers
@@ -114,7 +115,7 @@ def runs_csv(outcomes: Sequence[Any], root: str | os.PathLike, budgets: dict[str
                     + [_num(dyn.get("accuracy")), _num(dyn.get("mean_macs")),
                        _num(s.get("bytes_per_client_per_round")), _num(s.get("wall_seconds"))]
                     + [_num(c.get(metric)) for c in cells for metric, _ in METRICS]
-                    + [os.path.relpath(o.run.run_dir, root)])
+                    + [os.path.relpath(o.run.run_dir, Path(root).resolve())])
     return _csv_text(header, rows)
 
 

@@ -349,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
     params = options.parameters(args.out)
     env = _job_env(args)
     folder = Path(args.folder).resolve() if args.folder else _default_folder(args.out)
-    check_dir_creatable(folder, "--folder")
+    check_dir_creatable(folder, "--folder" if args.folder else "--out")
     if args.dry_run:
         print(json.dumps({"cluster": "local" if args.local else "slurm", "folder": str(folder / "%j"),
                           "parameters": params, "env": env,

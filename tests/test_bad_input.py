@@ -158,6 +158,8 @@ CASES = [
                                              "1", "--out", str(c.tmp / "afile")], "--out: "),
     Case("submit-folder-is-a-file", lambda c: ["submit", "--config", str(c.cfg), "--out", str(c.fresh), "--local",
                                                "--folder", str(c.tmp / "afile"), "--dry-run"], "--folder: "),
+    Case("submit-out-is-a-file", lambda c: ["submit", "--config", str(c.cfg), "--out", str(c.tmp / "afile"),
+                                            "--local", "--dry-run"], "--out"),
     Case("describe-missing-store", lambda c: ["prepare", "--describe", str(c.tmp / "none.h5")], "does not exist"),
     Case("eval-not-a-run", lambda c: ["eval", str(c.tmp / "adir")], "not a run directory"),
     # -- store

@@ -562,3 +562,8 @@ def test_a_report_replaces_the_earlier_one_as_a_set(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["curves.csv", "notes.txt", "results.csv", "results.md",
                                                       "runs.csv"]
     assert set(paths.values()) <= set(out.iterdir())
+    mine = tmp_path / "mine"  # no report was here: a curves.png in it is the user's own
+    mine.mkdir()
+    (mine / "curves.png").write_bytes(b"my plot")
+    report.write_report(mine, "cafedist compare", outcomes)
+    assert (mine / "curves.png").read_bytes() == b"my plot"

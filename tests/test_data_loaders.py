@@ -350,7 +350,12 @@ def test_an_unreadable_folder_is_named_as_unreadable_also_as_root(tmp_path, monk
     folder, _ = _write_cifar10(tmp_path / "c")
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and real_access(p, mode))
     with pytest.raises(DataError, match=r"cannot read the directory .*cifar-10-batches-py \(permission denied"):
+        (folder / "data_batch_1").rename(folder / "moved")  # the marker is not found: then it says why
         load_dataset("cifar10", str(folder))
+    (folder / "moved").rename(folder / "data_batch_1")
+    parent = folder.parent  # a shared root one may enter but not list (0711): its known files still load
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != parent and real_access(p, mode))
+    assert load_dataset("cifar10", str(parent)).x.shape[0] == 18
 
 
 def test_agnews_class_must_be_one_of_1_to_4_in_ascii(tmp_path):

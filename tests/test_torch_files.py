@@ -61,13 +61,27 @@ def test_a_full_disk_is_enospc_naming_the_file(tmp_path, room):
     assert info.value.filename == str(tmp_path / "client_00007.pt")
 
 
-def test_a_full_disk_while_parking_client_state_is_one_line(tmp_path, store_cache, monkeypatch, capsys):
+class _FailsOnClose(_FillsUp):
+    """Takes every write, then fails to flush them on close (a buffered file on a full disk)."""
+
+    def __init__(self) -> None:
+        super().__init__(10**12)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("fails", ["writing", "closing"])
+def test_a_full_disk_while_parking_client_state_is_one_line(tmp_path, store_cache, monkeypatch, capsys, fails):
     """train.client_state: disk on a full disk: exit 2 and one line naming the parked file."""
     import yaml
 
     def full_disk(path, mode="r", *args, **kwargs):
         if "w" in mode:
-            return _FillsUp(0)
+            open(path, mode).close()  # the temp file exists, as it would
+            return _FillsUp(0) if fails == "writing" else _FailsOnClose()
         return open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(residency, "open", full_disk, raising=False)
@@ -79,3 +93,4 @@ def test_a_full_disk_while_parking_client_state_is_one_line(tmp_path, store_cach
     assert status == 2
     assert len(err) == 1 and err[0].startswith(f"cafedist: error: {out / 'client_state'}")
     assert err[0].endswith(os.strerror(errno.ENOSPC))
+    assert not list((out / "client_state").glob("*.tmp"))  # the partial file is removed

@@ -212,7 +212,8 @@ def test_curves_runs_and_plot_from_run_directories(tmp_path):
     assert rows[2] == {"algorithm": "method0", "setting": "", "seed": "0", "round": "1", "exit": "1",
                        "acc": "0.0", "val_acc": ""}  # the resumed round's line wins (it has no val here)
     assert rows[0]["val_acc"] == "0.05" and rows[6]["algorithm"] == "method1" and rows[6]["val_acc"] == ""
-    runs = list(csv.DictReader(io.StringIO(runtables.runs_csv(outcomes, tmp_path))))
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)  # --out through a symlink
+    runs = list(csv.DictReader(io.StringIO(runtables.runs_csv(outcomes, tmp_path.parent / f"{tmp_path.name}-link"))))
     assert runs[0]["val_acc_exit2"] == "0.3" and runs[1]["val_acc_exit2"] == "" and runs[1]["test_acc_exit2"] == "0.6"
     assert runs[0]["dynamic_accuracy_0.6"] == "0.55" and runs[0]["run_dir"] == "runs/method0/seed0"
     assert runs[-1]["status"] == "failed" and runs[-1]["test_acc_exit1"] == ""

@@ -257,12 +257,14 @@ def write_report(out: str | os.PathLike, command: str, outcomes: Sequence[RunOut
     plots into ``out``; with ``tuned`` (a tuning's result), also ``trials.csv`` and the tuning
     section; with ``budgets`` (run directory -> {budget: eval section}, ``--budget``) the
     per-client budget numbers. The files replace an earlier report's as one set, at the end
-    (a kill while writing leaves the earlier report whole), and optional files the new report
-    lacks are removed with it."""
+    (a kill while writing leaves the earlier report whole), and optional files of an earlier
+    report (there was a results.md) that the new one lacks are removed with it."""
     out = Path(out)
+    had_report = (out / "results.md").is_file()  # else a curves.png there is the user's, not a report's
     with replaced_together():
         paths = _write_report_files(out, command, outcomes, thresholds, tuned, budgets, budget_errors)
-        remove_together([out / name for name in OPTIONAL_OUTPUTS if out / name not in paths.values()])
+        if had_report:
+            remove_together([out / name for name in OPTIONAL_OUTPUTS if out / name not in paths.values()])
     return paths
 
 

@@ -115,9 +115,10 @@ def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layou
                         f"or its parent; expected {layout})")
     base = Path(root).expanduser()
     for cand in (base, base / folder):
-        readable_dir(cand, dataset, layout)
         if (cand / marker).exists():
             return cand
+    for cand in (base, base / folder):  # found nowhere: perhaps because a folder may not be read
+        readable_dir(cand, dataset, layout)
     if not base.exists():
         raise DataError(f"{dataset}: data root {base} does not exist (expected '{folder}/' with {layout})")
     where = base / folder if (base / folder).is_dir() else base

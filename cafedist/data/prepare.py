@@ -270,31 +270,6 @@ def _check_out_file(out: Path) -> None:
     check_dir_creatable(out.parent, "--out")
 
 
-@contextlib.contextmanager
-def _tidy_if_nothing_built(out: Path) -> Iterator[None]:
-    """When no store comes of it (a bad data root, Ctrl-C), remove the lock file and the
-    folders this command created for ``out``: a failed prepare leaves nothing behind. (A
-    process that waited on the removed lock may then build beside a newcomer: both write the
-    same bytes by atomic rename, so at worst the work is done twice.)"""
-    created = []
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        created.append(folder)
-        folder = folder.parent
-    lock = Path(f"{out}.lock")
-    had_lock = lock.exists()
-    try:
-        yield
-    except BaseException:
-        if not out.exists():
-            if not had_lock:
-                lock.unlink(missing_ok=True)
-            for path in created:  # deepest first; a folder something else wrote into stays
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-        raise
-
-
 def main(args: argparse.Namespace) -> int:
     """Run ``cafedist prepare``: build a store (then print its summary) or ``--describe`` one."""
     if args.describe:
@@ -326,8 +301,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     existed = out.exists()
     try:
-        with _tidy_if_nothing_built(out):
-            path = ensure_store(out, spec, args.root)
+        path = ensure_store(out, spec, args.root)
     except DataError as exc:
         if not existed:
             raise

@@ -256,8 +256,12 @@ class ClientPool:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 self.state_dir.mkdir(parents=True)
             tmp = self._path(cid).with_suffix(".tmp")
-            with open(tmp, "wb") as fh:  # a full disk: ENOSPC naming the file, not torch's RuntimeError
-                save_torch_to(shard, fh, self._path(cid))
+            try:
+                with open(tmp, "wb") as fh:
+                    save_torch_to(shard, fh, self._path(cid))
+            except OSError as exc:  # a full disk, also in the final flush: one line naming the file
+                tmp.unlink(missing_ok=True)
+                raise OSError(exc.errno, exc.strerror, str(self._path(cid))) from None
             os.replace(tmp, self._path(cid))  # a cache, not a record: no fsync needed
             self._on_disk.add(cid)
         else:

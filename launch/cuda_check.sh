@@ -6,13 +6,15 @@
 #
 #   OUT=runs/cuda_check bash launch/cuda_check.sh          # no install needed (PYTHONPATH = the checkout)
 #
-# Steps (about 5 minutes on one H100-class GPU):
+# Steps (about 6 minutes on one H100-class GPU):
 #   1. torch/CUDA versions and the card
 #   2. a short digits run on CUDA with train.amp=bf16 and train.packed=on, and its eval with
 #      a per-client budget (digits ships with scikit-learn, so no download is needed)
 #   3. fp32 runs packed and sequential, the sequential one twice: are repeated CUDA runs
 #      bit-identical (model hashes), and do packed and sequential runs agree?
-#   4. one rank under torchrun (NCCL process group on the GPU; several ranks need several GPUs)
+#   4. one rank under torchrun (on one GPU a single rank makes no NCCL process group), two ranks
+#      under torchrun sharing the GPU with gloo (collectives on CUDA tensors), and runs with
+#      train.resident_clients=2 (parking, prefetch on a copy stream), sequential and packed
 #   5. `cafedist bench packed` and `bench aggregate` on the GPU (--quick)
 # Every run starts afresh (a rerun into the same OUT retrains). Knobs: OUT (default
 # runs/cuda_check), PYTHON (default python3), ROUNDS (default 5), BENCH=0 skips step 5,
@@ -109,6 +111,18 @@ rm -rf "${OUT:?}/torchrun"
 step torchrun-1rank 180 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -m cafedist train \
     --out "$OUT/torchrun" "${RUN_ARGS[@]}" train.packed=off
 note "  torchrun run equals the plain run (model hashes): $(same "$OUT/fp32-seq" "$OUT/torchrun")"
+
+# two ranks on the one GPU: NCCL refuses a shared GPU, gloo moves CUDA tensors through the host
+# (the gather/scatter/object collectives on CUDA tensors, and rank 0's aggregation of them)
+rm -rf "${OUT:?}/torchrun2"
+step torchrun-2rank-gloo 180 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 -m cafedist train \
+    --backend gloo --out "$OUT/torchrun2" "${RUN_ARGS[@]}" train.packed=off
+note "  2 ranks equal 1 rank (model hashes): $(same "$OUT/fp32-seq" "$OUT/torchrun2")"
+
+# at most 2 clients resident on the GPU (pinned parking, the copy stream, prefetch thread), also packed
+train fp32-bounded train.packed=off train.resident_clients=2
+note "  resident_clients=2 equals all resident (model hashes): $(same "$OUT/fp32-seq" "$OUT/fp32-bounded")"
+train fp32-packed-bounded train.packed=on train.resident_clients=2
 
 if [[ "$BENCH" != 0 ]]; then
     for b in packed aggregate; do

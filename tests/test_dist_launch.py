@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cafedist.distributed import LaunchInfo, detect_launch, expand_nodelist, init_runtime
+from cafedist.distributed.runtime import shares_gpu
 from cafedist.errors import DistError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,15 @@ def test_cuda_requested_without_cuda() -> None:
         init_runtime(device="cuda:0", env={})
 
 
+@pytest.mark.parametrize("requested,local_rank,gpus,shared", [
+    ("auto", 0, 1, False), ("auto", 1, 1, True), ("auto", 3, 4, False), ("auto", 4, 4, True),
+    ("cuda", 1, 2, False), ("cuda:0", 0, 8, False), ("cuda:1", 1, 8, True),
+])
+def test_nccl_refuses_ranks_that_would_share_a_gpu(requested, local_rank, gpus, shared) -> None:
+    """NCCL fails at the first collective when two ranks of a node use one GPU: found first."""
+    assert shares_gpu(requested, local_rank, gpus) is shared
+
+
 @pytest.mark.skipif(torch.distributed.is_mpi_available(), reason="torch built with MPI")
 def test_mpi_backend_unavailable_is_explained() -> None:
     with pytest.raises(DistError, match="backend 'mpi' is not available"):
@@ -235,11 +245,54 @@ def test_cuda_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     proc = _cuda_check(out, "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.txt").read_text()
-    for name in ("train-bf16-packed", "eval-budget", "train-fp32-packed", "train-fp32-seq", "torchrun-1rank"):
+    for name in ("train-bf16-packed", "eval-budget", "train-fp32-packed", "train-fp32-seq", "torchrun-1rank",
+                 "torchrun-2rank-gloo", "train-fp32-bounded", "train-fp32-packed-bounded"):
         assert f"{name}: rc=0" in summary, summary
     assert "repeated sequential runs bit-identical (model hashes): yes" in summary
     assert "torchrun run equals the plain run (model hashes): yes" in summary
+    assert "2 ranks equal 1 rank (model hashes): yes" in summary
+    assert "resident_clients=2 equals all resident (model hashes): yes" in summary
     assert "share_within_budget" in summary and "every step succeeded" in summary
     failing = _cuda_check(tmp_path / "bad", "bogus")  # every training step refuses the device
     assert failing.returncode == 1, failing.stdout + failing.stderr
     assert "train-fp32-seq: rc=2" in failing.stdout and "n/a (a run did not finish)" in failing.stdout
+
+
+def test_init_runtime_refuses_two_nccl_ranks_on_one_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    with pytest.raises(DistError, match=r"local rank 1 would use cuda:0, a GPU another rank of this node uses too"):
+        init_runtime(env=env)
+
+
+def test_round_timers_wait_for_the_gpu(monkeypatch) -> None:
+    """Queued CUDA/NCCL work is finished before a timer reads the clock (else t_comm is ~0 on GPUs)."""
+    from cafedist.train import timing
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    timing.now(torch.device("cpu"))
+    assert synced == []
+    timing.now(torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)]
+
+
+def test_a_gpu_rank_asks_for_deterministic_kernels(monkeypatch) -> None:
+    """Bit-identical reruns on a GPU need cuDNN's deterministic kernels and cuBLAS's fixed workspace."""
+    from cafedist.distributed import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "restored-afterwards")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode, warn_only=False: calls.append((mode, warn_only)))
+    rt = runtime.init_runtime(env={})
+    assert rt.device == torch.device("cuda", 0)
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and calls == [(True, True)]

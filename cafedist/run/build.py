@@ -148,7 +148,10 @@ def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
         base = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="cafedist-clients-"))
         state_dir = base / STATE_DIR / f"rank{rt.rank:05d}"
     pool = ClientPool(placement[rt.rank], lambda cid, data: _make_client(cfg, algo, build, data, rt.device, cid),
-                      lambda cid: store.load_client(cid, device="cpu" if cfg.train.resident_clients else rt.device),
+                      # normalised on the CPU, then moved, in every configuration: CUDA computes x / 255
+                      # as x * (1/255), so normalising on the GPU only when all clients stay resident
+                      # would make a resident_clients bound change the bits
+                      lambda cid: store.load_client(cid, device="cpu"),
                       rt.device, bound=cfg.train.resident_clients, where=cfg.train.client_state, state_dir=state_dir)
     shared = SharedParams.of(algo, probe)
     pool.on_load = shared.catch_up  # a materialized client gets the averages it missed while parked

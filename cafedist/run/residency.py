@@ -99,8 +99,11 @@ class ClientPool:
         # bounded on a GPU: the prefetch thread copies the next client's data on this stream
         self._copy_stream = torch.cuda.Stream(device) if self._pin and self.bound is not None else None
         self._prefetch: dict[int, futures.Future] = {}
-        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafedist-prefetch") \
-            if self.bound is not None else None
+        # the thread's current device is this rank's GPU: else CUDA calls made on it would
+        # select (and create a context on) GPU 0 in every rank
+        on_gpu = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafedist-prefetch",
+                                                initializer=on_gpu) if self.bound is not None else None
         self.state_dir = None
         if self.bound is not None and where == "disk":
             if state_dir is None:

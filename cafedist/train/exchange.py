@@ -8,7 +8,6 @@ receives only its own clients' payload rows, which active clients take.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from cafedist.distributed.client_rows import ClientRows, stack_rows
 from cafedist.run.build import Run
 from cafedist.train.local import proxy_logits
 from cafedist.train.schedule import proxy_subset
+from cafedist.train.timing import now
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -86,22 +86,22 @@ class Exchange:
             for key in algo.upload_spec():
                 rows[key].append(upload[key])
         local = {key: stack_rows(rows[key], tuple(shape), dtype, device) for key, (shape, dtype) in spec.items()}
-        t = time.perf_counter()
+        t = now(device)
         gathered = {key: rows_of.gather(rows, transport_dtype=self.wire if key == "logits" and
                                         self.wire != torch.float32 else None)
                     for key, rows in local.items()}
-        timers["t_comm"] += time.perf_counter() - t
+        timers["t_comm"] += now(device) - t
         payload, report = None, {}
         if self.run.rt.is_main:
-            t = time.perf_counter()
+            t = now(device)
             if algo.cohort_exchange:
                 payload, report = algo.aggregate_cohort(rnd, gathered, torch.nonzero(active.cpu()).flatten())
             else:
                 payload, report = algo.aggregate(rnd, gathered, active.to(device))
-            timers["t_aggregate"] = time.perf_counter() - t
-        t = time.perf_counter()
+            timers["t_aggregate"] = now(device) - t
+        t = now(device)
         mine = rows_of.scatter(payload, algo.payload_spec())
-        timers["t_comm"] += time.perf_counter() - t
+        timers["t_comm"] += now(device) - t
         position = {cid: j for j, cid in enumerate(ids)}
         for c in pool.each([cid for cid in pool.ids if active[cid]], modify=True):
             j = position[c.cid]

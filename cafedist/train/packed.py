@@ -174,12 +174,14 @@ def _stack_states(states: list[dict[str, Tensor]], device: torch.device) -> tupl
     """Algorithm states of a group: identical entries shared (in_dims None), others stacked (0)."""
     state, dims = {}, {}
     for key in states[0]:
-        vals = [s[key] for s in states]
+        # on one device first: a client re-loaded from parked state holds its state on the
+        # device, one that stayed resident may hold CPU tensors an algorithm created
+        vals = [s[key].to(device) for s in states]
         first = vals[0]
         if all(v.shape == first.shape and v.dtype == first.dtype and torch.equal(v, first) for v in vals[1:]):
             state[key], dims[key] = first, None
         else:
-            state[key], dims[key] = torch.stack([v.to(device) for v in vals]), 0
+            state[key], dims[key] = torch.stack(vals), 0
     return state, dims
 
 

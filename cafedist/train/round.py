@@ -14,7 +14,6 @@ on 1, 2 or 4 ranks, and the same after a kill and resume.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from torch import Tensor
@@ -32,6 +31,7 @@ from cafedist.train.local import local_update
 from cafedist.train.packed import packed_local_update, use_packing
 from cafedist.train.records import FinalEvaluation, round_metrics
 from cafedist.train.schedule import participating
+from cafedist.train.timing import now
 
 
 class Trainer:
@@ -62,13 +62,13 @@ class Trainer:
         cfg = self.cfg
         self.comm.context = f"round {rnd}"
         timers = {"t_local": 0.0, "t_comm": 0.0, "t_aggregate": 0.0, "t_eval": 0.0}
-        t_start = time.perf_counter()
+        t_start = now(self.run.device)
         active = participating(cfg.seed, rnd, self.run.n, cfg.train.clients_per_round)
 
         maybe_fault("local", rnd, self.run.rt.rank)
-        t = time.perf_counter()
+        t = now(self.run.device)
         losses, n_students = self.local_updates(rnd, active)
-        timers["t_local"] = time.perf_counter() - t
+        timers["t_local"] = now(self.run.device) - t
         diag = self.diagnostics.after_local(self, rnd, active) if self.diagnostics else {}
 
         report, (up, down) = {}, (0, 0)
@@ -76,9 +76,9 @@ class Trainer:
             report = self.exchange(rnd, active, timers)
             up, down = self.exchange.bytes_per_client()
         if self.shared.keys:
-            t = time.perf_counter()
+            t = now(self.run.device)
             self.shared.average(self.pool, active, rnd, self.comm.all_reduce_sum_, self.run.device)
-            timers["t_comm"] += time.perf_counter() - t
+            timers["t_comm"] += now(self.run.device) - t
             up, down = (a + b for a, b in zip((up, down), self.shared.bytes_per_client(active)))
 
         post_ids = self.pool.ids if self.has_post_phases else []
@@ -88,7 +88,7 @@ class Trainer:
                 self.pool.mark_changed(c.cid)
                 local_update(c, self.algo, cfg.train, rnd, cfg.seed, phases=post)
 
-        t = time.perf_counter()
+        t = now(self.run.device)
         every = cfg.train.eval_every
         last = rnd == cfg.train.rounds - 1
         evaluate = rnd % every == every - 1 and not last  # the last round: the final evaluation below
@@ -98,14 +98,14 @@ class Trainer:
         if last:  # one pass over the final models serves this record and the run's summary
             self.final_evaluation = FinalEvaluation.of(self.run, self.rows)
             record.update(self.final_evaluation.record_fields())
-        timers["t_eval"] = time.perf_counter() - t
+        timers["t_eval"] = now(self.run.device) - t
         wire_bytes = self.rows.wire_bytes()
         record.update({"n_students": self.rows.sum_int(n_students), "bytes_up": up, "bytes_down": down,
                        "wire_bytes": wire_bytes, "clients_trained": int(active.sum())})
         record.update(report)
         record.update(diag)
         record.update({k: round(v, 6) for k, v in timers.items()})
-        record["seconds"] = round(time.perf_counter() - t_start, 6)
+        record["seconds"] = round(now(self.run.device) - t_start, 6)
         return record
 
     def local_updates(self, rnd: int, active: Tensor) -> tuple[list[float], int]:

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from cafedist.distributed import LaunchInfo, detect_launch, expand_nodelist, init_runtime
-from cafedist.distributed.runtime import shares_gpu
 from cafedist.errors import DistError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,15 +158,6 @@ def test_cuda_requested_without_cuda() -> None:
         init_runtime(device="cuda:0", env={})
 
 
-@pytest.mark.parametrize("requested,local_rank,gpus,shared", [
-    ("auto", 0, 1, False), ("auto", 1, 1, True), ("auto", 3, 4, False), ("auto", 4, 4, True),
-    ("cuda", 1, 2, False), ("cuda:0", 0, 8, False), ("cuda:1", 1, 8, True),
-])
-def test_nccl_refuses_ranks_that_would_share_a_gpu(requested, local_rank, gpus, shared) -> None:
-    """NCCL fails at the first collective when two ranks of a node use one GPU: found first."""
-    assert shares_gpu(requested, local_rank, gpus) is shared
-
-
 @pytest.mark.skipif(torch.distributed.is_mpi_available(), reason="torch built with MPI")
 def test_mpi_backend_unavailable_is_explained() -> None:
     with pytest.raises(DistError, match="backend 'mpi' is not available"):
@@ -256,14 +246,6 @@ def test_cuda_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     failing = _cuda_check(tmp_path / "bad", "bogus")  # every training step refuses the device
     assert failing.returncode == 1, failing.stdout + failing.stderr
     assert "train-fp32-seq: rc=2" in failing.stdout and "n/a (a run did not finish)" in failing.stdout
-
-
-def test_init_runtime_refuses_two_nccl_ranks_on_one_gpu(monkeypatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    with pytest.raises(DistError, match=r"local rank 1 would use cuda:0, a GPU another rank of this node uses too"):
-        init_runtime(env=env)
 
 
 def test_round_timers_wait_for_the_gpu(monkeypatch) -> None:

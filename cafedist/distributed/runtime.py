@@ -287,16 +287,6 @@ def deterministic_cuda() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def shares_gpu(requested: str, local_rank: int, gpu_count: int) -> bool:
-    """Whether the GPU that ``--device requested`` gives local rank ``local_rank`` is also a
-    lower local rank's on the same node (every rank is started with the same flag): always
-    for an explicit ``cuda:N`` beyond local rank 0; for ``auto``/``cuda`` (local rank modulo the
-    count) once local ranks outnumber the GPUs."""
-    if requested.startswith("cuda:"):
-        return local_rank > 0
-    return local_rank >= gpu_count
-
-
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """``"auto"`` -> nccl on cuda, gloo on cpu; reject impossible combinations."""
     if backend not in BACKENDS:
@@ -397,10 +387,6 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
     info = detect_launch(env)
     dev = _resolve_device(device, info.local_rank)
     chosen = _resolve_backend(backend, dev)  # validated even when unused (world size 1)
-    if chosen == "nccl" and info.world_size > 1 and shares_gpu(device, info.local_rank, torch.cuda.device_count()):
-        raise DistError(f"backend nccl: local rank {info.local_rank} would use {dev}, a GPU another rank of this "
-                        f"node uses too, which NCCL refuses; start at most one rank per GPU "
-                        f"({torch.cuda.device_count()} here) with --device auto, or use --backend gloo")
     if dev.type == "cuda":
         deterministic_cuda()
         torch.cuda.set_device(dev)

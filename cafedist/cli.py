@@ -126,6 +126,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-partial", action="store_true",
                    help="evaluate even when the newest valid checkpoint is not the run's final round "
                         "(unfinished run, or a corrupt final checkpoint); a warning still says so")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run: cpu (default) or cuda|cuda:N|auto; on a GPU the numbers of "
+                        "a GPU-trained run match what train computed there")
     from cafedist.eval.budget_run import add_budget_arguments  # issue 12: --budget and its knobs
 
     add_budget_arguments(p)
@@ -135,7 +138,7 @@ def _eval(args: argparse.Namespace) -> int:
     from cafedist.eval.budget_run import BudgetOptions, format_budget
     from cafedist.eval.run import evaluate_run
 
-    report = evaluate_run(args.run_dir, max_loss=args.max_loss, allow_partial=args.allow_partial,
+    report = evaluate_run(args.run_dir, max_loss=args.max_loss, device=args.device, allow_partial=args.allow_partial,
                           budget=BudgetOptions.from_args(args))
     red = report["mac_reduction"]
     acc = ", ".join(f"{a:.4f}" for a in report["acc_per_exit"])

@@ -94,7 +94,7 @@ sed 's/^/  /' "$OUT/versions.log" | tee -a "$SUMMARY"
 
 train bf16-packed train.amp=bf16 train.packed=on
 note "  bf16 packed acc_per_exit: $(field "$OUT/bf16-packed" acc_per_exit)"
-step eval-budget 120 "$PYTHON" -m cafedist eval "$OUT/bf16-packed" --budget macs=0.5
+step eval-budget 120 "$PYTHON" -m cafedist eval "$OUT/bf16-packed" --budget macs=0.5 --device "$DEVICE"
 grep -E "within budget|personalized|global" "$OUT/eval-budget.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 
 train fp32-packed train.packed=on

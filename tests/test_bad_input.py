@@ -196,6 +196,7 @@ CASES = [
     Case("item7-eval-max-loss-negative", lambda c: ["eval", str(c.run), "--max-loss", "-1"], "--max-loss"),
     Case("eval-max-loss-above-one", lambda c: ["eval", str(c.run), "--max-loss", "2"], "--max-loss"),
     Case("eval-max-loss-not-a-number", lambda c: ["eval", str(c.run), "--max-loss", "abc"], "--max-loss"),
+    Case("eval-device-unknown", lambda c: ["eval", str(c.run), "--device", "tpu"], "device 'tpu' is not"),
     Case("eval-unknown-flag", lambda c: ["eval", str(c.run), "--partial"], "unrecognized arguments"),
     Case("eval-without-run-dir", lambda c: ["eval"], "run_dir"),
     Case("command-unknown", lambda c: ["trian"], "invalid choice"),

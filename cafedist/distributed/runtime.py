@@ -251,7 +251,7 @@ def expand_nodelist(text: str, var: str = "SLURM_NODELIST") -> list[str]:
 # ---------------------------------------------------------------- device and backend
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> cuda:{local_rank % n} if CUDA is available, else cpu; validate overrides."""
     if device == "auto":
         if torch.cuda.is_available():
@@ -385,7 +385,7 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
     if timeout_s <= 0:
         raise DistError(f"timeout_s={timeout_s} must be > 0 seconds")
     info = detect_launch(env)
-    dev = _resolve_device(device, info.local_rank)
+    dev = resolve_device(device, info.local_rank)
     chosen = _resolve_backend(backend, dev)  # validated even when unused (world size 1)
     if dev.type == "cuda":
         deterministic_cuda()

@@ -28,7 +28,7 @@ import torch
 from cafedist.config import config_from_dict, config_hash, read_yaml, run_identity
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
-from cafedist.distributed.runtime import Runtime
+from cafedist.distributed.runtime import Runtime, deterministic_cuda, resolve_device
 from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.eval.budget_run import (
     BUDGET_OUTPUTS,
@@ -84,7 +84,11 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         cfg = config_from_dict(read_yaml(cfg_file))
     except CafeError as exc:
         raise CheckpointError(f"{cfg_file}: not a usable run config ({exc})") from None
-    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device(device), backend=None, launcher="single")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        deterministic_cuda()
+        torch.cuda.set_device(dev)
+    rt = Runtime(rank=0, world_size=1, local_rank=0, device=dev, backend=None, launcher="single")
     run = build_run(cfg, rt, prepare_store=False)
     try:
         if check is not None:

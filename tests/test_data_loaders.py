@@ -362,3 +362,22 @@ def test_agnews_class_must_be_one_of_1_to_4_in_ascii(tmp_path):
     _write_agnews(tmp_path / "x", [["1", "a", "b"], ["\u00b2", "t", "d"]], [["1", "a", "b"]])  # "²".isdigit()
     with pytest.raises(DataError, match=r"train.csv record 2 is malformed: \['²'\]"):
         load_dataset("agnews", str(tmp_path / "x"))
+
+
+def test_a_folder_that_may_not_be_entered_is_one_data_error(tmp_path, monkeypatch):
+    """Python raises PermissionError from exists()/is_dir() below a folder without execute permission."""
+    folder, _ = _write_cifar10(tmp_path)
+    real_exists, real_is_dir = Path.exists, Path.is_dir
+
+    def denied(real):
+        def check(self, *args, **kwargs):
+            if folder in self.parents:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        return check
+
+    monkeypatch.setattr(Path, "exists", denied(real_exists))
+    monkeypatch.setattr(Path, "is_dir", denied(real_is_dir))
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder)
+    with pytest.raises(DataError, match=r"cifar10: cannot read the directory .*cifar-10-batches-py"):
+        load_dataset("cifar10", str(folder))

@@ -115,8 +115,11 @@ def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layou
                         f"or its parent; expected {layout})")
     base = Path(root).expanduser()
     for cand in (base, base / folder):
-        if (cand / marker).exists():
-            return cand
+        try:
+            if (cand / marker).exists():
+                return cand
+        except PermissionError:  # a folder on the way may not be entered: said below
+            pass
     for cand in (base, base / folder):  # found nowhere: perhaps because a folder may not be read
         readable_dir(cand, dataset, layout)
     if not base.exists():
@@ -128,7 +131,11 @@ def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layou
 def readable_dir(path: Path, dataset: str, layout: str) -> None:
     """Refuse a directory this process may not list or enter: otherwise its files would look
     missing, and the message would name the wrong cause. Paths that are no directory pass."""
-    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+    try:
+        is_dir = path.is_dir()
+    except PermissionError:  # a folder above it may not be entered
+        raise DataError(f"{dataset}: cannot reach {path} (permission denied on the way; expected {layout})") from None
+    if is_dir and not os.access(path, os.R_OK | os.X_OK):
         raise DataError(f"{dataset}: cannot read the directory {path} (permission denied; expected {layout})")
 
 

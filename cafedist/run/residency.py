@@ -101,7 +101,9 @@ class ClientPool:
         self._prefetch: dict[int, futures.Future] = {}
         # the thread's current device is this rank's GPU: else CUDA calls made on it would
         # select (and create a context on) GPU 0 in every rank
-        on_gpu = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        gpu = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        on_gpu = (lambda: torch.cuda.set_device(gpu)) if gpu is not None else None
         self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafedist-prefetch",
                                                 initializer=on_gpu) if self.bound is not None else None
         self.state_dir = None

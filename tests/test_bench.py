@@ -289,7 +289,7 @@ def test_bench_device_resolution_and_errors(capsys):
     assert cli_main(["bench", "comm", "--device", "cpu"]) == 2
     assert "--device" in capsys.readouterr().err
     assert cli_main(["bench", "local", "--device", "tpu"]) == 2
-    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert "expected 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli_main(["bench", "packed", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err

@@ -22,22 +22,19 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first GPU when CUDA is available, else the CPU; ``cpu``/``cuda[:N]`` as given."""
-    from cafedist.errors import ConfigError
+    """``--device`` of a benchmark, resolved as training resolves ``dist.device`` (``auto``: the
+    first GPU when CUDA is available, else the CPU); on a GPU with training's deterministic
+    kernel settings, so the timings are of the kernels a run uses."""
+    from cafedist.distributed.runtime import deterministic_cuda
+    from cafedist.distributed.runtime import resolve_device as resolve_run_device
+    from cafedist.errors import ConfigError, DistError
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                          f"indices 0..{torch.cuda.device_count() - 1}")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+        device = resolve_run_device(name)
+    except DistError as exc:
+        raise ConfigError(f"--device: {exc}") from None
+    if device.type == "cuda":
+        deterministic_cuda()
     return device
 
 

@@ -12,7 +12,7 @@
 #      a per-client budget (digits ships with scikit-learn, so no download is needed)
 #   3. fp32 runs packed and sequential, the sequential one twice: are repeated CUDA runs
 #      bit-identical (model hashes), and do packed and sequential runs agree?
-#   4. one rank under torchrun (on one GPU a single rank makes no NCCL process group), two ranks
+#   4. one rank under torchrun with a process group (NCCL) all the same, two ranks
 #      under torchrun sharing the GPU with gloo (collectives on CUDA tensors), and runs with
 #      train.resident_clients=2 (parking, prefetch on a copy stream), sequential and packed
 #   5. `cafedist bench packed` and `bench aggregate` on the GPU (--quick)
@@ -108,7 +108,10 @@ note "  packed equals sequential bit for bit (model hashes; not expected, PERFOR
      "$(same "$OUT/fp32-packed" "$OUT/fp32-seq")"
 
 rm -rf "${OUT:?}/torchrun"
-step torchrun-1rank 180 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -m cafedist train \
+# CAFEDIST_PROCESS_GROUP=always: the one rank gets a process group (NCCL on the GPU) and every
+# collective of training runs through it, as with several ranks
+step torchrun-1rank 180 env CAFEDIST_PROCESS_GROUP=always \
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -m cafedist train \
     --out "$OUT/torchrun" "${RUN_ARGS[@]}" train.packed=off
 note "  torchrun run equals the plain run (model hashes): $(same "$OUT/fp32-seq" "$OUT/torchrun")"
 

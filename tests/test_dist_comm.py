@@ -219,6 +219,36 @@ def test_single_process_shortcuts(single: Comm) -> None:
     assert counters["all_gather_rows_sent"] == 0 and "scatter_rows_received" in counters
 
 
+def test_one_rank_with_a_process_group_really_communicates(monkeypatch) -> None:
+    """CAFEDIST_PROCESS_GROUP=always (a launcher's single rank): the collectives run through the
+    process group instead of the world-size-1 shortcuts, with the same results."""
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "CAFEDIST_PROCESS_GROUP": "always"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rt = init_runtime(device="cpu", env=env)
+    try:
+        assert rt.backend == "gloo" and rt.world_size == 1
+        called = []
+        for name in ("gather", "all_gather", "scatter", "all_reduce", "broadcast"):
+            real = getattr(dist, name)
+            monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: (called.append(_name),
+                                                                                     _real(*a, **k))[1])
+        comm, rows = Comm(rt), rows_of(0, 3)
+        assert torch.equal(comm.gather_rows_to_main(rows, [3]), rows)
+        assert torch.equal(comm.all_gather_rows(rows, [3]), rows)
+        assert torch.equal(comm.scatter_rows(rows, [3]), rows)
+        assert torch.equal(comm.all_reduce_sum_(torch.ones(4)), torch.ones(4))
+        assert comm.broadcast_object({"a": 1}) == {"a": 1}
+        assert {"gather", "all_gather", "scatter", "all_reduce"} <= set(called)
+    finally:
+        shutdown_runtime(rt)
+    with pytest.raises(DistError, match="CAFEDIST_PROCESS_GROUP='sometimes': expected auto or always"):
+        init_runtime(env={"CAFEDIST_PROCESS_GROUP": "sometimes"})
+
+
 def test_single_process_validation(single: Comm) -> None:
     single.context = "round 2"
     with pytest.raises(DistError, match=r"all_gather_rows in round 2 on rank 0: counts=\[1, 1\]"):

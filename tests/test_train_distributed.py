@@ -51,6 +51,24 @@ def test_torchrun_world_sizes_match_single_process(reference, tmp_path, world):
     assert sorted(metrics(out)[0]["clients_per_rank"]) in ([2, 3], [1, 1, 1, 2])
 
 
+def test_one_rank_with_a_process_group_runs_every_collective_and_matches(reference, tmp_path):
+    """CAFEDIST_PROCESS_GROUP=always: one rank that really gathers, scatters and reduces (how a
+    single GPU exercises NCCL in launch/cuda_check.sh) gives the single-process run's models."""
+    cfg, ref = reference
+    out = tmp_path / "pg1"
+    proc = subprocess.run(torchrun(1) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                                         "--no-progress"],
+                          cwd=ROOT, env=env_for_tests(CAFEDIST_PROCESS_GROUP="always"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend=gloo" in proc.stderr  # a process group was made (none for one rank otherwise)
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    assert [r["acc_per_exit"] for r in metrics(out)] == [r["acc_per_exit"] for r in metrics(ref)]
+    plain = cafedist("train", "--config", str(cfg), "--out", str(tmp_path / "plain"), "--no-progress",
+                     env=env_for_tests(CAFEDIST_PROCESS_GROUP="always"))
+    assert plain.returncode == 2 and "needs a launcher" in plain.stderr
+
+
 @pytest.mark.parametrize("rendezvous", ["static", "c10d"])
 def test_two_torchrun_nodes_match_single_process(reference, tmp_path, rendezvous):
     """Multi-node rendezvous on one machine: two torchrun agents (2 ranks each, so LOCAL_RANK

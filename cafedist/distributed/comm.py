@@ -44,7 +44,8 @@ class Comm:
 
     @property
     def _distributed(self) -> bool:
-        return self.rt.world_size > 1
+        # a process group exists: several ranks, or one under CAFEDIST_PROCESS_GROUP=always
+        return self.rt.backend is not None
 
     def _count(self, op: str, sent: int, received: int) -> None:
         self._bytes[f"{op}_sent"] += int(sent)

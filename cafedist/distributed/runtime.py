@@ -275,6 +275,22 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+#: ``always``: make a process group also for a single rank (a launcher's world size 1), so every
+#: collective really runs — how one GPU exercises NCCL (``launch/cuda_check.sh``); default ``auto``
+PROCESS_GROUP_ENV = "CAFEDIST_PROCESS_GROUP"
+
+
+def _wants_group(info: LaunchInfo, env: Mapping[str, str]) -> bool:
+    """A process group for several ranks, or for one when ``CAFEDIST_PROCESS_GROUP=always``."""
+    value = env.get(PROCESS_GROUP_ENV, "auto")
+    if value not in ("auto", "always"):
+        raise DistError(f"{PROCESS_GROUP_ENV}={value!r}: expected auto or always")
+    if value == "always" and info.world_size == 1 and info.launcher == "single":
+        raise DistError(f"{PROCESS_GROUP_ENV}=always needs a launcher for its rendezvous "
+                        f"(e.g. torchrun --standalone --nproc_per_node 1)")
+    return info.world_size > 1 or value == "always"
+
+
 def deterministic_cuda() -> None:
     """A run on a GPU is a function of its config, as on the CPU: cuDNN uses deterministic
     kernels and does not pick them by timing (``benchmark``), cuBLAS gets the fixed workspace
@@ -377,7 +393,8 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
 
     ``device``: "auto" (cuda:{local_rank % count} if CUDA is available, else cpu), "cpu",
     "cuda" or "cuda:N". ``backend``: "auto" (nccl on cuda, gloo on cpu), "gloo", "nccl",
-    "mpi". With world size 1 no process group is created and ``backend`` is None.
+    "mpi". With world size 1 no process group is created and ``backend`` is None (unless
+    ``CAFEDIST_PROCESS_GROUP=always``: then the collectives run even for one rank).
     Slurm and MPI launches get MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK written
     to ``os.environ`` before ``init_process_group(env://)``. ``timeout_s`` bounds the
     rendezvous and every later collective, so a dead peer ends the job instead of hanging it.
@@ -391,7 +408,7 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
         deterministic_cuda()
         torch.cuda.set_device(dev)
     pg_backend: str | None = None
-    if info.world_size > 1:
+    if _wants_group(info, env):
         if info.launcher == "mpi" and chosen != "mpi":
             info = _mpi_rendezvous(info, env)
         if chosen != "mpi":

@@ -33,6 +33,7 @@ import yaml
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, write_text_atomic
 from cafedist.paths import check_dir_creatable
+from cafedist.typed import is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
 _REQUIRED = ("round", "seconds", "world_size", "clients_per_rank", *TIMERS)
@@ -64,18 +65,14 @@ _NUMBERS = ("round", "seconds", "world_size", *TIMERS)
 _OPTIONAL_NUMBERS = ("bytes_up", "bytes_down", "clients_trained", "wire_bytes")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_types(rec: dict[str, Any], where: str) -> None:
     """The fields the report computes with must hold what train writes (a damaged or
     hand-edited file otherwise fails deep inside the arithmetic)."""
     for key in (*_NUMBERS, *(k for k in _OPTIONAL_NUMBERS if k in rec)):
-        if not _is_number(rec[key]):
+        if not is_number(rec[key]):
             raise DataError(f"{where}: field {key!r} is {rec[key]!r}, expected a number")
     cpr = rec["clients_per_rank"]
-    if not (isinstance(cpr, list) and cpr and all(isinstance(c, int) and not isinstance(c, bool) for c in cpr)):
+    if not (isinstance(cpr, list) and cpr and all(is_integer(c) for c in cpr)):
         raise DataError(f"{where}: field 'clients_per_rank' is {cpr!r}, expected a list of integers (one per rank)")
 
 

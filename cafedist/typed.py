@@ -29,22 +29,29 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _is_number(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A number that is neither nan nor infinite."""
     # nan/inf (YAML .nan/.inf) are never meaningful settings: lr=.inf "trains" to chance
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 # annotation -> (accepts the YAML value?, conversion, what the error says was expected)
 _SCALARS: dict[Any, tuple[Any, Any, str]] = {
     bool: (lambda v: isinstance(v, bool), bool, "true or false"),
     # 64 bits: what torch tensors, generators and HDF5 attributes hold
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63, int,
+    int: (lambda v: is_integer(v) and -2**63 <= v < 2**63, int,
           "an integer (64-bit)"),
-    float: (_is_finite_number, float, "a finite number"),
+    float: (is_finite_number, float, "a finite number"),
     str: (lambda v: isinstance(v, str), str, "a string"),
     dict: (lambda v: isinstance(v, dict), dict, "a mapping"),
     list: (lambda v: isinstance(v, (list, tuple)), list, "a list"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +43,14 @@ from cafedist.fsutil import replaced_together, write_json_atomic
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
+from cafedist.typed import is_finite_number
 
 log = logging.getLogger("cafedist")
 
 
 def check_max_loss(max_loss: Any) -> float:
     """``--max-loss`` is an accuracy loss: a finite number in [0, 1]."""
-    ok = isinstance(max_loss, (int, float)) and not isinstance(max_loss, bool) and math.isfinite(max_loss)
-    if not ok or not 0 <= max_loss <= 1:
+    if not is_finite_number(max_loss) or not 0 <= max_loss <= 1:
         raise ConfigError(f"--max-loss: expected an accuracy loss in [0, 1] (0.01 = 1 point), got {max_loss!r}")
     return float(max_loss)
 

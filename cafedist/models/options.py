@@ -8,12 +8,12 @@ the family's module. Every mistake becomes a one-line :class:`ConfigError` namin
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from typing import Any, Mapping, TypeVar
 
 from ..errors import ConfigError
+from ..typed import is_finite_number, is_integer
 
 T = TypeVar("T")
 
@@ -54,9 +54,9 @@ def _matches(tp: Any, value: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_integer(value)
     if tp is float:  # nan/inf are never meaningful option values
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_finite_number(value)
     return isinstance(value, tp)
 
 

@@ -6,7 +6,8 @@ command then finishes as if nothing happened) — and SIGTERM, the signal of ``k
 ``timeout`` and Slurm, ends the process at once, leaving a half-written temporary file
 behind. Inside :func:`deferred_interrupts` both are recorded instead and raised as
 :class:`Interrupted` at the next ``check()`` and at the end of the block, where the code
-around can remove what it was writing.
+around can remove what it was writing. :func:`noticed_interrupts` catches a Ctrl-C that Python
+lost, and :func:`children_take_ctrl_c` gives child processes a working SIGINT.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def _in_main_thread() -> bool:
+    # signal handlers can be set (and run) only in the main thread
+    return threading.current_thread() is threading.main_thread()
 
 
 _noticed: list[int] = []  # SIGINTs received under noticed_interrupts()
@@ -49,8 +55,7 @@ def noticed_interrupts() -> Iterator[Callable[[], bool]]:
     a callback and printed as "Exception ignored") can still end as interrupted. Main thread
     only, and only where SIGINT has its default handling."""
     _noticed.clear()
-    install = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    install = _in_main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if install:
         signal.signal(signal.SIGINT, _raise_interrupt)
     try:
@@ -72,7 +77,7 @@ def deferred_interrupts() -> Iterator[Callable[[], None]]:
         if pending:
             raise Interrupted(pending[0])
 
-    if threading.current_thread() is not threading.main_thread():
+    if not _in_main_thread():
         yield check
         return
     previous = {sig: signal.getsignal(sig) for sig in FATAL_SIGNALS}
@@ -88,4 +93,19 @@ def deferred_interrupts() -> Iterator[Callable[[], None]]:
     check()
 
 
-__all__ = ["FATAL_SIGNALS", "Interrupted", "deferred_interrupts", "noticed_interrupts"]
+@contextlib.contextmanager
+def children_take_ctrl_c() -> Iterator[None]:
+    """Processes started inside the block get SIGINT at its default. A command started in the
+    background of a script has SIGINT ignored, and its children inherit that: submitit's local
+    executor would then ignore the SIGINT by which it cancels a job and leave it training."""
+    ignored = _in_main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # reset to SIG_DFL in an exec'd child
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+__all__ = ["FATAL_SIGNALS", "Interrupted", "children_take_ctrl_c", "deferred_interrupts", "noticed_interrupts"]

@@ -12,13 +12,11 @@ import contextlib
 import math
 import os
 import re
-import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from cafedist.errors import CafeError, ConfigError
 
@@ -202,22 +200,6 @@ def _finished(job: Any) -> bool:
         return bool(job.done())
     tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
     return all(t.paths.result_pickle.exists() for t in tasks)
-
-
-@contextlib.contextmanager
-def children_take_ctrl_c() -> Iterator[None]:
-    """Processes started inside the block get SIGINT at its default. A command started in the
-    background of a script has SIGINT ignored, and its children inherit that: submitit's local
-    executor would then ignore the SIGINT by which it cancels a job and leave it training."""
-    ignored = (threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
-    if ignored:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # reset to SIG_DFL in an exec'd child
-    try:
-        yield
-    finally:
-        if ignored:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cancel_local_jobs(jobs: Sequence[Any], timeout_s: float = 60.0, poll_s: float = 0.2) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cafedist import jobs, submit
+from cafedist import interrupts, jobs, submit
 from cafedist.cli import main as cli_main
 from cafedist.errors import ConfigError
 from cafedist.rundir import RunLock
@@ -386,7 +386,7 @@ def test_local_jobs_started_from_a_background_compare_can_be_cancelled():
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         assert not _child_takes_ctrl_c()
-        with jobs.children_take_ctrl_c():
+        with interrupts.children_take_ctrl_c():
             assert _child_takes_ctrl_c()
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:

@@ -117,7 +117,8 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
     ``jobs`` (default 1) jobs, since the local executor starts everything it is given at once.
     """
     from cafedist import submit
-    from cafedist.jobs import cancel_local_jobs, children_take_ctrl_c, wait_for
+    from cafedist.interrupts import children_take_ctrl_c
+    from cafedist.jobs import cancel_local_jobs, wait_for
 
     options = replace(options, job_name=options.job_name or "cafedist-compare",
                       array_parallelism=None if options.local else jobs)

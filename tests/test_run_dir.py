@@ -164,6 +164,38 @@ def test_a_run_without_config_yaml_is_its_own_under_another_algorithms_section(f
     assert [r["round"] for r in metrics(run_copy)] == [0, 1]
 
 
+def test_a_run_without_config_yaml_hashes_its_newest_checkpoint_once(finished, run_copy, monkeypatch):
+    """Deciding whose run it is (twice: before and under the lock), which earlier config hash
+    it carries and loading it all verify the newest checkpoint: each file is hashed once."""
+    import cafedist.run.checkpoint as checkpoint
+
+    (run_copy / "config.yaml").unlink()
+    hashed: list[str] = []
+    real = checkpoint._hash_file
+    monkeypatch.setattr(checkpoint, "_hash_file", lambda path: hashed.append(Path(path).name) or real(path))
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
+    assert code == 0, err
+    newest = json.loads((run_copy / "checkpoints" / "round_000001" / "MANIFEST.json").read_text())
+    assert sorted(hashed) == sorted([*newest["files"], *newest.get("refs", {})])
+
+
+def test_the_verification_memo_sees_a_replaced_file(tmp_path):
+    """Inside the memo a file replaced by another of the same size (a new inode, as a
+    re-committed checkpoint is) is hashed again; outside it nothing is remembered."""
+    from cafedist.run.checkpoint import sha256_file, verification_memo
+
+    f = tmp_path / "shard.pt"
+    f.write_bytes(b"a" * 64)
+    with verification_memo():
+        first = sha256_file(f)
+        spare = tmp_path / "new.pt"
+        spare.write_bytes(b"b" * 64)
+        spare.replace(f)
+        assert sha256_file(f) != first
+    f.write_bytes(b"c" * 64)
+    assert sha256_file(f) == hashlib.sha256(b"c" * 64).hexdigest()
+
+
 def test_results_without_config_yaml_or_checkpoints_are_never_overwritten(finished, run_copy):
     (run_copy / "config.yaml").unlink()
     shutil.rmtree(run_copy / "checkpoints")

@@ -36,9 +36,10 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -56,8 +57,36 @@ _DIR_RE = re.compile(r"^round_(\d{6,})$")
 SHARDS_ONLY = "SHARDS_ONLY"  # marker of a pruned directory kept for the shards others reference
 
 
+# digests already computed within a :func:`verification_memo` scope, keyed by the file's identity
+_memo: dict[tuple[int, ...], str] | None = None
+
+
+@contextmanager
+def verification_memo() -> Iterator[None]:
+    """Within this block, a checkpoint file whose inode, size and times are unchanged since it
+    was hashed is not hashed again: a run's start looks at its newest checkpoint up to four
+    times (which run wrote it, then loading it). Committed files are never rewritten in place
+    (a checkpoint is renamed into place whole), so a changed file is a changed identity."""
+    global _memo
+    outer, _memo = _memo, ({} if _memo is None else _memo)
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes (remembered inside a :func:`verification_memo` block)."""
+    if _memo is None:
+        return _hash_file(path)
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _memo:
+        _memo[key] = _hash_file(path)
+    return _memo[key]
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

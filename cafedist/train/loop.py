@@ -24,7 +24,13 @@ from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.fsutil import write_json_atomic, write_text_atomic
 from cafedist.parentwatch import guard_launched_rank
 from cafedist.run.build import build_run, close_run
-from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint, save_checkpoint
+from cafedist.run.checkpoint import (
+    RESUME_MODES,
+    CheckpointDir,
+    load_checkpoint,
+    save_checkpoint,
+    verification_memo,
+)
 from cafedist.run.metrics import MetricsLog
 from cafedist.rundir import RunLock, move_aside
 from cafedist.train.faults import maybe_fault
@@ -76,7 +82,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
         rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
         stop = StopFlag().install()
         try:
-            result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
+            with verification_memo():  # the start reads the newest checkpoint up to four times: hash it once
+                result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
         finally:
             stop.uninstall()
     finally:

@@ -285,6 +285,7 @@ def test_agnews_errors(tmp_path):
     ([[1], [2]], r"labels must be a list of integers 0..9, got int64 with shape \(2, 1\)"),
     ([1.7, 2.0], "labels must be a list of integers 0..9, got float64"),  # was truncated to 1 silently
     ([True, False], "labels must be a list of integers 0..9, got bool"),
+    ([True, 3], "labels must be a list of integers 0..9, got bool among them"),  # numpy reads it as [1, 3]
     ([-1, 2], r"labels outside 0..9 \(found -1..2\)"),
 ])
 def test_cifar_labels_of_the_wrong_type_are_refused(tmp_path, labels, needle):

@@ -246,7 +246,11 @@ BAD = {
                  "x must be lists of 784 numbers"),
     "x range": (lambda p: _edit(p, lambda d: _first_user(d)["x"][0].__setitem__(0, 3.0)),
                 "x values must lie in [0, 1]"),
-    "y range": (lambda p: _edit(p, lambda d: _first_user(d)["y"].__setitem__(0, 62)), "y must be integers 0..61"),
+    "y range": (lambda p: _edit(p, lambda d: _first_user(d)["y"].__setitem__(0, 62)), "y: labels outside 0..61"),
+    "y float": (lambda p: _edit(p, lambda d: _first_user(d)["y"].__setitem__(0, 1.0)),
+                "y: labels must be a list of integers 0..61, got float64"),
+    "y bool": (lambda p: _edit(p, lambda d: _first_user(d)["y"].__setitem__(0, True)),
+               "y: labels must be a list of integers 0..61, got bool among them"),
     "x null": (lambda p: _edit(p, lambda d: _first_user(d)["x"].__setitem__(0, None)), "x must be lists of 784"),
     "not a mapping": (lambda p: p.write_text("[1, 2]"), "needs the keys users, num_samples, user_data"),
 }

@@ -160,8 +160,13 @@ def int_labels(values: Any, where: str, num_classes: int) -> np.ndarray:
         arr = np.asarray(values)
     except (ValueError, TypeError):  # ragged nesting
         arr = None
-    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
-        kind = "ragged" if arr is None else f"{arr.dtype} with shape {arr.shape}"
+    if arr is not None and arr.shape == (0,):  # no samples: numpy calls an empty list float64
+        return np.zeros(0, dtype=np.int64)
+    # numpy reads [True, 3] as the integers [1, 3]: a boolean among integers is no label either
+    mixed_bool = isinstance(values, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in values)
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu" or mixed_bool:
+        kind = ("ragged" if arr is None else "bool among them" if mixed_bool and arr.dtype.kind in "iu"
+                else f"{arr.dtype} with shape {arr.shape}")
         raise DataError(f"{where}: labels must be a list of integers 0..{num_classes - 1}, got {kind}")
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         raise DataError(f"{where}: labels outside 0..{num_classes - 1} (found {arr.min()}..{arr.max()})")

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats, readable_dir
+from cafedist.data.base import RawDataset, channel_stats, int_labels, readable_dir
 from cafedist.data.text import PAD_ID, SPECIALS, UNK_ID
 from cafedist.errors import DataError
 
@@ -71,10 +71,10 @@ def _femnist_x(xs: list[Any]) -> np.ndarray:
 
 
 def _femnist_y(ys: list[Any]) -> np.ndarray:
-    bad = [v for v in ys if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < FEMNIST_CLASSES]
-    if bad:
-        raise _Bad(f"y must be integers 0..{FEMNIST_CLASSES - 1}, got {bad[0]!r}")
-    return np.asarray(ys, dtype=np.int64)
+    try:
+        return int_labels(ys, "y", FEMNIST_CLASSES)
+    except DataError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _shakespeare_x(xs: list[Any]) -> np.ndarray:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -62,17 +63,21 @@ class DataConfig:
     min_size: int = 20  # every client gets at least this many samples
     options: dict = field(default_factory=dict)  # loader options, e.g. agnews {vocab_size, max_len}
 
-    def validate(self) -> None:
-        _check(self.clients >= 1, "data.clients", f"must be >= 1, got {self.clients}")
-        _check(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
-        _check(0 < self.proxy_fraction < 1, "data.proxy_fraction", f"must be in (0, 1), got {self.proxy_fraction}")
-        _check(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
-        _check(0 <= self.val_fraction < 1, "data.val_fraction",
+    def validate(self, name: Callable[[str], str] = lambda key: f"data.{key}") -> None:
+        """The partition's rules, for ``data.*`` of a run config and ``cafedist prepare`` alike
+        (``name`` spells a field in messages: ``data.clients``, or ``clients`` for prepare)."""
+        _check(self.clients >= 1, name("clients"), f"must be >= 1, got {self.clients}")
+        _check(self.alpha > 0 and math.isfinite(self.alpha), name("alpha"),
+               f"must be a finite number > 0, got {self.alpha}")
+        _check(0 < self.proxy_fraction < 1, name("proxy_fraction"), f"must be in (0, 1), got {self.proxy_fraction}")
+        _check(0 < self.test_fraction < 1, name("test_fraction"), f"must be in (0, 1), got {self.test_fraction}")
+        _check(0 <= self.val_fraction < 1, name("val_fraction"),
                f"must be in [0, 1) (0 = no validation split), got {self.val_fraction}")
-        _check(self.min_size >= 2, "data.min_size", f"must be >= 2, got {self.min_size}")
-        _check(self.proxy_users is None or self.partition == "natural", "data.proxy_users",
-               "applies only to data.partition: natural (dirichlet uses data.proxy_fraction)")
-        _check(self.proxy_users is None or self.proxy_users >= 1, "data.proxy_users",
+        _check(self.min_size >= 2, name("min_size"),
+               f"must be >= 2 (each client needs a train and a test sample), got {self.min_size}")
+        _check(self.proxy_users is None or self.partition == "natural", name("proxy_users"),
+               f"applies only to {name('partition')}: natural (dirichlet uses {name('proxy_fraction')})")
+        _check(self.proxy_users is None or self.proxy_users >= 1, name("proxy_users"),
                f"must be >= 1 or null (all users not made clients), got {self.proxy_users}")
 
     def store_path(self, seed: int) -> Path:

@@ -67,6 +67,22 @@ def test_partition_params_normalises_and_validates():
         partition_params(PartitionSpec(**{**KW, "dataset": "imagenet"}))
 
 
+@pytest.mark.parametrize("field,value", [
+    ("clients", 0), ("alpha", 0.0), ("alpha", float("inf")), ("proxy_fraction", 1.0), ("test_fraction", 0.0),
+    ("val_fraction", 1.0), ("min_size", 1), ("proxy_users", 0),
+])
+def test_prepare_and_a_run_config_refuse_the_same_partitions(field, value):
+    """One set of rules: what data.* of a run config refuses, prepare refuses too, naming the field."""
+    from cafedist.config import config_from_dict
+
+    natural = field == "proxy_users"
+    spec = {**KW, "dataset": "synthetic", "partition": "natural"} if natural else KW
+    with pytest.raises(ConfigError, match=f"data.{field}: "):
+        config_from_dict({"data": {**{k: v for k, v in spec.items() if k != "seed"}, field: value}})
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        partition_params(PartitionSpec(**{**spec, field: value}))
+
+
 def test_ensure_store_reuses_and_refuses_other_params(tmp_path):
     out = tmp_path / "sub" / "s.h5"
     ensure_store(out, PartitionSpec(**KW))

@@ -164,7 +164,7 @@ def test_natural_partition_errors(femnist):
         make_splits(raw.y, partition_params(PartitionSpec(**NATURAL, proxy_users=9)), raw.user_samples)
     with pytest.raises(ConfigError, match="partition natural needs a dataset that records its users"):
         partition_params(PartitionSpec(**{**NATURAL, "dataset": "digits"}))
-    with pytest.raises(ConfigError, match="proxy_users applies only to partition natural"):
+    with pytest.raises(ConfigError, match="proxy_users: applies only to partition: natural"):
         partition_params(PartitionSpec(**{**NATURAL, "partition": "dirichlet"}, proxy_users=3))
 
 

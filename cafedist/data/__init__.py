@@ -9,8 +9,8 @@ Nothing here ever downloads anything.
 from cafedist.data.base import RawDataset
 from cafedist.data.partition import dirichlet_partition, split_proxy, train_test_split_stratified
 from cafedist.data.prepare import ensure_store, make_splits, partition_params, prepare_store
-from cafedist.data.spec import PartitionSpec
 from cafedist.data.registry import DATASETS, load_dataset
+from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import SCHEMA_VERSION, ClientData, Store, write_store
 
 __all__ = [

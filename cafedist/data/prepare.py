@@ -23,11 +23,15 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from cafedist.data.partition import (check_client_args, check_fraction, check_partition_args, check_val_fraction,
-                                     dirichlet_partition, natural_partition, split_proxy,
-                                     train_test_split_stratified, train_val_split_stratified)
-from cafedist.data.registry import DATASETS, NATURAL, load_dataset, options_of
 from cafedist.config import DataConfig
+from cafedist.data.partition import (
+    dirichlet_partition,
+    natural_partition,
+    split_proxy,
+    train_test_split_stratified,
+    train_val_split_stratified,
+)
+from cafedist.data.registry import DATASETS, NATURAL, load_dataset, options_of
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
@@ -66,33 +70,29 @@ def partition_params(spec: PartitionSpec) -> dict[str, Any]:
         "min_size": _as_int("min_size", spec.min_size),
         "seed": _as_int("seed", spec.seed),
     }
-    # the rules data.* of a run config follows, so prepare builds no store a run would refuse
-    if params["min_size"] < 2:
-        raise ConfigError(f"min_size must be >= 2 (each client needs a train and a test sample), got {spec.min_size}")
     if not -2**63 <= params["seed"] < 2**63:
         raise ConfigError(f"seed must be a 64-bit integer, got {spec.seed}")
+    if spec.partition not in ("dirichlet", "natural"):
+        raise ConfigError(f"partition must be 'dirichlet' or 'natural', got {spec.partition!r}")
+    proxy_users = None if spec.proxy_users is None else _as_int("proxy_users", spec.proxy_users)
+    # the rules data.* of a run config follows, so prepare builds no store a run would refuse
+    dirichlet = spec.partition == "dirichlet"  # a natural partition uses neither alpha nor proxy_fraction
+    DataConfig(dataset=dataset, partition=spec.partition, clients=params["clients"],
+               alpha=float(spec.alpha) if dirichlet else DataConfig.alpha,
+               proxy_fraction=float(spec.proxy_fraction) if dirichlet else DataConfig.proxy_fraction,
+               proxy_users=proxy_users,
+               test_fraction=params["test_fraction"], val_fraction=float(val_fraction),
+               min_size=params["min_size"]).validate(name=lambda key: key)
     if spec.partition == "natural":
         if dataset not in NATURAL:
-            raise ConfigError(f"partition natural needs a dataset that records its users ({', '.join(sorted(NATURAL))}), "
-                              f"not {dataset!r} (use partition dirichlet)")
-        check_client_args(params["clients"], params["min_size"])
+            raise ConfigError(f"partition natural needs a dataset that records its users "
+                              f"({', '.join(sorted(NATURAL))}), not {dataset!r} (use partition dirichlet)")
         params["partition"] = "natural"
-        if spec.proxy_users is not None:
-            params["proxy_users"] = _as_int("proxy_users", spec.proxy_users)
-            if params["proxy_users"] < 1:
-                raise ConfigError(f"proxy_users must be >= 1 or null (all users not made clients), "
-                                  f"got {spec.proxy_users}")
-    elif spec.partition == "dirichlet":
-        if spec.proxy_users is not None:
-            raise ConfigError("proxy_users applies only to partition natural (dirichlet uses proxy_fraction)")
+        if proxy_users is not None:
+            params["proxy_users"] = proxy_users
+    else:
         params["alpha"] = float(spec.alpha)
         params["proxy_fraction"] = float(spec.proxy_fraction)
-        check_partition_args(params["clients"], params["alpha"], params["min_size"])
-        check_fraction("proxy_fraction", params["proxy_fraction"])
-    else:
-        raise ConfigError(f"partition must be 'dirichlet' or 'natural', got {spec.partition!r}")
-    check_fraction("test_fraction", params["test_fraction"])
-    check_val_fraction(float(val_fraction))
     if float(val_fraction) > 0:
         params["val_fraction"] = float(val_fraction)
     defaults = options_of(dataset)
@@ -290,9 +290,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--out: empty path; expected an HDF5 store file")
     _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
+    unused = DataConfig()  # natural: alpha and proxy_fraction are not used
     spec = PartitionSpec(args.dataset, clients=args.clients,
-                         alpha=DataConfig.alpha if args.alpha is None else args.alpha,  # natural: unused
-                         proxy_fraction=DataConfig.proxy_fraction if args.proxy_fraction is None else args.proxy_fraction,
+                         alpha=unused.alpha if args.alpha is None else args.alpha,
+                         proxy_fraction=unused.proxy_fraction if args.proxy_fraction is None else args.proxy_fraction,
                          test_fraction=args.test_fraction, val_fraction=args.val_fraction, min_size=args.min_size,
                          seed=args.seed, loader_options=options or None, partition=args.partition,
                          proxy_users=args.proxy_users)

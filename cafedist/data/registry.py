@@ -1,5 +1,6 @@
-"""Dataset name -> loader (and which ones know their users). A loader takes the data root (``None`` for bundled data) and
-optional keyword options (e.g. ``vocab_size``/``max_len`` for text) and returns a RawDataset.
+"""Dataset name -> loader (and which ones know their users). A loader takes the data root
+(``None`` for bundled data) and optional keyword options (e.g. ``vocab_size``/``max_len`` for
+text) and returns a RawDataset.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ class Store:
         if self.path.exists() and not self.path.is_file():
             raise DataError(f"store {self.path} is not a file (expected an HDF5 store written by `cafedist prepare`)")
         if not self.path.is_file():
-            raise DataError(f"store {self.path} does not exist (create it with `cafedist prepare ... --out {self.path}`)")
+            raise DataError(f"store {self.path} does not exist "
+                            f"(create it with `cafedist prepare ... --out {self.path}`)")
         with self._guard("cannot open as HDF5 (truncated or corrupt file?)"):
             # locking=False: we never write in place (stores are renamed into place), and
             # HDF5's file locks fail on some cluster file systems (NFS, Lustre without flock).
@@ -242,7 +243,8 @@ class Store:
             lengths = {field: self._check_dataset(f"{name}/{field}", x_dtype if field[0] == "x" else np.dtype(np.int64),
                                                   self.input_shape if field[0] == "x" else ())
                        for field in fields}
-            if any(lengths[f"x_{part}"] != lengths[f"y_{part}"] for part in ("train", "test", "val") if f"x_{part}" in lengths):
+            parts = [part for part in ("train", "test", "val") if f"x_{part}" in lengths]
+            if any(lengths[f"x_{part}"] != lengths[f"y_{part}"] for part in parts):
                 raise self._fail(f"{name}: x and y lengths differ")
             if not self.has_val and any(f"{name}/{field}" in self._f for field in VAL_FIELDS):
                 raise self._fail(f"{name} has a validation split but client 0 has none (expected all or none)")
@@ -263,7 +265,8 @@ class Store:
         if not isinstance(ds, h5py.Dataset):
             raise self._fail(f"{name} is not a dataset")
         if ds.dtype != dtype or ds.ndim != 1 + len(sample_shape) or tuple(ds.shape[1:]) != sample_shape:
-            raise self._fail(f"{name} is {ds.dtype} {ds.shape}, expected {dtype} [n, {', '.join(map(str, sample_shape))}]")
+            expected = ", ".join(["n", *map(str, sample_shape)])
+            raise self._fail(f"{name} is {ds.dtype} {ds.shape}, expected {dtype} [{expected}]")
         if CHECKSUM_ATTR not in ds.attrs:
             raise self._fail(f"{name} has no '{CHECKSUM_ATTR}' checksum attribute")
         return int(ds.shape[0])
@@ -347,7 +350,8 @@ class Store:
                     part = ds[lo:lo + step] if ds.ndim else ds[()]
                     digest.update(np.ascontiguousarray(part).data)
             if digest.hexdigest() != expected:
-                raise self._fail(f"checksum mismatch in {name}: the file is corrupt (re-create it with `cafedist prepare`)")
+                raise self._fail(f"checksum mismatch in {name}: the file is corrupt "
+                                 f"(re-create it with `cafedist prepare`)")
         return len(names)
 
     def label_histograms(self) -> np.ndarray:

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -185,6 +186,9 @@ class DistConfig:
 
     def validate(self) -> None:
         _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
+        # the spelling only: whether this host has that device is the runtime's to say
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "dist.device",
+               f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass

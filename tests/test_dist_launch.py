@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cafedist
 
 from cafedist.distributed import LaunchInfo, detect_launch, expand_nodelist, init_runtime
 from cafedist.errors import DistError
@@ -156,6 +157,17 @@ def test_init_runtime_rejects_bad_overrides(kwargs: dict, msg: str) -> None:
 def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(DistError, match="CUDA is not available"):
         init_runtime(device="cuda:0", env={})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_a_run_config_names_its_dist_fields(tmp_path) -> None:
+    """train's runtime errors name the config's field, as every other config error does."""
+    for setting, needle in (("dist.device=cuda", "dist.device 'cuda' requested but CUDA is not available"),
+                            ("dist.backend=nccl", "dist.backend 'nccl' needs a CUDA device")):
+        proc = cafedist("train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out",
+                        str(tmp_path / "run"), "train.rounds=1", setting)
+        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.skipif(torch.distributed.is_mpi_available(), reason="torch built with MPI")

@@ -21,7 +21,7 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(spec: str) -> torch.device:
     """``--device`` of a benchmark, resolved as training resolves ``dist.device`` (``auto``: the
     first GPU when CUDA is available, else the CPU); on a GPU with training's deterministic
     kernel settings, so the timings are of the kernels a run uses."""
@@ -30,9 +30,9 @@ def resolve_device(name: str) -> torch.device:
     from cafedist.errors import ConfigError, DistError
 
     try:
-        device = resolve_run_device(name)
+        device = resolve_run_device(spec, name="--device")
     except DistError as exc:
-        raise ConfigError(f"--device: {exc}") from None
+        raise ConfigError(str(exc)) from None
     if device.type == "cuda":
         deterministic_cuda()
     return device

@@ -251,8 +251,9 @@ def expand_nodelist(text: str, var: str = "SLURM_NODELIST") -> list[str]:
 # ---------------------------------------------------------------- device and backend
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> cuda:{local_rank % n} if CUDA is available, else cpu; validate overrides."""
+def resolve_device(device: str, local_rank: int = 0, name: str = "device") -> torch.device:
+    """``"auto"`` -> cuda:{local_rank % n} if CUDA is available, else cpu; validate overrides
+    (``name``: how errors call the setting, e.g. ``dist.device`` or ``--device``)."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -260,18 +261,18 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise DistError(f"device {device!r} is not valid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise DistError(f"{name} {device!r} is not valid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type != "cuda":
-        raise DistError(f"device {device!r} is not supported: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise DistError(f"{name} {device!r} is not supported: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
-        raise DistError(f"device {device!r} requested but CUDA is not available on this host")
+        raise DistError(f"{name} {device!r} requested but CUDA is not available on this host")
     count = torch.cuda.device_count()
     if dev.index is None:
         return torch.device("cuda", local_rank % count)
     if dev.index >= count:
-        raise DistError(f"device {device!r} does not exist: this host has {count} CUDA device(s)")
+        raise DistError(f"{name} {device!r} does not exist: this host has {count} CUDA device(s)")
     return dev
 
 
@@ -303,19 +304,19 @@ def deterministic_cuda() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, name: str = "backend") -> str:
     """``"auto"`` -> nccl on cuda, gloo on cpu; reject impossible combinations."""
     if backend not in BACKENDS:
-        raise DistError(f"backend {backend!r} is not valid: expected one of {', '.join(BACKENDS)}")
+        raise DistError(f"{name} {backend!r} is not valid: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise DistError(f"backend 'nccl' needs a CUDA device but the device is {device}: "
+        raise DistError(f"{name} 'nccl' needs a CUDA device but the device is {device}: "
                         "use backend 'gloo' on cpu")
     if backend == "nccl" and not dist.is_nccl_available():
-        raise DistError("backend 'nccl' is not available in this torch build: use 'gloo'")
+        raise DistError(f"{name} 'nccl' is not available in this torch build: use 'gloo'")
     if backend == "mpi" and not dist.is_mpi_available():
-        raise DistError("backend 'mpi' is not available in this torch build (it needs torch "
+        raise DistError(f"{name} 'mpi' is not available in this torch build (it needs torch "
                         "compiled with MPI): use 'gloo' or 'nccl' (mpiexec launches work with both)")
     return backend
 
@@ -388,7 +389,7 @@ def short_reason(exc: BaseException) -> str:
 
 
 def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float = 600,
-                 env: Mapping[str, str] = os.environ) -> Runtime:
+                 env: Mapping[str, str] = os.environ, names: str = "") -> Runtime:
     """Detect the launch, choose device and backend, and create the process group.
 
     ``device``: "auto" (cuda:{local_rank % count} if CUDA is available, else cpu), "cpu",
@@ -398,12 +399,13 @@ def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float =
     Slurm and MPI launches get MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK written
     to ``os.environ`` before ``init_process_group(env://)``. ``timeout_s`` bounds the
     rendezvous and every later collective, so a dead peer ends the job instead of hanging it.
+    ``names``: prefix of the settings in error messages (``"dist."``: a run config's fields).
     """
     if timeout_s <= 0:
         raise DistError(f"timeout_s={timeout_s} must be > 0 seconds")
     info = detect_launch(env)
-    dev = resolve_device(device, info.local_rank)
-    chosen = _resolve_backend(backend, dev)  # validated even when unused (world size 1)
+    dev = resolve_device(device, info.local_rank, name=f"{names}device")
+    chosen = _resolve_backend(backend, dev, name=f"{names}backend")  # validated even when unused (world size 1)
     if dev.type == "cuda":
         deterministic_cuda()
         torch.cuda.set_device(dev)

@@ -83,7 +83,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         cfg = config_from_dict(read_yaml(cfg_file))
     except CafeError as exc:
         raise CheckpointError(f"{cfg_file}: not a usable run config ({exc})") from None
-    dev = resolve_device(device)
+    dev = resolve_device(device, name="--device")
     if dev.type == "cuda":
         deterministic_cuda()
         torch.cuda.set_device(dev)

@@ -79,7 +79,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     own_rt = rt is None
     watch = guard_launched_rank()  # under torchrun/srun/mpiexec: die with the launcher, write nothing more
     try:
-        rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s)
+        rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s, names="dist.")
         stop = StopFlag().install()
         try:
             with verification_memo():  # the start reads the newest checkpoint up to four times: hash it once

@@ -311,7 +311,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--wait", action="store_true", help="wait for the job(s) and report their results")
     j.add_argument("--job-name", default=None, help="job name (default cafedist-<name of --out>)")
     j.add_argument("--folder", default=None,
-                   help="submitit folder for pickles and logs (default OUT/submitit/<timestamp>: a fresh one per "
+                   help="submitit folder for pickles and logs (default OUT/submitit/<timestamp>-<pid>: a fresh one per "
                         "submission, because job ids restart after a Slurm state wipe)")
     j.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the training processes (repeatable)")

@@ -111,8 +111,8 @@ def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layou
     layout for the error message.
     """
     if root is None:
-        raise DataError(f"{dataset}: no data root given (pass --root DIR pointing at '{folder}/' "
-                        f"or its parent; expected {layout})")
+        raise DataError(f"{dataset}: no data root given (set data.root=DIR, or prepare's --root DIR, to "
+                        f"'{folder}/' or its parent; expected {layout})")
     base = Path(root).expanduser()
     for cand in (base, base / folder):
         try:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+from cafedist import yamlio
 from cafedist.errors import ConfigError
 from cafedist.typed import build_dataclass
 
@@ -301,9 +302,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty component in key {key!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yamlio.load(value) if value.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML{yamlio.problem(exc)}") from None
     return parts, parsed
 
 
@@ -324,12 +325,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def yaml_error_line(exc: yaml.YAMLError) -> int | None:
-    """The 1-based line a YAML parse error points at (None when it points nowhere)."""
-    mark = getattr(exc, "problem_mark", None)
-    return mark.line + 1 if mark is not None else None
-
-
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML config file with a clear error for a missing or malformed file."""
     p = Path(path)
@@ -338,14 +333,13 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        raw = yamlio.load(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file (expected a YAML config)") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
-        line = yaml_error_line(exc)
-        raise ConfigError(f"{p}: not valid YAML{f' at line {line}' if line else ''}") from None
+        raise ConfigError(f"{p}: not valid YAML{yamlio.problem(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -367,7 +361,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML text (what ``config.yaml`` in a run directory holds)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yamlio.dump(cfg.to_dict())
 
 
 #: fields that may differ between a run and its resume without changing what is computed:

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from cafedist import yamlio
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, write_text_atomic
 from cafedist.paths import check_dir_creatable
@@ -145,7 +146,7 @@ def load_run(run_dir: str | Path) -> RunStats:
         raise DataError(f"{run / 'metrics.jsonl'}: world_size changes between rounds {sorted(world)} "
                         f"(a resume on another number of ranks): time one world size per run")
     cpr = [int(c) for c in records[-1]["clients_per_rank"]]
-    config = _read_optional(run / "config.yaml", yaml.safe_load)
+    config = _read_optional(run / "config.yaml", yamlio.load)
     logical = [(r.get("bytes_up", 0) + r.get("bytes_down", 0)) * r.get("clients_trained", sum(cpr)) for r in used]
     return RunStats(
         path=run, ranks=next(iter(world)), clients_per_rank=cpr, rounds_used=len(used), rounds_total=len(records),

@@ -31,6 +31,7 @@ from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import yaml
 
+from cafedist import yamlio
 from cafedist.errors import ConfigError
 
 log = logging.getLogger("cafedist")
@@ -43,8 +44,8 @@ def render_value(value: Any) -> str:
     """The shortest YAML text that reads back as ``value`` (for overrides and labels).
 
     Plain text where YAML reads it back unchanged (``0.05``, ``true``, ``group``), JSON
-    otherwise (quoted strings, flow lists and mappings); floats always keep a dot, because
-    YAML 1.1 reads ``1e-05`` as a string.
+    otherwise (quoted strings, flow lists and mappings); floats always keep a dot, so that
+    plain YAML 1.1 readers (a user's ``yaml.safe_load``) read ``1.0e-05`` as a float too.
     """
     if isinstance(value, float) and math.isfinite(value):
         text = repr(value)
@@ -54,7 +55,7 @@ def render_value(value: Any) -> str:
         return text
     if isinstance(value, str) and value and not re.search(r"[\s,:#\[\]{}]", value):
         try:
-            if yaml.safe_load(value) == value:
+            if yamlio.load(value) == value:
                 return value
         except yaml.YAMLError:
             pass
@@ -91,7 +92,7 @@ def parse_axis(spec: str) -> GridAxis:
     if key in _CONTROLLED:
         raise ConfigError(f"{where}: {key} is set by compare itself (use {_CONTROLLED[key]})")
     try:
-        values = yaml.safe_load(f"[{text}]")
+        values = yamlio.load(f"[{text}]")
     except yaml.YAMLError:
         raise ConfigError(f"{where}: the values are not valid YAML (expected v1,v2,... e.g. 0.02,0.05)") from None
     texts = [render_value(v) for v in values]

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cafedist import yamlio
 from cafedist.config import config_from_dict
 from cafedist.errors import CafeError
 from cafedist.run.build import open_store
@@ -55,7 +54,7 @@ def synthetic_config(clients: int, cache_dir: str, rounds: int = 3) -> dict[str,
 def quickstart_config(cache_dir: str, rounds: int = 3) -> dict[str, Any]:
     """The quick-start model and data (configs/quickstart.yaml) with 40 clients, every one every round."""
     root = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-    raw = yaml.safe_load(root.read_text()) if root.is_file() else {"data": {"dataset": "mnist5k"}}
+    raw = yamlio.load(root.read_text()) if root.is_file() else {"data": {"dataset": "mnist5k"}}
     raw.setdefault("data", {}).update(clients=40, cache_dir=cache_dir)
     raw.setdefault("train", {}).update(rounds=rounds, eval_every=rounds, clients_per_round=1.0)
     raw["checkpoint"] = {"every": 0, "keep": 1}
@@ -66,7 +65,7 @@ def train_child(raw: dict[str, Any], out: Path, threads: int, timeout: float = 1
     """Train ``raw`` in a child process; its peak RSS (MiB), wall seconds and round records."""
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f"{out.name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg_path.write_text(yamlio.dump(raw))
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))

@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cafedist import yamlio
 from cafedist.errors import DistError
 from cafedist.scaling import load_run, scaling_table
 
@@ -60,7 +59,7 @@ def bench_scaling(quick: bool = False, worlds: tuple[int, ...] = (1, 2), clients
         for world in worlds:
             cfg = base / f"w{world}.yaml"
             cfg.parent.mkdir(parents=True, exist_ok=True)
-            cfg.write_text(yaml.safe_dump(tiny_config(clients_per_rank * world, rounds, str(base / "stores"))))
+            cfg.write_text(yamlio.dump(tiny_config(clients_per_rank * world, rounds, str(base / "stores"))))
             run_torchrun(world, cfg, base / f"w{world}")
             runs.append(load_run(base / f"w{world}"))
         table = scaling_table(runs)

@@ -123,14 +123,14 @@ def _read_csv(path: Path, text: str) -> dict[int | str, Budget]:
 def _read_yaml(path: Path, text: str) -> dict[int | str, Budget]:
     import yaml
 
-    from cafedist.config import yaml_error_line
+    from cafedist import yamlio
 
     try:
         # compose, not load: nodes keep their line numbers for the error messages
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yamlio.compose(text)
     except yaml.YAMLError as exc:
-        line = yaml_error_line(exc)
-        raise ConfigError(f"{path}{f':{line}' if line else ''}: not valid YAML "
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
                           f"({getattr(exc, 'problem', None) or exc})") from None
     if root is None:
         return {}

@@ -1,0 +1,62 @@
+"""YAML as configs are read: YAML 1.2 numbers, no repeated keys, plain data only (cafedist.yamlio)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from cafedist import yamlio
+from cafedist.config import dump_config, load_config
+
+
+@pytest.mark.parametrize("text,value", [
+    ("010", 10), ("0o10", 8), ("0x1f", 31), ("-7", -7), ("+5", 5), ("00", 0),  # 1.1: 010 was 8
+    ("5e-4", 0.0005), ("1e-3", 0.001), ("1e3", 1000.0), (".5", 0.5), ("3.", 3.0), ("1.0e+20", 1e20),  # 1.1: strings
+    ("1:30", "1:30"), ("1_000", "1_000"), ("2024-01-01", "2024-01-01"),  # 1.1: 90, 1000, a date
+    ("yes", True), ("off", False), ("null", None), ("group", "group"),
+])
+def test_scalars_read_as_people_write_them(text, value):
+    assert yamlio.load(f"k: {text}") == {"k": value}
+    assert type(yamlio.load(f"k: {text}")["k"]) is type(value)
+
+
+def test_infinities_and_nan_still_parse_so_the_config_can_refuse_them():
+    assert yamlio.load("k: -.inf")["k"] == -math.inf and math.isnan(yamlio.load("k: .NaN")["k"])
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("a: 1\nb: 2\na: 3\n", "line 3 (key 'a' is given twice)"),
+    ("s: {x: 1, x: 2}\n", "key 'x' is given twice"),
+    ("a: &x [1, *x]\n", "alias *x refers to a node that contains it (a cycle)"),
+    ("a: !!set {x}\n", "!!set is not plain data"),
+    ("a: !!timestamp 2024-01-01\n", "!!timestamp is not plain data"),
+    ("a: !!python/object:os.system x\n", "could not determine a constructor"),
+    ("a: " + "[" * 2000 + "]" * 2000, "nested too deeply"),
+])
+def test_what_is_not_plain_data_is_refused(text, problem):
+    with pytest.raises(yaml.YAMLError) as info:
+        yamlio.load(text)
+    assert problem in yamlio.problem(info.value)
+
+
+def test_merge_keys_and_anchors_still_work():
+    doc = yamlio.load("base: &b {lr: 1, rounds: 2}\nrun:\n  <<: *b\n  lr: 3\ntwice: [*b, *b]\n")
+    assert doc["run"] == {"lr": 3, "rounds": 2} and doc["twice"] == [{"lr": 1, "rounds": 2}] * 2
+
+
+@pytest.mark.parametrize("value", ["1e3", "010", "1:30", "5e-4", "yes", "2024-01-01", "12", 0.0005, 1e20, 12, -3])
+def test_what_dump_writes_load_reads_back(value):
+    assert yamlio.load(yamlio.dump({"k": value})) == {"k": value}
+
+
+def test_a_config_reads_5e_4_and_writes_what_it_reads(tmp_path):
+    """README writes weight_decay as 5e-4; YAML 1.1 read that as a string and the config refused it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  weight_decay: 5e-4\n  lr: 1e-2\n  rounds: 010\ndata:\n  root: '1e3'\n")
+    cfg = load_config(path)
+    assert (cfg.train.weight_decay, cfg.train.lr, cfg.train.rounds, cfg.data.root) == (0.0005, 0.01, 10, "1e3")
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(cfg))
+    assert dump_config(load_config(again)) == dump_config(cfg)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
 from cafedist.interrupts import noticed_interrupts
+from cafedist.paths import config_file_arg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +40,7 @@ def _setup_logging(verbose: bool) -> None:
 
 # ----------------------------------------------------------------------------- train
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (defaults are used for anything it omits)")
+    p.add_argument("--config", type=config_file_arg, help="YAML config file (defaults are used for anything it omits)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
                    help="auto: continue from the newest valid checkpoint (default); none: start over; "
@@ -57,7 +58,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_dir_default(config: str | None) -> str:
-    from pathlib import Path
 
     return str(Path("runs") / (Path(config).stem if config else "default"))
 
@@ -77,7 +77,6 @@ def _train(args: argparse.Namespace) -> int:
 def _train_guarded(args: argparse.Namespace) -> int:
     from cafedist.config import load_config
     from cafedist.train.loop import train
-    from cafedist.train.preflight import check_config_source
     from cafedist.train.signals import REQUEUE_EXIT_CODE
 
     overrides = list(args.overrides)
@@ -93,7 +92,6 @@ def _train_guarded(args: argparse.Namespace) -> int:
         raise ConfigError("--world-size: only with --dry-run (a real run takes its world size from the launcher)")
     if args.dry_run:
         return _dry_run(cfg, out, args.world_size)
-    check_config_source(args.config, cfg, Path(out))
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if result.stopped:
         return REQUEUE_EXIT_CODE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -25,3 +26,12 @@ def check_dir_creatable(path: Path, field: str) -> None:
     if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         what = "write into" if probe == path else f"create {path} in"
         raise ConfigError(f"{field}: cannot {what} {probe} (permission denied)")
+
+
+def config_file_arg(text: str) -> str:
+    """argparse type of ``--config``: any path but an empty one (``--config "$CFG"`` with
+    ``CFG`` unset must not train the built-in defaults)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; expected a YAML config file "
+                                         "(leave --config out for the defaults)")
+    return text

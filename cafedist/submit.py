@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
 from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, require_submitit, wait_for
-from cafedist.paths import check_dir_creatable
+from cafedist.paths import check_dir_creatable, config_file_arg
 
 try:  # only submitting needs submitit; the CLI imports this module for its flags everywhere
     import submitit
@@ -277,7 +277,7 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], env: dict[str, str] | No
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cafedist submit``."""
-    p.add_argument("--config", help="YAML config file of the run(s)")
+    p.add_argument("--config", type=config_file_arg, help="YAML config file of the run(s)")
     p.add_argument("--out", required=True, help="run directory (with --array: parent of one directory per element)")
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
                    help="first start only: a requeued job always resumes (default auto)")

@@ -98,6 +98,11 @@ def flipped_store(c: Ctx) -> None:
 
 def files(c: Ctx) -> None:
     (c.tmp / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (c.tmp / "repeated.yaml").write_text("train:\n  rounds: 2\n  lr: 0.1\n  rounds: 3\n")
+    (c.tmp / "date.yaml").write_text("seed: 2024-01-01\n")
+    (c.tmp / "cycle.yaml").write_text("model:\n  options: &o {width: [*o]}\n")
+    (c.tmp / "deep.yaml").write_text("model:\n  options:\n    x: " + "[" * 3000 + "]" * 3000 + "\n")
+    (c.tmp / "tagged.yaml").write_text("data:\n  options: !!binary aGk=\n")
     (c.tmp / "list.yaml").write_text("- a\n- b\n")
     (c.tmp / "afile").write_text("x")
     (c.tmp / "adir").mkdir(exist_ok=True)
@@ -130,6 +135,20 @@ CASES = [
     Case("seed-string", train("seed=abc"), "seed"),
     Case("override-without-value", train("train.rounds"), "KEY=VALUE"),
     Case("override-bad-yaml", train("train.rounds=["), "not valid YAML"),
+    # -- YAML 1.1's surprises (audit): a repeated key, dates, base 60, cycles, tags, deep nesting
+    Case("yaml-repeated-key", lambda c: ["train", "--config", str(c.tmp / "repeated.yaml"), "--out", str(c.fresh)],
+         "repeated.yaml: not valid YAML at line 4 (key 'rounds' is given twice)"),
+    Case("yaml-date", lambda c: ["train", "--config", str(c.tmp / "date.yaml"), "--out", str(c.fresh)],
+         "seed: expected an integer"),
+    Case("yaml-base-60", fresh("train.rounds=1:30"), "train.rounds: expected an integer"),
+    Case("yaml-cycle", lambda c: ["train", "--config", str(c.tmp / "cycle.yaml"), "--out", str(c.fresh)],
+         "refers to a node that contains it"),
+    Case("yaml-deep", lambda c: ["train", "--config", str(c.tmp / "deep.yaml"), "--out", str(c.fresh)],
+         "nested too deeply"),
+    Case("yaml-deep-override", fresh("model.options.x=" + "[" * 3000), "nested too deeply"),
+    Case("yaml-binary-tag", lambda c: ["train", "--config", str(c.tmp / "tagged.yaml"), "--out", str(c.fresh)],
+         "!!binary is not plain data"),
+    Case("config-empty-path", lambda c: ["train", "--config", "", "--out", str(c.fresh)], "--config: empty path"),
     Case("different-config-on-resume", train("algorithm.cafedistill.mu=2.0"), "different config"),
     Case("resume-mode-unknown", train("--resume", "maybe"), "--resume"),
     Case("option-unknown", train("--bogus"), "unrecognized arguments: --bogus"),

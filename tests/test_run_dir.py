@@ -213,11 +213,14 @@ def test_a_users_own_config_in_out_is_not_replaced(finished, run_copy, tmp_path)
     folder.mkdir()
     mine = folder / "config.yaml"
     mine.write_text("# my experiment\n" + finished[0].read_text())
-    code, _, err = run_cli("train", "--config", str(mine), "--out", str(folder), "--no-progress")
-    assert code == 2
-    _one_error_line(err, f"--config {mine} is the config.yaml that train writes into --out")
-    assert mine.read_text().startswith("# my experiment")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+    for config in (mine, finished[0]):  # given as --config, or not: train would replace it all the same
+        for resume in ("auto", "force"):
+            code, _, err = run_cli("train", "--config", str(config), "--out", str(folder), "--no-progress",
+                                   "--resume", resume)
+            assert code == 2
+            _one_error_line(err, f"{mine} has comments, so train did not write it")
+            assert mine.read_text().startswith("# my experiment")
+            assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
     # a run's own config.yaml (the resolved config train wrote) may be given back to train, also
     # one written before fields were added (it no longer matches today's resolved text)
     own = run_copy / "config.yaml"

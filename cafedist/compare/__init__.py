@@ -65,7 +65,7 @@ from cafedist.compare.report import (
 )
 from cafedist.errors import ConfigError
 from cafedist.jobs import ExecutorOptions, require_submitit
-from cafedist.paths import check_dir_creatable
+from cafedist.paths import check_dir_creatable, config_file_arg
 from cafedist.tuning import Setting, TuneResult
 
 log = logging.getLogger("cafedist")
@@ -176,7 +176,8 @@ def _method_configs(config: str | os.PathLike | None, variants: Sequence[Variant
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cafedist compare``."""
-    p.add_argument("--config", help="YAML config shared by every run (algorithm.name is set per run)")
+    p.add_argument("--config", type=config_file_arg,
+                   help="YAML config shared by every run (algorithm.name is set per run)")
     p.add_argument("--algorithms", default="all",
                    help="'all' (every registered algorithm and the CAFEDistill ablations) or a comma-separated "
                         "list, e.g. cafedistill,fedavg,cafedistill-nokd (default all)")

@@ -96,8 +96,9 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if not run_dir.is_dir() or not has_run(run_dir):
         return RunDirPlan.FRESH
     if resume == "none":
-        return RunDirPlan.ASIDE
+        return RunDirPlan.ASIDE  # the user's own config.yaml too is moved, not lost
     cfg_file = run_dir / "config.yaml"
+    _refuse_a_users_config_file(cfg_file)
     if not cfg_file.exists():
         return _plan_without_config(cfg, run_dir, resume)
     try:
@@ -137,22 +138,25 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
                           f"the difference); use another --out, --resume none to start over, or --resume force")
 
 
-def check_config_source(config: str | Path | None, cfg: Config, run_dir: Path) -> None:
-    """Refuse ``--config OUT/config.yaml`` when that file is the user's own rather than one
-    train wrote: train replaces it with the resolved config, which would drop its comments.
-    A config.yaml train wrote has none (also one of an older version, which may lack fields
-    added since and so not match today's resolved text)."""
-    if not config:
-        return
-    source, target = Path(config), run_dir / "config.yaml"
+def _refuse_a_users_config_file(cfg_file: Path) -> None:
+    """Refuse to replace a ``config.yaml`` that train did not write: train rewrites it with
+    the resolved config, which would drop a user's comments (their own config kept in the run
+    directory, whether or not ``--config`` names it). A config.yaml train wrote has none (also
+    one of an older version, which may lack fields added since and so not match today's text);
+    a '#' may also sit inside a quoted value of a resolved config: that text is train's own."""
     try:
-        if source.resolve() != target.resolve() or not source.is_file():
+        if not cfg_file.is_file():
             return
-        text = source.read_text()
-    except OSError:
+        text = cfg_file.read_text()
+    except (OSError, UnicodeDecodeError):
+        return  # unreadable: the plan refuses it as an unreadable run config
+    if not re.search(r"(^|\s)#", text, flags=re.MULTILINE):
         return
-    # a '#' may also sit inside a quoted value of a resolved config: that text is train's own
-    if re.search(r"(^|\s)#", text, flags=re.MULTILINE) and text != dump_config(load_config(source)):
-        raise ConfigError(f"--config {config} is the config.yaml that train writes into --out {run_dir}, and its "
-                          f"comments would be lost to the resolved config; keep your config outside the run "
-                          f"directory or choose another --out")
+    try:
+        own = text == dump_config(load_config(cfg_file))
+    except CafeError:
+        own = False
+    if not own:
+        raise ConfigError(f"{cfg_file} has comments, so train did not write it, and train replaces that file "
+                          f"with the resolved config; keep your config outside the run directory (--config "
+                          f"elsewhere) or choose another --out")

@@ -38,6 +38,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
+from cafedist import yamlio
 from cafedist.errors import ConfigError
 from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, require_submitit, wait_for
 from cafedist.paths import check_dir_creatable, config_file_arg
@@ -105,11 +108,23 @@ def parse_array(texts: Sequence[str]) -> list[tuple[str, list[str]]]:
         if not sep or not key.strip() or not all(items):
             raise ConfigError(f"--array {text!r}: expected KEY=V1,V2,... with a dotted config key, "
                               "e.g. seed=0,1,2 or train.lr=0.1,0.05")
+        parsed = [_value(text, item) for item in items]
+        twice = next((items[i] for i, v in enumerate(parsed) if v in parsed[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"--array {text!r}: value {twice} is given twice (the same run would train twice)")
         axes.append((key.strip(), items))
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"--array: key given twice in {keys}: list all its values in one --array")
     return axes
+
+
+def _value(text: str, item: str) -> object:
+    """An array value as the override will read it (``01`` and ``1`` are one seed)."""
+    try:
+        return yamlio.load(item)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--array {text!r}: value {item!r} is not valid YAML{yamlio.problem(exc)}") from None
 
 
 def _label(pairs: Sequence[tuple[str, str]]) -> str:
@@ -133,6 +148,9 @@ def build_runs(config: str | None, out: str, overrides: Sequence[str] = (), arra
     for values in itertools.product(*(vals for _, vals in axes)):
         pairs = [(k, v) for (k, _), v in zip(axes, values)]
         label = _label(pairs)
+        if any(run.label == label for run in runs):  # the label makes every odd character '_'
+            raise ConfigError(f"--array: two elements would write to the same run directory {base / label} "
+                              f"(values that differ only in characters a folder name cannot hold)")
         extra = tuple(f"{k}={v}" for k, v in pairs)
         runs.append(RunSpec(cfg, str(base / label), tuple(overrides) + extra, resume, label))
     return runs

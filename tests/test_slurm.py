@@ -284,6 +284,17 @@ def test_bad_array_is_a_one_line_config_error(bad):
         submit.parse_array([bad])
 
 
+def test_an_array_never_trains_one_run_twice(tmp_path):
+    """A value given twice, also as another spelling of it (01 is seed 1), and two values whose
+    folder names coincide (a/b and a_b) would train the same run or share a directory."""
+    for axis, needle in (("seed=0,0", "value 0 is given twice"), ("seed=1,01", "value 01 is given twice"),
+                         ("train.lr=0.1,1e-1", "value 1e-1 is given twice")):
+        with pytest.raises(ConfigError, match=needle):
+            submit.parse_array([axis])
+    with pytest.raises(ConfigError, match="two elements would write to the same run directory"):
+        submit.build_runs(None, str(tmp_path / "sweep"), arrays=["data.root=a/b,a_b"])
+
+
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("1:30", 2), ("4:00:00", 240), ("1-12", 2160),
                                           ("1-0:30", 1470), ("0:0:30", 1)])
 def test_parse_time_accepts_slurm_formats(text, minutes):

@@ -38,6 +38,11 @@ from cafedist import yamlio
 from cafedist.errors import ConfigError
 from cafedist.typed import build_dataclass
 
+#: names ``data.dataset`` accepts: the loaders of :data:`cafedist.data.registry.DATASETS` (kept
+#: here so that reading a config imports no loader; a test checks that the two agree)
+DATASET_NAMES = ("mnist5k", "digits", "cifar10", "cifar100", "tinyimagenet", "agnews", "femnist", "shakespeare",
+                 "synthetic")
+
 #: names ``train.diagnostics`` accepts (implemented in :mod:`cafedist.train.diagnostics`)
 DIAGNOSTICS = ("conflict",)
 
@@ -68,6 +73,8 @@ class DataConfig:
     def validate(self, name: Callable[[str], str] = lambda key: f"data.{key}") -> None:
         """The partition's rules, for ``data.*`` of a run config and ``cafedist prepare`` alike
         (``name`` spells a field in messages: ``data.clients``, or ``clients`` for prepare)."""
+        _check(self.dataset in DATASET_NAMES, name("dataset"),
+               f"unknown dataset {self.dataset!r} (expected one of: {', '.join(sorted(DATASET_NAMES))})")
         _check(self.clients >= 1, name("clients"), f"must be >= 1, got {self.clients}")
         _check(self.alpha > 0 and math.isfinite(self.alpha), name("alpha"),
                f"must be a finite number > 0, got {self.alpha}")
@@ -81,6 +88,11 @@ class DataConfig:
                f"applies only to {name('partition')}: natural (dirichlet uses {name('proxy_fraction')})")
         _check(self.proxy_users is None or self.proxy_users >= 1, name("proxy_users"),
                f"must be >= 1 or null (all users not made clients), got {self.proxy_users}")
+        # an empty path would silently mean the working directory (or the default store)
+        for key, value, meaning in (("cache_dir", self.cache_dir, "the folder of derived stores"),
+                                    ("store", self.store, "a store file, or null for the derived one"),
+                                    ("root", self.root, "the dataset's folder, or null")):
+            _check(value is None or value.strip() != "", name(key), f"empty; expected {meaning}")
 
     def store_path(self, seed: int) -> Path:
         """Where the prepared store lives: ``store`` if given, else a name derived from the split."""
@@ -330,8 +342,10 @@ def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory, expected a YAML config file")
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a regular file (expected a YAML config file)")
     try:
         raw = yamlio.load(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
@@ -354,9 +368,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return config_from_dict(raw)
     except ConfigError as exc:
+        override = _override_of(str(exc), overrides or [])
+        if override is not None:  # the value came from the command line, not the file
+            raise ConfigError(f"override {override!r}: {exc}") from None
         if path:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def _override_of(message: str, overrides: list[str]) -> str | None:
+    """The override (the last one wins) that set the field a config error names, if any."""
+    field = message.split(":", 1)[0].strip()
+    for text in reversed(overrides):
+        key = text.partition("=")[0].strip()
+        if key == field or field.startswith(key + "."):
+            return text
+    return None
 
 
 def dump_config(cfg: Config) -> str:

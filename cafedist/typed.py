@@ -97,7 +97,8 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     prefix = f"{where}." if where else ""
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+        known = f"known: {', '.join(sorted(fields))}" if fields else "this section takes no keys"
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key ({known})")
     obj = cls(**{name: coerce(value, hints[name], prefix + name) for name, value in values.items()})
     for name, ok, expected in obj.checks() if hasattr(obj, "checks") else ():  # algorithm parameters
         if not ok:

@@ -8,6 +8,7 @@ training. One case goes through the real entry point (``python -m cafedist``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,11 @@ def corrupt_newest(c: Ctx) -> None:
     flip_byte(c.run / "checkpoints" / "round_000001" / "client_00001.pt")
 
 
+def config_yaml_a_folder(c: Ctx) -> None:
+    (c.run / "config.yaml").unlink()
+    (c.run / "config.yaml").mkdir()
+
+
 def bad_config_yaml(c: Ctx) -> None:
     (c.run / "config.yaml").write_text("train: {rounds: [\n")
 
@@ -98,6 +104,8 @@ def flipped_store(c: Ctx) -> None:
 
 def files(c: Ctx) -> None:
     (c.tmp / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    if not (c.tmp / "fifo.yaml").exists():
+        os.mkfifo(c.tmp / "fifo.yaml")
     (c.tmp / "repeated.yaml").write_text("train:\n  rounds: 2\n  lr: 0.1\n  rounds: 3\n")
     (c.tmp / "date.yaml").write_text("seed: 2024-01-01\n")
     (c.tmp / "cycle.yaml").write_text("model:\n  options: &o {width: [*o]}\n")
@@ -124,6 +132,11 @@ CASES = [
     Case("rounds-float", train("train.rounds=1.5"), "train.rounds"),
     Case("rounds-beyond-64-bit", train("train.rounds=100000000000000000000000"), "train.rounds"),
     Case("alpha-negative", fresh("data.alpha=-1"), "data.alpha"),
+    Case("cache-dir-empty", fresh("data.cache_dir="), "data.cache_dir: empty"),
+    Case("dataset-unknown", fresh("data.dataset=nosuch"), "data.dataset: unknown dataset 'nosuch'"),
+    Case("override-blamed-not-the-file", train("train.rounds="), "override 'train.rounds=': train.rounds: expected"),
+    Case("section-without-keys", train("algorithm.fedavg.nosuch=1"), "unknown key (this section takes no keys)"),
+    Case("store-empty", fresh("data.store=''"), "data.store: empty"),
     Case("algorithm-unknown", train("algorithm.name=nope"), "algorithm.name"),
     Case("algorithm-param-unknown", train("algorithm.cafedistill.bogus=1"), "algorithm.cafedistill.bogus"),
     Case("train-key-unknown", train("train.bogus=1"), "train.bogus"),
@@ -195,6 +208,10 @@ CASES = [
     Case("item5-eval-corrupt-final-checkpoint", lambda c: ["eval", str(c.run)], "not the final round 1",
          damage=corrupt_newest),
     Case("run-config-unreadable", train(), "unreadable", damage=bad_config_yaml),
+    Case("eval-run-config-a-folder", lambda c: ["eval", str(c.run)], "config.yaml: not a file",
+         damage=config_yaml_a_folder),
+    Case("config-a-fifo", lambda c: ["train", "--config", str(c.tmp / "fifo.yaml"), "--out", str(c.fresh)],
+         "fifo.yaml: not a regular file"),
     Case("eval-run-config-unreadable", lambda c: ["eval", str(c.run)], "config.yaml", damage=bad_config_yaml),
     Case("item3-second-writer", train(), "in use by another cafedist train", hold_lock=True),
     Case("item3-resume-none-while-held", train("--resume", "none"), "in use", hold_lock=True),

@@ -76,6 +76,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
     before any checkpoint is read: a request the run cannot serve fails before loading."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
+    if cfg_file.exists() and not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: not a file (a run directory's config.yaml is the config train wrote)")
     if not cfg_file.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory "
                               f"(no config.yaml; expected the --out of `cafedist train`)")

@@ -256,9 +256,12 @@ class Config:
         return _reorder(out)
 
 
+#: the top-level keys of a resolved config, in the order config.yaml lists them (every version wrote all)
+TOP_LEVEL_KEYS = ("seed", "data", "model", "train", "algorithm", "comm", "dist", "checkpoint")
+
+
 def _reorder(d: dict) -> dict:
-    keys = ["seed", "data", "model", "train", "algorithm", "comm", "dist", "checkpoint"]
-    return {k: d[k] for k in keys if k in d}
+    return {k: d[k] for k in TOP_LEVEL_KEYS if k in d}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -361,19 +364,52 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+def read_run_config(path: str | Path) -> Config:
+    """The config a run directory's ``config.yaml`` holds (the file train wrote).
+
+    Files written before configs were read as YAML 1.2 (:mod:`cafedist.yamlio`) came from a
+    YAML 1.1 writer, which leaves strings such as ``08`` or ``1e3`` unquoted: read as numbers
+    they fail the config's types, so such a file is read again under YAML 1.1's rules."""
+    raw = read_yaml(path)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as first:
+        try:
+            legacy = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError, ValueError):
+            raise first from None
+        if not isinstance(legacy, dict) or legacy == raw:
+            raise
+        try:
+            return config_from_dict(legacy)
+        except ConfigError:
+            raise first from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or start from defaults), apply overrides, validate."""
-    raw = read_yaml(path) if path else {}
-    raw = apply_overrides(raw, overrides or [])
+    from_file = read_yaml(path) if path else {}
+    raw = apply_overrides(from_file, overrides or [])
     try:
         return config_from_dict(raw)
     except ConfigError as exc:
         override = _override_of(str(exc), overrides or [])
         if override is not None:  # the value came from the command line, not the file
             raise ConfigError(f"override {override!r}: {exc}") from None
+        if overrides and _valid(from_file):  # the file is fine; an override made another field wrong
+            where = f"{path} with" if path else "the"
+            raise ConfigError(f"{where} overrides {' '.join(overrides)}: {exc}") from None
         if path:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def _valid(raw: dict) -> bool:
+    try:
+        config_from_dict(raw)
+    except ConfigError:
+        return False
+    return True
 
 
 def _override_of(message: str, overrides: list[str]) -> str | None:

@@ -98,7 +98,8 @@ def parse_axis(spec: str) -> GridAxis:
     texts = [render_value(v) for v in values]
     if not texts:
         raise ConfigError(f"{where}: expected at least one value")
-    twice = next((t for i, t in enumerate(texts) if t in texts[:i]), None)
+    # compared as read, not as written: 1 and 1.0 (or 0.1 and 1e-1) are one run
+    twice = next((t for i, t in enumerate(texts) if values[i] in values[:i]), None)
     if twice is not None:
         raise ConfigError(f"{where}: value {twice} is given twice")
     return GridAxis(key, tuple(texts))

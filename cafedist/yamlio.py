@@ -50,6 +50,7 @@ class ConfigLoader(yaml.SafeLoader):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._open_anchors: set[str] = set()
+        self._checked: set[int] = set()  # mapping nodes whose own keys were checked
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -66,9 +67,11 @@ class ConfigLoader(yaml.SafeLoader):
         finally:
             self._open_anchors.discard(anchor)
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        # the mapping's own keys, before merge keys (<<) bring in others it may override
-        if isinstance(node, yaml.MappingNode):
+    def flatten_mapping(self, node: Any) -> None:
+        # the mapping's own keys, checked before merge keys (<<) bring in others it may override;
+        # once per node, as merging writes the inherited keys into a merged-in node itself
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             seen: set[Any] = set()
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
@@ -79,11 +82,19 @@ class ConfigLoader(yaml.SafeLoader):
                         raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
                                                                 key_node.start_mark)
                     seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
+
+
+def _scalar_text(loader: ConfigLoader, node: Any, pattern: re.Pattern, kind: str) -> str:
+    """A scalar's text when it is written as ``kind`` (an explicit ``!!int x`` too must be one)."""
+    text = loader.construct_scalar(node)
+    if not isinstance(text, str) or not pattern.match(text):
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not {kind}", node.start_mark)
+    return text
 
 
 def _construct_int(loader: ConfigLoader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node)
+    text = _scalar_text(loader, node, _INT, "an integer")
     sign, body = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
     if body[:2] == "0o":
         return sign * int(body[2:], 8)
@@ -93,12 +104,20 @@ def _construct_int(loader: ConfigLoader, node: yaml.ScalarNode) -> int:
 
 
 def _construct_float(loader: ConfigLoader, node: yaml.ScalarNode) -> float:
-    text = loader.construct_scalar(node).lower()
+    text = _scalar_text(loader, node, _FLOAT, "a number").lower()
     if text.lstrip("+-") == ".inf":
         return float("-inf") if text[0] == "-" else float("inf")
     if text == ".nan":
         return float("nan")
     return float(text)
+
+
+def _construct_bool(loader: ConfigLoader, node: yaml.ScalarNode) -> bool:
+    text = loader.construct_scalar(node)
+    value = loader.bool_values.get(text.lower()) if isinstance(text, str) else None
+    if value is None:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a boolean", node.start_mark)
+    return value
 
 
 def _refuse(tag: str):
@@ -110,14 +129,35 @@ def _refuse(tag: str):
 
 ConfigLoader.add_constructor(_INT_TAG, _construct_int)
 ConfigLoader.add_constructor(_FLOAT_TAG, _construct_float)
+ConfigLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 for _tag in _REFUSED_TAGS:
     ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse(_tag))
 
 
 class ConfigDumper(yaml.SafeDumper):
-    """A SafeDumper that quotes by :class:`ConfigLoader`'s rules (``'1e3'`` stays a string)."""
+    """A SafeDumper that quotes a string which :class:`ConfigLoader` *or* YAML 1.1 (a plain
+    ``yaml.safe_load``) would read as something else (``'1e3'``, ``'08'``, ``'2024-01-01'``):
+    what it writes reads back the same under either."""
 
     yaml_implicit_resolvers = ConfigLoader.yaml_implicit_resolvers
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == _STR_TAG:
+            return _yaml11_tag(value)
+        return tag
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _yaml11_tag(value: str) -> str:
+    """The tag PyYAML's own (YAML 1.1) resolver gives a plain scalar ``value``."""
+    table = yaml.SafeLoader.yaml_implicit_resolvers
+    for tag, regexp in table.get(value[:1], []) + table.get(None, []):
+        if regexp.match(value):
+            return tag
+    return _STR_TAG
 
 
 def load(text: str) -> Any:
@@ -127,6 +167,9 @@ def load(text: str) -> Any:
         return yaml.load(text, Loader=ConfigLoader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        # a constructor PyYAML does not guard (its own bugs on odd input): still one line
+        raise yaml.YAMLError(f"cannot read a value ({type(exc).__name__})") from None
 
 
 def compose(text: str) -> Any:
@@ -141,6 +184,29 @@ def compose(text: str) -> Any:
 def dump(data: Any) -> str:
     """``data`` as YAML text in the given key order that :func:`load` reads back unchanged."""
     return yaml.dump(data, Dumper=ConfigDumper, sort_keys=False)
+
+
+def has_comments(text: str) -> bool:
+    """Whether ``text`` holds a YAML comment: a ``#`` at a line's start or after a space that
+    lies in no scalar (``root: "a #1"`` holds none). yaml.YAMLError when it is not valid YAML."""
+    spans: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    stack = [compose(text)]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            spans.append((node.start_mark.index, node.end_mark.index))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+    for match in re.finditer(r"(?:^|(?<=\s))#", text, flags=re.MULTILINE):
+        if not any(start <= match.start() < end for start, end in spans):
+            return True
+    return False
 
 
 def problem(exc: yaml.YAMLError) -> str:

@@ -19,9 +19,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from cafedist.config import config_from_dict
+from cafedist.config import read_run_config
 from cafedist.data.store import Store
 
 
@@ -33,7 +32,7 @@ def client_accuracy(run_dir: Path, exit_index: int) -> list[float]:
 
 def train_sizes(run_dir: Path) -> list[int]:
     """Each client's number of training samples, from the run's store (paths relative to the cwd)."""
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = read_run_config(run_dir / "config.yaml")
     with Store(cfg.data.store_path(cfg.seed)) as store:
         return [train for train, _test in store.client_sizes()]
 

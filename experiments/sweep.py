@@ -117,9 +117,9 @@ def markdown_table(rows: list[dict], exits: int = 3) -> str:
 
 
 def _seed(run_dir: Path) -> int | None:
-    import yaml
+    from cafedist.config import read_run_config
 
-    return yaml.safe_load((run_dir / "config.yaml").read_text()).get("seed")
+    return read_run_config(run_dir / "config.yaml").seed
 
 
 def _r(v: float | None) -> float | None:

@@ -108,6 +108,7 @@ def files(c: Ctx) -> None:
         os.mkfifo(c.tmp / "fifo.yaml")
     (c.tmp / "repeated.yaml").write_text("train:\n  rounds: 2\n  lr: 0.1\n  rounds: 3\n")
     (c.tmp / "date.yaml").write_text("seed: 2024-01-01\n")
+    (c.tmp / "natural.yaml").write_text("data: {dataset: femnist, partition: natural, proxy_users: 3}\n")
     (c.tmp / "cycle.yaml").write_text("model:\n  options: &o {width: [*o]}\n")
     (c.tmp / "deep.yaml").write_text("model:\n  options:\n    x: " + "[" * 3000 + "]" * 3000 + "\n")
     (c.tmp / "tagged.yaml").write_text("data:\n  options: !!binary aGk=\n")
@@ -135,6 +136,10 @@ CASES = [
     Case("cache-dir-empty", fresh("data.cache_dir="), "data.cache_dir: empty"),
     Case("dataset-unknown", fresh("data.dataset=nosuch"), "data.dataset: unknown dataset 'nosuch'"),
     Case("override-blamed-not-the-file", train("train.rounds="), "override 'train.rounds=': train.rounds: expected"),
+    Case("override-making-another-field-wrong",
+         lambda c: ["train", "--config", str(c.tmp / "natural.yaml"), "--out", str(c.fresh),
+                    "data.partition=dirichlet"],
+         "natural.yaml with overrides data.partition=dirichlet: data.proxy_users: applies only to"),
     Case("section-without-keys", train("algorithm.fedavg.nosuch=1"), "unknown key (this section takes no keys)"),
     Case("store-empty", fresh("data.store=''"), "data.store: empty"),
     Case("algorithm-unknown", train("algorithm.name=nope"), "algorithm.name"),

@@ -221,11 +221,22 @@ def test_a_users_own_config_in_out_is_not_replaced(finished, run_copy, tmp_path)
             _one_error_line(err, f"{mine} has comments, so train did not write it")
             assert mine.read_text().startswith("# my experiment")
             assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+    # a file of the user's without comments: it lacks sections every config.yaml train wrote has
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("seed: 7\ndata: {dataset: digits}\n")
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(other), "--no-progress")
+    assert code == 2
+    _one_error_line(err, "lacks the sections train writes (model, train, algorithm, comm, dist, checkpoint)")
+    assert (other / "config.yaml").read_text() == "seed: 7\ndata: {dataset: digits}\n"
     # a run's own config.yaml (the resolved config train wrote) may be given back to train, also
-    # one written before fields were added (it no longer matches today's resolved text)
+    # one written before fields were added (it no longer matches today's resolved text) with a
+    # '#' inside a value (no comment)
     own = run_copy / "config.yaml"
-    own.write_text("".join(line for line in own.read_text().splitlines(keepends=True)
-                           if "optimizer_state:" not in line and "proxy_users:" not in line))
+    text = "".join(line for line in own.read_text().splitlines(keepends=True)
+                   if "optimizer_state:" not in line and "proxy_users:" not in line)
+    own.write_text(text.replace("  root: null\n", "  root: '/nowhere #1'\n"))
+    assert "#1" in own.read_text()
     code, _, err = run_cli("train", "--config", str(own), "--out", str(run_copy), "--no-progress")
     assert code == 0, err
 

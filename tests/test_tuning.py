@@ -31,7 +31,8 @@ def test_grid_values_are_yaml_and_keys_are_checked():
     for bad, why in [("train.lr", "expected KEY=v1,v2"), ("train.lr=", "expected KEY=v1,v2"),
                      ("train..lr=1", "empty component"), ("seed=1,2", "use --seeds"),
                      ("algorithm.name=fedavg", "use --algorithms"), ("train.lr=[1", "not valid YAML"),
-                     ("train.lr=0.1,0.1", "value 0.1 is given twice")]:
+                     ("train.lr=0.1,0.1", "value 0.1 is given twice"), ("train.lr=1,1.0", "value 1.0 is given twice"),
+                     ("train.lr=0.1,1e-1", "value 0.1 is given twice")]:
         with pytest.raises(ConfigError, match=why):
             parse_axis(bad)
     known = list(ALGORITHMS)

@@ -34,6 +34,9 @@ def test_infinities_and_nan_still_parse_so_the_config_can_refuse_them():
     ("a: !!timestamp 2024-01-01\n", "!!timestamp is not plain data"),
     ("a: !!python/object:os.system x\n", "could not determine a constructor"),
     ("a: " + "[" * 2000 + "]" * 2000, "nested too deeply"),
+    ("a: !!int x\n", "'x' is not an integer"), ("a: !!int ''\n", "'' is not an integer"),  # were tracebacks
+    ("a: !!float x\n", "'x' is not a number"), ("a: !!bool x\n", "'x' is not a boolean"),
+    ("a: !!int '1_0'\n", "'1_0' is not an integer"),
 ])
 def test_what_is_not_plain_data_is_refused(text, problem):
     with pytest.raises(yaml.YAMLError) as info:
@@ -41,14 +44,43 @@ def test_what_is_not_plain_data_is_refused(text, problem):
     assert problem in yamlio.problem(info.value)
 
 
-def test_merge_keys_and_anchors_still_work():
-    doc = yamlio.load("base: &b {lr: 1, rounds: 2}\nrun:\n  <<: *b\n  lr: 3\ntwice: [*b, *b]\n")
-    assert doc["run"] == {"lr": 3, "rounds": 2} and doc["twice"] == [{"lr": 1, "rounds": 2}] * 2
+@pytest.mark.parametrize("text", [
+    "base: &b {lr: 1, rounds: 2}\nrun:\n  <<: *b\n  lr: 3\ntwice: [*b, *b]\n",
+    # a merged-in mapping that merges itself (PyYAML writes the inherited keys into it)
+    "d: &d {lr: 1}\na:\n  inner: &e\n    <<: *d\n    lr: 2\nb:\n  <<: *e\n",
+    "d: &d {lr: 1}\nr: {<<: &m {<<: *d, lr: 2}}\ns: *m\n",
+])
+def test_merge_keys_and_anchors_read_as_pyyaml_reads_them(text):
+    assert yamlio.load(text) == yaml.safe_load(text)
 
 
-@pytest.mark.parametrize("value", ["1e3", "010", "1:30", "5e-4", "yes", "2024-01-01", "12", 0.0005, 1e20, 12, -3])
-def test_what_dump_writes_load_reads_back(value):
-    assert yamlio.load(yamlio.dump({"k": value})) == {"k": value}
+@pytest.mark.parametrize("value", ["1e3", "010", "08", "1:30", "5e-4", "yes", "2024-01-01", "1_000", "0o1", "+.5",
+                                   "12", "abc", 0.0005, 1e20, 12, -3, True])
+def test_what_dump_writes_both_yaml_versions_read_back(value):
+    """Quoted where YAML 1.2 *or* 1.1 would read another type: a plain yaml.safe_load of a
+    config.yaml (a user's script) reads the same values as cafedist."""
+    text = yamlio.dump({"k": value})
+    assert yamlio.load(text) == {"k": value} and yaml.safe_load(text) == {"k": value}
+
+
+@pytest.mark.parametrize("text,commented", [
+    ("a: 1 # note\n", True), ("# top\na: 1\n", True), ("a: [1, 2]  # c\n", True),
+    ("a: 'x #1'\n", False), ('a: "x # y"\n', False), ("a: x#y\n", False), ("a: |\n  line # kept\n", False),
+])
+def test_comments_are_told_from_a_hash_inside_a_value(text, commented):
+    assert yamlio.has_comments(text) is commented
+
+
+def test_a_run_config_written_by_yaml_1_1_still_reads(tmp_path):
+    """Before YAML 1.2 reading, config.yaml came from yaml.safe_dump, which leaves '08' bare."""
+    from cafedist.config import Config, read_run_config
+
+    raw = Config().to_dict()
+    raw["data"]["root"] = "08"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert "root: 08" in path.read_text()
+    assert read_run_config(path).data.root == "08"
 
 
 def test_a_config_reads_5e_4_and_writes_what_it_reads(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from cafedist.config import config_from_dict, config_hash, read_yaml, run_identity
+from cafedist.config import config_hash, read_run_config, run_identity
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, deterministic_cuda, resolve_device
@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         raise CheckpointError(f"{run_dir}: not a run directory "
                               f"(no config.yaml; expected the --out of `cafedist train`)")
     try:
-        cfg = config_from_dict(read_yaml(cfg_file))
+        cfg = read_run_config(cfg_file)
     except CafeError as exc:
         raise CheckpointError(f"{cfg_file}: not a usable run config ({exc})") from None
     dev = resolve_device(device, name="--device")

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -57,8 +58,9 @@ _DIR_RE = re.compile(r"^round_(\d{6,})$")
 SHARDS_ONLY = "SHARDS_ONLY"  # marker of a pruned directory kept for the shards others reference
 
 
-# digests already computed within a :func:`verification_memo` scope, keyed by the file's identity
-_memo: dict[tuple[int, ...], str] | None = None
+# digests already computed within a :func:`verification_memo` scope, keyed by the file's
+# identity; a context variable, so one thread's scope is not another's
+_memo: ContextVar[dict[tuple[int, ...], str] | None] = ContextVar("cafedist_verification_memo", default=None)
 
 
 @contextmanager
@@ -67,23 +69,23 @@ def verification_memo() -> Iterator[None]:
     was hashed is not hashed again: a run's start looks at its newest checkpoint up to four
     times (which run wrote it, then loading it). Committed files are never rewritten in place
     (a checkpoint is renamed into place whole), so a changed file is a changed identity."""
-    global _memo
-    outer, _memo = _memo, ({} if _memo is None else _memo)
+    token = _memo.set(_memo.get() if _memo.get() is not None else {})
     try:
         yield
     finally:
-        _memo = outer
+        _memo.reset(token)
 
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes (remembered inside a :func:`verification_memo` block)."""
-    if _memo is None:
+    memo = _memo.get()
+    if memo is None:
         return _hash_file(path)
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _memo:
-        _memo[key] = _hash_file(path)
-    return _memo[key]
+    if key not in memo:
+        memo[key] = _hash_file(path)
+    return memo[key]
 
 
 def _hash_file(path: Path) -> str:

@@ -10,19 +10,19 @@ reads.
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from cafedist import yamlio
 from cafedist.config import (
+    TOP_LEVEL_KEYS,
     Config,
-    config_from_dict,
     config_hash,
-    dump_config,
     identity_fields,
-    load_config,
-    read_yaml,
+    read_run_config,
     run_identity,
 )
 from cafedist.errors import CafeError, CheckpointError, ConfigError
@@ -71,7 +71,7 @@ def earlier_hash(cfg: Config, run_dir: Path) -> str | None:
         same_run = ref is not None and ref.manifest.get("run_identity") == run_identity(cfg)
         return ref.manifest.get("config_hash") if same_run else None
     try:
-        old = config_from_dict(read_yaml(run_dir / "config.yaml"))
+        old = read_run_config(run_dir / "config.yaml")
     except CafeError:
         return None
     return config_hash(old) if run_identity(old) == run_identity(cfg) else None
@@ -102,7 +102,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if not cfg_file.exists():
         return _plan_without_config(cfg, run_dir, resume)
     try:
-        old = config_from_dict(read_yaml(cfg_file))
+        old = read_run_config(cfg_file)
     except CafeError as exc:
         raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc}); "
                               f"use --resume none to move that run aside and start over") from None
@@ -139,24 +139,21 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
 
 
 def _refuse_a_users_config_file(cfg_file: Path) -> None:
-    """Refuse to replace a ``config.yaml`` that train did not write: train rewrites it with
-    the resolved config, which would drop a user's comments (their own config kept in the run
-    directory, whether or not ``--config`` names it). A config.yaml train wrote has none (also
-    one of an older version, which may lack fields added since and so not match today's text);
-    a '#' may also sit inside a quoted value of a resolved config: that text is train's own."""
+    """Refuse to replace a ``config.yaml`` that train did not write: train rewrites it with the
+    resolved config, which would lose a user's own file kept in the run directory (whether or
+    not ``--config`` names it). A config.yaml train wrote, in any version, has no comment and
+    every top-level section (a ``#`` inside a value is no comment)."""
     try:
         if not cfg_file.is_file():
             return
-        text = cfg_file.read_text()
-    except (OSError, UnicodeDecodeError):
+        text = cfg_file.read_text(encoding="utf-8")
+        commented = yamlio.has_comments(text)
+        doc = yamlio.load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return  # unreadable: the plan refuses it as an unreadable run config
-    if not re.search(r"(^|\s)#", text, flags=re.MULTILINE):
-        return
-    try:
-        own = text == dump_config(load_config(cfg_file))
-    except CafeError:
-        own = False
-    if not own:
-        raise ConfigError(f"{cfg_file} has comments, so train did not write it, and train replaces that file "
-                          f"with the resolved config; keep your config outside the run directory (--config "
-                          f"elsewhere) or choose another --out")
+    missing = [key for key in TOP_LEVEL_KEYS if not isinstance(doc, dict) or key not in doc]
+    if commented or missing:
+        why = "has comments" if commented else f"lacks the sections train writes ({', '.join(missing)})"
+        raise ConfigError(f"{cfg_file} {why}, so train did not write it, and train replaces that file with the "
+                          f"resolved config; keep your config outside the run directory (--config elsewhere) "
+                          f"or choose another --out")

@@ -49,13 +49,15 @@ _BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("cafedist
 
 
 @contextlib.contextmanager
-def replaced_together(remove: Iterable[Path] = ()) -> Iterator[None]:
+def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) -> Iterator[None]:
     """Files written by :func:`atomic_output` inside this block replace their targets only
     when the block ends without an exception, and the files in ``remove`` are deleted then
     too; on an exception (a failed write, Ctrl-C) nothing is replaced or deleted and the
     temporary files are removed. For outputs that describe each other (eval.json and the
     files it lists). The renames at the end run one after another: the set changes in a
-    moment, not atomically. A block inside another joins the outer one."""
+    moment, not atomically; ``first`` (the file listing the others) is renamed before them,
+    so a kill amid the renames leaves none that it does not list. A block inside another
+    joins the outer one."""
     outer = _BATCH.get()
     if outer is not None:
         outer.removals.extend(remove)
@@ -70,6 +72,8 @@ def replaced_together(remove: Iterable[Path] = ()) -> Iterator[None]:
         raise
     finally:
         _BATCH.reset(token)
+    if first is not None:  # a stable sort: the others keep their order
+        batch.renames.sort(key=lambda pair: pair[1] != Path(first))
     for i, (tmp, target) in enumerate(batch.renames):
         try:
             os.replace(tmp, target)

@@ -4,8 +4,14 @@
 ``cafedist train`` for the whole run and released by the kernel when the process ends, however
 it ends. The file records the holder (``host pid``) so that a refused second writer can say who
 holds the run, and so that a run that was killed can be recognised: the record of a holder that
-no longer runs is a stale lock, taken over with a message. ``cafedist eval`` and
-``prepare --describe`` read only and take no lock.
+no longer runs is a stale lock, taken over with a message. ``prepare --describe`` reads only
+and takes no lock.
+
+The same kind of lock on ``RUN_DIR/outputs.lock`` (:data:`OUTPUTS_LOCK_NAME`) guards what is
+written *about* a run's models while training may go on: ``cafedist eval`` and ``compare
+--budget`` hold it from the models loaded to their outputs written (a second one waits), and
+``--resume none`` takes it to move the run aside, so an eval never writes the old run's results
+into the new one.
 
 :func:`move_aside` is what ``--resume none`` does to an existing run: its files move into
 ``RUN_DIR/previous-<timestamp>/`` (renames within the directory, nothing is copied or deleted).
@@ -27,6 +33,7 @@ from cafedist.fsutil import fsync_dir
 log = logging.getLogger("cafedist")
 
 LOCK_NAME = "run.lock"
+OUTPUTS_LOCK_NAME = "outputs.lock"
 PREVIOUS_PREFIX = "previous-"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
 #: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
@@ -61,15 +68,21 @@ def _holder_alive(raw: str) -> bool | None:
 
 
 class RunLock:
-    """Exclusive advisory lock on a run directory (``with RunLock(run_dir):`` or acquire/release)."""
+    """Exclusive advisory lock on a run directory (``with RunLock(run_dir):`` or acquire/release).
 
-    def __init__(self, run_dir: str | os.PathLike):
+    ``name``: the lock file (``run.lock``: the run's one writer; ``outputs.lock``: what is
+    written about its models); ``holder`` and ``advice`` word the refusal of a second taker."""
+
+    def __init__(self, run_dir: str | os.PathLike, name: str = LOCK_NAME, holder: str = "cafedist train",
+                 advice: str = "wait for it to end or use another --out"):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
+        self.holder, self.advice = holder, advice
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
-        """Create the run directory if needed and take the lock, or raise :class:`RunDirBusy`."""
+    def acquire(self, wait: bool = False) -> "RunLock":
+        """Create the run directory if needed and take the lock, or raise :class:`RunDirBusy`
+        (``wait``: block until the holder releases it instead, saying so once)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -79,11 +92,21 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             previous = os.pread(fd, 256, 0).decode("utf-8", "replace")
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise CafeError(f"{self.path}: cannot lock the run directory ({exc.strerror})") from None
-            raise RunDirBusy(f"{self.run_dir} is in use by another cafedist train ({_holder_text(previous)}, "
-                             f"lock {self.path}): wait for it to end or use another --out") from None
+            busy = exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN)
+            if busy and wait:
+                log.info("%s is in use by another %s (%s): waiting for it", self.run_dir, self.holder,
+                         _holder_text(previous))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            else:
+                os.close(fd)
+                if not busy:
+                    raise CafeError(f"{self.path}: cannot lock the run directory ({exc.strerror})") from None
+                raise RunDirBusy(f"{self.run_dir} is in use by another {self.holder} ({_holder_text(previous)}, "
+                                 f"lock {self.path}): {self.advice}") from None
         previous = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
         if previous:
             # the kernel drops a flock when its holder dies; a record left behind means it was killed

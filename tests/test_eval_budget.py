@@ -400,7 +400,7 @@ def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_ru
     assert (run / "budget.csv").exists() and (run / "budget.png").exists()
     plain = cafedist("eval", str(run), check=True)
     assert not (run / "budget.csv").exists() and not (run / "budget.png").exists()
-    assert "removed budget.csv and budget.png of an earlier `eval --budget`" in plain.stderr
+    assert "removing budget.csv and budget.png of an earlier `eval --budget`" in plain.stderr
     assert "budget" not in json.loads((run / "eval.json").read_text())
     # a file of the user's with that name, which no eval wrote, stays
     (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")

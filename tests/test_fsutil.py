@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,19 @@ def test_replaced_together_replaces_and_removes_only_when_the_block_ends(tmp_pat
             tmp.write_text("x")
         assert (tmp_path / "now.txt").read_text() == "x"
     assert a.read_text() == b.read_text() == "new\n" and not stale.exists()
+
+
+def test_the_listing_file_is_replaced_first(tmp_path, monkeypatch):
+    """A kill amid the renames must not leave a file the listing (eval.json) does not list."""
+    order = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: order.append(Path(dst).name) or real(src, dst))
+    with replaced_together(first=tmp_path / "eval.json"):
+        write_text_atomic(tmp_path / "budget.csv", "x\n")
+        write_text_atomic(tmp_path / "budget.png", "x\n")
+        write_text_atomic(tmp_path / "eval.json", "{}\n")
+        write_text_atomic(tmp_path / "accuracy_vs_macs.png", "x\n")
+    assert order == ["eval.json", "budget.csv", "budget.png", "accuracy_vs_macs.png"]
 
 
 def test_a_write_that_fails_without_a_file_name_names_the_target(tmp_path):

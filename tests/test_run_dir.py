@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import pytest
 from conftest import ROOT, TINY, cafedist, env_for_tests, metrics, summary
 
 from cafedist.cli import main
-from cafedist.rundir import LOCK_NAME, RunDirBusy, RunLock, move_aside
+from cafedist.compare import COMPARE_LOCK_NAME
+from cafedist.errors import CheckpointError
+from cafedist.eval.run import LoadedRun, writing_outputs
+from cafedist.rundir import LOCK_NAME, OUTPUTS_LOCK_NAME, RunDirBusy, RunLock, move_aside
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -494,3 +498,63 @@ def test_different_config_names_a_field_that_decides_the_run(tmp_path):
     (run_dir / "config.yaml").write_text(dump_config(load_config(quickstart, ["data.val_fraction=0"])))
     with pytest.raises(CheckpointError, match=r"first difference: data\.val_fraction \(0\.0 vs 0\.1\)"):
         plan_run_dir(load_config(quickstart), run_dir, "auto")
+
+
+# ----------------------------------------------------------------------------- what is written about a run's models
+# the outputs lock keeps evals, compare --budget and --resume none from mixing runs' results
+def test_resume_none_waits_for_no_eval_but_refuses_while_one_writes(finished, run_copy):
+    """An eval holding the outputs lock would write the old run's results into the new run."""
+    with RunLock(run_copy, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget"):
+        code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
+                               "--resume", "none")
+    assert code == 2
+    _one_error_line(err, "is in use by another cafedist eval or compare --budget", "then start over")
+    assert not any(p.name.startswith("previous-") for p in run_copy.iterdir())
+
+
+def test_eval_refuses_to_write_about_a_run_started_over_since_it_loaded(run_copy):
+    loaded = LoadedRun(run=None, restored=None, done=1, final=1, incarnation=-1)  # another checkpoints folder
+    with pytest.raises(CheckpointError, match="started over .* while its models were read; nothing written"):
+        with writing_outputs(run_copy, loaded, {}):
+            pass
+
+
+def test_a_second_eval_waits_and_a_killed_evals_temporary_files_go(run_copy):
+    stale = run_copy / ".eval.json.0123abcd.tmp"
+    stale.write_text("{half")
+    lock = RunLock(run_copy, OUTPUTS_LOCK_NAME).acquire()
+    threading.Timer(3.0, lock.release).start()
+    t0 = time.monotonic()
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 0, err
+    assert time.monotonic() - t0 >= 3.0  # waited for the holder
+    assert not stale.exists()
+    assert json.loads((run_copy / "eval.json").read_text())["round"] == 1
+
+
+def test_one_compare_per_out(finished, tmp_path):
+    out = tmp_path / "cmp"
+    with RunLock(out, COMPARE_LOCK_NAME, holder="cafedist compare"):
+        code, _, err = run_cli("compare", "--config", str(finished[0]), "--algorithms", "fedavg", "--seeds", "1",
+                               "--out", str(out))
+    assert code == 2
+    _one_error_line(err, "is in use by another cafedist compare")
+    assert sorted(p.name for p in out.iterdir()) == [COMPARE_LOCK_NAME]
+
+
+def test_compare_budgets_refuse_models_trained_on_since_the_summary(finished, run_copy):
+    from cafedist.compare.budgets import run_budgets
+    from cafedist.eval.budget_run import BudgetOptions
+
+    summary = json.loads((run_copy / "summary.json").read_text())
+    summary["model_hashes"] = {k: "0" * 16 for k in summary["model_hashes"]}
+    with pytest.raises(CheckpointError, match="not the models of the summary.json compare read"):
+        run_budgets(run_copy, summary, [BudgetOptions("macs=0.5")])
+    assert not (run_copy / "budgets.json").exists()
+
+
+def test_eval_of_a_run_without_a_checkpoint_yet_says_so(run_copy):
+    shutil.rmtree(run_copy / "checkpoints")
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2
+    _one_error_line(err, "no checkpoint yet to evaluate (a run writes its first after 1 round(s)")

@@ -66,6 +66,7 @@ from cafedist.compare.report import (
 from cafedist.errors import ConfigError
 from cafedist.jobs import ExecutorOptions, require_submitit
 from cafedist.paths import check_dir_creatable, config_file_arg
+from cafedist.rundir import RunLock
 from cafedist.tuning import Setting, TuneResult
 
 log = logging.getLogger("cafedist")
@@ -98,6 +99,10 @@ def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: 
         return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
 
     return tuning.tune(variants, settings, resolve_seeds(seeds, base_seed), plan, run)
+
+
+#: the lock of a compare's --out (one compare at a time there)
+COMPARE_LOCK_NAME = "compare.lock"
 
 
 def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",
@@ -134,34 +139,39 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         check_runs(budget_options, _method_configs(config, variants, settings, overrides), seeds,
                    prepare=submit is None)
 
-    def run(runs: list[PlannedRun]) -> list[RunOutcome]:
-        return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
+    # one compare per --out: two would train the same runs into each other's locks and
+    # report the other's as failed
+    with RunLock(Path(out), COMPARE_LOCK_NAME, holder="cafedist compare",
+                 advice="wait for it to end or use another --out"):
+        def run(runs: list[PlannedRun]) -> list[RunOutcome]:
+            return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
 
-    tuned = None
-    if tune:
-        tuned = _tune(config, variants, seeds, out, overrides, settings, base_seed, run)
-        outcomes = tuned.finals
-    else:
-        runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None)
-        log.info("compare: %d runs (%d algorithms, %d settings) in %s", len(runs), len(variants),
-                 sum(map(len, settings.values())), Path(out) / "runs")
-        outcomes = run(runs)
-    if command is None:
-        algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
-        seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
-        flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
-                 *(["--max-trials", str(max_trials)] if max_trials is not None else []),
-                 *(f for b in budget_options for f in ("--budget", b.budget))]
-        command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
-                              "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
-    evaluated, budget_errors = evaluate_outcomes(outcomes, budget_options) if budget_options else ({}, [])
-    if not any(o.status != "failed" for o in outcomes) and (Path(out) / "results.md").exists():
-        # every run failed (e.g. refused by its run directory): the report of an earlier compare
-        # in ``out`` would be replaced by an empty one
-        log.error("compare: no run finished; the report already in %s is left as it was", out)
-        return CompareResult(outcomes, {}, tuned, budget_errors)
-    paths = write_report(out, command, outcomes, thresholds, tuned, evaluated, budget_errors)
-    return CompareResult(outcomes, paths, tuned, budget_errors)
+        tuned = None
+        if tune:
+            tuned = _tune(config, variants, seeds, out, overrides, settings, base_seed, run)
+            outcomes = tuned.finals
+        else:
+            runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None)
+            log.info("compare: %d runs (%d algorithms, %d settings) in %s", len(runs), len(variants),
+                     sum(map(len, settings.values())), Path(out) / "runs")
+            outcomes = run(runs)
+        if command is None:
+            algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
+            seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
+            flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
+                     *(["--max-trials", str(max_trials)] if max_trials is not None else []),
+                     *(f for b in budget_options for f in ("--budget", b.budget))]
+            command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
+                                  "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out),
+                                  *overrides])
+        evaluated, budget_errors = evaluate_outcomes(outcomes, budget_options) if budget_options else ({}, [])
+        if not any(o.status != "failed" for o in outcomes) and (Path(out) / "results.md").exists():
+            # every run failed (e.g. refused by its run directory): the report of an earlier compare
+            # in ``out`` would be replaced by an empty one
+            log.error("compare: no run finished; the report already in %s is left as it was", out)
+            return CompareResult(outcomes, {}, tuned, budget_errors)
+        paths = write_report(out, command, outcomes, thresholds, tuned, evaluated, budget_errors)
+        return CompareResult(outcomes, paths, tuned, budget_errors)
 
 
 def _method_configs(config: str | os.PathLike | None, variants: Sequence[Variant],

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from cafedist.compare.plan import resolve_seeds
-from cafedist.errors import CafeError, ConfigError
+from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.eval.budget import SEARCH_VERSION
 from cafedist.eval.budget_run import BudgetOptions
 from cafedist.eval.budget_spec import check_feasible, looks_like_spec
@@ -136,7 +136,8 @@ def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[Bud
     """The eval ``budget`` section of each budget for the finished run in ``run_dir`` (whose
     ``summary.json`` is ``summary``), reused from ``budgets.json`` when kept for these models."""
     from cafedist.eval.budget_run import budget_section, client_splits
-    from cafedist.eval.run import load_run
+    from cafedist.eval.run import load_run, writing_outputs
+    from cafedist.run.client import model_hash
 
     run_dir = Path(run_dir)
     path = run_dir / BUDGETS_FILE
@@ -145,11 +146,16 @@ def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[Bud
     keys = [_key(b) for b in budgets]
     todo = [(k, b) for k, b in zip(keys, budgets) if k not in sections]
     if todo:
-        with load_run(run_dir) as loaded:
+        with load_run(run_dir) as loaded, writing_outputs(run_dir, loaded, {BUDGETS_FILE: ""}):
+            kept = summary.get("model_hashes") or {}
+            if any(kept.get(str(c.cid)) != model_hash(c.model) for c in loaded.run.pool.resident()):
+                # trained on (e.g. --resume force with more rounds) since its summary was read
+                raise CheckpointError(f"{loaded.restored.path}: not the models of the summary.json compare read "
+                                      f"(the run was trained on meanwhile); compare again")
             splits = client_splits(loaded.run)  # one forward pass for every budget
             for k, b in todo:
                 sections[k] = budget_section(loaded.run, run_dir, b, summary["dynamic"], splits)[0]
-        write_json_atomic(path, {"models": models, "sections": sections})
+            write_json_atomic(path, {"models": models, "sections": sections})
     return [sections[k] for k in keys]
 
 

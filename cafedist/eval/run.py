@@ -10,14 +10,18 @@ with ``--budget`` also per-client exit policies within budgets, ``budget.csv``, 
 The report names the round and checkpoint it evaluated. When that is not the run's final
 round (an unfinished run, or a final checkpoint that no longer verifies) the evaluation is
 refused unless ``allow_partial``, and marked ``"partial": true``: its numbers are not the
-run's result. It takes no lock: evaluating a run while it trains is allowed.
+run's result. Evaluating a run while it trains is allowed: eval does not take the run's lock,
+but its outputs lock (:data:`cafedist.rundir.OUTPUTS_LOCK_NAME`) from the models loaded to its
+outputs written — a second eval waits, ``--resume none`` cannot move the run aside meanwhile,
+and temporary files of a killed eval are removed — and it refuses to write when the run was
+started over between loading and the lock (its results would describe models moved aside).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,10 +43,11 @@ from cafedist.eval.budget_run import (
 from cafedist.eval.clients import final_evaluation
 from cafedist.eval.dynamic import dynamic_table, mac_reduction_at_loss
 from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
-from cafedist.fsutil import replaced_together, write_json_atomic
+from cafedist.fsutil import remove_stale_temps, remove_together, replaced_together, write_json_atomic
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
+from cafedist.rundir import OUTPUTS_LOCK_NAME, RunLock
 from cafedist.typed import is_finite_number
 
 log = logging.getLogger("cafedist")
@@ -65,6 +70,40 @@ class LoadedRun:
     restored: Any
     done: int
     final: int
+    incarnation: int | None = None  # inode of RUN/checkpoints when loaded: --resume none makes another
+
+
+def _incarnation(run_dir: Path) -> int | None:
+    """Which run a run directory holds now: its ``checkpoints`` folder (pruning keeps it;
+    ``--resume none`` moves it aside and the new run makes another)."""
+    try:
+        return (run_dir / "checkpoints").stat().st_ino
+    except OSError:
+        return None
+
+
+#: the files eval writes beside eval.json (and a temporary name's suffix for each)
+_EVAL_OUTPUTS = {"eval.json": "", "accuracy_vs_macs.png": ".png", "conflict.png": ".png", "budget.csv": "",
+                 "budget.png": ".png"}
+
+
+@contextmanager
+def writing_outputs(run_dir: str | Path, loaded: LoadedRun, outputs: dict[str, str]) -> Iterator[None]:
+    """Hold the run's outputs lock (waiting for another eval) while writing ``outputs`` (file
+    name -> temporary suffix) about ``loaded``'s models: temporary files a killed writer left
+    are removed, and a run started over since it was loaded is refused."""
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget").acquire(wait=True)
+    try:
+        if _incarnation(run_dir) != loaded.incarnation:
+            raise CheckpointError(f"{run_dir}: the run was started over (--resume none) while its models were "
+                                  f"read; nothing written (the results would describe the models moved aside): "
+                                  f"evaluate again")
+        for name, suffix in outputs.items():
+            remove_stale_temps(run_dir / name, suffix)
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -94,18 +133,21 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
     try:
         if check is not None:
             check(run)
+        incarnation = _incarnation(run_dir)  # before loading: what is loaded is this run's or later's
         restored = load_checkpoint(CheckpointDir(run_dir), Comm(rt), run.pool, run.algo, run.shared,
                                    config_hash=config_hash(cfg), resume="force",
                                    evaluating=run_identity(cfg))
         done, final = restored.next_round - 1, cfg.train.rounds - 1
         if done < 0:
-            raise CheckpointError(f"{run_dir}/checkpoints: no valid checkpoint to evaluate")
+            first = min(cfg.checkpoint.every or cfg.train.rounds, cfg.train.rounds)
+            raise CheckpointError(f"{run_dir}: no checkpoint yet to evaluate (a run writes its first after {first} "
+                                  f"round(s) or when stopped; if it is training, try again then)")
         if done != final and not allow_partial:
             raise CheckpointError(f"{run_dir}: the newest valid checkpoint is round {done} "
                                   f"({restored.path.name}), not the final round {final}: the run is "
                                   f"unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
                                   f"or pass --allow-partial to evaluate round {done} anyway)")
-        yield LoadedRun(run, restored, done, final)
+        yield LoadedRun(run, restored, done, final, incarnation)
     finally:
         close_run(run)
 
@@ -126,23 +168,27 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     if budget is not None:
         check_not_an_output(run_dir, budget)
     check = None if budget is None else (lambda built: resolve_run_budgets(built, run_dir, budget))
-    # without --budget, the budget.csv/png of an earlier `eval --budget` describe an eval.json
-    # that is being replaced
-    stale = [] if budget is not None else _budget_outputs_of_last_eval(run_dir)
-    # eval.json lists the files beside it: all are replaced (and the stale ones removed) at the
-    # end or, on a failure or Ctrl-C anywhere before, none is
-    with replaced_together(remove=stale):
-        report = _evaluate(run_dir, max_loss, device, allow_partial, budget, check)
-    if stale:
-        log.info("removed %s of an earlier `eval --budget` (this eval has no --budget)",
-                 " and ".join(p.name for p in stale))
+    # eval.json lists the files beside it: all are replaced (and stale ones removed) at the end
+    # or, on a failure or Ctrl-C anywhere before, none is; eval.json first, so a kill amid the
+    # renames leaves no file it does not list; the outputs lock is held until they are done
+    with ExitStack() as outputs_lock, replaced_together(first=run_dir / "eval.json"):
+        report = _evaluate(run_dir, max_loss, device, allow_partial, budget, check, outputs_lock)
     return report
 
 
 def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, budget: BudgetOptions | None,
-              check: Callable[[Any], object] | None) -> dict[str, Any]:
-    """:func:`evaluate_run`'s work: load, evaluate, write eval.json and its figures."""
+              check: Callable[[Any], object] | None, outputs_lock: ExitStack) -> dict[str, Any]:
+    """:func:`evaluate_run`'s work: load, evaluate, write eval.json and its figures (taking the
+    outputs lock into ``outputs_lock`` once the models are loaded)."""
     with load_run(run_dir, device, allow_partial, check) as loaded:
+        outputs_lock.enter_context(writing_outputs(run_dir, loaded, _EVAL_OUTPUTS))
+        if budget is None:
+            # the budget.csv/png of an earlier `eval --budget` describe the eval.json being replaced
+            stale = _budget_outputs_of_last_eval(run_dir)
+            remove_together(stale)
+            if stale:
+                log.info("removing %s of an earlier `eval --budget` (this eval has no --budget)",
+                         " and ".join(p.name for p in stale))
         run, restored, done, final = loaded.run, loaded.restored, loaded.done, loaded.final
         cfg = run.cfg
         summary = final_evaluation(run.pool, run.algo, ClientRows(Comm(run.rt), run.placement, run.rt.device),

@@ -43,4 +43,17 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi
-exec "${cmd[@]}"
+# Open MPI's mpiexec ends its ranks at once on SIGTERM (Slurm's preemption, `kill`, `timeout`),
+# losing the round; SIGUSR1 it forwards, and the ranks checkpoint and exit 75 for requeue.
+# Job control gives mpiexec its own process group, where Ctrl-C is not ignored (a script's
+# background command would ignore SIGINT); the script forwards the terminal's Ctrl-C to it.
+set -m
+"${cmd[@]}" &
+child=$!
+trap 'kill -USR1 "$child" 2>/dev/null' TERM
+trap 'kill -INT "$child" 2>/dev/null' INT
+wait "$child" && rc=0 || rc=$?
+while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for mpiexec itself
+    wait "$child" && rc=0 || rc=$?
+done
+exit "$rc"

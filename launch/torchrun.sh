@@ -16,7 +16,11 @@
 #                  "cafedist")
 #   PYTHON         interpreter that runs cafedist (default: python3 on PATH)
 #   TORCHRUN       torchrun command (default: `torchrun` next to $PYTHON, else on PATH, else
-#                  `$PYTHON -m torch.distributed.run`)
+#                  `$PYTHON -m torch.distributed.run`, told to forward SIGUSR1 as well as SIGTERM
+#                  to the ranks, which then checkpoint and exit 75 for requeue)
+#   TORCHRUN_SHUTDOWN_TIMEOUT  seconds torchrun gives the ranks to checkpoint before it kills
+#                  them (default 90; a hung peer also ends the job only that long after
+#                  dist.timeout_s)
 #   DRY_RUN=1      print the command instead of running it
 set -euo pipefail
 
@@ -35,6 +39,13 @@ elif command -v torchrun >/dev/null 2>&1; then
     runner=(torchrun)
 else
     runner=("${PYTHON}" -m torch.distributed.run)
+fi
+# torchrun dies at once on SIGUSR1 (a preemption signal) unless told to handle and forward it;
+# older torch lacks the flag. A TORCHRUN of the caller's (slurm/_run.sh) carries its own flags.
+if [[ -z "${TORCHRUN:-}" ]] \
+        && "${runner[@]}" --help 2>/dev/null | grep -q -- --signals-to-handle; then
+    runner+=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+             --shutdown-timeout="${TORCHRUN_SHUTDOWN_TIMEOUT:-90}")
 fi
 
 if [[ "${NNODES}" == "1" ]]; then

@@ -290,3 +290,14 @@ def test_a_gpu_rank_asks_for_deterministic_kernels(monkeypatch) -> None:
     assert rt.device == torch.device("cuda", 0)
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and calls == [(True, True)]
+
+
+def test_a_peers_failure_is_one_short_reason():
+    from cafedist.distributed.runtime import short_reason
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "[127.0.0.1]:1234. This may indicate that the remote worker crashed. Check the logs of "
+                        "the remote worker for the root cause. GLHF!\nmore")
+    assert short_reason(gloo) == "Connection closed by peer [127.0.0.1]:1234"
+    assert short_reason(RuntimeError("Application timeout caused pair closure")) == \
+        "Application timeout caused pair closure"

@@ -558,3 +558,17 @@ def test_eval_of_a_run_without_a_checkpoint_yet_says_so(run_copy):
     code, _, err = run_cli("eval", str(run_copy))
     assert code == 2
     _one_error_line(err, "no checkpoint yet to evaluate (a run writes its first after 1 round(s)")
+
+
+def test_a_refused_second_train_leaves_the_runners_parked_clients(finished, run_copy):
+    """The parked clients of a run training with client_state: disk are its working state: a
+    second train refused by the lock once deleted them on its way out (the first then died)."""
+    parked = run_copy / "client_state" / "rank00000" / "client_000001.pt"
+    parked.parent.mkdir(parents=True)
+    parked.write_bytes(b"the runner's state")
+    with RunLock(run_copy):  # the run training now
+        code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
+                               "train.resident_clients=1", "train.client_state=disk")
+    assert code == 2
+    _one_error_line(err, "is in use by another cafedist train")
+    assert parked.read_bytes() == b"the runner's state"

@@ -169,7 +169,14 @@ def test_a_hung_rank_times_out(tiny_config, tmp_path):
     assert len(line) == 1 and "round" in line[0], err0[-2000:]
 
 
-def test_inconsistent_config_between_ranks_is_an_error(tiny_config, tmp_path):
+@pytest.mark.parametrize("rank1,needle", [
+    (["train.lr=0.01"], "config differs between ranks"),
+    (["--resume", "none"], "--resume differs between ranks"),  # a traceback or a hang, once
+    # a relative --out under another working directory, or node-local folders: the shards of
+    # every checkpoint were split across folders (or rank 1 resumed from another run's)
+    (["--out", "elsewhere"], "rank(s) [1] do not see the run directory rank 0 writes"),
+])
+def test_inconsistent_ranks_are_an_error(tiny_config, tmp_path, rank1, needle):
     cfg = tiny_config(rounds=2)
     out = tmp_path / "mismatch"
     port = free_port()
@@ -177,14 +184,14 @@ def test_inconsistent_config_between_ranks_is_an_error(tiny_config, tmp_path):
     for rank in range(2):
         env = env_for_tests(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(port))
-        extra = ["train.lr=0.01"] if rank == 1 else []
+        extra = [str(tmp_path / a) if a == "elsewhere" else a for a in rank1] if rank == 1 else []
         procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
-                                       str(out), "--no-progress", "dist.timeout_s=20", *extra],
+                                       str(out), "--no-progress", "dist.timeout_s=10", *extra],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2, err[-2000:]
-        assert "config differs between ranks" in err
+        assert needle in err and "Traceback" not in err, err[-2000:]
 
 
 def test_torchrun_force_with_nothing_left_to_train_ends_on_every_rank(reference, tmp_path):
@@ -202,3 +209,33 @@ def test_torchrun_force_with_nothing_left_to_train_ends_on_every_rank(reference,
     assert proc.returncode != 0, proc.stderr[-3000:]  # (torchrun's agent prints its own traceback of the exit)
     assert proc.stderr.count("nothing would be trained under it") == 2, proc.stderr[-3000:]  # both ranks, no hang
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"} == before
+
+
+@pytest.mark.parametrize("script,sig", [("torchrun.sh", signal.SIGUSR1), ("mpiexec.sh", signal.SIGTERM)])
+def test_a_preemption_signal_to_the_launch_script_checkpoints_every_rank(tiny_config, tmp_path, script, sig):
+    """Slurm signals the launcher, not the ranks: torchrun died at once on SIGUSR1, and Open
+    MPI's mpiexec ended its ranks at once on SIGTERM, losing the round; the launch scripts make
+    both forward the signal, so every rank checkpoints and exits 75 for requeue."""
+    if script == "mpiexec.sh" and mpiexec_cmd(2) is None:
+        pytest.skip("MPI TEST NOT RUN: no mpiexec next to the interpreter or on PATH")
+    cfg = tiny_config(rounds=200, every=0)
+    out = tmp_path / "preempted"
+    env = {**(mpi_env() if script == "mpiexec.sh" else env_for_tests()), "NPROC": "2", "NP": "2",
+           "PYTHON": sys.executable}
+    env.pop("TORCHRUN", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / script), "train", "--config", str(cfg), "--out",
+                             str(out), "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        os.kill(proc.pid, sig)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert text.count("stop signal received") == 1, text[-3000:]  # rank 0 says it for the job
+    rounds = sorted(p.name for p in (out / "checkpoints").glob("round_*"))
+    assert rounds and rounds[-1] < "round_000199", text[-3000:]

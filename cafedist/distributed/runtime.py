@@ -381,9 +381,11 @@ def _init_process_group(info: LaunchInfo, backend: str, timeout_s: float) -> Non
 
 
 def short_reason(exc: BaseException) -> str:
-    """First line of an exception message without the ``[file.cc:123]`` prefix torch adds."""
+    """First line of an exception message without the ``[file.cc:123]`` prefix torch adds, and
+    without the advice gloo appends to it ("Check the logs of the remote worker ... GLHF")."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = re.sub(r"^(\[[^\]]*\]\s*)+", "", lines[0]) if lines else ""
+    text = re.split(r"\.\s+(?=Check the logs|This may indicate|GLHF)", text)[0]
     text = text or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 

@@ -111,6 +111,7 @@ class ClientPool:
             if state_dir is None:
                 raise ValueError("train.client_state: disk needs a directory")
             self.state_dir = Path(state_dir)  # made at the first park: nothing is written before training
+        self._made_state_dir = False  # only the process that made it (it holds the run) deletes it
         if self.bound is None:
             for cid in self.ids:
                 self._resident[cid] = self._build(cid, self._device_data(read_data(cid)))
@@ -207,7 +208,8 @@ class ClientPool:
         process: checkpoints hold the record, a resume refills it)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        if self.state_dir is not None:
+        if self.state_dir is not None and self._made_state_dir:
+            # a process refused the run (its lock is another's) never parked: the folder is the runner's
             shutil.rmtree(self.state_dir, ignore_errors=True)
             try:
                 self.state_dir.parent.rmdir()  # RUN/client_state, once no rank's folder is left
@@ -260,6 +262,7 @@ class ClientPool:
             if not self._on_disk:  # the first park of this process: a killed one may have left files
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 self.state_dir.mkdir(parents=True)
+                self._made_state_dir = True
             tmp = self._path(cid).with_suffix(".tmp")
             try:
                 with open(tmp, "wb") as fh:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,42 @@ def _warn_if_eval_is_stale(run_dir: Path, result: dict[str, Any]) -> None:
                     run_dir, earlier.get("round"), run_dir)
 
 
+#: how long a rank waits to see rank 0's token in the run directory (a network file system may
+#: show a new file to other nodes only after its attribute cache expires)
+_SAME_DIR_WAIT_S = 60.0
+_SAME_DIR_FILE = ".ranks-token"
+
+
+def same_run_dir(comm: Comm, run_dir: Path, wait_s: float) -> None:
+    """Every rank must write into the folder rank 0 holds: rank 0 puts a fresh token there and
+    every rank reads it back. A relative --out under different working directories, another
+    --out per rank or node-local folders of one name would each split a checkpoint's shards
+    across folders (every checkpoint broken) or resume a rank from another run's shards."""
+    if comm.rt.world_size == 1:
+        return
+    token = secrets.token_hex(16) if comm.rt.is_main else None
+    if token is not None:
+        write_text_atomic(run_dir / _SAME_DIR_FILE, token)
+    token = comm.broadcast_object(token)
+    seen, deadline = None, time.monotonic() + wait_s
+    while not comm.rt.is_main:
+        try:
+            seen = (run_dir / _SAME_DIR_FILE).read_text()
+        except OSError:
+            seen = None
+        if seen == token or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ok = comm.all_gather_object(comm.rt.is_main or seen == token)
+    if comm.rt.is_main:
+        (run_dir / _SAME_DIR_FILE).unlink(missing_ok=True)
+    bad = [r for r, good in enumerate(ok) if not good]
+    if bad:
+        raise DistError(f"rank(s) {bad} do not see the run directory rank 0 writes ({run_dir.resolve()}): "
+                        f"--out must name one folder on a file system every rank shares (a relative --out "
+                        f"resolves against each rank's working directory)")
+
+
 def _agree(comm: Comm, error: str | None) -> None:
     """Every rank raises if any rank hit a (user-facing) error at start-up."""
     errors = [e for e in comm.all_gather_object(error) if e]
@@ -166,11 +203,13 @@ def _agreed(comm: Comm, step: Any) -> Any:
 def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
     comm = Comm(rt)
     h = config_hash(cfg)
-    hashes = comm.all_gather_object(h)
+    # --resume decides collectives (whether a checkpoint is loaded): every rank must agree too
+    hashes = comm.all_gather_object((h, resume))
     if len(set(hashes)) > 1:
         bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
-        raise DistError(f"config differs between ranks: rank(s) {bad} disagree with rank 0 "
-                        f"(same config file and overrides on every rank?)")
+        what = "config" if len({x[0] for x in hashes}) > 1 else "--resume"
+        raise DistError(f"{what} differs between ranks: rank(s) {bad} disagree with rank 0 "
+                        f"(same config file, overrides and flags on every rank?)")
     lock = RunLock(run_dir) if rt.is_main else None
 
     def check_run_dir() -> None:  # read-only
@@ -198,6 +237,8 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         trainer = Trainer(run)
         ckpt = CheckpointDir(run_dir)
         config_due = _agreed(comm, take_run_dir)
+        # rank 0 waits in a collective meanwhile: well within dist.timeout_s
+        _agreed(comm, lambda: same_run_dir(comm, run_dir, min(cfg.dist.timeout_s / 2, _SAME_DIR_WAIT_S)))
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
         resumed = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared,
                                                         config_hash=h, resume=resume, also_accept=tuple(earlier))) \

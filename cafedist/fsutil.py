@@ -55,8 +55,9 @@ def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) ->
     too; on an exception (a failed write, Ctrl-C) nothing is replaced or deleted and the
     temporary files are removed. For outputs that describe each other (eval.json and the
     files it lists). The renames at the end run one after another: the set changes in a
-    moment, not atomically; ``first`` (the file listing the others) is renamed before them,
-    so a kill amid the renames leaves none that it does not list. A block inside another
+    moment, not atomically: the files in ``remove`` go first, then ``first`` (the file listing
+    the others) is renamed before them, so a kill amid the commit leaves no file that the
+    listing does not name. A block inside another
     joins the outer one."""
     outer = _BATCH.get()
     if outer is not None:
@@ -72,6 +73,11 @@ def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) ->
         raise
     finally:
         _BATCH.reset(token)
+    # stale files first: a kill amid the commit then leaves the old listing naming a missing
+    # file (harmless), never a stale file that no listing names
+    for path in batch.removals:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     if first is not None:  # a stable sort: the others keep their order
         batch.renames.sort(key=lambda pair: pair[1] != Path(first))
     for i, (tmp, target) in enumerate(batch.renames):
@@ -80,9 +86,6 @@ def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) ->
         except BaseException as exc:
             _discard(later for later, _ in batch.renames[i:])
             _raise_named(exc, target)
-    for path in batch.removals:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
     for parent in dict.fromkeys(target.parent for _, target in batch.renames):
         fsync_dir(parent)
 

@@ -43,17 +43,23 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi
-# Open MPI's mpiexec ends its ranks at once on SIGTERM (Slurm's preemption, `kill`, `timeout`),
-# losing the round; SIGUSR1 it forwards, and the ranks checkpoint and exit 75 for requeue.
-# Job control gives mpiexec its own process group, where Ctrl-C is not ignored (a script's
-# background command would ignore SIGINT); the script forwards the terminal's Ctrl-C to it.
-set -m
+# Open MPI's mpiexec ends its ranks at once on SIGTERM (`kill` or `timeout` of this script),
+# losing the round; SIGUSR1 it forwards, and the ranks checkpoint and exit 75 for requeue. (Under
+# Slurm, whose SIGTERM reaches every process of the step, use srun: see slurm/.) Ctrl-C and
+# SIGHUP are passed on as they are. mpiexec stays in this script's process group, so killing the
+# group kills it too.
+child="" signalled=0
+forward() { signalled=1; [[ -z "$child" ]] || kill "-$1" "$child" 2>/dev/null || true; }
+trap 'forward USR1' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
 "${cmd[@]}" &
 child=$!
-trap 'kill -USR1 "$child" 2>/dev/null' TERM
-trap 'kill -INT "$child" 2>/dev/null' INT
-wait "$child" && rc=0 || rc=$?
-while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for mpiexec itself
-    wait "$child" && rc=0 || rc=$?
+rc=0
+while :; do
+    signalled=0
+    wait "$child" && status=0 || status=$?
+    [[ $status -eq 127 ]] || rc=$status  # 127: reaped by the previous wait, which had its status
+    [[ $signalled == 1 ]] || break       # else a trapped signal ended `wait` early: wait again
 done
 exit "$rc"

@@ -42,10 +42,15 @@ else
 fi
 # torchrun dies at once on SIGUSR1 (a preemption signal) unless told to handle and forward it;
 # older torch lacks the flag. A TORCHRUN of the caller's (slurm/_run.sh) carries its own flags.
-if [[ -z "${TORCHRUN:-}" ]] \
-        && "${runner[@]}" --help 2>/dev/null | grep -q -- --signals-to-handle; then
-    runner+=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-             --shutdown-timeout="${TORCHRUN_SHUTDOWN_TIMEOUT:-90}")
+# Each flag is probed on its own: --shutdown-timeout came to torch later than the other.
+if [[ -z "${TORCHRUN:-}" ]]; then
+    torchrun_help="$("${runner[@]}" --help 2>/dev/null || true)"
+    if grep -q -- --signals-to-handle <<<"${torchrun_help}"; then
+        runner+=(--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1)
+    fi
+    if grep -q -- --shutdown-timeout <<<"${torchrun_help}"; then
+        runner+=(--shutdown-timeout="${TORCHRUN_SHUTDOWN_TIMEOUT:-90}")
+    fi
 fi
 
 if [[ "${NNODES}" == "1" ]]; then

@@ -157,9 +157,14 @@ cafedist_torchrun_train() {
     port="${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
     torchrun="$PYTHON -m torch.distributed.run"
     # torchrun dies on SIGUSR1 unless told to handle (and forward) it; older torch lacks the flag.
-    if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- --signals-to-handle; then
-        torchrun+=" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    local torchrun_help
+    torchrun_help="$("$PYTHON" -m torch.distributed.run --help 2>/dev/null || true)"
+    # --shutdown-timeout came to torch later than --signals-to-handle: each is probed on its own
+    if grep -q -- --shutdown-timeout <<<"$torchrun_help"; then
         torchrun+=" --shutdown-timeout=${TORCHRUN_SHUTDOWN_TIMEOUT:-90}"
+    fi
+    if grep -q -- --signals-to-handle <<<"$torchrun_help"; then
+        torchrun+=" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     else
         _cafedist_log "warning: this torchrun cannot handle SIGUSR1; a preemption signal ends it (the ranks still checkpoint)"
     fi

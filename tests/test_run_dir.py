@@ -540,6 +540,10 @@ def test_one_compare_per_out(finished, tmp_path):
     assert code == 2
     _one_error_line(err, "is in use by another cafedist compare")
     assert sorted(p.name for p in out.iterdir()) == [COMPARE_LOCK_NAME]
+    for tune in ([], ["--tune", "--grid", "train.lr=0.1,0.2"]):  # a bad config creates no --out (the lock would)
+        code, _, err = run_cli("compare", "--config", str(finished[0]), "--algorithms", "fedavg", "--seeds", "1",
+                               "--out", str(tmp_path / "new"), "train.roundz=2", *tune)
+        assert code == 2 and "train.roundz" in err and not (tmp_path / "new").exists()
 
 
 def test_compare_budgets_refuse_models_trained_on_since_the_summary(finished, run_copy):

@@ -179,12 +179,17 @@ def test_a_hung_rank_times_out(tiny_config, tmp_path):
 def test_inconsistent_ranks_are_an_error(tiny_config, tmp_path, rank1, needle):
     cfg = tiny_config(rounds=2)
     out = tmp_path / "mismatch"
+    elsewhere = "elsewhere" in rank1
+    if elsewhere:  # an earlier run there: --resume none must not move it before the ranks agree
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"round": 0}\n')
     port = free_port()
     procs = []
     for rank in range(2):
         env = env_for_tests(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(port))
         extra = [str(tmp_path / a) if a == "elsewhere" else a for a in rank1] if rank == 1 else []
+        extra += ["--resume", "none"] if elsewhere else []
         procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
                                        str(out), "--no-progress", "dist.timeout_s=10", *extra],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -192,6 +197,9 @@ def test_inconsistent_ranks_are_an_error(tiny_config, tmp_path, rank1, needle):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2, err[-2000:]
         assert needle in err and "Traceback" not in err, err[-2000:]
+    if elsewhere:
+        assert (out / "metrics.jsonl").read_text() == '{"round": 0}\n'
+        assert not [p for p in out.iterdir() if p.name.startswith("previous-") or p.name == "config.yaml"]
 
 
 def test_torchrun_force_with_nothing_left_to_train_ends_on_every_rank(reference, tmp_path):

@@ -139,6 +139,10 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
         check_runs(budget_options, _method_configs(config, variants, settings, overrides), seeds,
                    prepare=submit is None)
 
+    # every run's config is loaded (a bad one refused) before --out is created by the lock
+    runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None) if not tune else None
+    if tune:
+        _method_configs(config, variants, settings, overrides)
     # one compare per --out: two would train the same runs into each other's locks and
     # report the other's as failed
     with RunLock(Path(out), COMPARE_LOCK_NAME, holder="cafedist compare",
@@ -151,7 +155,7 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
             tuned = _tune(config, variants, seeds, out, overrides, settings, base_seed, run)
             outcomes = tuned.finals
         else:
-            runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None)
+            assert runs is not None
             log.info("compare: %d runs (%d algorithms, %d settings) in %s", len(runs), len(variants),
                      sum(map(len, settings.values())), Path(out) / "runs")
             outcomes = run(runs)

@@ -148,7 +148,8 @@ def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[Bud
     if todo:
         with load_run(run_dir) as loaded, writing_outputs(run_dir, loaded, {BUDGETS_FILE: ""}):
             kept = summary.get("model_hashes") or {}
-            if any(kept.get(str(c.cid)) != model_hash(c.model) for c in loaded.run.pool.resident()):
+            pool = loaded.run.pool  # every client, parked ones too (a resident_clients bound)
+            if any(kept.get(str(c.cid)) != model_hash(c.model) for c in pool.each(pool.ids, modify=False)):
                 # trained on (e.g. --resume force with more rounds) since its summary was read
                 raise CheckpointError(f"{loaded.restored.path}: not the models of the summary.json compare read "
                                       f"(the run was trained on meanwhile); compare again")

@@ -219,14 +219,15 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
 
     earlier: list[str] = []  # rank 0: the hash this run's checkpoints carry under an earlier config file
 
-    def take_run_dir() -> bool:  # the first write: only once every check has passed
-        if not rt.is_main:
-            return False
-        lock.acquire()
-        found = earlier_hash(cfg, run_dir)  # before config.yaml is rewritten
-        if found is not None and found != h:
-            earlier.append(found)
-        return prepare_run_dir(cfg, run_dir, resume)
+    def take_lock() -> None:  # the run is ours from here on (the lock file is the first write)
+        if rt.is_main:
+            lock.acquire()
+            found = earlier_hash(cfg, run_dir)  # before config.yaml is rewritten
+            if found is not None and found != h:
+                earlier.append(found)
+
+    def take_run_dir() -> bool:  # what the plan does to the directory: once every check has passed
+        return prepare_run_dir(cfg, run_dir, resume) if rt.is_main else False
 
     # validate everything before the run directory is touched: paths and what the directory
     # holds (rank 0), then store, model and algorithm (every rank, building the run)
@@ -236,9 +237,11 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
     try:
         trainer = Trainer(run)
         ckpt = CheckpointDir(run_dir)
-        config_due = _agreed(comm, take_run_dir)
-        # rank 0 waits in a collective meanwhile: well within dist.timeout_s
+        _agreed(comm, take_lock)
+        # before anything of an earlier run is moved or rewritten; rank 0 waits in a collective
+        # meanwhile: well within dist.timeout_s
         _agreed(comm, lambda: same_run_dir(comm, run_dir, min(cfg.dist.timeout_s / 2, _SAME_DIR_WAIT_S)))
+        config_due = _agreed(comm, take_run_dir)
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
         resumed = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared,
                                                         config_hash=h, resume=resume, also_accept=tuple(earlier))) \

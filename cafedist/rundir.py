@@ -140,6 +140,12 @@ class RunLock:
         self.release()
 
 
+def outputs_lock(run_dir: str | os.PathLike, advice: str = "wait for it to end") -> RunLock:
+    """The lock of what is written about a run's models (:data:`OUTPUTS_LOCK_NAME`), held by
+    eval and compare --budget, taken by ``--resume none`` to move the run aside."""
+    return RunLock(run_dir, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget", advice=advice)
+
+
 def has_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds output of an earlier run (anything :data:`RUN_FILES` names)."""
     return any((run_dir / name).exists() for name in RUN_FILES)

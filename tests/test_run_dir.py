@@ -23,7 +23,7 @@ from cafedist.cli import main
 from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.errors import CheckpointError
 from cafedist.eval.run import LoadedRun, writing_outputs
-from cafedist.rundir import LOCK_NAME, OUTPUTS_LOCK_NAME, RunDirBusy, RunLock, move_aside
+from cafedist.rundir import LOCK_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -504,7 +504,7 @@ def test_different_config_names_a_field_that_decides_the_run(tmp_path):
 # the outputs lock keeps evals, compare --budget and --resume none from mixing runs' results
 def test_resume_none_waits_for_no_eval_but_refuses_while_one_writes(finished, run_copy):
     """An eval holding the outputs lock would write the old run's results into the new run."""
-    with RunLock(run_copy, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget"):
+    with outputs_lock(run_copy):
         code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
                                "--resume", "none")
     assert code == 2
@@ -522,7 +522,7 @@ def test_eval_refuses_to_write_about_a_run_started_over_since_it_loaded(run_copy
 def test_a_second_eval_waits_and_a_killed_evals_temporary_files_go(run_copy):
     stale = run_copy / ".eval.json.0123abcd.tmp"
     stale.write_text("{half")
-    lock = RunLock(run_copy, OUTPUTS_LOCK_NAME).acquire()
+    lock = outputs_lock(run_copy).acquire()
     threading.Timer(3.0, lock.release).start()
     t0 = time.monotonic()
     code, _, err = run_cli("eval", str(run_copy))

@@ -47,7 +47,7 @@ from cafedist.fsutil import remove_stale_temps, remove_together, replaced_togeth
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
-from cafedist.rundir import OUTPUTS_LOCK_NAME, RunLock
+from cafedist.rundir import outputs_lock
 from cafedist.typed import is_finite_number
 
 log = logging.getLogger("cafedist")
@@ -93,7 +93,7 @@ def writing_outputs(run_dir: str | Path, loaded: LoadedRun, outputs: dict[str, s
     name -> temporary suffix) about ``loaded``'s models: temporary files a killed writer left
     are removed, and a run started over since it was loaded is refused."""
     run_dir = Path(run_dir)
-    lock = RunLock(run_dir, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget").acquire(wait=True)
+    lock = outputs_lock(run_dir).acquire(wait=True)
     try:
         if _incarnation(run_dir) != loaded.incarnation:
             raise CheckpointError(f"{run_dir}: the run was started over (--resume none) while its models were "

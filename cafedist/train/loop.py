@@ -33,7 +33,7 @@ from cafedist.run.checkpoint import (
     verification_memo,
 )
 from cafedist.run.metrics import MetricsLog
-from cafedist.rundir import OUTPUTS_LOCK_NAME, RunLock, move_aside
+from cafedist.rundir import RunLock, move_aside, outputs_lock
 from cafedist.train.faults import maybe_fault
 from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan_run_dir
 from cafedist.train.progress import Progress
@@ -65,8 +65,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     if plan is RunDirPlan.ASIDE:
         # not while an eval or compare writes results about this run's models (they would land
         # in the new run)
-        with RunLock(run_dir, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget",
-                     advice="wait for it to end, then start over with --resume none"):
+        with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
             moved = move_aside(run_dir)
         log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
     if plan is RunDirPlan.DEFER:

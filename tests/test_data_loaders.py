@@ -118,8 +118,8 @@ def test_cifar100_fine_labels(tmp_path):
 
 
 def test_cifar_missing_and_malformed(tmp_path):
-    with pytest.raises(DataError, match="no data root given"):
-        load_dataset("cifar10")
+    with pytest.raises(DataError, match=r"no data root given \(set data.root=DIR, or prepare's --root DIR"):
+        load_dataset("cifar10")  # train has no --root flag: the message names the config field
     with pytest.raises(DataError, match=r"does not exist"):
         load_dataset("cifar10", str(tmp_path / "nope"))
     (tmp_path / "cifar-10-batches-py").mkdir()
@@ -279,6 +279,14 @@ def test_agnews_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- malformed contents (a user's broken copy)
+def test_no_labels_are_an_empty_int64_array():
+    """A user with no samples (LEAF) has y = []: numpy calls that float64, which is no refusal."""
+    from cafedist.data.base import int_labels
+
+    empty = int_labels([], "y", 10)
+    assert empty.dtype == np.int64 and empty.shape == (0,)
+
+
 @pytest.mark.parametrize("labels,needle", [
     (["1", "2"], "labels must be a list of integers 0..9, got <U1"),
     ([None, 1], "labels must be a list of integers 0..9, got object"),

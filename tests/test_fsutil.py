@@ -75,16 +75,20 @@ def test_replaced_together_replaces_and_removes_only_when_the_block_ends(tmp_pat
 
 
 def test_the_listing_file_is_replaced_first(tmp_path, monkeypatch):
-    """A kill amid the renames must not leave a file the listing (eval.json) does not list."""
+    """A kill amid the commit must not leave a file the listing (eval.json) does not list."""
     order = []
     real = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: order.append(Path(dst).name) or real(src, dst))
-    with replaced_together(first=tmp_path / "eval.json"):
+    stale = tmp_path / "old.png"
+    stale.write_text("old\n")
+    monkeypatch.setattr(os, "replace", lambda src, dst: order.append((Path(dst).name, stale.exists()))
+                        or real(src, dst))
+    with replaced_together(remove=[stale], first=tmp_path / "eval.json"):
         write_text_atomic(tmp_path / "budget.csv", "x\n")
         write_text_atomic(tmp_path / "budget.png", "x\n")
         write_text_atomic(tmp_path / "eval.json", "{}\n")
         write_text_atomic(tmp_path / "accuracy_vs_macs.png", "x\n")
-    assert order == ["eval.json", "budget.csv", "budget.png", "accuracy_vs_macs.png"]
+    # the stale file goes before any rename (a kill mid-commit leaves no file nothing lists)
+    assert order == [(name, False) for name in ("eval.json", "budget.csv", "budget.png", "accuracy_vs_macs.png")]
 
 
 def test_a_write_that_fails_without_a_file_name_names_the_target(tmp_path):

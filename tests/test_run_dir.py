@@ -546,10 +546,16 @@ def test_one_compare_per_out(finished, tmp_path):
         assert code == 2 and "train.roundz" in err and not (tmp_path / "new").exists()
 
 
-def test_compare_budgets_refuse_models_trained_on_since_the_summary(finished, run_copy):
+@pytest.mark.parametrize("bound", [None, 1])  # 1: every client parked after loading, none resident
+def test_compare_budgets_refuse_models_trained_on_since_the_summary(finished, run_copy, bound):
     from cafedist.compare.budgets import run_budgets
     from cafedist.eval.budget_run import BudgetOptions
 
+    if bound is not None:  # train.resident_clients is not part of the run's identity
+        text = (run_copy / "config.yaml").read_text()
+        assert "  resident_clients: null\n" in text
+        (run_copy / "config.yaml").write_text(text.replace("  resident_clients: null\n",
+                                                           f"  resident_clients: {bound}\n"))
     summary = json.loads((run_copy / "summary.json").read_text())
     summary["model_hashes"] = {k: "0" * 16 for k in summary["model_hashes"]}
     with pytest.raises(CheckpointError, match="not the models of the summary.json compare read"):

@@ -7,6 +7,7 @@ from conftest import ROOT, cafedist, summary
 from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import LocalBatch, Phase
+from cafedist.algorithms.common import is_body
 from cafedist.algorithms.ktpfl import coefficient_objective, learn_coefficients
 from cafedist.algorithms.proxy_math import cosine_similarity_matrix, teacher_weights
 from cafedist.errors import ConfigError
@@ -147,6 +148,21 @@ def test_ktpfl_only_teachers_rows_move():
     out = learn_coefficients(coef, soft, 4, teachers, rho=0.1, steps=10, lr=0.5)
     assert torch.equal(out[2], coef[2])
     assert on_simplex(out[teachers][:, teachers]) and bool((out[teachers][:, 2] == 0).all())
+
+
+def test_cafedistill_shared_body_starts_every_client_from_one_body(tmp_path):
+    # averaging bodies that started apart, each under heads trained on it alone, stalled training
+    def bodies(tr):
+        return [params_of(c.model, is_body) for c in tr.clients]
+
+    shared = make_trainer(tmp_path / "shared", "cafedistill", {"shared_body": True})
+    first, *rest = bodies(shared)
+    assert first and all(torch.equal(v, first[k]) for other in rest for k, v in other.items())
+    shared.run_round(0)
+    first, *rest = bodies(shared)
+    assert all(torch.equal(v, first[k]) for other in rest for k, v in other.items())  # averaged
+    first, *rest = bodies(make_trainer(tmp_path / "own", "cafedistill"))  # personal models start apart
+    assert all(any(not torch.equal(v, first[k]) for k, v in other.items()) for other in rest)
 
 
 # ----------------------------------------------------------------------------- cafedistill-heads

@@ -143,6 +143,17 @@ def test_fedbabu_never_updates_heads_during_fl_and_fine_tunes_them_at_the_end(tm
         assert differ(final[0][key], final[1][key]), key
 
 
+def test_fedbabu_fine_tunes_clients_idle_in_the_last_round_too(tmp_path):
+    tr = make_trainer(tmp_path, "fedbabu", {"finetune_epochs": 1}, rounds=1, clients_per_round=2)
+    init = [params_of(c.model, is_head) for c in tr.clients]
+    tr.run_round(0)
+    active = participating(tr.cfg.seed, 0, len(tr.clients), tr.cfg.train.clients_per_round)
+    idle = [c for c in tr.clients if not active[c.cid]]
+    assert idle  # 2 of 4 clients train
+    for c in idle:
+        assert all(differ(v, init[c.cid][k]) for k, v in params_of(c.model, is_head).items())
+
+
 # ----------------------------------------------------------------------------- Ditto
 def test_ditto_personal_model_is_regularised_toward_one_global_model(tmp_path):
     tr = make_trainer(tmp_path / "a", "ditto", {"lam": 0.1})

@@ -160,6 +160,12 @@ class CAFEDistill(LogitExchange):
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return self.params.shared_body and is_body(key)
 
+    @property
+    def common_init(self) -> bool:  # type: ignore[override]  # a class constant elsewhere
+        """A shared body is averaged from round 0: clients start from one model, as every
+        body-averaging method does (an average of unrelated random bodies stalls training)."""
+        return self.params.shared_body
+
     # ---------------------------------------------------------------- coordinator
     def proxy_exits(self) -> tuple[int, ...]:
         return (self.setup.num_exits - 1,)  # teachers and similarities are last-exit only
@@ -210,6 +216,9 @@ class CAFEDistill(LogitExchange):
         :meth:`proxy_exits`); the health check covers every exit given. ``sim`` replaces the
         similarity of the last-exit probabilities (``similarity: head_params``). ``cohort``:
         the rows are those of these client ids only (:meth:`aggregate_cohort`).
+
+        With no healthy teacher at all (every row quarantined or idle) the targets are zero
+        rows, and the KD term, a sum weighted by the targets, is 0 that round.
 
         Cost: the similarity Gram product (float32, symmetric half) and the target mixture
         ``alpha @ probs`` are the two O(n^2 P' C) steps; softmaxes and the health check are

@@ -10,9 +10,10 @@ own data for a few epochs (the paper evaluates after 5).
 "-EE": the frozen head is every exit head (``heads.*``); the body is ``blocks.*``; the loss is
 CE summed over exits. Deviations: the head of a shallow exit includes its small conv, which is
 therefore frozen too (the last exit's head is exactly the linear classifier, as in the
-paper); fine-tuning runs once, right after the aggregation of the last round, on the clients
-that trained in that round, and updates the heads only by default -- the reference code
-fine-tunes body and head (``finetune_body: true``).
+paper); fine-tuning runs once, right after the aggregation of the last round, on every client
+(also those idle in that round: each has received the final body, and every client is
+evaluated), and updates the heads only by default -- the reference code fine-tunes body and
+head (``finetune_body: true``).
 """
 
 from __future__ import annotations

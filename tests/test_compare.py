@@ -478,7 +478,10 @@ def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_p
                   "budget_global_accuracy": [s["global_at_same_macs"]["accuracy"] for s in per_run],
                   "budget_global_cal_accuracy": [s["global_on_calibration"]["accuracy"] for s in per_run],
                   "budget_global_cal_share_within": [s["global_on_calibration"]["share_within_budget"]
-                                                     for s in per_run]}
+                                                     for s in per_run],
+                  "budget_global_all_accuracy": [s["global_within_every_budget"]["accuracy"] for s in per_run],
+                  "budget_global_all_macs_fraction": [s["global_within_every_budget"]["macs_fraction"]
+                                                      for s in per_run]}
         for metric, vals in values.items():
             assert all(0.0 <= v <= 1.0 for v in vals), (metric, vals)
             _check_stat(rows, ("fedavg", metric, spec), vals)

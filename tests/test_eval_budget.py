@@ -21,6 +21,7 @@ from cafedist.eval.budget import (
     choose_policy,
     fit_to_budget,
     global_on_calibration,
+    global_within_every_budget,
     personalized_budgets,
     pooled_split,
 )
@@ -198,15 +199,42 @@ def test_global_threshold_on_calibration_is_judged_against_each_clients_own_budg
     assert (fair["clients_within_budget"], fair["share_within_budget"]) == (1, 0.5)
     # the personalized policies keep both clients within budget
     assert section["clients_within_budget"] == 2
+    # one threshold that keeps the hard client's budget too sends everything to exit 1
+    everyone = section["global_within_every_budget"]
+    assert everyone["threshold"] <= 0.6
+    assert (everyone["accuracy"], everyone["macs_fraction"], everyone["clients_within_budget"]) == (0.5, 0.5, 2)
     mixed, _ = personalized_budgets([(easy, easy), (hard, hard)], [budget, Budget("macs", 1.0)], MACS, table,
                                     confidence=0.5)
     assert mixed["global_on_calibration"] is None  # "the same budget" is undefined when budgets differ
+    # defined when budgets differ: the hard client may spend all of exit 2 now, so θ may be high
+    assert mixed["global_within_every_budget"]["clients_within_budget"] == 2
     lines = format_budget({**mixed, "spec": "budgets.csv"})
-    assert lines[-1] == "  one global threshold chosen on calibration: not compared (the clients' budgets differ)"
-    assert format_budget({**section, "spec": "macs=0.75"})[-1].startswith(
+    assert "  one global threshold chosen on calibration: not compared (the clients' budgets differ)" in lines
+    assert lines[-1].startswith("  one global threshold that keeps every client's budget on calibration: "
+                                "accuracy 100.00% at 75.0% of the last exit's MACs, 2/2 clients")
+    assert format_budget({**section, "spec": "macs=0.75"})[-2].startswith(
         "  one global threshold chosen on calibration (no per-client budgets): accuracy 100.00% at 75.0%")
     empty = Split(torch.zeros(2, 0, 2), torch.zeros(0, dtype=torch.long))
     assert global_on_calibration([(empty, easy), (empty, hard)], budget, MACS) is None  # nothing to choose on
+
+
+def test_global_threshold_within_every_budget_is_the_best_one_every_client_can_afford():
+    easy = _split([[0.7, 0.3]] * 4, [0, 0, 0, 0])  # exit 1 right at confidence 0.7
+    hard = _split([[0.9, 0.1]] * 2 + [[0.6, 0.4]] * 2, [0, 0, 1, 1])  # sure and right, or unsure and wrong
+    budget = Budget("macs", 0.75)  # at most 1.5 MACs per sample, for each client
+    # θ in (0.6, 0.7]: the hard client's unsure half goes deeper (1.5 MACs), the easy client stays at
+    # exit 1: all right; a higher θ sends the easy client deeper (2 MACs), a lower one loses 2 samples
+    everyone = global_within_every_budget([(easy, easy), (hard, hard)], [budget] * 2, MACS, confidence=0.5)
+    assert 0.6 < everyone["threshold"] <= 0.7
+    assert (everyone["accuracy"], everyone["mean_macs"], everyone["clients_within_budget"]) == (1.0, 1.25, 2)
+    # a client without calibration samples constrains nothing (and is judged on test all the same)
+    empty = Split(torch.zeros(2, 0, 2), torch.zeros(0, dtype=torch.long))
+    alone = global_within_every_budget([(easy, easy), (empty, hard)], [budget] * 2, MACS, confidence=0.5)
+    assert alone["threshold"] == global_within_every_budget([(easy, easy)], [budget], MACS, confidence=0.5)["threshold"]
+    assert (alone["accuracy"], alone["clients_within_budget"]) == (0.75, 2)  # θ <= 0.6: all at exit 1
+    # budgets of both kinds cannot share one rule; nothing to choose on without calibration samples
+    assert global_within_every_budget([(easy, easy), (hard, hard)], [budget, Budget("loss", 1.0)], MACS) is None
+    assert global_within_every_budget([(empty, easy), (empty, hard)], [budget] * 2, MACS) is None
 
 
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):

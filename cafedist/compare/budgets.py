@@ -45,6 +45,8 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("budget_global_accuracy", "global_accuracy"),
     ("budget_global_cal_accuracy", "global_cal_accuracy"),
     ("budget_global_cal_share_within", "global_cal_share_within"),
+    ("budget_global_all_accuracy", "global_all_accuracy"),
+    ("budget_global_all_macs_fraction", "global_all_macs_fraction"),
 )
 
 
@@ -163,8 +165,11 @@ def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[Bud
 def numbers(section: dict) -> dict[str, float | None]:
     """The report's metrics of one run under one budget (None where undefined)."""
     fair = section.get("global_on_calibration") or {}  # None when clients' budgets differ
+    everyone = section.get("global_within_every_budget") or {}  # None when budgets are of both kinds
     values = {**section, "global_accuracy": section["global_at_same_macs"]["accuracy"],
-              "global_cal_accuracy": fair.get("accuracy"), "global_cal_share_within": fair.get("share_within_budget")}
+              "global_cal_accuracy": fair.get("accuracy"), "global_cal_share_within": fair.get("share_within_budget"),
+              "global_all_accuracy": everyone.get("accuracy"),
+              "global_all_macs_fraction": everyone.get("macs_fraction")}
     return {metric: values.get(key) for metric, key in METRICS}
 
 

@@ -201,16 +201,19 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
                   "accuracy (%), mean MACs per sample (% of the last exit's), clients within budget on test (%), "
                   "beside it one global threshold for all clients at the same mean MACs (accuracy, %), and "
                   "one global threshold chosen on calibration for the same budget (accuracy, %, and clients "
-                  "within their own budget, %; where all clients share one budget).", ""]
+                  "within their own budget, %; where all clients share one budget), and one global threshold "
+                  "chosen on calibration to keep every client's own budget (accuracy, %, and MACs, %).", ""]
         head = ["algorithm", "budget", "accuracy", "MACs (% of last exit)", "clients within budget",
-                "global threshold, same MACs", "global threshold on calibration", "its clients within budget"]
+                "global threshold, same MACs", "global threshold on calibration", "its clients within budget",
+                "global threshold within every budget", "its MACs (% of last exit)"]
         lines += [_md_row(head), _md_row(["---"] * len(head))]
         for name in names:
             for budget in budgets:
                 cells = [_pm(get(name, m, budget=budget), digits=d) for m, d in
                          (("budget_accuracy", 2), ("budget_macs_fraction", 1), ("budget_share_within", 0),
                           ("budget_global_accuracy", 2), ("budget_global_cal_accuracy", 2),
-                          ("budget_global_cal_share_within", 0))]
+                          ("budget_global_cal_share_within", 0), ("budget_global_all_accuracy", 2),
+                          ("budget_global_all_macs_fraction", 1))]
                 if any(c != "–" for c in cells):
                     lines.append(_md_row([name, f"`{budget}`", *cells]))
     if budget_errors:

@@ -67,8 +67,9 @@ _MAX_DATA_THRESHOLDS = 512  # more calibration scores than this: use this many q
 _EPS = 1e-9  # slack in budget comparisons, so e.g. exactly 0.5 of the MACs counts as within 0.5
 #: the search's version: bump it when :func:`choose_policy` chooses differently or the budget
 #: section holds something new, so that the results ``cafedist compare`` keeps per run
-#: (cafedist.compare.budgets) are recomputed (3: ``global_on_calibration``)
-SEARCH_VERSION = 3
+#: (cafedist.compare.budgets) are recomputed (3: ``global_on_calibration``; 4:
+#: ``global_within_every_budget``)
+SEARCH_VERSION = 4
 #: where a client's policy is chosen (module docstring); the first is the default
 SCOPES: tuple[str, ...] = ("pooled", "client")
 
@@ -412,12 +413,54 @@ def global_on_calibration(splits: Sequence[tuple[Split, Split]], budget: Budget,
     if pooled.n == 0:
         return None
     choice = choose_policy(pooled, budget, macs_per_exit, ("max-softmax",), temperature=False, confidence=confidence)
+    return _one_threshold_on_test(choice, splits, [budget] * len(splits), macs_per_exit)
+
+
+def _one_threshold_on_test(choice: Choice, splits: Sequence[tuple[Split, Split]], budgets: Sequence[Budget],
+                           macs_per_exit: Sequence[int]) -> dict[str, Any]:
+    """One threshold ``choice`` for every client, checked on test: its threshold, accuracy,
+    MACs and for how many clients their own budget holds (:func:`overall_result`)."""
     tests = [apply_choice(choice, test, macs_per_exit) for _, test in splits]
-    rows = [client_row(cid, budget, choice, cal.n, t, macs_per_exit)
-            for cid, ((cal, _), t) in enumerate(zip(splits, tests))]
+    rows = [client_row(cid, budget, choice, cal.n, result, macs_per_exit)
+            for cid, ((cal, _), budget, result) in enumerate(zip(splits, budgets, tests))]
     overall = overall_result(rows, tests, macs_per_exit)
     keys = ("accuracy", "mean_macs", "macs_fraction", "clients_within_budget", "share_within_budget")
     return {"threshold": choice.threshold, **{k: overall[k] for k in keys}}
+
+
+def global_within_every_budget(splits: Sequence[tuple[Split, Split]], budgets: Sequence[Budget],
+                               macs_per_exit: Sequence[int], confidence: float = 0.95) -> dict[str, Any] | None:
+    """One unscaled max-softmax threshold for every client (the global curve's policy) that
+    keeps *every* client's own budget on its own calibration split, with the same upper
+    confidence bound as the personalized policies: the fair alternative at equal per-client
+    budgets, where :func:`global_on_calibration` holds only the population's mean. Among the
+    thresholds feasible for every client (a client without calibration samples constrains
+    nothing) the pooled calibration splits pick as :func:`choose_policy` does (MACs: most
+    accurate, then more spent; loss: cheapest, then more accurate), and the choice is checked
+    on test like the personalized policies. None without calibration samples, or when the
+    budgets are of both kinds (one threshold cannot be judged by both rules)."""
+    kinds = {b.kind for b in budgets}
+    pooled = pooled_split([cal for cal, _ in splits])
+    if pooled.n == 0 or len(kinds) != 1:
+        return None
+    z = _z(confidence)
+    macs = torch.as_tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
+    stats = _candidates(pooled, macs, "max-softmax", None, z)
+    thresholds = stats["thresholds"]
+    everyone = torch.ones(len(thresholds), dtype=torch.bool)
+    for (cal, _), budget in zip(splits, budgets):
+        if cal.n:
+            own = _candidates(cal, macs, "max-softmax", None, z, extra=thresholds)
+            at = {th: i for i, th in enumerate(own["thresholds"])}
+            everyone &= _feasible(own, budget, float(macs[-1]))[[at[th] for th in thresholds]]
+    if kinds == {"macs"}:
+        keys = torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
+    else:
+        keys = torch.stack([stats["macs"], -stats["accuracy"]], dim=1)
+    # θ = 0 (MACs budgets at or above exit 1's cost) and θ = 1 (loss) are exact: one is feasible
+    t = min(torch.nonzero(everyone).flatten().tolist(), key=lambda i: (*keys[i].tolist(), i))
+    return _one_threshold_on_test(Choice(policy="max-softmax", threshold=thresholds[t]), splits, budgets,
+                                  macs_per_exit)
 
 
 def _choice_json(choice: Choice) -> dict[str, Any]:
@@ -465,10 +508,13 @@ def personalized_budgets(
     uniform = len(set(budgets)) == 1
     section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, confidence)
                                         if uniform else None)
+    # the alternative at equal per-client budgets: one threshold low enough for every client's
+    section["global_within_every_budget"] = global_within_every_budget(splits, budgets, macs_per_exit, confidence)
     return section, curves
 
 
 __all__ = ["SCOPES", "SEARCH_VERSION", "Choice", "Split", "accuracy_at_macs", "apply_choice", "candidate_thresholds",
            "choose_all", "choose_policy", "client_row", "fit_to_budget", "global_on_calibration",
+           "global_within_every_budget",
            "overall_result", "personalized_budgets", "population_choices", "pooled_split", "static_fallback",
            "summarize", "within_budget"]

@@ -7,8 +7,8 @@ Two panels that stay readable from a handful of clients to hundreds:
   its chosen point on top (circle: within budget on test; red cross: over), the global
   max-softmax threshold curve in black, the overall result of the per-client policies (star)
   and of one threshold chosen on calibration for the same budget (diamond, with how many
-  clients it keeps within budget), and the budget as a dashed line when all clients share
-  one MACs budget;
+  clients it keeps within budget) or to keep every client's own budget (grey square), and
+  the budget as a dashed line when all clients share one MACs budget;
 - right, the budget check: every client's slack on test (budget minus what it used, in
   points of the last exit's MACs or of accuracy), sorted, with the zero line; client ids
   are written next to the points up to 20 clients.
@@ -69,12 +69,19 @@ def _draw_curves(ax: Any, section: dict, curves: list[list[dict]], global_table:
     # and the alternative without per-client budgets (one threshold chosen on calibration)
     ax.scatter([100.0 * section["macs_fraction"]], [100.0 * section["accuracy"]], s=140, marker="*", color="gold",
                edgecolors="black", linewidths=0.8, zorder=5, label="per-client policies, all clients")
+    judged = sum(r["within_budget"] is not None for r in rows)
     fair = section.get("global_on_calibration")
     if fair is not None:
         ax.scatter([100.0 * fair["macs_fraction"]], [100.0 * fair["accuracy"]], s=70, marker="D", color="white",
                    edgecolors="black", linewidths=1.0, zorder=5,
                    label=f"one threshold chosen on calibration ({fair['clients_within_budget']}/"
-                         f"{sum(r['within_budget'] is not None for r in rows)} clients within budget)")
+                         f"{judged} clients within budget)")
+    everyone = section.get("global_within_every_budget")
+    if everyone is not None:
+        ax.scatter([100.0 * everyone["macs_fraction"]], [100.0 * everyone["accuracy"]], s=60, marker="s",
+                   color="lightgrey", edgecolors="black", linewidths=1.0, zorder=5,
+                   label=f"one threshold within every client's budget ({everyone['clients_within_budget']}/"
+                         f"{judged} on test)")
     budgets = {row["budget"] for row in rows}
     if len(budgets) == 1 and next(iter(budgets)).startswith("macs="):
         ax.axvline(100.0 * float(next(iter(budgets)).split("=")[1]), color="grey", linestyle="--",

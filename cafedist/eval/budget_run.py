@@ -223,6 +223,12 @@ def format_budget(section: dict[str, Any]) -> list[str]:
                      f"{100 * fair['accuracy']:.2f}% at {100 * fair['macs_fraction']:.1f}% of the last exit's MACs, "
                      f"{fair['clients_within_budget']}/{judged} clients within their budget "
                      f"(threshold {fair['threshold']:g})")
+    everyone = section.get("global_within_every_budget")
+    if everyone is not None:
+        lines.append(f"  one global threshold that keeps every client's budget on calibration: accuracy "
+                     f"{100 * everyone['accuracy']:.2f}% at {100 * everyone['macs_fraction']:.1f}% of the last exit's "
+                     f"MACs, {everyone['clients_within_budget']}/{judged} clients within their budget "
+                     f"(threshold {everyone['threshold']:g})")
     if section["fallback_clients"]:
         lines.append(f"  static fallback (no calibration samples) for clients {section['fallback_clients']}")
     return lines

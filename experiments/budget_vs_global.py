@@ -7,7 +7,9 @@ For each run, what ``cafedist eval RUN --budget SPEC`` reports (default scope, n
 test): the per-client policies' accuracy, MACs share and share of clients within budget; the
 global threshold read on the test curve at the same mean MACs; and ``global_on_calibration``
 (one threshold chosen on the pooled calibration splits for the same budget, judged against
-each client's own budget). One more column set is hindsight and labelled so: the pooled policy
+each client's own budget); and ``global_within_every_budget`` (one threshold chosen on
+calibration to keep every client's own budget: the alternative at equal per-client budgets;
+CSVs written before session 12 lack these columns). One more column set is hindsight and labelled so: the pooled policy
 with each client's threshold fitted on its *test* split exactly to its budget (no margin), and
 the global curve at those MACs — the ceiling of the pooled rule on that run. Appends one CSV
 row per run and skips runs already in ``--out`` (resumable). ``--summarize`` prints, per CSV,
@@ -32,7 +34,9 @@ from cafedist.eval.run import load_run
 COLUMNS = ("run", "last_exit_accuracy", "pooled_accuracy", "pooled_macs_fraction", "pooled_share_within_budget",
            "global_at_same_macs_accuracy", "global_on_calibration_accuracy", "global_on_calibration_macs_fraction",
            "global_on_calibration_share_within_budget", "hindsight_test_fit_accuracy",
-           "hindsight_test_fit_macs_fraction", "hindsight_test_fit_global_at_same_macs_accuracy")
+           "hindsight_test_fit_macs_fraction", "hindsight_test_fit_global_at_same_macs_accuracy",
+           "global_within_every_budget_accuracy", "global_within_every_budget_macs_fraction",
+           "global_within_every_budget_share_within_budget")
 
 
 def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -42,7 +46,7 @@ def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser) -> dict[st
         splits, macs = client_splits(loaded.run), list(loaded.run.macs)
     table = global_table([test for _, test in splits], macs)
     section, _ = personalized_budgets(splits, [budget] * len(splits), macs, table)
-    fair = section["global_on_calibration"]
+    fair, everyone = section["global_on_calibration"], section["global_within_every_budget"]
     population = next(iter(section["population"].values()))
     chosen = Choice(policy=population["policy"], threshold=population["threshold"],
                     temperatures=None if population["temperatures"] is None else tuple(population["temperatures"]))
@@ -53,7 +57,8 @@ def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser) -> dict[st
     values = [section["last_exit_accuracy"], section["accuracy"], section["macs_fraction"],
               section["share_within_budget"], section["global_at_same_macs"]["accuracy"], fair["accuracy"],
               fair["macs_fraction"], fair["share_within_budget"], sum(r["correct"] for r in fitted) / n,
-              fit_macs / macs[-1], accuracy_at_macs(table, fit_macs)["accuracy"]]
+              fit_macs / macs[-1], accuracy_at_macs(table, fit_macs)["accuracy"], everyone["accuracy"],
+              everyone["macs_fraction"], everyone["share_within_budget"]]
     return {"run": run_dir, **{k: f"{v:.6f}" for k, v in zip(COLUMNS[1:], values)}}
 
 
@@ -88,6 +93,11 @@ def summary(path: Path) -> str:
         f"{held('global_on_calibration_share_within_budget')})",
         f"  hindsight ceiling (θ fitted on test) minus global curve at its MACs: {_points(ceiling)} points; "
         f"MACs share {mean('hindsight_test_fit_macs_fraction'):.3f}",
+        *([] if "global_within_every_budget_accuracy" not in rows[0] else [
+            f"  per-client minus one global threshold within every client's budget: "
+            f"{_points([r['pooled_accuracy'] - r['global_within_every_budget_accuracy'] for r in rows])} points; "
+            f"its MACs share {mean('global_within_every_budget_macs_fraction'):.3f}; clients within budget "
+            f"{mean('global_within_every_budget_share_within_budget'):.2f}"]),
     ])
 
 
@@ -107,6 +117,8 @@ def main() -> None:
     if not args.runs or not args.out:
         parser.error("give RUN_DIR ... and --out CSV, or --summarize CSV ...")
     out = Path(args.out)
+    if out.exists() and next(csv.reader(out.open()), None) != list(COLUMNS):
+        parser.error(f"{out} has other columns (written by an older version of this script): give a new --out")
     done = {row["run"] for row in csv.DictReader(out.open())} if out.exists() else set()
     for run_dir in args.runs:
         if run_dir in done:

@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,12 +37,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from cafedist import yamlio
-from cafedist.errors import ConfigError
+from cafedist.errors import CafeError, ConfigError
 from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, require_submitit, wait_for
 from cafedist.paths import check_dir_creatable, config_file_arg
 
@@ -157,15 +158,20 @@ def build_runs(config: str | None, out: str, overrides: Sequence[str] = (), arra
 
 
 def validate_runs(runs: Sequence[RunSpec]) -> None:
-    """Load every run's config now, so a typo fails here instead of in a queued job."""
+    """What ``train`` checks before it touches a run directory, checked now for every run, so
+    that a typo in the config, an ``--out`` holding another run or a dataset without its
+    ``data.root`` fails here instead of in a queued job (read-only)."""
     from cafedist.config import load_config
+    from cafedist.train.preflight import check_paths, plan_run_dir
 
     for run in runs:
         try:
-            load_config(run.config, list(run.overrides))
-        except ConfigError as exc:
+            cfg = load_config(run.config, list(run.overrides))
+            check_paths(cfg, Path(run.out))
+            plan_run_dir(cfg, Path(run.out), run.resume)
+        except CafeError as exc:
             where = f" (array element {run.label})" if run.label else ""
-            raise ConfigError(f"{exc}{where}") from None
+            raise type(exc)(f"{exc}{where}") from None
 
 
 # ----------------------------------------------------------------------------- in the job
@@ -282,14 +288,52 @@ class TrainTask(Checkpointable):
         raise SystemExit(REQUEUE_EXIT_CODE)
 
 
-def submit_runs(executor: Any, runs: Sequence[RunSpec], env: dict[str, str] | None = None,
+def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env: dict[str, str] | None = None,
                 as_array: bool | None = None) -> list[Any]:
-    """Submit ``runs`` (a job array when there are several, or ``as_array``); returns submitit jobs."""
+    """Submit ``runs`` (a job array when there are several, or ``as_array``); returns submitit jobs.
+
+    ``folder`` is the executor's (pickles and logs). A submission the scheduler refuses (no
+    controller, a bad partition, ...) is one CafeError line; when no job was submitted, what
+    the attempt wrote is removed again — ``folder`` and the folders above it that it created
+    (e.g. a new ``--out``), or in an existing ``folder`` the files it added."""
     task = TrainTask(env)
     ensure_importable_in_jobs()
-    if as_array or (as_array is None and len(runs) > 1):
-        return list(executor.map_array(task, list(runs)))
-    return [executor.submit(task, run) for run in runs]
+    submitted: list[Any] = []
+    refused = (require_submitit().core.utils.FailedJobError, subprocess.CalledProcessError, OSError, RuntimeError)
+    # submitit prints a refusing sbatch's stderr before raising; it is the error line below
+    with _removed_unless_submitted(Path(folder), submitted), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            if as_array or (as_array is None and len(runs) > 1):
+                submitted.extend(executor.map_array(task, list(runs)))
+            else:
+                for run in runs:
+                    submitted.append(executor.submit(task, run))
+        except refused as exc:
+            said = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+            before = (f" ({len(submitted)} job(s) were submitted before it: "
+                      f"{', '.join(str(j.job_id) for j in submitted)})") if submitted else ""
+            raise CafeError(f"job submission failed: {said[:500]}{before}") from None
+    return submitted
+
+
+@contextlib.contextmanager
+def _removed_unless_submitted(folder: Path, submitted: list[Any]) -> Iterator[None]:
+    """Undo a submission attempt's files if it fails before any job is queued."""
+    top = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # first to be made
+    before = set(folder.iterdir()) if top is None and folder.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not submitted:
+            if top is not None:
+                shutil.rmtree(top, ignore_errors=True)
+            elif folder.is_dir():
+                for path in set(folder.iterdir()) - before:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -374,7 +418,7 @@ def main(args: argparse.Namespace) -> int:
                           "runs": [{"out": r.out, "argv": r.train_argv()} for r in runs]}, indent=2))
         return 0
     executor = options.executor(folder / "%j", args.out)
-    jobs = submit_runs(executor, runs, env, as_array=bool(args.array))
+    jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array))
     for job, run in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {run.out}  (logs: {job.paths.stderr.parent})")
     if not args.wait:

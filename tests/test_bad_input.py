@@ -198,6 +198,11 @@ CASES = [
                                                "--folder", str(c.tmp / "afile"), "--dry-run"], "--folder: "),
     Case("submit-out-is-a-file", lambda c: ["submit", "--config", str(c.cfg), "--out", str(c.tmp / "afile"),
                                             "--local", "--dry-run"], "--out"),
+    Case("submit-onto-another-run", lambda c: ["submit", "--config", str(c.cfg), "--out", str(c.run), "--local",
+                                               "--dry-run", "train.rounds=7"], "holds a run with a different config"),
+    Case("submit-dataset-without-root", lambda c: ["submit", "--config", str(c.cfg), "--out", str(c.fresh), "--local",
+                                                   "--dry-run", "data.dataset=cifar10"], "data.root: cifar10 needs"),
+    Case("dataset-without-root", fresh("data.dataset=cifar10"), "data.root: cifar10 needs its dataset folder"),
     Case("describe-missing-store", lambda c: ["prepare", "--describe", str(c.tmp / "none.h5")], "does not exist"),
     Case("eval-not-a-run", lambda c: ["eval", str(c.tmp / "adir")], "not a run directory"),
     # -- store
@@ -293,6 +298,30 @@ def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
     assert case.needle in lines[0], lines[0]
     assert after == before, "files of the run changed"
     assert not ctx.fresh.exists(), "a run directory was created"
+
+
+SLURM_DOWN = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
+
+
+@pytest.mark.parametrize("target", ["fresh", "run", "compare"])
+def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shared: Ctx, tmp_path, monkeypatch):
+    """sbatch refusing (no controller) gave a traceback, and the attempt's submitit folder stayed
+    in a new --out, in an existing run, or in compare's --out."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, script in (("srun", "exit 0"), ("sbatch", f"echo '{SLURM_DOWN}' >&2; exit 1")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = {"fresh": shared.fresh, "run": shared.run, "compare": tmp_path / "cmp"}[target]
+    argv = (["compare", "--config", str(shared.cfg), "--algorithms", "fedavg", "--seeds", "1", "--submit"]
+            if target == "compare" else ["submit", "--config", str(shared.cfg)])
+    before = tree_hashes(shared.run)
+    code, _, err = run_cli(*argv, "--out", str(out))
+    assert code == 2, err
+    assert err.strip().splitlines() == [f"cafedist: error: job submission failed: {SLURM_DOWN}"]
+    assert tree_hashes(shared.run) == before and not shared.fresh.exists()
+    assert not (out / "submitit").exists()
 
 
 def test_bad_input_through_the_real_entry_point(shared: Ctx):

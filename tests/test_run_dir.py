@@ -416,6 +416,26 @@ def test_eval_names_the_round_and_checkpoint_it_evaluated(finished, run_copy):
     assert report["acc_per_exit"] == summary(run_copy)["acc_per_exit"]
 
 
+def test_eval_says_it_loaded_and_where_a_relative_store_was_looked_for(run_copy, store_cache, tmp_path, monkeypatch,
+                                                                       caplog):
+    config = run_copy / "config.yaml"
+    assert str(store_cache) in config.read_text()
+    config.write_text(config.read_text().replace(str(store_cache), "stores"))  # as trained from another folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2
+    _one_error_line(err, "the run's data store is missing (a relative path, here "
+                    f"{tmp_path / 'elsewhere' / 'stores'}", "run from the directory train ran in")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "stores").symlink_to(store_cache)
+    monkeypatch.chdir(tmp_path / "home")
+    caplog.set_level(logging.INFO, logger="cafedist")
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 0, err
+    assert f"loaded {run_copy / 'checkpoints' / 'round_000001'}" in caplog.text and "resumed" not in caplog.text
+
+
 def test_eval_of_an_earlier_round_is_refused_unless_allowed_and_then_flagged(finished, run_copy):
     data = bytearray((run_copy / "checkpoints" / "round_000001" / "client_00002.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF

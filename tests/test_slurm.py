@@ -219,8 +219,9 @@ def _submit_one(workdir: Path, name: str, monkeypatch, local: bool = False):
     args = _submit_args("--config", str(workdir / "tiny.yaml"), "--out", str(out), "--tasks-per-node", "2",
                         "--time", "5", *(["--local"] if local else []))
     runs = submit.build_runs(args.config, args.out, args.overrides)
-    executor = jobs.ExecutorOptions.from_args(args).executor(workdir / f"submitit-{name}" / "%j", args.out)
-    [job] = submit.submit_runs(executor, runs, env={"OMP_NUM_THREADS": "1"})
+    folder = workdir / f"submitit-{name}"
+    executor = jobs.ExecutorOptions.from_args(args).executor(folder / "%j", args.out)
+    [job] = submit.submit_runs(executor, runs, folder, env={"OMP_NUM_THREADS": "1"})
     return job, runs, out
 
 

@@ -131,7 +131,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
         part, part_runs = specs[start:start + wave], list(runs[start:start + wave])
         t0 = time.perf_counter()
         with children_take_ctrl_c():
-            submitted = submit.submit_runs(executor, part, env)
+            submitted = submit.submit_runs(executor, part, folder, env)
         for job, run in zip(submitted, part_runs):
             log.info("compare: %s submitted as job %s (logs: %s)", run.label, job.job_id, job.paths.stderr.parent)
         try:

@@ -29,6 +29,9 @@ DATASETS: dict[str, Callable[..., RawDataset]] = {
     "synthetic": load_synthetic,  # benchmarks and scale tests only (cafedist.data.synthetic)
 }
 
+#: datasets that need no ``data.root``: shipped with an installed package, or generated
+BUNDLED = frozenset({"mnist5k", "digits", "synthetic"})
+
 #: datasets whose loader records each sample's user (``RawDataset.user_samples``): the ones
 #: ``partition: natural`` accepts
 NATURAL = frozenset({"femnist", "shakespeare", "synthetic"})

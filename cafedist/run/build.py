@@ -80,7 +80,10 @@ def open_store(cfg: Config, prepare: bool = True) -> Store:
     if prepare:
         path = ensure_store(path, PartitionSpec.of(cfg.data, cfg.seed), cfg.data.root)
     elif not path.is_file():
-        raise DataError(f"{path}: the run's data store is missing (`cafedist train` or `cafedist prepare` "
+        # a relative data.cache_dir/store is relative to where train ran, not to the run directory
+        where = "" if path.is_absolute() else (f" (a relative path, here {path.absolute()}: run from the "
+                                               f"directory train ran in)")
+        raise DataError(f"{path}: the run's data store is missing{where} (`cafedist train` or `cafedist prepare` "
                         f"builds it from the run's config)")
     else:  # a store replaced by another partition under the same name would give wrong numbers
         store_matches(path, partition_params(PartitionSpec.of(cfg.data, cfg.seed)))

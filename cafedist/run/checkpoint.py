@@ -363,6 +363,6 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
         raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
     pool.changed.clear()
     if ref is not None:
-        log.info("resumed from %s (round %d, written by %d ranks, now %d)", path, done,
-                 ref.manifest["world_size"], rt.world_size)
+        log.info("%s %s (round %d, written by %d ranks, now %d)", "resumed from" if evaluating is None else "loaded",
+                 path, done, ref.manifest["world_size"], rt.world_size)
     return Resumed(done + 1, path, None if ref is None else ref.manifest.get("config_hash"))

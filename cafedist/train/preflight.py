@@ -32,7 +32,12 @@ from cafedist.rundir import has_run
 
 
 def check_paths(cfg: Config, run_dir: Path) -> None:
-    """``--out`` must be (or become) a directory; the store's folder likewise."""
+    """``--out`` must be (or become) a directory; the store's folder likewise; and a store
+    still to be built from a dataset that is not bundled needs ``data.root`` (whether the
+    root holds the dataset is the loader's to say: on a cluster it may exist on the compute
+    nodes only)."""
+    from cafedist.data.registry import BUNDLED
+
     check_dir_creatable(run_dir, "--out")
     store = cfg.data.store_path(cfg.seed)
     field = "data.store" if cfg.data.store else "data.cache_dir"
@@ -40,6 +45,9 @@ def check_paths(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"{field}: {store} is a directory, expected an HDF5 store file")
     if not store.exists():  # it will be built there
         check_dir_creatable(store.parent, field)
+        if cfg.data.root is None and cfg.data.dataset not in BUNDLED:
+            raise ConfigError(f"data.root: {cfg.data.dataset} needs its dataset folder (set data.root=DIR), "
+                              f"and no store is prepared at {store}")
 
 
 class RunDirPlan(Enum):

@@ -86,6 +86,24 @@ def test_parked_on_disk_and_resumed_after_a_kill_is_identical(tmp_path, store_ca
     assert_same(out, ref)
 
 
+def test_a_resume_leaves_no_scratch_of_the_killed_session_and_counts_its_rounds_time(tmp_path, store_cache):
+    """Resumed with checkpoints every 0 rounds and clients in host memory, the killed session's
+    staging folder of round 2 and its parked clients on disk were never removed, and
+    summary.json's wall_seconds counted only the last session."""
+    raw = tiny(store_cache, "fedavg", clients=8, rounds=5, per_round=3, resident_clients=2, client_state="disk")
+    ref, out, cfg = killed_inside_a_checkpoint(raw, tmp_path, 2)
+    assert any((out / "client_state").rglob("*.pt"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["seconds"] = 1000.0  # as if the killed session's first round had taken that long
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = dict(raw, train=dict(raw["train"], client_state="host"), checkpoint={"every": 0, "keep": 1})
+    cfg.write_text(json.dumps(resumed))
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert_same(out, ref)
+    assert not list((out / "checkpoints").glob(".round_*")) and not (out / "client_state").exists()
+    assert summary(out)["wall_seconds"] > 1000.0
+
+
 def test_checkpoints_write_only_changed_clients_and_keep_referenced_shards(tmp_path, store_cache):
     out = tmp_path / "run"
     run(tiny(store_cache, "cafedistill", clients=8, rounds=4, per_round=2), out)

@@ -159,6 +159,18 @@ class CheckpointDir:
         tmp.mkdir(parents=True)
         return tmp
 
+    def remove_stale_staging(self) -> None:
+        """Rank 0 at the start of a run, the run's lock held: staging directories of writes
+        that were killed (a round checkpointed again replaces its own in :meth:`begin`, but a
+        round the resumed run does not checkpoint, e.g. under another ``checkpoint.every``,
+        left its directory for good)."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            name = path.name
+            if name.startswith(".") and name.endswith(".tmp") and _DIR_RE.match(name[1:-4]) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
     def write_client(self, round_idx: int, cid: int, shard: dict[str, Any]) -> tuple[str, str]:
         """Any rank: write one client's shard; returns (file name, sha256)."""
         name = client_file(cid)

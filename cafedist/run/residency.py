@@ -36,6 +36,14 @@ from cafedist.run.torch_files import save_torch_to
 
 Shard = dict[str, Any]  # {"models", "optimizers", "algo", "cid", "shared_round"}: also a checkpoint shard
 STATE_DIR = "client_state"
+
+
+def remove_parked_state(run_dir: Path) -> None:
+    """Rank 0 at the start of a run, the run's lock held: parked clients left by a killed
+    session (a cache; checkpoints hold the record). Each rank clears its own folder at its
+    first park, but a folder of a rank the resumed run no longer has, or of a run that no
+    longer parks on disk, stayed for good."""
+    shutil.rmtree(Path(run_dir) / STATE_DIR, ignore_errors=True)
 _DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
 
 

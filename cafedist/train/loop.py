@@ -33,6 +33,7 @@ from cafedist.run.checkpoint import (
     verification_memo,
 )
 from cafedist.run.metrics import MetricsLog
+from cafedist.run.residency import remove_parked_state
 from cafedist.rundir import RunLock, move_aside, outputs_lock
 from cafedist.train.faults import maybe_fault
 from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan_run_dir
@@ -68,6 +69,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
         with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
             moved = move_aside(run_dir)
         log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+    # scratch of killed sessions; no other process writes here while the lock is held
+    CheckpointDir(run_dir).remove_stale_staging()
+    remove_parked_state(run_dir)
     if plan is RunDirPlan.DEFER:
         log.warning("--resume force: %s/config.yaml keeps the old config until the first new checkpoint", run_dir)
         return True
@@ -291,7 +295,10 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
                 write_json_atomic(run_dir / "summary.json", kept)
         elif not stopped:
             records = metrics.read() if metrics is not None else []
-            result = summary(run, trainer.rows, h, records, time.perf_counter() - t0, trainer.final_evaluation)
+            # a resumed run also spent the rounds that earlier sessions trained (their metrics rows)
+            earlier_wall = sum(float(r.get("seconds", 0.0)) for r in records if r["round"] < start)
+            result = summary(run, trainer.rows, h, records, earlier_wall + time.perf_counter() - t0,
+                             trainer.final_evaluation)
             if result is not None:
                 write_json_atomic(run_dir / "summary.json", result)
                 _warn_if_eval_is_stale(run_dir, result)

@@ -21,6 +21,7 @@ from conftest import ROOT, TINY, cafedist, env_for_tests, metrics, summary
 
 from cafedist.cli import main
 from cafedist.compare import COMPARE_LOCK_NAME
+from cafedist.config import read_run_config
 from cafedist.errors import CheckpointError
 from cafedist.eval.run import LoadedRun, writing_outputs
 from cafedist.rundir import LOCK_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
@@ -416,24 +417,25 @@ def test_eval_names_the_round_and_checkpoint_it_evaluated(finished, run_copy):
     assert report["acc_per_exit"] == summary(run_copy)["acc_per_exit"]
 
 
-def test_eval_says_it_loaded_and_where_a_relative_store_was_looked_for(run_copy, store_cache, tmp_path, monkeypatch,
-                                                                       caplog):
+def test_eval_finds_a_relative_store_from_elsewhere_through_its_checkpoint(run_copy, store_cache, tmp_path,
+                                                                          monkeypatch, caplog):
     config = run_copy / "config.yaml"
     assert str(store_cache) in config.read_text()
-    config.write_text(config.read_text().replace(str(store_cache), "stores"))  # as trained from another folder
+    config.write_text(config.read_text().replace(str(store_cache), "stores"))  # as if trained in another folder
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    code, _, err = run_cli("eval", str(run_copy))
+    caplog.set_level(logging.INFO, logger="cafedist")
+    code, _, err = run_cli("eval", str(run_copy))  # the manifest records where the store was
+    assert code == 0, err
+    store = read_run_config(run_copy / "config.yaml").data.store_path(3).name
+    assert f"using {store_cache / store}, where training wrote it" in caplog.text
+    assert f"loaded {run_copy / 'checkpoints' / 'round_000001'}" in caplog.text and "resumed" not in caplog.text
+    manifest = run_copy / "checkpoints" / "round_000001" / "MANIFEST.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "store"}))
+    code, _, err = run_cli("eval", str(run_copy))  # a checkpoint of an earlier version records none
     assert code == 2
     _one_error_line(err, "the run's data store is missing (a relative path, here "
-                    f"{tmp_path / 'elsewhere' / 'stores'}", "run from the directory train ran in")
-    (tmp_path / "home").mkdir()
-    (tmp_path / "home" / "stores").symlink_to(store_cache)
-    monkeypatch.chdir(tmp_path / "home")
-    caplog.set_level(logging.INFO, logger="cafedist")
-    code, _, err = run_cli("eval", str(run_copy))
-    assert code == 0, err
-    assert f"loaded {run_copy / 'checkpoints' / 'round_000001'}" in caplog.text and "resumed" not in caplog.text
+                    f"{tmp_path / 'elsewhere' / 'stores' / store}", "run from the directory train ran in")
 
 
 def test_eval_of_an_earlier_round_is_refused_unless_allowed_and_then_flagged(finished, run_copy):

@@ -19,6 +19,7 @@ started over between loading and the lock (its results would describe models mov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from contextlib import ExitStack, contextmanager
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from cafedist.config import config_hash, read_run_config, run_identity
+from cafedist.config import Config, config_hash, read_run_config, run_identity
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, deterministic_cuda, resolve_device
@@ -106,6 +107,19 @@ def writing_outputs(run_dir: str | Path, loaded: LoadedRun, outputs: dict[str, s
         lock.release()
 
 
+def _with_store_found(cfg: Config, run_dir: Path) -> Config:
+    """``cfg`` reading its store where training left it: a relative ``data.cache_dir`` or
+    ``data.store`` is relative to the directory train ran in, so from elsewhere the store is
+    found through the absolute path its newest checkpoint records (``data.store`` is not part
+    of the run's identity; the store is still checked against the config's partition)."""
+    path = cfg.data.store_path(cfg.seed)
+    recorded = None if path.is_file() else CheckpointDir(run_dir).recorded_store()
+    if recorded is None or not recorded.is_file():
+        return cfg
+    log.info("the run's store is not at %s from here; using %s, where training wrote it", path, recorded)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=str(recorded)))
+
+
 @contextmanager
 def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False,
              check: Callable[[Any], object] | None = None) -> Iterator[LoadedRun]:
@@ -124,6 +138,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         cfg = read_run_config(cfg_file)
     except CafeError as exc:
         raise CheckpointError(f"{cfg_file}: not a usable run config ({exc})") from None
+    cfg = _with_store_found(cfg, run_dir)
     dev = resolve_device(device, name="--device")
     if dev.type == "cuda":
         deterministic_cuda()

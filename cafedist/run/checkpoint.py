@@ -178,15 +178,17 @@ class CheckpointDir:
 
     def commit(self, round_idx: int, server: dict[str, Any], files: dict[str, str], *,
                world_size: int, config_hash: str, keep: int, refs: dict[str, dict[str, str]] | None = None,
-               identity: str | None = None) -> Path:
+               about: dict[str, str] | None = None) -> Path:
         """Rank 0, after every rank wrote its shards: manifest, rename, ``latest``, prune.
         ``refs``: shards reused from older checkpoints (file name -> {"dir", "sha256"});
-        ``identity``: the config's :func:`~cafedist.config.run_identity`, which eval checks."""
+        ``about``: what the manifest records about the run: ``run_identity`` (the config's
+        :func:`~cafedist.config.run_identity`, which eval checks) and ``store`` (the absolute
+        path of the run's data store, where eval looks when the config's relative path does
+        not lead there)."""
         tmp = self.staging(round_idx)
         files = dict(files)
         files["server.pt"] = save_torch(server, tmp / "server.pt")
-        manifest = {"round": round_idx, "world_size": world_size, "config_hash": config_hash,
-                    **({"run_identity": identity} if identity is not None else {}),
+        manifest = {"round": round_idx, "world_size": world_size, "config_hash": config_hash, **(about or {}),
                     "files": dict(sorted(files.items())), "refs": dict(sorted((refs or {}).items()))}
         write_json_atomic(tmp / "MANIFEST.json", manifest)
         fsync_dir(tmp)
@@ -227,6 +229,14 @@ class CheckpointDir:
         return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- read
+    def recorded_store(self) -> Path | None:
+        """The absolute store path the newest checkpoint's manifest records (None: none
+        recorded, e.g. checkpoints of an earlier version). Read without verifying: the store
+        found there is checked against the config's partition like any other."""
+        found = self.candidates()
+        store = _read_manifest(found[0]).get("store") if found else None
+        return Path(store) if isinstance(store, str) else None
+
     def candidates(self) -> list[Path]:
         """Checkpoint directories, newest first (by round number, not mtime)."""
         return [p for p in self._all_dirs() if not (p / SHARDS_ONLY).exists()]
@@ -272,11 +282,11 @@ RESUME_MODES = ("auto", "none", "force")
 
 
 def save_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams,
-                    round_idx: int, *, config_hash: str, keep: int, identity: str | None = None,
+                    round_idx: int, *, config_hash: str, keep: int, about: dict[str, str] | None = None,
                     before_commit: Callable[[], None] | None = None) -> None:
     """All ranks: write the shards of my clients that changed since the previous checkpoint;
     rank 0 commits the checkpoint of ``round_idx``, referencing the unchanged shards.
-    ``identity``: the config's run identity, recorded in the manifest for eval to check.
+    ``about``: recorded in the manifest (:meth:`CheckpointDir.commit`).
     ``before_commit`` runs on every rank once the shards are written (fault injection)."""
     rt = comm.rt
     if rt.is_main:
@@ -297,7 +307,7 @@ def save_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
         server = {"round": round_idx, "algo": algo.server_state(), "config_hash": config_hash,
                   "shared": shared.state()}
         final = ckpt.commit(round_idx, server, merged, world_size=rt.world_size, config_hash=config_hash, keep=keep,
-                            refs=refs, identity=identity)
+                            refs=refs, about=about)
         pool.checkpointed = {**refs, **{name: {"dir": final.name, "sha256": d} for name, d in merged.items()}}
     comm.barrier()
     pool.changed.clear()

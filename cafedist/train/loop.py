@@ -258,6 +258,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if metrics is not None:
             metrics.truncate_after(start - 1)
         bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
+        about = {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve())}
         t0 = time.perf_counter()
         last_done = start - 1
         stopped = False
@@ -274,7 +275,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             every = cfg.checkpoint.every
             if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
                 save_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, rnd, config_hash=h,
-                                keep=cfg.checkpoint.keep, identity=run_identity(cfg),
+                                keep=cfg.checkpoint.keep, about=about,
                                 before_commit=lambda r=rnd: maybe_fault("checkpoint", r, rt.rank))
                 if config_due:  # --resume force: the new config now has a checkpoint of its own
                     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))

@@ -13,4 +13,5 @@ __version__ = "0.1.0"
 #: (a bug fix in an algorithm, a new default kept out of the config hash, ...). Summaries
 #: record it, and ``cafedist compare`` reuses a finished run only when it matches: an older
 #: run is moved aside (``--resume none``) and trained again. Summaries without it are 1.
-RESULTS_VERSION = 1
+#: 2: ``cafedistill`` with ``shared_body: true`` starts every client from one body (session 12).
+RESULTS_VERSION = 2

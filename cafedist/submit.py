@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -289,51 +289,58 @@ class TrainTask(Checkpointable):
 
 
 def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env: dict[str, str] | None = None,
-                as_array: bool | None = None) -> list[Any]:
+                as_array: bool | None = None, owned: str | Path | None = None) -> list[Any]:
     """Submit ``runs`` (a job array when there are several, or ``as_array``); returns submitit jobs.
 
-    ``folder`` is the executor's (pickles and logs). A submission the scheduler refuses (no
-    controller, a bad partition, ...) is one CafeError line; when no job was submitted, what
-    the attempt wrote is removed again — ``folder`` and the folders above it that it created
-    (e.g. a new ``--out``), or in an existing ``folder`` the files it added."""
+    ``folder`` is the executor's (pickles and logs); ``owned`` the folder of this command that
+    holds it (its ``--out``; default ``folder`` itself). A submission the scheduler refuses (no
+    controller, a bad partition, ...) is one CafeError line, and when no job was queued the
+    attempt's files go again: the folders it created from ``owned`` down to ``folder``, or in
+    an existing ``folder`` the temporary files submitit added (``.submission_file_*``,
+    ``*.pkl``), never another job's folder. Anything else, Ctrl-C included, removes nothing:
+    sbatch may have queued a job already."""
     task = TrainTask(env)
     ensure_importable_in_jobs()
+    folder = Path(folder)
+    made = _first_missing(folder, Path(owned) if owned is not None else folder)
+    before = set(folder.iterdir()) if made is None and folder.is_dir() else set()
+    utils = require_submitit().core.utils
+    refused = (utils.FailedJobError, utils.FailedSubmissionError, subprocess.CalledProcessError, OSError)
     submitted: list[Any] = []
-    refused = (require_submitit().core.utils.FailedJobError, subprocess.CalledProcessError, OSError, RuntimeError)
-    # submitit prints a refusing sbatch's stderr before raising; it is the error line below
-    with _removed_unless_submitted(Path(folder), submitted), contextlib.redirect_stderr(io.StringIO()):
-        try:
+    said = io.StringIO()  # submitit prints a refusing sbatch's stderr before raising: the error line has it
+    try:
+        with contextlib.redirect_stderr(said):
             if as_array or (as_array is None and len(runs) > 1):
                 submitted.extend(executor.map_array(task, list(runs)))
             else:
                 for run in runs:
                     submitted.append(executor.submit(task, run))
-        except refused as exc:
-            said = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-            before = (f" ({len(submitted)} job(s) were submitted before it: "
-                      f"{', '.join(str(j.job_id) for j in submitted)})") if submitted else ""
-            raise CafeError(f"job submission failed: {said[:500]}{before}") from None
+    except refused as exc:
+        if not submitted:
+            _remove_attempt(folder, made, before)
+        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        queued = (f" ({len(submitted)} job(s) were submitted before it: "
+                  f"{', '.join(str(j.job_id) for j in submitted)})") if submitted else ""
+        raise CafeError(f"job submission failed: {why[:500]}{queued}") from None
+    sys.stderr.write(said.getvalue())  # on success, whatever submitit said is the user's to see
     return submitted
 
 
-@contextlib.contextmanager
-def _removed_unless_submitted(folder: Path, submitted: list[Any]) -> Iterator[None]:
-    """Undo a submission attempt's files if it fails before any job is queued."""
-    top = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # first to be made
-    before = set(folder.iterdir()) if top is None and folder.is_dir() else set()
-    try:
-        yield
-    except BaseException:
-        if not submitted:
-            if top is not None:
-                shutil.rmtree(top, ignore_errors=True)
-            elif folder.is_dir():
-                for path in set(folder.iterdir()) - before:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
-        raise
+def _first_missing(folder: Path, owned: Path) -> Path | None:
+    """The highest folder from ``owned`` down to ``folder`` that does not exist yet (the first a
+    submission would create), or None. Folders above ``owned`` may be shared: never counted."""
+    chain = [p for p in reversed([folder, *folder.parents]) if p == owned or owned in p.parents]
+    return next((p for p in chain or [folder] if not p.exists()), None)
+
+
+def _remove_attempt(folder: Path, made: Path | None, before: set[Path]) -> None:
+    """Remove what a refused submission wrote (see :func:`submit_runs`)."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for path in set(folder.iterdir()) - before if folder.is_dir() else ():
+        if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"):
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -418,7 +425,8 @@ def main(args: argparse.Namespace) -> int:
                           "runs": [{"out": r.out, "argv": r.train_argv()} for r in runs]}, indent=2))
         return 0
     executor = options.executor(folder / "%j", args.out)
-    jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array))
+    jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array),
+                       owned=folder if args.folder else Path(args.out).resolve())
     for job, run in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {run.out}  (logs: {job.paths.stderr.parent})")
     if not args.wait:

@@ -1,6 +1,6 @@
 """Per-client budgets against one global threshold, on test, for many finished runs.
 
-    python experiments/budget_vs_global.py RUN_DIR [RUN_DIR ...] --out CSV [--budget macs=0.5]
+    python experiments/budget_vs_global.py RUN_DIR [RUN_DIR ...] --out CSV [--budget macs=0.5] [--confidence C]
     python experiments/budget_vs_global.py --summarize CSV [CSV ...]
 
 For each run, what ``cafedist eval RUN --budget SPEC`` reports (default scope, nothing chosen on
@@ -39,13 +39,13 @@ COLUMNS = ("run", "last_exit_accuracy", "pooled_accuracy", "pooled_macs_fraction
            "global_within_every_budget_share_within_budget")
 
 
-def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser) -> dict[str, str]:
+def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser, confidence: float = 0.95) -> dict[str, str]:
     """One CSV row (numbers formatted) for the finished run in ``run_dir``."""
     budget = macs_budget(parser, spec)
     with load_run(run_dir) as loaded:
         splits, macs = client_splits(loaded.run), list(loaded.run.macs)
     table = global_table([test for _, test in splits], macs)
-    section, _ = personalized_budgets(splits, [budget] * len(splits), macs, table)
+    section, _ = personalized_budgets(splits, [budget] * len(splits), macs, table, confidence=confidence)
     fair, everyone = section["global_on_calibration"], section["global_within_every_budget"]
     population = next(iter(section["population"].values()))
     chosen = Choice(policy=population["policy"], threshold=population["threshold"],
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="*", help="finished run directories trained with data.val_fraction > 0")
     parser.add_argument("--out", help="CSV to append to")
     parser.add_argument("--budget", default="macs=0.5")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="eval's --budget-confidence (0.5: no margin, the plain calibration estimates)")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="CSV", help="print these CSVs' summaries")
     args = parser.parse_args()
     if args.summarize:
@@ -117,14 +119,18 @@ def main() -> None:
     if not args.runs or not args.out:
         parser.error("give RUN_DIR ... and --out CSV, or --summarize CSV ...")
     out = Path(args.out)
-    if out.exists() and next(csv.reader(out.open()), None) != list(COLUMNS):
+    header, done = None, set()
+    if out.exists():
+        with out.open() as f:
+            header = next(csv.reader(f), None)
+            done = {row[0] for row in csv.reader(f) if row}
+    if header is not None and header != list(COLUMNS):
         parser.error(f"{out} has other columns (written by an older version of this script): give a new --out")
-    done = {row["run"] for row in csv.DictReader(out.open())} if out.exists() else set()
     for run_dir in args.runs:
         if run_dir in done:
             continue
-        row = run_row(run_dir, args.budget, parser)
-        new = not out.exists()
+        row = run_row(run_dir, args.budget, parser, args.confidence)
+        new = not out.exists() or out.stat().st_size == 0
         with out.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
             if new:

@@ -303,7 +303,7 @@ def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
 SLURM_DOWN = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
 
 
-@pytest.mark.parametrize("target", ["fresh", "run", "compare"])
+@pytest.mark.parametrize("target", ["fresh", "run", "compare", "folder"])
 def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shared: Ctx, tmp_path, monkeypatch):
     """sbatch refusing (no controller) gave a traceback, and the attempt's submitit folder stayed
     in a new --out, in an existing run, or in compare's --out."""
@@ -313,15 +313,22 @@ def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shar
         (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    out = {"fresh": shared.fresh, "run": shared.run, "compare": tmp_path / "cmp"}[target]
+    out = {"fresh": shared.fresh, "run": shared.run, "compare": tmp_path / "cmp", "folder": shared.fresh}[target]
     argv = (["compare", "--config", str(shared.cfg), "--algorithms", "fedavg", "--seeds", "1", "--submit"]
             if target == "compare" else ["submit", "--config", str(shared.cfg)])
-    before = tree_hashes(shared.run)
+    logs = tmp_path / "logs"  # a --folder of the user's, also holding another job's files
+    (logs / "123").mkdir(parents=True)
+    (logs / "123" / "123_submitted.pkl").write_bytes(b"x")
+    (logs / "mine.txt").write_text("mine")
+    if target == "folder":
+        argv.extend(["--folder", str(logs)])
+    before, kept = tree_hashes(shared.run), tree_hashes(logs)
     code, _, err = run_cli(*argv, "--out", str(out))
     assert code == 2, err
     assert err.strip().splitlines() == [f"cafedist: error: job submission failed: {SLURM_DOWN}"]
     assert tree_hashes(shared.run) == before and not shared.fresh.exists()
     assert not (out / "submitit").exists()
+    assert tree_hashes(logs) == kept and sorted(p.name for p in logs.iterdir()) == ["123", "mine.txt"]
 
 
 def test_bad_input_through_the_real_entry_point(shared: Ctx):

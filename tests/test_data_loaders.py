@@ -14,6 +14,7 @@ import pytest
 
 from cafedist.data import DATASETS, load_dataset
 from cafedist.data.base import channel_stats
+from cafedist.data.registry import BUNDLED
 from cafedist.data.text import build_vocab, encode, tokenize
 from cafedist.errors import ConfigError, DataError
 
@@ -115,6 +116,14 @@ def test_cifar100_fine_labels(tmp_path):
     assert raw.x.shape == (7, 3, 32, 32) and raw.num_classes == 100
     assert raw.y.max() < 100 and not (raw.y == 99).all()
     assert raw.class_names[42] == "f42"
+
+
+@pytest.mark.parametrize("name", sorted(set(DATASETS) - BUNDLED))
+def test_every_dataset_not_bundled_needs_a_root(name):
+    """train and submit refuse these without data.root before building anything
+    (preflight.check_paths reads BUNDLED): the loaders must agree."""
+    with pytest.raises(DataError, match="no data root given"):
+        load_dataset(name)
 
 
 def test_cifar_missing_and_malformed(tmp_path):

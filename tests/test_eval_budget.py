@@ -235,6 +235,10 @@ def test_global_threshold_within_every_budget_is_the_best_one_every_client_can_a
     # budgets of both kinds cannot share one rule; nothing to choose on without calibration samples
     assert global_within_every_budget([(easy, easy), (hard, hard)], [budget, Budget("loss", 1.0)], MACS) is None
     assert global_within_every_budget([(empty, easy), (empty, hard)], [budget] * 2, MACS) is None
+    # a non-finite score never exits early: with exit 1's cost as the budget no threshold is feasible
+    broken = Split(easy.logits.clone(), easy.y)
+    broken.logits[0, 0] = float("nan")
+    assert global_within_every_budget([(easy, easy), (broken, easy)], [Budget("macs", 0.5)] * 2, MACS) is None
 
 
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):

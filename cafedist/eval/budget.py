@@ -176,6 +176,15 @@ def _feasible(stats: dict[str, Any], budget: Budget, last_macs: float) -> Tensor
     return 100.0 * stats["loss_ub"] <= budget.value + _EPS
 
 
+def _preference(stats: dict[str, Any], kind: str) -> Tensor:
+    """[T, 2] sort keys of the candidates (:func:`_candidates`), the best smallest: under a MACs
+    budget the most accurate, then the one spending more of the budget (module docstring);
+    under a loss budget the cheapest, then the more accurate."""
+    if kind == "macs":
+        return torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
+    return torch.stack([stats["macs"], -stats["accuracy"]], dim=1)
+
+
 def static_fallback(budget: Budget, macs_per_exit: Sequence[int], reason: str) -> Choice:
     """The static exit that honours ``budget`` without calibration: the last exit for a loss
     budget, the deepest exit whose cost fits a MACs budget (exit 1 always does once
@@ -213,11 +222,7 @@ def choose_policy(
     for v, (policy, temps) in enumerate(variants):
         stats = _candidates(cal, macs, policy, temps, z)
         feasible = _feasible(stats, budget, last_macs)
-        if budget.kind == "macs":
-            # most accurate, then more of the budget spent (module docstring); min() picks the best
-            keys = torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
-        else:
-            keys = torch.stack([stats["macs"], -stats["accuracy"]], dim=1)
+        keys = _preference(stats, budget.kind)
         for t in torch.nonzero(feasible).flatten().tolist():
             key = (*keys[t].tolist(), v, t)  # ties: earlier variant, then smaller threshold
             if best is None or key < best[0]:
@@ -437,8 +442,14 @@ def global_within_every_budget(splits: Sequence[tuple[Split, Split]], budgets: S
     thresholds feasible for every client (a client without calibration samples constrains
     nothing) the pooled calibration splits pick as :func:`choose_policy` does (MACs: most
     accurate, then more spent; loss: cheapest, then more accurate), and the choice is checked
-    on test like the personalized policies. None without calibration samples, or when the
-    budgets are of both kinds (one threshold cannot be judged by both rules)."""
+    on test like the personalized policies. None without calibration samples, when the
+    budgets are of both kinds (one threshold cannot be judged by both rules), or when no
+    threshold is feasible for every client (non-finite calibration scores make even θ = 0
+    send samples past exit 1).
+
+    It is as low as the client that needs the lowest threshold: a hard client, or one whose
+    small calibration split leaves a wide margin (the same margin keeps each personalized
+    policy within its own client's budget, but binds only that client there)."""
     kinds = {b.kind for b in budgets}
     pooled = pooled_split([cal for cal, _ in splits])
     if pooled.n == 0 or len(kinds) != 1:
@@ -453,12 +464,11 @@ def global_within_every_budget(splits: Sequence[tuple[Split, Split]], budgets: S
             own = _candidates(cal, macs, "max-softmax", None, z, extra=thresholds)
             at = {th: i for i, th in enumerate(own["thresholds"])}
             everyone &= _feasible(own, budget, float(macs[-1]))[[at[th] for th in thresholds]]
-    if kinds == {"macs"}:
-        keys = torch.stack([-stats["accuracy"], -stats["macs"]], dim=1)
-    else:
-        keys = torch.stack([stats["macs"], -stats["accuracy"]], dim=1)
-    # θ = 0 (MACs budgets at or above exit 1's cost) and θ = 1 (loss) are exact: one is feasible
-    t = min(torch.nonzero(everyone).flatten().tolist(), key=lambda i: (*keys[i].tolist(), i))
+    keys = _preference(stats, next(iter(kinds)))
+    feasible = torch.nonzero(everyone).flatten().tolist()
+    if not feasible:  # θ = 0 (MACs) and θ = 1 (loss) are feasible unless scores are not finite
+        return None
+    t = min(feasible, key=lambda i: (*keys[i].tolist(), i))
     return _one_threshold_on_test(Choice(policy="max-softmax", threshold=thresholds[t]), splits, budgets,
                                   macs_per_exit)
 

@@ -224,7 +224,10 @@ def format_budget(section: dict[str, Any]) -> list[str]:
                      f"{fair['clients_within_budget']}/{judged} clients within their budget "
                      f"(threshold {fair['threshold']:g})")
     everyone = section.get("global_within_every_budget")
-    if everyone is not None:
+    if everyone is None and "global_within_every_budget" in section:
+        lines.append("  one global threshold within every client's budget: not compared (budgets of both kinds, "
+                     "or none feasible for every client on calibration)")
+    elif everyone is not None:
         lines.append(f"  one global threshold that keeps every client's budget on calibration: accuracy "
                      f"{100 * everyone['accuracy']:.2f}% at {100 * everyone['macs_fraction']:.1f}% of the last exit's "
                      f"MACs, {everyone['clients_within_budget']}/{judged} clients within their budget "

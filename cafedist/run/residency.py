@@ -37,6 +37,8 @@ from cafedist.run.torch_files import save_torch_to
 Shard = dict[str, Any]  # {"models", "optimizers", "algo", "cid", "shared_round"}: also a checkpoint shard
 STATE_DIR = "client_state"
 
+_DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
+
 
 def remove_parked_state(run_dir: Path) -> None:
     """Rank 0 at the start of a run, the run's lock held: parked clients left by a killed
@@ -44,7 +46,6 @@ def remove_parked_state(run_dir: Path) -> None:
     first park, but a folder of a rank the resumed run no longer has, or of a run that no
     longer parks on disk, stayed for good."""
     shutil.rmtree(Path(run_dir) / STATE_DIR, ignore_errors=True)
-_DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
 
 
 def _to_host(obj: Any, pin: bool) -> Any:

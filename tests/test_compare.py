@@ -505,6 +505,22 @@ def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_p
     assert (out / "results.md").read_text().endswith(budget_part)
 
 
+def test_a_compare_stopped_in_this_process_does_not_stop_the_next(tiny_config, tmp_path):
+    """After a Ctrl-C (or SIGTERM) stopped one compare, every later one in the same Python
+    process refused to start its runs ('compare is stopping')."""
+    from cafedist.compare.execute import execute, run_subprocess
+
+    runs = plan_runs(tiny_config(rounds=1), resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+
+    def interrupted(run: PlannedRun, jobs: int) -> RunOutcome:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(runs, runner=interrupted)
+    [outcome] = execute(runs, runner=run_subprocess)
+    assert outcome.status == "done", outcome
+
+
 def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, tmp_path, capsys, caplog):
     out = tmp_path / "runs" / "cmp"  # a folder named runs above --out (the README's own --out runs/cmp)
     args = ["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",

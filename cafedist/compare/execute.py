@@ -86,6 +86,12 @@ class _Children:
         for proc in procs:
             proc.wait()
 
+    def reopen(self) -> None:
+        """Start runs again: a later compare in this process (Python callers, notebooks) is a
+        new one, not the stopped one."""
+        with self._lock:
+            self._stopping = False
+
 
 _CHILDREN = _Children()
 
@@ -185,6 +191,7 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
             raise
         finally:
             pool.shutdown(wait=True)
+            _CHILDREN.reopen()  # every thread of this compare has ended
     return [outcomes[i] for i in range(len(runs))]
 
 

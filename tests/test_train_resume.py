@@ -94,6 +94,19 @@ def test_sigterm_checkpoints_and_exits_for_requeue(uninterrupted, tmp_path):
     _assert_same_run(out, ref)
 
 
+def test_a_stop_signal_during_a_checkpoint_write_stops_after_it(uninterrupted, tmp_path):
+    """The signal came while round 1's checkpoint was written: the run went on to train and
+    checkpoint round 2 first, which a preemption's grace period may not last."""
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    stopped = _interrupt(cfg, out, "usr1@checkpoint:1")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "round_000001"
+    assert len(metrics(out)) == 2
+    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    _assert_same_run(out, ref)
+
+
 def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     cfg, ref = uninterrupted
     out = tmp_path / "run"

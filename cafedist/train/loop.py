@@ -280,6 +280,10 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
                 if config_due:  # --resume force: the new config now has a checkpoint of its own
                     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
                     config_due = False
+                if not want_stop and rnd < cfg.train.rounds - 1:
+                    # a signal that came while the checkpoint was written: this one is current, stop
+                    # now rather than after another round (a preemption's grace may not last it)
+                    want_stop = trainer.rows.sum_int(1 if stop.requested else 0) > 0
             if want_stop and rnd < cfg.train.rounds - 1:
                 stopped = True
                 if rt.is_main:

@@ -103,8 +103,18 @@ def test_a_stop_signal_during_a_checkpoint_write_stops_after_it(uninterrupted, t
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "round_000001"
     assert len(metrics(out)) == 2
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert "CPU threads" not in resumed.stderr  # the same thread count: nothing to warn of
     _assert_same_run(out, ref)
+
+
+def test_a_resume_under_another_thread_count_says_so(uninterrupted, tmp_path):
+    cfg, _ = uninterrupted
+    out = tmp_path / "run"
+    assert _interrupt(cfg, out, "term@local:1").returncode == 75
+    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                       env=env_for_tests(OMP_NUM_THREADS="2"), check=True)
+    assert "resumed with 2 CPU threads where round_000001 was written with 1" in resumed.stderr
 
 
 def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):

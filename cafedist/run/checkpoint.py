@@ -229,6 +229,11 @@ class CheckpointDir:
         return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- read
+    @staticmethod
+    def manifest_of(path: Path) -> dict:
+        """A checkpoint directory's manifest as recorded ({} when unreadable), not verified."""
+        return _read_manifest(path)
+
     def recorded_store(self) -> Path | None:
         """The absolute store path the newest checkpoint's manifest records (None: none
         recorded, e.g. checkpoints of an earlier version). Read without verifying: the store

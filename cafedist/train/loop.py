@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cafedist import RESULTS_VERSION
 from cafedist.config import Config, config_hash, dump_config, run_identity
 from cafedist.distributed.comm import Comm
@@ -77,6 +79,17 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
         return True
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     return False
+
+
+def _warn_if_threads_changed(checkpoint: Path, threads: int | None) -> None:
+    """A run resumed on the CPU under another thread count goes on correctly, but its float sums
+    are ordered differently from an uninterrupted run's, so its results will not match that run
+    bit for bit: say so (the user's to judge; the thread count is no part of the config)."""
+    written = CheckpointDir.manifest_of(checkpoint).get("cpu_threads")
+    if threads is not None and isinstance(written, int) and written != threads:
+        log.warning("resumed with %d CPU threads where %s was written with %d: from here the run's float sums "
+                    "are ordered differently, so its results will not match an uninterrupted run's bit for bit "
+                    "(set OMP_NUM_THREADS=%d to keep them)", threads, checkpoint.name, written, written)
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | None = None,
@@ -258,7 +271,10 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if metrics is not None:
             metrics.truncate_after(start - 1)
         bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
-        about = {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve())}
+        about = {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve()),
+                 **({"cpu_threads": torch.get_num_threads()} if rt.device.type == "cpu" else {})}
+        if rt.is_main and resumed is not None and resumed.path is not None:
+            _warn_if_threads_changed(resumed.path, about.get("cpu_threads"))
         t0 = time.perf_counter()
         last_done = start - 1
         stopped = False

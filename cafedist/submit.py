@@ -297,15 +297,15 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
     controller, a bad partition, ...) is one CafeError line, and when no job was queued the
     attempt's files go again: the folders it created from ``owned`` down to ``folder``, or in
     an existing ``folder`` the temporary files submitit added (``.submission_file_*``,
-    ``*.pkl``), never another job's folder. Anything else, Ctrl-C included, removes nothing:
-    sbatch may have queued a job already."""
+    ``*.pkl``), never another job's folder. An sbatch answer submitit cannot read, and anything
+    else (Ctrl-C included), removes nothing: sbatch may have queued a job already."""
     task = TrainTask(env)
     ensure_importable_in_jobs()
     folder = Path(folder)
     made = _first_missing(folder, Path(owned) if owned is not None else folder)
     before = set(folder.iterdir()) if made is None and folder.is_dir() else set()
     utils = require_submitit().core.utils
-    refused = (utils.FailedJobError, utils.FailedSubmissionError, subprocess.CalledProcessError, OSError)
+    refused = (utils.FailedJobError, subprocess.CalledProcessError, OSError)
     submitted: list[Any] = []
     said = io.StringIO()  # submitit prints a refusing sbatch's stderr before raising: the error line has it
     try:
@@ -322,6 +322,9 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
         queued = (f" ({len(submitted)} job(s) were submitted before it: "
                   f"{', '.join(str(j.job_id) for j in submitted)})") if submitted else ""
         raise CafeError(f"job submission failed: {why[:500]}{queued}") from None
+    except utils.FailedSubmissionError as exc:  # sbatch said something else than a job id: it may have queued
+        raise CafeError(f"job submission unclear: {' '.join(str(exc).split())[:300]}; a job may be queued "
+                        f"(check squeue before submitting again; its files are in {folder})") from None
     sys.stderr.write(said.getvalue())  # on success, whatever submitit said is the user's to see
     return submitted
 
@@ -425,8 +428,9 @@ def main(args: argparse.Namespace) -> int:
                           "runs": [{"out": r.out, "argv": r.train_argv()} for r in runs]}, indent=2))
         return 0
     executor = options.executor(folder / "%j", args.out)
+    out = Path(args.out).resolve()  # this command's own folder; a --folder elsewhere is the user's
     jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array),
-                       owned=folder if args.folder else Path(args.out).resolve())
+                       owned=out if folder == out or out in folder.parents else folder)
     for job, run in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {run.out}  (logs: {job.paths.stderr.parent})")
     if not args.wait:

@@ -31,7 +31,8 @@ from cafedist.eval.budget import Choice, accuracy_at_macs, apply_choice, fit_to_
 from cafedist.eval.budget_run import client_splits
 from cafedist.eval.run import load_run
 
-COLUMNS = ("run", "last_exit_accuracy", "pooled_accuracy", "pooled_macs_fraction", "pooled_share_within_budget",
+COLUMNS = ("run", "budget", "confidence", "last_exit_accuracy", "pooled_accuracy", "pooled_macs_fraction",
+           "pooled_share_within_budget",
            "global_at_same_macs_accuracy", "global_on_calibration_accuracy", "global_on_calibration_macs_fraction",
            "global_on_calibration_share_within_budget", "hindsight_test_fit_accuracy",
            "hindsight_test_fit_macs_fraction", "hindsight_test_fit_global_at_same_macs_accuracy",
@@ -54,12 +55,14 @@ def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser, confidence
               for _, test in splits]
     n = sum(r["n"] for r in fitted)
     fit_macs = sum(r["macs"] for r in fitted) / n
+    everyone = everyone or {}  # None: no threshold suits every client (left empty)
     values = [section["last_exit_accuracy"], section["accuracy"], section["macs_fraction"],
               section["share_within_budget"], section["global_at_same_macs"]["accuracy"], fair["accuracy"],
               fair["macs_fraction"], fair["share_within_budget"], sum(r["correct"] for r in fitted) / n,
-              fit_macs / macs[-1], accuracy_at_macs(table, fit_macs)["accuracy"], everyone["accuracy"],
-              everyone["macs_fraction"], everyone["share_within_budget"]]
-    return {"run": run_dir, **{k: f"{v:.6f}" for k, v in zip(COLUMNS[1:], values)}}
+              fit_macs / macs[-1], accuracy_at_macs(table, fit_macs)["accuracy"], everyone.get("accuracy"),
+              everyone.get("macs_fraction"), everyone.get("share_within_budget")]
+    return {"run": run_dir, "budget": spec, "confidence": f"{confidence:g}",
+            **{k: "" if v is None else f"{v:.6f}" for k, v in zip(COLUMNS[3:], values)}}
 
 
 def _points(diffs: list[float]) -> str:
@@ -69,7 +72,9 @@ def _points(diffs: list[float]) -> str:
 
 def summary(path: Path) -> str:
     """One CSV's runs in a few lines: each comparison's mean gap, MACs shares, clients within budget."""
-    rows = [{k: (v if k == "run" else float(v)) for k, v in row.items()} for row in csv.DictReader(path.open())]
+    with path.open() as f:
+        rows = [{k: v if k in ("run", "budget") else (float(v) if v else None) for k, v in row.items()}
+                for row in csv.DictReader(f)]
     n = len(rows)
     gap = [r["pooled_accuracy"] - r["global_at_same_macs_accuracy"] for r in rows]
     deployed = [r["global_on_calibration_accuracy"] - r["pooled_accuracy"] for r in rows]
@@ -93,12 +98,21 @@ def summary(path: Path) -> str:
         f"{held('global_on_calibration_share_within_budget')})",
         f"  hindsight ceiling (θ fitted on test) minus global curve at its MACs: {_points(ceiling)} points; "
         f"MACs share {mean('hindsight_test_fit_macs_fraction'):.3f}",
-        *([] if "global_within_every_budget_accuracy" not in rows[0] else [
-            f"  per-client minus one global threshold within every client's budget: "
-            f"{_points([r['pooled_accuracy'] - r['global_within_every_budget_accuracy'] for r in rows])} points; "
-            f"its MACs share {mean('global_within_every_budget_macs_fraction'):.3f}; clients within budget "
-            f"{mean('global_within_every_budget_share_within_budget'):.2f}"]),
+        *_within_every_budget(rows),
     ])
+
+
+def _within_every_budget(rows: list[dict]) -> list[str]:
+    """The summary line of the one threshold within every client's budget, over the runs that
+    have one (CSVs written before session 12 have no such column)."""
+    rows = [r for r in rows if r.get("global_within_every_budget_accuracy") is not None]
+    if not rows:
+        return []
+    gap = [r["pooled_accuracy"] - r["global_within_every_budget_accuracy"] for r in rows]
+    macs = statistics.mean(r["global_within_every_budget_macs_fraction"] for r in rows)
+    share = statistics.mean(r["global_within_every_budget_share_within_budget"] for r in rows)
+    return [f"  per-client minus one global threshold within every client's budget ({len(rows)} runs): "
+            f"{_points(gap)} points; its MACs share {macs:.3f}; clients within budget {share:.2f}"]
 
 
 def main() -> None:
@@ -123,11 +137,11 @@ def main() -> None:
     if out.exists():
         with out.open() as f:
             header = next(csv.reader(f), None)
-            done = {row[0] for row in csv.reader(f) if row}
+            done = {tuple(row[:3]) for row in csv.reader(f) if row}
     if header is not None and header != list(COLUMNS):
         parser.error(f"{out} has other columns (written by an older version of this script): give a new --out")
     for run_dir in args.runs:
-        if run_dir in done:
+        if (run_dir, args.budget, f"{args.confidence:g}") in done:  # resumable per run and setting
             continue
         row = run_row(run_dir, args.budget, parser, args.confidence)
         new = not out.exists() or out.stat().st_size == 0

@@ -303,17 +303,21 @@ def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
 SLURM_DOWN = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
 
 
-@pytest.mark.parametrize("target", ["fresh", "run", "compare", "folder"])
-def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shared: Ctx, tmp_path, monkeypatch):
-    """sbatch refusing (no controller) gave a traceback, and the attempt's submitit folder stayed
-    in a new --out, in an existing run, or in compare's --out."""
-    bin_dir = tmp_path / "bin"
+def _fake_slurm(bin_dir: Path, sbatch: str, monkeypatch) -> None:
+    """srun and sbatch stand-ins on PATH; ``sbatch`` is the body of the fake sbatch script."""
     bin_dir.mkdir()
-    for tool, script in (("srun", "exit 0"), ("sbatch", f"echo '{SLURM_DOWN}' >&2; exit 1")):
+    for tool, script in (("srun", "exit 0"), ("sbatch", sbatch)):
         (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    out = {"fresh": shared.fresh, "run": shared.run, "compare": tmp_path / "cmp", "folder": shared.fresh}[target]
+
+
+@pytest.mark.parametrize("target", ["fresh", "run", "compare", "folder", "folder-in-new-out"])
+def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shared: Ctx, tmp_path, monkeypatch):
+    """sbatch refusing (no controller) gave a traceback, and the attempt's submitit folder stayed
+    in a new --out, in an existing run, or in compare's --out."""
+    _fake_slurm(tmp_path / "bin", f"echo '{SLURM_DOWN}' >&2; exit 1", monkeypatch)
+    out = {"run": shared.run, "compare": tmp_path / "cmp"}.get(target, shared.fresh)
     argv = (["compare", "--config", str(shared.cfg), "--algorithms", "fedavg", "--seeds", "1", "--submit"]
             if target == "compare" else ["submit", "--config", str(shared.cfg)])
     logs = tmp_path / "logs"  # a --folder of the user's, also holding another job's files
@@ -322,6 +326,8 @@ def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shar
     (logs / "mine.txt").write_text("mine")
     if target == "folder":
         argv.extend(["--folder", str(logs)])
+    if target == "folder-in-new-out":  # the folders the attempt made go, from the new --out down
+        argv.extend(["--folder", str(shared.fresh / "logs" / "x")])
     before, kept = tree_hashes(shared.run), tree_hashes(logs)
     code, _, err = run_cli(*argv, "--out", str(out))
     assert code == 2, err
@@ -329,6 +335,17 @@ def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shar
     assert tree_hashes(shared.run) == before and not shared.fresh.exists()
     assert not (out / "submitit").exists()
     assert tree_hashes(logs) == kept and sorted(p.name for p in logs.iterdir()) == ["123", "mine.txt"]
+
+
+def test_an_unreadable_sbatch_answer_keeps_the_files_a_queued_job_may_need(shared: Ctx, tmp_path, monkeypatch):
+    _fake_slurm(tmp_path / "bin", "echo 'Submitted batch array 4242'; exit 0", monkeypatch)
+    code, _, err = run_cli("submit", "--config", str(shared.cfg), "--out", str(shared.fresh))
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith("cafedist: error: job submission unclear: Could not make sense of sbatch output")
+    assert "a job may be queued (check squeue before submitting again" in line
+    assert any((shared.fresh / "submitit").rglob("*.pkl"))  # the job's pickle stays
+    shutil.rmtree(shared.fresh)  # the module's other cases need it absent
 
 
 def test_bad_input_through_the_real_entry_point(shared: Ctx):

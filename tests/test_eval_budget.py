@@ -239,6 +239,11 @@ def test_global_threshold_within_every_budget_is_the_best_one_every_client_can_a
     broken = Split(easy.logits.clone(), easy.y)
     broken.logits[0, 0] = float("nan")
     assert global_within_every_budget([(easy, easy), (broken, easy)], [Budget("macs", 0.5)] * 2, MACS) is None
+    # the same through eval's entry point (pooled scope): every client falls back to a static exit
+    section, _ = personalized_budgets([(easy, easy), (broken, easy)], [Budget("macs", 0.5)] * 2, MACS,
+                                      [{"threshold": 1.0, "accuracy": 1.0, "mean_macs": 2.0}])
+    assert [r["static_exit"] for r in section["clients"]] == [1, 1] and section["clients_within_budget"] == 2
+    assert "not compared" in format_budget({**section, "spec": "macs=0.5"})[-2]
 
 
 def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budget(caplog):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, cafedist, env_for_tests, metrics, summary
 
+from cafedist import RESULTS_VERSION
 from cafedist.cli import main
 from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import read_run_config
@@ -321,6 +322,20 @@ def test_rerunning_a_finished_run_keeps_its_summary(finished, run_copy):
     code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
     assert code == 0, err
     assert summary(run_copy)["model_hashes"] == json.loads(before)["model_hashes"]
+
+
+def test_rerunning_a_run_of_older_code_keeps_its_results_version(finished, run_copy, caplog):
+    """A rerun rewrote the summary of a run trained before a RESULTS_VERSION bump with the new
+    version, without training: compare then reused the old code's results as current."""
+    assert summary(run_copy)["results_version"] == RESULTS_VERSION > 1
+    for path in (run_copy / "checkpoints").glob("round_*/MANIFEST.json"):  # as older code wrote them
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "results_version"}))
+    (run_copy / "summary.json").write_text(json.dumps({**summary(run_copy), "results_version": 1}))
+    caplog.set_level(logging.WARNING, logger="cafedist")
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress")
+    assert code == 0, err
+    assert summary(run_copy)["results_version"] == 1
+    assert f"trained by code of results version 1 (now {RESULTS_VERSION})" in caplog.text
 
 
 def test_errors_found_by_building_store_or_model_leave_no_run_dir(finished, tmp_path):

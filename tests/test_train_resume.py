@@ -114,7 +114,7 @@ def test_a_resume_under_another_thread_count_says_so(uninterrupted, tmp_path):
     assert _interrupt(cfg, out, "term@local:1").returncode == 75
     resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress",
                        env=env_for_tests(OMP_NUM_THREADS="2"), check=True)
-    assert "resumed with 2 CPU threads where round_000001 was written with 1" in resumed.stderr
+    assert "resumed with 2 CPU threads where this run began with 1" in resumed.stderr
 
 
 def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):

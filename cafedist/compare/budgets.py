@@ -165,7 +165,8 @@ def run_budgets(run_dir: str | os.PathLike, summary: dict, budgets: Sequence[Bud
 def numbers(section: dict) -> dict[str, float | None]:
     """The report's metrics of one run under one budget (None where undefined)."""
     fair = section.get("global_on_calibration") or {}  # None when clients' budgets differ
-    everyone = section.get("global_within_every_budget") or {}  # None when budgets are of both kinds
+    # None when budgets are of both kinds or no threshold suits every client
+    everyone = section.get("global_within_every_budget") or {}
     values = {**section, "global_accuracy": section["global_at_same_macs"]["accuracy"],
               "global_cal_accuracy": fair.get("accuracy"), "global_cal_share_within": fair.get("share_within_budget"),
               "global_all_accuracy": everyone.get("accuracy"),

@@ -243,13 +243,14 @@ def fit_to_budget(population: Choice, cal: Split, budget: Budget, macs_per_exit:
     client's own ``budget`` holds on its calibration split ``cal`` with ``confidence`` —
     under a MACs budget the largest feasible θ <= the population's (a lower θ answers more
     samples early), under a loss budget the smallest feasible θ >= it. θ = 0 and θ = 1 are
-    always candidates, so one always exists after
-    :func:`~cafedist.eval.budget_spec.check_feasible`. Without calibration samples: the static
-    fallback (nothing could check the budget)."""
+    always candidates, so one exists after :func:`~cafedist.eval.budget_spec.check_feasible`
+    unless scores are not finite. Without calibration samples, or when the population's own
+    choice is a static exit (nothing was feasible on the pooled splits, e.g. NaN scores): the
+    static fallback (nothing could check the budget)."""
     if cal.n == 0:
         return static_fallback(budget, macs_per_exit, "no calibration samples")
-    if population.threshold is None:  # a static population choice cannot happen with pooled samples
-        raise ValueError("fit_to_budget needs a threshold policy, not a static exit")
+    if population.threshold is None:
+        return static_fallback(budget, macs_per_exit, population.fallback or "no feasible threshold on calibration")
     macs = torch.as_tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
     temps = None if population.temperatures is None else torch.tensor(population.temperatures, dtype=torch.float64)
     theta = float(population.threshold)

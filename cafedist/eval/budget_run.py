@@ -201,6 +201,11 @@ def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: li
     return section
 
 
+def _threshold_text(threshold: float | None) -> str:
+    # None: nothing was feasible on calibration (non-finite scores), so a static exit answered
+    return f"threshold {threshold:g}" if threshold is not None else "no feasible threshold: a static exit"
+
+
 def format_budget(section: dict[str, Any]) -> list[str]:
     """The lines ``cafedist eval --budget`` prints: the per-client result and the comparison."""
     glob = section["global_at_same_macs"]
@@ -222,7 +227,7 @@ def format_budget(section: dict[str, Any]) -> list[str]:
         lines.append(f"  one global threshold chosen on calibration (no per-client budgets): accuracy "
                      f"{100 * fair['accuracy']:.2f}% at {100 * fair['macs_fraction']:.1f}% of the last exit's MACs, "
                      f"{fair['clients_within_budget']}/{judged} clients within their budget "
-                     f"(threshold {fair['threshold']:g})")
+                     f"({_threshold_text(fair['threshold'])})")
     everyone = section.get("global_within_every_budget")
     if everyone is None and "global_within_every_budget" in section:
         lines.append("  one global threshold within every client's budget: not compared (budgets of both kinds, "

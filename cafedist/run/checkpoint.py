@@ -178,13 +178,15 @@ class CheckpointDir:
 
     def commit(self, round_idx: int, server: dict[str, Any], files: dict[str, str], *,
                world_size: int, config_hash: str, keep: int, refs: dict[str, dict[str, str]] | None = None,
-               about: dict[str, str] | None = None) -> Path:
+               about: dict[str, Any] | None = None) -> Path:
         """Rank 0, after every rank wrote its shards: manifest, rename, ``latest``, prune.
         ``refs``: shards reused from older checkpoints (file name -> {"dir", "sha256"});
         ``about``: what the manifest records about the run: ``run_identity`` (the config's
-        :func:`~cafedist.config.run_identity`, which eval checks) and ``store`` (the absolute
+        :func:`~cafedist.config.run_identity`, which eval checks), ``store`` (the absolute
         path of the run's data store, where eval looks when the config's relative path does
-        not lead there)."""
+        not lead there), ``results_version`` (the oldest :data:`~cafedist.RESULTS_VERSION` of
+        the code that trained it) and ``cpu_threads`` (the thread count of its first session
+        on the CPU)."""
         tmp = self.staging(round_idx)
         files = dict(files)
         files["server.pt"] = save_torch(server, tmp / "server.pt")
@@ -229,11 +231,6 @@ class CheckpointDir:
         return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- read
-    @staticmethod
-    def manifest_of(path: Path) -> dict:
-        """A checkpoint directory's manifest as recorded ({} when unreadable), not verified."""
-        return _read_manifest(path)
-
     def recorded_store(self) -> Path | None:
         """The absolute store path the newest checkpoint's manifest records (None: none
         recorded, e.g. checkpoints of an earlier version). Read without verifying: the store
@@ -287,7 +284,7 @@ RESUME_MODES = ("auto", "none", "force")
 
 
 def save_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams,
-                    round_idx: int, *, config_hash: str, keep: int, about: dict[str, str] | None = None,
+                    round_idx: int, *, config_hash: str, keep: int, about: dict[str, Any] | None = None,
                     before_commit: Callable[[], None] | None = None) -> None:
     """All ranks: write the shards of my clients that changed since the previous checkpoint;
     rank 0 commits the checkpoint of ``round_idx``, referencing the unchanged shards.
@@ -325,6 +322,7 @@ class Resumed:
     next_round: int  # 0: nothing restored
     path: Path | None
     config_hash: str | None = None  # the hash its manifest records (rank 0 only)
+    manifest: dict | None = None  # its verified manifest (rank 0 only)
 
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
@@ -392,4 +390,5 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     if ref is not None:
         log.info("%s %s (round %d, written by %d ranks, now %d)", "resumed from" if evaluating is None else "loaded",
                  path, done, ref.manifest["world_size"], rt.world_size)
-    return Resumed(done + 1, path, None if ref is None else ref.manifest.get("config_hash"))
+    return Resumed(done + 1, path, None if ref is None else ref.manifest.get("config_hash"),
+                   None if ref is None else ref.manifest)

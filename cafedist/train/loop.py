@@ -30,6 +30,7 @@ from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import (
     RESUME_MODES,
     CheckpointDir,
+    Resumed,
     load_checkpoint,
     save_checkpoint,
     verification_memo,
@@ -81,15 +82,31 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     return False
 
 
-def _warn_if_threads_changed(checkpoint: Path, threads: int | None) -> None:
-    """A run resumed on the CPU under another thread count goes on correctly, but its float sums
-    are ordered differently from an uninterrupted run's, so its results will not match that run
-    bit for bit: say so (the user's to judge; the thread count is no part of the config)."""
-    written = CheckpointDir.manifest_of(checkpoint).get("cpu_threads")
-    if threads is not None and isinstance(written, int) and written != threads:
-        log.warning("resumed with %d CPU threads where %s was written with %d: from here the run's float sums "
-                    "are ordered differently, so its results will not match an uninterrupted run's bit for bit "
-                    "(set OMP_NUM_THREADS=%d to keep them)", threads, checkpoint.name, written, written)
+def _about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm) -> dict[str, Any]:
+    """What every checkpoint's manifest records about the run (:meth:`CheckpointDir.commit`),
+    carried over from the checkpoint a resume restored: the results version is the oldest of
+    the code that trained it (a run finished by newer code is still partly the older code's,
+    and compare retrains it), the CPU thread count that of its first session. Warns when a
+    resume mixes either (rank 0 decides, every rank learns it)."""
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else None
+    restored = (resumed.manifest or {}) if resumed is not None and resumed.path is not None else None
+    version, first = RESULTS_VERSION, threads
+    if rt.is_main and restored is not None:
+        version = min(RESULTS_VERSION, int(restored.get("results_version", 1)))
+        recorded = restored.get("cpu_threads")
+        first = recorded if isinstance(recorded, int) and threads is not None else threads
+        name = resumed.path.name
+        if version < RESULTS_VERSION:
+            log.warning("%s was trained by code of results version %d (now %d), whose results differ for some "
+                        "configs: this run keeps version %d, and compare trains it again (--resume none here)",
+                        name, version, RESULTS_VERSION, version)
+        if first != threads:
+            log.warning("resumed with %d CPU threads where this run began with %d: from here its float sums are "
+                        "ordered differently, so its results will not match an uninterrupted run's bit for bit "
+                        "(set OMP_NUM_THREADS=%d to keep them)", threads, first, first)
+    version, first = comm.broadcast_object((version, first))
+    return {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve()),
+            "results_version": version, **({"cpu_threads": first} if first is not None else {})}
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | None = None,
@@ -271,10 +288,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if metrics is not None:
             metrics.truncate_after(start - 1)
         bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
-        about = {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve()),
-                 **({"cpu_threads": torch.get_num_threads()} if rt.device.type == "cpu" else {})}
-        if rt.is_main and resumed is not None and resumed.path is not None:
-            _warn_if_threads_changed(resumed.path, about.get("cpu_threads"))
+        about = _about_the_run(cfg, rt, resumed, comm)
         t0 = time.perf_counter()
         last_done = start - 1
         stopped = False
@@ -319,7 +333,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             # a resumed run also spent the rounds that earlier sessions trained (their metrics rows)
             earlier_wall = sum(float(r.get("seconds", 0.0)) for r in records if r["round"] < start)
             result = summary(run, trainer.rows, h, records, earlier_wall + time.perf_counter() - t0,
-                             trainer.final_evaluation)
+                             trainer.final_evaluation, results_version=about["results_version"])
             if result is not None:
                 write_json_atomic(run_dir / "summary.json", result)
                 _warn_if_eval_is_stale(run_dir, result)

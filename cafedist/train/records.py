@@ -54,10 +54,12 @@ class FinalEvaluation:
 
 
 def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str, Any]],
-            wall: float, evaluation: FinalEvaluation | None = None) -> dict[str, Any] | None:
+            wall: float, evaluation: FinalEvaluation | None = None,
+            results_version: int = RESULTS_VERSION) -> dict[str, Any] | None:
     """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it).
     ``evaluation``: the last round's, when this process ran it (every rank, or none); otherwise
-    (e.g. resumed after the last checkpoint) the models are evaluated here."""
+    (e.g. resumed after the last checkpoint) the models are evaluated here. ``results_version``:
+    the oldest :data:`~cafedist.RESULTS_VERSION` of the code that trained the models."""
     ev = (evaluation if evaluation is not None else FinalEvaluation.of(run, rows)).result
     if ev is None:
         return None
@@ -77,7 +79,7 @@ def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str
         "n_params": run.n_params,
         "model_hashes": hashes,
         "config_hash": config_hash,
-        "results_version": RESULTS_VERSION,
+        "results_version": results_version,
         "wall_seconds": round(wall, 3),
         # rank 0's peak device memory (CUDA only): what `cafedist bench memory` reports beside RSS
         **({"peak_device_mb": round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)}

@@ -2,7 +2,9 @@
 
 A handler only sets a flag; the round loop checks it at the end of every round on every rank
 (an all-reduce, so all ranks agree), writes a checkpoint and exits with
-:data:`REQUEUE_EXIT_CODE`. The sbatch templates requeue the job on that code.
+:data:`REQUEUE_EXIT_CODE`; after every other checkpoint it checks again, so a signal that came
+while that checkpoint was written stops the run right after it. The sbatch templates requeue
+the job on that code.
 """
 
 from __future__ import annotations

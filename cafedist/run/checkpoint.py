@@ -232,12 +232,14 @@ class CheckpointDir:
 
     # ---------------------------------------------------------------- read
     def recorded_store(self) -> Path | None:
-        """The absolute store path the newest checkpoint's manifest records (None: none
-        recorded, e.g. checkpoints of an earlier version). Read without verifying: the store
+        """The absolute store path the newest checkpoint manifest that records one holds (None:
+        none does, e.g. checkpoints of an earlier version). Read without verifying: the store
         found there is checked against the config's partition like any other."""
-        found = self.candidates()
-        store = _read_manifest(found[0]).get("store") if found else None
-        return Path(store) if isinstance(store, str) else None
+        for path in self.candidates():
+            store = _read_manifest(path).get("store")
+            if isinstance(store, str):
+                return Path(store)
+        return None
 
     def candidates(self) -> list[Path]:
         """Checkpoint directories, newest first (by round number, not mtime)."""

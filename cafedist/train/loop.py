@@ -92,13 +92,15 @@ def _about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm
     restored = (resumed.manifest or {}) if resumed is not None and resumed.path is not None else None
     version, first = RESULTS_VERSION, threads
     if rt.is_main and restored is not None:
-        version = min(RESULTS_VERSION, int(restored.get("results_version", 1)))
+        recorded_version = restored.get("results_version", 1)  # manifests of earlier code: none
+        version = min(RESULTS_VERSION, recorded_version if isinstance(recorded_version, int) else 1)
         recorded = restored.get("cpu_threads")
         first = recorded if isinstance(recorded, int) and threads is not None else threads
         name = resumed.path.name
         if version < RESULTS_VERSION:
             log.warning("%s was trained by code of results version %d (now %d), whose results differ for some "
-                        "configs: this run keeps version %d, and compare trains it again (--resume none here)",
+                        "configs: this run keeps version %d, so compare trains it again (--resume none starts it "
+                        "over here)",
                         name, version, RESULTS_VERSION, version)
         if first != threads:
             log.warning("resumed with %d CPU threads where this run began with %d: from here its float sums are "

@@ -519,7 +519,7 @@ def personalized_budgets(
     uniform = len(set(budgets)) == 1
     section["global_on_calibration"] = (global_on_calibration(splits, budgets[0], macs_per_exit, confidence)
                                         if uniform else None)
-    # the alternative at equal per-client budgets: one threshold low enough for every client's
+    # the alternative at equal per-client budgets: one threshold low enough for every client's budget
     section["global_within_every_budget"] = global_within_every_budget(splits, budgets, macs_per_exit, confidence)
     return section, curves
 

@@ -140,6 +140,23 @@ class RunLock:
         self.release()
 
 
+def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+    """Who holds ``run_dir``'s lock now, as far as its record tells without taking it (a
+    probe that took the lock could make a train starting that instant refuse): ``"pid N on
+    HOST"``, with a note where the holder runs on another host and may have been killed; None
+    when the record is empty (no holder, or one that ended) or names a process that is gone."""
+    try:
+        raw = (Path(run_dir) / name).read_text("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    alive = _holder_alive(raw)
+    if alive is False:
+        return None
+    return _holder_text(raw) + ("" if alive else ", another host: it may also have been killed")
+
+
 def outputs_lock(run_dir: str | os.PathLike, advice: str = "wait for it to end") -> RunLock:
     """The lock of what is written about a run's models (:data:`OUTPUTS_LOCK_NAME`), held by
     eval and compare --budget, taken by ``--resume none`` to move the run aside."""

@@ -27,6 +27,7 @@ import contextlib
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -53,6 +54,8 @@ except ImportError:  # then main() stops at require_submitit() before a TrainTas
     submitit = None
     Checkpointable = object
 from cafedist.train.signals import REQUEUE_EXIT_CODE  # light module: no torch at submit time
+
+log = logging.getLogger("cafedist")
 
 
 class _ErrorLineTee(io.TextIOBase):
@@ -157,11 +160,14 @@ def build_runs(config: str | None, out: str, overrides: Sequence[str] = (), arra
     return runs
 
 
-def validate_runs(runs: Sequence[RunSpec]) -> None:
+def validate_runs(runs: Sequence[RunSpec], dependency: bool = False) -> None:
     """What ``train`` checks before it touches a run directory, checked now for every run, so
     that a typo in the config, an ``--out`` holding another run or a dataset without its
-    ``data.root`` fails here instead of in a queued job (read-only)."""
+    ``data.root`` fails here instead of in a queued job (read-only). A run that a train holds
+    now is only warned about, unless the job waits for another (``dependency``): queueing the
+    next job of a chain is legitimate, but one that starts first is refused by train."""
     from cafedist.config import load_config
+    from cafedist.rundir import live_holder
     from cafedist.train.preflight import check_paths, plan_run_dir
 
     for run in runs:
@@ -172,6 +178,10 @@ def validate_runs(runs: Sequence[RunSpec]) -> None:
         except CafeError as exc:
             where = f" (array element {run.label})" if run.label else ""
             raise type(exc)(f"{exc}{where}") from None
+        holder = None if dependency else live_holder(run.out)
+        if holder:
+            log.warning("%s is being trained now (%s): a job that starts before it ends is refused; "
+                        "to queue the next one, add --slurm-arg dependency=afterany:<its job id>", run.out, holder)
 
 
 # ----------------------------------------------------------------------------- in the job
@@ -416,7 +426,7 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``cafedist submit`` (0: submitted, or with --wait: every job succeeded)."""
     require_submitit()
     runs = build_runs(args.config, args.out, args.overrides, args.array, args.resume)
-    validate_runs(runs)
+    validate_runs(runs, dependency=any(arg.split("=", 1)[0].strip() == "dependency" for arg in args.slurm_arg))
     options = ExecutorOptions.from_args(args)
     params = options.parameters(args.out)
     env = _job_env(args)

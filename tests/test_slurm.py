@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -330,6 +331,28 @@ def test_config_errors_are_caught_before_submitting(tmp_path, workdir, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "array element train.rounds-zero" in err and len(err.strip().splitlines()) == 1
+
+
+def test_submit_warns_when_a_train_holds_the_run_unless_the_job_waits_for_another(tmp_path, workdir, caplog):
+    """A job that starts while another train holds the run is refused; queueing the next job of a
+    chain is legitimate, so submit warns (once per run) and says how to chain it."""
+    out = tmp_path / "held"
+    argv = ["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(out), "--dry-run"]
+    lock = RunLock(out).acquire()
+    try:
+        assert cli_main(argv) == 0
+        warned = [r.getMessage() for r in caplog.records if "being trained now" in r.getMessage()]
+        assert len(warned) == 1 and f"pid {os.getpid()}" in warned[0] and "dependency=afterany" in warned[0]
+        caplog.clear()
+        assert cli_main(argv + ["--slurm-arg", "dependency=afterany:123"]) == 0
+        assert not [r for r in caplog.records if "being trained now" in r.getMessage()]
+    finally:
+        lock.release()
+    caplog.clear()
+    assert cli_main(argv) == 0  # released: the record is empty
+    (out / "run.lock").write_text(f"{socket.gethostname()} {2**22 + 12345} 2026-01-01T00:00:00\n")  # killed holder
+    assert cli_main(argv) == 0
+    assert not [r for r in caplog.records if "being trained now" in r.getMessage()]
 
 
 def test_local_executor_is_single_node(tmp_path):

@@ -147,6 +147,7 @@ class TrainConfig:
     client_state: Literal["host", "disk"] = "host"  # where parked clients live
 
     def validate(self) -> None:
+        """Check ``train.*``; raise ConfigError naming the first bad field."""
         if isinstance(self.amp, bool):
             _check(not self.amp, "train.amp", "expected 'off', 'bf16' or 'fp16', got true")
             self.amp = "off"
@@ -198,6 +199,7 @@ class DistConfig:
     timeout_s: float = 600.0
 
     def validate(self) -> None:
+        """Check ``dist.*``; raise ConfigError naming the first bad field."""
         _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
         # the spelling only: whether this host has that device is the runtime's to say
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "dist.device",
@@ -212,6 +214,7 @@ class CheckpointConfig:
     keep: int = 3
 
     def validate(self) -> None:
+        """Check ``checkpoint.*``; raise ConfigError naming the first bad field."""
         _check(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
         _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 

@@ -82,6 +82,7 @@ class ParentWatch:
         self.pdeathsig = False  # whether the kernel signal is armed as well
 
     def start(self) -> "ParentWatch":
+        """Start watching in a daemon thread."""
         self._thread.start()
         return self
 
@@ -93,6 +94,7 @@ class ParentWatch:
 
     @property
     def stopped(self) -> bool:
+        """Whether the watch was stopped (the parent is no longer watched)."""
         return self._stop.is_set()
 
     def stop(self) -> None:

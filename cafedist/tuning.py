@@ -242,6 +242,7 @@ class TuneResult(Generic[OutcomeT]):
         return {name: len(t) for name, t in self.trials.items()}
 
     def chosen_setting(self, name: str) -> Setting | None:
+        """The setting chosen for method ``name`` (None: none chosen, e.g. every trial failed)."""
         i = self.chosen.get(name)
         return None if i is None else self.trials[name][i].run.setting
 
@@ -302,5 +303,5 @@ def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
     failed = [o for trials in result.trials.values() for o in trials if o.status == "failed"]
     if failed:
         lines += ["", "Failed trials:", ""]
-        lines += [f"- `{o.run.variant.name}` `{o.run.setting.label}`: {getattr(o, 'message', '')}" for o in failed]
+        lines += [f"- `{o.run.variant.name}` `{o.run.setting.label}`: {o.message}" for o in failed]
     return lines + [""]

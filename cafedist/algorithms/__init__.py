@@ -13,13 +13,11 @@ import pkgutil
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup
 from cafedist.errors import ConfigError
 
-_NOT_ALGORITHMS = {"base", "common", "exit_loss", "logit_exchange", "proxy_math", "students"}
-
 
 def _discover() -> dict[str, type[Algorithm]]:
     found: dict[str, type[Algorithm]] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name in _NOT_ALGORITHMS or info.name.startswith("_"):
+        if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(module).values():

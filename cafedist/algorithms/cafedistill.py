@@ -41,7 +41,7 @@ from torch.nn.utils import parameters_to_vector
 from cafedist.algorithms.base import Check, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.algorithms.common import is_body, is_head
 from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, weighting_checks
-from cafedist.algorithms.logit_exchange import LogitExchange
+from cafedist.algorithms.logit_exchange import TARGETS, LogitExchange
 from cafedist.algorithms.proxy_math import (
     cosine_similarity_matrix,
     cosine_similarity_rows,
@@ -139,12 +139,12 @@ class CAFEDistill(LogitExchange):
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
         state = client.state
         distils = self.params.last_exit_kd or bool(self.students(state)[:-1].any())
-        return distils and "targets" in state and self.params.lam > 0
+        return distils and TARGETS in state and self.params.lam > 0
 
     def _terms(self, state: dict[str, Tensor], batch: LocalBatch) -> list:
         kl = None
         if batch.proxy_logits is not None:
-            tau, teacher = self.params.tau, state["targets"][batch.proxy_pos]
+            tau, teacher = self.params.tau, state[TARGETS][batch.proxy_pos]
 
             def kl(k: int) -> Tensor:
                 return kd_loss(batch.proxy_logits[k], teacher, tau, tau_squared=False)  # the rule weights it

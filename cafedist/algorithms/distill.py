@@ -31,7 +31,7 @@ digest keeps pulling every exit toward them: on the quickstart config FedMD, DS-
 stay at the majority-class accuracy for several rounds with ``digest_weight: 1`` and learn
 steadily with ``0.1``.
 
-:func:`selected_ce` and :func:`mean_over` are reusable by other methods; the student schedule
+:func:`mean_over` is reusable by other methods; the student schedule
 lives in :mod:`cafedist.algorithms.students`, the shared math in :mod:`cafedist.algorithms.proxy_math`.
 """
 
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from cafedist.algorithms.base import Check, ClientView, LocalBatch, Phase, Spec
 from cafedist.algorithms.common import exits_ce
-from cafedist.algorithms.logit_exchange import LogitExchange
+from cafedist.algorithms.logit_exchange import TARGETS, LogitExchange
 from cafedist.algorithms.proxy_math import healthy_clients
 
 DIGEST = "digest"  # phase name: match the received targets on proxy batches
@@ -75,12 +75,6 @@ class ProxyDistillParams:
 
 
 # ----------------------------------------------------------------------------- shared math
-def selected_ce(logits: list[Tensor], y: Tensor, students: Tensor) -> Tensor:
-    """CE on the last exit plus every student exit (exits not selected get no loss)."""
-    m = len(logits)
-    return exits_ce([logits[k] for k in range(m) if k == m - 1 or bool(students[k])], y)
-
-
 def mean_over(rows: Tensor, keep: Tensor) -> Tensor:
     """Mean of the rows [n, ...] where ``keep`` (bool [n]) holds; zeros when none does."""
     w = keep.to(rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
@@ -119,17 +113,17 @@ class ProxyDistillation(LogitExchange):
 
     def local_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
         revisit = Phase(name=REVISIT)
-        if "targets" not in client.state or round_idx < self.params.warmup_rounds:
+        if TARGETS not in client.state or round_idx < self.params.warmup_rounds:
             return [revisit]  # nothing to digest yet, or still warming up on private data
         return [Phase(name=DIGEST, epochs=self.params.digest_epochs), revisit]
 
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
-        return phase.name == DIGEST and "targets" in client.state
+        return phase.name == DIGEST and TARGETS in client.state
 
     def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
         if batch.phase != DIGEST:
             return exits_ce(batch.logits, batch.y)
-        targets = state["targets"][:, batch.proxy_pos]  # [m', Bp, C]
+        targets = state[TARGETS][:, batch.proxy_pos]  # [m', Bp, C]
         shared = targets.shape[0] == 1  # every exit distils from the last exits' combination
         loss = sum(self.digest_loss(z, targets[0 if shared else k]) for k, z in enumerate(batch.proxy_logits))
         return self.params.digest_weight * loss

@@ -86,8 +86,3 @@ def per_exit_correct(pred: Tensor, y: Tensor) -> Tensor:
     return (pred == y.to(pred.device).unsqueeze(0)).sum(dim=1, dtype=torch.int64)
 
 
-def _check_client_counts(correct: Tensor, n: Tensor) -> None:
-    if correct.dim() != 2 or n.dim() != 1 or correct.shape[0] != n.shape[0]:
-        raise ValueError(
-            f"expected correct [clients, m] and n [clients], got {tuple(correct.shape)} and {tuple(n.shape)}"
-        )

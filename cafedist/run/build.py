@@ -50,14 +50,17 @@ class Run:
 
     @property
     def n(self) -> int:
+        """Number of clients."""
         return self.setup.num_clients
 
     @property
     def num_exits(self) -> int:
+        """Exits of every client's model (m)."""
         return self.setup.num_exits
 
     @property
     def proxy_size(self) -> int:
+        """Samples in the shared public proxy set."""
         return self.setup.proxy_size
 
     @property
@@ -67,10 +70,12 @@ class Run:
 
     @property
     def n_params(self) -> int:
+        """Parameters of one client's model (all clients share the architecture)."""
         return sum(p.numel() for p in self.probe.parameters())
 
     @property
     def device(self) -> torch.device:
+        """This rank's device (its GPU, or the CPU)."""
         return self.rt.device
 
 

@@ -102,6 +102,7 @@ def checkpoint_name(round_idx: int) -> str:
 
 
 def client_file(cid: int) -> str:
+    """File name of client ``cid``'s shard in a checkpoint."""
     return f"client_{cid:05d}.pt"
 
 

@@ -38,6 +38,7 @@ class Client:
 
     @property
     def model(self) -> nn.Module:
+        """The client's personalized early-exit network (``models["main"]``)."""
         return self.models["main"]
 
     @property
@@ -47,10 +48,12 @@ class Client:
 
     @property
     def n_train(self) -> int:
+        """Training samples of this client."""
         return int(self.data.y_train.shape[0])
 
     @property
     def n_test(self) -> int:
+        """Test samples of this client."""
         return int(self.data.y_test.shape[0])
 
 

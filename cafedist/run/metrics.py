@@ -41,11 +41,14 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def read(self) -> list[dict[str, Any]]:
+        """Every round's record written so far ([] before the first)."""
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def append(self, record: dict[str, Any]) -> None:
+        """Write one round's record, durably (fsync: a kill loses no finished round), and its
+        numbers to TensorBoard where enabled."""
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
@@ -59,5 +62,6 @@ class MetricsLog:
                 self._tb.add_scalar(f"acc/exit{i + 1}", acc, step)
 
     def close(self) -> None:
+        """Close the TensorBoard writer (the JSONL file is closed after every record)."""
         if self._tb is not None:
             self._tb.close()

@@ -15,6 +15,7 @@ class Progress:
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
     def update(self, done: int, info: str = "") -> None:
+        """Show ``done`` of the total rounds finished, with ``info`` after the bar."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.t0

@@ -30,15 +30,18 @@ class StopFlag:
 
     @property
     def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
         return self.signum is not None
 
     def install(self) -> "StopFlag":
+        """Catch the stop signals (only the main thread may; elsewhere this does nothing)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def uninstall(self) -> None:
+        """Give the stop signals their previous handlers back."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

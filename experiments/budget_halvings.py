@@ -20,8 +20,8 @@ calibration samples of the most accurate) and ``hindsight`` (``client`` without 
 choosing on the scoring half itself: an optimistic bound on what per-client thresholds can
 reach) and ``pooled-hindsight-fit`` (``pooled``, but each client's θ fitted on its scoring half
 without margin: what the pooled rule, which only lowers θ, reaches if every client's MACs were
-known exactly). An experiment, not an interface: it reuses the budget search's internals
-(``_candidates``, ``_z``, ``_EPS``).
+known exactly). An experiment, not an interface: it reuses the budget search's parts
+(``candidate_stats``, ``z_score``).
 """
 
 from __future__ import annotations
@@ -32,20 +32,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from cafedist.eval.budget import (
-    _EPS,
+from cafedist.eval.budget import choose_all, population_choices
+from cafedist.eval.budget_report import accuracy_at_macs, apply_choice
+from cafedist.eval.budget_run import client_splits
+from cafedist.eval.budget_search import (
     Choice,
     Split,
-    _candidates,
-    _z,
-    accuracy_at_macs,
-    apply_choice,
-    choose_all,
+    candidate_stats,
     choose_policy,
     fit_to_budget,
-    population_choices,
+    macs_tensor,
+    z_score,
 )
-from cafedist.eval.budget_run import client_splits
 from cafedist.eval.budget_spec import Budget, parse_budget_spec
 from cafedist.eval.dynamic import dynamic_counts, dynamic_table
 from cafedist.eval.policies import POLICIES, exit_scores, fit_temperatures
@@ -60,16 +58,15 @@ def cheapest_near_tie(cal: Split, budget: Budget, macs_per_exit: Sequence[int], 
     (without calibration samples: :func:`choose_policy`'s static fallback)."""
     if cal.n == 0:
         return choose_policy(cal, budget, macs_per_exit)
-    z = _z(0.95)
-    macs = torch.tensor([float(c) for c in macs_per_exit], dtype=torch.float64)
+    z = z_score(0.95)
+    macs = macs_tensor(macs_per_exit)
     fitted = fit_temperatures(cal.logits, cal.y)
     cands = []
     for policy in POLICIES:
         for temps in (None, fitted):
-            st = _candidates(cal, macs, policy, temps, z)
-            feasible = st["macs_ub"] <= budget.value * float(macs[-1]) * (1 + _EPS)
-            for t in torch.nonzero(feasible).flatten().tolist():
-                cands.append((float(st["accuracy"][t]), float(st["macs"][t]), policy, temps, st["thresholds"][t]))
+            st = candidate_stats(cal, macs, policy, temps, z)
+            for t in torch.nonzero(st.feasible(budget, float(macs[-1]))).flatten().tolist():
+                cands.append((float(st.accuracy[t]), float(st.macs[t]), policy, temps, st.thresholds[t]))
     best = max(c[0] for c in cands)
     _, _, policy, temps, threshold = min((c for c in cands if c[0] >= best - slack / cal.n - 1e-12),
                                          key=lambda c: (c[1], -c[0]))
@@ -122,10 +119,9 @@ def score(choices: Sequence[Choice], halves: Sequence[Split], macs: Sequence[int
           budget: Budget) -> tuple[float, float, float]:
     """(gap to the global curve in points, MACs share, share of clients within budget) on ``halves``."""
     results = [apply_choice(c, s, macs) for c, s in zip(choices, halves)]
-    n = sum(r["n"] for r in results)
-    accuracy, mean_macs = sum(r["correct"] for r in results) / n, sum(r["macs"] for r in results) / n
-    limit = budget.value * macs[-1] * (1 + _EPS)
-    within = [r["macs"] / r["n"] <= limit for r in results if r["n"]]
+    n = sum(r.n for r in results)
+    accuracy, mean_macs = sum(r.correct for r in results) / n, sum(r.macs for r in results) / n
+    within = [r.macs / r.n <= budget.macs_limit(macs[-1]) for r in results if r.n]
     gap = 100 * (accuracy - accuracy_at_macs(global_table(halves, macs), mean_macs)["accuracy"])
     return gap, mean_macs / macs[-1], sum(within) / len(within)
 

@@ -30,8 +30,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-import cafedist.eval.budget as search
-from cafedist.eval.budget import Choice, Split, choose_all, pooled_split
+import cafedist.eval.budget_search as search
+from cafedist.eval.budget import choose_all
+from cafedist.eval.budget_search import Choice, Split, pooled_split
 from cafedist.eval.budget_spec import Budget
 from cafedist.eval.policies import POLICIES, check_policy, exit_scores
 

@@ -29,7 +29,8 @@ import torch
 from budget_halvings import halves, macs_budget, print_table, score
 from torch import Tensor
 
-from cafedist.eval.budget import Choice, Split, choose_all, choose_policy
+from cafedist.eval.budget import choose_all
+from cafedist.eval.budget_search import Choice, Split, choose_policy
 from cafedist.eval.budget_spec import Budget
 from cafedist.eval.dynamic import exit_indices
 from cafedist.eval.exits import exit_logits

@@ -27,8 +27,10 @@ from pathlib import Path
 
 from budget_halvings import global_table, macs_budget
 
-from cafedist.eval.budget import Choice, accuracy_at_macs, apply_choice, fit_to_budget, personalized_budgets
+from cafedist.eval.budget import personalized_budgets
+from cafedist.eval.budget_report import accuracy_at_macs, apply_choice
 from cafedist.eval.budget_run import client_splits
+from cafedist.eval.budget_search import Choice, fit_to_budget
 from cafedist.eval.run import load_run
 
 COLUMNS = ("run", "budget", "confidence", "last_exit_accuracy", "pooled_accuracy", "pooled_macs_fraction",
@@ -53,12 +55,12 @@ def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser, confidence
                     temperatures=None if population["temperatures"] is None else tuple(population["temperatures"]))
     fitted = [apply_choice(fit_to_budget(chosen, test, budget, macs, confidence=0.5), test, macs)
               for _, test in splits]
-    n = sum(r["n"] for r in fitted)
-    fit_macs = sum(r["macs"] for r in fitted) / n
+    n = sum(r.n for r in fitted)
+    fit_macs = sum(r.macs for r in fitted) / n
     everyone = everyone or {}  # None: no threshold suits every client (left empty)
     values = [section["last_exit_accuracy"], section["accuracy"], section["macs_fraction"],
               section["share_within_budget"], section["global_at_same_macs"]["accuracy"], fair["accuracy"],
-              fair["macs_fraction"], fair["share_within_budget"], sum(r["correct"] for r in fitted) / n,
+              fair["macs_fraction"], fair["share_within_budget"], sum(r.correct for r in fitted) / n,
               fit_macs / macs[-1], accuracy_at_macs(table, fit_macs)["accuracy"], everyone.get("accuracy"),
               everyone.get("macs_fraction"), everyone.get("share_within_budget")]
     return {"run": run_dir, "budget": spec, "confidence": f"{confidence:g}",

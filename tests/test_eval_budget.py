@@ -14,18 +14,11 @@ import torch
 from conftest import TINY, cafedist
 
 from cafedist.errors import ConfigError
-from cafedist.eval.budget import (
-    Choice,
-    Split,
-    accuracy_at_macs,
-    choose_policy,
-    fit_to_budget,
-    global_on_calibration,
-    global_within_every_budget,
-    personalized_budgets,
-    pooled_split,
-)
+from cafedist.eval.budget import personalized_budgets
+from cafedist.eval.budget_global import global_on_calibration, global_within_every_budget
+from cafedist.eval.budget_report import accuracy_at_macs
 from cafedist.eval.budget_run import BudgetOptions, format_budget
+from cafedist.eval.budget_search import Choice, Split, choose_policy, fit_to_budget, pooled_split
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
-from cafedist.eval.budget import SCOPES, Split, personalized_budgets
+from cafedist.eval.budget import SCOPES, personalized_budgets
+from cafedist.eval.budget_report import ROW_KEYS
+from cafedist.eval.budget_search import DEFAULT_CONFIDENCE, Split
 from cafedist.eval.budget_spec import (
     DEFAULT_KEY,
     Budget,
@@ -29,9 +31,7 @@ from cafedist.eval.exits import exit_logits
 from cafedist.eval.policies import POLICIES
 from cafedist.fsutil import write_text_atomic
 
-CSV_COLUMNS = ("client", "budget", "policy", "temperatures", "threshold", "static_exit", "n_calibration",
-               "calibration_accuracy", "calibration_macs_fraction", "n_test", "test_accuracy", "test_mean_macs",
-               "test_macs_fraction", "last_exit_test_accuracy", "within_budget", "fallback")
+CSV_COLUMNS = ROW_KEYS  # budget.csv: every key of a client's row, in order
 
 
 def parse_policies(text: str) -> list[str]:
@@ -70,7 +70,6 @@ def write_budget_csv(rows: Sequence[dict], path: str | Path) -> None:
 #: eval.json's ``paths`` key -> the file ``--budget`` writes into the run directory
 BUDGET_OUTPUTS = {"budget_csv": "budget.csv", "budget_plot": "budget.png"}
 DEFAULT_POLICIES = ",".join(POLICIES)
-DEFAULT_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)

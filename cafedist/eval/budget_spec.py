@@ -28,6 +28,7 @@ from typing import Any
 from cafedist.errors import ConfigError
 
 KINDS = ("macs", "loss")
+SLACK = 1e-9  # in budget comparisons, so that e.g. exactly 0.5 of the MACs counts as within macs=0.5
 DEFAULT_KEY = "default"
 _SPEC_HELP = "macs=F (mean MACs <= F x the last exit's) or loss=P (at most P accuracy points below the last exit)"
 
@@ -44,6 +45,17 @@ class Budget:
     def spec(self) -> str:
         """The spec string this budget parses from (``macs=0.5``)."""
         return f"{self.kind}={self.value:.15g}"  # :g's 6 digits would merge 0.5000001 with 0.5
+
+    def macs_limit(self, last_macs: float) -> float:
+        """The largest mean MACs a ``macs`` budget allows, given the last exit's MACs."""
+        return self.value * last_macs * (1 + SLACK)
+
+    def holds(self, mean_macs: Any, loss: Any, last_macs: float) -> Any:
+        """Whether a mean cost ``mean_macs`` (``macs``) or an accuracy ``loss`` against the last
+        exit, as a fraction (``loss``), is within this budget; floats or tensors alike."""
+        if self.kind == "macs":
+            return mean_macs <= self.macs_limit(last_macs)
+        return 100.0 * loss <= self.value + SLACK
 
 
 def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
@@ -212,5 +224,5 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
                           f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
 
 
-__all__ = ["Budget", "DEFAULT_KEY", "FILE_SUFFIXES", "KINDS", "check_feasible", "load_budget_file", "looks_like_spec",
-           "parse_budget_spec", "per_client"]
+__all__ = ["Budget", "DEFAULT_KEY", "FILE_SUFFIXES", "KINDS", "SLACK", "check_feasible", "load_budget_file",
+           "looks_like_spec", "parse_budget_spec", "per_client"]

@@ -46,7 +46,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="auto: continue from the newest valid checkpoint (default); none: start over; "
                         "force: resume even if the config changed")
     p.add_argument("--backend", default=None, help="override dist.backend (gloo|nccl|mpi)")
-    p.add_argument("--device", default=None, help="override dist.device (cpu|cuda|cuda:N)")
+    p.add_argument("--device", default=None, help="override dist.device (auto|cpu|cuda|cuda:N)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (data, model, bytes per round, placement on the ranks) and exit; "
@@ -185,7 +185,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cafedist`` argument parser with every subcommand."""
-    parser = _Parser(prog="cafedist", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cafedist", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, _) in COMMANDS.items():

@@ -11,7 +11,8 @@ Layout (every field has a default; see ``docs/CONFIG.md`` for the reference)::
                  test_fraction, val_fraction, min_size, options}
     model:      {arch, options: {...}}
     train:      {rounds, local_epochs, batch_size, proxy_batch_size, lr, momentum, weight_decay,
-                 eval_every, amp, compile, clients_per_round}
+                 eval_every, amp, compile, packed, clients_per_round, optimizer_state,
+                 diagnostics, resident_clients, client_state}
     algorithm:  {name: cafedistill, cafedistill: {tau, lam, mu, ...}, <other algorithm>: {...}}
     comm:       {logits_dtype, exits}
     dist:       {backend, device, timeout_s}

@@ -2,7 +2,7 @@
 
 A one-factor sweep is not a product grid, so ``cafedist compare --grid`` does not fit it::
 
-    python experiments/sweep.py experiments/readings_mnist5k.txt --out runs/readings --jobs 2
+    python experiments/sweep.py experiments/readings_mnist5k_a03.txt --out runs/readings --jobs 2
 
 The variants file holds one variant a line: ``NAME  --config FILE  key=value ...`` (``#``
 starts a comment). Every variant runs into ``OUT/NAME`` with ``--resume auto``, so an

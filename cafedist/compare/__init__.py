@@ -219,7 +219,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after training, evaluate every run with each client's exit policy chosen on its "
                         "validation split within this budget: macs=F, loss=P or a per-client CSV/YAML file "
                         "(repeatable, or comma-separated); reports accuracy, MACs, clients within budget, "
-                        "the global threshold at the same MACs and one global threshold chosen on calibration. "
+                        "the global threshold at the same MACs, one global threshold chosen on calibration and one "
+                        "that keeps every client's budget. "
                         "Needs data.val_fraction > 0")
     s = p.add_argument_group("submitit (see `cafedist submit --help`)")
     s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")

@@ -87,6 +87,51 @@ class ExecutorOptions:
         return make_executor(folder, self.local, self.parameters(out), self.python, self.max_requeues)
 
 
+#: the resource flags of ``cafedist submit`` and ``compare --submit``: ExecutorOptions field,
+#: argparse type, help (the default, where there is one, is ExecutorOptions')
+RESOURCE_FLAGS: tuple[tuple[str, Callable[[str], Any] | None, str], ...] = (
+    ("nodes", int, "nodes"),
+    ("tasks_per_node", int, "ranks per node: one per GPU, or CPU ranks"),
+    ("gpus_per_node", int, "GPUs per node; 0: CPU"),
+    ("cpus_per_task", int, "CPUs per rank; also OMP_NUM_THREADS"),
+    ("mem_gb", float, "memory per node in GB (default: the cluster's)"),
+    ("time", None, "time limit: minutes or a Slurm time, e.g. 4:00:00"),
+    ("partition", None, "Slurm partition (default: the cluster's)"),
+    ("account", None, "Slurm account"),
+    ("qos", None, "Slurm QOS"),
+    ("constraint", None, "Slurm node constraint"),
+    ("slurm_arg", None, "any other sbatch option, e.g. --slurm-arg exclusive=true (repeatable)"),
+    ("signal_delay", int, "seconds before the time limit at which the job is told to checkpoint and requeue"),
+    ("max_requeues", int, "give up after this many time-limit requeues; preemptions do not count"),
+)
+
+
+def add_resource_arguments(group: Any, *, with_submit: bool = False) -> None:
+    """The resource flags (:data:`RESOURCE_FLAGS`) on an argparse group: with the defaults of
+    :class:`ExecutorOptions` (``cafedist submit``), or, ``with_submit``, each defaulting to
+    None and described as meaningful only with ``--submit`` (``compare``: what is not given
+    takes submit's default)."""
+    defaults = ExecutorOptions()
+    for name, kind, text in RESOURCE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if with_submit:
+            text = f"with --submit: {text}"
+        elif default not in (None, []) and "default" not in text:
+            text = f"{text} (default {default})"
+        if name == "slurm_arg":
+            group.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=text)
+        else:
+            group.add_argument(flag, type=kind, default=None if with_submit else default, help=text)
+
+
+def resource_flags_given(args: argparse.Namespace) -> list[str]:
+    """The resource flags given on a ``compare`` command line (:func:`add_resource_arguments`
+    with ``with_submit``)."""
+    return [f"--{name.replace('_', '-')}" for name, _, _ in RESOURCE_FLAGS
+            if getattr(args, name) not in (None, [])]
+
+
 @dataclass
 class JobOutcome:
     """How one submitted job (or array element) ended."""

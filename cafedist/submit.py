@@ -44,7 +44,15 @@ import yaml
 
 from cafedist import yamlio
 from cafedist.errors import CafeError, ConfigError
-from cafedist.jobs import ExecutorOptions, JobOutcome, ensure_importable_in_jobs, key_values, require_submitit, wait_for
+from cafedist.jobs import (
+    ExecutorOptions,
+    JobOutcome,
+    add_resource_arguments,
+    ensure_importable_in_jobs,
+    key_values,
+    require_submitit,
+    wait_for,
+)
 from cafedist.paths import check_dir_creatable, config_file_arg
 
 try:  # only submitting needs submitit; the CLI imports this module for its flags everywhere
@@ -364,25 +372,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
                    help="first start only: a requeued job always resumes (default auto)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=100")
-    g = p.add_argument_group("resources")
-    g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    g.add_argument("--tasks-per-node", type=int, default=1,
-                   help="ranks per node: one per GPU, or CPU ranks (default 1)")
-    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0: CPU)")
-    g.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per rank; also OMP_NUM_THREADS (default 1)")
-    g.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: cluster default)")
-    g.add_argument("--time", default="60", help="time limit: minutes or a Slurm time, e.g. 4:00:00 (default 60)")
-    g.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
-    g.add_argument("--account", default=None, help="Slurm account")
-    g.add_argument("--qos", default=None, help="Slurm QOS")
-    g.add_argument("--constraint", default=None, help="Slurm node constraint")
-    g.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option, e.g. --slurm-arg exclusive=true (repeatable)")
-    g.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which the job is told to checkpoint and requeue "
-                        "(default 120)")
-    g.add_argument("--max-requeues", type=int, default=20,
-                   help="give up after this many time-limit requeues (preemptions do not count; default 20)")
+    add_resource_arguments(p.add_argument_group("resources"))
     s = p.add_argument_group("sweeps")
     s.add_argument("--array", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="job array over the values of a config key, e.g. seed=0,1,2; repeat for a grid "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import re
@@ -246,6 +247,31 @@ def test_submit_options_need_submit(tiny_config, tmp_path, capsys):
                      "--out", str(tmp_path / "o"), "--local"])
     assert code == 2 and "--local: only meaningful with --submit" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_submit_takes_every_resource_flag_of_submit(tiny_config, tmp_path, capsys):
+    """One list of resource flags serves both commands: compare --submit once lacked --account,
+    --qos, --mem-gb, ...; what is not given takes submit's defaults."""
+    from cafedist.cli import build_parser
+    from cafedist.compare import _submit_options
+    from cafedist.jobs import RESOURCE_FLAGS, ExecutorOptions
+
+    parser = build_parser()
+    for command in ("submit", "compare"):
+        parsed = parser.parse_args([command, "--out", "x"])
+        assert all(hasattr(parsed, name) for name, _, _ in RESOURCE_FLAGS), command
+    args = parser.parse_args(["compare", "--out", str(tmp_path / "o"), "--submit", "--account", "lab", "--mem-gb", "8",
+                              "--max-requeues", "3", "--slurm-arg", "exclusive=true"])
+    if importlib.util.find_spec("submitit") is None:
+        pytest.skip("submitit is not installed")
+    options = _submit_options(args)
+    assert (options.account, options.mem_gb, options.max_requeues, options.slurm_arg) == ("lab", 8.0, 3,
+                                                                                         ["exclusive=true"])
+    assert (options.time, options.nodes, options.signal_delay) == (ExecutorOptions.time, ExecutorOptions.nodes,
+                                                                   ExecutorOptions.signal_delay)
+    code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(tmp_path / "p"), "--qos", "high"])
+    assert code == 2 and "--qos: only meaningful with --submit" in capsys.readouterr().err
 
 
 def _trainers_in(run_dir) -> list[int]:

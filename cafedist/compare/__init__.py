@@ -64,7 +64,13 @@ from cafedist.compare.report import (
     write_report,
 )
 from cafedist.errors import ConfigError
-from cafedist.jobs import ExecutorOptions, require_submitit
+from cafedist.jobs import (
+    RESOURCE_FLAGS,
+    ExecutorOptions,
+    add_resource_arguments,
+    require_submitit,
+    resource_flags_given,
+)
 from cafedist.paths import check_dir_creatable, config_file_arg
 from cafedist.rundir import RunLock
 from cafedist.tuning import Setting, TuneResult
@@ -222,34 +228,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the global threshold at the same MACs, one global threshold chosen on calibration and one "
                         "that keeps every client's budget. "
                         "Needs data.val_fraction > 0")
-    s = p.add_argument_group("submitit (see `cafedist submit --help`)")
+    s = p.add_argument_group("submitit (each run one job; what is not given as `cafedist submit --help` says)")
     s.add_argument("--submit", action="store_true", help="run each (algorithm, seed) as a Slurm job via submitit")
     s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor instead of Slurm")
-    s.add_argument("--time", default=None, help="with --submit: time limit per run, minutes or H:MM:SS")
-    s.add_argument("--partition", default=None, help="with --submit: Slurm partition")
-    s.add_argument("--nodes", type=int, default=None, help="with --submit: nodes per run")
-    s.add_argument("--tasks-per-node", type=int, default=None, help="with --submit: ranks per node")
-    s.add_argument("--gpus-per-node", type=int, default=None, help="with --submit: GPUs per node")
-    s.add_argument("--cpus-per-task", type=int, default=None, help="with --submit: CPUs per rank")
-    s.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --submit: any other sbatch option (repeatable)")
-
-
-_SUBMIT_FIELDS = ("time", "partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task")
+    add_resource_arguments(s, with_submit=True)
 
 
 def _submit_options(args: argparse.Namespace) -> ExecutorOptions | None:
     """``--submit`` and its resource flags: the executor options (``cafedist submit``'s defaults
     for what is not given)."""
-    given = [f"--{f.replace('_', '-')}" for f in _SUBMIT_FIELDS if getattr(args, f) is not None]
-    given += ["--local"] * bool(args.local) + ["--slurm-arg"] * bool(args.slurm_arg)
+    given = ["--local"] * bool(args.local) + resource_flags_given(args)
     if not args.submit:
         if given:
             raise ConfigError(f"{given[0]}: only meaningful with --submit")
         return None
     require_submitit()  # before anything trains
-    return ExecutorOptions(local=args.local, slurm_arg=list(args.slurm_arg),
-                           **{f: getattr(args, f) for f in _SUBMIT_FIELDS if getattr(args, f) is not None})
+    return ExecutorOptions(local=args.local, **{name: getattr(args, name) for name, _, _ in RESOURCE_FLAGS
+                                                if getattr(args, name) not in (None, [])})
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -1,49 +1,49 @@
 """Training a run: every rank calls :func:`train`, which runs the rounds and writes the run.
 
-:func:`train` prepares the run directory (rank 0), builds this rank's part of the run
-(:func:`cafedist.run.build.build_run`), resumes from the newest valid checkpoint, runs the
-rounds (:class:`cafedist.train.round.Trainer`), appends each round's record to
-``metrics.jsonl``, checkpoints every ``checkpoint.every`` rounds, at the end and on a stop
-signal (SIGTERM/SIGUSR1 before a Slurm requeue), and writes ``summary.json``.
+:func:`train` checks and claims the run directory (:mod:`cafedist.train.startup`), builds
+this rank's part of the run (:func:`cafedist.run.build.build_run`), resumes from the newest
+valid checkpoint, runs the rounds (:class:`cafedist.train.round.Trainer`), appends each
+round's record to ``metrics.jsonl``, checkpoints every ``checkpoint.every`` rounds, at the end
+and on a stop signal (SIGTERM/SIGUSR1 before a Slurm requeue), and writes ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cafedist import RESULTS_VERSION
-from cafedist.config import Config, config_hash, dump_config, run_identity
+from cafedist.config import Config, config_hash
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
-from cafedist.errors import CafeError, CheckpointError, DistError
-from cafedist.fsutil import write_json_atomic, write_text_atomic
+from cafedist.errors import CheckpointError
+from cafedist.fsutil import write_json_atomic
 from cafedist.parentwatch import guard_launched_rank
-from cafedist.run.build import build_run, close_run
-from cafedist.run.checkpoint import (
-    RESUME_MODES,
-    CheckpointDir,
-    Resumed,
-    load_checkpoint,
-    save_checkpoint,
-    verification_memo,
-)
+from cafedist.run.build import Run, build_run, close_run
+from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint, save_checkpoint, verification_memo
 from cafedist.run.metrics import MetricsLog
-from cafedist.run.residency import remove_parked_state
-from cafedist.rundir import RunLock, move_aside, outputs_lock
+from cafedist.rundir import RunLock
 from cafedist.train.faults import maybe_fault
-from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan_run_dir
 from cafedist.train.progress import Progress
 from cafedist.train.records import summary
 from cafedist.train.round import Trainer
 from cafedist.train.signals import StopFlag
+from cafedist.train.startup import (
+    SAME_DIR_WAIT_S,
+    about_the_run,
+    agreed,
+    check_ranks_agree,
+    check_run_dir,
+    force_with_nothing_to_train,
+    prepare_run_dir,
+    same_run_dir,
+    take_lock,
+    write_config,
+)
 
 log = logging.getLogger("cafedist")
 
@@ -58,59 +58,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
-    """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
-
-    Moves an earlier run aside (``--resume none``) and writes ``config.yaml``, except under
-    ``--resume force`` onto a different config: then the old ``config.yaml`` stays until the
-    first new round is checkpointed. Returns whether that write is still due.
-    """
-    plan = plan_run_dir(cfg, run_dir, resume)  # again, under the lock: the directory may have changed
-    if plan is RunDirPlan.ASIDE:
-        # not while an eval or compare writes results about this run's models (they would land
-        # in the new run)
-        with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
-            moved = move_aside(run_dir)
-        log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
-    # scratch of killed sessions; no other process writes here while the lock is held
-    CheckpointDir(run_dir).remove_stale_staging()
-    remove_parked_state(run_dir)
-    if plan is RunDirPlan.DEFER:
-        log.warning("--resume force: %s/config.yaml keeps the old config until the first new checkpoint", run_dir)
-        return True
-    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-    return False
-
-
-def _about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm) -> dict[str, Any]:
-    """What every checkpoint's manifest records about the run (:meth:`CheckpointDir.commit`),
-    carried over from the checkpoint a resume restored: the results version is the oldest of
-    the code that trained it (a run finished by newer code is still partly the older code's,
-    and compare retrains it), the CPU thread count that of its first session. Warns when a
-    resume mixes either (rank 0 decides, every rank learns it)."""
-    threads = torch.get_num_threads() if rt.device.type == "cpu" else None
-    restored = (resumed.manifest or {}) if resumed is not None and resumed.path is not None else None
-    version, first = RESULTS_VERSION, threads
-    if rt.is_main and restored is not None:
-        recorded_version = restored.get("results_version", 1)  # manifests of earlier code: none
-        version = min(RESULTS_VERSION, recorded_version if isinstance(recorded_version, int) else 1)
-        recorded = restored.get("cpu_threads")
-        first = recorded if isinstance(recorded, int) and threads is not None else threads
-        name = resumed.path.name
-        if version < RESULTS_VERSION:
-            log.warning("%s was trained by code of results version %d (now %d), whose results differ for some "
-                        "configs: this run keeps version %d, so compare trains it again (--resume none starts it "
-                        "over here)",
-                        name, version, RESULTS_VERSION, version)
-        if first != threads:
-            log.warning("resumed with %d CPU threads where this run began with %d: from here its float sums are "
-                        "ordered differently, so its results will not match an uninterrupted run's bit for bit "
-                        "(set OMP_NUM_THREADS=%d to keep them)", threads, first, first)
-    version, first = comm.broadcast_object((version, first))
-    return {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve()),
-            "results_version": version, **({"cpu_threads": first} if first is not None else {})}
-
-
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | None = None,
           progress: bool = True) -> RunResult:
     """Run (or resume) a training run; every rank calls this. Returns on every rank."""
@@ -135,22 +82,142 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     return result
 
 
-def _force_with_nothing_to_train(comm: Comm, config_due: bool, start: int, cfg: Config, resumed: Any,
-                                 h: str) -> bool:
-    """``--resume force`` onto a config that would train no further round: refused (its summary
-    would describe models it never trained), unless the newest checkpoint is already the new
-    config's (a run stopped between its final checkpoint and writing config.yaml): then True,
-    on rank 0, which finishes the run. Rank 0 decides (only it knows ``config_due``); every
-    rank learns it."""
-    verdict = None
-    if comm.rt.is_main and config_due and start >= cfg.train.rounds:
-        verdict = "finish" if resumed is not None and resumed.config_hash == h else "refuse"
-    verdict = comm.broadcast_object(verdict)
-    if verdict == "refuse":
-        raise CheckpointError(f"--resume force: the run has trained {start} rounds and the new config asks for "
-                              f"{cfg.train.rounds}, so nothing would be trained under it; raise train.rounds to "
-                              f"continue, or use --resume none to start over")
-    return verdict == "finish" and comm.rt.is_main
+
+def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
+    comm = Comm(rt)
+    h = config_hash(cfg)
+    check_ranks_agree(comm, h, resume)
+    lock = RunLock(run_dir) if rt.is_main else None
+    # validate everything before the run directory is touched: paths and what the directory
+    # holds (rank 0), then store, model and algorithm (every rank, building the run)
+    agreed(comm, lambda: check_run_dir(cfg, run_dir, resume, rt.is_main))
+    run = agreed(comm, lambda: build_run(cfg, rt, run_dir=run_dir))
+    session = None
+    try:
+        session = _Session(cfg, run_dir, run, comm, Trainer(run), CheckpointDir(run_dir), h, stop)
+        earlier = agreed(comm, lambda: take_lock(lock, cfg, run_dir, h))
+        # before anything of an earlier run is moved or rewritten; rank 0 waits in a collective
+        # meanwhile: well within dist.timeout_s
+        agreed(comm, lambda: same_run_dir(comm, run_dir, min(cfg.dist.timeout_s / 2, SAME_DIR_WAIT_S)))
+        # what the plan does to the directory: once every check has passed
+        session.config_due = agreed(comm, lambda: prepare_run_dir(cfg, run_dir, resume) if rt.is_main else False)
+        # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
+        resumed = agreed(comm, lambda: load_checkpoint(session.ckpt, session.trainer.comm, run.pool, run.algo,
+                                                       run.shared, config_hash=h, resume=resume,
+                                                       also_accept=earlier)) if resume != "none" else None
+        start = resumed.next_round if resumed is not None else 0
+        if force_with_nothing_to_train(comm, session.config_due, start, cfg, resumed, h):
+            # the new config's final checkpoint exists; only its config.yaml was never written
+            session.write_config()
+        session.open_metrics(start)
+        bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
+        about = about_the_run(cfg, rt, resumed, comm)
+        t0 = time.perf_counter()
+        last_done, stopped = session.train_rounds(start, about, bar)
+        result = None if stopped else session.finish(start, (h, *earlier), about, time.perf_counter() - t0)
+        return RunResult(last_round=last_done, stopped=stopped, summary=result)
+    finally:
+        if session is not None and session.metrics is not None:
+            session.metrics.close()
+        close_run(run)
+        if lock is not None:
+            lock.release()
+
+
+@dataclass
+class _Session:
+    """This rank's session of a run, from the run built to its summary written: the rounds,
+    their records and checkpoints, and the summary. ``config_due``: config.yaml is still to
+    be written at the next checkpoint (``--resume force`` onto another config). ``comm``: for
+    collectives outside rounds (the trainer's own count in the next round's ``wire_bytes``)."""
+
+    cfg: Config
+    run_dir: Path
+    run: Run
+    comm: Comm
+    trainer: Trainer
+    ckpt: CheckpointDir
+    config_hash: str
+    stop: StopFlag
+    config_due: bool = False
+    metrics: MetricsLog | None = None
+
+    def write_config(self) -> None:
+        """Write config.yaml (no longer due)."""
+        write_config(self.cfg, self.run_dir)
+        self.config_due = False
+
+    def open_metrics(self, start: int) -> None:
+        """Rank 0: open metrics.jsonl, dropping the records of rounds from ``start`` on (a
+        resume trains them again)."""
+        if self.run.rt.is_main:
+            self.metrics = MetricsLog(self.run_dir, tensorboard=True)
+            self.metrics.truncate_after(start - 1)
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank (collective: every rank learns it)."""
+        return self.trainer.rows.sum_int(1 if self.stop.requested else 0) > 0
+
+    def train_rounds(self, start: int, about: dict[str, Any], bar: Progress) -> tuple[int, bool]:
+        """Rounds ``start`` .. the last, each recorded and checkpointed as configured; on a stop
+        signal, the round in progress is finished and checkpointed and the loop ends. Returns
+        (the last round trained, whether a stop ended it before the last round)."""
+        cfg, rt = self.cfg, self.run.rt
+        last_done = start - 1
+        for rnd in range(start, cfg.train.rounds):
+            record = self.trainer.run_round(rnd)
+            last_done = rnd
+            record["world_size"] = rt.world_size
+            record["clients_per_rank"] = self.trainer.rows.counts
+            if self.metrics is not None:
+                self.metrics.append(record)
+            acc = record.get("acc_per_exit")
+            bar.update(rnd + 1, f"last-exit acc {acc[-1]:.3f}" if acc else "")
+            want_stop = self._stop_requested()
+            last = rnd == cfg.train.rounds - 1
+            every = cfg.checkpoint.every
+            if want_stop or last or (every and (rnd + 1) % every == 0):
+                self._checkpoint(rnd, about)
+                if not want_stop and not last:
+                    # a signal that came while the checkpoint was written: this one is current, stop
+                    # now rather than after another round (a preemption's grace may not last it)
+                    want_stop = self._stop_requested()
+            if want_stop and not last:
+                if rt.is_main:
+                    log.warning("stop signal received: checkpoint of round %d written, exiting for requeue", rnd)
+                return last_done, True
+        return last_done, False
+
+    def _checkpoint(self, rnd: int, about: dict[str, Any]) -> None:
+        run, rt = self.run, self.run.rt
+        save_checkpoint(self.ckpt, self.trainer.comm, run.pool, run.algo, run.shared, rnd,
+                        config_hash=self.config_hash, keep=self.cfg.checkpoint.keep, about=about,
+                        before_commit=lambda: maybe_fault("checkpoint", rnd, rt.rank))
+        if self.config_due:  # --resume force: the new config now has a checkpoint of its own
+            self.write_config()
+
+    def finish(self, start: int, hashes: tuple[str, ...], about: dict[str, Any],
+               seconds: float) -> dict[str, Any] | None:
+        """The run's summary, written to summary.json (rank 0; None elsewhere): kept as it is when
+        this session trained nothing (its wall time is the training's; ``hashes``: this
+        config's and the run's under earlier config files), else computed from the records,
+        with the ``seconds`` of this session plus those of rounds earlier sessions trained."""
+        kept, rehash = _finished_summary(self.run_dir, hashes) \
+            if self.run.rt.is_main and start >= self.cfg.train.rounds else (None, False)
+        # every rank must agree, as the final evaluation below is collective
+        if self.comm.broadcast_object(kept is not None):
+            if rehash:
+                write_json_atomic(self.run_dir / "summary.json", kept)
+            return kept
+        records = self.metrics.read() if self.metrics is not None else []
+        # a resumed run also spent the rounds that earlier sessions trained (their metrics rows)
+        earlier_wall = sum(float(r.get("seconds", 0.0)) for r in records if r["round"] < start)
+        result = summary(self.run, self.trainer.rows, self.config_hash, records, earlier_wall + seconds,
+                         self.trainer.final_evaluation, results_version=about["results_version"])
+        if result is not None:
+            write_json_atomic(self.run_dir / "summary.json", result)
+            _warn_if_eval_is_stale(self.run_dir, result)
+        return result
 
 
 def _finished_summary(run_dir: Path, hashes: tuple[str, ...]) -> tuple[dict[str, Any] | None, bool]:
@@ -180,169 +247,3 @@ def _warn_if_eval_is_stale(run_dir: Path, result: dict[str, Any]) -> None:
         log.warning("%s/eval.json describes earlier models (round %s); run `cafedist eval %s` again",
                     run_dir, earlier.get("round"), run_dir)
 
-
-#: how long a rank waits to see rank 0's token in the run directory (a network file system may
-#: show a new file to other nodes only after its attribute cache expires)
-_SAME_DIR_WAIT_S = 60.0
-_SAME_DIR_FILE = ".ranks-token"
-
-
-def same_run_dir(comm: Comm, run_dir: Path, wait_s: float) -> None:
-    """Every rank must write into the folder rank 0 holds: rank 0 puts a fresh token there and
-    every rank reads it back. A relative --out under different working directories, another
-    --out per rank or node-local folders of one name would each split a checkpoint's shards
-    across folders (every checkpoint broken) or resume a rank from another run's shards."""
-    if comm.rt.world_size == 1:
-        return
-    token = secrets.token_hex(16) if comm.rt.is_main else None
-    if token is not None:
-        write_text_atomic(run_dir / _SAME_DIR_FILE, token)
-    token = comm.broadcast_object(token)
-    seen, deadline = None, time.monotonic() + wait_s
-    while not comm.rt.is_main:
-        try:
-            seen = (run_dir / _SAME_DIR_FILE).read_text()
-        except OSError:
-            seen = None
-        if seen == token or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    ok = comm.all_gather_object(comm.rt.is_main or seen == token)
-    if comm.rt.is_main:
-        (run_dir / _SAME_DIR_FILE).unlink(missing_ok=True)
-    bad = [r for r, good in enumerate(ok) if not good]
-    if bad:
-        raise DistError(f"rank(s) {bad} do not see the run directory rank 0 writes ({run_dir.resolve()}): "
-                        f"--out must name one folder on a file system every rank shares (a relative --out "
-                        f"resolves against each rank's working directory)")
-
-
-def _agree(comm: Comm, error: str | None) -> None:
-    """Every rank raises if any rank hit a (user-facing) error at start-up."""
-    errors = [e for e in comm.all_gather_object(error) if e]
-    if errors:
-        raise CafeError(errors[0])
-
-
-def _agreed(comm: Comm, step: Any) -> Any:
-    """Run ``step()`` on this rank; if it raised a user-facing error on any rank, raise it on every rank."""
-    result, err = None, None
-    try:
-        result = step()
-    except CafeError as exc:
-        err = str(exc)
-    _agree(comm, err)
-    return result
-
-
-def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
-    comm = Comm(rt)
-    h = config_hash(cfg)
-    # --resume decides collectives (whether a checkpoint is loaded): every rank must agree too
-    hashes = comm.all_gather_object((h, resume))
-    if len(set(hashes)) > 1:
-        bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
-        what = "config" if len({x[0] for x in hashes}) > 1 else "--resume"
-        raise DistError(f"{what} differs between ranks: rank(s) {bad} disagree with rank 0 "
-                        f"(same config file, overrides and flags on every rank?)")
-    lock = RunLock(run_dir) if rt.is_main else None
-
-    def check_run_dir() -> None:  # read-only
-        if rt.is_main:
-            check_paths(cfg, run_dir)
-            plan_run_dir(cfg, run_dir, resume)
-
-    earlier: list[str] = []  # rank 0: the hash this run's checkpoints carry under an earlier config file
-
-    def take_lock() -> None:  # the run is ours from here on (the lock file is the first write)
-        if rt.is_main:
-            lock.acquire()
-            found = earlier_hash(cfg, run_dir)  # before config.yaml is rewritten
-            if found is not None and found != h:
-                earlier.append(found)
-
-    def take_run_dir() -> bool:  # what the plan does to the directory: once every check has passed
-        return prepare_run_dir(cfg, run_dir, resume) if rt.is_main else False
-
-    # validate everything before the run directory is touched: paths and what the directory
-    # holds (rank 0), then store, model and algorithm (every rank, building the run)
-    _agreed(comm, check_run_dir)
-    run = _agreed(comm, lambda: build_run(cfg, rt, run_dir=run_dir))
-    metrics = None
-    try:
-        trainer = Trainer(run)
-        ckpt = CheckpointDir(run_dir)
-        _agreed(comm, take_lock)
-        # before anything of an earlier run is moved or rewritten; rank 0 waits in a collective
-        # meanwhile: well within dist.timeout_s
-        _agreed(comm, lambda: same_run_dir(comm, run_dir, min(cfg.dist.timeout_s / 2, _SAME_DIR_WAIT_S)))
-        config_due = _agreed(comm, take_run_dir)
-        # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
-        resumed = _agreed(comm, lambda: load_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared,
-                                                        config_hash=h, resume=resume, also_accept=tuple(earlier))) \
-            if resume != "none" else None
-        start = resumed.next_round if resumed is not None else 0
-        if _force_with_nothing_to_train(comm, config_due, start, cfg, resumed, h):
-            # the new config's final checkpoint exists; only its config.yaml was never written
-            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-            config_due = False
-        metrics = MetricsLog(run_dir, tensorboard=rt.is_main) if rt.is_main else None
-        if metrics is not None:
-            metrics.truncate_after(start - 1)
-        bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
-        about = _about_the_run(cfg, rt, resumed, comm)
-        t0 = time.perf_counter()
-        last_done = start - 1
-        stopped = False
-        for rnd in range(start, cfg.train.rounds):
-            record = trainer.run_round(rnd)
-            last_done = rnd
-            record["world_size"] = rt.world_size
-            record["clients_per_rank"] = trainer.rows.counts
-            if metrics is not None:
-                metrics.append(record)
-            acc = record.get("acc_per_exit")
-            bar.update(rnd + 1, f"last-exit acc {acc[-1]:.3f}" if acc else "")
-            want_stop = trainer.rows.sum_int(1 if stop.requested else 0) > 0
-            every = cfg.checkpoint.every
-            if want_stop or rnd == cfg.train.rounds - 1 or (every and (rnd + 1) % every == 0):
-                save_checkpoint(ckpt, trainer.comm, run.pool, run.algo, run.shared, rnd, config_hash=h,
-                                keep=cfg.checkpoint.keep, about=about,
-                                before_commit=lambda r=rnd: maybe_fault("checkpoint", r, rt.rank))
-                if config_due:  # --resume force: the new config now has a checkpoint of its own
-                    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-                    config_due = False
-                if not want_stop and rnd < cfg.train.rounds - 1:
-                    # a signal that came while the checkpoint was written: this one is current, stop
-                    # now rather than after another round (a preemption's grace may not last it)
-                    want_stop = trainer.rows.sum_int(1 if stop.requested else 0) > 0
-            if want_stop and rnd < cfg.train.rounds - 1:
-                stopped = True
-                if rt.is_main:
-                    log.warning("stop signal received: checkpoint of round %d written, exiting for requeue", rnd)
-                break
-        result = None
-        # nothing trained now: rank 0 keeps the summary of the run's training (its wall time);
-        # every rank must agree, as the final evaluation below is collective
-        kept, rehash = _finished_summary(run_dir, (h, *earlier)) \
-            if rt.is_main and not stopped and start >= cfg.train.rounds else (None, False)
-        if comm.broadcast_object(kept is not None):
-            result = kept
-            if rehash:
-                write_json_atomic(run_dir / "summary.json", kept)
-        elif not stopped:
-            records = metrics.read() if metrics is not None else []
-            # a resumed run also spent the rounds that earlier sessions trained (their metrics rows)
-            earlier_wall = sum(float(r.get("seconds", 0.0)) for r in records if r["round"] < start)
-            result = summary(run, trainer.rows, h, records, earlier_wall + time.perf_counter() - t0,
-                             trainer.final_evaluation, results_version=about["results_version"])
-            if result is not None:
-                write_json_atomic(run_dir / "summary.json", result)
-                _warn_if_eval_is_stale(run_dir, result)
-        return RunResult(last_round=last_done, stopped=stopped, summary=result)
-    finally:
-        if metrics is not None:
-            metrics.close()
-        close_run(run)
-        if lock is not None:
-            lock.release()

@@ -1,0 +1,194 @@
+"""Starting a run, on every rank: checks that every rank agrees, the run directory claimed
+(rank 0: the lock, the plan carried out) and shared (every rank sees rank 0's folder), and
+what the run's checkpoints record about it.
+
+Start-up errors are user-facing (:class:`~cafedist.errors.CafeError`) on one rank or several;
+:func:`agreed` raises them on every rank, so that no rank waits in a collective for a rank
+that has already stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cafedist import RESULTS_VERSION
+from cafedist.config import Config, dump_config, run_identity
+from cafedist.distributed.comm import Comm
+from cafedist.distributed.runtime import Runtime
+from cafedist.errors import CafeError, CheckpointError, DistError
+from cafedist.fsutil import write_text_atomic
+from cafedist.run.checkpoint import CheckpointDir, Resumed
+from cafedist.run.residency import remove_parked_state
+from cafedist.rundir import RunLock, move_aside, outputs_lock
+from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan_run_dir
+
+log = logging.getLogger("cafedist")
+
+
+def check_ranks_agree(comm: Comm, config_hash: str, resume: str) -> None:
+    """Every rank runs the same config with the same ``--resume`` (which decides collectives:
+    whether a checkpoint is loaded), or every rank raises DistError naming those that differ."""
+    hashes = comm.all_gather_object((config_hash, resume))
+    if len(set(hashes)) > 1:
+        bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
+        what = "config" if len({x[0] for x in hashes}) > 1 else "--resume"
+        raise DistError(f"{what} differs between ranks: rank(s) {bad} disagree with rank 0 "
+                        f"(same config file, overrides and flags on every rank?)")
+
+
+def check_run_dir(cfg: Config, run_dir: Path, resume: str, is_main: bool) -> None:
+    """Rank 0, read-only: the paths, and what the run directory holds, allow this run."""
+    if is_main:
+        check_paths(cfg, run_dir)
+        plan_run_dir(cfg, run_dir, resume)
+
+
+def take_lock(lock: RunLock | None, cfg: Config, run_dir: Path, config_hash: str) -> tuple[str, ...]:
+    """Rank 0 (the one holding a ``lock``): take the run's lock — the run is ours from here on,
+    the lock file is its first write — and return the hash this run's checkpoints carry under
+    an earlier config file (read before config.yaml is rewritten), if any; () elsewhere."""
+    if lock is None:
+        return ()
+    lock.acquire()
+    found = earlier_hash(cfg, run_dir)
+    return (found,) if found is not None and found != config_hash else ()
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """Write the resolved config to ``run_dir/config.yaml``."""
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
+    """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
+
+    Moves an earlier run aside (``--resume none``) and writes ``config.yaml``, except under
+    ``--resume force`` onto a different config: then the old ``config.yaml`` stays until the
+    first new round is checkpointed. Returns whether that write is still due.
+    """
+    plan = plan_run_dir(cfg, run_dir, resume)  # again, under the lock: the directory may have changed
+    if plan is RunDirPlan.ASIDE:
+        # not while an eval or compare writes results about this run's models (they would land
+        # in the new run)
+        with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
+            moved = move_aside(run_dir)
+        log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+    # scratch of killed sessions; no other process writes here while the lock is held
+    CheckpointDir(run_dir).remove_stale_staging()
+    remove_parked_state(run_dir)
+    if plan is RunDirPlan.DEFER:
+        log.warning("--resume force: %s/config.yaml keeps the old config until the first new checkpoint", run_dir)
+        return True
+    write_config(cfg, run_dir)
+    return False
+
+
+
+def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm) -> dict[str, Any]:
+    """What every checkpoint's manifest records about the run (:meth:`CheckpointDir.commit`),
+    carried over from the checkpoint a resume restored: the results version is the oldest of
+    the code that trained it (a run finished by newer code is still partly the older code's,
+    and compare retrains it), the CPU thread count that of its first session. Warns when a
+    resume mixes either (rank 0 decides, every rank learns it)."""
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else None
+    restored = (resumed.manifest or {}) if resumed is not None and resumed.path is not None else None
+    version, first = RESULTS_VERSION, threads
+    if rt.is_main and restored is not None:
+        recorded_version = restored.get("results_version", 1)  # manifests of earlier code: none
+        version = min(RESULTS_VERSION, recorded_version if isinstance(recorded_version, int) else 1)
+        recorded = restored.get("cpu_threads")
+        first = recorded if isinstance(recorded, int) and threads is not None else threads
+        name = resumed.path.name
+        if version < RESULTS_VERSION:
+            log.warning("%s was trained by code of results version %d (now %d), whose results differ for some "
+                        "configs: this run keeps version %d, so compare trains it again (--resume none starts it "
+                        "over here)",
+                        name, version, RESULTS_VERSION, version)
+        if first != threads:
+            log.warning("resumed with %d CPU threads where this run began with %d: from here its float sums are "
+                        "ordered differently, so its results will not match an uninterrupted run's bit for bit "
+                        "(set OMP_NUM_THREADS=%d to keep them)", threads, first, first)
+    version, first = comm.broadcast_object((version, first))
+    return {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve()),
+            "results_version": version, **({"cpu_threads": first} if first is not None else {})}
+
+
+def force_with_nothing_to_train(comm: Comm, config_due: bool, start: int, cfg: Config, resumed: Any,
+                                 h: str) -> bool:
+    """``--resume force`` onto a config that would train no further round: refused (its summary
+    would describe models it never trained), unless the newest checkpoint is already the new
+    config's (a run stopped between its final checkpoint and writing config.yaml): then True,
+    on rank 0, which finishes the run. Rank 0 decides (only it knows ``config_due``); every
+    rank learns it."""
+    verdict = None
+    if comm.rt.is_main and config_due and start >= cfg.train.rounds:
+        verdict = "finish" if resumed is not None and resumed.config_hash == h else "refuse"
+    verdict = comm.broadcast_object(verdict)
+    if verdict == "refuse":
+        raise CheckpointError(f"--resume force: the run has trained {start} rounds and the new config asks for "
+                              f"{cfg.train.rounds}, so nothing would be trained under it; raise train.rounds to "
+                              f"continue, or use --resume none to start over")
+    return verdict == "finish" and comm.rt.is_main
+
+
+
+#: how long a rank waits to see rank 0's token in the run directory (a network file system may
+#: show a new file to other nodes only after its attribute cache expires)
+SAME_DIR_WAIT_S = 60.0
+_SAME_DIR_FILE = ".ranks-token"
+
+
+def same_run_dir(comm: Comm, run_dir: Path, wait_s: float) -> None:
+    """Every rank must write into the folder rank 0 holds: rank 0 puts a fresh token there and
+    every rank reads it back. A relative --out under different working directories, another
+    --out per rank or node-local folders of one name would each split a checkpoint's shards
+    across folders (every checkpoint broken) or resume a rank from another run's shards."""
+    if comm.rt.world_size == 1:
+        return
+    token = secrets.token_hex(16) if comm.rt.is_main else None
+    if token is not None:
+        write_text_atomic(run_dir / _SAME_DIR_FILE, token)
+    token = comm.broadcast_object(token)
+    seen, deadline = None, time.monotonic() + wait_s
+    while not comm.rt.is_main:
+        try:
+            seen = (run_dir / _SAME_DIR_FILE).read_text()
+        except OSError:
+            seen = None
+        if seen == token or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    ok = comm.all_gather_object(comm.rt.is_main or seen == token)
+    if comm.rt.is_main:
+        (run_dir / _SAME_DIR_FILE).unlink(missing_ok=True)
+    bad = [r for r, good in enumerate(ok) if not good]
+    if bad:
+        raise DistError(f"rank(s) {bad} do not see the run directory rank 0 writes ({run_dir.resolve()}): "
+                        f"--out must name one folder on a file system every rank shares (a relative --out "
+                        f"resolves against each rank's working directory)")
+
+
+
+def agree(comm: Comm, error: str | None) -> None:
+    """Every rank raises if any rank hit a (user-facing) error at start-up."""
+    errors = [e for e in comm.all_gather_object(error) if e]
+    if errors:
+        raise CafeError(errors[0])
+
+
+def agreed(comm: Comm, step: Callable[[], Any]) -> Any:
+    """Run ``step()`` on this rank; if it raised a user-facing error on any rank, raise it on every rank."""
+    result, err = None, None
+    try:
+        result = step()
+    except CafeError as exc:
+        err = str(exc)
+    agree(comm, err)
+    return result
+

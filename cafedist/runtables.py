@@ -102,7 +102,7 @@ def runs_csv(outcomes: Sequence[Any], root: str | os.PathLike, budgets: dict[str
               + _exit_columns("test_acc", m)
               + [f"dynamic_accuracy_{RUNS_THRESHOLD:g}", f"dynamic_mean_macs_{RUNS_THRESHOLD:g}",
                  "bytes_per_client_per_round", "wall_seconds"]
-              + [f"{metric}@{b}" for b in labels for metric, _ in METRICS] + ["run_dir"])
+              + [f"{m.metric}@{b}" for b in labels for m in METRICS] + ["run_dir"])
     rows = []
     for o, s in zip(outcomes, summaries):
         s = s or {}
@@ -114,7 +114,7 @@ def runs_csv(outcomes: Sequence[Any], root: str | os.PathLike, budgets: dict[str
                     + _per_exit(s.get("val_acc_per_exit"), m) + _per_exit(s.get("acc_per_exit"), m)
                     + [_num(dyn.get("accuracy")), _num(dyn.get("mean_macs")),
                        _num(s.get("bytes_per_client_per_round")), _num(s.get("wall_seconds"))]
-                    + [_num(c.get(metric)) for c in cells for metric, _ in METRICS]
+                    + [_num(c.get(m.metric)) for c in cells for m in METRICS]
                     + [os.path.relpath(o.run.run_dir, Path(root).resolve())])
     return _csv_text(header, rows)
 

@@ -24,7 +24,7 @@ import os
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from cafedist.compare.plan import resolve_seeds
 from cafedist.errors import CafeError, CheckpointError, ConfigError
@@ -37,16 +37,25 @@ log = logging.getLogger("cafedist")
 
 BUDGETS_FILE = "budgets.json"
 
-#: the per-run numbers of one budget: (report metric, key of the eval section)
-METRICS: tuple[tuple[str, str], ...] = (
-    ("budget_accuracy", "accuracy"),
-    ("budget_macs_fraction", "macs_fraction"),
-    ("budget_share_within", "share_within_budget"),
-    ("budget_global_accuracy", "global_accuracy"),
-    ("budget_global_cal_accuracy", "global_cal_accuracy"),
-    ("budget_global_cal_share_within", "global_cal_share_within"),
-    ("budget_global_all_accuracy", "global_all_accuracy"),
-    ("budget_global_all_macs_fraction", "global_all_macs_fraction"),
+class BudgetMetric(NamedTuple):
+    """One per-run number of one budget, and how the reports show it."""
+
+    metric: str  # results.csv's metric, runs.csv's column prefix
+    key: str  # of :func:`numbers`' input: the eval section, plus the global thresholds' numbers
+    header: str  # results.md's column
+    digits: int  # results.md's decimals (of percentages)
+
+
+#: the per-run numbers of one budget, in the reports' order
+METRICS: tuple[BudgetMetric, ...] = (
+    BudgetMetric("budget_accuracy", "accuracy", "accuracy", 2),
+    BudgetMetric("budget_macs_fraction", "macs_fraction", "MACs (% of last exit)", 1),
+    BudgetMetric("budget_share_within", "share_within_budget", "clients within budget", 0),
+    BudgetMetric("budget_global_accuracy", "global_accuracy", "global threshold, same MACs", 2),
+    BudgetMetric("budget_global_cal_accuracy", "global_cal_accuracy", "global threshold on calibration", 2),
+    BudgetMetric("budget_global_cal_share_within", "global_cal_share_within", "its clients within budget", 0),
+    BudgetMetric("budget_global_all_accuracy", "global_all_accuracy", "global threshold within every budget", 2),
+    BudgetMetric("budget_global_all_macs_fraction", "global_all_macs_fraction", "its MACs (% of last exit)", 1),
 )
 
 
@@ -171,7 +180,7 @@ def numbers(section: dict) -> dict[str, float | None]:
               "global_cal_accuracy": fair.get("accuracy"), "global_cal_share_within": fair.get("share_within_budget"),
               "global_all_accuracy": everyone.get("accuracy"),
               "global_all_macs_fraction": everyone.get("macs_fraction")}
-    return {metric: values.get(key) for metric, key in METRICS}
+    return {m.metric: values.get(m.key) for m in METRICS}
 
 
 def evaluate_outcomes(outcomes: Sequence[Any], budgets: Sequence[BudgetOptions]) -> tuple[dict[str, dict], list[str]]:
@@ -194,5 +203,5 @@ def evaluate_outcomes(outcomes: Sequence[Any], budgets: Sequence[BudgetOptions])
     return results, errors
 
 
-__all__ = ["BUDGETS_FILE", "METRICS", "check_runs", "evaluate_outcomes", "numbers", "parse_budgets",
+__all__ = ["BUDGETS_FILE", "METRICS", "BudgetMetric", "check_runs", "evaluate_outcomes", "numbers", "parse_budgets",
            "run_budgets"]

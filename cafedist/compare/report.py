@@ -86,10 +86,10 @@ def summarize_budgets(rows: dict[str, list[dict]]) -> list[Stat]:
     for name, runs in rows.items():
         for budget in dict.fromkeys(b for run in runs for b in run):
             per_run = [numbers(run[budget]) for run in runs if budget in run]
-            for metric, _ in METRICS:
-                values = [v[metric] for v in per_run if v[metric] is not None]
+            for m in METRICS:
+                values = [v[m.metric] for v in per_run if v[m.metric] is not None]
                 if values:
-                    stats.append(Stat(name, metric, None, None, len(values), *mean_std(values), budget=budget))
+                    stats.append(Stat(name, m.metric, None, None, len(values), *mean_std(values), budget=budget))
     return stats
 
 
@@ -203,17 +203,13 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
                   "one global threshold chosen on calibration for the same budget (accuracy, %, and clients "
                   "within their own budget, %; where all clients share one budget), and one global threshold "
                   "chosen on calibration to keep every client's own budget (accuracy, %, and MACs, %).", ""]
-        head = ["algorithm", "budget", "accuracy", "MACs (% of last exit)", "clients within budget",
-                "global threshold, same MACs", "global threshold on calibration", "its clients within budget",
-                "global threshold within every budget", "its MACs (% of last exit)"]
+        from cafedist.compare.budgets import METRICS
+
+        head = ["algorithm", "budget", *(m.header for m in METRICS)]
         lines += [_md_row(head), _md_row(["---"] * len(head))]
         for name in names:
             for budget in budgets:
-                cells = [_pm(get(name, m, budget=budget), digits=d) for m, d in
-                         (("budget_accuracy", 2), ("budget_macs_fraction", 1), ("budget_share_within", 0),
-                          ("budget_global_accuracy", 2), ("budget_global_cal_accuracy", 2),
-                          ("budget_global_cal_share_within", 0), ("budget_global_all_accuracy", 2),
-                          ("budget_global_all_macs_fraction", 1))]
+                cells = [_pm(get(name, m.metric, budget=budget), digits=m.digits) for m in METRICS]
                 if any(c != "–" for c in cells):
                     lines.append(_md_row([name, f"`{budget}`", *cells]))
     if budget_errors:

@@ -57,6 +57,24 @@ def tiny_config(tmp_path, store_cache):
     return make
 
 
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """The matplotlib figures this test's plot functions save, in order (still written to their
+    files), for checking what is drawn, not only that a PNG exists."""
+    from cafedist.eval import budget_plots, plots
+
+    figures: list = []
+    save = plots._save_png
+
+    def keep(fig, path) -> None:
+        figures.append(fig)
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save_png", keep)
+    monkeypatch.setattr(budget_plots, "_save_png", keep)  # imported by name there
+    return figures
+
+
 def env_for_tests(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))

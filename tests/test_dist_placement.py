@@ -41,8 +41,12 @@ def test_each_rank_sorted_every_client_once_and_balanced() -> None:
 
 def test_deterministic_and_independent_of_call_order() -> None:
     sizes = [5, 5, 3, 3, 3, 8, 0, 1]
-    assert place_clients(sizes, 3) == place_clients(list(sizes), 3)
-    assert place_clients(tuple(sizes), 3) == place_clients(sizes, 3)
+    # by hand: largest first (8: client 5 to rank 0; 5, 5: ranks 1, 2; 3, 3 to the lighter ranks
+    # 1, 2; the third 3 to rank 0, load 11), then 1 and 0 to the ranks with fewer clients
+    expected = [[4, 5], [0, 2, 7], [1, 3, 6]]
+    assert place_clients(sizes, 3) == expected
+    place_clients([9, 1, 1, 7], 2)  # another call in between changes nothing (no state kept)
+    assert place_clients(tuple(sizes), 3) == expected
 
 
 def test_zero_size_clients_still_fill_every_rank() -> None:

@@ -517,7 +517,7 @@ def _synthetic_clients(count: int, seed: int = 0) -> list[tuple[Split, Split]]:
 
 
 @pytest.mark.parametrize("count", [10, 100])
-def test_budget_figure_for_10_and_100_clients(tmp_path, count):
+def test_budget_figure_for_10_and_100_clients(tmp_path, count, saved_figures):
     pytest.importorskip("matplotlib")
     from cafedist.eval.budget_plots import plot_budget
     from cafedist.eval.dynamic import dynamic_counts, dynamic_table
@@ -534,6 +534,20 @@ def test_budget_figure_for_10_and_100_clients(tmp_path, count):
     plot_budget(section, curves, table, out, title=f"{count} synthetic clients")
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert len(curves) == count and all(curves)
+    left, right = saved_figures[0].axes
+    faint = [line for line in left.get_lines() if line.get_label().startswith("_") and len(line.get_xdata())]
+    assert len(faint) == count  # one line per client, at its test curve (% of the last exit's MACs)
+    assert faint[0].get_ydata() == pytest.approx([100 * r["accuracy"] for r in curves[0]])
+    # readable at 100: one translucent colour for all, so the lines read as a band
+    alphas = {line.get_alpha() for line in faint}
+    assert (len(alphas), max(alphas)) == ((1, 0.55) if count == 10 else (1, 0.2))
+    chosen = [float(v) for c in left.collections if c.get_label().startswith("_") and len(c.get_offsets())
+              for v in c.get_offsets()[0]]
+    rows = [r for r in section["clients"] if r["within_budget"] is not None]
+    assert chosen == pytest.approx([v for r in rows for v in (100 * r["test_macs_fraction"], 100 * r["test_accuracy"])])
+    slack = [c.get_offsets()[0][1] for c in right.collections if len(c.get_offsets())]
+    assert sorted(slack) == pytest.approx(slack) and len(slack) == len(rows)  # sorted, one per client
+    assert len(right.texts) == (count if count <= 20 else 0)  # ids named only where they stay legible
 
 
 def test_budget_figure_marks_both_overall_results():

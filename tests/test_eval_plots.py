@@ -10,7 +10,7 @@ import torch
 from cafedist.errors import CafeError
 from cafedist.eval import dynamic_counts, dynamic_table, plot_accuracy_vs_macs, plot_per_exit_bars
 
-pytest.importorskip("matplotlib")
+matplotlib = pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MACS = [1_000_000, 2_500_000, 6_000_000]
@@ -29,22 +29,39 @@ def _assert_only_png(tmp_path, name: str) -> None:
     assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_accuracy_vs_macs_writes_png(tmp_path):
+def test_accuracy_vs_macs_writes_png(tmp_path, saved_figures):
     out = tmp_path / "acc_vs_macs.png"
-    plot_accuracy_vs_macs(
-        {"cafedistill": _table(0), "fedavg": _table(1)},
-        out,
-        per_exit={"cafedistill": ([0.5, 0.6, 0.7], MACS), "depthfl": ([0.4, 0.55, 0.65], MACS)},
-        title="test",
-    )
+    curves = {"cafedistill": _table(0), "fedavg": _table(1)}
+    plot_accuracy_vs_macs(curves, out, title="test",
+                          per_exit={"cafedistill": ([0.5, 0.6, 0.7], MACS), "depthfl": ([0.4, 0.55, 0.65], MACS)})
     _assert_only_png(tmp_path, out.name)
+    (ax,) = saved_figures[0].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["cafedistill (dynamic)", "fedavg (dynamic)"]
+    for name, rows in curves.items():  # MACs in millions (MMACs), accuracy in percent
+        assert lines[f"{name} (dynamic)"].get_xdata() == pytest.approx([r["mean_macs"] / 1e6 for r in rows])
+        assert lines[f"{name} (dynamic)"].get_ydata() == pytest.approx([100 * r["accuracy"] for r in rows])
+    assert "MMACs" in ax.get_xlabel()
+    points = {c.get_label(): c for c in ax.collections}
+    assert points["depthfl (exits)"].get_offsets().flatten().tolist() == pytest.approx([1.0, 40.0, 2.5, 55.0, 6.0,
+                                                                                       65.0])
+    # a method's static exits take its curve's colour
+    assert tuple(points["cafedistill (exits)"].get_facecolor()[0][:3]) == pytest.approx(
+        matplotlib.colors.to_rgb(lines["cafedistill (dynamic)"].get_color()))
+    assert [t.get_text() for t in ax.texts].count("exit 3") == 2
 
 
-def test_per_exit_bars_writes_png_and_overwrites(tmp_path):
+def test_per_exit_bars_writes_png_and_overwrites(tmp_path, saved_figures):
     out = tmp_path / "bars.png"
     out.write_bytes(b"old")
     plot_per_exit_bars({"a": [0.5, 0.6, 0.7], "b": [0.4, 0.5, 0.6, 0.8]}, out, title="bars")
     _assert_only_png(tmp_path, out.name)
+    (ax,) = saved_figures[0].axes
+    heights = [round(bar.get_height(), 6) for bar in ax.patches]
+    assert heights == [50.0, 60.0, 70.0, 40.0, 50.0, 60.0, 80.0]  # a's bars, then b's, in percent
+    centres = [bar.get_x() + bar.get_width() / 2 for bar in ax.patches]
+    assert centres[:3] == pytest.approx([0.8, 1.8, 2.8]) and centres[3:] == pytest.approx([1.2, 2.2, 3.2, 4.2])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["exit 1", "exit 2", "exit 3", "exit 4"]
 
 
 def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import cafedist, comparable, env_for_tests, metrics, summary, torchrun
 
+from cafedist.cli import main as cli_main
 from cafedist.config import config_from_dict
 from cafedist.run.checkpoint import SHARDS_ONLY, CheckpointDir, sha256_file
 from cafedist.train.loop import train
@@ -48,13 +49,46 @@ def assert_same(a: Path, b: Path) -> None:
 # phases of active clients and two models; cafedistill: the cohort-only exchange
 @pytest.mark.parametrize("algorithm,where", [("cafedistill", "disk"), ("fedavg", "host"), ("depthfl", "host"),
                                              ("fedbabu", "disk"), ("fedrod", "host"), ("ditto", "disk")])
-def test_a_residency_bound_gives_the_same_bits(tmp_path, store_cache, algorithm, where):
+def test_a_residency_bound_gives_the_same_bits(tmp_path, store_cache, algorithm, where, monkeypatch):
     ref = tmp_path / "all"
     run(tiny(store_cache, algorithm), ref)
     bounded = tmp_path / "bounded"
+    seen = spy_on_residency(monkeypatch)
     run(tiny(store_cache, algorithm, resident_clients=2, client_state=where), bounded)
     assert_same(bounded, ref)
+    # the bound was in force (equal bits alone would also hold if it were ignored): clients were
+    # evicted and parked where configured, never more than 2 resident
+    assert seen["evicted"] > 0 and seen["most_resident"] == 2
+    assert seen["parked"] == {where}
     assert not (bounded / "client_state").exists() or not any((bounded / "client_state").rglob("*.pt"))
+
+
+def spy_on_residency(monkeypatch) -> dict:
+    """Counts of what bounded client pools did in this test: evictions, the most clients
+    resident at once, and where clients were parked."""
+    from cafedist.run.residency import ClientPool
+
+    seen = {"evicted": 0, "most_resident": 0, "parked": set()}
+    evict, park, get = ClientPool._evict, ClientPool._park, ClientPool.get
+
+    def counting_evict(self) -> None:
+        seen["evicted"] += 1
+        evict(self)
+
+    def recording_park(self, cid, shard) -> None:
+        seen["parked"].add(self.where)
+        park(self, cid, shard)
+
+    def measuring_get(self, cid):
+        client = get(self, cid)
+        if self.bound is not None:
+            seen["most_resident"] = max(seen["most_resident"], len(self._resident))
+        return client
+
+    monkeypatch.setattr(ClientPool, "_evict", counting_evict)
+    monkeypatch.setattr(ClientPool, "_park", recording_park)
+    monkeypatch.setattr(ClientPool, "get", measuring_get)
+    return seen
 
 
 def interrupted(raw: dict, tmp_path: Path, fault: str) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
@@ -141,11 +175,14 @@ def test_a_resume_on_another_world_size_with_a_bound(tmp_path, store_cache):
     assert_same(out, ref)
 
 
-def test_eval_of_a_bounded_run_matches(tmp_path, store_cache):
+def test_eval_of_a_bounded_run_matches(tmp_path, store_cache, monkeypatch):
     out = tmp_path / "run"
+    seen = spy_on_residency(monkeypatch)
     run(tiny(store_cache, "fedavg", resident_clients=2), out)
-    proc = cafedist("eval", str(out), check=True)
-    assert proc.returncode == 0
+    assert seen["evicted"] > 0 and seen["most_resident"] == 2  # trained bounded
+    seen["evicted"] = seen["most_resident"] = 0
+    assert cli_main(["eval", str(out)]) == 0
+    assert seen["evicted"] > 0 and seen["most_resident"] == 2  # and evaluated bounded
     assert json.loads((out / "eval.json").read_text())["model_hashes"] == summary(out)["model_hashes"]
 
 

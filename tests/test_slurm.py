@@ -309,7 +309,8 @@ def test_parse_time_rejects_nonsense():
             jobs.parse_time(bad)
 
 
-def test_dry_run_maps_options_to_submitit(tmp_path, workdir, capsys):
+def test_dry_run_maps_options_to_submitit(tmp_path, workdir, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # then the jobs' thread count is --cpus-per-task
     rc = cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "s"),
                    "--nodes", "2", "--tasks-per-node", "4", "--gpus-per-node", "4", "--cpus-per-task", "8",
                    "--partition", "gpu", "--time", "2:00:00", "--array", "seed=0,1", "--slurm-arg", "exclusive=true",
@@ -320,9 +321,21 @@ def test_dry_run_maps_options_to_submitit(tmp_path, workdir, capsys):
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"], params["cpus_per_task"]) == (2, 4, 4, 8)
     assert params["timeout_min"] == 120 and params["slurm_partition"] == "gpu" and params["name"] == "cafedist-s"
     assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": "true"}
-    assert plan["env"]["OMP_NUM_THREADS"] in (os.environ.get("OMP_NUM_THREADS"), "8")
+    assert plan["env"]["OMP_NUM_THREADS"] == "8"
     assert [Path(r["out"]).name for r in plan["runs"]] == ["seed-0", "seed-1"]
     assert plan["runs"][1]["argv"][-2:] == ["train.rounds=7", "seed=1"]
+    # a thread count set for this shell is the jobs' too; --env adds variables
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "t"),
+                     "--cpus-per-task", "8", "--env", "CUBLAS_WORKSPACE_CONFIG=:4096:8", "--account", "lab",
+                     "--qos", "high", "--constraint", "a100", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["env"] == {"OMP_NUM_THREADS": "3", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    params = plan["parameters"]
+    assert (params["slurm_account"], params["slurm_qos"], params["slurm_constraint"]) == ("lab", "high", "a100")
+    assert cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "t"),
+                     "--env", "CUBLAS", "--dry-run"]) == 2
+    assert "--env 'CUBLAS': expected KEY=VALUE" in capsys.readouterr().err
 
 
 def test_config_errors_are_caught_before_submitting(tmp_path, workdir, capsys):

@@ -147,12 +147,21 @@ def test_bf16_autocast_trains_to_similar_accuracy(tiny_config, tmp_path):
     assert summary(full)["model_hashes"] != summary(mixed)["model_hashes"]  # it really ran in bf16
 
 
-def test_packed_training_matches_sequential_through_the_cli(tiny_config, tmp_path):
+def test_packed_training_matches_sequential_through_the_cli(tiny_config, tmp_path, monkeypatch):
     """train.packed=on steps the clients of a rank together (vmap): same accuracy, near-equal models."""
+    from cafedist.cli import main as cli_main
+    from cafedist.train import round as round_module
+
+    waves = []  # clients per packed step: equal results alone would also hold if packing were ignored
+    packed_update = round_module.packed_local_update
+    monkeypatch.setattr(round_module, "packed_local_update",
+                        lambda wave, *args: waves.append(len(wave)) or packed_update(wave, *args))
     cfg = tiny_config(rounds=3)
     seq, packed = tmp_path / "seq", tmp_path / "packed"
-    cafedist("train", "--config", str(cfg), "--out", str(seq), "--no-progress", "train.packed=off", check=True)
-    cafedist("train", "--config", str(cfg), "--out", str(packed), "--no-progress", "train.packed=on", check=True)
+    assert cli_main(["train", "--config", str(cfg), "--out", str(seq), "--no-progress", "train.packed=off"]) == 0
+    assert waves == []
+    assert cli_main(["train", "--config", str(cfg), "--out", str(packed), "--no-progress", "train.packed=on"]) == 0
+    assert len(waves) == 3 and min(waves) > 1  # one packed step of the rank's clients per round
     a, b = metrics(seq), metrics(packed)
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) < 1e-3

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import cafedist, comparable, metrics, summary
 
 
@@ -230,3 +231,59 @@ def test_each_evaluated_round_reads_every_client_once(tiny_config, tmp_path, mon
     again = summary(out)
     assert again.pop("wall_seconds") is not None and s.pop("wall_seconds") is not None
     assert again == s
+
+
+def test_eval_every_evaluates_every_kth_round_and_the_last(tiny_config, tmp_path):
+    """train.eval_every=2: rounds 1 and 3 (every second) and the last one carry accuracies; the
+    others record training only, so evaluation time is saved there."""
+    from cafedist.cli import main as cli_main
+
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tiny_config(rounds=5)), "--out", str(out), "--no-progress",
+                     "train.eval_every=2"]) == 0
+    evaluated = [r["round"] for r in metrics(out) if r.get("acc_per_exit")]
+    assert evaluated == [1, 3, 4]
+    assert len(metrics(out)) == 5 and summary(out)["acc_per_exit"] == metrics(out)[-1]["acc_per_exit"]
+
+
+def test_half_precision_logits_halve_the_exchange_and_keep_the_result_close(tiny_config, tmp_path):
+    """comm.logits_dtype=float16 sends the proxy logits in half the bytes; training sees them
+    rounded only, so accuracy stays close to float32's."""
+    from cafedist.cli import main as cli_main
+
+    cfg = tiny_config(rounds=3)
+    runs = {}
+    for dtype in ("float32", "float16"):
+        runs[dtype] = tmp_path / dtype
+        assert cli_main(["train", "--config", str(cfg), "--out", str(runs[dtype]), "--no-progress",
+                         f"comm.logits_dtype={dtype}"]) == 0
+    full, half = metrics(runs["float32"]), metrics(runs["float16"])
+    for a, b in zip(full, half):
+        assert b["bytes_up"] * 2 == pytest.approx(a["bytes_up"], rel=0.02)  # the upload is logits
+    assert max(abs(x - y) for x, y in zip(full[-1]["acc_per_exit"], half[-1]["acc_per_exit"])) <= 0.05
+    assert summary(runs["float32"])["model_hashes"] != summary(runs["float16"])["model_hashes"]  # it did apply
+
+
+def test_train_without_out_writes_runs_named_after_the_config(tiny_config, tmp_path, monkeypatch):
+    from cafedist.cli import main as cli_main
+
+    cfg = tiny_config(rounds=1, name="mine.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "mine" / "summary.json").is_file()
+
+
+def test_eval_max_loss_sets_the_accuracy_budget_of_the_mac_reduction(tiny_config, tmp_path):
+    from cafedist.cli import main as cli_main
+    from cafedist.eval.dynamic import mac_reduction_at_loss
+
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tiny_config(rounds=2)), "--out", str(out), "--no-progress"]) == 0
+    reductions = {}
+    for max_loss in (0.0, 0.3):
+        assert cli_main(["eval", str(out), "--max-loss", str(max_loss)]) == 0
+        report = json.loads((out / "eval.json").read_text())
+        assert report["max_loss"] == max_loss
+        assert report["mac_reduction"] == mac_reduction_at_loss(report["dynamic"], report["acc_per_exit"][-1], max_loss)
+        reductions[max_loss] = report["mac_reduction"]["macs_reduction"]
+    assert reductions[0.3] > reductions[0.0]  # a looser accuracy budget answers more samples early

@@ -173,6 +173,8 @@ class CAFEDistill(LogitExchange):
     def upload_spec(self) -> Spec:
         if self.params.similarity != "head_params":
             return {}
+        if not self._head_numel:  # an empty row would make every client look alike
+            raise RuntimeError("cafedistill: the last head's size is unknown (bind_model was never called)")
         return {"head": ((self._head_numel,), torch.float32)}
 
     def upload(self, client: ClientView) -> dict[str, Tensor]:

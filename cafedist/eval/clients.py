@@ -63,6 +63,31 @@ def pool_val(allrows: Tensor | None) -> tuple[list[float], list[list[float] | No
     return pooled, per_client
 
 
+def _test_row(n_test: int, correct: Tensor, counts: dict[str, Tensor]) -> Tensor:
+    """One client's test results as one float64 row (so that ranks gather them in one
+    collective): samples, correct per exit [m], then per threshold of the dynamic sweep
+    (:func:`~cafedist.eval.dynamic.dynamic_counts`) correct [T], MACs [T] and exit counts [T, m]."""
+    return torch.cat([torch.tensor([n_test], dtype=torch.float64), correct.to(torch.float64).cpu(),
+                      counts["correct"].to(torch.float64), counts["macs"].to(torch.float64),
+                      counts["exits"].to(torch.float64).reshape(-1)])
+
+
+def _test_row_width(m: int) -> int:
+    return 1 + m + len(THRESHOLDS) * (2 + m)
+
+
+def _pooled_test_rows(allrows: Tensor, m: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Every client's :func:`_test_row` [n, width] -> (samples [n], correct per exit [n, m],
+    the dynamic counts summed over clients)."""
+    n, nth, o = allrows.shape[0], len(THRESHOLDS), 1 + m
+    n_test, correct = allrows[:, 0], allrows[:, 1:o]
+    dyn = {"correct": allrows[:, o:o + nth].sum(0).round().to(torch.int64),
+           "macs": allrows[:, o + nth:o + 2 * nth].sum(0),
+           "exits": allrows[:, o + 2 * nth:].reshape(n, nth, m).sum(0).round().to(torch.int64),
+           "n": n_test.sum().round().to(torch.int64)}
+    return n_test, correct, dyn
+
+
 def final_evaluation(pool: ClientPool, algo: Algorithm, rows: ClientRows, macs: list[int],
                      num_exits: int, has_val: bool, is_main: bool) -> dict[str, Any] | None:
     """Accuracy per exit and per client, dynamic inference over thresholds, validation
@@ -73,29 +98,18 @@ def final_evaluation(pool: ClientPool, algo: Algorithm, rows: ClientRows, macs: 
     for c in pool.each(pool.ids, modify=False):
         pred, conf = exit_predictions(algo.eval_model(c.view), c.data.x_test)
         counts = dynamic_counts(pred.cpu(), conf.cpu(), c.data.y_test.cpu(), macs)
-        correct = per_exit_correct(pred, c.data.y_test).to(torch.float64).cpu()
-        out.append(torch.cat([torch.tensor([c.n_test], dtype=torch.float64), correct,
-                              counts["correct"].to(torch.float64), counts["macs"].to(torch.float64),
-                              counts["exits"].to(torch.float64).reshape(-1)]))
+        out.append(_test_row(c.n_test, per_exit_correct(pred, c.data.y_test), counts))
         hashes[c.cid] = model_hash(c.model)
         if has_val:
             val_rows.append(_val_row(algo, c, m))
-    width = 1 + m + len(THRESHOLDS) * (2 + m)
-    allrows = rows.gather(stack_rows(out, (width,), torch.float64, rows.device), to_all=False)
+    allrows = rows.gather(stack_rows(out, (_test_row_width(m),), torch.float64, rows.device), to_all=False)
     hashes = rows.comm.all_gather_object(hashes)
     val = pool_val(rows.gather(stack_rows(val_rows, (1 + m,), torch.float64, rows.device), to_all=False)) \
         if has_val else None
     if not is_main:
         return None
-    allrows = allrows.cpu()
-    n = allrows.shape[0]
-    n_test, correct = allrows[:, 0], allrows[:, 1:1 + m]
-    nth = (allrows.shape[1] - 1 - m) // (2 + m)
-    o = 1 + m
-    dyn = {"correct": allrows[:, o:o + nth].sum(0).round().to(torch.int64),
-           "macs": allrows[:, o + nth:o + 2 * nth].sum(0),
-           "exits": allrows[:, o + 2 * nth:].reshape(n, nth, m).sum(0).round().to(torch.int64),
-           "n": n_test.sum().round().to(torch.int64)}
+    n_test, correct, dyn = _pooled_test_rows(allrows.cpu(), m)
+    n = n_test.shape[0]
     table = dynamic_table(dyn, macs)
     acc = (correct.sum(0) / n_test.sum()).tolist()
     merged = {k: v for part in hashes for k, v in part.items()}

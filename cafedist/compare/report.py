@@ -132,6 +132,94 @@ def _pm(s: Stat | None, scale: float = 100.0, digits: int = 2) -> str:
     return f"{s.mean * scale:.{digits}f} ± {s.std * scale:.{digits}f}"
 
 
+class _Stats:
+    """The stats of a comparison, looked up by (row, metric, exit, threshold, budget)."""
+
+    def __init__(self, stats: Sequence[Stat]):
+        self.stats = list(stats)
+        self._index = {(s.algorithm, s.metric, s.exit, s.threshold, s.budget): s for s in stats}
+        self.names = list(dict.fromkeys(s.algorithm for s in stats))  # the table rows, in order
+        self.n_exits = max((s.exit for s in stats if s.metric == "accuracy"), default=0)
+        self.budgets = list(dict.fromkeys(s.budget for s in stats if s.budget is not None))
+
+    def get(self, name: str, metric: str, exit_: int | None = None, th: float | None = None,
+            budget: str | None = None) -> Stat | None:
+        return self._index.get((name, metric, exit_, th, budget))
+
+    def seeds(self, name: str) -> int:
+        """Seeds that finished for row ``name``."""
+        return max(s.n for s in self.stats if s.algorithm == name)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [_md_row(head), _md_row(["---"] * len(head)), *(_md_row(r) for r in rows)]
+
+
+def _accuracy_section(st: _Stats, rows: dict[str, RowInfo] | None) -> list[str]:
+    info = rows or {}
+    tuned = any(i.trials for i in info.values())  # the chosen setting is not in the row's name
+    first = st.names[0]
+    head = ["algorithm", "seeds"] + ["rounds"] * (rows is not None) + ["setting", "trials"] * tuned + [
+        f"exit {k} ({short_count(st.get(first, 'exit_macs', k).mean)} MACs)"
+        if st.get(first, "exit_macs", k) else f"exit {k}" for k in range(1, st.n_exits + 1)]
+    body = []
+    for name in st.names:
+        row = info.get(name) or RowInfo(name, "", "", "", "")
+        extra = [f"`{row.setting}`" if row.setting else "–", row.trials] if tuned else []
+        rounds = [row.rounds or "–"] if rows is not None else []
+        body.append([name, str(st.seeds(name)), *rounds, *extra]
+                    + [_pm(st.get(name, "accuracy", k)) for k in range(1, st.n_exits + 1)])
+    return ["## Personalized accuracy per exit (%)", "", *_table(head, body)]
+
+
+def _dynamic_section(st: _Stats, thresholds: Sequence[float]) -> list[str]:
+    body = []
+    for name in st.names:
+        cells = []
+        for th in thresholds:
+            acc, macs = st.get(name, "dynamic_accuracy", th=th), st.get(name, "dynamic_mean_macs", th=th)
+            cells.append(f"{_pm(acc)} / {short_count(macs.mean)}" if acc and macs else "–")
+        body.append([name, *cells])
+    return ["## Dynamic inference: accuracy (%) / mean MACs per sample at confidence threshold θ", "",
+            "A sample leaves at the first exit whose softmax confidence is ≥ θ; the last exit always answers.", "",
+            *_table(["algorithm"] + [f"θ = {th:g}" for th in thresholds], body)]
+
+
+def _cost_section(st: _Stats) -> list[str]:
+    body = []
+    for name in st.names:
+        b, w = st.get(name, "bytes_per_client_per_round"), st.get(name, "wall_seconds")
+        body.append([name, _pm(st.get(name, "mac_reduction_at_1pt"), digits=1), short_count(b.mean) if b else "–",
+                     _pm(w, scale=1.0, digits=1)])
+    return ["## Cost", "",
+            "MAC reduction: the cheapest threshold whose accuracy is within 1 point of the last exit, "
+            "per seed, vs always running the last exit. Bytes: what one client sends plus receives "
+            "in a round. Wall time: training time of a run (of a resumed run: with the rounds its "
+            "earlier sessions trained).", "",
+            *_table(["algorithm", "MAC reduction at ≤ 1 pt loss (%)", "bytes / client / round", "wall time (s)"],
+                    body)]
+
+
+def _budget_section(st: _Stats) -> list[str]:
+    from cafedist.compare.budgets import METRICS
+
+    body = []
+    for name in st.names:
+        for budget in st.budgets:
+            cells = [_pm(st.get(name, m.metric, budget=budget), digits=m.digits) for m in METRICS]
+            if any(c != "–" for c in cells):
+                body.append([name, f"`{budget}`", *cells])
+    return ["## Per-client inference budgets", "",
+            "Each client's exit policy chosen on calibration (validation) data within its own budget and "
+            "checked on its test split, as `cafedist eval RUN --budget` does (pooled scope): test "
+            "accuracy (%), mean MACs per sample (% of the last exit's), clients within budget on test (%), "
+            "beside it one global threshold for all clients at the same mean MACs (accuracy, %), and "
+            "one global threshold chosen on calibration for the same budget (accuracy, %, and clients "
+            "within their own budget, %; where all clients share one budget), and one global threshold "
+            "chosen on calibration to keep every client's own budget (accuracy, %, and MACs, %).", "",
+            *_table(["algorithm", "budget", *(m.header for m in METRICS)], body)]
+
+
 def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
                      thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
                      rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = (),
@@ -140,78 +228,20 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
     setting and trial count, to the accuracy table; stats with a ``budget`` make the budget
     table, ``budget_errors`` lists the runs whose budget evaluation failed."""
-    index = {(s.algorithm, s.metric, s.exit, s.threshold, s.budget): s for s in stats}
-    names = list(dict.fromkeys(s.algorithm for s in stats))
-    n_exits = max((s.exit for s in stats if s.metric == "accuracy"), default=0)
-
-    def get(name: str, metric: str, exit_: int | None = None, th: float | None = None,
-            budget: str | None = None) -> Stat | None:
-        return index.get((name, metric, exit_, th, budget))
-
+    st = _Stats(stats)
     counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
     seeds = sorted({o.run.seed for o in outcomes})
     lines = ["```sh", command, "```", "",
-             f"# Comparison: {len(names)} algorithm(s) × seeds {', '.join(map(str, seeds))}", "",
+             f"# Comparison: {len(st.names)} algorithm(s) × seeds {', '.join(map(str, seeds))}", "",
              f"{len(outcomes)} runs: {counts['done']} trained now, {counts['skipped']} reused (finished earlier "
              f"with the same config), {counts['failed']} failed. Every number is the mean ± sample standard "
              "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "
              "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
              "averaged over clients weighted by test size.", ""]
-    info = rows or {}
-    tuned = any(i.trials for i in info.values())  # the chosen setting is not in the row's name
-    if names:
-        head = ["algorithm", "seeds"] + ["rounds"] * (rows is not None) + ["setting", "trials"] * tuned + [
-            f"exit {k} ({short_count(get(names[0], 'exit_macs', k).mean)} MACs)"
-            if get(names[0], "exit_macs", k) else f"exit {k}" for k in range(1, n_exits + 1)]
-        lines += ["## Personalized accuracy per exit (%)", "", _md_row(head), _md_row(["---"] * len(head))]
-        for name in names:
-            n = max(s.n for s in stats if s.algorithm == name)
-            row = info.get(name) or RowInfo(name, "", "", "", "")
-            extra = [f"`{row.setting}`" if row.setting else "–", row.trials] if tuned else []
-            rounds = [row.rounds or "–"] if rows is not None else []
-            lines.append(_md_row([name, str(n), *rounds, *extra]
-                                 + [_pm(get(name, "accuracy", k)) for k in range(1, n_exits + 1)]))
-        lines += ["", "## Dynamic inference: accuracy (%) / mean MACs per sample at confidence threshold θ", "",
-                  "A sample leaves at the first exit whose softmax confidence is ≥ θ; the last exit always answers.",
-                  ""]
-        head = ["algorithm"] + [f"θ = {th:g}" for th in thresholds]
-        lines += [_md_row(head), _md_row(["---"] * len(head))]
-        for name in names:
-            cells = []
-            for th in thresholds:
-                acc, macs = get(name, "dynamic_accuracy", th=th), get(name, "dynamic_mean_macs", th=th)
-                cells.append(f"{_pm(acc)} / {short_count(macs.mean)}" if acc and macs else "–")
-            lines.append(_md_row([name] + cells))
-        lines += ["", "## Cost", "",
-                  "MAC reduction: the cheapest threshold whose accuracy is within 1 point of the last exit, "
-                  "per seed, vs always running the last exit. Bytes: what one client sends plus receives "
-                  "in a round. Wall time: training time of a run (of its last resumed part, if it was resumed).",
-                  ""]
-        head = ["algorithm", "MAC reduction at ≤ 1 pt loss (%)", "bytes / client / round", "wall time (s)"]
-        lines += [_md_row(head), _md_row(["---"] * len(head))]
-        for name in names:
-            b, w = get(name, "bytes_per_client_per_round"), get(name, "wall_seconds")
-            lines.append(_md_row([name, _pm(get(name, "mac_reduction_at_1pt"), digits=1),
-                                  short_count(b.mean) if b else "–", _pm(w, scale=1.0, digits=1)]))
-    budgets = list(dict.fromkeys(s.budget for s in stats if s.budget is not None))
-    if budgets:
-        lines += ["", "## Per-client inference budgets", "",
-                  "Each client's exit policy chosen on calibration (validation) data within its own budget and "
-                  "checked on its test split, as `cafedist eval RUN --budget` does (pooled scope): test "
-                  "accuracy (%), mean MACs per sample (% of the last exit's), clients within budget on test (%), "
-                  "beside it one global threshold for all clients at the same mean MACs (accuracy, %), and "
-                  "one global threshold chosen on calibration for the same budget (accuracy, %, and clients "
-                  "within their own budget, %; where all clients share one budget), and one global threshold "
-                  "chosen on calibration to keep every client's own budget (accuracy, %, and MACs, %).", ""]
-        from cafedist.compare.budgets import METRICS
-
-        head = ["algorithm", "budget", *(m.header for m in METRICS)]
-        lines += [_md_row(head), _md_row(["---"] * len(head))]
-        for name in names:
-            for budget in budgets:
-                cells = [_pm(get(name, m.metric, budget=budget), digits=m.digits) for m in METRICS]
-                if any(c != "–" for c in cells):
-                    lines.append(_md_row([name, f"`{budget}`", *cells]))
+    if st.names:
+        lines += [*_accuracy_section(st, rows), "", *_dynamic_section(st, thresholds), "", *_cost_section(st)]
+    if st.budgets:
+        lines += ["", *_budget_section(st)]
     if budget_errors:
         lines += ["", "## Failed budget evaluations", ""] + [f"- {e}" for e in budget_errors]
     if tuning_lines:
@@ -220,7 +250,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{o.run.row}` seed {o.run.seed}: {o.message}" for o in failed]
-    missing = sorted({o.run.row for o in outcomes} - set(names))
+    missing = sorted({o.run.row for o in outcomes} - set(st.names))
     if missing:
         lines += ["", f"No finished run, so not in the tables: {', '.join(missing)}."]
     if plots:

@@ -5,18 +5,24 @@ must equal the 1-rank one bit for bit (model hashes, every metric but timings), 
 clients training each round and with half of them (partial participation).
 
 The 1-rank reference runs in this process (no interpreter start-up), on one thread like the
-torchrun ranks (conftest's ``one_thread``; ``OMP_NUM_THREADS=1`` from ``env_for_tests``).
+torchrun ranks (conftest's ``one_thread``; ``OMP_NUM_THREADS=1`` from ``env_for_tests``). The
+2-rank runs of all selected tests share one torchrun launch (``two_rank_runs``, driven by
+``torchrun_variants.py``): one start-up of torchrun, torch and the process group instead of one per test.
+A run the shared launch did not reach (its ranks fell out of step) gets a launch of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, comparable, env_for_tests, metrics, summary, torchrun
+from conftest import ROOT, TINY, comparable, env_for_tests, metrics, summary, torchrun
+from torchrun_variants import status_path
 
 from cafedist.algorithms import ALGORITHMS
 from cafedist.compare import available_variants
@@ -29,6 +35,13 @@ from cafedist.train.schedule import participating
 
 VARIANTS = available_variants()  # registered algorithms + ablations, fixed at collection time
 PROXY_SIZE = 32
+RUN = {"rounds": 2, "clients": 4, "every": 1}  # tiny_config's arguments, the same for both world sizes
+#: extra overrides of each kind of two-rank run: every client trains each round, or half of them
+CASES = {"all": (), "half": ("train.clients_per_round=0.5",)}
+#: the kind of run each two-rank test compares (the shared launch trains those of the selected tests)
+TWO_RANK_TESTS = {"test_two_ranks_under_torchrun_equal_one_rank": "all",
+                  "test_partial_participation_is_the_same_on_two_ranks": "half"}
+DRIVER = Path(__file__).with_name("torchrun_variants.py")
 
 
 def _overrides(name: str, *extra: str) -> list[str]:
@@ -52,6 +65,58 @@ def _two_ranks(cfg: Path, out: Path, overrides: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@dataclasses.dataclass
+class TwoRankRuns:
+    """The shared launch's run directories (``root/<kind>-<name>``) and its stderr's tail."""
+
+    root: Path
+    stderr: str
+
+    def run_dir(self, kind: str, name: str, cfg: Path, own: Path) -> Path:
+        """The two-rank run of variant ``name`` of ``kind`` (a key of CASES): from the shared
+        launch, failing the test with the ranks' tracebacks where it raised; launched on its
+        own into ``own`` (with ``cfg``) where the shared launch did not reach it."""
+        key = f"{kind}-{name}"
+        statuses = [status_path(self.root / key, rank) for rank in range(2)]
+        if not all(p.exists() for p in statuses):
+            warnings.warn(f"the shared torchrun launch did not reach {key}; it runs on its own. "
+                          f"The launch's stderr ends:\n{self.stderr}", stacklevel=2)
+            _two_ranks(cfg, own, _overrides(name, *CASES[kind]))
+            return own
+        errors = [(rank, json.loads(p.read_text())["error"]) for rank, p in enumerate(statuses)]
+        failed = "\n".join(f"rank {rank}: {error}" for rank, error in errors if error)
+        if failed:
+            pytest.fail(f"two-rank run {key} failed in the shared torchrun launch:\n{failed}", pytrace=False)
+        return self.root / key
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  store_cache: Path) -> TwoRankRuns:
+    """One torchrun launch (2 ranks) that trains the two-rank run of every selected test of this
+    module in turn, with the config ``tiny_config(**RUN)`` writes."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    config = root / "tiny.yaml"
+    config.write_text(TINY.format(cache=store_cache, **RUN))
+    plan = []
+    for item in request.session.items:  # after -k/-m deselection: only the runs a test will read
+        kind = TWO_RANK_TESTS.get(getattr(item, "originalname", ""))
+        if item.module is request.module and kind is not None:
+            name = item.callspec.params["name"]
+            plan.append({"key": f"{kind}-{name}", "config": str(config), "out": str(root / f"{kind}-{name}"),
+                         "overrides": _overrides(name, *CASES[kind])})
+    (root / "plan.json").write_text(json.dumps(plan, indent=1))
+    if not plan:  # only this module's other tests are selected
+        return TwoRankRuns(root, "")
+    try:
+        proc = subprocess.run(torchrun(2) + [str(DRIVER), str(root / "plan.json")], cwd=ROOT, env=env_for_tests(),
+                              capture_output=True, text=True, timeout=120 + 60 * len(plan))
+        stderr = proc.stderr
+    except subprocess.TimeoutExpired as exc:  # the runs without a status launch their own
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+    return TwoRankRuns(root, stderr[-4000:])
+
+
 def _assert_same_run(two: Path, one: Path, rounds: int) -> None:
     s2, s1 = summary(two), summary(one)
     assert (s2["world_size"], s1["world_size"], s2["rounds"]) == (2, 1, rounds)
@@ -63,23 +128,22 @@ def _assert_same_run(two: Path, one: Path, rounds: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_two_ranks_under_torchrun_equal_one_rank(name, tiny_config, tmp_path):
-    cfg = tiny_config(rounds=2, clients=4, every=1)
-    _single_rank(cfg, tmp_path / "w1", _overrides(name))
-    _two_ranks(cfg, tmp_path / "w2", _overrides(name))
-    _assert_same_run(tmp_path / "w2", tmp_path / "w1", rounds=2)
-    assert [r["clients_trained"] for r in metrics(tmp_path / "w2")] == [4, 4]
+def test_two_ranks_under_torchrun_equal_one_rank(name, tiny_config, tmp_path, two_rank_runs):
+    cfg = tiny_config(**RUN)
+    _single_rank(cfg, tmp_path / "w1", _overrides(name, *CASES["all"]))
+    two = two_rank_runs.run_dir("all", name, cfg, tmp_path / "w2")
+    _assert_same_run(two, tmp_path / "w1", rounds=2)
+    assert [r["clients_trained"] for r in metrics(two)] == [4, 4]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ALGORITHMS))
-def test_partial_participation_is_the_same_on_two_ranks(name, tiny_config, tmp_path):
-    cfg = tiny_config(rounds=2, clients=4, every=1)
-    extra = _overrides(name, "train.clients_per_round=0.5")
-    _single_rank(cfg, tmp_path / "w1", extra)
-    _two_ranks(cfg, tmp_path / "w2", extra)
-    _assert_same_run(tmp_path / "w2", tmp_path / "w1", rounds=2)
-    assert [r["clients_trained"] for r in metrics(tmp_path / "w2")] == [2, 2]
+def test_partial_participation_is_the_same_on_two_ranks(name, tiny_config, tmp_path, two_rank_runs):
+    cfg = tiny_config(**RUN)
+    _single_rank(cfg, tmp_path / "w1", _overrides(name, *CASES["half"]))
+    two = two_rank_runs.run_dir("half", name, cfg, tmp_path / "w2")
+    _assert_same_run(two, tmp_path / "w1", rounds=2)
+    assert [r["clients_trained"] for r in metrics(two)] == [2, 2]
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

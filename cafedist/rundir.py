@@ -152,6 +152,9 @@ def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None
         return None
     if not raw:
         return None
+    parts = raw.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None  # not a record train writes: nothing to say who holds it
     alive = _holder_alive(raw)
     if alive is False:
         return None

@@ -168,12 +168,13 @@ def build_runs(config: str | None, out: str, overrides: Sequence[str] = (), arra
     return runs
 
 
-def validate_runs(runs: Sequence[RunSpec], dependency: bool = False) -> None:
+def validate_runs(runs: Sequence[RunSpec], dependency: bool = False, local: bool = False) -> None:
     """What ``train`` checks before it touches a run directory, checked now for every run, so
     that a typo in the config, an ``--out`` holding another run or a dataset without its
     ``data.root`` fails here instead of in a queued job (read-only). A run that a train holds
     now is only warned about, unless the job waits for another (``dependency``): queueing the
-    next job of a chain is legitimate, but one that starts first is refused by train."""
+    next job of a chain is legitimate, but one that starts first is refused by train (``local``:
+    the local executor starts it at once)."""
     from cafedist.config import load_config
     from cafedist.rundir import live_holder
     from cafedist.train.preflight import check_paths, plan_run_dir
@@ -188,8 +189,10 @@ def validate_runs(runs: Sequence[RunSpec], dependency: bool = False) -> None:
             raise type(exc)(f"{exc}{where}") from None
         holder = None if dependency else live_holder(run.out)
         if holder:
-            log.warning("%s is being trained now (%s): a job that starts before it ends is refused; "
-                        "to queue the next one, add --slurm-arg dependency=afterany:<its job id>", run.out, holder)
+            advice = ("wait for it to end" if local else
+                      "to queue the next one, add --slurm-arg dependency=afterany:<its job id>")
+            log.warning("%s is being trained now (%s): a job that starts before it ends is refused; %s",
+                        run.out, holder, advice)
 
 
 # ----------------------------------------------------------------------------- in the job
@@ -416,7 +419,9 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``cafedist submit`` (0: submitted, or with --wait: every job succeeded)."""
     require_submitit()
     runs = build_runs(args.config, args.out, args.overrides, args.array, args.resume)
-    validate_runs(runs, dependency=any(arg.split("=", 1)[0].strip() == "dependency" for arg in args.slurm_arg))
+    # as sbatch gets it (key_values also refuses a malformed --slurm-arg before anything is checked)
+    queued_after = bool(key_values(args.slurm_arg, "--slurm-arg").get("dependency"))
+    validate_runs(runs, dependency=queued_after, local=args.local)
     options = ExecutorOptions.from_args(args)
     params = options.parameters(args.out)
     env = _job_env(args)

@@ -11,9 +11,9 @@ budget on the scoring half. docs/METHOD.md ("Against the global threshold") quot
 
 The rules: ``pooled`` (the default scope of ``cafedist eval --budget``: the search on all
 clients' halves pooled, then each client's θ moved until its own budget holds,
-:func:`cafedist.eval.budget.fit_to_budget`), ``pooled-max-softmax`` (the same, max-softmax
+:func:`cafedist.eval.budget_search.fit_to_budget`), ``pooled-max-softmax`` (the same, max-softmax
 only, with and without pooled temperatures), ``client`` (the search on each client's half alone,
-:func:`cafedist.eval.budget.choose_policy`; ``--policy-scope client``), ``max-softmax`` (that
+:func:`cafedist.eval.budget_search.choose_policy`; ``--policy-scope client``), ``max-softmax`` (that
 policy only, unscaled, per client), ``quarter`` (``client`` on a quarter of the split
 instead of a half), ``cheapest-near-tie`` (the cheapest feasible candidate within 2
 calibration samples of the most accurate) and ``hindsight`` (``client`` without margin,

@@ -359,12 +359,15 @@ def test_submit_warns_when_a_train_holds_the_run_unless_the_job_waits_for_anothe
         caplog.clear()
         assert cli_main(argv + ["--slurm-arg", "dependency=afterany:123"]) == 0
         assert not [r for r in caplog.records if "being trained now" in r.getMessage()]
+        assert cli_main(argv + ["--local"]) == 0  # starts at once: no chain to queue
+        assert "wait for it to end" in caplog.records[-1].getMessage()
     finally:
         lock.release()
     caplog.clear()
     assert cli_main(argv) == 0  # released: the record is empty
-    (out / "run.lock").write_text(f"{socket.gethostname()} {2**22 + 12345} 2026-01-01T00:00:00\n")  # killed holder
-    assert cli_main(argv) == 0
+    for record in (f"{socket.gethostname()} {2**22 + 12345} 2026-01-01T00:00:00\n", "garbage\n"):  # killed, unreadable
+        (out / "run.lock").write_text(record)
+        assert cli_main(argv) == 0
     assert not [r for r in caplog.records if "being trained now" in r.getMessage()]
 
 

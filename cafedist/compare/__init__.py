@@ -237,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _submit_options(args: argparse.Namespace) -> ExecutorOptions | None:
     """``--submit`` and its resource flags: the executor options (``cafedist submit``'s defaults
     for what is not given)."""
-    given = ["--local"] * bool(args.local) + resource_flags_given(args)
+    given = resource_flags_given(args) + ["--local"] * bool(args.local)
     if not args.submit:
         if given:
             raise ConfigError(f"{given[0]}: only meaningful with --submit")

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# The order is also the tie-break order of the budget search (cafedist.eval.budget).
+# The order is also the tie-break order of the budget search (cafedist.eval.budget_search).
 POLICIES: tuple[str, ...] = ("max-softmax", "entropy", "margin")
 
 # T is searched in [1/BETA_MAX, 1/BETA_MIN]: wide enough for any sensible calibration,

@@ -4,7 +4,7 @@
 them pass: the config (when it is loaded), :func:`check_paths` (``--out`` and the data paths),
 :func:`plan_run_dir` (what the directory holds and whether this config may use it), then the
 store, model and algorithm (building the trainer); only then does rank 0 take the run's lock
-and carry out the plan (:func:`cafedist.train.loop.prepare_run_dir`). Everything here only
+and carry out the plan (:func:`cafedist.train.startup.prepare_run_dir`). Everything here only
 reads.
 """
 

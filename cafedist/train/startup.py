@@ -89,7 +89,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     return False
 
 
-
 def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm) -> dict[str, Any]:
     """What every checkpoint's manifest records about the run (:meth:`CheckpointDir.commit`),
     carried over from the checkpoint a resume restored: the results version is the oldest of
@@ -137,7 +136,6 @@ def force_with_nothing_to_train(comm: Comm, config_due: bool, start: int, cfg: C
     return verdict == "finish" and comm.rt.is_main
 
 
-
 #: how long a rank waits to see rank 0's token in the run directory (a network file system may
 #: show a new file to other nodes only after its attribute cache expires)
 SAME_DIR_WAIT_S = 60.0
@@ -172,7 +170,6 @@ def same_run_dir(comm: Comm, run_dir: Path, wait_s: float) -> None:
         raise DistError(f"rank(s) {bad} do not see the run directory rank 0 writes ({run_dir.resolve()}): "
                         f"--out must name one folder on a file system every rank shares (a relative --out "
                         f"resolves against each rank's working directory)")
-
 
 
 def agree(comm: Comm, error: str | None) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -94,6 +98,38 @@ def cafedist(*args: str, env: dict | None = None, timeout: float = 300, launcher
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def cafedist_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """``cafedist ARGS`` run by ``cafedist.cli.main`` in this process, as :func:`cafedist` runs it
+    in a child (a new Python costs 2-5 s a call): the same environment (:func:`env_for_tests`) and
+    ``sys.argv``; stdout, and stderr with the log lines the CLI prints there (rank 0: INFO and up).
+    For tests whose subject is not the process itself (signals, exit of the interpreter, locks
+    held by another process stay with :func:`cafedist`)."""
+    from cafedist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("[cafedist r0] %(levelname)s %(message)s"))
+    logger = logging.getLogger("cafedist")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with mock.patch.dict(os.environ, env_for_tests(), clear=True), \
+                mock.patch.object(sys, "argv", ["cafedist", *args]), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    proc = subprocess.CompletedProcess(["cafedist", *args], code, out.getvalue(), err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cafedist {args} returned {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
     return proc
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cafedist, env_for_tests, summary
+from conftest import ROOT, cafedist, cafedist_in_process, env_for_tests, summary
 
 from cafedist.algorithms import ALGORITHMS
 from cafedist.cli import main as cli_main
@@ -149,6 +149,7 @@ def test_results_markdown_lists_failures_and_algorithms_without_results(tmp_path
 
 
 # ----------------------------------------------------------------------------- end to end (real runs)
+# the outer `cafedist compare` runs in this process (cafedist_in_process); it trains its runs in subprocesses
 def _csv(path) -> dict[tuple, dict]:
     with open(path) as fh:
         return {(r["algorithm"], r["metric"], r["exit"], r["threshold"]): r for r in csv.DictReader(fh)}
@@ -172,7 +173,7 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
         bad.mkdir(parents=True)
         (bad / "config.yaml").write_text("seed: [unclosed\n")
     args = ("compare", "--config", str(cfg), "--algorithms", algos, "--seeds", "2", "--out", str(out), "--jobs", "2")
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "FAILED fedprox seed3" in proc.stdout and "FAILED fedprox seed4" in proc.stdout
     assert "2 of 6 runs failed" in proc.stdout
@@ -212,7 +213,7 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
     for seed in (3, 4):
         (out / "runs" / "fedprox" / f"seed{seed}" / "config.yaml").unlink()
     mtimes = {k: (d / "summary.json").stat().st_mtime_ns for k, d in runs.items()}
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("skipped (finished") == 4
     assert {k: (d / "summary.json").stat().st_mtime_ns for k, d in runs.items()} == mtimes
@@ -224,7 +225,7 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
     stale = out / "runs" / "fedprox" / "seed3"
     old = json.loads((stale / "summary.json").read_text())
     (stale / "summary.json").write_text(json.dumps(dict(old, results_version=0)))
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULTS_VERSION changed" in proc.stderr and proc.stderr.count("skipped (finished") == 5
     assert summary(stale)["results_version"] == summary(out / "runs" / "fedprox" / "seed4")["results_version"]
@@ -346,7 +347,7 @@ def test_tune_picks_each_methods_setting_on_validation_then_runs_it_on_every_see
     args = ("compare", "--config", str(tiny_config(rounds=2)), "--algorithms", "fedavg,cafedistill",
             "--grid", "train.lr=0.02,0.05", "--tune", "--seeds", "2", "--out", str(out),
             "train.rounds=2", "data.val_fraction=0.1")
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "4 runs: 4 trained now, 0 reused" in (out / "results.md").read_text()  # seed 3's were the trials
     with open(out / "trials.csv") as fh:
@@ -382,7 +383,7 @@ def test_tune_picks_each_methods_setting_on_validation_then_runs_it_on_every_see
     # the first seed's final run is the chosen trial: 4 trials + 2 new runs of seed 4, nothing else
     assert len(list((out / "runs").glob("*/*/seed*/summary.json"))) == 6
     # rerun: every trial and run is finished with the same config, nothing trains again
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 0 and "running" not in proc.stderr
     assert proc.stderr.count("skipped (finished") == 4 + 4
 
@@ -390,8 +391,9 @@ def test_tune_picks_each_methods_setting_on_validation_then_runs_it_on_every_see
 @pytest.mark.slow
 def test_grid_without_tune_reports_every_setting_and_seed(tiny_config, tmp_path):
     out = tmp_path / "grid"
-    proc = cafedist("compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg,cafedistill-nokd",
-                    "--grid", "algorithm.cafedistill.mu=0.1,2", "--seeds", "1", "--out", str(out), timeout=600)
+    proc = cafedist_in_process("compare", "--config", str(tiny_config(rounds=1)), "--algorithms",
+                               "fedavg,cafedistill-nokd", "--grid", "algorithm.cafedistill.mu=0.1,2", "--seeds", "1",
+                               "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _csv(out / "results.csv")  # fedavg: no axis applies, one row; the ablation: one row per mu
     with open(out / "results.csv") as fh:
@@ -481,7 +483,7 @@ def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_p
     args = ("compare", "--config", str(tiny_config(rounds=2)), "--algorithms", "fedavg", "--seeds", "2",
             "--out", str(out), "--budget", "macs=0.5", "--budget", "loss=1",
             "data.val_fraction=0.2")
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
     runs = [out / "runs" / "fedavg" / f"seed{s}" for s in (3, 4)]
@@ -524,7 +526,7 @@ def test_compare_reports_each_method_under_per_client_budgets(tiny_config, tmp_p
 
     # rerun: runs and their budget evaluations are reused, no model is loaded again
     mtimes = [(r / "budgets.json").stat().st_mtime_ns for r in runs]
-    proc = cafedist(*args, timeout=600)
+    proc = cafedist_in_process(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert [(r / "budgets.json").stat().st_mtime_ns for r in runs] == mtimes
     budget_part = md[md.index("## Per-client inference budgets"):]

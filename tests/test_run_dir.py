@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, cafedist, env_for_tests, metrics, summary
+from conftest import ROOT, TINY, cafedist, cafedist_in_process, env_for_tests, metrics, summary
 
 from cafedist import RESULTS_VERSION
 from cafedist.cli import main
@@ -489,18 +489,20 @@ def _other_section_config(tmp_path: Path, store_cache: Path, mu: float) -> Path:
 def test_another_algorithms_section_does_not_make_a_run_foreign(tmp_path, store_cache):
     """Changing only the section of an algorithm the run does not use (e.g. a default that
     changed in cafedist) neither refuses the run directory nor its checkpoints, and compare
-    still reuses the finished run."""
+    still reuses the finished run. Only the stopped run is a process of its own (its fault sends
+    it SIGTERM); the other trainings run in this process."""
     from cafedist.compare.plan import Variant, plan_run
 
     first, second = _other_section_config(tmp_path, store_cache, 0.5), _other_section_config(tmp_path, store_cache, 2.0)
     ref = tmp_path / "ref"
-    cafedist("train", "--config", str(first), "--out", str(ref), "--no-progress", "algorithm.name=fedavg", check=True)
+    cafedist_in_process("train", "--config", str(first), "--out", str(ref), "--no-progress", "algorithm.name=fedavg",
+                        check=True)
     out = tmp_path / "run"
     stopped = cafedist("train", "--config", str(first), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
                        env=env_for_tests(CAFEDIST_FAULT="term@local:2"))
     assert stopped.returncode == 75
-    resumed = cafedist("train", "--config", str(second), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
-                       check=True)
+    resumed = cafedist_in_process("train", "--config", str(second), "--out", str(out), "--no-progress",
+                                  "algorithm.name=fedavg", check=True)
     assert "resumed" in resumed.stderr
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
     # the finished reference, planned again under the second file, is reused as it is
@@ -511,12 +513,13 @@ def test_another_algorithms_section_does_not_make_a_run_foreign(tmp_path, store_
     # rerunning the finished reference under the second file trains nothing and keeps its summary
     # (its wall time), with the hash of the config.yaml it now has
     kept = summary(ref)
-    cafedist("train", "--config", str(second), "--out", str(ref), "--no-progress", "algorithm.name=fedavg", check=True)
+    cafedist_in_process("train", "--config", str(second), "--out", str(ref), "--no-progress", "algorithm.name=fedavg",
+                        check=True)
     assert summary(ref) == {**kept, "config_hash": planned.config_hash} and kept["wall_seconds"] > 0
     assert planned.finished_summary() is not None
     # a change that matters is still a different config
-    refused = cafedist("train", "--config", str(second), "--out", str(out), "--no-progress", "algorithm.name=fedavg",
-                       "train.lr=0.2")
+    refused = cafedist_in_process("train", "--config", str(second), "--out", str(out), "--no-progress",
+                                  "algorithm.name=fedavg", "train.lr=0.2")
     assert refused.returncode == 2 and "different config" in refused.stderr and "train.lr" in refused.stderr
 
 

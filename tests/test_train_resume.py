@@ -1,4 +1,8 @@
-"""Checkpoints: SIGKILL anywhere + resume == uninterrupted, on the same or another world size."""
+"""Checkpoints: SIGKILL anywhere + resume == uninterrupted, on the same or another world size.
+
+The runs that are killed or stopped, by a signal or a fault, are processes of their own, as are
+the resumes whose subject is the process (another thread count, another world size); the
+reference run and the plain resumes run in this process (cafedist_in_process)."""
 
 import signal
 import subprocess
@@ -6,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cafedist, comparable, env_for_tests, metrics, summary, torchrun
+from conftest import ROOT, cafedist, cafedist_in_process, comparable, env_for_tests, metrics, summary, torchrun
 
 pytestmark = pytest.mark.slow
 ROUNDS = 5
@@ -20,7 +24,7 @@ def uninterrupted(tmp_path_factory, store_cache):
     cfg = base / "tiny.yaml"
     cfg.write_text(TINY.format(rounds=ROUNDS, clients=4, every=1, cache=store_cache))
     out = base / "ref"
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     return cfg, out
 
 
@@ -46,7 +50,7 @@ def test_sigkill_then_resume_is_identical(uninterrupted, tmp_path, fault):
     if fault == "kill@checkpoint:2":  # the half-written checkpoint of round 2 must not be used
         assert (out / "checkpoints" / ".round_000002.tmp").exists()
         assert not (out / "checkpoints" / "round_000002").exists()
-    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    resumed = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     expect = {"kill@local:3": 2, "kill@checkpoint:2": 1, "kill@checkpoint:0": None}[fault]
     if expect is None:
         assert "resumed" not in resumed.stderr
@@ -67,7 +71,7 @@ def test_kill_at_an_arbitrary_moment(uninterrupted, tmp_path):
     time.sleep(0.3)  # somewhere inside round 2 or 3: not at a chosen point
     proc.kill()
     proc.wait()
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     _assert_same_run(out, ref)
 
 
@@ -90,7 +94,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(uninterrupted, tmp_path):
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert (out / "checkpoints" / "round_000001").exists()
     assert len(metrics(out)) == 2
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     _assert_same_run(out, ref)
 
 
@@ -103,7 +107,7 @@ def test_a_stop_signal_during_a_checkpoint_write_stops_after_it(uninterrupted, t
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "round_000001"
     assert len(metrics(out)) == 2
-    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    resumed = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert "CPU threads" not in resumed.stderr  # the same thread count: nothing to warn of
     _assert_same_run(out, ref)
 
@@ -125,7 +129,7 @@ def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
-    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    resumed = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert "sha256 does not match" in resumed.stderr and "round 2" in resumed.stderr
     _assert_same_run(out, ref)
 

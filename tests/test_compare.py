@@ -614,3 +614,17 @@ def test_a_report_replaces_the_earlier_one_as_a_set(tmp_path, monkeypatch):
     (mine / "curves.png").write_bytes(b"my plot")
     report.write_report(mine, "cafedist compare", outcomes)
     assert (mine / "curves.png").read_bytes() == b"my plot"
+
+
+def test_the_command_line_recorded_is_compares_own(monkeypatch):
+    """results.md starts with the command as typed when this process is `cafedist compare`, and
+    with the canonical form otherwise: `python -m pytest -k compare` once passed for it."""
+    import cafedist
+    from cafedist.compare import _command_line
+
+    package = Path(cafedist.__file__).parent
+    for argv, expected in ((["/venv/bin/cafedist", "compare", "--out", "x"], "cafedist compare --out x"),
+                           ([str(package / "__main__.py"), "compare", "--out", "x"], "cafedist compare --out x"),
+                           (["/venv/lib/pytest/__main__.py", "-k", "compare"], "")):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert _command_line(None) == expected

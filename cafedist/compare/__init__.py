@@ -249,8 +249,12 @@ def _submit_options(args: argparse.Namespace) -> ExecutorOptions | None:
 
 def _command_line(args: argparse.Namespace) -> str:
     """The command as typed when this process is the ``cafedist`` CLI, else "" (use the canonical form)."""
-    argv0 = Path(sys.argv[0]).name if sys.argv else ""
-    if argv0 in ("cafedist", "__main__.py") and "compare" in sys.argv[1:]:
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    # the console script, or `python -m cafedist` (this package's __main__.py, not another's:
+    # `python -m pytest -k compare` would pass a test of the name alone)
+    ours = argv0 is not None and (argv0.name == "cafedist" or (
+        argv0.name == "__main__.py" and argv0.resolve().parent == Path(__file__).resolve().parents[1]))
+    if ours and "compare" in sys.argv[1:]:
         return shlex.join(["cafedist", *sys.argv[1:]])
     return ""
 

@@ -40,7 +40,7 @@ from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import Check, ClientView, LocalBatch, Phase, Setup, Spec
 from cafedist.algorithms.common import is_body, is_head
-from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, weighting_checks
+from cafedist.algorithms.exit_loss import ExitLossRule, weighting_checks
 from cafedist.algorithms.logit_exchange import TARGETS, LogitExchange
 from cafedist.algorithms.proxy_math import (
     cosine_similarity_matrix,
@@ -51,7 +51,7 @@ from cafedist.algorithms.proxy_math import (
     softmax_into,
     teacher_weights,
 )
-from cafedist.algorithms.students import initial_students, student_masks
+from cafedist.algorithms.students import ScheduledStudents, student_masks
 
 #: what the teacher QP and the student selection compare: the clients' last-exit proxy
 #: probabilities, or the parameters of their last exit heads (what public summaries of the paper say)
@@ -96,7 +96,7 @@ class CAFEDistillParams:
 
 
 # ----------------------------------------------------------------------------- algorithm
-class CAFEDistill(LogitExchange):
+class CAFEDistill(ScheduledStudents, LogitExchange):
     """Personalized early-exit networks taught by a per-client mixture of last exits."""
 
     name = "cafedistill"
@@ -130,12 +130,6 @@ class CAFEDistill(LogitExchange):
         return buf
 
     # ---------------------------------------------------------------- client side
-    def init_client_state(self, cid: int) -> dict[str, Tensor]:
-        return {"students": initial_students(self.setup, self.params.schedule_span, self.params.student_selection)}
-
-    def students(self, state: dict[str, Tensor]) -> Tensor:
-        return state["students"].to(torch.bool).cpu()
-
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
         state = client.state
         distils = self.params.last_exit_kd or bool(self.students(state)[:-1].any())
@@ -150,12 +144,6 @@ class CAFEDistill(LogitExchange):
                 return kd_loss(batch.proxy_logits[k], teacher, tau, tau_squared=False)  # the rule weights it
 
         return self.loss_rule.terms(batch.logits, batch.y, self.students(state), kl)
-
-    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
-        return total(self._terms(state, batch))
-
-    def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
-        return per_exit(self._terms(state, batch), len(batch.logits))
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return self.params.shared_body and is_body(key)

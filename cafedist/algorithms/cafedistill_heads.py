@@ -39,10 +39,10 @@ from torch.nn.utils import parameters_to_vector
 from cafedist.algorithms.base import Check, ClientView, LocalBatch, Setup, Spec
 from cafedist.algorithms.cafedistill import SIMILARITIES
 from cafedist.algorithms.common import is_body, is_head
-from cafedist.algorithms.exit_loss import ExitLossRule, per_exit, total, weighting_checks
+from cafedist.algorithms.exit_loss import ExitLossRule, weighting_checks
 from cafedist.algorithms.logit_exchange import LogitExchange
 from cafedist.algorithms.proxy_math import cosine_similarity_matrix, healthy_clients, kd_loss, teacher_weights
-from cafedist.algorithms.students import initial_students, student_masks
+from cafedist.algorithms.students import ScheduledStudents, student_masks
 
 
 @dataclass
@@ -87,7 +87,7 @@ def last_block_features(model: nn.Module, x: Tensor) -> Any:
     return h
 
 
-class CAFEDistillHeads(LogitExchange):
+class CAFEDistillHeads(ScheduledStudents, LogitExchange):
     """Shared body, personal heads; shallow exits distil from a mixture of the clients' last heads."""
 
     name = "cafedistill-heads"
@@ -117,12 +117,6 @@ class CAFEDistillHeads(LogitExchange):
         return sum(self._head_numel.values())
 
     # ---------------------------------------------------------------- client side
-    def init_client_state(self, cid: int) -> dict[str, Tensor]:
-        return {"students": initial_students(self.setup, self.params.schedule_span, self.params.student_selection)}
-
-    def students(self, state: dict[str, Tensor]) -> Tensor:
-        return state["students"].to(torch.bool).cpu()
-
     @classmethod
     def needs_proxy(cls, params: CAFEDistillHeadsParams) -> bool:
         return params.similarity == "output"
@@ -142,12 +136,6 @@ class CAFEDistillHeads(LogitExchange):
                 return kd_loss(batch.logits[k], teacher, tau, tau_squared=False)  # the rule weights it
 
         return self.loss_rule.terms(batch.logits, batch.y, students, kl)
-
-    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
-        return total(self._terms(state, batch))
-
-    def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
-        return per_exit(self._terms(state, batch), len(batch.logits))
 
     def teacher_probs(self, model: nn.Module, flat: Tensor, x: Tensor) -> Tensor:
         """``softmax(t(f(x)) / tau)``: the teacher head ``flat`` on the model's own features."""

@@ -7,10 +7,13 @@ ablations of the proxy-distillation baselines.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from cafedist.algorithms.base import Setup
+from cafedist.algorithms.base import LocalBatch, Setup
+from cafedist.algorithms.exit_loss import per_exit, total
 
 
 def selection_counts(round_idx: int, rounds: int, n: int, m: int, span: float = 0.5) -> tuple[int, int, int]:
@@ -80,3 +83,30 @@ def initial_students(setup: Setup, span: float, selection: bool = True) -> Tenso
     if not selection:
         return torch.ones(m, dtype=torch.bool)
     return student_masks(0, setup.rounds, 1, m, torch.ones(1, 1), span)[0]
+
+
+class ScheduledStudents:
+    """Client side shared by the CAFEDistill variants (a mixin, listed before the algorithm's
+    base class): each client's students live in its state (``"students"``: uint8 [m], set by the
+    server's schedule in ``receive``), and its loss is the exit-loss rule's terms that
+    :meth:`_terms` builds, summed (``local_loss``) or per exit (``exit_losses``)."""
+
+    setup: Setup
+    params: Any  # schedule_span, student_selection
+
+    def init_client_state(self, cid: int) -> dict[str, Tensor]:
+        return {"students": initial_students(self.setup, self.params.schedule_span, self.params.student_selection)}
+
+    def students(self, state: dict[str, Tensor]) -> Tensor:
+        """The client's current students as bool [m] on the CPU."""
+        return state["students"].to(torch.bool).cpu()
+
+    def _terms(self, state: dict[str, Tensor], batch: LocalBatch) -> list:
+        """The exit-loss rule's terms of one batch (:mod:`cafedist.algorithms.exit_loss`)."""
+        raise NotImplementedError
+
+    def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
+        return total(self._terms(state, batch))
+
+    def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
+        return per_exit(self._terms(state, batch), len(batch.logits))

@@ -139,8 +139,7 @@ class FedPAC(Algorithm):
         return not self._is_classifier(key)
 
     def bind_model(self, model: nn.Module) -> None:
-        for key, p in model.named_parameters():
-            self.layout.record(key, p.shape)
+        self.layout.record_model(model)
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return self._extractor(key)

@@ -34,17 +34,22 @@ _CHUNK = 1 << 16  # columns of an [n, D] row block handled at once on rank 0
 class ParamLayout:
     """Parameter names and shapes of the client model, in ``named_parameters`` order.
 
-    Filled by :meth:`record`, which an algorithm calls from ``shared_mask``: the loop probes
-    ``shared_mask`` with every parameter of a freshly built model on every rank before the
-    first round, so every rank learns the same layout without any communication.
+    Filled by :meth:`record_model` from an algorithm's ``bind_model``, which every rank calls
+    with a freshly built model before anything else, so every rank learns the same layout
+    without any communication.
     """
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def record(self, key: str, shape: Iterable[int]) -> None:
-        """Remember parameter ``key`` (idempotent: the probe visits each key once per client)."""
+        """Remember parameter ``key`` (idempotent)."""
         self.shapes.setdefault(key, tuple(shape))
+
+    def record_model(self, model: nn.Module) -> None:
+        """Remember every parameter of ``model``, in ``named_parameters`` order."""
+        for key, p in model.named_parameters():
+            self.record(key, p.shape)
 
     def keys(self, select: Callable[[str], bool] | None = None) -> list[str]:
         """Recorded keys (optionally filtered), in model order."""
@@ -288,8 +293,7 @@ class ParameterMixing(Algorithm):
 
     # ------------------------------------------------------------- shared behaviour
     def bind_model(self, model: nn.Module) -> None:
-        for key, p in model.named_parameters():
-            self.layout.record(key, p.shape)
+        self.layout.record_model(model)
 
     def shared_mask(self, cid: int, key: str, tensor: Tensor) -> bool:
         return False  # nothing is averaged globally: each client gets its own mixture

@@ -27,10 +27,10 @@ from cafedist.algorithms.personalization import (
     gram_matrix,
     params_row,
     simplex_qp,
-    simplex_qp_identity,
     sq_distances_from_gram,
 )
 from cafedist.algorithms.pfedgraph import TARGET, graph_rows
+from cafedist.algorithms.proxy_math import simplex_qp_identity
 from cafedist.errors import ConfigError
 from cafedist.train.local import local_update
 from cafedist.train.schedule import participating

@@ -149,19 +149,6 @@ def masked_rows(weights: Tensor, active: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- simplex QPs
-def simplex_qp_identity(d: Tensor, p: Tensor, lam: float, active: Tensor) -> Tensor:
-    """Rows ``x_i = argmin_{x in simplex} lam x^T x + (d_i - 2 lam p)^T x`` [n, n] (closed form).
-
-    ``lam ||x||^2 - 2 lam p^T x = lam ||x - p||^2 - const``, so the minimiser is the Euclidean
-    projection of ``p - d_i / (2 lam)`` onto the simplex over the active clients. ``p`` is
-    renormalised over the active clients (data-size weights of this round's participants).
-    """
-    a = active.to(device=d.device)
-    p = p.to(device=d.device, dtype=torch.float64) * a
-    p = p / p.sum().clamp_min(1e-300)
-    return project_rows_to_simplex(p.unsqueeze(0) - d.to(torch.float64) / (2.0 * lam), active=a)
-
-
 def simplex_qp(quad: Tensor, lin: Tensor | None = None, active: Tensor | None = None,
                iters: int = 500) -> Tensor:
     """Batched ``argmin_{x in simplex} x^T Q_b x + c_b^T x`` for ``quad`` [b, n, n] (PSD).

@@ -35,13 +35,8 @@ from torch import Tensor
 
 from cafedist.algorithms.base import Check, ClientView, LocalBatch
 from cafedist.algorithms.common import exits_ce
-from cafedist.algorithms.personalization import (
-    ParameterMixing,
-    cosine_from_gram,
-    gram_matrix,
-    load_row,
-    simplex_qp_identity,
-)
+from cafedist.algorithms.personalization import ParameterMixing, cosine_from_gram, gram_matrix, load_row
+from cafedist.algorithms.proxy_math import simplex_qp_identity
 
 TARGET = "graph.target"  # the client's latest personalized aggregate u_i (row)
 SAME_DIRECTION = 0.9  # reference: a cosine above this counts as identical updates

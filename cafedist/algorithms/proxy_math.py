@@ -70,6 +70,19 @@ def cosine_similarity_matrix(q: Tensor, chunk: int = 256) -> Tensor:
     return cosine_similarity_rows(q.to(torch.float64), block=chunk)
 
 
+def simplex_qp_identity(d: Tensor, p: Tensor, lam: float, active: Tensor) -> Tensor:
+    """Rows ``x_i = argmin_{x in simplex} lam x^T x + (d_i - 2 lam p)^T x`` [n, n] (closed form).
+
+    ``lam ||x||^2 - 2 lam p^T x = lam ||x - p||^2 - const``, so the minimiser is the Euclidean
+    projection of ``p - d_i / (2 lam)`` onto the simplex over the active clients. ``p`` is
+    renormalised over the active clients (data-size weights of this round's participants).
+    """
+    a = active.to(device=d.device)
+    p = p.to(device=d.device, dtype=torch.float64) * a
+    p = p / p.sum().clamp_min(1e-300)
+    return project_rows_to_simplex(p.unsqueeze(0) - d.to(torch.float64) / (2.0 * lam), active=a)
+
+
 def teacher_weights(sim: Tensor, w: Tensor, mu: float, healthy: Tensor | None = None) -> Tensor:
     """Per-client teacher weights alpha [n, n] (rows on the simplex).
 
@@ -78,14 +91,11 @@ def teacher_weights(sim: Tensor, w: Tensor, mu: float, healthy: Tensor | None = 
     Unhealthy clients get zero weight as teachers; ``w`` is renormalised over healthy ones,
     and an unhealthy client's own row ignores its (meaningless) distances.
     """
-    n = sim.shape[1]
     if healthy is None:
-        healthy = torch.ones(n, dtype=torch.bool, device=sim.device)
-    w = w.to(torch.float64) * healthy
-    w = w / w.sum().clamp_min(1e-300)
+        healthy = torch.ones(sim.shape[1], dtype=torch.bool, device=sim.device)
     d = 1.0 - sim.to(torch.float64)
     d = torch.where(healthy.unsqueeze(1) & healthy.unsqueeze(0), d, torch.zeros_like(d))
-    return project_rows_to_simplex(w.unsqueeze(0) - d / (2.0 * mu), active=healthy)
+    return simplex_qp_identity(d, w, mu, healthy)  # with p = w and lam = mu
 
 
 def _teacher_components(nonzero: Tensor, max_passes: int = 64) -> Tensor:

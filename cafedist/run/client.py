@@ -7,6 +7,7 @@ whichever rank hosts it and after a resume.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -76,12 +77,28 @@ def build_client_model(build: Callable[[], nn.Module], seed: int, key: object) -
         return build()
 
 
-def compile_in_place(model: nn.Module) -> None:
-    """``train.compile``: compile a model's forward in place (keeps state_dict keys), or warn."""
+@functools.cache
+def compile_problem(device: str) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here (None: it can), probed once per
+    device with a tiny function and warned about once. Compilation happens at a compiled
+    module's first call, inside training, so ``model.compile()`` succeeding says nothing (e.g.
+    without a C++ compiler for the CPU backend the first forward raised)."""
     try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure: eager mode still works
+        lines = str(exc).strip().splitlines()
+        problem = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        log.warning("train.compile: torch.compile cannot run on %s here (%s); training eagerly", device, problem)
+        return problem
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """``train.compile``: compile a model's forward in place (keeps state_dict keys), unless
+    :func:`compile_problem` says it cannot run on the model's device."""
+    device = next(model.parameters()).device
+    if compile_problem(str(device)) is None:
         model.compile()
-    except Exception as exc:  # noqa: BLE001 - no compiler toolchain: eager mode still works
-        log.warning("train.compile: torch.compile unavailable (%s); running eagerly", type(exc).__name__)
 
 
 def model_hash(model: nn.Module) -> str:

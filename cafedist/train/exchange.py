@@ -22,6 +22,17 @@ from cafedist.train.timing import now
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def sent_exits(run: Run) -> list[int]:
+    """The exits whose proxy logits each client sends (``comm.exits``; none for algorithms
+    that exchange no logits)."""
+    return run.algo.sent_exits(every_exit=run.cfg.comm.exits == "all") if run.algo.exchanges_logits else []
+
+
+def round_subset(run: Run, rnd: int) -> Tensor:
+    """The proxy samples of round ``rnd`` (indices into the proxy set, on the run's device)."""
+    return proxy_subset(run.cfg.seed, rnd, run.proxy_x.shape[0], run.proxy_size).to(run.device)
+
+
 def exchange_bytes(run: Run) -> tuple[int, int]:
     """Bytes one client sends and receives per round: proxy logits of the sent exits in
     ``comm.logits_dtype`` plus the algorithm's upload rows, up; its payload rows, down
@@ -31,8 +42,7 @@ def exchange_bytes(run: Run) -> tuple[int, int]:
         return 0, 0
     up = 0
     if algo.exchanges_logits:
-        exits = algo.sent_exits(every_exit=comm.exits == "all")
-        up += len(exits) * run.proxy_size * run.setup.num_classes * DTYPES[comm.logits_dtype].itemsize
+        up += len(sent_exits(run)) * run.proxy_size * run.setup.num_classes * DTYPES[comm.logits_dtype].itemsize
     up += sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.upload_spec().values())
     down = sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in algo.payload_spec().values())
     return up, down
@@ -45,8 +55,7 @@ class Exchange:
         self.run, self.rows = run, rows
         self.algo, self.cfg = run.algo, run.cfg
         self.wire = DTYPES[self.cfg.comm.logits_dtype]
-        self.exits = self.algo.sent_exits(every_exit=self.cfg.comm.exits == "all") if self.algo.exchanges_logits \
-            else []
+        self.exits = sent_exits(run)
 
     @property
     def active(self) -> bool:
@@ -62,7 +71,7 @@ class Exchange:
         rnd = self.algo.targets_round(state)
         if rnd is None or self.run.proxy_x is None:
             return None
-        return proxy_subset(self.cfg.seed, rnd, self.run.proxy_x.shape[0], self.run.proxy_size).to(self.run.device)
+        return round_subset(self.run, rnd)
 
     def __call__(self, rnd: int, active: Tensor, timers: dict[str, float]) -> dict[str, Any]:
         """Run the exchange of round ``rnd`` on every rank; returns rank 0's report ({} elsewhere)."""
@@ -77,8 +86,7 @@ class Exchange:
         rows: dict[str, list[Tensor]] = {key: [] for key in spec}
         xp = None
         if algo.exchanges_logits:
-            proxy_x = self.run.proxy_x
-            xp = proxy_x[proxy_subset(self.cfg.seed, rnd, proxy_x.shape[0], self.run.proxy_size).to(device)]
+            xp = self.run.proxy_x[round_subset(self.run, rnd)]
         for c in pool.each(ids, modify=False):
             if xp is not None:
                 rows["logits"].append(proxy_logits(algo.eval_model(c.view), xp, amp=self.cfg.train.amp)[self.exits])

@@ -328,6 +328,56 @@ class Resumed:
     manifest: dict | None = None  # its verified manifest (rank 0 only)
 
 
+def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_accept: tuple[str, ...],
+                       evaluating: str | None) -> tuple[CheckpointRef | None, str | None]:
+    """Rank 0: the newest checkpoint that verifies, and why it may not be used (None: it may;
+    see :func:`load_checkpoint` for the rules)."""
+    ref = ckpt.newest_valid()
+    if ref is None and ckpt.candidates():
+        return None, (f"{ckpt.root}: no checkpoint verifies, so this run cannot be "
+                      + ("evaluated (every checkpoint is incomplete or corrupt; `cafedist train` with "
+                         "--resume none moves the run aside and trains it again)" if evaluating is not None else
+                         "resumed (use --resume none to move it aside and start over)"))
+    if ref is None:
+        return None, None
+    recorded = ref.manifest.get("config_hash")
+    if evaluating is not None and ref.manifest.get("run_identity") not in (None, evaluating):
+        return ref, (f"{ref.path}: written by a different config than {ckpt.root.parent / 'config.yaml'} "
+                     f"(edited or replaced since?); eval scores models only under the config that trained them")
+    if recorded not in (None, config_hash, *also_accept) and resume != "force":
+        return ref, f"{ref.path}: written by a different config (use --resume force to continue anyway)"
+    if evaluating is not None and "run_identity" not in ref.manifest and recorded not in (None, config_hash):
+        log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
+                    "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)
+    return ref, None
+
+
+def _restore(ckpt: CheckpointDir, path: Path, locations: dict[str, dict[str, str]], pool: ClientPool,
+             algo: Algorithm, shared: SharedParams) -> int:
+    """Every rank: load its clients' shards (``locations``: file name -> {"dir", "sha256"}), the
+    algorithm's server state and the shared average from checkpoint ``path``; returns the round
+    it was taken after. A checkpoint that does not fit the model or algorithm is one line."""
+    pool.checkpointed = locations
+    try:
+        for cid in pool.ids:
+            loc = locations.get(client_file(cid))
+            if loc is not None:
+                pool.restore(cid, load_torch(ckpt.root / loc["dir"] / client_file(cid)))
+        server = load_torch(path / "server.pt")
+        algo.load_server_state(server.get("algo", {}))
+        shared.load_state(server.get("shared", {}), pool.device)
+        for client in pool.resident():
+            shared.catch_up(client)
+        done = int(server["round"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # load_state_dict's first problem
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
+    pool.changed.clear()
+    return done
+
+
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
                     config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = (),
                     evaluating: str | None = None) -> Resumed:
@@ -348,22 +398,7 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     rt = comm.rt
     ref, problem, locations = None, None, {}
     if rt.is_main:
-        ref = ckpt.newest_valid()
-        if ref is None and ckpt.candidates():
-            problem = (f"{ckpt.root}: no checkpoint verifies, so this run cannot be "
-                       + ("evaluated (every checkpoint is incomplete or corrupt; `cafedist train` with "
-                          "--resume none moves the run aside and trains it again)" if evaluating is not None else
-                          "resumed (use --resume none to move it aside and start over)"))
-        elif ref is not None and evaluating is not None and ref.manifest.get("run_identity") not in (None, evaluating):
-            problem = (f"{ref.path}: written by a different config than {ckpt.root.parent / 'config.yaml'} "
-                       f"(edited or replaced since?); eval scores models only under the config that trained them")
-        elif ref is not None and ref.manifest.get("config_hash") not in (None, config_hash, *also_accept) \
-                and resume != "force":
-            problem = f"{ref.path}: written by a different config (use --resume force to continue anyway)"
-        elif ref is not None and evaluating is not None and "run_identity" not in ref.manifest \
-                and ref.manifest.get("config_hash") not in (None, config_hash):
-            log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
-                        "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)
+        ref, problem = _choose_checkpoint(ckpt, config_hash, resume, also_accept, evaluating)
         if ref is not None and problem is None:
             locations = ckpt.shard_locations(ref)
     path, problem, locations = comm.broadcast_object((None if ref is None else str(ref.path), problem, locations))
@@ -372,24 +407,7 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     if path is None:
         return Resumed(0, None)
     path = Path(path)
-    pool.checkpointed = locations
-    try:
-        for cid in pool.ids:
-            loc = locations.get(client_file(cid))
-            if loc is not None:
-                pool.restore(cid, load_torch(ckpt.root / loc["dir"] / client_file(cid)))
-        server = load_torch(path / "server.pt")
-        algo.load_server_state(server.get("algo", {}))
-        shared.load_state(server.get("shared", {}), pool.device)
-        for client in pool.resident():
-            shared.catch_up(client)
-        done = int(server["round"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]  # load_state_dict's first problem
-        reason = reason if len(reason) <= 200 else reason[:197] + "..."
-        raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
-    pool.changed.clear()
+    done = _restore(ckpt, path, locations, pool, algo, shared)
     if ref is not None:
         log.info("%s %s (round %d, written by %d ranks, now %d)", "resumed from" if evaluating is None else "loaded",
                  path, done, ref.manifest["world_size"], rt.world_size)

@@ -126,23 +126,26 @@ def _assert_same_run(two: Path, one: Path, rounds: int) -> None:
     assert s2["acc_per_exit"] == s1["acc_per_exit"] and s2["dynamic"] == s1["dynamic"]
 
 
+def _two_ranks_equal_one(kind: str, name: str, cfg: Path, tmp_path: Path, two_rank_runs: TwoRankRuns) -> Path:
+    """Variant ``name``'s run of ``kind`` (a key of CASES) on 1 rank in this process equals the
+    shared launch's 2-rank run; returns the latter."""
+    _single_rank(cfg, tmp_path / "w1", _overrides(name, *CASES[kind]))
+    two = two_rank_runs.run_dir(kind, name, cfg, tmp_path / "w2")
+    _assert_same_run(two, tmp_path / "w1", rounds=2)
+    return two
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_two_ranks_under_torchrun_equal_one_rank(name, tiny_config, tmp_path, two_rank_runs):
-    cfg = tiny_config(**RUN)
-    _single_rank(cfg, tmp_path / "w1", _overrides(name, *CASES["all"]))
-    two = two_rank_runs.run_dir("all", name, cfg, tmp_path / "w2")
-    _assert_same_run(two, tmp_path / "w1", rounds=2)
+    two = _two_ranks_equal_one("all", name, tiny_config(**RUN), tmp_path, two_rank_runs)
     assert [r["clients_trained"] for r in metrics(two)] == [4, 4]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_partial_participation_is_the_same_on_two_ranks(name, tiny_config, tmp_path, two_rank_runs):
-    cfg = tiny_config(**RUN)
-    _single_rank(cfg, tmp_path / "w1", _overrides(name, *CASES["half"]))
-    two = two_rank_runs.run_dir("half", name, cfg, tmp_path / "w2")
-    _assert_same_run(two, tmp_path / "w1", rounds=2)
+    two = _two_ranks_equal_one("half", name, tiny_config(**RUN), tmp_path, two_rank_runs)
     assert [r["clients_trained"] for r in metrics(two)] == [2, 2]
 
 

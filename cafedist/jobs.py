@@ -125,11 +125,10 @@ def add_resource_arguments(group: Any, *, with_submit: bool = False) -> None:
             group.add_argument(flag, type=kind, default=None if with_submit else default, help=text)
 
 
-def resource_flags_given(args: argparse.Namespace) -> list[str]:
+def resources_given(args: argparse.Namespace) -> dict[str, Any]:
     """The resource flags given on a ``compare`` command line (:func:`add_resource_arguments`
-    with ``with_submit``)."""
-    return [f"--{name.replace('_', '-')}" for name, _, _ in RESOURCE_FLAGS
-            if getattr(args, name) not in (None, [])]
+    with ``with_submit``): ExecutorOptions field -> value, in :data:`RESOURCE_FLAGS` order."""
+    return {name: getattr(args, name) for name, _, _ in RESOURCE_FLAGS if getattr(args, name) not in (None, [])}
 
 
 @dataclass

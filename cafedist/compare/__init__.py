@@ -65,11 +65,10 @@ from cafedist.compare.report import (
 )
 from cafedist.errors import ConfigError
 from cafedist.jobs import (
-    RESOURCE_FLAGS,
     ExecutorOptions,
     add_resource_arguments,
     require_submitit,
-    resource_flags_given,
+    resources_given,
 )
 from cafedist.paths import check_dir_creatable, config_file_arg
 from cafedist.rundir import RunLock
@@ -237,14 +236,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _submit_options(args: argparse.Namespace) -> ExecutorOptions | None:
     """``--submit`` and its resource flags: the executor options (``cafedist submit``'s defaults
     for what is not given)."""
-    given = resource_flags_given(args) + ["--local"] * bool(args.local)
+    resources = resources_given(args)
+    given = [f"--{name.replace('_', '-')}" for name in resources] + ["--local"] * bool(args.local)
     if not args.submit:
         if given:
             raise ConfigError(f"{given[0]}: only meaningful with --submit")
         return None
     require_submitit()  # before anything trains
-    return ExecutorOptions(local=args.local, **{name: getattr(args, name) for name, _, _ in RESOURCE_FLAGS
-                                                if getattr(args, name) not in (None, [])})
+    return ExecutorOptions(local=args.local, **resources)
 
 
 def _command_line(args: argparse.Namespace) -> str:

@@ -52,3 +52,16 @@ def load(tr: Trainer) -> int:
     """Resume a harness trainer from its run directory; the next round to run."""
     return load_checkpoint(CheckpointDir(tr.run_dir), tr.comm, tr.pool, tr.algo, tr.shared,
                            config_hash=config_hash(tr.cfg)).next_round
+
+
+def record_loss_scales(monkeypatch) -> list[float]:
+    """The fp16 loss scale every step starts with, in order, from now until the test ends."""
+    seen: list[float] = []
+    scale = torch.amp.GradScaler.scale
+
+    def recording(self: torch.amp.GradScaler, loss: torch.Tensor) -> torch.Tensor:
+        seen.append(self.get_scale())
+        return scale(self, loss)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", recording)
+    return seen

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from algo_harness import record_loss_scales
 from conftest import cafedist, comparable, env_for_tests, metrics, summary, torchrun
 
 from cafedist.cli import main as cli_main
@@ -255,3 +256,16 @@ def test_incremental_checkpoints_resume_on_another_world_size(tmp_path, store_ca
                     check=True)
     assert "written by 1 ranks, now 2" in proc.stderr
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+
+
+def test_a_residency_bound_keeps_the_fp16_loss_scale(tmp_path, store_cache, monkeypatch):
+    """fp16's loss scale is parked with the client: dropped, a parked client would start again
+    at 65536 and skip other steps than a resident one."""
+    raw = tiny(store_cache, "fedavg", amp="fp16", rounds=6, per_round=6)
+    ref = tmp_path / "all"
+    run(raw, ref)
+    bounded = tmp_path / "bounded"
+    first_scales = record_loss_scales(monkeypatch)
+    run({**raw, "train": {**raw["train"], "resident_clients": 2, "client_state": "disk"}}, bounded)
+    assert min(first_scales) < 65536  # the scale moved: else equal bits prove nothing
+    assert_same(bounded, ref)

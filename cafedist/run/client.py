@@ -36,6 +36,9 @@ class Client:
     # the last round whose shared-parameter average this client holds (-1: none yet); the
     # average reaches idle clients lazily (cafedist.run.sharing)
     shared_round: int = -1
+    # fp16 loss scalers per model, made at the first fp16 step (train.amp: fp16); their scale
+    # is state like momentum: it is parked and checkpointed with the client
+    scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
@@ -46,6 +49,14 @@ class Client:
     def view(self) -> ClientView:
         """What algorithm hooks get to see (models and state, not data)."""
         return ClientView(cid=self.cid, models=self.models, state=self.state)
+
+    def scaler(self, model: str) -> torch.amp.GradScaler:
+        """The fp16 loss scaler of ``models[model]``, made at its first use: one scale per
+        model that carries over phases, rounds, parking and resumes, so a phase does not
+        start again at 65536 and skip steps while it finds the scale."""
+        if model not in self.scalers:
+            self.scalers[model] = torch.amp.GradScaler(self.data.x_train.device.type)
+        return self.scalers[model]
 
     @property
     def n_train(self) -> int:

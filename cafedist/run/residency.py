@@ -34,7 +34,7 @@ from cafedist.data.store import ClientData
 from cafedist.run.client import Client
 from cafedist.run.torch_files import save_torch_to
 
-Shard = dict[str, Any]  # {"models", "optimizers", "algo", "cid", "shared_round"}: also a checkpoint shard
+Shard = dict[str, Any]  # {"models", "optimizers", "scalers", "algo", "cid", "shared_round"}: also a checkpoint shard
 STATE_DIR = "client_state"
 
 _DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
@@ -64,16 +64,21 @@ def client_shard(client: Client, pin: bool = False) -> Shard:
     """A client's whole state as host tensors: what parking and checkpoints write."""
     return _to_host({"models": {k: m.state_dict() for k, m in client.models.items()},
                      "optimizers": {k: o.state_dict() for k, o in client.optimizers.items()},
+                     "scalers": {k: s.state_dict() for k, s in client.scalers.items()},
                      "algo": dict(client.state), "cid": client.cid, "shared_round": client.shared_round}, pin)
 
 
 def load_shard(client: Client, shard: Shard, device: torch.device) -> None:
     """Put a shard's state into a built client (exact copies). ``shared_round`` absent (a
-    checkpoint written before lazy averaging): the client had every average applied."""
+    checkpoint written before lazy averaging): the client had every average applied;
+    ``scalers`` absent (written before fp16 scales were kept): they start afresh."""
     for k, m in client.models.items():
         m.load_state_dict(shard["models"][k])
     for k, o in client.optimizers.items():
         o.load_state_dict(shard["optimizers"][k])
+    client.scalers = {}
+    for k, state in shard.get("scalers", {}).items():
+        client.scaler(k).load_state_dict(state)
     client.state = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in shard["algo"].items()}
     client.shared_round = int(shard.get("shared_round", client.shared_round))
 

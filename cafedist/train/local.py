@@ -142,7 +142,7 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
     torch.manual_seed(derive_seed(seed, "dropout", client.cid, round_idx, phase.name))  # dropout stream
     model.train()
     total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
-    scaler = torch.amp.GradScaler(device.type) if train.amp == "fp16" else None
+    scaler = client.scaler(phase.model) if train.amp == "fp16" else None
     with only_trainable(model, phase.trainable):
         for draw in step_draws(client, phase, train, round_idx, seed, proxy_idx.shape[0] if use_proxy else None):
             idx = draw.idx.to(device)

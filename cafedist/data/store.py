@@ -38,7 +38,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -135,6 +135,77 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
                 _put(f, "vocab", np.frombuffer("\n".join(raw.vocab).encode("utf-8"), dtype=np.uint8))
 
 
+@dataclass(frozen=True)
+class _StoreHeader:
+    """A store's root attributes, read and checked (:func:`_read_header`)."""
+
+    schema_version: int
+    dataset: str
+    kind: str  # "image" | "text"
+    num_classes: int
+    num_clients: int
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    vocab_size: int | None  # None for images
+    params: dict[str, Any]
+
+    @property
+    def x_dtype(self) -> np.dtype:
+        """The dtype of stored inputs: uint8 pixels or int64 token ids."""
+        return np.dtype(np.uint8 if self.kind == "image" else np.int64)
+
+
+def _read_header(attrs: h5py.AttributeManager, fail: Callable[[str], DataError]) -> _StoreHeader:
+    """The checked root attributes of a store; ``fail(problem)`` makes the error raised for a bad one.
+
+    h5py and conversion errors (a corrupt file) pass through for the caller to report.
+    """
+    version = _readable_version(attrs, fail)
+    missing = [a for a in ROOT_ATTRS if a not in attrs]
+    if missing:
+        raise fail(f"missing root attribute(s) {missing}")
+    header = _StoreHeader(
+        schema_version=version,
+        dataset=str(attrs["dataset"]),
+        kind=str(attrs["kind"]),
+        num_classes=int(attrs["num_classes"]),
+        num_clients=int(attrs["num_clients"]),
+        input_shape=tuple(int(v) for v in np.asarray(attrs["input_shape"])),
+        mean=tuple(float(v) for v in np.asarray(attrs["mean"])),
+        std=tuple(float(v) for v in np.asarray(attrs["std"])),
+        vocab_size=int(attrs["vocab_size"]) or None,
+        params=_params(attrs, fail),
+    )
+    if header.kind not in ("image", "text") or header.num_classes < 1 or header.num_clients < 1:
+        raise fail(f"bad root attributes kind={header.kind!r} num_classes={header.num_classes} "
+                   f"num_clients={header.num_clients}")
+    return header
+
+
+def _readable_version(attrs: h5py.AttributeManager, fail: Callable[[str], DataError]) -> int:
+    """The schema version, which this reader must accept."""
+    if "schema_version" not in attrs:
+        raise fail("not a cafedist store (no 'schema_version' attribute)")
+    version = int(attrs["schema_version"])
+    if version not in READABLE_VERSIONS:
+        raise fail(f"schema version {version}, but this cafedist reads version {SCHEMA_VERSION} "
+                   f"(or older: {', '.join(map(str, READABLE_VERSIONS[:-1]))}); "
+                   f"re-create the store with `cafedist prepare`")
+    return version
+
+
+def _params(attrs: h5py.AttributeManager, fail: Callable[[str], DataError]) -> dict[str, Any]:
+    """The partition parameters: a JSON object."""
+    try:
+        params = json.loads(str(attrs["params"]))
+    except json.JSONDecodeError:
+        raise fail("attribute 'params' is not valid JSON") from None
+    if not isinstance(params, dict):
+        raise fail(f"attribute 'params' must be a JSON object, got {type(params).__name__}")
+    return params
+
+
 @dataclass
 class ClientData:
     """One client's data as tensors on a device (inputs already normalised).
@@ -201,61 +272,61 @@ class Store:
             raise self._fail(f"{what}: {detail}") from None
 
     def _validate(self) -> None:
-        attrs = self._f.attrs
-        if "schema_version" not in attrs:
-            raise self._fail("not a cafedist store (no 'schema_version' attribute)")
-        version = int(attrs["schema_version"])
-        if version not in READABLE_VERSIONS:
-            raise self._fail(f"schema version {version}, but this cafedist reads version {SCHEMA_VERSION} "
-                             f"(or older: {', '.join(map(str, READABLE_VERSIONS[:-1]))}); "
-                             f"re-create the store with `cafedist prepare`")
-        missing = [a for a in ROOT_ATTRS if a not in attrs]
-        if missing:
-            raise self._fail(f"missing root attribute(s) {missing}")
-        self.schema_version = version
-        self.dataset: str = str(attrs["dataset"])
-        self.kind: str = str(attrs["kind"])
-        self.num_classes = int(attrs["num_classes"])
-        self.num_clients = int(attrs["num_clients"])
-        self.input_shape: tuple[int, ...] = tuple(int(v) for v in np.asarray(attrs["input_shape"]))
-        self.mean: tuple[float, ...] = tuple(float(v) for v in np.asarray(attrs["mean"]))
-        self.std: tuple[float, ...] = tuple(float(v) for v in np.asarray(attrs["std"]))
-        self.vocab_size: int | None = int(attrs["vocab_size"]) or None
-        try:
-            self.params: dict[str, Any] = json.loads(str(attrs["params"]))
-        except json.JSONDecodeError:
-            raise self._fail("attribute 'params' is not valid JSON") from None
-        if not isinstance(self.params, dict):
-            raise self._fail(f"attribute 'params' must be a JSON object, got {type(self.params).__name__}")
-        if self.kind not in ("image", "text") or self.num_classes < 1 or self.num_clients < 1:
-            raise self._fail(f"bad root attributes kind={self.kind!r} num_classes={self.num_classes} "
-                             f"num_clients={self.num_clients}")
-        x_dtype = np.dtype(np.uint8 if self.kind == "image" else np.int64)
-        self._sizes: list[tuple[int, int]] = []
-        self._val_sizes: list[int] = []
+        """Check the metadata (no data is read) and set the store's attributes from it."""
+        header = _read_header(self._f.attrs, self._fail)
+        self.schema_version = header.schema_version
+        self.dataset = header.dataset
+        self.kind = header.kind
+        self.num_classes = header.num_classes
+        self.num_clients = header.num_clients
+        self.input_shape = header.input_shape
+        self.mean = header.mean
+        self.std = header.std
+        self.vocab_size = header.vocab_size
+        self.params = header.params
         # validation splits exist in every client or in none (version 1 stores: none)
-        self.has_val = version >= 2 and self.num_clients >= 1 and f"{_client_group(0)}/x_val" in self._f
-        fields = CLIENT_FIELDS + (VAL_FIELDS if self.has_val else ())
+        self.has_val = header.schema_version >= 2 and self.num_clients >= 1 and f"{_client_group(0)}/x_val" in self._f
+        self._sizes, self._val_sizes = self._check_clients(header.x_dtype)
+        self.proxy_size = self._check_proxy(header.x_dtype)
+
+    def _client_fields(self) -> tuple[str, ...]:
+        """The datasets of every client group: train and test, and val where the store has it."""
+        return CLIENT_FIELDS + (VAL_FIELDS if self.has_val else ())
+
+    def _check_clients(self, x_dtype: np.dtype) -> tuple[list[tuple[int, int]], list[int]]:
+        """Check every client group and that there are no others; ``(n_train, n_test)`` and n_val per client."""
+        sizes: list[tuple[int, int]] = []
+        val_sizes: list[int] = []
         for cid in range(self.num_clients):
-            name = _client_group(cid)
-            if name not in self._f:
-                raise self._fail(f"missing group {name} (num_clients={self.num_clients})")
-            lengths = {field: self._check_dataset(f"{name}/{field}", x_dtype if field[0] == "x" else np.dtype(np.int64),
-                                                  self.input_shape if field[0] == "x" else ())
-                       for field in fields}
-            parts = [part for part in ("train", "test", "val") if f"x_{part}" in lengths]
-            if any(lengths[f"x_{part}"] != lengths[f"y_{part}"] for part in parts):
-                raise self._fail(f"{name}: x and y lengths differ")
-            if not self.has_val and any(f"{name}/{field}" in self._f for field in VAL_FIELDS):
-                raise self._fail(f"{name} has a validation split but client 0 has none (expected all or none)")
-            self._sizes.append((lengths["x_train"], lengths["x_test"]))
-            self._val_sizes.append(lengths.get("x_val", 0))
+            lengths = self._check_client(cid, x_dtype)
+            sizes.append((lengths["x_train"], lengths["x_test"]))
+            val_sizes.append(lengths.get("x_val", 0))
         extra = set(self._f["clients"]) - {_client_group(c).split("/")[1] for c in range(self.num_clients)}
         if extra:
             raise self._fail(f"unexpected client group(s) {sorted(extra)[:3]} for num_clients={self.num_clients}")
-        self.proxy_size = self._check_dataset("proxy/x", x_dtype, self.input_shape)
+        return sizes, val_sizes
+
+    def _check_client(self, cid: int, x_dtype: np.dtype) -> dict[str, int]:
+        """Check client ``cid``'s datasets and that x and y agree in length; the length of each."""
+        name = _client_group(cid)
+        if name not in self._f:
+            raise self._fail(f"missing group {name} (num_clients={self.num_clients})")
+        lengths = {field: self._check_dataset(f"{name}/{field}", x_dtype if field[0] == "x" else np.dtype(np.int64),
+                                              self.input_shape if field[0] == "x" else ())
+                   for field in self._client_fields()}
+        parts = [part for part in ("train", "test", "val") if f"x_{part}" in lengths]
+        if any(lengths[f"x_{part}"] != lengths[f"y_{part}"] for part in parts):
+            raise self._fail(f"{name}: x and y lengths differ")
+        if not self.has_val and any(f"{name}/{field}" in self._f for field in VAL_FIELDS):
+            raise self._fail(f"{name} has a validation split but client 0 has none (expected all or none)")
+        return lengths
+
+    def _check_proxy(self, x_dtype: np.dtype) -> int:
+        """Check the proxy inputs and that the proxy set has no labels; its size."""
+        size = self._check_dataset("proxy/x", x_dtype, self.input_shape)
         if "proxy/y" in self._f:
             raise self._fail("proxy/y exists, but the proxy set must be unlabelled")
+        return size
 
     def _check_dataset(self, name: str, dtype: np.dtype, sample_shape: tuple[int, ...]) -> int:
         """Check that dataset ``name`` exists with ``dtype`` and ``[n, *sample_shape]``; return n."""
@@ -315,8 +386,7 @@ class Store:
         """Client ``cid``'s train/test(/val) tensors on ``device`` (reads only that client's arrays)."""
         if not 0 <= cid < self.num_clients:
             raise self._fail(f"no client {cid} (the store has clients 0..{self.num_clients - 1})")
-        fields = CLIENT_FIELDS + (VAL_FIELDS if self.has_val else ())
-        arrays = {field: self._read(f"{_client_group(cid)}/{field}") for field in fields}
+        arrays = {field: self._read(f"{_client_group(cid)}/{field}") for field in self._client_fields()}
         data = ClientData(
             x_train=self.to_inputs(arrays["x_train"], device),
             y_train=torch.from_numpy(arrays["y_train"]).to(device),

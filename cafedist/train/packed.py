@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,7 @@ from torch.optim.sgd import sgd
 from cafedist.algorithms.base import Algorithm, Phase
 from cafedist.config import TrainConfig
 from cafedist.run.client import Client
-from cafedist.train.local import amp_cast, assemble_batch, local_update, step_draws, wants_proxy
+from cafedist.train.local import Draw, amp_cast, assemble_batch, local_update, step_draws, wants_proxy
 
 log = logging.getLogger("cafedist")
 
@@ -228,29 +228,101 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
     device = clients[0].data.x_train.device
     models = [c.models[phase.model] for c in clients]
     opts = [c.optimizers[phase.model] for c in clients]
-    template = models[0]
     for model in models:
         model.train()
     stack = _Stack.of(models, opts)
-    # what run_phase's only_trainable leaves trainable: requires_grad and accepted by the filter
-    trainable = [n for n, p in template.named_parameters()
-                 if p.requires_grad and (phase.trainable is None or phase.trainable(n))]
+    trainable = _trainable_names(models[0], phase)
+    draws, structure = _client_steps(clients, algo, phase, train, round_idx, seed, proxy_x, pidx)
+    data = _PaddedData.of(clients, proxy_x, pidx)
+    loss_of = _client_loss(models[0], algo, phase, train)
+
+    states: dict[tuple[int, ...], tuple[dict, dict]] = {}  # a group's algorithm states, stacked once
+    totals = torch.zeros(k, dtype=torch.float64)
+    counts = [len(d) for d in draws]
+    for t in range(max(counts, default=0)):
+        for with_proxy, members in _step_groups(draws, structure, t):
+            key = tuple(members)
+            if key not in states:
+                states[key] = _stack_states([clients[i].state for i in members], device)
+            batch = data.batch([draws[i][t] for i in members], members, with_proxy)
+            losses = _grouped_step(stack, loss_of, trainable, members, k, states[key], batch)
+            totals[members] += losses.detach().to(torch.float64).cpu()
+    stack.write_back(models, opts)
+    return totals, torch.tensor(counts, dtype=torch.float64)
+
+
+def _trainable_names(template: nn.Module, phase: Phase) -> list[str]:
+    """What run_phase's only_trainable leaves trainable: requires_grad and accepted by the filter."""
+    return [n for n, p in template.named_parameters()
+            if p.requires_grad and (phase.trainable is None or phase.trainable(n))]
+
+
+def _client_steps(clients: Sequence[Client], algo: Algorithm, phase: Phase, train: TrainConfig, round_idx: int,
+                  seed: int, proxy_x: Tensor | None, pidx: list[Tensor | None]) -> tuple[list[list[Draw]], list[tuple]]:
+    """Each client's draws of every step of ``phase``, and its step structure: what must be equal
+    inside a vmapped group (whether a proxy batch is drawn, the trained exits, the state's keys)."""
     use_proxy = [wants_proxy(algo, c, phase, proxy_x, pidx[i]) for i, c in enumerate(clients)]
     draws = [list(step_draws(c, phase, train, round_idx, seed, pidx[i].shape[0] if use_proxy[i] else None))
              for i, c in enumerate(clients)]
-    # what must be equal inside a vmapped group: the loss's control flow and the state's keys
     structure = [(use_proxy[i], tuple(algo.trained_exits(c.state).tolist()), tuple(sorted(c.state)))
                  for i, c in enumerate(clients)]
+    return draws, structure
 
-    # data padded to the largest client, so one gather serves every client of a step
-    n_max = max(c.n_train for c in clients)
-    x0 = clients[0].data.x_train
-    x_all = torch.zeros((k, n_max, *x0.shape[1:]), dtype=x0.dtype, device=device)
-    y_all = torch.zeros((k, n_max), dtype=clients[0].data.y_train.dtype, device=device)
-    for i, c in enumerate(clients):
-        x_all[i, :c.n_train] = c.data.x_train
-        y_all[i, :c.n_train] = c.data.y_train
 
+def _step_groups(draws: list[list[Draw]], structure: list[tuple], t: int) -> list[tuple[bool, list[int]]]:
+    """The clients that take step ``t``, grouped by batch size and structure: (with a proxy batch, members)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, client_draws in enumerate(draws):
+        if t < len(client_draws):
+            groups.setdefault((client_draws[t].idx.shape[0], structure[i]), []).append(i)
+    return [(with_proxy, members) for (_, (with_proxy, _, _)), members in groups.items()]
+
+
+class _Batch(NamedTuple):
+    """One step's batches of a group of clients, stacked [g, ...] (the vmapped loss's arguments)."""
+
+    x: Tensor
+    y: Tensor
+    proxy_x: Tensor | None  # None: the group's step draws no proxy batch
+    proxy_pos: Tensor | None  # positions into each client's targets
+
+
+@dataclass
+class _PaddedData:
+    """The clients' train splits padded to the largest client, so one gather serves every client
+    of a step, and the proxy inputs with each client's subset of them."""
+
+    x: Tensor  # [k, n_max, *input_shape]
+    y: Tensor  # [k, n_max]
+    proxy_x: Tensor | None
+    pidx: list[Tensor | None]
+
+    @classmethod
+    def of(cls, clients: Sequence[Client], proxy_x: Tensor | None, pidx: list[Tensor | None]) -> "_PaddedData":
+        """Copy the clients' train splits into zero-padded stacks on their device."""
+        k, n_max = len(clients), max(c.n_train for c in clients)
+        x0 = clients[0].data.x_train
+        x = torch.zeros((k, n_max, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
+        y = torch.zeros((k, n_max), dtype=clients[0].data.y_train.dtype, device=x0.device)
+        for i, c in enumerate(clients):
+            x[i, :c.n_train] = c.data.x_train
+            y[i, :c.n_train] = c.data.y_train
+        return cls(x, y, proxy_x, pidx)
+
+    def batch(self, draws: list[Draw], members: list[int], with_proxy: bool) -> _Batch:
+        """One step's inputs and labels of ``members`` (and their proxy inputs and positions), stacked [g, ...]."""
+        device = self.x.device
+        rows = torch.stack([d.idx for d in draws]).to(device)  # [g, b]
+        who = torch.tensor(members, dtype=torch.int64, device=device).unsqueeze(1)
+        xp = pos = None
+        if with_proxy:
+            pos = torch.stack([d.pos for d in draws]).to(device)  # [g, Bp]
+            xp = self.proxy_x[torch.stack([self.pidx[i].to(device)[pos[j]] for j, i in enumerate(members)])]
+        return _Batch(self.x[who, rows], self.y[who, rows], xp, pos)
+
+
+def _client_loss(template: nn.Module, algo: Algorithm, phase: Phase, train: TrainConfig) -> Callable[..., Tensor]:
+    """One client's loss from its parameters, state and batch (to be vmapped over the clients)."""
     def loss_of(params: dict[str, Tensor], state: dict[str, Tensor], x: Tensor, y: Tensor,
                 xp: Tensor | None, pos: Tensor | None) -> Tensor:
         inputs = x if xp is None else torch.cat([x, xp], dim=0)
@@ -258,36 +330,20 @@ def _packed_phase(clients: Sequence[Client], algo: Algorithm, phase: Phase, trai
                                {"upto": phase.upto})
         return algo.local_loss(state, assemble_batch(outs, y, x, phase.name, None, xp, pos))
 
-    states: dict[tuple[int, ...], tuple[dict, dict]] = {}
-    totals = torch.zeros(k, dtype=torch.float64)
-    counts = [len(d) for d in draws]
-    for t in range(max(counts, default=0)):
-        groups: dict[tuple, list[int]] = {}
-        for i in range(k):
-            if t < counts[i]:
-                groups.setdefault((draws[i][t].idx.shape[0], structure[i]), []).append(i)
-        for (_, (with_proxy, _, _)), members in groups.items():
-            key = tuple(members)
-            if key not in states:
-                states[key] = _stack_states([clients[i].state for i in members], device)
-            state, state_dims = states[key]
-            whole = len(members) == k  # the common case: no gather/scatter of stacked parameters
-            sel = None if whole else torch.tensor(members, dtype=torch.int64, device=device)
-            rows = torch.stack([draws[i][t].idx for i in members]).to(device)  # [g, b]
-            who = torch.tensor(members, dtype=torch.int64, device=device).unsqueeze(1)
-            xb, yb = x_all[who, rows], y_all[who, rows]
-            xp = pos = None
-            if with_proxy:
-                pos = torch.stack([draws[i][t].pos for i in members]).to(device)  # [g, Bp]
-                xp = proxy_x[torch.stack([pidx[i].to(device)[pos[j]] for j, i in enumerate(members)])]
-            cur = {n: (p if whole else p[sel]).detach().requires_grad_(n in trainable)
-                   for n, p in stack.params.items()}
-            dims = 0 if with_proxy else None
-            losses = vmap(loss_of, in_dims=(0, state_dims, 0, 0, dims, dims))(cur, state, xb, yb, xp, pos)
-            # a client's loss depends only on its own parameter slice, so the gradient of the sum
-            # w.r.t. the stacked parameters is every client's own gradient: one backward for all
-            grads = torch.autograd.grad(losses.sum(), [cur[n] for n in trainable], allow_unused=True)
-            stack.step(sel, {n: g for n, g in zip(trainable, grads) if g is not None})
-            totals[members] += losses.detach().to(torch.float64).cpu()
-    stack.write_back(models, opts)
-    return totals, torch.tensor(counts, dtype=torch.float64)
+    return loss_of
+
+
+def _grouped_step(stack: _Stack, loss_of: Callable[..., Tensor], trainable: list[str], members: list[int], k: int,
+                  stacked_state: tuple[dict, dict], batch: _Batch) -> Tensor:
+    """One SGD step of the clients ``members`` (of ``k``) on ``batch``; their losses, [g]."""
+    state, state_dims = stacked_state
+    whole = len(members) == k  # the common case: no gather/scatter of stacked parameters
+    sel = None if whole else torch.tensor(members, dtype=torch.int64, device=batch.x.device)
+    cur = {n: (p if whole else p[sel]).detach().requires_grad_(n in trainable) for n, p in stack.params.items()}
+    dims = None if batch.proxy_x is None else 0
+    losses = vmap(loss_of, in_dims=(0, state_dims, 0, 0, dims, dims))(cur, state, *batch)
+    # a client's loss depends only on its own parameter slice, so the gradient of the sum
+    # w.r.t. the stacked parameters is every client's own gradient: one backward for all
+    grads = torch.autograd.grad(losses.sum(), [cur[n] for n in trainable], allow_unused=True)
+    stack.step(sel, {n: g for n, g in zip(trainable, grads) if g is not None})
+    return losses

@@ -110,15 +110,37 @@ def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: 
 COMPARE_LOCK_NAME = "compare.lock"
 
 
-def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms: str | Sequence[str] = "all",
-            seeds: str | int | Sequence[int] = 3, overrides: Sequence[str] = (), jobs: int | None = None,
-            submit: ExecutorOptions | None = None, command: str | None = None,
-            thresholds: Sequence[float] = REPORT_THRESHOLDS, grid: Sequence[str] = (), tune: bool = False,
-            max_trials: int | None = None, budgets: Sequence[str] = ()) -> CompareResult:
+@dataclass(frozen=True)
+class CompareOptions:
+    """What :func:`compare` runs and reports besides the config and ``out``: the options of
+    ``cafedist compare`` (:meth:`from_args`), with its defaults."""
+
+    algorithms: str | Sequence[str] = "all"  # "all" or names, comma-separated or a list
+    seeds: str | int | Sequence[int] = 3  # a count (config seed + 0..k-1) or the seeds
+    overrides: Sequence[str] = ()  # dotted overrides applied to every run
+    jobs: int | None = None  # runs at once (None: execute's default)
+    submit: ExecutorOptions | None = None  # --submit: every run a submitit job; None: subprocesses
+    command: str | None = None  # the first line of results.md; None: the canonical command line
+    thresholds: Sequence[float] = REPORT_THRESHOLDS  # the dynamic-inference thresholds reported
+    grid: Sequence[str] = ()  # --grid KEY=v1,v2 specs
+    tune: bool = False  # choose each method's setting on the validation split
+    max_trials: int | None = None  # at most this many settings per method
+    budgets: Sequence[str] = ()  # --budget specs or budget files (comma-separated allowed)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, submit: ExecutorOptions | None) -> "CompareOptions":
+        """The options of a parsed ``cafedist compare`` command line (``submit``: :func:`_submit_options`)."""
+        return cls(algorithms=args.algorithms, seeds=args.seeds, overrides=args.overrides, jobs=args.jobs,
+                   submit=submit, command=_command_line(args) or None, grid=args.grid, tune=args.tune,
+                   max_trials=args.max_trials, budgets=args.budget)
+
+
+def compare(config: str | os.PathLike | None, out: str | os.PathLike,
+            options: CompareOptions = CompareOptions()) -> CompareResult:
     """Run (or reuse) every (algorithm, setting, seed) and write the report into ``out``.
 
-    ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``max_trials`` caps the settings per method;
-    ``tune`` chooses each method's setting on the validation split (:mod:`cafedist.tuning`).
+    Of the ``options``: ``grid`` holds ``KEY=v1,v2`` specs (``--grid``), ``max_trials`` caps the
+    settings per method; ``tune`` chooses each method's setting on the validation split (:mod:`cafedist.tuning`).
     ``budgets`` (``--budget``: specs or budget files, comma-separated allowed) evaluates every
     finished run under each per-client inference budget (:mod:`cafedist.compare.budgets`).
     ``command`` is the first line of ``results.md`` (default: an equivalent ``cafedist
@@ -126,61 +148,72 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike, algorithms
     """
     from cafedist.algorithms import ALGORITHMS
 
-    if jobs is not None and jobs < 1:
-        raise ConfigError(f"--jobs: expected >= 1, got {jobs}")
+    if options.jobs is not None and options.jobs < 1:
+        raise ConfigError(f"--jobs: expected >= 1, got {options.jobs}")
     check_dir_creatable(Path(out), "--out")
     if any((Path(out) / name).exists() for name in ("checkpoints", "summary.json", "metrics.jsonl")):
         raise ConfigError(f"--out {out} holds a training run, whose files (accuracy_vs_macs.png, ...) the "
                           f"comparison's report would replace; choose another --out")
-    variants = resolve_algorithms(algorithms)
-    axes = tuning.parse_grid(grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
+    variants = resolve_algorithms(options.algorithms)
+    axes = tuning.parse_grid(options.grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
     check_ablation_axes(variants, [a.key for a in axes])
-    settings = {v.name: tuning.settings_for(axes, v.algorithm, max_trials) for v in variants}
-    budget_options = parse_budgets(budgets)
-    if tune:
+    settings = {v.name: tuning.settings_for(axes, v.algorithm, options.max_trials) for v in variants}
+    budget_options = parse_budgets(options.budgets)
+    overrides = options.overrides
+    if options.tune:
         tuning.check_tunable(axes)
         overrides, base_seed = tuning.with_validation_split(config, overrides)
     if budget_options:
-        check_runs(budget_options, _method_configs(config, variants, settings, overrides), seeds,
-                   prepare=submit is None)
+        check_runs(budget_options, _method_configs(config, variants, settings, overrides), options.seeds,
+                   prepare=options.submit is None)
 
     # every run's config is loaded (a bad one refused) before --out is created by the lock
-    runs = plan_runs(config, variants, seeds, out, overrides, settings if axes else None) if not tune else None
-    if tune:
+    runs = None
+    if options.tune:
         _method_configs(config, variants, settings, overrides)
+    else:
+        runs = plan_runs(config, variants, options.seeds, out, overrides, settings if axes else None)
     # one compare per --out: two would train the same runs into each other's locks and
     # report the other's as failed
     with RunLock(Path(out), COMPARE_LOCK_NAME, holder="cafedist compare",
                  advice="wait for it to end or use another --out"):
         def run(runs: list[PlannedRun]) -> list[RunOutcome]:
-            return execute(runs, jobs=jobs, submit=submit, submit_folder=Path(out).resolve() / "submitit")
+            return execute(runs, jobs=options.jobs, submit=options.submit,
+                           submit_folder=Path(out).resolve() / "submitit")
 
         tuned = None
-        if tune:
-            tuned = _tune(config, variants, seeds, out, overrides, settings, base_seed, run)
+        if options.tune:
+            tuned = _tune(config, variants, options.seeds, out, overrides, settings, base_seed, run)
             outcomes = tuned.finals
         else:
             assert runs is not None
             log.info("compare: %d runs (%d algorithms, %d settings) in %s", len(runs), len(variants),
                      sum(map(len, settings.values())), Path(out) / "runs")
             outcomes = run(runs)
+        command = options.command
         if command is None:
-            algos = algorithms if isinstance(algorithms, str) else ",".join(algorithms)
-            seed_arg = seeds if isinstance(seeds, (str, int)) else ",".join(map(str, seeds))
-            flags = [*(f for g in grid for f in ("--grid", g)), *(["--tune"] if tune else []),
-                     *(["--max-trials", str(max_trials)] if max_trials is not None else []),
-                     *(f for b in budget_options for f in ("--budget", b.budget))]
-            command = shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
-                                  "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out),
-                                  *overrides])
+            command = _canonical_command(config, out, options, [b.budget for b in budget_options], overrides)
         evaluated, budget_errors = evaluate_outcomes(outcomes, budget_options) if budget_options else ({}, [])
         if not any(o.status != "failed" for o in outcomes) and (Path(out) / "results.md").exists():
             # every run failed (e.g. refused by its run directory): the report of an earlier compare
             # in ``out`` would be replaced by an empty one
             log.error("compare: no run finished; the report already in %s is left as it was", out)
             return CompareResult(outcomes, {}, tuned, budget_errors)
-        paths = write_report(out, command, outcomes, thresholds, tuned, evaluated, budget_errors)
+        paths = write_report(out, command, outcomes, options.thresholds, tuned, evaluated, budget_errors)
         return CompareResult(outcomes, paths, tuned, budget_errors)
+
+
+def _canonical_command(config: str | os.PathLike | None, out: str | os.PathLike, options: CompareOptions,
+                       budgets: Sequence[str], overrides: Sequence[str]) -> str:
+    """A ``cafedist compare`` command line equivalent to ``options``: each parsed budget, and the
+    overrides as run (with ``--tune``'s validation split)."""
+    algos = options.algorithms if isinstance(options.algorithms, str) else ",".join(options.algorithms)
+    seed_arg = options.seeds if isinstance(options.seeds, (str, int)) else ",".join(map(str, options.seeds))
+    flags = [*(f for g in options.grid for f in ("--grid", g)), *(["--tune"] if options.tune else []),
+             *(["--max-trials", str(options.max_trials)] if options.max_trials is not None else []),
+             *(f for b in budgets for f in ("--budget", b))]
+    return shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
+                       "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
 
 
 def _method_configs(config: str | os.PathLike | None, variants: Sequence[Variant],
@@ -268,9 +301,7 @@ def main(args: argparse.Namespace) -> int:
     # SIGTERM (kill, Slurm) unwinds like Ctrl-C, so the running trainings are stopped with us
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        result = compare(args.config, args.out, args.algorithms, args.seeds, args.overrides, jobs=args.jobs,
-                         submit=submit, command=_command_line(args) or None, grid=args.grid, tune=args.tune,
-                         max_trials=args.max_trials, budgets=args.budget)
+        result = compare(args.config, args.out, CompareOptions.from_args(args, submit))
     finally:
         signal.signal(signal.SIGTERM, previous)
     for o in result.failed:
@@ -292,6 +323,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 
-__all__ = ["ABLATIONS", "REFERENCE", "REPORT_THRESHOLDS", "CompareResult", "PlannedRun", "RunOutcome", "Stat",
-           "Variant", "available_variants", "check_ablation_axes", "compare", "mean_std", "plan_runs",
-           "resolve_algorithms", "resolve_seeds", "results_csv", "results_markdown", "summarize"]
+__all__ = ["ABLATIONS", "REFERENCE", "REPORT_THRESHOLDS", "CompareOptions", "CompareResult", "PlannedRun",
+           "RunOutcome", "Stat", "Variant", "available_variants", "check_ablation_axes", "compare", "mean_std",
+           "plan_runs", "resolve_algorithms", "resolve_seeds", "results_csv", "results_markdown", "summarize"]

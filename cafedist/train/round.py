@@ -31,7 +31,7 @@ from cafedist.train.local import local_update
 from cafedist.train.packed import packed_local_update, use_packing
 from cafedist.train.records import FinalEvaluation, round_metrics
 from cafedist.train.schedule import participating
-from cafedist.train.timing import now
+from cafedist.train.timing import now, timed
 
 
 class Trainer:
@@ -59,38 +59,56 @@ class Trainer:
         """Every rank: one round (see the module docstring); returns its record (identical on
         every rank except the aggregation's report, the diagnostics and, in the last round, the
         final evaluation's accuracies, which rank 0 holds)."""
-        cfg = self.cfg
         self.comm.context = f"round {rnd}"
         timers = {"t_local": 0.0, "t_comm": 0.0, "t_aggregate": 0.0, "t_eval": 0.0}
         t_start = now(self.run.device)
-        active = participating(cfg.seed, rnd, self.run.n, cfg.train.clients_per_round)
+        active = participating(self.cfg.seed, rnd, self.run.n, self.cfg.train.clients_per_round)
 
         maybe_fault("local", rnd, self.run.rt.rank)
-        t = now(self.run.device)
-        losses, n_students = self.local_updates(rnd, active)
-        timers["t_local"] = now(self.run.device) - t
+        with timed(timers, "t_local", self.run.device):
+            losses, n_students = self.local_updates(rnd, active)
         diag = self.diagnostics.after_local(self, rnd, active) if self.diagnostics else {}
+        report, (up, down) = self._aggregate(rnd, active, timers)
+        self._train_after_aggregation(rnd, active)
+        with timed(timers, "t_eval", self.run.device):
+            record = self._evaluate(rnd, losses)
 
+        wire_bytes = self.rows.wire_bytes()  # first: the n_students reduction's bytes count in the next round
+        record.update({"n_students": self.rows.sum_int(n_students), "bytes_up": up, "bytes_down": down,
+                       "wire_bytes": wire_bytes, "clients_trained": int(active.sum())})
+        record.update(report)
+        record.update(diag)
+        record.update({k: round(v, 6) for k, v in timers.items()})
+        record["seconds"] = round(now(self.run.device) - t_start, 6)
+        return record
+
+    def _aggregate(self, rnd: int, active: Tensor, timers: dict[str, float]) -> tuple[dict[str, Any], tuple[int, int]]:
+        """The coordinator exchange and the averaging of shared parameters, each when the
+        algorithm has one; the exchange's report and the bytes (up, down) per client."""
         report, (up, down) = {}, (0, 0)
         if self.exchange.active:
             report = self.exchange(rnd, active, timers)
             up, down = self.exchange.bytes_per_client()
         if self.shared.keys:
-            t = now(self.run.device)
-            self.shared.average(self.pool, active, rnd, self.comm.all_reduce_sum_, self.run.device)
-            timers["t_comm"] += now(self.run.device) - t
+            with timed(timers, "t_comm", self.run.device):
+                self.shared.average(self.pool, active, rnd, self.comm.all_reduce_sum_, self.run.device)
             up, down = (a + b for a, b in zip((up, down), self.shared.bytes_per_client(active)))
+        return report, (up, down)
 
+    def _train_after_aggregation(self, rnd: int, active: Tensor) -> None:
+        """The algorithm's post phases (e.g. personal heads) of every client of this rank that has them."""
         post_ids = self.pool.ids if self.has_post_phases else []
-        for c in self.pool.each(post_ids, modify=False):  # training after aggregation (e.g. personal heads)
+        for c in self.pool.each(post_ids, modify=False):
             post = self.algo.post_phases(c.view, rnd, trained=bool(active[c.cid]))
             if post:
                 self.pool.mark_changed(c.cid)
-                local_update(c, self.algo, cfg.train, rnd, cfg.seed, phases=post)
+                local_update(c, self.algo, self.cfg.train, rnd, self.cfg.seed, phases=post)
 
-        t = now(self.run.device)
-        every = cfg.train.eval_every
-        last = rnd == cfg.train.rounds - 1
+    def _evaluate(self, rnd: int, losses: list[float]) -> dict[str, Any]:
+        """The round's record of losses and accuracies: test (and validation) accuracies every
+        ``train.eval_every`` rounds, and in the last round the final evaluation's fields."""
+        every = self.cfg.train.eval_every
+        last = rnd == self.cfg.train.rounds - 1
         evaluate = rnd % every == every - 1 and not last  # the last round: the final evaluation below
         stats = client_test_stats(self.pool, self.algo, losses, self.rows, self.run.num_exits, evaluate,
                                   self.run.n_test, with_val=evaluate and self.run.store.has_val)
@@ -98,14 +116,6 @@ class Trainer:
         if last:  # one pass over the final models serves this record and the run's summary
             self.final_evaluation = FinalEvaluation.of(self.run, self.rows)
             record.update(self.final_evaluation.record_fields())
-        timers["t_eval"] = now(self.run.device) - t
-        wire_bytes = self.rows.wire_bytes()
-        record.update({"n_students": self.rows.sum_int(n_students), "bytes_up": up, "bytes_down": down,
-                       "wire_bytes": wire_bytes, "clients_trained": int(active.sum())})
-        record.update(report)
-        record.update(diag)
-        record.update({k: round(v, 6) for k, v in timers.items()})
-        record["seconds"] = round(now(self.run.device) - t_start, 6)
         return record
 
     def local_updates(self, rnd: int, active: Tensor) -> tuple[list[float], int]:

@@ -7,7 +7,9 @@ collective's transfer to whatever first waits for its result (the aggregation, s
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator
 
 import torch
 
@@ -19,4 +21,12 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-__all__ = ["now"]
+@contextlib.contextmanager
+def timed(timers: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
+    """Add the seconds the block takes (:func:`now` on ``device`` at both ends) to ``timers[key]``."""
+    start = now(device)
+    yield
+    timers[key] += now(device) - start
+
+
+__all__ = ["now", "timed"]

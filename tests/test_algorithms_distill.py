@@ -266,3 +266,21 @@ def test_cafedistill_heads_default_trains_stably_on_digits(tmp_path):
              "algorithm.name=cafedistill-heads", "train.rounds=12", f"data.cache_dir={tmp_path / 'stores'}",
              check=True)
     assert summary(out)["acc_per_exit"][-1] > 0.9
+
+
+def test_ktpfl_checkpoint_of_another_client_count_is_refused_in_one_line(tmp_path, tiny_config):
+    """--resume force onto a changed data.clients: the n x n coefficient matrix does not fit, which
+    is one 'does not fit' line (exit 2) before any round, not a traceback at the first matmul."""
+    from test_run_dir import run_cli, tree_hashes
+
+    cfg, out = str(tiny_config(rounds=2, clients=4)), str(tmp_path / "run")
+    code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "algorithm.name=ktpfl")
+    assert code == 0, err
+    before = tree_hashes(tmp_path / "run")
+    code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "--resume", "force",
+                           "algorithm.name=ktpfl", "data.clients=5", "train.rounds=3")
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("cafedist: error:")]
+    assert len(errors) == 1 and "does not fit" in errors[0] and "coefficient matrix" in errors[0], err
+    assert tree_hashes(tmp_path / "run") == before

@@ -147,4 +147,10 @@ class KTpFL(ProxyDistillation):
 
     def load_server_state(self, state: dict[str, Any]) -> None:
         if "coef" in state:
-            self.coef = state["coef"].to(torch.float64).cpu().clone()
+            coef = state["coef"]
+            if tuple(coef.shape) != tuple(self.coef.shape):
+                # a checkpoint of another number of clients (--resume force onto a changed
+                # data.clients): refused here, as a misfit, not at the first round's matmul
+                raise ValueError(f"ktpfl's coefficient matrix is {list(coef.shape)} in the checkpoint, "
+                                 f"{list(self.coef.shape)} for {self.coef.shape[0]} clients")
+            self.coef = coef.to(torch.float64).cpu().clone()

@@ -363,6 +363,7 @@ def _restore(ckpt: CheckpointDir, path: Path, locations: dict[str, dict[str, str
             loc = locations.get(client_file(cid))
             if loc is not None:
                 pool.restore(cid, load_torch(ckpt.root / loc["dir"] / client_file(cid)))
+        pool.restored()
         server = load_torch(path / "server.pt")
         algo.load_server_state(server.get("algo", {}))
         shared.load_state(server.get("shared", {}), pool.device)

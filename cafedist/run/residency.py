@@ -76,6 +76,12 @@ def load_shard(client: Client, shard: Shard, device: torch.device) -> None:
         m.load_state_dict(shard["models"][k])
     for k, o in client.optimizers.items():
         o.load_state_dict(shard["optimizers"][k])
+    # a built client holds the algorithm's initial state: a shard without one of its keys was
+    # written by another algorithm (--resume force), whose state would fail in the next round
+    missing = [k for k in client.state if k not in shard["algo"]]
+    if missing:
+        raise ValueError(f"client {client.cid}: no algorithm state {missing[0]!r} in its shard "
+                         f"(written by another algorithm?)")
     client.scalers = {}
     for k, state in shard.get("scalers", {}).items():
         client.scaler(k).load_state_dict(state)
@@ -126,6 +132,7 @@ class ClientPool:
                 raise ValueError("train.client_state: disk needs a directory")
             self.state_dir = Path(state_dir)  # made at the first park: nothing is written before training
         self._made_state_dir = False  # only the process that made it (it holds the run) deletes it
+        self._scratch: tuple[Client, dict] | None = None  # restore()'s client for checking shards
         if self.bound is None:
             for cid in self.ids:
                 self._resident[cid] = self._build(cid, self._device_data(read_data(cid)))
@@ -208,14 +215,27 @@ class ClientPool:
         return self._read_parked(cid)
 
     def restore(self, cid: int, shard: Shard) -> None:
-        """Replace client ``cid``'s state by a checkpoint's shard (resume)."""
+        """Replace client ``cid``'s state by a checkpoint's shard (resume). With a bound the
+        shard is parked, and loaded when the client is next needed: it is loaded into a scratch
+        client now, so that a shard that does not fit this config fails here, as without a
+        bound, and not in a round (:meth:`restored` frees the scratch client)."""
         if self.bound is None:
             load_shard(self._resident[cid], shard, self.device)
             return
+        if self._scratch is None:
+            scratch = self._build(cid, self._device_data(self._read_data(cid)))
+            self._scratch = (scratch, dict(scratch.state))
+        scratch, initial = self._scratch
+        scratch.state = dict(initial)
+        load_shard(scratch, shard, self.device)
         self._resident.pop(cid, None)
         self._prefetch.pop(cid, None)
         self._dirty.discard(cid)
         self._park(cid, shard)
+
+    def restored(self) -> None:
+        """A resume has restored every shard: free :meth:`restore`'s scratch client."""
+        self._scratch = None
 
     def close(self) -> None:
         """Stop the prefetch thread and delete the on-disk parked state (a cache of this

@@ -187,6 +187,23 @@ def test_eval_of_a_bounded_run_matches(tmp_path, store_cache, monkeypatch):
     assert json.loads((out / "eval.json").read_text())["model_hashes"] == summary(out)["model_hashes"]
 
 
+@pytest.mark.parametrize("bound", [2, 6])  # 6: no client is ever parked (the bound holds them all)
+def test_eval_of_a_run_parked_on_disk_leaves_no_temporary_folder(tmp_path, store_cache, monkeypatch, bound):
+    """eval has no run directory of its own to park clients in: its temporary folder goes with it."""
+    import tempfile
+
+    out = tmp_path / "run"
+    run(tiny(store_cache, "fedavg", rounds=2, resident_clients=2, client_state="disk"), out)
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("resident_clients: 2",
+                                                                                  f"resident_clients: {bound}"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert cli_main(["eval", str(out)]) == 0
+    assert list(scratch.iterdir()) == []
+    assert not (out / "client_state").exists()
+
+
 def test_resident_clients_must_be_positive(tmp_path, store_cache):
     from cafedist.errors import ConfigError
 

@@ -8,6 +8,7 @@ most ``train.resident_clients`` at a time with the others parked in host memory 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,16 +152,23 @@ def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
     algo.bind_model(probe)
     if algo.exchanges_logits:
         algo.sent_exits()  # an algorithm breaking the proxy_exits contract fails before round 0
-    state_dir = None
+    state_dir, scratch = None, None
     if cfg.train.client_state == "disk":
-        base = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="cafedist-clients-"))
-        state_dir = base / STATE_DIR / f"rank{rt.rank:05d}"
-    pool = ClientPool(placement[rt.rank], lambda cid, data: _make_client(cfg, algo, build, data, rt.device, cid),
-                      # normalised on the CPU, then moved, in every configuration: CUDA computes x / 255
-                      # as x * (1/255), so normalising on the GPU only when all clients stay resident
-                      # would make a resident_clients bound change the bits
-                      lambda cid: store.load_client(cid, device="cpu"),
-                      rt.device, bound=cfg.train.resident_clients, where=cfg.train.client_state, state_dir=state_dir)
+        # without a run directory (eval, compare --budget) a temporary folder, the pool's to remove
+        scratch = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="cafedist-clients-"))
+        state_dir = (run_dir or scratch) / STATE_DIR / f"rank{rt.rank:05d}"
+    try:
+        pool = ClientPool(placement[rt.rank], lambda cid, data: _make_client(cfg, algo, build, data, rt.device, cid),
+                          # normalised on the CPU, then moved, in every configuration: CUDA computes x / 255
+                          # as x * (1/255), so normalising on the GPU only when all clients stay resident
+                          # would make a resident_clients bound change the bits
+                          lambda cid: store.load_client(cid, device="cpu"),
+                          rt.device, bound=cfg.train.resident_clients, where=cfg.train.client_state,
+                          state_dir=state_dir, scratch_dir=scratch)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     shared = SharedParams.of(algo, probe)
     pool.on_load = shared.catch_up  # a materialized client gets the averages it missed while parked
     return Run(cfg=cfg, rt=rt, store=store, placement=placement, algo=algo, setup=setup, build=build, probe=probe,

@@ -100,7 +100,7 @@ class ClientPool:
 
     def __init__(self, ids: Sequence[int], build: Callable[[int, ClientData], Client],
                  read_data: Callable[[int], ClientData], device: torch.device, bound: int | None = None,
-                 where: str = "host", state_dir: Path | None = None):
+                 where: str = "host", state_dir: Path | None = None, scratch_dir: Path | None = None):
         self.ids = list(ids)
         self.device = device
         self.bound = None if bound is None or bound >= len(self.ids) else max(1, int(bound))
@@ -132,7 +132,8 @@ class ClientPool:
                 raise ValueError("train.client_state: disk needs a directory")
             self.state_dir = Path(state_dir)  # made at the first park: nothing is written before training
         self._made_state_dir = False  # only the process that made it (it holds the run) deletes it
-        self._scratch: tuple[Client, dict] | None = None  # restore()'s client for checking shards
+        self._scratch_dir = scratch_dir  # a temporary folder made for this pool (state_dir inside): removed on close
+        self._fit_client: tuple[Client, dict] | None = None  # restore()'s client for checking shards
         if self.bound is None:
             for cid in self.ids:
                 self._resident[cid] = self._build(cid, self._device_data(read_data(cid)))
@@ -222,10 +223,10 @@ class ClientPool:
         if self.bound is None:
             load_shard(self._resident[cid], shard, self.device)
             return
-        if self._scratch is None:
+        if self._fit_client is None:
             scratch = self._build(cid, self._device_data(self._read_data(cid)))
-            self._scratch = (scratch, dict(scratch.state))
-        scratch, initial = self._scratch
+            self._fit_client = (scratch, dict(scratch.state))
+        scratch, initial = self._fit_client
         scratch.state = dict(initial)
         load_shard(scratch, shard, self.device)
         self._resident.pop(cid, None)
@@ -235,7 +236,7 @@ class ClientPool:
 
     def restored(self) -> None:
         """A resume has restored every shard: free :meth:`restore`'s scratch client."""
-        self._scratch = None
+        self._fit_client = None
 
     def close(self) -> None:
         """Stop the prefetch thread and delete the on-disk parked state (a cache of this
@@ -249,6 +250,8 @@ class ClientPool:
                 self.state_dir.parent.rmdir()  # RUN/client_state, once no rank's folder is left
             except OSError:
                 pass
+        if self._scratch_dir is not None:
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ internals
     def _staged_data(self, cid: int) -> tuple[ClientData, Any]:

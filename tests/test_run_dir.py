@@ -141,6 +141,22 @@ def test_failed_force_keeps_config_yaml_and_the_right_command_still_works(finish
     assert code == 0, err
 
 
+@pytest.mark.parametrize("first,then", [("fedavg", "fedper"), ("fedper", "fedavg")])
+def test_force_onto_an_algorithm_averaging_other_parameters_is_refused(tmp_path, tiny_config, first, then):
+    """The checkpoint's shared average (FedAvg: every parameter; FedPer: the body) does not fit
+    another set of averaged parameters: one 'does not fit' line at the resume, not a traceback in
+    the first round's averaging, and the run is left as it was."""
+    cfg, run = str(tiny_config(rounds=2)), tmp_path / "run"
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", f"algorithm.name={first}")
+    assert code == 0, err
+    before = tree_hashes(run)
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "--resume", "force",
+                           f"algorithm.name={then}", "train.rounds=3")
+    assert code == 2
+    _one_error_line(err, "does not fit", "parameter elements")
+    assert tree_hashes(run) == before
+
+
 # ----------------------------------------------------------------------------- a run without config.yaml
 def test_a_run_without_config_yaml_is_judged_by_its_checkpoints(finished, run_copy):
     (run_copy / "config.yaml").unlink()

@@ -140,7 +140,13 @@ class SharedParams:
             if self.latest is not None else {}
 
     def load_state(self, state: dict[str, Any], device: torch.device) -> None:
-        """Restore :meth:`state` (an older checkpoint has none: every client held every average)."""
-        if state:
-            self.latest, self.stamp = state["latest"].to(device), state["stamp"].to(device)
+        """Restore :meth:`state` (an older checkpoint has none: every client held every average).
+        One of another set of averaged parameters (another algorithm's, ``--resume force``) is a
+        ValueError, unless this algorithm averages nothing: then it has nothing to apply to."""
+        if state and self.keys:
+            latest, stamp = state["latest"], state["stamp"]
+            if latest.numel() != self.length or stamp.numel() != self.length:
+                raise ValueError(f"the checkpoint's average covers {latest.numel()} parameter elements, "
+                                 f"this algorithm averages {self.length} (written by another algorithm?)")
+            self.latest, self.stamp = latest.to(device), stamp.to(device)
             self.last_round = int(state["last_round"])

@@ -286,3 +286,24 @@ def test_a_residency_bound_keeps_the_fp16_loss_scale(tmp_path, store_cache, monk
     run({**raw, "train": {**raw["train"], "resident_clients": 2, "client_state": "disk"}}, bounded)
     assert min(first_scales) < 65536  # the scale moved: else equal bits prove nothing
     assert_same(bounded, ref)
+
+
+def test_state_of_another_algorithm_is_refused_where_no_manifest_names_it(tmp_path):
+    """Checkpoints written before manifests named their algorithm: a client shard without the
+    algorithm's state, or a shared average of another length, is a ValueError (which the
+    resume reports as a checkpoint that does not fit) rather than a failure in a round."""
+    from algo_harness import make_trainer
+
+    from cafedist.run.residency import client_shard, load_shard
+
+    fedpac = make_trainer(tmp_path / "pac", "fedpac")
+    client = fedpac.clients[0]
+    shard = client_shard(client)
+    del shard["algo"]["pac.size"]
+    with pytest.raises(ValueError, match="pac.size"):
+        load_shard(client, shard, torch.device("cpu"))
+    fedper = make_trainer(tmp_path / "per", "fedper")
+    other = {"latest": torch.zeros(fedper.shared.length + 1, dtype=torch.float64),
+             "stamp": torch.zeros(fedper.shared.length + 1, dtype=torch.int64), "last_round": 0}
+    with pytest.raises(ValueError, match="parameter elements"):
+        fedper.shared.load_state(other, torch.device("cpu"))

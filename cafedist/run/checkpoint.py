@@ -329,7 +329,7 @@ class Resumed:
 
 
 def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_accept: tuple[str, ...],
-                       evaluating: str | None) -> tuple[CheckpointRef | None, str | None]:
+                       evaluating: str | None, algorithm: str | None) -> tuple[CheckpointRef | None, str | None]:
     """Rank 0: the newest checkpoint that verifies, and why it may not be used (None: it may;
     see :func:`load_checkpoint` for the rules)."""
     ref = ckpt.newest_valid()
@@ -346,6 +346,13 @@ def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_
                      f"(edited or replaced since?); eval scores models only under the config that trained them")
     if recorded not in (None, config_hash, *also_accept) and resume != "force":
         return ref, f"{ref.path}: written by a different config (use --resume force to continue anyway)"
+    writer = ref.manifest.get("algorithm")  # manifests before session 14: none (load_shard checks the state)
+    if algorithm is not None and writer not in (None, algorithm):
+        # the state of one algorithm means something else, or nothing, to another (a key of both
+        # may hold another layout), and the run's results would be credited to the new one
+        return ref, (f"{ref.path}: written by algorithm {writer}, and a run continues only under its own "
+                     f"algorithm, even with --resume force; train {algorithm} with another --out (or "
+                     f"--resume none to move this run aside)")
     if evaluating is not None and "run_identity" not in ref.manifest and recorded not in (None, config_hash):
         log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
                     "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)
@@ -381,7 +388,7 @@ def _restore(ckpt: CheckpointDir, path: Path, locations: dict[str, dict[str, str
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
                     config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = (),
-                    evaluating: str | None = None) -> Resumed:
+                    evaluating: str | None = None, algorithm: str | None = None) -> Resumed:
     """All ranks: restore my clients, the shared average and the algorithm from the newest
     valid checkpoint (a client without a shard stays at its initial weights).
 
@@ -395,11 +402,13 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     checkpoint whose manifest records another is refused, whatever ``resume`` says, and one
     from before manifests recorded it is checked by its config hash, with a warning only
     (the config file may have been rewritten for another algorithm's section since).
+    ``algorithm``: the name training continues under; a checkpoint whose manifest records
+    another algorithm is refused, whatever ``resume`` says.
     """
     rt = comm.rt
     ref, problem, locations = None, None, {}
     if rt.is_main:
-        ref, problem = _choose_checkpoint(ckpt, config_hash, resume, also_accept, evaluating)
+        ref, problem = _choose_checkpoint(ckpt, config_hash, resume, also_accept, evaluating, algorithm)
         if ref is not None and problem is None:
             locations = ckpt.shard_locations(ref)
     path, problem, locations = comm.broadcast_object((None if ref is None else str(ref.path), problem, locations))

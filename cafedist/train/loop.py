@@ -102,9 +102,10 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         # what the plan does to the directory: once every check has passed
         session.config_due = agreed(comm, lambda: prepare_run_dir(cfg, run_dir, resume) if rt.is_main else False)
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
-        resumed = agreed(comm, lambda: load_checkpoint(session.ckpt, session.trainer.comm, run.pool, run.algo,
+        resumed = (agreed(comm, lambda: load_checkpoint(session.ckpt, session.trainer.comm, run.pool, run.algo,
                                                        run.shared, config_hash=h, resume=resume,
-                                                       also_accept=earlier)) if resume != "none" else None
+                                                       also_accept=earlier, algorithm=cfg.algorithm.name))
+                   if resume != "none" else None)
         start = resumed.next_round if resumed is not None else 0
         if force_with_nothing_to_train(comm, session.config_due, start, cfg, resumed, h):
             # the new config's final checkpoint exists; only its config.yaml was never written

@@ -114,8 +114,9 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm)
                         "ordered differently, so its results will not match an uninterrupted run's bit for bit "
                         "(set OMP_NUM_THREADS=%d to keep them)", threads, first, first)
     version, first = comm.broadcast_object((version, first))
-    return {"run_identity": run_identity(cfg), "store": str(cfg.data.store_path(cfg.seed).resolve()),
-            "results_version": version, **({"cpu_threads": first} if first is not None else {})}
+    return {"run_identity": run_identity(cfg), "algorithm": cfg.algorithm.name,
+            "store": str(cfg.data.store_path(cfg.seed).resolve()), "results_version": version,
+            **({"cpu_threads": first} if first is not None else {})}
 
 
 def force_with_nothing_to_train(comm: Comm, config_due: bool, start: int, cfg: Config, resumed: Any,

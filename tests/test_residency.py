@@ -307,3 +307,23 @@ def test_state_of_another_algorithm_is_refused_where_no_manifest_names_it(tmp_pa
              "stamp": torch.zeros(fedper.shared.length + 1, dtype=torch.int64), "last_round": 0}
     with pytest.raises(ValueError, match="parameter elements"):
         fedper.shared.load_state(other, torch.device("cpu"))
+
+
+def test_a_refused_bounded_resume_frees_its_scratch_client(tmp_path):
+    """With a bound, resume loads every shard into one scratch client to check it fits; a shard
+    that does not fit must not leave that client (its models, optimizers and data on the
+    device) held by the pool until the pool itself is dropped."""
+    from algo_harness import make_trainer, save
+
+    from cafedist.config import config_hash
+    from cafedist.errors import CheckpointError
+    from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
+
+    tr = make_trainer(tmp_path, "fedavg", resident_clients=2)
+    tr.run_round(0)
+    save(tr, 0)
+    wider = make_trainer(tmp_path, "fedavg", resident_clients=2, options={"width": 8})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(CheckpointDir(wider.run_dir), wider.comm, wider.pool, wider.algo, wider.shared,
+                        config_hash=config_hash(wider.cfg), resume="force")
+    assert wider.pool._fit_client is None

@@ -366,11 +366,7 @@ def _restore(ckpt: CheckpointDir, path: Path, locations: dict[str, dict[str, str
     it was taken after. A checkpoint that does not fit the model or algorithm is one line."""
     pool.checkpointed = locations
     try:
-        for cid in pool.ids:
-            loc = locations.get(client_file(cid))
-            if loc is not None:
-                pool.restore(cid, load_torch(ckpt.root / loc["dir"] / client_file(cid)))
-        pool.restored()
+        _restore_clients(ckpt, locations, pool)
         server = load_torch(path / "server.pt")
         algo.load_server_state(server.get("algo", {}))
         shared.load_state(server.get("shared", {}), pool.device)
@@ -384,6 +380,18 @@ def _restore(ckpt: CheckpointDir, path: Path, locations: dict[str, dict[str, str
         raise CheckpointError(f"{path}: does not fit the model/algorithm of this config ({reason})") from None
     pool.changed.clear()
     return done
+
+
+def _restore_clients(ckpt: CheckpointDir, locations: dict[str, dict[str, str]], pool: ClientPool) -> None:
+    """Load each of this rank's clients that has a shard in ``locations``; the pool's scratch
+    client for checking shards (with a residency bound) is freed also when one does not fit."""
+    try:
+        for cid in pool.ids:
+            loc = locations.get(client_file(cid))
+            if loc is not None:
+                pool.restore(cid, load_torch(ckpt.root / loc["dir"] / client_file(cid)))
+    finally:
+        pool.restored()
 
 
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,

@@ -241,6 +241,7 @@ class ClientPool:
     def close(self) -> None:
         """Stop the prefetch thread and delete the on-disk parked state (a cache of this
         process: checkpoints hold the record, a resume refills it)."""
+        self._fit_client = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self.state_dir is not None and self._made_state_dir:

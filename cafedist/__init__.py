@@ -14,4 +14,5 @@ __version__ = "0.1.0"
 #: record it, and ``cafedist compare`` reuses a finished run only when it matches: an older
 #: run is moved aside (``--resume none``) and trained again. Summaries without it are 1.
 #: 2: ``cafedistill`` with ``shared_body: true`` starts every client from one body (session 12).
-RESULTS_VERSION = 2
+#: 3: ``train.amp: fp16`` keeps each client's loss scale across phases and rounds (session 14).
+RESULTS_VERSION = 3

@@ -158,6 +158,23 @@ def test_force_onto_another_algorithm_is_refused(tmp_path, tiny_config, first, t
     assert tree_hashes(run) == before
 
 
+@pytest.mark.parametrize("config_yaml", [True, False])
+def test_auto_onto_another_algorithm_does_not_advise_force(tmp_path, tiny_config, config_yaml):
+    """--resume auto refused a run of another algorithm as 'a different config ... or --resume
+    force', advice that force then refused: the refusal names the algorithm, under auto too
+    (also judged by the checkpoint's manifest where config.yaml is gone)."""
+    cfg, run = str(tiny_config(rounds=2)), tmp_path / "run"
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "algorithm.name=fedavg")
+    assert code == 0, err
+    if not config_yaml:
+        (run / "config.yaml").unlink()
+    before = tree_hashes(run)
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "algorithm.name=fedper")
+    assert code == 2
+    assert "--resume force" not in _one_error_line(err, "a run of algorithm fedavg", "another --out")
+    assert tree_hashes(run) == before
+
+
 # ----------------------------------------------------------------------------- a run without config.yaml
 def test_a_run_without_config_yaml_is_judged_by_its_checkpoints(finished, run_copy):
     (run_copy / "config.yaml").unlink()

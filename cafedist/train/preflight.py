@@ -118,6 +118,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
         return RunDirPlan.WRITE
     if resume == "force":
         return RunDirPlan.DEFER
+    _refuse_another_algorithm(run_dir, old.algorithm.name, cfg)
     diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True)) or "?"
     raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
                           f"use another --out, --resume none to start over, or --resume force")
@@ -142,8 +143,19 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
         return RunDirPlan.WRITE
     if resume == "force":
         return RunDirPlan.DEFER
+    _refuse_another_algorithm(run_dir, ref.manifest.get("algorithm"), cfg)  # manifests before session 14: none
     raise CheckpointError(f"{ref.path}: written by a different config (and {run_dir} has no config.yaml to name "
                           f"the difference); use another --out, --resume none to start over, or --resume force")
+
+
+def _refuse_another_algorithm(where: Path, algorithm: str | None, cfg: Config) -> None:
+    """``--resume auto`` onto a run of another algorithm (None: not known): refused naming the
+    algorithm, without advising ``--resume force`` (which refuses a checkpoint whose manifest
+    names another algorithm: a run continues only under its own)."""
+    if algorithm is not None and algorithm != cfg.algorithm.name:
+        raise CheckpointError(f"{where} holds a run of algorithm {algorithm}, and a run continues only under its "
+                              f"own algorithm; train {cfg.algorithm.name} with another --out, or --resume none to "
+                              f"move that run aside and start over")
 
 
 def _refuse_a_users_config_file(cfg_file: Path) -> None:

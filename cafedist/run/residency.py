@@ -5,13 +5,13 @@ A :class:`ClientPool` holds one rank's clients (ids in placement order). With
 fastest layout, and the memory of every client at once). With a bound ``b`` at most ``b``
 clients are materialized at a time: a client is built on the device when it is needed
 (:meth:`ClientPool.each`, :meth:`ClientPool.waves`) from its *parked* state, and parked
-again (models, optimizer state, algorithm state) when it is evicted after having changed.
-Parked state lives in host memory (pinned on CUDA) or, with ``train.client_state: disk``,
-in one file per client under ``RUN/client_state/``. A client never touched has no parked
-state at all: it is built at its initial weights (keyed by seed and client id), so memory
-and disk grow with the clients that trained, not with ``n``. The next client's parked state
-and data are read by a background thread while the current one works (on a GPU the thread
-also copies the data to the device on a side stream).
+again (models, optimizer state, fp16 loss scales, algorithm state) when it is evicted after
+having changed. Parked state lives in host memory (pinned on CUDA) or, with
+``train.client_state: disk``, in one file per client under ``RUN/client_state/``. A client
+never touched has no parked state at all: it is built at its initial weights (keyed by seed
+and client id), so memory and disk grow with the clients that trained, not with ``n``. The
+next client's parked state and data are read by a background thread while the current one
+works (on a GPU the thread also copies the data to the device on a side stream).
 
 Nothing here changes a result: building, parking and loading copy tensors exactly, and
 every random draw is keyed by (seed, client id, round), so a run is bit-identical whatever

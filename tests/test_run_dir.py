@@ -158,6 +158,25 @@ def test_force_onto_another_algorithm_is_refused(tmp_path, tiny_config, first, t
     assert tree_hashes(run) == before
 
 
+def test_force_onto_another_algorithm_is_refused_where_no_manifest_names_it(tmp_path, tiny_config):
+    """A run checkpointed before manifests named their algorithm: its config.yaml names it where
+    that config wrote the checkpoint (same config hash). cafedistill's client targets fit DS-FL's
+    key checks and failed in the first round with an IndexError (a traceback)."""
+    cfg, run = str(tiny_config(rounds=2)), tmp_path / "run"
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "algorithm.name=cafedistill")
+    assert code == 0, err
+    for manifest in run.glob("checkpoints/*/MANIFEST.json"):
+        recorded = json.loads(manifest.read_text())
+        del recorded["algorithm"]
+        manifest.write_text(json.dumps(recorded))
+    before = tree_hashes(run)
+    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "--resume", "force",
+                           "algorithm.name=dsfl", "train.rounds=3")
+    assert code == 2
+    _one_error_line(err, "written by algorithm cafedistill", "another --out")
+    assert tree_hashes(run) == before
+
+
 @pytest.mark.parametrize("config_yaml", [True, False])
 def test_auto_onto_another_algorithm_does_not_advise_force(tmp_path, tiny_config, config_yaml):
     """--resume auto refused a run of another algorithm as 'a different config ... or --resume

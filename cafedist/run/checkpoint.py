@@ -45,8 +45,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cafedist.algorithms.base import Algorithm
+from cafedist.config import config_hash as hash_of_config
+from cafedist.config import read_run_config
 from cafedist.distributed.comm import Comm
-from cafedist.errors import CheckpointError
+from cafedist.errors import CafeError, CheckpointError
 from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_text_atomic
 from cafedist.run.residency import ClientPool
 from cafedist.run.sharing import SharedParams
@@ -328,6 +330,20 @@ class Resumed:
     manifest: dict | None = None  # its verified manifest (rank 0 only)
 
 
+def _writer(ckpt: CheckpointDir, ref: CheckpointRef) -> str | None:
+    """The algorithm that wrote checkpoint ``ref``: its manifest's, or, for a manifest from before
+    session 14, that of the run's ``config.yaml`` where that config wrote it (the same config
+    hash; ``--resume force`` rewrites the file only after its first checkpoint); None: not known."""
+    recorded = ref.manifest.get("algorithm")
+    if recorded is not None or "config_hash" not in ref.manifest:
+        return recorded
+    try:
+        cfg = read_run_config(ckpt.root.parent / "config.yaml")
+    except (CafeError, OSError):
+        return None
+    return cfg.algorithm.name if hash_of_config(cfg) == ref.manifest["config_hash"] else None
+
+
 def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_accept: tuple[str, ...],
                        evaluating: str | None, algorithm: str | None) -> tuple[CheckpointRef | None, str | None]:
     """Rank 0: the newest checkpoint that verifies, and why it may not be used (None: it may;
@@ -346,7 +362,7 @@ def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_
                      f"(edited or replaced since?); eval scores models only under the config that trained them")
     if recorded not in (None, config_hash, *also_accept) and resume != "force":
         return ref, f"{ref.path}: written by a different config (use --resume force to continue anyway)"
-    writer = ref.manifest.get("algorithm")  # manifests before session 14: none (load_shard checks the state)
+    writer = _writer(ckpt, ref) if algorithm is not None else None  # None: not known (load_shard checks the state)
     if algorithm is not None and writer not in (None, algorithm):
         # the state of one algorithm means something else, or nothing, to another (a key of both
         # may hold another layout), and the run's results would be credited to the new one
@@ -410,8 +426,9 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     checkpoint whose manifest records another is refused, whatever ``resume`` says, and one
     from before manifests recorded it is checked by its config hash, with a warning only
     (the config file may have been rewritten for another algorithm's section since).
-    ``algorithm``: the name training continues under; a checkpoint whose manifest records
-    another algorithm is refused, whatever ``resume`` says.
+    ``algorithm``: the name training continues under; a checkpoint written by another
+    algorithm (by its manifest, or by the run's ``config.yaml`` for a manifest that predates
+    the field) is refused, whatever ``resume`` says.
     """
     rt = comm.rt
     ref, problem, locations = None, None, {}

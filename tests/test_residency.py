@@ -327,3 +327,25 @@ def test_a_refused_bounded_resume_frees_its_scratch_client(tmp_path):
         load_checkpoint(CheckpointDir(wider.run_dir), wider.comm, wider.pool, wider.algo, wider.shared,
                         config_hash=config_hash(wider.cfg), resume="force")
     assert wider.pool._fit_client is None
+
+
+def test_a_run_that_fails_to_build_leaves_no_temporary_folder(tmp_path, store_cache, monkeypatch):
+    """Whatever fails while a run is built (here the shared parameters) fails before the pool
+    makes its temporary folder or starts its prefetch thread."""
+    import tempfile
+
+    from cafedist.run import build
+
+    out = tmp_path / "run"
+    run(tiny(store_cache, "fedavg", rounds=2, resident_clients=2, client_state="disk"), out)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("shared_mask failed")
+
+    monkeypatch.setattr(build.SharedParams, "of", failing)
+    with pytest.raises(RuntimeError, match="shared_mask failed"):
+        cli_main(["eval", str(out)])
+    assert list(scratch.iterdir()) == []

@@ -152,6 +152,7 @@ def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
     algo.bind_model(probe)
     if algo.exchanges_logits:
         algo.sent_exits()  # an algorithm breaking the proxy_exits contract fails before round 0
+    shared = SharedParams.of(algo, probe)  # before the pool: nothing may fail once it runs a thread
     state_dir, scratch = None, None
     if cfg.train.client_state == "disk":
         # without a run directory (eval, compare --budget) a temporary folder, the pool's to remove
@@ -169,7 +170,6 @@ def _build(cfg: Config, rt: Runtime, store: Store, run_dir: Path | None) -> Run:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
-    shared = SharedParams.of(algo, probe)
     pool.on_load = shared.catch_up  # a materialized client gets the averages it missed while parked
     return Run(cfg=cfg, rt=rt, store=store, placement=placement, algo=algo, setup=setup, build=build, probe=probe,
                macs=macs, proxy_x=proxy_x, pool=pool, shared=shared)

@@ -13,13 +13,38 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn
+
+log = logging.getLogger("cafedist")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, waiting_for: str) -> Iterator[None]:
+    """Hold an exclusive POSIX (fcntl) lock on ``path`` (created if needed; left in place),
+    saying at INFO that it waits for ``waiting_for`` when another process holds it.
+
+    lockf (POSIX record locks) rather than flock, because it also works across nodes on
+    NFS. The lock file is never deleted: deleting it would let a late process lock a new
+    inode while another still holds the old one.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for %s (lock %s)", waiting_for, path)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

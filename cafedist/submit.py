@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -44,6 +45,7 @@ import yaml
 
 from cafedist import yamlio
 from cafedist.errors import CafeError, ConfigError
+from cafedist.fsutil import exclusive_lock
 from cafedist.jobs import (
     ExecutorOptions,
     JobOutcome,
@@ -323,6 +325,17 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
     task = TrainTask(env)
     ensure_importable_in_jobs()
     folder = Path(folder)
+    # one submission at a time (per user, on this host): what a refused attempt removes is told
+    # from what was there before it, which a concurrent submission into the same folder (its
+    # temporary files are named by uuid) would otherwise be counted in
+    with exclusive_lock(Path(tempfile.gettempdir()) / f"cafedist-submit-{os.getuid()}.lock",
+                        "another cafedist submission to finish"):
+        return _submit_attempt(executor, task, runs, folder, as_array, owned)
+
+
+def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], folder: Path, as_array: bool | None,
+                    owned: str | Path | None) -> list[Any]:
+    """:func:`submit_runs` once it is the only submission of this user on this host."""
     made = _first_missing(folder, Path(owned) if owned is not None else folder)
     before = set(folder.iterdir()) if made is None and folder.is_dir() else set()
     utils = require_submitit().core.utils

@@ -347,6 +347,35 @@ def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shar
     assert tree_hashes(logs) == kept and sorted(p.name for p in logs.iterdir()) == ["123", "mine.txt"]
 
 
+def test_concurrent_submissions_take_turns(shared: Ctx, tmp_path, monkeypatch):
+    """A refused attempt removes what appeared in the folder since it began: a concurrent
+    submission's temporary files would count too, so submissions of a user take turns (a lock
+    in the temporary directory). While another process holds it, submit waits, then goes on."""
+    _fake_slurm(tmp_path / "bin", f"echo '{SLURM_DOWN}' >&2; exit 1", monkeypatch)
+    env = env_for_tests(TMPDIR=str(tmp_path), PATH=os.environ["PATH"])
+    lock = tmp_path / f"cafedist-submit-{os.getuid()}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cafedist.fsutil import exclusive_lock\n"
+                               f"with exclusive_lock({str(lock)!r}, 'test'):\n print('held', flush=True)\n"
+                               " sys.stdin.read()"],
+                              cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        submit = subprocess.Popen([sys.executable, "-m", "cafedist", "submit", "--config", str(shared.cfg),
+                                   "--out", str(tmp_path / "queued")], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            submit.wait(timeout=3)  # waiting for its turn
+        holder.stdin.close()
+        _, err = submit.communicate(timeout=120)
+    finally:
+        holder.kill()
+    assert submit.returncode == 2, err
+    waiting, refused = err.strip().splitlines()
+    assert "waiting for another cafedist submission to finish" in waiting
+    assert refused == f"cafedist: error: job submission failed: {SLURM_DOWN}"
+    assert not (tmp_path / "queued").exists()
+
+
 def test_an_unreadable_sbatch_answer_keeps_the_files_a_queued_job_may_need(shared: Ctx, tmp_path, monkeypatch):
     _fake_slurm(tmp_path / "bin", "echo 'Submitted batch array 4242'; exit 0", monkeypatch)
     code, _, err = run_cli("submit", "--config", str(shared.cfg), "--out", str(shared.fresh))

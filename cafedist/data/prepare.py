@@ -13,13 +13,10 @@ the lock builds the store, the others wait and then reuse it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -35,7 +32,7 @@ from cafedist.data.registry import DATASETS, NATURAL, load_dataset, options_of
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
-from cafedist.fsutil import remove_stale_temps
+from cafedist.fsutil import exclusive_lock, remove_stale_temps
 from cafedist.paths import check_dir_creatable
 from cafedist.rng import derive_seed
 
@@ -177,26 +174,6 @@ def prepare_store(out: str | Path, spec: PartitionSpec, root: str | Path | None 
     return Path(out)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive POSIX (fcntl) lock on ``path`` (created if needed; left in place).
-
-    lockf (POSIX record locks) rather than flock, because it also works across nodes on
-    NFS. The lock file is never deleted: deleting it would let a late process lock a new
-    inode while another still holds the old one.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log.info("waiting for another process to finish building the store (lock %s)", path)
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 def store_matches(out: Path, want: dict[str, Any]) -> bool:
     """True if ``out`` is a valid store built with ``want``; False if absent; DataError otherwise."""
     if not out.exists():
@@ -221,7 +198,7 @@ def ensure_store(out: str | Path, spec: PartitionSpec, root: str | Path | None =
     if store_matches(out, want):  # fast path: stores appear by atomic rename, so no lock is needed to read
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(Path(f"{out}.lock")):
+    with exclusive_lock(Path(f"{out}.lock"), "another process to finish building the store"):
         if store_matches(out, want):
             return out
         for stale in remove_stale_temps(out, STORE_SUFFIX):  # every writer holds this lock: these are orphans

@@ -170,7 +170,11 @@ def test_a_hung_rank_times_out(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("rank1,needle", [
-    (["train.lr=0.01"], "config differs between ranks"),
+    (["train.lr=0.01"], "config (train.lr) differs between ranks"),
+    # not in the config hash, but they decide collectives: rank 0 checkpointed round 0 alone and
+    # both ranks failed a round later, after dist.timeout_s, on an unrelated collective
+    (["checkpoint.every=2"], "config (checkpoint.every) differs between ranks"),
+    (["train.diagnostics=[conflict]"], "config (train.diagnostics) differs between ranks"),
     (["--resume", "none"], "--resume differs between ranks"),  # a traceback or a hang, once
     # a relative --out under another working directory, or node-local folders: the shards of
     # every checkpoint were split across folders (or rank 1 resumed from another run's)

@@ -86,7 +86,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
 def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag, progress: bool) -> RunResult:
     comm = Comm(rt)
     h = config_hash(cfg)
-    check_ranks_agree(comm, h, resume)
+    check_ranks_agree(comm, cfg, resume)
     lock = RunLock(run_dir) if rt.is_main else None
     # validate everything before the run directory is touched: paths and what the directory
     # holds (rank 0), then store, model and algorithm (every rank, building the run)

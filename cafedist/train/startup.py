@@ -9,6 +9,8 @@ that has already stopped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import time
@@ -31,13 +33,42 @@ from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan
 log = logging.getLogger("cafedist")
 
 
-def check_ranks_agree(comm: Comm, config_hash: str, resume: str) -> None:
-    """Every rank runs the same config with the same ``--resume`` (which decides collectives:
-    whether a checkpoint is loaded), or every rank raises DistError naming those that differ."""
-    hashes = comm.all_gather_object((config_hash, resume))
-    if len(set(hashes)) > 1:
-        bad = [r for r, x in enumerate(hashes) if x != hashes[0]]
-        what = "config" if len({x[0] for x in hashes}) > 1 else "--resume"
+#: settings a rank may hold for itself: where it finds its data, where its parked clients live,
+#: its device (e.g. ``--device cuda:$LOCAL_RANK``); every other one must be the same on every rank,
+#: also those that do not change results (``checkpoint.every`` and ``train.diagnostics`` decide
+#: collectives: a rank that disagrees would wait in one the others never enter)
+PER_RANK_FIELDS = ("data.root", "data.store", "data.cache_dir", "train.resident_clients", "train.client_state",
+                   "dist.device")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_ranks_agree(comm: Comm, cfg: Config, resume: str) -> None:
+    """Every rank runs the same config (but for :data:`PER_RANK_FIELDS`) with the same
+    ``--resume`` (which decides collectives: whether a checkpoint is loaded), or every rank
+    raises DistError naming the ranks and the settings that differ."""
+    fields = {k: v for k, v in _flat(cfg.to_dict()).items()
+              if not any(k == f or k.startswith(f + ".") for f in PER_RANK_FIELDS)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    seen = comm.all_gather_object((digest, resume))
+    if len(set(seen)) > 1:
+        bad = [r for r, x in enumerate(seen) if x != seen[0]]
+        if len({x[0] for x in seen}) > 1:
+            every = comm.all_gather_object(fields)  # (small) so that every rank names the same settings
+            names = sorted({k for other in every[1:] for k in other.keys() | every[0].keys()
+                            if other.get(k) != every[0].get(k)})
+            what = "config" + (f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else "")
+        else:
+            what = "--resume"
         raise DistError(f"{what} differs between ranks: rank(s) {bad} disagree with rank 0 "
                         f"(same config file, overrides and flags on every rank?)")
 

@@ -175,6 +175,10 @@ def test_a_hung_rank_times_out(tiny_config, tmp_path):
     # both ranks failed a round later, after dist.timeout_s, on an unrelated collective
     (["checkpoint.every=2"], "config (checkpoint.every) differs between ranks"),
     (["train.diagnostics=[conflict]"], "config (train.diagnostics) differs between ranks"),
+    # a rank's own store path (node-local disks): checked on rank 1 too, and every rank says why,
+    # where rank 1 stopped with an OSError and rank 0 reported "Connection closed by peer"
+    (["data.cache_dir={tmp}/a-file/stores"], "a-file is a file, not a directory"),
+    (["data.store={tmp}/a-file/stores/x.h5"], "a-file is a file, not a directory"),
     (["--resume", "none"], "--resume differs between ranks"),  # a traceback or a hang, once
     # a relative --out under another working directory, or node-local folders: the shards of
     # every checkpoint were split across folders (or rank 1 resumed from another run's)
@@ -192,7 +196,9 @@ def test_inconsistent_ranks_are_an_error(tiny_config, tmp_path, rank1, needle):
     for rank in range(2):
         env = env_for_tests(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(port))
-        extra = [str(tmp_path / a) if a == "elsewhere" else a for a in rank1] if rank == 1 else []
+        (tmp_path / "a-file").write_text("not a folder\n")
+        extra = [str(tmp_path / a) if a == "elsewhere" else a.format(tmp=tmp_path) for a in rank1] \
+            if rank == 1 else []
         extra += ["--resume", "none"] if elsewhere else []
         procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
                                        str(out), "--no-progress", "dist.timeout_s=10", *extra],
@@ -251,3 +257,31 @@ def test_a_preemption_signal_to_the_launch_script_checkpoints_every_rank(tiny_co
     assert text.count("stop signal received") == 1, text[-3000:]  # rank 0 says it for the job
     rounds = sorted(p.name for p in (out / "checkpoints").glob("round_*"))
     assert rounds and rounds[-1] < "round_000199", text[-3000:]
+
+
+def test_an_oserror_naming_a_path_at_start_reaches_every_rank():
+    """An OSError about a rank's path at start-up (a store folder the OS refuses) is a
+    user-facing error that every rank raises, not one that leaves the others in a collective."""
+    import errno
+
+    import torch
+
+    from cafedist.distributed.comm import Comm
+    from cafedist.distributed.runtime import Runtime
+    from cafedist.errors import CafeError
+    from cafedist.train.startup import agreed
+
+    comm = Comm(Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None,
+                        launcher="single"))
+
+    def refused():
+        raise OSError(errno.ENOENT, "No such file or directory", "/proc/nope")
+
+    with pytest.raises(CafeError, match="^/proc/nope: No such file or directory$"):
+        agreed(comm, refused)
+
+    def bug():
+        raise OSError("no file named: a bug, not bad input")
+
+    with pytest.raises(OSError):
+        agreed(comm, bug)

@@ -36,9 +36,16 @@ def check_paths(cfg: Config, run_dir: Path) -> None:
     still to be built from a dataset that is not bundled needs ``data.root`` (whether the
     root holds the dataset is the loader's to say: on a cluster it may exist on the compute
     nodes only)."""
+    check_dir_creatable(run_dir, "--out")
+    check_data_paths(cfg)
+
+
+def check_data_paths(cfg: Config) -> None:
+    """The store's folder must be (or become) a directory, and a store still to be built from a
+    dataset that is not bundled needs ``data.root``: :func:`check_paths` without ``--out``, for
+    the ranks other than rank 0 (each may have its own store path, e.g. a node-local disk)."""
     from cafedist.data.registry import BUNDLED
 
-    check_dir_creatable(run_dir, "--out")
     store = cfg.data.store_path(cfg.seed)
     field = "data.store" if cfg.data.store else "data.cache_dir"
     if store.is_dir():

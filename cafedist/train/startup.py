@@ -28,7 +28,7 @@ from cafedist.fsutil import write_text_atomic
 from cafedist.run.checkpoint import CheckpointDir, Resumed
 from cafedist.run.residency import remove_parked_state
 from cafedist.rundir import RunLock, move_aside, outputs_lock
-from cafedist.train.preflight import RunDirPlan, check_paths, earlier_hash, plan_run_dir
+from cafedist.train.preflight import RunDirPlan, check_data_paths, check_paths, earlier_hash, plan_run_dir
 
 log = logging.getLogger("cafedist")
 
@@ -74,10 +74,13 @@ def check_ranks_agree(comm: Comm, cfg: Config, resume: str) -> None:
 
 
 def check_run_dir(cfg: Config, run_dir: Path, resume: str, is_main: bool) -> None:
-    """Rank 0, read-only: the paths, and what the run directory holds, allow this run."""
+    """Read-only: the paths, and (rank 0) what the run directory holds, allow this run. Every
+    rank checks its own data paths (they may differ between ranks: :data:`PER_RANK_FIELDS`)."""
     if is_main:
         check_paths(cfg, run_dir)
         plan_run_dir(cfg, run_dir, resume)
+    else:
+        check_data_paths(cfg)
 
 
 def take_lock(lock: RunLock | None, cfg: Config, run_dir: Path, config_hash: str) -> tuple[str, ...]:
@@ -212,12 +215,19 @@ def agree(comm: Comm, error: str | None) -> None:
 
 
 def agreed(comm: Comm, step: Callable[[], Any]) -> Any:
-    """Run ``step()`` on this rank; if it raised a user-facing error on any rank, raise it on every rank."""
+    """Run ``step()`` on this rank; if it raised a user-facing error (or an OSError naming a
+    path) on any rank, raise it on every rank."""
     result, err = None, None
     try:
         result = step()
     except CafeError as exc:
         err = str(exc)
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # a path of this rank the OS refused (as the command line reports it): the others must
+        # learn it too, not wait for this rank in the next collective
+        err = f"{exc.filename}: {exc.strerror or type(exc).__name__}"
     agree(comm, err)
     return result
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
-from cafedist.interrupts import noticed_interrupts
+from cafedist.interrupts import Interrupted, noticed_interrupts
 from cafedist.paths import config_file_arg
 
 
@@ -204,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     _setup_logging(args.verbose)
     try:
-        with noticed_interrupts() as interrupted:
+        # SIGTERM unwinds like Ctrl-C (what is being written is removed), except in train: its stop
+        # flag takes SIGTERM once it runs, and before, in the rendezvous, only the default action
+        # ends a rank that a launcher stops because a peer failed
+        with noticed_interrupts(sigterm=args.command != "train") as interrupted:
             status = int(COMMANDS[args.command][2](args) or 0)
-            if interrupted():  # a Ctrl-C that Python lost inside a callback (h5py's): still an interrupt
-                raise KeyboardInterrupt
+            signum = interrupted()
+            if signum is not None:  # a Ctrl-C that Python lost inside a callback (h5py's): still an interrupt
+                raise Interrupted(signum)
         return status
     except DistError as exc:
         print(f"cafedist: error: {exc}", file=sys.stderr)
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         print(f"cafedist: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or a deferred SIGTERM (cafedist.interrupts)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cafedist.interrupts)
         print("cafedist: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
 

@@ -6,8 +6,10 @@ command then finishes as if nothing happened) — and SIGTERM, the signal of ``k
 ``timeout`` and Slurm, ends the process at once, leaving a half-written temporary file
 behind. Inside :func:`deferred_interrupts` both are recorded instead and raised as
 :class:`Interrupted` at the next ``check()`` and at the end of the block, where the code
-around can remove what it was writing. :func:`noticed_interrupts` catches a Ctrl-C that Python
-lost, and :func:`children_take_ctrl_c` gives child processes a working SIGINT.
+around can remove what it was writing. :func:`noticed_interrupts` (around every command)
+catches a Ctrl-C that Python lost and, for the commands but train, turns SIGTERM into an
+exception like Ctrl-C's; and :func:`children_take_ctrl_c` gives child processes a working
+SIGINT.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-_noticed: list[int] = []  # SIGINTs received under noticed_interrupts()
+_noticed: list[int] = []  # SIGINTs and SIGTERMs received under noticed_interrupts()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
     _noticed.append(signum)
-    raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 def _is_default(handler: object) -> bool:
@@ -49,20 +53,25 @@ def _is_default(handler: object) -> bool:
 
 
 @contextlib.contextmanager
-def noticed_interrupts() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C raises KeyboardInterrupt as always, and is also remembered: the yielded function
-    says whether one arrived, so a command whose KeyboardInterrupt Python lost (raised inside
-    a callback and printed as "Exception ignored") can still end as interrupted. Main thread
-    only, and only where SIGINT has its default handling."""
+def noticed_interrupts(sigterm: bool = False) -> Iterator[Callable[[], int | None]]:
+    """Ctrl-C raises KeyboardInterrupt as always, and with ``sigterm`` SIGTERM, which would end
+    the process on the spot (leaving the temporary files of the outputs being written, e.g.
+    eval's), raises :class:`Interrupted` likewise, so that what is being written is cleaned up;
+    both are also remembered: the yielded function returns the first one's number (None: none
+    arrived), so a command whose KeyboardInterrupt Python lost (raised inside a callback and
+    printed as "Exception ignored") can still end as interrupted. Main thread only, and only
+    for a signal at its default handling."""
     _noticed.clear()
-    install = _in_main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if install:
-        signal.signal(signal.SIGINT, _raise_interrupt)
+    defaults = {signal.SIGINT: signal.default_int_handler, **({signal.SIGTERM: signal.SIG_DFL} if sigterm else {})}
+    installed = [sig for sig, default in defaults.items()
+                 if _in_main_thread() and signal.getsignal(sig) is default]
+    for sig in installed:
+        signal.signal(sig, _raise_interrupt)
     try:
-        yield lambda: bool(_noticed)
+        yield lambda: _noticed[0] if _noticed else None
     finally:
-        if install:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in installed:
+            signal.signal(sig, defaults[sig])
         _noticed.clear()
 
 

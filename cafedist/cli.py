@@ -204,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     _setup_logging(args.verbose)
     try:
-        # SIGTERM unwinds like Ctrl-C (what is being written is removed), except in train: its stop
-        # flag takes SIGTERM once it runs, and before, in the rendezvous, only the default action
-        # ends a rank that a launcher stops because a peer failed
-        with noticed_interrupts(sigterm=args.command != "train") as interrupted:
+        # SIGTERM and SIGUSR1 unwind like Ctrl-C (what is being written is removed, compare's
+        # trainings are stopped), except in train: its stop flag takes them once it runs, and
+        # before, in the rendezvous, only the default action ends a rank that a launcher stops
+        # because a peer failed
+        with noticed_interrupts(stop_signals=args.command != "train") as interrupted:
             status = int(COMMANDS[args.command][2](args) or 0)
             signum = interrupted()
             if signum is not None:  # a Ctrl-C that Python lost inside a callback (h5py's): still an interrupt
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         print(f"cafedist: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cafedist.interrupts)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGUSR1 (cafedist.interrupts)
         print("cafedist: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
 

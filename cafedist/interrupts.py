@@ -7,8 +7,8 @@ command then finishes as if nothing happened) — and SIGTERM, the signal of ``k
 behind. Inside :func:`deferred_interrupts` both are recorded instead and raised as
 :class:`Interrupted` at the next ``check()`` and at the end of the block, where the code
 around can remove what it was writing. :func:`noticed_interrupts` (around every command)
-catches a Ctrl-C that Python lost and, for the commands but train, turns SIGTERM into an
-exception like Ctrl-C's; and :func:`children_take_ctrl_c` gives child processes a working
+catches a Ctrl-C that Python lost and, for the commands but train, turns SIGTERM and SIGUSR1
+into an exception like Ctrl-C's; and :func:`children_take_ctrl_c` gives child processes a working
 SIGINT.
 """
 
@@ -19,8 +19,9 @@ import signal
 import threading
 from typing import Callable, Iterator
 
-#: the signals deferred, when they would otherwise end the process (their default handling)
-FATAL_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: the signals deferred, when they would otherwise end the process (their default handling):
+#: Ctrl-C, and the stop signals of ``kill``, ``timeout`` and Slurm (``--signal=USR1@N``)
+FATAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -36,7 +37,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-_noticed: list[int] = []  # SIGINTs and SIGTERMs received under noticed_interrupts()
+_noticed: list[int] = []  # the signals received under noticed_interrupts()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
@@ -53,16 +54,18 @@ def _is_default(handler: object) -> bool:
 
 
 @contextlib.contextmanager
-def noticed_interrupts(sigterm: bool = False) -> Iterator[Callable[[], int | None]]:
-    """Ctrl-C raises KeyboardInterrupt as always, and with ``sigterm`` SIGTERM, which would end
-    the process on the spot (leaving the temporary files of the outputs being written, e.g.
-    eval's), raises :class:`Interrupted` likewise, so that what is being written is cleaned up;
+def noticed_interrupts(stop_signals: bool = False) -> Iterator[Callable[[], int | None]]:
+    """Ctrl-C raises KeyboardInterrupt as always, and with ``stop_signals`` SIGTERM and SIGUSR1,
+    which would end the process on the spot (leaving the temporary files of the outputs being
+    written, e.g. eval's, or compare's trainings running), raise :class:`Interrupted` likewise,
+    so that what is being written is cleaned up and what was started is stopped;
     both are also remembered: the yielded function returns the first one's number (None: none
     arrived), so a command whose KeyboardInterrupt Python lost (raised inside a callback and
     printed as "Exception ignored") can still end as interrupted. Main thread only, and only
     for a signal at its default handling."""
     _noticed.clear()
-    defaults = {signal.SIGINT: signal.default_int_handler, **({signal.SIGTERM: signal.SIG_DFL} if sigterm else {})}
+    defaults = {signal.SIGINT: signal.default_int_handler,
+                **({signal.SIGTERM: signal.SIG_DFL, signal.SIGUSR1: signal.SIG_DFL} if stop_signals else {})}
     installed = [sig for sig, default in defaults.items()
                  if _in_main_thread() and signal.getsignal(sig) is default]
     for sig in installed:
@@ -77,7 +80,7 @@ def noticed_interrupts(sigterm: bool = False) -> Iterator[Callable[[], int | Non
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[Callable[[], None]]:
-    """Record SIGINT/SIGTERM (where they would end the process) until the block's next
+    """Record SIGINT/SIGTERM/SIGUSR1 (where they would end the process) until the block's next
     ``check()`` or its end, which raise :class:`Interrupted`. Outside the main thread signals
     cannot be handled: the block then defers nothing."""
     pending: list[int] = []

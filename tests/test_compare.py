@@ -6,7 +6,9 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -289,7 +291,9 @@ def _trainers_in(run_dir) -> list[int]:
 
 
 @pytest.mark.slow
-def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path):
+# SIGUSR1 (Slurm's --signal=USR1@N, as for train) ended compare on the spot: its training went on, orphaned
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path, sig):
     out = tmp_path / "stop"
     run_dir = out / "runs" / "fedavg" / "seed3"
     proc = subprocess.Popen([sys.executable, "-m", "cafedist", "compare", "--config", str(tiny_config(rounds=2000)),
@@ -301,13 +305,16 @@ def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, "training never started"
             time.sleep(0.2)
         assert _trainers_in(run_dir)
-        proc.terminate()
-        proc.communicate(timeout=120)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
-    assert _trainers_in(run_dir) == []  # no orphan keeps writing into the run directory
+    orphans = _trainers_in(run_dir)
+    for pid in orphans:  # a failing run's orphan: this test's, ended by its pid
+        os.kill(pid, signal.SIGKILL)
+    assert orphans == []  # no orphan keeps writing into the run directory
+    assert proc.returncode == 128 + sig, err[-2000:]
     assert "stop signal received" in (run_dir / "train.log").read_text()  # it checkpointed, so a rerun resumes
     assert not (out / "results.md").exists()
 

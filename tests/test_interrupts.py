@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from cafedist import cli
 
 
@@ -42,14 +44,16 @@ def test_a_command_without_ctrl_c_keeps_its_status(monkeypatch):
     assert cli.main(["bench", "local"]) == 0  # an earlier interrupt is not remembered
 
 
-def test_a_sigterm_while_eval_writes_leaves_its_outputs_as_they_were(tiny_config, tmp_path):
-    """SIGTERM (kill, timeout, Slurm) ended eval on the spot once eval.json's temporary file was
-    written: the hidden temporary stayed in the run directory. Now it unwinds like Ctrl-C: the
-    earlier outputs stay as they were, nothing else is left, exit 143."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_while_eval_writes_leaves_its_outputs_as_they_were(tiny_config, tmp_path, sig):
+    """SIGTERM (kill, timeout, Slurm) or SIGUSR1 (Slurm's --signal) ended eval on the spot once
+    eval.json's temporary file was written: the hidden temporary stayed in the run directory.
+    Now they unwind like Ctrl-C: the earlier outputs stay as they were, nothing else is left,
+    exit 128 + the signal."""
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, cafedist_in_process, env_for_tests
+    from conftest import ROOT, cafedist_in_process, env_for_tests
 
     run = tmp_path / "run"
     cafedist_in_process("train", "--config", str(tiny_config(rounds=1)), "--out", str(run), "--no-progress",
@@ -60,12 +64,12 @@ def test_a_sigterm_while_eval_writes_leaves_its_outputs_as_they_were(tiny_config
         "import os, signal, sys\n"
         "import cafedist.eval.run as er\n"
         "draw = er.plot_accuracy_vs_macs\n"
-        "er.plot_accuracy_vs_macs = lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), draw(*a, **k))\n"
+        f"er.plot_accuracy_vs_macs = lambda *a, **k: (os.kill(os.getpid(), signal.{sig.name}), draw(*a, **k))\n"
         "from cafedist.cli import main\n"
         f"sys.exit(main(['eval', {str(run)!r}]))\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env_for_tests(), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.returncode == 128 + sig, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "cafedist: interrupted"
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.endswith(".lock")}
     assert after == before  # no temporary file left, no output replaced

@@ -136,6 +136,20 @@ def test_summarize_gives_mean_and_sample_std_over_seeds():
     assert "| b | 1 | 50.00 | 60.00 | 70.00 |" in md
 
 
+def test_the_accuracy_table_names_each_rows_macs_when_the_rows_models_differ():
+    # a grid over model.options makes rows of other models: the header's MACs held only the first row's
+    small = _fake_summary([0.5, 0.6, 0.7], 0.4, 10.0, 0.2, 100, 3.0)
+    wide = {**_fake_summary([0.6, 0.7, 0.8], 0.4, 10.0, 0.2, 100, 3.0), "macs_per_exit": [10, 40, 90]}
+    md = results_markdown("cafedist compare X", summarize({"w4": [small], "w8": [wide]}), [])
+    assert "| algorithm | seeds | exit 1 (10 MACs) | exit 2 | exit 3 |" in md
+    assert "| w4 | 1 | 50.00 | 60.00 (20 MACs) | 70.00 (30 MACs) |" in md
+    assert "| w8 | 1 | 60.00 | 70.00 (40 MACs) | 80.00 (90 MACs) |" in md
+    # the same model in every row: the MACs once, in the header
+    md = results_markdown("cafedist compare X", summarize({"a": [small], "b": [small]}), [])
+    assert "| algorithm | seeds | exit 1 (10 MACs) | exit 2 (20 MACs) | exit 3 (30 MACs) |" in md
+    assert "| b | 1 | 50.00 | 60.00 | 70.00 |" in md
+
+
 def test_mean_std_matches_statistics():
     assert mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(statistics.stdev([1, 2, 4])))
     m, s = mean_std([5.0])

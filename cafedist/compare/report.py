@@ -158,17 +158,24 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _accuracy_section(st: _Stats, rows: dict[str, RowInfo] | None) -> list[str]:
     info = rows or {}
     tuned = any(i.trials for i in info.values())  # the chosen setting is not in the row's name
-    first = st.names[0]
+    exits = range(1, st.n_exits + 1)
+    # an exit's MACs go in the header when every row's model costs the same there (a grid over
+    # model.options gives rows other models); otherwise each cell names its own row's MACs
+    macs = {k: {name: s.mean for name in st.names if (s := st.get(name, "exit_macs", k))} for k in exits}
+    shared = {k: len(set(macs[k].values())) == 1 for k in exits}
     head = ["algorithm", "seeds"] + ["rounds"] * (rows is not None) + ["setting", "trials"] * tuned + [
-        f"exit {k} ({short_count(st.get(first, 'exit_macs', k).mean)} MACs)"
-        if st.get(first, "exit_macs", k) else f"exit {k}" for k in range(1, st.n_exits + 1)]
+        f"exit {k} ({short_count(next(iter(macs[k].values())))} MACs)" if shared[k] else f"exit {k}" for k in exits]
+
+    def cell(name: str, k: int) -> str:
+        acc = _pm(st.get(name, "accuracy", k))
+        return acc if shared[k] or acc == "–" or name not in macs[k] else f"{acc} ({short_count(macs[k][name])} MACs)"
+
     body = []
     for name in st.names:
         row = info.get(name) or RowInfo(name, "", "", "", "")
         extra = [f"`{row.setting}`" if row.setting else "–", row.trials] if tuned else []
         rounds = [row.rounds or "–"] if rows is not None else []
-        body.append([name, str(st.seeds(name)), *rounds, *extra]
-                    + [_pm(st.get(name, "accuracy", k)) for k in range(1, st.n_exits + 1)])
+        body.append([name, str(st.seeds(name)), *rounds, *extra] + [cell(name, k) for k in exits])
     return ["## Personalized accuracy per exit (%)", "", *_table(head, body)]
 
 

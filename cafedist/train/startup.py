@@ -9,8 +9,6 @@ that has already stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import secrets
 import time
@@ -21,6 +19,7 @@ import torch
 
 from cafedist import RESULTS_VERSION
 from cafedist.config import Config, dump_config, run_identity
+from cafedist.config import config_hash as hash_of_config
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
@@ -56,13 +55,12 @@ def check_ranks_agree(comm: Comm, cfg: Config, resume: str) -> None:
     """Every rank runs the same config (but for :data:`PER_RANK_FIELDS`) with the same
     ``--resume`` (which decides collectives: whether a checkpoint is loaded), or every rank
     raises DistError naming the ranks and the settings that differ."""
-    fields = {k: v for k, v in _flat(cfg.to_dict()).items()
-              if not any(k == f or k.startswith(f + ".") for f in PER_RANK_FIELDS)}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-    seen = comm.all_gather_object((digest, resume))
+    seen = comm.all_gather_object((hash_of_config(cfg, ignore=PER_RANK_FIELDS), resume))
     if len(set(seen)) > 1:
         bad = [r for r, x in enumerate(seen) if x != seen[0]]
         if len({x[0] for x in seen}) > 1:
+            fields = {k: v for k, v in _flat(cfg.to_dict()).items()
+                      if not any(k == f or k.startswith(f + ".") for f in PER_RANK_FIELDS)}
             every = comm.all_gather_object(fields)  # (small) so that every rank names the same settings
             names = sorted({k for other in every[1:] for k in other.keys() | every[0].keys()
                             if other.get(k) != every[0].get(k)})

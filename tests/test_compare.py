@@ -570,6 +570,21 @@ def test_a_compare_stopped_in_this_process_does_not_stop_the_next(tiny_config, t
     assert outcome.status == "done", outcome
 
 
+def test_a_run_stopped_after_its_summary_is_done(tiny_config, tmp_path, monkeypatch):
+    """Compare interrupted while a child exits after writing its summary: the run is finished (a
+    rerun skips it), so it is not reported as failed with the child's exit status -15."""
+    import importlib
+
+    executing = importlib.import_module("cafedist.compare.execute")  # the package's `execute` is its function
+    [run] = plan_runs(tiny_config(rounds=1), resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+    assert executing.run_subprocess(run, 1).status == "done"
+    monkeypatch.setattr(executing._CHILDREN, "run", lambda *args, **kwargs: -15)
+    assert executing.run_subprocess(run, 1).status == "done"
+    (run.run_dir / "summary.json").unlink()  # without its summary the same exit is a failure
+    failed = executing.run_subprocess(run, 1)
+    assert failed.status == "failed" and "exit status -15" in failed.message
+
+
 def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, tmp_path, capsys, caplog):
     out = tmp_path / "runs" / "cmp"  # a folder named runs above --out (the README's own --out runs/cmp)
     args = ["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",

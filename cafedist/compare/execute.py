@@ -108,7 +108,9 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
         code = _CHILDREN.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(jobs),
                              stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
-    if code == 0 and run.finished_summary() is not None:
+    # its summary is written last: a train stopped after that (compare interrupted while the
+    # child exits) finished its run, which a rerun also counts as done
+    if run.finished_summary() is not None:
         return RunOutcome(run, "done", seconds=seconds)
     why = f"exit status {code}" if code else "no summary.json written"
     tail = logfile.read_text(errors="replace")[-20000:]
@@ -146,7 +148,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
             cancel_local_jobs(submitted)
             raise
         for res, run in zip(results, part_runs):
-            ok = res.ok and run.finished_summary() is not None
+            ok = run.finished_summary() is not None  # as run_subprocess: the summary decides
             msg = "" if ok else (res.error or "no summary.json written") + f" (job {res.job_id})"
             outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))
     return outcomes

@@ -33,7 +33,6 @@ import argparse
 import logging
 import os
 import shlex
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,19 +290,12 @@ def _command_line(args: argparse.Namespace) -> str:
     return ""
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``cafedist compare``: 0 if every run finished, 1 if any failed."""
     submit = _submit_options(args)
-    # SIGTERM (kill, Slurm) unwinds like Ctrl-C, so the running trainings are stopped with us
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        result = compare(args.config, args.out, CompareOptions.from_args(args, submit))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # SIGTERM and SIGUSR1 unwind like Ctrl-C (cafedist.cli: every command but train), so the
+    # running trainings are stopped with us
+    result = compare(args.config, args.out, CompareOptions.from_args(args, submit))
     for o in result.failed:
         print(f"FAILED {o.run.label}: {o.message}")
     for e in result.budget_errors:

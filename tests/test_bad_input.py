@@ -256,6 +256,20 @@ CASES = [
     Case("eval-device-unknown", lambda c: ["eval", str(c.run), "--device", "tpu"], "--device 'tpu' is not"),
     Case("eval-unknown-flag", lambda c: ["eval", str(c.run), "--partial"], "unrecognized arguments"),
     Case("eval-without-run-dir", lambda c: ["eval"], "run_dir"),
+    # -- export (policies from eval.json's budget table; the shared run's eval had no --budget)
+    Case("export-without-budget-table", lambda c: ["export", str(c.run), "--out", str(c.tmp / "exp")],
+         "has no per-client budget table"),
+    Case("export-out-is-the-run", lambda c: ["export", str(c.run), "--out", str(c.run), "--threshold", "0.9"],
+         "exists and is not empty"),
+    Case("export-out-a-file", lambda c: ["export", str(c.run), "--out", str(c.run / "config.yaml"),
+                                         "--threshold", "0.9"], "exists and is not a directory"),
+    Case("export-threshold-above-one", lambda c: ["export", str(c.run), "--out", str(c.tmp / "exp"),
+                                                  "--threshold", "1.5"], "--threshold"),
+    Case("export-clients-out-of-range", lambda c: ["export", str(c.run), "--out", str(c.tmp / "exp"),
+                                                   "--threshold", "0.9", "--clients", "0,9"], "--clients"),
+    Case("export-not-a-run", lambda c: ["export", str(c.tmp / "adir"), "--out", str(c.tmp / "exp"),
+                                        "--threshold", "0.9"], "not a run directory"),
+    Case("export-without-out", lambda c: ["export", str(c.run)], "--out"),
     Case("command-unknown", lambda c: ["trian"], "invalid choice"),
 ]
 

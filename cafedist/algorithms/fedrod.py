@@ -23,6 +23,7 @@ with the run's ``Setup`` (``label_counts``), as in the reference code.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from cafedist.algorithms.personalization import (
     feature_tap,
     final_linear,
 )
+from cafedist.models.base import ExitStage
 
 COUNTS = "rod.counts"  # float64 [C]: the client's training-label counts
 GENERIC = "rod.generic."  # prefix: copies of the generic classifiers for the personal phase
@@ -69,6 +71,38 @@ class GenericPlusPersonal(nn.Module):
         tap = feature_tap(self.generic)
         outs = self.generic(x, upto=upto)
         return [z + final_linear(self.personal.heads[k])(tap.features[k]) for k, z in enumerate(outs)]
+
+    def exit_stages(self) -> list[nn.Module]:
+        """The generic network's stages (:meth:`EarlyExitNet.exit_stages`) with each head
+        answering ``g_k(f_k) + p_k(f_k)`` in the order :meth:`forward` adds them, for
+        ``cafedist export``: a copy of the generic head whose final Linear is
+        :class:`SummedClassifiers` of it and the personal one (parameters copied)."""
+        stages = []
+        for k, stage in enumerate(self.generic.exit_stages()):
+            head = copy.deepcopy(stage.head)
+            for module in head.modules():  # the copy must not feed the generic model's feature tap
+                module._forward_pre_hooks.clear()
+            fc = final_linear(stage.head)
+            path = next(name for name, module in stage.head.named_modules() if module is fc)
+            parent, _, leaf = path.rpartition(".")
+            generic_fc = final_linear(head)
+            personal_fc = copy.deepcopy(final_linear(self.personal.heads[k]))
+            setattr(head.get_submodule(parent) if parent else head, leaf,
+                    SummedClassifiers(generic_fc, personal_fc))
+            stages.append(ExitStage(stage.block, head))
+        return stages
+
+
+class SummedClassifiers(nn.Module):
+    """``generic(f) + personal(f)``: FedRoD's answer from one exit's features."""
+
+    def __init__(self, generic: nn.Module, personal: nn.Module) -> None:
+        super().__init__()
+        self.generic = generic
+        self.personal = personal
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.generic(features) + self.personal(features)
 
 
 class FedRoD(Algorithm):

@@ -19,13 +19,16 @@ negative log-likelihood on a client's calibration split.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+# the score functions live in the file `cafedist export` ships beside exported models, so an
+# exported policy scores exactly as the evaluation that chose it
+from cafedist.deploy.early_exit import SCORES
+
 # The order is also the tie-break order of the budget search (cafedist.eval.budget_search).
-POLICIES: tuple[str, ...] = ("max-softmax", "entropy", "margin")
+POLICIES: tuple[str, ...] = tuple(SCORES)
 
 # T is searched in [1/BETA_MAX, 1/BETA_MIN]: wide enough for any sensible calibration,
 # bounded so that a separable calibration set (NLL -> 0 as T -> 0) cannot run away.
@@ -33,33 +36,9 @@ BETA_MIN, BETA_MAX = 0.05, 20.0
 _GOLDEN_STEPS = 80  # the bracket shrinks by 0.618 per step: 80 steps reach float64 resolution
 
 
-def _max_softmax(probs: Tensor) -> Tensor:
-    return probs.max(dim=-1).values
-
-
-def _entropy_score(probs: Tensor) -> Tensor:
-    classes = probs.shape[-1]
-    if classes < 2:
-        return torch.ones(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
-    # xlogy: 0 * log 0 = 0, so a saturated softmax gives entropy 0 and score 1, not NaN.
-    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
-    return (1.0 - entropy / math.log(classes)).clamp(0.0, 1.0)
-
-
-def _margin(probs: Tensor) -> Tensor:
-    if probs.shape[-1] < 2:
-        return torch.ones(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
-    top2 = probs.topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
-
-
-_SCORES: dict[str, Callable[[Tensor], Tensor]] = {
-    "max-softmax": _max_softmax, "entropy": _entropy_score, "margin": _margin}
-
-
 def check_policy(name: str) -> str:
     """``name`` if it is a known policy, else a ValueError listing them."""
-    if name not in _SCORES:
+    if name not in SCORES:
         raise ValueError(f"unknown exit policy {name!r}; expected one of {', '.join(POLICIES)}")
     return name
 
@@ -75,7 +54,7 @@ def exit_scores(logits: Tensor, policy: str, temperatures: Tensor | None = None)
     z = logits.double()
     if temperatures is not None:
         z = z / _check_temperatures(temperatures, logits.shape[0]).to(z.device).view(-1, 1, 1)
-    return _SCORES[check_policy(policy)](z.softmax(dim=-1))
+    return SCORES[check_policy(policy)](z.softmax(dim=-1))
 
 
 def _check_temperatures(temperatures: Tensor, m: int) -> Tensor:

@@ -72,5 +72,24 @@ class EarlyExitNet(nn.Module):
         """
         return list(self.iter_exits(x, upto))
 
+    def exit_stages(self) -> list[nn.Module]:
+        """One module per exit k mapping block k-1's output (the input for k = 0) to
+        ``(block k's output, exit k's logits)``: the network cut where a sample may leave
+        (``cafedist export`` exports each on its own). They share this network's parameters."""
+        return [ExitStage(block, head) for block, head in zip(self.blocks, self.heads)]
+
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_exits={self.num_exits}, input_shape={self.input_shape}"
+
+
+class ExitStage(nn.Module):
+    """Block k followed by exit head k: ``state -> (block_k(state), head_k(block_k(state)))``."""
+
+    def __init__(self, block: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.head = head
+
+    def forward(self, state: Any) -> tuple[Any, Tensor]:
+        h = self.block(state)
+        return h, self.head(h)

@@ -1,0 +1,202 @@
+"""`cafedist export`: each client's early-exit model as torch.export programs with its exit policy.
+
+The exported programs, run by the shipped early_exit.py with torch alone, must answer every
+sample from the exit the evaluation's rule picks, with the same class; the folder appears
+complete or not at all; bad requests are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
+
+from cafedist.algorithms.fedrod import GenericPlusPersonal
+from cafedist.deploy import early_exit
+from cafedist.deploy.export import export_stages, parse_clients
+from cafedist.errors import ConfigError
+from cafedist.eval.budget_search import Choice, Split
+from cafedist.eval.policies import exit_scores
+from cafedist.models import build_model
+
+TEXT = {"vocab_size": 50, "d_model": 16, "heads": 2, "ff": 32}
+ARCHS = [("cnn", (1, 28, 28), {"width": 4}), ("resnet18", (3, 16, 16), {"width": 4, "norm": "batch"}),
+         ("transformer", (12,), TEXT)]
+
+
+def _inputs(model, shape, n: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    if model.input_dtype == torch.long:
+        ids = torch.randint(1, TEXT["vocab_size"], (n, *shape), generator=g)
+        ids[::3, shape[0] // 2:] = 0  # padding, so that the keep mask matters
+        return ids
+    return torch.randn((n, *shape), generator=g)
+
+
+def _write_policy(folder: Path, stages: list[str], choice: Choice, macs: list[int]) -> None:
+    (folder / "policy.json").write_text(json.dumps({
+        "format": early_exit.FORMAT, "stages": stages, "policy": choice.policy, "threshold": choice.threshold,
+        "temperatures": None if choice.temperatures is None else list(choice.temperatures),
+        "static_exit": choice.static_exit, "macs_per_exit": macs}))
+
+
+def _median_threshold(logits: torch.Tensor, policy: str, temperatures) -> float:
+    """A threshold amid exit 1's scores (about half leave there), halfway between two of them: far
+    from every score compared with the last-bit differences a subset of the batch can give the logits."""
+    t = None if temperatures is None else torch.tensor(temperatures, dtype=torch.float64)
+    scores = exit_scores(logits, policy, t)[0].sort().values
+    mid = scores.numel() // 2
+    return float((scores[mid - 1] + scores[mid]) / 2)
+
+
+@pytest.mark.parametrize("arch,shape,opts", ARCHS, ids=[a for a, _, _ in ARCHS])
+@pytest.mark.parametrize("policy,temperatures", [("max-softmax", None), ("margin", "fitted"), ("entropy", None)])
+def test_exported_stages_answer_as_the_evaluation_rule(tmp_path, arch, shape, opts, policy, temperatures):
+    torch.manual_seed(0)
+    model = build_model(arch, shape, 5, **opts).eval()
+    x = _inputs(model, shape)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    m = model.num_exits
+    temps = None if temperatures is None else tuple(0.5 + 0.25 * k for k in range(m))
+    choice = Choice(policy, _median_threshold(logits, policy, temps), temps)
+    stages = export_stages(model, x[:2], tmp_path)
+    assert stages == [f"exit_{k + 1}.pt2" for k in range(m)]
+    _write_policy(tmp_path, stages, choice, list(range(1, m + 1)))
+    got_logits, got_exit = early_exit.load(tmp_path)(x)
+    want_exit = choice.exits(Split(logits, torch.zeros(x.shape[0], dtype=torch.long)))
+    assert torch.equal(got_exit, want_exit)
+    assert len(set(want_exit.tolist())) > 1  # samples leave at different exits: the rule is exercised
+    # the answering exit's logits (to the last bits: a batch's subset may take another kernel path)
+    torch.testing.assert_close(got_logits, logits[want_exit, torch.arange(x.shape[0])], rtol=1e-5, atol=1e-6)
+
+
+def test_exported_model_takes_any_batch_size_and_static_and_no_exit_policies(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), 5, width=4).eval()
+    x = _inputs(model, (1, 28, 28), 5)
+    stages = export_stages(model, x[:2], tmp_path)
+    with torch.no_grad():
+        logits = model(x)
+    for choice, exit_ in ((Choice("static", None, static_exit=1), 1), (Choice("max-softmax", 1.0), 2),
+                          (Choice("max-softmax", 0.0), 0)):
+        _write_policy(tmp_path, stages, choice, [1, 2, 3])
+        exported = early_exit.load(tmp_path)
+        for n in (0, 1, 5):
+            got_logits, got_exit = exported(x[:n])
+            assert got_exit.tolist() == [exit_] * n
+            torch.testing.assert_close(got_logits, logits[exit_][:n], rtol=1e-5, atol=1e-6)
+
+
+def test_fedrod_stages_add_the_personal_classifier_as_its_forward_does(tmp_path):
+    torch.manual_seed(0)
+    generic = build_model("cnn", (1, 28, 28), 5, width=4).eval()
+    personal = build_model("cnn", (1, 28, 28), 5, width=4).eval()
+    model = GenericPlusPersonal(generic, personal)
+    x = _inputs(generic, (1, 28, 28), 6)
+    with torch.no_grad():
+        want = model(x)
+        state, got = x, []
+        for stage in model.exit_stages():
+            state, z = stage(state)
+            got.append(z)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert not torch.equal(want[0], generic(x)[0])  # the personal classifier is in the answer
+        # exporting leaves the generic model's feature tap working (the copies carry no hooks)
+        stages = export_stages(model, x[:2], tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(model(x), want))
+    _write_policy(tmp_path, stages, Choice("max-softmax", 1.0), [1, 2, 3])
+    torch.testing.assert_close(early_exit.load(tmp_path)(x)[0], want[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_parse_clients():
+    assert parse_clients(None, 3) == [0, 1, 2]
+    assert parse_clients("4,0-2,1", 5) == [0, 1, 2, 4]
+    for bad in ("", "a", "0-9", "-1", "3"):
+        with pytest.raises(ConfigError, match="--clients"):
+            parse_clients(bad, 3)
+
+
+# ----------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> Path:
+    """A 1-round run of 4 clients with a validation split, evaluated with --budget macs=0.5."""
+    root = tmp_path_factory.mktemp("export_run")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY.format(rounds=1, clients=4, every=1, cache=root / "stores"))
+    run = root / "run"
+    cafedist("train", "--config", str(cfg), "--out", str(run), "--no-progress", "data.val_fraction=0.2", check=True)
+    cafedist_in_process("eval", str(run), "--budget", "macs=0.5", check=True)
+    return run
+
+
+def test_export_reproduces_eval_budget_per_client(evaluated_run, tmp_path):
+    out = tmp_path / "export"
+    proc = cafedist_in_process("export", str(evaluated_run), "--out", str(out), check=True)
+    assert "100.00% of samples answered as the evaluation does" in proc.stdout
+    report = json.loads((evaluated_run / "eval.json").read_text())
+    summary = json.loads((out / "export.json").read_text())
+    assert [r["client"] for r in summary["clients"]] == [0, 1, 2, 3]
+    assert summary["round"] == report["round"] and summary["checkpoint"] == report["checkpoint"]
+    for row, exported in zip(report["budget"]["clients"], summary["clients"]):
+        spec = json.loads((out / exported["folder"] / "policy.json").read_text())
+        assert (spec["policy"], spec["threshold"], spec["temperatures"]) == \
+            (row["policy"], row["threshold"], row["temperatures"])
+        assert spec["budget"] == "macs=0.5" and spec["macs_per_exit"] == report["macs_per_exit"]
+        assert exported["agreement"] == 1.0
+        assert exported["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=1e-12)
+        assert exported["test_macs_fraction"] == pytest.approx(row["test_macs_fraction"], rel=1e-9)
+    assert not list(tmp_path.glob(".export.export-*"))  # the temporary folder is gone
+
+
+def test_exported_client_runs_with_torch_alone(evaluated_run, tmp_path):
+    out = tmp_path / "export"
+    cafedist_in_process("export", str(evaluated_run), "--out", str(out), "--clients", "2", "--threshold", "0.9",
+                        check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["client_0002", "early_exit.py", "export.json"]
+    spec = json.loads((out / "client_0002" / "policy.json").read_text())
+    assert (spec["policy"], spec["threshold"], spec["temperatures"]) == ("max-softmax", 0.9, None)
+    x = torch.randn(7, *spec["input_shape"])
+    torch.save(x, tmp_path / "x.pt")
+    here = early_exit.load(out / "client_0002")(x)
+    # a fresh interpreter that cannot import cafedist (-I: no PYTHONPATH, no user site; cwd not on sys.path)
+    script = ("import sys, torch; sys.path.insert(0, '.'); import early_exit; "
+              "assert 'cafedist' not in sys.modules; "
+              f"torch.save(early_exit.load('client_0002')(torch.load({str(tmp_path / 'x.pt')!r})), 'y.pt')")
+    env = {k: v for k, v in env_for_tests().items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-I", "-c", script], cwd=out, env=env, check=True, timeout=120)
+    there = torch.load(out / "y.pt")
+    assert torch.equal(here[0], there[0]) and torch.equal(here[1], there[1])
+
+
+def test_export_refusals_are_one_line_and_write_nothing(evaluated_run, tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+
+    def refused(*args: str, expect: str) -> None:
+        proc = cafedist_in_process("export", *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]
+        assert len(lines) == 1 and expect in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    run = str(evaluated_run)
+    refused(run, "--out", str(occupied), expect="not empty")
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    refused(run, "--out", str(tmp_path / "a"), "--threshold", "1.5", expect="--threshold")
+    refused(run, "--out", str(tmp_path / "a"), "--clients", "7", expect="--clients")
+    # policies chosen for other models: eval.json's hashes no longer match the checkpoint's
+    stale = tmp_path / "stale_run"
+    subprocess.run(["cp", "-a", run, str(stale)], check=True)
+    report = json.loads((stale / "eval.json").read_text())
+    report["model_hashes"]["1"] = "0" * 16
+    (stale / "eval.json").write_text(json.dumps(report))
+    refused(str(stale), "--out", str(tmp_path / "a"), expect="describes other models")
+    (stale / "eval.json").unlink()
+    refused(str(stale), "--out", str(tmp_path / "a"), expect="--threshold")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.export-*"))

@@ -67,6 +67,35 @@ def test_partition_params_normalises_and_validates():
         partition_params(PartitionSpec(**{**KW, "dataset": "imagenet"}))
 
 
+@pytest.mark.parametrize("value", ["abc", 2.5, 1e3, True, None, [64]])
+@pytest.mark.parametrize("option", ["vocab_size", "max_len"])
+def test_a_loader_option_of_the_wrong_type_is_one_config_error(tmp_path, option, value):
+    """data.options reach the loaders unchecked by the config schema: an integer option given as
+    text, a float, a bool or null is refused before the dataset is read, naming the option (it
+    was a TypeError traceback from deep inside the tokenizer, exit status 1)."""
+    spec = PartitionSpec("agnews", clients=3, alpha=1, proxy_fraction=0.1, loader_options={option: value})
+    with pytest.raises(ConfigError, match=rf"^data.options.{option}: expected an integer for dataset agnews"):
+        partition_params(spec)
+    with pytest.raises(ConfigError, match=rf"^data.options.{option}: expected an integer"):
+        load_dataset("agnews", str(tmp_path), **{option: value})  # before the missing folder is noticed
+
+
+def test_a_run_config_with_a_bad_loader_option_exits_2_before_anything_is_written(tmp_path, capsys):
+    from cafedist.cli import main
+
+    (tmp_path / "ag").mkdir()
+    for split in ("train.csv", "test.csv"):
+        (tmp_path / "ag" / split).write_text('"1","a","b"\n' * 30)
+    cache = tmp_path / "stores"
+    rc = main(["train", "--dry-run", "data.dataset=agnews", f"data.root={tmp_path / 'ag'}", f"data.cache_dir={cache}",
+               "data.clients=2", "data.min_size=2", "model.arch=transformer", "data.options={vocab_size: abc}",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("cafedist: error: data.options.vocab_size: expected an integer")
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "run").exists()
+    assert not any(cache.glob("*.h5"))
+
+
 @pytest.mark.parametrize("field,value", [
     ("clients", 0), ("alpha", 0.0), ("alpha", float("inf")), ("proxy_fraction", 1.0), ("test_fraction", 0.0),
     ("val_fraction", 1.0), ("min_size", 1), ("proxy_users", 0),

@@ -28,7 +28,7 @@ from cafedist.data.partition import (
     train_test_split_stratified,
     train_val_split_stratified,
 )
-from cafedist.data.registry import DATASETS, NATURAL, load_dataset, options_of
+from cafedist.data.registry import DATASETS, NATURAL, check_options, load_dataset
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
@@ -92,14 +92,9 @@ def partition_params(spec: PartitionSpec) -> dict[str, Any]:
         params["proxy_fraction"] = float(spec.proxy_fraction)
     if float(val_fraction) > 0:
         params["val_fraction"] = float(val_fraction)
-    defaults = options_of(dataset)
-    given = dict(spec.loader_options or {})
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ConfigError(f"dataset {dataset!r} takes no option(s) {sorted(unknown)} "
-                          f"(it accepts: {sorted(defaults) or 'none'})")
-    if defaults:
-        params["loader_options"] = {**defaults, **given}
+    options = check_options(dataset, spec.loader_options or {})
+    if options:
+        params["loader_options"] = options
     return params
 
 

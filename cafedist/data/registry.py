@@ -6,7 +6,7 @@ text) and returns a RawDataset.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from cafedist.data.agnews import load_agnews
 from cafedist.data.base import RawDataset
@@ -43,6 +43,25 @@ def options_of(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params}
 
 
+def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` for dataset ``name``'s loader with its defaults filled in.
+
+    ``data.options`` is a free mapping in the config schema, so this is where its values are
+    typed: an option the loader does not take, or an integer option given as anything but an
+    integer (text, a float, a bool, null), is one ConfigError naming it, before any file is read
+    (the loaders size and slice arrays with these values).
+    """
+    defaults = options_of(name)
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ConfigError(f"dataset {name!r} takes no option(s) {sorted(unknown)} "
+                          f"(it accepts: {sorted(defaults) or 'none'})")
+    for key, value in options.items():
+        if isinstance(defaults[key], int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"data.options.{key}: expected an integer for dataset {name}, got {value!r}")
+    return {**defaults, **options}
+
+
 def _loader(name: str) -> Callable[..., RawDataset]:
     try:
         return DATASETS[name]
@@ -53,8 +72,4 @@ def _loader(name: str) -> Callable[..., RawDataset]:
 def load_dataset(name: str, root: str | None = None, **options: Any) -> RawDataset:
     """Load dataset ``name`` from ``root`` (train and test splits pooled). Never downloads."""
     loader = _loader(name)
-    unknown = set(options) - set(options_of(name))
-    if unknown:
-        raise ConfigError(f"dataset {name!r} takes no option(s) {sorted(unknown)} "
-                          f"(it accepts: {sorted(options_of(name)) or 'none'})")
-    return loader(None if root is None else str(root), **options)
+    return loader(None if root is None else str(root), **check_options(name, options))

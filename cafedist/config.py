@@ -96,9 +96,10 @@ class DataConfig:
             _check(value is None or value.strip() != "", name(key), f"empty; expected {meaning}")
 
     def store_path(self, seed: int) -> Path:
-        """Where the prepared store lives: ``store`` if given, else a name derived from the split."""
+        """Where the prepared store lives: ``store`` if given, else a name derived from the split.
+        A leading ``~`` is the home directory, as in ``root`` (no shell expands a config's values)."""
         if self.store:
-            return Path(self.store)
+            return Path(self.store).expanduser()
         val = f"-v{self.val_fraction:g}" if self.val_fraction > 0 else ""  # old names stay valid
         if self.partition == "natural":
             proxy = f"-u{self.proxy_users}" if self.proxy_users is not None else ""
@@ -109,7 +110,7 @@ class DataConfig:
         if self.options:
             opts = json.dumps(self.options, sort_keys=True).encode()
             name += "-o" + hashlib.sha256(opts).hexdigest()[:8]
-        return Path(self.cache_dir) / f"{name}.h5"
+        return Path(self.cache_dir).expanduser() / f"{name}.h5"
 
 
 @dataclass

@@ -81,6 +81,17 @@ def test_yaml_on_off_spellings():
     assert load_config(None, ["train.packed=off"]).train.packed == "off"
 
 
+def test_a_store_path_starting_with_a_tilde_is_in_the_home_directory(monkeypatch, tmp_path):
+    """``~`` in data.cache_dir / data.store means the home directory, as it does in data.root;
+    it was taken literally: train created a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cached = config_from_dict({"data": {"dataset": "digits", "cache_dir": "~/stores"}})
+    assert cached.data.store_path(0) == tmp_path / "stores" / "digits-n10-a0.3-p0.1-t0.2-m20-s0.h5"
+    named = config_from_dict({"data": {"dataset": "digits", "store": "~/d.h5"}})
+    assert named.data.store_path(0) == tmp_path / "d.h5"
+    assert named.data.store == "~/d.h5" and config_hash(named) == config_hash(cached)  # as written; not hashed
+
+
 def test_val_fraction_names_the_store_and_keeps_old_hashes():
     plain = config_from_dict({"data": {"dataset": "digits", "clients": 4}})
     val = config_from_dict({"data": {"dataset": "digits", "clients": 4, "val_fraction": 0.1}})

@@ -234,6 +234,20 @@ def test_cli_errors(tmp_path):
                                  "0.2", "--vocab-size", "100", "--out", str(tmp_path / "x.h5")]))
 
 
+def test_cli_an_empty_root_is_refused_like_an_empty_data_root(tmp_path, monkeypatch):
+    """``--root "$DATA"`` with DATA unset read the dataset from the working directory (Path("")
+    is "."), where data.root="" in a run config is refused: prepare refuses it too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ag_news_csv").mkdir()
+    for split in ("train.csv", "test.csv"):
+        (tmp_path / "ag_news_csv" / split).write_text('"1","a","b"\n"2","c","d"\n' * 20)
+    out = tmp_path / "s.h5"
+    with pytest.raises(ConfigError, match=r"^--root: empty path"):
+        prepare_mod.main(_parse(["--dataset", "agnews", "--root", "", "--clients", "2", "--alpha", "1",
+                                 "--proxy-fraction", "0.1", "--min-size", "2", "--out", str(out)]))
+    assert not out.exists()
+
+
 def test_val_fraction_carves_from_train_and_leaves_test_alone(tmp_path):
     y = load_dataset("digits").y
     plain = partition_params(PartitionSpec(**KW))

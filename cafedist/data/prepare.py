@@ -260,6 +260,9 @@ def main(args: argparse.Namespace) -> int:
                           "(the users decide the skew; --proxy-users sizes the proxy set)")
     if not args.out.strip():  # Path("") would be ".", a directory
         raise ConfigError("--out: empty path; expected an HDF5 store file")
+    if args.root is not None and not args.root.strip():  # "" would read the working directory, as data.root="" would
+        raise ConfigError("--root: empty path; expected the dataset's folder "
+                          "(leave --root out for the bundled mnist5k and digits)")
     _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
     unused = DataConfig()  # natural: alpha and proxy_fraction are not used

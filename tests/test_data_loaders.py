@@ -269,6 +269,27 @@ def test_agnews_layout(tmp_path):
     assert raw.x[3].tolist() == [1, 2, 1, 2]
 
 
+def test_text_files_saved_with_a_utf8_byte_order_mark_read_as_without(tmp_path):
+    """A UTF-8 file may start with a byte-order mark (Windows editors and Excel write one): it
+    is no content. AG News refused record 1 as malformed ('\\ufeff"3"'), and Tiny ImageNet's
+    first wnid became '\\ufeffn01', whose train folder did not exist."""
+    rows = [["3", "Stocks fall", "Markets fall"], ["1", "War", "Talks resume"]]
+    _write_agnews(tmp_path / "plain", rows, rows)
+    _write_agnews(tmp_path / "bom", rows, rows)
+    for split in ("train.csv", "test.csv"):
+        path = tmp_path / "bom" / split
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    plain, bom = load_dataset("agnews", str(tmp_path / "plain")), load_dataset("agnews", str(tmp_path / "bom"))
+    assert bom.y.tolist() == plain.y.tolist() == [2, 0, 2, 0] and bom.vocab == plain.vocab
+    np.testing.assert_array_equal(bom.x, plain.x)
+    root = _write_tiny(tmp_path / "tiny")
+    expected = load_dataset("tinyimagenet", str(root))
+    for name in ("wnids.txt", "val/val_annotations.txt"):
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+    raw = load_dataset("tinyimagenet", str(root))
+    assert raw.class_names == ["n01", "n02"] and raw.y.tolist() == expected.y.tolist()
+
+
 def test_agnews_errors(tmp_path):
     good = [["1", "a", "b"]]
     _write_agnews(tmp_path / "x", good + [["5", "t", "d"]], good)

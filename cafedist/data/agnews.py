@@ -29,7 +29,8 @@ def _read_csv(path: Path) -> tuple[list[list[str]], list[int]]:
     docs: list[list[str]] = []
     labels: list[int] = []
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a leading byte-order mark (Excel writes one) would otherwise start the first class index
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             for lineno, row in enumerate(csv.reader(fh), 1):
                 if not row:
                     continue

@@ -140,9 +140,10 @@ def readable_dir(path: Path, dataset: str, layout: str) -> None:
 
 
 def read_text(path: Path, dataset: str, layout: str) -> str:
-    """A UTF-8 text file of a dataset, every failure one DataError naming it."""
+    """A UTF-8 text file of a dataset, every failure one DataError naming it. A leading
+    byte-order mark (Windows editors write one) is dropped: it is no content."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{dataset}: {path} is missing (expected {layout})") from None
     except UnicodeDecodeError:

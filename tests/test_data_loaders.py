@@ -101,6 +101,19 @@ def test_cifar10_layout(tmp_path, via_parent):
     np.testing.assert_allclose(raw.mean, (raw.x / 255).mean(axis=(0, 2, 3)))
 
 
+def test_a_parent_root_means_its_dataset_folder_even_beside_another_datasets_files(tmp_path):
+    """``data.root`` may be the dataset's folder or its parent. A parent that also holds the
+    marker file name of the layout (ImageNet's train/ beside cifar-100-python/, another
+    dataset's train.csv beside ag_news_csv/) was read as the dataset folder itself."""
+    folder, _ = _write_cifar10(tmp_path)
+    (folder.parent / "data_batch_1").mkdir()  # e.g. someone else's folder of that name
+    assert load_dataset("cifar10", str(tmp_path)).x.shape == (18, 3, 32, 32)
+    rows = [["1", "a", "b"], ["2", "c", "d"]]
+    _write_agnews(tmp_path / "ag_news_csv", rows, rows)
+    (tmp_path / "train.csv").write_text("id,text\n1,another dataset\n")
+    assert load_dataset("agnews", str(tmp_path)).y.tolist() == [0, 1, 0, 1]
+
+
 def test_cifar100_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()

@@ -105,7 +105,8 @@ def package_file(package: str, relpath: str, dataset: str, pip_name: str) -> Pat
 
 
 def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layout: str) -> Path:
-    """Find a dataset folder given either the folder itself or its parent.
+    """Find a dataset folder given either the folder itself or its parent (``root/folder``
+    wins when both hold ``marker``).
 
     ``marker`` is a file that must exist in the folder; ``layout`` describes the expected
     layout for the error message.
@@ -114,7 +115,9 @@ def resolve_root(root: str | None, folder: str, dataset: str, marker: str, layou
         raise DataError(f"{dataset}: no data root given (set data.root=DIR, or prepare's --root DIR, to "
                         f"'{folder}/' or its parent; expected {layout})")
     base = Path(root).expanduser()
-    for cand in (base, base / folder):
+    # the named folder first: a parent may hold a file or folder of the marker's name that
+    # belongs to something else (ImageNet's train/ beside cifar-100-python/)
+    for cand in (base / folder, base):
         try:
             if (cand / marker).exists():
                 return cand

@@ -178,7 +178,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                 *_lazy("cafedist.compare")),
     "submit": ("submit a run or a sweep (job array) to Slurm with submitit, requeued on preemption; "
                "--local without Slurm", *_lazy("cafedist.submit")),
-    "bench": ("performance benchmarks: local | packed | aggregate | comm | scaling | memory "
+    "bench": ("performance benchmarks: local | packed | aggregate | comm | scaling | memory | exits "
               "(ratios measured side by side)",
               *_lazy("cafedist.bench")),
     "scaling-report": ("table (md/csv) and plot of a scaling sweep's run directories", *_lazy("cafedist.scaling")),

@@ -220,6 +220,17 @@ def test_bench_packed_rows_and_equality():
         assert r["max_param_diff"] < 1e-5
 
 
+def test_bench_exits_rows():
+    rows = run_benchmark("exits", quick=True, repeats=2, batches=(1, 3),
+                         models=(("cnn-tiny", "cnn", (1, 8, 8), {"width": 4}),))
+    assert [(r["batch"], r["exit"]) for r in rows] == [(1, 1), (1, 2), (1, 3), (3, 1), (3, 2), (3, 3)]
+    for batch in (1, 3):
+        fractions = [r["macs_fraction"] for r in rows if r["batch"] == batch]
+        assert fractions == sorted(fractions) and 0 < fractions[0] < 1 == fractions[-1]
+    for r in rows:
+        assert r["ms_per_batch"] > 0 and r["eager_ms_per_batch"] > 0 and r["time_fraction"] > 0
+
+
 def test_bench_aggregate_rows_and_memory():
     rows = run_benchmark("aggregate", quick=True, sizes=(16, 48), proxy=20, classes=10, repeats=1, memory=False)
     rows += run_benchmark("aggregate", quick=True, sizes=(24,), proxy=20, classes=10, repeats=1)

@@ -17,7 +17,7 @@ from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
 
 from cafedist.algorithms.fedrod import GenericPlusPersonal
 from cafedist.deploy import early_exit
-from cafedist.deploy.export import export_stages, parse_clients
+from cafedist.deploy.export import export_stages, parse_clients, policy_spec, write_policy
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split
 from cafedist.eval.policies import exit_scores
@@ -38,10 +38,7 @@ def _inputs(model, shape, n: int = 24) -> torch.Tensor:
 
 
 def _write_policy(folder: Path, stages: list[str], choice: Choice, macs: list[int]) -> None:
-    (folder / "policy.json").write_text(json.dumps({
-        "format": early_exit.FORMAT, "stages": stages, "policy": choice.policy, "threshold": choice.threshold,
-        "temperatures": None if choice.temperatures is None else list(choice.temperatures),
-        "static_exit": choice.static_exit, "macs_per_exit": macs}))
+    write_policy(folder, policy_spec(choice, stages, macs))
 
 
 def _median_threshold(logits: torch.Tensor, policy: str, temperatures) -> float:

@@ -1,4 +1,4 @@
-"""``cafedist bench {local,packed,aggregate,comm,scaling,memory}``: side-by-side performance measurements.
+"""``cafedist bench {local,packed,aggregate,comm,scaling,memory,exits}``: side-by-side performance measurements.
 
 Every benchmark returns rows (dicts) and reports ratios measured in one process/run, with the
 candidates timed alternately (ABAB) -- see :mod:`cafedist.bench.timing`. The command prints a
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-BENCHMARKS = ("local", "packed", "aggregate", "comm", "scaling", "memory")
+BENCHMARKS = ("local", "packed", "aggregate", "comm", "scaling", "memory", "exits")
 DEVICE_BENCHMARKS = ("local", "packed", "aggregate")  # the others count bytes or launch gloo ranks
 
 
@@ -29,6 +29,8 @@ def _runner(name: str) -> Callable[..., list[dict[str, Any]]]:
         from cafedist.bench.comm import bench_comm as fn
     elif name == "memory":
         from cafedist.bench.memory import bench_memory as fn
+    elif name == "exits":
+        from cafedist.bench.exits import bench_exits as fn
     else:
         from cafedist.bench.scaling import bench_scaling as fn
     return fn

@@ -143,6 +143,8 @@ class EarlyExitModel:
             if answer is None:
                 answer = logits.new_zeros((n, logits.shape[-1]))
             fired = self.fires(k, logits).cpu()
+            if not bool(fired.any()):
+                continue  # no sample leaves here: the block output goes on as it is, not copied
             answer[rows[fired].to(answer.device)] = logits[fired.to(logits.device)]
             exits[rows[fired]] = k
             keep = ~fired

@@ -177,21 +177,26 @@ def check_exported(folder: Path, choice: Choice, model: nn.Module, x: Tensor, y:
             "test_macs_fraction": float(macs[got_exit].mean() / macs[-1])}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n")
+def policy_spec(choice: Choice, stages: list[str], macs_per_exit: Sequence[int]) -> dict[str, Any]:
+    """What early_exit.py reads from policy.json: the stage files (exit 1 first) and the policy."""
+    return {"format": early_exit.FORMAT, "stages": stages,
+            "policy": "static" if choice.static_exit is not None else choice.policy,
+            "threshold": choice.threshold,
+            "temperatures": None if choice.temperatures is None else list(choice.temperatures),
+            "static_exit": choice.static_exit, "macs_per_exit": [int(c) for c in macs_per_exit]}
+
+
+def write_policy(folder: Path, spec: dict[str, Any]) -> None:
+    """``folder/policy.json``."""
+    (folder / "policy.json").write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def _policy_json(cid: int, choice: Choice, stages: list[str], run: Any, source: str, x: Tensor,
                  budget: str | None) -> dict[str, Any]:
     """policy.json of one client (its ``test`` entry is filled in by the check)."""
-    return {"format": early_exit.FORMAT, "client": cid, "algorithm": run.cfg.algorithm.name,
-            "dataset": run.cfg.data.dataset, "input_shape": list(x.shape[1:]), "input_dtype": str(x.dtype),
-            "num_classes": run.setup.num_classes, "stages": stages,
-            "policy": "static" if choice.static_exit is not None else choice.policy,
-            "threshold": choice.threshold,
-            "temperatures": None if choice.temperatures is None else list(choice.temperatures),
-            "static_exit": choice.static_exit, "macs_per_exit": list(run.macs),
-            "policy_source": source, "budget": budget, "test": None}
+    return {"client": cid, "algorithm": run.cfg.algorithm.name, "dataset": run.cfg.data.dataset,
+            "input_shape": list(x.shape[1:]), "input_dtype": str(x.dtype), "num_classes": run.setup.num_classes,
+            **policy_spec(choice, stages, run.macs), "policy_source": source, "budget": budget, "test": None}
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -245,9 +250,9 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
             model = run.algo.eval_model(c.view)
             spec = _policy_json(c.cid, choice, export_stages(model, _example(c.data), folder), run, source,
                                 c.data.x_test, None if row is None else row.get("budget"))
-            _write_json(folder / "policy.json", spec)  # read back by the check
+            write_policy(folder, spec)  # read back by the check
             spec["test"] = checked = check_exported(folder, choice, model, c.data.x_test, c.data.y_test, run.macs)
-            _write_json(folder / "policy.json", spec)
+            write_policy(folder, spec)
             if checked["agreement"] is not None and checked["agreement"] < 1.0:
                 log.warning("client %d: the exported model answers %.2f%% of its test samples differently from "
                             "the evaluation (floating point at the threshold)", c.cid, 100 * (1 - checked["agreement"]))
@@ -257,7 +262,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
                    "final_round": loaded.final, "checkpoint": str(loaded.restored.path),
                    "algorithm": run.cfg.algorithm.name, "policy_source": source, "torch": torch.__version__,
                    "clients": exported}
-        _write_json(tmp / "export.json", summary)
+        (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -295,4 +300,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "check_exported", "export_run", "export_stages", "main", "parse_clients"]
+__all__ = ["add_arguments", "check_exported", "export_run", "export_stages", "main", "parse_clients", "policy_spec",
+           "write_policy"]

@@ -197,3 +197,17 @@ def test_export_refusals_are_one_line_and_write_nothing(evaluated_run, tmp_path)
     (stale / "eval.json").unlink()
     refused(str(stale), "--out", str(tmp_path / "a"), expect="--threshold")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.export-*"))
+
+
+def test_out_given_as_dot_or_empty(evaluated_run, tmp_path, monkeypatch):
+    """``--out .`` (an empty working directory) is written like any empty folder; it was renamed
+    onto '.' at the end ('..export-*: Device or resource busy'); ``--out ''`` is refused."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    proc = cafedist_in_process("export", str(evaluated_run), "--out", "", "--threshold", "0.9", "--clients", "0")
+    assert proc.returncode == 2 and "cafedist: error: --out: empty path" in proc.stderr, proc.stderr
+    cafedist_in_process("export", str(evaluated_run), "--out", ".", "--threshold", "0.9", "--clients", "0",
+                        check=True)
+    assert sorted(p.name for p in here.iterdir()) == ["client_0000", "early_exit.py", "export.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -228,7 +228,10 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
                allow_partial: bool = False) -> dict[str, Any]:
     """Export ``run_dir``'s clients (``clients``: :func:`parse_clients` text) into the new
     folder ``out`` (module docstring); returns what export.json holds."""
-    run_dir, out = Path(run_dir), Path(out)
+    if not str(out).strip():  # Path("") is ".", the working directory
+        raise ConfigError("--out: empty path; expected the folder to write (new, or empty)")
+    # absolute: "." or "x/.." name no folder that the written one can be renamed onto
+    run_dir, out = Path(run_dir), Path(os.path.abspath(out))
     threshold = check_threshold(threshold)
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):

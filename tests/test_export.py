@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
 
 from cafedist.algorithms.fedrod import GenericPlusPersonal
 from cafedist.deploy import early_exit
-from cafedist.deploy.export import export_stages, parse_clients, policy_spec, write_policy
+from cafedist.deploy.export import _example, export_stages, parse_clients, policy_spec, write_policy
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split
 from cafedist.eval.policies import exit_scores
@@ -108,6 +109,20 @@ def test_fedrod_stages_add_the_personal_classifier_as_its_forward_does(tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(model(x), want))
     _write_policy(tmp_path, stages, Choice("max-softmax", 1.0), [1, 2, 3])
     torch.testing.assert_close(early_exit.load(tmp_path)(x)[0], want[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_with_one_test_sample_exports_for_any_batch_size(tmp_path):
+    """The trace example comes from the test split: with 1 sample there (data.test_fraction
+    small) torch.export specialized the batch to 1 and export failed with a traceback."""
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 28, 28), 5, width=4).eval()
+    x = _inputs(model, (1, 28, 28), 4)
+    example = _example(SimpleNamespace(x_test=x[:1], x_val=None, x_train=x[1:]))
+    stages = export_stages(model, example, tmp_path)
+    _write_policy(tmp_path, stages, Choice("max-softmax", 1.0), [1, 2, 3])
+    with torch.no_grad():
+        want = model(x)[-1]
+    torch.testing.assert_close(early_exit.load(tmp_path)(x)[0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_parse_clients():

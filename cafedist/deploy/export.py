@@ -148,10 +148,11 @@ def export_stages(model: nn.Module, example: Any, folder: Path) -> list[str]:
 
 
 def _example(data: Any) -> Tensor:
-    """Two samples to trace with: from the test split, else validation, else train."""
+    """Two samples to trace with, from the test split, else validation, else train (a split's
+    only sample twice: traced on a batch of 1, torch.export fixes the batch size at 1)."""
     for x in (data.x_test, data.x_val, data.x_train):
         if x is not None and x.shape[0]:
-            return x[:2].cpu()
+            return x[[0, min(1, x.shape[0] - 1)]].cpu()
     raise ConfigError("export: a client has no samples to trace its model with")
 
 

@@ -208,7 +208,10 @@ def test_export_refusals_are_one_line_and_write_nothing(evaluated_run, tmp_path)
     report = json.loads((stale / "eval.json").read_text())
     report["model_hashes"]["1"] = "0" * 16
     (stale / "eval.json").write_text(json.dumps(report))
-    refused(str(stale), "--out", str(tmp_path / "a"), expect="describes other models")
+    # the same round and checkpoint with other weights: the message says which hash differs (it named
+    # the same round and checkpoint twice, "other models (round 0, round_000000) than ... (round 0, round_000000)")
+    refused(str(stale), "--out", str(tmp_path / "a"),
+            expect="describes other models (round 0, round_000000): client 1's model hash is ")
     (stale / "eval.json").unlink()
     refused(str(stale), "--out", str(tmp_path / "a"), expect="--threshold")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.export-*"))

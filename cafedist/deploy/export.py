@@ -76,12 +76,16 @@ def _eval_report(run_dir: Path) -> dict[str, Any]:
 
 def _check_same_models(report: dict[str, Any], loaded: Any, cid: int, digest: str, run_dir: Path) -> None:
     """Refuse a policy that eval chose for other models than the one being exported."""
-    recorded = report.get("model_hashes") or {}
-    checkpoint = Path(str(report.get("checkpoint", "?"))).name
-    if (report.get("round"), checkpoint, recorded.get(str(cid))) != (loaded.done, loaded.restored.path.name, digest):
-        raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {report.get('round')}, "
-                          f"{checkpoint}) than the run's newest checkpoint (round {loaded.done}, "
-                          f"{loaded.restored.path.name}): run `cafedist eval RUN --budget ...` again")
+    recorded = (report.get("model_hashes") or {}).get(str(cid))
+    theirs = (report.get("round"), Path(str(report.get("checkpoint", "?"))).name)
+    ours = (loaded.done, loaded.restored.path.name)
+    if theirs == ours and recorded == digest:
+        return
+    # the same round and checkpoint name but other weights (the run trained again): say which
+    differs = f": client {cid}'s model hash is {digest}, eval.json has {recorded}" if theirs == ours else \
+        f" than the run's newest checkpoint (round {ours[0]}, {ours[1]})"
+    raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {theirs[0]}, {theirs[1]})"
+                      f"{differs}: run `cafedist eval RUN --budget ...` again")
 
 
 def _row(report: dict[str, Any], cid: int, run_dir: Path) -> dict[str, Any]:

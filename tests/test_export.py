@@ -229,3 +229,15 @@ def test_out_given_as_dot_or_empty(evaluated_run, tmp_path, monkeypatch):
                         check=True)
     assert sorted(p.name for p in here.iterdir()) == ["client_0000", "early_exit.py", "export.json"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_mistyped_run_is_not_a_run_directory_rather_than_a_missing_eval_json(tmp_path):
+    """Without --threshold, a RUN that is no run directory was refused as
+    'RUN/eval.json: not found: ... run `cafedist eval RUN --budget ...` first'."""
+    (tmp_path / "afile").write_text("x")
+    for run in (tmp_path / "nosuch", tmp_path / "afile"):
+        proc = cafedist_in_process("export", str(run), "--out", str(tmp_path / "out"))
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(
+            f"cafedist: error: {run}: not a run directory (no config.yaml; expected the --out of `cafedist train`)"), \
+            proc.stderr
+    assert not (tmp_path / "out").exists()

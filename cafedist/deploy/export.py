@@ -37,7 +37,7 @@ from cafedist.deploy import early_exit
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split, macs_tensor
 from cafedist.eval.exits import exit_logits
-from cafedist.eval.run import load_run
+from cafedist.eval.run import load_run, run_config_file
 from cafedist.fsutil import fsync_dir
 from cafedist.paths import check_dir_creatable
 from cafedist.run.client import model_hash
@@ -241,6 +241,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):
         raise ConfigError(f"export: needs torch.export.save, which torch {torch.__version__} does not have")
+    run_config_file(run_dir)  # a mistyped RUN is not "eval.json: not found"
     report = None if threshold is not None else _eval_report(run_dir)
     with load_run(run_dir, "cpu", allow_partial) as loaded, _new_folder(out) as tmp:
         run = loaded.run

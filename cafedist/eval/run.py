@@ -120,6 +120,17 @@ def _with_store_found(cfg: Config, run_dir: Path) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=str(recorded)))
 
 
+def run_config_file(run_dir: Path) -> Path:
+    """``run_dir``'s config.yaml, or a CheckpointError when ``run_dir`` is not a run directory."""
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.exists() and not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: not a file (a run directory's config.yaml is the config train wrote)")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory "
+                              f"(no config.yaml; expected the --out of `cafedist train`)")
+    return cfg_file
+
+
 @contextmanager
 def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False,
              check: Callable[[Any], object] | None = None) -> Iterator[LoadedRun]:
@@ -128,12 +139,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
     final round, unless ``allow_partial``. ``check`` (optional) is called with the built run
     before any checkpoint is read: a request the run cannot serve fails before loading."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.exists() and not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file}: not a file (a run directory's config.yaml is the config train wrote)")
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory "
-                              f"(no config.yaml; expected the --out of `cafedist train`)")
+    cfg_file = run_config_file(run_dir)
     try:
         cfg = read_run_config(cfg_file)
     except CafeError as exc:

@@ -241,3 +241,14 @@ def test_a_mistyped_run_is_not_a_run_directory_rather_than_a_missing_eval_json(t
             f"cafedist: error: {run}: not a run directory (no config.yaml; expected the --out of `cafedist train`)"), \
             proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_out_a_symlink_to_an_empty_folder_is_written_there(evaluated_run, tmp_path):
+    """The written folder was renamed onto the link itself, which fails after the whole export
+    ('.link.export-*: Not a directory')."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    cafedist_in_process("export", str(evaluated_run), "--out", str(tmp_path / "link"), "--threshold", "0.9",
+                        "--clients", "0", check=True)
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == ["client_0000", "early_exit.py", "export.json"]

@@ -235,8 +235,9 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
     folder ``out`` (module docstring); returns what export.json holds."""
     if not str(out).strip():  # Path("") is ".", the working directory
         raise ConfigError("--out: empty path; expected the folder to write (new, or empty)")
-    # absolute: "." or "x/.." name no folder that the written one can be renamed onto
-    run_dir, out = Path(run_dir), Path(os.path.abspath(out))
+    # the folder itself: "." or "x/.." name none that the written one can be renamed onto, and a
+    # rename onto a symbolic link to an empty folder fails (ENOTDIR)
+    run_dir, out = Path(run_dir), Path(os.path.realpath(out))
     threshold = check_threshold(threshold)
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):

@@ -131,6 +131,10 @@ def test_parse_clients():
     for bad in ("", "a", "0-9", "-1", "3"):
         with pytest.raises(ConfigError, match="--clients"):
             parse_clients(bad, 3)
+    # a descending range was no clients: "0,2-1" exported client 0 alone, without a word
+    for bad in ("2-1", "0,2-1"):
+        with pytest.raises(ConfigError, match="--clients: expected comma-separated client ids or ranges"):
+            parse_clients(bad, 3)
 
 
 # ----------------------------------------------------------------------------- the command

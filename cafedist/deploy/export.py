@@ -116,7 +116,10 @@ def parse_clients(text: str | None, num_clients: int) -> list[int]:
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
-            ids.extend(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if last < first:  # "5-3" names no client: a typo, not a request for none
+                raise ValueError(part)
+            ids.extend(range(first, last + 1))
     except ValueError:
         raise ConfigError(f"--clients: expected comma-separated client ids or ranges (0,3,5-7), got {text!r}") from None
     bad = [i for i in ids if not 0 <= i < num_clients]

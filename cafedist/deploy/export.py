@@ -74,18 +74,29 @@ def _eval_report(run_dir: Path) -> dict[str, Any]:
     return report
 
 
-def _check_same_models(report: dict[str, Any], loaded: Any, cid: int, digest: str, run_dir: Path) -> None:
-    """Refuse a policy that eval chose for other models than the one being exported."""
+def _checkpoint_of(report: dict[str, Any]) -> tuple[Any, str]:
+    return report.get("round"), Path(str(report.get("checkpoint", "?"))).name
+
+
+def _check_same_checkpoint(report: dict[str, Any], loaded: Any, run_dir: Path) -> None:
+    """Refuse policies that eval chose for another round or checkpoint than the one loaded
+    (checked before any client is exported: the usual stale eval.json, after a resume)."""
+    theirs, ours = _checkpoint_of(report), (loaded.done, loaded.restored.path.name)
+    if theirs != ours:
+        raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {theirs[0]}, {theirs[1]}) than "
+                          f"the run's newest checkpoint (round {ours[0]}, {ours[1]}): run `cafedist eval RUN "
+                          f"--budget ...` again")
+
+
+def _check_same_model(report: dict[str, Any], cid: int, digest: str, run_dir: Path) -> None:
+    """Refuse a policy that eval chose for other weights than client ``cid``'s (the same round
+    and checkpoint name, trained again)."""
     recorded = (report.get("model_hashes") or {}).get(str(cid))
-    theirs = (report.get("round"), Path(str(report.get("checkpoint", "?"))).name)
-    ours = (loaded.done, loaded.restored.path.name)
-    if theirs == ours and recorded == digest:
-        return
-    # the same round and checkpoint name but other weights (the run trained again): say which
-    differs = f": client {cid}'s model hash is {digest}, eval.json has {recorded}" if theirs == ours else \
-        f" than the run's newest checkpoint (round {ours[0]}, {ours[1]})"
-    raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {theirs[0]}, {theirs[1]})"
-                      f"{differs}: run `cafedist eval RUN --budget ...` again")
+    if recorded != digest:
+        rnd, name = _checkpoint_of(report)
+        raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {rnd}, {name}): client {cid}'s "
+                          f"model hash is {digest}, eval.json has {recorded}: run `cafedist eval RUN --budget ...` "
+                          f"again")
 
 
 def _row(report: dict[str, Any], cid: int, run_dir: Path) -> dict[str, Any]:
@@ -252,11 +263,14 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
         ids = parse_clients(clients, run.n)
         source = f"--threshold {threshold}" if report is None else \
             f"eval --budget ({report['budget'].get('scope', 'pooled')} scope), eval.json of round {report['round']}"
+        rows = {} if report is None else {cid: _row(report, cid, run_dir) for cid in ids}
+        if report is not None:
+            _check_same_checkpoint(report, loaded, run_dir)
         exported = []
         for c in run.pool.each(ids, modify=False):
-            row = None if report is None else _row(report, c.cid, run_dir)
-            if report is not None:
-                _check_same_models(report, loaded, c.cid, model_hash(c.model), run_dir)
+            row = rows.get(c.cid)
+            if row is not None:
+                _check_same_model(report, c.cid, model_hash(c.model), run_dir)
             choice = _threshold_choice(threshold) if row is None else _choice_from_row(row)
             folder = tmp / f"client_{c.cid:04d}"
             folder.mkdir()

@@ -1,4 +1,4 @@
-"""``cafedist`` command line: prepare | train | eval | export | compare | submit | bench | scaling-report.
+"""``cafedist`` command line: prepare | train | eval | status | export | compare | submit | bench | scaling-report.
 
 Bad input (a :class:`~cafedist.errors.CafeError`, a malformed command line, a path that
 cannot be used) is reported as one line ``cafedist...: error: ...`` with exit status 2; a run
@@ -172,6 +172,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("build a federated HDF5 store from a dataset (or --describe one)", *_lazy("cafedist.data.prepare")),
     "train": ("train (or resume) a run; works plainly and under torchrun/srun/mpiexec", _add_train, _train),
     "eval": ("evaluate a finished run: per-exit, per-client and dynamic-inference accuracy", _add_eval, _eval),
+    "status": ("where each run stands (rounds, training/finished/stopped, time left, eval) from its files alone",
+               *_lazy("cafedist.status")),
     "export": ("write each client's early-exit model (torch.export, one program per exit) and exit policy "
                "for deployment", *_lazy("cafedist.deploy.export")),
     "compare": ("run every (algorithm, seed) of a config and report mean ± std per exit, dynamic inference, cost",

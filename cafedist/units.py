@@ -1,4 +1,4 @@
-"""Short human-readable counts for tables and plans (MACs, bytes, parameters)."""
+"""Short human-readable counts for tables and plans (MACs, bytes, parameters) and durations."""
 
 from __future__ import annotations
 
@@ -10,3 +10,9 @@ def short_count(x: float, fmt: str = ".2f") -> str:
         if abs(float(text)) >= 1:  # judged after rounding: 999,999 is "1M", not "1e+03K"
             return text + unit
     return f"{x:.0f}"
+
+
+def hms(seconds: float) -> str:
+    """``3725.4 -> '1:02:05'`` (hours unbounded)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

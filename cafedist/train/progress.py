@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from cafedist.units import hms
+
 
 class Progress:
     """Prints ``round 7/20 [#######.............] last-exit acc 0.912  eta 0:01:05``."""
@@ -25,12 +27,7 @@ class Progress:
         filled = int(width * done / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
         line = (f"round {done}/{self.total} [{bar}] {info}  "
-                f"elapsed {_hms(elapsed)} eta {_hms(eta)}")
+                f"elapsed {hms(elapsed)} eta {hms(eta)}")
         end = "" if self.tty and done < self.total else "\n"
         self.stream.write(("\r" if self.tty else "") + line + end)
         self.stream.flush()
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,185 @@
+"""``cafedist status RUN_OR_FOLDER...``: where each run stands, read from its files alone.
+
+For every run directory given, or found below a folder given (a sweep's or compare's ``--out``),
+one row: the algorithm, rounds done of the run's total, what is happening (``training`` by a
+live process named from its lock, ``finished``, ``stopped`` with the round a resume continues
+from, ``not started``), the last round's last-exit accuracy, an estimate of the time left
+while training, and whether ``eval.json`` describes the newest checkpoint.
+
+Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
+the lock's record, the checkpoint folders' names and eval.json, so it is cheap on a run that is
+training (the newest checkpoint is named, not verified: ``cafedist eval`` verifies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from cafedist.config import config_hash, read_run_config
+from cafedist.errors import CafeError, ConfigError
+from cafedist.rundir import live_holder
+from cafedist.units import hms
+
+#: folders below a run that never hold another run (skipped when searching a folder)
+_NOT_RUNS = ("checkpoints", "tensorboard", "client_state", "submitit")
+#: rounds whose time the estimate of the time left is taken from (the newest ones)
+_RECENT = 5
+
+
+@dataclass
+class RunStatus:
+    """One run directory's state (:func:`run_status`)."""
+
+    run_dir: str
+    algorithm: str | None
+    rounds_done: int
+    rounds: int | None
+    state: str
+    last_exit_accuracy: float | None
+    seconds_left: float | None
+    checkpoint_round: int | None
+    eval: str
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's readable records (a line torn by a kill ends the list)."""
+    out: list[dict[str, Any]] = []
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if isinstance(record, dict) and isinstance(record.get("round"), int):
+            out.append(record)
+    return out
+
+
+def _newest_checkpoint(run_dir: Path) -> int | None:
+    """The round of the newest committed checkpoint folder (by name; not verified)."""
+    rounds = []
+    for path in (run_dir / "checkpoints").glob("round_*"):
+        if (path / "MANIFEST.json").is_file() and path.name[len("round_"):].isdigit():
+            rounds.append(int(path.name[len("round_"):]))
+    return max(rounds, default=None)
+
+
+def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
+    report = _json(run_dir / "eval.json")
+    if not isinstance(report, dict):
+        return "none"
+    rnd = report.get("round")
+    budget = report.get("budget")
+    spec = f", budget {','.join(sorted({str(r.get('budget')) for r in budget['clients']}))}" \
+        if isinstance(budget, dict) and isinstance(budget.get("clients"), list) and budget["clients"] else ""
+    fresh = "" if rnd == checkpoint_round else f", stale: the newest checkpoint is round {checkpoint_round}"
+    return f"round {rnd}{spec}{fresh}"
+
+
+def run_status(run_dir: str | Path) -> RunStatus:
+    """What ``run_dir``'s files say about it (module docstring). Raises ConfigError when its
+    config.yaml cannot be read as a run config."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = read_run_config(run_dir / "config.yaml")
+    except CafeError as exc:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: not a usable run config ({exc})") from None
+    records = _records(run_dir)
+    done = records[-1]["round"] + 1 if records else 0
+    checkpoint = _newest_checkpoint(run_dir)
+    summary = _json(run_dir / "summary.json")
+    holder = live_holder(run_dir)
+    seconds = [r["seconds"] for r in records[-_RECENT:] if isinstance(r.get("seconds"), (int, float))]
+    left = None
+    if holder is not None:
+        state = f"training ({holder})"
+        if seconds:
+            left = statistics.median(seconds) * max(cfg.train.rounds - done, 0)
+    elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
+        state = "finished"
+    elif checkpoint is not None:
+        state = f"stopped (a resume continues after round {checkpoint})"
+    elif records:
+        state = "stopped (no checkpoint: a resume starts over)"
+    else:
+        state = "not started"
+    acc = records[-1].get("acc_per_exit") if records else None
+    last = acc[-1] if isinstance(acc, list) and acc and isinstance(acc[-1], (int, float)) else None
+    return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, checkpoint,
+                     _eval_state(run_dir, checkpoint))
+
+
+def find_runs(path: Path) -> Iterator[Path]:
+    """``path`` if it is a run directory, else every run directory below it (sorted; a run's
+    own folders and runs moved aside into ``previous-*`` are not searched)."""
+    if (path / "config.yaml").is_file():
+        yield path
+        return
+    for top, dirs, files in os.walk(path):
+        if "config.yaml" in files and Path(top) != path:
+            dirs[:] = []
+            yield Path(top)
+            continue
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS and not d.startswith(("previous-", ".")))
+
+
+def _row(status: RunStatus) -> dict[str, str]:
+    rounds = f"{status.rounds_done}/{status.rounds}"
+    acc = "" if status.last_exit_accuracy is None else f"{status.last_exit_accuracy:.4f}"
+    left = "" if status.seconds_left is None else hms(status.seconds_left)
+    return {"run": status.run_dir, "algorithm": status.algorithm or "", "rounds": rounds, "state": status.state,
+            "last-exit acc": acc, "time left": left, "eval": status.eval}
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cafedist status`` options."""
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_FOLDER",
+                   help="run directories, or folders to search for them (e.g. a sweep's or compare's --out)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``cafedist status``."""
+    runs: dict[Path, Path] = {}  # resolved -> as found (a run given twice, or inside a folder given, once)
+    for text in args.paths:
+        path = Path(text)
+        if not path.is_dir():
+            raise ConfigError(f"{path}: not a folder (expected a run directory or a folder holding runs)")
+        found = list(find_runs(path))
+        if not found:
+            raise ConfigError(f"{path}: no run directory in it (none holds the config.yaml `cafedist train` writes)")
+        for run in found:
+            runs.setdefault(run.resolve(), run)
+    statuses = [run_status(r) for r in runs.values()]
+    if args.json:
+        print("\n".join(json.dumps(asdict(s)) for s in statuses))
+    else:
+        print(_table([_row(s) for s in statuses]))
+    return 0
+
+
+__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status"]

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -174,11 +175,18 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}: no run directory in it (none holds the config.yaml `cafedist train` writes)")
         for run in found:
             runs.setdefault(run.resolve(), run)
-    statuses = [run_status(r) for r in runs.values()]
-    if args.json:
-        print("\n".join(json.dumps(asdict(s)) for s in statuses))
-    else:
-        print(_table([_row(s) for s in statuses]))
+    statuses, unreadable = [], []
+    for run in runs.values():
+        try:
+            statuses.append(run_status(run))
+        except ConfigError as exc:  # one broken run must not hide a sweep's others
+            unreadable.append(str(exc))
+    if statuses:
+        print("\n".join(json.dumps(asdict(s)) for s in statuses) if args.json else
+              _table([_row(s) for s in statuses]))
+    if unreadable:
+        print("\n".join(f"cafedist: error: {text}" for text in unreadable), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -50,12 +50,22 @@ def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
 def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
     (runs / "done" / "previous-20260101-000000").mkdir(exist_ok=True)  # a run moved aside: not listed
     assert [p.name for p in find_runs(runs)] == ["done", "stopped"]
+    (tmp_path / "empty").mkdir()
     proc = cafedist_in_process("status", str(runs), str(runs / "done"), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["state"] for r in rows] == ["finished", "stopped (a resume continues after round 1)"]  # once each
     table = cafedist_in_process("status", str(runs / "stopped"), check=True).stdout.splitlines()
     assert table[0].split()[:4] == ["run", "algorithm", "rounds", "state"] and "2/3" in table[1]
-    for path, expect in ((tmp_path / "nothing", "not a folder"), (tmp_path, "no run directory in it")):
+    # a run whose config.yaml is unreadable: named on stderr, exit 2, the other runs still listed
+    broken = tmp_path / "sweep" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "config.yaml").write_text("train: {rounds: [}\n")
+    shutil.copytree(runs / "stopped", tmp_path / "sweep" / "ok")
+    proc = cafedist_in_process("status", str(tmp_path / "sweep"))
+    assert proc.returncode == 2 and "ok" in proc.stdout and "broken" not in proc.stdout
+    assert [ln for ln in proc.stderr.splitlines() if "error" in ln] == \
+        [ln for ln in proc.stderr.splitlines() if ln.startswith(f"cafedist: error: {broken / 'config.yaml'}: ")]
+    for path, expect in ((tmp_path / "nothing", "not a folder"), (tmp_path / "empty", "no run directory in it")):
         proc = cafedist_in_process("status", str(path))
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr

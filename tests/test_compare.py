@@ -601,6 +601,27 @@ def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, 
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_the_failure_count_counts_tuning_trials_among_the_runs(tmp_path, monkeypatch, capsys):
+    """With --tune it said "3 of 4 runs failed" when 3 trials failed and the 4 reported runs finished."""
+    from types import SimpleNamespace
+
+    import cafedist.compare as compare_mod
+    from cafedist.tuning import NO_SETTING, TuneResult
+
+    def outcome(name: str, seed: int, status: str) -> RunOutcome:
+        run = SimpleNamespace(run_dir=tmp_path / name / f"seed{seed}", label=f"{name} seed{seed}", setting=NO_SETTING)
+        return RunOutcome(run, status, "diverged" if status == "failed" else "")
+
+    trials = {"a": [outcome("a-bad", 0, "failed"), outcome("a-ok", 0, "done")],
+              "b": [outcome("b-bad", 0, "failed"), outcome("b-ok", 0, "done")]}
+    finals = [trials["a"][1], outcome("a-ok", 1, "done"), trials["b"][1], outcome("b-ok", 1, "done")]
+    result = compare_mod.CompareResult(finals, {}, TuneResult(0, trials, {"a": 1, "b": 1}, finals))
+    monkeypatch.setattr(compare_mod, "compare", lambda *args, **kwargs: result)
+    assert cli_main(["compare", "--algorithms", "fedavg", "--out", str(tmp_path / "cmp")]) == 1
+    assert "2 of 6 runs failed" in capsys.readouterr().out  # 4 trials, of which 2 are reported, + 2 runs
+    assert [o.run.label for o in result.failed] == ["a-bad seed0", "b-bad seed0"]
+
+
 def test_compare_out_at_a_training_run_is_refused(tiny_config, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

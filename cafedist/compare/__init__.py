@@ -87,10 +87,17 @@ class CompareResult:
     budget_errors: list[str] = field(default_factory=list)  # --budget: runs whose evaluation failed
 
     @property
+    def runs(self) -> list[RunOutcome]:
+        """Every run of this compare once: the report's, then the tuning trials not among them
+        (a chosen setting's first-seed run is its trial, in both)."""
+        trials = [o for t in self.tuned.trials.values() for o in t] if self.tuned else []
+        reported = {o.run.run_dir for o in self.outcomes}
+        return [*self.outcomes, *(o for o in trials if o.run.run_dir not in reported)]
+
+    @property
     def failed(self) -> list[RunOutcome]:
         """Failed runs of the report, then failed tuning trials."""
-        trials = [o for t in self.tuned.trials.values() for o in t] if self.tuned else []
-        return [o for o in [*self.outcomes, *trials] if o.status == "failed"]
+        return [o for o in self.runs if o.status == "failed"]
 
 
 def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
@@ -309,7 +316,8 @@ def main(args: argparse.Namespace) -> int:
         extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]
         print(f"wrote {result.paths['md']} and {result.paths['csv']} (+ {', '.join(extra)})")
     if result.failed:
-        print(f"{len(result.failed)} of {len(result.outcomes)} runs failed")
+        # of every run, trials included: failed trials are no part of the report's outcomes
+        print(f"{len(result.failed)} of {len(result.runs)} runs failed")
         return 1
     return 1 if result.budget_errors else 0
 

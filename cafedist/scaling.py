@@ -236,10 +236,48 @@ def to_markdown(rows: list[dict[str, Any]], runs: list[RunStats]) -> str:
               "Weak scaling (clients per rank constant): efficiency = t_base / t_N, normalised by the "
               "training samples of the busiest rank when known: (t_base / s_base) / (t_N / s_N). "
               "Strong scaling (total clients constant): efficiency = t_base / (t_N x N / N_base).", ""]
-    names = {json.dumps({k: v for k, v in r.config.items() if k != "data"}, sort_keys=True) for r in runs}
-    if len(names) > 1:
-        lines.append("Note: the runs differ in more than the data section of their configs; compare with care.")
+    difference = config_difference(runs)
+    if difference is not None:
+        lines.append(f"Note: the runs' configs differ in more than the number of clients ({difference}); "
+                     "compare with care.")
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: ``(section, field)`` of the config that a sweep may vary (weak scaling: the clients) or that
+#: only say where the files are; any other difference makes the runs' times incomparable
+_SWEEP_FIELDS = (("data", "clients"), ("data", "root"), ("data", "store"), ("data", "cache_dir"))
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without :data:`_SWEEP_FIELDS` and without the parameter sections of algorithms
+    other than its own (as a run's identity leaves them out)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for section, key in _SWEEP_FIELDS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    algorithm = out.get("algorithm")
+    if isinstance(algorithm, dict):
+        out["algorithm"] = {k: v for k, v in algorithm.items() if k in ("name", algorithm.get("name"))}
+    return out
+
+
+def config_difference(runs: list[RunStats]) -> str | None:
+    """``"RUN: field (a vs b)"``, the first field besides :data:`_SWEEP_FIELDS` in which a run's
+    config differs from the first run's (runs without a config.yaml aside; ``algorithm.name``
+    first); None if none does. Not the whole data section: another dataset is another workload."""
+    from cafedist.train.preflight import dict_diff
+
+    def name(config: dict[str, Any]) -> dict[str, Any]:
+        algorithm = config.get("algorithm")
+        return {"algorithm": {"name": algorithm.get("name") if isinstance(algorithm, dict) else algorithm}}
+
+    known = [_comparable(r.config) for r in runs if r.config]
+    names = [r.path.name for r in runs if r.config]
+    for run_name, config in zip(names[1:], known[1:]):
+        difference = dict_diff(name(known[0]), name(config)) or dict_diff(known[0], config)
+        if difference is not None:
+            return f"{run_name}: {difference}"
+    return None
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:

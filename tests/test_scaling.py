@@ -8,7 +8,7 @@ import yaml
 
 from cafedist.cli import main as cli_main
 from cafedist.errors import DataError
-from cafedist.scaling import load_run, scaling_table, write_report
+from cafedist.scaling import load_run, scaling_table, to_markdown, write_report
 
 
 def _record(rnd, world, cpr, seconds, split=(0.5, 0.2, 0.1, 0.1), wire=1000):
@@ -137,3 +137,25 @@ def test_out_that_is_a_file_is_refused_before_reading(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     assert cli_main(["scaling-report", str(run), "--out", str(tmp_path / "afile")]) == 2
     assert "--out: " in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_run_of_another_dataset_or_algorithm_is_noted_more_clients_are_not(tmp_path):
+    """The note left the whole data section out: a run of another dataset went unremarked."""
+    def with_config(name: str, world: int, **data) -> object:
+        d = _run(tmp_path, name, world, [2] * world, [3, 1.0, 1.0])
+        (d / "config.yaml").write_text(yaml.safe_dump({
+            "seed": 0, "algorithm": {"name": data.pop("algorithm", "cafedistill")},
+            "data": {"dataset": "mnist5k", "clients": 2 * world, "store": f"s{world}.h5",
+                     "cache_dir": str(tmp_path / "none"), **data}}))
+        return load_run(d)
+
+    def note(runs: list) -> str:
+        return "\n".join(line for line in to_markdown(scaling_table(runs), runs).splitlines()
+                         if line.startswith("Note:"))
+
+    w1, w2 = with_config("w1", 1), with_config("w2", 2)  # weak: more clients, another store
+    assert note([w1, w2]) == ""
+    other = with_config("digits", 2, dataset="digits")
+    assert "digits: data.dataset ('mnist5k' vs 'digits')" in note([w1, other])
+    fedavg = with_config("fedavg", 2, algorithm="fedavg")
+    assert "fedavg: algorithm.name ('cafedistill' vs 'fedavg')" in note([w1, fedavg])

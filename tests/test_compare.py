@@ -25,6 +25,7 @@ from cafedist.compare import (
     REPORT_THRESHOLDS,
     PlannedRun,
     RunOutcome,
+    Stat,
     Variant,
     available_variants,
     check_ablation_axes,
@@ -162,6 +163,17 @@ def test_results_markdown_lists_failures_and_algorithms_without_results(tmp_path
     assert md.splitlines()[:3] == ["```sh", "cafedist compare --out D", "```"]
     assert "- `x` seed 4: exit status 2: boom" in md
     assert "No finished run, so not in the tables: x." in md
+
+
+def test_the_heading_counts_algorithms_not_grid_rows(tmp_path):
+    """One algorithm in two grid settings was "# Comparison: 2 algorithm(s)"."""
+    outcomes = [RunOutcome(PlannedRun(Variant("fedavg", "fedavg"), 0, tmp_path / lr, None, (), "h",
+                                      row=f"fedavg [train.lr={lr}]"), "done") for lr in ("0.1", "0.2")]
+    stats = [Stat(o.run.row, "accuracy", 1, None, 1, 0.5, math.nan) for o in outcomes]
+    md = results_markdown("cafedist compare --out D", stats, outcomes)
+    assert "# Comparison: 1 algorithm(s) in 2 settings × seeds 0" in md
+    md = results_markdown("cafedist compare --out D", stats[:1], outcomes[:1])
+    assert "# Comparison: 1 algorithm(s) × seeds 0" in md
 
 
 # ----------------------------------------------------------------------------- end to end (real runs)

@@ -238,8 +238,11 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     st = _Stats(stats)
     counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
     seeds = sorted({o.run.seed for o in outcomes})
+    # a row is an algorithm's setting under --grid: count the algorithms, and the rows if more
+    algorithms = {o.run.variant.name for o in outcomes if o.run.row in st.names}
+    settings = f" in {len(st.names)} settings" if len(st.names) != len(algorithms) else ""
     lines = ["```sh", command, "```", "",
-             f"# Comparison: {len(st.names)} algorithm(s) × seeds {', '.join(map(str, seeds))}", "",
+             f"# Comparison: {len(algorithms)} algorithm(s){settings} × seeds {', '.join(map(str, seeds))}", "",
              f"{len(outcomes)} runs: {counts['done']} trained now, {counts['skipped']} reused (finished earlier "
              f"with the same config), {counts['failed']} failed. Every number is the mean ± sample standard "
              "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "

@@ -32,7 +32,7 @@ import yaml
 
 from cafedist import yamlio
 from cafedist.errors import DataError
-from cafedist.fsutil import atomic_output, write_text_atomic
+from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
 from cafedist.paths import check_dir_creatable
 from cafedist.typed import is_integer, is_number
 
@@ -281,13 +281,12 @@ def config_difference(runs: list[RunStats]) -> str | None:
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Stacked round-time split per run (left) and efficiency vs ranks (right), as a PNG."""
-    import matplotlib
+    """Stacked round-time split per run (left) and efficiency vs ranks (right), as a PNG
+    (a CafeError naming the extra to install when matplotlib is missing)."""
+    from cafedist.eval.plots import _new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _new_figure(width=10, height=4)
+    ax1, ax2 = fig.subplots(1, 2)
     labels = [f"{r['ranks']}r\n{r['clients_per_rank']}" for r in rows]
     bottom = [0.0] * len(rows)
     for part in ("local", "comm", "aggregate", "eval", "other"):
@@ -309,10 +308,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     ax2.set_title("scaling efficiency")
     if ax2.lines[1:]:
         ax2.legend(fontsize=8)
-    fig.tight_layout()
     with atomic_output(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
@@ -321,9 +318,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     rows = scaling_table(runs)
     out = Path(out_dir)
     paths = {"md": out / "scaling.md", "csv": out / "scaling.csv", "png": out / "scaling.png"}
-    write_text_atomic(paths["md"], to_markdown(rows, runs))
-    write_text_atomic(paths["csv"], to_csv(rows))
-    plot(rows, paths["png"])
+    with replaced_together():  # a failed plot (no matplotlib) leaves an earlier report whole
+        write_text_atomic(paths["md"], to_markdown(rows, runs))
+        write_text_atomic(paths["csv"], to_csv(rows))
+        plot(rows, paths["png"])
     return paths
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 
 import pytest
 import yaml
@@ -159,3 +160,17 @@ def test_a_run_of_another_dataset_or_algorithm_is_noted_more_clients_are_not(tmp
     assert "digits: data.dataset ('mnist5k' vs 'digits')" in note([w1, other])
     fedavg = with_config("fedavg", 2, algorithm="fedavg")
     assert "fedavg: algorithm.name ('cafedistill' vs 'fedavg')" in note([w1, fedavg])
+
+
+def test_without_matplotlib_one_line_and_the_earlier_report_stays_whole(tmp_path, capsys, monkeypatch):
+    """scaling.md and .csv were replaced, then pyplot's ImportError ended it with a traceback."""
+    dirs = [str(_run(tmp_path, f"w{w}", w, [2] * w, [3, 1.0, 1.1])) for w in (1, 2)]
+    out = tmp_path / "o"
+    assert cli_main(["scaling-report", dirs[0], "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    capsys.readouterr()
+    assert cli_main(["scaling-report", *dirs, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plotting needs matplotlib: pip install 'cafedist[plot]'" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either

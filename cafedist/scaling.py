@@ -115,17 +115,21 @@ def _mean(values: list[float]) -> float:
 
 
 def busiest_rank_samples(config: dict[str, Any], ranks: int, run_dir: Path) -> int | None:
-    """Training samples of the busiest rank under the loop's placement, from the run's store."""
+    """Training samples of the busiest rank under the loop's placement, from the run's store
+    (a relative store path is relative to where train ran: from elsewhere the store is found
+    through the absolute path the run's checkpoints record, as ``cafedist eval`` finds it)."""
     from cafedist.config import config_from_dict
     from cafedist.data.store import Store
     from cafedist.distributed.placement import place_clients
     from cafedist.errors import CafeError
+    from cafedist.run.checkpoint import CheckpointDir
 
     try:
         cfg = config_from_dict(config)
         store = cfg.data.store_path(cfg.seed)
-        for candidate in (store, run_dir.parent / store, run_dir / store):
-            if candidate.is_file():
+        recorded = CheckpointDir(run_dir).recorded_store()
+        for candidate in (store, run_dir.parent / store, run_dir / store, recorded):
+            if candidate is not None and candidate.is_file():
                 with Store(candidate) as st:
                     sizes = [tr for tr, _ in st.client_sizes()]
                 return max(sum(sizes[c] for c in part) for part in place_clients(sizes, ranks))

@@ -174,3 +174,31 @@ def test_without_matplotlib_one_line_and_the_earlier_report_stays_whole(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "plotting needs matplotlib: pip install 'cafedist[plot]'" in err[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
+
+
+def test_samples_per_rank_from_another_folder_through_the_store_the_checkpoints_record(
+        tiny_config, tmp_path, monkeypatch):
+    """A relative data.cache_dir is relative to where train ran: from another folder the store
+    was not found, so samples_per_rank was empty and weak efficiencies lost their normalisation."""
+    from contextlib import closing
+
+    from cafedist.config import load_config
+    from cafedist.distributed.placement import place_clients
+    from cafedist.run.build import open_store
+    from cafedist.train.startup import write_config
+
+    train_cwd = tmp_path / "project"
+    train_cwd.mkdir()
+    monkeypatch.chdir(train_cwd)
+    cfg = load_config(str(tiny_config()), ["data.cache_dir=stores"])  # relative, as data/stores by default
+    with closing(open_store(cfg)) as store:
+        sizes = [tr for tr, _ in store.client_sizes()]
+    run = _run(tmp_path, "w2", 2, [2, 2], [3, 1.0, 1.0])
+    write_config(cfg, run)
+    manifest = run / "checkpoints" / "round_000002" / "MANIFEST.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"store": str(cfg.data.store_path(cfg.seed).resolve())}))
+    expected = max(sum(sizes[c] for c in part) for part in place_clients(sizes, 2))
+    assert load_run(run).samples_per_rank == expected
+    monkeypatch.chdir(tmp_path)  # elsewhere: found through the manifest
+    assert load_run(run).samples_per_rank == expected

@@ -2,12 +2,13 @@
 
 For every run directory given, or found below a folder given (a sweep's or compare's ``--out``),
 one row: the algorithm, rounds done of the run's total, what is happening (``training`` by a
-live process named from its lock, ``finished``, ``stopped`` with the round a resume continues
-from, ``not started``), the last round's last-exit accuracy, an estimate of the time left
+live process named from its lock, ``finished``, ``failed`` with the error that ended the last
+training compare started (from its ``train.log``), ``stopped`` with the round a resume continues
+from, ``no round finished``), the last round's last-exit accuracy, an estimate of the time left
 while training, and whether ``eval.json`` describes the newest checkpoint.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
-the lock's record, the checkpoint folders' names and eval.json, so it is cheap on a run that is
+the lock's record, the checkpoint folders' names, train.log and eval.json, so it is cheap on a run that is
 training (the newest checkpoint is named, not verified: ``cafedist eval`` verifies).
 """
 
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 from cafedist.config import config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.rundir import live_holder
+from cafedist.trainlog import last_session_error
 from cafedist.units import hms
 
 #: folders below a run that never hold another run (skipped when searching a folder)
@@ -106,6 +108,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     checkpoint = _newest_checkpoint(run_dir)
     summary = _json(run_dir / "summary.json")
     holder = live_holder(run_dir)
+    error = last_session_error(run_dir)  # trainings that compare started log their output there
     seconds = [r["seconds"] for r in records[-_RECENT:] if isinstance(r.get("seconds"), (int, float))]
     left = None
     if holder is not None:
@@ -114,12 +117,14 @@ def run_status(run_dir: str | Path) -> RunStatus:
             left = statistics.median(seconds) * max(cfg.train.rounds - done, 0)
     elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
         state = "finished"
+    elif error is not None:
+        state = f"failed ({error.removeprefix('cafedist: error: ')})"
     elif checkpoint is not None:
         state = f"stopped (a resume continues after round {checkpoint})"
     elif records:
         state = "stopped (no checkpoint: a resume starts over)"
     else:
-        state = "not started"
+        state = "no round finished"
     acc = records[-1].get("acc_per_exit") if records else None
     last = acc[-1] if isinstance(acc, list) and acc and isinstance(acc[-1], (int, float)) else None
     return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, checkpoint,

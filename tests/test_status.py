@@ -38,6 +38,16 @@ def test_finished_stopped_and_training_runs(runs):
     assert training.state.startswith("training (pid ") and training.seconds_left > 0
 
 
+def test_a_failed_training_that_compare_logged_is_failed_until_a_later_session(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    failed = "=== 2026-01-01 00:00:00 cafedist train ...\ncafedist: error: training diverged (try a lower train.lr)\n"
+    (run / "train.log").write_text(failed)
+    assert run_status(run).state == "failed (training diverged (try a lower train.lr))"
+    (run / "train.log").write_text(failed + "=== 2026-01-01 00:10:00 cafedist train ...\nstop signal received\n")
+    assert run_status(run).state == "stopped (a resume continues after round 1)"
+
+
 def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "done", run)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from cafedist import trainlog
 from cafedist.compare.plan import PlannedRun
 from cafedist.jobs import ExecutorOptions
 
@@ -35,13 +36,6 @@ class RunOutcome:
     status: Status
     message: str = ""
     seconds: float = 0.0
-
-
-def _last_error(text: str) -> str:
-    """The line of a train log that says what went wrong (its last error line, else its last line)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("cafedist: error:") or "Error" in ln.split(":")[0]]
-    return (errors or lines or ["(no output)"])[-1]
 
 
 def _child_env(jobs: int) -> dict[str, str]:
@@ -100,10 +94,10 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
     """``python -m cafedist train ...`` for ``run``; output appended to ``RUN_DIR/train.log``."""
     cmd = [sys.executable, "-m", "cafedist", *run.train_argv()]
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    logfile = run.run_dir / "train.log"
+    logfile = run.run_dir / trainlog.NAME
     t0 = time.perf_counter()
     with open(logfile, "a") as fh:
-        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        fh.write(trainlog.session_header(shlex.join(cmd)))
         fh.flush()
         code = _CHILDREN.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(jobs),
                              stdin=subprocess.DEVNULL)
@@ -114,7 +108,7 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
         return RunOutcome(run, "done", seconds=seconds)
     why = f"exit status {code}" if code else "no summary.json written"
     tail = logfile.read_text(errors="replace")[-20000:]
-    return RunOutcome(run, "failed", f"{why}: {_last_error(tail)} (log: {logfile})", seconds)
+    return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)} (log: {logfile})", seconds)
 
 
 def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: Path,

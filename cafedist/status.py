@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from cafedist.config import config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
-from cafedist.rundir import live_holder
+from cafedist.rundir import PREVIOUS_PREFIX, live_holder
 from cafedist.trainlog import last_session_error
 from cafedist.units import hms
 
@@ -142,7 +142,7 @@ def find_runs(path: Path) -> Iterator[Path]:
             dirs[:] = []
             yield Path(top)
             continue
-        dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS and not d.startswith(("previous-", ".")))
+        dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS and not d.startswith((PREVIOUS_PREFIX, ".")))
 
 
 def _row(status: RunStatus) -> dict[str, str]:

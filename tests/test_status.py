@@ -58,8 +58,13 @@ def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
 
 
 def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
-    (runs / "done" / "previous-20260101-000000").mkdir(exist_ok=True)  # a run moved aside: not listed
+    # a run moved aside by --resume none, in a folder whose new run has no config.yaml yet (a
+    # moved-aside folder inside a run directory is never reached: the search stops at the run)
+    aside = runs / "restarted" / "previous-20260101-000000"
+    aside.mkdir(parents=True, exist_ok=True)
+    shutil.copy(runs / "done" / "config.yaml", aside / "config.yaml")
     assert [p.name for p in find_runs(runs)] == ["done", "stopped"]
+    assert list(find_runs(runs / "restarted")) == []
     (tmp_path / "empty").mkdir()
     proc = cafedist_in_process("status", str(runs), str(runs / "done"), "--json")
     assert proc.returncode == 0, proc.stderr

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 from cafedist.config import config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
+from cafedist.run.checkpoint import CheckpointDir
 from cafedist.rundir import PREVIOUS_PREFIX, live_holder
 from cafedist.trainlog import last_session_error
 from cafedist.units import hms
@@ -75,12 +76,9 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _newest_checkpoint(run_dir: Path) -> int | None:
-    """The round of the newest committed checkpoint folder (by name; not verified)."""
-    rounds = []
-    for path in (run_dir / "checkpoints").glob("round_*"):
-        if (path / "MANIFEST.json").is_file() and path.name[len("round_"):].isdigit():
-            rounds.append(int(path.name[len("round_"):]))
-    return max(rounds, default=None)
+    """The round of the newest checkpoint folder, the one a resume tries first (by name; not verified)."""
+    newest = CheckpointDir(run_dir).candidates()
+    return int(newest[0].name[len("round_"):]) if newest else None
 
 
 def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:

@@ -216,6 +216,13 @@ def test_export_refusals_are_one_line_and_write_nothing(evaluated_run, tmp_path)
     # the same round and checkpoint twice, "other models (round 0, round_000000) than ... (round 0, round_000000)")
     refused(str(stale), "--out", str(tmp_path / "a"),
             expect="describes other models (round 0, round_000000): client 1's model hash is ")
+    # the usual stale eval.json: policies of another round (e.g. evaluated before a resume)
+    report = json.loads((evaluated_run / "eval.json").read_text())
+    report["round"] = 5
+    (stale / "eval.json").write_text(json.dumps(report))
+    refused(str(stale), "--out", str(tmp_path / "a"),
+            expect="describes other models (round 5, round_000000) than the run's newest checkpoint "
+                   "(round 0, round_000000)")
     (stale / "eval.json").unlink()
     refused(str(stale), "--out", str(tmp_path / "a"), expect="--threshold")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.export-*"))

@@ -263,3 +263,9 @@ def test_out_a_symlink_to_an_empty_folder_is_written_there(evaluated_run, tmp_pa
                         "--clients", "0", check=True)
     assert (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in (tmp_path / "target").iterdir()) == ["client_0000", "early_exit.py", "export.json"]
+
+
+def test_an_eval_model_without_exit_stages_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be cut at its exits"):
+        export_stages(torch.nn.Linear(3, 2), torch.zeros(2, 3), tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -217,7 +217,9 @@ class Algorithm:
         """The network that answers for this client (evaluation and proxy logits).
 
         Default: the ``"main"`` model. Override for composite predictors (e.g. generic +
-        personal heads); the returned module must map inputs to a list of per-exit logits.
+        personal heads); the returned module must map inputs to a list of per-exit logits, and
+        ``cafedist export`` also needs its ``exit_stages()`` (see
+        :meth:`~cafedist.models.base.EarlyExitNet.exit_stages`; FedRoD's is an example).
         """
         return client.model
 

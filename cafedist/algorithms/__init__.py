@@ -120,6 +120,14 @@ class SharedHeads(Algorithm):
     def shared_mask(self, cid, key, tensor):
         return is_head(key)
 ```
+
+**A composite predictor.** A client answers with `eval_model(client)` (default: its `"main"`
+network). An override must return a module that maps inputs to the list of per-exit logits,
+and, for `cafedist export`, has `exit_stages()`: one module per exit, mapping block k−1's output
+to `(block k's output, exit k's logits)`, that together compute what `forward` does
+(`EarlyExitNet.exit_stages` is the plain case, FedRoD's `GenericPlusPersonal.exit_stages` adds its
+personal classifier; `tests/test_export.py` checks that one against its `forward`). Without it
+export refuses that algorithm's runs in one line.
 '''
 
 

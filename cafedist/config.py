@@ -345,43 +345,70 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class YamlFile:
+    """A YAML config file read and parsed once: its ``text``, its ``data`` as :func:`yamlio.load`
+    gives it (any type: :func:`read_yaml` checks for a mapping) and, when asked for, whether
+    it has comments (:func:`yamlio.has_comments`; else False)."""
+
+    path: Path
+    text: str
+    data: Any
+    commented: bool = False
+
+    @classmethod
+    def read(cls, path: str | Path, note_comments: bool = False) -> "YamlFile":
+        """Read and parse ``path``, with a clear ConfigError for a missing or malformed file."""
+        p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a directory, expected a YAML config file")
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        if not p.is_file():
+            raise ConfigError(f"{p}: not a regular file (expected a YAML config file)")
+        try:
+            text = p.read_bytes().decode("utf-8")
+            data, commented = yamlio.load_noting_comments(text, note=note_comments)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file (expected a YAML config)") from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML{yamlio.problem(exc)}") from None
+        return cls(p, text, data, commented)
+
+    def mapping(self) -> dict:
+        """The file's data as a config's mapping (an empty file: {})."""
+        if self.data is None:
+            return {}
+        if not isinstance(self.data, dict):
+            raise ConfigError(f"{self.path}: expected a mapping at the top level, got {type(self.data).__name__}")
+        return self.data
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML config file with a clear error for a missing or malformed file."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p}: is a directory, expected a YAML config file")
-    if not p.exists():
-        raise ConfigError(f"{p}: config file not found")
-    if not p.is_file():
-        raise ConfigError(f"{p}: not a regular file (expected a YAML config file)")
-    try:
-        raw = yamlio.load(p.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a text file (expected a YAML config)") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML{yamlio.problem(exc)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
-    return raw
+    return YamlFile.read(path).mapping()
 
 
 def read_run_config(path: str | Path) -> Config:
-    """The config a run directory's ``config.yaml`` holds (the file train wrote).
+    """The config a run directory's ``config.yaml`` holds (the file train wrote)."""
+    return run_config_of(YamlFile.read(path))
+
+
+def run_config_of(file: YamlFile) -> Config:
+    """The config of a run directory's ``config.yaml``, read (:meth:`YamlFile.read`).
 
     Files written before configs were read as YAML 1.2 (:mod:`cafedist.yamlio`) came from a
     YAML 1.1 writer, which leaves strings such as ``08`` or ``1e3`` unquoted: read as numbers
     they fail the config's types, so such a file is read again under YAML 1.1's rules."""
-    raw = read_yaml(path)
+    raw = file.mapping()
     try:
         return config_from_dict(raw)
     except ConfigError as first:
         try:
-            legacy = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (yaml.YAMLError, OSError, ValueError):
+            legacy = yaml.safe_load(file.text)
+        except (yaml.YAMLError, ValueError):
             raise first from None
         if not isinstance(legacy, dict) or legacy == raw:
             raise

@@ -163,8 +163,21 @@ def _yaml11_tag(value: str) -> str:
 def load(text: str) -> Any:
     """``text`` as plain data (None for an empty document); yaml.YAMLError when it is not
     valid YAML or not plain data, nesting too deep included."""
+    return load_noting_comments(text, note=False)[0]
+
+
+def load_noting_comments(text: str, note: bool = True) -> tuple[Any, bool]:
+    """:func:`load` and (``note``) :func:`has_comments` of ``text`` from one parse; the same
+    yaml.YAMLError as :func:`load`. (False for the comments when not ``note``.)"""
     try:
-        return yaml.load(text, Loader=ConfigLoader)
+        loader = ConfigLoader(text)
+        try:  # yaml.load's steps, with the node tree looked at in between
+            node = loader.get_single_node()
+            # comments before constructing: merge keys (<<) rewrite the mappings that hold them
+            commented = note and _comment_outside_scalars(text, node)
+            return (None if node is None else loader.construct_document(node)), commented
+        finally:
+            loader.dispose()
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
@@ -189,9 +202,14 @@ def dump(data: Any) -> str:
 def has_comments(text: str) -> bool:
     """Whether ``text`` holds a YAML comment: a ``#`` at a line's start or after a space that
     lies in no scalar (``root: "a #1"`` holds none). yaml.YAMLError when it is not valid YAML."""
+    return _comment_outside_scalars(text, compose(text))
+
+
+def _comment_outside_scalars(text: str, root: Any) -> bool:
+    """Whether ``text``, composed into the node tree ``root``, holds a ``#`` comment."""
     spans: list[tuple[int, int]] = []
     seen: set[int] = set()
-    stack = [compose(text)]
+    stack = [root]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:

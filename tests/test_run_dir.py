@@ -599,6 +599,34 @@ def test_different_config_names_a_field_that_decides_the_run(tmp_path):
         plan_run_dir(load_config(quickstart), run_dir, "auto")
 
 
+def test_plan_run_dir_reads_and_parses_config_yaml_once(tmp_path, monkeypatch):
+    """Whether train wrote config.yaml (no comments, every section) and which config it holds
+    are told from one read and one parse of the file (it was read twice and parsed three times),
+    with the same outcomes: the run's own config is planned, a user's file refused."""
+    from cafedist import yamlio
+    from cafedist.config import dump_config, load_config
+    from cafedist.errors import ConfigError
+    from cafedist.train.preflight import RunDirPlan, plan_run_dir
+
+    quickstart = load_config(ROOT / "configs" / "quickstart.yaml")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg_file = run_dir / "config.yaml"
+    cfg_file.write_text(dump_config(quickstart))
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    reads, parses = [], []
+    real_read, real_parse = Path.read_bytes, yamlio.ConfigLoader.get_single_node
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real_read(self))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or real_read(self).decode())
+    monkeypatch.setattr(yamlio.ConfigLoader, "get_single_node", lambda self: parses.append(1) or real_parse(self))
+    assert plan_run_dir(quickstart, run_dir, "auto") is RunDirPlan.WRITE
+    assert (reads.count("config.yaml"), len(parses)) == (1, 1)
+    cfg_file.write_text("# mine\n" + dump_config(quickstart))
+    with pytest.raises(ConfigError, match="has comments, so train did not write it"):
+        plan_run_dir(quickstart, run_dir, "auto")
+    assert (reads.count("config.yaml"), len(parses)) == (2, 2)
+
+
 # ----------------------------------------------------------------------------- what is written about a run's models
 # the outputs lock keeps evals, compare --budget and --resume none from mixing runs' results
 def test_resume_none_waits_for_no_eval_but_refuses_while_one_writes(finished, run_copy):

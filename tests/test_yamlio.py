@@ -66,9 +66,12 @@ def test_what_dump_writes_both_yaml_versions_read_back(value):
 @pytest.mark.parametrize("text,commented", [
     ("a: 1 # note\n", True), ("# top\na: 1\n", True), ("a: [1, 2]  # c\n", True),
     ("a: 'x #1'\n", False), ('a: "x # y"\n', False), ("a: x#y\n", False), ("a: |\n  line # kept\n", False),
+    ("b: &b {x: 'y #1'}\nc:\n  <<: *b\n  z: 2\n", False), ("b: &b {x: 1}\nc: {<<: *b}  # m\n", True),
 ])
 def test_comments_are_told_from_a_hash_inside_a_value(text, commented):
     assert yamlio.has_comments(text) is commented
+    # and from the one parse that also loads the text (a merge key rewrites its mapping)
+    assert yamlio.load_noting_comments(text) == (yamlio.load(text), commented)
 
 
 def test_a_run_config_written_by_yaml_1_1_still_reads(tmp_path):

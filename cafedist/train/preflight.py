@@ -14,15 +14,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cafedist import yamlio
 from cafedist.config import (
     TOP_LEVEL_KEYS,
     Config,
+    YamlFile,
     config_hash,
     identity_fields,
     read_run_config,
+    run_config_of,
     run_identity,
 )
 from cafedist.errors import CafeError, CheckpointError, ConfigError
@@ -113,14 +112,9 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if resume == "none":
         return RunDirPlan.ASIDE  # the user's own config.yaml too is moved, not lost
     cfg_file = run_dir / "config.yaml"
-    _refuse_a_users_config_file(cfg_file)
     if not cfg_file.exists():
         return _plan_without_config(cfg, run_dir, resume)
-    try:
-        old = read_run_config(cfg_file)
-    except CafeError as exc:
-        raise CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc}); "
-                              f"use --resume none to move that run aside and start over") from None
+    old = _read_earlier_config(cfg_file)
     if run_identity(old) == run_identity(cfg) or not has_work(run_dir):
         return RunDirPlan.WRITE
     if resume == "force":
@@ -165,22 +159,35 @@ def _refuse_another_algorithm(where: Path, algorithm: str | None, cfg: Config) -
                               f"move that run aside and start over")
 
 
-def _refuse_a_users_config_file(cfg_file: Path) -> None:
+def _read_earlier_config(cfg_file: Path) -> Config:
+    """The config of the run in the directory, from its ``config.yaml`` read and parsed once:
+    a file train did not write is refused (:func:`_refuse_a_users_config_file`), one that
+    cannot be read as a run config is a CheckpointError."""
+    try:
+        file = YamlFile.read(cfg_file, note_comments=True)
+    except CafeError as exc:
+        raise _unreadable(cfg_file, exc) from None
+    _refuse_a_users_config_file(file)
+    try:
+        return run_config_of(file)
+    except CafeError as exc:
+        raise _unreadable(cfg_file, exc) from None
+
+
+def _unreadable(cfg_file: Path, exc: CafeError) -> CheckpointError:
+    return CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc}); "
+                           f"use --resume none to move that run aside and start over")
+
+
+def _refuse_a_users_config_file(file: YamlFile) -> None:
     """Refuse to replace a ``config.yaml`` that train did not write: train rewrites it with the
     resolved config, which would lose a user's own file kept in the run directory (whether or
     not ``--config`` names it). A config.yaml train wrote, in any version, has no comment and
     every top-level section (a ``#`` inside a value is no comment)."""
-    try:
-        if not cfg_file.is_file():
-            return
-        text = cfg_file.read_text(encoding="utf-8")
-        commented = yamlio.has_comments(text)
-        doc = yamlio.load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # unreadable: the plan refuses it as an unreadable run config
+    doc = file.data
     missing = [key for key in TOP_LEVEL_KEYS if not isinstance(doc, dict) or key not in doc]
-    if commented or missing:
-        why = "has comments" if commented else f"lacks the sections train writes ({', '.join(missing)})"
-        raise ConfigError(f"{cfg_file} {why}, so train did not write it, and train replaces that file with the "
+    if file.commented or missing:
+        why = "has comments" if file.commented else f"lacks the sections train writes ({', '.join(missing)})"
+        raise ConfigError(f"{file.path} {why}, so train did not write it, and train replaces that file with the "
                           f"resolved config; keep your config outside the run directory (--config elsewhere) "
                           f"or choose another --out")

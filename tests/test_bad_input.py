@@ -129,10 +129,10 @@ CASES = [
          "does not fit"),
     # another algorithm's client state means something else (or nothing) to this one
     Case("resume-force-another-algorithm",
-         train("--resume", "force", "algorithm.name=fedpac", "train.rounds=3"), "written by algorithm cafedistill"),
+         train("--resume", "force", "algorithm.name=fedpac", "train.rounds=3"), "a run of algorithm cafedistill"),
     Case("resume-force-another-algorithm-bounded",
          train("--resume", "force", "algorithm.name=dsfl", "train.rounds=3", "train.resident_clients=2",
-               "train.client_state=disk"), "written by algorithm cafedistill"),
+               "train.client_state=disk"), "a run of algorithm cafedistill"),
     Case("item6-lr-inf", fresh("train.lr=.inf"), "train.lr"),
     Case("lr-nan", fresh("train.lr=.nan"), "train.lr"),
     Case("item6-clients-per-round-above-clients", fresh("train.clients_per_round=10"), "train.clients_per_round"),

@@ -142,20 +142,24 @@ def test_failed_force_keeps_config_yaml_and_the_right_command_still_works(finish
 
 
 @pytest.mark.parametrize("first,then", [("fedavg", "fedper"), ("cafedistill", "dsfl")])
-def test_force_onto_another_algorithm_is_refused(tmp_path, tiny_config, first, then):
+def test_another_algorithm_is_refused_alike_under_force_and_auto(tmp_path, tiny_config, first, then):
     """A run continues only under its own algorithm: another's state would not fit (FedAvg's
     average covers every parameter, FedPer's the body) or, worse, fit with another meaning
     (cafedistill's and DS-FL's client targets share a key, not a layout). One line at the
-    resume, not a traceback in a round, and the run is left as it was."""
+    resume, not a traceback in a round, and the run is left as it was; --resume force (refused
+    where the checkpoint is loaded) and auto (refused by the plan) say the same."""
     cfg, run = str(tiny_config(rounds=2)), tmp_path / "run"
     code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", f"algorithm.name={first}")
     assert code == 0, err
     before = tree_hashes(run)
-    code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "--resume", "force",
-                           f"algorithm.name={then}", "train.rounds=3")
-    assert code == 2
-    _one_error_line(err, f"written by algorithm {first}", "another --out")
-    assert tree_hashes(run) == before
+    refusals = []
+    for resume in ("force", "auto"):  # refused at the checkpoint's load, and by the plan before anything is built
+        code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "--resume", resume,
+                               f"algorithm.name={then}", "train.rounds=3")
+        assert code == 2
+        refusals.append(_one_error_line(err, f"{run} holds a run of algorithm {first}", "another --out"))
+        assert tree_hashes(run) == before
+    assert refusals[0] == refusals[1]  # one check, in the same words
 
 
 def test_force_onto_another_algorithm_is_refused_where_no_manifest_names_it(tmp_path, tiny_config):
@@ -173,7 +177,7 @@ def test_force_onto_another_algorithm_is_refused_where_no_manifest_names_it(tmp_
     code, _, err = run_cli("train", "--config", cfg, "--out", str(run), "--no-progress", "--resume", "force",
                            "algorithm.name=dsfl", "train.rounds=3")
     assert code == 2
-    _one_error_line(err, "written by algorithm cafedistill", "another --out")
+    _one_error_line(err, "a run of algorithm cafedistill", "another --out")
     assert tree_hashes(run) == before
 
 

@@ -344,6 +344,22 @@ def _writer(ckpt: CheckpointDir, ref: CheckpointRef) -> str | None:
     return cfg.algorithm.name if hash_of_config(cfg) == ref.manifest["config_hash"] else None
 
 
+def another_algorithm(run_dir: Path, writer: str | None, algorithm: str) -> str | None:
+    """Why the run in ``run_dir``, of algorithm ``writer`` (None: not known), may not continue
+    under ``algorithm``; None when it may. A run continues only under its own algorithm, under
+    every ``--resume``: the state of one algorithm means something else, or nothing, to another
+    (a key of both may hold another layout), and the run's results would be credited to the new
+    one. Train's plan asks it before anything is built (``--resume auto``, judged by
+    ``config.yaml`` or the newest manifest), :func:`load_checkpoint` of the checkpoint it loads
+    (``--resume force`` too), so both refuse in the same words, which advise no ``--resume``
+    that would be refused in turn."""
+    if writer is None or writer == algorithm:
+        return None
+    return (f"{run_dir} holds a run of algorithm {writer}, and a run continues only under its own algorithm, "
+            f"whatever --resume says; train {algorithm} with another --out, or --resume none to move that run "
+            f"aside and start over")
+
+
 def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_accept: tuple[str, ...],
                        evaluating: str | None, algorithm: str | None) -> tuple[CheckpointRef | None, str | None]:
     """Rank 0: the newest checkpoint that verifies, and why it may not be used (None: it may;
@@ -362,13 +378,10 @@ def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_
                      f"(edited or replaced since?); eval scores models only under the config that trained them")
     if recorded not in (None, config_hash, *also_accept) and resume != "force":
         return ref, f"{ref.path}: written by a different config (use --resume force to continue anyway)"
-    writer = _writer(ckpt, ref) if algorithm is not None else None  # None: not known (load_shard checks the state)
-    if algorithm is not None and writer not in (None, algorithm):
-        # the state of one algorithm means something else, or nothing, to another (a key of both
-        # may hold another layout), and the run's results would be credited to the new one
-        return ref, (f"{ref.path}: written by algorithm {writer}, and a run continues only under its own "
-                     f"algorithm, even with --resume force; train {algorithm} with another --out (or "
-                     f"--resume none to move this run aside)")
+    if algorithm is not None:  # None: not known (load_shard checks the state)
+        problem = another_algorithm(ckpt.root.parent, _writer(ckpt, ref), algorithm)
+        if problem is not None:
+            return ref, problem
     if evaluating is not None and "run_identity" not in ref.manifest and recorded not in (None, config_hash):
         log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
                     "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)

@@ -26,7 +26,7 @@ from cafedist.config import (
 )
 from cafedist.errors import CafeError, CheckpointError, ConfigError
 from cafedist.paths import check_dir_creatable
-from cafedist.run.checkpoint import CheckpointDir
+from cafedist.run.checkpoint import CheckpointDir, another_algorithm
 from cafedist.rundir import has_run
 
 
@@ -149,14 +149,12 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
                           f"the difference); use another --out, --resume none to start over, or --resume force")
 
 
-def _refuse_another_algorithm(where: Path, algorithm: str | None, cfg: Config) -> None:
-    """``--resume auto`` onto a run of another algorithm (None: not known): refused naming the
-    algorithm, without advising ``--resume force`` (which refuses a checkpoint whose manifest
-    names another algorithm: a run continues only under its own)."""
-    if algorithm is not None and algorithm != cfg.algorithm.name:
-        raise CheckpointError(f"{where} holds a run of algorithm {algorithm}, and a run continues only under its "
-                              f"own algorithm; train {cfg.algorithm.name} with another --out, or --resume none to "
-                              f"move that run aside and start over")
+def _refuse_another_algorithm(run_dir: Path, writer: str | None, cfg: Config) -> None:
+    """``--resume auto`` onto a run of another algorithm (``writer``; None: not known): refused
+    as :func:`~cafedist.run.checkpoint.load_checkpoint` refuses it under ``--resume force``."""
+    problem = another_algorithm(run_dir, writer, cfg.algorithm.name)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _read_earlier_config(cfg_file: Path) -> Config:

@@ -14,7 +14,9 @@ written *about* a run's models while training may go on: ``cafedist eval`` and `
 into the new one.
 
 :func:`move_aside` is what ``--resume none`` does to an existing run: its files move into
-``RUN_DIR/previous-<timestamp>/`` (renames within the directory, nothing is copied or deleted).
+``RUN_DIR/previous-<timestamp>/`` (renames within the directory, nothing is copied or deleted),
+with every folder ``cafedist export`` wrote directly inside it (it describes the run's models).
+Other files of the user's stay: the directory may be a folder of theirs holding other things.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ OUTPUTS_LOCK_NAME = "outputs.lock"
 PREVIOUS_PREFIX = "previous-"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
 #: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
-#: conflict diagnostic) and compare's kept budget results (budgets.json)
+#: conflict diagnostic) and compare's kept budget results (budgets.json). Not the logs of
+#: every session in the directory, which a session starting over writes to as it does so:
+#: compare's train.log (the session's header is appended first) and submit's submitit/.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "eval.json",
              "accuracy_vs_macs.png", "conflict.png", "budget.csv", "budget.png", "budgets.json")
+#: what ``cafedist export RUN --out DIR`` writes in DIR besides the clients' folders
+#: (cafedist/deploy/export.py): a folder holding both is an export
+EXPORT_FILES = ("export.json", "early_exit.py")
 
 
 class RunDirBusy(CafeError):
@@ -172,15 +179,32 @@ def has_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_FILES)
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is one ``cafedist export`` wrote (it holds :data:`EXPORT_FILES`)."""
+    return all((folder / name).is_file() for name in EXPORT_FILES)
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` that belong to the run it holds: the :data:`RUN_FILES` present
+    and the folders :func:`is_export` (an export kept beside the run describes its models).
+    Not hidden names (another export may be writing one now) nor earlier runs moved aside."""
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    exports = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in present and not p.name.startswith((".", PREVIOUS_PREFIX))
+                     and is_export(p))
+    return present + exports
+
+
 def move_aside(run_dir: Path) -> Path | None:
-    """Move the run in ``run_dir`` into ``run_dir/previous-<timestamp>/``; returns it (None: nothing to move).
+    """Move the run in ``run_dir`` (its :func:`run_outputs`) into ``run_dir/previous-<timestamp>/``;
+    returns it (None: no run to move).
 
     Only renames inside ``run_dir``: atomic per entry, nothing copied, nothing deleted. Call it
     with the run's lock held.
     """
-    present = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not present:
+    if not has_run(run_dir):  # an export alone is no run to start over from
         return None
+    present = run_outputs(run_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = run_dir / f"{PREVIOUS_PREFIX}{stamp}"
     n = 1

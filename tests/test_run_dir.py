@@ -125,6 +125,56 @@ def test_move_aside_takes_every_output_of_the_run_and_nothing_else(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == sorted([moved.name, "notes.txt"])
 
 
+def test_move_aside_takes_the_exports_kept_in_the_run_directory(tmp_path):
+    """A folder `cafedist export RUN --out RUN/NAME` wrote describes the run's models: it goes
+    with them (it stayed, beside a new run it did not describe). A folder that only looks alike,
+    an export still being written (hidden) and an earlier run moved aside stay."""
+    run = tmp_path / "r"
+    for folder in ("export", "v2", "mine", ".x.export-12ab", "previous-1"):
+        (run / folder).mkdir(parents=True)
+    (run / "config.yaml").write_text("run")
+    for folder in ("export", "v2", ".x.export-12ab", "previous-1"):
+        for name in ("export.json", "early_exit.py"):
+            (run / folder / name).write_text(name)
+    (run / "export" / "client_0000").mkdir()
+    (run / "mine" / "export.json").write_text("{}")
+    moved = move_aside(run)
+    assert moved is not None and sorted(p.name for p in moved.iterdir()) == ["config.yaml", "export", "v2"]
+    assert (moved / "export" / "client_0000").is_dir()
+    assert sorted(p.name for p in run.iterdir()) == sorted([".x.export-12ab", "mine", moved.name, "previous-1"])
+    (run / "v3").mkdir()
+    for name in ("export.json", "early_exit.py"):
+        (run / "v3" / name).write_text(name)
+    assert move_aside(run) is None and (run / "v3").is_dir()  # an export alone is no run to start over from
+
+
+def test_resume_none_moves_an_export_kept_in_the_run_directory_aside_with_it(finished, run_copy):
+    """README's `cafedist export RUN --out RUN/export`, then `train --resume none`: the export is
+    in previous-*/ with the run it describes, as it was; a file of the user's stays."""
+    code, _, err = run_cli("export", str(run_copy), "--out", str(run_copy / "export"), "--threshold", "0.9",
+                           "--clients", "0")
+    assert code == 0, err
+    (run_copy / "notes.txt").write_text("mine")
+    exported = tree_hashes(run_copy / "export")
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "none",
+                           "--no-progress", "seed=5")
+    assert code == 0, err
+    [moved] = [p for p in run_copy.iterdir() if p.name.startswith("previous-")]
+    assert tree_hashes(moved / "export") == exported
+    assert not (run_copy / "export").exists() and (run_copy / "notes.txt").read_text() == "mine"
+
+
+def test_every_output_written_about_a_run_moves_aside_with_it():
+    """eval's outputs (eval.json, its figures, the --budget CSV and figure) and compare's kept
+    budgets are all among the files --resume none moves: none stays beside a new run."""
+    from cafedist.compare.budgets import BUDGETS_FILE
+    from cafedist.eval.budget_run import BUDGET_OUTPUTS
+    from cafedist.eval.run import _EVAL_OUTPUTS
+    from cafedist.rundir import RUN_FILES
+
+    assert {*_EVAL_OUTPUTS, *BUDGET_OUTPUTS.values(), BUDGETS_FILE} <= set(RUN_FILES)
+
+
 # ----------------------------------------------------------------------------- item 2: config.yaml
 def test_failed_force_keeps_config_yaml_and_the_right_command_still_works(finished, run_copy):
     cfg = str(finished[0])

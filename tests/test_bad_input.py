@@ -377,15 +377,18 @@ def test_concurrent_submissions_take_turns(shared: Ctx, tmp_path, monkeypatch):
         submit = subprocess.Popen([sys.executable, "-m", "cafedist", "submit", "--config", str(shared.cfg),
                                    "--out", str(tmp_path / "queued")], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # it says it waits for its turn (read before the turn is given: no fixed delay, which a
+        # loaded machine may need more than) and is still waiting a moment later
+        waiting = submit.stderr.readline()
+        assert "waiting for another cafedist submission to finish" in waiting
         with pytest.raises(subprocess.TimeoutExpired):
-            submit.wait(timeout=3)  # waiting for its turn
+            submit.wait(timeout=1)
         holder.stdin.close()
         _, err = submit.communicate(timeout=120)
     finally:
         holder.kill()
     assert submit.returncode == 2, err
-    waiting, refused = err.strip().splitlines()
-    assert "waiting for another cafedist submission to finish" in waiting
+    [refused] = err.strip().splitlines()
     assert refused == f"cafedist: error: job submission failed: {SLURM_DOWN}"
     assert not (tmp_path / "queued").exists()
 

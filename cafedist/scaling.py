@@ -24,6 +24,7 @@ import argparse
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,19 +165,32 @@ def load_run(run_dir: str | Path) -> RunStats:
     )
 
 
+def run_labels(runs: list[RunStats]) -> list[str]:
+    """How the report names each run: its folder's name, unless two runs share one (``a/seed0``
+    and ``b/seed0``); then every run's path relative to the folder that holds them all."""
+    paths = [Path(os.path.abspath(r.path)) for r in runs]
+    names = {p.name for p in paths}
+    if len(names) == len(set(paths)):  # the same run given twice is still one name
+        return [p.name for p in paths]
+    # below the common folder of the runs' parents, so that no run is labelled "."
+    top = Path(os.path.commonpath([p.parent for p in paths]))
+    return [p.relative_to(top).as_posix() for p in paths]
+
+
 def scaling_table(runs: list[RunStats]) -> list[dict[str, Any]]:
-    """One row per run, sorted by ranks, with weak/strong efficiency against the smallest world size."""
+    """One row per run, sorted by ranks, with weak/strong efficiency against the smallest world
+    size; ``run`` names it (:func:`run_labels`)."""
     if not runs:
         return []
-    runs = sorted(runs, key=lambda r: (r.ranks, r.clients))
-    base = runs[0]
+    labelled = sorted(zip(runs, run_labels(runs)), key=lambda rl: (rl[0].ranks, rl[0].clients))
+    base = labelled[0][0]
     rows = []
-    for r in runs:
+    for r, label in labelled:
         mode, eff = _efficiency(base, r)
         split = {k[2:]: round(v, 4) for k, v in r.timers.items()}
         other = r.round_s - sum(r.timers.values())
         rows.append({
-            "run": r.path.name, "ranks": r.ranks, "clients": r.clients,
+            "run": label, "ranks": r.ranks, "clients": r.clients,
             "clients_per_rank": "/".join(str(c) for c in r.clients_per_rank),
             "rounds": r.rounds_used, "samples_per_rank": r.samples_per_rank, "round_s": round(r.round_s, 4),
             **split, "other": round(max(other, 0.0), 4),
@@ -276,12 +290,21 @@ def config_difference(runs: list[RunStats]) -> str | None:
         return {"algorithm": {"name": algorithm.get("name") if isinstance(algorithm, dict) else algorithm}}
 
     known = [_comparable(r.config) for r in runs if r.config]
-    names = [r.path.name for r in runs if r.config]
+    names = [label for r, label in zip(runs, run_labels(runs)) if r.config]
     for run_name, config in zip(names[1:], known[1:]):
         difference = dict_diff(name(known[0]), name(config)) or dict_diff(known[0], config)
         if difference is not None:
             return f"{run_name}: {difference}"
     return None
+
+
+def bar_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """The plot's label of each row: ranks and clients per rank, and the run's name on top when
+    two rows would otherwise share a label (matplotlib draws bars of one label on one spot)."""
+    labels = [f"{r['ranks']}r\n{r['clients_per_rank']}" for r in rows]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [f"{r['run']}\n{label}" for r, label in zip(rows, labels)]
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -291,7 +314,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
 
     fig = _new_figure(width=10, height=4)
     ax1, ax2 = fig.subplots(1, 2)
-    labels = [f"{r['ranks']}r\n{r['clients_per_rank']}" for r in rows]
+    labels = bar_labels(rows)
     bottom = [0.0] * len(rows)
     for part in ("local", "comm", "aggregate", "eval", "other"):
         vals = [float(r[part]) for r in rows]

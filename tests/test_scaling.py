@@ -202,3 +202,31 @@ def test_samples_per_rank_from_another_folder_through_the_store_the_checkpoints_
     assert load_run(run).samples_per_rank == expected
     monkeypatch.chdir(tmp_path)  # elsewhere: found through the manifest
     assert load_run(run).samples_per_rank == expected
+
+
+def test_runs_of_the_same_name_in_different_folders_are_told_apart(tmp_path, monkeypatch):
+    """``a/seed0`` and ``b/seed0`` were both row ``seed0`` in scaling.md and .csv, and with the
+    same ranks their bars were drawn on one spot of the plot under one label."""
+    from cafedist.eval import plots
+
+    figures = []
+    new_figure = plots._new_figure
+    monkeypatch.setattr(plots, "_new_figure", lambda **kw: figures.append(new_figure(**kw)) or figures[-1])
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    dirs = [_run(tmp_path / "a", "seed0", 1, [2], [3, 1.0, 1.0]), _run(tmp_path / "b", "seed0", 1, [2], [3, 2.0, 2.0]),
+            _run(tmp_path / "b", "seed1", 2, [1, 1], [3, 1.0, 1.0])]
+    config = yaml.safe_load((dirs[1] / "config.yaml").read_text())
+    (dirs[1] / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 1}))
+    paths = write_report(dirs, tmp_path / "o")
+    assert [r["run"] for r in csv.DictReader(paths["csv"].open())] == ["a/seed0", "b/seed0", "b/seed1"]
+    md = paths["md"].read_text()
+    assert "Baseline: `a/seed0`" in md and "| a/seed0 | 1 |" in md and "| b/seed0 | 1 |" in md
+    assert "(b/seed0: seed (0 vs 1))" in md  # the note names the run as the table does
+    ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    assert len(ticks) == 3 and len(set(ticks)) == 3 and "a/seed0" in ticks[0] and "b/seed0" in ticks[1]
+    # unique names stay the names, and the plot's labels ranks / clients per rank
+    unique = [_run(tmp_path, f"w{w}", w, [2] * w, [3, 1.0, 1.0]) for w in (1, 2)]
+    paths = write_report(unique, tmp_path / "o2")
+    assert [r["run"] for r in csv.DictReader(paths["csv"].open())] == ["w1", "w2"]
+    assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()] == ["1r\n2", "2r\n2/2"]

@@ -93,6 +93,22 @@ def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
     return f"round {rnd}{spec}{fresh}"
 
 
+def _stopped_state(records: list[dict[str, Any]], checkpoint: int | None) -> str:
+    """The state of a run no process trains, unfinished, whose last training reported no error."""
+    if checkpoint is not None:
+        return f"stopped (a resume continues after round {checkpoint})"
+    if records:
+        return "stopped (no checkpoint: a resume starts over)"
+    return "no round finished"
+
+
+def stopped_state(run_dir: str | Path) -> str:
+    """How :func:`run_status` describes ``run_dir`` once its training stopped unfinished without
+    an error (a signal, a requeue): where a resume continues. Reads no config."""
+    run_dir = Path(run_dir)
+    return _stopped_state(_records(run_dir), _newest_checkpoint(run_dir))
+
+
 def run_status(run_dir: str | Path) -> RunStatus:
     """What ``run_dir``'s files say about it (module docstring). Raises ConfigError when its
     config.yaml cannot be read as a run config."""
@@ -117,12 +133,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
         state = "finished"
     elif error is not None:
         state = f"failed ({error.removeprefix('cafedist: error: ')})"
-    elif checkpoint is not None:
-        state = f"stopped (a resume continues after round {checkpoint})"
-    elif records:
-        state = "stopped (no checkpoint: a resume starts over)"
     else:
-        state = "no round finished"
+        state = _stopped_state(records, checkpoint)
     acc = records[-1].get("acc_per_exit") if records else None
     last = acc[-1] if isinstance(acc, list) and acc and isinstance(acc[-1], (int, float)) else None
     return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, checkpoint,
@@ -193,4 +205,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status"]
+__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status", "stopped_state"]

@@ -278,7 +278,7 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
 
 def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
     """The ``## Tuning`` section of results.md: trials and choice per method, unequal trial
-    counts stated, failed trials listed."""
+    counts stated, failed and stopped trials listed."""
     counts = result.counts()
     lines = ["## Tuning", "",
              f"Every setting of a method was trained on seed {first_seed}; the one with the highest mean "
@@ -300,8 +300,9 @@ def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
         score = validation_score(trials[i].run.finished_summary())
         label = trials[i].run.setting.label or "(config as given)"
         lines.append(f"| {name} | {len(trials)} | `{label}` | {100 * score:.2f} |")
-    failed = [o for trials in result.trials.values() for o in trials if o.status == "failed"]
-    if failed:
-        lines += ["", "Failed trials:", ""]
-        lines += [f"- `{o.run.variant.name}` `{o.run.setting.label}`: {o.message}" for o in failed]
+    for status, title in (("failed", "Failed trials:"), ("stopped", "Stopped trials (a rerun resumes them):")):
+        listed = [o for trials in result.trials.values() for o in trials if o.status == status]
+        if listed:
+            lines += ["", title, ""]
+            lines += [f"- `{o.run.variant.name}` `{o.run.setting.label}`: {o.message}" for o in listed]
     return lines + [""]

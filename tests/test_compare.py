@@ -317,8 +317,9 @@ def _trainers_in(run_dir) -> list[int]:
 
 
 @pytest.mark.slow
-# SIGUSR1 (Slurm's --signal=USR1@N, as for train) ended compare on the spot: its training went on, orphaned
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+# SIGUSR1 (Slurm's --signal=USR1@N, as for train) ended compare on the spot: its training went on, orphaned;
+# SIGINT (Ctrl-C) logged the run it stopped as 'FAILED: exit status 75'
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path, sig):
     out = tmp_path / "stop"
     run_dir = out / "runs" / "fedavg" / "seed3"
@@ -342,6 +343,7 @@ def test_stopping_compare_stops_its_training_runs(tiny_config, tmp_path, sig):
     assert orphans == []  # no orphan keeps writing into the run directory
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "stop signal received" in (run_dir / "train.log").read_text()  # it checkpointed, so a rerun resumes
+    assert "FAILED" not in err and "fedavg seed3: stopped (a resume continues after round " in err  # as status says
     assert not (out / "results.md").exists()
 
 
@@ -595,6 +597,53 @@ def test_a_run_stopped_after_its_summary_is_done(tiny_config, tmp_path, monkeypa
     (run.run_dir / "summary.json").unlink()  # without its summary the same exit is a failure
     failed = executing.run_subprocess(run, 1)
     assert failed.status == "failed" and "exit status -15" in failed.message
+
+
+def test_a_stopped_run_is_reported_stopped_as_status_says_not_failed(tiny_config, tmp_path, monkeypatch, caplog,
+                                                                     capsys):
+    """A train stopped by a signal exits 75 (checkpoint written, resumable), and one that compare
+    stops itself (Ctrl-C, SIGTERM: it stops its children with it) dies of it: both were logged
+    'FAILED: exit status 75' (or -15), listed among the failed runs, and compare exited 1."""
+    import importlib
+
+    from cafedist.status import run_status
+
+    executing = importlib.import_module("cafedist.compare.execute")  # the package's `execute` is its function
+    out = tmp_path / "cmp"
+    [run] = plan_runs(tiny_config(rounds=1), resolve_algorithms("fedavg"), 1, out)
+    assert executing.run_subprocess(run, 1).status == "done"
+    (run.run_dir / "summary.json").unlink()  # as if stopped after its last checkpoint
+    state = run_status(run.run_dir).state
+    assert state == "stopped (a resume continues after round 0)"
+    monkeypatch.setattr(executing._CHILDREN, "run", lambda *args, **kwargs: 75)
+    [outcome] = executing.execute([run])
+    assert (outcome.status, outcome.message) == ("stopped", state)
+    assert f"fedavg seed3: {state}" in caplog.text and "FAILED" not in caplog.text
+    monkeypatch.setattr(executing._CHILDREN, "run", lambda *args, **kwargs: -15)
+    assert executing.run_subprocess(run, 1).status == "failed"  # killed by someone else: a failure
+    monkeypatch.setattr(executing._CHILDREN, "_stopping", True)  # ... unless compare was stopping it
+    assert (executing.run_subprocess(run, 1).status, executing.run_subprocess(run, 1).message) == ("stopped", state)
+    monkeypatch.setattr(executing._CHILDREN, "_stopping", False)
+
+    # a compare that is not stopped itself: the report and the exit status say stopped, a rerun resumes it
+    monkeypatch.setattr(executing._CHILDREN, "run", lambda *args, **kwargs: 75)
+    capsys.readouterr()
+    assert cli_main(["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(out)]) == 75
+    printed = capsys.readouterr().out
+    assert f"stopped fedavg seed3: {state}" in printed and "FAILED" not in printed
+    assert "1 of 1 runs stopped" in printed
+    assert f"## Stopped runs\n\n- `fedavg` seed 3: {state}" in (out / "results.md").read_text()
+    with open(out / "runs.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["stopped"]
+
+
+def test_the_report_lists_stopped_runs_apart_from_failed_ones(tmp_path):
+    run = PlannedRun(Variant("fedavg", "fedavg"), 3, tmp_path / "r", None, (), "h")
+    state = "stopped (a resume continues after round 4)"
+    md = results_markdown("cafedist compare --out D", [], [RunOutcome(run, "stopped", state)])
+    assert "1 runs: 0 trained now, 0 reused (finished earlier with the same config), 0 failed, 1 stopped" in md
+    assert f"## Stopped runs\n\n- `fedavg` seed 3: {state}" in md and "Failed runs" not in md
 
 
 def test_a_rerun_in_which_every_run_fails_keeps_the_earlier_report(tiny_config, tmp_path, capsys, caplog):

@@ -99,6 +99,11 @@ class CompareResult:
         """Failed runs of the report, then failed tuning trials."""
         return [o for o in self.runs if o.status == "failed"]
 
+    @property
+    def stopped(self) -> list[RunOutcome]:
+        """Runs and trials stopped unfinished by a signal: no failure, a rerun resumes them."""
+        return [o for o in self.runs if o.status == "stopped"]
+
 
 def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],
           out: str | os.PathLike, overrides: Sequence[str], settings: dict[str, list[Setting]],
@@ -200,9 +205,9 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike,
         if command is None:
             command = _canonical_command(config, out, options, [b.budget for b in budget_options], overrides)
         evaluated, budget_errors = evaluate_outcomes(outcomes, budget_options) if budget_options else ({}, [])
-        if not any(o.status != "failed" for o in outcomes) and (Path(out) / "results.md").exists():
-            # every run failed (e.g. refused by its run directory): the report of an earlier compare
-            # in ``out`` would be replaced by an empty one
+        if not any(o.status in ("done", "skipped") for o in outcomes) and (Path(out) / "results.md").exists():
+            # every run failed (e.g. refused by its run directory) or stopped: the report of an
+            # earlier compare in ``out`` would be replaced by an empty one
             log.error("compare: no run finished; the report already in %s is left as it was", out)
             return CompareResult(outcomes, {}, tuned, budget_errors)
         paths = write_report(out, command, outcomes, options.thresholds, tuned, evaluated, budget_errors)
@@ -298,13 +303,18 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``cafedist compare``: 0 if every run finished, 1 if any failed."""
+    """Entry point of ``cafedist compare``: 0 if every run finished, 1 if any failed, else 75
+    (:data:`~cafedist.train.signals.REQUEUE_EXIT_CODE`) if any was stopped (a rerun resumes it)."""
+    from cafedist.train.signals import REQUEUE_EXIT_CODE
+
     submit = _submit_options(args)
     # SIGTERM and SIGUSR1 unwind like Ctrl-C (cafedist.cli: every command but train), so the
     # running trainings are stopped with us
     result = compare(args.config, args.out, CompareOptions.from_args(args, submit))
     for o in result.failed:
         print(f"FAILED {o.run.label}: {o.message}")
+    for o in result.stopped:
+        print(f"stopped {o.run.label}: {o.message}")
     for e in result.budget_errors:
         print(f"FAILED {e}")
     if result.tuned is not None:
@@ -319,7 +329,12 @@ def main(args: argparse.Namespace) -> int:
         # of every run, trials included: failed trials are no part of the report's outcomes
         print(f"{len(result.failed)} of {len(result.runs)} runs failed")
         return 1
-    return 1 if result.budget_errors else 0
+    if result.budget_errors:
+        return 1
+    if result.stopped:
+        print(f"{len(result.stopped)} of {len(result.runs)} runs stopped; rerun this compare to resume them")
+        return REQUEUE_EXIT_CODE
+    return 0
 
 
 

@@ -25,7 +25,8 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so children import this c
 
 
 # ----------------------------------------------------------------------------- running
-Status = Literal["done", "skipped", "failed"]
+#: "stopped": the training ended unfinished but resumable (a signal; compare's rerun resumes it)
+Status = Literal["done", "skipped", "failed", "stopped"]
 
 
 @dataclass
@@ -80,6 +81,11 @@ class _Children:
         for proc in procs:
             proc.wait()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop_all` was called (and no :meth:`reopen` since)."""
+        return self._stopping
+
     def reopen(self) -> None:
         """Start runs again: a later compare in this process (Python callers, notebooks) is a
         new one, not the stopped one."""
@@ -106,9 +112,29 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
     # child exits) finished its run, which a rerun also counts as done
     if run.finished_summary() is not None:
         return RunOutcome(run, "done", seconds=seconds)
+    if _stopped(code):
+        return RunOutcome(run, "stopped", _stopped_message(run), seconds)
     why = f"exit status {code}" if code else "no summary.json written"
     tail = logfile.read_text(errors="replace")[-20000:]
     return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)} (log: {logfile})", seconds)
+
+
+def _stopped(code: int) -> bool:
+    """Whether a train that exited with ``code`` was stopped rather than failed: it wrote its
+    checkpoint and exited for a requeue (a stop signal), or compare itself is stopping and the
+    child ended by a signal (its SIGTERM, or the terminal's Ctrl-C that reached both)."""
+    from cafedist.train.signals import REQUEUE_EXIT_CODE
+
+    interrupted = code < 0 or code > 128  # killed by a signal, or exited 128 + the signal
+    return code == REQUEUE_EXIT_CODE or (_CHILDREN.stopping and interrupted)
+
+
+def _stopped_message(run: PlannedRun) -> str:
+    """A stopped run's state in the words of ``cafedist status`` (where a resume continues)."""
+    from cafedist.status import stopped_state
+
+    state = stopped_state(run.run_dir)
+    return state if state.startswith("stopped") else f"stopped ({state})"
 
 
 def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: Path,
@@ -194,5 +220,7 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
 def _log_outcome(i: int, total: int, res: RunOutcome) -> None:
     if res.status == "failed":
         log.error("compare: [%d/%d] %s: FAILED: %s", i + 1, total, res.run.label, res.message)
+    elif res.status == "stopped":  # resumable: no failure
+        log.warning("compare: [%d/%d] %s: %s", i + 1, total, res.run.label, res.message)
     else:
         log.info("compare: [%d/%d] %s: done in %.1f s", i + 1, total, res.run.label, res.seconds)

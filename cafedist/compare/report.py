@@ -236,7 +236,8 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     setting and trial count, to the accuracy table; stats with a ``budget`` make the budget
     table, ``budget_errors`` lists the runs whose budget evaluation failed."""
     st = _Stats(stats)
-    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")}
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed", "stopped")}
+    stopped = f", {counts['stopped']} stopped" if counts["stopped"] else ""  # rare: named only then
     seeds = sorted({o.run.seed for o in outcomes})
     # a row is an algorithm's setting under --grid: count the algorithms, and the rows if more
     algorithms = {o.run.variant.name for o in outcomes if o.run.row in st.names}
@@ -244,7 +245,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     lines = ["```sh", command, "```", "",
              f"# Comparison: {len(algorithms)} algorithm(s){settings} × seeds {', '.join(map(str, seeds))}", "",
              f"{len(outcomes)} runs: {counts['done']} trained now, {counts['skipped']} reused (finished earlier "
-             f"with the same config), {counts['failed']} failed. Every number is the mean ± sample standard "
+             f"with the same config), {counts['failed']} failed{stopped}. Every number is the mean ± sample standard "
              "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "
              "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
              "averaged over clients weighted by test size.", ""]
@@ -256,10 +257,12 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
         lines += ["", "## Failed budget evaluations", ""] + [f"- {e}" for e in budget_errors]
     if tuning_lines:
         lines += [""] + list(tuning_lines)
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        lines += ["", "## Failed runs", ""]
-        lines += [f"- `{o.run.row}` seed {o.run.seed}: {o.message}" for o in failed]
+    # stopped runs are unfinished but resumable (a rerun of the same compare continues them)
+    for status, title in (("failed", "Failed runs"), ("stopped", "Stopped runs")):
+        listed = [o for o in outcomes if o.status == status]
+        if listed:
+            lines += ["", f"## {title}", ""]
+            lines += [f"- `{o.run.row}` seed {o.run.seed}: {o.message}" for o in listed]
     missing = sorted({o.run.row for o in outcomes} - set(st.names))
     if missing:
         lines += ["", f"No finished run, so not in the tables: {', '.join(missing)}."]

@@ -31,7 +31,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import yaml
 
@@ -418,16 +418,18 @@ def run_config_of(file: YamlFile) -> Config:
             raise first from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or start from defaults), apply overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                names: Mapping[str, str] | None = None) -> Config:
+    """Read YAML (or start from defaults), apply overrides, validate. An error in a field an
+    override set names that override (:func:`name_override`; ``names``: how to name some)."""
     from_file = read_yaml(path) if path else {}
     raw = apply_overrides(from_file, overrides or [])
     try:
         return config_from_dict(raw)
     except ConfigError as exc:
-        override = _override_of(str(exc), overrides or [])
+        override = name_override(str(exc), overrides or [], names)
         if override is not None:  # the value came from the command line, not the file
-            raise ConfigError(f"override {override!r}: {exc}") from None
+            raise ConfigError(f"{override}: {exc}") from None
         if overrides and _valid(from_file):  # the file is fine; an override made another field wrong
             where = f"{path} with" if path else "the"
             raise ConfigError(f"{where} overrides {' '.join(overrides)}: {exc}") from None
@@ -444,13 +446,15 @@ def _valid(raw: dict) -> bool:
     return True
 
 
-def _override_of(message: str, overrides: list[str]) -> str | None:
-    """The override (the last one wins) that set the field a config error names, if any."""
+def name_override(message: str, overrides: Sequence[str], names: Mapping[str, str] | None = None) -> str | None:
+    """How an error ``message`` that starts with a field's name (``model.options.width: ...``)
+    names the override that set the field (the last one wins): ``names[override]`` when given
+    (compare: ``--grid KEY=VALUE`` as typed), else ``override 'KEY=VALUE'``; None if none did."""
     field = message.split(":", 1)[0].strip()
     for text in reversed(overrides):
         key = text.partition("=")[0].strip()
         if key == field or field.startswith(key + "."):
-            return text
+            return (names or {}).get(text, f"override {text!r}")
     return None
 
 

@@ -45,9 +45,12 @@ def render_value(value: Any) -> str:
 
     Plain text where YAML reads it back unchanged (``0.05``, ``true``, ``group``), JSON
     otherwise (quoted strings, flow lists and mappings); floats always keep a dot, so that
-    plain YAML 1.1 readers (a user's ``yaml.safe_load``) read ``1.0e-05`` as a float too.
+    plain YAML 1.1 readers (a user's ``yaml.safe_load``) read ``1.0e-05`` as a float too, and
+    nan and infinities are YAML's ``.nan``, ``.inf``, ``-.inf`` (JSON's ``NaN`` is a string there).
     """
-    if isinstance(value, float) and math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, float):
         text = repr(value)
         if "e" in text and "." not in text.split("e")[0]:
             mantissa, _, exponent = text.partition("e")
@@ -64,10 +67,12 @@ def render_value(value: Any) -> str:
 
 @dataclass(frozen=True)
 class GridAxis:
-    """One ``--grid KEY=v1,v2,...``: a dotted config key and its values as YAML texts."""
+    """One ``--grid KEY=v1,v2,...``: a dotted config key and its values as YAML texts (rendered
+    by :func:`render_value`: what runs), and ``given``, the same values as typed (for messages)."""
 
     key: str
     values: tuple[str, ...]
+    given: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def algorithm(self) -> str | None:
@@ -91,8 +96,11 @@ def parse_axis(spec: str) -> GridAxis:
         raise ConfigError(f"{where}: empty component in key {key!r}")
     if key in _CONTROLLED:
         raise ConfigError(f"{where}: {key} is set by compare itself (use {_CONTROLLED[key]})")
+    flow = f"[{text}]"
     try:
-        values = yamlio.load(f"[{text}]")
+        values = yamlio.load(flow)
+        # each value's own text, for messages that name it as the user typed it (.nan, not NaN)
+        given = tuple(flow[n.start_mark.index:n.end_mark.index] for n in yamlio.compose(flow).value)
     except yaml.YAMLError:
         raise ConfigError(f"{where}: the values are not valid YAML (expected v1,v2,... e.g. 0.02,0.05)") from None
     texts = [render_value(v) for v in values]
@@ -102,7 +110,14 @@ def parse_axis(spec: str) -> GridAxis:
     twice = next((t for i, t in enumerate(texts) if values[i] in values[:i]), None)
     if twice is not None:
         raise ConfigError(f"{where}: value {twice} is given twice")
-    return GridAxis(key, tuple(texts))
+    return GridAxis(key, tuple(texts), given)
+
+
+def grid_names(axes: Sequence[GridAxis]) -> dict[str, str]:
+    """How an error names each grid value's override (``KEY=VALUE`` as it runs): ``--grid
+    KEY=VALUE`` with the value as typed (for :func:`cafedist.config.load_config`'s ``names``)."""
+    return {f"{a.key}={text}": f"--grid {a.key}={given}" for a in axes
+            for text, given in zip(a.values, a.given or a.values)}
 
 
 def parse_grid(specs: Sequence[str], algorithms: Sequence[str], *, known: Sequence[str]) -> list[GridAxis]:

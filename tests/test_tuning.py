@@ -24,6 +24,18 @@ def test_rendered_values_read_back_as_the_same_value(value):
     assert yaml.safe_load(render_value(value)) == value
 
 
+def test_non_finite_values_render_as_yaml_floats_and_each_value_keeps_its_text_as_typed():
+    """``--grid train.lr=.nan`` ran as ``train.lr=NaN``, a string, so the refusal said ``got 'NaN'``."""
+    for value in (float("inf"), float("-inf")):
+        assert yaml.safe_load(render_value(value)) == value
+    assert render_value(float("nan")) == ".nan"
+    axis = parse_axis("train.lr=.nan, 1e-3 ,{width: 0},'x y'")
+    assert axis.values == (".nan", "0.001", '{"width":0}', '"x y"')
+    assert axis.given == (".nan", "1e-3", "{width: 0}", "'x y'")
+    assert tuning.grid_names([axis])["train.lr=.nan"] == "--grid train.lr=.nan"
+    assert tuning.grid_names([axis])["train.lr=0.001"] == "--grid train.lr=1e-3"
+
+
 def test_grid_values_are_yaml_and_keys_are_checked():
     assert parse_axis("train.lr=0.02,0.05") == GridAxis("train.lr", ("0.02", "0.05"))
     assert parse_axis("model.options={width: 8},{width: 16}").values == ('{"width":8}', '{"width":16}')

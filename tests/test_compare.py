@@ -95,6 +95,28 @@ def test_a_grid_over_the_switch_an_ablation_fixes_is_refused(tiny_config, tmp_pa
                                                                       "train.lr"])  # other keys vary it
 
 
+@pytest.mark.parametrize("tune", [[], ["--tune"]])
+def test_a_grid_value_that_makes_the_model_invalid_is_refused_before_anything_runs(tiny_config, tmp_path, capsys,
+                                                                                  tune):
+    """Every run of {width: 0} failed on its own (its run folder left behind, holding a train.log)."""
+    out = tmp_path / "cmp"
+    code = cli_main(["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg,fedprox", "--seeds",
+                     "1", "--grid", "model.options={width: 4},{width: 0}", *tune, "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert code == 2 and err == ["cafedist: error: --grid model.options={width: 0}: model.options.width: expected an "
+                                 "integer >= 1, got 0 (method fedavg)"]
+    assert not out.exists()  # no run folder, no compare.lock
+
+
+def test_a_refused_grid_value_is_named_as_typed(tiny_config, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = cli_main(["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",
+                     "--grid", "train.lr=0.05,.nan", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["cafedist: error: --grid train.lr=.nan: train.lr: expected a finite number, got nan"]
+    assert not out.exists()
+
+
 def test_a_bad_override_fails_before_anything_runs(tiny_config, tmp_path, capsys):
     code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
                      "--out", str(tmp_path / "out"), "train.roundz=2"])

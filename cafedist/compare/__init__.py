@@ -36,10 +36,11 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from cafedist import tuning
 from cafedist.compare.budgets import check_runs, evaluate_outcomes, parse_budgets
+from cafedist.compare.check import checked_configs
 from cafedist.compare.execute import RunOutcome, execute
 from cafedist.compare.plan import (
     ABLATIONS,
@@ -174,16 +175,14 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike,
     if options.tune:
         tuning.check_tunable(axes)
         overrides, base_seed = tuning.with_validation_split(config, overrides)
+    # every method's config at every setting is loaded and built as train would (a bad one
+    # refused, naming the grid value) before --out is created by the lock
+    configs = checked_configs(config, variants, settings, overrides, axes, options.seeds,
+                              prepare=options.submit is None)
     if budget_options:
-        check_runs(budget_options, _method_configs(config, variants, settings, overrides), options.seeds,
-                   prepare=options.submit is None)
-
-    # every run's config is loaded (a bad one refused) before --out is created by the lock
-    runs = None
-    if options.tune:
-        _method_configs(config, variants, settings, overrides)
-    else:
-        runs = plan_runs(config, variants, options.seeds, out, overrides, settings if axes else None)
+        check_runs(budget_options, configs, options.seeds, prepare=options.submit is None)
+    runs = None if options.tune else plan_runs(config, variants, options.seeds, out, overrides,
+                                               settings if axes else None)
     # one compare per --out: two would train the same runs into each other's locks and
     # report the other's as failed
     with RunLock(Path(out), COMPARE_LOCK_NAME, holder="cafedist compare",
@@ -225,16 +224,6 @@ def _canonical_command(config: str | os.PathLike | None, out: str | os.PathLike,
              *(f for b in budgets for f in ("--budget", b))]
     return shlex.join(["cafedist", "compare", *(["--config", str(config)] if config else []),
                        "--algorithms", algos, "--seeds", str(seed_arg), *flags, "--out", str(out), *overrides])
-
-
-def _method_configs(config: str | os.PathLike | None, variants: Sequence[Variant],
-                    settings: dict[str, list[Setting]], overrides: Sequence[str]) -> list[tuple[str, Any]]:
-    """(method, resolved config) of every setting of every method (seeds aside), as planned."""
-    from cafedist.config import load_config
-
-    path = str(Path(config).resolve()) if config else None
-    return [(v.name, load_config(path, [*overrides, *s.overrides, *v.overrides]))
-            for v in variants for s in settings[v.name]]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

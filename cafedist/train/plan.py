@@ -27,17 +27,39 @@ def _ids(ids: list[int], shown: int = 8) -> str:
     return text + (f", ... (+{len(ids) - shown})" if len(ids) > shown else "")
 
 
+def _rank0_of(world_size: int) -> Runtime:
+    """Rank 0 of ``world_size`` ranks, simulated on the CPU: no process group is started."""
+    return Runtime(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), backend=None,
+                   launcher="dry-run")
+
+
 def describe_plan(cfg: Config, world_size: int, run_dir: str = "runs/dry-run") -> str:
     """A human-readable plan of ``cfg`` on ``world_size`` ranks (rank 0's view; no training)."""
     if world_size < 1:
         raise ValueError(f"--world-size: expected an integer >= 1, got {world_size}")
-    rt = Runtime(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), backend=None,
-                 launcher="dry-run")
-    tr = build_run(cfg, rt)
+    tr = build_run(cfg, _rank0_of(world_size))
     try:
         return _describe(tr, cfg, world_size)
     finally:
         close_run(tr)
+
+
+def check_buildable(cfg: Config, prepare_store: bool = True) -> bool:
+    """What ``train`` checks of ``cfg`` before it touches a run directory, the directory aside:
+    the data paths (:func:`~cafedist.train.preflight.check_data_paths`), then the store, model
+    and algorithm, by building a rank's part of the run as train and the dry run build it
+    (closed at once; nothing trains). The store is prepared when missing, as train would;
+    without ``prepare_store`` a missing store ends the check after the paths (the model needs
+    the data's shape): returns whether the run was built. A bad config raises a CafeError."""
+    from cafedist.train.preflight import check_data_paths
+
+    check_data_paths(cfg)
+    if not prepare_store and not cfg.data.store_path(cfg.seed).is_file():
+        return False
+    # one client per simulated rank: rank 0 builds one client as training builds each of its
+    # own, rather than all of them (every model of a large run would be held at once)
+    close_run(build_run(cfg, _rank0_of(cfg.data.clients), prepare_store=prepare_store))
+    return True
 
 
 def _describe(tr: Run, cfg: Config, world_size: int) -> str:

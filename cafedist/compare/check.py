@@ -1,0 +1,67 @@
+"""What ``cafedist compare`` refuses before anything trains: every method at every grid setting,
+loaded and built as ``train`` checks a config before it touches a run directory
+(:func:`cafedist.train.plan.check_buildable`), so that a grid value no run could train with
+(``--grid 'model.options={width: 0}'``) is one line now rather than a failed run per seed.
+
+The run directories themselves are not checked here: a run whose directory holds another
+config's run fails on its own, as ``train`` refuses it, and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from cafedist.compare.plan import Variant, resolve_seeds
+from cafedist.config import Config, dump_config, load_config, name_override
+from cafedist.errors import CafeError
+from cafedist.tuning import GridAxis, Setting, grid_names
+
+log = logging.getLogger("cafedist")
+
+
+def checked_configs(config: str | os.PathLike | None, variants: Sequence[Variant],
+                    settings: dict[str, list[Setting]], overrides: Sequence[str], axes: Sequence[GridAxis],
+                    seeds: str | int | Sequence[int], prepare: bool = True) -> list[tuple[str, Config]]:
+    """(method, resolved config on the first seed) of every setting of every method, each one
+    checked as train checks it (the first seed's store is prepared for that, and training
+    reuses it; without ``prepare``, as for ``--submit``, a store not prepared yet is not read and
+    its runs' models are checked by their jobs). A failure is one CafeError naming the grid value
+    as the user typed it (``--grid train.lr=.nan: ...``) and, for what only building finds, the method.
+    """
+    from cafedist.train.plan import check_buildable
+
+    path = str(Path(config).resolve()) if config else None
+    first = resolve_seeds(seeds, load_config(path, list(overrides)).seed)[0]
+    names = grid_names(axes)
+    out: list[tuple[str, Config]] = []
+    built: set[str] = set()  # one build per distinct config (methods may share one)
+    for variant in variants:
+        for setting in settings[variant.name]:
+            # in plan_run's order: later overrides win
+            ovr = [*overrides, *setting.overrides, *variant.overrides, f"seed={first}"]
+            cfg = load_config(path, ovr, names)
+            out.append((variant.name, cfg))
+            key = dump_config(cfg)
+            if key in built:
+                continue
+            built.add(key)
+            try:
+                if not check_buildable(cfg, prepare_store=prepare):
+                    log.info("compare: %s's store is not prepared yet; its model is checked by its jobs", variant.name)
+            except CafeError as exc:
+                raise type(exc)(_named(exc, ovr, names, variant, setting)) from None
+    return out
+
+
+def _named(exc: CafeError, overrides: Sequence[str], names: dict[str, str], variant: Variant,
+           setting: Setting) -> str:
+    """``exc``'s message led by the override that set the field it names, and the method (and
+    the setting, as typed, when no override of it is to blame) behind it."""
+    blamed = name_override(str(exc), overrides, names)
+    where = f"method {variant.name}"
+    if blamed is None and setting.pairs:
+        where += ", " + " ".join(names.get(o, o) for o in setting.overrides)
+    return f"{blamed + ': ' if blamed else ''}{exc} ({where})"

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn
 
+from cafedist.interrupts import deferred_interrupts
+
 log = logging.getLogger("cafedist")
 
 
@@ -82,8 +84,9 @@ def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) ->
     files it lists). The renames at the end run one after another: the set changes in a
     moment, not atomically: the files in ``remove`` go first, then ``first`` (the file listing
     the others) is renamed before them, so a kill amid the commit leaves no file that the
-    listing does not name. A block inside another
-    joins the outer one."""
+    listing does not name; a Ctrl-C, SIGTERM or SIGUSR1 that arrives during the commit is
+    raised after it (:func:`~cafedist.interrupts.deferred_interrupts`), so only a SIGKILL can
+    leave the set half replaced. A block inside another joins the outer one."""
     outer = _BATCH.get()
     if outer is not None:
         outer.removals.extend(remove)
@@ -98,6 +101,14 @@ def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) ->
         raise
     finally:
         _BATCH.reset(token)
+    # a Ctrl-C or SIGTERM amid the renames is raised once they are all done: stopping between
+    # two would leave a new listing beside the old files it describes (only a SIGKILL can)
+    with deferred_interrupts():
+        _commit(batch, first)
+
+
+def _commit(batch: _Batch, first: Path | None) -> None:
+    """:func:`replaced_together`'s end: the removals, then the renames (``first`` first)."""
     # stale files first: a kill amid the commit then leaves the old listing naming a missing
     # file (harmless), never a stale file that no listing names
     for path in batch.removals:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -89,6 +90,32 @@ def test_the_listing_file_is_replaced_first(tmp_path, monkeypatch):
         write_text_atomic(tmp_path / "accuracy_vs_macs.png", "x\n")
     # the stale file goes before any rename (a kill mid-commit leaves no file nothing lists)
     assert order == [(name, False) for name in ("eval.json", "budget.csv", "budget.png", "accuracy_vs_macs.png")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_amid_the_commit_waits_until_the_whole_set_is_replaced(tmp_path, monkeypatch, signum):
+    """A Ctrl-C or a SIGTERM (kill, Slurm) arriving between two renames of the commit must not
+    leave the new eval.json beside the budget.csv it replaced: the set is committed whole, and
+    the interrupt raised after it."""
+    from cafedist.interrupts import noticed_interrupts
+
+    files = [tmp_path / name for name in ("eval.json", "budget.csv", "budget.png")]
+    for path in files:
+        path.write_text("old\n")
+    real = os.replace
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        if Path(dst).name == "eval.json":
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    with pytest.raises(KeyboardInterrupt), noticed_interrupts(stop_signals=True), \
+            replaced_together(first=files[0]):
+        for path in files:
+            write_text_atomic(path, "new\n")
+    assert [p.read_text() for p in files] == ["new\n"] * 3
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in files)  # no temporary file left
 
 
 def test_a_write_that_fails_without_a_file_name_names_the_target(tmp_path):

@@ -283,6 +283,8 @@ def test_budget_specs_parse_and_bad_ones_say_what_is_expected():
 
 def test_a_budget_spec_is_canonical_and_a_file_named_like_one_is_the_file(tmp_path, monkeypatch):
     assert BudgetOptions("MACS=.50").budget == "macs=0.5" == BudgetOptions("macs=0.5").budget
+    # -0 is 0 (float keeps the sign): one budget, named loss=0, not a second one named loss=-0
+    assert BudgetOptions("loss=-0").budget == "loss=0" == BudgetOptions("loss=-0.0e3").budget
     monkeypatch.chdir(tmp_path)
     Path("loss=1.csv").write_text("default,macs=0.4\n")
     options = BudgetOptions("loss=1.csv")

@@ -67,7 +67,7 @@ def parse_budget_spec(text: str, where: str = "--budget") -> Budget:
     # a plain decimal number: float() would also take "1_0" (10), "nan" and "inf"
     if not re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", raw.strip()):
         raise ConfigError(f"{where}: budget {text!r}: {raw.strip()!r} is not a number")
-    value = float(raw)
+    value = float(raw) + 0.0  # -0 -> 0: one budget, one canonical name (Budget.spec would keep the sign)
     # macs is a fraction of the last exit's cost, loss a number of accuracy points: outside
     # these ranges a budget is meaningless (macs=50 probably meant 0.5, loss=0.01 is not 1 point
     # either, but a value there cannot be told from an intended one)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -742,6 +743,42 @@ def test_compare_budgets_refuse_models_trained_on_since_the_summary(finished, ru
     with pytest.raises(CheckpointError, match="not the models of the summary.json compare read"):
         run_budgets(run_copy, summary, [BudgetOptions("macs=0.5")])
     assert not (run_copy / "budgets.json").exists()
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """``path`` read-only for this process: chmod for a user, a read-only bind mount for root
+    (whom file modes do not stop); skips the test where neither can be had."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    mount = shutil.which("mount")
+    if mount is None or subprocess.run([mount, "--bind", str(path), str(path)], capture_output=True).returncode:
+        pytest.skip("root without bind mounts: no way to make a directory read-only")
+    try:
+        if subprocess.run([mount, "-o", "remount,ro,bind", str(path)], capture_output=True).returncode:
+            pytest.skip("root without read-only remounts: no way to make a directory read-only")
+        yield
+    finally:
+        subprocess.run([shutil.which("umount") or "umount", str(path)], capture_output=True)
+
+
+def test_eval_of_a_run_directory_it_cannot_write_is_refused_before_loading(run_copy, caplog):
+    """eval writes into the run directory: an archived or someone else's run it cannot write is
+    refused in one line before the models are loaded and evaluated, not after."""
+    before = tree_hashes(run_copy)
+    caplog.set_level(logging.INFO, logger="cafedist")
+    with read_only(run_copy):
+        code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2
+    _one_error_line(err, f"{run_copy}: cannot write into the run directory", "eval writes eval.json")
+    assert "loaded" not in caplog.text  # no checkpoint was read
+    assert tree_hashes(run_copy) == before
 
 
 def test_eval_of_a_run_without_a_checkpoint_yet_says_so(run_copy):

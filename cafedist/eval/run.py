@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,20 @@ def run_config_file(run_dir: Path) -> Path:
     return cfg_file
 
 
+def check_writable(run_dir: Path) -> None:
+    """eval writes its outputs into the run directory: one it cannot write (an archived run,
+    someone else's, a read-only mount) is refused before the models are loaded and evaluated,
+    which takes minutes on a large run, rather than when the first file is written."""
+    if os.access(run_dir, os.W_OK | os.X_OK):
+        return
+    try:
+        why = "a read-only file system" if os.statvfs(run_dir).f_flag & os.ST_RDONLY else "permission denied"
+    except OSError:
+        why = "permission denied"
+    raise ConfigError(f"{run_dir}: cannot write into the run directory ({why}); cafedist eval writes eval.json "
+                      f"and its figures there, so it needs a run directory it may write")
+
+
 @contextmanager
 def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = False,
              check: Callable[[Any], object] | None = None) -> Iterator[LoadedRun]:
@@ -185,6 +200,8 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     """
     max_loss = check_max_loss(max_loss)
     run_dir = Path(run_dir)
+    run_config_file(run_dir)  # a mistyped RUN is "not a run directory", not "cannot write"
+    check_writable(run_dir)
     # a budget the run cannot serve is refused before its checkpoint is loaded
     if budget is not None:
         check_not_an_output(run_dir, budget)

@@ -255,6 +255,22 @@ def test_client_without_calibration_data_gets_a_static_exit_that_keeps_its_budge
     assert "client 0: no calibration samples" in caplog.text
 
 
+def test_printed_fallbacks_say_why_each_client_got_a_static_exit():
+    """A client with calibration samples whose scores are not finite (NaN logits at exit 1)
+    also gets a static exit: eval must not print that it had no calibration samples."""
+    empty = Split(torch.zeros(2, 0, 2), torch.zeros(0, dtype=torch.long))
+    nan = Split(torch.full((2, 3, 2), float("nan"), dtype=torch.float64), torch.tensor([0, 1, 0]))
+    test = Split(_logits([[[0.9, 0.1]], [[0.9, 0.1]]]), torch.tensor([0]))
+    table = [{"threshold": 1.0, "accuracy": 1.0, "mean_macs": 2.0, "last_exit_macs": 2.0}]
+    section, _ = personalized_budgets([(empty, test), (nan, test), (empty, test)], [Budget("macs", 0.5)] * 3,
+                                      MACS, table, scope="client")
+    assert [r["fallback"] for r in section["clients"]] == ["no calibration samples", "no feasible policy on "
+                                                           "calibration", "no calibration samples"]
+    lines = [line for line in format_budget({**section, "spec": "macs=0.5"}) if "static fallback" in line]
+    assert lines == ["  static fallback (no calibration samples) for clients [0, 2]",
+                     "  static fallback (no feasible policy on calibration) for clients [1]"]
+
+
 def test_global_curve_is_read_at_the_same_mean_macs():
     table = [{"threshold": 0.5, "accuracy": 0.6, "mean_macs": 1.0},
              {"threshold": 0.9, "accuracy": 0.8, "mean_macs": 3.0},

@@ -236,8 +236,13 @@ def format_budget(section: dict[str, Any]) -> list[str]:
                      f"{100 * everyone['accuracy']:.2f}% at {100 * everyone['macs_fraction']:.1f}% of the last exit's "
                      f"MACs, {everyone['clients_within_budget']}/{judged} clients within their budget "
                      f"(threshold {everyone['threshold']:g})")
-    if section["fallback_clients"]:
-        lines.append(f"  static fallback (no calibration samples) for clients {section['fallback_clients']}")
+    # a static exit for lack of calibration samples, or because no threshold was feasible on them
+    # (scores that are not finite): one line per reason, from the rows that record it
+    reasons: dict[str, list[int]] = {}
+    for row in section["clients"]:
+        if row["fallback"]:
+            reasons.setdefault(row["fallback"], []).append(row["client"])
+    lines += [f"  static fallback ({reason}) for clients {ids}" for reason, ids in reasons.items()]
     return lines
 
 

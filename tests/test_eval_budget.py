@@ -17,7 +17,7 @@ from cafedist.errors import ConfigError
 from cafedist.eval.budget import personalized_budgets
 from cafedist.eval.budget_global import global_on_calibration, global_within_every_budget
 from cafedist.eval.budget_report import accuracy_at_macs
-from cafedist.eval.budget_run import BudgetOptions, format_budget
+from cafedist.eval.budget_run import BudgetOptions, format_budget, parse_policies
 from cafedist.eval.budget_search import Choice, Split, choose_policy, fit_to_budget, pooled_split
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
@@ -269,6 +269,20 @@ def test_printed_fallbacks_say_why_each_client_got_a_static_exit():
     lines = [line for line in format_budget({**section, "spec": "macs=0.5"}) if "static fallback" in line]
     assert lines == ["  static fallback (no calibration samples) for clients [0, 2]",
                      "  static fallback (no feasible policy on calibration) for clients [1]"]
+
+
+def test_the_order_policies_are_listed_in_does_not_change_the_choice():
+    """``--policies`` names a set: ties between policies go to the POLICIES order however the
+    user listed them (margin,max-softmax once chose differently from max-softmax,margin)."""
+    assert parse_policies("margin, max-softmax,margin") == ["max-softmax", "margin"]
+    assert BudgetOptions("macs=0.5", "margin,max-softmax") == BudgetOptions("macs=0.5", "max-softmax,margin")
+    clients = _synthetic_clients(10)
+    table = [{"threshold": 1.0, "accuracy": 1.0, "mean_macs": 4000.0, "last_exit_macs": 4000.0}]
+    sections = [personalized_budgets(clients, [Budget("macs", 0.6)] * 10, [1000, 2500, 4000], table,
+                                     policies=parse_policies(order), temperature=False, confidence=0.5,
+                                     scope="client")[0]
+                for order in ("max-softmax,entropy,margin", "margin,entropy,max-softmax")]
+    assert sections[0] == sections[1]
 
 
 def test_global_curve_is_read_at_the_same_mean_macs():

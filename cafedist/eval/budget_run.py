@@ -35,12 +35,14 @@ CSV_COLUMNS = ROW_KEYS  # budget.csv: every key of a client's row, in order
 
 
 def parse_policies(text: str) -> list[str]:
-    """``--policies`` -> a list of known policy names (ConfigError otherwise)."""
+    """``--policies`` -> the known policy names it lists, in :data:`POLICIES` order (ConfigError
+    otherwise): the search breaks ties in that order, so the order they are listed in must not
+    change the choice."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if not names or unknown:
         raise ConfigError(f"--policies: expected a comma-separated subset of {','.join(POLICIES)}, got {text!r}")
-    return list(dict.fromkeys(names))
+    return [p for p in POLICIES if p in names]
 
 
 def client_splits(run: Any) -> list[tuple[Split, Split]]:
@@ -92,7 +94,7 @@ class BudgetOptions:
             raise ConfigError(f"--budget-confidence: expected a number in [0.5, 1), got {self.confidence}")
         if self.scope not in SCOPES:
             raise ConfigError(f"--policy-scope: expected one of {', '.join(SCOPES)}, got {self.scope!r}")
-        parse_policies(self.policies)
+        object.__setattr__(self, "policies", ",".join(parse_policies(self.policies)))  # canonical, like the spec
         if looks_like_spec(self.budget):
             spec = parse_budget_spec(self.budget)
             entries, digest = {DEFAULT_KEY: spec}, None

@@ -336,6 +336,17 @@ def test_budget_below_exit_1_is_refused_with_the_floor():
                        "--budget")
 
 
+def test_a_budget_just_below_exit_1_is_told_apart_from_its_cost():
+    """Exit 1 costs 2920/12952 = 0.2254478073 of the last exit: macs=0.2254 is refused, and the
+    message must not print both as 0.2254 (nor round the budget up past the cost: 0.225448)."""
+    macs = [2920, 8184, 12952]
+    with pytest.raises(ConfigError, match=r"macs=0.2254 is below exit 1's cost \(0.22545 of the last"):
+        check_feasible([Budget("macs", 0.2254)], macs)
+    with pytest.raises(ConfigError, match=r"macs=0.2254478 is below exit 1's cost \(0.22545 of the last"):
+        check_feasible([Budget("macs", 0.2254478)], macs)
+    check_feasible([Budget("macs", 2920 / 12952)], macs)  # exactly exit 1's cost: fine
+
+
 def test_budget_csv_file_with_header_comments_and_default(tmp_path):
     path = tmp_path / "budgets.csv"
     path.write_text("client,budget\n# phones\n0,macs=0.4\n\n2,loss=1\ndefault,macs=0.8\n")

@@ -218,10 +218,19 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
     floor = macs_per_exit[0] / macs_per_exit[-1]
     low = [cid for cid, b in enumerate(budgets) if b.kind == "macs" and b.value < floor - 1e-12]
     if low:
-        smallest = min(budgets[cid].value for cid in low)
+        smallest = min((budgets[cid] for cid in low), key=lambda b: b.value)
         who = "" if len(low) == len(budgets) else f" for {_clients(low)}"
-        raise ConfigError(f"{source}: macs={smallest:g}{who} is below exit 1's cost "
-                          f"({floor:.4f} of the last exit's MACs): no exit policy can meet it")
+        raise ConfigError(f"{source}: {smallest.spec}{who} is below exit 1's cost "
+                          f"({_above(floor, smallest.value)} of the last exit's MACs): no exit policy can meet it")
+
+
+def _above(floor: float, value: float) -> str:
+    """``floor`` with 4 decimals, or as many more as it takes to print it above ``value``
+    (macs=0.2254 against a cost of 0.22544781 must not read "0.2254 is below 0.2254")."""
+    digits = 4
+    while digits < 17 and round(floor, digits) <= value:
+        digits += 1
+    return f"{floor:.{digits}f}"
 
 
 __all__ = ["Budget", "DEFAULT_KEY", "FILE_SUFFIXES", "KINDS", "SLACK", "check_feasible", "load_budget_file",

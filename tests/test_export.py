@@ -228,6 +228,33 @@ def test_export_refusals_are_one_line_and_write_nothing(evaluated_run, tmp_path)
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.export-*"))
 
 
+def test_every_clients_model_hash_is_checked_before_any_is_traced(evaluated_run, tmp_path, monkeypatch):
+    """A model hash that differs from eval.json's at the same round was found only when export
+    reached that client, after tracing and checking the ones before it: now every requested
+    client is checked first and the refusal names all of them."""
+    from cafedist.deploy import export as export_module
+
+    stale = tmp_path / "stale_run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(stale)], check=True)
+    report = json.loads((stale / "eval.json").read_text())
+    for cid in ("1", "3"):
+        report["model_hashes"][cid] = "0" * 16
+    (stale / "eval.json").write_text(json.dumps(report))
+    traced: list = []
+    trace = export_module.export_stages
+    monkeypatch.setattr(export_module, "export_stages", lambda *a, **k: traced.append(a) or trace(*a, **k))
+    proc = cafedist_in_process("export", str(stale), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert traced == []  # client 0 was traced and checked before client 1 was refused
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"cafedist: error: {stale / 'eval.json'}: describes other models (round 0, round_000000): the model hashes "
+        f"of clients 1, 3 are not the ones eval.json has: run `cafedist eval RUN --budget ...` again")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.export-*"))
+    # the clients asked for are the ones checked: client 2's hash matches, so it exports
+    cafedist_in_process("export", str(stale), "--out", str(tmp_path / "out"), "--clients", "2", check=True)
+    assert len(traced) == 1
+
+
 def test_out_given_as_dot_or_empty(evaluated_run, tmp_path, monkeypatch):
     """``--out .`` (an empty working directory) is written like any empty folder; it was renamed
     onto '.' at the end ('..export-*: Device or resource busy'); ``--out ''`` is refused."""

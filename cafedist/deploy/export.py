@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from cafedist.deploy import early_exit
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split, macs_tensor
+from cafedist.eval.budget_spec import _clients
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.run import load_run, run_config_file
 from cafedist.fsutil import fsync_dir
@@ -78,25 +79,23 @@ def _checkpoint_of(report: dict[str, Any]) -> tuple[Any, str]:
     return report.get("round"), Path(str(report.get("checkpoint", "?"))).name
 
 
-def _check_same_checkpoint(report: dict[str, Any], loaded: Any, run_dir: Path) -> None:
-    """Refuse policies that eval chose for another round or checkpoint than the one loaded
-    (checked before any client is exported: the usual stale eval.json, after a resume)."""
+def _check_same_models(report: dict[str, Any], loaded: Any, ids: Sequence[int], run_dir: Path) -> None:
+    """Refuse policies that eval chose for other models than the ones loaded, before any client
+    is exported: another round or checkpoint (the usual stale eval.json, after a resume), or, at
+    the same round and checkpoint name, other weights (trained again) of any client in ``ids``."""
     theirs, ours = _checkpoint_of(report), (loaded.done, loaded.restored.path.name)
+    advice = "run `cafedist eval RUN --budget ...` again"
     if theirs != ours:
         raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {theirs[0]}, {theirs[1]}) than "
-                          f"the run's newest checkpoint (round {ours[0]}, {ours[1]}): run `cafedist eval RUN "
-                          f"--budget ...` again")
-
-
-def _check_same_model(report: dict[str, Any], cid: int, digest: str, run_dir: Path) -> None:
-    """Refuse a policy that eval chose for other weights than client ``cid``'s (the same round
-    and checkpoint name, trained again)."""
-    recorded = (report.get("model_hashes") or {}).get(str(cid))
-    if recorded != digest:
-        rnd, name = _checkpoint_of(report)
-        raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {rnd}, {name}): client {cid}'s "
-                          f"model hash is {digest}, eval.json has {recorded}: run `cafedist eval RUN --budget ...` "
-                          f"again")
+                          f"the run's newest checkpoint (round {ours[0]}, {ours[1]}): {advice}")
+    recorded = report.get("model_hashes") or {}
+    hashes = {c.cid: model_hash(c.model) for c in loaded.run.pool.each(ids, modify=False)}
+    differ = sorted(cid for cid, digest in hashes.items() if recorded.get(str(cid)) != digest)
+    if differ:
+        which = (f"client {differ[0]}'s model hash is {hashes[differ[0]]}, eval.json has {recorded.get(str(differ[0]))}"
+                 if len(differ) == 1 else f"the model hashes of {_clients(differ)} are not the ones eval.json has")
+        raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {theirs[0]}, {theirs[1]}): {which}: "
+                          f"{advice}")
 
 
 def _row(report: dict[str, Any], cid: int, run_dir: Path) -> dict[str, Any]:
@@ -243,6 +242,23 @@ def _new_folder(out: Path) -> Iterator[Path]:
         raise
 
 
+def _export_client(run: Any, c: Any, choice: Choice, source: str, budget: str | None, tmp: Path) -> dict[str, Any]:
+    """Write client ``c``'s programs and policy.json into ``tmp/client_NNNN`` and check them on
+    its test split; returns export.json's entry of the client (with the check: policy.json's ``test``)."""
+    folder = tmp / f"client_{c.cid:04d}"
+    folder.mkdir()
+    model = run.algo.eval_model(c.view)
+    spec = _policy_json(c.cid, choice, export_stages(model, _example(c.data), folder), run, source,
+                        c.data.x_test, budget)
+    write_policy(folder, spec)  # read back by the check
+    spec["test"] = checked = check_exported(folder, choice, model, c.data.x_test, c.data.y_test, run.macs)
+    write_policy(folder, spec)
+    if checked["agreement"] is not None and checked["agreement"] < 1.0:
+        log.warning("client %d: the exported model answers %.2f%% of its test samples differently from "
+                    "the evaluation (floating point at the threshold)", c.cid, 100 * (1 - checked["agreement"]))
+    return {"client": c.cid, "folder": folder.name, **checked}
+
+
 def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None, threshold: float | None = None,
                allow_partial: bool = False) -> dict[str, Any]:
     """Export ``run_dir``'s clients (``clients``: :func:`parse_clients` text) into the new
@@ -258,38 +274,26 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
         raise ConfigError(f"export: needs torch.export.save, which torch {torch.__version__} does not have")
     run_config_file(run_dir)  # a mistyped RUN is not "eval.json: not found"
     report = None if threshold is not None else _eval_report(run_dir)
-    with load_run(run_dir, "cpu", allow_partial) as loaded, _new_folder(out) as tmp:
+    with load_run(run_dir, "cpu", allow_partial) as loaded:
         run = loaded.run
         ids = parse_clients(clients, run.n)
         source = f"--threshold {threshold}" if report is None else \
             f"eval --budget ({report['budget'].get('scope', 'pooled')} scope), eval.json of round {report['round']}"
+        if report is not None:  # all refusals before the first client is traced (seconds each)
+            _check_same_models(report, loaded, ids, run_dir)
         rows = {} if report is None else {cid: _row(report, cid, run_dir) for cid in ids}
-        if report is not None:
-            _check_same_checkpoint(report, loaded, run_dir)
-        exported = []
-        for c in run.pool.each(ids, modify=False):
-            row = rows.get(c.cid)
-            if row is not None:
-                _check_same_model(report, c.cid, model_hash(c.model), run_dir)
-            choice = _threshold_choice(threshold) if row is None else _choice_from_row(row)
-            folder = tmp / f"client_{c.cid:04d}"
-            folder.mkdir()
-            model = run.algo.eval_model(c.view)
-            spec = _policy_json(c.cid, choice, export_stages(model, _example(c.data), folder), run, source,
-                                c.data.x_test, None if row is None else row.get("budget"))
-            write_policy(folder, spec)  # read back by the check
-            spec["test"] = checked = check_exported(folder, choice, model, c.data.x_test, c.data.y_test, run.macs)
-            write_policy(folder, spec)
-            if checked["agreement"] is not None and checked["agreement"] < 1.0:
-                log.warning("client %d: the exported model answers %.2f%% of its test samples differently from "
-                            "the evaluation (floating point at the threshold)", c.cid, 100 * (1 - checked["agreement"]))
-            exported.append({"client": c.cid, "folder": folder.name, **checked})
-        shutil.copyfile(early_exit.__file__, tmp / "early_exit.py")
-        summary = {"format": early_exit.FORMAT, "run_dir": str(run_dir.resolve()), "round": loaded.done,
-                   "final_round": loaded.final, "checkpoint": str(loaded.restored.path),
-                   "algorithm": run.cfg.algorithm.name, "policy_source": source, "torch": torch.__version__,
-                   "clients": exported}
-        (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")
+        with _new_folder(out) as tmp:
+            exported = []
+            for c in run.pool.each(ids, modify=False):
+                row = rows.get(c.cid)
+                choice = _threshold_choice(threshold) if row is None else _choice_from_row(row)
+                exported.append(_export_client(run, c, choice, source, None if row is None else row.get("budget"), tmp))
+            shutil.copyfile(early_exit.__file__, tmp / "early_exit.py")
+            summary = {"format": early_exit.FORMAT, "run_dir": str(run_dir.resolve()), "round": loaded.done,
+                       "final_round": loaded.final, "checkpoint": str(loaded.restored.path),
+                       "algorithm": run.cfg.algorithm.name, "policy_source": source, "torch": torch.__version__,
+                       "clients": exported}
+            (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cafedist.errors import CafeError, ConfigError, DistError
-from cafedist.interrupts import Interrupted, noticed_interrupts
+from cafedist.interrupts import (
+    Interrupted,
+    deferred_interrupts,
+    forget_handled_interrupt,
+    noticed_interrupts,
+)
 from cafedist.paths import config_file_arg
 
 
@@ -204,9 +209,25 @@ _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cafedist`` console script."""
-    parser = build_parser()
-    args = _parse(parser, argv)
-    _setup_logging(args.verbose)
+    try:
+        # building the parser imports every command's module (torch among them: seconds); a
+        # KeyboardInterrupt raised amid imports escaped as a traceback, was lost in an import
+        # lock's callback (the command then ran to the end) or aborted in torch's C++: signals
+        # wait until the imports are done
+        with deferred_interrupts():
+            parser = build_parser()
+        args = _parse(parser, argv)
+        _setup_logging(args.verbose)
+        return _run_command(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGUSR1 (cafedist.interrupts)
+        forget_handled_interrupt()  # else `python -m cafedist` may end by SIGINT all the same
+        print("cafedist: interrupted", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become their exit status and one line (KeyboardInterrupt
+    is left to :func:`main`)."""
     try:
         # SIGTERM and SIGUSR1 unwind like Ctrl-C (what is being written is removed, compare's
         # trainings are stopped), except in train: its stop flag takes them once it runs, and
@@ -238,9 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         print(f"cafedist: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGUSR1 (cafedist.interrupts)
-        print("cafedist: interrupted", file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -8,8 +8,9 @@ behind. Inside :func:`deferred_interrupts` both are recorded instead and raised 
 :class:`Interrupted` at the next ``check()`` and at the end of the block, where the code
 around can remove what it was writing. :func:`noticed_interrupts` (around every command)
 catches a Ctrl-C that Python lost and, for the commands but train, turns SIGTERM and SIGUSR1
-into an exception like Ctrl-C's; and :func:`children_take_ctrl_c` gives child processes a working
-SIGINT.
+into an exception like Ctrl-C's; :func:`children_take_ctrl_c` gives child processes a working
+SIGINT; and :func:`forget_handled_interrupt` keeps a handled interrupt from ending the
+process by the signal rather than with the command's exit status.
 """
 
 from __future__ import annotations
@@ -120,4 +121,17 @@ def children_take_ctrl_c() -> Iterator[None]:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-__all__ = ["FATAL_SIGNALS", "Interrupted", "children_take_ctrl_c", "deferred_interrupts", "noticed_interrupts"]
+def forget_handled_interrupt() -> None:
+    """Tell CPython that the KeyboardInterrupt just caught was handled.
+
+    CPython marks a KeyboardInterrupt as unhandled when it ends code run from source text
+    (``exec``/``eval`` of a string: dataclasses and namedtuple make their methods so, and
+    modules with dataclasses are imported in the middle of a command, torch's by torch.export)
+    even when a caller catches it later; under ``python -m`` the interpreter then ends by
+    SIGINT a process that exits with 130 (seen from subprocess: -2). The mark is cleared at the
+    start of every run of source text, as here."""
+    exec("", {})
+
+
+__all__ = ["FATAL_SIGNALS", "Interrupted", "children_take_ctrl_c", "deferred_interrupts", "forget_handled_interrupt",
+           "noticed_interrupts"]

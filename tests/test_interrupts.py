@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -42,6 +45,56 @@ def test_a_command_without_ctrl_c_keeps_its_status(monkeypatch):
     assert cli.main(["bench", "local"]) == 130
     _with_command(monkeypatch, lambda args: 0)
     assert cli.main(["bench", "local"]) == 0  # an earlier interrupt is not remembered
+
+
+def test_a_ctrl_c_while_the_commands_are_imported_waits_for_the_imports_and_ends_as_interrupted(monkeypatch, capsys):
+    """Building the parser imports every command's module (torch: seconds): a Ctrl-C there
+    escaped main() as a KeyboardInterrupt traceback and the process ended by SIGINT, or, raised
+    inside the import machinery, was lost (the command ran to the end) or aborted the process
+    in torch's C++. Now the imports finish and then the command ends as interrupted."""
+    imported: list[str] = []
+    help_text, _, run = cli.COMMANDS["bench"]
+    monkeypatch.setitem(cli.COMMANDS, "bench", (help_text, lambda parser: (_ctrl_c(), imported.append("bench")), run))
+    try:
+        status = cli.main(["bench", "local"])
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C while the parser was built escaped main()")
+    assert status == 130 and imported == ["bench"]
+    assert capsys.readouterr().err.strip() == "cafedist: interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# `python -m CASE bench local`: cafedist.cli.run() with bench's main replaced by BODY (run with
+# -m as `python -m cafedist` is: its exit path differs from a script's)
+CASE = textwrap.dedent("""
+    import functools, os, signal, sys, time
+    from cafedist import cli
+
+    def command(args):
+        {body}
+        return 0
+
+    help_text, add, _ = cli.COMMANDS["bench"]
+    cli.COMMANDS["bench"] = (help_text, add, command)
+    cli.run()
+""")
+
+
+def _run_case(tmp_path, *body: str) -> subprocess.CompletedProcess:
+    from conftest import ROOT, env_for_tests
+
+    (tmp_path / "case.py").write_text(CASE.format(body="\n    ".join(body)))
+    return subprocess.run([sys.executable, "-m", "case", "bench", "local"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=env_for_tests(PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}"))
+
+
+def test_a_ctrl_c_in_code_run_from_source_text_still_exits_130(tmp_path):
+    """A Ctrl-C landing in code run by exec/eval of a string (dataclasses make their methods so:
+    any import of a module with dataclasses, e.g. torch's during torch.export) was caught,
+    printed "interrupted" and exited 130, and CPython then ended `python -m cafedist` by SIGINT."""
+    proc = _run_case(tmp_path, "exec('os.kill(os.getpid(), signal.SIGINT); time.sleep(9)', globals())")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "cafedist: interrupted"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

@@ -24,6 +24,7 @@ from cafedist.interrupts import (
     Interrupted,
     deferred_interrupts,
     forget_handled_interrupt,
+    keep_status_through_teardown,
     noticed_interrupts,
 )
 from cafedist.paths import config_file_arg
@@ -289,6 +290,7 @@ def run() -> None:
     from cafedist import lifecycle
 
     lifecycle.EXIT_WITHOUT_TEARDOWN = True
+    keep_status_through_teardown()  # before main(): torch's exit handlers, registered later, run first
     try:
         code = main()
     except Exception:  # noqa: BLE001 - a bug: report it, then leave the same way

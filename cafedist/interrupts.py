@@ -9,12 +9,14 @@ behind. Inside :func:`deferred_interrupts` both are recorded instead and raised 
 around can remove what it was writing. :func:`noticed_interrupts` (around every command)
 catches a Ctrl-C that Python lost and, for the commands but train, turns SIGTERM and SIGUSR1
 into an exception like Ctrl-C's; :func:`children_take_ctrl_c` gives child processes a working
-SIGINT; and :func:`forget_handled_interrupt` keeps a handled interrupt from ending the
-process by the signal rather than with the command's exit status.
+SIGINT; and :func:`forget_handled_interrupt` and :func:`keep_status_through_teardown` keep a
+handled interrupt, or one during the interpreter's teardown, from ending the process by the
+signal rather than with the command's exit status.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import signal
 import threading
@@ -133,5 +135,22 @@ def forget_handled_interrupt() -> None:
     exec("", {})
 
 
+def _ignore_fatal_signals() -> None:
+    if _in_main_thread():
+        for sig in FATAL_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def keep_status_through_teardown() -> None:
+    """Ignore SIGINT, SIGTERM and SIGUSR1 from the end of the exit handlers to the end of the
+    process, so that its exit status is the command's. The interpreter's teardown after them
+    (a second or more once torch is loaded) runs with every signal at its default action: a
+    Ctrl-C there ended a command that had finished, or had been interrupted and cleaned up, by
+    SIGINT. Exit handlers run last-registered first, so call this early: the joining of
+    threads and the handlers registered later (torch's) come before it and can still be
+    interrupted should they hang. For the process's entry point only."""
+    atexit.register(_ignore_fatal_signals)
+
+
 __all__ = ["FATAL_SIGNALS", "Interrupted", "children_take_ctrl_c", "deferred_interrupts", "forget_handled_interrupt",
-           "noticed_interrupts"]
+           "keep_status_through_teardown", "noticed_interrupts"]

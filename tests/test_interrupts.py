@@ -97,6 +97,19 @@ def test_a_ctrl_c_in_code_run_from_source_text_still_exits_130(tmp_path):
     assert proc.stderr.strip() == "cafedist: interrupted"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_the_interpreters_teardown_keeps_the_exit_status(tmp_path, sig):
+    """The teardown after the command (a second or more with torch loaded) runs with every
+    signal at its default action: a Ctrl-C there ended a finished command by SIGINT. Here an
+    object freed with its module, after Python gave the signals back, sends the signal."""
+    proc = _run_case(tmp_path, "class Late:",
+                     f"    kill = functools.partial(os.kill, os.getpid(), signal.{sig.name})",
+                     "    __del__ = lambda self: self.kill()",
+                     "sys.modules['__main__'].late = Late()",
+                     "print('done', flush=True)")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "done\n", "")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_while_eval_writes_leaves_its_outputs_as_they_were(tiny_config, tmp_path, sig):
     """SIGTERM (kill, timeout, Slurm) or SIGUSR1 (Slurm's --signal) ended eval on the spot once

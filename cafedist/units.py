@@ -1,4 +1,5 @@
-"""Short human-readable counts for tables and plans (MACs, bytes, parameters) and durations."""
+"""Short human-readable counts for tables and plans (MACs, bytes, parameters), durations and
+lists of client ids for messages."""
 
 from __future__ import annotations
 
@@ -16,3 +17,13 @@ def hms(seconds: float) -> str:
     """``3725.4 -> '1:02:05'`` (hours unbounded)."""
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def id_list(ids: list[int]) -> str:
+    """``1, 2, 3`` (the first ten, then ``and N more``), for messages."""
+    return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def clients_phrase(ids: list[int]) -> str:
+    """``client 3`` or ``clients 1, 2``, for messages."""
+    return f"client{'s' if len(ids) > 1 else ''} {id_list(ids)}"

@@ -36,12 +36,12 @@ from torch import Tensor, nn
 from cafedist.deploy import early_exit
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split, macs_tensor
-from cafedist.eval.budget_spec import _clients
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.run import load_run, run_config_file
 from cafedist.fsutil import fsync_dir
 from cafedist.paths import check_dir_creatable
 from cafedist.run.client import model_hash
+from cafedist.units import clients_phrase
 
 log = logging.getLogger("cafedist")
 
@@ -93,7 +93,8 @@ def _check_same_models(report: dict[str, Any], loaded: Any, ids: Sequence[int], 
     differ = sorted(cid for cid, digest in hashes.items() if recorded.get(str(cid)) != digest)
     if differ:
         which = (f"client {differ[0]}'s model hash is {hashes[differ[0]]}, eval.json has {recorded.get(str(differ[0]))}"
-                 if len(differ) == 1 else f"the model hashes of {_clients(differ)} are not the ones eval.json has")
+                 if len(differ) == 1
+                 else f"the model hashes of {clients_phrase(differ)} are not the ones eval.json has")
         raise ConfigError(f"{run_dir / 'eval.json'}: describes other models (round {theirs[0]}, {theirs[1]}): {which}: "
                           f"{advice}")
 

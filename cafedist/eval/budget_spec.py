@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cafedist.errors import ConfigError
+from cafedist.units import clients_phrase, id_list
 
 KINDS = ("macs", "loss")
 SLACK = 1e-9  # in budget comparisons, so that e.g. exactly 0.5 of the MACs counts as within macs=0.5
@@ -186,25 +187,16 @@ def load_budget_file(name: str | Path) -> tuple[dict[int | str, Budget], str]:
     return entries, hashlib.sha256(raw).hexdigest()
 
 
-def _id_list(ids: list[int]) -> str:
-    return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
-
-
-def _clients(ids: list[int]) -> str:
-    """``client 3`` or ``clients 1, 2``, for messages."""
-    return f"client{'s' if len(ids) > 1 else ''} {_id_list(ids)}"
-
-
 def per_client(entries: dict[int | str, Budget], num_clients: int, arg: str) -> list[Budget]:
     """One :class:`Budget` per client (index = client id) from ``entries`` (client id or
     ``default`` -> Budget, as read from ``--budget``'s argument ``arg``, which errors name)."""
     unknown = sorted(k for k in entries if k != DEFAULT_KEY and int(k) >= num_clients)
     if unknown:
-        raise ConfigError(f"{arg}: unknown client ids {_id_list(unknown)} (this run has clients 0..{num_clients - 1})")
+        raise ConfigError(f"{arg}: unknown client ids {id_list(unknown)} (this run has clients 0..{num_clients - 1})")
     default = entries.get(DEFAULT_KEY)
     missing = [cid for cid in range(num_clients) if cid not in entries]
     if missing and default is None:
-        raise ConfigError(f"{arg}: no budget for {_clients(missing)} "
+        raise ConfigError(f"{arg}: no budget for {clients_phrase(missing)} "
                           f"(name them or add a '{DEFAULT_KEY}' entry)")
     return [entries.get(cid, default) for cid in range(num_clients)]  # type: ignore[misc]
 
@@ -219,7 +211,7 @@ def check_feasible(budgets: list[Budget], macs_per_exit: list[int], source: str 
     low = [cid for cid, b in enumerate(budgets) if b.kind == "macs" and b.value < floor - 1e-12]
     if low:
         smallest = min((budgets[cid] for cid in low), key=lambda b: b.value)
-        who = "" if len(low) == len(budgets) else f" for {_clients(low)}"
+        who = "" if len(low) == len(budgets) else f" for {clients_phrase(low)}"
         raise ConfigError(f"{source}: {smallest.spec}{who} is below exit 1's cost "
                           f"({_above(floor, smallest.value)} of the last exit's MACs): no exit policy can meet it")
 

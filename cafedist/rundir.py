@@ -170,8 +170,9 @@ def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None
 
 def outputs_lock(run_dir: str | os.PathLike, advice: str = "wait for it to end") -> RunLock:
     """The lock of what is written about a run's models (:data:`OUTPUTS_LOCK_NAME`), held by
-    eval and compare --budget, taken by ``--resume none`` to move the run aside."""
-    return RunLock(run_dir, OUTPUTS_LOCK_NAME, holder="cafedist eval or compare --budget", advice=advice)
+    eval, compare --budget and an export into the run directory, taken by ``--resume none`` to
+    move the run aside."""
+    return RunLock(run_dir, OUTPUTS_LOCK_NAME, holder="cafedist eval, export or compare --budget", advice=advice)
 
 
 def has_run(run_dir: Path) -> bool:

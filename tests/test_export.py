@@ -296,3 +296,21 @@ def test_an_eval_model_without_exit_stages_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="cannot be cut at its exits"):
         export_stages(torch.nn.Linear(3, 2), torch.zeros(2, 3), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_export_into_the_run_directory_is_written_under_the_outputs_lock(evaluated_run, tmp_path, monkeypatch):
+    """An export kept in the run directory is an output about the run's models: written under
+    their lock, it is refused when the run was started over (--resume none) since its models
+    were read, as eval is, instead of appearing beside the new run; elsewhere it is a copy of
+    the models read and is written regardless."""
+    from cafedist.eval import run as eval_run
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(run)], check=True)
+    checkpoints_folders = iter(range(100))  # each look at the run finds another checkpoints folder
+    monkeypatch.setattr(eval_run, "_incarnation", lambda run_dir: next(checkpoints_folders))
+    proc = cafedist_in_process("export", str(run), "--out", str(run / "export"))
+    assert proc.returncode == 2 and "the run was started over (--resume none)" in proc.stderr, proc.stderr
+    assert not (run / "export").exists() and not list(run.glob(".export.export-*"))
+    cafedist_in_process("export", str(run), "--out", str(tmp_path / "elsewhere"), "--clients", "0", check=True)
+    assert (tmp_path / "elsewhere" / "export.json").is_file()

@@ -690,7 +690,7 @@ def test_resume_none_waits_for_no_eval_but_refuses_while_one_writes(finished, ru
         code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
                                "--resume", "none")
     assert code == 2
-    _one_error_line(err, "is in use by another cafedist eval or compare --budget", "then start over")
+    _one_error_line(err, "is in use by another cafedist eval, export or compare --budget", "then start over")
     assert not any(p.name.startswith("previous-") for p in run_copy.iterdir())
 
 

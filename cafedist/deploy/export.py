@@ -26,7 +26,7 @@ import logging
 import os
 import secrets
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -37,7 +37,7 @@ from cafedist.deploy import early_exit
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split, macs_tensor
 from cafedist.eval.exits import exit_logits
-from cafedist.eval.run import load_run, run_config_file
+from cafedist.eval.run import load_run, run_config_file, writing_outputs
 from cafedist.fsutil import fsync_dir
 from cafedist.paths import check_dir_creatable
 from cafedist.run.client import model_hash
@@ -283,7 +283,11 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
         if report is not None:  # all refusals before the first client is traced (seconds each)
             _check_same_models(report, loaded, ids, run_dir)
         rows = {} if report is None else {cid: _row(report, cid, run_dir) for cid in ids}
-        with _new_folder(out) as tmp:
+        # an export kept in the run directory is among the outputs about the run's models:
+        # written under their lock, so that `--resume none` moves it aside with the run and
+        # never leaves it beside a new one (a run started over since loading is refused)
+        kept_in_run = out.is_relative_to(run_dir.resolve())
+        with writing_outputs(run_dir, loaded, {}) if kept_in_run else nullcontext(), _new_folder(out) as tmp:
             exported = []
             for c in run.pool.each(ids, modify=False):
                 row = rows.get(c.cid)

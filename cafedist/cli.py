@@ -219,11 +219,38 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
         args = _parse(parser, argv)
         _setup_logging(args.verbose)
+        if _left_to_rank_0(args.command):
+            return 0
         return _run_command(args)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGUSR1 (cafedist.interrupts)
         forget_handled_interrupt()  # else `python -m cafedist` may end by SIGINT all the same
         print("cafedist: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+#: the commands every rank of a launch runs: train's ranks train together; prepare may fill
+#: each node's own cache directory (its lock lets one writer through where it is shared)
+_EVERY_RANK = frozenset({"train", "prepare"})
+
+
+def _left_to_rank_0(command: str) -> bool:
+    """Whether this process is a non-zero rank of a multi-rank launch (torchrun, srun, mpiexec)
+    running a command one process does (eval, export, status, compare, submit, ...): it leaves
+    that to rank 0 and ends at once (exit 0). Else every rank would evaluate and write the same
+    files in turn, print the same table, or submit the same jobs once per rank."""
+    if command in _EVERY_RANK:
+        return False
+    from cafedist.distributed.runtime import detect_launch
+
+    try:
+        launch = detect_launch()
+    except DistError:
+        return False  # a launcher's variables that do not add up: none of this command's business
+    if launch.rank == 0:
+        return False
+    logging.getLogger("cafedist").debug("rank %d of %d: `cafedist %s` runs on rank 0 only", launch.rank,
+                                        launch.world_size, command)
+    return True
 
 
 def _run_command(args: argparse.Namespace) -> int:

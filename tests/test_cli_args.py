@@ -61,3 +61,27 @@ def test_everything_but_submitting_runs_without_submitit(tiny_config, tmp_path):
         assert proc.stderr.strip() == ("cafedist: error: submitting jobs needs submitit, which is not installed here "
                                        "(pip install 'submitit>=1.5'; `cafedist train` runs without it)")
         assert not (tmp_path / out).exists()
+
+
+LAUNCHES = {"torchrun": {"RANK": "{rank}", "WORLD_SIZE": "2", "LOCAL_RANK": "{rank}"},
+            "srun": {"SLURM_PROCID": "{rank}", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "{rank}",
+                     "SLURM_NODELIST": "node[1-2]"},
+            "mpiexec": {"OMPI_COMM_WORLD_RANK": "{rank}", "OMPI_COMM_WORLD_SIZE": "2"}}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHES))
+def test_a_one_process_command_under_a_launcher_runs_on_rank_0_only(launcher, tiny_config, tmp_path):
+    """`srun cafedist eval RUN` in a job of 4 tasks evaluated (and wrote the same files) 4 times,
+    `srun cafedist submit` queued the jobs once per task: the other ranks leave it to rank 0."""
+    def under(rank: int, *args: str) -> subprocess.CompletedProcess:
+        env = env_for_tests(**{k: v.format(rank=rank) for k, v in LAUNCHES[launcher].items()})
+        return subprocess.run([sys.executable, "-m", "cafedist", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    missing = str(tmp_path / "no-such-run")
+    rank0, rank1 = under(0, "status", missing), under(1, "status", missing)
+    assert rank0.returncode == 2 and missing in rank0.stderr  # rank 0 runs the command
+    assert (rank1.returncode, rank1.stdout, rank1.stderr) == (0, "", "")
+    rank1 = under(1, "submit", "--config", str(tiny_config()), "--out", str(tmp_path / "jobs"), "--local")
+    assert (rank1.returncode, rank1.stdout, rank1.stderr) == (0, "", "")
+    assert not (tmp_path / "jobs").exists()

@@ -27,7 +27,7 @@ from cafedist.interrupts import (
     keep_status_through_teardown,
     noticed_interrupts,
 )
-from cafedist.paths import config_file_arg
+from cafedist.paths import config_file_arg, user_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +47,7 @@ def _setup_logging(verbose: bool) -> None:
 # ----------------------------------------------------------------------------- train
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=config_file_arg, help="YAML config file (defaults are used for anything it omits)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--out", default=None, type=user_path, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
                    help="auto: continue from the newest valid checkpoint (default); none: start over; "
                         "force: resume even if the config changed")
@@ -124,7 +124,7 @@ def _dry_run(cfg: Any, out: str, world_size: int | None) -> int:
 
 # ----------------------------------------------------------------------------- eval
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run directory written by `cafedist train`")
+    p.add_argument("run_dir", type=user_path, help="a run directory written by `cafedist train`")
     p.add_argument("--max-loss", type=float, default=0.01,
                    help="accuracy loss budget for the reported MAC reduction, in [0, 1] (default 0.01 = 1 point)")
     p.add_argument("--allow-partial", action="store_true",

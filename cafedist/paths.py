@@ -28,10 +28,18 @@ def check_dir_creatable(path: Path, field: str) -> None:
         raise ConfigError(f"{field}: cannot {what} {probe} (permission denied)")
 
 
+def user_path(text: str) -> str:
+    """argparse type of a path option: a leading ``~`` is the home folder, as the shell would
+    have it had it expanded the word (it does not in ``--out=~/runs/a`` or a quoted path,
+    which made a folder named ``~`` in the working directory: one ``rm -r ~`` away from the
+    home folder)."""
+    return os.path.expanduser(text)
+
+
 def config_file_arg(text: str) -> str:
     """argparse type of ``--config``: any path but an empty one (``--config "$CFG"`` with
-    ``CFG`` unset must not train the built-in defaults)."""
+    ``CFG`` unset must not train the built-in defaults), ``~`` expanded (:func:`user_path`)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty path; expected a YAML config file "
                                          "(leave --config out for the defaults)")
-    return text
+    return user_path(text)

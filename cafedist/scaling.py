@@ -34,7 +34,7 @@ import yaml
 from cafedist import yamlio
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
-from cafedist.paths import check_dir_creatable
+from cafedist.paths import check_dir_creatable, user_path
 from cafedist.typed import is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
@@ -355,8 +355,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
 # ----------------------------------------------------------------------------- command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cafedist scaling-report``."""
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of one sweep")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=user_path, help="run directories of one sweep")
+    parser.add_argument("--out", default=None, type=user_path,
                         help="where to write scaling.md/.csv/.png (default: the first run's parent directory)")
 
 

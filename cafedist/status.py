@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 from cafedist.config import config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
+from cafedist.paths import user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.rundir import PREVIOUS_PREFIX, live_holder
 from cafedist.trainlog import last_session_error
@@ -173,7 +174,7 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``cafedist status`` options."""
-    p.add_argument("paths", nargs="+", metavar="RUN_OR_FOLDER",
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_FOLDER", type=user_path,
                    help="run directories, or folders to search for them (e.g. a sweep's or compare's --out)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
 

@@ -55,7 +55,7 @@ from cafedist.jobs import (
     require_submitit,
     wait_for,
 )
-from cafedist.paths import check_dir_creatable, config_file_arg
+from cafedist.paths import check_dir_creatable, config_file_arg, user_path
 
 try:  # only submitting needs submitit; the CLI imports this module for its flags everywhere
     import submitit
@@ -384,7 +384,8 @@ def _remove_attempt(folder: Path, made: Path | None, before: set[Path]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cafedist submit``."""
     p.add_argument("--config", type=config_file_arg, help="YAML config file of the run(s)")
-    p.add_argument("--out", required=True, help="run directory (with --array: parent of one directory per element)")
+    p.add_argument("--out", required=True, type=user_path,
+                   help="run directory (with --array: parent of one directory per element)")
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
                    help="first start only: a requeued job always resumes (default auto)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=100")
@@ -398,7 +399,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--local", action="store_true", help="run with submitit's local executor (no Slurm; one node)")
     j.add_argument("--wait", action="store_true", help="wait for the job(s) and report their results")
     j.add_argument("--job-name", default=None, help="job name (default cafedist-<name of --out>)")
-    j.add_argument("--folder", default=None,
+    j.add_argument("--folder", default=None, type=user_path,
                    help="submitit folder for pickles and logs (default OUT/submitit/<timestamp>-<pid>: a fresh one per "
                         "submission, because job ids restart after a Slurm state wipe)")
     j.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

@@ -85,3 +85,29 @@ def test_a_one_process_command_under_a_launcher_runs_on_rank_0_only(launcher, ti
     rank1 = under(1, "submit", "--config", str(tiny_config()), "--out", str(tmp_path / "jobs"), "--local")
     assert (rank1.returncode, rank1.stdout, rank1.stderr) == (0, "", "")
     assert not (tmp_path / "jobs").exists()
+
+
+PATH_OPTIONS = [  # (command line, where the parsed path is): every option naming a file or folder
+    (["train", "--config", "~/c.yaml", "--out=~/r"], ["config", "out"]),
+    (["eval", "~/r", "--budget=~/b.csv"], ["run_dir", "budget"]),
+    (["export", "~/r", "--out=~/e"], ["run_dir", "out"]),
+    (["status", "~/r", "~/s"], ["paths"]),
+    (["compare", "--config", "~/c.yaml", "--out=~/o", "--budget=~/b.yaml"], ["config", "out", "budget"]),
+    (["submit", "--config", "~/c.yaml", "--out=~/o", "--folder=~/f"], ["config", "out", "folder"]),
+    (["prepare", "--dataset", "cifar10", "--root=~/raw", "--out=~/s.h5"], ["root", "out"]),
+    (["prepare", "--describe=~/s.h5"], ["describe"]),
+    (["scaling-report", "~/a", "~/b", "--out=~/rep"], ["run_dirs", "out"]),
+]
+
+
+@pytest.mark.parametrize("argv,dests", PATH_OPTIONS, ids=[a[0] for a, _ in PATH_OPTIONS])
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(argv, dests, monkeypatch, tmp_path):
+    """`--out=~/runs/a` (no shell expands that `~`) made a folder named `~` in the working directory."""
+    from cafedist.cli import _parse, build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = _parse(build_parser(), argv)
+    for dest in dests:
+        value = getattr(args, dest)
+        for path in value if isinstance(value, list) else [value]:
+            assert path.startswith(str(tmp_path) + "/"), (dest, path)

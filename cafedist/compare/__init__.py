@@ -70,7 +70,7 @@ from cafedist.jobs import (
     require_submitit,
     resources_given,
 )
-from cafedist.paths import check_dir_creatable, config_file_arg
+from cafedist.paths import check_dir_creatable, config_file_arg, user_path
 from cafedist.rundir import RunLock
 from cafedist.tuning import Setting, TuneResult
 
@@ -236,7 +236,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="3",
                    help="number of seeds (config seed + 0..k-1) or a comma-separated list, e.g. 0,5,7 "
                         "(one given seed: 7,) (default 3)")
-    p.add_argument("--out", required=True, help="output directory: runs/<algorithm>/seed<seed>, results.*, plots")
+    p.add_argument("--out", required=True, type=user_path,
+                   help="output directory: runs/<algorithm>/seed<seed>, results.*, plots")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at once (default 1; with --submit on Slurm: no limit); with several local runs "
                         "at once each gets cores/jobs threads unless OMP_NUM_THREADS is set")
@@ -253,7 +254,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-trials", type=int, default=None, metavar="N",
                    help="at most N settings (trials) per method: the first N in grid order")
     b = p.add_argument_group("per-client inference budgets (as `cafedist eval RUN --budget`)")
-    b.add_argument("--budget", action="append", default=[], metavar="SPEC|FILE",
+    b.add_argument("--budget", action="append", default=[], metavar="SPEC|FILE", type=user_path,
                    help="after training, evaluate every run with each client's exit policy chosen on its "
                         "validation split within this budget: macs=F, loss=P or a per-client CSV/YAML file "
                         "(repeatable, or comma-separated); reports accuracy, MACs, clients within budget, "

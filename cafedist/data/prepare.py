@@ -33,7 +33,7 @@ from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
 from cafedist.fsutil import exclusive_lock, remove_stale_temps
-from cafedist.paths import check_dir_creatable
+from cafedist.paths import check_dir_creatable, user_path
 from cafedist.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -205,9 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``cafedist prepare`` flags to ``parser``."""
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", choices=sorted(DATASETS), help="dataset to prepare")
-    what.add_argument("--describe", metavar="STORE",
+    what.add_argument("--describe", metavar="STORE", type=user_path,
                       help="verify every checksum of an existing store (reads the whole file), print its summary, exit")
-    parser.add_argument("--root", metavar="DIR", help="folder holding the raw dataset (or its parent); "
+    parser.add_argument("--root", metavar="DIR", type=user_path, help="folder holding the raw dataset (or its parent); "
                         "not needed for the bundled mnist5k and digits")
     d = PartitionSpec("", 0, 0.0, 0.0)  # the defaults, shared with data.* of a run config
     parser.add_argument("--partition", choices=("dirichlet", "natural"), default=d.partition,
@@ -231,8 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, metavar="S", help=f"partition seed (default {d.seed})")
     parser.add_argument("--vocab-size", type=int, metavar="N", help="text only: vocabulary size incl. pad/unk")
     parser.add_argument("--max-len", type=int, metavar="N", help="text only: tokens per document")
-    parser.add_argument("--out", metavar="STORE", help="output HDF5 file (an existing store of the same dataset and "
-                        "partition is kept; any other existing file is refused)")
+    parser.add_argument("--out", metavar="STORE", type=user_path,
+                        help="output HDF5 file (an existing store of the same dataset and "
+                             "partition is kept; any other existing file is refused)")
 
 
 def _check_out_file(out: Path) -> None:

@@ -30,6 +30,7 @@ from cafedist.eval.budget_spec import (
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.policies import POLICIES
 from cafedist.fsutil import write_text_atomic
+from cafedist.paths import user_path
 
 CSV_COLUMNS = ROW_KEYS  # budget.csv: every key of a client's row, in order
 
@@ -250,7 +251,7 @@ def format_budget(section: dict[str, Any]) -> list[str]:
 
 def add_budget_arguments(parser: Any) -> None:
     """The ``cafedist eval`` flags of personalized budgets."""
-    parser.add_argument("--budget", action="append", default=None, metavar="SPEC|FILE",
+    parser.add_argument("--budget", action="append", default=None, metavar="SPEC|FILE", type=user_path,
                         help="per-client dynamic inference within a budget: macs=F (mean MACs <= F x the last "
                              "exit's), loss=P (at most P accuracy points below the last exit, on calibration), or "
                              "a CSV/YAML file 'client id -> spec' (a 'default' entry covers the rest); needs a run "

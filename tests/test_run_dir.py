@@ -530,12 +530,14 @@ def test_lock_refusal_names_the_holder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- item 5: eval's round
-def test_eval_names_the_round_and_checkpoint_it_evaluated(finished, run_copy):
-    code, out, err = run_cli("eval", str(run_copy))
+def test_eval_names_the_round_and_checkpoint_it_evaluated(finished, run_copy, monkeypatch):
+    monkeypatch.chdir(run_copy.parent)  # RUN given relative: eval.json's paths are still absolute
+    code, out, err = run_cli("eval", run_copy.name)
     assert code == 0, err
     report = json.loads((run_copy / "eval.json").read_text())
     assert (report["round"], report["final_round"], report["partial"]) == (1, 1, False)
     assert report["checkpoint"] == str(run_copy / "checkpoints" / "round_000001")
+    assert report["run_dir"] == str(run_copy) and report["paths"]["json"] == str(run_copy / "eval.json")
     assert f"evaluated round 1 (final round 1) from checkpoint {report['checkpoint']}" in out
     assert report["acc_per_exit"] == summary(run_copy)["acc_per_exit"]
 

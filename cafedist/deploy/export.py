@@ -295,7 +295,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
                 exported.append(_export_client(run, c, choice, source, None if row is None else row.get("budget"), tmp))
             shutil.copyfile(early_exit.__file__, tmp / "early_exit.py")
             summary = {"format": early_exit.FORMAT, "run_dir": str(run_dir.resolve()), "round": loaded.done,
-                       "final_round": loaded.final, "checkpoint": str(loaded.restored.path),
+                       "final_round": loaded.final, "checkpoint": str(Path(loaded.restored.path).absolute()),
                        "algorithm": run.cfg.algorithm.name, "policy_source": source, "torch": torch.__version__,
                        "clients": exported}
             (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")

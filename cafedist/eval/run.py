@@ -267,6 +267,9 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
     if budget_section is not None:
         report["budget"] = budget_section
         paths.update(budget_section.pop("paths"))
+    # absolute: eval.json is read from anywhere (export, a user's script), not only from where eval ran
+    report["run_dir"], report["checkpoint"] = str(run_dir.absolute()), str(Path(restored.path).absolute())
+    report["paths"] = {key: str(Path(path).absolute()) for key, path in paths.items()}
     write_json_atomic(paths["json"], report)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},

@@ -786,6 +786,10 @@ def test_eval_of_a_run_directory_it_cannot_write_is_refused_before_loading(run_c
 def test_eval_of_a_run_without_a_checkpoint_yet_says_so(run_copy):
     shutil.rmtree(run_copy / "checkpoints")
     code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2  # a finished run whose checkpoints are gone is not told to wait for them
+    _one_error_line(err, "the run finished (summary.json) but has no checkpoint", "moved or deleted")
+    (run_copy / "summary.json").unlink()  # a run that has not finished a checkpoint interval yet
+    code, _, err = run_cli("eval", str(run_copy))
     assert code == 2
     _one_error_line(err, "no checkpoint yet to evaluate (a run writes its first after 1 round(s)")
 

@@ -174,6 +174,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
                                    config_hash=config_hash(cfg), resume="force",
                                    evaluating=run_identity(cfg))
         done, final = restored.next_round - 1, cfg.train.rounds - 1
+        if done < 0 and (run_dir / "summary.json").is_file():  # a finished run: its checkpoints went
+            raise CheckpointError(f"{run_dir}: the run finished (summary.json) but has no checkpoint to evaluate "
+                                  f"in {run_dir / 'checkpoints'}: they were moved or deleted (eval needs the "
+                                  f"final one)")
         if done < 0:
             first = min(cfg.checkpoint.every or cfg.train.rounds, cfg.train.rounds)
             raise CheckpointError(f"{run_dir}: no checkpoint yet to evaluate (a run writes its first after {first} "

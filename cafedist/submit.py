@@ -17,7 +17,10 @@ the trainer as SIGUSR1, so every rank finishes its round, writes a checkpoint an
 handler, which pickles :meth:`TrainTask.checkpoint` (the same run with ``--resume auto``) and
 runs ``scontrol requeue``. The requeued job resumes from the checkpoint. SIGTERM (e.g. Slurm
 preemption with GraceTime) also makes the trainer checkpoint; the job is requeued only while
-Slurm still reports it RUNNING, never after ``scancel``.
+Slurm still reports it RUNNING, never after ``scancel``. A job that Slurm requeues itself (an
+outside ``scontrol requeue``, preemption in requeue mode, a node failure) restarts from its first
+pickle: it resumes too (``SLURM_RESTART_COUNT``), and its stopped attempt leaves no result file,
+so that ``--wait`` goes on waiting for the restart.
 """
 
 from __future__ import annotations
@@ -208,15 +211,29 @@ def _preempt_signal() -> signal.Signals:
     return signal.Signals[f"SIG{name}"]
 
 
-def _slurm_job_running(job_id: str) -> bool:
-    """True if Slurm reports the job RUNNING (not COMPLETING after scancel/requeue/time limit)."""
+def _restart_count() -> int:
+    """How often Slurm has restarted this job before this attempt (``SLURM_RESTART_COUNT``; 0 outside Slurm)."""
+    text = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(text) if text.isdigit() else 0
+
+
+def _slurm_job_fate(job_id: str) -> str:
+    """What Slurm is doing with the job whose step just stopped: ``"running"`` (not ending: ours
+    to requeue), ``"requeued"`` (Slurm requeues it itself: an outside ``scontrol requeue``,
+    preemption in requeue mode) or ``"ending"`` (scancel, time limit).
+
+    Once Slurm ends or requeues a job it is COMPLETING either way; a requeue is told by its
+    ``Restarts`` count, already one more than this attempt's ``SLURM_RESTART_COUNT``."""
     try:
         text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
                               timeout=60, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return True  # cannot tell: let submitit try (a failed requeue is reported by it)
-    m = re.search(r"JobState=(\w+)", text)
-    return m is None or m.group(1) == "RUNNING"
+        return "running"  # cannot tell: let submitit try (a failed requeue is reported by it)
+    state = re.search(r"JobState=(\w+)", text)
+    if state is None or state.group(1) == "RUNNING":
+        return "running"
+    restarts = re.search(r"Restarts=(\d+)", text)
+    return "requeued" if restarts and int(restarts.group(1)) > _restart_count() else "ending"
 
 
 class TrainTask(Checkpointable):
@@ -233,10 +250,15 @@ class TrainTask(Checkpointable):
 
         Raises :class:`JobStopped` if the trainer stopped on a signal and the job is not to be
         requeued (cancelled), ``RuntimeError`` if it failed; after a stop signal on a job that
-        can be requeued, hands over to submitit's requeue (which exits this process).
+        can be requeued, hands over to submitit's requeue (which exits this process). A job
+        that Slurm restarted always resumes, whatever ``run.resume`` the first start had.
         """
         from cafedist.cli import main as cafedist_main
 
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and _restart_count() > 0:
+            # Slurm restarted the job from its first pickle (an outside requeue, preemption in
+            # requeue mode, a node failure), not from checkpoint()'s: continue, never start over
+            run = run.resumed()
         os.environ.update(self.env)
         if "OMP_NUM_THREADS" in self.env and "torch" in sys.modules:
             import torch  # already imported: the variable alone would come too late
@@ -299,7 +321,14 @@ class TrainTask(Checkpointable):
             raise JobStopped(f"stopped by a signal, checkpoint written in {run.out} (not a submitit job: "
                              "nothing to requeue; rerun the same command to resume)")
         env = submitit.JobEnvironment()
-        if env.cluster == "slurm" and not _slurm_job_running(env.job_id):
+        fate = _slurm_job_fate(env.job_id) if env.cluster == "slurm" else "running"
+        if fate == "requeued":
+            # No result file: it would say this job ended, while its restart trains on
+            # (`submit --wait` would report it failed). The restart resumes from the checkpoint.
+            log.warning("stopped by a signal, checkpoint written in %s; Slurm is requeueing job %s, whose restart "
+                        "resumes from it", run.out, env.job_id)
+            raise SystemExit(REQUEUE_EXIT_CODE)
+        if fate == "ending":
             raise JobStopped(f"stopped by a signal, checkpoint written in {run.out}; job {env.job_id} is being "
                              "cancelled or ended by Slurm, so it is not requeued (resubmit the same command to resume)")
         preempt = _preempt_signal()

@@ -212,14 +212,15 @@ def _submit_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def _submit_one(workdir: Path, name: str, monkeypatch, local: bool = False):
+def _submit_one(workdir: Path, name: str, monkeypatch, local: bool = False, *extra: str):
+    """Submit the tiny config as one 2-task job (``extra``: more ``cafedist submit`` flags)."""
     out = workdir / name
     # the jobs inherit our environment: make sure they import this checkout (restored after)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = _submit_args("--config", str(workdir / "tiny.yaml"), "--out", str(out), "--tasks-per-node", "2",
-                        "--time", "5", *(["--local"] if local else []))
-    runs = submit.build_runs(args.config, args.out, args.overrides)
+                        "--time", "5", *(["--local"] if local else []), *extra)
+    runs = submit.build_runs(args.config, args.out, args.overrides, resume=args.resume)
     folder = workdir / f"submitit-{name}"
     executor = jobs.ExecutorOptions.from_args(args).executor(folder / "%j", args.out)
     [job] = submit.submit_runs(executor, runs, folder, env={"OMP_NUM_THREADS": "1"})
@@ -247,6 +248,28 @@ def test_submitit_preemption_requeues_and_resumes(slurm, workdir, reference, mon
     assert f"Requeued job {job.job_id}" in text, _tail(log)
     stopped_at = _resumed_round(text)
     assert 1 <= stopped_at < ROUNDS - 1
+    _assert_same_result(out, reference, world_size=2)
+
+
+def test_submitit_job_requeued_by_slurm_resumes_and_is_waited_for(slurm, workdir, reference, monkeypatch):
+    """An outside `scontrol requeue` (as preemption in requeue mode, or a node failure with
+    --requeue): Slurm restarts the job from its first pickle. A first start with --resume none
+    started over on the restart (the progress moved aside once more), and the stopped attempt's
+    result file made --wait report the job failed while its restart trained on."""
+    out = workdir / "submitit-requeued"
+    out.mkdir()
+    # a run (its config alone) for --resume none to move aside: metrics.jsonl is then the new run's
+    shutil.copy(workdir / "reference" / "config.yaml", out / "config.yaml")
+    job, runs, _ = _submit_one(workdir, out.name, monkeypatch, False, "--resume", "none")
+    log = Path(job.paths.stderr)
+    _wait_rounds(out, 2, str(job.job_id), log)
+    subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, timeout=60)
+    [outcome] = jobs.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    assert outcome.ok, f"{outcome.error}\n{_tail(log)}"
+    assert len(list(out.glob("previous-*"))) == 1, "the restart moved the run aside again"
+    text = log.read_text()
+    assert "Slurm is requeueing job" in text, _tail(log)
+    assert 1 <= _resumed_round(text) < ROUNDS - 1
     _assert_same_result(out, reference, world_size=2)
 
 

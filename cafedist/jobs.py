@@ -259,6 +259,10 @@ def cancel_local_jobs(jobs: Sequence[Any], timeout_s: float = 60.0, poll_s: floa
         time.sleep(poll_s)
 
 
+#: the last line of a Python traceback: the exception's (dotted) class name, a colon, its message
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*: \S")
+
+
 def job_error(text: str) -> str:
     """The line that says why a job failed, from submitit's report of its exception (which
     holds the job's traceback and ends with the paths of its logs): the run's own ``cafedist:
@@ -268,6 +272,11 @@ def job_error(text: str) -> str:
         found = [ln for ln in lines if marker in ln]
         if found:
             return found[-1]
+    # an exception named otherwise (cafedist.submit.JobStopped: ...): the traceback's last line
+    # of the form "dotted.Name: message", which the log paths after it never are
+    found = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    if found:
+        return found[-1]
     return lines[-1] if lines else ""
 
 

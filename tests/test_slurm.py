@@ -431,6 +431,15 @@ def test_a_failed_jobs_reason_is_its_error_line_not_its_log_path():
     assert jobs.job_error("") == ""
 
 
+def test_a_cancelled_jobs_reason_is_its_stop_line_not_its_log_path():
+    """A job cancelled mid-run ends with JobStopped, which the markers above did not match:
+    `submit --wait` printed the last line of the report, the path of its log, as its reason."""
+    stopped = ("cafedist.submit.JobStopped: stopped by a signal, checkpoint written in /r/run; job 1 is being "
+               "cancelled or ended by Slurm, so it is not requeued (resubmit the same command to resume)")
+    report = SUBMITIT_REPORT.replace(SUBMITIT_REPORT.splitlines()[5], stopped)
+    assert jobs.job_error(report) == stopped
+
+
 def test_a_failed_local_job_reports_the_runs_error(workdir, monkeypatch, capsys):
     """The run refuses to start (another writer holds it): the FAILED line says so."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))

@@ -237,13 +237,17 @@ def _is_slurm_job(job: Any) -> bool:
     return type(job).__name__ == "SlurmJob"
 
 
+def _tasks(job: Any) -> list[Any]:
+    """The job's tasks (submitit sub-jobs, each with its own result file); rank 0's first."""
+    return [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+
+
 def _finished(job: Any) -> bool:
     """All tasks wrote their result file. For Slurm jobs this avoids ``job.done()``, which
     polls ``sacct`` and only warns ("Bypassing sacct error") on clusters without accounting."""
     if not _is_slurm_job(job):
         return bool(job.done())
-    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
-    return all(t.paths.result_pickle.exists() for t in tasks)
+    return all(t.paths.result_pickle.exists() for t in _tasks(job))
 
 
 def cancel_local_jobs(jobs: Sequence[Any], timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
@@ -309,9 +313,15 @@ def wait_for(jobs: Sequence[Any], runs: Sequence[Any], timeout_s: float | None =
                 first = gone_since.setdefault(i, time.monotonic())
                 if time.monotonic() - first < grace_s:
                     continue
-                outcomes[i] = JobOutcome(str(job.job_id), runs[i].out, False,
-                                         error=f"job left the queue without a result (killed or cancelled?); "
-                                               f"logs: {job.paths.stderr}")
+                lead = _tasks(job)[0]
+                if lead.paths.result_pickle.exists():
+                    # rank 0 said how the job ended (e.g. submitit would not requeue it: too many
+                    # time-outs); the other ranks stopped without a result of their own
+                    outcomes[i] = _outcome(lead, runs[i])
+                else:
+                    outcomes[i] = JobOutcome(str(job.job_id), runs[i].out, False,
+                                             error=f"job left the queue without a result (killed or cancelled?); "
+                                                   f"logs: {job.paths.stderr}")
             else:
                 continue
             del pending[i]

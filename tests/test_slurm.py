@@ -495,3 +495,36 @@ def test_cancel_local_jobs_cancels_and_waits_but_leaves_slurm_jobs_alone():
     jobs.cancel_local_jobs([local, cluster], timeout_s=5, poll_s=0.01)
     assert local.cancelled and local.polls >= 3
     assert not cluster.cancelled
+
+
+def test_wait_reports_rank_0s_reason_when_the_other_ranks_left_no_result(tmp_path, monkeypatch):
+    """submitit refused to requeue (--max-requeues used up): rank 0's result says so, the other
+    ranks stopped without one; `submit --wait` said 'left the queue without a result (killed or
+    cancelled?)' instead."""
+    reason = "submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out too many times."
+
+    class Paths:
+        def __init__(self, task: int):
+            self.result_pickle = tmp_path / f"7_{task}_result.pkl"
+            self.stderr = tmp_path / f"7_{task}_log.err"
+
+    class Task:
+        job_id, num_tasks = "7", 1
+
+        def __init__(self, task: int):
+            self.paths = Paths(task)
+
+        def results(self):
+            raise RuntimeError(f"Job (task=0) failed during processing with trace:\n----\n{reason}\n----\n"
+                               f"or at paths:\n  - {self.paths.stderr}")
+
+    class SlurmJob(Task):
+        num_tasks = 2
+
+        def task(self, i: int) -> Task:
+            return Task(i)
+
+    Paths(0).result_pickle.write_bytes(b"")  # rank 0's; rank 1 wrote none
+    monkeypatch.setattr(jobs, "_slurm_in_queue", lambda job_id: False)
+    [outcome] = jobs.wait_for([SlurmJob(0)], [argparse.Namespace(out="/r/run")], poll_s=0, grace_s=0)
+    assert (outcome.ok, outcome.job_id, outcome.error) == (False, "7", reason)

@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -372,7 +372,7 @@ def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], fol
     submitted: list[Any] = []
     said = io.StringIO()  # submitit prints a refusing sbatch's stderr before raising: the error line has it
     try:
-        with contextlib.redirect_stderr(said):
+        with contextlib.redirect_stderr(said), _without_restart_count():
             if as_array or (as_array is None and len(runs) > 1):
                 submitted.extend(executor.map_array(task, list(runs)))
             else:
@@ -390,6 +390,18 @@ def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], fol
                         f"(check squeue before submitting again; its files are in {folder})") from None
     sys.stderr.write(said.getvalue())  # on success, whatever submitit said is the user's to see
     return submitted
+
+
+@contextlib.contextmanager
+def _without_restart_count() -> Iterator[None]:
+    """Submit without this process's ``SLURM_RESTART_COUNT`` (a submission from inside a restarted
+    job): sbatch would pass it on, and the new job's first start would count as a restart."""
+    count = os.environ.pop("SLURM_RESTART_COUNT", None)
+    try:
+        yield
+    finally:
+        if count is not None:
+            os.environ["SLURM_RESTART_COUNT"] = count
 
 
 def _first_missing(folder: Path, owned: Path) -> Path | None:

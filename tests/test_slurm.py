@@ -528,3 +528,21 @@ def test_wait_reports_rank_0s_reason_when_the_other_ranks_left_no_result(tmp_pat
     monkeypatch.setattr(jobs, "_slurm_in_queue", lambda job_id: False)
     [outcome] = jobs.wait_for([SlurmJob(0)], [argparse.Namespace(out="/r/run")], poll_s=0, grace_s=0)
     assert (outcome.ok, outcome.job_id, outcome.error) == (False, "7", reason)
+
+
+def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeypatch):
+    """sbatch passes the submitting shell's environment on: from inside a job that Slurm had
+    restarted, SLURM_RESTART_COUNT reached the new job, whose first start then counted as a
+    restart (--resume none ran as auto: the run it was to start over was continued)."""
+    seen = []
+
+    class Executor:
+        def submit(self, task, run):
+            seen.append(os.environ.get("SLURM_RESTART_COUNT"))
+            return argparse.Namespace(job_id="1")
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    runs = submit.build_runs(None, str(tmp_path / "run"), resume="none")
+    submit.submit_runs(Executor(), runs, tmp_path / "run" / "submitit")
+    assert seen == [None]
+    assert os.environ["SLURM_RESTART_COUNT"] == "2"  # this process's own is left as it was

@@ -45,6 +45,21 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 _cafedist_log() { echo "cafedist-slurm: $(date '+%F %T') $*"; }
 
+_cafedist_job_field() {  # $1: a field of `scontrol show job` (JobState, Restarts); prints its value
+    scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" | head -n1
+}
+
+# How often Slurm has restarted THIS job. SLURM_RESTART_COUNT alone cannot tell: Slurm sets it
+# only on a restart, and sbatch copies the submitting environment, so a job submitted from inside
+# a restarted job inherits that job's count and its first start would pass for a restart (RESUME=
+# none silently run as auto). The controller's Restarts= is the job's own; the variable is the
+# fallback when scontrol cannot answer. Unset means a first start: nothing to ask.
+_cafedist_restarts=0
+if [[ -n "${SLURM_RESTART_COUNT:-}" ]]; then
+    _cafedist_restarts="$(_cafedist_job_field Restarts)"
+    [[ "$_cafedist_restarts" =~ ^[0-9]+$ ]] || _cafedist_restarts="$SLURM_RESTART_COUNT"
+fi
+
 if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
     # A source checkout (this file's parent) rather than an installed package.
     export PYTHONPATH="${_CAFEDIST_REPO}${PYTHONPATH:+:$PYTHONPATH}"
@@ -58,7 +73,7 @@ fi
 _cafedist_train_args() {
     local resume="$RESUME" extra=()
     # A restarted job continues its run whatever the first start asked for.
-    [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]] && resume=auto
+    [[ "$_cafedist_restarts" -gt 0 ]] && resume=auto
     if [[ -n "$EXTRA" ]]; then
         # xargs splits like a shell (quotes honoured) without evaluating anything.
         mapfile -t extra < <(printf '%s' "$EXTRA" | xargs -n1 printf '%s\n')
@@ -86,13 +101,9 @@ trap '_cafedist_on_signal USR1' USR1
 trap '_cafedist_on_signal USR2' USR2
 trap '_cafedist_on_signal TERM' TERM
 
-_cafedist_job_state() {
-    scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' | head -n1
-}
-
 # Decide what to do with the step's exit code; exits the batch script.
 _cafedist_finish() {
-    local rc=$1 state restarts="${SLURM_RESTART_COUNT:-0}"
+    local rc=$1 state restarts="$_cafedist_restarts"
     if [[ $rc == 0 ]]; then
         _cafedist_log "training finished: $OUT/summary.json"
         exit 0
@@ -106,7 +117,7 @@ _cafedist_finish() {
     # Only a RUNNING job is requeued here. scancel, `scontrol requeue`, the time limit and
     # preemption all put the job in COMPLETING before its steps even see SIGTERM: Slurm is
     # ending (or already requeueing) it, and requeueing a cancelled job would resurrect it.
-    state="$(_cafedist_job_state)"
+    state="$(_cafedist_job_field JobState)"
     if [[ "$state" != RUNNING ]]; then
         _cafedist_log "checkpoint written, job is ${state:-gone} (cancelled, timed out or requeued by Slurm): not requeued here (resubmit with OUT=$OUT to continue)"
         exit "$rc"
@@ -124,7 +135,7 @@ _cafedist_finish() {
 
 # Run "$@" in the background so the traps above fire while it runs, then finish.
 _cafedist_launch() {
-    _cafedist_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}: $*"
+    _cafedist_log "job ${SLURM_JOB_ID:-?} restart $_cafedist_restarts on ${SLURM_JOB_NODELIST:-?}: $*"
     "$@" &
     _cafedist_child=$!
     # `wait` returns early when a trapped signal arrives: wait again until the step is gone,

@@ -113,12 +113,13 @@ def _assert_same_result(run_dir: Path, reference: dict, world_size: int) -> None
     assert not diff, f"summary fields differ from the single-process run: {diff}"
 
 
-def _sbatch(workdir: Path, name: str, *args: str) -> tuple[str, Path, Path]:
-    """Submit the single-node template with 2 tasks; returns (job id, run dir, log file)."""
+def _sbatch(workdir: Path, name: str, *args: str, **env: str) -> tuple[str, Path, Path]:
+    """Submit the single-node template with 2 tasks (``env``: more knobs); returns (job id, run
+    dir, log file)."""
     out, log = workdir / name, workdir / f"{name}.log"
     res = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--time=5", f"--output={log}",
                           f"--job-name=cafedist-test-{name}", *args, str(TEMPLATE)],
-                         env=_job_env(CONFIG=str(workdir / "tiny.yaml"), OUT=str(out)),
+                         env=_job_env(CONFIG=str(workdir / "tiny.yaml"), OUT=str(out), **env),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, f"sbatch failed: {res.stderr}"
     return res.stdout.strip().split(";")[0], out, log
@@ -203,6 +204,21 @@ def test_template_does_not_requeue_a_cancelled_job(slurm, workdir):
     assert "restart 1" not in text
     assert not (out / "summary.json").exists()
     assert any((out / "checkpoints").glob("round_*")), "no checkpoint written on SIGTERM"
+
+
+def test_template_submitted_from_a_restarted_job_is_a_first_start(slurm, workdir, reference):
+    """sbatch passes the submitting shell's environment on, and Slurm sets SLURM_RESTART_COUNT
+    only on a restart: submitted from inside a job that Slurm had restarted, the template took
+    the inherited count for its own and ran RESUME=none as auto (the finished run was kept)."""
+    out = workdir / "inherited-restarts"
+    shutil.copytree(workdir / "reference", out)  # a finished run for RESUME=none to move aside
+    job, _, log = _sbatch(workdir, out.name, SLURM_RESTART_COUNT="2", RESUME="none")
+    _wait_gone(job, log)
+    text = log.read_text()
+    assert f"job {job} restart 0 " in text and "--resume none" in text, _tail(log)
+    assert "training finished" in text, _tail(log)
+    assert len(list(out.glob("previous-*"))) == 1, "the finished run was continued, not started over"
+    _assert_same_result(out, reference, world_size=2)
 
 
 # ----------------------------------------------------------------------------- submitit

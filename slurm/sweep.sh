@@ -32,6 +32,10 @@ SERIAL="${SERIAL:-1}"
 TEMPLATE_SINGLE="${TEMPLATE_SINGLE:-$here/single_node.sbatch}"
 TEMPLATE_MULTI="${TEMPLATE_MULTI:-$here/multi_node.sbatch}"
 [[ "${1:-}" == "--" ]] && shift
+# Run from inside a restarted job, sbatch would hand that job's restart count to every sweep job
+# (Slurm sets it only on a restart). The templates ask scontrol for their own count anyway; this
+# keeps them right where scontrol cannot answer and they fall back to the variable.
+unset SLURM_RESTART_COUNT
 job_name="cafedist-sweep-$(basename "$OUT")"
 
 # Parse every layout first, so a typo submits nothing.

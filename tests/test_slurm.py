@@ -221,6 +221,21 @@ def test_template_submitted_from_a_restarted_job_is_a_first_start(slurm, workdir
     _assert_same_result(out, reference, world_size=2)
 
 
+def test_sweep_submits_without_the_restart_count(tmp_path):
+    """Run from inside a restarted job, sweep.sh passed that job's SLURM_RESTART_COUNT to every
+    job it submitted (no cluster needed: a stand-in sbatch records what it got)."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "sbatch"
+    fake.write_text(f'#!/bin/sh\necho "${{SLURM_RESTART_COUNT-unset}}" >> {tmp_path / "seen"}\necho 7\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_RESTART_COUNT="2",
+               OUT=str(tmp_path / "sweep"), SWEEP="1 2")
+    res = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "seen").read_text().split() == ["unset", "unset"]
+
+
 # ----------------------------------------------------------------------------- submitit
 def _submit_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

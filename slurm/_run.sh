@@ -15,7 +15,7 @@
 #                 import cafedist, the checkout holding this file is put on PYTHONPATH.
 #   RESUME        auto (default) | none | force for the first start; a requeued job always
 #                 uses auto, so a restart never wipes the run it is meant to continue
-#   MAX_REQUEUES  give up requeueing after this many restarts (default 20)
+#   MAX_REQUEUES  give up requeueing after this many restarts of this job (default 20)
 #   PROGRESS      1 = keep the trainer's progress line in the log (default 0)
 #   OMP_NUM_THREADS  default: --cpus-per-task (else 1), so ranks do not oversubscribe cores
 #   NPROC_PER_NODE, RDZV_PORT, TORCHRUN_SHUTDOWN_TIMEOUT   torchrun variant only (see below)

@@ -117,6 +117,19 @@ def test_a_refused_grid_value_is_named_as_typed(tiny_config, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_grid_typo_is_refused_before_any_setting_is_built(tiny_config, tmp_path, capsys, monkeypatch):
+    """Every value is loaded before any is built: building a setting prepares the first seed's
+    store (minutes for a real dataset), which a typo in a later value must not wait for."""
+    from cafedist.train import plan
+
+    built = []
+    monkeypatch.setattr(plan, "check_buildable", lambda cfg, **kwargs: built.append(cfg.train.lr) or True)
+    code = cli_main(["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--seeds", "1",
+                     "--grid", "train.lr=0.05,.nan", "--out", str(tmp_path / "cmp")])
+    assert code == 2 and built == []
+    assert capsys.readouterr().err.strip().endswith("--grid train.lr=.nan: train.lr: expected a finite number, got nan")
+
+
 def test_a_bad_override_fails_before_anything_runs(tiny_config, tmp_path, capsys):
     code = cli_main(["compare", "--config", str(tiny_config()), "--algorithms", "fedavg", "--seeds", "1",
                      "--out", str(tmp_path / "out"), "train.roundz=2"])

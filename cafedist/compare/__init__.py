@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 from cafedist import tuning
 from cafedist.compare.budgets import check_runs, evaluate_outcomes, parse_budgets
-from cafedist.compare.check import checked_configs
+from cafedist.compare.check import check_built, method_configs
 from cafedist.compare.execute import RunOutcome, execute
 from cafedist.compare.plan import (
     ABLATIONS,
@@ -175,12 +175,14 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike,
     if options.tune:
         tuning.check_tunable(axes)
         overrides, base_seed = tuning.with_validation_split(config, overrides)
-    # every method's config at every setting is loaded and built as train would (a bad one
-    # refused, naming the grid value) before --out is created by the lock
-    configs = checked_configs(config, variants, settings, overrides, axes, options.seeds,
-                              prepare=options.submit is None)
+    # every method's config at every setting is loaded, then built as train would (a bad one
+    # refused, naming the grid value) before --out is created by the lock: every load first,
+    # so that a typo in any value fails before a store is prepared for the building
+    configs = method_configs(config, variants, settings, overrides, axes, options.seeds)
+    check_built(configs, axes, prepare=options.submit is None)
     if budget_options:
-        check_runs(budget_options, configs, options.seeds, prepare=options.submit is None)
+        check_runs(budget_options, [(c.variant.name, c.cfg) for c in configs], options.seeds,
+                   prepare=options.submit is None)
     runs = None if options.tune else plan_runs(config, variants, options.seeds, out, overrides,
                                                settings if axes else None)
     # one compare per --out: two would train the same runs into each other's locks and

@@ -3,6 +3,10 @@ loaded and built as ``train`` checks a config before it touches a run directory
 (:func:`cafedist.train.plan.check_buildable`), so that a grid value no run could train with
 (``--grid 'model.options={width: 0}'``) is one line now rather than a failed run per seed.
 
+Two passes: :func:`method_configs` loads every config (cheap: a typo anywhere fails before any
+store is prepared), then :func:`check_built` builds each distinct one (which may prepare the
+first seed's store: seconds to minutes).
+
 The run directories themselves are not checked here: a run whose directory holds another
 config's run fails on its own, as ``train`` refuses it, and the others go on.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,38 +27,54 @@ from cafedist.tuning import GridAxis, Setting, grid_names
 log = logging.getLogger("cafedist")
 
 
-def checked_configs(config: str | os.PathLike | None, variants: Sequence[Variant],
-                    settings: dict[str, list[Setting]], overrides: Sequence[str], axes: Sequence[GridAxis],
-                    seeds: str | int | Sequence[int], prepare: bool = True) -> list[tuple[str, Config]]:
-    """(method, resolved config on the first seed) of every setting of every method, each one
-    checked as train checks it (the first seed's store is prepared for that, and training
-    reuses it; without ``prepare``, as for ``--submit``, a store not prepared yet is not read and
-    its runs' models are checked by their jobs). A failure is one CafeError naming the grid value
-    as the user typed it (``--grid train.lr=.nan: ...``) and, for what only building finds, the method.
-    """
-    from cafedist.train.plan import check_buildable
+@dataclass(frozen=True)
+class MethodConfig:
+    """One method at one grid setting: its overrides (in plan_run's order) and the resolved
+    config on the first seed."""
 
+    variant: Variant
+    setting: Setting
+    overrides: tuple[str, ...]
+    cfg: Config
+
+
+def method_configs(config: str | os.PathLike | None, variants: Sequence[Variant],
+                   settings: dict[str, list[Setting]], overrides: Sequence[str], axes: Sequence[GridAxis],
+                   seeds: str | int | Sequence[int]) -> list[MethodConfig]:
+    """Every setting of every method, its config loaded on the first seed (nothing built yet).
+    A bad value is one ConfigError naming the grid value as the user typed it
+    (``--grid train.lr=.nan: ...``)."""
     path = str(Path(config).resolve()) if config else None
     first = resolve_seeds(seeds, load_config(path, list(overrides)).seed)[0]
     names = grid_names(axes)
-    out: list[tuple[str, Config]] = []
-    built: set[str] = set()  # one build per distinct config (methods may share one)
+    out: list[MethodConfig] = []
     for variant in variants:
         for setting in settings[variant.name]:
             # in plan_run's order: later overrides win
-            ovr = [*overrides, *setting.overrides, *variant.overrides, f"seed={first}"]
-            cfg = load_config(path, ovr, names)
-            out.append((variant.name, cfg))
-            key = dump_config(cfg)
-            if key in built:
-                continue
-            built.add(key)
-            try:
-                if not check_buildable(cfg, prepare_store=prepare):
-                    log.info("compare: %s's store is not prepared yet; its model is checked by its jobs", variant.name)
-            except CafeError as exc:
-                raise type(exc)(_named(exc, ovr, names, variant, setting)) from None
+            ovr = (*overrides, *setting.overrides, *variant.overrides, f"seed={first}")
+            out.append(MethodConfig(variant, setting, ovr, load_config(path, list(ovr), names)))
     return out
+
+
+def check_built(configs: Sequence[MethodConfig], axes: Sequence[GridAxis], prepare: bool = True) -> None:
+    """Build each distinct config of ``configs`` as train checks it (the first seed's store is
+    prepared for that, and training reuses it; without ``prepare``, as for ``--submit``, a store
+    not prepared yet is not read and its runs' models are checked by their jobs). A failure is
+    one CafeError naming the grid value as typed and the method."""
+    from cafedist.train.plan import check_buildable
+
+    names = grid_names(axes)
+    built: set[str] = set()  # one build per distinct config (methods may share one)
+    for mc in configs:
+        key = dump_config(mc.cfg)
+        if key in built:
+            continue
+        built.add(key)
+        try:
+            if not check_buildable(mc.cfg, prepare_store=prepare):
+                log.info("compare: %s's store is not prepared yet; its model is checked by its jobs", mc.variant.name)
+        except CafeError as exc:
+            raise type(exc)(_named(exc, mc.overrides, names, mc.variant, mc.setting)) from None
 
 
 def _named(exc: CafeError, overrides: Sequence[str], names: dict[str, str], variant: Variant,

@@ -259,7 +259,8 @@ def add_budget_arguments(parser: Any) -> None:
                              "budget.png")
     parser.add_argument("--policies", default=None,
                         help="with --budget: exit policies to choose from, comma-separated "
-                             "(max-softmax, entropy, margin; default all)")
+                             "(max-softmax, entropy, margin; default all); a set: ties go to that order "
+                             "whatever the order listed")
     parser.add_argument("--no-temperature", action="store_true",
                         help="with --budget: do not also try per-exit temperature scaling fitted on calibration")
     parser.add_argument("--policy-scope", choices=SCOPES, default=None,

@@ -781,3 +781,31 @@ def test_the_command_line_recorded_is_compares_own(monkeypatch):
                            (["/venv/lib/pytest/__main__.py", "-k", "compare"], "")):
         monkeypatch.setattr(sys, "argv", argv)
         assert _command_line(None) == expected
+
+
+def test_compare_in_a_batch_script_of_several_tasks_trains_its_runs_as_processes_of_their_own(tiny_config, tmp_path):
+    """`cafedist compare` in an sbatch script with --ntasks=2 (its batch step has SLURM_PROCID=0
+    and SLURM_NTASKS=2): its trainings inherited those variables, each took itself for rank 0 of
+    2 and waited for a peer until dist.timeout_s, then failed. Children are processes of their own."""
+    cfg = tiny_config(rounds=1, clients=3)
+    env = env_for_tests(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_NODELIST="localhost", SLURM_JOB_ID="77")
+    proc = cafedist("compare", "--config", str(cfg), "--algorithms", "fedavg", "--seeds", "1",
+                    "--out", str(tmp_path / "cmp"), "dist.timeout_s=10", env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "cmp" / "runs" / "fedavg" / "seed3" / "summary.json").read_text())["world_size"] == 1
+
+
+def test_a_child_process_keeps_no_launchers_rank_variables(monkeypatch):
+    from cafedist.childenv import PACKAGE_ROOT, child_env
+    from cafedist.distributed.runtime import detect_launch
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "n1", "MASTER_PORT": "29500",
+                        "TORCHELASTIC_RUN_ID": "x", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0",
+                        "SLURM_NODELIST": "n[1-2]", "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4",
+                        "PMI_RANK": "0", "PMI_SIZE": "4", "PMIX_RANK": "0", "PYTHONPATH": "/elsewhere"}.items():
+        monkeypatch.setenv(name, value)
+    assert detect_launch().world_size == 4  # the parent is a rank of a launch
+    env = child_env(OMP_NUM_THREADS="1")
+    assert detect_launch(env).launcher == "single"
+    assert env["SLURM_NTASKS"] == "4" and env["SLURM_NODELIST"] == "n[1-2]"  # the job's own facts stay
+    assert env["PYTHONPATH"] == os.pathsep.join([str(PACKAGE_ROOT), "/elsewhere"]) and env["OMP_NUM_THREADS"] == "1"

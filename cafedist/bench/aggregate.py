@@ -16,10 +16,8 @@ aggregation gets what the loop gathers by default: the exits CAFEDistill reads (
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +27,7 @@ from cafedist.algorithms import Algorithm, get_algorithm
 from cafedist.algorithms.base import Setup
 from cafedist.algorithms.proxy_math import cosine_similarity_rows, teacher_weights
 from cafedist.bench.timing import interleaved, median, peak_rss_delta, synchronizer
+from cafedist.childenv import child_env
 
 CLUSTERS = 8
 
@@ -66,9 +65,7 @@ def measure_peak(n: int, m: int, proxy: int, classes: int, rnd: int) -> int | No
 
 def peak_in_subprocess(n: int, m: int, proxy: int, classes: int, rnd: int) -> int | None:
     """:func:`measure_peak` in a child process with the same thread count (None if unsupported)."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()),
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = child_env(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     code = ("import torch; torch.set_num_threads(%d); from cafedist.bench.aggregate import measure_peak; "
             "print(measure_peak(%d, %d, %d, %d, %d))" % (torch.get_num_threads(), n, m, proxy, classes, rnd))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

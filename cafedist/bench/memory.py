@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cafedist import yamlio
+from cafedist.childenv import child_env
 from cafedist.config import config_from_dict
 from cafedist.errors import CafeError
 from cafedist.run.build import open_store
@@ -66,9 +67,7 @@ def train_child(raw: dict[str, Any], out: Path, threads: int, timeout: float = 1
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f"{out.name}.yaml"
     cfg_path.write_text(yamlio.dump(raw))
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = child_env(OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "cafedist", "train", "--config", str(cfg_path), "--out", str(out),
            "--resume", "none", "--no-progress"]
     t0 = time.perf_counter()

@@ -10,7 +10,6 @@ normalised by the training samples of the busiest rank, ``(t_1 / s_1) / (t_N / s
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cafedist import yamlio
+from cafedist.childenv import child_env
 from cafedist.errors import DistError
 from cafedist.scaling import load_run, scaling_table
 
@@ -37,9 +37,7 @@ def tiny_config(clients: int, rounds: int, cache_dir: str) -> dict[str, Any]:
 
 def run_torchrun(world: int, config: Path, out: Path, timeout: float = 600) -> None:
     """``torchrun --standalone --nproc_per_node=world -m cafedist train`` (one thread per rank)."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            "-m", "cafedist", "train", "--config", str(config), "--out", str(out), "--resume", "none",
            "--no-progress"]

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from cafedist import trainlog
+from cafedist.childenv import child_env
 from cafedist.compare.plan import PlannedRun
 from cafedist.jobs import ExecutorOptions
 
 log = logging.getLogger("cafedist")
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # so children import this cafedist from any cwd
 
 
 # ----------------------------------------------------------------------------- running
@@ -40,9 +40,7 @@ class RunOutcome:
 
 
 def _child_env(jobs: int) -> dict[str, str]:
-    env = dict(os.environ)
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([str(_PACKAGE_ROOT), *[p for p in parts if p != str(_PACKAGE_ROOT)]])
+    env = child_env()
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         # concurrent runs would each start one thread per core: share the cores instead
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))

@@ -809,3 +809,15 @@ def test_a_child_process_keeps_no_launchers_rank_variables(monkeypatch):
     assert detect_launch(env).launcher == "single"
     assert env["SLURM_NTASKS"] == "4" and env["SLURM_NODELIST"] == "n[1-2]"  # the job's own facts stay
     assert env["PYTHONPATH"] == os.pathsep.join([str(PACKAGE_ROOT), "/elsewhere"]) and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_submitted_runs_data_paths_are_not_checked_on_the_submitting_machine(tmp_path):
+    """compare --submit checks each method's model only where its store is prepared already: a
+    data.cache_dir on the compute nodes' local disks need not exist on the login node."""
+    from cafedist.train.plan import check_buildable
+
+    (tmp_path / "not-a-folder").write_text("")
+    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'not-a-folder' / 'stores'}"])
+    assert check_buildable(cfg, prepare_store=False) is False
+    with pytest.raises(ConfigError, match="data.cache_dir: cannot create"):
+        check_buildable(cfg)  # a local compare builds the store here

@@ -49,13 +49,15 @@ def check_buildable(cfg: Config, prepare_store: bool = True) -> bool:
     the data paths (:func:`~cafedist.train.preflight.check_data_paths`), then the store, model
     and algorithm, by building a rank's part of the run as train and the dry run build it
     (closed at once; nothing trains). The store is prepared when missing, as train would;
-    without ``prepare_store`` a missing store ends the check after the paths (the model needs
-    the data's shape): returns whether the run was built. A bad config raises a CafeError."""
+    without ``prepare_store`` (``compare --submit``) a missing store ends the check at once:
+    the model needs the data's shape, and the paths are those of the machines that will build
+    it. Returns whether the run was built. A bad config raises a CafeError."""
     from cafedist.train.preflight import check_data_paths
 
-    check_data_paths(cfg)
     if not prepare_store and not cfg.data.store_path(cfg.seed).is_file():
+        # its jobs build it where they run: a node-local data.cache_dir need not exist here
         return False
+    check_data_paths(cfg)
     # one client per simulated rank: rank 0 builds one client as training builds each of its
     # own, rather than all of them (every model of a large run would be held at once)
     close_run(build_run(cfg, _rank0_of(cfg.data.clients), prepare_store=prepare_store))

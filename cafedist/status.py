@@ -182,11 +182,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``cafedist status``."""
     runs: dict[Path, Path] = {}  # resolved -> as found (a run given twice, or inside a folder given, once)
+    notes = []
     for text in args.paths:
         path = Path(text)
         if not path.is_dir():
             raise ConfigError(f"{path}: not a folder (expected a run directory or a folder holding runs)")
         found = list(find_runs(path))
+        if not found and (path / "submitit").is_dir():  # `cafedist submit --out PATH` before any job started
+            notes.append(f"{path}: no run has started in it yet; jobs were submitted into it (its submitit/ "
+                         f"folder): `squeue --me` shows whether they wait")
+            continue
         if not found:
             raise ConfigError(f"{path}: no run directory in it (none holds the config.yaml `cafedist train` writes)")
         for run in found:
@@ -200,6 +205,8 @@ def main(args: argparse.Namespace) -> int:
     if statuses:
         print("\n".join(json.dumps(asdict(s)) for s in statuses) if args.json else
               _table([_row(s) for s in statuses]))
+    if notes:  # on stderr: --json's output stays one object per run
+        print("\n".join(f"cafedist: note: {text}" for text in notes), file=sys.stderr)
     if unreadable:
         print("\n".join(f"cafedist: error: {text}" for text in unreadable), file=sys.stderr)
         return 2

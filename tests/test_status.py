@@ -84,3 +84,15 @@ def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
     for path, expect in ((tmp_path / "nothing", "not a folder"), (tmp_path / "empty", "no run directory in it")):
         proc = cafedist_in_process("status", str(path))
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_submitted_but_not_started_is_a_note_not_an_error(tmp_path):
+    """`cafedist status SWEEP` right after `cafedist submit --array ... --out SWEEP`, every job
+    still queued: the folder holds only submitit/ (no run directory yet). It said "no run
+    directory in it" and exited 2, an error for a state every sweep passes through."""
+    sweep = tmp_path / "sweep"
+    (sweep / "submitit" / "20261206-120000-1").mkdir(parents=True)
+    proc = cafedist_in_process("status", str(sweep), "--json")
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip() == f"cafedist: note: {sweep}: no run has started in it yet; jobs were submitted " \
+                                  f"into it (its submitit/ folder): `squeue --me` shows whether they wait"

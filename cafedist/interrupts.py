@@ -84,8 +84,9 @@ def noticed_interrupts(stop_signals: bool = False) -> Iterator[Callable[[], int 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[Callable[[], None]]:
     """Record SIGINT/SIGTERM/SIGUSR1 (where they would end the process) until the block's next
-    ``check()`` or its end, which raise :class:`Interrupted`. Outside the main thread signals
-    cannot be handled: the block then defers nothing."""
+    ``check()`` or its end, which raise :class:`Interrupted`, also when the block ends by
+    another exception (chained to it). Outside the main thread signals cannot be handled: the
+    block then defers nothing."""
     pending: list[int] = []
 
     def check() -> None:
@@ -101,6 +102,12 @@ def deferred_interrupts() -> Iterator[Callable[[], None]]:
             signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         yield check
+    except Exception as exc:
+        # a signal recorded while the block failed (a full disk amid a commit) is not dropped:
+        # a caller that reports the failure and goes on (compare's runs) would ignore the Ctrl-C
+        if pending:
+            raise Interrupted(pending[0]) from exc
+        raise
     finally:
         for sig, handler in previous.items():
             if _is_default(handler):

@@ -348,3 +348,19 @@ def test_a_sigterm_during_prepare_exits_143_and_leaves_nothing(tmp_path, monkeyp
     assert code == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip().splitlines()[-1] == "cafedist: interrupted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5.lock"]  # a lock file is never deleted
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_recorded_while_the_block_fails_is_raised_not_dropped(sig):
+    """A Ctrl-C that arrived while a deferred block failed (a full disk amid eval's commit) was
+    dropped with the block's error: a caller that reports the error and goes on ignored it."""
+    with pytest.raises(Interrupted) as info:
+        with deferred_interrupts():
+            os.kill(os.getpid(), sig)
+            raise OSError(28, "No space left on device")
+    assert info.value.signum == sig and isinstance(info.value.__cause__, OSError)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    with pytest.raises(OSError):  # no signal: the block's own error
+        with deferred_interrupts():
+            raise OSError(28, "No space left on device")

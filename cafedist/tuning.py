@@ -62,7 +62,20 @@ def render_value(value: Any) -> str:
                 return value
         except yaml.YAMLError:
             pass
+    if isinstance(value, (dict, list)) and _holds_non_finite(value):
+        # JSON would write Infinity/NaN, strings to YAML: the items as rendered here instead
+        if isinstance(value, list):
+            return "[" + ",".join(render_value(v) for v in value) + "]"
+        return "{" + ",".join(f"{json.dumps(str(k))}: {render_value(v)}" for k, v in sorted(value.items())) + "}"
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """Whether a (nested) list or mapping holds a nan or an infinity."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds_non_finite(v) for v in items)
 
 
 @dataclass(frozen=True)

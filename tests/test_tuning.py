@@ -29,6 +29,10 @@ def test_non_finite_values_render_as_yaml_floats_and_each_value_keeps_its_text_a
     for value in (float("inf"), float("-inf")):
         assert yaml.safe_load(render_value(value)) == value
     assert render_value(float("nan")) == ".nan"
+    # inside a mapping or list too (JSON's Infinity read back as a string: "got 'Infinity'")
+    nested = {"width": float("inf"), "sizes": [1, float("-inf")], "norm": "group"}
+    assert yaml.safe_load(render_value(nested)) == nested
+    assert render_value({"width": 8}) == '{"width":8}'  # finite values as before (run folders keep their names)
     axis = parse_axis("train.lr=.nan, 1e-3 ,{width: 0},'x y'")
     assert axis.values == (".nan", "0.001", '{"width":0}', '"x y"')
     assert axis.given == (".nan", "1e-3", "{width: 0}", "'x y'")

@@ -114,8 +114,9 @@ def _commit(batch: _Batch, first: Path | None) -> None:
     for path in batch.removals:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    if first is not None:  # a stable sort: the others keep their order
-        batch.renames.sort(key=lambda pair: pair[1] != Path(first))
+    if first is not None:  # a stable sort: the others keep their order; named relative or absolute alike
+        listing = os.path.abspath(first)
+        batch.renames.sort(key=lambda pair: os.path.abspath(pair[1]) != listing)
     for i, (tmp, target) in enumerate(batch.renames):
         try:
             os.replace(tmp, target)

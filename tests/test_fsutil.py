@@ -75,15 +75,19 @@ def test_replaced_together_replaces_and_removes_only_when_the_block_ends(tmp_pat
     assert a.read_text() == b.read_text() == "new\n" and not stale.exists()
 
 
-def test_the_listing_file_is_replaced_first(tmp_path, monkeypatch):
-    """A kill amid the commit must not leave a file the listing (eval.json) does not list."""
+@pytest.mark.parametrize("named", ["absolute", "relative"])
+def test_the_listing_file_is_replaced_first(tmp_path, monkeypatch, named):
+    """A kill amid the commit must not leave a file the listing (eval.json) does not list; the
+    listing may be named relative to the working directory and written by its absolute path
+    (eval: RUN as typed, its outputs absolute)."""
+    monkeypatch.chdir(tmp_path)
     order = []
     real = os.replace
     stale = tmp_path / "old.png"
     stale.write_text("old\n")
     monkeypatch.setattr(os, "replace", lambda src, dst: order.append((Path(dst).name, stale.exists()))
                         or real(src, dst))
-    with replaced_together(remove=[stale], first=tmp_path / "eval.json"):
+    with replaced_together(remove=[stale], first=tmp_path / "eval.json" if named == "absolute" else Path("eval.json")):
         write_text_atomic(tmp_path / "budget.csv", "x\n")
         write_text_atomic(tmp_path / "budget.png", "x\n")
         write_text_atomic(tmp_path / "eval.json", "{}\n")

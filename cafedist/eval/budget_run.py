@@ -194,7 +194,7 @@ def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: li
     """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section
     (:func:`budget_section`) and writes budget.csv and budget.png into ``run_dir``."""
     section, curves = budget_section(run, run_dir, options, global_table)
-    paths = {key: str(run_dir / name) for key, name in BUDGET_OUTPUTS.items()}
+    paths = {key: str((run_dir / name).absolute()) for key, name in BUDGET_OUTPUTS.items()}  # as eval.json's
     write_budget_csv(section["clients"], paths["budget_csv"])
     from cafedist.eval.budget_plots import plot_budget  # matplotlib only when plotting
 

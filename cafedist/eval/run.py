@@ -244,20 +244,22 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
     table = summary["dynamic"]
     acc = summary["acc_per_exit"]
     reduction = mac_reduction_at_loss(table, acc[-1], max_loss)
-    paths = {"json": str(run_dir / "eval.json"), "plot": str(run_dir / "accuracy_vs_macs.png")}
+    # paths absolute: eval.json is read from anywhere (export, a user's script), not only from where eval ran
+    where = run_dir.absolute()
+    paths = {"json": str(where / "eval.json"), "plot": str(where / "accuracy_vs_macs.png")}
     try:
         conflict = [r for r in MetricsLog(run_dir, tensorboard=False).read() if r.get("conflict")]
     except ValueError:  # a line torn by a kill: the plot is optional, the evaluation is not
         log.warning("%s/metrics.jsonl: unreadable line, conflict.png not drawn", run_dir)
         conflict = []
     if conflict:
-        paths["conflict_plot"] = str(run_dir / "conflict.png")
+        paths["conflict_plot"] = str(where / "conflict.png")
     report = {
-        "run_dir": str(run_dir),
+        "run_dir": str(where),
         "round": done,
         "final_round": final,
         "partial": done != final,
-        "checkpoint": str(restored.path),
+        "checkpoint": str(Path(restored.path).absolute()),
         "algorithm": summary["algorithm"],
         "acc_per_exit": acc,
         "macs_per_exit": summary["macs_per_exit"],
@@ -271,9 +273,6 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
     if budget_section is not None:
         report["budget"] = budget_section
         paths.update(budget_section.pop("paths"))
-    # absolute: eval.json is read from anywhere (export, a user's script), not only from where eval ran
-    report["run_dir"], report["checkpoint"] = str(run_dir.absolute()), str(Path(restored.path).absolute())
-    report["paths"] = {key: str(Path(path).absolute()) for key, path in paths.items()}
     write_json_atomic(paths["json"], report)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},

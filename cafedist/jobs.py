@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field, fields
@@ -250,16 +251,42 @@ def _finished(job: Any) -> bool:
     return all(t.paths.result_pickle.exists() for t in _tasks(job))
 
 
-def cancel_local_jobs(jobs: Sequence[Any], timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
-    """Cancel jobs of submitit's local executor and wait (up to ``timeout_s``) until they have
-    ended: they are this process's children, which would otherwise train on after it, holding
-    their runs' locks. Slurm jobs are not touched (they belong to the cluster, not to us)."""
+#: written into a local job's folder before it is stopped: its trainer's checkpoint-and-exit then
+#: ends the job instead of asking submitit's local executor to start it again
+CANCELLED_MARKER = ".cafedist-cancelled"
+
+
+def cancel_local_jobs(jobs: Sequence[Any], runs: Sequence[Any] = (), timeout_s: float = 120.0,
+                      poll_s: float = 0.2) -> list[JobOutcome]:
+    """Stop jobs of submitit's local executor and wait until they have ended: they are this
+    process's children, which would otherwise train on after it, holding their runs' locks.
+
+    They stop as a preemption stops a run: SIGTERM to each job's controller, which passes it to
+    the tasks, and the trainer finishes its round and checkpoints (the marker keeps the local
+    executor from starting the job again). A job still running after ``timeout_s`` (a long round,
+    or a task that had not started training) is cancelled outright (SIGINT, then SIGKILL: back to
+    its last checkpoint). Slurm jobs are not touched (they belong to the cluster, not to us).
+    Returns how each local job ended, given ``runs`` (one per job)."""
     local = [job for job in jobs if not _is_slurm_job(job)]
     for job in local:
-        with contextlib.suppress(Exception):  # a job that has ended already
-            job.cancel(check=False)
+        with contextlib.suppress(OSError):  # a folder gone: the job cannot have started
+            (Path(job.paths.folder) / CANCELLED_MARKER).touch()
+        process = getattr(job, "_process", None)  # the controller, when this process started it
+        with contextlib.suppress(OSError):  # ended already
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+    _wait_until_finished(local, timeout_s, poll_s)
+    for job in local:
+        if not _finished(job):
+            with contextlib.suppress(Exception):  # a job that has ended meanwhile
+                job.cancel(check=False)
+    _wait_until_finished(local, 10.0, poll_s)  # the controller kills its tasks within a second or two
+    return [_outcome(job, run) for job, run in zip(jobs, runs) if not _is_slurm_job(job) and _finished(job)]
+
+
+def _wait_until_finished(jobs: Sequence[Any], timeout_s: float, poll_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while any(not _finished(job) for job in local) and time.monotonic() < deadline:
+    while any(not _finished(job) for job in jobs) and time.monotonic() < deadline:
         time.sleep(poll_s)
 
 

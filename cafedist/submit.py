@@ -49,10 +49,13 @@ import yaml
 from cafedist import yamlio
 from cafedist.errors import CafeError, ConfigError
 from cafedist.fsutil import exclusive_lock
+from cafedist.interrupts import children_take_ctrl_c
 from cafedist.jobs import (
+    CANCELLED_MARKER,
     ExecutorOptions,
     JobOutcome,
     add_resource_arguments,
+    cancel_local_jobs,
     ensure_importable_in_jobs,
     key_values,
     require_submitit,
@@ -321,6 +324,9 @@ class TrainTask(Checkpointable):
             raise JobStopped(f"stopped by a signal, checkpoint written in {run.out} (not a submitit job: "
                              "nothing to requeue; rerun the same command to resume)")
         env = submitit.JobEnvironment()
+        if env.cluster == "local" and (Path(env.paths.folder) / CANCELLED_MARKER).exists():
+            raise JobStopped(f"stopped with the submitting command, checkpoint written in {run.out} "
+                             "(submit the same command again to resume)")
         fate = _slurm_job_fate(env.job_id) if env.cluster == "slurm" else "running"
         if fate == "requeued":
             # No result file: it would say this job ended, while its restart trains on
@@ -489,13 +495,22 @@ def main(args: argparse.Namespace) -> int:
         return 0
     executor = options.executor(folder / "%j", args.out)
     out = Path(args.out).resolve()  # this command's own folder; a --folder elsewhere is the user's
-    jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array),
-                       owned=out if folder == out or out in folder.parents else folder)
+    with children_take_ctrl_c():  # local jobs: started in a script's background, they stay cancellable
+        jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array),
+                           owned=out if folder == out or out in folder.parents else folder)
     for job, run in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {run.out}  (logs: {job.paths.stderr.parent})")
     if not args.wait:
         return 0
-    outcomes = wait_for(jobs, runs, on_done=_report)
+    try:
+        outcomes = wait_for(jobs, runs, on_done=_report)
+    except BaseException:
+        # Ctrl-C or SIGTERM while waiting: local jobs are this process's children and stop with it
+        # (they checkpoint); Slurm jobs belong to the cluster and go on, as without --wait
+        for stopped in cancel_local_jobs(jobs, runs):
+            why = stopped.error.split("JobStopped: ", 1)[-1] if stopped.error else "it had finished"
+            print(f"job {stopped.job_id} stopped: {stopped.out}: {why}")
+        raise
     failed = [o for o in outcomes if not o.ok]
     if failed:
         print(f"{len(failed)} of {len(outcomes)} job(s) failed")

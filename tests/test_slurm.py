@@ -28,7 +28,7 @@ import pytest
 from cafedist import interrupts, jobs, submit
 from cafedist.cli import main as cli_main
 from cafedist.errors import ConfigError
-from cafedist.rundir import RunLock
+from cafedist.rundir import RunDirBusy, RunLock
 
 pytestmark = pytest.mark.slurm
 
@@ -319,6 +319,39 @@ def test_submitit_local_executor_runs_without_slurm(workdir, monkeypatch, capsys
     assert len(list((out / "submitit").glob("*/*/*_result.pkl"))) == 2  # one result per task
 
 
+def test_sigterm_to_submit_local_wait_stops_its_local_job(workdir):
+    """`submit --local --wait` stopped by SIGTERM: its local job is its child and must stop with it
+    (it trained on after submit had gone, holding the run's lock), as a preemption stops it: with
+    a checkpoint, and not started again by the local executor."""
+    out, printed = workdir / "terminated", workdir / "terminated.out"
+    with printed.open("w") as sink:  # a file, not a pipe: a job left running would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-m", "cafedist", "submit", "--config", str(workdir / "tiny.yaml"),
+                                 "--out", str(out), "--local", "--time", "5", "--wait", "train.rounds=2000"],
+                                cwd=workdir, env=_job_env(PYTHONPATH=str(REPO)), stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # a round has been trained: the job runs
+        assert proc.poll() is None and (out / "metrics.jsonl").exists(), printed.read_text()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, printed.read_text()
+    assert re.search(r"job \S+ stopped: .*: stopped with the submitting command, checkpoint written",
+                     printed.read_text()), printed.read_text()
+    try:
+        RunLock(out).acquire().release()  # the job has ended: nothing holds the run any more
+    except RunDirBusy:
+        subprocess.run(["pkill", "-9", "-f", str(out)], check=False)  # leave no job behind
+        raise
+    assert (out / "checkpoints" / "latest").exists(), "the local job stopped without a checkpoint"
+    size = (out / "metrics.jsonl").stat().st_size
+    time.sleep(3)
+    assert (out / "metrics.jsonl").stat().st_size == size, "the local job trained on after submit stopped"
+
+
 # ----------------------------------------------------------------------------- arguments
 def test_array_runs_are_the_product_of_the_axes(tmp_path):
     runs = submit.build_runs("c.yaml", str(tmp_path / "sweep"), ["train.rounds=3"],
@@ -507,25 +540,47 @@ def test_local_jobs_started_from_a_background_compare_can_be_cancelled():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_cancel_local_jobs_cancels_and_waits_but_leaves_slurm_jobs_alone():
-    class LocalJob:
-        def __init__(self):
-            self.cancelled, self.polls = False, 0
+class _FakeLocalJob:
+    """A local job's surface as cancel_local_jobs sees it; ``stops_on``: the signal it ends on."""
 
-        def cancel(self, check=True):
-            self.cancelled = True
+    def __init__(self, folder: Path, stops_on: int):
+        self.paths = argparse.Namespace(folder=folder)
+        self._process = self
+        self.stops_on, self.signals, self.cancelled, self.polls = stops_on, [], False, 0
 
-        def done(self):
-            self.polls += 1
-            return self.cancelled and self.polls > 2  # ends a moment after the cancel
+    def poll(self):
+        return 0 if self.done() else None
 
-    class SlurmJob(LocalJob):
+    def send_signal(self, signum):
+        self.signals.append(signum)
+
+    def cancel(self, check=True):
+        self.cancelled = True
+
+    def done(self):
+        self.polls += 1
+        stopped = self.cancelled or self.stops_on in self.signals
+        return stopped and self.polls > 2  # ends a moment after the signal
+
+
+def test_cancel_local_jobs_stops_them_as_a_preemption_but_leaves_slurm_jobs_alone(tmp_path):
+    class SlurmJob(_FakeLocalJob):
         pass
 
-    local, cluster = LocalJob(), SlurmJob()
+    local, cluster = _FakeLocalJob(tmp_path / "1", signal.SIGTERM), SlurmJob(tmp_path / "2", signal.SIGTERM)
+    local.paths.folder.mkdir()
     jobs.cancel_local_jobs([local, cluster], timeout_s=5, poll_s=0.01)
-    assert local.cancelled and local.polls >= 3
-    assert not cluster.cancelled
+    assert local.signals == [signal.SIGTERM] and not local.cancelled and local.polls >= 3
+    assert (local.paths.folder / jobs.CANCELLED_MARKER).exists()  # its trainer will not ask to be requeued
+    assert not cluster.signals and not cluster.cancelled and not (tmp_path / "2").exists()
+
+
+def test_cancel_local_jobs_cancels_a_job_that_does_not_stop_on_sigterm(tmp_path):
+    job = _FakeLocalJob(tmp_path / "gone", stops_on=-1)  # its folder is gone, too
+    started = time.monotonic()
+    jobs.cancel_local_jobs([job], timeout_s=0.5, poll_s=0.01)
+    assert job.signals == [signal.SIGTERM] and job.cancelled and job.done()
+    assert time.monotonic() - started < 5
 
 
 def test_wait_reports_rank_0s_reason_when_the_other_ranks_left_no_result(tmp_path, monkeypatch):

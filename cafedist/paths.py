@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from cafedist.errors import ConfigError
@@ -13,6 +14,7 @@ def check_dir_creatable(path: Path, field: str) -> None:
     """Raise a one-line ConfigError unless ``path`` is a directory or can be created as one.
 
     ``field`` names the option or config field in the message (``--out``, ``data.cache_dir``).
+    A missing ``path`` is checked by making (and removing) a folder in its nearest existing parent.
     """
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{field}: {path} exists and is not a directory")
@@ -26,6 +28,13 @@ def check_dir_creatable(path: Path, field: str) -> None:
     if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         what = "write into" if probe == path else f"create {path} in"
         raise ConfigError(f"{field}: cannot {what} {probe} (permission denied)")
+    if probe != path and probe.is_dir():
+        # access() answers for permissions alone, and root passes it everywhere: /proc, /sys, a
+        # full quota or a file system that refuses folders would fail only later (a queued job)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".cafedist-probe-", dir=probe))
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot create {path} in {probe} ({exc.strerror})") from None
 
 
 def user_path(text: str) -> str:

@@ -115,8 +115,10 @@ class RunSpec:
         return argv + list(self.overrides)
 
     def resumed(self) -> "RunSpec":
-        """The same run, resuming: what a requeued job must run (never ``--resume none``)."""
-        return replace(self, resume="auto")
+        """The same run, resuming: what a requeued job must run. Never ``--resume none`` (it
+        would start over again); ``force`` stays: a job stopped before its first checkpoint under
+        the new config finds the run's old config.yaml, which ``auto`` refuses."""
+        return replace(self, resume="force" if self.resume == "force" else "auto")
 
 
 def parse_array(texts: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -254,7 +256,7 @@ class TrainTask(Checkpointable):
         Raises :class:`JobStopped` if the trainer stopped on a signal and the job is not to be
         requeued (cancelled), ``RuntimeError`` if it failed; after a stop signal on a job that
         can be requeued, hands over to submitit's requeue (which exits this process). A job
-        that Slurm restarted always resumes, whatever ``run.resume`` the first start had.
+        that Slurm restarted always resumes (``force`` after ``force``, else ``auto``).
         """
         from cafedist.cli import main as cafedist_main
 
@@ -434,7 +436,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=user_path,
                    help="run directory (with --array: parent of one directory per element)")
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
-                   help="first start only: a requeued job always resumes (default auto)")
+                   help="first start (default auto); a requeued job resumes: with force after force, else auto")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=100")
     add_resource_arguments(p.add_argument_group("resources"))
     s = p.add_argument_group("sweeps")

@@ -13,8 +13,9 @@
 #                 (quote a value holding spaces: EXTRA="'model.options={width: 8}'")
 #   PYTHON        interpreter with cafedist installed (default python3 on PATH). If it cannot
 #                 import cafedist, the checkout holding this file is put on PYTHONPATH.
-#   RESUME        auto (default) | none | force for the first start; a requeued job always
-#                 uses auto, so a restart never wipes the run it is meant to continue
+#   RESUME        auto (default) | none | force for the first start; a requeued job uses
+#                 auto after none (a restart never starts over the run it is to continue),
+#                 force after force (the run's config.yaml may still be the old one)
 #   MAX_REQUEUES  give up requeueing after this many restarts of this job (default 20)
 #   PROGRESS      1 = keep the trainer's progress line in the log (default 0)
 #   OMP_NUM_THREADS  default: --cpus-per-task (else 1), so ranks do not oversubscribe cores
@@ -72,8 +73,9 @@ fi
 # The `cafedist train` arguments, identical on every rank.
 _cafedist_train_args() {
     local resume="$RESUME" extra=()
-    # A restarted job continues its run whatever the first start asked for.
-    [[ "$_cafedist_restarts" -gt 0 ]] && resume=auto
+    # A restarted job continues its run, never starts it over again; force stays (stopped before
+    # its first checkpoint under the new config, the run's config.yaml is still the old one).
+    [[ "$_cafedist_restarts" -gt 0 && "$resume" == none ]] && resume=auto
     if [[ -n "$EXTRA" ]]; then
         # xargs splits like a shell (quotes honoured) without evaluating anything.
         mapfile -t extra < <(printf '%s' "$EXTRA" | xargs -n1 printf '%s\n')

@@ -221,6 +221,19 @@ def test_template_submitted_from_a_restarted_job_is_a_first_start(slurm, workdir
     _assert_same_result(out, reference, world_size=2)
 
 
+def test_template_forced_job_restarted_before_its_first_checkpoint_stays_forced(slurm, workdir, reference):
+    """RESUME=force extending a finished run, restarted by Slurm before a round under the new
+    config: the template ran the restart with --resume auto, refused by the old config.yaml."""
+    out = workdir / "template-forced-restart"
+    shutil.copytree(workdir / "reference", out)
+    job, _, log = _sbatch(workdir, out.name, RESUME="force", EXTRA=f"train.rounds={ROUNDS + 2}")
+    _requeue_as_it_starts(job)
+    _wait_gone(job, log)
+    text = log.read_text()
+    assert "restart 1" in text and "training finished" in text, _tail(log)
+    assert json.loads((out / "summary.json").read_text())["rounds"] == ROUNDS + 2
+
+
 def test_sweep_submits_without_the_restart_count(tmp_path):
     """Run from inside a restarted job, sweep.sh passed that job's SLURM_RESTART_COUNT to every
     job it submitted (no cluster needed: a stand-in sbatch records what it got)."""
@@ -304,6 +317,35 @@ def test_submitit_job_requeued_by_slurm_resumes_and_is_waited_for(slurm, workdir
     _assert_same_result(out, reference, world_size=2)
 
 
+def test_forced_job_restarted_before_its_first_checkpoint_stays_forced(slurm, workdir, reference, monkeypatch):
+    """A `--resume force` job (a finished run extended) that Slurm restarts before it has
+    checkpointed under the new config: the run's config.yaml is still the old one, and the
+    restart, run with --resume auto, was refused as a run of a different config."""
+    out = workdir / "forced-restart"
+    shutil.copytree(workdir / "reference", out)
+    job, runs, _ = _submit_one(workdir, out.name, monkeypatch, False, "--resume", "force",
+                               f"train.rounds={ROUNDS + 2}")
+    log = Path(job.paths.stderr)
+    _requeue_as_it_starts(str(job.job_id))
+    [outcome] = jobs.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
+    assert outcome.ok, f"{outcome.error}\n{_tail(log)}"
+    assert outcome.summary["rounds"] == ROUNDS + 2
+    text = log.read_text()
+    assert "DUE TO JOB REQUEUE" in text, _tail(log)  # it was restarted, before any round under force
+    assert "--resume force: " in text.split("DUE TO JOB REQUEUE", 1)[1], _tail(log)
+
+
+def _requeue_as_it_starts(job_id: str) -> None:
+    """`scontrol requeue` the job as soon as it runs: its processes are still importing, so it
+    restarts before a round is trained (as a node failure at start would restart it)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                         timeout=60).stdout.strip() != "RUNNING":
+        assert time.monotonic() < deadline, f"job {job_id} did not start"
+        time.sleep(0.05)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+
+
 def test_submitit_local_executor_runs_without_slurm(workdir, monkeypatch, capsys):
     """`cafedist submit --local --wait`: the laptop path, through the CLI (no Slurm needed)."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -365,6 +407,10 @@ def test_array_runs_are_the_product_of_the_axes(tmp_path):
     assert argv[argv.index("--resume") + 1] == "none"
     # a requeued job always resumes, whatever the first start asked for
     assert runs[0].resumed().train_argv()[argv.index("--resume") + 1] == "auto"
+    # ... and a forced one stays forced: requeued before its first checkpoint under the new
+    # config, the run directory still holds the old config.yaml, which auto refused
+    forced = submit.build_runs("c.yaml", str(tmp_path / "f"), resume="force")[0]
+    assert forced.resumed().train_argv()[argv.index("--resume") + 1] == "force"
 
 
 @pytest.mark.parametrize("bad", ["seed", "seed=", "seed=1,,2", "=1,2"])

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, cafedist, cafedist_in_process, env_for_tests, summary
 
+from cafedist import provenance
 from cafedist.algorithms import ALGORITHMS
 from cafedist.cli import main as cli_main
 from cafedist.compare import (
@@ -186,6 +188,28 @@ def test_the_accuracy_table_names_each_rows_macs_when_the_rows_models_differ():
     assert "| b | 1 | 50.00 | 60.00 | 70.00 |" in md
 
 
+def test_results_markdown_names_every_stack_the_runs_trained_on():
+    """A table mixing runs of several stacks (another torch, CPU, GPU) is not reproducible
+    from one: results.md lists each, with its runs; runs of earlier code count as unrecorded."""
+    def env(torch_version, cpu):
+        return {"cafedist": "0.1.0", "git": {"commit": "0123456789ab", "dirty": True}, "python": "3.11.7",
+                "torch": torch_version, "numpy": "2.0.0", "cuda": None, "cudnn": None, "hosts": ["n1"],
+                "cpus": [cpu], "devices": ["cpu"]}
+    run = _fake_summary([0.5, 0.6, 0.7], 0.4, 10.0, 0.2, 100, 3.0)
+    a, b = env("2.13.0", "AMD EPYC"), env("2.14.0", "Intel Xeon")
+    summaries = {"x": [{**run, "environments": [a]}, {**run, "environments": [a, b]}], "y": [dict(run)]}
+    md = results_markdown("cafedist compare X", summarize(summaries), [], summaries=summaries)
+    assert "Trained on 3 software and hardware stacks" in md
+    assert ("- cafedist 0.1.0 (git 0123456, changed), Python 3.11.7, torch 2.13.0, numpy 2.0.0, CUDA none; "
+            "CPU AMD EPYC; device cpu: 2 runs") in md
+    assert "- cafedist 0.1.0 (git 0123456, changed), Python 3.11.7, torch 2.14.0, numpy 2.0.0, CUDA none; " \
+           "CPU Intel Xeon; device cpu: 1 run" in md
+    assert "- not recorded (trained by earlier code): 1 run" in md
+    one = {"x": [{**run, "environments": [a]}]}
+    assert "Trained on: cafedist 0.1.0 (git 0123456, changed)" in results_markdown(
+        "cafedist compare X", summarize(one), [], summaries=one)
+
+
 def test_mean_std_matches_statistics():
     assert mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(statistics.stdev([1, 2, 4])))
     m, s = mean_std([5.0])
@@ -251,6 +275,9 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
 
     md = (out / "results.md").read_text()
     assert md.splitlines()[1].startswith("cafedist compare --config ")
+    # what the four finished runs trained on, from their summaries (all on this one stack)
+    [stack] = {provenance.describe(e) for v in sums.values() for e in v["environments"]}
+    assert f"Trained on: {stack} (4 runs)." in md and f"torch {torch.__version__}" in stack
     assert "--algorithms cafedistill,fedavg,fedprox" in md
     assert "- `fedprox` seed 3:" in md and "unreadable" in md and "not in the tables: fedprox" in md
 

@@ -85,6 +85,7 @@ def test_resume_on_a_different_world_size(uninterrupted, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "written by 1 ranks, now 2" in proc.stderr
     _assert_same_run(out, ref)
+    assert len(summary(out)["environments"]) == 1  # the number of ranks is no other stack
 
 
 def test_sigterm_checkpoints_and_exits_for_requeue(uninterrupted, tmp_path):
@@ -109,7 +110,30 @@ def test_a_stop_signal_during_a_checkpoint_write_stops_after_it(uninterrupted, t
     assert len(metrics(out)) == 2
     resumed = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert "CPU threads" not in resumed.stderr  # the same thread count: nothing to warn of
+    assert "another software or hardware stack" not in resumed.stderr
     _assert_same_run(out, ref)
+    assert summary(out)["environments"] == summary(ref)["environments"]
+
+
+def test_a_resume_on_another_stack_says_so_and_records_both(uninterrupted, tmp_path, monkeypatch):
+    """Another CPU model (or torch, or GPU model) changes the last bits of every later round:
+    the resume says so, and summary.json lists both stacks, the first first."""
+    import torch
+
+    from cafedist import provenance
+
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    assert _interrupt(cfg, out, "term@local:1").returncode == 75
+    here = provenance.cpu_model()
+    monkeypatch.setattr(provenance, "cpu_model", lambda: "Another CPU 9000")
+    resumed = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert f"resumed on another software or hardware stack than this run began on (cpus: {here} -> Another " \
+           f"CPU 9000)" in resumed.stderr, resumed.stderr[-2000:]
+    first, second = summary(out)["environments"]
+    assert (first["cpus"], second["cpus"]) == ([here], ["Another CPU 9000"])
+    assert first["torch"] == second["torch"] == torch.__version__ and first["devices"] == ["cpu"]
+    assert summary(ref)["environments"] == [first]
 
 
 def test_a_resume_under_another_thread_count_says_so(uninterrupted, tmp_path):

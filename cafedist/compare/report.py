@@ -8,11 +8,12 @@ import logging
 import math
 import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cafedist import runtables, tuning
+from cafedist import provenance, runtables, tuning
 from cafedist.compare.execute import RunOutcome
 from cafedist.fsutil import remove_together, replaced_together, write_text_atomic
 from cafedist.runtables import RowInfo
@@ -230,11 +231,12 @@ def _budget_section(st: _Stats) -> list[str]:
 def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
                      thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
                      rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = (),
-                     budget_errors: Sequence[str] = ()) -> str:
+                     budget_errors: Sequence[str] = (), summaries: dict[str, list[dict]] | None = None) -> str:
     """The ``results.md`` text: the command line first, then the tables, the ``tuning_lines``,
     failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
     setting and trial count, to the accuracy table; stats with a ``budget`` make the budget
-    table, ``budget_errors`` lists the runs whose budget evaluation failed."""
+    table, ``budget_errors`` lists the runs whose budget evaluation failed; ``summaries`` (as
+    :func:`collect_summaries`) name the software and hardware the runs trained on."""
     st = _Stats(stats)
     counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed", "stopped")}
     stopped = f", {counts['stopped']} stopped" if counts["stopped"] else ""  # rare: named only then
@@ -249,6 +251,7 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
              "deviation (n − 1) over the seeds that finished; a seed changes the data partition, the "
              "initialisation and the sampling. Accuracy is personalized: each client's own test split, "
              "averaged over clients weighted by test size.", ""]
+    lines += _stacks_section(summaries or {})
     if st.names:
         lines += [*_accuracy_section(st, rows), "", *_dynamic_section(st, thresholds), "", *_cost_section(st)]
     if st.budgets:
@@ -269,6 +272,24 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _stacks_section(summaries: dict[str, list[dict]]) -> list[str]:
+    """What the finished runs trained on (summary.json's ``environments``), with how many runs
+    each stack trained; runs of code before the record are counted as such."""
+    counts: Counter[str] = Counter()
+    for runs in summaries.values():
+        for summary in runs:
+            envs = [e for e in summary.get("environments") or [] if isinstance(e, dict)]
+            counts.update({provenance.describe(e) for e in envs} or {"not recorded (trained by earlier code)"})
+    if not counts:
+        return []
+    if len(counts) == 1:
+        [(stack, n)] = counts.items()
+        return [f"Trained on: {stack} ({n} run{'s' if n != 1 else ''}).", ""]
+    return [f"Trained on {len(counts)} software and hardware stacks (a run resumed on another counts under each; "
+            "results are bit-reproducible on the stack that trained them):", "",
+            *[f"- {stack}: {n} run{'s' if n != 1 else ''}" for stack, n in counts.most_common()], ""]
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -356,5 +377,5 @@ def _write_report_files(out: Path, command: str, outcomes: Sequence[RunOutcome],
     rows = runtables.row_infos(outcomes, tuned.counts() if tuned is not None else None)
     write_text_atomic(paths["csv"], results_csv(stats, rows))
     write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots, rows, section,
-                                                          budget_errors))
+                                                          budget_errors, summaries))
     return paths

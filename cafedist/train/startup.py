@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from cafedist import RESULTS_VERSION
+from cafedist import RESULTS_VERSION, provenance
 from cafedist.config import Config, dump_config, run_identity
 from cafedist.config import config_hash as hash_of_config
 from cafedist.distributed.comm import Comm
@@ -125,11 +125,17 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm)
     """What every checkpoint's manifest records about the run (:meth:`CheckpointDir.commit`),
     carried over from the checkpoint a resume restored: the results version is the oldest of
     the code that trained it (a run finished by newer code is still partly the older code's,
-    and compare retrains it), the CPU thread count that of its first session. Warns when a
-    resume mixes either (rank 0 decides, every rank learns it)."""
+    and compare retrains it), the CPU thread count that of its first session, ``environments``
+    every distinct software and hardware stack it trained under (:mod:`cafedist.provenance`),
+    the first first. Warns when a resume mixes any of them in a way that changes results
+    (rank 0 decides, every rank learns it)."""
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
+    machines = comm.all_gather_object(provenance.machine(rt.device))
     restored = (resumed.manifest or {}) if resumed is not None and resumed.path is not None else None
-    version, first = RESULTS_VERSION, threads
+    version, first, environments = RESULTS_VERSION, threads, None
+    if rt.is_main:
+        now = provenance.environment(provenance.software(), machines)
+        environments = _with_environment(restored.get("environments") if restored is not None else None, now)
     if rt.is_main and restored is not None:
         recorded_version = restored.get("results_version", 1)  # manifests of earlier code: none
         version = min(RESULTS_VERSION, recorded_version if isinstance(recorded_version, int) else 1)
@@ -145,10 +151,25 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm)
             log.warning("resumed with %d CPU threads where this run began with %d: from here its float sums are "
                         "ordered differently, so its results will not match an uninterrupted run's bit for bit "
                         "(set OMP_NUM_THREADS=%d to keep them)", threads, first, first)
-    version, first = comm.broadcast_object((version, first))
+        changed = provenance.result_differences(environments[0], now)
+        if changed:
+            log.warning("resumed on another software or hardware stack than this run began on (%s): its results "
+                        "will not match an uninterrupted run's bit for bit (summary.json lists every stack under "
+                        "'environments')", "; ".join(changed))
+    version, first, environments = comm.broadcast_object((version, first, environments))
     return {"run_identity": run_identity(cfg), "algorithm": cfg.algorithm.name,
             "store": str(cfg.data.store_path(cfg.seed).resolve()), "results_version": version,
-            **({"cpu_threads": first} if first is not None else {})}
+            **({"cpu_threads": first} if first is not None else {}), "environments": environments}
+
+
+def _with_environment(recorded: Any, now: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's stacks (a manifest's ``environments``; None or malformed: none yet) with this
+    session's added when it is a new one. Hosts do not make a stack new: a requeued job lands
+    on other nodes of the same cluster, and each would otherwise add an entry."""
+    known = [e for e in recorded if isinstance(e, dict)] if isinstance(recorded, list) else []
+    def stack(env: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in env.items() if k != "hosts"}
+    return known if any(stack(e) == stack(now) for e in known) else known + [now]
 
 
 def force_with_nothing_to_train(comm: Comm, config_due: bool, start: int, cfg: Config, resumed: Any,

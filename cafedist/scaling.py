@@ -35,7 +35,7 @@ from cafedist import yamlio
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
 from cafedist.paths import check_dir_creatable, user_path
-from cafedist.typed import is_integer, is_number
+from cafedist.typed import is_finite_number, is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
 _REQUIRED = ("round", "seconds", "world_size", "clients_per_rank", *TIMERS)
@@ -73,6 +73,10 @@ def _check_types(rec: dict[str, Any], where: str) -> None:
     for key in (*_NUMBERS, *(k for k in _OPTIONAL_NUMBERS if k in rec)):
         if not is_number(rec[key]):
             raise DataError(f"{where}: field {key!r} is {rec[key]!r}, expected a number")
+        # every one is a count, a time or a size: a nan, infinity or negative value (which
+        # train never writes) went into the means and printed nan or a negative efficiency
+        if not is_finite_number(rec[key]) or rec[key] < 0:
+            raise DataError(f"{where}: field {key!r} is {rec[key]!r}, expected a finite number >= 0")
     cpr = rec["clients_per_rank"]
     if not (isinstance(cpr, list) and cpr and all(is_integer(c) for c in cpr)):
         raise DataError(f"{where}: field 'clients_per_rank' is {cpr!r}, expected a list of integers (one per rank)")
@@ -82,12 +86,18 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: not found (expected the metrics.jsonl of a run written by `cafedist train`)")
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError:
+            if lineno == len(lines) and not text.endswith("\n"):
+                # the record a training run is appending now (or one a kill tore): the
+                # rounds before it are whole, as `cafedist status` and a resume read them
+                break
             raise DataError(f"{path}:{lineno}: not a JSON object (expected one metrics record per line)") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
@@ -341,7 +351,11 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Read the runs, write scaling.md / scaling.csv / scaling.png into ``out_dir``; returns the paths."""
-    runs = [load_run(d) for d in run_dirs]
+    # a run named twice (`w1 w1`, `w1 ./w1`) is one run: it was one row per mention
+    unique: dict[Path, str | Path] = {}
+    for d in run_dirs:
+        unique.setdefault(Path(d).resolve(), d)
+    runs = [load_run(d) for d in unique.values()]
     rows = scaling_table(runs)
     out = Path(out_dir)
     paths = {"md": out / "scaling.md", "csv": out / "scaling.csv", "png": out / "scaling.png"}

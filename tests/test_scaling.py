@@ -121,6 +121,10 @@ def test_errors_name_the_file_and_line(tmp_path):
     ("world_size", True, "field 'world_size' is True, expected a number"),
     ("clients_per_rank", 10, "field 'clients_per_rank' is 10, expected a list of integers"),
     ("clients_per_rank", [1.5], r"field 'clients_per_rank' is \[1.5\], expected a list of integers"),
+    # a damaged or hand-edited file: train never writes these, and the report printed nan
+    ("seconds", float("nan"), "field 'seconds' is nan, expected a finite number >= 0"),
+    ("t_local", float("inf"), "field 't_local' is inf, expected a finite number >= 0"),
+    ("seconds", -2.0, "field 'seconds' is -2.0, expected a finite number >= 0"),
 ])
 def test_a_field_of_the_wrong_type_is_one_line_naming_file_and_line(tmp_path, capsys, key, value, needle):
     run = _run(tmp_path, "garbled", 1, [2], [1.0, 1.0])
@@ -230,3 +234,28 @@ def test_runs_of_the_same_name_in_different_folders_are_told_apart(tmp_path, mon
     paths = write_report(unique, tmp_path / "o2")
     assert [r["run"] for r in csv.DictReader(paths["csv"].open())] == ["w1", "w2"]
     assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()] == ["1r\n2", "2r\n2/2"]
+
+
+def test_a_run_given_twice_is_one_row(tmp_path):
+    """`scaling-report w1 w1 ./w1` printed the same run three times, each a "baseline"."""
+    w1 = _run(tmp_path, "w1", 1, [2], [3, 1.0, 1.0])
+    w2 = _run(tmp_path, "w2", 2, [2, 2], [3, 1.0, 1.0])
+    paths = write_report([w1, w2, w1, tmp_path / "." / "w1"], tmp_path / "o")
+    assert [r["run"] for r in csv.DictReader(paths["csv"].open())] == ["w1", "w2"]
+
+
+def test_the_record_being_written_by_a_training_run_is_left_out(tmp_path, capsys):
+    """A run that is training appends its records: a reader can see the newest one half
+    written (no newline yet), as a kill leaves it torn. The report refused the whole run
+    ("not a JSON object"); now it reads the complete rounds, as `cafedist status` does. A bad
+    line elsewhere is still refused."""
+    run = _run(tmp_path, "w1", 1, [2], [3, 1.0, 1.0])
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(_record(3, 1, [2], 9.0))[:40])
+    stats = load_run(run)
+    assert stats.rounds_total == 3 and stats.round_s == pytest.approx(1.0)
+    assert cli_main(["scaling-report", str(run), "--out", str(tmp_path / "o")]) == 0
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write("\n")  # complete but not JSON: damage, not a record being written
+    with pytest.raises(DataError, match=r"metrics.jsonl:4: not a JSON object"):
+        load_run(run)

@@ -29,6 +29,7 @@ from cafedist.paths import user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.rundir import PREVIOUS_PREFIX, live_holder
 from cafedist.trainlog import last_session_error
+from cafedist.typed import is_finite_number
 from cafedist.units import hms
 
 #: folders below a run that never hold another run (skipped when searching a folder)
@@ -74,6 +75,11 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and isinstance(record.get("round"), int):
             out.append(record)
     return out
+
+
+def _usable(value: Any) -> bool:
+    """A number as train writes a round's time or an accuracy: finite and >= 0."""
+    return is_finite_number(value) and value >= 0
 
 
 def _newest_checkpoint(run_dir: Path) -> int | None:
@@ -124,7 +130,10 @@ def run_status(run_dir: str | Path) -> RunStatus:
     summary = _json(run_dir / "summary.json")
     holder = live_holder(run_dir)
     error = last_session_error(run_dir)  # trainings that compare started log their output there
-    seconds = [r["seconds"] for r in records[-_RECENT:] if isinstance(r.get("seconds"), (int, float))]
+    # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
+    # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
+    # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
+    seconds = [r["seconds"] for r in records[-_RECENT:] if _usable(r.get("seconds"))]
     left = None
     if holder is not None:
         state = f"training ({holder})"
@@ -137,7 +146,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     else:
         state = _stopped_state(records, checkpoint)
     acc = records[-1].get("acc_per_exit") if records else None
-    last = acc[-1] if isinstance(acc, list) and acc and isinstance(acc[-1], (int, float)) else None
+    last = acc[-1] if isinstance(acc, list) and acc and _usable(acc[-1]) else None
     return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, checkpoint,
                      _eval_state(run_dir, checkpoint))
 

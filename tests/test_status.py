@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -96,3 +97,33 @@ def test_a_sweep_submitted_but_not_started_is_a_note_not_an_error(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
     assert proc.stderr.strip() == f"cafedist: note: {sweep}: no run has started in it yet; jobs were submitted " \
                                   f"into it (its submitit/ folder): `squeue --me` shows whether they wait"
+
+
+def _strict_json(line: str) -> dict:
+    """A JSON object as any JSON reader takes it: Python's NaN / Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -30.0])
+def test_a_damaged_round_time_or_accuracy_gives_no_estimate_and_valid_json(runs, tmp_path, value):
+    """A metrics.jsonl whose `seconds` (or accuracy) is not a finite number >= 0 (train never
+    writes one; a hand edit or damage does): the table ended in a traceback (exit 1) on inf
+    and nan, --json printed `Infinity` / `NaN`, which no JSON reader takes, and a negative
+    time showed as "-1:59:30" left."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r["seconds"] = value
+        r["acc_per_exit"] = [value] * len(r["acc_per_exit"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with RunLock(run):  # training: the state in which the time left is estimated
+        table = cafedist_in_process("status", str(run))
+        as_json = cafedist_in_process("status", str(run), "--json")
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr + as_json.stderr
+    row = _strict_json(as_json.stdout)
+    assert row["seconds_left"] is None and row["last_exit_accuracy"] is None
+    assert row["state"].startswith("training (pid ") and row["rounds_done"] == 2
+    assert " 2/3 " in table.stdout and not re.search(r"-\d+:\d\d:\d\d|nan|inf", table.stdout)

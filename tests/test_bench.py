@@ -336,3 +336,36 @@ def test_bench_memory_rows(tmp_path):
     assert all(r["rss_mb"] > 50 and r["round_s"] > 0 and r["resident"] == 16 for r in sizes)
     ratio = next(r["rss_ratio_40_vs_20"] for r in rows if "rss_ratio_40_vs_20" in r)
     assert ratio == round(sizes[1]["rss_mb"] / sizes[0]["rss_mb"], 3)
+
+
+def test_bench_memory_stopped_leaves_no_training_behind(tmp_path, monkeypatch):
+    """Ctrl-C, SIGTERM (`timeout`, Slurm) or SIGUSR1 while `bench memory` waits for a training
+    child unwind it as a KeyboardInterrupt: the child, which is no rank of a launcher and does
+    not watch its parent, was left training on its own (reparented to init, for minutes, in a
+    temporary folder the bench then deleted). Now it is killed and reaped before the bench ends."""
+    import subprocess
+
+    from cafedist.bench import memory
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(_seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memory.subprocess, "Popen", popen)
+    monkeypatch.setattr(memory.time, "sleep", interrupted)  # the signal arrives while it waits
+    with pytest.raises(KeyboardInterrupt):
+        memory.train_child(memory.synthetic_config(20, str(tmp_path / "stores")), tmp_path / "run", threads=1)
+    assert len(started) == 1
+    child = started[0]
+    try:
+        assert child.returncode is not None, "the training child still runs"
+    finally:
+        if child.returncode is None:
+            child.kill()
+            child.wait()

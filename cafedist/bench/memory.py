@@ -74,14 +74,21 @@ def train_child(raw: dict[str, Any], out: Path, threads: int, timeout: float = 1
     with open(out.parent / f"{out.name}.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while True:  # wait4: this child's own peak RSS (RUSAGE_CHILDREN would mix children)
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise CafeError(f"bench memory: training {out.name} took over {timeout:.0f} s")
-            time.sleep(0.05)
+        try:
+            while True:  # wait4: this child's own peak RSS (RUSAGE_CHILDREN would mix children)
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    raise CafeError(f"bench memory: training {out.name} took over {timeout:.0f} s")
+                time.sleep(0.05)
+        except BaseException:
+            # a timeout, Ctrl-C, SIGTERM or SIGUSR1 (a KeyboardInterrupt here): the child is no
+            # launcher's rank and does not watch its parent, so left alone it went on training
+            # after the bench had ended, in the temporary folder the bench removes
+            proc.kill()
+            proc.wait()
+            raise
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = (out.parent / f"{out.name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]

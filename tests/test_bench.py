@@ -369,3 +369,17 @@ def test_bench_memory_stopped_leaves_no_training_behind(tmp_path, monkeypatch):
         if child.returncode is None:
             child.kill()
             child.wait()
+
+
+def test_threads_beyond_the_cpus_are_one_line(capsys):
+    """`--threads 99999999999` ended in a traceback from torch (exit 1), and a count above the
+    CPUs this process may use was taken as given: its threads then share cores, which times
+    the sharing (docs/PERFORMANCE.md: 15x slower steps), not the code."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for threads in (str(cpus + 1), "99999999999"):
+        assert cli_main(["bench", "comm", "--threads", threads]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"cafedist: error: --threads: {threads} is more than the {cpus} ")
+    assert cli_main(["bench", "comm", "--threads", str(cpus), "--json"]) == 0

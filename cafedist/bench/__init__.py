@@ -9,6 +9,7 @@ records the commands, their output on the reference machine, and what each optim
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Callable
 
 import torch
@@ -43,6 +44,15 @@ def run_benchmark(name: str, quick: bool = False, **options: Any) -> list[dict[s
     return _runner(name)(quick=quick, **options)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a Slurm allocation, ``taskset``), else
+    the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cafedist bench``."""
     parser.add_argument("which", choices=BENCHMARKS, metavar="BENCHMARK",
@@ -50,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced sizes (each benchmark < 5 min on 2 cores)")
     parser.add_argument("--json", action="store_true", help="one JSON object per result line")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: steady ratios on a shared machine)")
+                        help="torch intra-op threads, at most the CPUs this process may run on "
+                             "(default 1: steady ratios on a shared machine)")
     parser.add_argument("--device", default="auto",
                         help="local, packed, aggregate: auto (the GPU when CUDA is available, else cpu) "
                              "| cpu | cuda[:N]")
@@ -64,6 +75,12 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
+    cpus = usable_cpus()
+    if args.threads > cpus:
+        # more threads than cores time the cores' sharing, not the code (docs/PERFORMANCE.md),
+        # and a count beyond a C int ended in torch's traceback
+        raise ConfigError(f"--threads: {args.threads} is more than the {cpus} CPU(s) this process may run on; "
+                          f"expected 1 to {cpus}")
     torch.set_num_threads(args.threads)
     options: dict[str, Any] = {}
     if args.which in DEVICE_BENCHMARKS:

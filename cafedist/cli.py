@@ -221,11 +221,44 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(args.verbose)
         if _left_to_rank_0(args.command):
             return 0
-        return _run_command(args)
+        code = _run_command(args)
+        sys.stdout.flush()  # a reader gone (below) is found here, not in the interpreter's teardown
+        return code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGUSR1 (cafedist.interrupts)
         forget_handled_interrupt()  # else `python -m cafedist` may end by SIGINT all the same
         print("cafedist: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)
+    except BrokenPipeError:
+        # the reader of the output went away (`cafedist status SWEEP | head -1`): Python ignores
+        # SIGPIPE, so the write raised and ended in a traceback (status 1); end as a command
+        # that SIGPIPE stops does in a shell, quietly, with 128 + SIGPIPE
+        if not _stdout_closed():
+            raise  # a pipe of the command's own: a bug, with its traceback
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll reports POLLERR on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO), no poll
+        return False
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still
+    buffered for a closed pipe does not raise again (Python's advice for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (a StringIO in tests)
+        pass
 
 
 #: the commands every rank of a launch runs: train's ranks train together; prepare may fill

@@ -127,3 +127,24 @@ def test_a_damaged_round_time_or_accuracy_gives_no_estimate_and_valid_json(runs,
     assert row["seconds_left"] is None and row["last_exit_accuracy"] is None
     assert row["state"].startswith("training (pid ") and row["rounds_done"] == 2
     assert " 2/3 " in table.stdout and not re.search(r"-\d+:\d\d:\d\d|nan|inf", table.stdout)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_a_reader_that_stops_early_ends_it_quietly(runs, unbuffered):
+    """`cafedist status SWEEP | head -1` (or `prepare --describe S | head`, `bench ... | head`):
+    once the reader had gone, the next write raised BrokenPipeError, printed as a traceback with
+    exit status 1. Now it ends quietly as a command killed by SIGPIPE does in a shell: 128 + 13."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = env_for_tests()
+    env.pop("PYTHONUNBUFFERED")
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    proc = subprocess.Popen([sys.executable, "-m", "cafedist", "status", str(runs), str(runs / "done")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is written (imports take seconds)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == "", err

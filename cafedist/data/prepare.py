@@ -206,7 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--dataset", choices=sorted(DATASETS), help="dataset to prepare")
     what.add_argument("--describe", metavar="STORE", type=user_path,
-                      help="verify every checksum of an existing store (reads the whole file), print its summary, exit")
+                      help="verify every checksum of an existing store (reads the whole file), print its summary, exit "
+                           "(with none of the flags that build a store)")
     parser.add_argument("--root", metavar="DIR", type=user_path, help="folder holding the raw dataset (or its parent); "
                         "not needed for the bundled mnist5k and digits")
     d = PartitionSpec("", 0, 0.0, 0.0)  # the defaults, shared with data.* of a run config
@@ -243,9 +244,26 @@ def _check_out_file(out: Path) -> None:
     check_dir_creatable(out.parent, "--out")
 
 
+def _check_describe_only(args: argparse.Namespace) -> None:
+    """``--describe`` reads one store: an empty path (an unset shell variable) was taken as no
+    ``--describe`` and answered with the flags a build needs, and build flags beside it were
+    ignored without a word, as if ``--out`` had been written or the store checked against them."""
+    if not args.describe.strip():
+        raise ConfigError("--describe: empty path; expected an HDF5 store file")
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    default = vars(defaults.parse_args([f"--describe={args.describe}"]))
+    given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+             if key in default and key != "describe" and value != default[key]]
+    if given:
+        raise ConfigError(f"prepare --describe only reads a store; {', '.join(given)}: only for building one "
+                          f"(prepare --dataset ...)")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``cafedist prepare``: build a store (then print its summary) or ``--describe`` one."""
-    if args.describe:
+    if args.describe is not None:
+        _check_describe_only(args)
         with Store(args.describe) as store:
             count = store.verify()
             print(store.describe())

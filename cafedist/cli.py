@@ -187,7 +187,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "submit": ("submit a run or a sweep (job array) to Slurm with submitit, requeued on preemption; "
                "--local without Slurm", *_lazy("cafedist.submit")),
     "bench": ("performance benchmarks: local | packed | aggregate | comm | scaling | memory | exits "
-              "(ratios measured side by side)",
+              "(local, packed, aggregate, exits: ratios of runs timed alternately; scaling, memory: runs "
+              "one after another; every row with the load average)",
               *_lazy("cafedist.bench")),
     "scaling-report": ("table (md/csv) and plot of a scaling sweep's run directories", *_lazy("cafedist.scaling")),
 }

@@ -1,8 +1,11 @@
-"""``cafedist bench {local,packed,aggregate,comm,scaling,memory,exits}``: side-by-side performance measurements.
+"""``cafedist bench {local,packed,aggregate,comm,scaling,memory,exits}``: performance measurements.
 
-Every benchmark returns rows (dicts) and reports ratios measured in one process/run, with the
-candidates timed alternately (ABAB) -- see :mod:`cafedist.bench.timing`. The command prints a
-table per benchmark, or with ``--json`` one JSON object per row. ``docs/PERFORMANCE.md``
+Every benchmark returns rows (dicts). The timed ratios of local, packed, aggregate and exits are
+measured in one process with the candidates timed alternately (ABAB) -- see
+:mod:`cafedist.bench.timing`; scaling and memory train one child run after another, so their
+ratios are not paired; comm counts bytes. Every row carries the 1-minute load average before
+and after the benchmark (``load_1m``). The command prints a table per benchmark, or with
+``--json`` one JSON object per row. ``docs/PERFORMANCE.md``
 records the commands, their output on the reference machine, and what each optimisation did.
 """
 
@@ -90,8 +93,22 @@ def main(args: argparse.Namespace) -> int:
     if args.which not in DEVICE_BENCHMARKS and args.device != "auto":
         raise ConfigError(f"--device: `cafedist bench {args.which}` does not run on a device "
                           f"(only {', '.join(DEVICE_BENCHMARKS)} do)")
-    print(render(run_benchmark(args.which, quick=args.quick, **options), as_json=args.json), flush=True)
+    before = _load_1m()
+    rows = run_benchmark(args.which, quick=args.quick, **options)
+    # the load other work put on the machine skews absolute times, and the ratios of `scaling`
+    # and `memory`, whose runs are timed one after another: every row says what it was (the
+    # benchmark's own busy threads count too)
+    load = [before, _load_1m()]
+    print(render([{**row, "load_1m": load} for row in rows], as_json=args.json), flush=True)
     return 0
+
+
+def _load_1m() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 __all__ = ["BENCHMARKS", "add_arguments", "main", "run_benchmark"]

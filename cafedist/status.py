@@ -133,7 +133,11 @@ def run_status(run_dir: str | Path) -> RunStatus:
     # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
     # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
     # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
-    seconds = [r["seconds"] for r in records[-_RECENT:] if _usable(r.get("seconds"))]
+    # and only rounds on the newest round's world size: a run resumed on another number of
+    # ranks mixed the old session's round times into the median
+    world = records[-1].get("world_size") if records else None
+    seconds = [r["seconds"] for r in records if _usable(r.get("seconds")) and r.get("world_size") == world]
+    seconds = seconds[-_RECENT:]
     left = None
     if holder is not None:
         state = f"training ({holder})"

@@ -148,3 +148,18 @@ def test_a_reader_that_stops_early_ends_it_quietly(runs, unbuffered):
     proc.stdout.close()  # the reader is gone before anything is written (imports take seconds)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and err == "", err
+
+
+def test_time_left_is_read_from_rounds_on_the_current_world_size(runs, tmp_path):
+    """A run resumed on another number of ranks: the median of its last 5 rounds mixed rounds
+    timed on the old world size with the new ones (here 4 ranks' 100 s rounds with 1 rank's 1 s:
+    50.5 s a round left). Rounds on another world size than the newest round's are left out."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1]
+    records[0].update(seconds=100.0, world_size=4, clients_per_rank=[1, 1, 1, 1])
+    records[1].update(seconds=1.0)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with RunLock(run):
+        assert run_status(run).seconds_left == pytest.approx(1.0)  # 1 round left at 1 s

@@ -397,3 +397,20 @@ def test_every_row_says_the_load_it_was_measured_under(capsys, monkeypatch):
     assert cli_main(["bench", "comm", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows and all(r["load_1m"] == [0.25, 1.5] for r in rows)
+
+
+def test_bench_aggregate_child_that_fails_is_one_line(monkeypatch, capsys):
+    """The peak-memory child of `bench aggregate` killed (the OOM killer at n = 1,024 on a small
+    node) or failing raised CalledProcessError: a traceback, exit 1. Now one line naming the
+    size it measured and how the child ended."""
+    import subprocess
+
+    from cafedist.bench import aggregate
+    from cafedist.errors import CafeError
+
+    def killed(cmd, **kwargs):
+        raise subprocess.CalledProcessError(-9, cmd, output="", stderr="")
+
+    monkeypatch.setattr(aggregate.subprocess, "run", killed)
+    with pytest.raises(CafeError, match=r"bench aggregate: the peak-memory run at n = 8 failed \(killed by signal 9"):
+        aggregate.peak_in_subprocess(8, 2, 4, 3, 3)

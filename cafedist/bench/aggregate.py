@@ -28,6 +28,7 @@ from cafedist.algorithms.base import Setup
 from cafedist.algorithms.proxy_math import cosine_similarity_rows, teacher_weights
 from cafedist.bench.timing import interleaved, median, peak_rss_delta, synchronizer
 from cafedist.childenv import child_env
+from cafedist.errors import CafeError
 
 CLUSTERS = 8
 
@@ -68,7 +69,13 @@ def peak_in_subprocess(n: int, m: int, proxy: int, classes: int, rnd: int) -> in
     env = child_env(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     code = ("import torch; torch.set_num_threads(%d); from cafedist.bench.aggregate import measure_peak; "
             "print(measure_peak(%d, %d, %d, %d, %d))" % (torch.get_num_threads(), n, m, proxy, classes, rnd))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    except subprocess.CalledProcessError as exc:
+        # killed (the OOM killer at large n on a small node) or failed: it was a traceback
+        how = f"killed by signal {-exc.returncode}" if exc.returncode < 0 else f"exit {exc.returncode}"
+        tail = ((exc.stderr or "").strip().splitlines() or ["no output"])[-1]
+        raise CafeError(f"bench aggregate: the peak-memory run at n = {n} failed ({how}: {tail})") from None
     value = out.stdout.strip().splitlines()[-1]
     return None if value == "None" else int(value)
 

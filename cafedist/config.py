@@ -401,8 +401,14 @@ def run_config_of(file: YamlFile) -> Config:
 
     Files written before configs were read as YAML 1.2 (:mod:`cafedist.yamlio`) came from a
     YAML 1.1 writer, which leaves strings such as ``08`` or ``1e3`` unquoted: read as numbers
-    they fail the config's types, so such a file is read again under YAML 1.1's rules."""
+    they fail the config's types, so such a file is read again under YAML 1.1's rules. A file
+    without every top-level section is refused: train writes them all, in every version, and
+    an empty or partial file read as the defaults would describe a run that never was."""
     raw = file.mapping()
+    missing = [key for key in TOP_LEVEL_KEYS if key not in raw]
+    if missing:
+        # (callers name the file)
+        raise ConfigError(f"not a config.yaml train wrote: it lacks the sections {', '.join(missing)}")
     try:
         return config_from_dict(raw)
     except ConfigError as first:

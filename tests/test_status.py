@@ -82,6 +82,11 @@ def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
     assert proc.returncode == 2 and "ok" in proc.stdout and "broken" not in proc.stdout
     assert [ln for ln in proc.stderr.splitlines() if "error" in ln] == \
         [ln for ln in proc.stderr.splitlines() if ln.startswith(f"cafedist: error: {broken / 'config.yaml'}: ")]
+    # an empty (or partial) config.yaml is no run of the default config ("0/20 no round finished")
+    (broken / "config.yaml").write_text("")
+    proc = cafedist_in_process("status", str(broken))
+    assert proc.returncode == 2 and "0/20" not in proc.stdout
+    assert "not a config.yaml train wrote: it lacks the sections seed, data, model" in proc.stderr
     for path, expect in ((tmp_path / "nothing", "not a folder"), (tmp_path / "empty", "no run directory in it")):
         proc = cafedist_in_process("status", str(path))
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr

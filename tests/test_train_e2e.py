@@ -29,6 +29,10 @@ def test_train_writes_outputs_and_eval_reports(tiny_config, tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert report["acc_per_exit"] == s["acc_per_exit"]
     assert report["model_hashes"] == s["model_hashes"]
+    # where the numbers were computed: this stack, on the CPU (as training ran)
+    assert {k: v for k, v in report["environment"].items() if k != "git"} == \
+        {k: v for k, v in s["environments"][0].items() if k != "git"}
+    assert report["environment"]["devices"] == ["cpu"]
     assert len(report["per_client"]) == 4
     assert (out / "accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     red = report["mac_reduction"]

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from cafedist import provenance
 from cafedist.config import Config, config_hash, read_run_config, run_identity
 from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
@@ -236,6 +237,8 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
         summary = final_evaluation(run.pool, run.algo, ClientRows(Comm(run.rt), run.placement, run.rt.device),
                                    run.macs, run.num_exits, run.store.has_val, is_main=True)
         summary.update(algorithm=cfg.algorithm.name, num_clients=run.n)
+        # float sums differ between devices and CPU models: the numbers name where they came from
+        environment = provenance.environment(provenance.software(), [provenance.machine(run.rt.device)])
         # --budget: needs the loaded models, so it runs before the store closes
         budget_section = None if budget is None else run_budget(
             run, run_dir, budget, summary["dynamic"],
@@ -268,6 +271,7 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
         "max_loss": max_loss,
         "mac_reduction": reduction,
         "model_hashes": summary["model_hashes"],
+        "environment": environment,
         "paths": paths,
     }
     if budget_section is not None:

@@ -17,7 +17,8 @@ and replaces, in RESULTS.md, the blocks between ``<!-- study:<setting>:runs -->`
 seeds) and ``<!-- study:<setting>:paired -->`` / ``<!-- /study:<setting>:paired -->``
 (CAFEDistill minus each other method, seed by seed — a seed gives every method the same
 partition — mean ± standard error over the seeds) when those markers exist. The chosen lr
-comes from the compare's trials.csv, never from test accuracy.
+comes from the compare's trials.csv, never from test accuracy. A setting without finished runs
+under ``--study`` is refused, so the committed tables are never replaced by empty ones.
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ def main() -> None:
     parser.add_argument("--results-md", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args()
     study_dir = args.study / args.setting
+    if not any((study_dir / "runs").rglob("summary.json")):  # never overwrite the committed tables with empty ones
+        parser.error(f"{study_dir / 'runs'}: no finished runs of setting {args.setting} "
+                     f"(run `bash experiments/study_T100.sh {args.setting}` first, or give --study)")
     args.results.mkdir(parents=True, exist_ok=True)
     rows = collect(study_dir, args.setting, args.results)
     chosen = chosen_settings(study_dir)

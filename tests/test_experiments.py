@@ -1,0 +1,103 @@
+"""The experiment scripts that docs/RESULTS.md and docs/METHOD.md cite (experiments/*.py): a
+wrong argument or a missing run folder fails with one line (no traceback, nothing written),
+and a sweep neither hides a failed variant nor reuses a finished run of another config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(EXPERIMENTS / name), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    for word in words:
+        assert word in last, proc.stderr
+
+
+def test_study_tables_refuses_a_study_without_runs(tmp_path):
+    """A setting whose run folders are missing (not trained here, or a typo) wrote empty CSVs
+    over the committed docs/results ones and emptied RESULTS.md's tables, with exit code 0."""
+    results = tmp_path / "results"
+    results.mkdir()
+    csv = results / "study_T100_mnist5k_a0.3_runs.csv"
+    csv.write_text("variant,seed\ncafedistill/train.lr=0.05/seed0,0\n")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- study:mnist5k-a0.3:runs -->\n| committed |\n<!-- /study:mnist5k-a0.3:runs -->\n")
+    before = md.read_text()
+    proc = script("study_tables.py", "mnist5k-a0.3", "--study", tmp_path / "study", "--results", results,
+                  "--results-md", md, cwd=tmp_path)
+    one_line_error(proc, "mnist5k-a0.3", "no finished runs")
+    assert csv.read_text().startswith("variant,seed\ncafedistill")
+    assert md.read_text() == before
+    assert sorted(p.name for p in results.iterdir()) == [csv.name]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["missing.txt", "--out", "o"], ["missing.txt"]),
+    (["--out", "o"], ["variants"]),
+    (["--collect", "missing", "--out", "o"], ["missing"]),
+])
+def test_sweep_bad_arguments_fail_in_one_line(tmp_path, args, words):
+    proc = script("sweep.py", *args, cwd=tmp_path)
+    one_line_error(proc, *words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_exits_non_zero_when_a_variant_fails(tmp_path, tiny_config):
+    """A failed variant was printed as FAILED, but the sweep exited 0: a script running the
+    sweep went on as if every variant had finished."""
+    cfg = tiny_config(rounds=2)
+    (tmp_path / "v.txt").write_text(f"bad --config {cfg} train.no_such_key=1\n")
+    proc = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "bad: FAILED" in proc.stdout
+
+
+def test_sweep_does_not_reuse_a_finished_run_of_another_config(tmp_path, tiny_config):
+    """A finished variant was skipped on its summary.json alone: after its line in the variants
+    file changed, the old run was reported ok and tabulated under the new overrides."""
+    cfg = tiny_config(rounds=2)
+    variants = tmp_path / "v.txt"
+    variants.write_text(f"a --config {cfg} data.val_fraction=0.1\n")
+    first = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)
+    assert first.returncode == 0 and "a: ok" in first.stdout, first.stdout + first.stderr
+    again = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)  # the same: reused
+    assert again.returncode == 0 and "a: ok" in again.stdout
+    assert "different config" not in (tmp_path / "sw" / "a.log").read_text()
+    variants.write_text(f"a --config {cfg} data.val_fraction=0.1 train.lr=0.02\n")
+    changed = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)
+    assert changed.returncode == 1 and "a: FAILED" in changed.stdout, changed.stdout + changed.stderr
+    assert "different config" in (tmp_path / "sw" / "a.log").read_text()
+
+
+@pytest.mark.parametrize("name, args, words", [
+    ("budget_vs_global.py", ["nodir", "--out", "x.csv"], ["nodir", "not a run directory"]),
+    ("budget_vs_global.py", ["--summarize", "missing.csv"], ["missing.csv"]),
+    ("budget_halvings.py", ["nodir"], ["nodir", "not a run directory"]),
+    ("budget_reweighted.py", ["nodir"], ["nodir", "not a run directory"]),
+    ("budget_learned_score.py", ["nodir"], ["nodir", "not a run directory"]),
+    ("per_client_gap.py", ["nodir"], ["NAME=DIR", "nodir"]),
+    ("per_client_gap.py", ["a=nodir", "b=nodir2"], ["nodir"]),
+    ("theta_tradeoff.py", ["nodir"], ["nodir", "cafedist eval"]),
+])
+def test_a_missing_run_folder_fails_in_one_line(tmp_path, name, args, words):
+    if name == "budget_learned_score.py":
+        pytest.importorskip("sklearn")
+    proc = script(name, *args, cwd=tmp_path)
+    one_line_error(proc, *words)
+    assert not (tmp_path / "x.csv").exists()

@@ -10,7 +10,8 @@ interrupted sweep continues where it stopped and a finished variant is not redon
 itself checks that a run directory holds the same config). Then ``OUT/variants.csv`` (final
 validation and test accuracy per exit, conflict means) and ``OUT/curves.csv`` (per round) are
 written; ``--collect DIR --out TABLES`` writes the same two tables for every finished run below
-DIR (e.g. a ``cafedist compare`` folder whose report is not written yet).
+DIR (e.g. a ``cafedist compare`` folder whose report is not written yet). The sweep exits 1 when a
+variant failed (its log: ``OUT/NAME.log``).
 Settings are chosen on validation accuracy only; test accuracy is reported beside it.
 """
 
@@ -37,10 +38,29 @@ def read_variants(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def finished(args: list[str], run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of this variant's config (``cafedist compare``'s
+    test: the summary's config hash, or that of the same run under an earlier config file)."""
+    from cafedist.config import config_hash, load_config
+    from cafedist.errors import CafeError
+    from cafedist.train.preflight import earlier_hash
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+        if "--config" in args:
+            config = args[args.index("--config") + 1]
+        cfg = load_config(config, [a for a in args if "=" in a and not a.startswith("-")])
+    except (OSError, ValueError, IndexError, CafeError):
+        return False
+    return summary.get("config_hash") in (config_hash(cfg), earlier_hash(cfg, run_dir))
+
+
 def run(name: str, args: list[str], out: Path) -> tuple[str, int]:
-    """One variant: ``cafedist train`` (resumes an unfinished run, skips a finished one)."""
+    """One variant: ``cafedist train`` (resumes an unfinished run, skips one finished with this
+    config; ``train`` refuses a run directory holding another config)."""
     run_dir = out / name
-    if (run_dir / "summary.json").exists():
+    if finished(args, run_dir):
         return name, 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cafedist", "train", *args, "--out", str(run_dir), "--no-progress"]
@@ -144,6 +164,12 @@ def main() -> None:
     ap.add_argument("--only-table", action="store_true", help="tabulate the finished runs, run nothing")
     ap.add_argument("--collect", type=Path, help="tabulate every finished run below this folder into --out")
     a = ap.parse_args()
+    if a.collect and not a.collect.is_dir():
+        ap.error(f"--collect {a.collect}: no such folder")
+    if not a.collect and a.variants is None:
+        ap.error("give the variants file (or --collect DIR)")
+    if a.variants is not None and not a.variants.is_file():
+        ap.error(f"{a.variants}: no such variants file")
     if a.collect:
         tabulate_runs(finished_runs(a.collect), a.out)
         with open(a.out / "variants.csv") as f:
@@ -151,12 +177,16 @@ def main() -> None:
         return
     variants = read_variants(a.variants)
     a.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
     if not a.only_table:
         with ThreadPoolExecutor(a.jobs) as pool:
             for name, rc in pool.map(lambda v: run(v[0], v[1], a.out), variants):
                 print(f"{name}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {a.out / name}.log)'}", flush=True)
+                failed += rc != 0
                 tabulate(variants, a.out)
     tabulate(variants, a.out)
+    if failed:
+        sys.exit(f"sweep.py: {failed} of {len(variants)} variants failed (see their logs in {a.out})")
 
 
 if __name__ == "__main__":

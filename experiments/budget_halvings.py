@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from cafedist.errors import CafeError
 from cafedist.eval.budget import choose_all, population_choices
 from cafedist.eval.budget_report import accuracy_at_macs, apply_choice
 from cafedist.eval.budget_run import client_splits
@@ -151,8 +152,11 @@ def main(rules: dict[str, Rule] = RULES, description: str = __doc__) -> None:
     budget = macs_budget(parser, args.budget)
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in rules}
     for run_dir in args.runs:
-        with load_run(run_dir) as loaded:
-            cals, macs = [cal for cal, _test in client_splits(loaded.run)], list(loaded.run.macs)
+        try:
+            with load_run(run_dir) as loaded:
+                cals, macs = [cal for cal, _test in client_splits(loaded.run)], list(loaded.run.macs)
+        except CafeError as exc:  # not a finished run directory: one line
+            parser.error(str(exc))
         for rep in range(args.repeats):
             g = torch.Generator().manual_seed(rep)
             first, second = [], []

@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from contextlib import ExitStack
 from statistics import NormalDist
 
 import torch
 from budget_halvings import halves, macs_budget, print_table, score
 from torch import Tensor
 
+from cafedist.errors import CafeError
 from cafedist.eval.budget import choose_all
 from cafedist.eval.budget_search import Choice, Split, choose_policy
 from cafedist.eval.budget_spec import Budget
@@ -79,7 +81,11 @@ def main() -> None:
     rules = ("pooled", "client", "reweighted", "reweighted-unscaled")
     results: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rules}
     for run_dir in args.runs:
-        with load_run(run_dir) as loaded:
+        with ExitStack() as stack:
+            try:
+                loaded = stack.enter_context(load_run(run_dir))
+            except CafeError as exc:  # not a finished run directory: one line
+                parser.error(str(exc))
             run = loaded.run
             macs_list = list(run.macs)
             clients = list(run.pool.each(sorted(run.pool.ids), modify=False))

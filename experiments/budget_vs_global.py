@@ -27,6 +27,7 @@ from pathlib import Path
 
 from budget_halvings import global_table, macs_budget
 
+from cafedist.errors import CafeError
 from cafedist.eval.budget import personalized_budgets
 from cafedist.eval.budget_report import accuracy_at_macs, apply_choice
 from cafedist.eval.budget_run import client_splits
@@ -130,6 +131,9 @@ def main() -> None:
     if args.summarize:
         if args.runs or args.out:
             parser.error("--summarize reads CSVs only; give RUN_DIR ... --out CSV in a separate call")
+        missing = [str(p) for p in args.summarize if not p.is_file()]
+        if missing:
+            parser.error(f"--summarize: no such CSV: {', '.join(missing)}")
         print("\n".join(summary(p) for p in args.summarize))
         return
     if not args.runs or not args.out:
@@ -145,7 +149,10 @@ def main() -> None:
     for run_dir in args.runs:
         if (run_dir, args.budget, f"{args.confidence:g}") in done:  # resumable per run and setting
             continue
-        row = run_row(run_dir, args.budget, parser, args.confidence)
+        try:
+            row = run_row(run_dir, args.budget, parser, args.confidence)
+        except CafeError as exc:  # not a finished run directory: one line, the rows so far stay
+            parser.error(str(exc))
         new = not out.exists() or out.stat().st_size == 0
         with out.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")

@@ -22,6 +22,7 @@ import numpy as np
 
 from cafedist.config import read_run_config
 from cafedist.data.store import Store
+from cafedist.errors import CafeError
 
 
 def client_accuracy(run_dir: Path, exit_index: int) -> list[float]:
@@ -43,13 +44,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--exit", type=int, default=-1, help="exit index (default -1: the last)")
     args = parser.parse_args()
+    bad = [item for item in args.methods if "=" not in item]
+    if bad:
+        parser.error(f"expected NAME=DIR (e.g. cafedistill=runs/study/mnist5k-a0.3/runs/cafedistill/train.lr=0.05), "
+                     f"got {' '.join(bad)}")
     methods = dict(item.split("=", 1) for item in args.methods)
+    missing = [folder for folder in methods.values() if not Path(folder).is_dir()]
+    if missing:
+        parser.error(f"no such run folder: {', '.join(missing)}")
     (base, base_dir), others = next(iter(methods.items())), list(methods.items())[1:]
     sizes: list[int] = []
     acc: dict[str, list[float | None]] = {name: [] for name in methods}
     for seed in (int(s) for s in args.seeds.split(",")):
         first = Path(base_dir) / f"seed{seed}"
-        n = train_sizes(first)
+        try:
+            n = train_sizes(first)
+        except CafeError as exc:  # the method under study lacks this seed's run, or its store
+            parser.error(str(exc))
         sizes += n
         for name, folder in methods.items():
             run = Path(folder) / f"seed{seed}"

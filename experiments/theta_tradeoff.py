@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--theta", type=float, default=0.6)
     parser.add_argument("--loss", type=float, default=2.01, help="accuracy points below the last exit")
     args = parser.parse_args()
+    missing = [str(run) for run in args.runs if not (run / "eval.json").is_file()]
+    if missing:
+        parser.error(f"no eval.json in {', '.join(missing)} (run `cafedist eval RUN_DIR` on each first)")
     groups: dict[Path, list[tuple[float, float, float]]] = {}
     for run in args.runs:
         groups.setdefault(run.parent, []).append(tradeoff(run, args.theta, args.loss))

@@ -37,4 +37,4 @@ fi
 export OMP_NUM_THREADS=1
 exec "${PYTHON:-python}" -m cafedist compare --config "$config" --algorithms "$METHODS" "${grid[@]}" "${mode[@]}" \
   --jobs "${JOBS:-2}" --out "runs/study/$setting" "$@" \
-  train.rounds=100 train.eval_every=5 data.val_fraction=0.1 checkpoint.every=10 "${extra[@]}"
+  train.rounds=100 train.eval_every=5 data.val_fraction=0.1 checkpoint.every=10 ${extra[@]+"${extra[@]}"}  # (bash < 4.4 calls an empty array unbound under set -u)

@@ -16,9 +16,10 @@ and replaces, in RESULTS.md, the blocks between ``<!-- study:<setting>:runs -->`
 ``<!-- /study:<setting>:seeds -->`` (each method at its chosen lr: mean ± sample sd over its
 seeds) and ``<!-- study:<setting>:paired -->`` / ``<!-- /study:<setting>:paired -->``
 (CAFEDistill minus each other method, seed by seed — a seed gives every method the same
-partition — mean ± standard error over the seeds) when those markers exist. The chosen lr
-comes from the compare's trials.csv, never from test accuracy. A setting without finished runs
-under ``--study`` is refused, so the committed tables are never replaced by empty ones.
+partition — mean ± standard error over the seeds) when those markers exist (the last two only
+once the compare has chosen). The chosen lr comes from the compare's trials.csv, never from
+test accuracy. A setting without finished runs under ``--study`` is refused, so the committed
+tables are never replaced by empty ones.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import csv
 import shutil
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -152,10 +154,13 @@ def main() -> None:
     rows = collect(study_dir, args.setting, args.results)
     chosen = chosen_settings(study_dir)
     runs, seeds, paired = runs_table(rows), seeds_table(rows, chosen), paired_table(rows, chosen)
-    text = args.results_md.read_text()
-    text = replace_block(text, f"study:{args.setting}:runs", runs)
-    text = replace_block(text, f"study:{args.setting}:seeds", seeds)
-    text = replace_block(text, f"study:{args.setting}:paired", paired)
+    text = replace_block(args.results_md.read_text(), f"study:{args.setting}:runs", runs)
+    if chosen:
+        text = replace_block(text, f"study:{args.setting}:seeds", seeds)
+        text = replace_block(text, f"study:{args.setting}:paired", paired)
+    else:  # an unfinished compare has chosen nothing yet: keep the seed tables as they are
+        print(f"study_tables.py: no {study_dir / 'trials.csv'} yet (the compare has not chosen); "
+              "the seeds and paired tables are left as they are", file=sys.stderr)
     args.results_md.write_text(text)
     print(runs, seeds, paired, sep="\n\n")
 

@@ -101,3 +101,24 @@ def test_a_missing_run_folder_fails_in_one_line(tmp_path, name, args, words):
     proc = script(name, *args, cwd=tmp_path)
     one_line_error(proc, *words)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_study_tables_keeps_the_seed_tables_until_the_compare_has_chosen(tmp_path):
+    """Before the compare has written trials.csv (an interrupted study) no lr is chosen: the
+    seeds and paired tables were replaced by empty ones; the runs table is still rewritten."""
+    run = tmp_path / "study" / "digits-a0.3" / "runs" / "cafedistill" / "train.lr=0.05" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\ndata: {dataset: digits}\n")
+    (run / "summary.json").write_text('{"rounds": 1, "wall_seconds": 1.0, "acc_per_exit": [0.5, 0.6, 0.7], '
+                                      '"val_acc_per_exit": [0.4, 0.5, 0.6]}')
+    (run / "metrics.jsonl").write_text('{"round": 0, "loss": 1.0, "acc_per_exit": [0.5, 0.6, 0.7]}\n')
+    md = tmp_path / "RESULTS.md"
+    md.write_text("".join(f"<!-- study:digits-a0.3:{k} -->\n| committed {k} |\n<!-- /study:digits-a0.3:{k} -->\n"
+                          for k in ("runs", "seeds", "paired")))
+    proc = script("study_tables.py", "digits-a0.3", "--study", tmp_path / "study", "--results", tmp_path / "res",
+                  "--results-md", md, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = md.read_text()
+    assert "| committed seeds |" in text and "| committed paired |" in text
+    assert "| committed runs |" not in text and "| cafedistill/train.lr=0.05/seed0 | 0 | 50.0 |" in text
+    assert "trials.csv" in proc.stderr

@@ -7,7 +7,9 @@ For each run it reads eval.json's global max-softmax sweep (test split) and prin
 over the runs that share a parent folder (the seeds of one ``cafedist compare`` setting): the
 accuracy cost of θ in points against the run's own last exit, the MACs it saves, and the
 largest MACs saving whose cost stays within ``--loss`` points (the paper: θ = 0.6 costs 2.01
-points for 37.15 % fewer MACs). docs/RESULTS.md quotes its output.
+points for 37.15 % fewer MACs). That threshold is chosen on the test sweep itself: a best case in
+hindsight, not a threshold a deployment could pick in advance (``cafedist eval --budget`` picks on
+calibration data). docs/RESULTS.md quotes its output.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cafedist.config import config_from_dict, dump_config
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 
@@ -108,7 +110,7 @@ def test_study_tables_keeps_the_seed_tables_until_the_compare_has_chosen(tmp_pat
     seeds and paired tables were replaced by empty ones; the runs table is still rewritten."""
     run = tmp_path / "study" / "digits-a0.3" / "runs" / "cafedistill" / "train.lr=0.05" / "seed0"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text("seed: 0\ndata: {dataset: digits}\n")
+    (run / "config.yaml").write_text(dump_config(config_from_dict({"seed": 0, "data": {"dataset": "digits"}})))
     (run / "summary.json").write_text('{"rounds": 1, "wall_seconds": 1.0, "acc_per_exit": [0.5, 0.6, 0.7], '
                                       '"val_acc_per_exit": [0.4, 0.5, 0.6]}')
     (run / "metrics.jsonl").write_text('{"round": 0, "loss": 1.0, "acc_per_exit": [0.5, 0.6, 0.7]}\n')

@@ -34,6 +34,14 @@ if [ "${1:-}" = "--first-trials" ]; then  # only the lr=0.05 trial of every meth
 else
   grid=(--grid train.lr=0.05,0.02)
 fi
+for arg in "$@"; do  # the study's own settings come last and would silently win over the same key
+  case "$arg" in
+    train.rounds=*|train.eval_every=*|data.val_fraction=*|checkpoint.every=*|data.alpha=*|train.lr=*|\
+    algorithm.cafedistill.last_exit_kd=*)
+      echo "study_T100.sh: $arg: the study fixes ${arg%%=*} (its protocol); run cafedist compare directly for another" >&2
+      exit 2 ;;
+  esac
+done
 export OMP_NUM_THREADS=1
 exec "${PYTHON:-python}" -m cafedist compare --config "$config" --algorithms "$METHODS" "${grid[@]}" "${mode[@]}" \
   --jobs "${JOBS:-2}" --out "runs/study/$setting" "$@" \

@@ -124,3 +124,20 @@ def test_study_tables_keeps_the_seed_tables_until_the_compare_has_chosen(tmp_pat
     assert "| committed seeds |" in text and "| committed paired |" in text
     assert "| committed runs |" not in text and "| cafedistill/train.lr=0.05/seed0 | 0 | 50.0 |" in text
     assert "trials.csv" in proc.stderr
+
+
+def test_study_script_refuses_to_let_its_protocol_silently_win_over_an_override():
+    """study_T100.sh puts its fixed settings after the caller's arguments: `train.rounds=5` was
+    accepted and then overridden by the study's 100 rounds. It is refused; other compare
+    arguments pass through (PYTHON=echo shows the command it would run)."""
+    study = str(ROOT / "experiments" / "study_T100.sh")
+    env = {**os.environ, "PYTHON": "echo"}
+    refused = subprocess.run(["bash", study, "digits-a0.3", "train.rounds=5"], capture_output=True, text=True,
+                             env=env, timeout=60)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == ("study_T100.sh: train.rounds=5: the study fixes train.rounds (its protocol); "
+                                      "run cafedist compare directly for another")
+    passed = subprocess.run(["bash", study, "digits-a0.3", "--seeds", "1"], capture_output=True, text=True,
+                            env=env, timeout=60, check=True).stdout.split()
+    assert passed[passed.index("--out") + 2:passed.index("--out") + 4] == ["--seeds", "1"]
+    assert passed[-4:] == ["train.rounds=100", "train.eval_every=5", "data.val_fraction=0.1", "checkpoint.every=10"]

@@ -139,17 +139,19 @@ def run_status(run_dir: str | Path) -> RunStatus:
     seconds = [r["seconds"] for r in records if _usable(r.get("seconds")) and r.get("world_size") == world]
     seconds = seconds[-_RECENT:]
     left = None
+    acc = records[-1].get("acc_per_exit") if records else None
     if holder is not None:
         state = f"training ({holder})"
         if seconds:
             left = statistics.median(seconds) * max(cfg.train.rounds - done, 0)
     elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
         state = "finished"
+        # summary.json is the record of a finished run: metrics.jsonl may be torn or trimmed
+        done, acc = cfg.train.rounds, summary.get("acc_per_exit")
     elif error is not None:
         state = f"failed ({error.removeprefix('cafedist: error: ')})"
     else:
         state = _stopped_state(records, checkpoint)
-    acc = records[-1].get("acc_per_exit") if records else None
     last = acc[-1] if isinstance(acc, list) and acc and _usable(acc[-1]) else None
     return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, checkpoint,
                      _eval_state(run_dir, checkpoint))

@@ -32,6 +32,13 @@ def test_finished_stopped_and_training_runs(runs):
     assert (done.state, done.rounds_done, done.rounds, done.algorithm) == ("finished", 3, 3, "cafedistill")
     assert done.checkpoint_round == 2 and done.eval == "none" and done.seconds_left is None
     assert done.last_exit_accuracy == json.loads((runs / "done" / "summary.json").read_text())["acc_per_exit"][-1]
+    # its summary is the record: a metrics.jsonl torn (or trimmed) after the end changes nothing
+    torn = runs.parent / "torn"
+    shutil.copytree(runs / "done", torn)
+    (torn / "metrics.jsonl").write_text((torn / "metrics.jsonl").read_text().splitlines()[0][:20])
+    after = run_status(torn)
+    assert (after.state, after.rounds_done, after.rounds, after.last_exit_accuracy) == \
+        ("finished", 3, 3, done.last_exit_accuracy)
     stopped = run_status(runs / "stopped")
     assert stopped.state == "stopped (a resume continues after round 1)" and stopped.rounds_done == 2
     with RunLock(runs / "stopped"):  # this process, alive: as a training would hold it

@@ -7,11 +7,66 @@ module of this package and registers each such class under its name.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+import re
+import typing
 
 from cafedist.algorithms.base import Algorithm, ClientView, LocalBatch, Phase, Setup
 from cafedist.errors import ConfigError
+
+#: what an algorithm's name may be: it is a config key (``algorithm.NAME.field=...``, split at
+#: dots), an entry of ``compare --algorithms a,b`` and a folder name (``runs/NAME/seed0``)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+#: names taken elsewhere: the algorithm section's selector key, compare's "every algorithm"
+RESERVED_NAMES = ("name", "all")
+
+
+def check_algorithm(cls: type[Algorithm]) -> None:
+    """Refuse, at registration, an algorithm class the loop could not run or the config could not
+    build, with one ``RuntimeError`` naming the class and what to change (rather than a deep
+    traceback at start-up or in a round):
+
+    * ``name`` fits :data:`NAME_PATTERN` and is not one of :data:`RESERVED_NAMES`;
+    * ``Params`` is a dataclass whose annotations resolve, whose every field has a default
+      (the config builds it from the keys given, ``docs/ALGORITHMS.md`` from none) and whose
+      defaults pass its own ``checks()``;
+    * ``cohort_exchange`` comes with an ``aggregate_cohort``;
+    * a :class:`~cafedist.algorithms.logit_exchange.LogitExchange` has a ``proxy_size``
+      parameter (unless it overrides ``proxy_size`` itself).
+    """
+    from cafedist.algorithms.logit_exchange import LogitExchange
+
+    where = f"algorithm {cls.name!r} ({cls.__module__}.{cls.__qualname__})"
+    if not NAME_PATTERN.fullmatch(cls.name) or cls.name in RESERVED_NAMES:
+        raise RuntimeError(f"{where}: name must be letters, digits, '-' or '_' (no dots: it is the config key "
+                           f"algorithm.NAME.*), starting with a letter or digit, and not "
+                           f"{' or '.join(map(repr, RESERVED_NAMES))}")
+    params = cls.Params
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        raise RuntimeError(f"{where}: Params must be a dataclass (NoParams when there are none), got {params!r}")
+    try:
+        typing.get_type_hints(params)
+    except Exception as exc:  # noqa: BLE001 - any unresolvable annotation: the config cannot check values
+        raise RuntimeError(f"{where}: the annotations of {params.__qualname__} do not resolve ({exc}): "
+                           f"the config checks values against them") from None
+    missing = [f.name for f in dataclasses.fields(params)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RuntimeError(f"{where}: {params.__qualname__}.{missing[0]} needs a default (every parameter "
+                           f"has one: a config may set none of them)")
+    defaults = params()
+    for field_name, ok, expected in defaults.checks() if hasattr(defaults, "checks") else ():
+        if not ok:
+            raise RuntimeError(f"{where}: the default {field_name}={getattr(defaults, field_name)!r} fails "
+                               f"its own check (must be {expected})")
+    if cls.cohort_exchange and cls.aggregate_cohort is Algorithm.aggregate_cohort:
+        raise RuntimeError(f"{where}: cohort_exchange is set but aggregate_cohort is not implemented")
+    if (issubclass(cls, LogitExchange) and cls.proxy_size.__func__ is LogitExchange.proxy_size.__func__
+            and "proxy_size" not in {f.name for f in dataclasses.fields(params)}):
+        raise RuntimeError(f"{where}: a LogitExchange's Params needs a proxy_size field (P' proxy items "
+                           f"per round)")
 
 
 def _discover() -> dict[str, type[Algorithm]]:
@@ -24,6 +79,7 @@ def _discover() -> dict[str, type[Algorithm]]:
             if isinstance(obj, type) and issubclass(obj, Algorithm) and obj.name and obj.__module__ == module.__name__:
                 if obj.name in found and found[obj.name] is not obj:
                     raise RuntimeError(f"two algorithms named {obj.name!r}: {found[obj.name]} and {obj}")
+                check_algorithm(obj)
                 found[obj.name] = obj
     return dict(sorted(found.items()))
 
@@ -40,7 +96,7 @@ def get_algorithm(name: str, field_name: str = "algorithm.name") -> type[Algorit
                           f"(choices: {', '.join(ALGORITHMS)})") from None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientView", "LocalBatch", "Phase", "Setup", "get_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientView", "LocalBatch", "Phase", "Setup", "check_algorithm", "get_algorithm"]
 
 
 RECIPES = '''## Adding an algorithm
@@ -128,6 +184,7 @@ to `(block k's output, exit k's logits)`, that together compute what `forward` d
 (`EarlyExitNet.exit_stages` is the plain case, FedRoD's `GenericPlusPersonal.exit_stages` adds its
 personal classifier; `tests/test_export.py` checks that one against its `forward`). Without it
 export refuses that algorithm's runs in one line.
+
 '''
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+from algo_harness import make_trainer
 
 from cafedist.algorithms import ALGORITHMS, Algorithm, check_algorithm
-from cafedist.algorithms.base import Check
+from cafedist.algorithms.base import Check, Phase
+from cafedist.algorithms.common import is_body, is_head
 from cafedist.algorithms.logit_exchange import LogitExchange
 
 
@@ -64,3 +67,89 @@ def test_the_registry_refuses_an_unusable_algorithm_in_one_line(cls, message):
 def test_every_registered_algorithm_passes_registration():
     for cls in ALGORITHMS.values():
         check_algorithm(cls)
+
+
+# ----------------------------------------------------------------------------- one-line errors in a round
+class _ReadsModule(Algorithm):
+    """Declares a vmappable loss but reads ``batch.module``, which packed training does not give."""
+
+    name = "reads-module"
+    vmappable_loss = True
+
+    def local_loss(self, state, batch):
+        return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits) \
+            + 0 * sum(p.sum() for p in batch.module.parameters())
+
+
+def test_a_vmappable_loss_reading_the_module_is_named_under_packing(tmp_path, monkeypatch):
+    monkeypatch.setitem(ALGORITHMS, _ReadsModule.name, _ReadsModule)
+    make_trainer(tmp_path / "seq", _ReadsModule.name, rounds=1, packed="off").run_round(0)  # fine sequentially
+    tr = make_trainer(tmp_path / "packed", _ReadsModule.name, rounds=1, packed="on")
+    with pytest.raises(TypeError, match="'reads-module' declares vmappable_loss.*never batch.module.*"
+                                        "set vmappable_loss = False"):
+        tr.run_round(0)
+
+
+class _TwinPhases(Algorithm):
+    name = "twin-phases"
+
+    def local_phases(self, client, round_idx):
+        return [Phase(name="a", trainable=is_head), Phase(name="a", trainable=is_body)]
+
+
+class _UnknownModel(Algorithm):
+    name = "unknown-model"
+
+    def local_phases(self, client, round_idx):
+        return [Phase(model="global")]  # without extra_models = ("global",)
+
+
+@pytest.mark.parametrize("cls, packed, message", [
+    (_TwinPhases, "off", "'twin-phases': two phases named 'a' in one round"),
+    (_TwinPhases, "on", "'twin-phases': two phases named 'a' in one round"),
+    (_UnknownModel, "off", "'unknown-model': phase 'train' trains model 'global', which a client does not hold"),
+    (_UnknownModel, "on", "'unknown-model': phase 'train' trains model 'global', which a client does not hold"),
+])
+def test_phases_the_loop_would_run_wrongly_are_one_error(cls, packed, message, tmp_path, monkeypatch):
+    monkeypatch.setitem(ALGORITHMS, cls.name, cls)
+    monkeypatch.setattr(cls, "vmappable_loss", packed == "on")  # the default loss is vmappable: packed runs it
+    tr = make_trainer(tmp_path, cls.name, rounds=1, packed=packed)
+    with pytest.raises(ValueError, match=message):
+        tr.run_round(0)
+
+
+class _Rows(Algorithm):
+    """Uploads one float per client and sends one back; ``shape``/``drop`` break one side."""
+
+    name = "rows"
+    up_shape: tuple[int, ...] = ()
+    drop: bool = False
+
+    def upload_spec(self):
+        return {"n": ((), torch.float32)}
+
+    def upload(self, client):
+        return {"n": torch.zeros(self.up_shape)}
+
+    def payload_spec(self):
+        return {"back": ((2,), torch.float32)}
+
+    def aggregate(self, round_idx, gathered, active):
+        return ({} if self.drop else {"back": torch.zeros(gathered["n"].shape[0], 2)}), {}
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"up_shape": (3,)}, r"'rows': upload\['n'\] is \(3,\) torch.float32, its spec says \(\) torch.float32"),
+    ({"drop": True}, "'rows': aggregate returned no 'back'"),
+])
+def test_rows_that_do_not_match_their_spec_are_one_error(attrs, message, tmp_path, monkeypatch):
+    cls = type("Rows", (_Rows,), attrs)
+    monkeypatch.setitem(ALGORITHMS, cls.name, cls)
+    tr = make_trainer(tmp_path, cls.name, rounds=1)
+    with pytest.raises(ValueError, match=message):
+        tr.run_round(0)
+
+
+def test_rows_that_match_their_spec_pass(tmp_path, monkeypatch):
+    monkeypatch.setitem(ALGORITHMS, _Rows.name, _Rows)
+    assert make_trainer(tmp_path, _Rows.name, rounds=1).run_round(0)["bytes_down"] == 8

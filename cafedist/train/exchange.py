@@ -48,6 +48,21 @@ def exchange_bytes(run: Run) -> tuple[int, int]:
     return up, down
 
 
+def check_rows(algo_name: str, hook: str, rows: dict[str, Tensor], spec: dict, lead: tuple[int, ...] = ()) -> None:
+    """Refuse, in one line naming the algorithm and hook, rows that do not match their spec:
+    a missing key, or a tensor whose shape is not ``lead + row shape`` or whose dtype differs
+    (a wrong row would fail inside a collective, or, on several ranks, hang or mix rows)."""
+    for key, (shape, dtype) in spec.items():
+        if key not in rows:
+            raise ValueError(f"algorithm {algo_name!r}: {hook} returned no {key!r} (its spec lists "
+                             f"{', '.join(map(repr, spec))})")
+        t = rows[key]
+        want = (*lead, *shape)
+        if not isinstance(t, Tensor) or tuple(t.shape) != want or t.dtype != dtype:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"algorithm {algo_name!r}: {hook}[{key!r}] is {got}, its spec says {want} {dtype}")
+
+
 class Exchange:
     """One run's coordinator step (a no-op for algorithms without one)."""
 
@@ -91,6 +106,7 @@ class Exchange:
             if xp is not None:
                 rows["logits"].append(proxy_logits(algo.eval_model(c.view), xp, amp=self.cfg.train.amp)[self.exits])
             upload = algo.upload(c.view)
+            check_rows(algo.name, "upload", upload, algo.upload_spec())
             for key in algo.upload_spec():
                 rows[key].append(upload[key])
         local = {key: stack_rows(rows[key], tuple(shape), dtype, device) for key, (shape, dtype) in spec.items()}
@@ -106,6 +122,8 @@ class Exchange:
                 payload, report = algo.aggregate_cohort(rnd, gathered, torch.nonzero(active.cpu()).flatten())
             else:
                 payload, report = algo.aggregate(rnd, gathered, active.to(device))
+            check_rows(algo.name, "aggregate_cohort" if algo.cohort_exchange else "aggregate", payload,
+                       algo.payload_spec(), lead=(int(active.sum()) if algo.cohort_exchange else self.run.n,))
             timers["t_aggregate"] = now(device) - t
         t = now(device)
         mine = rows_of.scatter(payload, algo.payload_spec())

@@ -165,6 +165,22 @@ def run_phase(client: Client, algo: Algorithm, phase: Phase, train: TrainConfig,
     return total, steps
 
 
+def check_phases(algo: Algorithm, client: Client, phases: list[Phase]) -> None:
+    """Refuse phases the loop would run wrongly, in one line naming the algorithm: a phase's
+    ``model`` must be one the client holds (``"main"`` or an ``extra_models`` entry), and the
+    phases of one call must have distinct names (a phase's shuffling and dropout streams are
+    keyed by its name: two phases named alike would draw the same batches)."""
+    names = [p.name for p in phases]
+    for phase in phases:
+        if phase.model not in client.models:
+            raise ValueError(f"algorithm {algo.name!r}: phase {phase.name!r} trains model {phase.model!r}, "
+                             f"which a client does not hold (it holds {', '.join(map(repr, client.models))}: "
+                             f"'main' and extra_models)")
+        if names.count(phase.name) > 1:
+            raise ValueError(f"algorithm {algo.name!r}: two phases named {phase.name!r} in one round: their "
+                             f"random streams are keyed by the name, give each phase its own")
+
+
 def local_update(client: Client, algo: Algorithm, train: TrainConfig, round_idx: int, seed: int,
                  proxy_x: Tensor | None = None, proxy_idx: Tensor | None = None,
                  phases: list[Phase] | None = None) -> float:
@@ -172,6 +188,7 @@ def local_update(client: Client, algo: Algorithm, train: TrainConfig, round_idx:
     if phases is None:
         algo.on_local_start(client.view, round_idx)
         phases = algo.local_phases(client.view, round_idx)
+    check_phases(algo, client, phases)
     total, steps = 0.0, 0
     for phase in phases:
         t, s = run_phase(client, algo, phase, train, round_idx, seed, proxy_x, proxy_idx)

@@ -44,7 +44,7 @@ from torch.optim.sgd import sgd
 from cafedist.algorithms.base import Algorithm, Phase
 from cafedist.config import TrainConfig
 from cafedist.run.client import Client
-from cafedist.train.local import Draw, amp_cast, assemble_batch, local_update, step_draws, wants_proxy
+from cafedist.train.local import Draw, amp_cast, assemble_batch, check_phases, local_update, step_draws, wants_proxy
 
 log = logging.getLogger("cafedist")
 
@@ -212,6 +212,7 @@ def packed_local_update(clients: Sequence[Client], algo: Algorithm, train: Train
             return [local_update(c, algo, train, round_idx, seed, proxy_x, pidx[i], phases=per_client[i])
                     for i, c in enumerate(clients)]
         phases = per_client[0]
+    check_phases(algo, clients[0], phases)
     totals = torch.zeros(k, dtype=torch.float64)
     steps = torch.zeros(k, dtype=torch.float64)
     for phase in phases:
@@ -328,7 +329,15 @@ def _client_loss(template: nn.Module, algo: Algorithm, phase: Phase, train: Trai
         inputs = x if xp is None else torch.cat([x, xp], dim=0)
         outs = functional_call(template, amp_cast(params, train.amp), (amp_cast(inputs, train.amp),),
                                {"upto": phase.upto})
-        return algo.local_loss(state, assemble_batch(outs, y, x, phase.name, None, xp, pos))
+        try:
+            return algo.local_loss(state, assemble_batch(outs, y, x, phase.name, None, xp, pos))
+        except (AttributeError, TypeError) as exc:
+            if "NoneType" not in str(exc):
+                raise
+            # the usual cause: a loss declared vmappable that reads batch.module (None here)
+            raise TypeError(f"algorithm {algo.name!r} declares vmappable_loss, but its local_loss failed under "
+                            f"packed training ({exc}): a vmappable loss reads only the batch's tensors and the "
+                            f"state, never batch.module (None there); set vmappable_loss = False") from exc
 
     return loss_of
 

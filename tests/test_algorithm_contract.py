@@ -1,8 +1,17 @@
-"""What the algorithm contract refuses, in one line naming the algorithm.
+"""What every registered algorithm must pass, whatever it does (a new one is picked up here).
 
-* the registry (``check_algorithm``): a class the config or the loop could not use;
-* in a round: phases the loop would run wrongly, a vmappable loss that reads ``batch.module``
-  under packing, exchange rows that do not match their spec.
+In-process, on the harness's tiny digits problem with half the clients training each round:
+
+* a run whose clients are parked between uses (``train.resident_clients: 1``) and that is
+  checkpointed after round 1 and resumed by a fresh trainer equals the plain run, bit for bit:
+  every piece of per-client state lives in ``client.state`` (or a model, or an optimizer), the
+  coordinator's in ``server_state``, and hooks that may not change a client do not;
+* an algorithm that declares ``vmappable_loss`` trains packed as it trains sequentially.
+
+And what the contract refuses, in one line naming the algorithm: at registration
+(``check_algorithm``) a class the config or the loop could not use; in a round, phases the loop
+would run wrongly, a vmappable loss that reads ``batch.module`` under packing, and exchange rows
+that do not match their spec.
 """
 
 from __future__ import annotations
@@ -11,12 +20,78 @@ import dataclasses
 
 import pytest
 import torch
-from algo_harness import make_trainer
+from algo_harness import load, make_trainer, save
+from conftest import TIMING_KEYS
 
 from cafedist.algorithms import ALGORITHMS, Algorithm, check_algorithm
 from cafedist.algorithms.base import Check, Phase
 from cafedist.algorithms.common import is_body, is_head
 from cafedist.algorithms.logit_exchange import LogitExchange
+from cafedist.run.client import model_hash
+
+ROUNDS = 3
+
+
+def _params(name: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(ALGORITHMS[name].Params)}
+    return {"proxy_size": 24} if "proxy_size" in fields else {}
+
+
+def _state(tr) -> dict[int, tuple]:
+    """Every client's model hashes and algorithm state (host copies), by client id."""
+    return {c.cid: ({k: model_hash(m) for k, m in c.models.items()},
+                    {k: v.detach().cpu().clone() for k, v in c.state.items()})
+            for c in tr.pool.each(tr.pool.ids, modify=False)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[c][0] == b[c][0] and a[c][1].keys() == b[c][1].keys()
+        and all(torch.equal(a[c][1][k], b[c][1][k]) for k in a[c][1]) for c in a)
+
+
+def _record(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_parked_and_resumed_run_equals_the_plain_run(name, tmp_path):
+    opts = {"clients_per_round": 0.5, "rounds": ROUNDS}
+    plain = make_trainer(tmp_path, name, _params(name), **opts)
+    expected = [_record(plain.run_round(r)) for r in range(ROUNDS)]
+    final = _state(plain)
+    plain.pool.close()
+
+    first = make_trainer(tmp_path, name, _params(name), resident_clients=1, **opts)
+    first.run_dir = tmp_path / "resumed"
+    got = [_record(first.run_round(r)) for r in range(2)]
+    save(first, 1)
+    first.pool.close()
+    second = make_trainer(tmp_path, name, _params(name), resident_clients=1, **opts)
+    second.run_dir = tmp_path / "resumed"
+    assert load(second) == 2
+    got.append(_record(second.run_round(2)))
+    assert got == expected, (
+        f"{name}: parked and resumed, the run's records differ from the plain run's: per-client state "
+        "kept outside client.state, coordinator state missing from server_state, or a hook that "
+        "changed a client where it may not (docs/ALGORITHMS.md, 'What the loop relies on')")
+    assert _same(_state(second), final), f"{name}: parked and resumed, the clients' models or state differ"
+    second.pool.close()
+
+
+@pytest.mark.parametrize("name", [n for n, cls in ALGORITHMS.items() if cls.vmappable_loss])
+def test_a_vmappable_loss_trains_packed_as_sequentially(name, tmp_path):
+    trained = {}
+    for packed in ("off", "on"):
+        tr = make_trainer(tmp_path, name, _params(name), rounds=2, packed=packed)
+        assert tr.use_packed == (packed == "on"), f"{name}: packing refused"
+        for r in range(2):
+            tr.run_round(r)
+        trained[packed] = [dict(c.model.named_parameters()) for c in tr.clients]
+    for seq, pk in zip(trained["off"], trained["on"]):
+        for k in seq:
+            torch.testing.assert_close(pk[k], seq[k], rtol=1e-3, atol=1e-4,
+                                       msg=lambda m, k=k: f"{name}: packed training differs at {k}: {m}")
 
 
 # ----------------------------------------------------------------------------- registration

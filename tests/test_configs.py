@@ -47,4 +47,6 @@ def test_algorithm_reference_is_current():
     from cafedist.algorithms import reference_markdown
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "ALGORITHMS.md").read_text()
-    assert text == reference_markdown(), "docs/ALGORITHMS.md is stale: regenerate it (see reference_markdown)"
+    assert text == reference_markdown(), (
+        "docs/ALGORITHMS.md is stale: regenerate it with python -c \"from cafedist.algorithms import "
+        "reference_markdown as r; print(r(), end='')\" > docs/ALGORITHMS.md")

@@ -185,6 +185,58 @@ to `(block k's output, exit k's logits)`, that together compute what `forward` d
 personal classifier; `tests/test_export.py` checks that one against its `forward`). Without it
 export refuses that algorithm's runs in one line.
 
+### What the loop relies on
+
+A run must be the same on 1, 2 or 4 ranks, with clients parked (`train.resident_clients`) and
+after a kill and resume. That holds for an algorithm that keeps these rules; the ones marked
+*checked* fail in one line naming the algorithm, the others are what
+`tests/test_algorithm_contract.py` tests on every registered algorithm (with
+`tests/test_algorithms_torchrun.py`: two ranks equal one).
+
+- **Registration** (*checked* on import, `check_algorithm`): `name` is letters, digits, `-`,
+  `_` (it is the config key `algorithm.NAME.*`), not `name` or `all`; `Params` is a dataclass
+  whose every field has a default that passes its own `checks()`; `cohort_exchange` comes with
+  `aggregate_cohort`; a `LogitExchange` has a `proxy_size` parameter.
+- **Order in a round** (`cafedist/train/round.py`), each client hook on the client's own rank:
+  for each client that trains, `on_local_start`, `local_phases`, the phases' steps
+  (`uses_proxy_batch`, `local_loss`), then `trained_exits`; the exchange: `upload` of every
+  client (only those that trained under `cohort_exchange`; mask idle rows with `active`),
+  `aggregate` on rank 0 only, `receive` on each client that trained; the average of the
+  `shared_mask` parameters; `post_phases` of every client; evaluation through `eval_model`.
+  Packed training (`vmappable_loss`: on a GPU, or `train.packed: on`) calls `on_local_start`
+  and `local_phases` for a whole wave of clients before any of them steps.
+- **State.** What changes during a run and belongs to a client lives in its models or in
+  `client.state` (tensors only): that is what checkpoints, parking and re-placement carry. The
+  algorithm object exists once per rank: besides what every rank derives alike from `Setup`,
+  `Params` and `bind_model`, it may hold only coordinator state set in `aggregate` (rank 0) and
+  carried over a resume by `server_state`/`load_server_state` (every rank loads rank 0's). A
+  client's state may change in `on_local_start`, `local_phases`, `receive`, and in
+  `post_phases` when it returns phases. The queries (`upload`, `eval_model`, `trained_exits`,
+  `uses_proxy_batch`, `targets_round`, `local_loss`) and a `post_phases` returning `[]` must
+  not change it: `upload`, `eval_model` and `post_phases` also see clients the loop does not
+  mark changed, so a change there is lost when the client is parked and missing from the next
+  checkpoint. Keep every key `init_client_state` returns (a resume takes a shard without one
+  for another algorithm's).
+- **Randomness.** The loop's draws (shuffling, proxy batches, dropout) are keyed by (seed,
+  client id, round, phase name). A hook that draws uses a keyed stream too:
+  `cafedist.rng.generator(self.setup.seed, "purpose", cid, round_idx)`, never the global or
+  Python's `random` state, which differ between ranks and after a resume.
+- **Phases** (*checked*): the phases of one call have distinct names (the name keys the
+  streams: two alike draw the same batches; give post phases names other than the round's local
+  phases too), and `Phase.model` is `"main"` or one of `extra_models`. Post phases draw no proxy
+  batches, are not preceded by `on_local_start`, and their loss is not in the round's `loss`;
+  `round_idx` counts from 0, so "after the last round" is `round_idx == self.setup.rounds - 1`.
+- **Packed training** (`vmappable_loss = True`): `local_loss` runs under `torch.func.vmap`
+  with `batch.module = None` (*checked*: reading it fails naming the flag); no `.item()` or
+  branching on tensor values: its control flow may depend only on what packing groups clients
+  by (whether a proxy batch is drawn, `trained_exits`, the state's keys, the batch size).
+- **Exchange rows** (*checked*): `upload` returns `upload_spec`'s keys with exactly those row
+  shapes and dtypes; `aggregate` returns every `payload_spec` key as `[n, *row]` (`[k, *row]`
+  from `aggregate_cohort`) in the spec's dtype.
+- **Afterwards**: regenerate this page (see `reference_markdown`; `tests/test_configs.py`
+  fails while it is stale) and run `tests/test_algorithm_contract.py`,
+  `tests/test_algorithms_torchrun.py` and `tests/test_compare.py`, which pick the new
+  algorithm up by itself.
 '''
 
 

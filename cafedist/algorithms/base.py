@@ -19,6 +19,12 @@ Per-client algorithm state (teacher targets, student masks, reference parameters
 re-placed on another number of ranks. A client may hold several same-architecture models
 (``extra_models``, e.g. Ditto's global model next to the personal one); ``"main"`` is the one
 that is evaluated.
+
+The rules the loop relies on -- the order of the hooks in a round and the rank each runs on,
+which hooks may change a client's state, keyed randomness, phase names, what a vmappable loss
+may do, the exchange rows' shapes -- are in ``docs/ALGORITHMS.md`` ("What the loop relies
+on"); :func:`cafedist.algorithms.check_algorithm` checks a class at registration, and
+``tests/test_algorithm_contract.py`` runs every registered algorithm parked and resumed.
 """
 
 from __future__ import annotations
@@ -117,7 +123,8 @@ class Algorithm:
     * ``exchanges_logits`` -- the loop computes every client's proxy logits each round and
       gathers them to rank 0 (``gathered["logits"]`` in :meth:`aggregate`).
     * ``vmappable_loss`` -- :meth:`local_loss` reads only the batch's tensors and the state,
-      never ``batch.module``, so packed training may call it under ``torch.func.vmap``.
+      never ``batch.module`` (None under packing), calls no ``.item()`` and branches on no tensor
+      value, so packed training may call it under ``torch.func.vmap``.
     * ``common_init`` -- all clients start from the same weights (FedAvg family).
     * ``extra_models`` -- more same-architecture models per client (e.g. Ditto's global model).
     * ``shared_model`` -- whose parameters :meth:`shared_mask` refers to.
@@ -163,7 +170,8 @@ class Algorithm:
 
     # ---------------------------------------------------------------- client side
     def init_client_state(self, cid: int) -> dict[str, Tensor]:
-        """Initial per-client algorithm state."""
+        """Initial per-client algorithm state: tensors only (checkpointed, parked and moved with
+        the client). Keep these keys for the whole run: a resume refuses a shard without one."""
         return {}
 
     def local_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
@@ -174,13 +182,20 @@ class Algorithm:
         """Training after this round's aggregation (e.g. FedBABU's final head fine-tuning).
 
         Asked of every client; ``trained`` says whether it trained this round (an idle client
-        has received the current shared parameters but no payload).
+        has received the current shared parameters but no payload). ``round_idx`` counts from 0
+        (the last round is ``self.setup.rounds - 1``). These phases draw no proxy batches, are
+        not preceded by :meth:`on_local_start`, and their loss is not in the round's ``loss``;
+        name them apart from the round's local phases (a name keys the random streams). Change
+        the client's state only when returning phases: otherwise the client is not marked
+        changed, and the change is lost when it is parked and missing from the next checkpoint.
         """
         return []
 
     def on_local_start(self, client: ClientView, round_idx: int) -> None:
         """Called once per round for each client that trains, right before :meth:`local_phases`
-        (e.g. snapshot the global weights for a proximal term)."""
+        (e.g. snapshot the global weights for a proximal term). Keep what it computes in
+        ``client.state``, not on ``self``: packed training calls it for a whole wave of clients
+        before any of them steps."""
 
     def uses_proxy_batch(self, client: ClientView, phase: Phase) -> bool:
         """Whether this phase's local steps also need a proxy mini-batch (rows of the client's
@@ -202,7 +217,8 @@ class Algorithm:
         return torch.ones(self.setup.num_exits, dtype=torch.bool)
 
     def local_loss(self, state: dict[str, Tensor], batch: LocalBatch) -> Tensor:
-        """The loss a client minimises on one local step (default: CE summed over exits)."""
+        """The loss a client minimises on one local step (default: CE summed over exits).
+        ``state`` is read-only here (under packing it is a stacked copy)."""
         return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits)
 
     def exit_losses(self, state: dict[str, Tensor], batch: LocalBatch) -> list[Tensor | None]:
@@ -242,11 +258,14 @@ class Algorithm:
         return list(range(self.setup.num_exits))
 
     def upload_spec(self) -> Spec:
-        """Per-client rows (besides proxy logits) sent to the coordinator each round."""
+        """Per-client rows (besides proxy logits) sent to the coordinator each round: name ->
+        (row shape, dtype); :meth:`upload` must match it exactly (checked)."""
         return {}
 
     def upload(self, client: ClientView) -> dict[str, Tensor]:
-        """This client's rows, shaped as :meth:`upload_spec` says."""
+        """This client's rows, shaped as :meth:`upload_spec` says. Asked of every client, idle
+        ones too (only those that trained under ``cohort_exchange``), on clients the loop does
+        not mark changed: it must not change the client's state."""
         return {}
 
     # ---------------------------------------------------------------- coordinator (rank 0)
@@ -258,7 +277,10 @@ class Algorithm:
         the clients that trained this round; only they receive their rows.
 
         Returns ``(payload, report)``: ``payload`` maps a name to a tensor whose first
-        dimension is the client id; ``report`` holds small JSON-able facts for metrics.
+        dimension is the client id (every :meth:`payload_spec` key, ``[n, *row]`` in its dtype:
+        checked); ``report`` holds small JSON-able facts for metrics. Runs on rank 0 only: what
+        it keeps on ``self`` exists there alone, and survives a resume only through
+        :meth:`server_state`.
         """
         return {}, {}
 
@@ -277,7 +299,8 @@ class Algorithm:
         """Take this client's row of the aggregate (called on the client's own rank)."""
 
     def server_state(self) -> dict[str, Any]:
-        """Coordinator state that must survive a resume (tensors and plain data only)."""
+        """Coordinator state that must survive a resume (tensors and plain data only). Saved from
+        rank 0; on a resume every rank's :meth:`load_server_state` gets it."""
         return {}
 
     def load_server_state(self, state: dict[str, Any]) -> None:

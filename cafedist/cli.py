@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if _left_to_rank_0(args.command):
             return 0
         code = _run_command(args)
-        sys.stdout.flush()  # a reader gone (below) is found here, not in the interpreter's teardown
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`), where print() writes nothing
+            sys.stdout.flush()  # a reader gone (below) is found here, not in the interpreter's teardown
         return code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGUSR1 (cafedist.interrupts)
         forget_handled_interrupt()  # else `python -m cafedist` may end by SIGINT all the same

@@ -72,3 +72,13 @@ def test_shutdown_keeps_the_group_only_when_the_process_will_os_exit():
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env_for_tests(), capture_output=True,
                           text=True, timeout=120)
     assert proc.stdout.split() == ["True", "False"], proc.stderr[-2000:]
+
+
+def test_without_a_stdout_a_bad_input_is_still_one_line_with_exit_2(tmp_path):
+    """Started with stdout closed (`cafedist status X >&-`, a daemon, cron), Python's sys.stdout
+    is None: print() writes nothing, but main()'s own flush before returning raised
+    AttributeError, a traceback with exit 1 after the command had ended (and 0 became 1)."""
+    proc = subprocess.run(["sh", "-c", 'exec "$0" -m cafedist status "$1" >&-', sys.executable, str(tmp_path)],
+                          cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("cafedist: error: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -32,7 +32,10 @@ def _git_state(repo: Path) -> dict[str, Any] | None:
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        # --no-optional-locks: a plain status refreshes the index (takes index.lock, rewrites
+        # .git/index) when stat data is stale; a run must not write into the user's repository
+        changed = subprocess.run(["git", "--no-optional-locks", "-C", str(repo), "status", "--porcelain",
+                                  "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

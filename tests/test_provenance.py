@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
+import pytest
 import torch
 
 from cafedist import provenance
@@ -41,3 +46,26 @@ def test_a_stack_is_recorded_once_whatever_nodes_it_ran_on():
     newer = provenance.environment({**STACK, "torch": "2.14.0"}, [{"host": "b", "cpu": "EPYC", "device": "cpu"}])
     assert _with_environment([first], newer) == [first, newer]
     assert _with_environment("garbage", first) == [first]  # a malformed record is no stack
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_reading_the_checkout_state_writes_nothing_into_it(tmp_path):
+    """Every run's rank 0 asks git for the checkout's commit and whether it changed. A plain
+    `git status` refreshes the index: it takes .git/index.lock and rewrites .git/index whenever a
+    file's stat data is stale, so a sweep's jobs wrote into the user's repository, and a
+    `git commit` of the user's at that moment failed on the lock. Now it is read-only."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("commit", "-qm", "one")
+    later = os.stat(tmp_path / "f.py").st_mtime_ns + 10**10
+    os.utime(tmp_path / "f.py", ns=(later, later))  # same content, stale stat data in the index
+    index = tmp_path / ".git" / "index"
+    before = (index.read_bytes(), index.stat().st_mtime_ns)
+    assert provenance._git_state(tmp_path) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    assert (index.read_bytes(), index.stat().st_mtime_ns) == before
+    assert not (tmp_path / ".git" / "index.lock").exists()

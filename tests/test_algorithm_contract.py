@@ -2,7 +2,7 @@
 
 In-process, on the harness's tiny digits problem with half the clients training each round:
 
-* a run whose clients are parked between uses (``train.resident_clients: 1``) and that is
+* a run whose clients are parked between uses (``train.resident_clients: 1``, on disk) and that is
   checkpointed after round 1 and resumed by a fresh trainer equals the plain run, bit for bit:
   every piece of per-client state lives in ``client.state`` (or a model, or an optimizer), the
   coordinator's in ``server_state``, and hooks that may not change a client do not;
@@ -62,12 +62,16 @@ def test_parked_and_resumed_run_equals_the_plain_run(name, tmp_path):
     final = _state(plain)
     plain.pool.close()
 
-    first = make_trainer(tmp_path, name, _params(name), resident_clients=1, **opts)
+    # parked on disk: parked in host memory on a CPU, a loaded client's state tensors are the
+    # parked ones (no copy to make), so a hook changing them in place (add_, copy_) would change
+    # the parked copy too and go unseen here, while on a GPU, or parked on disk, it is lost
+    parked = {"resident_clients": 1, "client_state": "disk"}
+    first = make_trainer(tmp_path, name, _params(name), **parked, **opts)
     first.run_dir = tmp_path / "resumed"
     got = [_record(first.run_round(r)) for r in range(2)]
     save(first, 1)
     first.pool.close()
-    second = make_trainer(tmp_path, name, _params(name), resident_clients=1, **opts)
+    second = make_trainer(tmp_path, name, _params(name), **parked, **opts)
     second.run_dir = tmp_path / "resumed"
     assert load(second) == 2
     got.append(_record(second.run_round(2)))

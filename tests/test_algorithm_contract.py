@@ -143,6 +143,14 @@ def test_the_registry_refuses_an_unusable_algorithm_in_one_line(cls, message):
     assert "\n" not in str(err.value) and f"algorithm {cls.name!r}" in str(err.value)
 
 
+def test_a_logit_exchange_with_its_own_proxy_size_needs_no_such_parameter():
+    """An override of proxy_size as a staticmethod (build_run calls it on the class, so it
+    works) has no ``__func__``: registration ended in an AttributeError traceback at import."""
+    for own in (classmethod(lambda cls, params, available: min(8, available)),
+                staticmethod(lambda params, available: min(8, available))):
+        check_algorithm(_cls(LogitExchange, proxy_size=own))
+
+
 def test_every_registered_algorithm_passes_registration():
     for cls in ALGORITHMS.values():
         check_algorithm(cls)

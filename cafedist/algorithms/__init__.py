@@ -63,7 +63,9 @@ def check_algorithm(cls: type[Algorithm]) -> None:
                                f"its own check (must be {expected})")
     if cls.cohort_exchange and cls.aggregate_cohort is Algorithm.aggregate_cohort:
         raise RuntimeError(f"{where}: cohort_exchange is set but aggregate_cohort is not implemented")
-    if (issubclass(cls, LogitExchange) and cls.proxy_size.__func__ is LogitExchange.proxy_size.__func__
+    # getattr: an override as a staticmethod (which works) has no __func__
+    if (issubclass(cls, LogitExchange)
+            and getattr(cls.proxy_size, "__func__", None) is LogitExchange.proxy_size.__func__
             and "proxy_size" not in {f.name for f in dataclasses.fields(params)}):
         raise RuntimeError(f"{where}: a LogitExchange's Params needs a proxy_size field (P' proxy items "
                            f"per round)")

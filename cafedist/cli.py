@@ -9,6 +9,7 @@ writing its checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -240,6 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
 
 
+def _flush_standard_streams() -> None:
+    """Flush stdout and stderr before ``os._exit`` (which skips it): those there are (a rank
+    started with one closed has None) and whose reader is still there (a gone reader's pipe
+    raises, and the output is lost either way)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+
+
 def _stdout_closed() -> bool:
     """Whether stdout is a pipe whose reading end was closed (poll reports POLLERR on it)."""
     import select
@@ -307,8 +318,7 @@ def _run_command(args: argparse.Namespace) -> int:
         if _group_exists():
             # a collective failed: the process group is broken and its background threads may
             # abort the interpreter at exit, so leave at once with our own status
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush_standard_streams()
             os._exit(exc.exit_code)
         return exc.exit_code
     except CafeError as exc:
@@ -361,8 +371,7 @@ def run() -> None:
         traceback.print_exc()
         code = 1
     if torch_distributed_used():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_standard_streams()
         logging.shutdown()
         mpi = sys.modules.get("mpi4py.MPI")  # under mpiexec: a process must finalize MPI to count as ended well
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

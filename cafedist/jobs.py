@@ -281,6 +281,10 @@ def cancel_local_jobs(jobs: Sequence[Any], runs: Sequence[Any] = (), timeout_s: 
             with contextlib.suppress(Exception):  # a job that has ended meanwhile
                 job.cancel(check=False)
     _wait_until_finished(local, 10.0, poll_s)  # the controller kills its tasks within a second or two
+    for job in local:  # read by now; a job of a later submission whose id (a pid) is this one's must not see it
+        if _finished(job):
+            with contextlib.suppress(OSError):
+                (Path(job.paths.folder) / CANCELLED_MARKER).unlink(missing_ok=True)
     return [_outcome(job, run) for job, run in zip(jobs, runs) if not _is_slurm_job(job) and _finished(job)]
 
 

@@ -9,6 +9,7 @@ said, and a paper's numbers can name what produced them.
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -29,14 +30,16 @@ def _git_state(repo: Path) -> dict[str, Any] | None:
     checkout, or git unavailable)."""
     if not (repo / ".git").exists():
         return None
+    # the checkout's own repository: a GIT_DIR or GIT_WORK_TREE the user exported points elsewhere
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+                              timeout=10, check=True, env=env).stdout.strip()
         # --no-optional-locks: a plain status refreshes the index (takes index.lock, rewrites
         # .git/index) when stat data is stale; a run must not write into the user's repository
         changed = subprocess.run(["git", "--no-optional-locks", "-C", str(repo), "status", "--porcelain",
                                   "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+                                 capture_output=True, text=True, timeout=10, check=True, env=env).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head, "dirty": bool(changed)}

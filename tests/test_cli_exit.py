@@ -82,3 +82,22 @@ def test_without_a_stdout_a_bad_input_is_still_one_line_with_exit_2(tmp_path):
                           cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("cafedist: error: ") and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_streams_are_flushed_before_os_exit_whatever_state_they_are_in(monkeypatch):
+    """Before os._exit (a multi-rank command's end) both streams are flushed: a rank started
+    with stdout closed has sys.stdout None, and a reader gone makes flush raise; neither may
+    turn a finished rank into a traceback."""
+    from cafedist import cli
+
+    class GoneReader:
+        flushed = 0
+
+        def flush(self):
+            GoneReader.flushed += 1
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", GoneReader())
+    cli._flush_standard_streams()
+    assert GoneReader.flushed == 1

@@ -69,3 +69,23 @@ def test_reading_the_checkout_state_writes_nothing_into_it(tmp_path):
     assert provenance._git_state(tmp_path) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
     assert (index.read_bytes(), index.stat().st_mtime_ns) == before
     assert not (tmp_path / ".git" / "index.lock").exists()
+
+
+def test_the_checkout_is_read_whatever_git_repository_the_environment_names(tmp_path, monkeypatch):
+    """A GIT_DIR exported in the user's shell (for another repository) made git answer for that
+    one: the run recorded a commit that is not the code's."""
+    def git(repo, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")}).stdout.strip()
+
+    code, other = tmp_path / "code", tmp_path / "other"
+    for repo, text in ((code, "x = 1\n"), (other, "y = 2\n")):
+        repo.mkdir()
+        git(repo, "init", "-q")
+        (repo / "f.py").write_text(text)
+        git(repo, "add", "f.py")
+        git(repo, "commit", "-qm", repo.name)
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(other))
+    assert provenance._git_state(code) == {"commit": git(code, "rev-parse", "HEAD"), "dirty": False}

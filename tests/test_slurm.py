@@ -598,6 +598,8 @@ class _FakeLocalJob:
         return 0 if self.done() else None
 
     def send_signal(self, signum):
+        assert (self.paths.folder / jobs.CANCELLED_MARKER).exists() or not self.paths.folder.exists(), \
+            "signalled before its marker was written"
         self.signals.append(signum)
 
     def cancel(self, check=True):
@@ -617,7 +619,9 @@ def test_cancel_local_jobs_stops_them_as_a_preemption_but_leaves_slurm_jobs_alon
     local.paths.folder.mkdir()
     jobs.cancel_local_jobs([local, cluster], timeout_s=5, poll_s=0.01)
     assert local.signals == [signal.SIGTERM] and not local.cancelled and local.polls >= 3
-    assert (local.paths.folder / jobs.CANCELLED_MARKER).exists()  # its trainer will not ask to be requeued
+    # the marker told its trainer not to ask to be requeued; once the job has ended it goes, so
+    # that a later job given the same id (a process id) in the same folder is not taken for it
+    assert not (local.paths.folder / jobs.CANCELLED_MARKER).exists()
     assert not cluster.signals and not cluster.cancelled and not (tmp_path / "2").exists()
 
 

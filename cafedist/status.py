@@ -159,11 +159,18 @@ def run_status(run_dir: str | Path) -> RunStatus:
 
 def find_runs(path: Path) -> Iterator[Path]:
     """``path`` if it is a run directory, else every run directory below it (sorted; a run's
-    own folders and runs moved aside into ``previous-*`` are not searched)."""
+    own folders and runs moved aside into ``previous-*`` are not searched). Links to folders
+    are followed (a sweep folder of links to runs kept elsewhere), each real folder once."""
     if (path / "config.yaml").is_file():
         yield path
         return
-    for top, dirs, files in os.walk(path):
+    seen: set[str] = set()  # folders followed through links: each once (a link to a parent loops)
+    for top, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         if "config.yaml" in files and Path(top) != path:
             dirs[:] = []
             yield Path(top)

@@ -73,6 +73,13 @@ def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
     shutil.copy(runs / "done" / "config.yaml", aside / "config.yaml")
     assert [p.name for p in find_runs(runs)] == ["done", "stopped"]
     assert list(find_runs(runs / "restarted")) == []
+    # a folder of links to runs kept elsewhere (and a link back up, which must not loop)
+    linked = tmp_path / "linked"
+    (linked / "group").mkdir(parents=True)
+    (linked / "group" / "a").symlink_to(runs / "done")
+    (linked / "b").symlink_to(runs / "stopped")
+    (linked / "group" / "up").symlink_to(linked)
+    assert [p.relative_to(linked).as_posix() for p in find_runs(linked)] == ["b", "group/a"]
     (tmp_path / "empty").mkdir()
     proc = cafedist_in_process("status", str(runs), str(runs / "done"), "--json")
     assert proc.returncode == 0, proc.stderr

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from conftest import cafedist, comparable, env_for_tests, metrics, summary
+from conftest import cafedist_in_process as in_process
 
 
 def test_train_writes_outputs_and_eval_reports(tiny_config, tmp_path):
@@ -43,8 +44,8 @@ def test_same_config_same_result_and_seed_matters(tiny_config, tmp_path):
     cfg = tiny_config(rounds=2)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     cafedist("train", "--config", str(cfg), "--out", str(a), "--no-progress", check=True)
-    cafedist("train", "--config", str(cfg), "--out", str(b), "--no-progress", check=True)
-    cafedist("train", "--config", str(cfg), "--out", str(c), "--no-progress", "seed=4", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(b), "--no-progress", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(c), "--no-progress", "seed=4", check=True)
     assert summary(a)["model_hashes"] == summary(b)["model_hashes"]
     assert comparable(metrics(a)) == comparable(metrics(b))
     assert summary(a)["model_hashes"] != summary(c)["model_hashes"]
@@ -54,8 +55,8 @@ def test_sending_every_exit_changes_bytes_not_results(tiny_config, tmp_path):
     """CAFEDistill reads only the last exit: gathering all m exits costs m x the uplink, same run."""
     cfg = tiny_config(rounds=3)
     used, every = tmp_path / "used", tmp_path / "all"
-    cafedist("train", "--config", str(cfg), "--out", str(used), "--no-progress", check=True)
-    cafedist("train", "--config", str(cfg), "--out", str(every), "--no-progress", "comm.exits=all", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(used), "--no-progress", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(every), "--no-progress", "comm.exits=all", check=True)
     a, b = metrics(used), metrics(every)
     assert [r["bytes_up"] * 3 for r in a] == [r["bytes_up"] for r in b]
     assert [r["bytes_down"] for r in a] == [r["bytes_down"] for r in b]
@@ -68,7 +69,7 @@ def test_sending_every_exit_changes_bytes_not_results(tiny_config, tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_config, tmp_path):
     cfg = tiny_config(rounds=3)
     out = tmp_path / "run"
-    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "3", check=True)
+    proc = in_process("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "3", check=True)
     assert not out.exists()
     text = proc.stdout
     assert "4 clients" in text and "3 exits" in text and "placement on 3 rank(s)" in text
@@ -82,9 +83,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_config, tmp_path):
     assert f"{64 * 10 * 4 / 1000:.3g}KB up" in text
     assert f"{(64 * 10 * 4 + 3) / 1000:.3g}KB down" in text  # targets float32 + the student mask (m = 3)
     assert "4 of 4 clients per round" in text
-    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "9"),
+    _assert_clean_error(in_process("train", "--config", str(cfg), "--out", str(out), "--dry-run", "--world-size", "9"),
                         "9 ranks")
-    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "--world-size", "2"),
+    _assert_clean_error(in_process("train", "--config", str(cfg), "--out", str(out), "--world-size", "2"),
                         "--world-size")
 
 
@@ -100,11 +101,11 @@ def _assert_clean_error(proc, *needles):
 def test_bad_config_values_exit_2_naming_the_field(tiny_config, tmp_path):
     cfg = tiny_config()
     out = tmp_path / "run"
-    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "data.alpha=0"), "data.alpha")
-    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "train.bogus=1"), "train.bogus")
-    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "data.proxy_fraction=1.5"),
+    _assert_clean_error(in_process("train", "--config", str(cfg), "--out", str(out), "data.alpha=0"), "data.alpha")
+    _assert_clean_error(in_process("train", "--config", str(cfg), "--out", str(out), "train.bogus=1"), "train.bogus")
+    _assert_clean_error(in_process("train", "--config", str(cfg), "--out", str(out), "data.proxy_fraction=1.5"),
                         "data.proxy_fraction")
-    _assert_clean_error(cafedist("train", "--config", str(cfg), "--out", str(out), "data.clients=5000"), "clients")
+    _assert_clean_error(in_process("train", "--config", str(cfg), "--out", str(out), "data.clients=5000"), "clients")
     assert not out.exists() or not any(out.iterdir()) or not (out / "metrics.jsonl").exists()
 
 
@@ -113,7 +114,7 @@ def test_corrupt_store_exit_2_and_no_output(tiny_config, tmp_path):
     store = tmp_path / "broken.h5"
     store.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     out = tmp_path / "run"
-    proc = cafedist("train", "--config", str(cfg), "--out", str(out), f"data.store={store}")
+    proc = in_process("train", "--config", str(cfg), "--out", str(out), f"data.store={store}")
     _assert_clean_error(proc, str(store))
     assert not (out / "metrics.jsonl").exists()
     assert not list(tmp_path.glob("**/.*.tmp*"))
@@ -122,9 +123,9 @@ def test_corrupt_store_exit_2_and_no_output(tiny_config, tmp_path):
 def test_refuses_to_resume_a_different_config(tiny_config, tmp_path):
     cfg = tiny_config(rounds=2)
     out = tmp_path / "run"
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     before = (out / "metrics.jsonl").read_text()
-    proc = cafedist("train", "--config", str(cfg), "--out", str(out), "algorithm.cafedistill.mu=2.0")
+    proc = in_process("train", "--config", str(cfg), "--out", str(out), "algorithm.cafedistill.mu=2.0")
     _assert_clean_error(proc, "different config", "algorithm.cafedistill.mu")
     assert (out / "metrics.jsonl").read_text() == before
     assert (out / "checkpoints" / "latest").exists()
@@ -132,12 +133,12 @@ def test_refuses_to_resume_a_different_config(tiny_config, tmp_path):
 
 def test_prepare_and_describe(tmp_path):
     out = tmp_path / "d.h5"
-    cafedist("prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.1",
-             "--seed", "1", "--out", str(out), check=True)
-    desc = cafedist("prepare", "--describe", str(out), check=True)
+    in_process("prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.3", "--proxy-fraction", "0.1",
+               "--seed", "1", "--out", str(out), check=True)
+    desc = in_process("prepare", "--describe", str(out), check=True)
     assert "digits" in desc.stdout
-    bad = cafedist("prepare", "--dataset", "cifar10", "--root", str(tmp_path / "nope"), "--clients", "3",
-                   "--alpha", "0.3", "--proxy-fraction", "0.1", "--seed", "1", "--out", str(tmp_path / "c.h5"))
+    bad = in_process("prepare", "--dataset", "cifar10", "--root", str(tmp_path / "nope"), "--clients", "3",
+                     "--alpha", "0.3", "--proxy-fraction", "0.1", "--seed", "1", "--out", str(tmp_path / "c.h5"))
     _assert_clean_error(bad, "cifar10")
     assert not (tmp_path / "c.h5").exists()
 
@@ -146,8 +147,8 @@ def test_bf16_autocast_trains_to_similar_accuracy(tiny_config, tmp_path):
     """train.amp=bf16 on CPU: same pipeline in mixed precision, accuracy within a few points."""
     cfg = tiny_config(rounds=4)
     full, mixed = tmp_path / "fp32", tmp_path / "bf16"
-    cafedist("train", "--config", str(cfg), "--out", str(full), "--no-progress", check=True)
-    cafedist("train", "--config", str(cfg), "--out", str(mixed), "--no-progress", "train.amp=bf16", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(full), "--no-progress", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(mixed), "--no-progress", "train.amp=bf16", check=True)
     a, b = summary(full)["acc_per_exit"][-1], summary(mixed)["acc_per_exit"][-1]
     assert abs(a - b) < 0.08, (a, b)
     assert summary(full)["model_hashes"] != summary(mixed)["model_hashes"]  # it really ran in bf16
@@ -176,8 +177,8 @@ def test_packed_training_matches_sequential_through_the_cli(tiny_config, tmp_pat
 
 def test_divergence_is_a_one_line_error(tiny_config, tmp_path):
     cfg = tiny_config(rounds=2)
-    proc = cafedist("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "algorithm.name=fedavg",
-                    "train.lr=1.0e+12", "train.momentum=0.0")
+    proc = in_process("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "algorithm.name=fedavg",
+                      "train.lr=1.0e+12", "train.momentum=0.0")
     _assert_clean_error(proc, "diverged")
 
 
@@ -186,8 +187,8 @@ def test_validation_metrics_iff_val_fraction(tiny_config, tmp_path):
     0 (the default): no validation keys at all."""
     cfg = tiny_config(rounds=2)
     plain, val = tmp_path / "plain", tmp_path / "val"
-    cafedist("train", "--config", str(cfg), "--out", str(plain), "--no-progress", check=True)
-    cafedist("train", "--config", str(cfg), "--out", str(val), "--no-progress", "data.val_fraction=0.2", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(plain), "--no-progress", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(val), "--no-progress", "data.val_fraction=0.2", check=True)
     assert not any(k.startswith("val_") for r in metrics(plain) for k in r)
     assert not any(k.startswith("val_") for k in summary(plain))
     for rec in metrics(val):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, cafedist
+from conftest import TINY
+from conftest import cafedist_in_process as in_process
 
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import personalized_budgets
@@ -434,14 +435,14 @@ def tiny_runs(tmp_path_factory):
     runs = {}
     for name, frac in (("val", 0.2), ("noval", 0.0)):
         runs[name] = root / name
-        cafedist("train", "--config", str(cfg), "--out", str(runs[name]), "--no-progress",
-                 f"data.val_fraction={frac}", check=True)
+        in_process("train", "--config", str(cfg), "--out", str(runs[name]), "--no-progress",
+                   f"data.val_fraction={frac}", check=True)
     return runs
 
 
 def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     run = tiny_runs["val"]
-    proc = cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
+    proc = in_process("eval", str(run), "--budget", "macs=0.5", check=True)
     assert "clients within budget on test" in proc.stdout
     assert "personalized policies (pooled scope): accuracy" in proc.stdout
     assert "global threshold at the same mean MACs: accuracy" in proc.stdout
@@ -469,15 +470,15 @@ def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_ru
     """eval.json is rewritten without a budget section, so budget.csv/png beside it would describe
     an evaluation that is no longer there."""
     run = tiny_runs["val"]
-    cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
+    in_process("eval", str(run), "--budget", "macs=0.5", check=True)
     assert (run / "budget.csv").exists() and (run / "budget.png").exists()
-    plain = cafedist("eval", str(run), check=True)
+    plain = in_process("eval", str(run), check=True)
     assert not (run / "budget.csv").exists() and not (run / "budget.png").exists()
     assert "removing budget.csv and budget.png of an earlier `eval --budget`" in plain.stderr
     assert "budget" not in json.loads((run / "eval.json").read_text())
     # a file of the user's with that name, which no eval wrote, stays
     (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")
-    cafedist("eval", str(run), check=True)
+    in_process("eval", str(run), check=True)
     assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
 
 
@@ -485,13 +486,13 @@ def test_a_failed_eval_leaves_every_output_of_the_run_as_it_was(tiny_runs):
     """eval.json lists budget.csv and budget.png: a failure writing any of them (here the
     figure's name is taken by a directory) must not leave a new table beside the old report."""
     run = tiny_runs["val"]
-    cafedist("eval", str(run), "--budget", "macs=0.5", check=True)
+    in_process("eval", str(run), "--budget", "macs=0.5", check=True)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     (run / "budget.png").unlink()
     (run / "budget.png" / "inside").mkdir(parents=True)
     del before["budget.png"]
     try:
-        proc = cafedist("eval", str(run), "--budget", "loss=1")
+        proc = in_process("eval", str(run), "--budget", "loss=1")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == f"cafedist: error: {run / 'budget.png'}: Is a directory"
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # no temporary file either
@@ -503,7 +504,7 @@ def test_a_failed_eval_leaves_every_output_of_the_run_as_it_was(tiny_runs):
 def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
     run = tiny_runs["val"]
     (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")
-    proc = cafedist("eval", str(run), "--budget", str(run / "budget.csv"))
+    proc = in_process("eval", str(run), "--budget", str(run / "budget.csv"))
     assert proc.returncode == 2 and "would overwrite it" in proc.stderr, proc.stderr
     assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
     (run / "budget.csv").unlink()
@@ -522,7 +523,7 @@ def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
      "--policies, --no-temperature, --policy-scope: only used with --budget"),
 ])
 def test_eval_budget_errors_are_one_line_with_status_2(tiny_runs, args, message):
-    proc = cafedist("eval", str(tiny_runs["val"]), *args)
+    proc = in_process("eval", str(tiny_runs["val"]), *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # before loading
 
@@ -530,13 +531,13 @@ def test_eval_budget_errors_are_one_line_with_status_2(tiny_runs, args, message)
 def test_eval_budget_file_with_an_unknown_client_is_refused(tiny_runs, tmp_path):
     path = tmp_path / "b.yaml"
     path.write_text("0: macs=0.5\n9: macs=0.5\ndefault: loss=1\n")
-    proc = cafedist("eval", str(tiny_runs["val"]), "--budget", str(path))
+    proc = in_process("eval", str(tiny_runs["val"]), "--budget", str(path))
     assert proc.returncode == 2 and "unknown client ids 9" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # refused before the checkpoint is loaded
 
 
 def test_eval_budget_without_a_calibration_split_is_refused(tiny_runs):
-    proc = cafedist("eval", str(tiny_runs["noval"]), "--budget", "macs=0.5")
+    proc = in_process("eval", str(tiny_runs["noval"]), "--budget", "macs=0.5")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "has none (trained with data.val_fraction = 0)" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tiny_runs["noval"] / "budget.csv").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from algo_harness import record_loss_scales
 from conftest import cafedist, comparable, env_for_tests, metrics, summary, torchrun
+from conftest import cafedist_in_process as in_process
 
 from cafedist.cli import main as cli_main
 from cafedist.config import config_from_dict
@@ -113,27 +114,47 @@ def killed_inside_a_checkpoint(raw: dict, tmp_path: Path, rnd: int) -> tuple[Pat
     return ref, out, cfg
 
 
-def test_parked_on_disk_and_resumed_after_a_kill_is_identical(tmp_path, store_cache):
-    """A bounded disk run killed inside a checkpoint write resumes to the same bits."""
+@pytest.fixture(scope="module")
+def killed_bounded_disk_run(tmp_path_factory, store_cache) -> tuple[dict, Path, Path]:
+    """A bounded fedavg run parked on disk, SIGKILLed inside round 2's checkpoint write, and its
+    uninterrupted reference: (config, reference, killed run). Tests resume copies of the killed
+    run (one reference run and one killed process for the module instead of one per test)."""
     raw = tiny(store_cache, "fedavg", clients=8, rounds=5, per_round=3, resident_clients=2, client_state="disk")
-    ref, out, cfg = killed_inside_a_checkpoint(raw, tmp_path, 2)
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    ref, out, _ = killed_inside_a_checkpoint(raw, tmp_path_factory.mktemp("killed_bounded"), 2)
+    return raw, ref, out
+
+
+def _copy_of_killed_run(killed_bounded_disk_run, tmp_path: Path) -> tuple[dict, Path, Path, Path]:
+    """(config, reference, this test's copy of the killed run, a config file for it)."""
+    raw, ref, killed = killed_bounded_disk_run
+    out = tmp_path / "run"
+    shutil.copytree(killed, out, symlinks=True)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(raw))
+    return raw, ref, out, cfg
+
+
+def test_parked_on_disk_and_resumed_after_a_kill_is_identical(killed_bounded_disk_run, tmp_path):
+    """A bounded disk run killed inside a checkpoint write resumes to the same bits."""
+    _, ref, out, cfg = _copy_of_killed_run(killed_bounded_disk_run, tmp_path)
+    in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert_same(out, ref)
 
 
-def test_a_resume_leaves_no_scratch_of_the_killed_session_and_counts_its_rounds_time(tmp_path, store_cache):
+def test_a_resume_leaves_no_scratch_of_the_killed_session_and_counts_its_rounds_time(killed_bounded_disk_run,
+                                                                                     tmp_path):
     """Resumed with checkpoints every 0 rounds and clients in host memory, the killed session's
     staging folder of round 2 and its parked clients on disk were never removed, and
     summary.json's wall_seconds counted only the last session."""
-    raw = tiny(store_cache, "fedavg", clients=8, rounds=5, per_round=3, resident_clients=2, client_state="disk")
-    ref, out, cfg = killed_inside_a_checkpoint(raw, tmp_path, 2)
+    raw, ref, out, cfg = _copy_of_killed_run(killed_bounded_disk_run, tmp_path)
+    assert (out / "checkpoints" / ".round_000002.tmp").exists()
     assert any((out / "client_state").rglob("*.pt"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows[0]["seconds"] = 1000.0  # as if the killed session's first round had taken that long
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     resumed = dict(raw, train=dict(raw["train"], client_state="host"), checkpoint={"every": 0, "keep": 1})
     cfg.write_text(json.dumps(resumed))
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert_same(out, ref)
     assert not list((out / "checkpoints").glob(".round_*")) and not (out / "client_state").exists()
     assert summary(out)["wall_seconds"] > 1000.0
@@ -252,7 +273,7 @@ def test_kill_during_an_incremental_checkpoint_of_1000_clients(tmp_path, store_c
     ref, out, cfg = killed_inside_a_checkpoint(raw, tmp_path, 1)
     staged = out / "checkpoints" / ".round_000001.tmp"
     assert len(list(staged.glob("client_*.pt"))) == 10  # only the round's cohort is written
-    resumed = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    resumed = in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert "resumed" in resumed.stderr and "round 0" in resumed.stderr
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
     manifest = CheckpointDir.verify(out / "checkpoints" / "round_000002").manifest

@@ -101,10 +101,11 @@ def cafedist(*args: str, env: dict | None = None, timeout: float = 300, launcher
     return proc
 
 
-def cafedist_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+def cafedist_in_process(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """``cafedist ARGS`` run by ``cafedist.cli.main`` in this process, as :func:`cafedist` runs it
-    in a child (a new Python costs 2-5 s a call): the same environment (:func:`env_for_tests`) and
-    ``sys.argv``; stdout, and stderr with the log lines the CLI prints there (rank 0: INFO and up).
+    in a child (a new Python costs 2-5 s a call): the same environment (``env``, by default
+    :func:`env_for_tests`) and ``sys.argv``; stdout, and stderr with the log lines the CLI prints
+    there (rank 0: INFO and up).
     For tests whose subject is not the process itself (signals, exit of the interpreter, locks
     held by another process stay with :func:`cafedist`)."""
     from cafedist.cli import main
@@ -117,7 +118,7 @@ def cafedist_in_process(*args: str, check: bool = False) -> subprocess.Completed
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        with mock.patch.dict(os.environ, env_for_tests(), clear=True), \
+        with mock.patch.dict(os.environ, env_for_tests() if env is None else env, clear=True), \
                 mock.patch.object(sys, "argv", ["cafedist", *args]), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

@@ -10,6 +10,7 @@ import pytest
 from conftest import (
     ROOT,
     cafedist,
+    cafedist_in_process,
     comparable,
     env_for_tests,
     free_port,
@@ -32,7 +33,7 @@ def reference(tmp_path_factory, store_cache):
     cfg = base / "tiny.yaml"
     cfg.write_text(TINY.format(rounds=3, clients=5, every=1, cache=store_cache))
     out = base / "w1"
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     return cfg, out
 
 
@@ -64,8 +65,8 @@ def test_one_rank_with_a_process_group_runs_every_collective_and_matches(referen
     assert "backend=gloo" in proc.stderr  # a process group was made (none for one rank otherwise)
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
     assert [r["acc_per_exit"] for r in metrics(out)] == [r["acc_per_exit"] for r in metrics(ref)]
-    plain = cafedist("train", "--config", str(cfg), "--out", str(tmp_path / "plain"), "--no-progress",
-                     env=env_for_tests(CAFEDIST_PROCESS_GROUP="always"))
+    plain = cafedist_in_process("train", "--config", str(cfg), "--out", str(tmp_path / "plain"), "--no-progress",
+                                env=env_for_tests(CAFEDIST_PROCESS_GROUP="always"))
     assert plain.returncode == 2 and "needs a launcher" in plain.stderr
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from algo_harness import load, make_trainer, params_of, save
-from conftest import ROOT, cafedist, summary
+from conftest import ROOT, cafedist_in_process, summary
 from torch.nn.utils import parameters_to_vector
 
 from cafedist.algorithms.base import LocalBatch, Phase
@@ -262,9 +262,9 @@ def test_cafedistill_heads_default_trains_stably_on_digits(tmp_path):
     """Regression: with lam = 1 (the old default) the last exit fell to 0.65 after 12 rounds of
     configs/digits.yaml (the on-the-fly teacher shares the body it pulls); the default holds > 0.9."""
     out = tmp_path / "heads"
-    cafedist("train", "--config", str(ROOT / "configs" / "digits.yaml"), "--out", str(out), "--no-progress",
-             "algorithm.name=cafedistill-heads", "train.rounds=12", f"data.cache_dir={tmp_path / 'stores'}",
-             check=True)
+    cafedist_in_process("train", "--config", str(ROOT / "configs" / "digits.yaml"), "--out", str(out), "--no-progress",
+                        "algorithm.name=cafedistill-heads", "train.rounds=12", f"data.cache_dir={tmp_path / 'stores'}",
+                        check=True)
     assert summary(out)["acc_per_exit"][-1] > 0.9
 
 

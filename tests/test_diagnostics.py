@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, cafedist, comparable, env_for_tests, metrics, summary, torchrun
+from conftest import ROOT, cafedist_in_process, comparable, env_for_tests, metrics, summary, torchrun
 from torch import nn
 
 from cafedist.algorithms.base import Algorithm, LocalBatch, Setup
@@ -162,7 +162,8 @@ def test_unknown_diagnostic_is_a_config_error(tiny_config):
 
 
 def test_cli_bad_diagnostic_exits_2_in_one_line(tiny_config, tmp_path):
-    proc = cafedist("train", "--config", str(tiny_config()), "--out", str(tmp_path / "r"), "train.diagnostics=[x]")
+    proc = cafedist_in_process("train", "--config", str(tiny_config()), "--out", str(tmp_path / "r"),
+                               "train.diagnostics=[x]")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]
     assert len(lines) == 1 and "train.diagnostics" in lines[0], proc.stderr[-2000:]

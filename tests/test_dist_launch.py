@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cafedist
+from conftest import cafedist_in_process
 
 from cafedist.distributed import LaunchInfo, detect_launch, expand_nodelist, init_runtime
 from cafedist.errors import DistError
@@ -164,8 +164,8 @@ def test_a_run_config_names_its_dist_fields(tmp_path) -> None:
     """train's runtime errors name the config's field, as every other config error does."""
     for setting, needle in (("dist.device=cuda", "dist.device 'cuda' requested but CUDA is not available"),
                             ("dist.backend=nccl", "dist.backend 'nccl' needs a CUDA device")):
-        proc = cafedist("train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out",
-                        str(tmp_path / "run"), "train.rounds=1", setting)
+        proc = cafedist_in_process("train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--out",
+                                   str(tmp_path / "run"), "train.rounds=1", setting)
         assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 

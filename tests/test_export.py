@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
+from conftest import TINY, cafedist_in_process, env_for_tests
 
 from cafedist.algorithms.fedrod import GenericPlusPersonal
 from cafedist.deploy import early_exit
@@ -145,7 +145,8 @@ def evaluated_run(tmp_path_factory) -> Path:
     cfg = root / "tiny.yaml"
     cfg.write_text(TINY.format(rounds=1, clients=4, every=1, cache=root / "stores"))
     run = root / "run"
-    cafedist("train", "--config", str(cfg), "--out", str(run), "--no-progress", "data.val_fraction=0.2", check=True)
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(run), "--no-progress", "data.val_fraction=0.2",
+                        check=True)
     cafedist_in_process("eval", str(run), "--budget", "macs=0.5", check=True)
     return run
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cafedist, env_for_tests, metrics, torchrun
+from conftest import ROOT, cafedist_in_process, env_for_tests, metrics, torchrun
 
 from cafedist.parentwatch import ORPHAN_EXIT_CODE, ParentWatch, guard_launched_rank, launcher_parent
 
@@ -126,5 +126,5 @@ def test_torchrun_workers_die_when_the_launcher_group_is_killed(tiny_config, tmp
     time.sleep(1.0)
     assert len(metrics(out)) == rows < rounds and not (out / "summary.json").exists()
     # a rerun right after: one writer, every round exactly once
-    cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
     assert [r["round"] for r in metrics(out)] == list(range(rounds))

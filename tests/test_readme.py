@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from conftest import ROOT, env_for_tests
+from conftest import ROOT, cafedist_in_process
 
 
 def _block_after(text: str, command: str) -> str:
@@ -15,12 +12,12 @@ def _block_after(text: str, command: str) -> str:
     return text[start:text.index("```", start)]
 
 
-def test_the_dry_run_sample_is_the_quick_start_configs_output(tmp_path):
+def test_the_dry_run_sample_is_the_quick_start_configs_output(tmp_path, monkeypatch):
     command = "cafedist train --config configs/quickstart.yaml --dry-run --world-size 4"
     sample = _block_after((ROOT / "README.md").read_text(), command)
     # run where the sample's relative store path (data/stores/...) lands in tmp_path
     argv = ["train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--dry-run", "--world-size", "4"]
-    proc = subprocess.run([sys.executable, "-m", "cafedist", *argv], cwd=tmp_path, env=env_for_tests(),
-                          capture_output=True, text=True, timeout=300)
+    monkeypatch.chdir(tmp_path)
+    proc = cafedist_in_process(*argv)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == sample

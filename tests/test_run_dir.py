@@ -503,7 +503,7 @@ def test_two_trainings_on_one_directory_one_is_refused(tiny_config, tmp_path):
         time.sleep(0.02)
     first.send_signal(signal.SIGSTOP)  # mid-run, holding the lock, for as long as the second one needs
     try:
-        second = cafedist("train", "--config", str(cfg), "--out", str(out), "--no-progress")
+        second = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress")
     finally:
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]

@@ -327,9 +327,15 @@ def test_table_and_json_rendering():
     assert format_table([]) == "(no results)"
 
 
-def test_bench_memory_rows(tmp_path):
+def test_bench_memory_rows(tmp_path, monkeypatch):
     """Two tiny synthetic runs in child processes: peak RSS read back, the ratio row, the
     residency sweep's identical-models check."""
+    from cafedist.bench import memory
+
+    # one round each (the benchmark's 3 by default): a child's peak RSS, its round's seconds and
+    # the ratio row are read back all the same (about 4 s less)
+    configured = memory.synthetic_config
+    monkeypatch.setattr(memory, "synthetic_config", lambda clients, cache_dir: configured(clients, cache_dir, rounds=1))
     rows = run_benchmark("memory", sizes=(20, 40), workdir=tmp_path, bounds=())
     sizes = [r for r in rows if "clients" in r]
     assert [r["clients"] for r in sizes] == [20, 40]

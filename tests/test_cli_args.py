@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, env_for_tests
+from conftest import ROOT, cafedist_in_process, env_for_tests
 from test_run_dir import run_cli
 
 
@@ -73,10 +73,9 @@ LAUNCHES = {"torchrun": {"RANK": "{rank}", "WORLD_SIZE": "2", "LOCAL_RANK": "{ra
 def test_a_one_process_command_under_a_launcher_runs_on_rank_0_only(launcher, tiny_config, tmp_path):
     """`srun cafedist eval RUN` in a job of 4 tasks evaluated (and wrote the same files) 4 times,
     `srun cafedist submit` queued the jobs once per task: the other ranks leave it to rank 0."""
-    def under(rank: int, *args: str) -> subprocess.CompletedProcess:
+    def under(rank: int, *args: str) -> subprocess.CompletedProcess:  # in this process, under the launcher's variables
         env = env_for_tests(**{k: v.format(rank=rank) for k, v in LAUNCHES[launcher].items()})
-        return subprocess.run([sys.executable, "-m", "cafedist", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
+        return cafedist_in_process(*args, env=env)
 
     missing = str(tmp_path / "no-such-run")
     rank0, rank1 = under(0, "status", missing), under(1, "status", missing)

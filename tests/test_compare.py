@@ -816,8 +816,8 @@ def test_compare_in_a_batch_script_of_several_tasks_trains_its_runs_as_processes
     2 and waited for a peer until dist.timeout_s, then failed. Children are processes of their own."""
     cfg = tiny_config(rounds=1, clients=3)
     env = env_for_tests(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_NODELIST="localhost", SLURM_JOB_ID="77")
-    proc = cafedist("compare", "--config", str(cfg), "--algorithms", "fedavg", "--seeds", "1",
-                    "--out", str(tmp_path / "cmp"), "dist.timeout_s=10", env=env, timeout=240)
+    proc = cafedist_in_process("compare", "--config", str(cfg), "--algorithms", "fedavg", "--seeds", "1",
+                               "--out", str(tmp_path / "cmp"), "dist.timeout_s=10", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "cmp" / "runs" / "fedavg" / "seed3" / "summary.json").read_text())["world_size"] == 1
 

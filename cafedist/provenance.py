@@ -92,11 +92,13 @@ def environment(software_stack: dict[str, Any], machines: list[dict[str, str]]) 
 def result_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """The result-changing fields in which ``now`` differs from ``before``, each as
     ``"field: before -> now"`` (a field an older record lacks is not compared)."""
-    def text(value: Any) -> str:
-        return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-    return [f"{field}: {text(before[field])} -> {text(now.get(field))}"
+    return [f"{field}: {_words(before[field])} -> {_words(now.get(field))}"
             for field in RESULT_FIELDS if field in before and before[field] != now.get(field)]
+
+
+def _words(value: Any) -> str:
+    """A recorded value as a report writes it: a list's items joined by commas."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def describe(env: dict[str, Any]) -> str:
@@ -107,13 +109,8 @@ def describe(env: dict[str, Any]) -> str:
     if git is not None:
         code += f" (git {str(git.get('commit', '?'))[:7]}{', changed' if git.get('dirty') else ''})"
     cuda = f"CUDA {env['cuda']}, cuDNN {env.get('cudnn')}" if env.get("cuda") else "CUDA none"
-
-    def names(key: str) -> str:
-        value = env.get(key)
-        return ", ".join(map(str, value)) if isinstance(value, list) else "?"
-
     return (f"{code}, Python {env.get('python', '?')}, torch {env.get('torch', '?')}, numpy {env.get('numpy', '?')}, "
-            f"{cuda}; CPU {names('cpus')}; device {names('devices')}")
+            f"{cuda}; CPU {_words(env.get('cpus', '?'))}; device {_words(env.get('devices', '?'))}")
 
 
 __all__ = ["RESULT_FIELDS", "cpu_model", "describe", "environment", "machine", "result_differences", "software"]

@@ -396,6 +396,12 @@ def read_run_config(path: str | Path) -> Config:
     return run_config_of(YamlFile.read(path))
 
 
+def missing_sections(data: Any) -> list[str]:
+    """The top-level sections train writes into every ``config.yaml`` that ``data`` (a parsed
+    file) lacks: all of them when it is no mapping."""
+    return [key for key in TOP_LEVEL_KEYS if not isinstance(data, dict) or key not in data]
+
+
 def run_config_of(file: YamlFile) -> Config:
     """The config of a run directory's ``config.yaml``, read (:meth:`YamlFile.read`).
 
@@ -405,7 +411,7 @@ def run_config_of(file: YamlFile) -> Config:
     without every top-level section is refused: train writes them all, in every version, and
     an empty or partial file read as the defaults would describe a run that never was."""
     raw = file.mapping()
-    missing = [key for key in TOP_LEVEL_KEYS if key not in raw]
+    missing = missing_sections(raw)
     if missing:
         # (callers name the file)
         raise ConfigError(f"not a config.yaml train wrote: it lacks the sections {', '.join(missing)}")

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cafedist.config import (
-    TOP_LEVEL_KEYS,
     Config,
     YamlFile,
     config_hash,
     identity_fields,
+    missing_sections,
     read_run_config,
     run_config_of,
     run_identity,
@@ -182,8 +182,7 @@ def _refuse_a_users_config_file(file: YamlFile) -> None:
     resolved config, which would lose a user's own file kept in the run directory (whether or
     not ``--config`` names it). A config.yaml train wrote, in any version, has no comment and
     every top-level section (a ``#`` inside a value is no comment)."""
-    doc = file.data
-    missing = [key for key in TOP_LEVEL_KEYS if not isinstance(doc, dict) or key not in doc]
+    missing = missing_sections(file.data)
     if file.commented or missing:
         why = "has comments" if file.commented else f"lacks the sections train writes ({', '.join(missing)})"
         raise ConfigError(f"{file.path} {why}, so train did not write it, and train replaces that file with the "

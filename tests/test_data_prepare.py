@@ -126,6 +126,25 @@ def test_ensure_store_reuses_and_refuses_other_params(tmp_path):
     assert out.read_bytes() == b"junk"
 
 
+@pytest.mark.parametrize("prepare", [True, False])
+def test_a_run_start_checks_its_store_once(tmp_path, monkeypatch, prepare):
+    """Opening a config's store reads every client group's metadata once, not again to
+    compare its partition (a second check costs about a second per run at a thousand clients)."""
+    from cafedist.config import config_from_dict
+    from cafedist.data import store as store_mod
+    from cafedist.run.build import open_store
+
+    cfg = config_from_dict({"seed": KW["seed"], "data": {**{k: v for k, v in KW.items() if k != "seed"},
+                                                         "cache_dir": str(tmp_path)}})
+    ensure_store(cfg.data.store_path(cfg.seed), PartitionSpec.of(cfg.data, cfg.seed))
+    checks = []
+    original = store_mod.Store._validate
+    monkeypatch.setattr(store_mod.Store, "_validate", lambda self: (checks.append(self.path), original(self)))
+    with open_store(cfg, prepare) as store:
+        assert store.num_clients == KW["clients"]
+    assert len(checks) == 1
+
+
 def _race(out: str, counter: str, barrier, results) -> None:
     """Child process: count real builds (slowed down to widen the race), then ensure the store."""
     original = prepare_mod.prepare_store

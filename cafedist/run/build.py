@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from cafedist.algorithms import get_algorithm
 from cafedist.algorithms.base import Algorithm, Setup
 from cafedist.config import Config
-from cafedist.data.prepare import ensure_store, partition_params, store_matches
+from cafedist.data.prepare import open_ensured_store, open_matching_store, partition_params
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import ClientData, Store
 from cafedist.distributed.placement import place_clients
@@ -83,17 +83,18 @@ class Run:
 def open_store(cfg: Config, prepare: bool = True) -> Store:
     """The config's store: prepared first when missing (``prepare``), else opened read-only."""
     path = cfg.data.store_path(cfg.seed)
+    spec = PartitionSpec.of(cfg.data, cfg.seed)
     if prepare:
-        path = ensure_store(path, PartitionSpec.of(cfg.data, cfg.seed), cfg.data.root)
-    elif not path.is_file():
+        return open_ensured_store(path, spec, cfg.data.root)
+    # a store replaced by another partition under the same name would give wrong numbers
+    store = open_matching_store(path, partition_params(spec)) if path.is_file() else None
+    if store is None:
         # a relative data.cache_dir/store is relative to where train ran, not to the run directory
         where = "" if path.is_absolute() else (f" (a relative path, here {path.absolute()}: run from the "
                                                f"directory train ran in)")
         raise DataError(f"{path}: the run's data store is missing{where} (`cafedist train` or `cafedist prepare` "
                         f"builds it from the run's config)")
-    else:  # a store replaced by another partition under the same name would give wrong numbers
-        store_matches(path, partition_params(PartitionSpec.of(cfg.data, cfg.seed)))
-    return Store(path)
+    return store
 
 
 def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True, run_dir: Path | None = None) -> Run:

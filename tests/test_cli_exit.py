@@ -101,3 +101,22 @@ def test_streams_are_flushed_before_os_exit_whatever_state_they_are_in(monkeypat
     monkeypatch.setattr(sys, "stderr", GoneReader())
     cli._flush_standard_streams()
     assert GoneReader.flushed == 1
+
+
+def test_the_progress_line_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """The stream is looked up when a run starts, not when the module was imported: an
+    embedding program (or a test harness) that replaced and closed sys.stderr since made
+    train fail before its first round; a disabled progress line touches no stream at all."""
+    import io
+
+    from cafedist.train.progress import Progress
+
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    Progress(3, enabled=False).update(1)  # a rank other than 0, or --no-progress
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    bar = Progress(3)
+    bar.update(3, "done")
+    assert "round 3/3" in now.getvalue() and bar.stream is now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 from cafedist.units import hms
 
@@ -11,10 +12,12 @@ from cafedist.units import hms
 class Progress:
     """Prints ``round 7/20 [#######.............] last-exit acc 0.912  eta 0:01:05``."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=sys.stderr):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream: TextIO | None = None):
+        # sys.stderr of now, not of import time: it may have been replaced since (a closed one raises)
+        stream = sys.stderr if stream is None else stream
         self.total, self.start, self.enabled, self.stream = total, start, enabled, stream
         self.t0 = time.perf_counter()
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
 
     def update(self, done: int, info: str = "") -> None:
         """Show ``done`` of the total rounds finished, with ``info`` after the bar."""

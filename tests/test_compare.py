@@ -68,6 +68,19 @@ def test_seeds_are_a_count_from_the_config_seed_or_an_explicit_list():
             resolve_seeds(bad, 0)
 
 
+def test_an_algorithm_registered_under_an_ablations_name_is_refused(monkeypatch):
+    """It used to replace the ablation silently: ``--algorithms cafedistill-nokd`` ran the
+    registered class, and the report still read it as CAFEDistill without cross-client KD."""
+    from cafedist import algorithms
+    from cafedist.algorithms.fedavg import FedAvg
+
+    impostor = type("NoKD", (FedAvg,), {"name": "cafedistill-nokd"})
+    monkeypatch.setitem(algorithms.ALGORITHMS, "cafedistill-nokd", impostor)
+    with pytest.raises(RuntimeError, match=r"algorithm 'cafedistill-nokd' \(.*NoKD\) is registered under the name "
+                                           r"of compare's ablation .*cross_client_kd=False.*rename"):
+        available_variants()
+
+
 def test_ablation_runs_are_cafedistill_with_one_switch_off(tiny_config, tmp_path):
     cfg = tiny_config(rounds=2)
     variants = [available_variants()[n] for n in ("cafedistill-nokd", "cafedistill-nosel", "fedavg")]

@@ -198,7 +198,8 @@ after a kill and resume. That holds for an algorithm that keeps these rules; the
 - **Registration** (*checked* on import, `check_algorithm`): `name` is letters, digits, `-`,
   `_` (it is the config key `algorithm.NAME.*`), not `name` or `all`; `Params` is a dataclass
   whose every field has a default that passes its own `checks()`; `cohort_exchange` comes with
-  `aggregate_cohort`; a `LogitExchange` has a `proxy_size` parameter.
+  `aggregate_cohort`; a `LogitExchange` has a `proxy_size` parameter. `compare` refuses a
+  `name` that one of its ablations of CAFEDistill has (`cafedistill-nokd`, `cafedistill-nosel`).
 - **Order in a round** (`cafedist/train/round.py`), each client hook on the client's own rank:
   for each client that trains, `on_local_start`, `local_phases`, the phases' steps
   (`uses_proxy_batch`, `local_loss`), then `trained_exits`; the exchange: `upload` of every

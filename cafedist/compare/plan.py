@@ -49,7 +49,12 @@ def available_variants() -> dict[str, Variant]:
 
     out = {name: Variant(name, name, (f"algorithm.name={name}",)) for name in ALGORITHMS}
     for name, (base, params) in ABLATIONS.items():
-        if base in ALGORITHMS and name not in out:
+        if name in out:  # one of the two would silently stand for the other in every table
+            cls = ALGORITHMS[name]
+            raise RuntimeError(f"algorithm {name!r} ({cls.__module__}.{cls.__qualname__}) is registered under the "
+                               f"name of compare's ablation {name!r} ({base} with "
+                               f"{', '.join(f'{k}={v}' for k, v in params.items())}): rename the algorithm")
+        if base in ALGORITHMS:
             sets = tuple(f"algorithm.{base}.{k}={_yaml_scalar(v)}" for k, v in params.items())
             out[name] = Variant(name, base, (f"algorithm.name={base}", *sets))
 

@@ -5,7 +5,8 @@ one row: the algorithm, rounds done of the run's total, what is happening (``tra
 live process named from its lock, ``finished``, ``failed`` with the error that ended the last
 training compare started (from its ``train.log``), ``stopped`` with the round a resume continues
 from, ``no round finished``), the last round's last-exit accuracy, an estimate of the time left
-while training, and whether ``eval.json`` describes the newest checkpoint.
+while training (from the current session's rounds once it has any: a resume may run on another
+machine), and whether ``eval.json`` describes the newest checkpoint.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
 the lock's record, the checkpoint folders' names, train.log and eval.json, so it is cheap on a run that is
@@ -23,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from cafedist.config import config_hash, read_run_config
+from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import user_path
 from cafedist.run.checkpoint import CheckpointDir
-from cafedist.rundir import PREVIOUS_PREFIX, live_holder
-from cafedist.trainlog import last_session_error
+from cafedist.rundir import LOCK_NAME, PREVIOUS_PREFIX, live_holder
+from cafedist.trainlog import last_session_error, resumed_rounds
 from cafedist.typed import is_finite_number
 from cafedist.units import hms
 
@@ -49,6 +50,7 @@ class RunStatus:
     state: str
     last_exit_accuracy: float | None
     seconds_left: float | None
+    time_left_from: str | None  # whose rounds the estimate read: "this session" or "earlier session"
     checkpoint_round: int | None
     eval: str
 
@@ -82,10 +84,15 @@ def _usable(value: Any) -> bool:
     return is_finite_number(value) and value >= 0
 
 
+def _round_of(checkpoint: Path) -> int:
+    """The round a checkpoint folder (``round_NNNNNN``) holds, by its name."""
+    return int(checkpoint.name[len("round_"):])
+
+
 def _newest_checkpoint(run_dir: Path) -> int | None:
     """The round of the newest checkpoint folder, the one a resume tries first (by name; not verified)."""
     newest = CheckpointDir(run_dir).candidates()
-    return int(newest[0].name[len("round_"):]) if newest else None
+    return _round_of(newest[0]) if newest else None
 
 
 def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
@@ -116,6 +123,76 @@ def stopped_state(run_dir: str | Path) -> str:
     return _stopped_state(_records(run_dir), _newest_checkpoint(run_dir))
 
 
+def _live_session_start(run_dir: Path) -> int | None:
+    """The first round of the session that holds the lock now (None: no live holder). The
+    lock's record is written as the session starts (its file's time then), after the checkpoint
+    it resumed from and before any it writes: it began after the newest checkpoint committed
+    before it; failing that (pruned since), it trained every round from its own oldest on."""
+    if live_holder(run_dir) is None:
+        return None
+    try:
+        began = (run_dir / LOCK_NAME).stat().st_mtime
+    except OSError:
+        return None
+    committed = []
+    for path in CheckpointDir(run_dir).candidates():
+        try:
+            committed.append((_round_of(path), (path / "MANIFEST.json").stat().st_mtime))
+        except OSError:  # pruned meanwhile
+            continue
+    before = [rnd for rnd, mtime in committed if mtime < began]
+    if before:
+        return max(before) + 1
+    return min((rnd for rnd, _ in committed), default=0)
+
+
+def _logged_starts(run_dir: Path) -> list[int]:
+    """The first round of each session train.log records a resume of (trainings compare
+    started); a resume drops the rounds after its checkpoint, and the starts among them."""
+    starts: list[int] = []
+    for done in resumed_rounds(run_dir):
+        starts = [s for s in starts if s <= done] + [done + 1]
+    return starts
+
+
+def session_starts(run_dir: str | Path, records: list[dict[str, Any]]) -> list[int]:
+    """The first rounds of ``records``' training sessions, ascending, as far as the run's files
+    tell (the rows name no session): the first row's, a row on another world size or placement
+    than the one before (a resume on other ranks), the round after each resume train.log
+    records, and while a live process trains, its session's first (maybe not trained yet)."""
+    run_dir = Path(run_dir)
+    starts = set(r["round"] for r in records[:1]) | set(_logged_starts(run_dir))
+    starts |= {b["round"] for a, b in zip(records, records[1:])
+               if (a.get("world_size"), a.get("clients_per_rank")) != (b.get("world_size"), b.get("clients_per_rank"))}
+    live = _live_session_start(run_dir)
+    return sorted(starts if live is None else starts | {live})
+
+
+def _recent(rows: list[dict[str, Any]], key: str) -> list[float]:
+    """The usable ``key`` of the newest :data:`_RECENT` rows that record one."""
+    return [r[key] for r in rows if _usable(r.get(key))][-_RECENT:]
+
+
+def _time_left(cfg: Config, records: list[dict[str, Any]], starts: list[int],
+               done: int) -> tuple[float | None, str | None]:
+    """Seconds left (the median of the recent rounds' times per round left) and whose rounds
+    it read: the current session's once it finished one (a resume may run on another machine
+    or thread count), else the earlier sessions' on the world size of their newest round."""
+    # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
+    # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
+    # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
+    first = starts[-1] if starts else 0
+    current = [r for r in records if r["round"] >= first]
+    earlier = [r for r in records if r["round"] < first]
+    # a run resumed on another number of ranks mixed the old session's round times into the median
+    earlier = [r for r in earlier if r.get("world_size") == earlier[-1].get("world_size")] if earlier else []
+    source, rows = ("this session", current) if _recent(current, "seconds") else ("earlier session", earlier)
+    seconds = _recent(rows, "seconds")
+    if not seconds:
+        return None, None
+    return statistics.median(seconds) * max(cfg.train.rounds - done, 0), source
+
+
 def run_status(run_dir: str | Path) -> RunStatus:
     """What ``run_dir``'s files say about it (module docstring). Raises ConfigError when its
     config.yaml cannot be read as a run config."""
@@ -130,20 +207,11 @@ def run_status(run_dir: str | Path) -> RunStatus:
     summary = _json(run_dir / "summary.json")
     holder = live_holder(run_dir)
     error = last_session_error(run_dir)  # trainings that compare started log their output there
-    # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
-    # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
-    # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
-    # and only rounds on the newest round's world size: a run resumed on another number of
-    # ranks mixed the old session's round times into the median
-    world = records[-1].get("world_size") if records else None
-    seconds = [r["seconds"] for r in records if _usable(r.get("seconds")) and r.get("world_size") == world]
-    seconds = seconds[-_RECENT:]
-    left = None
+    left, source = None, None
     acc = records[-1].get("acc_per_exit") if records else None
     if holder is not None:
         state = f"training ({holder})"
-        if seconds:
-            left = statistics.median(seconds) * max(cfg.train.rounds - done, 0)
+        left, source = _time_left(cfg, records, session_starts(run_dir, records), done)
     elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
         state = "finished"
         # summary.json is the record of a finished run: metrics.jsonl may be torn or trimmed
@@ -153,8 +221,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
     else:
         state = _stopped_state(records, checkpoint)
     last = acc[-1] if isinstance(acc, list) and acc and _usable(acc[-1]) else None
-    return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, checkpoint,
-                     _eval_state(run_dir, checkpoint))
+    return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, source,
+                     checkpoint, _eval_state(run_dir, checkpoint))
 
 
 def find_runs(path: Path) -> Iterator[Path]:
@@ -182,6 +250,8 @@ def _row(status: RunStatus) -> dict[str, str]:
     rounds = f"{status.rounds_done}/{status.rounds}"
     acc = "" if status.last_exit_accuracy is None else f"{status.last_exit_accuracy:.4f}"
     left = "" if status.seconds_left is None else hms(status.seconds_left)
+    if left and status.time_left_from != "this session":
+        left += f" ({status.time_left_from})"
     return {"run": status.run_dir, "algorithm": status.algorithm or "", "rounds": rounds, "state": status.state,
             "last-exit acc": acc, "time left": left, "eval": status.eval}
 
@@ -235,4 +305,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status", "stopped_state"]
+__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status", "session_starts", "stopped_state"]

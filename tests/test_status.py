@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
 
 import pytest
+import yaml
 from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
 
 from cafedist.rundir import RunLock
-from cafedist.status import find_runs, run_status
+from cafedist.status import find_runs, run_status, session_starts
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +185,74 @@ def test_time_left_is_read_from_rounds_on_the_current_world_size(runs, tmp_path)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with RunLock(run):
         assert run_status(run).seconds_left == pytest.approx(1.0)  # 1 round left at 1 s
+
+
+def _resumed_run(runs, tmp_path, earlier: list[float], current: list[float], rounds: int = 10):
+    """The stopped run resumed: ``earlier`` the round times of the session that wrote its
+    checkpoints, ``current`` those of the live session (this process, holding the lock) that
+    resumed from them; its config trains ``rounds`` rounds."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["rounds"] = rounds
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    template = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    rows = [{**template, "round": i, "seconds": s} for i, s in enumerate(earlier + current)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:len(earlier)]))
+    for manifest in run.glob("checkpoints/*/MANIFEST.json"):  # written well before this session began
+        os.utime(manifest, (time.time() - 600,) * 2)
+    lock = RunLock(run).acquire()
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows[len(earlier):]))
+    return run, lock
+
+
+def _status_then_release(run, lock):
+    """``run``'s status and its status table while ``lock`` is held, then the lock released."""
+    try:
+        return run_status(run), cafedist_in_process("status", str(run)).stdout
+    finally:
+        lock.release()
+
+
+def test_time_left_prefers_the_current_session_s_rounds(runs, tmp_path):
+    """Right after a resume on a faster machine the estimate was the median of the last 5
+    rounds, half of them the earlier session's 10 s ones: 33 s for 6 rounds left where the
+    current session's 1 s rounds say 6 s. The current session's rounds are read once it has
+    any, the earlier one's until then, and status says which."""
+    status, table = _status_then_release(*_resumed_run(runs, tmp_path, earlier=[10.0, 10.0], current=[1.0, 1.0]))
+    assert status.seconds_left == pytest.approx(6.0) and status.time_left_from == "this session"
+    assert "0:00:06 " in table and "earlier session" not in table
+    status, table = _status_then_release(*_resumed_run(runs, tmp_path / "none", earlier=[10.0, 10.0], current=[]))
+    assert status.seconds_left == pytest.approx(80.0) and status.time_left_from == "earlier session"
+    assert "0:01:20 (earlier session)" in table
+
+
+def test_session_starts_read_the_resume_a_train_log_records(runs, tmp_path):
+    """The rows name no session: a training compare started logs its resume in train.log
+    (as train prints it), which tells the first round of the session after it."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    proc = cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress",
+                               check=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert session_starts(run, records) == [0]
+    (run / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train\n" + proc.stderr)
+    assert [r["round"] for r in records] == [0, 1, 2] and session_starts(run, records) == [0, 2]
+
+
+def test_the_live_session_s_own_checkpoints_tell_it_once_its_resume_point_is_pruned(runs, tmp_path):
+    """`checkpoint.keep` pruned the checkpoint the live session resumed from: it trained every
+    round from the oldest checkpoint it wrote on (here 3; rounds 2..5 are its own)."""
+    run, lock = _resumed_run(runs, tmp_path, earlier=[10.0, 10.0], current=[1.0, 1.0, 1.0, 1.0])
+    try:
+        shutil.rmtree(run / "checkpoints")
+        for rnd in (3, 4):
+            (run / "checkpoints" / f"round_{rnd:06d}").mkdir(parents=True)
+            (run / "checkpoints" / f"round_{rnd:06d}" / "MANIFEST.json").write_text("{}")
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert session_starts(run, records) == [0, 3]
+        assert run_status(run).time_left_from == "this session"
+    finally:
+        lock.release()
+    assert session_starts(run, records) == [0]  # no live session: nothing tells where it began

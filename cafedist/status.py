@@ -6,7 +6,8 @@ live process named from its lock, ``finished``, ``failed`` with the error that e
 training compare started (from its ``train.log``), ``stopped`` with the round a resume continues
 from, ``no round finished``), the last round's last-exit accuracy, an estimate of the time left
 while training (from the current session's rounds once it has any: a resume may run on another
-machine), and whether ``eval.json`` describes the newest checkpoint.
+machine; with the checkpoint writes when rows record them), and whether ``eval.json``
+describes the newest checkpoint.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
 the lock's record, the checkpoint folders' names, train.log and eval.json, so it is cheap on a run that is
@@ -173,11 +174,18 @@ def _recent(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in rows if _usable(r.get(key))][-_RECENT:]
 
 
+def _checkpoints_left(cfg: Config, done: int) -> int:
+    """Checkpoints train writes in rounds ``done`` .. the last (every ``checkpoint.every``, and the last round)."""
+    every, rounds = cfg.checkpoint.every, cfg.train.rounds
+    return sum(1 for r in range(done, rounds) if r == rounds - 1 or (every and (r + 1) % every == 0))
+
+
 def _time_left(cfg: Config, records: list[dict[str, Any]], starts: list[int],
                done: int) -> tuple[float | None, str | None]:
-    """Seconds left (the median of the recent rounds' times per round left) and whose rounds
-    it read: the current session's once it finished one (a resume may run on another machine
-    or thread count), else the earlier sessions' on the world size of their newest round."""
+    """Seconds left (the median of the recent rounds' times per round left, plus that of the
+    recorded checkpoint writes per checkpoint left) and whose rounds it read: the current
+    session's once it finished one (a resume may run on another machine or thread count),
+    else the earlier sessions' on the world size of their newest round."""
     # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
     # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
     # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
@@ -190,7 +198,12 @@ def _time_left(cfg: Config, records: list[dict[str, Any]], starts: list[int],
     seconds = _recent(rows, "seconds")
     if not seconds:
         return None, None
-    return statistics.median(seconds) * max(cfg.train.rounds - done, 0), source
+    # checkpoints are written after a round's `seconds` were taken
+    saves = _recent(current, "t_checkpoint") or _recent(earlier, "t_checkpoint")
+    left = statistics.median(seconds) * max(cfg.train.rounds - done, 0)
+    if saves:
+        left += statistics.median(saves) * _checkpoints_left(cfg, done)
+    return left, source
 
 
 def run_status(run_dir: str | Path) -> RunStatus:

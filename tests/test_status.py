@@ -187,17 +187,20 @@ def test_time_left_is_read_from_rounds_on_the_current_world_size(runs, tmp_path)
         assert run_status(run).seconds_left == pytest.approx(1.0)  # 1 round left at 1 s
 
 
-def _resumed_run(runs, tmp_path, earlier: list[float], current: list[float], rounds: int = 10):
+def _resumed_run(runs, tmp_path, earlier: list[float], current: list[float], rounds: int = 10, every: int = 1,
+                 t_checkpoint: float | None = None):
     """The stopped run resumed: ``earlier`` the round times of the session that wrote its
     checkpoints, ``current`` those of the live session (this process, holding the lock) that
-    resumed from them; its config trains ``rounds`` rounds."""
+    resumed from them; its config trains ``rounds`` rounds with a checkpoint ``every`` rounds
+    (``t_checkpoint``: the seconds each row records for a checkpoint write)."""
     run = tmp_path / "run"
     shutil.copytree(runs / "stopped", run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["train"]["rounds"] = rounds
+    cfg["train"]["rounds"], cfg["checkpoint"]["every"] = rounds, every
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     template = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    rows = [{**template, "round": i, "seconds": s} for i, s in enumerate(earlier + current)]
+    extra = {} if t_checkpoint is None else {"t_checkpoint": t_checkpoint}
+    rows = [{**template, "round": i, "seconds": s, **extra} for i, s in enumerate(earlier + current)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:len(earlier)]))
     for manifest in run.glob("checkpoints/*/MANIFEST.json"):  # written well before this session began
         os.utime(manifest, (time.time() - 600,) * 2)
@@ -226,6 +229,15 @@ def test_time_left_prefers_the_current_session_s_rounds(runs, tmp_path):
     status, table = _status_then_release(*_resumed_run(runs, tmp_path / "none", earlier=[10.0, 10.0], current=[]))
     assert status.seconds_left == pytest.approx(80.0) and status.time_left_from == "earlier session"
     assert "0:01:20 (earlier session)" in table
+
+
+def test_time_left_includes_the_recorded_checkpoint_writes(runs, tmp_path):
+    """A round ends with a checkpoint every `checkpoint.every` rounds and at the last, written
+    after its `seconds` were taken: rows that record the write (`t_checkpoint`) add it for each
+    checkpoint left (rounds 2..9 with every=2: 4 checkpoints of 3 s besides 8 rounds of 1 s)."""
+    status, _ = _status_then_release(*_resumed_run(runs, tmp_path, earlier=[1.0, 1.0], current=[], every=2,
+                                                    t_checkpoint=3.0))
+    assert status.seconds_left == pytest.approx(8 * 1.0 + 4 * 3.0)  # was 8 s
 
 
 def test_session_starts_read_the_resume_a_train_log_records(runs, tmp_path):

@@ -4,10 +4,11 @@ Reads each run's ``metrics.jsonl`` (the loop's per-round timers and byte counter
 by rank 0), plus ``summary.json`` and ``config.yaml`` when present, and writes
 ``scaling.md``, ``scaling.csv`` and ``scaling.png`` (atomically, via :mod:`cafedist.fsutil`).
 
-Per run: ranks, clients per rank, mean round time (round 0 is skipped as warm-up when a run
-has more than 2 rounds), its split into local training / communication / aggregation /
-evaluation (rank 0's timers; "other" is the rest: proxy inference, bookkeeping), bytes per
-round, and the scaling efficiency relative to the run with the smallest world size:
+Per run: ranks, clients per rank, mean round time (the first round of each training session
+is skipped as warm-up when a run has more than 2 rounds: :func:`timed_rounds`), its split into
+local training / communication / aggregation / evaluation (rank 0's timers; "other" is the
+rest: proxy inference, bookkeeping), bytes per round, and the scaling
+efficiency relative to the run with the smallest world size:
 
 * **weak** scaling (clients per rank constant, total grows with the ranks):
   ``efficiency = t_base / t_N`` (1.0 = perfect: N times the work in the same time). With a
@@ -149,13 +150,24 @@ def busiest_rank_samples(config: dict[str, Any], ranks: int, run_dir: Path) -> i
     return None
 
 
+def timed_rounds(run: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds a run's times are averaged over: when it has more than 2, all but the first
+    of each session (:func:`cafedist.status.session_starts`), which pays the warm-up of a
+    process start (imports, compilation, caches); all when that leaves none."""
+    from cafedist.status import session_starts
+
+    starts = set(session_starts(run, records))
+    warm = [r for r in records if r["round"] not in starts]
+    return warm if len(records) > 2 and warm else records
+
+
 def load_run(run_dir: str | Path) -> RunStats:
-    """Summarise one run directory (mean over rounds, round 0 skipped when > 2 rounds)."""
+    """Summarise one run directory (mean over rounds, :func:`timed_rounds`)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise DataError(f"{run}: not a directory (expected a run directory written by `cafedist train`)")
     records = _read_metrics(run / "metrics.jsonl")
-    used = records[1:] if len(records) > 2 else records
+    used = timed_rounds(run, records)
     world = {int(r["world_size"]) for r in records}
     if len(world) > 1:
         raise DataError(f"{run / 'metrics.jsonl'}: world_size changes between rounds {sorted(world)} "
@@ -258,7 +270,8 @@ def to_markdown(rows: list[dict[str, Any]], runs: list[RunStats]) -> str:
         lines.append("")
     lines += [head + body,
               "Times are seconds per round on rank 0, averaged over the rounds counted "
-              "(round 0 skipped as warm-up when a run has more than 2 rounds); `other` = round time "
+              "(the first round of each session, round 0 and the one after a resume, skipped as warm-up when "
+              "a run has more than 2 rounds); `other` = round time "
               "minus the four timers (proxy inference, bookkeeping). `wire_mb_per_round`: bytes all ranks "
               "put on the wire; `logical_mb_per_round`: per-client payload (up + down) x clients trained.",
               "Weak scaling (clients per rank constant): efficiency = t_base / t_N, normalised by the "

@@ -42,6 +42,24 @@ def test_round_zero_is_skipped_as_warmup_only_when_there_are_more_than_two_round
     assert short.summary == {}
 
 
+def test_the_first_round_of_every_session_is_skipped_as_warmup(tmp_path):
+    """A run resumed after round 1 (a training compare started, its train.log records the
+    resume) pays the warm-up again in round 2: it was averaged in (3.75 s a round here)."""
+    run = _run(tmp_path, "resumed", 1, [4], [10.0, 2.0, 9.0, 2.0, 2.0])
+    resume = "[cafedist r0] INFO resumed from {}/checkpoints/round_{:06d} (round {}, written by 1 ranks, now 1)\n"
+    (run / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train\n"
+                                   "=== 2026-01-01 00:10:00 cafedist train\n" + resume.format(run, 1, 1))
+    stats = load_run(run)
+    assert stats.rounds_used == 3 and stats.round_s == pytest.approx(2.0)
+    # a later resume from an earlier checkpoint trained the rounds after it again: round 4 was
+    # the first of a session that a resume after round 1 then dropped
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_record(i, 1, [4], s)) + "\n"
+                                               for i, s in enumerate([10.0, 2.0, 9.0, 2.0, 5.0])))
+    (run / "train.log").write_text(resume.format(run, 3, 3) + resume.format(run, 1, 1))
+    stats = load_run(run)
+    assert stats.rounds_used == 3 and stats.round_s == pytest.approx(3.0)
+
+
 def test_strong_scaling_efficiency(tmp_path):
     runs = [load_run(_run(tmp_path, "w4", 4, [2, 2, 2, 2], [9, 1.0, 1.0])),
             load_run(_run(tmp_path, "w1", 1, [8], [9, 2.0, 2.0])),

@@ -86,6 +86,8 @@ class RunLock:
         self.path = self.run_dir / name
         self.holder, self.advice = holder, advice
         self._fd: int | None = None
+        #: "HOST PID TIME" of the session holding it (written into the lock file): unique per session
+        self.record: str | None = None
 
     def acquire(self, wait: bool = False) -> "RunLock":
         """Create the run directory if needed and take the lock, or raise :class:`RunDirBusy`
@@ -122,7 +124,8 @@ class RunLock:
             log.warning("%s: taking over the stale lock of %s (%s; its run was interrupted)", self.path,
                         _holder_text(previous), state)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        self.record = f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        os.pwrite(fd, f"{self.record}\n".encode(), 0)
         self._fd = fd
         return self
 
@@ -148,24 +151,28 @@ class RunLock:
         self.release()
 
 
-def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
-    """Who holds ``run_dir``'s lock now, as far as its record tells without taking it (a
-    probe that took the lock could make a train starting that instant refuse): ``"pid N on
-    HOST"``, with a note where the holder runs on another host and may have been killed; None
-    when the record is empty (no holder, or one that ended) or names a process that is gone."""
+def holder_record(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+    """The record (``"HOST PID TIME"``, :attr:`RunLock.record`) of ``run_dir``'s lock holder
+    as far as it can be told without taking the lock (a probe that took the lock could make a
+    train starting that instant refuse); None when the record is empty (no holder, or one that
+    ended), not one train writes, or names a process on this host that is gone."""
     try:
         raw = (Path(run_dir) / name).read_text("utf-8", "replace").strip()
     except OSError:
         return None
-    if not raw:
-        return None
     parts = raw.split()
-    if len(parts) < 2 or not parts[1].isdigit():
-        return None  # not a record train writes: nothing to say who holds it
-    alive = _holder_alive(raw)
-    if alive is False:
+    if len(parts) < 2 or not parts[1].isdigit() or _holder_alive(raw) is False:
         return None
-    return _holder_text(raw) + ("" if alive else ", another host: it may also have been killed")
+    return raw
+
+
+def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+    """Who holds ``run_dir``'s lock now (:func:`holder_record`): ``"pid N on HOST"``, with a
+    note where the holder runs on another host and may have been killed; None when none does."""
+    raw = holder_record(run_dir, name)
+    if raw is None:
+        return None
+    return _holder_text(raw) + ("" if _holder_alive(raw) else ", another host: it may also have been killed")
 
 
 def outputs_lock(run_dir: str | os.PathLike, advice: str = "wait for it to end") -> RunLock:

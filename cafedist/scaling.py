@@ -150,13 +150,13 @@ def busiest_rank_samples(config: dict[str, Any], ranks: int, run_dir: Path) -> i
     return None
 
 
-def timed_rounds(run: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def timed_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rounds a run's times are averaged over: when it has more than 2, all but the first
-    of each session (:func:`cafedist.status.session_starts`), which pays the warm-up of a
+    of each session (:func:`cafedist.run.metrics.session_starts`), which pays the warm-up of a
     process start (imports, compilation, caches); all when that leaves none."""
-    from cafedist.status import session_starts
+    from cafedist.run.metrics import session_starts
 
-    starts = set(session_starts(run, records))
+    starts = set(session_starts(records))
     warm = [r for r in records if r["round"] not in starts]
     return warm if len(records) > 2 and warm else records
 
@@ -167,7 +167,7 @@ def load_run(run_dir: str | Path) -> RunStats:
     if not run.is_dir():
         raise DataError(f"{run}: not a directory (expected a run directory written by `cafedist train`)")
     records = _read_metrics(run / "metrics.jsonl")
-    used = timed_rounds(run, records)
+    used = timed_rounds(records)
     world = {int(r["world_size"]) for r in records}
     if len(world) > 1:
         raise DataError(f"{run / 'metrics.jsonl'}: world_size changes between rounds {sorted(world)} "

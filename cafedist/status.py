@@ -29,8 +29,9 @@ from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import user_path
 from cafedist.run.checkpoint import CheckpointDir
-from cafedist.rundir import LOCK_NAME, PREVIOUS_PREFIX, live_holder
-from cafedist.trainlog import last_session_error, resumed_rounds
+from cafedist.run.metrics import session_starts
+from cafedist.rundir import PREVIOUS_PREFIX, holder_record, live_holder
+from cafedist.trainlog import last_session_error
 from cafedist.typed import is_finite_number
 from cafedist.units import hms
 
@@ -124,51 +125,6 @@ def stopped_state(run_dir: str | Path) -> str:
     return _stopped_state(_records(run_dir), _newest_checkpoint(run_dir))
 
 
-def _live_session_start(run_dir: Path) -> int | None:
-    """The first round of the session that holds the lock now (None: no live holder). The
-    lock's record is written as the session starts (its file's time then), after the checkpoint
-    it resumed from and before any it writes: it began after the newest checkpoint committed
-    before it; failing that (pruned since), it trained every round from its own oldest on."""
-    if live_holder(run_dir) is None:
-        return None
-    try:
-        began = (run_dir / LOCK_NAME).stat().st_mtime
-    except OSError:
-        return None
-    committed = []
-    for path in CheckpointDir(run_dir).candidates():
-        try:
-            committed.append((_round_of(path), (path / "MANIFEST.json").stat().st_mtime))
-        except OSError:  # pruned meanwhile
-            continue
-    before = [rnd for rnd, mtime in committed if mtime < began]
-    if before:
-        return max(before) + 1
-    return min((rnd for rnd, _ in committed), default=0)
-
-
-def _logged_starts(run_dir: Path) -> list[int]:
-    """The first round of each session train.log records a resume of (trainings compare
-    started); a resume drops the rounds after its checkpoint, and the starts among them."""
-    starts: list[int] = []
-    for done in resumed_rounds(run_dir):
-        starts = [s for s in starts if s <= done] + [done + 1]
-    return starts
-
-
-def session_starts(run_dir: str | Path, records: list[dict[str, Any]]) -> list[int]:
-    """The first rounds of ``records``' training sessions, ascending, as far as the run's files
-    tell (the rows name no session): the first row's, a row on another world size or placement
-    than the one before (a resume on other ranks), the round after each resume train.log
-    records, and while a live process trains, its session's first (maybe not trained yet)."""
-    run_dir = Path(run_dir)
-    starts = set(r["round"] for r in records[:1]) | set(_logged_starts(run_dir))
-    starts |= {b["round"] for a, b in zip(records, records[1:])
-               if (a.get("world_size"), a.get("clients_per_rank")) != (b.get("world_size"), b.get("clients_per_rank"))}
-    live = _live_session_start(run_dir)
-    return sorted(starts if live is None else starts | {live})
-
-
 def _recent(rows: list[dict[str, Any]], key: str) -> list[float]:
     """The usable ``key`` of the newest :data:`_RECENT` rows that record one."""
     return [r[key] for r in rows if _usable(r.get(key))][-_RECENT:]
@@ -180,16 +136,19 @@ def _checkpoints_left(cfg: Config, done: int) -> int:
     return sum(1 for r in range(done, rounds) if r == rounds - 1 or (every and (r + 1) % every == 0))
 
 
-def _time_left(cfg: Config, records: list[dict[str, Any]], starts: list[int],
+def _time_left(cfg: Config, records: list[dict[str, Any]], holder: str | None,
                done: int) -> tuple[float | None, str | None]:
     """Seconds left (the median of the recent rounds' times per round left, plus that of the
     recorded checkpoint writes per checkpoint left) and whose rounds it read: the current
     session's once it finished one (a resume may run on another machine or thread count),
-    else the earlier sessions' on the world size of their newest round."""
+    else the earlier sessions' on the world size of their newest round. ``holder``: the lock
+    record of the session training now (rows name theirs)."""
     # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
     # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
     # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
-    first = starts[-1] if starts else 0
+    first = session_starts(records)[-1] if records else 0
+    if records and "session" in records[-1] and records[-1]["session"] != holder:
+        first = records[-1]["round"] + 1  # the live session has finished no round yet
     current = [r for r in records if r["round"] >= first]
     earlier = [r for r in records if r["round"] < first]
     # a run resumed on another number of ranks mixed the old session's round times into the median
@@ -224,7 +183,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     acc = records[-1].get("acc_per_exit") if records else None
     if holder is not None:
         state = f"training ({holder})"
-        left, source = _time_left(cfg, records, session_starts(run_dir, records), done)
+        left, source = _time_left(cfg, records, holder_record(run_dir), done)
     elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
         state = "finished"
         # summary.json is the record of a finished run: metrics.jsonl may be torn or trimmed
@@ -318,4 +277,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status", "session_starts", "stopped_state"]
+__all__ = ["RunStatus", "add_arguments", "find_runs", "main", "run_status", "stopped_state"]

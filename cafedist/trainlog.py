@@ -3,14 +3,11 @@ session after another, each after a header line (:func:`session_header`)."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 NAME = "train.log"
 _HEADER = "=== "
-#: the line train logs when it resumes (:func:`cafedist.run.checkpoint.load_checkpoint`)
-_RESUMED = re.compile(r"\bresumed from .* \(round (\d+), written by ")
 
 
 def session_header(command: str) -> str:
@@ -37,14 +34,4 @@ def last_session_error(run_dir: Path) -> str | None:
     return errors[-1] if errors else None
 
 
-def resumed_rounds(run_dir: Path) -> list[int]:
-    """The round each resume the log records continued after, in the log's order (none
-    without a log, or for sessions that started afresh)."""
-    try:
-        text = (run_dir / NAME).read_text(errors="replace")
-    except OSError:
-        return []
-    return [int(m.group(1)) for m in _RESUMED.finditer(text)]
-
-
-__all__ = ["NAME", "last_error", "last_session_error", "resumed_rounds", "session_header"]
+__all__ = ["NAME", "last_error", "last_session_error", "session_header"]

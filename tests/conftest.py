@@ -165,8 +165,8 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-TIMING_KEYS = {"seconds", "t_local", "t_comm", "t_aggregate", "t_eval", "t_diag", "wire_bytes", "world_size",
-               "clients_per_rank"}
+TIMING_KEYS = {"seconds", "t_local", "t_comm", "t_aggregate", "t_eval", "t_diag", "t_checkpoint", "session",
+               "wire_bytes", "world_size", "clients_per_rank"}
 
 
 def comparable(records: list[dict]) -> list[dict]:

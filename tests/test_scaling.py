@@ -43,21 +43,14 @@ def test_round_zero_is_skipped_as_warmup_only_when_there_are_more_than_two_round
 
 
 def test_the_first_round_of_every_session_is_skipped_as_warmup(tmp_path):
-    """A run resumed after round 1 (a training compare started, its train.log records the
-    resume) pays the warm-up again in round 2: it was averaged in (3.75 s a round here)."""
+    """A run resumed after round 1 pays the warm-up again in round 2 (rows name their session,
+    as train writes them): it was averaged in (3.75 s a round here)."""
     run = _run(tmp_path, "resumed", 1, [4], [10.0, 2.0, 9.0, 2.0, 2.0])
-    resume = "[cafedist r0] INFO resumed from {}/checkpoints/round_{:06d} (round {}, written by 1 ranks, now 1)\n"
-    (run / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train\n"
-                                   "=== 2026-01-01 00:10:00 cafedist train\n" + resume.format(run, 1, 1))
+    rows = [{**json.loads(line), "session": "host 1 T0" if i < 2 else "host 2 T1"}
+            for i, line in enumerate((run / "metrics.jsonl").read_text().splitlines())]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stats = load_run(run)
     assert stats.rounds_used == 3 and stats.round_s == pytest.approx(2.0)
-    # a later resume from an earlier checkpoint trained the rounds after it again: round 4 was
-    # the first of a session that a resume after round 1 then dropped
-    (run / "metrics.jsonl").write_text("".join(json.dumps(_record(i, 1, [4], s)) + "\n"
-                                               for i, s in enumerate([10.0, 2.0, 9.0, 2.0, 5.0])))
-    (run / "train.log").write_text(resume.format(run, 3, 3) + resume.format(run, 1, 1))
-    stats = load_run(run)
-    assert stats.rounds_used == 3 and stats.round_s == pytest.approx(3.0)
 
 
 def test_strong_scaling_efficiency(tmp_path):

@@ -6,14 +6,14 @@ import json
 import os
 import re
 import shutil
-import time
 
 import pytest
 import yaml
 from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
 
+from cafedist.run.metrics import session_starts
 from cafedist.rundir import RunLock
-from cafedist.status import find_runs, run_status, session_starts
+from cafedist.status import find_runs, run_status
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,7 @@ def test_time_left_is_read_from_rounds_on_the_current_world_size(runs, tmp_path)
     assert [r["round"] for r in records] == [0, 1]
     records[0].update(seconds=100.0, world_size=4, clients_per_rank=[1, 1, 1, 1])
     records[1].update(seconds=1.0)
+    records[1].pop("t_checkpoint")  # its checkpoint time: another test's subject
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with RunLock(run):
         assert run_status(run).seconds_left == pytest.approx(1.0)  # 1 round left at 1 s
@@ -192,7 +193,8 @@ def _resumed_run(runs, tmp_path, earlier: list[float], current: list[float], rou
     """The stopped run resumed: ``earlier`` the round times of the session that wrote its
     checkpoints, ``current`` those of the live session (this process, holding the lock) that
     resumed from them; its config trains ``rounds`` rounds with a checkpoint ``every`` rounds
-    (``t_checkpoint``: the seconds each row records for a checkpoint write)."""
+    (``t_checkpoint``: the seconds each row records for a checkpoint write). Rows name their
+    session by its lock record, as train writes them."""
     run = tmp_path / "run"
     shutil.copytree(runs / "stopped", run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -200,13 +202,12 @@ def _resumed_run(runs, tmp_path, earlier: list[float], current: list[float], rou
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     template = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     extra = {} if t_checkpoint is None else {"t_checkpoint": t_checkpoint}
-    rows = [{**template, "round": i, "seconds": s, **extra} for i, s in enumerate(earlier + current)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:len(earlier)]))
-    for manifest in run.glob("checkpoints/*/MANIFEST.json"):  # written well before this session began
-        os.utime(manifest, (time.time() - 600,) * 2)
+    rows = [{**template, "round": i, "seconds": s, "session": "otherhost 12 2026-01-01T00:00:00", **extra}
+            for i, s in enumerate(earlier)]
     lock = RunLock(run).acquire()
-    with (run / "metrics.jsonl").open("a") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows[len(earlier):]))
+    rows += [{**template, "round": len(earlier) + i, "seconds": s, "session": lock.record, **extra}
+             for i, s in enumerate(current)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run, lock
 
 
@@ -240,31 +241,22 @@ def test_time_left_includes_the_recorded_checkpoint_writes(runs, tmp_path):
     assert status.seconds_left == pytest.approx(8 * 1.0 + 4 * 3.0)  # was 8 s
 
 
-def test_session_starts_read_the_resume_a_train_log_records(runs, tmp_path):
-    """The rows name no session: a training compare started logs its resume in train.log
-    (as train prints it), which tells the first round of the session after it."""
+def test_train_names_each_row_s_session_and_the_checkpoint_before_it(runs, tmp_path):
+    """A resumed run's rows tell its sessions apart (their lock records differ), and a row
+    after a checkpoint records how long that checkpoint took to write."""
     run = tmp_path / "run"
     shutil.copytree(runs / "stopped", run)
-    proc = cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress",
-                               check=True)
+    cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress",
+                        check=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert session_starts(run, records) == [0]
-    (run / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train\n" + proc.stderr)
-    assert [r["round"] for r in records] == [0, 1, 2] and session_starts(run, records) == [0, 2]
-
-
-def test_the_live_session_s_own_checkpoints_tell_it_once_its_resume_point_is_pruned(runs, tmp_path):
-    """`checkpoint.keep` pruned the checkpoint the live session resumed from: it trained every
-    round from the oldest checkpoint it wrote on (here 3; rounds 2..5 are its own)."""
-    run, lock = _resumed_run(runs, tmp_path, earlier=[10.0, 10.0], current=[1.0, 1.0, 1.0, 1.0])
-    try:
-        shutil.rmtree(run / "checkpoints")
-        for rnd in (3, 4):
-            (run / "checkpoints" / f"round_{rnd:06d}").mkdir(parents=True)
-            (run / "checkpoints" / f"round_{rnd:06d}" / "MANIFEST.json").write_text("{}")
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert session_starts(run, records) == [0, 3]
-        assert run_status(run).time_left_from == "this session"
-    finally:
-        lock.release()
-    assert session_starts(run, records) == [0]  # no live session: nothing tells where it began
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[1]["session"] != records[2]["session"] and session_starts(records) == [0, 2]
+    assert records[2]["session"].split()[1] == str(os.getpid())
+    # round 0's checkpoint was written in the first session, before round 1's row; the second
+    # session's first row follows no checkpoint of its own
+    assert records[1]["t_checkpoint"] >= 0 and not {"t_checkpoint"} & (records[0].keys() | records[2].keys())
+    # rows of an older train, without a session, still split where the ranks changed
+    plain = [{k: v for k, v in r.items() if k != "session"} for r in records]
+    assert session_starts(plain) == [0]
+    plain[2]["world_size"] = 2
+    assert session_starts(plain) == [0, 2]

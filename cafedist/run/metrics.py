@@ -65,3 +65,14 @@ class MetricsLog:
         """Close the TensorBoard writer (the JSONL file is closed after every record)."""
         if self._tb is not None:
             self._tb.close()
+
+
+def session_starts(records: list[dict[str, Any]]) -> list[int]:
+    """The first rounds of ``records``' training sessions, ascending: the first row's, and a
+    row of another session than the one before (its ``session``: the lock record of the
+    process that trained it) or, in rows written before train recorded that, on another world
+    size or placement (a resume on other ranks)."""
+    def who(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row.get("session"), row.get("world_size"), row.get("clients_per_rank")
+
+    return [b["round"] for a, b in zip([None, *records], records) if a is None or who(a) != who(b)]

@@ -110,7 +110,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if force_with_nothing_to_train(comm, session.config_due, start, cfg, resumed, h):
             # the new config's final checkpoint exists; only its config.yaml was never written
             session.write_config()
-        session.open_metrics(start)
+        session.open_metrics(start, lock.record if lock is not None else None)
         bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
         about = about_the_run(cfg, rt, resumed, comm)
         t0 = time.perf_counter()
@@ -142,15 +142,21 @@ class _Session:
     stop: StopFlag
     config_due: bool = False
     metrics: MetricsLog | None = None
+    #: rank 0's lock record ("HOST PID TIME"), written into every row as ``session``: readers tell
+    #: a resume's rounds (another machine, a warm-up) from the earlier sessions' by it
+    session_tag: str | None = None
+    #: seconds the newest checkpoint took to write, for the next round's row (``t_checkpoint``)
+    checkpoint_seconds: float | None = None
 
     def write_config(self) -> None:
         """Write config.yaml (no longer due)."""
         write_config(self.cfg, self.run_dir)
         self.config_due = False
 
-    def open_metrics(self, start: int) -> None:
+    def open_metrics(self, start: int, session_tag: str | None) -> None:
         """Rank 0: open metrics.jsonl, dropping the records of rounds from ``start`` on (a
-        resume trains them again)."""
+        resume trains them again); ``session_tag`` names this session in its rows."""
+        self.session_tag = session_tag
         if self.run.rt.is_main:
             self.metrics = MetricsLog(self.run_dir, tensorboard=True)
             self.metrics.truncate_after(start - 1)
@@ -170,6 +176,10 @@ class _Session:
             last_done = rnd
             record["world_size"] = rt.world_size
             record["clients_per_rank"] = self.trainer.rows.counts
+            if self.session_tag is not None:
+                record["session"] = self.session_tag
+            if self.checkpoint_seconds is not None:  # the rows come first: a checkpoint's time goes in the next
+                record["t_checkpoint"], self.checkpoint_seconds = self.checkpoint_seconds, None
             if self.metrics is not None:
                 self.metrics.append(record)
             acc = record.get("acc_per_exit")
@@ -178,7 +188,9 @@ class _Session:
             last = rnd == cfg.train.rounds - 1
             every = cfg.checkpoint.every
             if want_stop or last or (every and (rnd + 1) % every == 0):
+                t = time.perf_counter()
                 self._checkpoint(rnd, about)
+                self.checkpoint_seconds = round(time.perf_counter() - t, 6)
                 if not want_stop and not last:
                     # a signal that came while the checkpoint was written: this one is current, stop
                     # now rather than after another round (a preemption's grace may not last it)

@@ -4,10 +4,12 @@ The runs that are killed or stopped, by a signal or a fault, are processes of th
 the resumes whose subject is the process (another thread count, another world size); the
 reference run and the plain resumes run in this process (cafedist_in_process)."""
 
+import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, cafedist, cafedist_in_process, comparable, env_for_tests, metrics, summary, torchrun
@@ -199,3 +201,80 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypa
         checkpoint.save_torch({"w": torch.zeros(3)}, path)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- extending a run
+def _train_then_extend(tiny_config, tmp_path, *overrides: str) -> tuple[str, Path]:
+    """A finished 2-round tiny run under ``overrides``, then extended to 3 rounds with
+    ``--resume force``: (the extension's stderr, the run directory)."""
+    cfg, out = tiny_config(rounds=2), tmp_path / "run"
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", *overrides, check=True)
+    extended = cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                                   "--resume", "force", "train.rounds=3", *overrides, check=True)
+    return extended.stderr, out
+
+
+def _newest_manifest(out: Path) -> dict:
+    newest = (out / "checkpoints" / "latest").read_text().strip()
+    return json.loads((out / "checkpoints" / newest / "MANIFEST.json").read_text())
+
+
+@pytest.mark.parametrize("algorithm, said", [
+    ("fedbabu", "fedbabu fine-tuned the heads after round 1, the last of 2: later rounds continue from the "
+                "fine-tuned models"),
+    ("cafedistill", "the progressive exit schedule (schedule_span 0.5) set the students of rounds 1-2 for 2 "
+                    "rounds in all"),
+])
+def test_extending_a_run_whose_algorithm_used_the_total_says_so(tiny_config, tmp_path, algorithm, said):
+    """fedbabu fine-tuned in what was the last round, CAFEDistill's exit schedule ran for the old
+    total: the extension differs from a run trained for the new total from the start, and says
+    so once, naming what depended on the old total; the checkpoints record the extension."""
+    err, out = _train_then_extend(tiny_config, tmp_path, f"algorithm.name={algorithm}")
+    lines = [line for line in err.splitlines() if "train.rounds changes" in line]
+    assert len(lines) == 1, err[-3000:]
+    assert "--resume force: train.rounds changes from 2 to 3 after 2 trained rounds" in lines[0]
+    assert said in lines[0]
+    assert "will differ from a run trained for 3 rounds from the start" in lines[0]
+    assert _newest_manifest(out)["rounds_changes"] == [{"after_round": 1, "from": 2, "to": 3, "depended": [said]}]
+    assert _newest_manifest(out)["rounds"] == 3
+
+
+@pytest.mark.parametrize("overrides", [("algorithm.name=fedavg",),
+                                       ("algorithm.cafedistill.student_selection=false",)])
+def test_extending_a_run_that_used_no_total_does_not_warn(tiny_config, tmp_path, overrides):
+    """FedAvg, and CAFEDistill without its exit schedule, trained nothing that depended on the
+    total: an extension is a longer run (only recorded)."""
+    err, out = _train_then_extend(tiny_config, tmp_path, *overrides)
+    assert "train.rounds changes" not in err
+    assert _newest_manifest(out)["rounds_changes"] == [{"after_round": 1, "from": 2, "to": 3, "depended": []}]
+
+
+def test_every_algorithm_that_reads_the_total_declares_it():
+    """An algorithm whose code reads ``setup.rounds`` answers ``rounds_dependence`` (an extension
+    would otherwise pass silently)."""
+    import inspect
+
+    from cafedist.algorithms import ALGORITHMS, Algorithm
+
+    def reads_total(cls: type) -> bool:
+        return any("setup.rounds" in inspect.getsource(k) for k in cls.__mro__
+                   if k.__module__.startswith("cafedist.algorithms") and k is not Algorithm)
+
+    silent = [cls.name for cls in ALGORITHMS.values()
+              if reads_total(cls) and cls.rounds_dependence.__func__ is Algorithm.rounds_dependence.__func__]
+    assert silent == []
+
+
+def test_what_each_algorithm_says_depended_on_the_total():
+    """Only what the trained rounds did counts: fedbabu stopped before its last round has not
+    fine-tuned; ScaleFL's KD switch at the same rounds under both totals changed nothing."""
+    from cafedist.algorithms import ALGORITHMS
+
+    babu, depth, scale = (ALGORITHMS[name] for name in ("fedbabu", "depthfl", "scalefl"))
+    assert babu.rounds_dependence(babu.Params(), 20, 10, 40) == []
+    assert babu.rounds_dependence(babu.Params(finetune_epochs=0), 20, 20, 40) == []
+    assert "round 19, the last of 20" in babu.rounds_dependence(babu.Params(), 20, 20, 40)[0]
+    assert "rampup 0.3 x 20 rounds in rounds 0-9" in depth.rounds_dependence(depth.Params(), 20, 10, 40)[0]
+    assert depth.rounds_dependence(depth.Params(kd=False), 20, 10, 40) == []
+    assert scale.rounds_dependence(scale.Params(), 20, 5, 40) == []  # off in rounds 0-4 under either total
+    assert scale.rounds_dependence(scale.Params(), 20, 8, 40) != []  # on from round 6 under 20, not under 40

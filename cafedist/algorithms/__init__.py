@@ -229,6 +229,10 @@ after a kill and resume. That holds for an algorithm that keeps these rules; the
   phases too), and `Phase.model` is `"main"` or one of `extra_models`. Post phases draw no proxy
   batches, are not preceded by `on_local_start`, and their loss is not in the round's `loss`;
   `round_idx` counts from 0, so "after the last round" is `round_idx == self.setup.rounds - 1`.
+- **The total** (*checked* by `tests/test_train_resume.py`): an algorithm that reads
+  `self.setup.rounds` (a final phase, a schedule over the run) answers `rounds_dependence`:
+  `--resume force` onto another `train.rounds` warns with what it says the trained rounds did
+  by the old total.
 - **Packed training** (`vmappable_loss = True`): `local_loss` runs under `torch.func.vmap`
   with `batch.module = None` (*checked*: reading it fails naming the flag); no `.item()` or
   branching on tensor values: its control flow may depend only on what packing groups clients

@@ -155,6 +155,18 @@ class Algorithm:
         return cls.exchanges_logits
 
     @classmethod
+    def rounds_dependence(cls, params: Any, rounds: int, done: int, new_rounds: int) -> list[str]:
+        """What the first ``done`` rounds of a run of ``rounds`` rounds in all did that depends on
+        that total (:attr:`Setup.rounds`) and would have gone otherwise in a run of ``new_rounds``,
+        one phrase each, e.g. ``"fedbabu fine-tuned the heads after round 19, the last of 20:
+        ..."``; [] when nothing did (default).
+
+        ``--resume force`` onto another ``train.rounds`` warns with these phrases: such an extended
+        run differs from one trained for the new total from the start. An algorithm whose phases
+        or schedule read ``self.setup.rounds`` answers it (``tests/test_train_resume.py`` checks)."""
+        return []
+
+    @classmethod
     def proxy_size(cls, params: Any, available: int) -> int:
         """P': how many proxy items a round exchanges logits on, out of the ``available`` ones
         (0 when :meth:`needs_proxy` is false). Default: all of them."""

@@ -69,6 +69,14 @@ class DepthFL(DepthScaled):
         super().__init__(params, setup)
         self.depths = [g + 1 for g in equal_groups(setup.num_clients, setup.num_exits)]
 
+    @classmethod
+    def rounds_dependence(cls, params: DepthFLParams, rounds: int, done: int, new_rounds: int) -> list[str]:
+        # round 0's weight is exp(-5) under any ramp; a later one differs while either ramp runs
+        if not params.kd or params.rampup == 0 or done < 2 or params.rampup * max(rounds, new_rounds) <= 1:
+            return []
+        return [f"depthfl's self-distillation weight ramped up over rampup {params.rampup} x {rounds} rounds "
+                f"in rounds 0-{done - 1}"]
+
     def on_local_start(self, client: ClientView, round_idx: int) -> None:
         w = consistency_weight(round_idx, self.params.rampup * self.setup.rounds) if self.params.kd else 0.0
         client.state[_KD_WEIGHT] = torch.tensor(w, dtype=torch.float64)

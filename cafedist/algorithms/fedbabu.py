@@ -41,6 +41,16 @@ class FedBABU(SharedBody):
     name = "fedbabu"
     Params = FedBABUParams
 
+    @classmethod
+    def rounds_dependence(cls, params: FedBABUParams, rounds: int, done: int, new_rounds: int) -> list[str]:
+        # the fine-tuning ran after what was the last round: an extension trains on from
+        # fine-tuned models and fine-tunes again at its own end
+        if done < rounds or params.finetune_epochs == 0:
+            return []
+        what = "body and heads" if params.finetune_body else "heads"
+        return [f"fedbabu fine-tuned the {what} after round {rounds - 1}, the last of {rounds}: later rounds "
+                f"continue from the fine-tuned models"]
+
     def local_phases(self, client: ClientView, round_idx: int) -> list[Phase]:
         return [Phase(name="body", trainable=is_body)]
 

@@ -171,6 +171,15 @@ class ScaleFL(DepthScaled):
                         lambda mod, inp, out, s=1.0 / ratio: out * s if mod.training else out)
         model._scalefl_hooked = True
 
+    @classmethod
+    def rounds_dependence(cls, params: ScaleFLParams, rounds: int, done: int, new_rounds: int) -> list[str]:
+        def on(t: int, total: int) -> bool:
+            return params.gamma > 0 and t > params.kd_start * total
+        if all(on(t, rounds) == on(t, new_rounds) for t in range(done)):
+            return []
+        return [f"scalefl's self-distillation, on after round kd_start {params.kd_start} x {rounds}, was on or "
+                f"off by that total in rounds 0-{done - 1}"]
+
     # ---------------------------------------------------------------- client side
     def on_local_start(self, client: ClientView, round_idx: int) -> None:
         self._extract_submodel(client.cid, client.model)

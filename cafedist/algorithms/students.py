@@ -94,6 +94,16 @@ class ScheduledStudents:
     setup: Setup
     params: Any  # schedule_span, student_selection
 
+    @classmethod
+    def rounds_dependence(cls, params: Any, rounds: int, done: int, new_rounds: int) -> list[str]:
+        # R(t) scales with the total; the students of round t are chosen in round t - 1's
+        # aggregation, so those of the first round after ``done`` were chosen under it too
+        if not params.student_selection or done == 0:
+            return []
+        which = "round 1" if done == 1 else f"rounds 1-{done}"
+        return [f"the progressive exit schedule (schedule_span {params.schedule_span}) set the students of "
+                f"{which} for {rounds} rounds in all"]
+
     def init_client_state(self, cid: int) -> dict[str, Tensor]:
         return {"students": initial_students(self.setup, self.params.schedule_span, self.params.student_selection)}
 

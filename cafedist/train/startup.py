@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from cafedist import RESULTS_VERSION, provenance
-from cafedist.config import Config, dump_config, run_identity
+from cafedist.algorithms import get_algorithm
+from cafedist.config import Config, dump_config, read_run_config, run_identity
 from cafedist.config import config_hash as hash_of_config
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
@@ -127,8 +128,8 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm)
     the code that trained it (a run finished by newer code is still partly the older code's,
     and compare retrains it), the CPU thread count that of its first session, ``environments``
     every distinct software and hardware stack it trained under (:mod:`cafedist.provenance`),
-    the first first. Warns when a resume mixes any of them in a way that changes results
-    (rank 0 decides, every rank learns it)."""
+    the first first, ``rounds`` and ``rounds_changes`` (:func:`_with_rounds_change`). Warns when
+    a resume mixes any of them in a way that changes results (rank 0 decides, every rank learns it)."""
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     machines = comm.all_gather_object(provenance.machine(rt.device))
     restored = (resumed.manifest or {}) if resumed is not None and resumed.path is not None else None
@@ -156,10 +157,51 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm)
             log.warning("resumed on another software or hardware stack than this run began on (%s): its results "
                         "will not match an uninterrupted run's bit for bit (summary.json lists every stack under "
                         "'environments')", "; ".join(changed))
-    version, first, environments = comm.broadcast_object((version, first, environments))
+    rounds_changes = _with_rounds_change(cfg, resumed) if rt.is_main and restored is not None else []
+    version, first, environments, rounds_changes = comm.broadcast_object((version, first, environments,
+                                                                          rounds_changes))
     return {"run_identity": run_identity(cfg), "algorithm": cfg.algorithm.name,
             "store": str(cfg.data.store_path(cfg.seed).resolve()), "results_version": version,
-            **({"cpu_threads": first} if first is not None else {}), "environments": environments}
+            **({"cpu_threads": first} if first is not None else {}), "environments": environments,
+            "rounds": cfg.train.rounds, "rounds_changes": rounds_changes}
+
+
+def _with_rounds_change(cfg: Config, resumed: Resumed) -> list[dict[str, Any]]:
+    """Rank 0, on a resume: the run's record of ``train.rounds`` changed by ``--resume force``
+    (the restored manifest's ``rounds_changes``), with this session's change added when it makes
+    one after trained rounds, and warned of when the algorithm used the old total."""
+    manifest = resumed.manifest or {}
+    recorded = manifest.get("rounds_changes")
+    changes = [c for c in recorded if isinstance(c, dict)] if isinstance(recorded, list) else []
+    before = _trained_under(cfg, resumed)
+    done = resumed.next_round
+    if before is None or before[0] == cfg.train.rounds or done == 0:
+        return changes
+    rounds, params = before
+    depended = get_algorithm(cfg.algorithm.name).rounds_dependence(params, rounds, done, cfg.train.rounds)
+    if depended:
+        log.warning("--resume force: train.rounds changes from %d to %d after %d trained rounds, and what they did "
+                    "depended on the old total: %s; so this run will differ from a run trained for %d rounds from "
+                    "the start (--resume none trains one here; checkpoints record this under 'rounds_changes')",
+                    rounds, cfg.train.rounds, done, "; ".join(depended), cfg.train.rounds)
+    return changes + [{"after_round": done - 1, "from": rounds, "to": cfg.train.rounds, "depended": depended}]
+
+
+def _trained_under(cfg: Config, resumed: Resumed) -> tuple[int, Any] | None:
+    """(``train.rounds``, algorithm parameters) the restored checkpoint was trained under: the
+    run's config.yaml when it is that checkpoint's config (as under ``--resume force``, which
+    rewrites it only after the first new checkpoint), else the rounds its manifest records with
+    this config's parameters; None when neither tells (a checkpoint of older code)."""
+    manifest = resumed.manifest or {}
+    try:
+        old = read_run_config(resumed.path.parent.parent / "config.yaml")  # RUN_DIR/checkpoints/round_N
+    except (CafeError, OSError):
+        old = None
+    if old is not None and (manifest.get("run_identity") == run_identity(old)
+                            or manifest.get("config_hash") == hash_of_config(old)):
+        return old.train.rounds, old.algorithm_params()
+    rounds = manifest.get("rounds")
+    return (rounds, cfg.algorithm_params()) if isinstance(rounds, int) else None
 
 
 def _with_environment(recorded: Any, now: dict[str, Any]) -> list[dict[str, Any]]:

@@ -362,19 +362,79 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
     task = TrainTask(env)
     ensure_importable_in_jobs()
     folder = Path(folder)
-    # one submission at a time (per user, on this host): what a refused attempt removes is told
-    # from what was there before it, which a concurrent submission into the same folder (its
-    # temporary files are named by uuid) would otherwise be counted in
-    with exclusive_lock(Path(tempfile.gettempdir()) / f"cafedist-submit-{os.getuid()}.lock",
-                        "another cafedist submission to finish"):
-        return _submit_attempt(executor, task, runs, folder, as_array, owned)
+    # submissions take turns: what a refused attempt removes (the folders it made, the files
+    # that appeared in the folder since it began) must be its own, not a concurrent one's. The
+    # lock in the temporary directory orders those of a user on this host (also into different
+    # folders under one new --out); the turn in the folder those from other hosts, users or
+    # TMPDIRs; the thread lock those of this process, which POSIX locks do not tell apart
+    with _THREADS, exclusive_lock(Path(tempfile.gettempdir()) / f"cafedist-submit-{os.getuid()}.lock",
+                                  "another cafedist submission to finish"), \
+            _turn_in(folder, Path(owned) if owned is not None else folder) as made:
+        return _submit_attempt(executor, task, runs, folder, as_array, made)
+
+
+_THREADS = threading.Lock()
+#: the lock file of a submission's turn in its folder, there only while a submission holds it
+TURN_LOCK = ".cafedist-submit.lock"
+
+
+@contextlib.contextmanager
+def _turn_in(folder: Path, owned: Path) -> Iterator[Path | None]:
+    """This submission's turn in ``folder``: the folders from ``owned`` down to ``folder`` made
+    (yields the highest one this call made, None when all were there) and the lock in
+    ``folder`` held. The lock file goes at the end (a user's folder is left as it was); a
+    submission that waited on a lock file that is no longer in place (gone at the end of a turn,
+    or with the folder a refused attempt made) starts over."""
+    lock = folder / TURN_LOCK
+    while True:
+        made = _make_folders(folder, owned)
+        with contextlib.ExitStack() as turn:
+            try:
+                pinned = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                # closed last: closing any descriptor of the file drops this process's lock on it;
+                # open, it keeps the inode, whose number no new lock file can then take
+                turn.callback(os.close, pinned)
+                turn.enter_context(exclusive_lock(lock, f"another submission into {folder} to finish"))
+            except FileNotFoundError:  # the folder went with a refused attempt meanwhile
+                continue
+            if _names(lock, pinned):
+                try:
+                    yield made
+                finally:
+                    lock.unlink(missing_ok=True)
+                return
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd``."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _make_folders(folder: Path, owned: Path) -> Path | None:
+    """Make ``folder`` and the folders above it; return the highest one from ``owned`` down
+    that this call made (mkdir tells, also when another submission makes them at the same
+    time), or None. Folders above ``owned`` may be shared: never counted."""
+    chain = [p for p in reversed([folder, *folder.parents]) if p == owned or owned in p.parents] or [folder]
+    chain[0].parent.mkdir(parents=True, exist_ok=True)
+    made = None
+    for level in chain:
+        try:
+            level.mkdir()
+        except FileExistsError:
+            continue
+        made = made or level
+    return made
 
 
 def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], folder: Path, as_array: bool | None,
-                    owned: str | Path | None) -> list[Any]:
-    """:func:`submit_runs` once it is the only submission of this user on this host."""
-    made = _first_missing(folder, Path(owned) if owned is not None else folder)
-    before = set(folder.iterdir()) if made is None and folder.is_dir() else set()
+                    made: Path | None) -> list[Any]:
+    """:func:`submit_runs` in its turn; ``made``: the highest folder this submission made."""
+    before = set(folder.iterdir()) if made is None else set()
     utils = require_submitit().core.utils
     refused = (utils.FailedJobError, subprocess.CalledProcessError, OSError)
     submitted: list[Any] = []
@@ -410,13 +470,6 @@ def _without_restart_count() -> Iterator[None]:
     finally:
         if count is not None:
             os.environ["SLURM_RESTART_COUNT"] = count
-
-
-def _first_missing(folder: Path, owned: Path) -> Path | None:
-    """The highest folder from ``owned`` down to ``folder`` that does not exist yet (the first a
-    submission would create), or None. Folders above ``owned`` may be shared: never counted."""
-    chain = [p for p in reversed([folder, *folder.parents]) if p == owned or owned in p.parents]
-    return next((p for p in chain or [folder] if not p.exists()), None)
 
 
 def _remove_attempt(folder: Path, made: Path | None, before: set[Path]) -> None:

@@ -394,6 +394,54 @@ def test_sigterm_to_submit_local_wait_stops_its_local_job(workdir):
     assert (out / "metrics.jsonl").stat().st_size == size, "the local job trained on after submit stopped"
 
 
+def _submitter(config: Path, home: Path, folder: Path, sbatch: str) -> subprocess.Popen:
+    """``cafedist submit`` of ``config`` into ``folder`` in a process of its own, as from another
+    login node: its own temporary directory and run under ``home``, and ``sbatch`` (a shell
+    script body) as the sbatch on its PATH."""
+    (home / "bin").mkdir(parents=True)
+    (home / "tmp").mkdir()
+    for tool, script in (("srun", "exit 0"), ("sbatch", sbatch)):
+        (home / "bin" / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (home / "bin" / tool).chmod(0o755)
+    env = _job_env(PYTHONPATH=str(REPO), TMPDIR=str(home / "tmp"),
+                   PATH=f"{home / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.Popen([sys.executable, "-m", "cafedist", "submit", "--config", str(config),
+                             "--out", str(home / "run"), "--folder", str(folder)],
+                            cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_submissions_into_one_new_folder_take_turns(workdir, tmp_path):
+    """Two login nodes submit into one new --folder at once: the first is refused (after the
+    second has queued its job), and its clean-up removed the folder it had made with the second
+    job's files in it (the lock that serializes submissions was per host, in /tmp). Now the
+    second waits for the first's turn in the folder, and its job keeps its files."""
+    folder, started, go = tmp_path / "logs", tmp_path / "started", tmp_path / "go"
+    refused = (f"touch {started}; i=0; while [ ! -e {go} ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; "
+               f"echo 'sbatch: error: Batch job submission failed: Invalid partition' >&2; exit 1")
+    first = _submitter(workdir / "tiny.yaml", tmp_path / "first", folder, refused)
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first is in sbatch: its folder is made, its files written
+        assert started.exists(), first.communicate()
+        second = _submitter(workdir / "tiny.yaml", tmp_path / "second", folder, "echo 'Submitted batch job 4242'")
+        waited = second.stderr.readline()  # at its turn's wait, or at its end
+        go.touch()
+        out2, err2 = second.communicate(timeout=120)
+        _, err1 = first.communicate(timeout=120)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert err1.strip().splitlines() == ["cafedist: error: job submission failed: sbatch: error: Batch job "
+                                         "submission failed: Invalid partition"]
+    assert second.returncode == 0 and "submitted job 4242" in out2, waited + err2
+    assert (folder / "4242" / "4242_submitted.pkl").is_file()
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".submission_file_")] == ["4242"]
+    assert f"waiting for another submission into {folder} to finish" in waited
+
+
 # ----------------------------------------------------------------------------- arguments
 def test_array_runs_are_the_product_of_the_axes(tmp_path):
     runs = submit.build_runs("c.yaml", str(tmp_path / "sweep"), ["train.rounds=3"],

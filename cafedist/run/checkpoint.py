@@ -188,8 +188,10 @@ class CheckpointDir:
         :func:`~cafedist.config.run_identity`, which eval checks), ``store`` (the absolute
         path of the run's data store, where eval looks when the config's relative path does
         not lead there), ``results_version`` (the oldest :data:`~cafedist.RESULTS_VERSION` of
-        the code that trained it) and ``cpu_threads`` (the thread count of its first session
-        on the CPU)."""
+        the code that trained it), ``cpu_threads`` (the thread count of its first session
+        on the CPU), ``environments`` (:mod:`cafedist.provenance`), ``rounds`` (the run's
+        ``train.rounds``) and ``rounds_changes`` (what ``--resume force`` onto another total
+        changed: :func:`cafedist.train.startup.about_the_run`)."""
         tmp = self.staging(round_idx)
         files = dict(files)
         files["server.pt"] = save_torch(server, tmp / "server.pt")

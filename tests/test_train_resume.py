@@ -237,6 +237,8 @@ def test_extending_a_run_whose_algorithm_used_the_total_says_so(tiny_config, tmp
     assert "will differ from a run trained for 3 rounds from the start" in lines[0]
     assert _newest_manifest(out)["rounds_changes"] == [{"after_round": 1, "from": 2, "to": 3, "depended": [said]}]
     assert _newest_manifest(out)["rounds"] == 3
+    # and so does the run's record, where a paper's numbers are read from
+    assert summary(out)["rounds_changes"] == _newest_manifest(out)["rounds_changes"]
 
 
 @pytest.mark.parametrize("overrides", [("algorithm.name=fedavg",),
@@ -247,6 +249,7 @@ def test_extending_a_run_that_used_no_total_does_not_warn(tiny_config, tmp_path,
     err, out = _train_then_extend(tiny_config, tmp_path, *overrides)
     assert "train.rounds changes" not in err
     assert _newest_manifest(out)["rounds_changes"] == [{"after_round": 1, "from": 2, "to": 3, "depended": []}]
+    assert summary(out)["rounds_changes"] == _newest_manifest(out)["rounds_changes"]
 
 
 def test_every_algorithm_that_reads_the_total_declares_it():

@@ -227,7 +227,7 @@ class _Session:
         earlier_wall = sum(float(r.get("seconds", 0.0)) for r in records if r["round"] < start)
         result = summary(self.run, self.trainer.rows, self.config_hash, records, earlier_wall + seconds,
                          self.trainer.final_evaluation, results_version=about["results_version"],
-                         environments=about["environments"])
+                         environments=about["environments"], rounds_changes=about.get("rounds_changes"))
         if result is not None:
             write_json_atomic(self.run_dir / "summary.json", result)
             _warn_if_eval_is_stale(self.run_dir, result)

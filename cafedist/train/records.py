@@ -56,12 +56,14 @@ class FinalEvaluation:
 def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str, Any]],
             wall: float, evaluation: FinalEvaluation | None = None,
             results_version: int = RESULTS_VERSION,
-            environments: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+            environments: list[dict[str, Any]] | None = None,
+            rounds_changes: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """Final accuracy per exit and client, dynamic inference, bytes, hashes (rank 0 returns it).
     ``evaluation``: the last round's, when this process ran it (every rank, or none); otherwise
     (e.g. resumed after the last checkpoint) the models are evaluated here. ``results_version``:
     the oldest :data:`~cafedist.RESULTS_VERSION` of the code that trained the models;
-    ``environments``: the software and hardware stacks it trained under (:mod:`cafedist.provenance`)."""
+    ``environments``: the software and hardware stacks it trained under (:mod:`cafedist.provenance`);
+    ``rounds_changes``: its total of rounds changed by ``--resume force`` (recorded only when any)."""
     ev = (evaluation if evaluation is not None else FinalEvaluation.of(run, rows)).result
     if ev is None:
         return None
@@ -84,6 +86,8 @@ def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str
         "results_version": results_version,
         "wall_seconds": round(wall, 3),
         **({"environments": environments} if environments is not None else {}),
+        # an extended run is not a run trained for its total from the start: the record says so
+        **({"rounds_changes": rounds_changes} if rounds_changes else {}),
         # rank 0's peak device memory (CUDA only): what `cafedist bench memory` reports beside RSS
         **({"peak_device_mb": round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)}
            if run.device.type == "cuda" else {}),

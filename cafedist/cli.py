@@ -373,11 +373,21 @@ def run() -> None:
     if torch_distributed_used():
         _flush_standard_streams()
         logging.shutdown()
-        mpi = sys.modules.get("mpi4py.MPI")  # under mpiexec: a process must finalize MPI to count as ended well
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()
+        _finalize_mpi(code)
         os._exit(code)
     raise SystemExit(code)
+
+
+def _finalize_mpi(code: int) -> None:
+    """Under mpiexec, finalize MPI after an end every rank shares (done, or stopped for requeue):
+    a process must, to count as ended well. A rank that failed alone leaves without: MPI_Finalize
+    waits for every rank, and its peers, blocked in a gloo collective on the sockets this process
+    holds open, would learn of the failure only after ``dist.timeout_s``."""
+    from cafedist.train.signals import REQUEUE_EXIT_CODE
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if code in (0, REQUEUE_EXIT_CODE) and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def _group_exists() -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cafedist.distributed.runtime import Runtime, short_reason
+from cafedist.distributed.runtime import Runtime, explain_peer_failure, short_reason
 from cafedist.errors import CafeError, DistError
 
 
@@ -77,8 +77,9 @@ class Comm:
         except CafeError:
             raise
         except Exception as exc:  # noqa: BLE001 - backends raise RuntimeError, DistError, ValueError...
+            # a peer that failed alone closed its connections: say which and why, where it told
             raise DistError(f"{op} failed in {self.context} on rank {self.rt.rank}: "
-                            f"{short_reason(exc)}") from None
+                            f"{explain_peer_failure(short_reason(exc))}") from None
 
     def _check_counts(self, op: str, counts: Sequence[int]) -> list[int]:
         counts = [int(c) for c in counts]

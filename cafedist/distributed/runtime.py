@@ -10,14 +10,16 @@ process group. With one process no process group is created at all.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from itertools import product
-from typing import Mapping, MutableMapping
+from typing import Iterator, Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -385,9 +387,112 @@ def short_reason(exc: BaseException) -> str:
     without the advice gloo appends to it ("Check the logs of the remote worker ... GLHF")."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = re.sub(r"^(\[[^\]]*\]\s*)+", "", lines[0]) if lines else ""
-    text = re.split(r"\.\s+(?=Check the logs|This may indicate|GLHF)", text)[0]
+    text = re.split(r"\.\s+(?=Check the logs|This may indicate|This is typically caused|GLHF)", text)[0]
     text = text or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ------------------------------------------------------------- a rank that failed alone
+
+#: where a rank that failed leaves word of it, in the rendezvous store (its peers only learn
+#: that its connections closed)
+FAILURE_KEY = "cafedist/failure"
+#: the bound on those store operations (seconds)
+STORE_ASK_S = 10
+
+
+def _store() -> dist.Store | None:
+    """The default process group's store (None: no group, or a backend without one)."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - the MPI backend
+        return None
+
+
+@contextlib.contextmanager
+def _briefly(store: dist.Store) -> Iterator[None]:
+    """Bound the store's operations to :data:`STORE_ASK_S` meanwhile (its host may be stuck:
+    the failure path must not wait ``dist.timeout_s`` more)."""
+    timeout = store.timeout
+    store.set_timeout(datetime.timedelta(seconds=STORE_ASK_S))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            store.set_timeout(timeout)
+
+
+def _agent_store() -> bool:
+    """Whether torchrun's agent hosts the store (else rank 0 does, for env:// launches)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Silence file descriptor 2 meanwhile: asking a store whose host has ended makes torch log
+    a C++ stack trace there before it raises (the exception says all there is to say)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no stderr, or a closed one
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # started without a file descriptor 2: nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _timed_out(text: str) -> bool:
+    """Whether an error's text says it timed out (its peer may be stuck rather than gone)."""
+    return "timed out" in text.lower() or "timeout" in text.lower()
+
+
+def report_failure(rank: int, exc: BaseException) -> None:
+    """Leave word in the store that rank ``rank`` failed with ``exc``, for its peers' error line
+    (:func:`explain_peer_failure`); never raises. Costs one store write, on the failure path only."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        with _quiet_fd2(), _briefly(store):  # quiet: the ranks may all fail, rank 0 (the host) first
+            store.set(FAILURE_KEY, f"rank {rank} failed: {type(exc).__name__}: {short_reason(exc)}")
+    except Exception:  # noqa: BLE001 - the store's host ended too: its peers say less, that is all
+        pass
+
+
+def forget_failure() -> None:
+    """Rank 0, before a run's first collective: drop the word an earlier run in this process
+    group left (a caller that trains again after a failure)."""
+    store = _store()
+    try:
+        if store is not None and store.check([FAILURE_KEY]):
+            store.delete_key(FAILURE_KEY)
+    except Exception:  # noqa: BLE001 - a stale word at worst
+        pass
+
+
+def explain_peer_failure(reason: str) -> str:
+    """What to say of a collective that failed for ``reason``: which rank failed and why, where
+    a peer that failed alone left word (:func:`report_failure`) before its connections closed,
+    or that rank 0, the store's host outside torchrun, has ended; else ``reason``. A timed-out
+    collective is left as it is: its peer, maybe the store's host, is stuck, not gone."""
+    store = _store()
+    if store is None or _timed_out(reason):
+        return reason
+    try:
+        with _quiet_fd2(), _briefly(store):
+            return store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else reason
+    except Exception as exc:  # noqa: BLE001 - the store's host has ended (or is stuck)
+        gone = isinstance(exc, dist.DistNetworkError) and not _timed_out(str(exc)) and not _agent_store()
+        return f"rank 0 has ended ({reason})" if gone else reason
 
 
 def init_runtime(backend: str = "auto", device: str = "auto", timeout_s: float = 600,

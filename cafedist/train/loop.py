@@ -19,8 +19,14 @@ from typing import Any
 from cafedist import RESULTS_VERSION
 from cafedist.config import Config, config_hash
 from cafedist.distributed.comm import Comm
-from cafedist.distributed.runtime import Runtime, init_runtime, shutdown_runtime
-from cafedist.errors import CheckpointError
+from cafedist.distributed.runtime import (
+    Runtime,
+    forget_failure,
+    init_runtime,
+    report_failure,
+    shutdown_runtime,
+)
+from cafedist.errors import CheckpointError, DistError
 from cafedist.fsutil import write_json_atomic
 from cafedist.parentwatch import guard_launched_rank
 from cafedist.run.build import Run, build_run, close_run
@@ -67,10 +73,16 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     watch = guard_launched_rank()  # under torchrun/srun/mpiexec: die with the launcher, write nothing more
     try:
         rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s, names="dist.")
+        if rt.is_main:
+            forget_failure()  # an earlier run's, in this process group
         stop = StopFlag().install()
         try:
             with verification_memo():  # the start reads the newest checkpoint up to four times: hash it once
                 result = _train(cfg, Path(run_dir), resume, rt, stop, progress)
+        except Exception as exc:
+            if not isinstance(exc, DistError):  # a collective's DistError follows a failure, it is none
+                report_failure(rt.rank, exc)  # for the peers this rank leaves in a collective
+            raise
         finally:
             stop.uninstall()
     finally:

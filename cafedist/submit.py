@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import itertools
 import json
@@ -426,7 +427,10 @@ def _make_folders(folder: Path, owned: Path) -> Path | None:
         try:
             level.mkdir()
         except FileExistsError:
-            continue
+            if not level.is_dir() and os.path.lexists(level):  # a file, or a link to a missing folder
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder (a file, or a link to a missing folder)",
+                                         str(level)) from None
+            continue  # there, or removed again by a refused attempt this instant (the turn starts over)
         made = made or level
     return made
 

@@ -730,3 +730,32 @@ def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeyp
     submit.submit_runs(Executor(), runs, tmp_path / "run" / "submitit")
     assert seen == [None]
     assert os.environ["SLURM_RESTART_COUNT"] == "2"  # this process's own is left as it was
+
+
+def test_a_folder_that_links_to_a_missing_folder_is_an_error_not_a_hang(tmp_path):
+    """A submission folder that is a symbolic link to a folder that does not exist (compare's
+    OUT/submitit linked to a scratch space not mounted or not made yet; `submit` resolves its
+    --folder first): the turn in the folder made it (mkdir: it exists) and opened its lock (no
+    such folder), over and over, at full CPU and forever; before the turn, submitit's mkdir
+    failed and the submission said so in one line. Nothing is submitted, nothing is removed."""
+    folder = tmp_path / "logs"
+    folder.symlink_to(tmp_path / "missing")
+    script = f"""
+import argparse, sys
+from pathlib import Path
+from cafedist import submit
+
+class Executor:
+    def submit(self, task, run):
+        sys.exit("submitted")
+
+runs = submit.build_runs(None, {str(tmp_path / 'run')!r}, resume="none")
+try:
+    submit.submit_runs(Executor(), runs, Path({str(folder)!r}))
+except OSError as exc:
+    print("refused:", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env=_job_env(PYTHONPATH=str(REPO)))
+    assert res.returncode == 0 and res.stdout.startswith("refused:") and str(folder) in res.stdout, res
+    assert folder.is_symlink() and not (tmp_path / "missing").exists()

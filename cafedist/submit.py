@@ -402,7 +402,10 @@ def _turn_in(folder: Path, owned: Path) -> Iterator[Path | None]:
                 try:
                     yield made
                 finally:
-                    lock.unlink(missing_ok=True)
+                    # only this turn's file: a refused attempt's clean-up may have taken it with the
+                    # folder, and the next submission made both again for its own turn
+                    if _names(lock, pinned):
+                        lock.unlink(missing_ok=True)
                 return
 
 

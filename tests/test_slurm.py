@@ -759,3 +759,17 @@ except OSError as exc:
                          env=_job_env(PYTHONPATH=str(REPO)))
     assert res.returncode == 0 and res.stdout.startswith("refused:") and str(folder) in res.stdout, res
     assert folder.is_symlink() and not (tmp_path / "missing").exists()
+
+
+def test_a_turn_leaves_a_lock_file_that_is_not_its_own(tmp_path):
+    """A refused attempt removes the folder it made, lock file and all; a submission that made
+    the folder again meanwhile has a lock file of its own there, in its turn. The turn's end
+    removed that one (by name): a third submission then took a turn beside the second's."""
+    folder = tmp_path / "logs"
+    with submit._turn_in(folder, folder) as made:
+        assert made == folder
+        shutil.rmtree(folder)  # the refused attempt's clean-up
+        folder.mkdir()
+        (folder / submit.TURN_LOCK).write_text("")  # the next submission's, in its turn
+    assert (folder / submit.TURN_LOCK).exists()
+

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -375,7 +376,8 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
 
 
 _THREADS = threading.Lock()
-#: the lock file of a submission's turn in its folder, there only while a submission holds it
+#: the lock file of a submission's turn in its folder, removed when the turn ends (one a killed
+#: submission left is the next turn's to take)
 TURN_LOCK = ".cafedist-submit.lock"
 
 
@@ -395,6 +397,11 @@ def _turn_in(folder: Path, owned: Path) -> Iterator[Path | None]:
                 # closed last: closing any descriptor of the file drops this process's lock on it;
                 # open, it keeps the inode, whose number no new lock file can then take
                 turn.callback(os.close, pinned)
+                # whoever may write into the folder may take the lock (a lock needs the file open
+                # for writing): another user of a shared folder waits rather than fails. Only the
+                # file's owner may, so a lock file another one made is left as it is
+                with contextlib.suppress(OSError):
+                    os.fchmod(pinned, stat.S_IMODE(os.stat(folder).st_mode) & 0o666)
                 turn.enter_context(exclusive_lock(lock, f"another submission into {folder} to finish"))
             except FileNotFoundError:  # the folder went with a refused attempt meanwhile
                 continue
@@ -403,9 +410,11 @@ def _turn_in(folder: Path, owned: Path) -> Iterator[Path | None]:
                     yield made
                 finally:
                     # only this turn's file: a refused attempt's clean-up may have taken it with the
-                    # folder, and the next submission made both again for its own turn
+                    # folder, and the next submission made both again for its own turn. One that
+                    # stays (another user's, in a sticky folder) is the next turn's to take: no error
                     if _names(lock, pinned):
-                        lock.unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):
+                            lock.unlink(missing_ok=True)
                 return
 
 

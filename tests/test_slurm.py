@@ -12,6 +12,7 @@ the argument tests below run anywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -773,3 +774,47 @@ def test_a_turn_leaves_a_lock_file_that_is_not_its_own(tmp_path):
         (folder / submit.TURN_LOCK).write_text("")  # the next submission's, in its turn
     assert (folder / submit.TURN_LOCK).exists()
 
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="takes another user's identity (root)")
+def test_another_user_waits_for_the_turn_in_a_shared_folder():
+    """A folder shared by a group (or everyone): the lock file of a submission's turn was
+    writable by its owner only, so another user's submission failed at once with `Permission
+    denied` where it was to wait (and failed for good where a killed submission left it)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cafedist-shared-"))  # pytest's tmp_path is its owner's only
+    try:
+        folder.chmod(0o777)
+        _another_user_in_the_turn(folder)
+        # a sticky folder (as /tmp), with the lock file a killed submission of its owner left: the
+        # other user takes the turn, and cannot remove the file at its end (which is no error:
+        # the submission went through)
+        folder.chmod(0o1777)
+        (folder / submit.TURN_LOCK).touch(0o666)
+        (folder / submit.TURN_LOCK).chmod(0o666)
+        _another_user_in_the_turn(folder, own_turn=False)
+    finally:
+        shutil.rmtree(folder)
+
+
+def _another_user_in_the_turn(folder: Path, own_turn: bool = True) -> None:
+    """Another user's turn in ``folder``: while this process holds one (``own_turn``), else alone."""
+    read, write = os.pipe()
+    with submit._turn_in(folder, folder) if own_turn else contextlib.nullcontext():
+        pid = os.fork()
+        if pid == 0:  # another user, as from another login
+            os.close(read)
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with submit._turn_in(folder, folder):
+                    os.write(write, b"turn")
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                os.write(write, f"{type(exc).__name__}: {exc}".encode())
+            os._exit(0)
+        os.close(write)
+        time.sleep(1.0)  # the other submission waits meanwhile
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as said:
+        assert said.read() == b"turn"
+    assert (folder / submit.TURN_LOCK).exists() != own_turn

@@ -335,6 +335,29 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
     assert [p.name.startswith("previous-") for p in stale.iterdir() if p.is_dir() and p.name != "checkpoints"] == [True]
 
 
+def test_a_run_extended_from_a_total_its_training_depended_on_is_trained_again(tiny_config, tmp_path):
+    """A run that --resume force extended from another train.rounds carries the new config's
+    hash, but differs from a run trained for that total from the start where what it trained
+    depended on the old total (its summary's rounds_changes say so): compare trains it again
+    rather than put it in a table beside runs trained from the start. An extension where
+    nothing depended on the total is the longer run bit for bit (tests/test_train_resume.py)
+    and is reused."""
+    from cafedist import RESULTS_VERSION
+    from cafedist.compare.plan import plan_run
+
+    run = plan_run(str(tiny_config()), available_variants()["cafedistill"], 3, tmp_path / "out")
+    run.run_dir.mkdir(parents=True)
+    base = {"config_hash": run.config_hash, "results_version": RESULTS_VERSION}
+    change = {"after_round": 1, "from": 2, "to": 3}
+    for changes, reusable in (([], True), ([{**change, "depended": []}], True),
+                              ([{**change, "depended": ["the progressive exit schedule ..."]}], False)):
+        (run.run_dir / "summary.json").write_text(json.dumps({**base, "rounds_changes": changes}))
+        assert (run.finished_summary() is not None) == reusable
+        assert (run.outdated() is None) == reusable
+        assert ("--resume" in run.train_argv() and "none" in run.train_argv()) == (not reusable)
+    assert "extended by --resume force" in run.outdated()
+
+
 @pytest.mark.slow
 def test_compare_through_submitit_local_executor(tiny_config, tmp_path):
     out = tmp_path / "sub"

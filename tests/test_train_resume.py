@@ -239,6 +239,11 @@ def test_extending_a_run_whose_algorithm_used_the_total_says_so(tiny_config, tmp
     assert _newest_manifest(out)["rounds"] == 3
     # and so does the run's record, where a paper's numbers are read from
     assert summary(out)["rounds_changes"] == _newest_manifest(out)["rounds_changes"]
+    # the warning is true: the 3-round run trained from the start has other models
+    full = tmp_path / "full"
+    cafedist_in_process("train", "--config", str(tiny_config(rounds=3)), "--out", str(full), "--no-progress",
+                        f"algorithm.name={algorithm}", check=True)
+    assert summary(out)["model_hashes"] != summary(full)["model_hashes"]
 
 
 @pytest.mark.parametrize("overrides", [("algorithm.name=fedavg",),
@@ -250,6 +255,12 @@ def test_extending_a_run_that_used_no_total_does_not_warn(tiny_config, tmp_path,
     assert "train.rounds changes" not in err
     assert _newest_manifest(out)["rounds_changes"] == [{"after_round": 1, "from": 2, "to": 3, "depended": []}]
     assert summary(out)["rounds_changes"] == _newest_manifest(out)["rounds_changes"]
+    # which is why nothing is said: the extension is the 3-round run, bit for bit
+    full = tmp_path / "full"
+    cafedist_in_process("train", "--config", str(tiny_config(rounds=3)), "--out", str(full), "--no-progress",
+                        *overrides, check=True)
+    assert summary(out)["model_hashes"] == summary(full)["model_hashes"]
+    assert comparable(metrics(out)) == comparable(metrics(full))
 
 
 def test_every_algorithm_that_reads_the_total_declares_it():

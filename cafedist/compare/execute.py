@@ -185,9 +185,10 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
             log.info("compare: [%d/%d] %s: skipped (finished, summary.json matches the config)",
                      i + 1, len(runs), run.label)
         else:
-            if run.outdated():
-                log.warning("compare: [%d/%d] %s: finished by code with other results (RESULTS_VERSION changed): "
-                            "moved aside to previous-<time>/ and trained again", i + 1, len(runs), run.label)
+            why = run.outdated()
+            if why is not None:
+                log.warning("compare: [%d/%d] %s: %s: moved aside to previous-<time>/ and trained again",
+                            i + 1, len(runs), run.label, why)
             todo.append(i)
     if todo and submit is not None:
         folder = submit_folder or runs[0].run_dir.parents[2] / "submitit"

@@ -145,11 +145,11 @@ class PlannedRun:
         return f"{self.variant.name}{f' [{self.setting.label}]' if self.setting.pairs else ''} seed{self.seed}"
 
     def train_argv(self) -> list[str]:
-        """Arguments of ``cafedist`` (``train`` and its options) for this run: a run finished
-        by code of another :data:`~cafedist.RESULTS_VERSION` is moved aside and trained again."""
+        """Arguments of ``cafedist`` (``train`` and its options) for this run: a finished run
+        that cannot stand in the comparison (:meth:`outdated`) is moved aside and trained again."""
         from cafedist.submit import RunSpec
 
-        resume = "none" if self.outdated() else "auto"
+        resume = "none" if self.outdated() is not None else "auto"
         return RunSpec(self.config, str(self.run_dir), self.overrides, resume=resume).train_argv()
 
     def _summary(self) -> dict | None:
@@ -169,16 +169,30 @@ class PlannedRun:
         earlier = earlier_hash(load_config(self.config, list(self.overrides)), self.run_dir)
         return summary if earlier is not None and summary.get("config_hash") == earlier else None
 
-    def outdated(self) -> bool:
-        """Finished with this config, but by code whose results differ (another RESULTS_VERSION)."""
+    def outdated(self) -> str | None:
+        """Why this run, finished with this config, must be trained again (None: it need not,
+        or is not finished): it is not what a run trained for the config from the start gives,
+        being finished by code whose results differ (another RESULTS_VERSION) or extended by
+        ``--resume force`` from another ``train.rounds`` that what it trained depended on."""
         summary = self._summary()
-        return summary is not None and summary.get("results_version", 1) != RESULTS_VERSION
+        return None if summary is None else _why_not_reusable(summary)
 
     def finished_summary(self) -> dict | None:
         """The run's summary if it is finished with this very config by code of this
-        :data:`~cafedist.RESULTS_VERSION`, else None."""
+        :data:`~cafedist.RESULTS_VERSION` and as a run trained for it from the start, else None."""
         summary = self._summary()
-        return summary if summary is not None and summary.get("results_version", 1) == RESULTS_VERSION else None
+        return summary if summary is not None and _why_not_reusable(summary) is None else None
+
+
+def _why_not_reusable(summary: dict) -> str | None:
+    """Why a finished run's ``summary`` cannot stand in a comparison (None: it can)."""
+    if summary.get("results_version", 1) != RESULTS_VERSION:
+        return "finished by code with other results (RESULTS_VERSION changed)"
+    changes = summary.get("rounds_changes")
+    # an extension where nothing depended on the total is the longer run bit for bit
+    if isinstance(changes, list) and any(isinstance(c, dict) and c.get("depended") for c in changes):
+        return "extended by --resume force from another train.rounds that its training depended on"
+    return None
 
 
 def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out: str | os.PathLike,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -35,11 +36,14 @@ from cafedist.compare import (
     plan_runs,
     resolve_algorithms,
     resolve_seeds,
+    results_csv,
     results_markdown,
     summarize,
 )
+from cafedist.compare.paired import PairedReport, PairedRow, paired_differences, t_quantile
 from cafedist.config import load_config
 from cafedist.errors import ConfigError
+from cafedist.tuning import NO_SETTING, Setting
 
 
 # ----------------------------------------------------------------------------- planning (no training)
@@ -248,6 +252,108 @@ def test_the_heading_counts_algorithms_not_grid_rows(tmp_path):
     assert "# Comparison: 1 algorithm(s) × seeds 0" in md
 
 
+# ----------------------------------------------------------------------------- paired differences (synthetic)
+@pytest.mark.parametrize("df, value", [(1, 12.706), (4, 2.776), (9, 2.262), (29, 2.045)])
+def test_student_t_quantiles_match_the_table(df, value):
+    assert t_quantile(0.975, df) == pytest.approx(value, abs=5e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-value, abs=5e-4)
+
+
+def test_student_t_quantiles_match_the_closed_forms():
+    assert t_quantile(0.9, 1) == pytest.approx(math.tan(math.pi * 0.4), rel=1e-9)  # Cauchy
+    for p in (0.6, 0.975, 0.999):  # df = 2: (2p - 1) / sqrt(2p(1 - p))
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
+    assert t_quantile(0.975, 10**6) == pytest.approx(1.959966, abs=1e-5)  # the normal's
+
+
+def _paired_row(variant: str, last_acc: dict[int, float], setting: Setting = NO_SETTING) -> PairedRow:
+    """A row whose seed s has last-exit accuracy ``last_acc[s]`` (dynamic: that - 0.1 + θ/100)."""
+    return PairedRow(variant, setting, {s: _fake_summary([0.1, 0.2, a], a - 0.1, 10.0, 0.2, 100, 1.0)
+                                        for s, a in last_acc.items()})
+
+
+def test_a_constant_lead_on_every_seed_has_no_spread():
+    ref = {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.8}
+    rows = {"cafedistill": _paired_row("cafedistill", ref),
+            "fedavg": _paired_row("fedavg", {s: a + 0.02 for s, a in ref.items()})}
+    report = paired_differences(rows)
+    assert {(d.row, d.metric, d.threshold) for d in report.diffs} == {
+        ("fedavg", "accuracy", None), *(("fedavg", "dynamic_accuracy", th) for th in REPORT_THRESHOLDS)}
+    for d in report.diffs:
+        assert d.reference == "cafedistill" and d.seeds == (0, 1, 2, 3) and d.n == 4 and d.at_or_above == 4
+        assert d.mean == pytest.approx(0.02) and d.std == pytest.approx(0.0, abs=1e-12)
+        assert d.se == pytest.approx(0.0, abs=1e-12)
+        assert (d.low, d.high) == pytest.approx((0.02, 0.02), abs=1e-9)
+    assert report.left_out == []
+
+
+def test_differences_pair_by_seed_not_position_and_rows_with_under_two_shared_seeds_are_left_out():
+    rows = {"cafedistill": _paired_row("cafedistill", {1: 0.5, 2: 0.9, 3: 0.6}),
+            "fedavg": _paired_row("fedavg", {2: 0.95, 3: 0.5, 4: 0.1}),
+            "fedprox": _paired_row("fedprox", {3: 0.7, 5: 0.6}),
+            "scaffold": _paired_row("scaffold", {})}  # no finished run: already named apart
+    report = paired_differences(rows, thresholds=())
+    [d] = report.diffs
+    diffs = [0.95 - 0.9, 0.5 - 0.6]  # seeds 2 and 3
+    assert d.row == "fedavg" and d.exit == 3 and d.seeds == (2, 3) and d.n == 2 and d.at_or_above == 1
+    assert d.mean == pytest.approx(statistics.fmean(diffs)) and d.std == pytest.approx(statistics.stdev(diffs))
+    assert d.se == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
+    assert (d.low, d.high) == pytest.approx((d.mean - 12.7062 * d.se, d.mean + 12.7062 * d.se), rel=1e-4)
+    assert report.left_out == ["`fedprox`: 1 seed shared with `cafedistill` (3); 2 needed"]
+    md = results_markdown("cafedist compare X", summarize({k: list(r.runs.values()) for k, r in rows.items()}), [],
+                          thresholds=(), paired=report)
+    section = md.split("## Paired differences against cafedistill", 1)[1]
+    assert "| algorithm | accuracy | seeds | mean difference (pts) | standard error (pts) | 95 % CI (pts) " \
+           "| at or above |" in section
+    assert "| fedavg | last exit (3) | 2 | −2.50 | 7.50 | [−97.80, +92.80] | 1/2 |" in section
+    assert "a CI that excludes 0" in section and "not corrected for multiple comparisons" in section
+    assert "Left out:\n\n- `fedprox`: 1 seed shared with `cafedistill` (3); 2 needed\n" in section
+    # results.csv: the difference as a fraction, its n and seeds, the reference and the interval
+    [line] = [r for r in csv.DictReader(io.StringIO(results_csv([], None, report)))
+              if r["metric"] == "paired_diff_accuracy"]
+    assert (line["algorithm"], line["exit"], line["n_seeds"], line["seeds"], line["reference"],
+            line["reference_setting"], line["at_or_above"]) == ("fedavg", "3", "2", "2 3", "cafedistill", "", "1")
+    assert [float(line[k]) for k in ("mean", "std", "se", "ci_low", "ci_high")] == pytest.approx(
+        [d.mean, d.std, d.se, d.low, d.high], rel=1e-12)
+
+
+def test_no_paired_section_without_the_reference_or_two_shared_seeds():
+    one_seed = {"cafedistill": _paired_row("cafedistill", {1: 0.5}), "fedavg": _paired_row("fedavg", {1: 0.6})}
+    assert paired_differences(one_seed).diffs == []
+    md = results_markdown("cafedist compare X", [], [], paired=paired_differences(one_seed))
+    assert "Paired differences" not in md  # a one-seed comparison has nothing to pair
+    no_ref = {"fedavg": _paired_row("fedavg", {1: 0.5, 2: 0.6}), "fedprox": _paired_row("fedprox", {1: 0.6, 2: 0.7})}
+    assert paired_differences(no_ref) == PairedReport([], [])
+
+
+def test_a_grid_row_pairs_with_the_reference_row_of_its_setting_and_never_guesses():
+    def setting(**pairs: str) -> Setting:
+        return Setting(tuple((k.replace("_", "."), v) for k, v in pairs.items()))
+
+    ref = {1: 0.5, 2: 0.6}
+    lr = {f"cafedistill [train.lr={v}]": _paired_row("cafedistill", ref, setting(train_lr=v)) for v in ("0.1", "0.2")}
+    rows = {**lr,
+            "fedavg [train.lr=0.2]": _paired_row("fedavg", ref, setting(train_lr="0.2")),
+            "fedprox [train.lr=0.1 mu=1]": _paired_row("fedprox", ref, setting(train_lr="0.1", mu="1")),
+            "fedavg-plain": _paired_row("fedavg", ref)}  # the reference varies lr: which one is not ours to say
+    report = paired_differences(rows, thresholds=())
+    assert {d.row: d.reference for d in report.diffs} == {"fedavg [train.lr=0.2]": "cafedistill [train.lr=0.2]",
+                                                          "fedprox [train.lr=0.1 mu=1]": "cafedistill [train.lr=0.1]"}
+    assert report.diffs[0].reference_setting == "train.lr=0.2"
+    md = results_markdown("cafedist compare X", [], [], thresholds=(), paired=report)
+    assert "| fedavg [train.lr=0.2] | cafedistill [train.lr=0.2] | last exit (3) | 2 | +0.00 | 0.00 |" in md
+    assert "every key both vary" in md
+    assert report.left_out == ["`fedavg-plain`: the reference ran several settings that fit this row "
+                               "(`train.lr=0.1`, `train.lr=0.2`); none is chosen for it"]
+    # one reference row (no axis applies to it, or --tune chose its setting): every row reads against it
+    rows = {"cafedistill": _paired_row("cafedistill", ref),
+            "fedprox [mu=1]": _paired_row("fedprox", ref, setting(mu="1")),
+            "cafedistill-nokd [mu=1]": _paired_row("cafedistill-nokd", ref, setting(mu="1"))}
+    assert {d.row: d.reference for d in paired_differences(rows, thresholds=()).diffs} == {
+        "fedprox [mu=1]": "cafedistill", "cafedistill-nokd [mu=1]": "cafedistill"}
+
+
 # ----------------------------------------------------------------------------- end to end (real runs)
 # the outer `cafedist compare` runs in this process (cafedist_in_process); it trains its runs in subprocesses
 def _csv(path) -> dict[tuple, dict]:
@@ -311,6 +417,20 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
         acc = statistics.fmean([s3["acc_per_exit"][2], s4["acc_per_exit"][2]])
         assert f"| {algo} | 2 | " in md and f"{100 * acc:.2f} ± " in md
     assert not any(k[0] == "fedprox" for k in rows)
+    # fedavg against the reference, paired by seed (fedprox has no finished run: no line)
+    diffs = [sums[("fedavg", s)]["acc_per_exit"][-1] - sums[("cafedistill", s)]["acc_per_exit"][-1] for s in (3, 4)]
+    paired = rows[("fedavg", "paired_diff_accuracy", "3", "")]
+    assert (paired["n_seeds"], paired["seeds"], paired["reference"], paired["at_or_above"]) == (
+        "2", "3 4", "cafedistill", str(sum(d >= 0 for d in diffs)))
+    _check_stat(rows, ("fedavg", "paired_diff_accuracy", "3", ""), diffs)
+    half = 12.7062 * statistics.stdev(diffs) / math.sqrt(2)
+    assert [float(paired["ci_low"]), float(paired["ci_high"])] == pytest.approx(
+        [statistics.fmean(diffs) - half, statistics.fmean(diffs) + half], rel=1e-4, abs=1e-12)
+    assert {k[0] for k in rows if k[1].startswith("paired_diff")} == {"fedavg"}
+    assert rows[("cafedistill", "accuracy", "3", "")]["reference"] == ""  # the columns of the other lines stay
+    section = md.split("## Paired differences against cafedistill\n", 1)[1]
+    assert f"| fedavg | last exit (3) | 2 | {100 * statistics.fmean(diffs):+.2f}".replace("-", "−") in section
+    assert "| fedavg | θ = 0.5 | 2 |" in section and "Left out" not in section
 
     # rerun once fedprox's directories are usable: finished runs are reused untouched, fedprox trains
     for seed in (3, 4):
@@ -323,6 +443,7 @@ def test_compare_end_to_end_resume_and_a_failing_algorithm(tiny_config, tmp_path
     assert summary(out / "runs" / "fedprox" / "seed4")["algorithm"] == "fedprox"
     md = (out / "results.md").read_text()
     assert "2 trained now, 4 reused" in md and "| fedprox | 2 | " in md and "Failed runs" not in md
+    assert "| fedprox | last exit (3) | 2 |" in md  # now paired with the reference too
 
     # a run finished by code of another RESULTS_VERSION is moved aside and trained again
     stale = out / "runs" / "fedprox" / "seed3"

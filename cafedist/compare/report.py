@@ -15,6 +15,7 @@ from typing import Sequence
 
 from cafedist import provenance, runtables, tuning
 from cafedist.compare.execute import RunOutcome
+from cafedist.compare.paired import CONFIDENCE, PairedDiff, PairedReport, paired_differences, rows_by_seed
 from cafedist.fsutil import remove_together, replaced_together, write_text_atomic
 from cafedist.runtables import RowInfo
 from cafedist.tuning import TuneResult
@@ -107,21 +108,38 @@ def mean_curve(runs: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- report
+#: the paired differences' own columns: last, so the others keep their places; empty on other lines
+PAIRED_COLUMNS = ("reference", "reference_setting", "se", "ci_low", "ci_high", "at_or_above")
 CSV_COLUMNS = ("algorithm", "metric", "exit", "threshold", "budget", "n_seeds", "mean", "std",
-               "rounds", "seeds", "setting", "trials")
+               "rounds", "seeds", "setting", "trials", *PAIRED_COLUMNS)
 
 
-def results_csv(stats: Sequence[Stat], rows: dict[str, RowInfo] | None = None) -> str:
+def results_csv(stats: Sequence[Stat], rows: dict[str, RowInfo] | None = None,
+                paired: PairedReport | None = None) -> str:
     """Tidy CSV, one number per line (fractions, MACs, bytes and seconds as they are); the
-    last columns say which runs a row is made of (``rows``: row key -> RowInfo)."""
+    last columns say which runs a row is made of (``rows``: row key -> RowInfo). ``paired``
+    adds the ``paired_diff_*`` lines: row − reference over the seeds both finished (``seeds``),
+    with the reference row, the standard error, the confidence interval and the seeds at or above."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
+
+    def info(row: str) -> RowInfo:
+        return (rows or {}).get(row) or RowInfo(row, "", "", "", "")
+
+    def head(i: RowInfo, metric: str, exit_: int | None, th: float | None) -> list:
+        return [i.algorithm, metric, "" if exit_ is None else exit_, "" if th is None else f"{th:g}"]
+
     for s in stats:
-        info = (rows or {}).get(s.algorithm) or RowInfo(s.algorithm, "", "", "", "")
-        w.writerow([info.algorithm, s.metric, "" if s.exit is None else s.exit,
-                    "" if s.threshold is None else f"{s.threshold:g}", s.budget or "", s.n, repr(s.mean),
-                    "" if math.isnan(s.std) else repr(s.std), info.rounds, info.seeds, info.setting, info.trials])
+        i = info(s.algorithm)
+        w.writerow([*head(i, s.metric, s.exit, s.threshold), s.budget or "", s.n, repr(s.mean),
+                    "" if math.isnan(s.std) else repr(s.std), i.rounds, i.seeds, i.setting, i.trials,
+                    *[""] * len(PAIRED_COLUMNS)])
+    for d in paired.diffs if paired else ():
+        i = info(d.row)
+        w.writerow([*head(i, f"paired_diff_{d.metric}", d.exit, d.threshold), "", d.n, repr(d.mean), repr(d.std),
+                    i.rounds, " ".join(map(str, d.seeds)), i.setting, i.trials,
+                    paired.reference, d.reference_setting, repr(d.se), repr(d.low), repr(d.high), d.at_or_above])
     return buf.getvalue()
 
 
@@ -228,15 +246,50 @@ def _budget_section(st: _Stats) -> list[str]:
             *_table(["algorithm", "budget", *(m.header for m in METRICS)], body)]
 
 
+def _pts(fraction: float) -> str:
+    """A signed difference in points, with a real minus sign."""
+    return f"{fraction * 100:+.2f}".replace("-", "−")
+
+
+def _paired_section(paired: PairedReport) -> list[str]:
+    """Row − reference, paired by seed, for each row with 2 or more seeds shared."""
+    def metric(d: PairedDiff) -> str:
+        return f"last exit ({d.exit})" if d.threshold is None else f"θ = {d.threshold:g}"
+
+    # the reference row is named only when some row reads against another than the plain one
+    named = any(d.reference != paired.reference for d in paired.diffs)
+    level = f"{CONFIDENCE * 100:g} %"
+    body = [[d.row, *[d.reference] * named, metric(d), str(d.n), _pts(d.mean), f"{d.se * 100:.2f}",
+             f"[{_pts(d.low)}, {_pts(d.high)}]", f"{d.at_or_above}/{d.n}"] for d in paired.diffs]
+    head = ["algorithm", *["against"] * named, "accuracy", "seeds", "mean difference (pts)", "standard error (pts)",
+            f"{level} CI (pts)", "at or above"]
+    lines = [f"## Paired differences against {paired.reference}", "",
+             f"Row − {paired.reference} in accuracy points on the seeds both finished, paired by seed (a seed gives "
+             "both the same data partition and initialisation, so its difficulty cancels): the mean difference, its "
+             "standard error (sample std / √n), its confidence interval from Student's t with n − 1 degrees of "
+             "freedom, and on how many seeds the row is at or above the reference.", "",
+             *_table(head, body), "",
+             f"Paired by seed; a CI that excludes 0 marks a difference beyond seed-to-seed noise at {level}; "
+             "not corrected for multiple comparisons (among many rows and thresholds some exclude 0 by chance)."]
+    if named:
+        lines += ["", "Under --grid a row reads against the reference's row whose setting agrees with its own on "
+                  "every key both vary (the reference's only row where it has one)."]
+    if paired.left_out:
+        lines += ["", "Left out:", "", *(f"- {why}" for why in paired.left_out)]
+    return lines
+
+
 def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[RunOutcome],
                      thresholds: Sequence[float] = REPORT_THRESHOLDS, plots: Sequence[str] = (),
                      rows: dict[str, RowInfo] | None = None, tuning_lines: Sequence[str] = (),
-                     budget_errors: Sequence[str] = (), summaries: dict[str, list[dict]] | None = None) -> str:
+                     budget_errors: Sequence[str] = (), summaries: dict[str, list[dict]] | None = None,
+                     paired: PairedReport | None = None) -> str:
     """The ``results.md`` text: the command line first, then the tables, the ``tuning_lines``,
     failures and plots. ``rows`` (row key -> RowInfo) adds rounds, and with tuning the chosen
     setting and trial count, to the accuracy table; stats with a ``budget`` make the budget
     table, ``budget_errors`` lists the runs whose budget evaluation failed; ``summaries`` (as
-    :func:`collect_summaries`) name the software and hardware the runs trained on."""
+    :func:`collect_summaries`) name the software and hardware the runs trained on; ``paired``
+    with a difference adds the paired differences against the reference."""
     st = _Stats(stats)
     counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed", "stopped")}
     stopped = f", {counts['stopped']} stopped" if counts["stopped"] else ""  # rare: named only then
@@ -254,6 +307,8 @@ def results_markdown(command: str, stats: Sequence[Stat], outcomes: Sequence[Run
     lines += _stacks_section(summaries or {})
     if st.names:
         lines += [*_accuracy_section(st, rows), "", *_dynamic_section(st, thresholds), "", *_cost_section(st)]
+    if paired is not None and paired.diffs:
+        lines += ["", *_paired_section(paired)]
     if st.budgets:
         lines += ["", *_budget_section(st)]
     if budget_errors:
@@ -299,13 +354,7 @@ def _md_row(cells: Sequence[str]) -> str:
 def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
     """Report row (variant name, with its setting under --grid) -> the summaries of its
     finished runs (seed order), for every row run."""
-    out: dict[str, list[dict]] = {}
-    for o in outcomes:
-        out.setdefault(o.run.row, [])
-        summary = o.run.finished_summary() if o.status != "failed" else None
-        if summary is not None:
-            out[o.run.row].append(summary)
-    return out
+    return {row: list(r.runs.values()) for row, r in rows_by_seed(outcomes).items()}
 
 
 #: outputs a report has only sometimes (plots need a finished run, trials.csv a tuning): an
@@ -336,8 +385,10 @@ def _write_report_files(out: Path, command: str, outcomes: Sequence[RunOutcome],
                         budget_errors: Sequence[str]) -> dict[str, Path]:
     from cafedist.eval import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
-    summaries = collect_summaries(outcomes)
+    by_seed = rows_by_seed(outcomes)  # each summary read once
+    summaries = {row: list(r.runs.values()) for row, r in by_seed.items()}
     stats = summarize(summaries, thresholds)
+    paired = paired_differences(by_seed, thresholds)
     if budgets:
         by_row: dict[str, list[dict]] = {}
         for o in outcomes:
@@ -375,7 +426,7 @@ def _write_report_files(out: Path, command: str, outcomes: Sequence[RunOutcome],
         write_text_atomic(paths["trials"], runtables.trials_csv(tuned.trials, tuned.chosen))
         section = tuning.tuning_markdown(tuned, tuned.seed)
     rows = runtables.row_infos(outcomes, tuned.counts() if tuned is not None else None)
-    write_text_atomic(paths["csv"], results_csv(stats, rows))
+    write_text_atomic(paths["csv"], results_csv(stats, rows, paired))
     write_text_atomic(paths["md"], results_markdown(command, stats, outcomes, thresholds, plots, rows, section,
-                                                          budget_errors, summaries))
+                                                          budget_errors, summaries, paired))
     return paths

@@ -24,9 +24,11 @@ TIMEOUT_S = 60  # dist.timeout_s of these runs: a peer that waits for it takes o
 PROMPT_S = 40  # start-up and one round of a tiny run take a few seconds; generous on loaded cores
 #: algorithm -> (the failing rank, how its traceback's last line starts, its peer's line as a regex)
 FAILURES = {"badrows": (0, "ValueError: algorithm 'badrows': aggregate returned no 'back'",
-                        # the store, which it hosted, went with it (the peer rarely asks before it goes)
-                        r"scatter_rows failed in round 0 on rank 1: rank 0 (has ended \(Connection closed by peer"
-                        r"|failed: ValueError: algorithm 'badrows')"),
+                        # the store, which it hosted, went with it (the peer rarely asks before it goes);
+                        # gloo words the closed socket as it finds it: "Connection closed by peer", or
+                        # "Read error [...]: Connection reset by peer"
+                        r"scatter_rows failed in round 0 on rank 1: rank 0 (has ended \((Connection closed by peer"
+                        r"|Read error .*: Connection reset by peer)|failed: ValueError: algorithm 'badrows')"),
             "rank1bug": (1, "RuntimeError: client-side bug on rank 1",
                          "all_reduce_sum failed in round 0 on rank 0: rank 1 failed: RuntimeError: client-side bug "
                          "on rank 1")}

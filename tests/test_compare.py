@@ -479,6 +479,33 @@ def test_a_run_extended_from_a_total_its_training_depended_on_is_trained_again(t
     assert "extended by --resume force" in run.outdated()
 
 
+def test_an_unfinished_run_that_could_not_stand_is_started_over(tiny_config, tmp_path):
+    """A run stopped partway whose newest checkpoint already says it cannot stand in the
+    comparison (--resume force extended it from a total its training depended on, or code of
+    another RESULTS_VERSION trained it) is started over, not resumed: resumed, it would finish
+    as such a run, be reported failed ("no summary.json written", beside its summary.json) and
+    be trained again from the start by the next compare all the same."""
+    from cafedist import RESULTS_VERSION
+    from cafedist.compare.plan import plan_run
+
+    run = plan_run(str(tiny_config()), available_variants()["cafedistill"], 3, tmp_path / "out")
+    newest = run.run_dir / "checkpoints" / "round_000002"
+    newest.mkdir(parents=True)
+    change = {"after_round": 1, "from": 2, "to": 4}
+    base = {"round": 2, "config_hash": run.config_hash, "results_version": RESULTS_VERSION}
+    for manifest, reason in (({**base, "rounds_changes": []}, None),
+                             ({**base, "rounds_changes": [{**change, "depended": []}]}, None),
+                             ({**base, "rounds_changes": [{**change, "depended": ["the exit schedule ..."]}]},
+                              "extended by --resume force"),
+                             ({**base, "results_version": RESULTS_VERSION - 1}, "RESULTS_VERSION changed"),
+                             ({**base, "config_hash": "another config's"}, None)):  # not this run: train says so
+        (newest / "MANIFEST.json").write_text(json.dumps(manifest))
+        assert run.finished_summary() is None
+        why = run.outdated()
+        assert (why is None) if reason is None else (reason in (why or "")), (manifest, why)
+        assert ("none" in run.train_argv()) == (reason is not None)
+
+
 @pytest.mark.slow
 def test_compare_through_submitit_local_executor(tiny_config, tmp_path):
     out = tmp_path / "sub"

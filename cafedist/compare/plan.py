@@ -159,23 +159,44 @@ class PlannedRun:
             summary = json.loads((self.run_dir / "summary.json").read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(summary, dict):
-            return None
-        if summary.get("config_hash") == self.config_hash:
-            return summary
+        return summary if isinstance(summary, dict) and self._written_for_this(summary) else None
+
+    def _written_for_this(self, record: dict) -> bool:
+        """Whether a summary or checkpoint manifest of the run directory was written for this
+        very config, or for an earlier config file of the same run."""
+        if record.get("config_hash") == self.config_hash:
+            return True
         from cafedist.config import load_config
         from cafedist.train.preflight import earlier_hash
 
         earlier = earlier_hash(load_config(self.config, list(self.overrides)), self.run_dir)
-        return summary if earlier is not None and summary.get("config_hash") == earlier else None
+        return earlier is not None and record.get("config_hash") == earlier
 
     def outdated(self) -> str | None:
-        """Why this run, finished with this config, must be trained again (None: it need not,
-        or is not finished): it is not what a run trained for the config from the start gives,
-        being finished by code whose results differ (another RESULTS_VERSION) or extended by
-        ``--resume force`` from another ``train.rounds`` that what it trained depended on."""
+        """Why this run, finished with this config or stopped partway, must be trained again
+        from the start (None: it need not, or there is nothing of it): it is not what a run
+        trained for the config from the start gives, being trained by code whose results differ
+        (another RESULTS_VERSION) or extended by ``--resume force`` from another
+        ``train.rounds`` that what it trained depended on. Of an unfinished run its newest
+        checkpoint tells: resumed, it would finish as such a run (its manifest's record is
+        carried into summary.json), to be trained again by the next compare all the same."""
         summary = self._summary()
-        return None if summary is None else _why_not_reusable(summary)
+        if summary is not None:
+            return _why_not_reusable(summary)
+        manifest = self._newest_manifest()
+        return None if manifest is None else _why_not_reusable(manifest)
+
+    def _newest_manifest(self) -> dict | None:
+        """The manifest of the run's newest checkpoint (read without verifying the checkpoint)
+        when it was written for this very config or for an earlier config file of the run."""
+        from cafedist.run.checkpoint import CheckpointDir
+
+        candidates = CheckpointDir(self.run_dir).candidates()
+        try:
+            manifest = json.loads((candidates[0] / "MANIFEST.json").read_text()) if candidates else None
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) and self._written_for_this(manifest) else None
 
     def finished_summary(self) -> dict | None:
         """The run's summary if it is finished with this very config by code of this
@@ -185,9 +206,10 @@ class PlannedRun:
 
 
 def _why_not_reusable(summary: dict) -> str | None:
-    """Why a finished run's ``summary`` cannot stand in a comparison (None: it can)."""
+    """Why a run cannot stand in a comparison, as its ``summary`` (or its newest checkpoint's
+    manifest, which records the same) says (None: it can)."""
     if summary.get("results_version", 1) != RESULTS_VERSION:
-        return "finished by code with other results (RESULTS_VERSION changed)"
+        return "trained by code with other results (RESULTS_VERSION changed)"
     changes = summary.get("rounds_changes")
     # an extension where nothing depended on the total is the longer run bit for bit
     if isinstance(changes, list) and any(isinstance(c, dict) and c.get("depended") for c in changes):

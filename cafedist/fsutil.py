@@ -41,12 +41,30 @@ def exclusive_lock(path: str | os.PathLike, waiting_for: str) -> Iterator[None]:
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            _raise_unless_held(exc, path)
             log.info("waiting for %s (lock %s)", waiting_for, path)
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                _raise_unless_held(exc, path, held_is_error=True)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+#: what lockf says when another process holds the lock
+_HELD_ERRNOS = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
+
+
+def _raise_unless_held(exc: OSError, path: str | os.PathLike, held_is_error: bool = False) -> None:
+    """Re-raise a failed lockf naming the lock file, unless it only says another process holds
+    the lock: a file system without POSIX locks (NFS mounted nolock, Lustre without flock)
+    refuses with ENOLCK or the like, which is no reason to wait and, unnamed, was a traceback."""
+    if exc.errno in _HELD_ERRNOS and not held_is_error:
+        return
+    raise OSError(exc.errno, f"cannot lock this file ({exc.strerror}): its file system must support POSIX "
+                             f"locks (an NFS mount without nolock, Lustre with flock)", str(path)) from None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

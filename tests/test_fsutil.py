@@ -145,3 +145,28 @@ def test_storage_errors_are_one_line_with_status_2(monkeypatch, capsys, exc, lin
     monkeypatch.setitem(cli.COMMANDS, "train", (*cli.COMMANDS["train"][:2], fail))
     assert cli.main(["train", "--config", "x.yaml"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_a_file_system_without_locks_is_one_line_naming_the_lock(tmp_path, monkeypatch, caplog, capsys):
+    """lockf's ENOLCK (NFS mounted nolock) was taken for a lock another process holds: "waiting
+    for ..." and then, from the blocking call, an OSError without a file name: a traceback.
+    Now an error naming the lock file, as the CLI prints a path's OSError: one line, exit 2."""
+    import fcntl
+
+    from cafedist import cli
+    from cafedist.fsutil import exclusive_lock
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock = tmp_path / "s.h5.lock"
+    with pytest.raises(OSError, match="must support POSIX locks") as raised:
+        with exclusive_lock(lock, "another process"):
+            pass
+    assert raised.value.filename == str(lock) and raised.value.errno == errno.ENOLCK
+    assert "waiting for" not in caplog.text
+    code = cli.main(["prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.5", "--proxy-fraction", "0.1",
+                     "--out", str(tmp_path / "s.h5")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"cafedist: error: {lock}: cannot lock"), err

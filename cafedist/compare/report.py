@@ -15,7 +15,7 @@ from typing import Sequence
 
 from cafedist import provenance, runtables, tuning
 from cafedist.compare.execute import RunOutcome
-from cafedist.compare.paired import CONFIDENCE, PairedDiff, PairedReport, paired_differences, rows_by_seed
+from cafedist.compare.paired import CONFIDENCE, PairedDiff, PairedReport, PairedRow, paired_differences, rows_by_seed
 from cafedist.fsutil import remove_together, replaced_together, write_text_atomic
 from cafedist.runtables import RowInfo
 from cafedist.tuning import TuneResult
@@ -354,7 +354,12 @@ def _md_row(cells: Sequence[str]) -> str:
 def collect_summaries(outcomes: Sequence[RunOutcome]) -> dict[str, list[dict]]:
     """Report row (variant name, with its setting under --grid) -> the summaries of its
     finished runs (seed order), for every row run."""
-    return {row: list(r.runs.values()) for row, r in rows_by_seed(outcomes).items()}
+    return _summaries_of(rows_by_seed(outcomes))
+
+
+def _summaries_of(by_seed: dict[str, PairedRow]) -> dict[str, list[dict]]:
+    """:func:`collect_summaries` from the rows :func:`~cafedist.compare.paired.rows_by_seed` read."""
+    return {row: list(r.runs.values()) for row, r in by_seed.items()}
 
 
 #: outputs a report has only sometimes (plots need a finished run, trials.csv a tuning): an
@@ -386,7 +391,7 @@ def _write_report_files(out: Path, command: str, outcomes: Sequence[RunOutcome],
     from cafedist.eval import plot_accuracy_vs_macs, plot_curves_per_exit, plot_per_exit_bars
 
     by_seed = rows_by_seed(outcomes)  # each summary read once
-    summaries = {row: list(r.runs.values()) for row, r in by_seed.items()}
+    summaries = _summaries_of(by_seed)
     stats = summarize(summaries, thresholds)
     paired = paired_differences(by_seed, thresholds)
     if budgets:

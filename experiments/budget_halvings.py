@@ -49,6 +49,7 @@ from cafedist.eval.budget_spec import Budget, parse_budget_spec
 from cafedist.eval.dynamic import dynamic_counts, dynamic_table
 from cafedist.eval.policies import POLICIES, exit_scores, fit_temperatures
 from cafedist.eval.run import load_run
+from cafedist.stats import mean_se
 
 # (every client's choice half, their scoring halves, budget, MACs) -> every client's choice
 Rule = Callable[[Sequence[Split], Sequence[Split], Budget, Sequence[int]], list[Choice]]
@@ -176,9 +177,8 @@ def print_table(results: dict[str, list[tuple[float, float, float]]]) -> None:
     width = max(len(name) for name in results) + 2
     print(f"{'rule':{width}s} {'gap (points)':>16s} {'MACs share':>11s} {'within':>7s}")
     for name, rows in results.items():
-        gaps = [r[0] for r in rows]
-        sem = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
-        print(f"{name:{width}s} {statistics.mean(gaps):+8.2f} ± {sem:5.2f} {statistics.mean(r[1] for r in rows):11.3f} "
+        gap, sem = mean_se([r[0] for r in rows])
+        print(f"{name:{width}s} {gap:+8.2f} ± {sem:5.2f} {statistics.mean(r[1] for r in rows):11.3f} "
               f"{statistics.mean(r[2] for r in rows):7.2f}")
 
 

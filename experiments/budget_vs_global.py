@@ -33,6 +33,7 @@ from cafedist.eval.budget_report import accuracy_at_macs, apply_choice
 from cafedist.eval.budget_run import client_splits
 from cafedist.eval.budget_search import Choice, fit_to_budget
 from cafedist.eval.run import load_run
+from cafedist.stats import mean_se
 
 COLUMNS = ("run", "budget", "confidence", "last_exit_accuracy", "pooled_accuracy", "pooled_macs_fraction",
            "pooled_share_within_budget",
@@ -70,7 +71,8 @@ def run_row(run_dir: str, spec: str, parser: argparse.ArgumentParser, confidence
 
 def _points(diffs: list[float]) -> str:
     """Mean ± standard error of accuracy differences, in points."""
-    return f"{100 * statistics.mean(diffs):+.2f} ± {100 * statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}"
+    mean, se = mean_se(diffs)
+    return f"{100 * mean:+.2f} ± {100 * se:.2f}"
 
 
 def summary(path: Path) -> str:

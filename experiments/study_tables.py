@@ -34,6 +34,8 @@ from pathlib import Path
 
 from sweep import finished_runs, tabulate_runs  # experiments/ is on sys.path when run as a script
 
+from cafedist.stats import mean_se
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -124,8 +126,8 @@ def paired_table(rows: list[dict], chosen: dict[str, str], reference: str = "caf
             if not diffs:
                 cells.append("")
                 continue
-            mean = f"{statistics.mean(diffs):+.1f}"
-            cells.append(f"{mean} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}" if len(diffs) > 1 else mean)
+            mean, se = mean_se(diffs)
+            cells.append(f"{mean:+.1f} ± {se:.1f}" if len(diffs) > 1 else f"{mean:+.1f}")
         lines.append(f"| {method} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -40,9 +40,10 @@ from cafedist.compare import (
     results_markdown,
     summarize,
 )
-from cafedist.compare.paired import PairedReport, PairedRow, paired_differences, t_quantile
+from cafedist.compare.paired import PairedReport, PairedRow, paired_differences
 from cafedist.config import load_config
 from cafedist.errors import ConfigError
+from cafedist.stats import mean_se, t_quantile
 from cafedist.tuning import NO_SETTING, Setting
 
 
@@ -257,6 +258,12 @@ def test_the_heading_counts_algorithms_not_grid_rows(tmp_path):
 def test_student_t_quantiles_match_the_table(df, value):
     assert t_quantile(0.975, df) == pytest.approx(value, abs=5e-4)
     assert t_quantile(0.025, df) == pytest.approx(-value, abs=5e-4)
+
+
+def test_mean_and_standard_error_as_the_experiments_report_them():
+    mean, se = mean_se([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and se == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))
+    assert mean_se([0.5])[0] == 0.5 and math.isnan(mean_se([0.5])[1])
 
 
 def test_student_t_quantiles_match_the_closed_forms():

@@ -1,74 +1,21 @@
 """Paired differences against the reference method: every row's run of seed s shares the data
 partition and initialisation of the reference's run of seed s, so row − reference per seed
-cancels the seed's difficulty, which varies far more than the methods differ. Student's t
-quantiles are computed here (scipy is no dependency)."""
+cancels the seed's difficulty, which varies far more than the methods differ (Student's t
+intervals: :mod:`cafedist.stats`)."""
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from cafedist.compare.execute import RunOutcome
 from cafedist.compare.plan import REFERENCE
+from cafedist.stats import mean_std, t_quantile
 from cafedist.tuning import Setting
 
 #: the two-sided confidence of the intervals
 CONFIDENCE = 0.95
-
-
-# ----------------------------------------------------------------------------- Student's t
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-16
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):  # ~sqrt(max(a, b)) steps: a million degrees of freedom stay fast
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def _incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):  # where the fraction converges fast; else by symmetry
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on :func:`t_cdf`)."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"t_quantile: need 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo <= 1e-13 * hi:
-            break
-    return 0.5 * (lo + hi)
 
 
 # ----------------------------------------------------------------------------- pairing
@@ -157,7 +104,7 @@ def paired_stats(row: dict[int, float], ref: dict[int, float]) -> tuple[tuple[in
     if len(seeds) < 2:
         return None
     diffs = [row[s] - ref[s] for s in seeds]
-    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    mean, std = mean_std(diffs)
     se = std / math.sqrt(len(diffs))
     half = t_quantile(0.5 + CONFIDENCE / 2, len(diffs) - 1) * se
     return seeds, mean, std, se, mean - half, mean + half, sum(d >= 0 for d in diffs)

@@ -18,6 +18,7 @@ from cafedist.compare.execute import RunOutcome
 from cafedist.compare.paired import CONFIDENCE, PairedDiff, PairedReport, PairedRow, paired_differences, rows_by_seed
 from cafedist.fsutil import remove_together, replaced_together, write_text_atomic
 from cafedist.runtables import RowInfo
+from cafedist.stats import mean_std
 from cafedist.tuning import TuneResult
 from cafedist.units import short_count
 
@@ -40,12 +41,6 @@ class Stat:
     mean: float
     std: float  # sample standard deviation (n - 1); NaN for a single seed
     budget: str | None = None  # for per-client budget metrics: the --budget spec or file
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN when there is only one value)."""
-    values = [float(v) for v in values]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
 def _row_at(table: list[dict], threshold: float) -> dict | None:

@@ -166,13 +166,17 @@ def holder_record(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | No
     return raw
 
 
-def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
-    """Who holds ``run_dir``'s lock now (:func:`holder_record`): ``"pid N on HOST"``, with a
-    note where the holder runs on another host and may have been killed; None when none does."""
-    raw = holder_record(run_dir, name)
-    if raw is None:
-        return None
+def holder_text(raw: str) -> str:
+    """A holder's record (:func:`holder_record`) in words: ``"pid N on HOST"``, with a note
+    where the holder runs on another host and may have been killed."""
     return _holder_text(raw) + ("" if _holder_alive(raw) else ", another host: it may also have been killed")
+
+
+def live_holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+    """Who holds ``run_dir``'s lock now (:func:`holder_text` of :func:`holder_record`); None
+    when none does."""
+    raw = holder_record(run_dir, name)
+    return None if raw is None else holder_text(raw)
 
 
 def outputs_lock(run_dir: str | os.PathLike, advice: str = "wait for it to end") -> RunLock:

@@ -30,7 +30,7 @@ from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.run.metrics import session_starts
-from cafedist.rundir import PREVIOUS_PREFIX, holder_record, live_holder
+from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
 from cafedist.trainlog import last_session_error
 from cafedist.typed import is_finite_number
 from cafedist.units import hms
@@ -177,13 +177,14 @@ def run_status(run_dir: str | Path) -> RunStatus:
     done = records[-1]["round"] + 1 if records else 0
     checkpoint = _newest_checkpoint(run_dir)
     summary = _json(run_dir / "summary.json")
-    holder = live_holder(run_dir)
+    record = holder_record(run_dir)  # the live session's, which rows name theirs by
+    holder = None if record is None else holder_text(record)
     error = last_session_error(run_dir)  # trainings that compare started log their output there
     left, source = None, None
     acc = records[-1].get("acc_per_exit") if records else None
     if holder is not None:
         state = f"training ({holder})"
-        left, source = _time_left(cfg, records, holder_record(run_dir), done)
+        left, source = _time_left(cfg, records, record, done)
     elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
         state = "finished"
         # summary.json is the record of a finished run: metrics.jsonl may be torn or trimmed

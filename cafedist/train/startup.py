@@ -173,6 +173,8 @@ def _with_rounds_change(cfg: Config, resumed: Resumed) -> list[dict[str, Any]]:
     manifest = resumed.manifest or {}
     recorded = manifest.get("rounds_changes")
     changes = [c for c in recorded if isinstance(c, dict)] if isinstance(recorded, list) else []
+    if manifest.get("rounds") == cfg.train.rounds:  # an ordinary resume: config.yaml need not be read again
+        return changes
     before = _trained_under(cfg, resumed)
     done = resumed.next_round
     if before is None or before[0] == cfg.train.rounds or done == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -10,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import cafedist_in_process
 
 from cafedist.data import SCHEMA_VERSION, RawDataset, Store, write_store
 from cafedist.data import store as store_mod
@@ -336,6 +338,31 @@ def test_orphaned_temp_files_are_removed_under_the_store_lock(tmp_path, caplog):
     assert "left by a store build that was killed" in caplog.text
     with Store(out) as s:
         assert s.num_clients == 3
+
+
+def test_a_full_disk_is_one_line_naming_the_store(tmp_path, monkeypatch):
+    """A write that fails for want of space (a full disk, a quota) said HDF5's report of it:
+    two lines with the time, the temporary file and a buffer address, the cause inside
+    ("Can't close file (file write failed: ..."). Now: the system's words, naming the store."""
+    # h5py's error on a full tmpfs, word for word but the file name (errno 28)
+    report = ("Can't synchronously write data (file write failed: time = Mon Dec  7 05:57:57 2026\n, filename = "
+              "'{}', file descriptor = 3, errno = 28, error message = 'No space left on device', buf = 0x55aa87d8e0c0, "
+              "total write size = 2048, bytes this sub-write = 2048, offset = 4096)")
+    original = store_mod._put
+
+    def full_disk(group, name, arr):
+        if name == "x_test":
+            raise OSError(errno.ENOSPC, report.format(group.file.filename))
+        return original(group, name, arr)
+
+    monkeypatch.setattr(store_mod, "_put", full_disk)
+    out = tmp_path / "d.h5"
+    proc = cafedist_in_process("prepare", "--dataset", "digits", "--clients", "3", "--alpha", "0.5",
+                               "--proxy-fraction", "0.1", "--out", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"cafedist: error: {out}: No space left on device"
+    assert "buf =" not in proc.stderr
+    assert os.listdir(tmp_path) == ["d.h5.lock"]  # no store, no temporary file
 
 
 def test_a_sigterm_during_prepare_exits_143_and_leaves_nothing(tmp_path, monkeypatch, capsys):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -105,7 +106,8 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
     if client_users is not None and len(client_users) != len(client_train):
         raise ValueError("write_store: need one user name per client")
     # an interrupt (Ctrl-C, SIGTERM) lands between clients, where atomic_output removes the temp file
-    with atomic_output(path, suffix=STORE_SUFFIX, now=True) as tmp, deferred_interrupts() as check:
+    with atomic_output(path, suffix=STORE_SUFFIX, now=True) as tmp, deferred_interrupts() as check, \
+            _os_words():
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["dataset"] = raw.name
@@ -133,6 +135,19 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
             _put(f.create_group("proxy"), "x", raw.x[np.asarray(proxy_idx, dtype=np.int64)])
             if raw.vocab is not None:
                 _put(f, "vocab", np.frombuffer("\n".join(raw.vocab).encode("utf-8"), dtype=np.uint8))
+
+
+@contextlib.contextmanager
+def _os_words() -> Iterator[None]:
+    """Give an OSError of HDF5 (a full disk, a quota) the system's words for its errno:
+    h5py's own text is HDF5's report over two lines (the time, the temporary file, a buffer
+    address), where the cause hides. :func:`atomic_output` then names the store."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno)) from exc
 
 
 @dataclass(frozen=True)

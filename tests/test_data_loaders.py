@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -129,6 +130,56 @@ def test_cifar100_fine_labels(tmp_path):
     assert raw.x.shape == (7, 3, 32, 32) and raw.num_classes == 100
     assert raw.y.max() < 100 and not (raw.y == 99).all()
     assert raw.class_names[42] == "f42"
+
+
+def _py2_pickle(obj) -> bytes:
+    """``obj`` pickled as the CIFAR files were, by Python 2's cPickle (protocol 2) and numpy 1.x:
+    str opcodes for bytes and ``numpy.core.multiarray._reconstruct`` for arrays (a protocol-2
+    pickle from Python 3 has neither: it goes through ``_codecs.encode`` and ``numpy._core``)."""
+    def s(b: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING: a Python 2 str
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def i(v: int) -> bytes:
+        return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
+    def any_(o) -> bytes:
+        if isinstance(o, np.ndarray):  # _reconstruct(ndarray, (0,), 'b'), then its __setstate__
+            dtype = b"cnumpy\ndtype\n" + s(o.dtype.str[1:].encode()) + b"K\x00K\x01\x87R(K\x03" + s(b"|") \
+                + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R(K\x01("
+                    + b"".join(map(i, o.shape)) + b"t" + dtype + b"\x89" + s(o.tobytes()) + b"tb")
+        if isinstance(o, dict):
+            return b"}(" + b"".join(any_(k) + any_(v) for k, v in o.items()) + b"u"
+        if isinstance(o, list):
+            return b"](" + b"".join(map(any_, o)) + b"e"
+        return s(o) if isinstance(o, bytes) else i(o)
+    return b"\x80\x02" + any_(obj) + b"."
+
+
+@pytest.mark.parametrize("fmt", ["cifar10", "cifar100"])
+def test_cifar_files_as_python_2_wrote_them(tmp_path, fmt):
+    """The real batches are Python 2 pickles of numpy 1.x arrays (``numpy.core``, which numpy 2
+    calls ``numpy._core``): their labels, pixels and order come through as the files hold them."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / ("cifar-10-batches-py" if fmt == "cifar10" else "cifar-100-python")
+    folder.mkdir()
+    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"] if fmt == "cifar10" else ["train", "test"]
+    classes, key = (10, b"labels") if fmt == "cifar10" else (100, b"fine_labels")
+    data, labels = [], []
+    for name in names:
+        x, y = rng.integers(0, 256, (3, 3072), dtype=np.uint8), rng.integers(0, classes, 3).tolist()
+        batch = {b"batch_label": name.encode(), key: y, b"data": x, b"filenames": [b"a.png"] * 3}
+        (folder / name).write_bytes(_py2_pickle(batch if fmt == "cifar10" else {**batch, b"coarse_labels": [0] * 3}))
+        data.append(x)
+        labels += y
+    meta = "batches.meta" if fmt == "cifar10" else "meta"
+    names_key = b"label_names" if fmt == "cifar10" else b"fine_label_names"
+    (folder / meta).write_bytes(_py2_pickle({names_key: [f"c{k}".encode() for k in range(classes)]}))
+    assert pickle.loads((folder / names[0]).read_bytes(), encoding="bytes")[key] == labels[:3]  # CIFAR's own recipe
+    raw = load_dataset(fmt, str(tmp_path))
+    assert raw.y.tolist() == labels and raw.y.dtype == np.int64
+    assert raw.x.dtype == np.uint8 and np.array_equal(raw.x.reshape(len(labels), -1), np.concatenate(data))
+    assert raw.class_names[7] == "c7"
 
 
 @pytest.mark.parametrize("name", sorted(set(DATASETS) - BUNDLED))

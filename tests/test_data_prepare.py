@@ -296,3 +296,22 @@ def test_val_fraction_carves_from_train_and_leaves_test_alone(tmp_path):
     with pytest.raises(ConfigError, match="val_fraction"):
         partition_params(PartitionSpec(**KW, val_fraction=1.0))
 
+
+
+@pytest.mark.parametrize("max_len", [10**11, 10**20])
+def test_a_max_len_beyond_this_machines_memory_is_one_line(tmp_path, capsys, max_len):
+    """The [documents, max_len] token table is allocated whole: a max_len no machine can hold was
+    a MemoryError (or, at 20 digits, numpy's ValueError) traceback; one too large for this machine
+    only would fill pages until the kernel killed the process."""
+    from cafedist.cli import main
+
+    (tmp_path / "ag").mkdir()
+    for split in ("train.csv", "test.csv"):
+        (tmp_path / "ag" / split).write_text('"1","a b c","d"\n' * 30)
+    rc = main(["prepare", "--dataset", "agnews", "--root", str(tmp_path / "ag"), "--clients", "2",
+               "--alpha", "1", "--proxy-fraction", "0.1", "--max-len", str(max_len),
+               "--out", str(tmp_path / "s.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"cafedist: error: agnews: max_len={max_len} needs ") and "GiB for 60 documents" in err[0]
+    assert "the longest document has 4 words" in err[0] and not (tmp_path / "s.h5").exists()

@@ -8,6 +8,7 @@ Sci/Tech), title, description. A document is ``title + " " + description``, toke
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,22 @@ def load_agnews(root: str | None = None, vocab_size: int = 20000, max_len: int =
         d, y = _read_csv(folder / split)
         docs += d
         labels += y
+    _check_fits(len(docs), max(map(len, docs), default=0), max_len)
     vocab = build_vocab(docs, vocab_size)
     x = encode(docs, vocab, max_len)
     return RawDataset(name=NAME, x=x, y=np.asarray(labels, dtype=np.int64), num_classes=len(CLASS_NAMES),
                       kind="text", vocab_size=len(vocab), vocab=vocab, class_names=list(CLASS_NAMES))
+
+
+def _check_fits(n_docs: int, longest: int, max_len: int) -> None:
+    """Refuse a ``max_len`` whose ``[n_docs, max_len]`` int64 table exceeds this machine's memory:
+    numpy would raise a traceback, or fill the pages until the kernel kills the process."""
+    need = n_docs * max_len * np.dtype(np.int64).itemsize
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf: numpy's own error, then
+        return
+    if need > memory:
+        raise ConfigError(f"{NAME}: max_len={max_len} needs {need / 2**30:.3g} GiB for {n_docs} documents "
+                          f"(this machine has {memory / 2**30:.3g} GiB); the longest document has "
+                          f"{longest} words")

@@ -17,8 +17,8 @@ from conftest import cafedist_in_process as in_process
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import personalized_budgets
 from cafedist.eval.budget_global import global_on_calibration, global_within_every_budget
-from cafedist.eval.budget_report import accuracy_at_macs
-from cafedist.eval.budget_run import BudgetOptions, format_budget, parse_policies
+from cafedist.eval.budget_report import TestCounts, accuracy_at_macs, client_row
+from cafedist.eval.budget_run import BudgetOptions, format_budget, parse_policies, write_budget_csv
 from cafedist.eval.budget_search import Choice, Split, choose_policy, fit_to_budget, pooled_split
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
@@ -401,6 +401,23 @@ def test_budget_csv_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "b.csv"
     path.write_bytes("client,budget\n0,macs=0.4\ndefault,macs=0.6\n".encode("utf-8-sig"))
     assert BudgetOptions(str(path)).per_client(2) == [Budget("macs", 0.4), Budget("macs", 0.6)]
+
+
+def test_budget_csv_holds_the_chosen_policy_exactly(tmp_path):
+    """budget.csv's threshold was written in full but its temperatures with 6 digits: the threshold
+    is one of the calibration scores under the fitted temperatures, so the rounded ones moved the
+    sample that set it to another exit (seen on a 5-client digits run): the table's policy was not
+    the one chosen. Every number of a row reads back as the float eval.json holds."""
+    temps = (1.2345678901234567, 0.1 + 0.2, 3.0)
+    choice = Choice("margin", 0.123456789012345, temperatures=temps, calibration_accuracy=2 / 3,
+                    calibration_macs=1.0 / 3)
+    row = client_row(0, Budget("macs", 0.5), choice, 3, TestCounts(2, 1.0, 3, 2), [1, 2, 3])
+    write_budget_csv([row], tmp_path / "budget.csv")
+    with open(tmp_path / "budget.csv", newline="") as fh:
+        (read,) = csv.DictReader(fh)
+    assert tuple(float(t) for t in read["temperatures"].split(";")) == temps
+    assert float(read["threshold"]) == choice.threshold
+    assert float(read["calibration_macs_fraction"]) == row["calibration_macs_fraction"]
 
 
 def test_empty_or_directory_budget_argument_says_so(tmp_path):

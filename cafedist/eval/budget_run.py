@@ -58,14 +58,17 @@ def client_splits(run: Any) -> list[tuple[Split, Split]]:
 
 
 def write_budget_csv(rows: Sequence[dict], path: str | Path) -> None:
-    """The per-client table as CSV (temperatures joined with ';'; empty cells for None)."""
+    """The per-client table as CSV (temperatures joined with ';'; empty cells for None). Floats
+    are written as Python writes them, the shortest text that reads back as the same float: the
+    threshold is a calibration score under these temperatures, so rounded ones would move that
+    sample to another exit, and the table would not hold the policy eval chose."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         cells = {k: row[k] for k in CSV_COLUMNS}
         if cells["temperatures"] is not None:
-            cells["temperatures"] = ";".join(f"{t:.6g}" for t in cells["temperatures"])
+            cells["temperatures"] = ";".join(repr(float(t)) for t in cells["temperatures"])
         writer.writerow({k: "" if v is None else v for k, v in cells.items()})
     write_text_atomic(path, buf.getvalue())
 

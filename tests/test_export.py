@@ -315,3 +315,43 @@ def test_an_export_into_the_run_directory_is_written_under_the_outputs_lock(eval
     assert not (run / "export").exists() and not list(run.glob(".export.export-*"))
     cafedist_in_process("export", str(run), "--out", str(tmp_path / "elsewhere"), "--clients", "0", check=True)
     assert (tmp_path / "elsewhere" / "export.json").is_file()
+
+
+@pytest.mark.parametrize("budget,options", [
+    ("file", ("--policies", "margin,entropy")),  # clients of both budget kinds, non-default scores
+    ("loss=2", ("--policy-scope", "client", "--budget-confidence", "0.5")),
+], ids=["mixed-file-pooled", "loss-client-scope"])
+def test_exported_programs_answer_every_test_sample_as_eval_chose(evaluated_run, tmp_path, budget, options):
+    """The deployed policy is the evaluated one: the exported programs, loaded as a deployment
+    loads them, answer each test sample from the exit (and with the class) that eval's choice
+    for that client gives on the run's own models, and score exactly eval.json's test numbers:
+    the policy, threshold and temperatures reach policy.json unchanged, for every score and
+    scope (not only what export's own check compares with, which reads the same eval.json)."""
+    from cafedist.eval.budget_report import apply_choice
+    from cafedist.eval.budget_run import client_splits
+    from cafedist.eval.run import load_run
+
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(run)], check=True)
+    if budget == "file":
+        budget = str(tmp_path / "budgets.yaml")
+        Path(budget).write_text("0: macs=0.4\n1: loss=1\ndefault: macs=0.7\n")
+    cafedist_in_process("eval", str(run), "--budget", budget, *options, check=True)
+    cafedist_in_process("export", str(run), "--out", str(tmp_path / "export"), check=True)
+    report = json.loads((run / "eval.json").read_text())
+    with load_run(run) as loaded:
+        tests = [test for _, test in client_splits(loaded.run)]
+        inputs = [c.data.x_test for c in loaded.run.pool.each(range(loaded.run.n), modify=False)]
+    for row, test, x in zip(report["budget"]["clients"], tests, inputs):
+        static = row["static_exit"]
+        chosen = Choice(row["policy"], row["threshold"],
+                        None if row["temperatures"] is None else tuple(row["temperatures"]),
+                        None if static is None else static - 1)
+        counts = apply_choice(chosen, test, report["macs_per_exit"])  # eval's numbers, from its row
+        assert (counts.correct / counts.n, counts.macs / counts.n) == (row["test_accuracy"], row["test_mean_macs"])
+        logits, exits = early_exit.load(tmp_path / "export" / f"client_{row['client']:04d}")(x)
+        want = chosen.exits(test)
+        assert torch.equal(exits, want), row["client"]
+        assert torch.equal(logits.argmax(dim=-1), test.logits.argmax(dim=-1).gather(0, want.unsqueeze(0))[0])
+    rows = report["budget"]["clients"]
+    assert {r["policy"] for r in rows} - {"static"}, rows  # thresholds, not only static fallbacks, were compared

@@ -355,3 +355,17 @@ def test_exported_programs_answer_every_test_sample_as_eval_chose(evaluated_run,
         assert torch.equal(logits.argmax(dim=-1), test.logits.argmax(dim=-1).gather(0, want.unsqueeze(0))[0])
     rows = report["budget"]["clients"]
     assert {r["policy"] for r in rows} - {"static"}, rows  # thresholds, not only static fallbacks, were compared
+
+
+def test_an_export_inside_the_checkpoints_folder_is_refused(evaluated_run, tmp_path):
+    """`--out RUN/checkpoints/round_N/export` (beside the checkpoint it came from) was written, and
+    deleted without a word with that checkpoint when training pruned it (checkpoint.keep)."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(run)], check=True)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run / "checkpoints" / "round_000000" / "export", run / "checkpoints" / "export"):
+        proc = cafedist_in_process("export", str(run), "--out", str(out), "--threshold", "0.9")
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "inside the run's checkpoints folder" in lines[0] and "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -40,6 +40,7 @@ from cafedist.eval.exits import exit_logits
 from cafedist.eval.run import load_run, run_config_file, writing_outputs
 from cafedist.fsutil import fsync_dir
 from cafedist.paths import check_dir_creatable, user_path
+from cafedist.run.checkpoint import CheckpointDir
 from cafedist.run.client import model_hash
 from cafedist.units import clients_phrase
 
@@ -219,6 +220,16 @@ def _policy_json(cid: int, choice: Choice, stages: list[str], run: Any, source: 
 
 
 # ----------------------------------------------------------------------------- the folder
+def check_not_among_checkpoints(out: Path, run_dir: Path) -> None:
+    """``--out`` (resolved) not inside ``run_dir``'s checkpoints folder: training prunes a
+    checkpoint folder whole (``checkpoint.keep``), an export inside it with it, without a word."""
+    checkpoints = CheckpointDir(run_dir).root.resolve()
+    if out.is_relative_to(checkpoints):
+        raise ConfigError(f"--out: {out} is inside the run's checkpoints folder, which training prunes (an export "
+                          f"there would be deleted with its checkpoint); export into another folder, e.g. "
+                          f"{run_dir / 'export'}")
+
+
 def check_out(out: Path) -> None:
     """``--out``: a folder that does not exist yet (and can be made), or an empty one."""
     check_dir_creatable(out, "--out")
@@ -270,6 +281,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
     # rename onto a symbolic link to an empty folder fails (ENOTDIR)
     run_dir, out = Path(run_dir), Path(os.path.realpath(out))
     threshold = check_threshold(threshold)
+    check_not_among_checkpoints(out, run_dir)
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):
         raise ConfigError(f"export: needs torch.export.save, which torch {torch.__version__} does not have")

@@ -261,6 +261,8 @@ CASES = [
          "has no per-client budget table"),
     Case("export-out-is-the-run", lambda c: ["export", str(c.run), "--out", str(c.run), "--threshold", "0.9"],
          "exists and is not empty"),
+    Case("export-out-in-checkpoints", lambda c: ["export", str(c.run), "--out", str(c.run / "checkpoints" / "x"),
+                                                 "--threshold", "0.9"], "inside the run's checkpoints folder"),
     Case("export-out-a-file", lambda c: ["export", str(c.run), "--out", str(c.run / "config.yaml"),
                                          "--threshold", "0.9"], "exists and is not a directory"),
     Case("export-threshold-above-one", lambda c: ["export", str(c.run), "--out", str(c.tmp / "exp"),

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cafedist.algorithms.base import ClientView, LocalBatch, Phase, Setup
 from cafedist.algorithms.cafedistill import CAFEDistill, CAFEDistillParams
@@ -11,7 +12,9 @@ from cafedist.algorithms.proxy_math import (
     _mixture_blocks,
     _teacher_components,
     cosine_similarity_matrix,
+    cosine_similarity_rows,
     healthy_clients,
+    kd_loss,
     mix_targets,
     project_rows_to_simplex,
     teacher_weights,
@@ -242,6 +245,8 @@ def test_healthy_clients_flags_non_finite_and_exploding():
     x[2, 1, 2, 2] = 2e4
     x[3, 1, 2, 2] = -float("inf")
     assert healthy_clients(x, 1e4).tolist() == [True, False, False, False]
+    x[3, 1, 2, 2] = -2e4  # finite, but below -bound
+    assert healthy_clients(x, 1e4).tolist() == [True, False, False, False]
 
 
 def test_ablations_local_kd_and_all_students():
@@ -277,3 +282,126 @@ def test_local_loss_uses_ce_on_students_and_kd_on_proxy():
     assert proxy[2].grad is None  # the last exit is trained by CE only
     no_students = {"students": torch.tensor([False, False, True]), "targets": state["targets"]}
     assert not algo.uses_proxy_batch(ClientView(cid=0, models={}, state=no_students), Phase())
+
+
+def test_teacher_weights_without_some_clients_solve_the_qp_of_the_others():
+    """Quarantined or idle clients leave the QP: the others' weights are the problem over the
+    remaining clients alone, with w renormalised over them (METHOD.md, Quarantine)."""
+    q = torch.rand(5, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    sim = cosine_similarity_matrix(q)
+    w = torch.tensor([1, 2, 3, 4, 5], dtype=torch.float64) / 15
+    keep = torch.tensor([True, False, True, True, False])
+    alpha = teacher_weights(sim, w, 0.5, keep)
+    sub = teacher_weights(sim[keep][:, keep], w[keep] / w[keep].sum(), 0.5)
+    assert (alpha[:, ~keep] == 0).all()
+    assert torch.allclose(alpha[keep][:, keep], sub, atol=1e-12)
+    assert not torch.allclose(sub, torch.eye(3, dtype=torch.float64), atol=1e-3)  # not local KD: w matters
+
+
+def test_kd_loss_is_tau_squared_kl_of_the_teacher_to_the_tempered_student():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    teacher = torch.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    student = torch.softmax(z / 2.0, dim=1)
+    kl = (teacher * (teacher.log() - student.log())).sum(1).mean()  # KL(teacher || student), batch mean
+    assert torch.allclose(kd_loss(z, teacher, 2.0), 4.0 * kl)
+    assert torch.allclose(kd_loss(z, teacher, 2.0, tau_squared=False), kl)
+
+
+def test_local_loss_is_the_written_out_formula():
+    """CE on the last exit and the students, lam * KL(T_i || softmax(z / tau)) on the students'
+    proxy logits, the teacher rows those of the batch's proxy positions."""
+    algo = CAFEDistill(CAFEDistillParams(lam=0.7, tau=2.0), _setup(n=2, m=3, c=4))
+    g = torch.Generator().manual_seed(8)
+    logits = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    proxy = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 3, 0])
+    targets = torch.softmax(torch.randn(10, 4, generator=g), 1)
+    state = {"students": torch.tensor([True, False, True]), "targets": targets, "targets_round": torch.tensor(0)}
+    pos = torch.tensor([0, 3, 3, 9, 1, 2])
+    loss = algo.local_loss(state, LocalBatch(logits=logits, y=y, proxy_logits=proxy, proxy_pos=pos))
+    t = targets[pos]
+    kl = (t * (t.log() - torch.log_softmax(proxy[0] / 2.0, dim=1))).sum(1).mean()
+    want = F.cross_entropy(logits[2], y) + F.cross_entropy(logits[0], y) + 0.7 * kl
+    assert torch.allclose(loss, want)
+
+
+def test_targets_mix_each_clients_teachers_by_its_own_weights():
+    """T_i = sum_j alpha_ij softmax(z_j^m / tau) with alpha_i the QP's row of client i (alpha is
+    not symmetric: a transposed alpha would give another client's mixture)."""
+    setup = _setup(n=5, m=3, c=5, sizes=[10, 40, 20, 80, 30])
+    algo = CAFEDistill(CAFEDistillParams(proxy_size=8), setup)
+    logits = _logits(n=5, m=1, p=8, c=5, seed=7)
+    payload, _ = algo.aggregate_logits(2, logits)
+    last = logits[:, -1].double()
+    alpha = teacher_weights(cosine_similarity_matrix(torch.softmax(last, 2).reshape(5, -1)), setup.data_weights, 0.5)
+    assert not torch.allclose(alpha, alpha.T, atol=1e-3)
+    want = torch.einsum("ij,jpc->ipc", alpha, torch.softmax(last / 3.0, dim=2))
+    assert torch.allclose(payload["targets"].double(), want, atol=1e-6)
+
+
+def test_aggregation_of_round_t_selects_the_students_of_round_t_plus_1():
+    """The students a round's aggregation returns train in the next round: R(t + 1)."""
+    algo = CAFEDistill(CAFEDistillParams(), _setup(n=6, m=3, rounds=10))
+    for t in range(10):
+        payload, report = algo.aggregate_logits(t, _logits(seed=t))
+        want = selection_counts(t + 1, 10, 6, 3)[0]
+        assert report["n_students_next"] == int(payload["students"][:, :2].sum()) == want, t
+
+
+@pytest.mark.parametrize("span", [0.25, 1.0])
+def test_schedule_span_scales_the_ramp(span):
+    rounds, n, m = 20, 5, 3
+    for t in range(rounds):
+        r = min(t / (span * rounds), 1)
+        assert selection_counts(t, rounds, n, m, span)[0] == math.floor((m - 1) * n * r + 1e-12), t
+
+
+def test_quarantined_clients_are_students_of_the_partial_depth_only_when_no_one_else_is_left():
+    algo = CAFEDistill(CAFEDistillParams(), _setup(n=6, m=3, rounds=10))
+    logits = _logits(seed=9)
+    logits[[0, 1], :, 0] = float("nan")  # clients 0 and 1 are quarantined
+    _, depth, extra = selection_counts(2, 10, 6, 3)  # round 1's aggregation: 4 of 6 at depth 0
+    assert (depth, extra) == (0, 4)
+    payload, report = algo.aggregate_logits(1, logits)
+    assert report["quarantined"] == [0, 1]
+    assert payload["students"][:, 0].tolist() == [False, False, True, True, True, True]
+
+
+def test_the_cohort_aggregation_is_the_aggregation_over_the_cohort_and_reports_client_ids():
+    """With partial participation the rows are the cohort's; the QP's prior is the cohort's own
+    data weights (renormalised), so its targets are those of the full aggregation with the same
+    clients active, and a quarantined row is reported by its client id."""
+    setup = _setup(n=6, m=3, c=5, sizes=[10, 60, 20, 80, 30, 5])
+    algo = CAFEDistill(CAFEDistillParams(proxy_size=8), setup)
+    logits = _logits(seed=10)
+    cohort = torch.tensor([1, 3, 4])
+    active = torch.zeros(6, dtype=torch.bool)
+    active[cohort] = True
+    full, _ = algo.aggregate_logits(2, logits, active)
+    part, _ = algo.aggregate_logits(2, logits[cohort], cohort=cohort)
+    assert torch.allclose(part["targets"], full["targets"][cohort], atol=1e-6)
+    poisoned = logits[cohort].clone()
+    poisoned[1, :, 0] = float("inf")  # client 3
+    _, report = algo.aggregate_logits(2, poisoned, cohort=cohort)
+    assert report["quarantined"] == [3]
+
+
+def test_local_kd_ablation_gives_a_broken_client_uniform_targets():
+    """cross_client_kd: false teaches each client with its own last exit only; a quarantined
+    client's own logits are broken, so its targets are uniform, never NaN."""
+    algo = CAFEDistill(CAFEDistillParams(cross_client_kd=False), _setup())
+    logits = _logits()
+    logits[2, :, 0] = float("nan")
+    payload, report = algo.aggregate_logits(3, logits)
+    assert report["quarantined"] == [2]
+    assert torch.equal(payload["targets"][2], torch.full_like(payload["targets"][2], 1 / 5))
+
+
+def test_cosine_similarity_beyond_one_block_is_complete():
+    """More clients than one block of the Gram product (256): every block, both triangles."""
+    q = torch.rand(300, 7, generator=torch.Generator().manual_seed(11))
+    sim = cosine_similarity_rows(q)
+    direct = torch.nn.functional.cosine_similarity(q.double().unsqueeze(1), q.double().unsqueeze(0), dim=2)
+    assert torch.allclose(sim, direct, atol=1e-5)
+    assert torch.equal(sim, sim.T)

@@ -31,6 +31,32 @@ def on_simplex(rows):
     return bool((rows >= 0).all()) and torch.allclose(rows.sum(1), torch.ones(rows.shape[0], dtype=rows.dtype))
 
 
+# ----------------------------------------------------------------------------- targets and proxy items
+def test_cafedistill_targets_and_proxy_batches_are_on_the_items_the_targets_were_computed_on(tmp_path):
+    """With local KD only (cross_client_kd: false) a client's targets are its own tempered last
+    exit on round 0's proxy subset, which its targets_round names; in round 1 every proxy batch
+    is rows of that subset, its positions naming the same rows of the targets."""
+    tr = make_trainer(tmp_path, "cafedistill", {**PROXY, "cross_client_kd": False, "student_selection": False})
+    tr.run_round(0)
+    _, idx = round_logits(tr, 0)
+    for c in tr.clients:
+        assert int(c.state["targets_round"]) == 0
+        own = proxy_logits(c.model, tr.run.proxy_x[tr.exchange.targets_subset(c.state)])[-1]
+        torch.testing.assert_close(c.state["targets"], torch.softmax(own / 3.0, dim=1))
+    seen = []
+    loss = tr.algo.local_loss
+    def spy(state, batch):
+        seen.append((batch.proxy_x, batch.proxy_pos))
+        return loss(state, batch)
+
+    tr.algo.local_loss = spy
+    tr.run_round(1)
+    del tr.algo.local_loss
+    assert seen and all(xp is not None for xp, _ in seen)
+    for xp, pos in seen:
+        assert torch.equal(xp, tr.run.proxy_x[idx][pos])
+
+
 # ----------------------------------------------------------------------------- FedMD
 def test_fedmd_consensus_is_the_mean_and_digest_then_revisit(tmp_path):
     tr = make_trainer(tmp_path, "fedmd", PROXY)

@@ -54,6 +54,10 @@ def test_weightings_unselected_ce_and_exit_weights():
     exits = per_exit(weighted.terms(logits, y, students, None), 3)
     assert torch.allclose(exits[0], 0.5 * ce[0]) and torch.allclose(exits[2], 2.0 * ce[2])
     assert torch.allclose(total(weighted.terms(logits, y, students, None)), 0.5 * ce[0] + 2.0 * ce[2])
+    # an exit's weight multiplies its KD term as well as its CE ("every term of that exit")
+    weighted_kd = ExitLossRule(lam=1.0, tau=2.0, kd_weighting="lam", exit_weights=(0.5, 1.0, 2.0))
+    exits = per_exit(weighted_kd.terms(logits, y, students, kl), 3)
+    assert torch.allclose(exits[0], 0.5 * (ce[0] + kl(0)))
 
 
 def test_last_exit_kd_adds_the_last_exits_kd_term_only():

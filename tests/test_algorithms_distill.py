@@ -107,6 +107,39 @@ def test_warmup_delays_the_digest_and_digest_weight_scales_it(tmp_path):
     assert torch.allclose(light.local_loss(state, batch), 0.25 * tr.algo.local_loss(state, batch))
 
 
+def test_fedmd_consensus_is_the_mean_over_the_teachers_of_the_exits_it_reads(tmp_path):
+    """Idle clients teach no one: the mean is over the clients that trained; with
+    targets_from: last it is the last exit's, also when every exit was sent (comm.exits: all)."""
+    tr = make_trainer(tmp_path, "fedmd", {**PROXY, "targets_from": "last"})
+    logits = torch.randn(4, 3, 48, tr.setup.num_classes, generator=torch.Generator().manual_seed(5))
+    active = torch.tensor([True, False, True, True])
+    every, report = tr.algo.aggregate(0, {"logits": logits}, active)
+    last, _ = tr.algo.aggregate(0, {"logits": logits[:, -1:].contiguous()}, active)
+    assert report["teachers"] == 3
+    want = logits[active][:, -1:].double().mean(0).float()
+    for targets in (every["targets"], last["targets"]):
+        assert all(torch.allclose(row, want, atol=1e-6) for row in targets)
+
+
+def test_digest_epochs_sets_the_digest_phases_passes(tmp_path):
+    steps = {}
+    for epochs in (1, 3):
+        tr = make_trainer(tmp_path / str(epochs), "fedmd", {**PROXY, "digest_epochs": epochs})
+        tr.run_round(0)
+        seen = []
+        loss = tr.algo.local_loss
+        def spy(state, batch, loss=loss, seen=seen):
+            seen.append(batch.phase)
+            return loss(state, batch)
+
+        tr.algo.local_loss = spy
+        tr.run_round(1)
+        del tr.algo.local_loss
+        steps[epochs] = (seen.count("digest"), seen.count("revisit"))
+    assert steps[1][0] == steps[1][1] > 0  # one local epoch (the harness) = one digest epoch
+    assert steps[3] == (3 * steps[1][0], steps[1][1])
+
+
 # ----------------------------------------------------------------------------- DS-FL
 def test_dsfl_targets_are_the_era_and_sharper_than_the_mean(tmp_path):
     tr = make_trainer(tmp_path, "dsfl", PROXY)
@@ -187,6 +220,8 @@ def test_cafedistill_shared_body_starts_every_client_from_one_body(tmp_path):
     shared.run_round(0)
     first, *rest = bodies(shared)
     assert all(torch.equal(v, first[k]) for other in rest for k, v in other.items())  # averaged
+    heads = [params_of(c.model, lambda k: not is_body(k)) for c in shared.clients]
+    assert all(any(not torch.equal(v, heads[0][k]) for k, v in other.items()) for other in heads[1:])  # personal
     first, *rest = bodies(make_trainer(tmp_path / "own", "cafedistill"))  # personal models start apart
     assert all(any(not torch.equal(v, first[k]) for k, v in other.items()) for other in rest)
 

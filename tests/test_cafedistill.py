@@ -213,6 +213,24 @@ def test_greedy_picks_the_similar_cluster_and_breaks_ties_by_id():
     assert 0 not in greedy_similar(sim, 6, eligible=torch.tensor([False] + [True] * 6))
 
 
+def _greedy_as_documented(sim, k):
+    """greedy_similar's rule written out: seed with the largest summed similarity to the others,
+    then add the largest mean similarity to those chosen (ties: lowest id)."""
+    n = len(sim)
+    chosen = [max(range(n), key=lambda i: (sum(sim[i][j] for j in range(n) if j != i), -i))]
+    while len(chosen) < k:
+        rest = [i for i in range(n) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: (sum(sim[i][j] for j in chosen) / len(chosen), -i)))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_adds_the_largest_mean_similarity_to_all_chosen(seed):
+    q = torch.rand(9, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    sim = cosine_similarity_matrix(q - 0.5)
+    assert greedy_similar(sim, 6) == _greedy_as_documented(sim.tolist(), 6)
+
+
 def _logits(n=6, m=3, p=8, c=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, m, p, c, generator=g) * 2

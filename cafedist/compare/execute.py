@@ -112,6 +112,9 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
         return RunOutcome(run, "done", seconds=seconds)
     if _stopped(code):
         return RunOutcome(run, "stopped", _stopped_message(run), seconds)
+    changed = run.config_changed()  # edited after the check before the start: it trained that config
+    if changed is not None:
+        return RunOutcome(run, "failed", f"{changed}; it trained the edited config (log: {logfile})", seconds)
     why = f"exit status {code}" if code else "no summary.json written"
     tail = logfile.read_text(errors="replace")[-20000:]
     return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)} (log: {logfile})", seconds)
@@ -167,7 +170,8 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
             raise
         for res, run in zip(results, part_runs):
             ok = run.finished_summary() is not None  # as run_subprocess: the summary decides
-            msg = "" if ok else (res.error or "no summary.json written") + f" (job {res.job_id})"
+            why = "" if ok else run.config_changed() or res.error or "no summary.json written"
+            msg = "" if ok else f"{why} (job {res.job_id})"
             outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))
     return outcomes
 
@@ -191,14 +195,19 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
                             i + 1, len(runs), run.label, why)
             todo.append(i)
     if todo and submit is not None:
+        for i in todo:
+            _refuse_if_changed(runs, i, outcomes)
+        todo = [i for i in todo if i not in outcomes]
         folder = submit_folder or runs[0].run_dir.parents[2] / "submitit"
-        for i, res in zip(todo, run_submitit([runs[i] for i in todo], submit, folder, jobs)):
+        for i, res in zip(todo, run_submitit([runs[i] for i in todo], submit, folder, jobs) if todo else ()):
             outcomes[i] = res
             _log_outcome(i, len(runs), res)
     elif todo:
         jobs = jobs or 1
 
         def one(i: int) -> None:
+            if _refuse_if_changed(runs, i, outcomes):
+                return
             log.info("compare: [%d/%d] %s: running", i + 1, len(runs), runs[i].label)
             outcomes[i] = runner(runs[i], jobs)
             _log_outcome(i, len(runs), outcomes[i])
@@ -214,6 +223,18 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
             pool.shutdown(wait=True)
             _CHILDREN.reopen()  # every thread of this compare has ended
     return [outcomes[i] for i in range(len(runs))]
+
+
+def _refuse_if_changed(runs: Sequence[PlannedRun], i: int, outcomes: dict[int, RunOutcome]) -> bool:
+    """Fail run ``i`` unstarted when its config file was edited since compare planned it (a
+    training reads the file as it is then: it would train another config under this run's row)."""
+    why = runs[i].config_changed()
+    if why is None:
+        return False
+    outcomes[i] = RunOutcome(runs[i], "failed", f"{why}; not started: restore the file and rerun compare to "
+                                                 f"finish this comparison (the edited config needs another --out)")
+    _log_outcome(i, len(runs), outcomes[i])
+    return True
 
 
 def _log_outcome(i: int, total: int, res: RunOutcome) -> None:

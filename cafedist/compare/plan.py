@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cafedist import RESULTS_VERSION
 from cafedist.errors import ConfigError
 from cafedist.tuning import NO_SETTING, Setting
+
+if TYPE_CHECKING:
+    from cafedist.config import Config
 
 log = logging.getLogger("cafedist")
 
@@ -136,9 +139,38 @@ class PlannedRun:
     config_hash: str  # of the resolved config: what a reusable summary.json must carry
     setting: Setting = NO_SETTING  # the grid point (empty without --grid)
     row: str = ""  # the report row the run belongs to (default: the variant name)
+    # the resolved config as planned: what the run is judged by, not the config file as it
+    # reads later (edited while compare runs, it would make runs of another config pass)
+    cfg: Config | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.row = self.row or self.variant.name
+
+    def planned_config(self) -> Config:
+        """The resolved config this run was planned with (loaded now if not given)."""
+        if self.cfg is None:
+            from cafedist.config import load_config
+
+            self.cfg = load_config(self.config, list(self.overrides))
+        return self.cfg
+
+    def config_changed(self) -> str | None:
+        """Why the config file no longer gives the run compare planned (None: it does, or
+        differs only where the run does not, e.g. another algorithm's section): a training
+        started now would read the edited file and train another run than the report names."""
+        from cafedist.config import identity_fields, load_config, run_identity
+        from cafedist.errors import CafeError
+        from cafedist.train.preflight import dict_diff
+
+        planned = self.planned_config()
+        try:
+            now = load_config(self.config, list(self.overrides))
+        except CafeError as exc:
+            return f"--config {self.config} no longer loads since compare started ({exc})"
+        if run_identity(now) == run_identity(planned):
+            return None
+        diff = dict_diff(identity_fields(planned, keep_defaults=True), identity_fields(now, keep_defaults=True))
+        return f"--config {self.config} was edited since compare started (first difference: {diff or '?'})"
 
     @property
     def label(self) -> str:
@@ -166,10 +198,9 @@ class PlannedRun:
         very config, or for an earlier config file of the same run."""
         if record.get("config_hash") == self.config_hash:
             return True
-        from cafedist.config import load_config
         from cafedist.train.preflight import earlier_hash
 
-        earlier = earlier_hash(load_config(self.config, list(self.overrides)), self.run_dir)
+        earlier = earlier_hash(self.planned_config(), self.run_dir)
         return earlier is not None and record.get("config_hash") == earlier
 
     def outdated(self) -> str | None:
@@ -230,7 +261,7 @@ def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out:
     cfg = load_config(config_path, list(ovr))
     run_dir = Path(out).resolve() / "runs" / variant.name
     run_dir = (run_dir / setting.slug if setting.pairs else run_dir) / f"seed{seed}"
-    return PlannedRun(variant, seed, run_dir, config_path, ovr, config_hash(cfg), setting, row)
+    return PlannedRun(variant, seed, run_dir, config_path, ovr, config_hash(cfg), setting, row, cfg)
 
 
 def plan_runs(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: str | int | Sequence[int],

@@ -1,0 +1,67 @@
+"""`cafedist compare` while its --config file is edited: every training reads the file as it is
+when it starts, so a run started after an edit trained another config than compare planned, and
+the report, which judged the runs by the file as it read at the end, put both configs in one row."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+
+from cafedist.cli import main as cli_main
+from cafedist.compare import plan_runs, resolve_algorithms
+
+executing = importlib.import_module("cafedist.compare.execute")  # the package's `execute` is its function
+
+
+def _edit_lr(path) -> None:
+    text = path.read_text()
+    assert "lr: 0.05" in text
+    path.write_text(text.replace("lr: 0.05", "lr: 0.07"))
+
+
+def test_a_run_whose_config_file_was_edited_since_compare_planned_it_is_not_started(tiny_config, tmp_path):
+    cfg = tiny_config(rounds=1)
+    runs = plan_runs(cfg, resolve_algorithms("fedavg"), 2, tmp_path / "cmp")
+    _edit_lr(cfg)
+    outcomes = executing.execute(runs)
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+    for o in outcomes:
+        assert f"--config {cfg} was edited since compare started (first difference: train.lr (0.05 vs 0.07)); " \
+               "not started" in o.message
+        assert not o.run.run_dir.exists()  # nothing trained under the edited file
+
+
+def test_an_edit_where_the_run_does_not_differ_trains_and_reports_it(tiny_config, tmp_path):
+    """Another algorithm's section is no part of a fedavg run: such an edit refuses nothing."""
+    cfg = tiny_config(rounds=1)
+    [run] = plan_runs(cfg, resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+    cfg.write_text(cfg.read_text().replace("proxy_size: 64", "proxy_size: 32"))
+    [outcome] = executing.execute([run])
+    assert outcome.status == "done", outcome.message
+    assert run.finished_summary() is not None
+
+
+def test_a_run_that_trained_an_edited_config_is_not_reported_beside_the_planned_ones(tiny_config, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The file edited between compare's check and the training's start (seed 4 reads lr 0.07):
+    the fedavg row averaged seed 3 at lr 0.05 with seed 4 at lr 0.07, and compare exited 0."""
+    cfg = tiny_config(rounds=1)
+    out = tmp_path / "cmp"
+    start = executing._CHILDREN.run
+    started = []
+
+    def edit_before_the_second(cmd, **kwargs):
+        started.append(cmd)
+        if len(started) == 2:
+            _edit_lr(cfg)
+        return start(cmd, **kwargs)
+
+    monkeypatch.setattr(executing._CHILDREN, "run", edit_before_the_second)
+    code = cli_main(["compare", "--config", str(cfg), "--algorithms", "fedavg", "--seeds", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1 and len(started) == 2
+    assert "FAILED fedavg seed4: --config" in printed and "it trained the edited config" in printed
+    with open(out / "results.csv") as fh:
+        assert {r["seeds"] for r in csv.DictReader(fh)} == {"3"}  # seed 3 alone, at the planned lr
+    with open(out / "runs.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["finished", "failed"]

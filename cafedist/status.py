@@ -65,10 +65,11 @@ def _json(path: Path) -> Any:
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's readable records (a line torn by a kill ends the list)."""
+    """metrics.jsonl's readable records (a line torn by a kill, or damaged, ends the list)."""
     out: list[dict[str, Any]] = []
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        # bytes that are no UTF-8 (a damaged file) become a line that is no JSON
+        lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
     except OSError:
         return out
     for line in lines:
@@ -103,8 +104,9 @@ def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
         return "none"
     rnd = report.get("round")
     budget = report.get("budget")
-    spec = f", budget {','.join(sorted({str(r.get('budget')) for r in budget['clients']}))}" \
-        if isinstance(budget, dict) and isinstance(budget.get("clients"), list) and budget["clients"] else ""
+    clients = budget.get("clients") if isinstance(budget, dict) else None
+    specs = sorted({str(r.get("budget")) for r in clients if isinstance(r, dict)}) if isinstance(clients, list) else []
+    spec = f", budget {','.join(specs)}" if specs else ""
     fresh = "" if rnd == checkpoint_round else f", stale: the newest checkpoint is round {checkpoint_round}"
     return f"round {rnd}{spec}{fresh}"
 

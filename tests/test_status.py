@@ -68,6 +68,24 @@ def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
     assert run_status(run).eval == "round 1, stale: the newest checkpoint is round 2"
 
 
+def test_damaged_metrics_and_eval_files_are_read_as_damaged_not_a_traceback(runs, tmp_path):
+    """A metrics.jsonl with bytes that are no UTF-8 and an eval.json whose budget clients are no
+    objects (damage, a hand edit): status ended in a traceback (UnicodeDecodeError,
+    AttributeError), exit 1, and the sweep's other runs were not shown."""
+    run = tmp_path / "sweep" / "run"
+    shutil.copytree(runs / "stopped", run)
+    rounds = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(rounds[0] + b"\xff\xfe damaged\n" + b"".join(rounds[1:]))
+    (run / "eval.json").write_text(json.dumps({"round": 1, "budget": {"clients": [3, {"budget": "macs=0.5"}]}}))
+    shutil.copytree(runs / "done", tmp_path / "sweep" / "other")
+    proc = cafedist_in_process("status", str(tmp_path / "sweep"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    status = run_status(run)
+    assert (status.rounds_done, status.state) == (1, "stopped (a resume continues after round 1)")  # up to the damage
+    assert status.eval == "round 1, budget macs=0.5"
+    assert "finished" in proc.stdout.splitlines()[1] and "other" in proc.stdout.splitlines()[1]
+
+
 def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
     # a run moved aside by --resume none, in a folder whose new run has no config.yaml yet (a
     # moved-aside folder inside a run directory is never reached: the search stops at the run)

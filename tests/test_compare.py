@@ -849,7 +849,32 @@ def test_a_run_stopped_after_its_summary_is_done(tiny_config, tmp_path, monkeypa
     assert executing.run_subprocess(run, 1).status == "done"
     (run.run_dir / "summary.json").unlink()  # without its summary the same exit is a failure
     failed = executing.run_subprocess(run, 1)
-    assert failed.status == "failed" and "exit status -15" in failed.message
+    assert failed.status == "failed" and "killed by SIGTERM" in failed.message
+
+
+def test_a_killed_training_is_reported_with_its_own_sessions_output_not_an_earlier_error(tiny_config, tmp_path,
+                                                                                         monkeypatch):
+    """A run whose earlier training failed (its error in train.log) and whose next training was
+    killed (the OOM killer's SIGKILL): compare reported 'exit status -9: <the earlier session's
+    error>', a cause that was no longer true."""
+    import importlib
+
+    executing = importlib.import_module("cafedist.compare.execute")  # the package's `execute` is its function
+    [run] = plan_runs(tiny_config(rounds=1), resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train ...\n"
+                                           "cafedist: error: the data store is locked\n")
+
+    def killed(cmd, stdout, **kwargs):
+        stdout.write("[cafedist r0] INFO round 0 done\n")
+        stdout.flush()
+        return -9
+
+    monkeypatch.setattr(executing._CHILDREN, "run", killed)
+    outcome = executing.run_subprocess(run, 1)
+    assert outcome.status == "failed"
+    assert outcome.message.startswith("killed by SIGKILL: [cafedist r0] INFO round 0 done (log: ")
+    assert "data store is locked" not in outcome.message
 
 
 def test_a_stopped_run_is_reported_stopped_as_status_says_not_failed(tiny_config, tmp_path, monkeypatch, caplog,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -103,6 +104,7 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
     with open(logfile, "a") as fh:
         fh.write(trainlog.session_header(shlex.join(cmd)))
         fh.flush()
+        start = fh.tell()  # this session's output follows: an earlier session's error is not its
         code = _CHILDREN.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(jobs),
                              stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
@@ -115,9 +117,19 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
     changed = run.config_changed()  # edited after the check before the start: it trained that config
     if changed is not None:
         return RunOutcome(run, "failed", f"{changed}; it trained the edited config (log: {logfile})", seconds)
-    why = f"exit status {code}" if code else "no summary.json written"
-    tail = logfile.read_text(errors="replace")[-20000:]
+    why = _signal_name(-code) if code < 0 else f"exit status {code}" if code else "no summary.json written"
+    with open(logfile, "rb") as fh:
+        fh.seek(max(start, fh.seek(0, os.SEEK_END) - 20000))
+        tail = fh.read().decode(errors="replace")
     return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)} (log: {logfile})", seconds)
+
+
+def _signal_name(number: int) -> str:
+    """``killed by SIGKILL`` for a child that signal ended (Popen's return code is its negative)."""
+    try:
+        return f"killed by {signal.Signals(number).name}"
+    except ValueError:
+        return f"killed by signal {number}"
 
 
 def _stopped(code: int) -> bool:

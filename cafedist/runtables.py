@@ -142,14 +142,14 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     records: dict[int, dict] = {}
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
     for line in lines:
         try:
             rec = json.loads(line)
         except ValueError:
-            continue  # a line cut short by a kill
+            continue  # a line cut short by a kill, or damaged (bytes that are no UTF-8 too)
         if isinstance(rec, dict) and rec.get("acc_per_exit"):
             records[int(rec["round"])] = rec
     return [records[r] for r in sorted(records)]

@@ -87,7 +87,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: not found (expected the metrics.jsonl of a run written by `cafedist train`)")
     records = []
-    text = path.read_text()
+    text = path.read_text(errors="replace")  # bytes that are no UTF-8 (damage): a line that is no JSON
     lines = text.splitlines()
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():

@@ -125,6 +125,16 @@ def test_errors_name_the_file_and_line(tmp_path):
     assert cli_main(["scaling-report", str(empty)]) == 2
 
 
+def test_a_metrics_line_with_bytes_that_are_no_utf8_is_one_line_naming_it(tmp_path, capsys):
+    """Damage in metrics.jsonl ended the report in a traceback (UnicodeDecodeError)."""
+    run = _run(tmp_path, "damaged", 1, [2], [1.0, 1.0])
+    rows = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(rows[0] + b"\xff\xfe\n" + rows[1])
+    assert cli_main(["scaling-report", str(run), "--out", str(tmp_path / "o")]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err.endswith("metrics.jsonl:2: not a JSON object (expected one metrics record per line)")
+
+
 @pytest.mark.parametrize("key,value,needle", [
     ("seconds", "abc", "field 'seconds' is 'abc', expected a number"),
     ("t_eval", None, "field 't_eval' is None, expected a number"),

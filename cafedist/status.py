@@ -200,21 +200,30 @@ def run_status(run_dir: str | Path) -> RunStatus:
                      checkpoint, _eval_state(run_dir, checkpoint))
 
 
+def _is_run(folder: Path) -> bool:
+    """Whether ``folder`` is a run directory: it holds a config.yaml and is no compare's
+    ``--out`` (compare refuses an --out that holds a run: a config.yaml there is the user's,
+    e.g. ``compare --config exp/config.yaml --out exp``, and its runs are below)."""
+    from cafedist.compare import COMPARE_LOCK_NAME
+
+    return (folder / "config.yaml").is_file() and not (folder / COMPARE_LOCK_NAME).exists()
+
+
 def find_runs(path: Path) -> Iterator[Path]:
     """``path`` if it is a run directory, else every run directory below it (sorted; a run's
     own folders and runs moved aside into ``previous-*`` are not searched). Links to folders
     are followed (a sweep folder of links to runs kept elsewhere), each real folder once."""
-    if (path / "config.yaml").is_file():
+    if _is_run(path):
         yield path
         return
     seen: set[str] = set()  # folders followed through links: each once (a link to a parent loops)
-    for top, dirs, files in os.walk(path, followlinks=True):
+    for top, dirs, _ in os.walk(path, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        if "config.yaml" in files and Path(top) != path:
+        if Path(top) != path and _is_run(Path(top)):
             dirs[:] = []
             yield Path(top)
             continue

@@ -86,6 +86,25 @@ def test_damaged_metrics_and_eval_files_are_read_as_damaged_not_a_traceback(runs
     assert "finished" in proc.stdout.splitlines()[1] and "other" in proc.stdout.splitlines()[1]
 
 
+@pytest.mark.parametrize("users", ["a config file of the user's", "a run's config"])
+def test_a_compare_out_holding_the_users_config_yaml_is_searched_for_its_runs(runs, tmp_path, users):
+    """`compare --config exp/config.yaml --out exp`: status took exp for a run by its config.yaml,
+    so `cafedist status exp` was an error (a hand-written config lacks sections train writes) or
+    one row 'no round finished' for exp itself, and the comparison's runs below were not shown."""
+    exp = tmp_path / "exp"
+    shutil.copytree(runs / "done", exp / "runs" / "cafedistill" / "seed3")
+    if users == "a run's config":
+        shutil.copy(runs / "done" / "config.yaml", exp / "config.yaml")
+    else:
+        (exp / "config.yaml").write_text(yaml.safe_dump({"seed": 3, "train": {"rounds": 3}}))
+    (exp / "compare.lock").touch()  # compare's, left in its --out
+    for given in (exp, tmp_path):
+        assert list(find_runs(given)) == [exp / "runs" / "cafedistill" / "seed3"]
+    proc = cafedist_in_process("status", str(exp))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    [row] = proc.stdout.splitlines()[1:]
+    assert row.startswith(str(exp / "runs" / "cafedistill" / "seed3")) and " finished " in row
+
 def test_folders_are_searched_and_bad_paths_are_one_line(runs, tmp_path):
     # a run moved aside by --resume none, in a folder whose new run has no config.yaml yet (a
     # moved-aside folder inside a run directory is never reached: the search stops at the run)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import user_path
@@ -204,8 +205,6 @@ def _is_run(folder: Path) -> bool:
     """Whether ``folder`` is a run directory: it holds a config.yaml and is no compare's
     ``--out`` (compare refuses an --out that holds a run: a config.yaml there is the user's,
     e.g. ``compare --config exp/config.yaml --out exp``, and its runs are below)."""
-    from cafedist.compare import COMPARE_LOCK_NAME
-
     return (folder / "config.yaml").is_file() and not (folder / COMPARE_LOCK_NAME).exists()
 
 
@@ -267,6 +266,10 @@ def main(args: argparse.Namespace) -> int:
         if not found and (path / "submitit").is_dir():  # `cafedist submit --out PATH` before any job started
             notes.append(f"{path}: no run has started in it yet; jobs were submitted into it (its submitit/ "
                          f"folder): `squeue --me` shows whether they wait")
+            continue
+        if not found and (path / COMPARE_LOCK_NAME).exists():  # a compare whose runs have not begun
+            notes.append(f"{path}: no run of the comparison in it has started training yet (compare checks the "
+                         f"configs and prepares the data first, or it was stopped before)")
             continue
         if not found:
             raise ConfigError(f"{path}: no run directory in it (none holds the config.yaml `cafedist train` writes)")

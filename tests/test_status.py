@@ -158,6 +158,22 @@ def test_a_sweep_submitted_but_not_started_is_a_note_not_an_error(tmp_path):
                                   f"into it (its submitit/ folder): `squeue --me` shows whether they wait"
 
 
+def test_a_comparison_whose_runs_have_not_begun_is_a_note_not_an_error(tmp_path):
+    """`cafedist status OUT` while `cafedist compare --out OUT` checks its configs and prepares the
+    data store (minutes for a large dataset), or after it was stopped before any run wrote its
+    config: "no run directory in it", exit 2, an error for a state every comparison passes through."""
+    out = tmp_path / "cmp"
+    (out / "runs" / "fedavg" / "seed3").mkdir(parents=True)
+    (out / "runs" / "fedavg" / "seed3" / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train ...\n")
+    (out / "compare.lock").touch()
+    proc = cafedist_in_process("status", str(out))
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip() == f"cafedist: note: {out}: no run of the comparison in it has started training " \
+                                  "yet (compare checks the configs and prepares the data first, or it was stopped " \
+                                  "before)"
+    (out / "compare.lock").unlink()  # a folder that is no comparison stays an error
+    assert cafedist_in_process("status", str(out)).returncode == 2
+
 def _strict_json(line: str) -> dict:
     """A JSON object as any JSON reader takes it: Python's NaN / Infinity are not JSON."""
     def refuse(name: str) -> None:

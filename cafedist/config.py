@@ -37,7 +37,7 @@ import yaml
 
 from cafedist import yamlio
 from cafedist.errors import ConfigError
-from cafedist.typed import build_dataclass
+from cafedist.typed import build_dataclass, is_number
 
 #: names ``data.dataset`` accepts: the loaders of :data:`cafedist.data.registry.DATASETS` (kept
 #: here so that reading a config imports no loader; a test checks that the two agree)
@@ -192,6 +192,10 @@ class CommConfig:
     exits: Literal["used", "all"] = "used"
 
 
+#: the largest ``dist.timeout_s`` (about 31 years), well within what torch can hold
+MAX_TIMEOUT_S = 1e9
+
+
 @dataclass
 class DistConfig:
     """Process group settings (launch detection itself needs no config)."""
@@ -202,7 +206,10 @@ class DistConfig:
 
     def validate(self) -> None:
         """Check ``dist.*``; raise ConfigError naming the first bad field."""
-        _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
+        # torch keeps the timeout in int64 nanoseconds (292 years): beyond, it wraps around and a
+        # run fails at once with C++ frames (or, past timedelta's range, a Python traceback)
+        _check(0 < self.timeout_s <= MAX_TIMEOUT_S, "dist.timeout_s",
+               f"must be > 0 and at most {MAX_TIMEOUT_S:,.0f} seconds, got {self.timeout_s}")
         # the spelling only: whether this host has that device is the runtime's to say
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "dist.device",
                f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -409,12 +416,15 @@ def run_config_of(file: YamlFile) -> Config:
     YAML 1.1 writer, which leaves strings such as ``08`` or ``1e3`` unquoted: read as numbers
     they fail the config's types, so such a file is read again under YAML 1.1's rules. A file
     without every top-level section is refused: train writes them all, in every version, and
-    an empty or partial file read as the defaults would describe a run that never was."""
+    an empty or partial file read as the defaults would describe a run that never was. A
+    ``dist.timeout_s`` above :data:`MAX_TIMEOUT_S`, which earlier versions took (a run on one
+    process never used it), reads as that bound: it does not make the run (not hashed)."""
     raw = file.mapping()
     missing = missing_sections(raw)
     if missing:
         # (callers name the file)
         raise ConfigError(f"not a config.yaml train wrote: it lacks the sections {', '.join(missing)}")
+    raw = _timeout_within_bound(raw)
     try:
         return config_from_dict(raw)
     except ConfigError as first:
@@ -428,6 +438,15 @@ def run_config_of(file: YamlFile) -> Config:
             return config_from_dict(legacy)
         except ConfigError:
             raise first from None
+
+
+def _timeout_within_bound(raw: dict) -> dict:
+    """``raw`` with a recorded ``dist.timeout_s`` above :data:`MAX_TIMEOUT_S` lowered to it."""
+    dist = raw.get("dist")
+    timeout = dist.get("timeout_s") if isinstance(dist, dict) else None
+    if not (is_number(timeout) and MAX_TIMEOUT_S < timeout < math.inf):
+        return raw
+    return {**raw, "dist": {**dist, "timeout_s": MAX_TIMEOUT_S}}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

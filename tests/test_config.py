@@ -52,6 +52,26 @@ def test_bad_values_name_the_field(raw, field):
     assert "\n" not in msg
 
 
+def test_a_timeout_beyond_what_torch_holds_is_refused():
+    """torch keeps dist.timeout_s in int64 nanoseconds: 1e10 s made a 2-rank run fail at once with
+    C++ frames, 1e300 with an OverflowError traceback (timedelta), instead of one line here."""
+    assert config_from_dict({"dist": {"timeout_s": 1e9}}).dist.timeout_s == 1e9
+    for seconds in (1e10, 1e300):
+        with pytest.raises(ConfigError, match=r"^dist\.timeout_s: must be > 0 and at most 1,000,000,000 seconds"):
+            config_from_dict({"dist": {"timeout_s": seconds}})
+
+
+def test_a_run_recorded_with_a_larger_timeout_still_reads(tmp_path):
+    """A config.yaml of an earlier version with dist.timeout_s above the bound (a run on one
+    process never used it) is read with the bound: status, eval and resume take the run."""
+    from cafedist.config import read_run_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config_from_dict({})).replace("timeout_s: 600.0", "timeout_s: 1000000000000.0"))
+    cfg = read_run_config(path)
+    assert cfg.dist.timeout_s == 1e9 and config_hash(cfg) == config_hash(config_from_dict({}))
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -656,6 +656,23 @@ def test_different_config_names_a_field_that_decides_the_run(tmp_path):
         plan_run_dir(load_config(quickstart), run_dir, "auto")
 
 
+def test_different_config_names_a_number_written_another_way(tmp_path):
+    """1 and 1.0 in a list or a free-form option make another config hash (another run), and the
+    refusal names that field, where it said 'first difference: ?'."""
+    from cafedist.config import dump_config, load_config
+    from cafedist.train.preflight import plan_run_dir
+
+    quickstart = ROOT / "configs" / "quickstart.yaml"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    weights = "algorithm.cafedistill.exit_weights"
+    (run_dir / "config.yaml").write_text(dump_config(load_config(quickstart, [f"{weights}=[1, 1, 2]"])))
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(CheckpointError, match=r"first difference: algorithm\.cafedistill\.exit_weights "
+                                              r"\(\[1, 1, 2\] vs \[1\.0, 1, 2\]\)"):
+        plan_run_dir(load_config(quickstart, [f"{weights}=[1.0, 1, 2]"]), run_dir, "auto")
+
+
 def test_plan_run_dir_reads_and_parses_config_yaml_once(tmp_path, monkeypatch):
     """Whether train wrote config.yaml (no comments, every section) and which config it holds
     are told from one read and one parse of the file (it was read twice and parsed three times),

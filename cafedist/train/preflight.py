@@ -10,6 +10,7 @@ reads.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -65,15 +66,23 @@ class RunDirPlan(Enum):
     DEFER = "defer"  # --resume force on a different config: config.yaml once a new round is checkpointed
 
 
-def dict_diff(a: Any, b: Any, prefix: str = "") -> str | None:
-    """First dotted key where two nested dicts differ (for 'different config' errors)."""
+def dict_diff(a: Any, b: Any, prefix: str = "", *, as_hashed: bool = False) -> str | None:
+    """First dotted key where two nested dicts differ (for 'different config' errors).
+    ``as_hashed``: values differ as the config hash tells them apart (its JSON text), so that
+    ``1`` and ``1.0`` in a free-form option or list, which make another hash, are named."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            d = dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            d = dict_diff(a.get(key), b.get(key), f"{prefix}{key}.", as_hashed=as_hashed)
             if d:
                 return d
         return None
-    return None if a == b else f"{prefix[:-1]} ({a!r} vs {b!r})"
+    same = _hashed_text(a) == _hashed_text(b) if as_hashed else a == b
+    return None if same else f"{prefix[:-1]} ({a!r} vs {b!r})"
+
+
+def _hashed_text(value: Any) -> str:
+    """A value as :func:`~cafedist.config.config_hash` reads it."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def earlier_hash(cfg: Config, run_dir: Path) -> str | None:
@@ -120,7 +129,8 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if resume == "force":
         return RunDirPlan.DEFER
     _refuse_another_algorithm(run_dir, old.algorithm.name, cfg)
-    diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True)) or "?"
+    diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True),
+                     as_hashed=True) or "?"
     raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
                           f"use another --out, --resume none to start over, or --resume force")
 

@@ -42,7 +42,10 @@ def is_number(value: Any) -> bool:
 def is_finite_number(value: Any) -> bool:
     """A number that is neither nan nor infinite."""
     # nan/inf (YAML .nan/.inf) are never meaningful settings: lr=.inf "trains" to chance
-    return is_number(value) and math.isfinite(value)
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int beyond any float (309 digits and more)
+        return False
 
 
 # annotation -> (accepts the YAML value?, conversion, what the error says was expected)

@@ -43,6 +43,8 @@ def test_overrides_are_typed_and_dotted(tmp_path):
     ({"train": {"amp": True}}, "train.amp"),
     ({"train": {"amp": "fp8"}}, "train.amp"),
     ({"train": {"packed": "sometimes"}}, "train.packed"),
+    ({"train": {"lr": 10**400}}, "train.lr"),  # an int no float holds (was an OverflowError traceback)
+    ({"algorithm": {"cafedistill": {"tau": -10**400}}}, "algorithm.cafedistill.tau"),
 ])
 def test_bad_values_name_the_field(raw, field):
     with pytest.raises(ConfigError) as exc:

@@ -162,6 +162,29 @@ def test_corrupted_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     _assert_same_run(out, ref)
 
 
+def test_a_broken_later_checkpoint_does_not_make_pruning_remove_the_new_one(tmp_path):
+    """A run resumed from round 3 past broken checkpoints of rounds 4 and 5, with a lower
+    checkpoint.keep (not hashed): committing round 4 again pruned round 4 itself (and 3), as the
+    broken round 5 took the one kept place, so the next resume found no checkpoint at all."""
+    from cafedist.run.checkpoint import CheckpointDir
+
+    ckpt = CheckpointDir(tmp_path)
+
+    def commit(round_idx: int, keep: int) -> None:
+        ckpt.begin(round_idx)
+        name, digest = ckpt.write_client(round_idx, 0, {"w": round_idx})
+        ckpt.commit(round_idx, {"round": round_idx}, {name: digest}, world_size=1, config_hash="h", keep=keep)
+
+    for round_idx in (3, 4, 5):
+        commit(round_idx, keep=3)
+    for round_idx in (4, 5):  # corrupted on disk: a resume skips them and starts after round 3
+        (ckpt.root / f"round_{round_idx:06d}" / "server.pt").write_bytes(b"broken")
+    assert ckpt.newest_valid(warn=lambda _: None).round == 3
+    commit(4, keep=1)
+    assert ckpt.newest_valid(warn=lambda _: None).round == 4
+    assert not (ckpt.root / "round_000003").exists()
+
+
 def test_a_checkpoint_file_pruned_while_read_says_so(tmp_path):
     """eval may read a run that is training: a shard pruned between verifying and loading is
     not called corrupt."""

@@ -98,6 +98,11 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _round_of(path: Path) -> int:
+    """The round of a checkpoint directory (its name matches ``_DIR_RE``)."""
+    return int(_DIR_RE.match(path.name).group(1))
+
+
 def checkpoint_name(round_idx: int) -> str:
     """Directory name of the checkpoint taken after ``round_idx`` completed."""
     return f"round_{round_idx:06d}"
@@ -205,19 +210,23 @@ class CheckpointDir:
         os.replace(tmp, final)
         fsync_dir(self.root)
         write_text_atomic(self.root / "latest", final.name + "\n")
-        self.prune(keep)
+        self.prune(keep, newest=round_idx)
         return final
 
-    def prune(self, keep: int) -> None:
+    def prune(self, keep: int, newest: int | None = None) -> None:
         """Delete all but the newest ``keep`` complete checkpoints, except the shards a kept
-        one references (their directory is reduced to them, marked ``SHARDS_ONLY``)."""
-        dirs = self.candidates()
+        one references (their directory is reduced to them, marked ``SHARDS_ONLY``).
+        ``newest``: the round just committed; directories of later rounds are left as they are
+        and take no kept place: they failed to verify when this run resumed from an older one
+        (it would have resumed from them), and the one just committed must stay."""
+        later = {p for p in self._all_dirs() if newest is not None and _round_of(p) > newest}
+        dirs = [p for p in self.candidates() if p not in later]
         kept, needed = dirs[:keep], {}
         for path in kept:
             for name, ref in _read_manifest(path).get("refs", {}).items():
                 needed.setdefault(ref["dir"], set()).add(name)
         for path in self._all_dirs():
-            if path in kept:
+            if path in kept or path in later:
                 continue
             if path.name not in needed:
                 shutil.rmtree(path, ignore_errors=True)
@@ -232,7 +241,7 @@ class CheckpointDir:
         """Every checkpoint directory, complete or reduced to shards, newest first."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _DIR_RE.match(p.name))]
+        found = [(_round_of(p), p) for p in self.root.iterdir() if p.is_dir() and _DIR_RE.match(p.name)]
         return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- read

@@ -396,6 +396,28 @@ def test_force_with_nothing_left_to_train_is_refused(finished, run_copy, overrid
     assert tree_hashes(run_copy) == before
 
 
+@pytest.mark.parametrize("override,named", [
+    ("data.alpha=0.1", "data.alpha (0.5 vs 0.1)"), ("data.val_fraction=0.2", "data.val_fraction (0.0 vs 0.2)"),
+    ("seed=4", "seed (3 vs 4)"), ("data.clients=5", "data.clients (4 vs 5)")])
+def test_force_onto_another_data_partition_is_refused(finished, run_copy, override, named):
+    """The models would go on training on other clients' samples and be calibrated and tested
+    on splits holding samples they trained on (a leak no result would show): one line naming
+    the change, the run untouched. More rounds or another lr on the same partition still go."""
+    before = tree_hashes(run_copy)
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                           "--no-progress", "train.rounds=3", override)
+    assert code == 2
+    _one_error_line(err, f"--resume force cannot change the data partition (first difference: {named})")
+    assert tree_hashes(run_copy) == before
+
+
+def test_force_onto_the_same_partition_in_another_cache_goes_on(finished, run_copy, tmp_path):
+    """A store of its own elsewhere (another machine's cache) holds the same partition."""
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
+                           "--no-progress", "train.rounds=3", f"data.cache_dir={tmp_path / 'elsewhere'}")
+    assert code == 0, err
+
+
 def test_extending_a_run_warns_that_its_eval_json_is_of_earlier_models(finished, run_copy, caplog):
     code, _, err = run_cli("eval", str(run_copy))
     assert code == 0, err

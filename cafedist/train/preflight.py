@@ -127,6 +127,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if run_identity(old) == run_identity(cfg) or not has_work(run_dir):
         return RunDirPlan.WRITE
     if resume == "force":
+        _refuse_another_partition(old, cfg)
         return RunDirPlan.DEFER
     _refuse_another_algorithm(run_dir, old.algorithm.name, cfg)
     diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True),
@@ -165,6 +166,27 @@ def _refuse_another_algorithm(run_dir: Path, writer: str | None, cfg: Config) ->
     problem = another_algorithm(run_dir, writer, cfg.algorithm.name)
     if problem is not None:
         raise CheckpointError(problem)
+
+
+def _refuse_another_partition(old: Config, cfg: Config) -> None:
+    """``--resume force`` onto another data partition (``data.alpha``, ``data.clients``, the
+    fractions, ``seed``, ...): refused. The trained models would go on training on other
+    clients' samples and be calibrated and tested on splits that hold samples they trained on,
+    and nothing in the results could tell. A store path or ``data.root`` of its own is no change."""
+    from cafedist.data import PartitionSpec, partition_params
+
+    try:
+        # a store records val_fraction only when > 0: 0 is named as such
+        before, now = ({"val_fraction": 0.0, **partition_params(PartitionSpec.of(c.data, c.seed))} for c in (old, cfg))
+    except CafeError:  # the earlier config's dataset is no longer known: the store check will say
+        return
+    diff = dict_diff(before, now)
+    if diff is None:
+        return
+    field = diff if diff.startswith("seed") else "data." + diff.replace("loader_options", "options", 1)
+    raise CheckpointError(f"--resume force cannot change the data partition (first difference: {field}): the "
+                          f"trained models would be tested and calibrated on splits holding samples they trained "
+                          f"on; use another --out, or --resume none to start over")
 
 
 def _read_earlier_config(cfg_file: Path) -> Config:

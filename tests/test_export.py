@@ -369,3 +369,20 @@ def test_an_export_inside_the_checkpoints_folder_is_refused(evaluated_run, tmp_p
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert "inside the run's checkpoints folder" in lines[0] and "Traceback" not in proc.stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_an_export_deeper_inside_the_run_directory_is_refused(evaluated_run, tmp_path):
+    """`--resume none` moves aside exports directly in the run directory; one at RUN/exports/v1
+    stayed beside the new run, its export.json naming checkpoints that were no longer its models'."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(run)], check=True)
+    (run / "exports").mkdir()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = cafedist_in_process("export", str(run), "--out", str(run / "exports" / "v1"), "--threshold", "0.9")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "inside the run directory but not directly in it" in lines[0] and "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    proc = cafedist_in_process("export", str(run), "--out", str(run / "v1"), "--threshold", "0.9")
+    assert proc.returncode == 0, proc.stderr
+

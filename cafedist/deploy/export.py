@@ -230,6 +230,17 @@ def check_not_among_checkpoints(out: Path, run_dir: Path) -> None:
                           f"{run_dir / 'export'}")
 
 
+def check_directly_in_run(out: Path, run_dir: Path) -> None:
+    """``--out`` (resolved) inside ``run_dir`` only as a folder directly in it: ``--resume none``
+    moves such an export aside with the models it describes; one deeper (``RUN/exports/v1``)
+    would stay beside a new run, naming checkpoints that are no longer its models'."""
+    run = run_dir.resolve()
+    if out.is_relative_to(run) and run not in (out, out.parent):  # the run itself: check_out says
+        raise ConfigError(f"--out: {out} is inside the run directory but not directly in it, where `train --resume "
+                          f"none` would leave it beside a new run; export directly into the run directory (e.g. "
+                          f"{run_dir / 'export'}) or outside it")
+
+
 def check_out(out: Path) -> None:
     """``--out``: a folder that does not exist yet (and can be made), or an empty one."""
     check_dir_creatable(out, "--out")
@@ -282,6 +293,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
     run_dir, out = Path(run_dir), Path(os.path.realpath(out))
     threshold = check_threshold(threshold)
     check_not_among_checkpoints(out, run_dir)
+    check_directly_in_run(out, run_dir)
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):
         raise ConfigError(f"export: needs torch.export.save, which torch {torch.__version__} does not have")

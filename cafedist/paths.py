@@ -20,6 +20,9 @@ def check_dir_creatable(path: Path, field: str) -> None:
         raise ConfigError(f"{field}: {path} exists and is not a directory")
     probe = path
     while not probe.exists():
+        if probe.is_symlink():  # a link to a folder not there (yet): no mkdir makes it, and none follows it
+            raise ConfigError(f"{field}: cannot create {path}: {probe} is a link to {os.readlink(probe)}, "
+                              f"which does not exist (create it first)")
         if probe.parent == probe:
             break
         probe = probe.parent

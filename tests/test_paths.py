@@ -33,3 +33,16 @@ def test_a_parent_that_refuses_folders_is_refused_up_front():
 def test_user_path_expands_a_leading_tilde_only():
     assert user_path("~/runs") == os.path.join(os.path.expanduser("~"), "runs")
     assert user_path("runs/~x") == "runs/~x"
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_a_link_to_a_missing_folder_is_refused(tmp_path, below):
+    """`--out LINK` (or LINK/run) with LINK -> a folder not made yet passed, and train failed
+    only after building the whole run, with 'cannot create the run's lock file (File exists)'."""
+    (tmp_path / "link").symlink_to(tmp_path / "scratch" / "runs")
+    out = tmp_path / "link" / below if below else tmp_path / "link"
+    with pytest.raises(ConfigError, match=r"^--out: cannot create .*: .*/link is a link to .*/scratch/runs, which "
+                                          r"does not exist \(create it first\)$"):
+        check_dir_creatable(out, "--out")
+    (tmp_path / "scratch" / "runs").mkdir(parents=True)
+    check_dir_creatable(out, "--out")

@@ -315,3 +315,17 @@ def test_a_max_len_beyond_this_machines_memory_is_one_line(tmp_path, capsys, max
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"cafedist: error: agnews: max_len={max_len} needs ") and "GiB for 60 documents" in err[0]
     assert "the longest document has 4 words" in err[0] and not (tmp_path / "s.h5").exists()
+
+
+def test_a_store_named_through_a_link_is_built_at_its_target(tmp_path):
+    """`--out LINK` with LINK -> a store not built yet (a cache on another disk): the store
+    replaced the link in the link's own folder, and the disk it pointed to stayed empty."""
+    from cafedist.cli import main
+
+    (tmp_path / "scratch").mkdir()
+    link = tmp_path / "d.h5"
+    link.symlink_to(tmp_path / "scratch" / "d.h5")
+    rc = main(["prepare", "--dataset", "digits", "--clients", "2", "--alpha", "1", "--proxy-fraction", "0.1",
+               "--out", str(link)])
+    assert rc == 0 and link.is_symlink() and (tmp_path / "scratch" / "d.h5").is_file()
+    assert Store(link).params["clients"] == 2

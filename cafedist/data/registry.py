@@ -54,7 +54,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     defaults = options_of(name)
     unknown = set(options) - set(defaults)
     if unknown:
-        raise ConfigError(f"dataset {name!r} takes no option(s) {sorted(unknown)} "
+        raise ConfigError(f"data.options: dataset {name!r} takes no option(s) {sorted(unknown)} "
                           f"(it accepts: {sorted(defaults) or 'none'})")
     for key, value in options.items():
         if isinstance(defaults[key], int) and (isinstance(value, bool) or not isinstance(value, int)):

@@ -71,4 +71,12 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
                           f"got {input_shape!r}") from None
     _check_input_kind(arch, family, shape)
     opts = parse_options(arch, family.options, options)
-    return family.build(shape, num_classes, opts)
+    try:
+        return family.build(shape, num_classes, opts)
+    except (MemoryError, RuntimeError, TypeError) as exc:
+        text = str(exc).split("\n")[0]
+        # a size beyond what torch can hold, or allocate: the options asked for it
+        if not isinstance(exc, MemoryError) and "allocate" not in text and "Overflow" not in text:
+            raise
+        raise ConfigError(f"model.options: {arch} with {dict(options)} is too large to build here "
+                          f"({text.split('DefaultCPUAllocator: ')[-1]})") from None

@@ -20,6 +20,7 @@ summed loss of the defaults is bit-identical to the formula written out by hand,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -52,10 +53,12 @@ class ExitLossRule:
         exit_weights``); raises :class:`ConfigError` naming ``algorithm.<section>.<field>``."""
         weights = params.exit_weights
         if weights is not None:
+            # all zero trains nothing; an infinite weight makes every loss infinite
             if not isinstance(weights, (list, tuple)) or len(weights) != num_exits \
-                    or not all(isinstance(w, (int, float)) and w >= 0 for w in weights):
-                raise ConfigError(f"algorithm.{section}.exit_weights: expected a list of {num_exits} "
-                                  f"non-negative numbers (one per exit) or null, got {weights!r}")
+                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf
+                               for w in weights) or not any(weights):
+                raise ConfigError(f"algorithm.{section}.exit_weights: expected a list of {num_exits} finite "
+                                  f"non-negative numbers (one per exit, not all 0) or null, got {weights!r}")
             weights = tuple(float(w) for w in weights)
         rule = cls(lam=params.lam, tau=params.tau, kd_weighting=params.kd_weighting,
                    unselected=params.unselected, exit_weights=weights)

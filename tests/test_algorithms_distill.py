@@ -331,12 +331,15 @@ def test_cafedistill_heads_default_trains_stably_on_digits(tmp_path):
 
 def test_ktpfl_checkpoint_of_another_client_count_is_refused_in_one_line(tmp_path, tiny_config):
     """--resume force onto a changed data.clients: the n x n coefficient matrix does not fit, which
-    is one 'does not fit' line (exit 2) before any round, not a traceback at the first matmul."""
+    is one 'does not fit' line (exit 2) before any round, not a traceback at the first matmul.
+    With its config.yaml the run's partition change is refused first (test_run_dir); without it
+    (deleted by hand) no config names the old partition, and the checkpoint's fit is the guard."""
     from test_run_dir import run_cli, tree_hashes
 
     cfg, out = str(tiny_config(rounds=2, clients=4)), str(tmp_path / "run")
     code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "algorithm.name=ktpfl")
     assert code == 0, err
+    (tmp_path / "run" / "config.yaml").unlink()
     before = tree_hashes(tmp_path / "run")
     code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "--resume", "force",
                            "algorithm.name=ktpfl", "data.clients=5", "train.rounds=3")

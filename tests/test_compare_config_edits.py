@@ -65,3 +65,47 @@ def test_a_run_that_trained_an_edited_config_is_not_reported_beside_the_planned_
         assert {r["seeds"] for r in csv.DictReader(fh)} == {"3"}  # seed 3 alone, at the planned lr
     with open(out / "runs.csv") as fh:
         assert [r["status"] for r in csv.DictReader(fh)] == ["finished", "failed"]
+
+
+def test_under_tune_an_edit_during_the_trials_trains_no_final_of_the_edited_config(tiny_config, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """--tune plans its finals once the trials have run: it read the file again then, so an edit
+    made during the trials went into the finals unchecked (seed 4 trained lr 0.07 under the
+    setting chosen at lr 0.05, and was reported), and the first seed's final, its trial, failed
+    as a directory holding another config's run, with no word of the edit."""
+    cfg = tiny_config(rounds=1)
+    out = tmp_path / "cmp"
+    start = executing._CHILDREN.run
+    started = []
+
+    def edit_after_the_trials(cmd, **kwargs):
+        code = start(cmd, **kwargs)
+        started.append(cmd)
+        if len(started) == 2:
+            _edit_lr(cfg)
+        return code
+
+    monkeypatch.setattr(executing._CHILDREN, "run", edit_after_the_trials)
+    code = cli_main(["compare", "--config", str(cfg), "--algorithms", "fedavg", "--seeds", "2", "--out", str(out),
+                     "--grid", "train.local_epochs=1,2", "--tune", "data.val_fraction=0.1"])
+    printed = capsys.readouterr().out
+    assert code == 1 and len(started) == 2, printed  # the trials alone trained
+    assert "seed4: --config" in printed and "was edited since compare started (first difference: train.lr " \
+                                            "(0.05 vs 0.07)); not started" in printed, printed
+    assert not list(out.glob("runs/fedavg/*/seed4"))
+
+
+def test_a_final_planned_from_its_trial_is_the_run_the_unchanged_file_gives(tiny_config, tmp_path):
+    """Its config (hash) is that of the file read anew, for every method: the trial's run stays
+    reusable as the first seed's final, and the other seeds are the runs they always were."""
+    from cafedist.compare.plan import plan_run
+    from cafedist.tuning import Setting
+
+    cfg = tiny_config(rounds=1)
+    setting = Setting((("train.lr", "0.02"),))
+    for variant in resolve_algorithms("all"):
+        trial = plan_run(cfg, variant, 3, tmp_path, ("data.val_fraction=0.1",), setting)
+        for seed in (3, 4):
+            fresh = plan_run(cfg, variant, seed, tmp_path, ("data.val_fraction=0.1",), setting)
+            final = plan_run(cfg, variant, seed, tmp_path, ("data.val_fraction=0.1",), setting, like=trial)
+            assert (final.config_hash, final.run_dir) == (fresh.config_hash, fresh.run_dir), variant.name

@@ -111,9 +111,15 @@ def _tune(config: str | os.PathLike | None, variants: Sequence[Variant], seeds: 
           base_seed: int, run: Callable[[list[PlannedRun]], list[RunOutcome]]) -> TuneResult:
     """``--tune``: trials on the first seed, choice on validation, chosen settings on every seed."""
     overrides = tuple(overrides)
+    trials: dict[tuple[str, str], PlannedRun] = {}
 
     def plan(variant: Variant, setting: Setting, seed: int) -> PlannedRun:
-        return plan_run(config, variant, seed, out, overrides, setting)  # one row per method
+        # a final is planned from its setting's trial: the config file as compare read it at
+        # the start (edited during the trials, the finals of the edit are refused unstarted)
+        key = (variant.name, setting.slug)
+        run = plan_run(config, variant, seed, out, overrides, setting, like=trials.get(key))  # one row per method
+        trials.setdefault(key, run)
+        return run
 
     return tuning.tune(variants, settings, resolve_seeds(seeds, base_seed), plan, run)
 

@@ -249,16 +249,23 @@ def _why_not_reusable(summary: dict) -> str | None:
 
 
 def plan_run(config: str | os.PathLike | None, variant: Variant, seed: int, out: str | os.PathLike,
-             overrides: Sequence[str] = (), setting: Setting = NO_SETTING, row: str = "") -> PlannedRun:
+             overrides: Sequence[str] = (), setting: Setting = NO_SETTING, row: str = "",
+             like: PlannedRun | None = None) -> PlannedRun:
     """One run, its directory (``runs/<variant>[/<setting>]/seed<seed>``) and its resolved
-    config (validated now, so a typo fails before anything starts)."""
-    from cafedist.config import config_hash, load_config
+    config (validated now, so a typo fails before anything starts). ``like``: a run planned
+    earlier of the same variant and setting (``--tune``'s trial): this one is planned from its
+    config, the file as it read then, with ``seed`` (read again, an edit made meanwhile would
+    be this run's plan, and no check would see it)."""
+    from cafedist.config import config_from_dict, config_hash, load_config
 
     config_path = str(Path(config).resolve()) if config else None
     # later overrides win: the setting, the variant (an ablation's switch must hold) and the
     # seed are what compare controls
     ovr = (*overrides, *setting.overrides, *variant.overrides, f"seed={seed}")
-    cfg = load_config(config_path, list(ovr))
+    if like is not None:
+        cfg = config_from_dict({**like.planned_config().to_dict(), "seed": seed})
+    else:
+        cfg = load_config(config_path, list(ovr))
     run_dir = Path(out).resolve() / "runs" / variant.name
     run_dir = (run_dir / setting.slug if setting.pairs else run_dir) / f"seed{seed}"
     return PlannedRun(variant, seed, run_dir, config_path, ovr, config_hash(cfg), setting, row, cfg)

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -845,3 +846,22 @@ def test_a_refused_second_train_leaves_the_runners_parked_clients(finished, run_
     assert code == 2
     _one_error_line(err, "is in use by another cafedist train")
     assert parked.read_bytes() == b"the runner's state"
+
+
+@pytest.mark.parametrize("before,after,named", [
+    (["data.dataset=femnist", "data.partition=natural"], ["data.dataset=digits"],
+     "data.dataset ('femnist' vs 'digits')"),
+    (["data.dataset=femnist"], ["data.dataset=femnist", "data.partition=natural"],
+     "data.partition ('dirichlet' vs 'natural')")])
+def test_force_onto_another_dataset_or_partition_kind_names_that_field(tmp_path, before, after, named):
+    """Not the first field of the changed record in sorted order, whose meaning the change of
+    kind took away: 'data.alpha (0.5 vs None)'."""
+    from cafedist.config import dump_config, load_config
+    from cafedist.train.preflight import plan_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(load_config(None, before)))
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(CheckpointError, match=re.escape(f"data partition (first difference: {named})")):
+        plan_run_dir(load_config(None, after), run_dir, "force")

@@ -176,11 +176,15 @@ def _refuse_another_partition(old: Config, cfg: Config) -> None:
     from cafedist.data import PartitionSpec, partition_params
 
     try:
-        # a store records val_fraction only when > 0: 0 is named as such
-        before, now = ({"val_fraction": 0.0, **partition_params(PartitionSpec.of(c.data, c.seed))} for c in (old, cfg))
+        # a store records val_fraction only when > 0, and a partition only when natural: named as such
+        before, now = ({"partition": "dirichlet", "val_fraction": 0.0,
+                        **partition_params(PartitionSpec.of(c.data, c.seed))} for c in (old, cfg))
     except CafeError:  # the earlier config's dataset is no longer known: the store check will say
         return
-    diff = dict_diff(before, now)
+    # the fields that say what the others mean first: another dataset or partition kind would
+    # otherwise be named as its first field in sorted order ('data.alpha (0.5 vs None)')
+    head = ("dataset", "partition")
+    diff = dict_diff(*({k: p[k] for k in head} for p in (before, now))) or dict_diff(before, now)
     if diff is None:
         return
     field = diff if diff.startswith("seed") else "data." + diff.replace("loader_options", "options", 1)

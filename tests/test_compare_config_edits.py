@@ -109,3 +109,14 @@ def test_a_final_planned_from_its_trial_is_the_run_the_unchanged_file_gives(tiny
             fresh = plan_run(cfg, variant, seed, tmp_path, ("data.val_fraction=0.1",), setting)
             final = plan_run(cfg, variant, seed, tmp_path, ("data.val_fraction=0.1",), setting, like=trial)
             assert (final.config_hash, final.run_dir) == (fresh.config_hash, fresh.run_dir), variant.name
+
+
+def test_an_edit_of_how_a_number_is_written_is_named(tiny_config, tmp_path):
+    """1 -> 1.0 in a list makes another config hash, another run: the refusal names the field
+    (as train's does), where it said 'first difference: ?'."""
+    cfg = tiny_config(rounds=1)
+    cfg.write_text(cfg.read_text().replace("proxy_size: 64", "proxy_size: 64, exit_weights: [1, 1, 2]"))
+    [run] = plan_runs(cfg, resolve_algorithms("cafedistill"), 1, tmp_path / "cmp")
+    assert run.config_changed() is None
+    cfg.write_text(cfg.read_text().replace("exit_weights: [1, 1, 2]", "exit_weights: [1.0, 1, 2]"))
+    assert "(first difference: algorithm.cafedistill.exit_weights ([1, 1, 2] vs [1.0, 1, 2]))" in run.config_changed()

@@ -169,7 +169,9 @@ class PlannedRun:
             return f"--config {self.config} no longer loads since compare started ({exc})"
         if run_identity(now) == run_identity(planned):
             return None
-        diff = dict_diff(identity_fields(planned, keep_defaults=True), identity_fields(now, keep_defaults=True))
+        # as the hash tells values apart: 1 -> 1.0 in a list is another run too
+        diff = dict_diff(identity_fields(planned, keep_defaults=True), identity_fields(now, keep_defaults=True),
+                         as_hashed=True)
         return f"--config {self.config} was edited since compare started (first difference: {diff or '?'})"
 
     @property

@@ -78,5 +78,10 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
         # a size beyond what torch can hold, or allocate: the options asked for it
         if not isinstance(exc, MemoryError) and "allocate" not in text and "Overflow" not in text:
             raise
-        raise ConfigError(f"model.options: {arch} with {dict(options)} is too large to build here "
-                          f"({text.split('DefaultCPUAllocator: ')[-1]})") from None
+        text = text.split("DefaultCPUAllocator: ")[-1]
+        if "Overflow" in text:
+            raise ConfigError(f"model.options: {arch} with {dict(options)} is too large to build ({text})") from None
+        # every client's model is built here: memory may have run out at the Nth, not the first
+        raise ConfigError(f"model.options: {arch} with {dict(options)} could not be allocated ({text}); if one such "
+                          f"model fits, the clients held in memory at once do not (train.resident_clients "
+                          f"bounds them)") from None

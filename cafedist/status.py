@@ -29,7 +29,7 @@ from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import user_path
-from cafedist.run.checkpoint import CheckpointDir
+from cafedist.run.checkpoint import CheckpointDir, round_of
 from cafedist.run.metrics import session_starts
 from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
 from cafedist.trainlog import last_session_error
@@ -88,15 +88,10 @@ def _usable(value: Any) -> bool:
     return is_finite_number(value) and value >= 0
 
 
-def _round_of(checkpoint: Path) -> int:
-    """The round a checkpoint folder (``round_NNNNNN``) holds, by its name."""
-    return int(checkpoint.name[len("round_"):])
-
-
 def _newest_checkpoint(run_dir: Path) -> int | None:
     """The round of the newest checkpoint folder, the one a resume tries first (by name; not verified)."""
     newest = CheckpointDir(run_dir).candidates()
-    return _round_of(newest[0]) if newest else None
+    return round_of(newest[0]) if newest else None
 
 
 def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:

@@ -98,7 +98,7 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _round_of(path: Path) -> int:
+def round_of(path: Path) -> int:
     """The round of a checkpoint directory (its name matches ``_DIR_RE``)."""
     return int(_DIR_RE.match(path.name).group(1))
 
@@ -219,7 +219,7 @@ class CheckpointDir:
         ``newest``: the round just committed; directories of later rounds are left as they are
         and take no kept place: they failed to verify when this run resumed from an older one
         (it would have resumed from them), and the one just committed must stay."""
-        later = {p for p in self._all_dirs() if newest is not None and _round_of(p) > newest}
+        later = {p for p in self._all_dirs() if newest is not None and round_of(p) > newest}
         dirs = [p for p in self.candidates() if p not in later]
         kept, needed = dirs[:keep], {}
         for path in kept:
@@ -241,7 +241,7 @@ class CheckpointDir:
         """Every checkpoint directory, complete or reduced to shards, newest first."""
         if not self.root.is_dir():
             return []
-        found = [(_round_of(p), p) for p in self.root.iterdir() if p.is_dir() and _DIR_RE.match(p.name)]
+        found = [(round_of(p), p) for p in self.root.iterdir() if p.is_dir() and _DIR_RE.match(p.name)]
         return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- read

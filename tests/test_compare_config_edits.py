@@ -67,6 +67,26 @@ def test_a_run_that_trained_an_edited_config_is_not_reported_beside_the_planned_
         assert [r["status"] for r in csv.DictReader(fh)] == ["finished", "failed"]
 
 
+def test_a_training_that_fails_while_the_file_is_edited_keeps_its_own_error(tiny_config, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A training that failed (here: on the edit it read) was reported as 'it trained the edited
+    config', hiding train's own error line."""
+    cfg = tiny_config(rounds=1)
+    start = executing._CHILDREN.run
+
+    def break_the_file_first(cmd, **kwargs):
+        cfg.write_text(cfg.read_text().replace("lr: 0.05", "lr: -1"))
+        return start(cmd, **kwargs)
+
+    monkeypatch.setattr(executing._CHILDREN, "run", break_the_file_first)
+    code = cli_main(["compare", "--config", str(cfg), "--algorithms", "fedavg", "--seeds", "1",
+                     "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "exit status 2: cafedist: error: " in printed and "train.lr: must be > 0" in printed, printed
+    assert "no longer loads since compare started" in printed and "may have read the edit" in printed, printed
+
+
 def test_under_tune_an_edit_during_the_trials_trains_no_final_of_the_edited_config(tiny_config, tmp_path,
                                                                                    monkeypatch, capsys):
     """--tune plans its finals once the trials have run: it read the file again then, so an edit

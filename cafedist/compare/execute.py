@@ -114,14 +114,16 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
         return RunOutcome(run, "done", seconds=seconds)
     if _stopped(code):
         return RunOutcome(run, "stopped", _stopped_message(run), seconds)
-    changed = run.config_changed()  # edited after the check before the start: it trained that config
-    if changed is not None:
+    changed = run.config_changed()  # edited after the check before the start
+    if changed is not None and code == 0:  # it finished, but not this run: it read the edit
         return RunOutcome(run, "failed", f"{changed}; it trained the edited config (log: {logfile})", seconds)
     why = _signal_name(-code) if code < 0 else f"exit status {code}" if code else "no summary.json written"
     with open(logfile, "rb") as fh:
         fh.seek(max(start, fh.seek(0, os.SEEK_END) - 20000))
         tail = fh.read().decode(errors="replace")
-    return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)} (log: {logfile})", seconds)
+    # a failure of its own while the file was edited: its error, and the edit a rerun must know of
+    edited = f"; {changed} (the training may have read the edit)" if changed is not None else ""
+    return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)}{edited} (log: {logfile})", seconds)
 
 
 def _signal_name(number: int) -> str:

@@ -15,11 +15,19 @@ from conftest import TINY
 from conftest import cafedist_in_process as in_process
 
 from cafedist.errors import ConfigError
-from cafedist.eval.budget import personalized_budgets
+from cafedist.eval.budget import choose_all, personalized_budgets
 from cafedist.eval.budget_global import global_on_calibration, global_within_every_budget
 from cafedist.eval.budget_report import TestCounts, accuracy_at_macs, client_row
 from cafedist.eval.budget_run import BudgetOptions, format_budget, parse_policies, write_budget_csv
-from cafedist.eval.budget_search import Choice, Split, choose_policy, fit_to_budget, pooled_split
+from cafedist.eval.budget_search import (
+    CandidateStats,
+    Choice,
+    Split,
+    choose_policy,
+    fit_to_budget,
+    pooled_split,
+    static_fallback,
+)
 from cafedist.eval.budget_spec import Budget, check_feasible, parse_budget_spec
 from cafedist.eval.policies import BETA_MAX, BETA_MIN, exit_scores, fit_temperatures
 
@@ -132,6 +140,67 @@ def test_no_spread_on_a_small_calibration_split_is_not_taken_for_certainty():
     assert floor.calibration_macs == 1.0 and floor.fallback is None
 
 
+def test_equally_accurate_candidates_spend_the_macs_budget_and_go_to_the_first_policy_unscaled():
+    # every exit is always right: every candidate is equally accurate, so the MACs budget decides
+    # (spend more of it: all at exit 2), then the policy order (max-softmax, unscaled), then θ
+    cal = _split([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]], [0, 0, 0])
+    choice = choose_policy(cal, Budget("macs", 1.0), MACS, confidence=0.5)
+    assert (choice.policy, choice.temperatures, choice.calibration_macs) == ("max-softmax", None, 2.0)
+    assert choice.exits(cal).tolist() == [1, 1, 1] and choice.threshold <= 0.95  # the smallest such θ
+
+
+def test_ties_between_candidates_break_as_documented():
+    """Under a MACs budget the most accurate, then the one spending more; under a loss budget the
+    cheapest, then the more accurate; then the smaller θ."""
+    th = [0.1, 0.2, 0.3, 0.4]
+    stats = CandidateStats(th, accuracy=torch.tensor([0.5, 0.75, 0.75, 0.75], dtype=torch.float64),
+                           macs=torch.tensor([1.0, 1.2, 1.5, 1.5], dtype=torch.float64),
+                           macs_ub=torch.zeros(4, dtype=torch.float64), loss_ub=torch.zeros(4, dtype=torch.float64))
+    every = torch.ones(4, dtype=torch.bool)
+    assert stats.best(every, "macs")[1] == 2  # 0.75 at 1.5 MACs beats 0.75 at 1.2; θ 0.3 before 0.4
+    cheap = CandidateStats(th, accuracy=torch.tensor([1.0, 0.5, 0.75, 0.75], dtype=torch.float64),
+                           macs=torch.tensor([2.0, 1.5, 1.5, 1.5], dtype=torch.float64),
+                           macs_ub=torch.zeros(4, dtype=torch.float64), loss_ub=torch.zeros(4, dtype=torch.float64))
+    assert cheap.best(every, "loss")[1] == 2  # 1.5 MACs at 0.75 beats 1.5 at 0.5; θ 0.3 before 0.4
+    assert cheap.best(torch.tensor([True, False, False, False]), "loss")[1] == 0
+
+
+def test_saturated_early_answers_may_leave_just_below_threshold_1():
+    """A float64 softmax reaches exactly 1.0 at logit margins ~37; θ = 1 lets nothing leave,
+    so the search also tries the largest float below 1, which lets just these leave."""
+    exit1 = [[50.0, 0.0], [10.0, 0.0]]  # sure and right (score 1.0), very sure but wrong (0.99995)
+    exit2 = [[8.0, 0.0], [0.0, 8.0]]  # always right
+    cal = Split(torch.tensor([exit1, exit2], dtype=torch.float64), torch.tensor([0, 1]))
+    choice = choose_policy(cal, Budget("loss", 0.0), MACS, policies=["max-softmax"], temperature=False,
+                           confidence=0.5)
+    assert choice.threshold < 1.0 and choice.exits(cal).tolist() == [0, 1]
+    assert (choice.calibration_accuracy, choice.calibration_macs) == (1.0, 1.5)
+
+
+def test_fitted_temperatures_are_chosen_when_they_rank_the_mistakes_lower():
+    """Scaling reorders max-softmax scores: at T = 1 the wrong answers [1.5, 0, -10] (0.82) look
+    surer than the right ones [2, 0, 0] (0.79); at the fitted T (about 0.6) they do not (0.93 > 0.92)."""
+    exit1 = [[2.0, 0.0, 0.0]] * 20 + [[1.5, 0.0, -10.0]] * 2
+    y = [0] * 20 + [1] * 2
+    exit2 = [[8.0 if c == label else 0.0 for c in range(3)] for label in y]  # always right
+    cal = Split(torch.tensor([exit1, exit2], dtype=torch.float64), torch.tensor(y))
+    unscaled = choose_policy(cal, Budget("loss", 0.0), MACS, policies=["max-softmax"], temperature=False,
+                             confidence=0.5)
+    assert unscaled.calibration_macs == 2.0  # any θ that lets a right answer leave lets the wrong ones leave
+    scaled = choose_policy(cal, Budget("loss", 0.0), MACS, policies=["max-softmax"], confidence=0.5)
+    assert scaled.temperatures is not None and scaled.temperatures[0] < 0.72
+    assert scaled.exits(cal).tolist() == [0] * 20 + [1] * 2 and scaled.calibration_accuracy == 1.0
+
+
+def test_a_macs_budget_of_exactly_an_exits_share_admits_that_exit():
+    """0.58 x 50 is 28.999999999999996 in floats: exit 2 costing 29 of 50 must fit macs=0.58."""
+    assert Budget("macs", 0.58).holds(29.0, 0.0, 50.0)
+    assert static_fallback(Budget("macs", 0.58), [10, 29, 50], "no calibration samples").static_exit == 1
+    cal = _split([[0.9, 0.1]] * 4, [1] * 4)
+    floor = choose_policy(cal, Budget("macs", 0.58), [29, 50], confidence=0.5)  # exactly exit 1
+    assert floor.fallback is None and floor.calibration_macs == 29.0
+
+
 # ----------------------------------------------------------------------------- the pooled scope
 def test_pooled_threshold_moves_only_as_far_as_each_clients_budget_needs():
     population = Choice(policy="max-softmax", threshold=0.8)
@@ -177,6 +246,18 @@ def test_pooled_scope_chooses_once_on_all_calibration_samples_and_fits_each_clie
         choose_policy(cal, b, macs).threshold for (cal, _), b in zip(clients, budgets)]
     with pytest.raises(ValueError, match="unknown policy scope 'global'"):
         personalized_budgets(clients, budgets, macs, table, scope="global")
+
+
+def test_pooled_scope_fits_each_client_from_the_population_choice_of_its_own_budget():
+    clients = _synthetic_clients(4, seed=3)
+    macs = [1, 3, 6]
+    budgets = [Budget("macs", 0.4), Budget("macs", 0.4), Budget("macs", 0.9), Budget("macs", 0.9)]
+    choices, population = choose_all([cal for cal, _ in clients], budgets, macs, confidence=0.5)
+    pooled = pooled_split([cal for cal, _ in clients])
+    assert population == {b: choose_policy(pooled, b, macs, confidence=0.5) for b in set(budgets)}
+    assert population[budgets[0]].threshold != population[budgets[2]].threshold  # the budgets matter
+    assert choices == [fit_to_budget(population[b], cal, b, macs, confidence=0.5)
+                       for (cal, _), b in zip(clients, budgets)]
 
 
 def test_global_threshold_on_calibration_is_judged_against_each_clients_own_budget():
@@ -432,6 +513,9 @@ def test_budget_file_with_unknown_or_missing_clients(tmp_path):
     path = tmp_path / "b.csv"
     path.write_text("0,macs=0.5\n7,macs=0.5\n")
     with pytest.raises(ConfigError, match=r"unknown client ids 7 \(this run has clients 0..3\)"):
+        BudgetOptions(str(path)).per_client(4)
+    path.write_text("4,macs=0.5\ndefault,macs=0.6\n")  # ids are 0-based: 4 of 4 clients is none of them
+    with pytest.raises(ConfigError, match=r"unknown client ids 4 \(this run has clients 0..3\)"):
         BudgetOptions(str(path)).per_client(4)
     path.write_text("0,macs=0.5\n")
     with pytest.raises(ConfigError, match=r"no budget for clients 1, 2, 3 \(name them or add a 'default'"):

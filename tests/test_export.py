@@ -90,6 +90,25 @@ def test_exported_model_takes_any_batch_size_and_static_and_no_exit_policies(tmp
             torch.testing.assert_close(got_logits, logits[exit_][:n], rtol=1e-5, atol=1e-6)
 
 
+def test_the_shipped_rule_fires_at_the_threshold_itself_and_never_at_threshold_1(tmp_path, monkeypatch):
+    """eval's rule (cafedist.eval.dynamic): a score equal to θ leaves (the search's θ is often a
+    calibration score itself), and θ >= 1 means no early exit, also where a float64 softmax is
+    exactly 1.0. Stage k of these stand-in programs passes the input on with its exit-k logits."""
+    logits = torch.tensor([[[50.0, 0.0], [0.0, 8.0]],  # exit 1 saturated: score exactly 1.0
+                           [[1.5, 0.0], [8.0, 0.0]],
+                           [[0.2, 0.0], [8.0, 0.0]]], dtype=torch.float64)  # [N, m, C]
+    stages = {f"exit_{k + 1}.pt2": (lambda x, k=k: (x, x[:, k])) for k in range(2)}
+    monkeypatch.setattr(early_exit.torch.export, "load", lambda name: SimpleNamespace(
+        module=lambda: stages[Path(name).name]))
+    scores = early_exit.exit_score(logits[:, 0], "max-softmax")
+    assert scores[0] == 1.0
+    for threshold, want in ((float(scores[1]), [0, 0, 1]), (1.0, [1, 1, 1])):
+        _write_policy(tmp_path, list(stages), Choice("max-softmax", threshold), [1, 2])
+        got_logits, got_exit = early_exit.load(tmp_path)(logits)
+        assert got_exit.tolist() == want, threshold
+        assert torch.equal(got_logits, logits[torch.arange(3), got_exit])
+
+
 def test_fedrod_stages_add_the_personal_classifier_as_its_forward_does(tmp_path):
     torch.manual_seed(0)
     generic = build_model("cnn", (1, 28, 28), 5, width=4).eval()

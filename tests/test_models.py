@@ -124,6 +124,15 @@ def test_macs_by_hand_for_a_tiny_cnn():
     ]
 
 
+def test_macs_by_hand_for_a_tiny_cnn_with_head_convs():
+    # 1x4x4, width 2: blocks read 4x4, 2x2, 1x1 (no pooling below 2). Head conv k (c_k -> c_k,
+    # 3x3) has stride 2 on the 2x2 map (1x1 out) and 1 on the 1x1 one; the last head has none.
+    model = build("cnn", (1, 4, 4), {"width": 2, "head_conv": True})
+    blocks = [16 * 9 * 1 * 2, 4 * 9 * 2 * 4, 1 * 9 * 4 * 8]
+    heads = [1 * 9 * 2 * 2 + 2 * 5, 1 * 9 * 4 * 4 + 4 * 5, 8 * 5]
+    assert macs_breakdown(model, (1, 4, 4)) == (blocks, heads)
+
+
 def test_macs_leave_batchnorm_state_and_mode_alone():
     model = build("resnet18", (3, 8, 8), {"width": 2, "norm": "batch"})
     before = copy.deepcopy(model.state_dict())
@@ -133,6 +142,9 @@ def test_macs_leave_batchnorm_state_and_mode_alone():
         assert torch.equal(value, before[key]), key
     # Larger input, more work: the count follows the given input shape.
     assert macs_per_exit(model, (3, 16, 16))[-1] > macs_per_exit(model, (3, 8, 8))[-1]
+    model.eval()  # and a model in eval mode stays there (bench times and exports it after counting)
+    macs_per_exit(model, (3, 8, 8))
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("arch,shape,opts,m", CASES[::2], ids=IDS[::2])

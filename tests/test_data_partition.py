@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cafedist.data import dirichlet_partition, split_proxy, train_test_split_stratified
-from cafedist.data.partition import train_val_split_stratified
+from cafedist.data.partition import natural_partition, train_val_split_stratified
 from cafedist.errors import ConfigError
 
 
@@ -66,6 +66,21 @@ def test_dirichlet_alpha_controls_skew():
     skewed = _entropy_per_client(y, dirichlet_partition(y, 10, 0.1, 10, seed=0), 10)
     mild = _entropy_per_client(y, dirichlet_partition(y, 10, 100.0, 10, seed=0), 10)
     assert skewed < 0.6 * np.log(10) < mild  # near-uniform labels only at large alpha
+
+
+def test_dirichlet_gives_no_more_to_a_client_holding_its_fair_share():
+    y = np.repeat(np.arange(10), 100)
+    for seed in range(5):
+        parts = dirichlet_partition(y, 10, 0.05, 1, seed=seed)
+        # a client stops receiving at N / clients = 100 samples, so it ends below 100 + one class
+        assert max(len(p) for p in parts) < 200, seed
+
+
+def test_dirichlet_draws_which_samples_of_a_class_each_client_gets():
+    """Not the first samples of a class to client 0 and so on: raw data is often ordered (by
+    writer, by source), and a client's share must not follow that order."""
+    parts = dirichlet_partition(np.zeros(1000, np.int64), 2, 1.0, 1, seed=0)
+    assert all(np.any(np.diff(p) > 1) for p in parts)
 
 
 def test_dirichlet_single_client_gets_everything():
@@ -144,3 +159,14 @@ def test_val_split_sizes_at_the_edges():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match=r"val_fraction must be in \[0, 1\)"):
             train_val_split_stratified(np.array([0, 1]), labels, bad, seed=0)
+
+
+def test_natural_partition_leaves_users_without_samples_out_of_the_proxy_set():
+    sizes = np.array([5, 0, 3, 0, 4, 2])
+    clients, proxy = natural_partition(sizes, 2, 3, None, seed=0)
+    assert len(clients) == 2 and all(sizes[clients] >= 3)
+    assert sorted([*clients, *proxy]) == [0, 2, 4, 5]  # every user with samples, once; no empty one
+    _, first = natural_partition(sizes, 2, 3, 1, seed=0)
+    assert len(first) == 1 and sizes[first[0]] > 0
+    with pytest.raises(ConfigError, match="no users with samples are left for the proxy set"):
+        natural_partition(np.array([5, 0, 0]), 1, 1, None, seed=0)

@@ -37,6 +37,25 @@ def test_make_splits_partition_everything_once():
         assert np.all(np.abs(np.bincount(y[te], minlength=10) - 0.2 * both) <= 1)
 
 
+def test_the_seed_draws_each_clients_test_and_validation_split():
+    """Another seed, the same client samples: another test split and another validation split
+    (both keyed by the seed and the client id), so seeds are independent replicates also where
+    the partition keeps a client's samples (a natural partition's one eligible user here)."""
+    y = np.arange(60) % 3
+    users = {"a": np.arange(50), "b": np.arange(50, 60)}  # only "a" has min_size samples
+
+    def splits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        params = {"partition": "natural", "clients": 1, "min_size": 20, "test_fraction": 0.2, "seed": seed,
+                  "val_fraction": 0.2}
+        (train,), (test,), _ = make_splits(y, params, users)
+        return train, test, carve_val_splits([train], y, params)[1][0]
+
+    (train, test, _), (_, other_test, _) = splits(0), splits(1)
+    assert sorted([*train, *test]) == list(range(50)) and test.tolist() != other_test.tolist()
+    val = [carve_val_splits([train], y, {"seed": seed, "val_fraction": 0.2})[1][0].tolist() for seed in (0, 1)]
+    assert val[0] != val[1]  # the same train split, another seed: another validation split
+
+
 def test_prepare_store_deterministic(tmp_path):
     a = prepare_store(tmp_path / "a.h5", PartitionSpec(**KW))
     b = prepare_store(tmp_path / "b.h5", PartitionSpec(**KW))

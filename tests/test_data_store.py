@@ -253,6 +253,15 @@ def test_validation_split_in_some_clients_only_is_rejected(tmp_path):
         Store(path)
 
 
+def test_a_labelled_proxy_set_is_rejected(image_store):
+    """The proxy set is the public unlabelled data: a store carrying its labels is not one we wrote."""
+    path, raw = image_store
+    with h5py.File(path, "r+") as f:
+        f["proxy"].create_dataset("y", data=raw.y[32:40])
+    with pytest.raises(DataError, match="proxy/y exists, but the proxy set must be unlabelled"):
+        Store(path)
+
+
 def _rewrite_with_checksum(path, name: str, arr: np.ndarray) -> None:
     """Replace dataset ``name`` by ``arr`` with a matching checksum: content a checksum cannot catch."""
     with h5py.File(path, "r+") as f:
@@ -261,7 +270,7 @@ def _rewrite_with_checksum(path, name: str, arr: np.ndarray) -> None:
         ds.attrs["sha256"] = hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
 
 
-@pytest.mark.parametrize("bad", [-1, 99])
+@pytest.mark.parametrize("bad", [-1, 4, 99])  # 4: one past the last class (labels are 0-based)
 def test_labels_outside_the_classes_are_refused_even_with_a_valid_checksum(image_store, bad):
     path, _ = image_store
     with Store(path) as s:

@@ -293,8 +293,17 @@ def test_params_must_be_a_json_object(image_store):
         Store(path)
 
 
+@pytest.fixture
+def ctrl_c_at_its_default():
+    """SIGINT at Python's handler for the test, also where pytest started with it ignored (in
+    the background of a script): an ignored SIGINT is rightly never deferred, nor raised."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch, sig):
+def test_an_interrupted_write_leaves_no_temp_file(tmp_path, monkeypatch, sig, ctrl_c_at_its_default):
     """Ctrl-C (raised anywhere, even in an h5py callback where it would be lost) and SIGTERM
     (which would end the process on the spot) wait for the next client, then stop the write."""
     raw = _image_raw()

@@ -185,6 +185,51 @@ def test_a_broken_later_checkpoint_does_not_make_pruning_remove_the_new_one(tmp_
     assert not (ckpt.root / "round_000003").exists()
 
 
+def test_every_file_a_manifest_lists_or_references_is_verified(tmp_path):
+    """One flipped bit in any one file, its own shards, server.pt or a shard it references in an
+    older checkpoint, makes the checkpoint fail to verify (the corruption test above flips one
+    shard only, which a check that skipped another file would pass)."""
+    import torch
+
+    from cafedist.errors import CheckpointError
+    from cafedist.run.checkpoint import CheckpointDir, client_file, sha256_file
+
+    ckpt = CheckpointDir(tmp_path)
+
+    def commit(round_idx: int, cids: list[int], refs: dict | None = None) -> Path:
+        ckpt.begin(round_idx)
+        files = dict(ckpt.write_client(round_idx, cid, {"w": torch.full((3,), 10.0 * round_idx + cid)})
+                     for cid in cids)
+        return ckpt.commit(round_idx, {"round": round_idx}, files, world_size=1, config_hash="h", keep=5, refs=refs)
+
+    older = commit(0, [0, 1, 2])
+    refs = {client_file(2): {"dir": older.name, "sha256": sha256_file(older / client_file(2))}}
+    newest = commit(1, [0, 1], refs)
+    listed = [newest / client_file(0), newest / client_file(1), newest / "server.pt", older / client_file(2)]
+    for f in listed:
+        good = f.read_bytes()
+        f.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        with pytest.raises(CheckpointError, match="sha256 does not match"):
+            CheckpointDir.verify(newest)
+        f.write_bytes(good)
+    assert CheckpointDir.verify(newest).round == 1
+
+
+def test_a_resume_drops_the_metrics_rows_after_its_checkpoint_and_a_torn_last_line(tmp_path):
+    """metrics.jsonl keeps the rows up to the checkpoint's round, no more, no fewer; a line
+    torn by a kill amid its write is dropped, not a traceback."""
+    from cafedist.run.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    rows = "".join(json.dumps({"round": r, "loss": 1.0 / (r + 1)}) + "\n" for r in range(4))
+    for torn in ("", '{"round": 4, "lo'):
+        log.path.write_text(rows + torn)
+        log.truncate_after(2)
+        assert [r["round"] for r in log.read()] == [0, 1, 2]
+    log.truncate_after(-1)  # resumed from no checkpoint: every row goes
+    assert log.read() == []
+
+
 def test_a_checkpoint_file_pruned_while_read_says_so(tmp_path):
     """eval may read a run that is training: a shard pruned between verifying and loading is
     not called corrupt."""

@@ -174,6 +174,12 @@ def test_checkpoints_write_only_changed_clients_and_keep_referenced_shards(tmp_p
         older = ckpt.root / ref["dir"]
         assert (older / SHARDS_ONLY).exists() and (older / name).is_file()
         assert not (older / "MANIFEST.json").exists()
+    # and nothing else: a shard no kept checkpoint references, or an old server.pt, is deleted
+    referenced = {}
+    for name, ref in manifest["refs"].items():
+        referenced.setdefault(ref["dir"], {SHARDS_ONLY}).add(name)
+    for older, names in referenced.items():
+        assert {f.name for f in (ckpt.root / older).iterdir()} == names
     assert [p.name for p in ckpt.candidates()] == ["round_000003"]
     trained = {cid for rnd in range(4) for cid in range(8) if participating(0, rnd, 8, 2)[cid]}
     assert set(written) | set(manifest["refs"]) == {f"client_{cid:05d}.pt" for cid in trained}
@@ -294,6 +300,17 @@ def test_incremental_checkpoints_resume_on_another_world_size(tmp_path, store_ca
                     check=True)
     assert "written by 1 ranks, now 2" in proc.stderr
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+
+
+def test_a_bounded_run_checkpoints_the_clients_it_trained_since_they_were_last_parked(tmp_path, store_cache):
+    """Without evaluation between training and the checkpoint, a client trained again while
+    resident still holds an older parked copy: its checkpoint shard is its current state, not
+    that copy (a stale shard made the resume train from an earlier round's weights)."""
+    raw = tiny(store_cache, "cafedistill", clients=6, rounds=5, per_round=3, resident_clients=2, eval_every=5)
+    ref, out, cfg, stopped = interrupted(raw, tmp_path, "term@local:3")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert_same(out, ref)
 
 
 def test_a_residency_bound_keeps_the_fp16_loss_scale(tmp_path, store_cache, monkeypatch):

@@ -260,6 +260,23 @@ def test_a_preemption_signal_to_the_launch_script_checkpoints_every_rank(tiny_co
     assert rounds and rounds[-1] < "round_000199", text[-3000:]
 
 
+def test_a_stop_signal_that_reaches_one_rank_only_stops_every_rank(reference, tmp_path):
+    """SIGTERM to rank 1 alone (a node's tasks signalled, not rank 0's): every rank learns it at
+    the round's end, the round is checkpointed, and the resume gives the uninterrupted run."""
+    cfg, ref = reference
+    out = tmp_path / "run"
+    proc = subprocess.run(torchrun(2) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                                         "--no-progress"],
+                          cwd=ROOT, env=env_for_tests(CAFEDIST_FAULT="term@local:1:1"), capture_output=True,
+                          text=True, timeout=300)
+    assert "stop signal received" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "round_000001"
+    assert len(metrics(out)) == 2
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(out), "--no-progress", check=True)
+    assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
+    assert comparable(metrics(out)) == comparable(metrics(ref))
+
+
 def test_an_oserror_naming_a_path_at_start_reaches_every_rank():
     """An OSError about a rank's path at start-up (a store folder the OS refuses) is a
     user-facing error that every rank raises, not one that leaves the others in a collective."""

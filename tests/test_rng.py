@@ -36,3 +36,27 @@ def test_a_clients_initial_weights_depend_on_the_seed_and_its_id_only():
     assert torch.equal(weights(0, 5), first)
     assert not torch.equal(weights(0, 6), first)
     assert not torch.equal(weights(1, 5), first)
+
+
+def test_a_clients_shuffle_is_keyed_by_its_id_and_the_round():
+    """Local training's draws (cafedist.train.local.step_draws): the same for the same client
+    and round wherever it runs; another client of the same size, or the next round, draws
+    another order (a stream keyed without either repeated one order across clients or rounds)."""
+    from types import SimpleNamespace
+
+    from cafedist.algorithms.base import Phase
+    from cafedist.config import TrainConfig
+    from cafedist.train.local import step_draws
+
+    train = TrainConfig(batch_size=8, local_epochs=1, proxy_batch_size=4)
+
+    def draws(cid: int, rnd: int) -> list[torch.Tensor]:
+        client = SimpleNamespace(cid=cid, n_train=40)
+        return [torch.cat([d.idx, d.pos]) for d in step_draws(client, Phase(), train, rnd, 3, n_targets=16)]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert same(draws(1, 2), draws(1, 2))
+    assert not same(draws(1, 2), draws(2, 2))
+    assert not same(draws(1, 2), draws(1, 3))

@@ -37,13 +37,18 @@ def reference(tmp_path_factory, store_cache):
     return cfg, out
 
 
+def train_under_torchrun(world: int, cfg, out, **env: str) -> subprocess.CompletedProcess:
+    """``cafedist train`` of ``cfg`` into ``out`` on ``world`` torchrun ranks (``env``: extra variables)."""
+    return subprocess.run(torchrun(world) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
+                                             "--no-progress"],
+                          cwd=ROOT, env=env_for_tests(**env), capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_torchrun_world_sizes_match_single_process(reference, tmp_path, world):
     cfg, ref = reference
     out = tmp_path / f"w{world}"
-    proc = subprocess.run(torchrun(world) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
-                                             "--no-progress"],
-                          cwd=ROOT, env=env_for_tests(), capture_output=True, text=True, timeout=300)
+    proc = train_under_torchrun(world, cfg, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert comparable(metrics(out)) == comparable(metrics(ref))  # acc_per_exit of every round, loss, ...
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
@@ -57,10 +62,7 @@ def test_one_rank_with_a_process_group_runs_every_collective_and_matches(referen
     single GPU exercises NCCL in launch/cuda_check.sh) gives the single-process run's models."""
     cfg, ref = reference
     out = tmp_path / "pg1"
-    proc = subprocess.run(torchrun(1) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
-                                         "--no-progress"],
-                          cwd=ROOT, env=env_for_tests(CAFEDIST_PROCESS_GROUP="always"), capture_output=True,
-                          text=True, timeout=300)
+    proc = train_under_torchrun(1, cfg, out, CAFEDIST_PROCESS_GROUP="always")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend=gloo" in proc.stderr  # a process group was made (none for one rank otherwise)
     assert summary(out)["model_hashes"] == summary(ref)["model_hashes"]
@@ -265,10 +267,7 @@ def test_a_stop_signal_that_reaches_one_rank_only_stops_every_rank(reference, tm
     the round's end, the round is checkpointed, and the resume gives the uninterrupted run."""
     cfg, ref = reference
     out = tmp_path / "run"
-    proc = subprocess.run(torchrun(2) + ["-m", "cafedist", "train", "--config", str(cfg), "--out", str(out),
-                                         "--no-progress"],
-                          cwd=ROOT, env=env_for_tests(CAFEDIST_FAULT="term@local:1:1"), capture_output=True,
-                          text=True, timeout=300)
+    proc = train_under_torchrun(2, cfg, out, CAFEDIST_FAULT="term@local:1:1")
     assert "stop signal received" in proc.stderr, proc.stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "round_000001"
     assert len(metrics(out)) == 2

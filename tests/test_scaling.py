@@ -280,3 +280,38 @@ def test_the_record_being_written_by_a_training_run_is_left_out(tmp_path, capsys
         fh.write("\n")  # complete but not JSON: damage, not a record being written
     with pytest.raises(DataError, match=r"metrics.jsonl:4: not a JSON object"):
         load_run(run)
+
+
+def test_weak_efficiency_is_normalised_by_the_busiest_ranks_samples(tmp_path):
+    """With the stores found, weak efficiency is time per sample of the busiest rank, base over
+    run: (2.0 s / 100) / (1.25 s / 50) = 0.8, not the plain 2.0 / 1.25."""
+    base = load_run(_run(tmp_path, "w1", 1, [2], [9, 2.0, 2.0]))
+    run = load_run(_run(tmp_path, "w2", 2, [2, 2], [9, 1.25, 1.25]))
+    base.samples_per_rank, run.samples_per_rank = 100, 50
+    rows = {r["run"]: r for r in scaling_table([base, run])}
+    assert rows["w2"]["mode"] == "weak" and rows["w2"]["efficiency"] == pytest.approx(0.8)
+    assert rows["w2"]["samples_per_rank"] == 50
+
+
+def test_a_run_whose_smallest_rank_differs_is_not_weak(tmp_path):
+    """Clients per rank [2, 1] against [2]: the busiest rank matches but not the placement."""
+    base = load_run(_run(tmp_path, "w1", 1, [2], [5, 1.0, 1.0]))
+    uneven = load_run(_run(tmp_path, "w2", 2, [2, 1], [5, 1.0, 1.0]))
+    row = scaling_table([base, uneven])[1]
+    assert (row["mode"], row["efficiency"]) == ("n/a", None)
+
+
+def test_bytes_per_round_count_the_clients_that_trained_and_skip_the_warmup_round(tmp_path):
+    """Logical bytes are (up + down) per client times the clients that trained that round
+    (client sampling trains fewer than the run holds); wire MiB are averaged over the timed
+    rounds, like the times, in MiB (2**20 bytes)."""
+    d = tmp_path / "sampled"
+    d.mkdir()
+    mib = 2 ** 20
+    records = [{**_record(i, 1, [4], 1.0, wire=wire), "clients_trained": 2}
+               for i, wire in enumerate((10 * mib, mib, 3 * mib))]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = load_run(d)
+    assert stats.logical_bytes_per_round == pytest.approx(500 * 2)
+    [row] = scaling_table([stats])
+    assert row["wire_mb_per_round"] == pytest.approx(2.0)

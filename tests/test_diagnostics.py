@@ -151,6 +151,14 @@ def test_record_means_shares_and_inactive_clients():
     json.dumps(rec, allow_nan=False)  # valid JSON: no NaN anywhere
 
 
+
+def test_a_zero_cosine_is_no_conflict():
+    """The shares count cosines < 0 (conflicting), not orthogonal gradients (cosine 0)."""
+    rows = torch.tensor([[0.0, -0.5, 0.5, 1, 1, 1]], dtype=torch.float64)
+    rec = conflict_record(rows, torch.tensor([True]), m=3)
+    assert rec["neg_all"] == pytest.approx(1 / 3) and rec["neg_trained"] == pytest.approx(1 / 3)
+
+
 # ----------------------------------------------------------------------------- config
 def test_unknown_diagnostic_is_a_config_error(tiny_config):
     cfg = tiny_config()

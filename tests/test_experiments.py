@@ -4,6 +4,8 @@ and a sweep neither hides a failed variant nor reuses a finished run of another 
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -141,3 +143,62 @@ def test_study_script_refuses_to_let_its_protocol_silently_win_over_an_override(
                             env=env, timeout=60, check=True).stdout.split()
     assert passed[passed.index("--out") + 2:passed.index("--out") + 4] == ["--seeds", "1"]
     assert passed[-4:] == ["train.rounds=100", "train.eval_every=5", "data.val_fraction=0.1", "checkpoint.every=10"]
+
+
+# ----------------------------------------------------------------------------- the numbers the scripts print
+def _experiment(name: str, monkeypatch: pytest.MonkeyPatch):
+    """The script's module, imported as when run (experiments/ on the path: study_tables imports sweep)."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    return importlib.import_module(name)
+
+
+def _study_row(variant: str, test3: float, val3: float) -> dict[str, str]:
+    """A row of a study's runs.csv (sweep.py --collect), exits 1 and 2 left empty."""
+    return {"variant": variant, "seed": variant.rsplit("seed", 1)[1], "test_exit1": "", "test_exit2": "",
+            "test_exit3": str(test3), "val_exit3": str(val3)}
+
+
+def test_study_tables_seed_and_paired_numbers(monkeypatch):
+    """Each method at its chosen lr only: mean ± sample sd over its seeds (test, then
+    validation); CAFEDistill minus each method on the seeds both have, mean ± standard error."""
+    st = _experiment("study_tables", monkeypatch)
+    rows = [_study_row("cafedistill/train.lr=0.05/seed0", 0.80, 0.5),
+            _study_row("cafedistill/train.lr=0.05/seed1", 0.82, 0.6),
+            _study_row("cafedistill/train.lr=0.05/seed2", 0.84, 0.7),  # fedavg has no seed 2
+            _study_row("cafedistill/train.lr=0.02/seed0", 0.99, 0.1),  # trials not chosen
+            _study_row("fedavg/train.lr=0.02/seed0", 0.70, 0.5),
+            _study_row("fedavg/train.lr=0.02/seed1", 0.75, 0.5),
+            _study_row("fedavg/train.lr=0.05/seed0", 0.10, 0.9)]
+    chosen = {"cafedistill": "train.lr=0.05", "fedavg": "train.lr=0.02"}
+    assert st.seeds_table(rows, chosen).splitlines()[2:] == [
+        "| cafedistill (0.05) | 3 |  |  | 82.0 ± 2.0 | 60.0 ± 10.0 |",  # sample sd of 80, 82, 84: 2
+        "| fedavg (0.02) | 2 |  |  | 72.5 ± 3.5 | 50.0 ± 0.0 |"]
+    # seeds 0 and 1: differences 10 and 7 points, mean 8.5, sd 2.12, standard error 2.12 / √2 = 1.5
+    assert st.paired_table(rows, chosen).splitlines()[2:] == ["| fedavg | 2 |  |  | +8.5 ± 1.5 |"]
+
+
+def test_theta_tradeoff_reads_the_cost_and_saving_of_theta_and_the_best_within_the_loss(tmp_path, monkeypatch):
+    tt = _experiment("theta_tradeoff", monkeypatch)
+    sweep = [{"threshold": th, "accuracy": acc, "macs_reduction": red}
+             for th, acc, red in ((0.5, 0.85, 0.5), (0.6, 0.88, 0.4), (0.8, 0.895, 0.2), (1.0, 0.9, 0.0))]
+    (tmp_path / "eval.json").write_text(json.dumps({"acc_per_exit": [0.6, 0.9], "dynamic": sweep}))
+    # θ = 0.6 costs 2 points of the last exit's 90 % for 40 % fewer MACs; within 2.01 points
+    # θ = 0.5 (5 points) is out, so the best saving is θ = 0.6's
+    assert tt.tradeoff(tmp_path, 0.6, 2.01) == pytest.approx((2.0, 40.0, 40.0))
+    assert tt.tradeoff(tmp_path, 0.6, 5.0)[2] == pytest.approx(50.0)
+
+
+def test_per_client_gap_splits_clients_into_thirds_by_training_size(tmp_path, monkeypatch, capsys):
+    """The gap is the first method minus the other, per client: here +10 points on the two
+    smallest clients, +5 on the middle two, 0 on the two largest."""
+    gap = _experiment("per_client_gap", monkeypatch)
+    for name, accs in (("a", [0.5] * 6), ("b", [0.4, 0.4, 0.45, 0.45, 0.5, 0.5])):
+        run = tmp_path / name / "seed0"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"acc_per_client": [[0.1, a] for a in accs]}))
+    monkeypatch.setattr(gap, "train_sizes", lambda run_dir: [10, 20, 30, 40, 50, 60])  # the store's, per client
+    monkeypatch.setattr("sys.argv", ["per_client_gap.py", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--seeds", "0"])
+    gap.main()
+    assert capsys.readouterr().out.splitlines() == [
+        "6 clients; smallest third <= 20 training samples, largest third >= 50",
+        "a - b: mean +5.0, smallest third +10.0, largest third +0.0, correlation with training size -0.96 (6 clients)"]

@@ -294,6 +294,21 @@ def test_time_left_includes_the_recorded_checkpoint_writes(runs, tmp_path):
     assert status.seconds_left == pytest.approx(8 * 1.0 + 4 * 3.0)  # was 8 s
 
 
+
+def test_time_left_is_the_median_of_the_newest_five_rounds(runs, tmp_path):
+    """Rounds of 9 s then 1 s, one slow outlier last: the newest five (1, 1, 1, 1, 5) have a
+    median of 1 s, so 3 rounds left are 3 s (their mean would say 5.4 s, the oldest five 27 s)."""
+    status, _ = _status_then_release(*_resumed_run(runs, tmp_path, earlier=[1.0],
+                                                    current=[9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 1.0, 5.0], rounds=12))
+    assert status.seconds_left == pytest.approx(3.0)
+
+
+def test_time_left_counts_the_checkpoint_of_the_last_round(runs, tmp_path):
+    """Rounds 2..9 with a checkpoint every 4: after rounds 3 and 7, and after the last (9)."""
+    status, _ = _status_then_release(*_resumed_run(runs, tmp_path, earlier=[1.0, 1.0], current=[], every=4,
+                                                    t_checkpoint=3.0))
+    assert status.seconds_left == pytest.approx(8 * 1.0 + 3 * 3.0)
+
 def test_train_names_each_row_s_session_and_the_checkpoint_before_it(runs, tmp_path):
     """A resumed run's rows tell its sessions apart (their lock records differ), and a row
     after a checkpoint records how long that checkpoint took to write."""

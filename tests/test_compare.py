@@ -192,6 +192,18 @@ def test_summarize_gives_mean_and_sample_std_over_seeds():
     assert "| b | 1 | 50.00 | 60.00 | 70.00 |" in md
 
 
+
+def test_results_markdown_cells_are_mean_and_sample_std_in_points_over_the_seeds_that_finished():
+    """Accuracy cells are mean ± sample std in points, wall time in seconds, bytes the mean;
+    the seeds column counts the seeds that finished, also when a metric lacks one of them
+    (here a dynamic threshold one seed's table does not hold)."""
+    runs = [_fake_summary([0.5, 0.6, 0.7], 0.4, 10.0, 0.2, 100, 3.0),
+            _fake_summary([0.5, 0.6, 0.9], 0.4, 10.0, 0.2, 300, 5.0)]
+    runs[1]["dynamic"] = [r for r in runs[1]["dynamic"] if r["threshold"] != 0.5]
+    md = results_markdown("cafedist compare X", summarize({"a": runs}), [])
+    assert "| a | 2 | 50.00 ± 0.00 | 60.00 ± 0.00 | 80.00 ± 14.14 |" in md  # sd of 70 and 90: 14.14
+    assert "| a | 20.0 ± 0.0 | 200 | 4.0 ± 1.4 |" in md
+
 def test_the_accuracy_table_names_each_rows_macs_when_the_rows_models_differ():
     # a grid over model.options makes rows of other models: the header's MACs held only the first row's
     small = _fake_summary([0.5, 0.6, 0.7], 0.4, 10.0, 0.2, 100, 3.0)
@@ -324,6 +336,13 @@ def test_differences_pair_by_seed_not_position_and_rows_with_under_two_shared_se
     assert [float(line[k]) for k in ("mean", "std", "se", "ci_low", "ci_high")] == pytest.approx(
         [d.mean, d.std, d.se, d.low, d.high], rel=1e-12)
 
+
+
+def test_a_seed_on_which_the_row_ties_the_reference_counts_as_at_or_above():
+    rows = {"cafedistill": _paired_row("cafedistill", {0: 0.5, 1: 0.7, 2: 0.6}),
+            "fedavg": _paired_row("fedavg", {0: 0.5, 1: 0.6, 2: 0.7})}
+    [d] = paired_differences(rows, thresholds=()).diffs
+    assert d.at_or_above == 2  # seed 0 ties, seed 2 is above, seed 1 below
 
 def test_no_paired_section_without_the_reference_or_two_shared_seeds():
     one_seed = {"cafedistill": _paired_row("cafedistill", {1: 0.5}), "fedavg": _paired_row("fedavg", {1: 0.6})}

@@ -1,8 +1,14 @@
-"""compare's per-run tables read from run directories: damaged files."""
+"""compare's per-run tables read from run directories: their numbers, and damaged files."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from cafedist import runtables
 
@@ -13,3 +19,33 @@ def test_a_metrics_line_with_bytes_that_are_no_utf8_is_passed_over_as_a_torn_one
     rows = [json.dumps({"round": r, "acc_per_exit": [0.1 * r, 0.2 * r]}).encode() + b"\n" for r in range(3)]
     (tmp_path / "metrics.jsonl").write_bytes(rows[0] + b"\xff\xfe damaged\n" + rows[1] + rows[2])
     assert [r["round"] for r in runtables.read_curve(tmp_path)] == [0, 1, 2]
+
+
+def _outcome(run_dir: Path, seed: int, summary: dict, curve: list[list[float]]) -> SimpleNamespace:
+    """A finished run of row ``fedavg`` (compare's RunOutcome, duck-typed) whose test accuracy
+    per exit in round r is ``curve[r]``."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "acc_per_exit": acc}) + "\n"
+                                                   for r, acc in enumerate(curve)))
+    run = SimpleNamespace(variant=SimpleNamespace(name="fedavg"), setting=SimpleNamespace(label=""), seed=seed,
+                          run_dir=run_dir, row="fedavg", finished_summary=lambda: summary)
+    return SimpleNamespace(run=run, status="done")
+
+
+def test_runs_csv_puts_each_number_under_its_column_and_curves_average_the_seeds(tmp_path):
+    summary = {"rounds": 2, "acc_per_exit": [0.5, 0.6], "bytes_per_client_per_round": 4096, "wall_seconds": 12.5,
+               "dynamic": [{"threshold": 0.6, "accuracy": 0.55, "mean_macs": 1234.5, "macs_reduction": 0.3}]}
+    outcomes = [_outcome(tmp_path / "seed0", 0, summary, [[0.1, 0.2], [0.3, 0.4]]),
+                _outcome(tmp_path / "seed1", 1, summary, [[0.3, 0.4], [0.5, 0.8]])]
+    section = {"accuracy": 0.7, "macs_fraction": 0.5, "share_within_budget": 1.0,
+               "global_at_same_macs": {"accuracy": 0.6}}
+    budgets = {str(tmp_path / "seed0"): {"macs=0.5": section,
+                                         "macs=0.8": {**section, "accuracy": 0.75, "macs_fraction": 0.8}}}
+    row = next(csv.DictReader(io.StringIO(runtables.runs_csv(outcomes, tmp_path, budgets))))
+    assert (row["dynamic_accuracy_0.6"], row["dynamic_mean_macs_0.6"]) == ("0.55", "1234.5")
+    assert (row["bytes_per_client_per_round"], row["wall_seconds"]) == ("4096", "12.5")
+    assert (row["budget_accuracy@macs=0.5"], row["budget_macs_fraction@macs=0.5"]) == ("0.7", "0.5")
+    assert (row["budget_accuracy@macs=0.8"], row["budget_macs_fraction@macs=0.8"]) == ("0.75", "0.8")
+    assert (row["budget_global_accuracy@macs=0.8"], row["run_dir"]) == ("0.6", "seed0")
+    # a row's curve per exit: the mean over its seeds, round by round (numbered by rounds completed)
+    assert runtables.mean_curves(outcomes)["fedavg"][1] == [(1, pytest.approx(0.3)), (2, pytest.approx(0.6))]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import shutil
 import statistics
 import sys
@@ -35,6 +36,7 @@ from pathlib import Path
 from sweep import finished_runs, tabulate_runs  # experiments/ is on sys.path when run as a script
 
 from cafedist.stats import mean_se
+from cafedist.tuning import Setting
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,9 +65,19 @@ def chosen_settings(study_dir: Path) -> dict[str, str]:
         return {r["algorithm"]: r["setting"] for r in csv.DictReader(f) if r["chosen"] == "yes"}
 
 
+def setting_folder(label: str) -> str:
+    """The folder compare trains a setting in (:attr:`cafedist.tuning.Setting.slug`), from its
+    trials.csv label: keys there are separated by spaces, in the folder by commas (or hashed)."""
+    pairs = tuple(tuple(pair.split("=", 1)) for pair in re.split(r" (?=[A-Za-z_][\w.-]*=)", label) if pair)
+    return Setting(pairs).slug
+
+
 def chosen_runs(rows: list[dict], method: str, setting: str) -> list[dict]:
-    """The per-run rows of ``method`` at ``setting`` (one per seed)."""
-    return [r for r in rows if r["variant"].startswith(f"{method}/{setting}/")]
+    """The per-run rows of ``method`` at ``setting`` (one per seed; a method no grid axis
+    applies to, setting "", trains in ``method/seedN``)."""
+    folder = setting_folder(setting)
+    prefix = f"{method}/{folder}/" if folder else f"{method}/seed"
+    return [r for r in rows if r["variant"].startswith(prefix)]
 
 
 def _pct(value: str) -> str:

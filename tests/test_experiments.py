@@ -202,3 +202,19 @@ def test_per_client_gap_splits_clients_into_thirds_by_training_size(tmp_path, mo
     assert capsys.readouterr().out.splitlines() == [
         "6 clients; smallest third <= 20 training samples, largest third >= 50",
         "a - b: mean +5.0, smallest third +10.0, largest third +0.0, correlation with training size -0.96 (6 clients)"]
+
+
+def test_study_tables_finds_the_runs_of_a_setting_of_several_keys(monkeypatch):
+    """trials.csv labels a setting with spaces between keys, compare's folders with commas (a
+    value with unsafe characters: hashed): a grid over two keys dropped the method silently."""
+    from cafedist.tuning import Setting
+
+    st = _experiment("study_tables", monkeypatch)
+    two = Setting((("train.lr", "0.05"), ("algorithm.cafedistill.mu", "2")))
+    odd = Setting((("train.lr", "0.05"), ("model.options", "{width: 8}")))
+    rows = [_study_row(f"cafedistill/{two.slug}/seed0", 0.8, 0.5), _study_row(f"fedavg/{odd.slug}/seed0", 0.7, 0.5),
+            _study_row("fedper/seed0", 0.6, 0.5)]
+    assert [r["variant"] for r in st.chosen_runs(rows, "cafedistill", two.label)] == [f"cafedistill/{two.slug}/seed0"]
+    assert [r["variant"] for r in st.chosen_runs(rows, "fedavg", odd.label)] == [f"fedavg/{odd.slug}/seed0"]
+    assert [r["variant"] for r in st.chosen_runs(rows, "fedper", "")] == ["fedper/seed0"]
+

@@ -203,8 +203,8 @@ def open_ensured_store(out: str | Path, spec: PartitionSpec, root: str | Path | 
     ``out + ".lock"`` and re-check after taking it, so exactly one builds. An existing store
     with different params (or an unreadable file) raises DataError instead of being replaced.
     """
-    # through a link (to a store not built yet): build at its target, not in place of the link
-    out = Path(os.path.realpath(out))
+    # a link (to a store not built yet): build at its target, not in place of the link
+    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
     want = partition_params(spec)
     store = open_matching_store(out, want)  # fast path: stores appear by atomic rename, so no lock is needed to read
     if store is not None:

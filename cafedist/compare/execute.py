@@ -116,14 +116,24 @@ def run_subprocess(run: PlannedRun, jobs: int = 1) -> RunOutcome:
         return RunOutcome(run, "stopped", _stopped_message(run), seconds)
     changed = run.config_changed()  # edited after the check before the start
     if changed is not None and code == 0:  # it finished, but not this run: it read the edit
-        return RunOutcome(run, "failed", f"{changed}; it trained the edited config (log: {logfile})", seconds)
+        return RunOutcome(run, "failed", f"{_with_edit(None, changed)} (log: {logfile})", seconds)
     why = _signal_name(-code) if code < 0 else f"exit status {code}" if code else "no summary.json written"
     with open(logfile, "rb") as fh:
         fh.seek(max(start, fh.seek(0, os.SEEK_END) - 20000))
         tail = fh.read().decode(errors="replace")
-    # a failure of its own while the file was edited: its error, and the edit a rerun must know of
-    edited = f"; {changed} (the training may have read the edit)" if changed is not None else ""
-    return RunOutcome(run, "failed", f"{why}: {trainlog.last_error(tail)}{edited} (log: {logfile})", seconds)
+    why = _with_edit(f"{why}: {trainlog.last_error(tail)}", changed)
+    return RunOutcome(run, "failed", f"{why} (log: {logfile})", seconds)
+
+
+def _with_edit(error: str | None, changed: str | None) -> str:
+    """A failed run's line: its ``error`` (None: it ended without one), and ``changed``, the
+    edit of its config file meanwhile (:meth:`PlannedRun.config_changed`), which a rerun must
+    know of: without an error of its own, the run trained the edited config."""
+    if changed is None:
+        return error or "no summary.json written"
+    if error is None:
+        return f"{changed}; it trained the edited config"
+    return f"{error}; {changed} (the training may have read the edit)"
 
 
 def _signal_name(number: int) -> str:
@@ -184,8 +194,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
             raise
         for res, run in zip(results, part_runs):
             ok = run.finished_summary() is not None  # as run_subprocess: the summary decides
-            why = "" if ok else run.config_changed() or res.error or "no summary.json written"
-            msg = "" if ok else f"{why} (job {res.job_id})"
+            msg = "" if ok else f"{_with_edit(res.error, run.config_changed())} (job {res.job_id})"
             outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))
     return outcomes
 

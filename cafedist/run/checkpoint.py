@@ -219,13 +219,14 @@ class CheckpointDir:
         ``newest``: the round just committed; directories of later rounds are left as they are
         and take no kept place: they failed to verify when this run resumed from an older one
         (it would have resumed from them), and the one just committed must stay."""
-        later = {p for p in self._all_dirs() if newest is not None and round_of(p) > newest}
+        every = self._all_dirs()
+        later = {p for p in every if newest is not None and round_of(p) > newest}
         dirs = [p for p in self.candidates() if p not in later]
         kept, needed = dirs[:keep], {}
         for path in kept:
             for name, ref in _read_manifest(path).get("refs", {}).items():
                 needed.setdefault(ref["dir"], set()).add(name)
-        for path in self._all_dirs():
+        for path in every:
             if path in kept or path in later:
                 continue
             if path.name not in needed:

@@ -567,5 +567,10 @@ def _hashed_fields(cfg: Config, ignore: tuple[str, ...], drop_defaults: bool = T
     return d
 
 
+def canonical_text(value: Any) -> str:
+    """A config value as :func:`config_hash` reads it (JSON, keys sorted): ``1`` and ``1.0`` differ."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _sha256(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(canonical_text(d).encode()).hexdigest()

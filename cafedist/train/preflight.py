@@ -10,7 +10,6 @@ reads.
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from cafedist.config import (
     Config,
     YamlFile,
+    canonical_text,
     config_hash,
     identity_fields,
     missing_sections,
@@ -76,13 +76,8 @@ def dict_diff(a: Any, b: Any, prefix: str = "", *, as_hashed: bool = False) -> s
             if d:
                 return d
         return None
-    same = _hashed_text(a) == _hashed_text(b) if as_hashed else a == b
+    same = canonical_text(a) == canonical_text(b) if as_hashed else a == b
     return None if same else f"{prefix[:-1]} ({a!r} vs {b!r})"
-
-
-def _hashed_text(value: Any) -> str:
-    """A value as :func:`~cafedist.config.config_hash` reads it."""
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def earlier_hash(cfg: Config, run_dir: Path) -> str | None:

@@ -20,7 +20,6 @@ summed loss of the defaults is bit-identical to the formula written out by hand,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cafedist.errors import ConfigError
+from cafedist.typed import is_finite_number
 
 KD_WEIGHTINGS = ("lam_tau2", "lam", "convex")
 UNSELECTED = ("none", "ce")
@@ -55,8 +55,7 @@ class ExitLossRule:
         if weights is not None:
             # all zero trains nothing; an infinite weight makes every loss infinite
             if not isinstance(weights, (list, tuple)) or len(weights) != num_exits \
-                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf
-                               for w in weights) or not any(weights):
+                    or not all(is_finite_number(w) and w >= 0 for w in weights) or not any(weights):
                 raise ConfigError(f"algorithm.{section}.exit_weights: expected a list of {num_exits} finite "
                                   f"non-negative numbers (one per exit, not all 0) or null, got {weights!r}")
             weights = tuple(float(w) for w in weights)

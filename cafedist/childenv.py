@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cafedist.parentwatch import PARENT_PID_VARIABLE
+
 #: the folder holding this cafedist package: first on a child's PYTHONPATH, so that it runs
 #: this code from any working directory
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +25,12 @@ def child_env(**overrides: str) -> dict[str, str]:
     """``os.environ`` for a child ``python -m cafedist``, with ``overrides``: this checkout first
     on PYTHONPATH, and none of a launcher's rank variables. A child that kept them took itself
     for a rank of its parent's launch: `cafedist compare` in an sbatch script of several tasks
-    (or under srun) started trainings that each waited for peers until the timeout."""
+    (or under srun) started trainings that each waited for peers until the timeout. The child
+    learns this process's pid, to stop with it (:func:`cafedist.parentwatch.guard_parent`)."""
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith(RANK_PREFIXES)}
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(PACKAGE_ROOT)]
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), *parts])
+    # the child stops (checkpointing) when this process dies: cafedist.parentwatch.guard_parent
+    env[PARENT_PID_VARIABLE] = str(os.getpid())
     env.update(overrides)
     return env

@@ -70,10 +70,11 @@ def _run_dir_default(config: str | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cafedist.parentwatch import guard_launched_rank
+    from cafedist.parentwatch import guard_parent
 
-    # under a launcher, die with it from the start (importing torch alone takes seconds)
-    watch = guard_launched_rank()
+    # die with a launcher, or stop with the compare that started it, from the start (importing
+    # torch alone takes seconds)
+    watch = guard_parent()
     try:
         return _train_guarded(args)
     finally:

@@ -1,4 +1,4 @@
-"""Ranks die with their launcher: a rank whose torchrun/srun/mpiexec parent is gone stops at once.
+"""Processes die with whoever started them: a launcher's rank, or a training that compare started.
 
 torchrun starts every worker in a session of its own, so killing the launcher's process group
 (a Ctrl-C on a wrapper script, a job step's teardown) used to leave the workers training to
@@ -8,9 +8,17 @@ started by a launcher therefore asks the kernel to SIGKILL it when its parent di
 the parent pid and ends the process with :data:`ORPHAN_EXIT_CODE`. Either way nothing more is
 written: checkpoints are atomic, so the last committed one stays valid for a resume.
 
-Only a process whose parent is a launcher is guarded (:func:`launcher_parent`): a plain
-``cafedist train`` from a shell is never stopped this way. The module imports no torch, so the
-command line arms the guard first thing, before the seconds that importing torch takes.
+A ``cafedist train`` that another cafedist process started (compare's trainings, a benchmark's
+runs: :func:`cafedist.childenv.child_env` names the starter in :data:`PARENT_PID_VARIABLE`)
+is stopped the gentle way instead: the watchdog sends it SIGTERM, so it writes a checkpoint at
+the end of its round and exits as on any stop signal. A compare that was SIGKILLed (or OOM-killed) used to leave
+its current training running, holding the run's lock against the compare the user started
+next.
+
+Only a process whose parent is a launcher or its cafedist starter is guarded
+(:func:`guarded_parent`): a plain ``cafedist train`` from a shell is never stopped this way.
+The module imports no torch, so the command line arms the guard first thing, before the
+seconds that importing torch takes.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ log = logging.getLogger("cafedist")
 ORPHAN_EXIT_CODE = 129
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+#: in the environment of a cafedist process that another one started: the starter's pid
+PARENT_PID_VARIABLE = "CAFEDIST_PARENT_PID"
 
 # launcher -> environment variables it sets in the processes it starts itself (as their parent)
 _LAUNCHER_VARS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -53,6 +64,25 @@ def launcher_parent(env: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
+def cafedist_parent(env: Mapping[str, str] = os.environ) -> int | None:
+    """The pid of the cafedist process that started this one (:data:`PARENT_PID_VARIABLE`):
+    the parent, or a process gone already (it died before this one looked). None when there is
+    none, or when it lives but is not the parent (the variable inherited by a grandchild)."""
+    value = env.get(PARENT_PID_VARIABLE, "")
+    if not value.isdigit():
+        return None
+    pid = int(value)
+    if pid == os.getppid():
+        return pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return pid
+    except OSError:  # alive, another user's
+        pass
+    return None
+
+
 def set_parent_death_signal(sig: int) -> bool:
     """``prctl(PR_SET_PDEATHSIG, sig)`` (0 clears it); False where the OS has no such call."""
     if not sys.platform.startswith("linux"):
@@ -62,6 +92,12 @@ def set_parent_death_signal(sig: int) -> bool:
         return libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _stop_orphaned(parent: int) -> None:
+    print(f"cafedist: the cafedist process that started this training (pid {parent}) is gone: "
+          f"stopping at the end of this round", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # the stop signal: checkpoint, then exit
 
 
 def _leave_orphaned(parent: int) -> None:
@@ -110,21 +146,30 @@ class ParentWatch:
 _active: ParentWatch | None = None
 
 
-def guard_launched_rank(env: Mapping[str, str] = os.environ, interval: float = 1.0) -> ParentWatch | None:
-    """Under a launcher: arm SIGKILL on parent death and start the watchdog; the caller stops it.
+def guard_parent(env: Mapping[str, str] = os.environ, interval: float = 1.0) -> ParentWatch | None:
+    """Arm the parent-death signal and start the watchdog; the caller stops it.
 
-    None when there is no launcher parent, or when an earlier caller's guard is still active.
+    Under a launcher: SIGKILL, nothing more written. Started by another cafedist process
+    (:func:`cafedist_parent`): SIGTERM from the watchdog (within ``interval`` seconds), which
+    ``train`` answers with a checkpoint. None when
+    the parent is neither, or when an earlier caller's guard is still active.
     """
     global _active
-    launcher = launcher_parent(env)
-    if launcher is None or (_active is not None and not _active.stopped):
+    launcher, starter = launcher_parent(env), cafedist_parent(env)
+    if launcher is not None:
+        on_orphan, what, parent = _leave_orphaned, launcher, os.getppid()
+    elif starter is not None:
+        on_orphan, what, parent = _stop_orphaned, "cafedist", starter
+    else:
         return None
-    parent = os.getppid()
-    watch = ParentWatch(parent, interval=interval)
-    watch.pdeathsig = set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died while the signal was being armed
-        _leave_orphaned(parent)
-    log.debug("rank guarded against losing its launcher (%s, parent pid %d, pdeathsig %s)",
-              launcher, parent, watch.pdeathsig)
+    if _active is not None and not _active.stopped:
+        return None
+    watch = ParentWatch(parent, interval=interval, on_orphan=on_orphan)
+    # the kernel's signal for a rank only: a stop that is gentle anyway can wait a poll, and the
+    # watchdog says in the training's log why it stopped
+    watch.pdeathsig = launcher is not None and set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died already (while the signal was being armed)
+        on_orphan(parent)
+    log.debug("guarded against losing its parent (%s, pid %d, pdeathsig %s)", what, parent, watch.pdeathsig)
     _active = watch.start()
     return _active

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cafedist_in_process, env_for_tests, metrics, torchrun
 
-from cafedist.parentwatch import ORPHAN_EXIT_CODE, ParentWatch, guard_launched_rank, launcher_parent
+from cafedist.parentwatch import (
+    ORPHAN_EXIT_CODE,
+    PARENT_PID_VARIABLE,
+    ParentWatch,
+    cafedist_parent,
+    guard_parent,
+    launcher_parent,
+)
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -31,7 +38,17 @@ def test_only_a_launcher_parent_is_watched(env, expected):
 
 
 def test_a_plain_run_is_not_guarded():
-    assert guard_launched_rank({}) is None
+    assert guard_parent({}) is None
+
+
+def test_a_cafedist_starter_is_known_by_the_pid_it_gave(tmp_path):
+    assert cafedist_parent({PARENT_PID_VARIABLE: str(os.getppid())}) == os.getppid()
+    # inherited by a grandchild: its starter lives, but is not the parent
+    assert cafedist_parent({PARENT_PID_VARIABLE: str(os.getpid())}) is None
+    assert cafedist_parent({PARENT_PID_VARIABLE: "x"}) is None
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # reaped: that pid is free (reused within this test: vanishingly unlikely)
+    assert cafedist_parent({PARENT_PID_VARIABLE: str(gone.pid)}) == gone.pid  # died before the child looked
 
 
 def test_watchdog_fires_once_the_parent_changes():
@@ -53,7 +70,7 @@ ORPHAN = textwrap.dedent("""
     import os, sys, time
     import cafedist.parentwatch as pw
     pw.set_parent_death_signal = lambda sig: False  # as on an OS without prctl: the watchdog alone
-    pw.guard_launched_rank({"TORCHELASTIC_RUN_ID": "x"}, interval=0.05)
+    pw.guard_parent({"TORCHELASTIC_RUN_ID": "x"}, interval=0.05)
     print("ready", flush=True)
     time.sleep(60)
     print("still running", flush=True)
@@ -74,6 +91,34 @@ def test_watchdog_stops_an_orphaned_rank_without_the_kernel_signal():
     assert time.monotonic() - t0 < 45
     assert "the launcher (parent pid" in err and "without writing anything more" in err, err
     assert ORPHAN_EXIT_CODE == 129
+
+
+# a training that compare started: the watchdog stops it with SIGTERM (a checkpoint), not SIGKILL
+TRAINING = textwrap.dedent("""
+    import os, signal, sys, time
+    import cafedist.parentwatch as pw
+    signal.signal(signal.SIGTERM, lambda *a: (print("stopping gently", file=sys.stderr, flush=True), sys.exit(75)))
+    assert pw.guard_parent(os.environ, interval=0.05) is not None
+    print("ready", flush=True)
+    time.sleep(60)
+    print("still running", flush=True)
+""")
+COMPARE = textwrap.dedent("""
+    import subprocess, sys
+    from cafedist.childenv import child_env
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True, env=child_env())
+    assert child.stdout.readline().strip() == "ready"
+""")
+
+
+def test_a_training_whose_compare_died_stops_with_a_checkpoint():
+    proc = subprocess.Popen([sys.executable, "-c", COMPARE, TRAINING], cwd=ROOT, env=env_for_tests(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=50)
+    assert time.monotonic() - t0 < 45
+    assert "(pid " in err and "is gone: stopping at the end of this round" in err, err
+    assert "stopping gently" in err, err
 
 
 def _children(pid: int) -> list[int]:

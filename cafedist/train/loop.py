@@ -28,7 +28,7 @@ from cafedist.distributed.runtime import (
 )
 from cafedist.errors import CheckpointError, DistError
 from cafedist.fsutil import write_json_atomic
-from cafedist.parentwatch import guard_launched_rank
+from cafedist.parentwatch import guard_parent
 from cafedist.run.build import Run, build_run, close_run
 from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint, save_checkpoint, verification_memo
 from cafedist.run.metrics import MetricsLog
@@ -70,7 +70,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", rt: Runtime | 
     if resume not in RESUME_MODES:
         raise CheckpointError(f"--resume: expected auto, none or force, got {resume!r}")
     own_rt = rt is None
-    watch = guard_launched_rank()  # under torchrun/srun/mpiexec: die with the launcher, write nothing more
+    watch = guard_parent()  # die with a launcher (writing nothing more), stop with a cafedist starter
     try:
         rt = rt or init_runtime(cfg.dist.backend, cfg.dist.device, cfg.dist.timeout_s, names="dist.")
         if rt.is_main:

@@ -24,6 +24,16 @@ class CheckpointError(CafeError):
     """A checkpoint cannot be used (corrupt, other config, unreadable)."""
 
 
+class RunDirError(CheckpointError):
+    """A run directory holds a run this one may not continue: ``problem`` says what it holds,
+    ``advice`` what a ``train`` command can do about it (compare, which has no ``--resume``,
+    gives its own)."""
+
+    def __init__(self, problem: str, advice: str = ""):
+        super().__init__(f"{problem}; {advice}" if advice else problem)
+        self.problem, self.advice = problem, advice
+
+
 class DistError(CafeError):
     """The distributed launch environment is inconsistent, or a collective failed/timed out."""
 

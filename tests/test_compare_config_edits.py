@@ -140,3 +140,24 @@ def test_an_edit_of_how_a_number_is_written_is_named(tiny_config, tmp_path):
     assert run.config_changed() is None
     cfg.write_text(cfg.read_text().replace("exit_weights: [1, 1, 2]", "exit_weights: [1.0, 1, 2]"))
     assert "(first difference: algorithm.cafedistill.exit_weights ([1, 1, 2] vs [1.0, 1, 2]))" in run.config_changed()
+
+
+def test_a_folder_holding_another_configs_run_is_not_started_and_the_advice_is_compares(tiny_config, tmp_path):
+    """The config edited between two compares into one --out: seed 3's folder holds the lr 0.05
+    run. compare relayed train's refusal, advising '--resume none ... or --resume force', flags
+    compare does not have; the run is now refused unstarted in compare's words, the others train."""
+    cfg = tiny_config(rounds=1)
+    [first] = plan_runs(cfg, resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+    assert executing.execute([first])[0].status == "done"
+    log_before = (first.run_dir / "train.log").read_text()
+    _edit_lr(cfg)
+    held, fresh = plan_runs(cfg, resolve_algorithms("fedavg"), 2, tmp_path / "cmp")
+    assert held.run_dir == first.run_dir
+    outcomes = executing.execute([held, fresh])
+    assert [o.status for o in outcomes] == ["failed", "done"], [o.message for o in outcomes]
+    assert outcomes[0].message == (
+        f"{held.run_dir} holds a run with a different config (first difference: train.lr (0.05 vs 0.07)); not "
+        "started: compare continues only runs of its own config, so use another --out, or move that folder away "
+        "and rerun compare")
+    assert (held.run_dir / "train.log").read_text() == log_before  # no training was started there
+    assert fresh.finished_summary() is not None

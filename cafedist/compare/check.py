@@ -8,7 +8,8 @@ store is prepared), then :func:`check_built` builds each distinct one (which may
 first seed's store: seconds to minutes).
 
 The run directories themselves are not checked here: a run whose directory holds another
-config's run fails on its own, as ``train`` refuses it, and the others go on.
+config's run fails unstarted when its turn comes (:meth:`~cafedist.compare.plan.PlannedRun.held_by_another`),
+and the others go on.
 """
 
 from __future__ import annotations

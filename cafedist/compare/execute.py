@@ -219,7 +219,7 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
             todo.append(i)
     if todo and submit is not None:
         for i in todo:
-            _refuse_if_changed(runs, i, outcomes)
+            _refuse_unstartable(runs, i, outcomes)
         todo = [i for i in todo if i not in outcomes]
         folder = submit_folder or runs[0].run_dir.parents[2] / "submitit"
         for i, res in zip(todo, run_submitit([runs[i] for i in todo], submit, folder, jobs) if todo else ()):
@@ -229,7 +229,7 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
         jobs = jobs or 1
 
         def one(i: int) -> None:
-            if _refuse_if_changed(runs, i, outcomes):
+            if _refuse_unstartable(runs, i, outcomes):
                 return
             log.info("compare: [%d/%d] %s: running", i + 1, len(runs), runs[i].label)
             outcomes[i] = runner(runs[i], jobs)
@@ -248,14 +248,22 @@ def execute(runs: Sequence[PlannedRun], jobs: int | None = None, submit: Executo
     return [outcomes[i] for i in range(len(runs))]
 
 
-def _refuse_if_changed(runs: Sequence[PlannedRun], i: int, outcomes: dict[int, RunOutcome]) -> bool:
+def _refuse_unstartable(runs: Sequence[PlannedRun], i: int, outcomes: dict[int, RunOutcome]) -> bool:
     """Fail run ``i`` unstarted when its config file was edited since compare planned it (a
-    training reads the file as it is then: it would train another config under this run's row)."""
+    training reads the file as it is then: it would train another config under this run's row),
+    or when its directory holds a run it may not continue (``train`` would refuse it with
+    advice for ``--resume``, which compare has no flag for)."""
     why = runs[i].config_changed()
-    if why is None:
-        return False
-    outcomes[i] = RunOutcome(runs[i], "failed", f"{why}; not started: restore the file and rerun compare to "
-                                                 f"finish this comparison (the edited config needs another --out)")
+    if why is not None:
+        message = (f"{why}; not started: restore the file and rerun compare to finish this comparison (the "
+                   f"edited config needs another --out)")
+    else:
+        held = runs[i].held_by_another()
+        if held is None:
+            return False
+        message = (f"{held}; not started: compare continues only runs of its own config, so use another --out, or "
+                   f"move that folder away and rerun compare")
+    outcomes[i] = RunOutcome(runs[i], "failed", message)
     _log_outcome(i, len(runs), outcomes[i])
     return True
 

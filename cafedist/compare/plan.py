@@ -174,6 +174,24 @@ class PlannedRun:
                          as_hashed=True)
         return f"--config {self.config} was edited since compare started (first difference: {diff or '?'})"
 
+    def held_by_another(self) -> str | None:
+        """What this run's directory holds that the run may not continue, in ``train``'s words
+        without its ``--resume`` advice, which compare has no flag for (another config's or
+        algorithm's run, results of no known config); None: nothing, or a run of this config
+        that compare trains again from the start anyway (:meth:`outdated`)."""
+        from cafedist.errors import CafeError, RunDirError
+        from cafedist.train.preflight import plan_run_dir
+
+        if self.outdated() is not None:
+            return None
+        try:
+            plan_run_dir(self.planned_config(), self.run_dir, "auto")
+        except RunDirError as exc:
+            return exc.problem
+        except CafeError:  # anything else: the training reports it in its own words
+            return None
+        return None
+
     @property
     def label(self) -> str:
         return f"{self.variant.name}{f' [{self.setting.label}]' if self.setting.pairs else ''} seed{self.seed}"

@@ -48,7 +48,7 @@ from cafedist.algorithms.base import Algorithm
 from cafedist.config import config_hash as hash_of_config
 from cafedist.config import read_run_config
 from cafedist.distributed.comm import Comm
-from cafedist.errors import CafeError, CheckpointError
+from cafedist.errors import CafeError, CheckpointError, RunDirError
 from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_text_atomic
 from cafedist.run.residency import ClientPool
 from cafedist.run.sharing import SharedParams
@@ -356,7 +356,7 @@ def _writer(ckpt: CheckpointDir, ref: CheckpointRef) -> str | None:
     return cfg.algorithm.name if hash_of_config(cfg) == ref.manifest["config_hash"] else None
 
 
-def another_algorithm(run_dir: Path, writer: str | None, algorithm: str) -> str | None:
+def another_algorithm(run_dir: Path, writer: str | None, algorithm: str) -> RunDirError | None:
     """Why the run in ``run_dir``, of algorithm ``writer`` (None: not known), may not continue
     under ``algorithm``; None when it may. A run continues only under its own algorithm, under
     every ``--resume``: the state of one algorithm means something else, or nothing, to another
@@ -367,9 +367,9 @@ def another_algorithm(run_dir: Path, writer: str | None, algorithm: str) -> str 
     that would be refused in turn."""
     if writer is None or writer == algorithm:
         return None
-    return (f"{run_dir} holds a run of algorithm {writer}, and a run continues only under its own algorithm, "
-            f"whatever --resume says; train {algorithm} with another --out, or --resume none to move that run "
-            f"aside and start over")
+    return RunDirError(f"{run_dir} holds a run of algorithm {writer}, and a run continues only under its own "
+                       f"algorithm, whatever --resume says",
+                       f"train {algorithm} with another --out, or --resume none to move that run aside and start over")
 
 
 def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_accept: tuple[str, ...],
@@ -393,7 +393,7 @@ def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_
     if algorithm is not None:  # None: not known (load_shard checks the state)
         problem = another_algorithm(ckpt.root.parent, _writer(ckpt, ref), algorithm)
         if problem is not None:
-            return ref, problem
+            return ref, str(problem)
     if evaluating is not None and "run_identity" not in ref.manifest and recorded not in (None, config_hash):
         log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
                     "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)

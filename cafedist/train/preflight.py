@@ -25,7 +25,7 @@ from cafedist.config import (
     run_config_of,
     run_identity,
 )
-from cafedist.errors import CafeError, CheckpointError, ConfigError
+from cafedist.errors import CafeError, CheckpointError, ConfigError, RunDirError
 from cafedist.paths import check_dir_creatable
 from cafedist.run.checkpoint import CheckpointDir, another_algorithm
 from cafedist.rundir import has_run
@@ -127,8 +127,8 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     _refuse_another_algorithm(run_dir, old.algorithm.name, cfg)
     diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True),
                      as_hashed=True) or "?"
-    raise CheckpointError(f"{run_dir} holds a run with a different config (first difference: {diff}); "
-                          f"use another --out, --resume none to start over, or --resume force")
+    raise RunDirError(f"{run_dir} holds a run with a different config (first difference: {diff})",
+                      "use another --out, --resume none to start over, or --resume force")
 
 
 def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
@@ -140,9 +140,9 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     ref = CheckpointDir(run_dir).newest_valid(warn=lambda _: None)  # load_checkpoint reports broken ones
     if ref is None:
         present = [name for name in ("summary.json", "metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
-        raise CheckpointError(f"{run_dir} holds results ({', '.join(present)}) but no config.yaml and no checkpoint "
-                              f"that verifies, so whose they are cannot be told; use another --out, or --resume "
-                              f"none to move them aside and start over")
+        raise RunDirError(f"{run_dir} holds results ({', '.join(present)}) but no config.yaml and no checkpoint "
+                          f"that verifies, so whose they are cannot be told",
+                          "use another --out, or --resume none to move them aside and start over")
     # this run, also under a config file that differs only where results do not (another
     # algorithm's section); manifests from before run_identity was recorded: the full hash
     if (ref.manifest.get("config_hash") in (None, config_hash(cfg))
@@ -151,8 +151,8 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if resume == "force":
         return RunDirPlan.DEFER
     _refuse_another_algorithm(run_dir, ref.manifest.get("algorithm"), cfg)  # manifests before session 14: none
-    raise CheckpointError(f"{ref.path}: written by a different config (and {run_dir} has no config.yaml to name "
-                          f"the difference); use another --out, --resume none to start over, or --resume force")
+    raise RunDirError(f"{ref.path}: written by a different config (and {run_dir} has no config.yaml to name "
+                      f"the difference)", "use another --out, --resume none to start over, or --resume force")
 
 
 def _refuse_another_algorithm(run_dir: Path, writer: str | None, cfg: Config) -> None:
@@ -160,7 +160,7 @@ def _refuse_another_algorithm(run_dir: Path, writer: str | None, cfg: Config) ->
     as :func:`~cafedist.run.checkpoint.load_checkpoint` refuses it under ``--resume force``."""
     problem = another_algorithm(run_dir, writer, cfg.algorithm.name)
     if problem is not None:
-        raise CheckpointError(problem)
+        raise problem
 
 
 def _refuse_another_partition(old: Config, cfg: Config) -> None:
@@ -203,9 +203,9 @@ def _read_earlier_config(cfg_file: Path) -> Config:
         raise _unreadable(cfg_file, exc) from None
 
 
-def _unreadable(cfg_file: Path, exc: CafeError) -> CheckpointError:
-    return CheckpointError(f"{cfg_file}: existing run config is unreadable ({exc}); "
-                           f"use --resume none to move that run aside and start over")
+def _unreadable(cfg_file: Path, exc: CafeError) -> RunDirError:
+    return RunDirError(f"{cfg_file}: existing run config is unreadable ({exc})",
+                       "use --resume none to move that run aside and start over")
 
 
 def _refuse_a_users_config_file(file: YamlFile) -> None:

@@ -98,6 +98,7 @@ def test_sweep_does_not_reuse_a_finished_run_of_another_config(tmp_path, tiny_co
     ("per_client_gap.py", ["nodir"], ["NAME=DIR", "nodir"]),
     ("per_client_gap.py", ["a=nodir", "b=nodir2"], ["nodir"]),
     ("theta_tradeoff.py", ["nodir"], ["nodir", "cafedist eval"]),
+    ("conflict_tables.py", ["nodir", "--out", "x"], ["nodir", "not a folder"]),
 ])
 def test_a_missing_run_folder_fails_in_one_line(tmp_path, name, args, words):
     if name == "budget_learned_score.py":
@@ -218,3 +219,51 @@ def test_study_tables_finds_the_runs_of_a_setting_of_several_keys(monkeypatch):
     assert [r["variant"] for r in st.chosen_runs(rows, "fedavg", odd.label)] == [f"fedavg/{odd.slug}/seed0"]
     assert [r["variant"] for r in st.chosen_runs(rows, "fedper", "")] == ["fedper/seed0"]
 
+
+
+def _conflict_row(arm: str, seed: int, neg_h2: float, test3: float, setting: str = "mnist5k a0.3") -> dict:
+    return {"setting": setting, "arm": arm, "seed": seed, "neg_trained_h1": 0.3, "neg_all_h1": 0.4,
+            "neg_all_h2": neg_h2, "cos_all_h2": 0.1, "test_exit1": 0.9, "test_exit2": 0.95, "test_exit3": test3}
+
+
+def test_conflict_tables_arms_and_seed_matched_differences(monkeypatch):
+    """Per arm: mean ± sample sd over seeds; selection minus no selection on the seeds both
+    have, mean ± standard error; the control run (no record) in neither table."""
+    ct = _experiment("conflict_tables", monkeypatch)
+    rows = [_conflict_row("selection", 0, 0.30, 0.96), _conflict_row("selection", 1, 0.34, 0.94),
+            _conflict_row("selection", 2, 0.50, 0.90),  # no selection has no seed 2
+            _conflict_row("no selection", 0, 0.40, 0.95), _conflict_row("no selection", 1, 0.40, 0.95),
+            _conflict_row("no record", 0, 0.0, 0.0)]
+    arms = ct.arms_table(rows).splitlines()[2:]
+    assert arms == ["| mnist5k a0.3 | selection | 3 | 30.0 ± 0.0 | 40.0 ± 0.0 | 38.0 ± 10.6 | 0.100 ± 0.000 "
+                    "| 90.0 ± 0.0 | 95.0 ± 0.0 | 93.3 ± 3.1 |",
+                    "| mnist5k a0.3 | no selection | 2 | 30.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 0.0 | 0.100 ± 0.000 "
+                    "| 90.0 ± 0.0 | 95.0 ± 0.0 | 95.0 ± 0.0 |"]
+    # seeds 0 and 1: -10 and -6 points of negative share (mean -8, sd 2.83, se 2.0); +1 and -1 at e3
+    assert ct.paired_table(rows).splitlines()[2:] == [
+        "| mnist5k a0.3 | 2 | -10.0, -6.0 | -8.0 ± 2.0 | +0.0 ± 0.0 | +0.0 ± 0.0 | +0.0 ± 1.0 |"]
+
+
+def test_conflict_tables_tells_arms_from_the_config_and_compares_trainings(monkeypatch):
+    ct = _experiment("conflict_tables", monkeypatch)
+
+    def cfg(diagnostics=("conflict",), **params):
+        return config_from_dict({"train": {"diagnostics": list(diagnostics)},
+                                 "algorithm": {"name": "cafedistill", "cafedistill": params}})
+    assert ct.arm_of(cfg()) == "selection"
+    assert ct.arm_of(cfg(student_selection=False)) == "no selection"
+    assert ct.arm_of(cfg(unselected="ce")) == "CE until selected"
+    assert ct.arm_of(cfg(diagnostics=())) == "no record"
+    a = [{"round": 0, "loss": 1.5, "acc_per_exit": [0.5, 0.6], "conflict": {"neg_all": 0.3}, "seconds": 2.0}]
+    b = [{"round": 0, "loss": 1.5, "acc_per_exit": [0.5, 0.6], "seconds": 9.0}]  # no record, another time
+    assert ct.same_training(a, b)
+    assert not ct.same_training(a, [{**b[0], "loss": 1.5000001}])
+    runs = [{"row": {"setting": "s", "arm": "selection"},
+             "records": [{"round": 0, "conflict": {"neg_trained": None, "neg_all": 0.5}},
+                         {"round": 1, "conflict": {"neg_trained": 0.2, "neg_all": 0.2}}]},
+            {"row": {"setting": "s", "arm": "selection"},
+             "records": [{"round": 0, "conflict": {"neg_trained": 0.1, "neg_all": 0.3}}]},
+            {"row": {"setting": "s", "arm": "no record"}, "records": [{"round": 0, "conflict": None}]}]
+    assert ct.negative_share_curves(runs) == [
+        {"setting": "s", "arm": "selection", "round": 0, "neg_trained": 0.1, "neg_all": pytest.approx(0.4), "seeds": 2},
+        {"setting": "s", "arm": "selection", "round": 1, "neg_trained": 0.2, "neg_all": 0.2, "seeds": 1}]

@@ -1,0 +1,240 @@
+"""Gradient conflict with and without student selection at T = 100 (``experiments/conflict_T100.txt``).
+
+    python experiments/conflict_tables.py runs/conflict_T100 --out docs/results
+
+Reads every finished run below the folder (one per variant of the sweep) and tells each run's
+setting (dataset, Dirichlet α) and arm from its own ``config.yaml``: ``selection`` (CAFEDistill
+as shipped), ``no selection`` (``student_selection: false``: every exit a student from round 0),
+``CE until selected`` (``unselected: ce``: every exit trained from round 0, only selected ones
+distil) and ``no record`` (the control without ``train.diagnostics``). It writes
+
+- ``conflict_T100_runs.csv``: one row per run: final validation and test accuracy per exit and,
+  for the rounds before and after half the schedule, the share of negative cosines and the
+  mean cosine between exits' gradients, over trained pairs and over all pairs
+  (:func:`sweep.conflict_means`: with the default ``schedule_span`` every exit is a student
+  from round T/2 on, so the second half compares like with like);
+- ``conflict_T100_curves.csv`` and ``.png``: per setting and arm, the share of negative
+  cosines per round over trained pairs, mean over seeds;
+
+checks that each ``no record`` run trained what its ``selection`` twin did (the record must
+change no model), and prints the markdown tables docs/RESULTS.md quotes: per setting and arm,
+mean ± std over seeds, and the seed-matched differences selection minus no selection.
+Nothing is chosen from these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from sweep import conflict_means  # experiments/ is on sys.path when run as a script
+
+from cafedist.config import read_run_config
+from cafedist.stats import mean_se
+
+ARMS = ("selection", "no selection", "CE until selected")
+CONTROL = "no record"
+#: the per-round fields a run's metrics rows must share with its twin (conflict and timings aside)
+TRAINED_FIELDS = ("round", "loss", "acc_per_exit", "val_acc_per_exit")
+
+
+def arm_of(cfg) -> str:
+    """Which arm of the study a run's config is."""
+    params = cfg.algorithm.params.get(cfg.algorithm.name, {})  # what the file set; the rest are defaults
+    if "conflict" not in cfg.train.diagnostics:
+        return CONTROL
+    if not params.get("student_selection", True):
+        return "no selection"
+    return "CE until selected" if params.get("unselected", "none") == "ce" else "selection"
+
+
+def setting_of(cfg) -> str:
+    """``mnist5k a0.3``: the dataset and its Dirichlet α."""
+    return f"{cfg.data.dataset} a{cfg.data.alpha:g}"
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """One finished run: setting, arm, seed, final accuracies, conflict means, per-round records."""
+    if not (run_dir / "summary.json").exists():
+        return None
+    cfg = read_run_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    row = {"setting": setting_of(cfg), "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
+           "rounds": summary["rounds"], "run": run_dir.name}
+    for k, (v, t) in enumerate(zip(summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"]),
+                                   summary["acc_per_exit"])):
+        row[f"val_exit{k + 1}"], row[f"test_exit{k + 1}"] = v, t
+    row.update(conflict_means(records, summary["rounds"]))
+    return {"row": row, "records": records}
+
+
+def same_training(a: list[dict], b: list[dict]) -> bool:
+    """Whether two runs' metrics rows agree exactly in what training produced."""
+    def trained(records: list[dict]) -> list[tuple]:
+        return [tuple(json.dumps(r.get(k)) for k in TRAINED_FIELDS) for r in records]
+    return trained(a) == trained(b)
+
+
+def negative_share_curves(runs: list[dict]) -> list[dict]:
+    """Per setting, arm and round: the share of negative cosines over trained pairs and over all
+    pairs, averaged over the seeds that have a record that round."""
+    pooled: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"trained": [], "all": []})
+    for run in runs:
+        row = run["row"]
+        if row["arm"] == CONTROL:
+            continue
+        for rec in run["records"]:
+            c = rec.get("conflict")
+            if not c:
+                continue
+            key = (row["setting"], row["arm"], rec["round"])
+            for kind in ("trained", "all"):
+                if c[f"neg_{kind}"] is not None:
+                    pooled[key][kind].append(c[f"neg_{kind}"])
+    return [{"setting": s, "arm": a, "round": r,
+             **{f"neg_{kind}": statistics.fmean(v[kind]) if v[kind] else None for kind in ("trained", "all")},
+             "seeds": len(v["all"])}
+            for (s, a, r), v in sorted(pooled.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]), kv[0][2]))]
+
+
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def _column(rows: list[dict], key: str) -> list[float | None]:
+    return [r.get(key) for r in rows]
+
+
+def _differences(pairs: list[tuple[dict, dict]], key: str) -> list[float]:
+    """``a[key] - b[key]`` for each pair where both have the value."""
+    return [a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None]
+
+
+def arms_table(rows: list[dict]) -> str:
+    """Per setting and arm: seeds, conflict (negative share, %) before and after T/2, mean cosine
+    after T/2, and test accuracy per exit, mean ± std over seeds."""
+    head = ["setting", "arm", "seeds", "neg. trained, r < T/2", "neg. all, r < T/2", "neg., r ≥ T/2",
+            "mean cos, r ≥ T/2", "test e1", "test e2", "test e3"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["arm"] != CONTROL:
+            groups[(r["setting"], r["arm"])].append(r)
+    for (setting, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+        cells = [setting, arm, str(len(group)), _mean_std(_column(group, "neg_trained_h1")),
+                 _mean_std(_column(group, "neg_all_h1")), _mean_std(_column(group, "neg_all_h2")),
+                 _mean_std(_column(group, "cos_all_h2"), scale=1.0, digits=3),
+                 *[_mean_std(_column(group, f"test_exit{k}")) for k in (1, 2, 3)]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_se(values: list[float]) -> str:
+    """Differences in points: mean ± standard error (as study_tables' seed-matched tables)."""
+    if len(values) < 2:
+        return "–" if not values else f"{100 * values[0]:+.1f}"
+    mean, se = mean_se(values)
+    return f"{100 * mean:+.1f} ± {100 * se:.1f}"
+
+
+def paired_table(rows: list[dict], arm: str = "no selection") -> str:
+    """Seed-matched differences, selection minus ``arm``, per setting: the negative share after
+    T/2 (points; < 0: selection conflicts less) and the test accuracy per exit (points), mean ±
+    standard error over the seeds both arms have."""
+    by_key = {(r["setting"], r["arm"], r["seed"]): r for r in rows}
+    head = ["setting", "seeds", "Δ neg., r ≥ T/2 (per seed)", "Δ neg., r ≥ T/2", "Δ test e1", "Δ test e2", "Δ test e3"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for setting in sorted({r["setting"] for r in rows}):
+        pairs = [(by_key[(setting, "selection", s)], by_key[(setting, arm, s)])
+                 for (st, a, s) in sorted(by_key) if st == setting and a == "selection" and (setting, arm, s) in by_key]
+        if not pairs:
+            continue
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in _differences(pairs, "neg_all_h2"))
+        lines.append("| " + " | ".join([setting, str(len(pairs)), per_seed,
+                                        _mean_se(_differences(pairs, "neg_all_h2")),
+                                        *[_mean_se(_differences(pairs, f"test_exit{k}")) for k in (1, 2, 3)]]) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: list[dict], path: Path, window: int = 5) -> None:
+    """One panel per setting: the share of negative cosines over trained pairs per round, one
+    line per arm (a running mean over ``window`` rounds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({c["setting"] for c in curves})
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for arm in ARMS:
+            pts = [(c["round"], c["neg_trained"]) for c in curves
+                   if c["setting"] == setting and c["arm"] == arm and c["neg_trained"] is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            smooth = [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, [100 * y for y in smooth], label=arm)
+        ax.axvline(50, color="grey", lw=0.6, ls=":")
+        ax.set_title(setting.replace(" a", ", α = "), fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"negative cosines, trained pairs (%)\n(running mean of {window} rounds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("runs", type=Path, help="the sweep's --out folder")
+    ap.add_argument("--out", type=Path, required=True, help="where the CSVs and the figure go")
+    args = ap.parse_args()
+    if not args.runs.is_dir():
+        sys.exit(f"conflict_tables.py: {args.runs}: not a folder (expected the sweep's --out)")
+    runs = [r for r in (read_run(d) for d in sorted(p for p in args.runs.iterdir() if p.is_dir())) if r is not None]
+    if not runs:
+        sys.exit(f"conflict_tables.py: {args.runs}: no finished run (no summary.json below it); nothing written")
+    rows = [r["row"] for r in runs]
+    for control in (r for r in runs if r["row"]["arm"] == CONTROL):
+        c = control["row"]
+        twins = [r for r in runs if r["row"]["arm"] == "selection" and r["row"]["setting"] == c["setting"]
+                 and r["row"]["seed"] == c["seed"]]
+        for twin in twins:
+            verdict = "the same" if same_training(control["records"], twin["records"]) else "NOT the same"
+            print(f"control {c['run']} vs {twin['row']['run']}: training {verdict} with and without the record")
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_csv(args.out / "conflict_T100_runs.csv", rows)
+    curves = negative_share_curves(runs)
+    _write_csv(args.out / "conflict_T100_curves.csv", curves)
+    plot_curves(curves, args.out / "conflict_T100_curves.png")
+    print(arms_table(rows))
+    print()
+    print(paired_table(rows))
+    print()
+    print(paired_table(rows, "CE until selected"))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,14 +25,13 @@ Nothing is chosen from these numbers.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sweep import conflict_means  # experiments/ is on sys.path when run as a script
+from sweep import conflict_means, write_csv  # experiments/ is on sys.path when run as a script
 
 from cafedist.config import read_run_config
 from cafedist.stats import mean_se
@@ -196,16 +195,6 @@ def plot_curves(curves: list[dict], path: Path, window: int = 5) -> None:
     plt.close(fig)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("runs", type=Path, help="the sweep's --out folder")
@@ -225,9 +214,9 @@ def main() -> None:
             verdict = "the same" if same_training(control["records"], twin["records"]) else "NOT the same"
             print(f"control {c['run']} vs {twin['row']['run']}: training {verdict} with and without the record")
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_csv(args.out / "conflict_T100_runs.csv", rows)
+    write_csv(args.out / "conflict_T100_runs.csv", rows)
     curves = negative_share_curves(runs)
-    _write_csv(args.out / "conflict_T100_curves.csv", curves)
+    write_csv(args.out / "conflict_T100_curves.csv", curves)
     plot_curves(curves, args.out / "conflict_T100_curves.png")
     print(arms_table(rows))
     print()

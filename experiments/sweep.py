@@ -102,8 +102,8 @@ def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
                            **{f"val_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("val_acc_per_exit") or [])},
                            **{f"test_exit{k + 1}": _r(v) for k, v in enumerate(rec.get("acc_per_exit") or [])}})
     tables.mkdir(parents=True, exist_ok=True)
-    _write_csv(tables / "variants.csv", rows)
-    _write_csv(tables / "curves.csv", curves)
+    write_csv(tables / "variants.csv", rows)
+    write_csv(tables / "curves.csv", curves)
 
 
 def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:
@@ -146,7 +146,8 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(float(v), 5)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as CSV, the columns in the order they first appear."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]

@@ -177,6 +177,25 @@ def test_a_vmappable_loss_reading_the_module_is_named_under_packing(tmp_path, mo
         tr.run_round(0)
 
 
+class _OwnNoneBug(Algorithm):
+    """A vmappable loss with a bug of its own about a None (not the module): its own error must show."""
+
+    name = "own-none-bug"
+    vmappable_loss = True
+
+    def local_loss(self, state, batch):
+        return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits) * state.get("scale").sum()
+
+
+def test_a_vmappable_losss_own_error_is_not_reported_as_a_read_of_the_module(tmp_path, monkeypatch):
+    """Any AttributeError/TypeError mentioning NoneType was reported as 'reads batch.module'."""
+    monkeypatch.setitem(ALGORITHMS, _OwnNoneBug.name, _OwnNoneBug)
+    tr = make_trainer(tmp_path / "packed", _OwnNoneBug.name, rounds=1, packed="on")
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'sum'") as caught:
+        tr.run_round(0)
+    assert "vmappable_loss" not in str(caught.value)
+
+
 class _TwinPhases(Algorithm):
     name = "twin-phases"
 

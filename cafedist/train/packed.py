@@ -322,6 +322,31 @@ class _PaddedData:
         return _Batch(self.x[who, rows], self.y[who, rows], xp, pos)
 
 
+class ModuleUnavailable(TypeError):
+    """A loss used ``batch.module`` under packed training; the message says how it used it."""
+
+
+class _NoModule:
+    """``batch.module`` under packed training, where no per-client module exists: any use of it
+    raises :class:`ModuleUnavailable`. (A plain None let a loss's own unrelated error about
+    some None be reported as a read of the module, and a true read as some None's error.)"""
+
+    def __getattr__(self, name: str):
+        raise ModuleUnavailable(f"batch.module.{name}")
+
+    def __call__(self, *args, **kwargs):
+        raise ModuleUnavailable("batch.module(...)")
+
+    def __iter__(self):
+        raise ModuleUnavailable("iter(batch.module)")
+
+    def __repr__(self) -> str:
+        return "<no module under packed training>"
+
+
+NO_MODULE = _NoModule()
+
+
 def _client_loss(template: nn.Module, algo: Algorithm, phase: Phase, train: TrainConfig) -> Callable[..., Tensor]:
     """One client's loss from its parameters, state and batch (to be vmapped over the clients)."""
     def loss_of(params: dict[str, Tensor], state: dict[str, Tensor], x: Tensor, y: Tensor,
@@ -330,14 +355,12 @@ def _client_loss(template: nn.Module, algo: Algorithm, phase: Phase, train: Trai
         outs = functional_call(template, amp_cast(params, train.amp), (amp_cast(inputs, train.amp),),
                                {"upto": phase.upto})
         try:
-            return algo.local_loss(state, assemble_batch(outs, y, x, phase.name, None, xp, pos))
-        except (AttributeError, TypeError) as exc:
-            if "NoneType" not in str(exc):
-                raise
-            # the usual cause: a loss declared vmappable that reads batch.module (None here)
-            raise TypeError(f"algorithm {algo.name!r} declares vmappable_loss, but its local_loss failed under "
-                            f"packed training ({exc}): a vmappable loss reads only the batch's tensors and the "
-                            f"state, never batch.module (None there); set vmappable_loss = False") from exc
+            return algo.local_loss(state, assemble_batch(outs, y, x, phase.name, NO_MODULE, xp, pos))
+        except ModuleUnavailable as exc:
+            raise TypeError(f"algorithm {algo.name!r} declares vmappable_loss, but its local_loss used {exc} under "
+                            f"packed training: a vmappable loss reads only the batch's tensors and the state, "
+                            f"never batch.module (there is no per-client module inside vmap); set "
+                            f"vmappable_loss = False") from None
 
     return loss_of
 

@@ -78,9 +78,16 @@ def _check_types(rec: dict[str, Any], where: str) -> None:
         # train never writes) went into the means and printed nan or a negative efficiency
         if not is_finite_number(rec[key]) or rec[key] < 0:
             raise DataError(f"{where}: field {key!r} is {rec[key]!r}, expected a finite number >= 0")
+    world = rec["world_size"]
+    if not is_integer(world) or world < 1:
+        # a world size of 0 divided by zero in the strong efficiency, 1.5 was read as 1
+        raise DataError(f"{where}: field 'world_size' is {world!r}, expected an integer >= 1")
     cpr = rec["clients_per_rank"]
     if not (isinstance(cpr, list) and cpr and all(is_integer(c) for c in cpr)):
         raise DataError(f"{where}: field 'clients_per_rank' is {cpr!r}, expected a list of integers (one per rank)")
+    if len(cpr) != world or min(cpr) < 0:
+        # train writes one count per rank: another length made the run look like another world size
+        raise DataError(f"{where}: field 'clients_per_rank' is {cpr!r}, expected {world} integers >= 0 (one per rank)")
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

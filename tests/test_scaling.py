@@ -158,6 +158,28 @@ def test_a_field_of_the_wrong_type_is_one_line_naming_file_and_line(tmp_path, ca
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("world,cpr,needle", [
+    (0, [2], "field 'world_size' is 0, expected an integer >= 1"),
+    (1.5, [2], "field 'world_size' is 1.5, expected an integer >= 1"),
+    (2, [2], r"field 'clients_per_rank' is \[2\], expected 2 integers >= 0 \(one per rank\)"),
+    (2, [3, -1], r"field 'clients_per_rank' is \[3, -1\], expected 2 integers >= 0 \(one per rank\)"),
+])
+def test_a_world_size_that_train_never_writes_is_one_line(tmp_path, capsys, world, cpr, needle):
+    """A world size of 0 ended the report in a ZeroDivisionError (strong efficiency divides by
+    it), 1.5 was read as 1, and two ranks with one rank's clients became a second "baseline"
+    with an efficiency of 2: train writes an integer >= 1 and one count per rank."""
+    good = _run(tmp_path, "w2", 2, [1, 1], [3, 1.0, 1.0])
+    bad = _run(tmp_path, "bad", 1, [2], [3, 1.0, 1.0])
+    records = [{**json.loads(line), "world_size": world, "clients_per_rank": cpr}
+               for line in (bad / "metrics.jsonl").read_text().splitlines()]
+    (bad / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=rf"metrics.jsonl:1: {needle}"):
+        load_run(bad)
+    assert cli_main(["scaling-report", str(bad), str(good), "--out", str(tmp_path / "o")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_that_is_a_file_is_refused_before_reading(tmp_path, capsys):
     run = _run(tmp_path, "w1", 1, [2], [1.0])
     (tmp_path / "afile").write_text("mine")

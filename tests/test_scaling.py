@@ -187,6 +187,18 @@ def test_out_that_is_a_file_is_refused_before_reading(tmp_path, capsys):
     assert "--out: " in capsys.readouterr().err and (tmp_path / "afile").read_text() == "mine"
 
 
+def test_an_empty_out_is_refused_not_taken_for_the_default(tmp_path, capsys):
+    """``--out "$OUT"`` with OUT unset wrote into the runs' parent folder, replacing the report
+    of another sweep there; train, export and prepare refuse an empty --out the same way."""
+    run = _run(tmp_path, "w1", 1, [2], [3, 1.0, 1.0])
+    (tmp_path / "scaling.md").write_text("another sweep's report")
+    assert cli_main(["scaling-report", str(run), "--out", ""]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err == "cafedist: error: --out: empty path; expected a folder (omit --out for the first run's parent folder)"
+    assert (tmp_path / "scaling.md").read_text() == "another sweep's report"
+    assert not (tmp_path / "scaling.csv").exists()
+
+
 def test_a_run_of_another_dataset_or_algorithm_is_noted_more_clients_are_not(tmp_path):
     """The note left the whole data section out: a run of another dataset went unremarked."""
     def with_config(name: str, world: int, **data) -> object:

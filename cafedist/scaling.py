@@ -200,10 +200,16 @@ def run_labels(runs: list[RunStats]) -> list[str]:
     paths = [Path(os.path.abspath(r.path)) for r in runs]
     names = {p.name for p in paths}
     if len(names) == len(set(paths)):  # the same run given twice is still one name
-        return [p.name for p in paths]
+        return [_printable(p.name) for p in paths]
     # below the common folder of the runs' parents, so that no run is labelled "."
     top = Path(os.path.commonpath([p.parent for p in paths]))
-    return [p.relative_to(top).as_posix() for p in paths]
+    return [_printable(p.relative_to(top).as_posix()) for p in paths]
+
+
+def _printable(name: str) -> str:
+    """``name`` with a byte of a folder name that is no UTF-8 (a lone surrogate, which no UTF-8
+    file can hold) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def scaling_table(runs: list[RunStats]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import sys
 
 import pytest
@@ -289,6 +290,16 @@ def test_runs_of_the_same_name_in_different_folders_are_told_apart(tmp_path, mon
     paths = write_report(unique, tmp_path / "o2")
     assert [r["run"] for r in csv.DictReader(paths["csv"].open())] == ["w1", "w2"]
     assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()] == ["1r\n2", "2r\n2/2"]
+
+
+def test_a_run_folder_whose_name_is_no_utf8_is_reported(tmp_path, capsys):
+    """train runs in a folder named with a byte that is no UTF-8 (a Latin-1 name); its name
+    reached scaling.md as a lone surrogate, and writing the file ended in a traceback."""
+    w1 = _run(tmp_path, os.fsdecode(b"w\xe91"), 1, [2], [3, 1.0, 1.0])
+    w2 = _run(tmp_path, "w2", 2, [2, 2], [3, 1.0, 1.0])
+    assert cli_main(["scaling-report", str(w1), str(w2), "--out", str(tmp_path / "o")]) == 0
+    assert [r["run"] for r in csv.DictReader((tmp_path / "o" / "scaling.csv").open())] == ["w\ufffd1", "w2"]
+    assert "Baseline: `w\ufffd1`" in (tmp_path / "o" / "scaling.md").read_text()
 
 
 def test_a_run_given_twice_is_one_row(tmp_path):

@@ -280,6 +280,19 @@ def test_scaling_bench_config_is_a_valid_run_config(tmp_path):
     assert cfg.data.clients == 4 and cfg.train.rounds == 3 and cfg.dist.backend == "gloo"
 
 
+def test_scaling_bench_run_that_overruns_is_one_line(tmp_path):
+    """A torchrun that outlasted its time (a rendezvous that hangs, a box under heavy load)
+    raised subprocess.TimeoutExpired: a traceback, exit 1. Now a DistError (one line) naming
+    the world size; subprocess.run has killed torchrun, whose ranks die with it."""
+    from cafedist.bench.scaling import run_torchrun
+    from cafedist.errors import DistError
+
+    config = tmp_path / "w1.yaml"
+    config.write_text("seed: 0\n")
+    with pytest.raises(DistError, match=r"^bench scaling: torchrun with 1 rank\(s\) took over 0.01 s"):
+        run_torchrun(1, config, tmp_path / "w1", timeout=0.01)  # torchrun takes longer to import torch
+
+
 # ----------------------------------------------------------------------------- helpers
 def test_interleaved_alternates_and_paired_ratio():
     calls = []

@@ -41,7 +41,11 @@ def run_torchrun(world: int, config: Path, out: Path, timeout: float = 600) -> N
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            "-m", "cafedist", "train", "--config", str(config), "--out", str(out), "--resume", "none",
            "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # run() has killed torchrun, and its ranks die with it (cafedist.parentwatch)
+        raise DistError(f"bench scaling: torchrun with {world} rank(s) took over {timeout:g} s") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise DistError(f"bench scaling: torchrun with {world} rank(s) failed (exit {proc.returncode}): {tail}")

@@ -433,3 +433,11 @@ def test_bench_aggregate_child_that_fails_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(aggregate.subprocess, "run", killed)
     with pytest.raises(CafeError, match=r"bench aggregate: the peak-memory run at n = 8 failed \(killed by signal 9"):
         aggregate.peak_in_subprocess(8, 2, 4, 3, 3)
+
+
+def test_bench_scaling_refuses_threads_it_would_not_use(capsys):
+    """Its ranks always train with one thread: --threads 2 was accepted and silently ignored."""
+    assert cli_main(["bench", "scaling", "--threads", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cafedist: error: --threads: `cafedist bench scaling` runs every rank "
+                                               "with 1 thread"), err

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per result line")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads, at most the CPUs this process may run on "
-                             "(default 1: steady ratios on a shared machine)")
+                             "(default 1: steady ratios on a shared machine; scaling: always 1 per rank)")
     parser.add_argument("--device", default="auto",
                         help="local, packed, aggregate: auto (the GPU when CUDA is available, else cpu) "
                              "| cpu | cuda[:N]")
@@ -78,6 +78,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads: expected an integer >= 1, got {args.threads}")
+    if args.which == "scaling" and args.threads != 1:
+        # its ranks are the parallelism: each trains with one thread, whatever --threads said
+        raise ConfigError(f"--threads: `cafedist bench scaling` runs every rank with 1 thread (the ranks are what "
+                          f"it scales), so --threads {args.threads} would not be used; omit it")
     cpus = usable_cpus()
     if args.threads > cpus:
         # more threads than cores time the cores' sharing, not the code (docs/PERFORMANCE.md),

@@ -290,6 +290,12 @@ def to_markdown(rows: list[dict[str, Any]], runs: list[RunStats]) -> str:
               "Weak scaling (clients per rank constant): efficiency = t_base / t_N, normalised by the "
               "training samples of the busiest rank when known: (t_base / s_base) / (t_N / s_N). "
               "Strong scaling (total clients constant): efficiency = t_base / (t_N x N / N_base).", ""]
+    unfinished = [f"`{label}`" for label, run in zip(run_labels(runs), runs) if not run.summary]
+    if unfinished:
+        # a sweep read while it trains: its times are of fewer rounds, and a run of 2 rounds or
+        # fewer so far has its warm-up round averaged in
+        lines.append(f"Note: {', '.join(unfinished)} not finished (no summary.json): times of the rounds "
+                     f"recorded so far; compare with care.")
     difference = config_difference(runs)
     if difference is not None:
         lines.append(f"Note: the runs' configs differ in more than the number of clients ({difference}); "

@@ -360,3 +360,15 @@ def test_bytes_per_round_count_the_clients_that_trained_and_skip_the_warmup_roun
     assert stats.logical_bytes_per_round == pytest.approx(500 * 2)
     [row] = scaling_table([stats])
     assert row["wire_mb_per_round"] == pytest.approx(2.0)
+
+
+def test_an_unfinished_run_is_noted(tmp_path):
+    """A sweep read while it trains: a run of 2 recorded rounds keeps its warm-up round in the
+    average, and nothing in the report said it had not finished."""
+    done = load_run(_run(tmp_path, "w1", 1, [2], [9, 1.0, 1.0]))
+    partial = load_run(_run(tmp_path, "w2", 2, [2, 2], [9, 1.0], summary=False))
+    notes = [line for line in to_markdown(scaling_table([done, partial]), [done, partial]).splitlines()
+             if line.startswith("Note:")]
+    assert notes == ["Note: `w2` not finished (no summary.json): times of the rounds recorded so far; "
+                     "compare with care."]
+    assert not [line for line in to_markdown(scaling_table([done]), [done]).splitlines() if line.startswith("Note:")]

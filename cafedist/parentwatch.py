@@ -11,12 +11,13 @@ written: checkpoints are atomic, so the last committed one stays valid for a res
 A ``cafedist train`` that another cafedist process started (compare's trainings, a benchmark's
 runs: :func:`cafedist.childenv.child_env` names the starter in :data:`PARENT_PID_VARIABLE`)
 is stopped the gentle way instead: the watchdog sends it SIGTERM, so it writes a checkpoint at
-the end of its round and exits as on any stop signal. A compare that was SIGKILLed (or OOM-killed) used to leave
-its current training running, holding the run's lock against the compare the user started
-next.
+the end of its round and exits as on any stop signal. A compare that was SIGKILLed (or
+OOM-killed) used to leave its current training running, holding the run's lock against the
+compare the user started next.
 
-Only a process whose parent is a launcher or its cafedist starter is guarded
-(:func:`guarded_parent`): a plain ``cafedist train`` from a shell is never stopped this way.
+Only a process whose parent is a launcher (:func:`launcher_parent`) or its cafedist starter
+(:func:`cafedist_parent`) is guarded: a plain ``cafedist train`` from a shell is never stopped
+this way.
 The module imports no torch, so the command line arms the guard first thing, before the
 seconds that importing torch takes.
 """
@@ -151,8 +152,8 @@ def guard_parent(env: Mapping[str, str] = os.environ, interval: float = 1.0) -> 
 
     Under a launcher: SIGKILL, nothing more written. Started by another cafedist process
     (:func:`cafedist_parent`): SIGTERM from the watchdog (within ``interval`` seconds), which
-    ``train`` answers with a checkpoint. None when
-    the parent is neither, or when an earlier caller's guard is still active.
+    ``train`` answers with a checkpoint. None when the parent is neither, or when an earlier
+    caller's guard is still active.
     """
     global _active
     launcher, starter = launcher_parent(env), cafedist_parent(env)

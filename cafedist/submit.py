@@ -9,6 +9,7 @@
 Every task of the job runs the trainer in-process (``cafedist.cli.main(["train", ...])``) with
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` exported by submitit's
 ``TorchDistributedEnvironment``, so the same code path serves Slurm and the local executor.
+They train the config as submitted (:class:`ConfigCopy`), not the file as edited since.
 
 Preemption: the job's callable is a :class:`submitit.helpers.Checkpointable`. submitit's
 preemption/time-limit signal (SIGUSR2, ``--signal-delay`` seconds before the end) is forwarded to
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import io
 import itertools
 import json
@@ -50,7 +52,7 @@ import yaml
 
 from cafedist import yamlio
 from cafedist.errors import CafeError, ConfigError
-from cafedist.fsutil import exclusive_lock
+from cafedist.fsutil import atomic_output, exclusive_lock
 from cafedist.interrupts import children_take_ctrl_c
 from cafedist.jobs import (
     CANCELLED_MARKER,
@@ -178,6 +180,30 @@ def build_runs(config: str | None, out: str, overrides: Sequence[str] = (), arra
         extra = tuple(f"{k}={v}" for k, v in pairs)
         runs.append(RunSpec(cfg, str(base / label), tuple(overrides) + extra, resume, label))
     return runs
+
+
+@dataclass(frozen=True)
+class ConfigCopy:
+    """The ``--config`` file as submitted, kept in the submission's folder as
+    ``config-<digest>.yaml``: the jobs read their config when they start, and one waiting in
+    the queue, an array element or a requeued restart must train the config that was
+    submitted, not the file as edited since (e.g. for the next experiment). Named by its
+    content, so that submissions sharing a ``--folder`` never overwrite each other's."""
+
+    path: Path
+    data: bytes
+
+    @classmethod
+    def of(cls, config: str, folder: Path) -> ConfigCopy:
+        """The copy of ``config`` (read now) that a submission into ``folder`` keeps."""
+        data = Path(config).read_bytes()
+        return cls(folder / f"config-{hashlib.sha256(data).hexdigest()[:16]}.yaml", data)
+
+    def write(self) -> None:
+        """Write the copy (one already there is this one: same name, same content)."""
+        if not self.path.is_file():
+            with atomic_output(self.path) as tmp:
+                tmp.write_bytes(self.data)
 
 
 def validate_runs(runs: Sequence[RunSpec], dependency: bool = False, local: bool = False) -> None:
@@ -351,16 +377,19 @@ class TrainTask(Checkpointable):
 
 
 def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env: dict[str, str] | None = None,
-                as_array: bool | None = None, owned: str | Path | None = None) -> list[Any]:
+                as_array: bool | None = None, owned: str | Path | None = None,
+                config_copy: ConfigCopy | None = None) -> list[Any]:
     """Submit ``runs`` (a job array when there are several, or ``as_array``); returns submitit jobs.
 
     ``folder`` is the executor's (pickles and logs); ``owned`` the folder of this command that
-    holds it (its ``--out``; default ``folder`` itself). A submission the scheduler refuses (no
+    holds it (its ``--out``; default ``folder`` itself); ``config_copy``: the copy of the config
+    that ``runs`` name, written into ``folder`` first. A submission the scheduler refuses (no
     controller, a bad partition, ...) is one CafeError line, and when no job was queued the
     attempt's files go again: the folders it created from ``owned`` down to ``folder``, or in
     an existing ``folder`` the temporary files submitit added (``.submission_file_*``,
-    ``*.pkl``), never another job's folder. An sbatch answer submitit cannot read, and anything
-    else (Ctrl-C included), removes nothing: sbatch may have queued a job already."""
+    ``*.pkl``) and a config copy that was not there before, never another job's folder. An
+    sbatch answer submitit cannot read, and anything else (Ctrl-C included), removes nothing:
+    sbatch may have queued a job already."""
     task = TrainTask(env)
     ensure_importable_in_jobs()
     folder = Path(folder)
@@ -372,7 +401,7 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
     with _THREADS, exclusive_lock(Path(tempfile.gettempdir()) / f"cafedist-submit-{os.getuid()}.lock",
                                   "another cafedist submission to finish"), \
             _turn_in(folder, Path(owned) if owned is not None else folder) as made:
-        return _submit_attempt(executor, task, runs, folder, as_array, made)
+        return _submit_attempt(executor, task, runs, folder, as_array, made, config_copy)
 
 
 _THREADS = threading.Lock()
@@ -448,7 +477,7 @@ def _make_folders(folder: Path, owned: Path) -> Path | None:
 
 
 def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], folder: Path, as_array: bool | None,
-                    made: Path | None) -> list[Any]:
+                    made: Path | None, config_copy: ConfigCopy | None) -> list[Any]:
     """:func:`submit_runs` in its turn; ``made``: the highest folder this submission made."""
     before = set(folder.iterdir()) if made is None else set()
     utils = require_submitit().core.utils
@@ -457,6 +486,8 @@ def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], fol
     said = io.StringIO()  # submitit prints a refusing sbatch's stderr before raising: the error line has it
     try:
         with contextlib.redirect_stderr(said), _without_restart_count():
+            if config_copy is not None:
+                config_copy.write()
             if as_array or (as_array is None and len(runs) > 1):
                 submitted.extend(executor.map_array(task, list(runs)))
             else:
@@ -464,7 +495,7 @@ def _submit_attempt(executor: Any, task: TrainTask, runs: Sequence[RunSpec], fol
                     submitted.append(executor.submit(task, run))
     except refused as exc:
         if not submitted:
-            _remove_attempt(folder, made, before)
+            _remove_attempt(folder, made, before, config_copy.path if config_copy else None)
         why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         queued = (f" ({len(submitted)} job(s) were submitted before it: "
                   f"{', '.join(str(j.job_id) for j in submitted)})") if submitted else ""
@@ -488,13 +519,14 @@ def _without_restart_count() -> Iterator[None]:
             os.environ["SLURM_RESTART_COUNT"] = count
 
 
-def _remove_attempt(folder: Path, made: Path | None, before: set[Path]) -> None:
+def _remove_attempt(folder: Path, made: Path | None, before: set[Path], config_copy: Path | None) -> None:
     """Remove what a refused submission wrote (see :func:`submit_runs`)."""
     if made is not None:
         shutil.rmtree(made, ignore_errors=True)
         return
     for path in set(folder.iterdir()) - before if folder.is_dir() else ():
-        if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"):
+        if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"
+                               or path == config_copy):
             path.unlink(missing_ok=True)
 
 
@@ -518,8 +550,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--wait", action="store_true", help="wait for the job(s) and report their results")
     j.add_argument("--job-name", default=None, help="job name (default cafedist-<name of --out>)")
     j.add_argument("--folder", default=None, type=user_path,
-                   help="submitit folder for pickles and logs (default OUT/submitit/<timestamp>-<pid>: a fresh one per "
-                        "submission, because job ids restart after a Slurm state wipe)")
+                   help="submitit folder for pickles, logs and the config copy the jobs train (default "
+                        "OUT/submitit/<timestamp>-<pid>: a fresh one per submission, because job ids restart after a "
+                        "Slurm state wipe)")
     j.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the training processes (repeatable)")
     j.add_argument("--python", default=None, help="interpreter of the job (default: this one)")
@@ -559,6 +592,9 @@ def main(args: argparse.Namespace) -> int:
     env = _job_env(args)
     folder = Path(args.folder).resolve() if args.folder else _default_folder(args.out)
     check_dir_creatable(folder, "--folder" if args.folder else "--out")
+    config_copy = ConfigCopy.of(args.config, folder) if args.config else None
+    if config_copy is not None:  # what the jobs train, whenever they start (ConfigCopy)
+        runs = [replace(run, config=str(config_copy.path)) for run in runs]
     if args.dry_run:
         print(json.dumps({"cluster": "local" if args.local else "slurm", "folder": str(folder / "%j"),
                           "parameters": params, "env": env,
@@ -568,7 +604,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()  # this command's own folder; a --folder elsewhere is the user's
     with children_take_ctrl_c():  # local jobs: started in a script's background, they stay cancellable
         jobs = submit_runs(executor, runs, folder, env, as_array=bool(args.array),
-                           owned=out if folder == out or out in folder.parents else folder)
+                           owned=out if folder == out or out in folder.parents else folder, config_copy=config_copy)
     for job, run in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {run.out}  (logs: {job.paths.stderr.parent})")
     if not args.wait:

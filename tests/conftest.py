@@ -90,6 +90,15 @@ def env_for_tests(**extra: str) -> dict[str, str]:
     return env
 
 
+def fake_slurm(bin_dir: Path, sbatch: str, monkeypatch) -> None:
+    """srun and sbatch stand-ins on PATH; ``sbatch`` is the body of the fake sbatch script."""
+    bin_dir.mkdir()
+    for tool, script in (("srun", "exit 0"), ("sbatch", sbatch)):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 def cafedist(*args: str, env: dict | None = None, timeout: float = 300, launcher: list[str] | None = None,
              check: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m cafedist ARGS`` (optionally behind a launcher) and capture output."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import ROOT, env_for_tests
+from conftest import ROOT, env_for_tests, fake_slurm
 from test_run_dir import run_cli, train_tiny_run, tree_hashes
 
 from cafedist.config import load_config
@@ -337,20 +337,11 @@ def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
 SLURM_DOWN = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
 
 
-def _fake_slurm(bin_dir: Path, sbatch: str, monkeypatch) -> None:
-    """srun and sbatch stand-ins on PATH; ``sbatch`` is the body of the fake sbatch script."""
-    bin_dir.mkdir()
-    for tool, script in (("srun", "exit 0"), ("sbatch", sbatch)):
-        (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
-        (bin_dir / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-
-
 @pytest.mark.parametrize("target", ["fresh", "run", "compare", "folder", "folder-in-new-out"])
 def test_a_refused_submission_is_one_line_and_leaves_nothing_behind(target, shared: Ctx, tmp_path, monkeypatch):
     """sbatch refusing (no controller) gave a traceback, and the attempt's submitit folder stayed
     in a new --out, in an existing run, or in compare's --out."""
-    _fake_slurm(tmp_path / "bin", f"echo '{SLURM_DOWN}' >&2; exit 1", monkeypatch)
+    fake_slurm(tmp_path / "bin", f"echo '{SLURM_DOWN}' >&2; exit 1", monkeypatch)
     out = {"run": shared.run, "compare": tmp_path / "cmp"}.get(target, shared.fresh)
     argv = (["compare", "--config", str(shared.cfg), "--algorithms", "fedavg", "--seeds", "1", "--submit"]
             if target == "compare" else ["submit", "--config", str(shared.cfg)])
@@ -375,7 +366,7 @@ def test_concurrent_submissions_take_turns(shared: Ctx, tmp_path, monkeypatch):
     """A refused attempt removes what appeared in the folder since it began: a concurrent
     submission's temporary files would count too, so submissions of a user take turns (a lock
     in the temporary directory). While another process holds it, submit waits, then goes on."""
-    _fake_slurm(tmp_path / "bin", f"echo '{SLURM_DOWN}' >&2; exit 1", monkeypatch)
+    fake_slurm(tmp_path / "bin", f"echo '{SLURM_DOWN}' >&2; exit 1", monkeypatch)
     env = env_for_tests(TMPDIR=str(tmp_path), PATH=os.environ["PATH"])
     lock = tmp_path / f"cafedist-submit-{os.getuid()}.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom cafedist.fsutil import exclusive_lock\n"
@@ -404,7 +395,7 @@ def test_concurrent_submissions_take_turns(shared: Ctx, tmp_path, monkeypatch):
 
 
 def test_an_unreadable_sbatch_answer_keeps_the_files_a_queued_job_may_need(shared: Ctx, tmp_path, monkeypatch):
-    _fake_slurm(tmp_path / "bin", "echo 'Submitted batch array 4242'; exit 0", monkeypatch)
+    fake_slurm(tmp_path / "bin", "echo 'Submitted batch array 4242'; exit 0", monkeypatch)
     code, _, err = run_cli("submit", "--config", str(shared.cfg), "--out", str(shared.fresh))
     assert code == 2
     [line] = err.strip().splitlines()

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fake_slurm
 
 from cafedist import interrupts, jobs, submit
 from cafedist.cli import main as cli_main
@@ -442,7 +443,9 @@ def test_two_submissions_into_one_new_folder_take_turns(workdir, tmp_path):
                                          "submission failed: Invalid partition"]
     assert second.returncode == 0 and "submitted job 4242" in out2, waited + err2
     assert (folder / "4242" / "4242_submitted.pkl").is_file()
-    assert [p.name for p in folder.iterdir() if not p.name.startswith(".submission_file_")] == ["4242"]
+    # the job and the copy of the config it trains
+    kept = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".submission_file_"))
+    assert len(kept) == 2 and kept[0] == "4242" and re.fullmatch(r"config-\w+\.yaml", kept[1]), kept
     assert f"waiting for another submission into {folder} to finish" in waited
 
 
@@ -734,6 +737,30 @@ def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeyp
     submit.submit_runs(Executor(), runs, tmp_path / "run" / "submitit")
     assert seen == [None]
     assert os.environ["SLURM_RESTART_COUNT"] == "2"  # this process's own is left as it was
+
+
+def test_a_job_trains_the_config_as_submitted_not_as_edited_since(tmp_path, workdir, monkeypatch, capsys):
+    """The jobs read --config when they start: one waiting in the queue (or an array element,
+    or a requeued restart) trained the file as edited after the submission, e.g. for the next
+    experiment (reproduced on Slurm: submitted width 8, edited to 4 while pending, trained 4).
+    They read the copy the submission keeps in its folder instead."""
+    from submitit.core import utils as submitit_utils
+
+    from cafedist.config import load_config
+
+    fake_slurm(tmp_path / "bin", "echo 'Submitted batch job 4242'", monkeypatch)
+    config = tmp_path / "my.yaml"
+    config.write_text((workdir / "tiny.yaml").read_text())
+    folder = tmp_path / "logs"
+    assert cli_main(["submit", "--config", str(config), "--out", str(tmp_path / "runs"), "--folder", str(folder),
+                     "--array", "seed=0,1"]) == 0
+    assert "submitted job 4242" in capsys.readouterr().out
+    config.write_text(config.read_text().replace("width: 8", "width: 4"))  # the next experiment's
+    runs = [submitit_utils.pickle_load(folder / f"4242_{i}" / f"4242_{i}_submitted.pkl").args[0] for i in (0, 1)]
+    assert [r.label for r in runs] == ["seed-0", "seed-1"]
+    for run in runs:
+        assert load_config(run.config, list(run.overrides)).model.options["width"] == 8
+        assert load_config(run.resumed().config).model.options["width"] == 8  # a requeued restart's
 
 
 def test_a_folder_that_links_to_a_missing_folder_is_an_error_not_a_hang(tmp_path):

@@ -296,12 +296,17 @@ def _wait_until_finished(jobs: Sequence[Any], timeout_s: float, poll_s: float) -
 
 #: the last line of a Python traceback: the exception's (dotted) class name, a colon, its message
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*: \S")
+#: submitit's report of a job that wrote no result (killed, or its interpreter never ran), which
+#: quotes the job's log: the log's last line is then no reason
+_NO_RESULT = re.compile(r"has not produced any output \(state: ([^)]*)\)")
 
 
-def job_error(text: str) -> str:
+def job_error(text: str, logs: str | os.PathLike = "") -> str:
     """The line that says why a job failed, from submitit's report of its exception (which
     holds the job's traceback and ends with the paths of its logs): the run's own ``cafedist:
-    error:`` line when there is one, else the exception's line of the traceback, else the last."""
+    error:`` line when there is one, else the exception's line of the traceback, else, for a
+    job that wrote no result, that it ended without one (``logs``: where to look), else the
+    last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for marker in ("cafedist: error:", "Error: ", "Exception: "):
         found = [ln for ln in lines if marker in ln]
@@ -312,6 +317,10 @@ def job_error(text: str) -> str:
     found = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
     if found:
         return found[-1]
+    no_result = _NO_RESULT.search(text)
+    if no_result:
+        return (f"the job ended without a result (state {no_result.group(1)}): killed (out of memory?) or it could "
+                f"not start; logs: {logs}")
     return lines[-1] if lines else ""
 
 
@@ -319,7 +328,8 @@ def _outcome(job: Any, run: Any) -> JobOutcome:
     try:
         results = job.results()
     except Exception as exc:  # noqa: BLE001 - submitit re-raises the job's exception
-        return JobOutcome(str(job.job_id), run.out, False, error=job_error(str(exc)) or type(exc).__name__)
+        error = job_error(str(exc), logs=job.paths.stderr) or type(exc).__name__
+        return JobOutcome(str(job.job_id), run.out, False, error=error)
     summary = next((r.get("summary") for r in results if isinstance(r, dict) and r.get("summary")), None)
     return JobOutcome(str(job.job_id), run.out, True, summary=summary)
 

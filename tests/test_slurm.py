@@ -605,6 +605,24 @@ def test_a_cancelled_jobs_reason_is_its_stop_line_not_its_log_path():
     assert jobs.job_error(report) == stopped
 
 
+def test_a_job_that_ended_without_a_result_says_so_not_a_line_of_its_log():
+    """A local job killed (SIGKILL: out of memory) or whose --python could not start leaves no
+    result; submitit's report quotes the job's log, and `submit --wait` gave its last line as the
+    reason ("[cafedist r0] INFO runtime: ...", or the report's "-----" separator)."""
+    head = ("Job 9892 (task: 0) with path /r/s/9892/9892_0_result.pkl\n"
+            "has not produced any output (state: FINISHED)\n")
+    killed = head + "Error stream produced:\n" + "-" * 40 + "\n[cafedist r0] INFO runtime: launcher=torchrun\n"
+    silent = head + "No error stream produced. Look at stdout: /r/s/9892/9892_0_log.out\n" + "-" * 40 + "\n"
+    for report in (killed, silent):
+        assert jobs.job_error(report, logs="/r/s/9892/9892_0_log.err") == (
+            "the job ended without a result (state FINISHED): killed (out of memory?) or it could not start; "
+            "logs: /r/s/9892/9892_0_log.err")
+    # a reason in the log it quotes is still the reason
+    failed = head + "Error stream produced:\n" + "-" * 40 + "\nTraceback (most recent call last):\n  x\n" \
+        "ModuleNotFoundError: No module named 'submitit'\n"
+    assert jobs.job_error(failed, logs="x") == "ModuleNotFoundError: No module named 'submitit'"
+
+
 def test_a_failed_local_job_reports_the_runs_error(workdir, monkeypatch, capsys):
     """The run refuses to start (another writer holds it): the FAILED line says so."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -62,6 +63,9 @@ class ExecutorOptions:
                 raise ConfigError(f"{flag} {value}: expected an integer >= {least}")
         if self.local and self.nodes != 1:
             raise ConfigError(f"--nodes {self.nodes}: the local executor (--local) runs on one node; use --nodes 1")
+        if self.local and self.python and shutil.which(self.python) is None:  # Slurm's: found on the nodes
+            raise ConfigError(f"--python {self.python}: no such executable here (the local executor runs the jobs "
+                              f"with it)")
         params: dict[str, Any] = {
             "name": self.job_name or f"cafedist-{Path(out).name}",
             "timeout_min": parse_time(self.time),

@@ -565,6 +565,18 @@ def test_local_executor_is_single_node(tmp_path):
         jobs.ExecutorOptions.from_args(args).parameters(args.out)
 
 
+def test_local_python_that_does_not_exist_is_refused(tmp_path, workdir, capsys):
+    """The local executor's controller could not start the job: its traceback came after
+    `submit` had said "submitted" and exited 0 (with --wait: a job FAILED)."""
+    rc = cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "run"), "--local",
+                   "--python", str(tmp_path / "nopython")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"cafedist: error: --python {tmp_path / 'nopython'}: no such executable here (the local executor runs the "
+        f"jobs with it)"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flags,needle", [(("--mem-gb", "-1"), "--mem-gb -1.0"), (("--mem-gb", "0"), "--mem-gb 0.0"),
                                           (("--signal-delay", "-5"), "--signal-delay -5"),
                                           (("--max-requeues", "-1"), "--max-requeues -1"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import errno
 import hashlib
 import io
@@ -277,6 +278,7 @@ class TrainTask(Checkpointable):
 
     def __init__(self, env: dict[str, str] | None = None):
         self.env = dict(env or {})
+        self.starts = 1  # how often this job has been started: the requeued task counts one more
 
     def __call__(self, run: RunSpec) -> dict[str, Any]:
         """Run ``cafedist train`` for ``run`` in this task; returns ``{"out", "rank", "summary"}``.
@@ -323,7 +325,9 @@ class TrainTask(Checkpointable):
 
     def checkpoint(self, run: RunSpec) -> DelayedSubmission:  # type: ignore[override]
         """Called by submitit on preemption/time-out: resubmit the same run, resuming."""
-        return DelayedSubmission(self, run.resumed())
+        again = copy.copy(self)
+        again.starts = getattr(self, "starts", 1) + 1  # a pickle of a version before the count: 1
+        return DelayedSubmission(again, run.resumed())
 
     # ----------------------------------------------------------------- signals
     @staticmethod
@@ -347,8 +351,7 @@ class TrainTask(Checkpointable):
         signal.signal(preempt, forward)
         return preempt, previous
 
-    @staticmethod
-    def _requeue(run: RunSpec) -> None:
+    def _requeue(self, run: RunSpec) -> None:
         """After exit code 75: requeue through submitit (rank 0), or stop this task."""
         if not _in_submitit_job():
             raise JobStopped(f"stopped by a signal, checkpoint written in {run.out} (not a submitit job: "
@@ -357,6 +360,11 @@ class TrainTask(Checkpointable):
         if env.cluster == "local" and (Path(env.paths.folder) / CANCELLED_MARKER).exists():
             raise JobStopped(f"stopped with the submitting command, checkpoint written in {run.out} "
                              "(submit the same command again to resume)")
+        if env.cluster == "local" and getattr(self, "starts", 1) >= LOCAL_STARTS:
+            # the local executor would not start it again: the job would end without a result
+            raise JobStopped(f"stopped at its time limit (--time), checkpoint written in {run.out}; submitit's local "
+                             f"executor starts a job at most {LOCAL_STARTS} times, so it is not requeued (submit the "
+                             "same command again to resume; a longer --time restarts it less often)")
         fate = _slurm_job_fate(env.job_id) if env.cluster == "slurm" else "running"
         if fate == "requeued":
             # No result file: it would say this job ended, while its restart trains on
@@ -403,6 +411,10 @@ def submit_runs(executor: Any, runs: Sequence[RunSpec], folder: str | Path, env:
             _turn_in(folder, Path(owned) if owned is not None else folder) as made:
         return _submit_attempt(executor, task, runs, folder, as_array, made, config_copy)
 
+
+#: how often submitit's local executor starts a job (its controller's retries), whatever
+#: ``--max-requeues`` allows
+LOCAL_STARTS = 6
 
 _THREADS = threading.Lock()
 #: the lock file of a submission's turn in its folder, removed when the turn ends (one a killed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -749,6 +750,32 @@ def test_wait_reports_rank_0s_reason_when_the_other_ranks_left_no_result(tmp_pat
     monkeypatch.setattr(jobs, "_slurm_in_queue", lambda job_id: False)
     [outcome] = jobs.wait_for([SlurmJob(0)], [argparse.Namespace(out="/r/run")], poll_s=0, grace_s=0)
     assert (outcome.ok, outcome.job_id, outcome.error) == (False, "7", reason)
+
+
+def test_a_local_job_at_its_last_start_stops_with_a_reason(tmp_path, monkeypatch):
+    """submitit's local executor starts a job at most 6 times, whatever --max-requeues says: a
+    run longer than that many --time limits handed its 6th stop to submitit's requeue, the job
+    ended without a result, and `submit --wait` reported it killed or unable to start (reproduced:
+    --local --time 1 --signal-delay 52). It stops saying why, its checkpoint written."""
+    folder = tmp_path / "logs"
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_FOLDER", str(folder / "%j"))
+    for name, value in (("JOB_ID", "123"), ("NTASKS", "1"), ("JOB_NUM_NODES", "1"), ("NODEID", "0"),
+                        ("GLOBALID", "0"), ("LOCALID", "0")):
+        monkeypatch.setenv(f"SUBMITIT_LOCAL_{name}", value)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_DFL)  # no submitit handler: the test's
+    [run] = submit.build_runs(None, str(tmp_path / "run"))
+    task = submit.TrainTask()
+    for _ in range(5):  # the restarts the local executor makes
+        with pytest.raises(SystemExit) as stop:
+            task._requeue(run)
+        assert stop.value.code == 75
+        task = task.checkpoint(run).function
+    with pytest.raises(submit.JobStopped, match="starts a job at most 6 times"):
+        task._requeue(run)
+    from submitit.local.local import Controller
+
+    assert inspect.signature(Controller.run).parameters["max_retry"].default == submit.LOCAL_STARTS
 
 
 def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeypatch):

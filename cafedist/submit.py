@@ -15,13 +15,13 @@ Preemption: the job's callable is a :class:`submitit.helpers.Checkpointable`. su
 preemption/time-limit signal (SIGUSR2, ``--signal-delay`` seconds before the end) is forwarded to
 the trainer as SIGUSR1, so every rank finishes its round, writes a checkpoint and returns
 :data:`~cafedist.train.signals.REQUEUE_EXIT_CODE`; rank 0 then hands over to submitit's own
-handler, which pickles :meth:`TrainTask.checkpoint` (the same run with ``--resume auto``) and
-runs ``scontrol requeue``. The requeued job resumes from the checkpoint. SIGTERM (e.g. Slurm
-preemption with GraceTime) also makes the trainer checkpoint; the job is requeued only while
-Slurm still reports it RUNNING, never after ``scancel``. A job that Slurm requeues itself (an
-outside ``scontrol requeue``, preemption in requeue mode, a node failure) restarts from its first
-pickle: it resumes too (``SLURM_RESTART_COUNT``), and its stopped attempt leaves no result file,
-so that ``--wait`` goes on waiting for the restart.
+handler, which pickles :meth:`TrainTask.checkpoint` (the same run with ``--resume auto``, or
+``force`` after ``force``) and runs ``scontrol requeue``. The requeued job resumes from the
+checkpoint. SIGTERM (e.g. Slurm preemption with GraceTime) also makes the trainer checkpoint;
+the job is requeued only while Slurm still reports it RUNNING, never after ``scancel``. A job
+that Slurm requeues itself (an outside ``scontrol requeue``, preemption in requeue mode, a node
+failure) restarts from its first pickle: it resumes too (``SLURM_RESTART_COUNT``), and its
+stopped attempt leaves no result file, so that ``--wait`` goes on waiting for the restart.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def _slurm_job_fate(job_id: str) -> str:
 
 
 class TrainTask(Checkpointable):
-    """The job's callable: ``cafedist train`` in every task; requeued with ``--resume auto``.
+    """The job's callable: ``cafedist train`` in every task; requeued with :meth:`RunSpec.resumed`.
 
     ``env``: environment variables set in the task before training (e.g. OMP_NUM_THREADS).
     """

@@ -9,10 +9,10 @@ as shipped), ``no selection`` (``student_selection: false``: every exit a studen
 distil) and ``no record`` (the control without ``train.diagnostics``). It writes
 
 - ``conflict_T100_runs.csv``: one row per run: final validation and test accuracy per exit and,
-  for the rounds before and after half the schedule, the share of negative cosines and the
-  mean cosine between exits' gradients, over trained pairs and over all pairs
-  (:func:`sweep.conflict_means`: with the default ``schedule_span`` every exit is a student
-  from round T/2 on, so the second half compares like with like);
+  for the rounds before and after half the schedule and in its last quarter, the share of
+  negative cosines and the mean cosine between exits' gradients, over trained pairs and over
+  all pairs (:func:`sweep.conflict_means`: with the default ``schedule_span`` every exit is a
+  student from round T/2 on, so the second half compares like with like);
 - ``conflict_T100_curves.csv`` and ``.png``: per setting and arm, the share of negative
   cosines per round over trained pairs, mean over seeds;
 
@@ -31,7 +31,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sweep import conflict_means, write_csv  # experiments/ is on sys.path when run as a script
+from sweep import conflict_means, conflict_window, write_csv  # experiments/ is on sys.path when run as a script
 
 from cafedist.config import read_run_config
 from cafedist.stats import mean_se
@@ -70,6 +70,9 @@ def read_run(run_dir: Path) -> dict | None:
                                    summary["acc_per_exit"])):
         row[f"val_exit{k + 1}"], row[f"test_exit{k + 1}"] = v, t
     row.update(conflict_means(records, summary["rounds"]))
+    # the last quarter: whether a difference after T/2 lasts, or fades once every exit has trained a while
+    rounds = summary["rounds"]
+    row.update({f"{k}_q4": v for k, v in conflict_window(records, rounds - rounds // 4, rounds).items()})
     return {"row": row, "records": records}
 
 
@@ -124,7 +127,7 @@ def arms_table(rows: list[dict]) -> str:
     """Per setting and arm: seeds, conflict (negative share, %) before and after T/2, mean cosine
     after T/2, and test accuracy per exit, mean ± std over seeds."""
     head = ["setting", "arm", "seeds", "neg. trained, r < T/2", "neg. all, r < T/2", "neg., r ≥ T/2",
-            "mean cos, r ≥ T/2", "test e1", "test e2", "test e3"]
+            "neg., r ≥ 3T/4", "mean cos, r ≥ T/2", "test e1", "test e2", "test e3"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
@@ -133,26 +136,28 @@ def arms_table(rows: list[dict]) -> str:
     for (setting, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
         cells = [setting, arm, str(len(group)), _mean_std(_column(group, "neg_trained_h1")),
                  _mean_std(_column(group, "neg_all_h1")), _mean_std(_column(group, "neg_all_h2")),
-                 _mean_std(_column(group, "cos_all_h2"), scale=1.0, digits=3),
+                 _mean_std(_column(group, "neg_all_q4")), _mean_std(_column(group, "cos_all_h2"), scale=1.0, digits=3),
                  *[_mean_std(_column(group, f"test_exit{k}")) for k in (1, 2, 3)]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _mean_se(values: list[float]) -> str:
-    """Differences in points: mean ± standard error (as study_tables' seed-matched tables)."""
+def _mean_se(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """Differences (in points by default): mean ± standard error (as study_tables' seed-matched tables)."""
     if len(values) < 2:
-        return "–" if not values else f"{100 * values[0]:+.1f}"
+        return "–" if not values else f"{scale * values[0]:+.{digits}f}"
     mean, se = mean_se(values)
-    return f"{100 * mean:+.1f} ± {100 * se:.1f}"
+    return f"{scale * mean:+.{digits}f} ± {scale * se:.{digits}f}"
 
 
 def paired_table(rows: list[dict], arm: str = "no selection") -> str:
     """Seed-matched differences, selection minus ``arm``, per setting: the negative share after
-    T/2 (points; < 0: selection conflicts less) and the test accuracy per exit (points), mean ±
+    T/2 and in the last quarter (points; < 0: selection conflicts less), the mean cosine after
+    T/2 (> 0: selection conflicts less) and the test accuracy per exit (points), mean ±
     standard error over the seeds both arms have."""
     by_key = {(r["setting"], r["arm"], r["seed"]): r for r in rows}
-    head = ["setting", "seeds", "Δ neg., r ≥ T/2 (per seed)", "Δ neg., r ≥ T/2", "Δ test e1", "Δ test e2", "Δ test e3"]
+    head = ["setting", "seeds", "Δ neg., r ≥ T/2 (per seed)", "Δ neg., r ≥ T/2", "Δ neg., r ≥ 3T/4",
+            "Δ mean cos, r ≥ T/2", "Δ test e1", "Δ test e2", "Δ test e3"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for setting in sorted({r["setting"] for r in rows}):
         pairs = [(by_key[(setting, "selection", s)], by_key[(setting, arm, s)])
@@ -162,6 +167,8 @@ def paired_table(rows: list[dict], arm: str = "no selection") -> str:
         per_seed = ", ".join(f"{100 * d:+.1f}" for d in _differences(pairs, "neg_all_h2"))
         lines.append("| " + " | ".join([setting, str(len(pairs)), per_seed,
                                         _mean_se(_differences(pairs, "neg_all_h2")),
+                                        _mean_se(_differences(pairs, "neg_all_q4")),
+                                        _mean_se(_differences(pairs, "cos_all_h2"), scale=1.0, digits=3),
                                         *[_mean_se(_differences(pairs, f"test_exit{k}")) for k in (1, 2, 3)]]) + " |")
     return "\n".join(lines)
 

@@ -113,12 +113,20 @@ def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:
     negative pairs, over the trained pairs and over all pairs."""
     out: dict[str, float | None] = {}
     for half, (lo, hi) in (("h1", (0, rounds // 2)), ("h2", (rounds // 2, rounds))):
-        window = [r["conflict"] for r in records if r.get("conflict") and lo <= r["round"] < hi]
-        for kind in ("trained", "all"):
-            cos = [v for c in window for v in c[kind].values() if v is not None]
-            neg = [c[f"neg_{kind}"] for c in window if c[f"neg_{kind}"] is not None]
-            out[f"cos_{kind}_{half}"] = _r(sum(cos) / len(cos)) if cos else None
-            out[f"neg_{kind}_{half}"] = _r(sum(neg) / len(neg)) if neg else None
+        out.update({f"{k}_{half}": v for k, v in conflict_window(records, lo, hi).items()})
+    return out
+
+
+def conflict_window(records: list[dict], lo: int, hi: int) -> dict[str, float | None]:
+    """``cos_trained``, ``neg_trained``, ``cos_all``, ``neg_all``: the conflict record's means
+    over rounds ``lo <= round < hi`` (None where no round has the value)."""
+    window = [r["conflict"] for r in records if r.get("conflict") and lo <= r["round"] < hi]
+    out: dict[str, float | None] = {}
+    for kind in ("trained", "all"):
+        cos = [v for c in window for v in c[kind].values() if v is not None]
+        neg = [c[f"neg_{kind}"] for c in window if c[f"neg_{kind}"] is not None]
+        out[f"cos_{kind}"] = _r(sum(cos) / len(cos)) if cos else None
+        out[f"neg_{kind}"] = _r(sum(neg) / len(neg)) if neg else None
     return out
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,7 +64,7 @@ class ExecutorOptions:
                 raise ConfigError(f"{flag} {value}: expected an integer >= {least}")
         if self.local and self.nodes != 1:
             raise ConfigError(f"--nodes {self.nodes}: the local executor (--local) runs on one node; use --nodes 1")
-        if self.local and self.python and shutil.which(self.python) is None:  # Slurm's: found on the nodes
+        if self.local and self.python and not _runs_here(self.python):  # Slurm's: found on the nodes
             raise ConfigError(f"--python {self.python}: no such executable here (the local executor runs the jobs "
                               f"with it)")
         params: dict[str, Any] = {
@@ -90,6 +91,17 @@ class ExecutorOptions:
     def executor(self, folder: str | Path, out: str | Path) -> Any:
         """A submitit executor writing pickles and logs to ``folder``, for runs under ``out``."""
         return make_executor(folder, self.local, self.parameters(out), self.python, self.max_requeues)
+
+
+def _runs_here(python: str) -> bool:
+    """Whether the command ``python`` names an executable here: its first word, as submitit's
+    local executor splits it (``--python "apptainer exec img.sif python3"`` is a command, as
+    submitit documents it, not one file)."""
+    try:
+        words = shlex.split(python)
+    except ValueError:  # an unbalanced quote: the local executor cannot split it either
+        return False
+    return bool(words) and shutil.which(words[0]) is not None
 
 
 #: the resource flags of ``cafedist submit`` and ``compare --submit``: ExecutorOptions field,

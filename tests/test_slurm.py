@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -576,6 +577,18 @@ def test_local_python_that_does_not_exist_is_refused(tmp_path, workdir, capsys):
         f"cafedist: error: --python {tmp_path / 'nopython'}: no such executable here (the local executor runs the "
         f"jobs with it)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_local_python_may_be_a_command(tmp_path):
+    """submitit's --python is a command it splits (a container's python, an interpreter with
+    flags): the check for one file refused every such command that the local executor runs."""
+    for python in (f"{shlex.quote(sys.executable)} -X utf8", f"env OMP_NUM_THREADS=1 {shlex.quote(sys.executable)}"):
+        args = _submit_args("--out", str(tmp_path), "--local", "--python", python)
+        jobs.ExecutorOptions.from_args(args).parameters(args.out)  # accepted
+    for python in (f"{tmp_path / 'nopython'} -X utf8", "'unbalanced", " "):
+        args = _submit_args("--out", str(tmp_path), "--local", "--python", python)
+        with pytest.raises(ConfigError, match="no such executable here"):
+            jobs.ExecutorOptions.from_args(args).parameters(args.out)
 
 
 @pytest.mark.parametrize("flags,needle", [(("--mem-gb", "-1"), "--mem-gb -1.0"), (("--mem-gb", "0"), "--mem-gb 0.0"),

@@ -604,14 +604,14 @@ def main(args: argparse.Namespace) -> int:
     env = _job_env(args)
     folder = Path(args.folder).resolve() if args.folder else _default_folder(args.out)
     check_dir_creatable(folder, "--folder" if args.folder else "--out")
-    config_copy = ConfigCopy.of(args.config, folder) if args.config else None
-    if config_copy is not None:  # what the jobs train, whenever they start (ConfigCopy)
-        runs = [replace(run, config=str(config_copy.path)) for run in runs]
-    if args.dry_run:
+    if args.dry_run:  # with the user's --config: the copy a submission would keep is not written
         print(json.dumps({"cluster": "local" if args.local else "slurm", "folder": str(folder / "%j"),
                           "parameters": params, "env": env,
                           "runs": [{"out": r.out, "argv": r.train_argv()} for r in runs]}, indent=2))
         return 0
+    config_copy = ConfigCopy.of(args.config, folder) if args.config else None
+    if config_copy is not None:  # what the jobs train, whenever they start (ConfigCopy)
+        runs = [replace(run, config=str(config_copy.path)) for run in runs]
     executor = options.executor(folder / "%j", args.out)
     out = Path(args.out).resolve()  # this command's own folder; a --folder elsewhere is the user's
     with children_take_ctrl_c():  # local jobs: started in a script's background, they stay cancellable

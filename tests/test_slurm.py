@@ -514,6 +514,9 @@ def test_dry_run_maps_options_to_submitit(tmp_path, workdir, capsys, monkeypatch
     assert plan["env"]["OMP_NUM_THREADS"] == "8"
     assert [Path(r["out"]).name for r in plan["runs"]] == ["seed-0", "seed-1"]
     assert plan["runs"][1]["argv"][-2:] == ["train.rounds=7", "seed=1"]
+    # the user's config file: the copy a submission keeps is not written by a dry run
+    assert plan["runs"][0]["argv"][plan["runs"][0]["argv"].index("--config") + 1] == str(workdir / "tiny.yaml")
+    assert not (tmp_path / "s").exists()
     # a thread count set for this shell is the jobs' too; --env adds variables
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(tmp_path / "t"),

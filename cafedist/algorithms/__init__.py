@@ -234,9 +234,10 @@ after a kill and resume. That holds for an algorithm that keeps these rules; the
   `--resume force` onto another `train.rounds` warns with what it says the trained rounds did
   by the old total.
 - **Packed training** (`vmappable_loss = True`): `local_loss` runs under `torch.func.vmap`
-  with `batch.module` a stand-in that raises on any use (*checked*: using it fails naming the
-  flag); no `.item()` or branching on tensor values: its control flow may depend only on what packing groups clients
-  by (whether a proxy batch is drawn, `trained_exits`, the state's keys, the batch size).
+  with `batch.module` a stand-in whose attributes, calls and iteration raise (*checked*: using
+  it fails naming the flag); no `.item()` or branching on tensor values: its control flow may
+  depend only on what packing groups clients by (whether a proxy batch is drawn,
+  `trained_exits`, the state's keys, the batch size).
 - **Exchange rows** (*checked*): `upload` returns `upload_spec`'s keys with exactly those row
   shapes and dtypes; `aggregate` returns every `payload_spec` key as `[n, *row]` (`[k, *row]`
   from `aggregate_cohort`) in the spec's dtype.

@@ -123,9 +123,9 @@ class Algorithm:
     * ``exchanges_logits`` -- the loop computes every client's proxy logits each round and
       gathers them to rank 0 (``gathered["logits"]`` in :meth:`aggregate`).
     * ``vmappable_loss`` -- :meth:`local_loss` reads only the batch's tensors and the state,
-      never ``batch.module`` (a stand-in that raises on any use under packing), calls no
-      ``.item()`` and branches on no tensor value, so packed training may call it under
-      ``torch.func.vmap``.
+      never ``batch.module`` (under packing a stand-in whose attributes, calls and iteration
+      raise), calls no ``.item()`` and branches on no tensor value, so packed training may call
+      it under ``torch.func.vmap``.
     * ``common_init`` -- all clients start from the same weights (FedAvg family).
     * ``extra_models`` -- more same-architecture models per client (e.g. Ditto's global model).
     * ``shared_model`` -- whose parameters :meth:`shared_mask` refers to.

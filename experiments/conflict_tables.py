@@ -181,8 +181,12 @@ def plot_curves(curves: list[dict], path: Path, window: int = 5) -> None:
     import matplotlib.pyplot as plt
 
     settings = sorted({c["setting"] for c in curves})
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False, sharey=True)
-    for ax, setting in zip(axes[0], settings):
+    cols = min(len(settings), 2)
+    rows = -(-len(settings) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(settings):]:
+        ax.set_visible(False)
+    for ax, setting in zip(axes.flat, settings):
         for arm in ARMS:
             pts = [(c["round"], c["neg_trained"]) for c in curves
                    if c["setting"] == setting and c["arm"] == arm and c["neg_trained"] is not None]
@@ -195,7 +199,8 @@ def plot_curves(curves: list[dict], path: Path, window: int = 5) -> None:
         ax.set_title(setting.replace(" a", ", α = "), fontsize=10)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"negative cosines, trained pairs (%)\n(running mean of {window} rounds)")
+    for row in axes:
+        row[0].set_ylabel(f"negative cosines, trained pairs (%)\n(running mean of {window} rounds)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -324,10 +324,15 @@ class TrainTask(Checkpointable):
         return {"out": run.out, "rank": rank, "summary": summary}
 
     def checkpoint(self, run: RunSpec) -> DelayedSubmission:  # type: ignore[override]
-        """Called by submitit on preemption/time-out: resubmit the same run, resuming."""
+        """Called by submitit on preemption/time-out: resubmit the same run, resuming once the
+        trainer has carried out its run-directory plan in this process. Before that (a signal
+        while the job was still starting) nothing was moved aside, so ``--resume none`` stays:
+        ``auto`` would have continued the earlier run the user asked to start over."""
+        from cafedist.train.startup import prepared_here
+
         again = copy.copy(self)
         again.starts = getattr(self, "starts", 1) + 1  # a pickle of a version before the count: 1
-        return DelayedSubmission(again, run.resumed())
+        return DelayedSubmission(again, run.resumed() if prepared_here(run.out) else run)
 
     # ----------------------------------------------------------------- signals
     @staticmethod
@@ -549,7 +554,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=user_path,
                    help="run directory (with --array: parent of one directory per element)")
     p.add_argument("--resume", default="auto", choices=["auto", "none", "force"],
-                   help="first start (default auto); a requeued job resumes: with force after force, else auto")
+                   help="first start (default auto); a requeued job resumes: with force after force, else auto "
+                        "(none stays none until the earlier run was moved aside)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.rounds=100")
     add_resource_arguments(p.add_argument_group("resources"))
     s = p.add_argument_group("sweeps")

@@ -794,6 +794,27 @@ def test_a_local_job_at_its_last_start_stops_with_a_reason(tmp_path, monkeypatch
     assert inspect.signature(Controller.run).parameters["max_retry"].default == submit.LOCAL_STARTS
 
 
+def test_a_start_over_stopped_before_the_trainer_moved_the_run_aside_starts_over_again(tmp_path, workdir):
+    """--resume none, and the preemption signal came while the job was still starting (before
+    the trainer's stop flag): submitit requeued it with --resume auto, and the restart continued
+    the earlier run the user had asked to start over. It resumes only once the trainer has
+    carried out the run directory's plan (moved the earlier run aside) in this process."""
+    from cafedist.config import load_config
+    from cafedist.train.startup import prepare_run_dir
+
+    out = tmp_path / "run"
+    [run] = submit.build_runs(str(workdir / "tiny.yaml"), str(out), resume="none")
+    task = submit.TrainTask()
+    assert task.checkpoint(run).args[0].resume == "none"  # nothing moved aside yet: start over still
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"round": 0}\n')  # the earlier run
+    prepare_run_dir(load_config(run.config, list(run.overrides)), out, "none")
+    assert not (out / "metrics.jsonl").exists()  # moved aside
+    assert task.checkpoint(run).args[0].resume == "auto"  # from here on: resume the new run
+    [forced] = submit.build_runs(str(workdir / "tiny.yaml"), str(tmp_path / "other"), resume="force")
+    assert task.checkpoint(forced).args[0].resume == "force"
+
+
 def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeypatch):
     """sbatch passes the submitting shell's environment on: from inside a job that Slurm had
     restarted, SLURM_RESTART_COUNT reached the new job, whose first start then counted as a

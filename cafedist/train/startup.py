@@ -98,6 +98,17 @@ def write_config(cfg: Config, run_dir: Path) -> None:
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
 
 
+#: the run directories (resolved) whose plan this process has carried out: see :func:`prepared_here`
+_PREPARED: set[Path] = set()
+
+
+def prepared_here(run_dir: str | Path) -> bool:
+    """Whether this process has carried out ``run_dir``'s plan (:func:`prepare_run_dir`). Until
+    then a ``--resume none`` has moved nothing aside, so a job requeued before it must start
+    over as asked, not resume the earlier run; after it, resume (:mod:`cafedist.submit`)."""
+    return Path(run_dir).resolve() in _PREPARED
+
+
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
 
@@ -112,6 +123,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
         with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
             moved = move_aside(run_dir)
         log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+    _PREPARED.add(run_dir.resolve())
     # scratch of killed sessions; no other process writes here while the lock is held
     CheckpointDir(run_dir).remove_stale_staging()
     remove_parked_state(run_dir)

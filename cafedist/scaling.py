@@ -296,6 +296,10 @@ def to_markdown(rows: list[dict[str, Any]], runs: list[RunStats]) -> str:
         # fewer so far has its warm-up round averaged in
         lines.append(f"Note: {', '.join(unfinished)} not finished (no summary.json): times of the rounds "
                      f"recorded so far; compare with care.")
+    stacks = stack_difference(runs)
+    if stacks is not None:
+        lines.append(f"Note: the runs trained on different machines or software ({stacks}); their times compare "
+                     "those too.")
     difference = config_difference(runs)
     if difference is not None:
         lines.append(f"Note: the runs' configs differ in more than the number of clients ({difference}); "
@@ -337,6 +341,37 @@ def config_difference(runs: list[RunStats]) -> str | None:
         difference = dict_diff(name(known[0]), name(config)) or dict_diff(known[0], config)
         if difference is not None:
             return f"{run_name}: {difference}"
+    return None
+
+
+#: what a run's recorded environments (summary.json, :mod:`cafedist.provenance`) say that
+#: changes its times: the CPU models, the devices, the torch build
+_TIMING_STACK = ("cpus", "devices", "torch")
+
+
+def stack_difference(runs: list[RunStats]) -> str | None:
+    """``"RUN: cpus (a vs b)"``, the first of :data:`_TIMING_STACK` in which a finished run's
+    environments differ from the first finished run's (a scaling sweep that ran partly on
+    other nodes times the nodes as well); None if none does, or nothing is recorded."""
+    def stack(run: RunStats) -> dict[str, Any] | None:
+        envs = run.summary.get("environments")
+        if not isinstance(envs, list) or not envs or not all(isinstance(e, dict) for e in envs):
+            return None
+        out: dict[str, Any] = {}
+        for key in _TIMING_STACK:
+            values: set[str] = set()
+            for env in envs:  # every session's: a run resumed on another node ran on both
+                value = env.get(key)
+                values.update(map(str, value) if isinstance(value, list) else [str(value)])
+            out[key] = sorted(values)
+        return out
+
+    known = [(label, stack(r)) for r, label in zip(runs, run_labels(runs))]
+    known = [(label, st) for label, st in known if st is not None]
+    for label, st in known[1:]:
+        for key in _TIMING_STACK:
+            if st[key] != known[0][1][key]:
+                return f"{label}: {key} ({', '.join(known[0][1][key])} vs {', '.join(st[key])})"
     return None
 
 

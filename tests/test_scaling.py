@@ -372,3 +372,24 @@ def test_an_unfinished_run_is_noted(tmp_path):
     assert notes == ["Note: `w2` not finished (no summary.json): times of the rounds recorded so far; "
                      "compare with care."]
     assert not [line for line in to_markdown(scaling_table([done]), [done]).splitlines() if line.startswith("Note:")]
+
+
+def test_runs_on_other_machines_or_software_are_noted(tmp_path):
+    """A weak-scaling sweep whose 4-rank run went to a node of another CPU model timed the
+    nodes as well, and nothing in the report said so (summary.json records every stack)."""
+    def with_stack(name: str, world: int, cpus: list[str], torch: str = "2.13.0+cpu") -> object:
+        d = _run(tmp_path, name, world, [2] * world, [3, 1.0, 1.0])
+        env = {"torch": torch, "hosts": ["h"], "cpus": cpus, "devices": ["cpu"]}
+        (d / "summary.json").write_text(json.dumps({"n_params": 10, "environments": [env]}))
+        return load_run(d)
+
+    def notes(runs: list) -> list[str]:
+        return [line for line in to_markdown(scaling_table(runs), runs).splitlines() if line.startswith("Note:")]
+
+    w1, w2 = with_stack("w1", 1, ["Xeon"]), with_stack("w2", 2, ["Xeon"])
+    assert notes([w1, w2]) == []
+    epyc = with_stack("w4", 4, ["EPYC", "Xeon"])
+    assert notes([w1, w2, epyc]) == ["Note: the runs trained on different machines or software (w4: cpus (Xeon vs "
+                                     "EPYC, Xeon)); their times compare those too."]
+    cuda = with_stack("w8", 8, ["Xeon"], torch="2.13.0+cu126")
+    assert "w8: torch (2.13.0+cpu vs 2.13.0+cu126)" in notes([w1, cuda])[0]

@@ -18,7 +18,8 @@ distil) and ``no record`` (the control without ``train.diagnostics``). It writes
 
 checks that each ``no record`` run trained what its ``selection`` twin did (the record must
 change no model), and prints the markdown tables docs/RESULTS.md quotes: per setting and arm,
-mean ± std over seeds, and the seed-matched differences selection minus no selection.
+mean ± std over seeds; the seed-matched differences selection minus no selection (and minus CE
+until selected); each exit pair's mean cosine after T/2.
 Nothing is chosen from these numbers.
 """
 
@@ -73,7 +74,21 @@ def read_run(run_dir: Path) -> dict | None:
     # the last quarter: whether a difference after T/2 lasts, or fades once every exit has trained a while
     rounds = summary["rounds"]
     row.update({f"{k}_q4": v for k, v in conflict_window(records, rounds - rounds // 4, rounds).items()})
+    row.update(pair_cosines(records, rounds // 2, rounds))
     return {"row": row, "records": records}
+
+
+def pair_cosines(records: list[dict], lo: int, hi: int) -> dict[str, float | None]:
+    """``cos_pair_0-1`` ...: each exit pair's mean cosine over all pairs' records of rounds
+    ``lo <= round < hi`` (which exits grow more aligned: the shallow ones with each other, or
+    with the last)."""
+    window = [r["conflict"] for r in records if r.get("conflict") and lo <= r["round"] < hi]
+    pairs = window[0]["pairs"] if window else []
+    out: dict[str, float | None] = {}
+    for pair in pairs:
+        values = [c["all"][pair] for c in window if c["all"].get(pair) is not None]
+        out[f"cos_pair_{pair}"] = statistics.fmean(values) if values else None
+    return out
 
 
 def same_training(a: list[dict], b: list[dict]) -> bool:
@@ -173,6 +188,21 @@ def paired_table(rows: list[dict], arm: str = "no selection") -> str:
     return "\n".join(lines)
 
 
+def pairs_table(rows: list[dict]) -> str:
+    """Per setting and arm: each exit pair's mean cosine after T/2, mean ± sd over seeds."""
+    pairs = sorted({k[len("cos_pair_"):] for r in rows for k in r if k.startswith("cos_pair_")})
+    head = ["setting", "arm", *[f"cos {p.replace('-', '–')}, r ≥ T/2" for p in pairs]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["arm"] != CONTROL:
+            groups[(r["setting"], r["arm"])].append(r)
+    for (setting, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+        cells = [setting, arm, *[_mean_std(_column(group, f"cos_pair_{p}"), scale=1.0, digits=3) for p in pairs]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(curves: list[dict], path: Path, window: int = 5) -> None:
     """One panel per setting: the share of negative cosines over trained pairs per round, one
     line per arm (a running mean over ``window`` rounds)."""
@@ -235,6 +265,8 @@ def main() -> None:
     print(paired_table(rows))
     print()
     print(paired_table(rows, "CE until selected"))
+    print()
+    print(pairs_table(rows))
 
 
 if __name__ == "__main__":

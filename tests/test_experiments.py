@@ -267,6 +267,11 @@ def test_conflict_tables_tells_arms_from_the_config_and_compares_trainings(monke
             {"row": {"setting": "s", "arm": "selection"},
              "records": [{"round": 0, "conflict": {"neg_trained": 0.1, "neg_all": 0.3}}]},
             {"row": {"setting": "s", "arm": "no record"}, "records": [{"round": 0, "conflict": None}]}]
+    records = [{"round": r, "conflict": {"pairs": ["0-1", "1-2"], "all": {"0-1": 0.1 * r, "1-2": None}}}
+               for r in range(4)]
+    assert ct.pair_cosines(records, 2, 4) == {"cos_pair_0-1": pytest.approx(0.25), "cos_pair_1-2": None}
+    rows = [{"setting": "s", "arm": "selection", "cos_pair_0-1": c, "cos_pair_1-2": 0.1} for c in (0.2, 0.4)]
+    assert ct.pairs_table(rows).splitlines()[2:] == ["| s | selection | 0.300 ± 0.141 | 0.100 ± 0.000 |"]
     assert ct.negative_share_curves(runs) == [
         {"setting": "s", "arm": "selection", "round": 0, "neg_trained": 0.1, "neg_all": pytest.approx(0.4), "seeds": 2},
         {"setting": "s", "arm": "selection", "round": 1, "neg_trained": 0.2, "neg_all": 0.2, "seeds": 1}]

@@ -138,17 +138,22 @@ def _differences(pairs: list[tuple[dict, dict]], key: str) -> list[float]:
     return [a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None]
 
 
+def _arm_groups(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
+    """The rows of each (setting, arm), the control left out, by setting and in :data:`ARMS` order."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["arm"] != CONTROL:
+            groups[(r["setting"], r["arm"])].append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1])))
+
+
 def arms_table(rows: list[dict]) -> str:
     """Per setting and arm: seeds, conflict (negative share, %) before and after T/2, mean cosine
     after T/2, and test accuracy per exit, mean ± std over seeds."""
     head = ["setting", "arm", "seeds", "neg. trained, r < T/2", "neg. all, r < T/2", "neg., r ≥ T/2",
             "neg., r ≥ 3T/4", "mean cos, r ≥ T/2", "test e1", "test e2", "test e3"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        if r["arm"] != CONTROL:
-            groups[(r["setting"], r["arm"])].append(r)
-    for (setting, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+    for (setting, arm), group in _arm_groups(rows):
         cells = [setting, arm, str(len(group)), _mean_std(_column(group, "neg_trained_h1")),
                  _mean_std(_column(group, "neg_all_h1")), _mean_std(_column(group, "neg_all_h2")),
                  _mean_std(_column(group, "neg_all_q4")), _mean_std(_column(group, "cos_all_h2"), scale=1.0, digits=3),
@@ -193,11 +198,7 @@ def pairs_table(rows: list[dict]) -> str:
     pairs = sorted({k[len("cos_pair_"):] for r in rows for k in r if k.startswith("cos_pair_")})
     head = ["setting", "arm", *[f"cos {p.replace('-', '–')}, r ≥ T/2" for p in pairs]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        if r["arm"] != CONTROL:
-            groups[(r["setting"], r["arm"])].append(r)
-    for (setting, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+    for (setting, arm), group in _arm_groups(rows):
         cells = [setting, arm, *[_mean_std(_column(group, f"cos_pair_{p}"), scale=1.0, digits=3) for p in pairs]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -441,3 +441,15 @@ def test_bench_scaling_refuses_threads_it_would_not_use(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cafedist: error: --threads: `cafedist bench scaling` runs every rank "
                                                "with 1 thread"), err
+
+
+def test_bench_memory_without_the_quickstart_config_says_so(tmp_path):
+    """A package installed without its checkout has no configs/: the bound sweep measured the
+    defaults (another model) and labelled the rows 'quick-start model'."""
+    from cafedist.bench.memory import quickstart_config
+    from cafedist.errors import CafeError
+
+    with pytest.raises(CafeError, match="quickstart.yaml is missing; the bound sweep measures the quick-start model"):
+        quickstart_config(str(tmp_path), path=tmp_path / "quickstart.yaml")
+    raw = quickstart_config(str(tmp_path))  # the checkout's: its model, 40 clients
+    assert raw["model"]["options"]["width"] == 16 and raw["data"]["clients"] == 40

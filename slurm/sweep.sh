@@ -56,6 +56,7 @@ for layout in $SWEEP; do
     layouts+=("$((10#$nodes)) $((10#$per_node))")
 done
 
+submitted=()
 for layout in "${layouts[@]}"; do
     read -r nodes per_node <<<"$layout"
     ranks=$(( nodes * per_node ))
@@ -71,10 +72,19 @@ for layout in "${layouts[@]}"; do
         printf 'OUT=%q ' "$run"; printf '%q ' sbatch "${args[@]}"; echo
         continue
     fi
+    made=0; [[ -d "$run" ]] || made=1
     mkdir -p "$run"
     # The run directory goes to the job through the environment (sbatch --export=ALL default);
     # the job log is written next to the run.
-    job=$(OUT="$run" sbatch --parsable --output="$run/slurm-%j.out" "${args[@]}")
+    if ! job=$(OUT="$run" sbatch --parsable --output="$run/slurm-%j.out" "${args[@]}"); then
+        # sbatch said why above; the folder made for this layout goes again, and the user learns
+        # which layouts are queued already (rerunning the whole sweep would submit them twice)
+        (( made )) && rmdir "$run" 2>/dev/null
+        echo "slurm/sweep.sh: error: sbatch refused layout ${nodes}x${per_node}; submitted before it:" \
+             "${submitted[*]:-none}" >&2
+        exit 1
+    fi
+    submitted+=("${nodes}x${per_node}=job$job")
     echo "submitted ${nodes}x${per_node} ($ranks ranks on $nodes node(s)) as job $job -> $run"
 done
 [[ "${DRY_RUN:-0}" == 1 ]] || echo "when done: cafedist scaling-report $OUT/n*"

@@ -253,6 +253,24 @@ def test_sweep_submits_without_the_restart_count(tmp_path):
     assert (tmp_path / "seen").read_text().split() == ["unset", "unset"]
 
 
+def test_sweep_stopped_by_a_refused_sbatch_says_what_was_queued_and_leaves_no_empty_folder(tmp_path):
+    """sbatch refused the second layout: the script stopped with sbatch's line alone, the empty
+    run folder it had made stayed, and nothing said that the first layout was queued already."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "sbatch"
+    fake.write_text('#!/bin/sh\ncase "$*" in *ntasks-per-node=2*) echo "sbatch: error: Invalid partition" >&2; '
+                    'exit 1;; esac\necho 7\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", OUT=str(tmp_path / "sweep"),
+               SWEEP="1 2 4")
+    res = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == ("slurm/sweep.sh: error: sbatch refused layout 1x2; submitted "
+                                                   "before it: 1x1=job7")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["n1"]  # no n2 left empty, n4 never made
+
+
 # ----------------------------------------------------------------------------- submitit
 def _submit_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

@@ -51,6 +51,41 @@ def test_a_cafedist_starter_is_known_by_the_pid_it_gave(tmp_path):
     assert cafedist_parent({PARENT_PID_VARIABLE: str(gone.pid)}) == gone.pid  # died before the child looked
 
 
+
+def _gone_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # reaped: that pid is free (reused within this test: vanishingly unlikely)
+    return gone.pid
+
+
+def test_a_launched_rank_dies_with_its_launcher_even_if_its_cafedist_starter_is_gone(monkeypatch):
+    # a torchrun that `bench scaling` started: its ranks inherit the bench's pid; once the bench
+    # is gone they still belong to torchrun (SIGKILL with it), not to the bench (SIGTERM now)
+    import cafedist.parentwatch as pw
+    seen = []
+    monkeypatch.setattr(pw, "set_parent_death_signal", lambda sig: (seen.append(("pdeathsig", sig)), True)[1])
+    monkeypatch.setattr(pw, "_stop_orphaned", lambda parent: seen.append(("stop", parent)))
+    monkeypatch.setattr(pw, "_leave_orphaned", lambda parent: seen.append(("leave", parent)))
+    watch = pw.guard_parent({"TORCHELASTIC_RUN_ID": "x", PARENT_PID_VARIABLE: str(_gone_pid())}, interval=60)
+    try:
+        assert watch is not None and watch.parent == os.getppid() and watch.pdeathsig
+        assert seen == [("pdeathsig", signal.SIGKILL)]
+    finally:
+        watch.stop()
+
+
+def test_a_training_whose_starter_died_before_it_looked_stops_at_once(monkeypatch):
+    import cafedist.parentwatch as pw
+    seen = []
+    monkeypatch.setattr(pw, "_stop_orphaned", seen.append)
+    gone = _gone_pid()
+    watch = pw.guard_parent({PARENT_PID_VARIABLE: str(gone)}, interval=60)  # no watchdog poll within the test
+    try:
+        assert seen == [gone]
+    finally:
+        watch.stop()
+
+
 def test_watchdog_fires_once_the_parent_changes():
     ppid = [100]
     fired = threading.Event()

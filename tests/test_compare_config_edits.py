@@ -161,3 +161,25 @@ def test_a_folder_holding_another_configs_run_is_not_started_and_the_advice_is_c
         "and rerun compare")
     assert (held.run_dir / "train.log").read_text() == log_before  # no training was started there
     assert fresh.finished_summary() is not None
+
+
+def test_with_submit_a_folder_holding_another_configs_run_is_not_submitted(tiny_config, tmp_path, monkeypatch):
+    """compare --submit refuses the same run before it submits anything: a job would fail in
+    train's words, with its --resume advice, after waiting in the queue."""
+    cfg = tiny_config(rounds=1)
+    [first] = plan_runs(cfg, resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+    assert executing.execute([first])[0].status == "done"
+    _edit_lr(cfg)
+    held, fresh = plan_runs(cfg, resolve_algorithms("fedavg"), 2, tmp_path / "cmp")
+    submitted = []
+
+    def fake_submitit(runs, options, folder, jobs=None):
+        submitted.extend(runs)
+        return [executing.RunOutcome(run, "done", "") for run in runs]
+
+    monkeypatch.setattr(executing, "run_submitit", fake_submitit)
+    outcomes = executing.execute([held, fresh], submit=object())
+    assert [r.run_dir for r in submitted] == [fresh.run_dir]
+    assert [o.status for o in outcomes] == ["failed", "done"]
+    assert outcomes[0].message.startswith(f"{held.run_dir} holds a run with a different config (first difference: "
+                                          "train.lr (0.05 vs 0.07)); not started: compare continues only runs")

@@ -302,6 +302,18 @@ def test_a_run_folder_whose_name_is_no_utf8_is_reported(tmp_path, capsys):
     assert "Baseline: `w\ufffd1`" in (tmp_path / "o" / "scaling.md").read_text()
 
 
+def test_runs_of_one_name_in_folders_whose_names_are_no_utf8_are_reported(tmp_path):
+    """Two runs of one name are labelled by their folders below the common one: a folder named
+    with a byte that is no UTF-8 reached scaling.md as a lone surrogate there as well."""
+    latin = os.fsdecode(b"a\xe9")
+    for parent in (latin, "b"):
+        (tmp_path / parent).mkdir()
+    w1 = _run(tmp_path, f"{latin}/w", 1, [2], [3, 1.0, 1.0])
+    w2 = _run(tmp_path, "b/w", 2, [2, 2], [3, 1.0, 1.0])
+    paths = write_report([w1, w2], tmp_path / "o")
+    assert [r["run"] for r in csv.DictReader(paths["csv"].open())] == ["a\ufffd/w", "b/w"]
+
+
 def test_a_run_given_twice_is_one_row(tmp_path):
     """`scaling-report w1 w1 ./w1` printed the same run three times, each a "baseline"."""
     w1 = _run(tmp_path, "w1", 1, [2], [3, 1.0, 1.0])
@@ -393,3 +405,13 @@ def test_runs_on_other_machines_or_software_are_noted(tmp_path):
                                      "EPYC, Xeon)); their times compare those too."]
     cuda = with_stack("w8", 8, ["Xeon"], torch="2.13.0+cu126")
     assert "w8: torch (2.13.0+cpu vs 2.13.0+cu126)" in notes([w1, cuda])[0]
+
+    # a run resumed on another node ran on both: every session's stack counts
+    resumed = with_stack("w16", 16, ["Xeon"])
+    envs = json.loads((resumed.path / "summary.json").read_text())["environments"]
+    envs.append({**envs[0], "cpus": ["EPYC"]})
+    (resumed.path / "summary.json").write_text(json.dumps({"n_params": 10, "environments": envs}))
+    assert "w16: cpus (Xeon vs EPYC, Xeon)" in notes([w1, load_run(resumed.path)])[0]
+    # an unfinished run recorded no stack: it is noted as unfinished, not as another machine
+    training = load_run(_run(tmp_path, "w32", 32, [2] * 32, [3, 1.0, 1.0], summary=False))
+    assert [n for n in notes([w1, training]) if "machines" in n] == []

@@ -17,6 +17,7 @@ that do not match their spec.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -174,6 +175,33 @@ def test_a_vmappable_loss_reading_the_module_is_named_under_packing(tmp_path, mo
     tr = make_trainer(tmp_path / "packed", _ReadsModule.name, rounds=1, packed="on")
     with pytest.raises(TypeError, match="'reads-module' declares vmappable_loss.*never batch.module.*"
                                         "set vmappable_loss = False"):
+        tr.run_round(0)
+
+
+
+class _CallsModule(Algorithm):
+    """A vmappable loss that runs ``batch.module`` (a stand-in that returned None would train on)."""
+
+    name = "calls-module"
+    vmappable_loss = True
+    use = staticmethod(lambda batch: batch.module(batch.x))
+
+    def local_loss(self, state, batch):
+        extra = self.use(batch)
+        return sum(torch.nn.functional.cross_entropy(z, batch.y) for z in batch.logits) + (0 if extra is None else 0)
+
+
+class _IteratesModule(_CallsModule):
+    name = "iterates-module"
+    use = staticmethod(lambda batch: [m for m in batch.module] or None)
+
+
+@pytest.mark.parametrize("cls,used", [(_CallsModule, "batch.module(...)"), (_IteratesModule, "iter(batch.module)")])
+def test_a_vmappable_loss_calling_or_iterating_the_module_is_named_under_packing(tmp_path, monkeypatch, cls, used):
+    monkeypatch.setitem(ALGORITHMS, cls.name, cls)
+    tr = make_trainer(tmp_path / "packed", cls.name, rounds=1, packed="on")
+    with pytest.raises(TypeError, match=f"{cls.name!r} declares vmappable_loss, but its local_loss used "
+                                        f"{re.escape(used)} under packed training"):
         tr.run_round(0)
 
 

@@ -275,3 +275,27 @@ def test_conflict_tables_tells_arms_from_the_config_and_compares_trainings(monke
     assert ct.negative_share_curves(runs) == [
         {"setting": "s", "arm": "selection", "round": 0, "neg_trained": 0.1, "neg_all": pytest.approx(0.4), "seeds": 2},
         {"setting": "s", "arm": "selection", "round": 1, "neg_trained": 0.2, "neg_all": 0.2, "seeds": 1}]
+
+
+def test_conflict_tables_windows_and_settings_are_kept_apart(monkeypatch, tmp_path):
+    """A run of 8 rounds: r >= T/2 is rounds 4-7, its last quarter rounds 6-7; the pairing
+    of seeds stays within a setting; a window's rounds are lo <= round < hi."""
+    ct = _experiment("conflict_tables", monkeypatch)
+    sweep = _experiment("sweep", monkeypatch)
+    records = [{"round": r, "loss": 1.0, "conflict": {"pairs": ["0-1"], "all": {"0-1": float(r)}, "trained": {},
+                                                      "neg_all": r / 10, "neg_trained": None}} for r in range(8)]
+    assert sweep.conflict_window(records, 2, 4)["neg_all"] == pytest.approx(0.25)
+    assert ct.pair_cosines(records, 1, 3) == {"cos_pair_0-1": pytest.approx(1.5)}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(config_from_dict(
+        {"train": {"diagnostics": ["conflict"]}, "algorithm": {"name": "cafedistill"}})))
+    (run / "summary.json").write_text(json.dumps({"rounds": 8, "acc_per_exit": [0.5, 0.6, 0.7]}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = ct.read_run(run)["row"]
+    assert row["neg_all_h1"] == pytest.approx(0.15) and row["neg_all_h2"] == pytest.approx(0.55)
+    assert row["neg_all_q4"] == pytest.approx(0.65)
+    assert row["cos_pair_0-1"] == pytest.approx(5.5)
+    rows = [_conflict_row("selection", 0, 0.30, 0.96), _conflict_row("no selection", 0, 0.40, 0.95),
+            _conflict_row("selection", 0, 0.50, 0.90, setting="digits a0.3")]  # no twin in its setting
+    assert [line.split(" | ")[:2] for line in ct.paired_table(rows).splitlines()[2:]] == [["| mnist5k a0.3", "1"]]

@@ -670,6 +670,17 @@ def test_a_job_that_ended_without_a_result_says_so_not_a_line_of_its_log():
     assert jobs.job_error(failed, logs="x") == "ModuleNotFoundError: No module named 'submitit'"
 
 
+
+def test_a_job_that_ended_without_a_result_names_its_own_log():
+    """The reason names where to look: the job's stderr log, as submitit keeps it."""
+    def results():
+        raise RuntimeError("Job 7 (task: 0) with path /r/7_0_result.pkl\nhas not produced any output (state: "
+                           "FINISHED)\nNo error stream produced.\n")
+    job = argparse.Namespace(job_id="7", results=results, paths=argparse.Namespace(stderr=Path("/r/7/7_0_log.err")))
+    outcome = jobs._outcome(job, argparse.Namespace(out="/o"))
+    assert not outcome.ok and outcome.error.endswith("could not start; logs: /r/7/7_0_log.err")
+
+
 def test_a_failed_local_job_reports_the_runs_error(workdir, monkeypatch, capsys):
     """The run refuses to start (another writer holds it): the FAILED line says so."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))

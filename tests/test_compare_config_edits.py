@@ -183,3 +183,22 @@ def test_with_submit_a_folder_holding_another_configs_run_is_not_submitted(tiny_
     assert [o.status for o in outcomes] == ["failed", "done"]
     assert outcomes[0].message.startswith(f"{held.run_dir} holds a run with a different config (first difference: "
                                           "train.lr (0.05 vs 0.07)); not started: compare continues only runs")
+
+
+def test_a_folder_holding_another_algorithms_run_or_an_unreadable_config_is_held(tiny_config, tmp_path):
+    """Any run that train refuses with --resume advice compare refuses unstarted, in its own words."""
+    import dataclasses
+
+    from cafedist.config import dump_config
+
+    cfg = tiny_config(rounds=1)
+    [run] = plan_runs(cfg, resolve_algorithms("fedavg"), 1, tmp_path / "cmp")
+    run.run_dir.mkdir(parents=True)
+    planned = run.planned_config()
+    other = dataclasses.replace(planned, algorithm=dataclasses.replace(planned.algorithm, name="fedper"))
+    (run.run_dir / "config.yaml").write_text(dump_config(other))
+    (run.run_dir / "metrics.jsonl").write_text('{"round": 0}\n')  # results: not a run yet to start
+    assert run.held_by_another() == (f"{run.run_dir} holds a run of algorithm fedper, and a run continues only "
+                                     "under its own algorithm, whatever --resume says")
+    (run.run_dir / "config.yaml").write_text("data: [\n")
+    assert run.held_by_another().startswith(f"{run.run_dir / 'config.yaml'}: existing run config is unreadable (")

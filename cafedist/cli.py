@@ -28,7 +28,7 @@ from cafedist.interrupts import (
     keep_status_through_teardown,
     noticed_interrupts,
 )
-from cafedist.paths import config_file_arg, user_path
+from cafedist.paths import config_file_arg, refuse_empty_path, user_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,8 +93,7 @@ def _train_guarded(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"dist.device={args.device}")
     cfg = load_config(args.config, overrides)
-    if args.out is not None and not args.out.strip():
-        raise ConfigError("--out: empty path; expected a run directory (omit --out for runs/<config name>)")
+    refuse_empty_path("--out", args.out, "a run directory (omit --out for runs/<config name>)")
     out = args.out or _run_dir_default(args.config)
     if args.world_size is not None and not args.dry_run:
         raise ConfigError("--world-size: only with --dry-run (a real run takes its world size from the launcher)")

@@ -10,6 +10,13 @@ from pathlib import Path
 from cafedist.errors import ConfigError
 
 
+def refuse_empty_path(flag: str, value: str | os.PathLike | None, expected: str) -> None:
+    """Refuse an empty path given for ``flag`` (an unset shell variable, ``--out "$OUT"``):
+    ``Path("")`` is the working directory. None, the flag left out, passes."""
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{flag}: empty path; expected {expected}")
+
+
 def check_dir_creatable(path: Path, field: str) -> None:
     """Raise a one-line ConfigError unless ``path`` is a directory or can be created as one.
 

@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from cafedist import yamlio
-from cafedist.errors import ConfigError, DataError
+from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
-from cafedist.paths import check_dir_creatable, user_path
+from cafedist.paths import check_dir_creatable, refuse_empty_path, user_path
 from cafedist.typed import is_finite_number, is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
@@ -443,9 +443,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Write the report and print its table."""
-    if args.out is not None and not args.out.strip():
-        # an unset shell variable (`--out "$OUT"`): the default folder may hold another sweep's report
-        raise ConfigError("--out: empty path; expected a folder (omit --out for the first run's parent folder)")
+    # the default folder may hold another sweep's report
+    refuse_empty_path("--out", args.out, "a folder (omit --out for the first run's parent folder)")
     out = args.out or str(Path(args.run_dirs[0]).resolve().parent)
     check_dir_creatable(Path(out), "--out")
     paths = write_report(args.run_dirs, out)

@@ -34,7 +34,7 @@ from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
 from cafedist.fsutil import exclusive_lock, remove_stale_temps
-from cafedist.paths import check_dir_creatable, user_path
+from cafedist.paths import check_dir_creatable, refuse_empty_path, user_path
 from cafedist.rng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,7 @@ def _check_describe_only(args: argparse.Namespace) -> None:
     """``--describe`` reads one store: an empty path (an unset shell variable) was taken as no
     ``--describe`` and answered with the flags a build needs, and build flags beside it were
     ignored without a word, as if ``--out`` had been written or the store checked against them."""
-    if not args.describe.strip():
-        raise ConfigError("--describe: empty path; expected an HDF5 store file")
+    refuse_empty_path("--describe", args.describe, "an HDF5 store file")
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
     default = vars(defaults.parse_args([f"--describe={args.describe}"]))
@@ -303,11 +302,9 @@ def main(args: argparse.Namespace) -> int:
     if args.partition == "natural" and any(v is not None for v in dirichlet.values()):
         raise ConfigError("prepare --partition natural takes no --alpha or --proxy-fraction "
                           "(the users decide the skew; --proxy-users sizes the proxy set)")
-    if not args.out.strip():  # Path("") would be ".", a directory
-        raise ConfigError("--out: empty path; expected an HDF5 store file")
-    if args.root is not None and not args.root.strip():  # "" would read the working directory, as data.root="" would
-        raise ConfigError("--root: empty path; expected the dataset's folder "
-                          "(leave --root out for the bundled mnist5k and digits)")
+    refuse_empty_path("--out", args.out, "an HDF5 store file")
+    # "" would read the working directory, as data.root="" would
+    refuse_empty_path("--root", args.root, "the dataset's folder (leave --root out for the bundled mnist5k and digits)")
     _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
     unused = DataConfig()  # natural: alpha and proxy_fraction are not used

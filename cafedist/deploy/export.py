@@ -39,7 +39,7 @@ from cafedist.eval.budget_search import Choice, Split, macs_tensor
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.run import load_run, run_config_file, writing_outputs
 from cafedist.fsutil import fsync_dir
-from cafedist.paths import check_dir_creatable, user_path
+from cafedist.paths import check_dir_creatable, refuse_empty_path, user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.run.client import model_hash
 from cafedist.units import clients_phrase
@@ -286,8 +286,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
                allow_partial: bool = False) -> dict[str, Any]:
     """Export ``run_dir``'s clients (``clients``: :func:`parse_clients` text) into the new
     folder ``out`` (module docstring); returns what export.json holds."""
-    if not str(out).strip():  # Path("") is ".", the working directory
-        raise ConfigError("--out: empty path; expected the folder to write (new, or empty)")
+    refuse_empty_path("--out", out, "the folder to write (new, or empty)")
     # the folder itself: "." or "x/.." name none that the written one can be renamed onto, and a
     # rename onto a symbolic link to an empty folder fails (ENOTDIR)
     run_dir, out = Path(run_dir), Path(os.path.realpath(out))

@@ -394,8 +394,14 @@ class YamlFile:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML config file with a clear error for a missing or malformed file."""
-    return YamlFile.read(path).mapping()
+    """Read a YAML config file with a clear error for a missing or malformed file, or one
+    without settings: an empty file (a copy cut short, a template never filled in) would
+    otherwise train the defaults under that file's name, where leaving ``--config`` out says so."""
+    file = YamlFile.read(path)
+    if file.data is None:
+        raise ConfigError(f"{file.path}: holds no settings (empty, or comments only); expected a YAML "
+                          "mapping such as 'data: {dataset: digits}' (leave out --config to use the defaults)")
+    return file.mapping()
 
 
 def read_run_config(path: str | Path) -> Config:

@@ -113,6 +113,7 @@ def files(c: Ctx) -> None:
     (c.tmp / "deep.yaml").write_text("model:\n  options:\n    x: " + "[" * 3000 + "]" * 3000 + "\n")
     (c.tmp / "tagged.yaml").write_text("data:\n  options: !!binary aGk=\n")
     (c.tmp / "list.yaml").write_text("- a\n- b\n")
+    (c.tmp / "blank.yaml").write_text("# my experiment: settings to come\n")  # truncated, or never filled in
     (c.tmp / "afile").write_text("x")
     (c.tmp / "adir").mkdir(exist_ok=True)
     (c.tmp / "truncated.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
@@ -197,6 +198,10 @@ CASES = [
          "is a directory"),
     Case("config-not-a-mapping", lambda c: ["train", "--config", str(c.tmp / "list.yaml"), "--out", str(c.run)],
          "expected a mapping"),
+    # trained the defaults into runs/blank, as if that was what the file asked for
+    Case("config-without-settings",
+         lambda c: ["train", "--config", str(c.tmp / "blank.yaml"), "--out", str(c.fresh)],
+         "blank.yaml: holds no settings (empty, or comments only)"),
     Case("item6-out-empty", train(out=""), "--out"),
     Case("item7-out-is-a-file", lambda c: train(out=str(c.run / "config.yaml"))(c), "exists and is not a directory"),
     Case("out-below-a-file", lambda c: train(out=str(c.run / "summary.json" / "sub"))(c), "is a file"),

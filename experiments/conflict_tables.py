@@ -120,7 +120,8 @@ def negative_share_curves(runs: list[dict]) -> list[dict]:
             for (s, a, r), v in sorted(pooled.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]), kv[0][2]))]
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def mean_std_cell(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    """Values (in % by default): mean ± sample std, the one value alone, "–" for none."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
@@ -154,15 +155,16 @@ def arms_table(rows: list[dict]) -> str:
             "neg., r ≥ 3T/4", "mean cos, r ≥ T/2", "test e1", "test e2", "test e3"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for (setting, arm), group in _arm_groups(rows):
-        cells = [setting, arm, str(len(group)), _mean_std(_column(group, "neg_trained_h1")),
-                 _mean_std(_column(group, "neg_all_h1")), _mean_std(_column(group, "neg_all_h2")),
-                 _mean_std(_column(group, "neg_all_q4")), _mean_std(_column(group, "cos_all_h2"), scale=1.0, digits=3),
-                 *[_mean_std(_column(group, f"test_exit{k}")) for k in (1, 2, 3)]]
+        cells = [setting, arm, str(len(group)), mean_std_cell(_column(group, "neg_trained_h1")),
+                 mean_std_cell(_column(group, "neg_all_h1")), mean_std_cell(_column(group, "neg_all_h2")),
+                 mean_std_cell(_column(group, "neg_all_q4")),
+                 mean_std_cell(_column(group, "cos_all_h2"), scale=1.0, digits=3),
+                 *[mean_std_cell(_column(group, f"test_exit{k}")) for k in (1, 2, 3)]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _mean_se(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def mean_se_cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     """Differences (in points by default): mean ± standard error (as study_tables' seed-matched tables)."""
     if len(values) < 2:
         return "–" if not values else f"{scale * values[0]:+.{digits}f}"
@@ -186,10 +188,11 @@ def paired_table(rows: list[dict], arm: str = "no selection") -> str:
             continue
         per_seed = ", ".join(f"{100 * d:+.1f}" for d in _differences(pairs, "neg_all_h2"))
         lines.append("| " + " | ".join([setting, str(len(pairs)), per_seed,
-                                        _mean_se(_differences(pairs, "neg_all_h2")),
-                                        _mean_se(_differences(pairs, "neg_all_q4")),
-                                        _mean_se(_differences(pairs, "cos_all_h2"), scale=1.0, digits=3),
-                                        *[_mean_se(_differences(pairs, f"test_exit{k}")) for k in (1, 2, 3)]]) + " |")
+                                        mean_se_cell(_differences(pairs, "neg_all_h2")),
+                                        mean_se_cell(_differences(pairs, "neg_all_q4")),
+                                        mean_se_cell(_differences(pairs, "cos_all_h2"), scale=1.0, digits=3),
+                                        *[mean_se_cell(_differences(pairs, f"test_exit{k}"))
+                                          for k in (1, 2, 3)]]) + " |")
     return "\n".join(lines)
 
 
@@ -199,7 +202,7 @@ def pairs_table(rows: list[dict]) -> str:
     head = ["setting", "arm", *[f"cos {p.replace('-', '–')}, r ≥ T/2" for p in pairs]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for (setting, arm), group in _arm_groups(rows):
-        cells = [setting, arm, *[_mean_std(_column(group, f"cos_pair_{p}"), scale=1.0, digits=3) for p in pairs]]
+        cells = [setting, arm, *[mean_std_cell(_column(group, f"cos_pair_{p}"), scale=1.0, digits=3) for p in pairs]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -99,6 +99,7 @@ def test_sweep_does_not_reuse_a_finished_run_of_another_config(tmp_path, tiny_co
     ("per_client_gap.py", ["a=nodir", "b=nodir2"], ["nodir"]),
     ("theta_tradeoff.py", ["nodir"], ["nodir", "cafedist eval"]),
     ("conflict_tables.py", ["nodir", "--out", "x"], ["nodir", "not a folder"]),
+    ("proxy_size_tables.py", ["nodir", "--out", "x"], ["nodir", "no such run folder"]),
 ])
 def test_a_missing_run_folder_fails_in_one_line(tmp_path, name, args, words):
     if name == "budget_learned_score.py":
@@ -299,3 +300,40 @@ def test_conflict_tables_windows_and_settings_are_kept_apart(monkeypatch, tmp_pa
     rows = [_conflict_row("selection", 0, 0.30, 0.96), _conflict_row("no selection", 0, 0.40, 0.95),
             _conflict_row("selection", 0, 0.50, 0.90, setting="digits a0.3")]  # no twin in its setting
     assert [line.split(" | ")[:2] for line in ct.paired_table(rows).splitlines()[2:]] == [["| mnist5k a0.3", "1"]]
+
+
+def _proxy_row(share: float, arm: str, seed: int, test1: float, test3: float) -> dict:
+    return {"proxy_fraction": share, "arm": arm, "seed": seed, "proxy_images": int(1800 * share),
+            "train_per_client": 100.0, "test_exit1": test1, "test_exit2": 0.9, "test_exit3": test3}
+
+
+def test_proxy_size_tables_arms_contrasts_and_client_thirds(monkeypatch):
+    """Arms told from the config; per share and arm mean ± sample sd; seed-matched contrasts only
+    on the seeds both arms have and only within a share; the gap to FedPer on the smallest and
+    the largest third of clients pooled over seeds."""
+    pt = _experiment("proxy_size_tables", monkeypatch)
+
+    def cfg(name="cafedistill", **params):
+        return config_from_dict({"algorithm": {"name": name, name: params}})
+    assert pt.arm_of(cfg()) == "CAFEDistill"
+    assert pt.arm_of(cfg(cross_client_kd=False)) == "no cross-client KD"
+    assert pt.arm_of(cfg(last_exit_kd=True)) == "last-exit KD"
+    assert pt.arm_of(cfg("fedper")) == "FedPer"
+    rows = [_proxy_row(0.1, "CAFEDistill", 0, 0.90, 0.95), _proxy_row(0.1, "CAFEDistill", 1, 0.92, 0.97),
+            _proxy_row(0.1, "FedPer", 0, 0.80, 0.96), _proxy_row(0.1, "FedPer", 1, 0.84, 0.96),
+            _proxy_row(0.2, "CAFEDistill", 0, 0.5, 0.5),  # another share: never paired with 0.1's FedPer
+            _proxy_row(0.1, "no cross-client KD", 2, 0.1, 0.1)]  # no CAFEDistill twin of seed 2
+    assert pt.arms_table(rows).splitlines()[2:] == [  # by share, then in the order of ARMS
+        "| 0.1 | CAFEDistill | 2 | 180 | 100 | 91.0 ± 1.4 | 90.0 ± 0.0 | 96.0 ± 1.4 |",
+        "| 0.1 | no cross-client KD | 1 | 180 | 100 | 10.0 | 90.0 | 10.0 |",
+        "| 0.1 | FedPer | 2 | 180 | 100 | 82.0 ± 2.8 | 90.0 ± 0.0 | 96.0 ± 0.0 |",
+        "| 0.2 | CAFEDistill | 1 | 360 | 100 | 50.0 | 90.0 | 50.0 |"]
+    # seeds 0 and 1: +10 and +8 points at exit 1 (mean 9, se 1), -1 and +1 at exit 3
+    assert pt.contrast_table(rows).splitlines()[2:] == [
+        "| 0.1 | CAFEDistill − FedPer | 2 | +9.0 ± 1.0 | +0.0 ± 0.0 | +0.0 ± 1.0 |"]
+    runs = [{"row": {"proxy_fraction": 0.1, "arm": arm, "seed": seed},
+             "clients": [(n, acc + (0.1 if arm == "CAFEDistill" and n > 25 else 0.0)) for n, acc in
+                         zip((10 + seed, 20 + seed, 30 + seed), (0.5, 0.5, 0.5))]}
+            for arm in ("CAFEDistill", "FedPer") for seed in (0, 1)]
+    # six clients: the two smallest (10, 11) level, the two largest (31, 32) +10 points
+    assert pt.thirds_gaps(runs, "CAFEDistill", "FedPer") == {0.1: (pytest.approx(0.0), pytest.approx(10.0), 6)}

@@ -1,0 +1,191 @@
+"""Does the size of the public proxy set limit CAFEDistill? (``experiments/proxy_size.txt``)
+
+    python experiments/proxy_size_tables.py runs/proxy_size --out docs/results
+
+Reads every finished run below the folder and tells each run's proxy share and arm from its
+own ``config.yaml``: ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd:
+false``: each client's own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and
+``FedPer``. It writes ``proxy_size_runs.csv`` (one row per run: proxy images, mean training
+samples per client, final validation and test accuracy per exit) and ``proxy_size.png`` (test
+accuracy at the last exit and at exit 1 against the proxy set's size, per arm), and prints the
+markdown tables docs/RESULTS.md quotes: per share and arm, mean ± std over seeds; the
+seed-matched differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and,
+per share, CAFEDistill's and last-exit KD's last-exit gap to FedPer on the third of clients
+with the fewest and the most training samples (clients of all seeds pooled).
+Nothing is chosen from these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from conflict_tables import mean_se_cell, mean_std_cell  # experiments/ is on sys.path when run as a script
+from per_client_gap import client_accuracy, train_sizes
+from sweep import write_csv
+
+from cafedist.config import read_run_config
+from cafedist.data.store import Store
+
+ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer")
+#: seed-matched differences the tables read: (minuend, subtrahend)
+CONTRASTS = (("CAFEDistill", "no cross-client KD"), ("CAFEDistill", "FedPer"), ("last-exit KD", "FedPer"),
+             ("last-exit KD", "CAFEDistill"))
+
+
+def arm_of(cfg) -> str:
+    """Which arm of the study a run's config is."""
+    if cfg.algorithm.name == "fedper":
+        return "FedPer"
+    params = cfg.algorithm.params.get(cfg.algorithm.name, {})  # what the file set; the rest are defaults
+    if not params.get("cross_client_kd", True):
+        return "no cross-client KD"
+    return "last-exit KD" if params.get("last_exit_kd", False) else "CAFEDistill"
+
+
+def proxy_count(cfg) -> int:
+    """The number of proxy images of the run's store (paths relative to the cwd)."""
+    with Store(cfg.data.store_path(cfg.seed)) as store:
+        return int(store.load_proxy().shape[0])
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """One finished run's row and its clients' (training samples, last-exit test accuracy)."""
+    if not (run_dir / "summary.json").exists():
+        return None
+    cfg = read_run_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sizes = train_sizes(run_dir)
+    row = {"proxy_fraction": cfg.data.proxy_fraction, "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
+           "rounds": summary["rounds"], "proxy_images": proxy_count(cfg),
+           "train_per_client": float(np.mean(sizes)), "run": run_dir.name}
+    vals = summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"])
+    for k, (v, t) in enumerate(zip(vals, summary["acc_per_exit"])):
+        row[f"val_exit{k + 1}"], row[f"test_exit{k + 1}"] = v, t
+    return {"row": row, "clients": list(zip(sizes, client_accuracy(run_dir, -1)))}
+
+
+def arms_table(rows: list[dict]) -> str:
+    """Per proxy share and arm: seeds, proxy images, training samples per client, test accuracy
+    per exit (mean ± std over seeds)."""
+    exits = sorted(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
+    head = ["proxy share", "arm", "seeds", "proxy images", "train / client", *[f"test e{k}" for k in exits]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["proxy_fraction"], r["arm"])].append(r)
+    for (share, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+        cells = [f"{share:g}", arm, str(len(group)), f"{np.mean([r['proxy_images'] for r in group]):.0f}",
+                 f"{np.mean([r['train_per_client'] for r in group]):.0f}",
+                 *[mean_std_cell([r[f"test_exit{k}"] for r in group]) for k in exits]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def contrast_table(rows: list[dict]) -> str:
+    """Per proxy share and contrast: seed-matched test differences per exit (points, mean ±
+    standard error over the seeds both arms have)."""
+    exits = sorted(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
+    by_key = {(r["proxy_fraction"], r["arm"], r["seed"]): r for r in rows}
+    head = ["proxy share", "difference", "seeds", *[f"Δ test e{k}" for k in exits]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for share in sorted({r["proxy_fraction"] for r in rows}):
+        for a, b in CONTRASTS:
+            pairs = [(by_key[(share, a, s)], by_key[(share, b, s)]) for (sh, arm, s) in sorted(by_key)
+                     if sh == share and arm == a and (share, b, s) in by_key]
+            if not pairs:
+                continue
+            cells = [f"{share:g}", f"{a} − {b}", str(len(pairs)),
+                     *[mean_se_cell([x[f"test_exit{k}"] - y[f"test_exit{k}"] for x, y in pairs]) for k in exits]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def thirds_gaps(runs: list[dict], a: str, b: str) -> dict[float, tuple[float, float, int]]:
+    """Per proxy share: arm ``a`` minus arm ``b`` at the last exit (points), on the third of
+    clients with the fewest and with the most training samples (clients of all seeds pooled:
+    a seed changes the partition, and both arms of a seed share it) and the number of clients."""
+    by_key = {(r["row"]["proxy_fraction"], r["row"]["arm"], r["row"]["seed"]): r for r in runs}
+    out = {}
+    for share in sorted({k[0] for k in by_key}):
+        sizes, gaps = [], []
+        for (sh, arm, seed), run in sorted(by_key.items()):
+            other = by_key.get((share, b, seed))
+            if sh != share or arm != a or other is None:
+                continue
+            for (n, acc_a), (_n, acc_b) in zip(run["clients"], other["clients"]):
+                sizes.append(n)
+                gaps.append(100 * (acc_a - acc_b))
+        if len(gaps) < 3:
+            continue
+        order = np.argsort(sizes, kind="stable")
+        third = len(order) // 3
+        g = np.array(gaps)
+        out[share] = (float(g[order[:third]].mean()), float(g[order[-third:]].mean()), len(gaps))
+    return out
+
+
+def thirds_table(runs: list[dict]) -> str:
+    """The last-exit gap to FedPer on the smallest and the largest third of clients, per share."""
+    head = ["proxy share", "difference", "clients", "smallest third", "largest third"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for a in ("CAFEDistill", "last-exit KD"):
+        for share, (small, large, n) in thirds_gaps(runs, a, "FedPer").items():
+            lines.append(f"| {share:g} | {a} − FedPer | {n} | {small:+.1f} | {large:+.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Test accuracy at exit 1 and at the last exit against proxy images, mean ± std per arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = max(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    for ax, k in zip(axes, (1, last)):
+        for arm in ARMS:
+            groups: dict[float, list[dict]] = defaultdict(list)
+            for r in rows:
+                if r["arm"] == arm:
+                    groups[r["proxy_images"]].append(r)
+            if not groups:
+                continue
+            xs = sorted(groups)
+            means = [100 * np.mean([r[f"test_exit{k}"] for r in groups[x]]) for x in xs]
+            stds = [100 * np.std([r[f"test_exit{k}"] for r in groups[x]]) for x in xs]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("proxy images (log scale)")
+        ax.set_ylabel(f"test accuracy, exit {k} (%)")
+        ax.set_title(f"exit {k}" + (" (last)" if k == last else ""))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="the sweep's --out folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the CSV and the figure")
+    args = parser.parse_args()
+    if not args.root.is_dir():
+        parser.error(f"no such run folder: {args.root}")
+    runs = [r for r in (read_run(d) for d in sorted(args.root.iterdir()) if d.is_dir()) if r]
+    if not runs:
+        sys.exit(f"proxy_size_tables.py: no finished runs below {args.root}")
+    rows = sorted((r["row"] for r in runs), key=lambda r: (r["proxy_fraction"], ARMS.index(r["arm"]), r["seed"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "proxy_size_runs.csv", rows)
+    plot(rows, args.out / "proxy_size.png")
+    print(arms_table(rows), contrast_table(rows), thirds_table(runs), sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -89,6 +89,26 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_config, tmp_path):
                         "--world-size")
 
 
+
+def test_dry_run_packing_line_says_what_the_cpu_would_do(tiny_config, tmp_path):
+    """The plan's packing line for a CPU run: sequential unless packing is asked for AND possible.
+    With fp16 (which only the sequential path can scale) train.packed: on cannot pack anywhere."""
+    cfg = tiny_config(rounds=1)
+
+    def packing(*overrides: str) -> str:
+        proc = in_process("train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--dry-run",
+                          *overrides, check=True)
+        return next(line for line in proc.stdout.splitlines() if line.startswith("packing:"))
+
+    auto = packing()
+    assert "stepped together" in auto and "on CPU sequential unless train.packed: on" in auto
+    on = packing("train.packed=on")
+    assert "stepped together" in on and "unless" not in on and "on CPU too" in on
+    for overrides in (("train.packed=on", "train.amp=fp16"), ("train.amp=fp16",)):
+        blocked = packing(*overrides)
+        assert "one after another (train.amp: fp16" in blocked, blocked
+        assert "unless" not in blocked and "on CPU too" in blocked, blocked  # packed: on would not pack either
+
 def _assert_clean_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]

@@ -86,10 +86,12 @@ def _describe(tr: Run, cfg: Config, world_size: int) -> str:
                  f"({(up + down) / fedavg:.4f} of FedAvg's {short_count(fedavg, '.3g')}B)")
     sample = tr.pool.sample()
     blocker = pack_blocker(sample, tr.algo, cfg.train) if len(sample) > 1 else "one client per rank"
+    # the CPU differs from a GPU only under auto, and only where packing is possible at all
+    cpu = "too" if blocker is not None or cfg.train.packed == "on" else "sequential unless train.packed: on"
     lines.append(f"packing:    {cfg.train.packed}: on a GPU rank 0's clients would "
                  + ("be stepped together" if blocker is None and cfg.train.packed != "off"
                     else f"be trained one after another ({blocker or 'train.packed: off'})")
-                 + "; on CPU sequential unless train.packed: on")
+                 + f"; on CPU {cpu}")
     load = [sum(sizes[c] for c in ids) for ids in tr.placement]
     mean = sum(load) / len(load)
     lines += ["", f"placement on {world_size} rank(s) (largest clients first onto the least loaded rank):",

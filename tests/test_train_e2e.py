@@ -89,7 +89,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_config, tmp_path):
                         "--world-size")
 
 
-
 def test_dry_run_packing_line_says_what_the_cpu_would_do(tiny_config, tmp_path):
     """The plan's packing line for a CPU run: sequential unless packing is asked for AND possible.
     With fp16 (which only the sequential path can scale) train.packed: on cannot pack anywhere."""
@@ -108,6 +107,7 @@ def test_dry_run_packing_line_says_what_the_cpu_would_do(tiny_config, tmp_path):
         blocked = packing(*overrides)
         assert "one after another (train.amp: fp16" in blocked, blocked
         assert "unless" not in blocked and "on CPU too" in blocked, blocked  # packed: on would not pack either
+
 
 def _assert_clean_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])

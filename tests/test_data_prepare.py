@@ -267,9 +267,11 @@ def test_cli_errors(tmp_path):
         _parse(["--dataset", "digits", "--describe", "x.h5"])
     with pytest.raises(DataError, match="does not exist"):
         prepare_mod.main(_parse(["--describe", str(tmp_path / "none.h5")]))
-    with pytest.raises(ConfigError, match=r"^data.options: dataset .* takes no option"):
+    # named the config field data.options, not the flag typed
+    with pytest.raises(ConfigError, match=r"^--vocab-size, --max-len: dataset 'digits' takes no such option"):
         prepare_mod.main(_parse(["--dataset", "digits", "--clients", "3", "--alpha", "1", "--proxy-fraction",
-                                 "0.2", "--vocab-size", "100", "--out", str(tmp_path / "x.h5")]))
+                                 "0.2", "--vocab-size", "100", "--max-len", "9", "--out", str(tmp_path / "x.h5")]))
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_cli_an_empty_root_is_refused_like_an_empty_data_root(tmp_path, monkeypatch):

@@ -170,8 +170,8 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike,
         raise ConfigError(f"--jobs: expected >= 1, got {options.jobs}")
     check_dir_creatable(Path(out), "--out")
     if any((Path(out) / name).exists() for name in ("checkpoints", "summary.json", "metrics.jsonl")):
-        raise ConfigError(f"--out {out} holds a training run, whose files (accuracy_vs_macs.png, ...) the "
-                          f"comparison's report would replace; choose another --out")
+        raise ConfigError(f"--out {out} holds a training run; the comparison's report (results.md, "
+                          f"accuracy_vs_macs.png, ...) would be written among its files; choose another --out")
     variants = resolve_algorithms(options.algorithms)
     axes = tuning.parse_grid(options.grid, [v.algorithm for v in variants], known=list(ALGORITHMS))
     check_ablation_axes(variants, [a.key for a in axes])

@@ -29,7 +29,7 @@ from cafedist.data.partition import (
     train_test_split_stratified,
     train_val_split_stratified,
 )
-from cafedist.data.registry import DATASETS, NATURAL, check_options, load_dataset
+from cafedist.data.registry import DATASETS, NATURAL, check_options, load_dataset, options_of
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
@@ -278,11 +278,16 @@ def _check_describe_only(args: argparse.Namespace) -> None:
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
     default = vars(defaults.parse_args([f"--describe={args.describe}"]))
-    given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+    given = [_flag(key) for key, value in vars(args).items()
              if key in default and key != "describe" and value != default[key]]
     if given:
         raise ConfigError(f"prepare --describe only reads a store; {', '.join(given)}: only for building one "
                           f"(prepare --dataset ...)")
+
+
+def _flag(option: str) -> str:
+    """The prepare flag of a loader option: ``vocab_size`` -> ``--vocab-size``."""
+    return f"--{option.replace('_', '-')}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -307,6 +312,12 @@ def main(args: argparse.Namespace) -> int:
     refuse_empty_path("--root", args.root, "the dataset's folder (leave --root out for the bundled mnist5k and digits)")
     _check_out_file(Path(args.out))
     options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
+    # name the flags typed (the loaders' check speaks of the config field data.options)
+    taken = options_of(args.dataset)
+    not_taken = [_flag(key) for key in options if key not in taken]
+    if not_taken:
+        raise ConfigError(f"{', '.join(not_taken)}: dataset {args.dataset!r} takes no such option "
+                          f"(it takes: {', '.join(_flag(key) for key in taken) or 'none'})")
     unused = DataConfig()  # natural: alpha and proxy_fraction are not used
     spec = PartitionSpec(args.dataset, clients=args.clients,
                          alpha=unused.alpha if args.alpha is None else args.alpha,

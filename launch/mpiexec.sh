@@ -11,7 +11,7 @@
 #   PYTHON         interpreter that runs cafedist (default: python3 on PATH)
 #   OVERSUBSCRIBE  1 to allow more processes than cores/slots (Open MPI; default 0)
 #   MPIEXEC_ARGS   extra mpiexec arguments, e.g. "--hostfile hosts --map-by node"
-#   DRY_RUN=1      print the command instead of running it
+#   DRY_RUN=1      print the command instead of running it (with `env VAR=...` for what it sets)
 # Running as root (containers) sets Open MPI's OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM), which it
 # otherwise refuses; nothing is changed for other users.
 set -euo pipefail
@@ -28,18 +28,21 @@ else
     if [[ -x "${pydir}/mpiexec" ]]; then runner=("${pydir}/mpiexec"); else runner=(mpiexec); fi
 fi
 
+settings=()  # the variables this script exports for mpiexec, which DRY_RUN prints with the command
 if [[ "$(id -u)" == "0" ]]; then
-    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    settings+=(OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
 fi
 if [[ "${OVERSUBSCRIBE:-0}" == "1" ]]; then
     # Open MPI 5 (PRRTE) and Open MPI 4 spellings; other MPIs ignore these variables.
-    export PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe"
-    export OMPI_MCA_rmaps_base_oversubscribe=1
+    settings+=(PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe" OMPI_MCA_rmaps_base_oversubscribe=1)
 fi
+for setting in "${settings[@]}"; do export "${setting?}"; done
 
 read -r -a extra <<<"${MPIEXEC_ARGS:-}"
 cmd=("${runner[@]}" -n "${NP}" "${extra[@]}" "${PYTHON}" -m cafedist "$@")
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    # with `env` and the variables, the printed line runs as this script would run it
+    if (( ${#settings[@]} )); then printf '%q ' env "${settings[@]}"; fi
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi

@@ -215,11 +215,24 @@ def test_torchrun_wrapper_multi_node() -> None:
     assert rc == 2 and "RDZV_ENDPOINT" in err
 
 
+AS_ROOT = ["OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"] if os.geteuid() == 0 else []
+
+
 def test_mpiexec_wrapper() -> None:
     rc, cmd, _ = dry_run("mpiexec.sh", ["train", "--y"], MPIEXEC="mpiexec", PYTHON="python3", NP="3",
                          MPIEXEC_ARGS="--hostfile h")
     assert rc == 0
-    assert cmd == ["mpiexec", "-n", "3", "--hostfile", "h", "python3", "-m", "cafedist", "train", "--y"]
+    launch = ["mpiexec", "-n", "3", "--hostfile", "h", "python3", "-m", "cafedist", "train", "--y"]
+    assert cmd == (["env", *AS_ROOT] if AS_ROOT else []) + launch
+
+
+def test_mpiexec_wrapper_dry_run_prints_the_variables_it_sets() -> None:
+    """DRY_RUN printed the command alone: copied, it ran without OVERSUBSCRIBE's variables (and,
+    as root, without Open MPI's consent to run as root), so it failed where the script worked."""
+    rc, cmd, _ = dry_run("mpiexec.sh", ["train"], MPIEXEC="mpiexec", PYTHON="python3", OVERSUBSCRIBE="1")
+    assert rc == 0
+    assert cmd == ["env", *AS_ROOT, "PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe",
+                   "OMPI_MCA_rmaps_base_oversubscribe=1", "mpiexec", "-n", "2", "python3", "-m", "cafedist", "train"]
 
 
 def test_mpiexec_wrapper_prefers_mpiexec_next_to_python(tmp_path: Path) -> None:
@@ -228,7 +241,8 @@ def test_mpiexec_wrapper_prefers_mpiexec_next_to_python(tmp_path: Path) -> None:
     for f in ("python3", "mpiexec"):
         (tmp_path / f).chmod(0o755)
     _, cmd, _ = dry_run("mpiexec.sh", [], PYTHON=str(tmp_path / "python3"))
-    assert cmd[:3] == [str(tmp_path / "mpiexec"), "-n", "2"]
+    launch = cmd[cmd.index("env") + 1 + len(AS_ROOT):] if "env" in cmd else cmd
+    assert launch[:3] == [str(tmp_path / "mpiexec"), "-n", "2"]
 
 
 def _cuda_check(out: Path, device: str) -> subprocess.CompletedProcess:

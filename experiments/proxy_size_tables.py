@@ -5,9 +5,10 @@
 Reads every finished run below the folder and tells each run's proxy share and arm from its
 own ``config.yaml``: ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd:
 false``: each client's own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and
-``FedPer``. It writes ``proxy_size_runs.csv`` (one row per run: proxy images, mean training
-samples per client, final validation and test accuracy per exit) and ``proxy_size.png`` (test
-accuracy at the last exit and at exit 1 against the proxy set's size, per arm), and prints the
+``FedPer``. For the folder's one setting (e.g. ``digits_a0.3``) it writes
+``proxy_size_SETTING_runs.csv`` (one row per run: proxy images, mean training samples per
+client, final validation and test accuracy per exit) and ``proxy_size_SETTING.png`` (test
+accuracy at exit 1 and at the last exit against the proxy set's size, per arm), and prints the
 markdown tables docs/RESULTS.md quotes: per share and arm, mean ± std over seeds; the
 seed-matched differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and,
 per share, CAFEDistill's and last-exit KD's last-exit gap to FedPer on the third of clients
@@ -60,7 +61,8 @@ def read_run(run_dir: Path) -> dict | None:
     cfg = read_run_config(run_dir / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text())
     sizes = train_sizes(run_dir)
-    row = {"proxy_fraction": cfg.data.proxy_fraction, "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
+    row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
+           "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
            "rounds": summary["rounds"], "proxy_images": proxy_count(cfg),
            "train_per_client": float(np.mean(sizes)), "run": run_dir.name}
     vals = summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"])
@@ -147,8 +149,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
     last = max(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    sizes = sorted({r["proxy_images"] for r in rows})
     for ax, k in zip(axes, (1, last)):
-        for arm in ARMS:
+        for i, arm in enumerate(ARMS):
             groups: dict[float, list[dict]] = defaultdict(list)
             for r in rows:
                 if r["arm"] == arm:
@@ -158,8 +161,11 @@ def plot(rows: list[dict], path: Path) -> None:
             xs = sorted(groups)
             means = [100 * np.mean([r[f"test_exit{k}"] for r in groups[x]]) for x in xs]
             stds = [100 * np.std([r[f"test_exit{k}"] for r in groups[x]]) for x in xs]
-            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=arm)
+            dodge = 1.03 ** (i - (len(ARMS) - 1) / 2)  # arms side by side at each size
+            ax.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", capsize=3, label=arm)
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(x) for x in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("proxy images (log scale)")
         ax.set_ylabel(f"test accuracy, exit {k} (%)")
         ax.set_title(f"exit {k}" + (" (last)" if k == last else ""))
@@ -180,10 +186,14 @@ def main() -> None:
     runs = [r for r in (read_run(d) for d in sorted(args.root.iterdir()) if d.is_dir()) if r]
     if not runs:
         sys.exit(f"proxy_size_tables.py: no finished runs below {args.root}")
+    settings = sorted({r["row"]["setting"] for r in runs})
+    if len(settings) > 1:  # the tables pair arms by share and seed only
+        sys.exit(f"proxy_size_tables.py: {args.root} holds runs of several settings ({', '.join(settings)}); "
+                 f"give each its own folder")
     rows = sorted((r["row"] for r in runs), key=lambda r: (r["proxy_fraction"], ARMS.index(r["arm"]), r["seed"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "proxy_size_runs.csv", rows)
-    plot(rows, args.out / "proxy_size.png")
+    write_csv(args.out / f"proxy_size_{settings[0]}_runs.csv", rows)
+    plot(rows, args.out / f"proxy_size_{settings[0]}.png")
     print(arms_table(rows), contrast_table(rows), thirds_table(runs), sep="\n\n")
 
 

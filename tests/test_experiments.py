@@ -337,3 +337,16 @@ def test_proxy_size_tables_arms_contrasts_and_client_thirds(monkeypatch):
             for arm in ("CAFEDistill", "FedPer") for seed in (0, 1)]
     # six clients: the two smallest (10, 11) level, the two largest (31, 32) +10 points
     assert pt.thirds_gaps(runs, "CAFEDistill", "FedPer") == {0.1: (pytest.approx(0.0), pytest.approx(10.0), 6)}
+
+
+def test_proxy_size_tables_refuses_a_folder_of_several_settings(monkeypatch, tmp_path):
+    """Its tables pair arms by share and seed only: digits and mnist5k runs in one folder would
+    pair across datasets, so the script refuses them in one line and writes nothing."""
+    pt = _experiment("proxy_size_tables", monkeypatch)
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    monkeypatch.setattr(pt, "read_run", lambda d: {"row": {"setting": f"set_{d.name}"}, "clients": []})
+    monkeypatch.setattr("sys.argv", ["proxy_size_tables.py", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="several settings .set_a, set_b.; give each its own folder"):
+        pt.main()
+    assert not (tmp_path / "o").exists()

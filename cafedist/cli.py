@@ -28,7 +28,7 @@ from cafedist.interrupts import (
     keep_status_through_teardown,
     noticed_interrupts,
 )
-from cafedist.paths import config_file_arg, refuse_empty_path, user_path
+from cafedist.paths import config_file_arg, refuse_empty_path, run_dir_arg, user_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,7 +125,7 @@ def _dry_run(cfg: Any, out: str, world_size: int | None) -> int:
 
 # ----------------------------------------------------------------------------- eval
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=user_path, help="a run directory written by `cafedist train`")
+    p.add_argument("run_dir", type=run_dir_arg, help="a run directory written by `cafedist train`")
     p.add_argument("--max-loss", type=float, default=0.01,
                    help="accuracy loss budget for the reported MAC reduction, in [0, 1] (default 0.01 = 1 point)")
     p.add_argument("--allow-partial", action="store_true",

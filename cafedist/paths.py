@@ -62,3 +62,12 @@ def config_file_arg(text: str) -> str:
         raise argparse.ArgumentTypeError("empty path; expected a YAML config file "
                                          "(leave --config out for the defaults)")
     return user_path(text)
+
+
+def run_dir_arg(text: str) -> str:
+    """argparse type of a command's run directory (``eval``, ``export``, ``status``): any path
+    but an empty one (``cafedist eval "$RUN"`` with ``RUN`` unset, from inside a run directory,
+    evaluated that run and replaced its eval.json), ``~`` expanded (:func:`user_path`)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; expected a run directory written by `cafedist train`")
+    return user_path(text)

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
-from cafedist.paths import user_path
+from cafedist.paths import run_dir_arg
 from cafedist.run.checkpoint import CheckpointDir, round_of
 from cafedist.run.metrics import session_starts
 from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
@@ -244,7 +244,7 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``cafedist status`` options."""
-    p.add_argument("paths", nargs="+", metavar="RUN_OR_FOLDER", type=user_path,
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_FOLDER", type=run_dir_arg,
                    help="run directories, or folders to search for them (e.g. a sweep's or compare's --out)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
 

@@ -339,6 +339,20 @@ def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
     assert not ctx.fresh.exists(), "a run directory was created"
 
 
+@pytest.mark.parametrize("command", ["eval", "export", "status"])
+def test_an_empty_run_dir_is_refused_not_taken_for_the_working_directory(command, shared: Ctx, monkeypatch):
+    """``cafedist eval "$RUN"`` with RUN unset, run from inside a run directory, evaluated that
+    run: eval.json replaced, an earlier ``eval --budget``'s budget.csv/png removed."""
+    monkeypatch.chdir(shared.run)
+    extra = ["--out", str(shared.tmp / "exp"), "--threshold", "0.9"] if command == "export" else []
+    before = tree_hashes(shared.run)
+    code, _, err = run_cli(command, "", *extra)
+    assert code == 2, err
+    [line] = err.strip().splitlines()
+    assert "empty path; expected a run directory" in line, line
+    assert tree_hashes(shared.run) == before and not (shared.tmp / "exp").exists()
+
+
 SLURM_DOWN = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
 
 

@@ -39,7 +39,7 @@ from cafedist.eval.budget_search import Choice, Split, macs_tensor
 from cafedist.eval.exits import exit_logits
 from cafedist.eval.run import load_run, run_config_file, writing_outputs
 from cafedist.fsutil import fsync_dir
-from cafedist.paths import check_dir_creatable, refuse_empty_path, user_path
+from cafedist.paths import check_dir_creatable, refuse_empty_path, run_dir_arg, user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.run.client import model_hash
 from cafedist.units import clients_phrase
@@ -328,7 +328,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
 # ----------------------------------------------------------------------------- the command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``cafedist export`` options."""
-    p.add_argument("run_dir", type=user_path, help="a run directory written by `cafedist train`")
+    p.add_argument("run_dir", type=run_dir_arg, help="a run directory written by `cafedist train`")
     p.add_argument("--out", required=True, type=user_path, help="the folder to write (new, or empty)")
     p.add_argument("--clients", help="client ids and ranges to export, e.g. 0,3,5-7 (default: all)")
     p.add_argument("--threshold", type=float,

@@ -285,6 +285,10 @@ CASES = [
     Case("export-not-a-run", lambda c: ["export", str(c.tmp / "adir"), "--out", str(c.tmp / "exp"),
                                         "--threshold", "0.9"], "not a run directory"),
     Case("export-without-out", lambda c: ["export", str(c.run)], "--out"),
+    # a mistyped RUN with --out below it was told "--out ... is inside the run directory but not directly in it"
+    Case("export-mistyped-run-out-below-it", lambda c: ["export", str(c.tmp / "nosuchrun"), "--out",
+                                                        str(c.tmp / "nosuchrun" / "exports" / "v1"),
+                                                        "--threshold", "0.9"], "nosuchrun: not a run directory"),
     Case("command-unknown", lambda c: ["trian"], "invalid choice"),
 ]
 

@@ -291,12 +291,14 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
     # rename onto a symbolic link to an empty folder fails (ENOTDIR)
     run_dir, out = Path(run_dir), Path(os.path.realpath(out))
     threshold = check_threshold(threshold)
+    # a mistyped RUN is "not a run directory", not "eval.json: not found" nor a complaint about
+    # where --out lies in a folder that is no run
+    run_config_file(run_dir)
     check_not_among_checkpoints(out, run_dir)
     check_directly_in_run(out, run_dir)
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):
         raise ConfigError(f"export: needs torch.export.save, which torch {torch.__version__} does not have")
-    run_config_file(run_dir)  # a mistyped RUN is not "eval.json: not found"
     report = None if threshold is not None else _eval_report(run_dir)
     with load_run(run_dir, "cpu", allow_partial) as loaded:
         run = loaded.run

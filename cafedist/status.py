@@ -103,7 +103,10 @@ def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
     clients = budget.get("clients") if isinstance(budget, dict) else None
     specs = sorted({str(r.get("budget")) for r in clients if isinstance(r, dict)}) if isinstance(clients, list) else []
     spec = f", budget {','.join(specs)}" if specs else ""
-    fresh = "" if rnd == checkpoint_round else f", stale: the newest checkpoint is round {checkpoint_round}"
+    if checkpoint_round is None:  # checkpoints moved or deleted: nothing to tell staleness by
+        fresh = ", no checkpoint left to compare it with"
+    else:
+        fresh = "" if rnd == checkpoint_round else f", stale: the newest checkpoint is round {checkpoint_round}"
     return f"round {rnd}{spec}{fresh}"
 
 

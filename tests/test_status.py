@@ -66,6 +66,9 @@ def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
     assert run_status(run).eval == "round 2, budget macs=0.5"
     (run / "eval.json").write_text(json.dumps({"round": 1}))
     assert run_status(run).eval == "round 1, stale: the newest checkpoint is round 2"
+    # checkpoints moved or deleted: there is no newest round to compare with ("round None")
+    shutil.rmtree(run / "checkpoints")
+    assert run_status(run).eval == "round 1, no checkpoint left to compare it with"
 
 
 def test_damaged_metrics_and_eval_files_are_read_as_damaged_not_a_traceback(runs, tmp_path):

@@ -65,7 +65,7 @@ def config_file_arg(text: str) -> str:
 
 
 def run_dir_arg(text: str) -> str:
-    """argparse type of a command's run directory (``eval``, ``export``, ``status``): any path
+    """argparse type of a command's run directories (eval, export, status, scaling-report): any path
     but an empty one (``cafedist eval "$RUN"`` with ``RUN`` unset, from inside a run directory,
     evaluated that run and replaced its eval.json), ``~`` expanded (:func:`user_path`)."""
     if not text.strip():

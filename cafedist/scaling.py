@@ -35,7 +35,7 @@ import yaml
 from cafedist import yamlio
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
-from cafedist.paths import check_dir_creatable, refuse_empty_path, user_path
+from cafedist.paths import check_dir_creatable, refuse_empty_path, run_dir_arg, user_path
 from cafedist.typed import is_finite_number, is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
@@ -436,7 +436,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
 # ----------------------------------------------------------------------------- command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cafedist scaling-report``."""
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=user_path, help="run directories of one sweep")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=run_dir_arg, help="run directories of one sweep")
     parser.add_argument("--out", default=None, type=user_path,
                         help="where to write scaling.md/.csv/.png (default: the first run's parent directory)")
 

@@ -343,10 +343,11 @@ def test_bad_input(case: Case, shared: Ctx, tmp_path, monkeypatch):
     assert not ctx.fresh.exists(), "a run directory was created"
 
 
-@pytest.mark.parametrize("command", ["eval", "export", "status"])
+@pytest.mark.parametrize("command", ["eval", "export", "status", "scaling-report"])
 def test_an_empty_run_dir_is_refused_not_taken_for_the_working_directory(command, shared: Ctx, monkeypatch):
     """``cafedist eval "$RUN"`` with RUN unset, run from inside a run directory, evaluated that
-    run: eval.json replaced, an earlier ``eval --budget``'s budget.csv/png removed."""
+    run: eval.json replaced, an earlier ``eval --budget``'s budget.csv/png removed
+    (``scaling-report ""`` wrote a report of it into its parent folder)."""
     monkeypatch.chdir(shared.run)
     extra = ["--out", str(shared.tmp / "exp"), "--threshold", "0.9"] if command == "export" else []
     before = tree_hashes(shared.run)
@@ -355,6 +356,7 @@ def test_an_empty_run_dir_is_refused_not_taken_for_the_working_directory(command
     [line] = err.strip().splitlines()
     assert "empty path; expected a run directory" in line, line
     assert tree_hashes(shared.run) == before and not (shared.tmp / "exp").exists()
+    assert not (shared.run.parent / "scaling.md").exists()
 
 
 SLURM_DOWN = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"

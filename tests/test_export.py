@@ -275,6 +275,39 @@ def test_every_clients_model_hash_is_checked_before_any_is_traced(evaluated_run,
     assert len(traced) == 1
 
 
+@pytest.mark.parametrize("edit", [
+    {"policy": "foo"}, {"policy": None}, {"threshold": None}, {"threshold": "0.9"}, {"threshold": float("nan")},
+    {"temperatures": [1.0]}, {"temperatures": [0.0, 0.0, 0.0]}, {"policy": "static", "static_exit": 7},
+    {"policy": "static", "static_exit": None}])
+def test_a_hand_edited_policy_row_is_one_line_before_any_client_is_traced(evaluated_run, tmp_path, edit):
+    """eval.json is where export reads each client's policy (a threshold edited there by hand
+    is the way to deploy another trade-off): a row export cannot use ended in a traceback, exit
+    1 (ValueError, TypeError, KeyError, an index out of bounds), after the clients before it were traced."""
+    stale = tmp_path / "edited_run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(stale)], check=True)
+    report = json.loads((stale / "eval.json").read_text())
+    report["budget"]["clients"][2].update(edit)
+    (stale / "eval.json").write_text(json.dumps(report))
+    proc = cafedist_in_process("export", str(stale), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"cafedist: error: {stale / 'eval.json'}: client 2's policy row "), line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.export-*"))
+
+
+@pytest.mark.parametrize("budget", [None, [], "macs=0.5"])
+def test_an_eval_json_whose_budget_section_is_no_object_has_no_budget_table(evaluated_run, tmp_path, budget):
+    """``"budget": null`` (a hand edit) gave AttributeError, exit 1."""
+    stale = tmp_path / "edited_run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(stale)], check=True)
+    report = json.loads((stale / "eval.json").read_text())
+    report["budget"] = budget
+    (stale / "eval.json").write_text(json.dumps(report))
+    proc = cafedist_in_process("export", str(stale), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "eval.json: has no per-client budget table" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_out_given_as_dot_or_empty(evaluated_run, tmp_path, monkeypatch):
     """``--out .`` (an empty working directory) is written like any empty folder; it was renamed
     onto '.' at the end ('..export-*: Device or resource busy'); ``--out ''`` is refused."""

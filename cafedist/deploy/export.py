@@ -36,12 +36,15 @@ from torch import Tensor, nn
 from cafedist.deploy import early_exit
 from cafedist.errors import ConfigError
 from cafedist.eval.budget_search import Choice, Split, macs_tensor
+from cafedist.eval.dynamic import exit_indices
 from cafedist.eval.exits import exit_logits
+from cafedist.eval.policies import exit_scores
 from cafedist.eval.run import load_run, run_config_file, writing_outputs
 from cafedist.fsutil import fsync_dir
 from cafedist.paths import check_dir_creatable, refuse_empty_path, run_dir_arg, user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.run.client import model_hash
+from cafedist.typed import is_finite_number
 from cafedist.units import clients_phrase
 
 log = logging.getLogger("cafedist")
@@ -59,6 +62,27 @@ def _choice_from_row(row: dict[str, Any]) -> Choice:
                   static_exit=None if static is None else int(static) - 1)
 
 
+def _usable_choice(row: dict[str, Any], num_exits: int, path: Path) -> Choice:
+    """:func:`_choice_from_row`, refused in one line naming the client when export could not
+    use it (eval.json edited by hand): tried on a dummy batch with the evaluation's own checks,
+    before any client is traced."""
+    try:
+        choice = _choice_from_row(row)
+        if choice.policy == "static" or choice.static_exit is not None:  # as Choice.exits and policy_spec read it
+            if choice.static_exit is None or not 0 <= choice.static_exit < num_exits:
+                raise ValueError(f"static_exit {row.get('static_exit')!r} is not an exit 1..{num_exits}")
+        else:
+            if not is_finite_number(choice.threshold):  # float() would take "0.9", which early_exit.py cannot
+                raise ValueError(f"threshold {choice.threshold!r} is not a number")
+            logits = torch.zeros(num_exits, 1, 2)
+            exit_indices(exit_scores(logits, choice.policy, choice.temperature_tensor()), [choice.threshold])
+    except (KeyError, TypeError, ValueError) as exc:
+        why = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"{path}: client {row.get('client')}'s policy row is not usable ({why}): "
+                          f"run `cafedist eval RUN --budget ...` again") from None
+    return choice
+
+
 def _eval_report(run_dir: Path) -> dict[str, Any]:
     """RUN/eval.json with a budget section, or a one-line error saying how to get one."""
     path = run_dir / "eval.json"
@@ -70,7 +94,8 @@ def _eval_report(run_dir: Path) -> dict[str, Any]:
                           f"{advice}") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not readable as JSON ({exc}); {advice}") from None
-    rows = report.get("budget", {}).get("clients") if isinstance(report, dict) else None
+    budget = report.get("budget") if isinstance(report, dict) else None
+    rows = budget.get("clients") if isinstance(budget, dict) else None
     if not isinstance(rows, list):
         raise ConfigError(f"{path}: has no per-client budget table (the last eval had no --budget); {advice}")
     return report
@@ -308,6 +333,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
         if report is not None:  # all refusals before the first client is traced (seconds each)
             _check_same_models(report, loaded, ids, run_dir)
         rows = {} if report is None else {cid: _row(report, cid, run_dir) for cid in ids}
+        choices = {cid: _usable_choice(row, run.num_exits, run_dir / "eval.json") for cid, row in rows.items()}
         # an export kept in the run directory is among the outputs about the run's models:
         # written under their lock, so that `--resume none` moves it aside with the run and
         # never leaves it beside a new one (a run started over since loading is refused)
@@ -316,7 +342,7 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
             exported = []
             for c in run.pool.each(ids, modify=False):
                 row = rows.get(c.cid)
-                choice = _threshold_choice(threshold) if row is None else _choice_from_row(row)
+                choice = _threshold_choice(threshold) if row is None else choices[c.cid]
                 exported.append(_export_client(run, c, choice, source, None if row is None else row.get("budget"), tmp))
             shutil.copyfile(early_exit.__file__, tmp / "early_exit.py")
             summary = {"format": early_exit.FORMAT, "run_dir": str(run_dir.resolve()), "round": loaded.done,

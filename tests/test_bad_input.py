@@ -241,6 +241,9 @@ CASES = [
     Case("item5-eval-corrupt-final-checkpoint", lambda c: ["eval", str(c.run)], "not the final round 1",
          damage=corrupt_newest),
     Case("run-config-unreadable", train(), "unreadable", damage=bad_config_yaml),
+    # a run that is training: "finish it with `cafedist train`" advised a command that would be refused
+    Case("eval-while-training", lambda c: ["eval", str(c.run)],
+         f"not the final round 1: it is training now (pid {os.getpid()}", damage=corrupt_newest, hold_lock=True),
     Case("eval-run-config-a-folder", lambda c: ["eval", str(c.run)], "config.yaml: not a file",
          damage=config_yaml_a_folder),
     Case("config-a-fifo", lambda c: ["train", "--config", str(c.tmp / "fifo.yaml"), "--out", str(c.fresh)],

@@ -50,7 +50,7 @@ from cafedist.fsutil import remove_stale_temps, remove_together, replaced_togeth
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import MetricsLog
-from cafedist.rundir import outputs_lock
+from cafedist.rundir import live_holder, outputs_lock
 from cafedist.typed import is_finite_number
 
 log = logging.getLogger("cafedist")
@@ -184,10 +184,14 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
             raise CheckpointError(f"{run_dir}: no checkpoint yet to evaluate (a run writes its first after {first} "
                                   f"round(s) or when stopped; if it is training, try again then)")
         if done != final and not allow_partial:
+            # a run training now: `cafedist train` to finish it would be refused (the run's lock)
+            holder = live_holder(run_dir)
+            partial = f"pass --allow-partial to evaluate round {done} anyway"
+            why = (f"it is training now ({holder}): evaluate it once it has finished, or {partial}" if holder else
+                   f"the run is unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
+                   f"or {partial})")
             raise CheckpointError(f"{run_dir}: the newest valid checkpoint is round {done} "
-                                  f"({restored.path.name}), not the final round {final}: the run is "
-                                  f"unfinished or its last checkpoint is corrupt (finish it with `cafedist train`, "
-                                  f"or pass --allow-partial to evaluate round {done} anyway)")
+                                  f"({restored.path.name}), not the final round {final}: {why}")
         yield LoadedRun(run, restored, done, final, incarnation)
     finally:
         close_run(run)

@@ -256,6 +256,19 @@ BAD = {
 }
 
 
+def test_leaf_json_saved_with_a_utf8_byte_order_mark_reads_as_without(tmp_path):
+    """A file re-saved by a Windows editor may start with a UTF-8 byte-order mark: it is no
+    content (as for AG News and Tiny ImageNet's text files). ``json`` refused it as 'Unexpected
+    UTF-8 BOM', so the whole dataset failed to load."""
+    for name in ("plain", "bom"):
+        write_leaf(tmp_path / name / "all_data", n_users=3, files=2)
+    for path in (tmp_path / "bom" / "all_data").glob("*.json"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    plain, bom = (load_dataset("femnist", str(tmp_path / name)) for name in ("plain", "bom"))
+    np.testing.assert_array_equal(bom.x, plain.x)
+    assert bom.y.tolist() == plain.y.tolist() and list(bom.user_samples) == list(plain.user_samples)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_femnist_files_name_the_file(tmp_path, case):
     folder = tmp_path / "all_data"

@@ -138,7 +138,8 @@ def _read_file(path: Path, fmt: _LeafFormat) -> dict[str, tuple[np.ndarray, np.n
         return DataError(f"{fmt.name}: {path}: {problem} (expected {fmt.layout})")
 
     try:
-        with open(path, encoding="utf-8") as fh:
+        # utf-8-sig: a leading byte-order mark (a Windows editor's re-save) is no content
+        with open(path, encoding="utf-8-sig") as fh:
             doc = json.load(fh)
     except OSError as exc:
         raise fail(f"cannot read the file ({exc.strerror or type(exc).__name__})") from None

@@ -295,6 +295,18 @@ def test_tinyimagenet_errors(tmp_path, monkeypatch):
         load_dataset("tinyimagenet", str(tmp_path / "a"))
 
 
+def test_tinyimagenet_image_too_large_to_decode_is_one_data_error(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than twice MAX_IMAGE_PIXELS (a decompression bomb) with
+    DecompressionBombError, which is no OSError: it escaped as a traceback. Simulated by
+    lowering the limit below one 64x64 image rather than writing a 180-megapixel file."""
+    from PIL import Image
+
+    root = _write_tiny(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"cannot decode .*n01_0.JPEG .*expected a 64x64 JPEG"):
+        load_dataset("tinyimagenet", str(root))
+
+
 # ---------------------------------------------------------------- AG News CSV
 def _write_agnews(folder, train_rows, test_rows):
     folder.mkdir(parents=True)

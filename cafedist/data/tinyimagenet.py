@@ -30,7 +30,8 @@ def _decode(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+    # DecompressionBombError (an image of hundreds of megapixels) is no OSError
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{NAME}: cannot decode {path} ({exc}; expected a {SIDE}x{SIDE} JPEG)") from None
     if arr.shape != (SIDE, SIDE, 3):
         raise DataError(f"{NAME}: {path} is {arr.shape[1]}x{arr.shape[0]} (expected {SIDE}x{SIDE}; {LAYOUT})")

@@ -366,6 +366,26 @@ def test_text_files_saved_with_a_utf8_byte_order_mark_read_as_without(tmp_path):
     assert raw.class_names == ["n01", "n02"] and raw.y.tolist() == expected.y.tolist()
 
 
+def test_agnews_with_the_header_row_of_the_common_kaggle_copy_reads_as_the_release(tmp_path):
+    """The widespread Kaggle copy of the release starts each file with the header row
+    "Class Index,Title,Description" and was refused as malformed: that exact row is skipped, any
+    other first row is still a record (and refused when it is not one)."""
+    rows = [["3", "Stocks fall", "Markets fall"], ["1", "War", "Talks resume"]]
+    _write_agnews(tmp_path / "release", rows, rows)
+    header = ["Class Index", "Title", "Description"]
+    _write_agnews(tmp_path / "kaggle", [header] + rows, [header] + rows)
+    release = load_dataset("agnews", str(tmp_path / "release"))
+    kaggle = load_dataset("agnews", str(tmp_path / "kaggle"))
+    assert kaggle.y.tolist() == release.y.tolist() == [2, 0, 2, 0] and kaggle.vocab == release.vocab
+    np.testing.assert_array_equal(kaggle.x, release.x)
+    _write_agnews(tmp_path / "other", [["Label", "Title", "Description"]] + rows, rows)
+    with pytest.raises(DataError, match=r"train.csv record 1 is malformed"):
+        load_dataset("agnews", str(tmp_path / "other"))
+    _write_agnews(tmp_path / "late", rows + [header], rows)  # a header row is only a header first
+    with pytest.raises(DataError, match=r"train.csv record 3 is malformed"):
+        load_dataset("agnews", str(tmp_path / "late"))
+
+
 def test_agnews_errors(tmp_path):
     good = [["1", "a", "b"]]
     _write_agnews(tmp_path / "x", good + [["5", "t", "d"]], good)

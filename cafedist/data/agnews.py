@@ -1,7 +1,8 @@
 """AG News from the standard ``train.csv`` / ``test.csv`` (the "ag_news_csv" release).
 
 Each file is a quoted CSV without header: class index 1..4 (World, Sports, Business,
-Sci/Tech), title, description. A document is ``title + " " + description``, tokenized by
+Sci/Tech), title, description. The common Kaggle copy's header row (``Class Index,Title,
+Description``) is skipped. A document is ``title + " " + description``, tokenized by
 :mod:`cafedist.data.text` with a vocabulary built on the pooled corpus.
 """
 
@@ -21,6 +22,8 @@ NAME = "agnews"
 FOLDER = "ag_news_csv"
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 _CLASS_INDICES = {str(i + 1): i for i in range(len(CLASS_NAMES))}  # "1".."4" exactly: "²".isdigit() is True
+#: the first row of each file in the widespread Kaggle copy of the release, which is otherwise the same
+KAGGLE_HEADER = ["Class Index", "Title", "Description"]
 LAYOUT = ("the AG News CSV release: train.csv and test.csv, no header, quoted columns "
           "class index 1..4, title, description")
 
@@ -33,7 +36,7 @@ def _read_csv(path: Path) -> tuple[list[list[str]], list[int]]:
         # utf-8-sig: a leading byte-order mark (Excel writes one) would otherwise start the first class index
         with open(path, newline="", encoding="utf-8-sig") as fh:
             for lineno, row in enumerate(csv.reader(fh), 1):
-                if not row:
+                if not row or (lineno == 1 and [c.strip() for c in row] == KAGGLE_HEADER):
                     continue
                 label = row[0].strip()
                 if len(row) != 3 or label not in _CLASS_INDICES:

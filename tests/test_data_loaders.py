@@ -256,6 +256,24 @@ def _write_tiny(parent, size=64):
     return root
 
 
+@pytest.mark.parametrize("name", ["n01_9.jpeg", "n01_9.jpg", "n01_9.PNG"])
+def test_tinyimagenet_an_image_not_named_jpeg_is_refused_not_left_out(tmp_path, name):
+    """Only ``*.JPEG`` was read: an image re-saved as .jpeg or .jpg was dropped without a word
+    (26 samples where the folder held 27), and a folder of such files only was reported as
+    having "no JPEG images"."""
+    from PIL import Image
+
+    root = _write_tiny(tmp_path)
+    images = root / "train" / "n01" / "images"
+    Image.new("RGB", (64, 64), COLORS["n01"]).save(images / name, format="PNG" if name.endswith("PNG") else "JPEG")
+    with pytest.raises(DataError, match=rf"{images} holds 1 image file\(s\) not named \*.JPEG \({name}\)"):
+        load_dataset("tinyimagenet", str(tmp_path))
+    for jpeg in images.glob("*.JPEG"):
+        jpeg.unlink()
+    with pytest.raises(DataError, match=r"not named \*.JPEG"):
+        load_dataset("tinyimagenet", str(tmp_path))
+
+
 def test_tinyimagenet_layout(tmp_path):
     root = _write_tiny(tmp_path)
     raw = load_dataset("tinyimagenet", str(tmp_path))

@@ -38,6 +38,23 @@ def _decode(path: Path) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
+#: suffixes of images the release does not use; such a file among the *.JPEG ones was left out unseen
+OTHER_IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
+
+
+def _refuse_other_images(images: Path) -> None:
+    """Refuse a class folder holding images under another suffix than ``.JPEG`` (re-saved or
+    renamed by a tool): reading ``*.JPEG`` alone would drop them without a word."""
+    if not images.is_dir():
+        return
+    others = sorted(p.name for p in images.iterdir()
+                    if p.suffix.lower() in OTHER_IMAGE_SUFFIXES and p.suffix != ".JPEG")
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DataError(f"{NAME}: {images} holds {len(others)} image file(s) not named *.JPEG ({shown}), which "
+                        f"would be left out; rename them to .JPEG (expected {LAYOUT})")
+
+
 def _listing(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     """All labelled image paths (train then val) with their labels, and the wnids."""
     wnids_file = folder / "wnids.txt"
@@ -51,6 +68,7 @@ def _listing(folder: Path) -> tuple[list[Path], list[int], list[str]]:
         images = folder / "train" / w / "images"
         readable_dir(images, NAME, LAYOUT)
         files = sorted(images.glob("*.JPEG")) if images.is_dir() else []
+        _refuse_other_images(images)
         if not files:
             raise DataError(f"{NAME}: no JPEG images in {images} (expected {LAYOUT})")
         paths += files

@@ -223,8 +223,8 @@ def test_validation_split_round_trip_and_old_stores(tmp_path, image_store):
         empty = s.load_client(2)
         assert empty.x_val.shape == (0, 3, 4, 4) and empty.y_val.shape == (0,)
         lines = s.describe().splitlines()
-        assert lines[5].split()[:4] == ["client", "train", "val", "test"]
-        assert lines[6].split()[:4] == ["0", "6", "2", "2"]
+        assert lines[6].split()[:4] == ["client", "train", "val", "test"]
+        assert lines[7].split()[:4] == ["0", "6", "2", "2"]
     with h5py.File(path, "r") as f:
         assert f["clients/00000/x_val"].attrs["sha256"]  # checksummed like every dataset
     with h5py.File(path, "r+") as f:  # corrupt a validation array: caught on read

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, resolve_root
+from cafedist.data.base import RawDataset, SourceFiles, resolve_root
 from cafedist.data.text import build_vocab, encode, tokenize
 from cafedist.errors import ConfigError, DataError
 
@@ -60,17 +60,23 @@ def load_agnews(root: str | None = None, vocab_size: int = 20000, max_len: int =
     """
     if vocab_size < 3 or max_len < 1:
         raise ConfigError(f"{NAME}: vocab_size must be >= 3 and max_len >= 1, got {vocab_size} and {max_len}")
-    folder = resolve_root(root, FOLDER, NAME, "train.csv", LAYOUT)
+    source = source_files(root)
     docs, labels = [], []
-    for split in ("train.csv", "test.csv"):
-        d, y = _read_csv(folder / split)
+    for path in source.files:
+        d, y = _read_csv(path)
         docs += d
         labels += y
     _check_fits(len(docs), max(map(len, docs), default=0), max_len)
     vocab = build_vocab(docs, vocab_size)
     x = encode(docs, vocab, max_len)
     return RawDataset(name=NAME, x=x, y=np.asarray(labels, dtype=np.int64), num_classes=len(CLASS_NAMES),
-                      kind="text", vocab_size=len(vocab), vocab=vocab, class_names=list(CLASS_NAMES))
+                      kind="text", vocab_size=len(vocab), vocab=vocab, class_names=list(CLASS_NAMES), source=source)
+
+
+def source_files(root: str | None) -> SourceFiles:
+    """The AG News folder under ``root`` and the two CSV files read from it (train, then test)."""
+    folder = resolve_root(root, FOLDER, NAME, "train.csv", LAYOUT)
+    return SourceFiles(folder, (folder / "train.csv", folder / "test.csv"))
 
 
 def _check_fits(n_docs: int, longest: int, max_len: int) -> None:

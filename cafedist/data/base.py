@@ -19,6 +19,16 @@ import numpy as np
 from cafedist.errors import DataError
 
 
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files a loader reads: ``folder`` is the dataset folder it resolved under the data
+    root, ``files`` the paths it reads (under ``folder``). A store records their fingerprint
+    (:mod:`cafedist.data.source`) to notice when a later data root holds other files."""
+
+    folder: Path
+    files: tuple[Path, ...]
+
+
 @dataclass
 class RawDataset:
     """A whole dataset in memory.
@@ -42,6 +52,8 @@ class RawDataset:
     # The natural partition, for sources that record who produced each sample (LEAF): user
     # name -> sorted indices of that user's samples; every sample belongs to exactly one user.
     user_samples: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    # The files it was read from (datasets under a data root; None for bundled ones).
+    source: SourceFiles | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Catch loader bugs early and in one place rather than deep inside the store writer.

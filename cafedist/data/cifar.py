@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats, int_labels, load_pickle, resolve_root
+from cafedist.data.base import RawDataset, SourceFiles, channel_stats, int_labels, load_pickle, resolve_root
 from cafedist.errors import DataError
 
 
@@ -29,6 +29,13 @@ class _CifarFormat:
     names_key: bytes
     num_classes: int
     layout: str
+
+    def source_files(self, root: str | None) -> SourceFiles:
+        """The folder under ``root`` and the files read from it: the batches, then the meta
+        file where there is one."""
+        folder = resolve_root(root, self.folder, self.name, self.files[0], self.layout)
+        meta = folder / self.meta_file
+        return SourceFiles(folder, tuple(folder / f for f in self.files) + ((meta,) if meta.exists() else ()))
 
 
 CIFAR10 = _CifarFormat(
@@ -65,16 +72,17 @@ def _class_names(fmt: _CifarFormat, meta: object) -> list[str] | None:
 
 
 def _load(fmt: _CifarFormat, root: str | None) -> RawDataset:
-    folder = resolve_root(root, fmt.folder, fmt.name, fmt.files[0], fmt.layout)
-    parts = [_read_batch(fmt, folder / f) for f in fmt.files]
+    source = fmt.source_files(root)
+    batches, meta = source.files[:len(fmt.files)], source.files[len(fmt.files):]
+    parts = [_read_batch(fmt, path) for path in batches]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     names = None
-    if (folder / fmt.meta_file).exists():  # class names are a nicety; the labels suffice
-        names = _class_names(fmt, load_pickle(folder / fmt.meta_file, fmt.name, fmt.layout))
+    if meta:  # class names are a nicety; the labels suffice
+        names = _class_names(fmt, load_pickle(meta[0], fmt.name, fmt.layout))
     mean, std = channel_stats(x)
     return RawDataset(name=fmt.name, x=x, y=y, num_classes=fmt.num_classes, kind="image",
-                      mean=mean, std=std, class_names=names)
+                      mean=mean, std=std, class_names=names, source=source)
 
 
 def load_cifar10(root: str | None = None) -> RawDataset:

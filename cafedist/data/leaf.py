@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats, int_labels, readable_dir
+from cafedist.data.base import RawDataset, SourceFiles, channel_stats, int_labels, readable_dir
 from cafedist.data.text import PAD_ID, SPECIALS, UNK_ID
 from cafedist.errors import DataError
 
@@ -109,6 +109,11 @@ class _LeafFormat:
         return (f"LEAF JSON files <root>/{self.name}/data/all_data/*.json (or <root>/data/all_data, <root>/all_data, "
                 f"<root>) of {{users, num_samples, user_data: {{user: {{x, y}}}}}}, {self.sample}")
 
+    def source_files(self, root: str | None) -> SourceFiles:
+        """The JSON folder under ``root`` (:func:`find_json_dir`) and its ``*.json`` files, in name order."""
+        folder = find_json_dir(root, self)
+        return SourceFiles(folder, tuple(sorted(folder.glob("*.json"))))
+
 
 FEMNIST = _LeafFormat("femnist", FEMNIST_CLASSES, "x 784 floats in [0, 1], y an int 0..61",
                       _femnist_x, _femnist_y)
@@ -175,19 +180,19 @@ def _read_file(path: Path, fmt: _LeafFormat) -> dict[str, tuple[np.ndarray, np.n
 
 
 def _load(fmt: _LeafFormat, root: str | None) -> RawDataset:
-    folder = find_json_dir(root, fmt)
+    source = fmt.source_files(root)
     users: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    source: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.json")):
+    file_of: dict[str, Path] = {}
+    for path in source.files:
         for user, arrays in _read_file(path, fmt).items():
             if user in users:
-                raise DataError(f"{fmt.name}: user {user!r} appears in both {source[user]} and {path} "
+                raise DataError(f"{fmt.name}: user {user!r} appears in both {file_of[user]} and {path} "
                                 f"(expected every user in one file)")
-            users[user], source[user] = arrays, path
+            users[user], file_of[user] = arrays, path
     names = sorted(users)  # sample order (and the proxy/client choice) never depends on the file split
     sizes = np.asarray([len(users[u][1]) for u in names], dtype=np.int64)
     if sizes.sum() == 0:
-        raise DataError(f"{fmt.name}: the JSON files in {folder} hold no samples (expected {fmt.layout})")
+        raise DataError(f"{fmt.name}: the JSON files in {source.folder} hold no samples (expected {fmt.layout})")
     x = np.concatenate([users[u][0] for u in names])
     y = np.concatenate([users[u][1] for u in names])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -195,10 +200,11 @@ def _load(fmt: _LeafFormat, root: str | None) -> RawDataset:
     if fmt is FEMNIST:
         mean, std = channel_stats(x)
         return RawDataset(name=fmt.name, x=x, y=y, num_classes=fmt.num_classes, kind="image", mean=mean, std=std,
-                          user_samples=user_samples)
+                          user_samples=user_samples, source=source)
     vocab = list(SPECIALS) + [c if c != "\n" else "\\n" for c in ALL_LETTERS]  # the store joins tokens by "\n"
     return RawDataset(name=fmt.name, x=x, y=y, num_classes=fmt.num_classes, kind="text", vocab_size=len(vocab),
-                      vocab=vocab, class_names=vocab[_FIRST_CHAR_ID:], user_samples=user_samples)
+                      vocab=vocab, class_names=vocab[_FIRST_CHAR_ID:], user_samples=user_samples,
+                      source=source)
 
 
 def load_femnist(root: str | None = None) -> RawDataset:

@@ -4,7 +4,9 @@
 (or, ``partition: natural``, one client per chosen user and the proxy set from other users)
 -> per-client stratified train/test split -> (optional) validation split carved from each
 client's train split -> atomic HDF5 write. The result depends only on
-the partition parameters (recorded in the store as ``params``), never on who builds it.
+the partition parameters (recorded in the store as ``params``), never on who builds it. A store
+read from files under a data root also records their fingerprint (:mod:`cafedist.data.source`),
+outside ``params``: reusing it with a root whose files differ gives a warning.
 
 ``open_ensured_store`` is what ``cafedist train`` calls on every rank: the first process to take
 the lock builds the store, the others wait and then reuse it.
@@ -30,6 +32,7 @@ from cafedist.data.partition import (
     train_val_split_stratified,
 )
 from cafedist.data.registry import DATASETS, NATURAL, check_options, load_dataset, options_of
+from cafedist.data.source import fingerprint, warn_if_other_source
 from cafedist.data.spec import PartitionSpec
 from cafedist.data.store import STORE_SUFFIX, Store, write_store
 from cafedist.errors import ConfigError, DataError
@@ -166,7 +169,9 @@ def prepare_store(out: str | Path, spec: PartitionSpec, root: str | Path | None 
     train, val = carve_val_splits(train, raw.y, params)
     users = natural_users(raw.user_samples, params)[0] if params.get("partition") == "natural" else None
     log.info("prepare: writing %s (%d clients, proxy %d)", out, len(train), len(proxy_idx))
-    write_store(out, raw, train, test, proxy_idx, params, client_val=val, client_users=users)
+    # recorded beside params, not in them: the store's identity and name stay the partition's
+    source = None if raw.source is None else fingerprint(raw.source)
+    write_store(out, raw, train, test, proxy_idx, params, client_val=val, client_users=users, source=source)
     return Path(out)
 
 
@@ -208,16 +213,26 @@ def open_ensured_store(out: str | Path, spec: PartitionSpec, root: str | Path | 
     want = partition_params(spec)
     store = open_matching_store(out, want)  # fast path: stores appear by atomic rename, so no lock is needed to read
     if store is not None:
-        return store
+        return _reused(store, root)
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(Path(f"{out}.lock"), "another process to finish building the store"):
         store = open_matching_store(out, want)
         if store is not None:
-            return store
+            return _reused(store, root)
         for stale in remove_stale_temps(out, STORE_SUFFIX):  # every writer holds this lock: these are orphans
             log.warning("removed %s, left by a store build that was killed", stale)
         prepare_store(out, spec, root)
     return Store(out)
+
+
+def _reused(store: Store, root: str | Path | None) -> Store:
+    """``store``, reused: first a warning if ``root`` holds other source files than it was built from."""
+    try:
+        warn_if_other_source(store, root)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def ensure_store(out: str | Path, spec: PartitionSpec, root: str | Path | None = None) -> Path:

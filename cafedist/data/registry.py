@@ -8,11 +8,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
+from cafedist.data import agnews, tinyimagenet
 from cafedist.data.agnews import load_agnews
-from cafedist.data.base import RawDataset
+from cafedist.data.base import RawDataset, SourceFiles
 from cafedist.data.builtin import load_digits, load_mnist5k
-from cafedist.data.cifar import load_cifar10, load_cifar100
-from cafedist.data.leaf import load_femnist, load_shakespeare
+from cafedist.data.cifar import CIFAR10, CIFAR100, load_cifar10, load_cifar100
+from cafedist.data.leaf import FEMNIST, SHAKESPEARE, load_femnist, load_shakespeare
 from cafedist.data.synthetic import load_synthetic
 from cafedist.data.tinyimagenet import load_tinyimagenet
 from cafedist.errors import ConfigError, DataError
@@ -31,6 +32,17 @@ DATASETS: dict[str, Callable[..., RawDataset]] = {
 
 #: datasets that need no ``data.root``: shipped with an installed package, or generated
 BUNDLED = frozenset({"mnist5k", "digits", "synthetic"})
+
+#: data root -> the files the loader would read (``RawDataset.source``), without reading them,
+#: for every dataset that is not BUNDLED
+SOURCES: dict[str, Callable[[str | None], SourceFiles]] = {
+    "cifar10": CIFAR10.source_files,
+    "cifar100": CIFAR100.source_files,
+    "tinyimagenet": tinyimagenet.source_files,
+    "agnews": agnews.source_files,
+    "femnist": FEMNIST.source_files,
+    "shakespeare": SHAKESPEARE.source_files,
+}
 
 #: datasets whose loader records each sample's user (``RawDataset.user_samples``): the ones
 #: ``partition: natural`` accepts

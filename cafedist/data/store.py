@@ -15,6 +15,9 @@ Layout (``SCHEMA_VERSION`` 2; version 1 is the same without validation splits an
                             proxy_fraction, test_fraction, min_size, seed[, loader_options]
                             [, val_fraction]; a natural partition has partition="natural"
                             [, proxy_users] instead of alpha and proxy_fraction)
+        source              (optional) str, JSON {folder, files, stamp, sha256}: the source
+                            files under a data root it was built from (cafedist.data.source);
+                            not part of ``params``, so no store's name or identity depends on it
     /clients/00000/         one group per client, named by zero-padded client id;
                             attr ``user`` (natural partition only): the source's user name
         x_train  x_test     uint8 [n, C, H, W] (images) or int64 [n, L] token ids (text)
@@ -39,7 +42,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -54,6 +57,7 @@ SCHEMA_VERSION = 2
 #: versions this reader accepts: 1 predates validation splits and reads as "no validation split"
 READABLE_VERSIONS = (1, 2)
 CHECKSUM_ATTR = "sha256"
+SOURCE_ATTR = "source"
 CLIENT_FIELDS = ("x_train", "y_train", "x_test", "y_test")
 VAL_FIELDS = ("x_val", "y_val")
 ROOT_ATTRS = ("schema_version", "dataset", "kind", "num_classes", "num_clients", "input_shape",
@@ -96,11 +100,13 @@ def _check_split(raw: RawDataset, client_train: Sequence[np.ndarray], client_tes
 
 def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.ndarray],
                 client_test: Sequence[np.ndarray], proxy_idx: np.ndarray, params: dict,
-                client_val: Sequence[np.ndarray] | None = None, client_users: Sequence[str] | None = None) -> None:
+                client_val: Sequence[np.ndarray] | None = None, client_users: Sequence[str] | None = None,
+                source: Mapping[str, Any] | None = None) -> None:
     """Write the store for ``raw`` split by the given index arrays (atomically).
 
     ``client_val`` (one array per client, possibly empty) adds validation splits; None
     writes none. ``client_users`` (natural partition) names each client's source user.
+    ``source`` is the record of the source files (:func:`cafedist.data.source.fingerprint`).
     """
     _check_split(raw, client_train, client_test, proxy_idx, client_val)
     if client_users is not None and len(client_users) != len(client_train):
@@ -119,6 +125,8 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
             f.attrs["std"] = np.asarray(raw.std or (), dtype=np.float64)
             f.attrs["vocab_size"] = int(raw.vocab_size or 0)
             f.attrs["params"] = json.dumps(params, sort_keys=True)
+            if source is not None:
+                f.attrs[SOURCE_ATTR] = json.dumps(dict(source), sort_keys=True)
             for cid, (tr, te) in enumerate(zip(client_train, client_test)):
                 check()
                 g = f.create_group(_client_group(cid))
@@ -164,6 +172,7 @@ class _StoreHeader:
     std: tuple[float, ...]
     vocab_size: int | None  # None for images
     params: dict[str, Any]
+    source: dict[str, Any] | None  # the source files' record; None when the store has none
 
     @property
     def x_dtype(self) -> np.dtype:
@@ -191,6 +200,7 @@ def _read_header(attrs: h5py.AttributeManager, fail: Callable[[str], DataError])
         std=tuple(float(v) for v in np.asarray(attrs["std"])),
         vocab_size=int(attrs["vocab_size"]) or None,
         params=_params(attrs, fail),
+        source=_source(attrs),
     )
     if header.kind not in ("image", "text") or header.num_classes < 1 or header.num_clients < 1:
         raise fail(f"bad root attributes kind={header.kind!r} num_classes={header.num_classes} "
@@ -219,6 +229,16 @@ def _params(attrs: h5py.AttributeManager, fail: Callable[[str], DataError]) -> d
     if not isinstance(params, dict):
         raise fail(f"attribute 'params' must be a JSON object, got {type(params).__name__}")
     return params
+
+
+def _source(attrs: h5py.AttributeManager) -> dict[str, Any] | None:
+    """The ``source`` record, or None when absent: it only feeds a warning and ``describe``, so
+    an unreadable one counts as absent rather than making the store unusable."""
+    try:
+        source = json.loads(str(attrs[SOURCE_ATTR])) if SOURCE_ATTR in attrs else None
+    except json.JSONDecodeError:
+        return None
+    return source if isinstance(source, dict) else None
 
 
 @dataclass
@@ -299,6 +319,7 @@ class Store:
         self.std = header.std
         self.vocab_size = header.vocab_size
         self.params = header.params
+        self.source = header.source
         # validation splits exist in every client or in none (version 1 stores: none)
         self.has_val = header.schema_version >= 2 and self.num_clients >= 1 and f"{_client_group(0)}/x_val" in self._f
         self._sizes, self._val_sizes = self._check_clients(header.x_dtype)
@@ -458,6 +479,7 @@ class Store:
             + (f", vocab {self.vocab_size}" if self.vocab_size else ""),
             f"{self.num_clients} clients, proxy set {self.proxy_size} unlabelled samples",
             "params " + " ".join(f"{k}={v}" for k, v in sorted(self.params.items())),
+            self._source_line(),
             "",
         ]
         sizes = np.asarray(self._sizes, dtype=np.int64).reshape(-1, 2)
@@ -479,6 +501,14 @@ class Store:
             lines.append(f"{cid:>6} {n_tr:>7}{val[cid]} {n_te:>6} {present:>7}  {row}")
         lines.append(f"{'total':>6} {sizes[:, 0].sum():>7}{val_total} {sizes[:, 1].sum():>6} {'':>7}  {total}".rstrip())
         return "\n".join(lines)
+
+    def _source_line(self) -> str:
+        """Where the store's data came from, as recorded when it was built."""
+        s = self.source
+        if s is None:
+            return "source not recorded (bundled data, or a store built before stores recorded it)"
+        return (f"source {s.get('folder')}: {s.get('files')} files, stamp {s.get('stamp')}, "
+                f"content sha256 {s.get('sha256')}")
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cafedist.data.base import RawDataset, channel_stats, read_text, readable_dir, resolve_root
+from cafedist.data.base import RawDataset, SourceFiles, channel_stats, read_text, readable_dir, resolve_root
 from cafedist.errors import DataError
 
 NAME = "tinyimagenet"
@@ -91,6 +91,18 @@ def _listing(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, wnids
 
 
+def _source(folder: Path, paths: list[Path]) -> SourceFiles:
+    """The files read: the two index files, then the images (``_listing``'s order)."""
+    return SourceFiles(folder, (folder / "wnids.txt", folder / "val" / "val_annotations.txt", *paths))
+
+
+def source_files(root: str | None) -> SourceFiles:
+    """The Tiny ImageNet folder under ``root`` and the files read from it (listing the images
+    reads the two small index files, not the images)."""
+    folder = resolve_root(root, FOLDER, NAME, "wnids.txt", LAYOUT)
+    return _source(folder, _listing(folder)[0])
+
+
 def load_tinyimagenet(root: str | None = None) -> RawDataset:
     """Tiny ImageNet train + val pooled -> uint8 [110000, 3, 64, 64], 200 classes. Needs Pillow."""
     folder = resolve_root(root, FOLDER, NAME, "wnids.txt", LAYOUT)
@@ -106,4 +118,4 @@ def load_tinyimagenet(root: str | None = None) -> RawDataset:
             x[i] = arr
     mean, std = channel_stats(x)
     return RawDataset(name=NAME, x=x, y=np.asarray(labels, dtype=np.int64), num_classes=len(wnids),
-                      kind="image", mean=mean, std=std, class_names=wnids)
+                      kind="image", mean=mean, std=std, class_names=wnids, source=_source(folder, paths))

@@ -185,3 +185,31 @@ def test_no_check_without_a_record_a_root_or_the_dataset_under_it(tmp_path, capl
     prepare_mod.add_arguments(parser)
     assert prepare_mod.main(parser.parse_args(["--describe", str(old)])) == 0
     assert "source not recorded" in capsys.readouterr().out
+
+
+def test_only_the_coordinator_checks_the_source_when_a_run_starts(tmp_path, caplog, monkeypatch):
+    """Every rank opens the store: each stat-ed the files, read them all on a stamp mismatch
+    (hundreds of MB per rank on a shared file system) and printed the same warning. Rank 0
+    checks; the other ranks open the store as it is."""
+    from types import SimpleNamespace
+
+    from cafedist.run import build
+
+    _agnews(tmp_path / "data")
+    out = tmp_path / "s.h5"
+    assert _prepare(tmp_path / "data", out) == 0
+    _change_one_byte(tmp_path / "data" / "ag_news_csv" / "train.csv")
+    cfg = config_from_dict({"data": {**DATA, "root": str(tmp_path / "data"), "store": str(out)},
+                            "model": {"arch": "transformer"}})
+    opened = []
+
+    def stop_after_opening(cfg, rt, store, run_dir):  # the rest of building a run is not the point
+        opened.append(store)
+        raise RuntimeError("built enough")
+    monkeypatch.setattr(build, "_build", stop_after_opening)
+    caplog.set_level(logging.WARNING)
+    for rank in (1, 0):
+        with pytest.raises(RuntimeError, match="built enough"):
+            build.build_run(cfg, SimpleNamespace(rank=rank, is_main=rank == 0))
+    assert len(opened) == 2
+    assert len(_warnings(caplog)) == 1  # rank 0's

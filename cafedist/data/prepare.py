@@ -201,8 +201,11 @@ def store_matches(out: Path, want: dict[str, Any]) -> bool:
     return True
 
 
-def open_ensured_store(out: str | Path, spec: PartitionSpec, root: str | Path | None = None) -> Store:
+def open_ensured_store(out: str | Path, spec: PartitionSpec, root: str | Path | None = None,
+                       check_source: bool = True) -> Store:
     """The store at ``out``, opened, built first unless it already holds a store of ``spec``.
+    A store reused is checked against the source files under ``root`` when ``check_source``
+    (:func:`cafedist.data.source.warn_if_other_source`; a run's other ranks skip it).
 
     Safe when many processes call it at once: they serialise on an exclusive lock on
     ``out + ".lock"`` and re-check after taking it, so exactly one builds. An existing store
@@ -213,12 +216,12 @@ def open_ensured_store(out: str | Path, spec: PartitionSpec, root: str | Path | 
     want = partition_params(spec)
     store = open_matching_store(out, want)  # fast path: stores appear by atomic rename, so no lock is needed to read
     if store is not None:
-        return _reused(store, root)
+        return _reused(store, root if check_source else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(Path(f"{out}.lock"), "another process to finish building the store"):
         store = open_matching_store(out, want)
         if store is not None:
-            return _reused(store, root)
+            return _reused(store, root if check_source else None)
         for stale in remove_stale_temps(out, STORE_SUFFIX):  # every writer holds this lock: these are orphans
             log.warning("removed %s, left by a store build that was killed", stale)
         prepare_store(out, spec, root)

@@ -80,12 +80,13 @@ class Run:
         return self.rt.device
 
 
-def open_store(cfg: Config, prepare: bool = True) -> Store:
-    """The config's store: prepared first when missing (``prepare``), else opened read-only."""
+def open_store(cfg: Config, prepare: bool = True, check_source: bool = True) -> Store:
+    """The config's store: prepared first when missing (``prepare``; a store reused is checked
+    against the source files under ``data.root`` when ``check_source``), else opened read-only."""
     path = cfg.data.store_path(cfg.seed)
     spec = PartitionSpec.of(cfg.data, cfg.seed)
     if prepare:
-        return open_ensured_store(path, spec, cfg.data.root)
+        return open_ensured_store(path, spec, cfg.data.root, check_source)
     # a store replaced by another partition under the same name would give wrong numbers
     store = open_matching_store(path, partition_params(spec)) if path.is_file() else None
     if store is None:
@@ -101,7 +102,8 @@ def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True, run_dir: Pat
     """This rank's part of the run of ``cfg`` (see the module docstring); the caller closes
     it (:func:`close_run`). Nothing stays open when building fails. ``run_dir`` holds the
     parked clients of ``train.client_state: disk`` (a temporary directory without it)."""
-    store = open_store(cfg, prepare_store)
+    # one rank checks the source files: every rank would read them all and warn alike
+    store = open_store(cfg, prepare_store, check_source=rt.is_main)
     try:
         return _build(cfg, rt, store, run_dir)
     except BaseException:

@@ -272,6 +272,11 @@ def test_cli_errors(tmp_path):
         prepare_mod.main(_parse(["--dataset", "digits", "--clients", "3", "--alpha", "1", "--proxy-fraction",
                                  "0.2", "--vocab-size", "100", "--max-len", "9", "--out", str(tmp_path / "x.h5")]))
     assert not (tmp_path / "x.h5").exists()
+    # synthetic takes loader options, but none that prepare has a flag for: no --users to suggest
+    none = r"^--vocab-size: dataset 'synthetic' takes no such option \(it takes: none\)$"
+    with pytest.raises(ConfigError, match=none):
+        prepare_mod.main(_parse(["--dataset", "synthetic", "--clients", "3", "--alpha", "1", "--proxy-fraction",
+                                 "0.2", "--vocab-size", "100", "--out", str(tmp_path / "x.h5")]))
 
 
 def test_cli_an_empty_root_is_refused_like_an_empty_data_root(tmp_path, monkeypatch):

@@ -329,9 +329,11 @@ def main(args: argparse.Namespace) -> int:
     # "" would read the working directory, as data.root="" would
     refuse_empty_path("--root", args.root, "the dataset's folder (leave --root out for the bundled mnist5k and digits)")
     _check_out_file(Path(args.out))
-    options = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_len", args.max_len)) if v is not None}
-    # name the flags typed (the loaders' check speaks of the config field data.options)
-    taken = options_of(args.dataset)
+    given = {"vocab_size": args.vocab_size, "max_len": args.max_len}  # prepare's loader flags
+    options = {k: v for k, v in given.items() if v is not None}
+    # name the flags typed (the loaders' check speaks of the config field data.options), and
+    # offer only flags prepare has (synthetic's users, side, ... are data.options alone)
+    taken = [key for key in options_of(args.dataset) if key in given]
     not_taken = [_flag(key) for key in options if key not in taken]
     if not_taken:
         raise ConfigError(f"{', '.join(not_taken)}: dataset {args.dataset!r} takes no such option "

@@ -137,7 +137,7 @@ def test_reuse_is_silent_for_the_same_files_and_warns_for_other_contents(tmp_pat
     assert len(warned) == 2 and warned[0] == warned[1]
     assert warned[0] == (f"store {out} was built from other agnews files than {tmp_path / 'copy' / 'ag_news_csv'} "
                          f"holds now (built from {tmp_path / 'data' / 'ag_news_csv'}): it is used as it is; "
-                         f"delete it to rebuild it from these files")
+                         f"to train on these files, give a new data.store")
     assert out.read_bytes() == built  # never changed
     caplog.clear()
     assert _prepare(tmp_path / "data", out) == 0  # the original files: silent again

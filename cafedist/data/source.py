@@ -82,6 +82,7 @@ def warn_if_other_source(store: Store, root: str | Path | None) -> None:
         log.debug("store %s: the files in %s have other dates than when it was built, the same contents",
                   store.path, source.folder)
         return
+    # not "delete it": the runs trained on it, and their eval, read the store by this name
     log.warning("store %s was built from other %s files than %s holds now (built from %s): it is used as it "
-                "is; delete it to rebuild it from these files", store.path, store.dataset,
+                "is; to train on these files, give a new data.store", store.path, store.dataset,
                 os.path.abspath(source.folder), recorded.get("folder", "?"))

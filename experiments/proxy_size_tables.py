@@ -29,7 +29,7 @@ from conflict_tables import mean_se_cell, mean_std_cell  # experiments/ is on sy
 from per_client_gap import client_accuracy, train_sizes
 from sweep import write_csv
 
-from cafedist.config import read_run_config
+from cafedist.config import Config, read_run_config
 from cafedist.data.store import Store
 
 ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer")
@@ -38,7 +38,7 @@ CONTRASTS = (("CAFEDistill", "no cross-client KD"), ("CAFEDistill", "FedPer"), (
              ("last-exit KD", "CAFEDistill"))
 
 
-def arm_of(cfg) -> str:
+def arm_of(cfg: Config) -> str:
     """Which arm of the study a run's config is."""
     if cfg.algorithm.name == "fedper":
         return "FedPer"
@@ -48,7 +48,7 @@ def arm_of(cfg) -> str:
     return "last-exit KD" if params.get("last_exit_kd", False) else "CAFEDistill"
 
 
-def proxy_count(cfg) -> int:
+def proxy_count(cfg: Config) -> int:
     """The number of proxy images of the run's store (paths relative to the cwd)."""
     with Store(cfg.data.store_path(cfg.seed)) as store:
         return int(store.load_proxy().shape[0])

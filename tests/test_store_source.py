@@ -213,3 +213,4 @@ def test_only_the_coordinator_checks_the_source_when_a_run_starts(tmp_path, capl
             build.build_run(cfg, SimpleNamespace(rank=rank, is_main=rank == 0))
     assert len(opened) == 2
     assert len(_warnings(caplog)) == 1  # rank 0's
+    assert "(built from" not in _warnings(caplog)[0]  # the same folder: it said "than X holds now (built from X)"

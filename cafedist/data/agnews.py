@@ -24,7 +24,7 @@ CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 _CLASS_INDICES = {str(i + 1): i for i in range(len(CLASS_NAMES))}  # "1".."4" exactly: "²".isdigit() is True
 #: the first row of each file in the widespread Kaggle copy of the release, which is otherwise the same
 KAGGLE_HEADER = ["Class Index", "Title", "Description"]
-LAYOUT = ("the AG News CSV release: train.csv and test.csv, no header, quoted columns "
+LAYOUT = ("the AG News CSV release: train.csv and test.csv, no header (or the Kaggle copy's), quoted columns "
           "class index 1..4, title, description")
 
 

@@ -82,7 +82,8 @@ def warn_if_other_source(store: Store, root: str | Path | None) -> None:
         log.debug("store %s: the files in %s have other dates than when it was built, the same contents",
                   store.path, source.folder)
         return
+    folder = os.path.abspath(source.folder)
+    built_from = "" if recorded.get("folder") == folder else f" (built from {recorded.get('folder', '?')})"
     # not "delete it": the runs trained on it, and their eval, read the store by this name
-    log.warning("store %s was built from other %s files than %s holds now (built from %s): it is used as it "
-                "is; to train on these files, give a new data.store", store.path, store.dataset,
-                os.path.abspath(source.folder), recorded.get("folder", "?"))
+    log.warning("store %s was built from other %s files than %s holds now%s: it is used as it is; to train on "
+                "these files, give a new data.store", store.path, store.dataset, folder, built_from)

@@ -50,6 +50,15 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _edit_root(path, **attrs) -> None:
+    """Set root attributes and refresh the header checksum: a store whose header a test makes
+    odd on purpose, not one damaged since it was written."""
+    with h5py.File(path, "r+") as f:
+        for name, value in attrs.items():
+            f.attrs[name] = value
+        f.attrs[store_mod.HEADER_CHECKSUM_ATTR] = store_mod._header_digest(f.attrs)
+
+
 def test_roundtrip_image(image_store):
     path, raw = image_store
     train, test, proxy = _splits()
@@ -176,8 +185,8 @@ def test_missing_group_and_bad_dtype(image_store):
         del f["clients/00002"]
     with pytest.raises(DataError, match=r"missing group clients/00002"):
         Store(path)
+    _edit_root(path, num_clients=2)
     with h5py.File(path, "r+") as f:
-        f.attrs["num_clients"] = 2
         del f["clients/00001/y_test"]
         f["clients/00001"].create_dataset("y_test", data=np.zeros(2, np.float32))
     with pytest.raises(DataError, match=r"clients/00001/y_test is float32 \(2,\), expected int64"):
@@ -237,6 +246,7 @@ def test_validation_split_round_trip_and_old_stores(tmp_path, image_store):
     old, _ = image_store
     with h5py.File(old, "r+") as f:
         f.attrs["schema_version"] = 1
+        del f.attrs[store_mod.HEADER_CHECKSUM_ATTR]  # older than the header's checksum too
     with Store(old) as s:
         assert not s.has_val and s.val_sizes() == [0, 0, 0] and "val" not in s.describe().split()
         c = s.load_client(1)
@@ -285,10 +295,25 @@ def test_labels_outside_the_classes_are_refused_even_with_a_valid_checksum(image
             s.describe()
 
 
-def test_params_must_be_a_json_object(image_store):
+@pytest.mark.parametrize("name,value", [("num_classes", 5), ("mean", np.array([0.5, 0.4, 0.4])),
+                                        ("params", '{"alpha": 0.3}'), ("dataset", "digits")])
+def test_a_root_attribute_changed_since_writing_fails_its_checksum(image_store, name, value):
+    """The arrays carried checksums, the root attributes none: a damaged normalisation, class
+    count or partition record was read as it stood (wrong inputs, or another store's identity)."""
     path, _ = image_store
     with h5py.File(path, "r+") as f:
-        f.attrs["params"] = "[1, 2]"
+        assert store_mod.HEADER_CHECKSUM_ATTR in f.attrs
+        f.attrs[name] = value
+    with pytest.raises(DataError, match="root attributes .* do not match their checksum: damaged"):
+        Store(path)
+    with h5py.File(path, "r+") as f:  # a store written before the checksum existed: read as before
+        del f.attrs[store_mod.HEADER_CHECKSUM_ATTR]
+    Store(path).close()
+
+
+def test_params_must_be_a_json_object(image_store):
+    path, _ = image_store
+    _edit_root(path, params="[1, 2]")
     with pytest.raises(DataError, match="attribute 'params' must be a JSON object, got list"):
         Store(path)
 

@@ -22,6 +22,7 @@ from cafedist.data import PartitionSpec, Store, load_dataset, partition_params, 
 from cafedist.data import prepare as prepare_mod
 from cafedist.data import source as source_mod
 from cafedist.data.registry import BUNDLED, DATASETS, SOURCES
+from cafedist.data.store import HEADER_CHECKSUM_ATTR
 from cafedist.run.build import open_store
 
 DATA = dict(dataset="agnews", clients=2, alpha=1.0, proxy_fraction=0.1, min_size=2)
@@ -173,10 +174,10 @@ def test_no_check_without_a_record_a_root_or_the_dataset_under_it(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         for root in (None, tmp_path / "empty", tmp_path / "missing"):  # the store is used as before
             prepare_mod.open_ensured_store(out, PartitionSpec(**DATA), root).close()
-        old = tmp_path / "old.h5"  # a store built before stores recorded their source
+        old = tmp_path / "old.h5"  # a store built before stores recorded their source (or checksummed their header)
         shutil.copy(out, old)
         with h5py.File(old, "a") as f:
-            del f.attrs["source"]
+            del f.attrs["source"], f.attrs[HEADER_CHECKSUM_ATTR]
         before = old.read_bytes()
         prepare_mod.open_ensured_store(old, PartitionSpec(**DATA), tmp_path / "data").close()
     assert _warnings(caplog) == []

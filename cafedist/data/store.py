@@ -58,6 +58,9 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CHECKSUM_ATTR = "sha256"
 SOURCE_ATTR = "source"
+#: sha256 of the root attributes (:func:`_header_digest`): the arrays carry their own checksums,
+#: the header (normalisation, classes, partition) had none; stores written before it have none
+HEADER_CHECKSUM_ATTR = "header_sha256"
 CLIENT_FIELDS = ("x_train", "y_train", "x_test", "y_test")
 VAL_FIELDS = ("x_val", "y_val")
 ROOT_ATTRS = ("schema_version", "dataset", "kind", "num_classes", "num_clients", "input_shape",
@@ -81,6 +84,15 @@ def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
     arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     ds = group.create_dataset(name, data=arr)
     ds.attrs[CHECKSUM_ATTR] = _sha256(arr)
+
+
+def _header_digest(attrs: h5py.AttributeManager) -> str:
+    """sha256 of the root attributes a reader uses (:data:`ROOT_ATTRS` and the source record),
+    as read back from the file: the same value at write and at every read of an intact store."""
+    def plain(value: Any) -> Any:
+        return np.asarray(value).tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)
+    names = [name for name in (*ROOT_ATTRS, SOURCE_ATTR) if name in attrs]
+    return hashlib.sha256(json.dumps([[name, plain(attrs[name])] for name in names]).encode()).hexdigest()
 
 
 def _check_split(raw: RawDataset, client_train: Sequence[np.ndarray], client_test: Sequence[np.ndarray],
@@ -127,6 +139,7 @@ def write_store(path: str | Path, raw: RawDataset, client_train: Sequence[np.nda
             f.attrs["params"] = json.dumps(params, sort_keys=True)
             if source is not None:
                 f.attrs[SOURCE_ATTR] = json.dumps(dict(source), sort_keys=True)
+            f.attrs[HEADER_CHECKSUM_ATTR] = _header_digest(f.attrs)
             for cid, (tr, te) in enumerate(zip(client_train, client_test)):
                 check()
                 g = f.create_group(_client_group(cid))
@@ -189,6 +202,9 @@ def _read_header(attrs: h5py.AttributeManager, fail: Callable[[str], DataError])
     missing = [a for a in ROOT_ATTRS if a not in attrs]
     if missing:
         raise fail(f"missing root attribute(s) {missing}")
+    if HEADER_CHECKSUM_ATTR in attrs and str(attrs[HEADER_CHECKSUM_ATTR]) != _header_digest(attrs):
+        raise fail("its root attributes (normalisation, classes, partition) do not match their checksum: "
+                   "damaged; delete it and prepare it again")
     header = _StoreHeader(
         schema_version=version,
         dataset=str(attrs["dataset"]),

@@ -1,9 +1,11 @@
 """A round's record in metrics.jsonl: how the gathered per-client rows become its numbers."""
 
 import math
+import statistics
 
 import pytest
 import torch
+from conftest import cafedist_in_process, metrics, summary
 
 from cafedist.train.records import round_metrics
 
@@ -27,3 +29,18 @@ def test_loss_is_weighted_by_training_samples_and_accuracy_pools_the_test_sample
 def test_a_round_not_evaluated_or_without_training_has_no_numbers_it_did_not_measure():
     stats = torch.tensor([[NAN, 10, NAN, NAN], [NAN, 20, NAN, NAN]], dtype=torch.float64)
     assert round_metrics(stats, (100, 50), num_exits=2) == {"loss": None}
+
+
+def test_summary_bytes_are_the_mean_over_the_rounds_not_the_last_rounds_draw(tiny_config, tmp_path):
+    """DepthFL clients hold different depths and, under partial participation, a round's upload
+    is averaged over the clients that trained then: the bytes vary by round, and the run's
+    bytes per client per round (what `compare` tabulates) is their mean, not whichever cohort
+    the last round drew."""
+    run = tmp_path / "run"
+    cafedist_in_process("train", "--config", str(tiny_config(rounds=6)), "--out", str(run), "--no-progress",
+                        "algorithm.name=depthfl", "train.clients_per_round=0.5", check=True)
+    per_round = [r["bytes_up"] + r["bytes_down"] for r in metrics(run)]
+    assert len(set(per_round)) > 1  # else the test could not tell the mean from the last round
+    s = summary(run)
+    assert s["bytes_per_client_per_round"] == round(statistics.fmean(per_round))
+    assert s["ratio_to_fedavg"] == s["bytes_per_client_per_round"] / s["fedavg_bytes_per_client_per_round"]

@@ -215,8 +215,8 @@ def _cost_section(st: _Stats) -> list[str]:
     return ["## Cost", "",
             "MAC reduction: the cheapest threshold whose accuracy is within 1 point of the last exit, "
             "per seed, vs always running the last exit. Bytes: what one client sends plus receives "
-            "in a round. Wall time: training time of a run (of a resumed run: with the rounds its "
-            "earlier sessions trained).", "",
+            "in a round, averaged over the rounds. Wall time: training time of a run (of a resumed run: "
+            "with the rounds its earlier sessions trained).", "",
             *_table(["algorithm", "MAC reduction at ≤ 1 pt loss (%)", "bytes / client / round", "wall time (s)"],
                     body)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,9 @@ def summary(run: Run, rows: ClientRows, config_hash: str, records: list[dict[str
     if ev is None:
         return None
     ev = dict(ev)
-    per_client_bytes = records[-1]["bytes_up"] + records[-1]["bytes_down"] if records else 0
+    # the mean over the rounds: a round's bytes vary where clients hold different parts of the
+    # model (DepthFL, ScaleFL) and only a cohort trains; the last round's is one cohort's draw
+    per_client_bytes = round(statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in records)) if records else 0
     fedavg_bytes = 2 * run.n_params * 4
     hashes = ev.pop("model_hashes")
     return {

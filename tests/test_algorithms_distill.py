@@ -10,7 +10,7 @@ from cafedist.algorithms.base import LocalBatch, Phase
 from cafedist.algorithms.common import is_body
 from cafedist.algorithms.ktpfl import coefficient_objective, learn_coefficients
 from cafedist.algorithms.proxy_math import cosine_similarity_matrix, teacher_weights
-from cafedist.errors import ConfigError
+from cafedist.errors import ConfigError, TrainingDiverged
 from cafedist.train.local import proxy_logits, run_phase
 from cafedist.train.schedule import proxy_subset
 
@@ -294,6 +294,28 @@ def test_poisoned_model_does_not_break_the_others_targets(tmp_path):
     record = tr.run_round(0)
     assert record["quarantined"] == [1]
     assert all(torch.isfinite(c.state["targets"]).all() for c in tr.clients)
+
+
+def test_a_personal_model_that_diverged_is_named_and_every_one_fails_the_run(tmp_path, caplog):
+    """Only shared parameters were checked for divergence: with personal models only
+    (CAFEDistill) a run whose every client's loss was NaN finished, quarantining them all, and
+    compare reported its ~10 % accuracy as a result. One diverged client is named in the round's
+    record and the log (the quarantine keeps it from the others' targets); all of them ends the
+    run as a diverged shared parameter does."""
+    tr = make_trainer(tmp_path, "cafedistill", PROXY)
+    with torch.no_grad():
+        for p in tr.clients[1].model.parameters():
+            p.fill_(float("nan"))
+    record = tr.run_round(0)
+    assert record["diverged"] == [1] and record["quarantined"] == [1]
+    assert any("client 1" in r.getMessage() and "diverged" in r.getMessage() for r in caplog.records)
+    assert "diverged" not in make_trainer(tmp_path / "clean", "cafedistill", PROXY).run_round(0)
+    with torch.no_grad():
+        for c in tr.clients:
+            for p in c.model.parameters():
+                p.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="every client's loss in round 1 is not finite: training diverged"):
+        tr.run_round(1)
 
 
 def test_cafedistill_heads_quarantines_a_broken_head(tmp_path):

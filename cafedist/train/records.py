@@ -11,6 +11,7 @@ from torch import Tensor
 
 from cafedist import RESULTS_VERSION
 from cafedist.distributed.client_rows import ClientRows
+from cafedist.errors import TrainingDiverged
 from cafedist.eval.clients import final_evaluation, pool_val
 from cafedist.run.build import Run
 
@@ -30,6 +31,19 @@ def round_metrics(stats: Tensor, train_sizes: tuple[int, ...], num_exits: int) -
         if val is not None:
             record["val_acc_per_exit"] = val[0]
     return record
+
+
+def diverged_clients(losses: Tensor, active: Tensor, rnd: int) -> list[int]:
+    """The active clients whose round loss is not finite (an idle client's is NaN by design;
+    an active one's means its model diverged), in client order; TrainingDiverged when that is
+    every active client: with personal models only, no shared parameter would say so, and the
+    run would go on to report its NaN models' accuracy as a result. ``losses`` and ``active``
+    are by client id and the same on every rank, so every rank stops alike."""
+    bad = active.cpu() & ~torch.isfinite(losses.cpu())
+    if bad.any() and bool(bad.eq(active.cpu()).all()):
+        raise TrainingDiverged(f"every client's loss in round {rnd} is not finite: training diverged "
+                               f"(try a lower train.lr)")
+    return [int(c) for c in torch.nonzero(bad).flatten()]
 
 
 @dataclass(frozen=True)

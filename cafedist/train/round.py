@@ -14,6 +14,7 @@ on 1, 2 or 4 ranks, and the same after a kill and resume.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor
@@ -29,9 +30,12 @@ from cafedist.train.exchange import Exchange
 from cafedist.train.faults import maybe_fault
 from cafedist.train.local import local_update
 from cafedist.train.packed import packed_local_update, use_packing
-from cafedist.train.records import FinalEvaluation, round_metrics
+from cafedist.train.records import FinalEvaluation, diverged_clients, round_metrics
 from cafedist.train.schedule import participating
 from cafedist.train.timing import now, timed
+from cafedist.units import clients_phrase
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -71,7 +75,7 @@ class Trainer:
         report, (up, down) = self._aggregate(rnd, active, timers)
         self._train_after_aggregation(rnd, active)
         with timed(timers, "t_eval", self.run.device):
-            record = self._evaluate(rnd, losses)
+            record = self._evaluate(rnd, losses, active)
 
         wire_bytes = self.rows.wire_bytes()  # first: the n_students reduction's bytes count in the next round
         record.update({"n_students": self.rows.sum_int(n_students), "bytes_up": up, "bytes_down": down,
@@ -104,15 +108,23 @@ class Trainer:
                 self.pool.mark_changed(c.cid)
                 local_update(c, self.algo, self.cfg.train, rnd, self.cfg.seed, phases=post)
 
-    def _evaluate(self, rnd: int, losses: list[float]) -> dict[str, Any]:
+    def _evaluate(self, rnd: int, losses: list[float], active: Tensor) -> dict[str, Any]:
         """The round's record of losses and accuracies: test (and validation) accuracies every
-        ``train.eval_every`` rounds, and in the last round the final evaluation's fields."""
+        ``train.eval_every`` rounds, and in the last round the final evaluation's fields;
+        ``diverged`` names the active clients whose loss was not finite (all of them: the
+        run stops, :func:`diverged_clients`)."""
         every = self.cfg.train.eval_every
         last = rnd == self.cfg.train.rounds - 1
         evaluate = rnd % every == every - 1 and not last  # the last round: the final evaluation below
         stats = client_test_stats(self.pool, self.algo, losses, self.rows, self.run.num_exits, evaluate,
                                   self.run.n_test, with_val=evaluate and self.run.store.has_val)
+        diverged = diverged_clients(stats[:, 0], active, rnd)
         record: dict[str, Any] = {"round": rnd, **round_metrics(stats, self.setup.train_sizes, self.run.num_exits)}
+        if diverged:
+            record["diverged"] = diverged
+            if self.run.rt.is_main:
+                log.warning("round %d: %s diverged (loss not finite; try a lower train.lr): such a client is no "
+                            "teacher and its test accuracy is a failed model's", rnd, clients_phrase(diverged))
         if last:  # one pass over the final models serves this record and the run's summary
             self.final_evaluation = FinalEvaluation.of(self.run, self.rows)
             record.update(self.final_evaluation.record_fields())

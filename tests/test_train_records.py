@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import cafedist_in_process, metrics, summary
 
-from cafedist.train.records import round_metrics
+from cafedist.errors import TrainingDiverged
+from cafedist.train.records import diverged_clients, round_metrics
 
 NAN = math.nan
 
@@ -29,6 +30,20 @@ def test_loss_is_weighted_by_training_samples_and_accuracy_pools_the_test_sample
 def test_a_round_not_evaluated_or_without_training_has_no_numbers_it_did_not_measure():
     stats = torch.tensor([[NAN, 10, NAN, NAN], [NAN, 20, NAN, NAN]], dtype=torch.float64)
     assert round_metrics(stats, (100, 50), num_exits=2) == {"loss": None}
+
+
+def test_divergence_of_a_partial_cohort_says_it_was_the_clients_trained_not_every_client():
+    """With partial participation the run stops when the clients drawn for a round all have a
+    non-finite loss; the message said "every client's loss", as if all of them had diverged,
+    when (clients_per_round: 0.1) one client of ten had trained."""
+    losses = torch.tensor([NAN, 1.0, NAN, NAN], dtype=torch.float64)  # client 2 trained: NaN; 1, 3 idle
+    with pytest.raises(TrainingDiverged, match=r"^the loss of every client trained in round 4 \(1 of 4: client 2\) "
+                                               r"is not finite: training diverged"):
+        diverged_clients(losses, torch.tensor([False, False, True, False]), 4)
+    every = torch.tensor([NAN, math.inf], dtype=torch.float64)
+    with pytest.raises(TrainingDiverged, match=r"^every client's loss in round 0 is not finite: training diverged"):
+        diverged_clients(every, torch.tensor([True, True]), 0)
+    assert diverged_clients(losses, torch.tensor([False, True, True, False]), 4) == [2]
 
 
 def test_summary_bytes_are_the_mean_over_the_rounds_not_the_last_rounds_draw(tiny_config, tmp_path):

@@ -14,6 +14,7 @@ from cafedist.distributed.client_rows import ClientRows
 from cafedist.errors import TrainingDiverged
 from cafedist.eval.clients import final_evaluation, pool_val
 from cafedist.run.build import Run
+from cafedist.units import clients_phrase
 
 
 def round_metrics(stats: Tensor, train_sizes: tuple[int, ...], num_exits: int) -> dict[str, Any]:
@@ -39,11 +40,15 @@ def diverged_clients(losses: Tensor, active: Tensor, rnd: int) -> list[int]:
     every active client: with personal models only, no shared parameter would say so, and the
     run would go on to report its NaN models' accuracy as a result. ``losses`` and ``active``
     are by client id and the same on every rank, so every rank stops alike."""
-    bad = active.cpu() & ~torch.isfinite(losses.cpu())
-    if bad.any() and bool(bad.eq(active.cpu()).all()):
-        raise TrainingDiverged(f"every client's loss in round {rnd} is not finite: training diverged "
-                               f"(try a lower train.lr)")
-    return [int(c) for c in torch.nonzero(bad).flatten()]
+    active = active.cpu()
+    bad = active & ~torch.isfinite(losses.cpu())
+    ids = [int(c) for c in torch.nonzero(bad).flatten()]
+    if ids and bool(bad.eq(active).all()):
+        # partial participation: the round's cohort diverged, which need not be every client
+        whose = f"every client's loss in round {rnd}" if bool(active.all()) else \
+            f"the loss of every client trained in round {rnd} ({len(ids)} of {active.numel()}: {clients_phrase(ids)})"
+        raise TrainingDiverged(f"{whose} is not finite: training diverged (try a lower train.lr)")
+    return ids
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ def plot(rows: list[dict], path: Path) -> None:
             means = [100 * np.mean([r[f"test_exit{k}"] for r in groups[x]]) for x in xs]
             stds = [100 * np.std([r[f"test_exit{k}"] for r in groups[x]]) for x in xs]
             dodge = 1.03 ** (i - (len(ARMS) - 1) / 2)  # arms side by side at each size
-            ax.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", capsize=3, label=arm)
+            ax.errorbar([x * dodge for x in xs], means, yerr=stds, marker="o", capsize=3, label=arm,
+                        color=f"C{i}")  # one colour per arm in every setting's figure
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(x) for x in sizes])
         ax.minorticks_off()

@@ -6,6 +6,7 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from cafedist.errors import ConfigError
 
@@ -55,19 +56,19 @@ def user_path(text: str) -> str:
     return os.path.expanduser(text)
 
 
-def config_file_arg(text: str) -> str:
-    """argparse type of ``--config``: any path but an empty one (``--config "$CFG"`` with
-    ``CFG`` unset must not train the built-in defaults), ``~`` expanded (:func:`user_path`)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path; expected a YAML config file "
-                                         "(leave --config out for the defaults)")
-    return user_path(text)
+def nonempty_path_arg(expected: str) -> Callable[[str], str]:
+    """argparse type of a path that must not be empty (a ``"$VAR"`` with ``VAR`` unset: "" would
+    be the working directory, or no file at all): refused as "empty path; expected
+    ``expected``", otherwise ``~`` expanded (:func:`user_path`)."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"empty path; expected {expected}")
+        return user_path(text)
+    return parse
 
 
-def run_dir_arg(text: str) -> str:
-    """argparse type of a command's run directories (eval, export, status, scaling-report): any path
-    but an empty one (``cafedist eval "$RUN"`` with ``RUN`` unset, from inside a run directory,
-    evaluated that run and replaced its eval.json), ``~`` expanded (:func:`user_path`)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path; expected a run directory written by `cafedist train`")
-    return user_path(text)
+#: ``--config``: "" must not train the built-in defaults
+config_file_arg = nonempty_path_arg("a YAML config file (leave --config out for the defaults)")
+#: a command's run directories (eval, export, status, scaling-report): ``cafedist eval "$RUN"``
+#: with ``RUN`` unset, from inside a run directory, evaluated that run and replaced its eval.json
+run_dir_arg = nonempty_path_arg("a run directory written by `cafedist train`")

@@ -99,7 +99,7 @@ def test_sweep_does_not_reuse_a_finished_run_of_another_config(tmp_path, tiny_co
     ("per_client_gap.py", ["a=nodir", "b=nodir2"], ["nodir"]),
     ("theta_tradeoff.py", ["nodir"], ["nodir", "cafedist eval"]),
     ("conflict_tables.py", ["nodir", "--out", "x"], ["nodir", "not a folder"]),
-    ("proxy_size_tables.py", ["nodir", "--out", "x"], ["nodir", "no such run folder"]),
+    ("sweep_axis_tables.py", ["nodir", "--axis", "proxy", "--out", "x"], ["nodir", "no such run folder"]),
 ])
 def test_a_missing_run_folder_fails_in_one_line(tmp_path, name, args, words):
     if name == "budget_learned_score.py":
@@ -303,15 +303,15 @@ def test_conflict_tables_windows_and_settings_are_kept_apart(monkeypatch, tmp_pa
 
 
 def _proxy_row(share: float, arm: str, seed: int, test1: float, test3: float) -> dict:
-    return {"proxy_fraction": share, "arm": arm, "seed": seed, "proxy_images": int(1800 * share),
+    return {"proxy_fraction": share, "clients": 10, "arm": arm, "seed": seed, "proxy_images": int(1800 * share),
             "train_per_client": 100.0, "test_exit1": test1, "test_exit2": 0.9, "test_exit3": test3}
 
 
-def test_proxy_size_tables_arms_contrasts_and_client_thirds(monkeypatch):
+def test_sweep_axis_tables_arms_contrasts_and_client_thirds(monkeypatch):
     """Arms told from the config; per share and arm mean ± sample sd; seed-matched contrasts only
     on the seeds both arms have and only within a share; the gap to FedPer on the smallest and
     the largest third of clients pooled over seeds."""
-    pt = _experiment("proxy_size_tables", monkeypatch)
+    pt = _experiment("sweep_axis_tables", monkeypatch)
 
     def cfg(name="cafedistill", **params):
         return config_from_dict({"algorithm": {"name": name, name: params}})
@@ -323,30 +323,62 @@ def test_proxy_size_tables_arms_contrasts_and_client_thirds(monkeypatch):
             _proxy_row(0.1, "FedPer", 0, 0.80, 0.96), _proxy_row(0.1, "FedPer", 1, 0.84, 0.96),
             _proxy_row(0.2, "CAFEDistill", 0, 0.5, 0.5),  # another share: never paired with 0.1's FedPer
             _proxy_row(0.1, "no cross-client KD", 2, 0.1, 0.1)]  # no CAFEDistill twin of seed 2
-    assert pt.arms_table(rows).splitlines()[2:] == [  # by share, then in the order of ARMS
+    assert pt.arms_table(rows, pt.AXES["proxy"]).splitlines()[2:] == [  # by share, then in the order of ARMS
         "| 0.1 | CAFEDistill | 2 | 180 | 100 | 91.0 ± 1.4 | 90.0 ± 0.0 | 96.0 ± 1.4 |",
         "| 0.1 | no cross-client KD | 1 | 180 | 100 | 10.0 | 90.0 | 10.0 |",
         "| 0.1 | FedPer | 2 | 180 | 100 | 82.0 ± 2.8 | 90.0 ± 0.0 | 96.0 ± 0.0 |",
         "| 0.2 | CAFEDistill | 1 | 360 | 100 | 50.0 | 90.0 | 50.0 |"]
     # seeds 0 and 1: +10 and +8 points at exit 1 (mean 9, se 1), -1 and +1 at exit 3
-    assert pt.contrast_table(rows).splitlines()[2:] == [
+    assert pt.contrast_table(rows, pt.AXES["proxy"]).splitlines()[2:] == [
         "| 0.1 | CAFEDistill − FedPer | 2 | +9.0 ± 1.0 | +0.0 ± 0.0 | +0.0 ± 1.0 |"]
     runs = [{"row": {"proxy_fraction": 0.1, "arm": arm, "seed": seed},
              "clients": [(n, acc + (0.1 if arm == "CAFEDistill" and n > 25 else 0.0)) for n, acc in
                          zip((10 + seed, 20 + seed, 30 + seed), (0.5, 0.5, 0.5))]}
             for arm in ("CAFEDistill", "FedPer") for seed in (0, 1)]
     # six clients: the two smallest (10, 11) level, the two largest (31, 32) +10 points
-    assert pt.thirds_gaps(runs, "CAFEDistill", "FedPer") == {0.1: (pytest.approx(0.0), pytest.approx(10.0), 6)}
+    assert pt.thirds_gaps(runs, "CAFEDistill", "FedPer", pt.AXES["proxy"]) == {
+        0.1: (pytest.approx(0.0), pytest.approx(10.0), 6)}
 
 
-def test_proxy_size_tables_refuses_a_folder_of_several_settings(monkeypatch, tmp_path):
+def test_sweep_axis_tables_by_clients_groups_and_pairs_by_client_count(monkeypatch):
+    """Along the clients axis the same rows group and pair by data.clients, not by proxy share."""
+    pt = _experiment("sweep_axis_tables", monkeypatch)
+    rows = [{**_proxy_row(0.1, arm, 0, t1, 0.9), "clients": n}
+            for n, arm, t1 in ((10, "CAFEDistill", 0.9), (10, "FedPer", 0.8),
+                               (40, "CAFEDistill", 0.7), (40, "FedPer", 0.75))]
+    clients = pt.AXES["clients"]
+    assert [line.split(" | ")[:2] for line in pt.arms_table(rows, clients).splitlines()[2:]] == [
+        ["| 10", "CAFEDistill"], ["| 10", "FedPer"], ["| 40", "CAFEDistill"], ["| 40", "FedPer"]]
+    assert pt.contrast_table(rows, clients).splitlines()[2:] == [
+        "| 10 | CAFEDistill − FedPer | 1 | +10.0 | +0.0 | +0.0 |",
+        "| 40 | CAFEDistill − FedPer | 1 | -5.0 | +0.0 | +0.0 |"]
+
+
+def test_sweep_axis_tables_refuses_a_clients_study_of_several_proxy_shares(monkeypatch, tmp_path):
+    """Along one axis the other must not vary: a clients study whose runs differ in proxy share
+    would pair them as if they did not, so the script refuses in one line and writes nothing."""
+    pt = _experiment("sweep_axis_tables", monkeypatch)
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    share = {"a": 0.1, "b": 0.2}
+    monkeypatch.setattr(pt, "read_run", lambda d: {"row": {"setting": "s", "proxy_fraction": share[d.name],
+                                                           "clients": 10}, "clients": []})
+    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", "clients",
+                                     "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="several proxy_fraction .0.1, 0.2. where --axis clients varies only clients"):
+        pt.main()
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_axis_tables_refuses_a_folder_of_several_settings(monkeypatch, tmp_path):
     """Its tables pair arms by share and seed only: digits and mnist5k runs in one folder would
     pair across datasets, so the script refuses them in one line and writes nothing."""
-    pt = _experiment("proxy_size_tables", monkeypatch)
+    pt = _experiment("sweep_axis_tables", monkeypatch)
     for name in ("a", "b"):
         (tmp_path / "runs" / name).mkdir(parents=True)
     monkeypatch.setattr(pt, "read_run", lambda d: {"row": {"setting": f"set_{d.name}"}, "clients": []})
-    monkeypatch.setattr("sys.argv", ["proxy_size_tables.py", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", "proxy",
+                                     "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="several settings .set_a, set_b.; give each its own folder"):
         pt.main()
     assert not (tmp_path / "o").exists()

@@ -1,18 +1,21 @@
-"""Does the size of the public proxy set limit CAFEDistill? (``experiments/proxy_size.txt``)
+"""Tables of a one-axis study of CAFEDistill's arms against FedPer, e.g. the proxy set's size
+(``experiments/proxy_size.txt``) or the number of clients (``experiments/clients.txt``)::
 
-    python experiments/proxy_size_tables.py runs/proxy_size --out docs/results
+    python experiments/sweep_axis_tables.py runs/proxy_size --axis proxy --out docs/results
+    python experiments/sweep_axis_tables.py runs/clients --axis clients --out docs/results
 
-Reads every finished run below the folder and tells each run's proxy share and arm from its
-own ``config.yaml``: ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd:
-false``: each client's own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and
-``FedPer``. For the folder's one setting (e.g. ``digits_a0.3``) it writes
-``proxy_size_SETTING_runs.csv`` (one row per run: proxy images, mean training samples per
-client, final validation and test accuracy per exit) and ``proxy_size_SETTING.png`` (test
-accuracy at exit 1 and at the last exit against the proxy set's size, per arm), and prints the
-markdown tables docs/RESULTS.md quotes: per share and arm, mean ± std over seeds; the
-seed-matched differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and,
-per share, CAFEDistill's and last-exit KD's last-exit gap to FedPer on the third of clients
-with the fewest and the most training samples (clients of all seeds pooled).
+Reads every finished run below the folder and tells each run's level on the axis (the proxy
+share ``data.proxy_fraction``, or ``data.clients``) and its arm from its own ``config.yaml``:
+``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
+own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and ``FedPer``. For the
+folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
+run: proxy images, clients, mean training samples per client, final validation and test
+accuracy per exit; PREFIX ``proxy_size`` or ``clients``) and ``PREFIX_SETTING.png`` (test
+accuracy at exit 1 and at the last exit along the axis, per arm), and prints the markdown
+tables docs/RESULTS.md quotes: per level and arm, mean ± std over seeds; the seed-matched
+differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and, per level,
+CAFEDistill's and last-exit KD's last-exit gap to FedPer on the third of clients with the
+fewest and the most training samples (clients of all seeds pooled).
 Nothing is chosen from these numbers.
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,24 @@ ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer")
 #: seed-matched differences the tables read: (minuend, subtrahend)
 CONTRASTS = (("CAFEDistill", "no cross-client KD"), ("CAFEDistill", "FedPer"), ("last-exit KD", "FedPer"),
              ("last-exit KD", "CAFEDistill"))
+
+
+@dataclass(frozen=True)
+class Axis:
+    """What a study varies: the row key holding each run's level, how tables name it, the row
+    key its figure's x axis reads, and the prefix of the files it writes."""
+
+    column: str
+    label: str
+    plot_x: str
+    xlabel: str
+    prefix: str
+    fixed: str  # the row key every run of one study must share (the other axis)
+
+
+AXES = {"proxy": Axis("proxy_fraction", "proxy share", "proxy_images", "proxy images (log scale)", "proxy_size",
+                      fixed="clients"),
+        "clients": Axis("clients", "clients", "clients", "clients (log scale)", "clients", fixed="proxy_fraction")}
 
 
 def arm_of(cfg: Config) -> str:
@@ -62,7 +84,7 @@ def read_run(run_dir: Path) -> dict | None:
     summary = json.loads((run_dir / "summary.json").read_text())
     sizes = train_sizes(run_dir)
     row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
-           "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
+           "clients": cfg.data.clients, "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
            "rounds": summary["rounds"], "proxy_images": proxy_count(cfg),
            "train_per_client": float(np.mean(sizes)), "run": run_dir.name}
     vals = summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"])
@@ -71,53 +93,53 @@ def read_run(run_dir: Path) -> dict | None:
     return {"row": row, "clients": list(zip(sizes, client_accuracy(run_dir, -1)))}
 
 
-def arms_table(rows: list[dict]) -> str:
-    """Per proxy share and arm: seeds, proxy images, training samples per client, test accuracy
-    per exit (mean ± std over seeds)."""
+def arms_table(rows: list[dict], axis: Axis) -> str:
+    """Per level and arm: seeds, proxy images, training samples per client, test accuracy per
+    exit (mean ± std over seeds)."""
     exits = sorted(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
-    head = ["proxy share", "arm", "seeds", "proxy images", "train / client", *[f"test e{k}" for k in exits]]
+    head = [axis.label, "arm", "seeds", "proxy images", "train / client", *[f"test e{k}" for k in exits]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["proxy_fraction"], r["arm"])].append(r)
-    for (share, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
-        cells = [f"{share:g}", arm, str(len(group)), f"{np.mean([r['proxy_images'] for r in group]):.0f}",
+        groups[(r[axis.column], r["arm"])].append(r)
+    for (level, arm), group in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+        cells = [f"{level:g}", arm, str(len(group)), f"{np.mean([r['proxy_images'] for r in group]):.0f}",
                  f"{np.mean([r['train_per_client'] for r in group]):.0f}",
                  *[mean_std_cell([r[f"test_exit{k}"] for r in group]) for k in exits]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def contrast_table(rows: list[dict]) -> str:
-    """Per proxy share and contrast: seed-matched test differences per exit (points, mean ±
+def contrast_table(rows: list[dict], axis: Axis) -> str:
+    """Per level and contrast: seed-matched test differences per exit (points, mean ±
     standard error over the seeds both arms have)."""
     exits = sorted(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
-    by_key = {(r["proxy_fraction"], r["arm"], r["seed"]): r for r in rows}
-    head = ["proxy share", "difference", "seeds", *[f"Δ test e{k}" for k in exits]]
+    by_key = {(r[axis.column], r["arm"], r["seed"]): r for r in rows}
+    head = [axis.label, "difference", "seeds", *[f"Δ test e{k}" for k in exits]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for share in sorted({r["proxy_fraction"] for r in rows}):
+    for level in sorted({r[axis.column] for r in rows}):
         for a, b in CONTRASTS:
-            pairs = [(by_key[(share, a, s)], by_key[(share, b, s)]) for (sh, arm, s) in sorted(by_key)
-                     if sh == share and arm == a and (share, b, s) in by_key]
+            pairs = [(by_key[(level, a, s)], by_key[(level, b, s)]) for (lv, arm, s) in sorted(by_key)
+                     if lv == level and arm == a and (level, b, s) in by_key]
             if not pairs:
                 continue
-            cells = [f"{share:g}", f"{a} − {b}", str(len(pairs)),
+            cells = [f"{level:g}", f"{a} − {b}", str(len(pairs)),
                      *[mean_se_cell([x[f"test_exit{k}"] - y[f"test_exit{k}"] for x, y in pairs]) for k in exits]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def thirds_gaps(runs: list[dict], a: str, b: str) -> dict[float, tuple[float, float, int]]:
-    """Per proxy share: arm ``a`` minus arm ``b`` at the last exit (points), on the third of
+def thirds_gaps(runs: list[dict], a: str, b: str, axis: Axis) -> dict[float, tuple[float, float, int]]:
+    """Per level: arm ``a`` minus arm ``b`` at the last exit (points), on the third of
     clients with the fewest and with the most training samples (clients of all seeds pooled:
-    a seed changes the partition, and both arms of a seed share it) and the number of clients."""
-    by_key = {(r["row"]["proxy_fraction"], r["row"]["arm"], r["row"]["seed"]): r for r in runs}
+    a seed changes the partition, and both arms of a seed level it) and the number of clients."""
+    by_key = {(r["row"][axis.column], r["row"]["arm"], r["row"]["seed"]): r for r in runs}
     out = {}
-    for share in sorted({k[0] for k in by_key}):
+    for level in sorted({k[0] for k in by_key}):
         sizes, gaps = [], []
-        for (sh, arm, seed), run in sorted(by_key.items()):
-            other = by_key.get((share, b, seed))
-            if sh != share or arm != a or other is None:
+        for (lv, arm, seed), run in sorted(by_key.items()):
+            other = by_key.get((level, b, seed))
+            if lv != level or arm != a or other is None:
                 continue
             for (n, acc_a), (_n, acc_b) in zip(run["clients"], other["clients"]):
                 sizes.append(n)
@@ -127,35 +149,35 @@ def thirds_gaps(runs: list[dict], a: str, b: str) -> dict[float, tuple[float, fl
         order = np.argsort(sizes, kind="stable")
         third = len(order) // 3
         g = np.array(gaps)
-        out[share] = (float(g[order[:third]].mean()), float(g[order[-third:]].mean()), len(gaps))
+        out[level] = (float(g[order[:third]].mean()), float(g[order[-third:]].mean()), len(gaps))
     return out
 
 
-def thirds_table(runs: list[dict]) -> str:
-    """The last-exit gap to FedPer on the smallest and the largest third of clients, per share."""
-    head = ["proxy share", "difference", "clients", "smallest third", "largest third"]
+def thirds_table(runs: list[dict], axis: Axis) -> str:
+    """The last-exit gap to FedPer on the smallest and the largest third of clients, per level."""
+    head = [axis.label, "difference", "clients", "smallest third", "largest third"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a in ("CAFEDistill", "last-exit KD"):
-        for share, (small, large, n) in thirds_gaps(runs, a, "FedPer").items():
-            lines.append(f"| {share:g} | {a} − FedPer | {n} | {small:+.1f} | {large:+.1f} |")
+        for level, (small, large, n) in thirds_gaps(runs, a, "FedPer", axis).items():
+            lines.append(f"| {level:g} | {a} − FedPer | {n} | {small:+.1f} | {large:+.1f} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Test accuracy at exit 1 and at the last exit against proxy images, mean ± std per arm."""
+def plot(rows: list[dict], axis: Axis, path: Path) -> None:
+    """Test accuracy at exit 1 and at the last exit along the axis, mean ± std per arm."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     last = max(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
-    sizes = sorted({r["proxy_images"] for r in rows})
+    sizes = sorted({r[axis.plot_x] for r in rows})
     for ax, k in zip(axes, (1, last)):
         for i, arm in enumerate(ARMS):
             groups: dict[float, list[dict]] = defaultdict(list)
             for r in rows:
                 if r["arm"] == arm:
-                    groups[r["proxy_images"]].append(r)
+                    groups[r[axis.plot_x]].append(r)
             if not groups:
                 continue
             xs = sorted(groups)
@@ -167,7 +189,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(x) for x in sizes])
         ax.minorticks_off()
-        ax.set_xlabel("proxy images (log scale)")
+        ax.set_xlabel(axis.xlabel)
         ax.set_ylabel(f"test accuracy, exit {k} (%)")
         ax.set_title(f"exit {k}" + (" (last)" if k == last else ""))
         ax.grid(alpha=0.3)
@@ -180,22 +202,30 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="the sweep's --out folder")
+    parser.add_argument("--axis", choices=sorted(AXES), required=True,
+                        help="what the study varies: the proxy level or the number of clients")
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSV and the figure")
     args = parser.parse_args()
+    axis = AXES[args.axis]
     if not args.root.is_dir():
         parser.error(f"no such run folder: {args.root}")
     runs = [r for r in (read_run(d) for d in sorted(args.root.iterdir()) if d.is_dir()) if r]
     if not runs:
-        sys.exit(f"proxy_size_tables.py: no finished runs below {args.root}")
+        sys.exit(f"sweep_axis_tables.py: no finished runs below {args.root}")
     settings = sorted({r["row"]["setting"] for r in runs})
-    if len(settings) > 1:  # the tables pair arms by share and seed only
-        sys.exit(f"proxy_size_tables.py: {args.root} holds runs of several settings ({', '.join(settings)}); "
+    if len(settings) > 1:  # the tables pair arms by level and seed only
+        sys.exit(f"sweep_axis_tables.py: {args.root} holds runs of several settings ({', '.join(settings)}); "
                  f"give each its own folder")
-    rows = sorted((r["row"] for r in runs), key=lambda r: (r["proxy_fraction"], ARMS.index(r["arm"]), r["seed"]))
+    fixed = sorted({r["row"][axis.fixed] for r in runs})
+    if len(fixed) > 1:
+        sys.exit(f"sweep_axis_tables.py: {args.root} holds runs with several {axis.fixed} "
+                 f"({', '.join(map(str, fixed))}) where --axis {args.axis} varies only {axis.column}; "
+                 f"give each its own folder")
+    rows = sorted((r["row"] for r in runs), key=lambda r: (r[axis.column], ARMS.index(r["arm"]), r["seed"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / f"proxy_size_{settings[0]}_runs.csv", rows)
-    plot(rows, args.out / f"proxy_size_{settings[0]}.png")
-    print(arms_table(rows), contrast_table(rows), thirds_table(runs), sep="\n\n")
+    write_csv(args.out / f"{axis.prefix}_{settings[0]}_runs.csv", rows)
+    plot(rows, axis, args.out / f"{axis.prefix}_{settings[0]}.png")
+    print(arms_table(rows, axis), contrast_table(rows, axis), thirds_table(runs, axis), sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ For every run directory given, or found below a folder given (a sweep's or compa
 one row: the algorithm, rounds done of the run's total, what is happening (``training`` by a
 live process named from its lock, ``finished``, ``failed`` with the error that ended the last
 training compare started (from its ``train.log``), ``stopped`` with the round a resume continues
-from, ``no round finished``), the last round's last-exit accuracy, an estimate of the time left
+from, or why it would be refused (train's check of the newest checkpoint against config.yaml: a
+file edited by hand since), ``no round finished``), the last round's last-exit accuracy, an estimate of the time left
 while training (from the current session's rounds once it has any: a resume may run on another
 machine; with the checkpoint writes when rows record them), and whether ``eval.json``
 describes the newest checkpoint.
@@ -29,7 +30,7 @@ from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import run_dir_arg
-from cafedist.run.checkpoint import CheckpointDir, round_of
+from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal, round_of
 from cafedist.run.metrics import session_starts
 from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
 from cafedist.trainlog import last_session_error
@@ -110,8 +111,22 @@ def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
     return f"round {rnd}{spec}{fresh}"
 
 
-def _stopped_state(records: list[dict[str, Any]], checkpoint: int | None) -> str:
-    """The state of a run no process trains, unfinished, whose last training reported no error."""
+def _resume_refusal(run_dir: Path, cfg: Config) -> str | None:
+    """Why ``cafedist train --resume auto`` under the run's config.yaml would refuse its newest
+    checkpoint (train's own check, on the manifest unverified): a config.yaml edited by hand
+    since, or checkpoints of another run; None when it would not (or there is none)."""
+    ckpt = CheckpointDir(run_dir)
+    newest = ckpt.candidates()
+    if not newest:
+        return None
+    return refusal(ckpt, CheckpointRef.unverified(newest[0]), config_hash(cfg), algorithm=cfg.algorithm.name)
+
+
+def _stopped_state(records: list[dict[str, Any]], checkpoint: int | None, refused: str | None = None) -> str:
+    """The state of a run no process trains, unfinished, whose last training reported no error
+    (``refused``: why a resume would refuse its newest checkpoint, :func:`_resume_refusal`)."""
+    if refused is not None:
+        return f"stopped (a resume is refused: {refused})"
     if checkpoint is not None:
         return f"stopped (a resume continues after round {checkpoint})"
     if records:
@@ -193,7 +208,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     elif error is not None:
         state = f"failed ({error.removeprefix('cafedist: error: ')})"
     else:
-        state = _stopped_state(records, checkpoint)
+        state = _stopped_state(records, checkpoint, _resume_refusal(run_dir, cfg))
     last = acc[-1] if isinstance(acc, list) and acc and _usable(acc[-1]) else None
     return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, source,
                      checkpoint, _eval_state(run_dir, checkpoint))

@@ -59,6 +59,24 @@ def test_a_failed_training_that_compare_logged_is_failed_until_a_later_session(r
     assert run_status(run).state == "stopped (a resume continues after round 1)"
 
 
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_config_yaml_edited_since_is_a_resume_train_refuses_and_status_says_so(runs, tmp_path, finished):
+    """status says what `train --resume auto` under the run's config.yaml does with its newest
+    checkpoint, by train's own check: an edit that changes training (train.lr) is refused (a
+    finished run then is no longer its summary's); one that does not (dist.timeout_s) is not."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / ("done" if finished else "stopped"), run)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("timeout_s: 60.0", "timeout_s: 90.0"))
+    assert run_status(run).state == ("finished" if finished else "stopped (a resume continues after round 1)")
+    (run / "config.yaml").write_text(text.replace("lr: 0.05", "lr: 0.1"))
+    newest = run / "checkpoints" / ("round_000002" if finished else "round_000001")
+    assert run_status(run).state == f"stopped (a resume is refused: {newest}: written by a different config (use " \
+                                    f"--resume force to continue anyway))"
+    proc = cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress")
+    assert proc.returncode != 0 and f"{newest}: written by a different config" in proc.stderr
+
+
 def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "done", run)

@@ -133,11 +133,17 @@ def load_torch(path: Path) -> Any:
 
 @dataclass
 class CheckpointRef:
-    """A verified checkpoint directory."""
+    """A checkpoint directory, verified (:meth:`CheckpointDir.verify`) unless read :meth:`unverified`."""
 
     path: Path
     round: int
     manifest: dict
+
+    @classmethod
+    def unverified(cls, path: Path) -> "CheckpointRef":
+        """The checkpoint in ``path`` as its manifest describes it, its files not checked ({} for
+        a manifest that cannot be read): for reading about a run without hashing its shards."""
+        return cls(path, round_of(path), _read_manifest(path))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -384,20 +390,29 @@ def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_
                          "resumed (use --resume none to move it aside and start over)"))
     if ref is None:
         return None, None
+    return ref, refusal(ckpt, ref, config_hash, resume, also_accept, evaluating, algorithm)
+
+
+def refusal(ckpt: CheckpointDir, ref: CheckpointRef, config_hash: str, resume: str = "auto",
+            also_accept: tuple[str, ...] = (), evaluating: str | None = None,
+            algorithm: str | None = None) -> str | None:
+    """Why checkpoint ``ref`` of ``ckpt`` may not be loaded under the config of ``config_hash``
+    (None: it may; the arguments and rules are :func:`load_checkpoint`'s). ``cafedist status``
+    asks it too, of the newest checkpoint unverified, so that it says what a resume would do."""
     recorded = ref.manifest.get("config_hash")
     if evaluating is not None and ref.manifest.get("run_identity") not in (None, evaluating):
-        return ref, (f"{ref.path}: written by a different config than {ckpt.root.parent / 'config.yaml'} "
-                     f"(edited or replaced since?); eval scores models only under the config that trained them")
+        return (f"{ref.path}: written by a different config than {ckpt.root.parent / 'config.yaml'} "
+                f"(edited or replaced since?); eval scores models only under the config that trained them")
     if recorded not in (None, config_hash, *also_accept) and resume != "force":
-        return ref, f"{ref.path}: written by a different config (use --resume force to continue anyway)"
+        return f"{ref.path}: written by a different config (use --resume force to continue anyway)"
     if algorithm is not None:  # None: not known (load_shard checks the state)
         problem = another_algorithm(ckpt.root.parent, _writer(ckpt, ref), algorithm)
         if problem is not None:
-            return ref, str(problem)
+            return str(problem)
     if evaluating is not None and "run_identity" not in ref.manifest and recorded not in (None, config_hash):
         log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
                     "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)
-    return ref, None
+    return None
 
 
 def _restore(ckpt: CheckpointDir, path: Path, locations: dict[str, dict[str, str]], pool: ClientPool,

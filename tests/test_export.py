@@ -278,7 +278,10 @@ def test_every_clients_model_hash_is_checked_before_any_is_traced(evaluated_run,
 @pytest.mark.parametrize("edit", [
     {"policy": "foo"}, {"policy": None}, {"threshold": None}, {"threshold": "0.9"}, {"threshold": float("nan")},
     {"temperatures": [1.0]}, {"temperatures": [0.0, 0.0, 0.0]}, {"policy": "static", "static_exit": 7},
-    {"policy": "static", "static_exit": None}])
+    {"policy": "static", "static_exit": None}, {"policy": "static", "static_exit": 2.7},
+    {"policy": "static", "static_exit": "2"}, {"policy": "static", "static_exit": True},
+    {"policy": "static", "static_exit": float("inf")}, {"policy": "static", "static_exit": 0},
+    {"static_exit": 1.5}])
 def test_a_hand_edited_policy_row_is_one_line_before_any_client_is_traced(evaluated_run, tmp_path, edit):
     """eval.json is where export reads each client's policy (a threshold edited there by hand
     is the way to deploy another trade-off): a row export cannot use ended in a traceback, exit

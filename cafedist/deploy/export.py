@@ -44,7 +44,7 @@ from cafedist.fsutil import fsync_dir
 from cafedist.paths import check_dir_creatable, refuse_empty_path, run_dir_arg, user_path
 from cafedist.run.checkpoint import CheckpointDir
 from cafedist.run.client import model_hash
-from cafedist.typed import is_finite_number
+from cafedist.typed import is_finite_number, is_integer
 from cafedist.units import clients_phrase
 
 log = logging.getLogger("cafedist")
@@ -67,11 +67,13 @@ def _usable_choice(row: dict[str, Any], num_exits: int, path: Path) -> Choice:
     use it (eval.json edited by hand): tried on a dummy batch with the evaluation's own checks,
     before any client is traced."""
     try:
+        static = row.get("static_exit")
+        # a whole number in range: int() would read 2.7 as exit 2 (and "2" or true as an exit too)
+        in_range = is_integer(static) and 1 <= static <= num_exits
+        if (static is not None or row.get("policy") == "static") and not in_range:
+            raise ValueError(f"static_exit {static!r} is not an exit 1..{num_exits}")
         choice = _choice_from_row(row)
-        if choice.policy == "static" or choice.static_exit is not None:  # as Choice.exits and policy_spec read it
-            if choice.static_exit is None or not 0 <= choice.static_exit < num_exits:
-                raise ValueError(f"static_exit {row.get('static_exit')!r} is not an exit 1..{num_exits}")
-        else:
+        if choice.static_exit is None:  # a static exit answers every sample: no threshold to check
             if not is_finite_number(choice.threshold):  # float() would take "0.9", which early_exit.py cannot
                 raise ValueError(f"threshold {choice.threshold!r} is not a number")
             logits = torch.zeros(num_exits, 1, 2)

@@ -1,5 +1,6 @@
 """A round's record in metrics.jsonl: how the gathered per-client rows become its numbers."""
 
+import json
 import math
 import statistics
 
@@ -8,6 +9,7 @@ import torch
 from conftest import cafedist_in_process, metrics, summary
 
 from cafedist.errors import TrainingDiverged
+from cafedist.run.metrics import MetricsLog
 from cafedist.train.records import diverged_clients, round_metrics
 
 NAN = math.nan
@@ -30,6 +32,27 @@ def test_loss_is_weighted_by_training_samples_and_accuracy_pools_the_test_sample
 def test_a_round_not_evaluated_or_without_training_has_no_numbers_it_did_not_measure():
     stats = torch.tensor([[NAN, 10, NAN, NAN], [NAN, 20, NAN, NAN]], dtype=torch.float64)
     assert round_metrics(stats, (100, 50), num_exits=2) == {"loss": None}
+
+
+@pytest.mark.parametrize("bad", [NAN, math.inf, -math.inf])
+def test_an_infinite_loss_is_a_divergence_as_nan_is_and_metrics_jsonl_stays_json(tmp_path, bad):
+    """A client whose loss is +inf was named diverged, but its loss was still averaged into the
+    round's (an infinite loss), and metrics.jsonl got `"loss": Infinity`, which is no JSON (jq
+    and strict readers refuse the file). It counts as NaN does: out of the loss, in `diverged`."""
+    stats = torch.tensor([[0.5, 10, 5, 8], [bad, 20, 10, 10]], dtype=torch.float64)
+    assert diverged_clients(stats[:, 0], torch.tensor([True, True]), 0) == [1]
+    record = {"round": 0, **round_metrics(stats, (100, 50), num_exits=2), "diverged": [1]}
+    assert record["loss"] == 0.5
+    # the writer too: any other number that is not finite is written as null, not NaN/Infinity
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.append({**record, "self_weight": bad, "conflict": {"cos": [[bad, 0.25]]}})
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds {name}, which is no JSON")
+
+    line = (tmp_path / "metrics.jsonl").read_text()
+    written = json.loads(line, parse_constant=refuse)
+    assert written == {**record, "self_weight": None, "conflict": {"cos": [[None, 0.25]]}}
 
 
 def test_divergence_of_a_partial_cohort_says_it_was_the_clients_trained_not_every_client():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class MetricsLog:
         """Write one round's record, durably (fsync: a kill loses no finished round), and its
         numbers to TensorBoard where enabled."""
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(_finite_or_null(record)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         if self._tb is not None:
@@ -65,6 +66,19 @@ class MetricsLog:
         """Close the TensorBoard writer (the JSONL file is closed after every record)."""
         if self._tb is not None:
             self._tb.close()
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite (nested in dicts and lists) as None:
+    json.dumps would write it as NaN or Infinity, which is no JSON (jq and strict readers
+    refuse the whole file)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def session_starts(records: list[dict[str, Any]]) -> list[int]:

@@ -18,12 +18,14 @@ from cafedist.units import clients_phrase
 
 
 def round_metrics(stats: Tensor, train_sizes: tuple[int, ...], num_exits: int) -> dict[str, Any]:
-    """``loss`` (sample-weighted over the clients that trained) and, when the round was
-    evaluated, ``acc_per_exit`` and (when the rows carry it) ``val_acc_per_exit``, from the
-    gathered rows of :func:`~cafedist.eval.clients.client_test_stats`."""
+    """``loss`` (sample-weighted over the clients that trained with a finite loss: an idle
+    client's is NaN, a diverged one's NaN or infinite, :func:`diverged_clients`) and, when the
+    round was evaluated, ``acc_per_exit`` and (when the rows carry it) ``val_acc_per_exit``,
+    from the gathered rows of :func:`~cafedist.eval.clients.client_test_stats`."""
     m = num_exits
     loss, n_test, correct = stats[:, 0], stats[:, 1], stats[:, 2:2 + m]
-    trained = ~torch.isnan(loss)
+    # an infinite loss is a divergence as NaN is: counted, it made the round's loss infinite
+    trained = torch.isfinite(loss)
     w = torch.tensor(train_sizes, dtype=torch.float64)[trained]
     record: dict[str, Any] = {"loss": float((loss[trained] * w).sum() / w.sum()) if trained.any() else None}
     if not torch.isnan(correct).any():

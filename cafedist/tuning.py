@@ -13,7 +13,8 @@ method on the first seed (the *trials*), picks per method the setting with the h
 validation accuracy at the last exit (``summary.json`` ``val_acc_per_exit[-1]``; ties go to
 the earlier setting in grid order), then trains the chosen setting on every seed. The test
 split is never read for the choice. The first seed's final run is the chosen trial itself:
-same config, same run directory, so it is reused, not retrained.
+same config, same run directory, so it is reused, not retrained. While a trial is stopped
+unfinished (a signal; a rerun resumes it) nothing is chosen and no final trains.
 """
 
 from __future__ import annotations
@@ -265,6 +266,12 @@ class TuneResult(Generic[OutcomeT]):
     chosen: dict[str, int | None] = field(default_factory=dict)  # index into trials[name]; None: none usable
     finals: list[OutcomeT] = field(default_factory=list)  # the chosen settings on every seed
 
+    @property
+    def stopped(self) -> list[OutcomeT]:
+        """Trials stopped unfinished by a signal: while there are any, nothing is chosen or
+        trained further (a rerun resumes them, then chooses)."""
+        return [o for t in self.trials.values() for o in t if o.status == "stopped"]
+
     def counts(self) -> dict[str, int]:
         """Trials per method."""
         return {name: len(t) for name, t in self.trials.items()}
@@ -280,7 +287,8 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
          execute: Callable[[list[Any]], list[OutcomeT]]) -> TuneResult[OutcomeT]:
     """Trials of every method's settings on ``seeds[0]``, the choice, then the chosen settings
     on every seed. ``methods`` have a ``name``; ``plan(method, setting, seed)`` makes a planned
-    run and ``execute(runs)`` runs them (reusing finished ones), one outcome per run in order."""
+    run and ``execute(runs)`` runs them (reusing finished ones), one outcome per run in order.
+    When a trial was stopped (:attr:`TuneResult.stopped`) nothing is chosen and no final runs."""
     counts = ", ".join(f"{m.name} {len(settings[m.name])}" for m in methods)
     trial_runs = {m.name: [plan(m, s, seeds[0]) for s in settings[m.name]] for m in methods}  # validates all first
     log.info("compare --tune: trials on seed %d (%s), then the chosen settings on seeds %s",
@@ -293,7 +301,12 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
     it = iter(flat)
     for m in methods:
         result.trials[m.name] = [next(it) for _ in trial_runs[m.name]]
-        result.chosen[m.name] = choose(result.trials[m.name])
+    if result.stopped:
+        # a choice without them might not be the rerun's, once it has resumed them: the finals
+        # trained for it would be wasted (and a report of it replaced)
+        result.chosen = dict.fromkeys(result.trials)
+        return result
+    result.chosen = {name: choose(trials) for name, trials in result.trials.items()}
     finals = [plan(m, setting, seed) for m in methods
               if (setting := result.chosen_setting(m.name)) is not None for seed in seeds]
     # a final on the first seed is its trial: trained in this call when the trial was, which
@@ -306,7 +319,7 @@ def tune(methods: Sequence[Any], settings: dict[str, list[Setting]], seeds: Sequ
 
 def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
     """The ``## Tuning`` section of results.md: trials and choice per method, unequal trial
-    counts stated, failed and stopped trials listed."""
+    counts stated, failed trials listed (with a stopped trial there is no report)."""
     counts = result.counts()
     lines = ["## Tuning", "",
              f"Every setting of a method was trained on seed {first_seed}; the one with the highest mean "
@@ -328,9 +341,8 @@ def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
         score = validation_score(trials[i].run.finished_summary())
         label = trials[i].run.setting.label or "(config as given)"
         lines.append(f"| {name} | {len(trials)} | `{label}` | {100 * score:.2f} |")
-    for status, title in (("failed", "Failed trials:"), ("stopped", "Stopped trials (a rerun resumes them):")):
-        listed = [o for trials in result.trials.values() for o in trials if o.status == status]
-        if listed:
-            lines += ["", title, ""]
-            lines += [f"- `{o.run.variant.name}` `{o.run.setting.label}`: {o.message}" for o in listed]
+    failed = [o for trials in result.trials.values() for o in trials if o.status == "failed"]
+    if failed:
+        lines += ["", "Failed trials:", ""]
+        lines += [f"- `{o.run.variant.name}` `{o.run.setting.label}`: {o.message}" for o in failed]
     return lines + [""]

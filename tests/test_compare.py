@@ -943,6 +943,35 @@ def test_a_stopped_run_is_reported_stopped_as_status_says_not_failed(tiny_config
         assert [r["status"] for r in csv.DictReader(fh)] == ["stopped"]
 
 
+def test_a_stopped_tuning_trial_holds_back_the_choice_and_the_finals(tiny_config, tmp_path, monkeypatch, capsys):
+    """A trial stopped by a signal (its train exits 75) was left out of the choice: compare chose
+    among the finished trials and trained that setting's finals, which the rerun, choosing once
+    the trial had resumed and finished, could throw away."""
+    import importlib
+
+    executing = importlib.import_module("cafedist.compare.execute")
+    real = executing._CHILDREN.run
+    monkeypatch.setattr(executing._CHILDREN, "run",
+                        lambda cmd, **kw: 75 if "train.lr=0.05" in cmd else real(cmd, **kw))
+    out = tmp_path / "tune"
+    args = ["compare", "--config", str(tiny_config(rounds=1)), "--algorithms", "fedavg", "--grid",
+            "train.lr=0.02,0.05", "--tune", "--seeds", "2", "--out", str(out), "data.val_fraction=0.1"]
+    capsys.readouterr()
+    assert cli_main(args) == 75
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("compare --tune: 1 of 2 trials stopped (fedavg "
+                                                       "[train.lr=0.05] seed3: stopped"), printed
+    assert printed[0].endswith("no setting was chosen and no final run trained; rerun the same command to "
+                               "resume them")
+    assert sorted(p.name for p in (out / "runs" / "fedavg").glob("*/seed*")) == ["seed3", "seed3"]  # no final
+    assert not (out / "results.md").exists() and not (out / "trials.csv").exists()
+    # the rerun resumes the trial, then chooses and trains the finals
+    monkeypatch.setattr(executing._CHILDREN, "run", real)
+    assert cli_main(args) == 0
+    assert "tuned fedavg: train.lr=" in capsys.readouterr().out
+    assert len(list((out / "runs").glob("fedavg/*/seed4/summary.json"))) == 1
+
+
 def test_the_report_lists_stopped_runs_apart_from_failed_ones(tmp_path):
     run = PlannedRun(Variant("fedavg", "fedavg"), 3, tmp_path / "r", None, (), "h")
     state = "stopped (a resume continues after round 4)"

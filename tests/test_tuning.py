@@ -198,6 +198,24 @@ def test_a_final_that_is_its_trial_counts_as_trained_now_when_the_trial_was():
     assert result.finals[0] is result.trials["a"][0]
 
 
+def test_a_stopped_trial_holds_back_every_choice_and_final():
+    """With a trial stopped, the choice among the finished ones need not be the rerun's."""
+    executed: list[list[tuple]] = []
+
+    def plan(m, setting, seed):
+        return FakeRun(m, setting, seed, {"val_acc_per_exit": [0.5]})
+
+    def execute(runs):
+        executed.append([(r.variant.name, r.setting.label) for r in runs])
+        return [FakeOutcome(r, "stopped" if r.setting.label == "k=2" else "done") for r in runs]
+
+    settings = {"a": [Setting((("k", "1"),)), Setting((("k", "2"),))], "b": [Setting()]}
+    result = tuning.tune([M("a"), M("b")], settings, [7, 8], plan, execute)
+    assert len(executed) == 1  # the trials only
+    assert result.chosen == {"a": None, "b": None} and result.finals == []
+    assert [o.run.setting.label for o in result.stopped] == ["k=2"]
+
+
 # ----------------------------------------------------------------------------- per-run tables
 def _run_dir(root: Path, name: str, accs: list[list[float]], val: bool) -> Path:
     d = root / "runs" / name / "seed0"

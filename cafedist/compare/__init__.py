@@ -202,6 +202,8 @@ def compare(config: str | os.PathLike | None, out: str | os.PathLike,
         tuned = None
         if options.tune:
             tuned = _tune(config, variants, options.seeds, out, overrides, settings, base_seed, run)
+            if tuned.stopped:  # nothing chosen nor trained after them: no report (main says why)
+                return CompareResult([], {}, tuned)
             outcomes = tuned.finals
         else:
             assert runs is not None
@@ -311,11 +313,17 @@ def main(args: argparse.Namespace) -> int:
     result = compare(args.config, args.out, CompareOptions.from_args(args, submit))
     for o in result.failed:
         print(f"FAILED {o.run.label}: {o.message}")
-    for o in result.stopped:
+    # a stopped trial holds the choice back (cafedist.tuning.tune): one line, no choice to print
+    tune_stopped = result.tuned.stopped if result.tuned is not None else []
+    if tune_stopped:
+        print(f"compare --tune: {len(tune_stopped)} of {sum(result.tuned.counts().values())} trials stopped "
+              f"({'; '.join(f'{o.run.label}: {o.message}' for o in tune_stopped)}), so no setting was chosen "
+              "and no final run trained; rerun the same command to resume them")
+    for o in [] if tune_stopped else result.stopped:
         print(f"stopped {o.run.label}: {o.message}")
     for e in result.budget_errors:
         print(f"FAILED {e}")
-    if result.tuned is not None:
+    if result.tuned is not None and not tune_stopped:
         for name in result.tuned.trials:
             setting = result.tuned.chosen_setting(name)
             chosen = "no trial finished" if setting is None else setting.label or "(config as given)"
@@ -330,7 +338,8 @@ def main(args: argparse.Namespace) -> int:
     if result.budget_errors:
         return 1
     if result.stopped:
-        print(f"{len(result.stopped)} of {len(result.runs)} runs stopped; rerun this compare to resume them")
+        if not tune_stopped:
+            print(f"{len(result.stopped)} of {len(result.runs)} runs stopped; rerun this compare to resume them")
         return REQUEUE_EXIT_CODE
     return 0
 

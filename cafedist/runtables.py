@@ -136,9 +136,11 @@ def trials_csv(trials: dict[str, list[Any]], chosen: dict[str, int | None]) -> s
     return _csv_text(header, rows)
 
 
-def read_curve(run_dir: str | os.PathLike) -> list[dict]:
+def read_curve(run_dir: str | os.PathLike, rounds: int | None = None) -> list[dict]:
     """The evaluated rounds of a run: ``{"round", "acc_per_exit", "val_acc_per_exit"?}`` from
-    its ``metrics.jsonl`` (later lines win: a resumed run rewrites the rounds it redoes)."""
+    its ``metrics.jsonl`` (later lines win: a resumed run rewrites the rounds it redoes); with
+    ``rounds`` (its summary's), only the rounds before it: rows past a finished run's end are a
+    killed extension's (``--resume force`` before its first checkpoint), which the next train drops."""
     path = Path(run_dir) / "metrics.jsonl"
     records: dict[int, dict] = {}
     try:
@@ -150,7 +152,7 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill, or damaged (bytes that are no UTF-8 too)
-        if isinstance(rec, dict) and rec.get("acc_per_exit"):
+        if isinstance(rec, dict) and rec.get("acc_per_exit") and (rounds is None or int(rec["round"]) < rounds):
             records[int(rec["round"])] = rec
     return [records[r] for r in sorted(records)]
 
@@ -159,9 +161,9 @@ def curves_csv(outcomes: Sequence[Any]) -> str:
     """``curves.csv``: algorithm, setting, seed, round, exit (1-based), acc, val_acc."""
     rows = []
     for o in outcomes:
-        if _summary(o) is None:
+        if (s := _summary(o)) is None:
             continue
-        for rec in read_curve(o.run.run_dir):
+        for rec in read_curve(o.run.run_dir, s.get("rounds")):
             val = rec.get("val_acc_per_exit") or []
             for k, acc in enumerate(rec["acc_per_exit"]):
                 rows.append([o.run.variant.name, o.run.setting.label, o.run.seed, rec["round"], k + 1,
@@ -174,8 +176,8 @@ def mean_curves(outcomes: Sequence[Any]) -> dict[str, list[list[tuple[int, float
     every round all of them evaluated."""
     by_row: dict[str, list[list[dict]]] = defaultdict(list)
     for o in outcomes:
-        if _summary(o) is not None:
-            by_row[o.run.row].append(read_curve(o.run.run_dir))
+        if (s := _summary(o)) is not None:
+            by_row[o.run.row].append(read_curve(o.run.run_dir, s.get("rounds")))
     out = {}
     for row, curves in by_row.items():
         curves = [c for c in curves if c]

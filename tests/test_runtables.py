@@ -49,3 +49,19 @@ def test_runs_csv_puts_each_number_under_its_column_and_curves_average_the_seeds
     assert (row["budget_global_accuracy@macs=0.8"], row["run_dir"]) == ("0.6", "seed0")
     # a row's curve per exit: the mean over its seeds, round by round (numbered by rounds completed)
     assert runtables.mean_curves(outcomes)["fedavg"][1] == [(1, pytest.approx(0.3)), (2, pytest.approx(0.6))]
+
+
+def test_a_finished_runs_curve_ends_at_its_summary_not_at_a_killed_extension(tmp_path):
+    """`train --resume force train.rounds=30` on a finished 2-round run, SIGKILLed before its
+    first checkpoint, leaves rows of rounds 2.. (another config's) after the run's own, until
+    the next train of the run drops them: compare reused the run (its summary.json still
+    matches) and drew its curve on to round 5 with the extension's accuracies."""
+    summary = {"rounds": 2, "acc_per_exit": [0.3, 0.4]}
+    killed = [[0.9, 0.9]] * 4  # rounds 2..5 of the killed attempt
+    outcomes = [_outcome(tmp_path / "seed0", 0, summary, [[0.1, 0.2], [0.3, 0.4], *killed]),
+                _outcome(tmp_path / "seed1", 1, summary, [[0.1, 0.2], [0.3, 0.4]])]
+    rows = list(csv.DictReader(io.StringIO(runtables.curves_csv(outcomes))))
+    assert [(r["seed"], r["round"]) for r in rows if r["exit"] == "2"] == [("0", "0"), ("0", "1"), ("1", "0"),
+                                                                           ("1", "1")]
+    del outcomes[1]  # one seed: its rows alone make the mean curve
+    assert runtables.mean_curves(outcomes)["fedavg"][1] == [(1, pytest.approx(0.2)), (2, pytest.approx(0.4))]

@@ -1,14 +1,15 @@
 """``cafedist status RUN_OR_FOLDER...``: where each run stands, read from its files alone.
 
 For every run directory given, or found below a folder given (a sweep's or compare's ``--out``),
-one row: the algorithm, rounds done of the run's total, what is happening (``training`` by a
-live process named from its lock, ``finished``, ``failed`` with the error that ended the last
-training compare started (from its ``train.log``), ``stopped`` with the round a resume continues
-from, or why it would be refused (train's check of the newest checkpoint against config.yaml: a
-file edited by hand since), ``no round finished``), the last round's last-exit accuracy, an estimate of the time left
-while training (from the current session's rounds once it has any: a resume may run on another
-machine; with the checkpoint writes when rows record them), and whether ``eval.json``
-describes the newest checkpoint.
+one row: the algorithm, rounds done of the run's total (of a run no process trains, up to its
+newest checkpoint: rows a killed session wrote past it are the next train's to drop), what is
+happening (``training`` by a live process named from its lock, ``finished``, ``failed`` with the
+error that ended the last training compare started (from its ``train.log``), ``stopped`` with
+the round a resume continues from, or why it would be refused (train's check of the newest
+checkpoint against config.yaml: a file edited by hand since), ``no round finished``), the last
+round's last-exit accuracy, an estimate of the time left while training (from the current
+session's rounds once it has any: a resume may run on another machine; with the checkpoint
+writes when rows record them), and whether ``eval.json`` describes the newest checkpoint.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
 the lock's record, the checkpoint folders' names, train.log and eval.json, so it is cheap on a run that is
@@ -190,11 +191,15 @@ def run_status(run_dir: str | Path) -> RunStatus:
     except CafeError as exc:
         raise ConfigError(f"{run_dir / 'config.yaml'}: not a usable run config ({exc})") from None
     records = _records(run_dir)
-    done = records[-1]["round"] + 1 if records else 0
     checkpoint = _newest_checkpoint(run_dir)
     summary = _json(run_dir / "summary.json")
     record = holder_record(run_dir)  # the live session's, which rows name theirs by
     holder = None if record is None else holder_text(record)
+    if holder is None and checkpoint is not None:
+        # rows past the newest checkpoint of a run no process trains are the next train's to
+        # drop: a killed session's, under --resume force of another config than config.yaml's
+        records = [r for r in records if r["round"] <= checkpoint]
+    done = records[-1]["round"] + 1 if records else 0
     error = last_session_error(run_dir)  # trainings that compare started log their output there
     left, source = None, None
     acc = records[-1].get("acc_per_exit") if records else None

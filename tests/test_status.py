@@ -77,6 +77,22 @@ def test_a_config_yaml_edited_since_is_a_resume_train_refuses_and_status_says_so
     assert proc.returncode != 0 and f"{newest}: written by a different config" in proc.stderr
 
 
+def test_rows_past_the_newest_checkpoint_of_a_run_no_process_trains_are_not_counted(runs, tmp_path):
+    """`train --resume force train.rounds=30 train.lr=0.2` on this 3-round run, SIGKILLed before
+    its first checkpoint, leaves rows of another config until the next train drops them: status
+    said "12/3" and the killed attempt's accuracy for a run that holds 2 rounds."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    kept = run_status(run)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.writelines(json.dumps({"round": r, "acc_per_exit": [0.99, 0.99, 0.99]}) + "\n" for r in range(2, 12))
+    status = run_status(run)
+    assert (status.rounds_done, status.rounds, status.state) == (2, 3, "stopped (a resume continues after round 1)")
+    assert status.last_exit_accuracy == kept.last_exit_accuracy != 0.99
+    with RunLock(run):  # a live session's rows are its progress: counted
+        assert run_status(run).rounds_done == 12
+
+
 def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "done", run)

@@ -155,7 +155,7 @@ def thirds_gaps(runs: list[dict], a: str, b: str, axis: Axis) -> dict[float, tup
 
 def thirds_table(runs: list[dict], axis: Axis) -> str:
     """The last-exit gap to FedPer on the smallest and the largest third of clients, per level."""
-    head = [axis.label, "difference", "clients", "smallest third", "largest third"]
+    head = [axis.label, "difference", "pooled clients", "smallest third", "largest third"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a in ("CAFEDistill", "last-exit KD"):
         for level, (small, large, n) in thirds_gaps(runs, a, "FedPer", axis).items():

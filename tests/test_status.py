@@ -77,6 +77,17 @@ def test_a_config_yaml_edited_since_is_a_resume_train_refuses_and_status_says_so
     assert proc.returncode != 0 and f"{newest}: written by a different config" in proc.stderr
 
 
+@pytest.mark.parametrize("manifest", ["null", "[]", '"round 1"'])
+def test_a_newest_manifest_that_is_json_but_no_object_is_no_traceback(runs, tmp_path, manifest):
+    """status reads the newest manifest (unverified) to say whether a resume is refused: one
+    that is JSON but no object (damaged, or edited by hand) was an AttributeError traceback,
+    where train skips it as a checkpoint that does not verify."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    (run / "checkpoints" / "round_000001" / "MANIFEST.json").write_text(manifest)
+    assert run_status(run).state == "stopped (a resume continues after round 1)"
+
+
 def test_rows_past_the_newest_checkpoint_of_a_run_no_process_trains_are_not_counted(runs, tmp_path):
     """`train --resume force train.rounds=30 train.lr=0.2` on this 3-round run, SIGKILLed before
     its first checkpoint, leaves rows of another config until the next train drops them: status

@@ -147,11 +147,13 @@ class CheckpointRef:
 
 
 def _read_manifest(path: Path) -> dict:
-    """A checkpoint's manifest, {} when unreadable (pruning must not fail on a broken one)."""
+    """A checkpoint's manifest, {} when unreadable or no JSON object (pruning, and status reading
+    it unverified, must not fail on a broken one)."""
     try:
-        return json.loads((path / "MANIFEST.json").read_text())
+        manifest = json.loads((path / "MANIFEST.json").read_text())
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 class CheckpointDir:

@@ -32,7 +32,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sweep import conflict_means, conflict_window, write_csv  # experiments/ is on sys.path when run as a script
+# experiments/ is on sys.path when run as a script
+from sweep import conflict_means, conflict_window, finished_records, write_csv
 
 from cafedist.config import read_run_config
 from cafedist.stats import mean_se
@@ -64,7 +65,7 @@ def read_run(run_dir: Path) -> dict | None:
         return None
     cfg = read_run_config(run_dir / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = finished_records(run_dir, summary["rounds"])
     row = {"setting": setting_of(cfg), "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
            "rounds": summary["rounds"], "run": run_dir.name}
     for k, (v, t) in enumerate(zip(summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"]),

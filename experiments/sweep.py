@@ -93,7 +93,7 @@ def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
                                        s["acc_per_exit"])):
             row[f"val_exit{k + 1}"] = _r(v)
             row[f"test_exit{k + 1}"] = _r(t)
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = finished_records(run_dir, s["rounds"])
         row.update(conflict_means(records, s["rounds"]))
         rows.append(row)
         for rec in records:
@@ -104,6 +104,14 @@ def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
     tables.mkdir(parents=True, exist_ok=True)
     write_csv(tables / "variants.csv", rows)
     write_csv(tables / "curves.csv", curves)
+
+
+def finished_records(run_dir: Path, rounds: int) -> list[dict]:
+    """The ``metrics.jsonl`` rows of a finished run's ``rounds`` (its summary's): rows past them
+    are a killed ``--resume force`` extension's, which the next train of the run drops (as
+    compare's curves read them, :func:`cafedist.runtables.read_curve`)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["round"] < rounds]
 
 
 def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:

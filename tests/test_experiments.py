@@ -4,6 +4,7 @@ and a sweep neither hides a failed variant nor reuses a finished run of another 
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import os
@@ -300,6 +301,29 @@ def test_conflict_tables_windows_and_settings_are_kept_apart(monkeypatch, tmp_pa
     rows = [_conflict_row("selection", 0, 0.30, 0.96), _conflict_row("no selection", 0, 0.40, 0.95),
             _conflict_row("selection", 0, 0.50, 0.90, setting="digits a0.3")]  # no twin in its setting
     assert [line.split(" | ")[:2] for line in ct.paired_table(rows).splitlines()[2:]] == [["| mnist5k a0.3", "1"]]
+
+
+def test_a_finished_runs_rows_end_at_its_summary_not_at_a_killed_extension(monkeypatch, tmp_path):
+    """`train --resume force train.rounds=5` on a finished 2-round run, SIGKILLed before its first
+    checkpoint, leaves rows of rounds 2.. (another config's) after the run's own until the next
+    train drops them; the run is still finished (summary.json, config.yaml unchanged). The
+    sweep's curves.csv and conflict_tables' per-round records read them as the run's own, as
+    compare's curves did (cafedist.runtables.read_curve)."""
+    sweep = _experiment("sweep", monkeypatch)
+    ct = _experiment("conflict_tables", monkeypatch)
+    run = tmp_path / "runs" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(config_from_dict(
+        {"train": {"diagnostics": ["conflict"]}, "algorithm": {"name": "cafedistill"}})))
+    (run / "summary.json").write_text(json.dumps({"rounds": 2, "wall_seconds": 1.0, "acc_per_exit": [0.5, 0.6]}))
+    conflict = {"pairs": ["0-1"], "all": {"0-1": 0.1}, "trained": {}, "neg_all": 0.2, "neg_trained": None}
+    rows = [{"round": r, "loss": 1.0, "acc_per_exit": [0.5, 0.6] if r < 2 else [0.9, 0.9], "conflict": conflict}
+            for r in range(5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep.tabulate_runs([("seed0", run, "")], tmp_path / "tables")
+    with open(tmp_path / "tables" / "curves.csv") as fh:
+        assert [r["round"] for r in csv.DictReader(fh)] == ["0", "1"]
+    assert [r["round"] for r in ct.read_run(run)["records"]] == [0, 1]
 
 
 def _proxy_row(share: float, arm: str, seed: int, test1: float, test3: float) -> dict:

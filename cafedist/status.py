@@ -12,8 +12,9 @@ session's rounds once it has any: a resume may run on another machine; with the 
 writes when rows record them), and whether ``eval.json`` describes the newest checkpoint.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
-the lock's record, the checkpoint folders' names, train.log and eval.json, so it is cheap on a run that is
-training (the newest checkpoint is named, not verified: ``cafedist eval`` verifies).
+the lock's record, the checkpoint folders' names (and, of a run no process trains, the newest
+one's manifest), train.log and eval.json, so it is cheap on a run that is training (the newest
+checkpoint is named, not verified: ``cafedist eval`` verifies).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from cafedist.paths import run_dir_arg
 from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal, round_of
 from cafedist.run.metrics import session_starts
 from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
+from cafedist.train.preflight import earlier_hashes
 from cafedist.trainlog import last_session_error
 from cafedist.typed import is_finite_number
 from cafedist.units import hms
@@ -121,7 +122,8 @@ def _resume_refusal(run_dir: Path, cfg: Config) -> str | None:
     newest = ckpt.candidates()
     if not newest:
         return None
-    return refusal(ckpt, CheckpointRef.unverified(newest[0]), config_hash(cfg), algorithm=cfg.algorithm.name)
+    return refusal(ckpt, CheckpointRef.unverified(newest[0]), config_hash(cfg),
+                   also_accept=earlier_hashes(cfg, run_dir), algorithm=cfg.algorithm.name)
 
 
 def _stopped_state(records: list[dict[str, Any]], checkpoint: int | None, refused: str | None = None) -> str:

@@ -279,6 +279,25 @@ def test_a_run_without_config_yaml_is_its_own_under_another_algorithms_section(f
     assert [r["round"] for r in metrics(run_copy)] == [0, 1]
 
 
+def test_config_yaml_of_a_killed_resume_under_another_algorithms_section_still_resumes(finished, run_copy):
+    """A resume under a config file that differs only in another algorithm's section rewrites
+    config.yaml at once, while the checkpoints keep the earlier file's hash until the next one:
+    killed in between, the run was refused under the very file it had last accepted ("written
+    by a different config"). Its checkpoints' manifests record the run identity, which is this
+    run's: accepted (the finished run trains nothing and keeps its models), and status agrees."""
+    from cafedist.config import dump_config, load_config
+    from cafedist.status import run_status
+
+    killed_resume = load_config(finished[0], ["algorithm.fedprox.mu=0.5"])
+    (run_copy / "config.yaml").write_text(dump_config(killed_resume))  # what that resume left
+    (run_copy / "summary.json").unlink()  # unfinished: status then asks whether a resume would load
+    assert run_status(run_copy).state == "stopped (a resume continues after round 1)"
+    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--no-progress",
+                           "algorithm.fedprox.mu=0.5")
+    assert code == 0, err
+    assert summary(run_copy)["model_hashes"] == summary(finished[1])["model_hashes"]
+
+
 def test_a_run_without_config_yaml_hashes_its_newest_checkpoint_once(finished, run_copy, monkeypatch):
     """Deciding whose run it is (twice: before and under the lock), which earlier config hash
     it carries and loading it all verify the newest checkpoint: each file is hashed once."""

@@ -218,10 +218,9 @@ class PlannedRun:
         very config, or for an earlier config file of the same run."""
         if record.get("config_hash") == self.config_hash:
             return True
-        from cafedist.train.preflight import earlier_hash
+        from cafedist.train.preflight import earlier_hashes
 
-        earlier = earlier_hash(self.planned_config(), self.run_dir)
-        return earlier is not None and record.get("config_hash") == earlier
+        return record.get("config_hash") in earlier_hashes(self.planned_config(), self.run_dir)
 
     def outdated(self) -> str | None:
         """Why this run, finished with this config or stopped partway, must be trained again

@@ -27,7 +27,7 @@ from cafedist.config import (
 )
 from cafedist.errors import CafeError, CheckpointError, ConfigError, RunDirError
 from cafedist.paths import check_dir_creatable
-from cafedist.run.checkpoint import CheckpointDir, another_algorithm
+from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, another_algorithm
 from cafedist.rundir import has_run
 
 
@@ -80,19 +80,27 @@ def dict_diff(a: Any, b: Any, prefix: str = "", *, as_hashed: bool = False) -> s
     return None if same else f"{prefix[:-1]} ({a!r} vs {b!r})"
 
 
-def earlier_hash(cfg: Config, run_dir: Path) -> str | None:
-    """The full :func:`config_hash` of the run already in ``run_dir`` when it is this run
-    (same :func:`run_identity`) under another config file: its checkpoints carry that hash.
-    Without a ``config.yaml`` the newest checkpoint's manifest tells (it records both)."""
-    if not (run_dir / "config.yaml").exists():
-        ref = CheckpointDir(run_dir).newest_valid(warn=lambda _: None)
-        same_run = ref is not None and ref.manifest.get("run_identity") == run_identity(cfg)
-        return ref.manifest.get("config_hash") if same_run else None
+def earlier_hashes(cfg: Config, run_dir: Path) -> tuple[str, ...]:
+    """The full :func:`config_hash` values under which this same run (same :func:`run_identity`)
+    wrote ``run_dir`` from other config files: its ``config.yaml``'s and those its checkpoints'
+    manifests record with this run identity. Both count: a resume under a config file that
+    differs only in another algorithm's section rewrites config.yaml at once, while its
+    checkpoints keep the earlier hash until the next one (a kill in between left config.yaml
+    refusing its own run's checkpoints). Manifests are read unverified: loading verifies."""
+    identity = run_identity(cfg)
+    found: list[str] = []
     try:
-        old = read_run_config(run_dir / "config.yaml")
+        old = read_run_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
     except CafeError:
-        return None
-    return config_hash(old) if run_identity(old) == run_identity(cfg) else None
+        old = None
+    if old is not None and run_identity(old) == identity:
+        found.append(config_hash(old))
+    for path in CheckpointDir(run_dir).candidates():
+        manifest = CheckpointRef.unverified(path).manifest
+        recorded = manifest.get("config_hash")
+        if isinstance(recorded, str) and manifest.get("run_identity") == identity and recorded not in found:
+            found.append(recorded)
+    return tuple(found)
 
 
 def has_work(run_dir: Path) -> bool:

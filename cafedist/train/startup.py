@@ -28,7 +28,7 @@ from cafedist.fsutil import write_text_atomic
 from cafedist.run.checkpoint import CheckpointDir, Resumed
 from cafedist.run.residency import remove_parked_state
 from cafedist.rundir import RunLock, move_aside, outputs_lock
-from cafedist.train.preflight import RunDirPlan, check_data_paths, check_paths, earlier_hash, plan_run_dir
+from cafedist.train.preflight import RunDirPlan, check_data_paths, check_paths, earlier_hashes, plan_run_dir
 
 log = logging.getLogger("cafedist")
 
@@ -89,8 +89,7 @@ def take_lock(lock: RunLock | None, cfg: Config, run_dir: Path, config_hash: str
     if lock is None:
         return ()
     lock.acquire()
-    found = earlier_hash(cfg, run_dir)
-    return (found,) if found is not None and found != config_hash else ()
+    return tuple(h for h in earlier_hashes(cfg, run_dir) if h != config_hash)
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:

@@ -583,9 +583,15 @@ def _job_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def fresh_folder(parent: Path) -> Path:
+    """``parent/<timestamp>-<pid>``: a submission's own submitit folder. Job ids recur (Slurm's
+    restart after a state wipe, the local executor's are pids), and a ``%j`` folder reused from
+    an earlier job holds its result file, which submitit would return for the new job at once."""
+    return parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def _default_folder(out: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(out).resolve() / "submitit" / f"{stamp}-{os.getpid()}"
+    return fresh_folder(Path(out).resolve() / "submitit")
 
 
 def _report(outcome: JobOutcome) -> None:

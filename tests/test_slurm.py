@@ -886,6 +886,34 @@ def test_a_job_trains_the_config_as_submitted_not_as_edited_since(tmp_path, work
         assert load_config(run.resumed().config).model.options["width"] == 8  # a requeued restart's
 
 
+def test_compare_submit_never_takes_an_earlier_jobs_result_for_its_own(tmp_path, workdir, monkeypatch, capsys):
+    """compare --submit kept every job's files in OUT/submitit/<job id>: a job id met again in
+    the same --out (Slurm's ids restart after a state wipe; the local executor's are pids) found
+    the earlier job's result file there, and compare reported its run FAILED ("no summary.json
+    written") at once, wrote its report and exited while the job trained on (reproduced on the
+    local Slurm). Each compare submits into a folder of its own, as `submit` does."""
+    from submitit.core import utils as submitit_utils
+
+    fake_slurm(tmp_path / "bin", "echo 'Submitted batch job 4242'", monkeypatch)
+    out = tmp_path / "cmp"
+    stale = out / "submitit" / "4242" / "4242_0_result.pkl"
+    stale.parent.mkdir(parents=True)
+    submitit_utils.cloudpickle_dump(("success", {"out": "elsewhere", "rank": 0, "summary": None}), stale)
+    finished_at_once = []
+
+    def wait_for(submitted, runs):
+        finished_at_once.extend(jobs._finished(job) for job in submitted)
+        return [jobs.JobOutcome(str(job.job_id), run.out, False, error="not waited for") for job, run in
+                zip(submitted, runs)]
+
+    monkeypatch.setattr(jobs, "wait_for", wait_for)
+    cli_main(["compare", "--config", str(workdir / "tiny.yaml"), "--algorithms", "fedavg", "--seeds", "1",
+              "--out", str(out), "--submit"])
+    assert "(job 4242)" in capsys.readouterr().out  # the job was submitted
+    assert finished_at_once == [False]
+    assert stale.is_file()  # the earlier job's files stay as they were
+
+
 def test_a_folder_that_links_to_a_missing_folder_is_an_error_not_a_hang(tmp_path):
     """A submission folder that is a symbolic link to a folder that does not exist (compare's
     OUT/submitit linked to a scratch space not mounted or not made yet; `submit` resolves its

@@ -168,6 +168,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
 
     Slurm: one job array, at most ``jobs`` elements at once (None: no limit). Local: waves of
     ``jobs`` (default 1) jobs, since the local executor starts everything it is given at once.
+    The jobs' files go to a fresh ``<timestamp>-<pid>`` folder under ``folder`` (OUT/submitit).
     """
     from cafedist import submit
     from cafedist.interrupts import children_take_ctrl_c
@@ -175,6 +176,9 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
 
     options = replace(options, job_name=options.job_name or "cafedist-compare",
                       array_parallelism=None if options.local else jobs)
+    # a folder of this compare's own under OUT/submitit: an earlier compare's job of the same id
+    # left its result file in OUT/submitit/<id>, which would end this job's wait at once
+    owned, folder = folder, submit.fresh_folder(folder)
     executor = options.executor(folder / "%j", folder)
     env = {"OMP_NUM_THREADS": str(options.cpus_per_task)}
     specs = [submit.RunSpec(r.config, str(r.run_dir), r.overrides, label=r.label) for r in runs]
@@ -184,7 +188,7 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
         part, part_runs = specs[start:start + wave], list(runs[start:start + wave])
         t0 = time.perf_counter()
         with children_take_ctrl_c():
-            submitted = submit.submit_runs(executor, part, folder, env)
+            submitted = submit.submit_runs(executor, part, folder, env, owned=owned)
         for job, run in zip(submitted, part_runs):
             log.info("compare: %s submitted as job %s (logs: %s)", run.label, job.job_id, job.paths.stderr.parent)
         try:

@@ -19,7 +19,8 @@
 #             do not compete for the same nodes and timings stay comparable (default 1)
 #   TEMPLATE_SINGLE, TEMPLATE_MULTI  sbatch templates (default slurm/single_node.sbatch and
 #             slurm/multi_node.sbatch next to this script)
-#   DRY_RUN=1 print the sbatch commands instead of submitting
+#   DRY_RUN=1 print the sbatch commands instead of submitting (runnable as printed: with the
+#             run folder, the log file and the knobs above that the jobs read)
 # Arguments after `--` are passed to every sbatch call (e.g. --partition, --time, --account).
 set -euo pipefail
 
@@ -68,15 +69,20 @@ for layout in "${layouts[@]}"; do
     [[ "$SERIAL" == 1 ]] && args+=(--dependency=singleton)
     args+=("$@" "$template")
 
+    # The run directory goes to the job through the environment (sbatch --export=ALL default);
+    # the job log is written next to the run.
+    log=(--output="$run/slurm-%j.out")
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
-        printf 'OUT=%q ' "$run"; printf '%q ' sbatch "${args[@]}"; echo
+        # with the knobs the jobs read (given inline to this script, they are not in the caller's
+        # shell), the printed line submits what the sweep would
+        printf 'mkdir -p %q && ' "$run"
+        for knob in CONFIG EXTRA PYTHON; do [[ -n "${!knob:-}" ]] && printf '%s=%q ' "$knob" "${!knob}"; done
+        printf 'OUT=%q ' "$run"; printf '%q ' sbatch "${log[@]}" "${args[@]}"; echo
         continue
     fi
     made=0; [[ -d "$run" ]] || made=1
     mkdir -p "$run"
-    # The run directory goes to the job through the environment (sbatch --export=ALL default);
-    # the job log is written next to the run.
-    if ! job=$(OUT="$run" sbatch --parsable --output="$run/slurm-%j.out" "${args[@]}"); then
+    if ! job=$(OUT="$run" sbatch --parsable "${log[@]}" "${args[@]}"); then
         # sbatch said why above; the folder made for this layout goes again, and the user learns
         # which layouts are queued already (rerunning the whole sweep would submit them twice)
         (( made )) && rmdir "$run" 2>/dev/null

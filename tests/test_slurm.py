@@ -271,6 +271,36 @@ def test_sweep_stopped_by_a_refused_sbatch_says_what_was_queued_and_leaves_no_em
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["n1"]  # no n2 left empty, n4 never made
 
 
+def test_sweep_dry_run_prints_the_lines_it_would_submit(tmp_path):
+    """DRY_RUN=1 printed `OUT=... sbatch ...` without the config, the overrides and the log file
+    the real sweep gives its jobs: a line run from the shell the sweep was started from (its
+    knobs given inline, as documented) trained configs/quickstart.yaml and logged to the cwd.
+    Run as printed, the lines now submit what the sweep submits."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "sbatch"
+    fake.write_text(f'#!/bin/sh\necho "CONFIG=$CONFIG OUT=$OUT EXTRA=$EXTRA PYTHON=$PYTHON $*" | '
+                    f'sed "s/ --parsable//" >> {tmp_path / "seen"}\necho 7\n')
+    fake.chmod(0o755)
+    shell = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "OUT", "EXTRA", "PYTHON")}
+    shell["PATH"] = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    knobs = dict(CONFIG="my config.yaml", OUT=str(tmp_path / "sweep"), EXTRA="train.rounds=3 seed=1",
+                 PYTHON="/opt/py/bin/python3", SWEEP="1 2x2")
+    sweep = ["bash", str(REPO / "slurm" / "sweep.sh"), "--", "--time=5"]
+    res = subprocess.run(sweep, env=dict(shell, **knobs), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    submitted = (tmp_path / "seen").read_text()
+    (tmp_path / "seen").unlink()
+    made = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    shutil.rmtree(tmp_path / "sweep")  # the job logs go into the run folders: the lines make them too
+    dry = subprocess.run(sweep, env=dict(shell, DRY_RUN="1", **knobs), capture_output=True, text=True,
+                         timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    for line in dry.stdout.splitlines():  # each as the user would run it: in the shell of the sweep
+        subprocess.run(["bash", "-c", line], env=shell, check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "seen").read_text() == submitted
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == made == ["n1", "n4-nodes2"]
+
+
 # ----------------------------------------------------------------------------- submitit
 def _submit_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

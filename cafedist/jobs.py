@@ -158,6 +158,12 @@ class JobOutcome:
     summary: dict[str, Any] | None = None
     error: str = ""
 
+    @property
+    def stopped(self) -> bool:
+        """Its trainer stopped on a signal with the checkpoint written, and the job was not
+        requeued (``cafedist.submit.JobStopped``: cancelled, requeues used up): a rerun resumes it."""
+        return not self.ok and "JobStopped: " in self.error
+
 
 def parse_time(text: str) -> int:
     """Slurm time (``MIN``, ``MIN:SEC``, ``H:MM:SS``, ``D-H``, ``D-H:MM``, ``D-H:MM:SS``) -> minutes (rounded up)."""

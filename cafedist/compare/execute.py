@@ -197,9 +197,14 @@ def run_submitit(runs: Sequence[PlannedRun], options: ExecutorOptions, folder: P
             cancel_local_jobs(submitted)
             raise
         for res, run in zip(results, part_runs):
-            ok = run.finished_summary() is not None  # as run_subprocess: the summary decides
-            msg = "" if ok else f"{_with_edit(res.error, run.config_changed())} (job {res.job_id})"
-            outcomes.append(RunOutcome(run, "done" if ok else "failed", msg, time.perf_counter() - t0))
+            seconds = time.perf_counter() - t0
+            if run.finished_summary() is not None:  # as run_subprocess: the summary decides
+                outcomes.append(RunOutcome(run, "done", seconds=seconds))
+            elif res.stopped:  # checkpoint written, not requeued (scancel): resumable, as run_subprocess's 75
+                outcomes.append(RunOutcome(run, "stopped", f"{_stopped_message(run)} (job {res.job_id})", seconds))
+            else:
+                msg = f"{_with_edit(res.error, run.config_changed())} (job {res.job_id})"
+                outcomes.append(RunOutcome(run, "failed", msg, seconds))
     return outcomes
 
 

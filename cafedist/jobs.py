@@ -161,8 +161,9 @@ class JobOutcome:
     @property
     def stopped(self) -> bool:
         """Its trainer stopped on a signal with the checkpoint written, and the job was not
-        requeued (``cafedist.submit.JobStopped``: cancelled, requeues used up): a rerun resumes it."""
-        return not self.ok and "JobStopped: " in self.error
+        requeued: cancelled (``cafedist.submit.JobStopped``) or its requeues used up (submitit's
+        refusal, which its handler raises only when the trainer handed over): a rerun resumes it."""
+        return not self.ok and any(why in self.error for why in ("JobStopped: ", "Job not requeued because: "))
 
 
 def parse_time(text: str) -> int:

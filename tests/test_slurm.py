@@ -944,20 +944,23 @@ def test_compare_submit_never_takes_an_earlier_jobs_result_for_its_own(tmp_path,
     assert stale.is_file()  # the earlier job's files stay as they were
 
 
-def test_compare_submit_counts_a_job_stopped_with_its_checkpoint_as_stopped_not_failed(tmp_path, workdir, monkeypatch,
-                                                                                        capsys):
+@pytest.mark.parametrize("why", [
+    "cafedist.submit.JobStopped: stopped by a signal, checkpoint written in RUN; job 4243 is being cancelled or "
+    "ended by Slurm, so it is not requeued (resubmit the same command to resume)",
+    "submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out too many times."])
+def test_compare_submit_counts_a_job_stopped_with_its_checkpoint_as_stopped_not_failed(why, tmp_path, workdir,
+                                                                                        monkeypatch, capsys):
     """A job whose trainer stopped on a signal, wrote its checkpoint and was not requeued
-    (scancel, or its requeues used up) is a stopped run, as a local compare's: compare listed it
-    under "Failed runs" and exited 1 (reproduced on the local Slurm with scancel). It is listed
-    as stopped and compare exits 75; a rerun resumes it."""
+    (scancel, or its requeues used up: --max-requeues) is a stopped run, as a local compare's:
+    compare listed it under "Failed runs" and exited 1 (reproduced on the local Slurm with
+    scancel, and with --max-requeues 0 and submitit's USR2). It is listed as stopped and compare
+    exits 75; a rerun resumes it."""
     fake_slurm(tmp_path / "bin", "echo 'Submitted batch job 4243'", monkeypatch)
     out = tmp_path / "cmp"
 
     def wait_for(submitted, runs):
-        return [jobs.JobOutcome(str(job.job_id), run.out, False, error=(
-            f"cafedist.submit.JobStopped: stopped by a signal, checkpoint written in {run.out}; job "
-            f"{job.job_id} is being cancelled or ended by Slurm, so it is not requeued (resubmit the same command "
-            "to resume)")) for job, run in zip(submitted, runs)]
+        return [jobs.JobOutcome(str(job.job_id), run.out, False, error=why.replace("RUN", run.out))
+                for job, run in zip(submitted, runs)]
 
     monkeypatch.setattr(jobs, "wait_for", wait_for)
     code = cli_main(["compare", "--config", str(workdir / "tiny.yaml"), "--algorithms", "fedavg", "--seeds", "1",

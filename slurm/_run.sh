@@ -119,16 +119,20 @@ _cafedist_finish() {
     # Only a RUNNING job is requeued here. scancel, `scontrol requeue`, the time limit and
     # preemption all put the job in COMPLETING before its steps even see SIGTERM: Slurm is
     # ending (or already requeueing) it, and requeueing a cancelled job would resurrect it.
+    # rc 75 is cafedist's own "checkpoint written"; any other code here is a signal that ended
+    # the step (before cafedist could act on it, e.g. while starting): its last checkpoint stands
+    local stopped="checkpoint written"
+    [[ $rc == "$_CAFEDIST_REQUEUE_CODE" ]] || stopped="stopped by a signal (exit code $rc; the run's last checkpoint stands)"
     state="$(_cafedist_job_field JobState)"
     if [[ "$state" != RUNNING ]]; then
-        _cafedist_log "checkpoint written, job is ${state:-gone} (cancelled, timed out or requeued by Slurm): not requeued here (resubmit with OUT=$OUT to continue)"
+        _cafedist_log "$stopped, job is ${state:-gone} (cancelled, timed out or requeued by Slurm): not requeued here (resubmit with OUT=$OUT to continue)"
         exit "$rc"
     fi
     if [[ "$restarts" -ge "$MAX_REQUEUES" ]]; then
-        _cafedist_log "checkpoint written, but the job was already restarted $restarts times (MAX_REQUEUES): not requeued"
+        _cafedist_log "$stopped, but the job was already restarted $restarts times (MAX_REQUEUES): not requeued"
         exit "$rc"
     fi
-    _cafedist_log "checkpoint written (exit code $rc, signal ${_cafedist_signal:-none}, state ${state:-?}): scontrol requeue $SLURM_JOB_ID (restart $((restarts + 1)))"
+    _cafedist_log "$stopped (exit code $rc, signal ${_cafedist_signal:-none}, state ${state:-?}): scontrol requeue $SLURM_JOB_ID (restart $((restarts + 1)))"
     if ! scontrol requeue "$SLURM_JOB_ID"; then
         _cafedist_log "scontrol requeue failed: resubmit with OUT=$OUT to continue"
     fi

@@ -1055,3 +1055,24 @@ def _another_user_in_the_turn(folder: Path, own_turn: bool = True) -> None:
     with os.fdopen(read, "rb") as said:
         assert said.read() == b"turn"
     assert (folder / submit.TURN_LOCK).exists() != own_turn
+
+
+@pytest.mark.parametrize("rc, said", [(75, "checkpoint written"), (138, "stopped by a signal (exit code 138")])
+def test_the_templates_say_checkpoint_written_only_when_the_trainer_wrote_one(tmp_path, rc, said):
+    """A stop signal that ends the step before cafedist can act on it (while it starts: exit
+    138, SIGUSR1's) is requeued like cafedist's own 75, but the log said "checkpoint written"
+    for it too, which this start never wrote. Driven with a stand-in scontrol (state CANCELLED:
+    the path that logs and exits without requeueing)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'JobId=1 JobState=CANCELLED Restarts=0'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    run_sh = REPO / "slurm" / "_run.sh"
+    script = f"source {shlex.quote(str(run_sh))}; _cafedist_signal=USR1; _cafedist_finish {rc}"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1", "OUT": str(tmp_path / "run")}
+    env.pop("SLURM_RESTART_COUNT", None)
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == rc, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "job is CANCELLED" in line]
+    assert len(lines) == 1 and said in lines[0], proc.stdout
+    assert rc == 75 or "checkpoint written" not in proc.stdout

@@ -160,9 +160,9 @@ class JobOutcome:
 
     @property
     def stopped(self) -> bool:
-        """Its trainer stopped on a signal with the checkpoint written, and the job was not
-        requeued: cancelled (``cafedist.submit.JobStopped``) or its requeues used up (submitit's
-        refusal, which its handler raises only when the trainer handed over): a rerun resumes it."""
+        """It was stopped by a signal and not requeued: cancelled (``cafedist.submit.JobStopped``)
+        or its requeues used up (submitit's refusal). Its trainer checkpointed, unless the signal
+        came while it started (then its last checkpoint, if any, stands): a rerun resumes it."""
         return not self.ok and any(why in self.error for why in ("JobStopped: ", "Job not requeued because: "))
 
 

@@ -119,8 +119,9 @@ _cafedist_finish() {
     # Only a RUNNING job is requeued here. scancel, `scontrol requeue`, the time limit and
     # preemption all put the job in COMPLETING before its steps even see SIGTERM: Slurm is
     # ending (or already requeueing) it, and requeueing a cancelled job would resurrect it.
-    # rc 75 is cafedist's own "checkpoint written"; any other code here is a signal that ended
-    # the step (before cafedist could act on it, e.g. while starting): its last checkpoint stands
+    # rc 75 is cafedist's own "checkpoint written"; another code here follows a stop signal that
+    # ended the step before cafedist acted on it (while starting), or is torchrun's own code after
+    # its ranks checkpointed: either way the run's last checkpoint stands
     local stopped="checkpoint written"
     [[ $rc == "$_CAFEDIST_REQUEUE_CODE" ]] || stopped="stopped by a signal (exit code $rc; the run's last checkpoint stands)"
     state="$(_cafedist_job_field JobState)"

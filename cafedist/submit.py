@@ -600,12 +600,15 @@ def _report(outcome: JobOutcome) -> None:
         print(f"job {outcome.job_id} done: {outcome.out}  acc_per_exit [{acc}]")
     elif outcome.ok:
         print(f"job {outcome.job_id} done: {outcome.out}")
+    elif outcome.stopped:  # resumable, as compare --submit counts it (the error says how)
+        print(f"job {outcome.job_id} stopped: {outcome.out}: {outcome.error}")
     else:
         print(f"job {outcome.job_id} FAILED: {outcome.out}: {outcome.error}")
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``cafedist submit`` (0: submitted, or with --wait: every job succeeded)."""
+    """Entry point of ``cafedist submit`` (0: submitted, or with --wait: every job succeeded; with
+    --wait 1 if a job failed, else 75 if one was stopped and not requeued: the command resumes it)."""
     require_submitit()
     runs = build_runs(args.config, args.out, args.overrides, args.array, args.resume)
     # as sbatch gets it (key_values also refuses a malformed --slurm-arg before anything is checked)
@@ -642,7 +645,10 @@ def main(args: argparse.Namespace) -> int:
             why = stopped.error.split("JobStopped: ", 1)[-1] if stopped.error else "it had finished"
             print(f"job {stopped.job_id} stopped: {stopped.out}: {why}")
         raise
-    failed = [o for o in outcomes if not o.ok]
+    failed = [o for o in outcomes if not o.ok and not o.stopped]
+    stopped = [o for o in outcomes if o.stopped]
     if failed:
         print(f"{len(failed)} of {len(outcomes)} job(s) failed")
-    return 1 if failed else 0
+    elif stopped:
+        print(f"{len(stopped)} of {len(outcomes)} job(s) stopped; the same command resumes them")
+    return 1 if failed else REQUEUE_EXIT_CODE if stopped else 0

@@ -970,6 +970,34 @@ def test_compare_submit_counts_a_job_stopped_with_its_checkpoint_as_stopped_not_
     assert "stopped" in (out / "runs.csv").read_text().splitlines()[1].split(",")
 
 
+@pytest.mark.parametrize("why, code", [
+    ("cafedist.submit.JobStopped: stopped by a signal, checkpoint written in RUN; job 4244 is being cancelled or "
+     "ended by Slurm, so it is not requeued (resubmit the same command to resume)", 75),
+    ("submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out too many times.", 75),
+    ("RuntimeError: cafedist: error: train.lr: expected > 0", 1)])
+def test_submit_wait_reports_a_stopped_job_as_stopped_as_compare_does(why, code, tmp_path, workdir, monkeypatch,
+                                                                      capsys):
+    """`submit --wait` said FAILED and exited 1 for a job stopped with its checkpoint and not
+    requeued, where `compare --submit` counts it as stopped (exit 75): now alike; a job that
+    failed is still FAILED, exit 1."""
+    fake_slurm(tmp_path / "bin", "echo 'Submitted batch job 4244'", monkeypatch)
+    out = tmp_path / "s"
+
+    def wait_for(submitted, runs, on_done=None):
+        outcomes = [jobs.JobOutcome(str(job.job_id), run.out, False, error=why.replace("RUN", run.out))
+                    for job, run in zip(submitted, runs)]
+        for o in outcomes:
+            on_done(o)
+        return outcomes
+
+    monkeypatch.setattr(submit, "wait_for", wait_for)
+    assert cli_main(["submit", "--config", str(workdir / "tiny.yaml"), "--out", str(out), "--wait"]) == code
+    printed = capsys.readouterr().out
+    assert ("FAILED" in printed) == (code == 1), printed
+    assert code == 1 or re.search(r"job 4244 stopped: .*\n1 of 1 job\(s\) stopped; the same command resumes them",
+                                  printed), printed
+
+
 def test_a_folder_that_links_to_a_missing_folder_is_an_error_not_a_hang(tmp_path):
     """A submission folder that is a symbolic link to a folder that does not exist (compare's
     OUT/submitit linked to a scratch space not mounted or not made yet; `submit` resolves its

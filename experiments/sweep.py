@@ -43,7 +43,7 @@ def finished(args: list[str], run_dir: Path) -> bool:
     test: the summary's config hash, or that of the same run under an earlier config file)."""
     from cafedist.config import config_hash, load_config
     from cafedist.errors import CafeError
-    from cafedist.train.preflight import earlier_hash
+    from cafedist.train.preflight import earlier_hashes
 
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -53,7 +53,7 @@ def finished(args: list[str], run_dir: Path) -> bool:
         cfg = load_config(config, [a for a in args if "=" in a and not a.startswith("-")])
     except (OSError, ValueError, IndexError, CafeError):
         return False
-    return summary.get("config_hash") in (config_hash(cfg), earlier_hash(cfg, run_dir))
+    return summary.get("config_hash") in (config_hash(cfg), *earlier_hashes(cfg, run_dir))
 
 
 def run(name: str, args: list[str], out: Path) -> tuple[str, int]:

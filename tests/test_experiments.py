@@ -406,3 +406,22 @@ def test_sweep_axis_tables_refuses_a_folder_of_several_settings(monkeypatch, tmp
     with pytest.raises(SystemExit, match="several settings .set_a, set_b.; give each its own folder"):
         pt.main()
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_reuses_a_finished_run_of_its_own_config_only(monkeypatch, tmp_path):
+    """A variant whose folder holds a finished run is skipped only when that run is this
+    variant's: its config's hash, or the same run under a config file that differs in another
+    algorithm's section (earlier_hashes); a run of another lr is not this variant's."""
+    from cafedist.config import config_hash, load_config
+
+    sweep = _experiment("sweep", monkeypatch)
+    base = tmp_path / "base.yaml"
+    base.write_text(dump_config(config_from_dict({"train": {"rounds": 2}})))
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = load_config(base, [])
+    (run / "config.yaml").write_text(dump_config(trained))
+    (run / "summary.json").write_text(json.dumps({"config_hash": config_hash(trained)}))
+    assert sweep.finished(["--config", str(base)], run)
+    assert sweep.finished(["--config", str(base), "algorithm.fedprox.mu=0.5"], run)  # another section only
+    assert not sweep.finished(["--config", str(base), "train.lr=0.2"], run)

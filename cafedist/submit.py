@@ -289,6 +289,7 @@ class TrainTask(Checkpointable):
         that Slurm restarted always resumes (``force`` after ``force``, else ``auto``).
         """
         from cafedist.cli import main as cafedist_main
+        from cafedist.distributed.runtime import slurm_job_port
 
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and _restart_count() > 0:
             # Slurm restarted the job from its first pickle (an outside requeue, preemption in
@@ -301,6 +302,11 @@ class TrainTask(Checkpointable):
             torch.set_num_threads(int(self.env["OMP_NUM_THREADS"]))
         rank = 0
         if _in_submitit_job():
+            if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and _restart_count() > 0 \
+                    and "MASTER_PORT" not in os.environ:
+                # submitit derives the port from the job id alone: a restart would meet its own
+                # earlier start's store, still held by a process of it that is exiting
+                os.environ["MASTER_PORT"] = str(slurm_job_port(int(os.environ["SLURM_JOB_ID"]), _restart_count()))
             # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*: our runtime then sees an env:// launch, on
             # Slurm and in the local executor alike.
             rank = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True).rank

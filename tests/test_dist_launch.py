@@ -52,6 +52,17 @@ def test_slurm_task() -> None:
     assert detect_launch(SLURM) == LaunchInfo("slurm", 3, 4, 1, "node01", 23456)
 
 
+def test_a_restarted_slurm_job_rendezvous_on_another_port() -> None:
+    """A requeued job's tasks met on the port of its earlier start, which a process of that
+    start may still hold while it exits: rank 0 could not listen and the others waited until the
+    time limit. Every task of a restart computes the same new port."""
+    first = detect_launch(SLURM).master_port
+    again = [detect_launch(SLURM | {"SLURM_RESTART_COUNT": str(r)}).master_port for r in (1, 2)]
+    assert first not in again and again[0] != again[1]
+    assert all(20000 <= port < 40000 for port in again)
+    assert detect_launch(SLURM | {"SLURM_PROCID": "0", "SLURM_RESTART_COUNT": "1"}).master_port == again[0]
+
+
 def test_slurm_master_overrides_and_job_nodelist() -> None:
     env = {k: v for k, v in SLURM.items() if k != "SLURM_NODELIST"}
     env |= {"SLURM_JOB_NODELIST": "gpu[7-8]", "MASTER_PORT": "31000"}

@@ -1104,3 +1104,30 @@ def test_the_templates_say_checkpoint_written_only_when_the_trainer_wrote_one(tm
     lines = [line for line in proc.stdout.splitlines() if "job is CANCELLED" in line]
     assert len(lines) == 1 and said in lines[0], proc.stdout
     assert rc == 75 or "checkpoint written" not in proc.stdout
+
+
+def test_a_restarted_submitit_job_rendezvous_on_another_port_than_its_first_start(tmp_path, monkeypatch):
+    """submitit derives MASTER_PORT from the job id alone, so a job Slurm restarted met on the
+    port of its earlier start, still held by a process of it that was exiting (seen: rank 0 of
+    the restart could not listen, rank 1 waited until the time limit). A restart's tasks now
+    share a port of their own; a MASTER_PORT the user exported is kept."""
+    import cafedist.cli
+
+    # the task exports RANK, MASTER_* ... into os.environ: a copy keeps them from later tests
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    seen = []
+    monkeypatch.setattr(cafedist.cli, "main", lambda argv: seen.append(os.environ["MASTER_PORT"]) or 0)
+    slurm_env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "331", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                 "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1",
+                 "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost"}
+    run = submit.RunSpec(str(tmp_path / "c.yaml"), str(tmp_path / "run"), ())
+    for restarts in ("0", "1", "1"):
+        for key, value in slurm_env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        submit.TrainTask()(run)
+    assert seen[0] != seen[1] == seen[2]  # the restart's own port, the same for every task of it
+    monkeypatch.setenv("MASTER_PORT", "31234")
+    submit.TrainTask()(run)
+    assert seen[-1] == "31234"

@@ -141,11 +141,18 @@ def _detect_slurm(env: Mapping[str, str]) -> LaunchInfo:
     if "MASTER_PORT" in env:
         port = _env_int(env, "MASTER_PORT")
     else:
-        # A port derived from the job id: every task computes the same one without talking,
-        # and two jobs sharing a node are unlikely to collide.
-        job_id = _first_int(env, ("SLURM_JOB_ID", "SLURM_JOBID"), default=9500)
-        port = 20000 + job_id % 20000
+        port = slurm_job_port(_first_int(env, ("SLURM_JOB_ID", "SLURM_JOBID"), default=9500),
+                              _first_int(env, ("SLURM_RESTART_COUNT",), default=0))
     return _checked("slurm", rank, world, local_rank, "SLURM_PROCID", "SLURM_NTASKS", addr, port)
+
+
+def slurm_job_port(job_id: int, restarts: int) -> int:
+    """The rendezvous port of a Slurm job's tasks, in [20000, 40000): derived from the job id,
+    so every task computes the same one without talking and two jobs sharing a node are
+    unlikely to collide, and from how often Slurm restarted the job, so that a requeued job
+    does not meet its own earlier start's store (a process of it still exiting holds the port:
+    rank 0 of the restart could not listen, and the others waited on it until the time limit)."""
+    return 20000 + (job_id + 7919 * restarts) % 20000
 
 
 # (rank variable, world-size variable, local-rank variables) per MPI implementation.

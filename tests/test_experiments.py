@@ -378,32 +378,25 @@ def test_sweep_axis_tables_by_clients_groups_and_pairs_by_client_count(monkeypat
         "| 40 | CAFEDistill − FedPer | 1 | -5.0 | +0.0 | +0.0 |"]
 
 
-def test_sweep_axis_tables_refuses_a_clients_study_of_several_proxy_shares(monkeypatch, tmp_path):
-    """Along one axis the other must not vary: a clients study whose runs differ in proxy share
-    would pair them as if they did not, so the script refuses in one line and writes nothing."""
+@pytest.mark.parametrize("axis, rows, message", [
+    # a clients study whose runs differ in proxy share would pair them as if they did not
+    ("clients", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10},
+                 "b": {"setting": "s", "proxy_fraction": 0.2, "clients": 10}},
+     "several proxy_fraction .0.1, 0.2. where --axis clients varies only clients"),
+    # the tables pair arms by level and seed only: digits and mnist5k runs would pair across datasets
+    ("proxy", {"a": {"setting": "set_a"}, "b": {"setting": "set_b"}},
+     "several settings .set_a, set_b.; give each its own folder")])
+def test_sweep_axis_tables_refuses_a_folder_whose_runs_it_would_pair_wrongly(monkeypatch, tmp_path, axis, rows,
+                                                                              message):
+    """Runs of several settings, or along one axis runs where the other varies too: refused in
+    one line, nothing written."""
     pt = _experiment("sweep_axis_tables", monkeypatch)
-    for name in ("a", "b"):
+    for name in rows:
         (tmp_path / "runs" / name).mkdir(parents=True)
-    share = {"a": 0.1, "b": 0.2}
-    monkeypatch.setattr(pt, "read_run", lambda d: {"row": {"setting": "s", "proxy_fraction": share[d.name],
-                                                           "clients": 10}, "clients": []})
-    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", "clients",
+    monkeypatch.setattr(pt, "read_run", lambda d: {"row": rows[d.name], "clients": []})
+    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", axis,
                                      "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="several proxy_fraction .0.1, 0.2. where --axis clients varies only clients"):
-        pt.main()
-    assert not (tmp_path / "o").exists()
-
-
-def test_sweep_axis_tables_refuses_a_folder_of_several_settings(monkeypatch, tmp_path):
-    """Its tables pair arms by share and seed only: digits and mnist5k runs in one folder would
-    pair across datasets, so the script refuses them in one line and writes nothing."""
-    pt = _experiment("sweep_axis_tables", monkeypatch)
-    for name in ("a", "b"):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-    monkeypatch.setattr(pt, "read_run", lambda d: {"row": {"setting": f"set_{d.name}"}, "clients": []})
-    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", "proxy",
-                                     "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="several settings .set_a, set_b.; give each its own folder"):
+    with pytest.raises(SystemExit, match=message):
         pt.main()
     assert not (tmp_path / "o").exists()
 

@@ -1,16 +1,19 @@
-"""Tables of a one-axis study of CAFEDistill's arms against FedPer, e.g. the proxy set's size
-(``experiments/proxy_size.txt``) or the number of clients (``experiments/clients.txt``)::
+"""Tables of a one-axis study of CAFEDistill's arms against FedPer: the proxy set's size
+(``experiments/proxy_size.txt``), the number of clients (``experiments/clients.txt``) or the
+network's width (``experiments/width.txt``)::
 
     python experiments/sweep_axis_tables.py runs/proxy_size --axis proxy --out docs/results
     python experiments/sweep_axis_tables.py runs/clients --axis clients --out docs/results
+    python experiments/sweep_axis_tables.py runs/width --axis width --out docs/results
 
 Reads every finished run below the folder and tells each run's level on the axis (the proxy
-share ``data.proxy_fraction``, or ``data.clients``) and its arm from its own ``config.yaml``:
+share ``data.proxy_fraction``, ``data.clients`` or ``model.options.width``) and its arm from its
+own ``config.yaml``:
 ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
 own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and ``FedPer``. For the
 folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
-run: proxy images, clients, mean training samples per client, final validation and test
-accuracy per exit; PREFIX ``proxy_size`` or ``clients``) and ``PREFIX_SETTING.png`` (test
+run: proxy images, clients, width, mean training samples per client, final validation and
+test accuracy per exit; PREFIX ``proxy_size``, ``clients`` or ``width``) and ``PREFIX_SETTING.png`` (test
 accuracy at exit 1 and at the last exit along the axis, per arm), and prints the markdown
 tables docs/RESULTS.md quotes: per level and arm, mean ± std over seeds; the seed-matched
 differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and, per level,
@@ -35,6 +38,7 @@ from sweep import write_csv
 
 from cafedist.config import Config, read_run_config
 from cafedist.data.store import Store
+from cafedist.models.cnn import CnnOptions
 
 ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer")
 #: seed-matched differences the tables read: (minuend, subtrahend)
@@ -52,12 +56,16 @@ class Axis:
     plot_x: str
     xlabel: str
     prefix: str
-    fixed: str  # the row key every run of one study must share (the other axis)
 
 
-AXES = {"proxy": Axis("proxy_fraction", "proxy share", "proxy_images", "proxy images (log scale)", "proxy_size",
-                      fixed="clients"),
-        "clients": Axis("clients", "clients", "clients", "clients (log scale)", "clients", fixed="proxy_fraction")}
+AXES = {"proxy": Axis("proxy_fraction", "proxy share", "proxy_images", "proxy images (log scale)", "proxy_size"),
+        "clients": Axis("clients", "clients", "clients", "clients (log scale)", "clients"),
+        "width": Axis("width", "width", "width", "CNN width: channels of the first block (log scale)", "width")}
+
+
+def fixed_keys(axis: Axis) -> list[str]:
+    """The row keys every run of one study must share: the other axes' levels."""
+    return [a.column for a in AXES.values() if a is not axis]
 
 
 def arm_of(cfg: Config) -> str:
@@ -76,6 +84,13 @@ def proxy_count(cfg: Config) -> int:
         return int(store.load_proxy().shape[0])
 
 
+def model_width(cfg: Config) -> int | None:
+    """The CNN's ``width`` option (its default when the config leaves it out); for other
+    architectures whatever the config sets, or None."""
+    default = CnnOptions().width if cfg.model.arch == "cnn" else None
+    return cfg.model.options.get("width", default)
+
+
 def read_run(run_dir: Path) -> dict | None:
     """One finished run's row and its clients' (training samples, last-exit test accuracy)."""
     if not (run_dir / "summary.json").exists():
@@ -84,7 +99,8 @@ def read_run(run_dir: Path) -> dict | None:
     summary = json.loads((run_dir / "summary.json").read_text())
     sizes = train_sizes(run_dir)
     row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
-           "clients": cfg.data.clients, "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
+           "clients": cfg.data.clients, "width": model_width(cfg), "arm": arm_of(cfg), "seed": cfg.seed,
+           "lr": cfg.train.lr,
            "rounds": summary["rounds"], "proxy_images": proxy_count(cfg),
            "train_per_client": float(np.mean(sizes)), "run": run_dir.name}
     vals = summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"])
@@ -203,7 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="the sweep's --out folder")
     parser.add_argument("--axis", choices=sorted(AXES), required=True,
-                        help="what the study varies: the proxy level or the number of clients")
+                        help="what the study varies: the proxy level, the number of clients or the CNN's width")
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSV and the figure")
     args = parser.parse_args()
     axis = AXES[args.axis]
@@ -216,11 +232,12 @@ def main() -> None:
     if len(settings) > 1:  # the tables pair arms by level and seed only
         sys.exit(f"sweep_axis_tables.py: {args.root} holds runs of several settings ({', '.join(settings)}); "
                  f"give each its own folder")
-    fixed = sorted({r["row"][axis.fixed] for r in runs})
-    if len(fixed) > 1:
-        sys.exit(f"sweep_axis_tables.py: {args.root} holds runs with several {axis.fixed} "
-                 f"({', '.join(map(str, fixed))}) where --axis {args.axis} varies only {axis.column}; "
-                 f"give each its own folder")
+    for key in fixed_keys(axis):
+        levels = sorted({r["row"][key] for r in runs}, key=str)
+        if len(levels) > 1:
+            sys.exit(f"sweep_axis_tables.py: {args.root} holds runs with several {key} "
+                     f"({', '.join(map(str, levels))}) where --axis {args.axis} varies only {axis.column}; "
+                     f"give each its own folder")
     rows = sorted((r["row"] for r in runs), key=lambda r: (r[axis.column], ARMS.index(r["arm"]), r["seed"]))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / f"{axis.prefix}_{settings[0]}_runs.csv", rows)

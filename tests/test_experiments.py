@@ -327,8 +327,9 @@ def test_a_finished_runs_rows_end_at_its_summary_not_at_a_killed_extension(monke
 
 
 def _proxy_row(share: float, arm: str, seed: int, test1: float, test3: float) -> dict:
-    return {"proxy_fraction": share, "clients": 10, "arm": arm, "seed": seed, "proxy_images": int(1800 * share),
-            "train_per_client": 100.0, "test_exit1": test1, "test_exit2": 0.9, "test_exit3": test3}
+    return {"proxy_fraction": share, "clients": 10, "width": 16, "arm": arm, "seed": seed,
+            "proxy_images": int(1800 * share), "train_per_client": 100.0, "test_exit1": test1, "test_exit2": 0.9,
+            "test_exit3": test3}
 
 
 def test_sweep_axis_tables_arms_contrasts_and_client_thirds(monkeypatch):
@@ -343,6 +344,10 @@ def test_sweep_axis_tables_arms_contrasts_and_client_thirds(monkeypatch):
     assert pt.arm_of(cfg(cross_client_kd=False)) == "no cross-client KD"
     assert pt.arm_of(cfg(last_exit_kd=True)) == "last-exit KD"
     assert pt.arm_of(cfg("fedper")) == "FedPer"
+    # the width axis reads the CNN's option, its default when the file leaves it out
+    assert pt.model_width(config_from_dict({"model": {"arch": "cnn", "options": {"width": 4}}})) == 4
+    assert pt.model_width(config_from_dict({"model": {"arch": "cnn"}})) == 32
+    assert pt.model_width(config_from_dict({"model": {"arch": "resnet18"}})) is None
     rows = [_proxy_row(0.1, "CAFEDistill", 0, 0.90, 0.95), _proxy_row(0.1, "CAFEDistill", 1, 0.92, 0.97),
             _proxy_row(0.1, "FedPer", 0, 0.80, 0.96), _proxy_row(0.1, "FedPer", 1, 0.84, 0.96),
             _proxy_row(0.2, "CAFEDistill", 0, 0.5, 0.5),  # another share: never paired with 0.1's FedPer
@@ -380,9 +385,16 @@ def test_sweep_axis_tables_by_clients_groups_and_pairs_by_client_count(monkeypat
 
 @pytest.mark.parametrize("axis, rows, message", [
     # a clients study whose runs differ in proxy share would pair them as if they did not
-    ("clients", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10},
-                 "b": {"setting": "s", "proxy_fraction": 0.2, "clients": 10}},
+    ("clients", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 16},
+                 "b": {"setting": "s", "proxy_fraction": 0.2, "clients": 10, "width": 16}},
      "several proxy_fraction .0.1, 0.2. where --axis clients varies only clients"),
+    # a width study whose runs differ in client count; the clients axis refuses widths alike
+    ("width", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 4},
+               "b": {"setting": "s", "proxy_fraction": 0.1, "clients": 20, "width": 8}},
+     "several clients .10, 20. where --axis width varies only width"),
+    ("clients", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 4},
+                 "b": {"setting": "s", "proxy_fraction": 0.1, "clients": 20, "width": 8}},
+     "several width .4, 8. where --axis clients varies only clients"),
     # the tables pair arms by level and seed only: digits and mnist5k runs would pair across datasets
     ("proxy", {"a": {"setting": "set_a"}, "b": {"setting": "set_b"}},
      "several settings .set_a, set_b.; give each its own folder")])

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from cafedist.run.metrics import read_rounds
 
 #: the confidence threshold whose dynamic-inference accuracy and cost runs.csv records
 RUNS_THRESHOLD = 0.6
@@ -138,23 +139,9 @@ def trials_csv(trials: dict[str, list[Any]], chosen: dict[str, int | None]) -> s
 
 def read_curve(run_dir: str | os.PathLike, rounds: int | None = None) -> list[dict]:
     """The evaluated rounds of a run: ``{"round", "acc_per_exit", "val_acc_per_exit"?}`` from
-    its ``metrics.jsonl`` (later lines win: a resumed run rewrites the rounds it redoes); with
-    ``rounds`` (its summary's), only the rounds before it: rows past a finished run's end are a
-    killed extension's (``--resume force`` before its first checkpoint), which the next train drops."""
-    path = Path(run_dir) / "metrics.jsonl"
-    records: dict[int, dict] = {}
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill, or damaged (bytes that are no UTF-8 too)
-        if isinstance(rec, dict) and rec.get("acc_per_exit") and (rounds is None or int(rec["round"]) < rounds):
-            records[int(rec["round"])] = rec
-    return [records[r] for r in sorted(records)]
+    its ``metrics.jsonl`` (:func:`cafedist.run.metrics.read_rounds`; with ``rounds``, its
+    summary's, only the rounds before it)."""
+    return [rec for rec in read_rounds(run_dir, rounds) if rec.get("acc_per_exit")]
 
 
 def curves_csv(outcomes: Sequence[Any]) -> str:

@@ -174,6 +174,11 @@ def load_run(run_dir: str | Path) -> RunStats:
     if not run.is_dir():
         raise DataError(f"{run}: not a directory (expected a run directory written by `cafedist train`)")
     records = _read_metrics(run / "metrics.jsonl")
+    summary = _read_optional(run / "summary.json", json.loads)
+    if type(summary.get("rounds")) is int:
+        # a finished run's rounds: rows past them are a killed `--resume force` attempt's (another
+        # config's), which the next train drops
+        records = [r for r in records if r["round"] < summary["rounds"]] or records
     used = timed_rounds(records)
     world = {int(r["world_size"]) for r in records}
     if len(world) > 1:
@@ -189,7 +194,7 @@ def load_run(run_dir: str | Path) -> RunStats:
         wire_bytes_per_round=_mean([float(r.get("wire_bytes", 0)) for r in used]),
         logical_bytes_per_round=_mean([float(v) for v in logical]),
         config=config,
-        summary=_read_optional(run / "summary.json", json.loads),
+        summary=summary,
         samples_per_rank=busiest_rank_samples(config, next(iter(world)), run) if config else None,
     )
 

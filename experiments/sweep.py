@@ -107,11 +107,11 @@ def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
 
 
 def finished_records(run_dir: Path, rounds: int) -> list[dict]:
-    """The ``metrics.jsonl`` rows of a finished run's ``rounds`` (its summary's): rows past them
-    are a killed ``--resume force`` extension's, which the next train of the run drops (as
-    compare's curves read them, :func:`cafedist.runtables.read_curve`)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["round"] < rounds]
+    """The ``metrics.jsonl`` records of a finished run's ``rounds`` (its summary's), one per
+    round (:func:`cafedist.run.metrics.read_rounds`, as compare's curves read them)."""
+    from cafedist.run.metrics import read_rounds
+
+    return read_rounds(run_dir, rounds)
 
 
 def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:

@@ -246,6 +246,27 @@ def test_eval_draws_conflict_png_only_for_runs_with_records(runs):
     assert not (off / "conflict.png").exists()
 
 
+def test_eval_conflict_png_reads_the_evaluated_rounds_past_a_damaged_line(runs, tmp_path, monkeypatch):
+    """conflict.png draws the evaluated checkpoint's own rounds: not the row a killed `--resume
+    force` attempt left past them, and a damaged line does not cost the plot (it was dropped
+    whole, with a warning, on any unreadable line)."""
+    import shutil
+
+    import cafedist.eval.run as eval_run
+
+    run = tmp_path / "on"
+    shutil.copytree(runs[1], run)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    extra = json.loads(lines[-1]) | {"round": 4}  # a round of a longer schedule, killed before its checkpoint
+    (run / "metrics.jsonl").write_bytes(b"".join(lines[:2]) + b"\xff{torn\n" + b"".join(lines[2:])
+                                        + (json.dumps(extra) + "\n").encode())
+    drawn = []
+    monkeypatch.setattr(eval_run, "plot_conflict", lambda records, *a, **k: drawn.append(records))
+    report = evaluate_run(run)
+    assert [r["round"] for r in drawn[0]] == [0, 1, 2, 3]
+    assert report["paths"]["conflict_plot"] == str(run.absolute() / "conflict.png")
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_same_record(runs, tmp_path):
     cfg, on, _ = runs

@@ -21,6 +21,20 @@ def test_a_metrics_line_with_bytes_that_are_no_utf8_is_passed_over_as_a_torn_one
     assert [r["round"] for r in runtables.read_curve(tmp_path)] == [0, 1, 2]
 
 
+def test_read_rounds_one_record_per_round_the_later_line_winning(tmp_path):
+    """Shared by compare's curves, eval's conflict.png and the experiments' tables: a resumed
+    run's redone round counts once (its later line), lines that are no record with an integer
+    round are passed over, ``before`` keeps the rounds before it, and no file is no rounds."""
+    from cafedist.run.metrics import read_rounds
+
+    assert read_rounds(tmp_path) == []
+    lines = [{"round": 0, "v": "a"}, {"round": 1, "v": "old"}, [1, 2], {"round": "2"}, {"round": 1.0},
+             {"round": 1, "v": "redone"}, {"round": 2, "v": "b"}, {"round": 3, "v": "killed force"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"round": 4, "v')
+    assert [r["v"] for r in read_rounds(tmp_path)] == ["a", "redone", "b", "killed force"]
+    assert [r["v"] for r in read_rounds(tmp_path, before=3)] == ["a", "redone", "b"]
+
+
 def _outcome(run_dir: Path, seed: int, summary: dict, curve: list[list[float]]) -> SimpleNamespace:
     """A finished run of row ``fedavg`` (compare's RunOutcome, duck-typed) whose test accuracy
     per exit in round r is ``curve[r]``."""

@@ -54,6 +54,15 @@ def test_the_first_round_of_every_session_is_skipped_as_warmup(tmp_path):
     assert stats.rounds_used == 3 and stats.round_s == pytest.approx(2.0)
 
 
+def test_rows_past_a_finished_runs_rounds_are_left_out(tmp_path):
+    """A `--resume force` attempt killed before its first checkpoint leaves rows of another
+    config past the summary's rounds (the next train drops them): they were timed as the run's."""
+    run = _run(tmp_path, "extended", 1, [4], [10.0, 2.0, 2.0, 50.0, 50.0])
+    (run / "summary.json").write_text(json.dumps({"rounds": 3, "n_params": 10}))
+    stats = load_run(run)
+    assert (stats.rounds_total, stats.rounds_used) == (3, 2) and stats.round_s == pytest.approx(2.0)
+
+
 def test_strong_scaling_efficiency(tmp_path):
     runs = [load_run(_run(tmp_path, "w4", 4, [2, 2, 2, 2], [9, 1.0, 1.0])),
             load_run(_run(tmp_path, "w1", 1, [8], [9, 2.0, 2.0])),

@@ -49,7 +49,7 @@ from cafedist.eval.plots import plot_accuracy_vs_macs, plot_conflict
 from cafedist.fsutil import remove_stale_temps, remove_together, replaced_together, write_json_atomic
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
-from cafedist.run.metrics import MetricsLog
+from cafedist.run.metrics import read_rounds
 from cafedist.rundir import live_holder, outputs_lock
 from cafedist.typed import is_finite_number
 
@@ -254,11 +254,9 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
     # paths absolute: eval.json is read from anywhere (export, a user's script), not only from where eval ran
     where = run_dir.absolute()
     paths = {"json": str(where / "eval.json"), "plot": str(where / "accuracy_vs_macs.png")}
-    try:
-        conflict = [r for r in MetricsLog(run_dir, tensorboard=False).read() if r.get("conflict")]
-    except ValueError:  # a line torn by a kill: the plot is optional, the evaluation is not
-        log.warning("%s/metrics.jsonl: unreadable line, conflict.png not drawn", run_dir)
-        conflict = []
+    # the evaluated checkpoint's own rounds: rows past it are a live run's newer ones or a killed
+    # `--resume force` attempt's; a torn or damaged line is passed over (the plot is optional)
+    conflict = [r for r in read_rounds(run_dir, before=done + 1) if r.get("conflict")]
     if conflict:
         paths["conflict_plot"] = str(where / "conflict.png")
     report = {

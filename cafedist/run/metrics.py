@@ -68,6 +68,29 @@ class MetricsLog:
             self._tb.close()
 
 
+def read_rounds(run_dir: str | os.PathLike, before: int | None = None) -> list[dict[str, Any]]:
+    """A run's ``metrics.jsonl`` as one record per round, ascending, for readers of a run that
+    may be damaged or still training (tables, plots): a line that is no JSON object with an
+    integer ``round`` (torn by a kill, or damaged bytes) is passed over; later lines win (a
+    resumed run rewrites the rounds it redoes). With ``before`` only the rounds before it: a
+    finished run's summary's rounds, or an evaluated checkpoint's, whose rows are the model's
+    own (rows past them are a killed ``--resume force`` attempt's, which the next train drops,
+    or a live run's newer ones). [] without the file."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    records: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and type(rec.get("round")) is int and (before is None or rec["round"] < before):
+            records[rec["round"]] = rec
+    return [records[r] for r in sorted(records)]
+
+
 def _finite_or_null(value: Any) -> Any:
     """``value`` with every float that is not finite (nested in dicts and lists) as None:
     json.dumps would write it as NaN or Infinity, which is no JSON (jq and strict readers

@@ -30,13 +30,18 @@ import time
 from pathlib import Path
 
 from cafedist.errors import CafeError
-from cafedist.fsutil import fsync_dir
+from cafedist.fsutil import fsync_dir, write_text_atomic
 
 log = logging.getLogger("cafedist")
 
 LOCK_NAME = "run.lock"
 OUTPUTS_LOCK_NAME = "outputs.lock"
 PREVIOUS_PREFIX = "previous-"
+#: who began the run in the directory with ``--resume none`` (:func:`record_start`), read by the
+#: sbatch templates (slurm/_run.sh) when Slurm restarts their job
+START_TOKEN_NAME = ".start-token"
+#: the starter's token, exported by the sbatch templates (``slurm-<cluster>-<job id>``)
+START_TOKEN_ENV = "CAFEDIST_START_TOKEN"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
 #: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
 #: conflict diagnostic) and compare's kept budget results (budgets.json). Not the logs of
@@ -229,3 +234,16 @@ def move_aside(run_dir: Path) -> Path | None:
     fsync_dir(target)
     fsync_dir(run_dir)
     return target
+
+
+def record_start(run_dir: Path, token: str | None) -> None:
+    """``--resume none`` has moved any earlier run out of ``run_dir`` (rank 0, the lock held):
+    record ``token`` (the starter's :data:`START_TOKEN_ENV`) in :data:`START_TOKEN_NAME`, or,
+    without one, remove an earlier starter's, so that the file never names a start it did not
+    make. A restarted job continues the run only where the file holds its own token; one
+    stopped before this point finds none, and starts over as it was asked to."""
+    path = run_dir / START_TOKEN_NAME
+    if token:
+        write_text_atomic(path, token)
+    else:
+        path.unlink(missing_ok=True)

@@ -14,8 +14,10 @@
 #   PYTHON        interpreter with cafedist installed (default python3 on PATH). If it cannot
 #                 import cafedist, the checkout holding this file is put on PYTHONPATH.
 #   RESUME        auto (default) | none | force for the first start; a requeued job uses
-#                 auto after none (a restart never starts over the run it is to continue),
-#                 force after force (the run's config.yaml may still be the old one)
+#                 auto after none once this job has started the run over (a restart never
+#                 starts over the run it is to continue), none again if it was stopped before
+#                 (see CAFEDIST_START_TOKEN below), force after force (the run's config.yaml
+#                 may still be the old one)
 #   MAX_REQUEUES  give up requeueing after this many restarts of this job (default 20)
 #   PROGRESS      1 = keep the trainer's progress line in the log (default 0)
 #   OMP_NUM_THREADS  default: --cpus-per-task (else 1), so ranks do not oversubscribe cores
@@ -61,6 +63,12 @@ if [[ -n "${SLURM_RESTART_COUNT:-}" ]]; then
     [[ "$_cafedist_restarts" =~ ^[0-9]+$ ]] || _cafedist_restarts="$SLURM_RESTART_COUNT"
 fi
 
+# This job's name for the run it starts over: `cafedist train --resume none` writes it into
+# OUT/.start-token (cafedist.rundir.START_TOKEN_NAME) once it has moved the earlier run aside, so
+# a restart knows whether this job got that far. Set here, never inherited: sbatch copies the
+# submitting environment. An array element has a job id of its own, which a requeue keeps.
+export CAFEDIST_START_TOKEN="slurm-${SLURM_CLUSTER_NAME:-}-${SLURM_JOB_ID:-}"
+
 if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
     # A source checkout (this file's parent) rather than an installed package.
     export PYTHONPATH="${_CAFEDIST_REPO}${PYTHONPATH:+:$PYTHONPATH}"
@@ -70,12 +78,32 @@ if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
     }
 fi
 
+# Whether this job has started OUT over (RESUME=none): train wrote this job's token there once it
+# had moved the earlier run aside. A cafedist older than the token, which records none, cannot
+# tell: yes, as the templates always took it.
+_cafedist_started_over() {
+    local name
+    name="$("$PYTHON" -c 'from cafedist.rundir import START_TOKEN_NAME as n; print(n)' 2>/dev/null)"
+    [[ -z "$name" || "$(cat -- "$OUT/$name" 2>/dev/null)" == "$CAFEDIST_START_TOKEN" ]]
+}
+
+_cafedist_resume=""  # the --resume of this start
+
 # The `cafedist train` arguments, identical on every rank.
 _cafedist_train_args() {
     local resume="$RESUME" extra=()
-    # A restarted job continues its run, never starts it over again; force stays (stopped before
-    # its first checkpoint under the new config, the run's config.yaml is still the old one).
-    [[ "$_cafedist_restarts" -gt 0 && "$resume" == none ]] && resume=auto
+    # A restarted job continues the run it started over, never starts it over again; but one
+    # stopped before it moved the earlier run aside starts over still: auto would continue the
+    # earlier run, or report it finished. force stays (stopped before its first checkpoint under
+    # the new config, the run's config.yaml is still the old one).
+    if [[ "$_cafedist_restarts" -gt 0 && "$resume" == none ]]; then
+        if _cafedist_started_over; then
+            resume=auto
+        else
+            _cafedist_log "this job was stopped before it started $OUT over (RESUME=none): the restart starts over"
+        fi
+    fi
+    _cafedist_resume="$resume"
     if [[ -n "$EXTRA" ]]; then
         # xargs splits like a shell (quotes honoured) without evaluating anything.
         mapfile -t extra < <(printf '%s' "$EXTRA" | xargs -n1 printf '%s\n')
@@ -111,8 +139,12 @@ _cafedist_finish() {
         exit 0
     fi
     # torchrun reports its own failure code, not the ranks' 75: a stop signal that reached this
-    # script, and a run without summary.json, mean the same thing.
-    if [[ $rc != "$_CAFEDIST_REQUEUE_CODE" ]] && ! [[ -n "$_cafedist_signal" && ! -f "$OUT/summary.json" ]]; then
+    # script, and a run without summary.json, mean the same thing. (Under --resume none, until
+    # this job has started the run over, a summary.json is the earlier run's.)
+    local finished=0
+    [[ -f "$OUT/summary.json" ]] && finished=1
+    [[ $finished == 1 && "$_cafedist_resume" == none ]] && ! _cafedist_started_over && finished=0
+    if [[ $rc != "$_CAFEDIST_REQUEUE_CODE" ]] && ! [[ -n "$_cafedist_signal" && $finished == 0 ]]; then
         _cafedist_log "training failed with exit code $rc (not requeued)"
         exit "$rc"
     fi

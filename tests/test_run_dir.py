@@ -27,7 +27,7 @@ from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import read_run_config
 from cafedist.errors import CheckpointError
 from cafedist.eval.run import LoadedRun, writing_outputs
-from cafedist.rundir import LOCK_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
+from cafedist.rundir import LOCK_NAME, START_TOKEN_ENV, START_TOKEN_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -164,6 +164,26 @@ def test_resume_none_moves_an_export_kept_in_the_run_directory_aside_with_it(fin
     [moved] = [p for p in run_copy.iterdir() if p.name.startswith("previous-")]
     assert tree_hashes(moved / "export") == exported
     assert not (run_copy / "export").exists() and (run_copy / "notes.txt").read_text() == "mine"
+
+
+def test_resume_none_records_who_started_the_run_over(finished, run_copy, monkeypatch):
+    """The sbatch templates tell a restart of their job that had started its run over (to be
+    continued) from one stopped before it moved the earlier run aside (to start over still) by
+    the token the start-over records (slurm/_run.sh); one without a token removes an earlier's."""
+    from cafedist.config import load_config
+    from cafedist.train.startup import prepare_run_dir
+
+    cfg, token = load_config(finished[0]), run_copy / START_TOKEN_NAME
+    monkeypatch.setenv(START_TOKEN_ENV, "slurm-c-7")
+    prepare_run_dir(cfg, run_copy, "none")
+    [moved] = run_copy.glob("previous-*")
+    assert token.read_text() == "slurm-c-7" and (moved / "summary.json").exists()
+    monkeypatch.setenv(START_TOKEN_ENV, "slurm-c-8")
+    prepare_run_dir(cfg, run_copy, "auto")  # resuming it: still job 7's start
+    assert token.read_text() == "slurm-c-7"
+    monkeypatch.delenv(START_TOKEN_ENV)
+    prepare_run_dir(cfg, run_copy, "none")
+    assert not token.exists()
 
 
 def test_every_output_written_about_a_run_moves_aside_with_it():

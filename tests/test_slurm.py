@@ -238,6 +238,45 @@ def test_template_forced_job_restarted_before_its_first_checkpoint_stays_forced(
     assert json.loads((out / "summary.json").read_text())["rounds"] == ROUNDS + 2
 
 
+def test_template_start_over_stopped_before_it_moved_the_run_aside_starts_over_when_restarted(slurm, workdir,
+                                                                                              reference):
+    """RESUME=none onto a finished run, stopped (SIGUSR1: a time limit or preemption ahead)
+    while its ranks were still starting, before the trainer moved the run aside: the job was not
+    requeued (the earlier run's summary.json passed for its own), and a restart ran --resume
+    auto, which found the earlier run finished instead of training the new one. Now the restart
+    starts over; stopped again mid-run, the next restart resumes the new run's checkpoint."""
+    out = workdir / "start-over-stopped"
+    shutil.copytree(workdir / "reference", out)  # the earlier run, finished
+    # the first start's ranks wait in this stand-in PYTHON, before cafedist runs, for the signal
+    held = workdir / f"{out.name}-held"
+    held.mkdir()
+    hold = workdir / f"{out.name}-python"
+    hold.write_text(f"""#!/bin/sh
+if [ "$1" = -m ] && [ -z "${{SLURM_RESTART_COUNT:-}}" ]; then touch "{held}/$SLURM_PROCID"; exec sleep 120; fi
+exec {shlex.quote(sys.executable)} "$@"
+""")
+    hold.chmod(0o755)
+    job, _, log = _sbatch(workdir, out.name, RESUME="none", PYTHON=str(hold))
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while len(list(held.iterdir())) < 2:
+        assert time.monotonic() < deadline and _in_queue(job), f"the ranks were not held; log:\n{_tail(log)}"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=60)
+    while not list(out.glob("previous-*")):  # the restart moves the earlier run aside
+        assert time.monotonic() < deadline and _in_queue(job), f"no restart started over; log:\n{_tail(log)}"
+        time.sleep(0.2)
+    _wait_rounds(out, 2, job, log)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=60)
+    _wait_gone(job, log)
+    text = log.read_text()
+    starts = re.findall(r"restart (\d+) on .* --resume (\w+)", text)
+    assert starts == [("0", "none"), ("1", "none"), ("2", "auto")], _tail(log)
+    assert "training finished" in text and _resumed_round(text) >= 1, _tail(log)
+    [earlier] = out.glob("previous-*")
+    assert json.loads((earlier / "summary.json").read_text()) == reference
+    _assert_same_result(out, reference, world_size=2)
+
+
 def test_sweep_submits_without_the_restart_count(tmp_path):
     """Run from inside a restarted job, sweep.sh passed that job's SLURM_RESTART_COUNT to every
     job it submitted (no cluster needed: a stand-in sbatch records what it got)."""
@@ -1085,21 +1124,75 @@ def _another_user_in_the_turn(folder: Path, own_turn: bool = True) -> None:
     assert (folder / submit.TURN_LOCK).exists() != own_turn
 
 
+def _template_shell(tmp_path: Path, script: str, state: str = "RUNNING", restarts: int = 0,
+                    **env: str) -> subprocess.CompletedProcess:
+    """``script`` run after sourcing slurm/_run.sh as job 1 of cluster c into ``tmp_path/run``,
+    restarted ``restarts`` times, with a stand-in scontrol (it reports ``state``, and says what
+    it was asked to do)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n[ \"$1\" = show ] || {{ echo \"scontrol $*\"; exit 0; }}\n"
+                                      f"echo 'JobId=1 JobState={state} Restarts={restarts}'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1", "SLURM_CLUSTER_NAME": "c",
+            "PYTHON": sys.executable, "OUT": str(tmp_path / "run"), **env}
+    full.pop("SLURM_RESTART_COUNT", None)
+    if restarts:
+        full["SLURM_RESTART_COUNT"] = str(restarts)
+    script = f"source {shlex.quote(str(REPO / 'slurm' / '_run.sh'))}; {script}"
+    return subprocess.run(["bash", "-c", script], env=full, capture_output=True, text=True, timeout=30)
+
+
+#: what `cafedist train --resume none` does once it has moved the earlier run aside (startup.prepare_run_dir)
+_RECORD_START = ("\"$PYTHON\" -c 'import os, pathlib; from cafedist.rundir import START_TOKEN_ENV, record_start; "
+                 "record_start(pathlib.Path(os.environ[\"OUT\"]), os.environ.get(START_TOKEN_ENV))'")
+
+
+@pytest.mark.parametrize("resume, restarts, recorded, expected", [
+    ("none", 1, "own", "auto"),  # the job had started the run over: continue it
+    ("none", 1, None, "none"),  # stopped before it moved the earlier run aside: start over still
+    ("none", 1, "inherited", "none"),  # the token of the job it was submitted from is not its own
+    ("none", 0, "own", "none"),
+    ("force", 1, None, "force"),
+])
+def test_a_restarted_start_over_continues_only_the_run_it_started(tmp_path, resume, restarts, recorded, expected):
+    """RESUME=none, the job stopped before the trainer moved the earlier run aside (a signal in
+    its first seconds, a node failure): its restart ran --resume auto and continued the earlier
+    run, or reported it finished, instead of starting over. A restart continues only a run
+    whose start-over recorded this job's token."""
+    (tmp_path / "run").mkdir()
+    inherited = {"CAFEDIST_START_TOKEN": "slurm-c-0"} if recorded == "inherited" else {}
+    if recorded is not None:  # what the first start recorded
+        first = _template_shell(tmp_path, _RECORD_START, RESUME=resume, SLURM_JOB_ID="0" if inherited else "1")
+        assert first.returncode == 0, first.stderr
+    show = 'echo "$CAFEDIST_START_TOKEN"; _cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"'
+    proc = _template_shell(tmp_path, show, restarts=restarts, RESUME=resume, **inherited)
+    assert proc.returncode == 0, proc.stderr
+    token, *_, args = proc.stdout.splitlines()
+    assert f"--resume {expected} " in args, proc.stdout
+    assert token == "slurm-c-1"  # its own, whatever it inherited
+
+
+def test_a_start_over_stopped_before_it_began_is_requeued_beside_the_earlier_runs_summary(tmp_path):
+    """A stop signal that ended the step of a RESUME=none start before the trainer moved the
+    earlier run aside: its summary.json passed for this run's own, and the job was not requeued
+    but reported "training failed"."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")  # the earlier run's
+    finish = "_cafedist_signal=USR1; _cafedist_resume=none; _cafedist_finish 138"
+    proc = _template_shell(tmp_path, finish, RESUME="none")
+    assert proc.returncode == 75 and "scontrol requeue 1" in proc.stdout, proc.stdout
+    started = _template_shell(tmp_path, f"{_RECORD_START}; {finish}", RESUME="none")  # this run's summary
+    assert started.returncode == 138 and "training failed" in started.stdout, started.stdout
+
+
 @pytest.mark.parametrize("rc, said", [(75, "checkpoint written"), (138, "stopped by a signal (exit code 138")])
 def test_the_templates_say_checkpoint_written_only_when_the_trainer_wrote_one(tmp_path, rc, said):
     """A stop signal that ends the step before cafedist can act on it (while it starts: exit
     138, SIGUSR1's) is requeued like cafedist's own 75, but the log said "checkpoint written"
     for it too, which this start never wrote. Driven with a stand-in scontrol (state CANCELLED:
     the path that logs and exits without requeueing)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'JobId=1 JobState=CANCELLED Restarts=0'\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    run_sh = REPO / "slurm" / "_run.sh"
-    script = f"source {shlex.quote(str(run_sh))}; _cafedist_signal=USR1; _cafedist_finish {rc}"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1", "OUT": str(tmp_path / "run")}
-    env.pop("SLURM_RESTART_COUNT", None)
-    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    proc = _template_shell(tmp_path, f"_cafedist_signal=USR1; _cafedist_finish {rc}", state="CANCELLED")
     assert proc.returncode == rc, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if "job is CANCELLED" in line]
     assert len(lines) == 1 and said in lines[0], proc.stdout

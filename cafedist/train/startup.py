@@ -10,6 +10,7 @@ that has already stopped.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.fsutil import write_text_atomic
 from cafedist.run.checkpoint import CheckpointDir, Resumed
 from cafedist.run.residency import remove_parked_state
-from cafedist.rundir import RunLock, move_aside, outputs_lock
+from cafedist.rundir import START_TOKEN_ENV, RunLock, move_aside, outputs_lock, record_start
 from cafedist.train.preflight import RunDirPlan, check_data_paths, check_paths, earlier_hashes, plan_run_dir
 
 log = logging.getLogger("cafedist")
@@ -111,7 +112,8 @@ def prepared_here(run_dir: str | Path) -> bool:
 def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
 
-    Moves an earlier run aside (``--resume none``) and writes ``config.yaml``, except under
+    Moves an earlier run aside (``--resume none``, which then records who started the run over:
+    :func:`~cafedist.rundir.record_start`) and writes ``config.yaml``, except under
     ``--resume force`` onto a different config: then the old ``config.yaml`` stays until the
     first new round is checkpointed. Returns whether that write is still due.
     """
@@ -122,6 +124,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
         with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
             moved = move_aside(run_dir)
         log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+    if resume == "none":  # before config.yaml: a restart that finds its token continues from here
+        record_start(run_dir, os.environ.get(START_TOKEN_ENV))
     _PREPARED.add(run_dir.resolve())
     # scratch of killed sessions; no other process writes here while the lock is held
     CheckpointDir(run_dir).remove_stale_staging()

@@ -247,3 +247,12 @@ def record_start(run_dir: Path, token: str | None) -> None:
         write_text_atomic(path, token)
     else:
         path.unlink(missing_ok=True)
+
+
+def started_by(run_dir: str | os.PathLike, token: str) -> bool:
+    """Whether the run in ``run_dir`` is one that ``token``'s starter started over
+    (:func:`record_start`): its job, restarted, continues it rather than start over again."""
+    try:
+        return (Path(run_dir) / START_TOKEN_NAME).read_text("utf-8") == token
+    except (OSError, UnicodeDecodeError):
+        return False

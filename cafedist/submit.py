@@ -21,7 +21,9 @@ checkpoint. SIGTERM (e.g. Slurm preemption with GraceTime) also makes the traine
 the job is requeued only while Slurm still reports it RUNNING, never after ``scancel``. A job
 that Slurm requeues itself (an outside ``scontrol requeue``, preemption in requeue mode, a node
 failure) restarts from its first pickle: it resumes too (``SLURM_RESTART_COUNT``), and its
-stopped attempt leaves no result file, so that ``--wait`` goes on waiting for the restart.
+stopped attempt leaves no result file, so that ``--wait`` goes on waiting for the restart. A
+``--resume none`` stopped before the trainer moved the earlier run aside starts over when
+restarted, either way (the job's token in the run directory: :meth:`TrainTask._slurm_start`).
 """
 
 from __future__ import annotations
@@ -286,15 +288,14 @@ class TrainTask(Checkpointable):
         Raises :class:`JobStopped` if the trainer stopped on a signal and the job is not to be
         requeued (cancelled), ``RuntimeError`` if it failed; after a stop signal on a job that
         can be requeued, hands over to submitit's requeue (which exits this process). A job
-        that Slurm restarted always resumes (``force`` after ``force``, else ``auto``).
+        that Slurm restarted resumes (``force`` after ``force``, else ``auto``) once it has
+        started its run over (:meth:`_slurm_start`).
         """
         from cafedist.cli import main as cafedist_main
         from cafedist.distributed.runtime import slurm_job_port
 
-        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and _restart_count() > 0:
-            # Slurm restarted the job from its first pickle (an outside requeue, preemption in
-            # requeue mode, a node failure), not from checkpoint()'s: continue, never start over
-            run = run.resumed()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            run = self._slurm_start(run)
         os.environ.update(self.env)
         if "OMP_NUM_THREADS" in self.env and "torch" in sys.modules:
             import torch  # already imported: the variable alone would come too late
@@ -328,6 +329,22 @@ class TrainTask(Checkpointable):
             path = Path(run.out) / "summary.json"
             summary = json.loads(path.read_text()) if path.is_file() else None
         return {"out": run.out, "rank": rank, "summary": summary}
+
+    @staticmethod
+    def _slurm_start(run: RunSpec) -> RunSpec:
+        """What this start of a Slurm job runs. It names the job's start-over (``--resume none``
+        records the token in the run directory: :func:`cafedist.rundir.record_start`; this job's
+        own, never one inherited from the job it was submitted from). A restart (from the first
+        pickle: an outside requeue, preemption in requeue mode, a node failure; or from
+        :meth:`checkpoint`'s) continues, never starts over, the run this job began; but a
+        ``--resume none`` stopped before it moved the earlier run aside starts over still."""
+        from cafedist.rundir import START_TOKEN_ENV, started_by
+
+        token = f"slurm-{os.environ.get('SLURM_CLUSTER_NAME', '')}-{os.environ.get('SLURM_JOB_ID', '')}"
+        os.environ[START_TOKEN_ENV] = token
+        if _restart_count() > 0 and (run.resume != "none" or started_by(run.out, token)):
+            return run.resumed()
+        return run
 
     def checkpoint(self, run: RunSpec) -> DelayedSubmission:  # type: ignore[override]
         """Called by submitit on preemption/time-out: resubmit the same run, resuming once the

@@ -390,13 +390,16 @@ def test_submitit_job_requeued_by_slurm_resumes_and_is_waited_for(slurm, workdir
     """An outside `scontrol requeue` (as preemption in requeue mode, or a node failure with
     --requeue): Slurm restarts the job from its first pickle. A first start with --resume none
     started over on the restart (the progress moved aside once more), and the stopped attempt's
-    result file made --wait report the job failed while its restart trained on."""
+    result file made --wait report the job failed while its restart trained on. Requeued while
+    it started, before the trainer moved the earlier run aside, the job continued that run on
+    the restart (here: trained it under its config.yaml, with nothing moved aside)."""
     out = workdir / "submitit-requeued"
     out.mkdir()
     # a run (its config alone) for --resume none to move aside: metrics.jsonl is then the new run's
     shutil.copy(workdir / "reference" / "config.yaml", out / "config.yaml")
     job, runs, _ = _submit_one(workdir, out.name, monkeypatch, False, "--resume", "none")
     log = Path(job.paths.stderr)
+    _requeue_as_it_starts(str(job.job_id))
     _wait_rounds(out, 2, str(job.job_id), log)
     subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, timeout=60)
     [outcome] = jobs.wait_for([job], runs, timeout_s=JOB_TIMEOUT_S, poll_s=0.5)
@@ -913,6 +916,53 @@ def test_a_start_over_stopped_before_the_trainer_moved_the_run_aside_starts_over
     assert task.checkpoint(forced).args[0].resume == "force"
 
 
+#: (first --resume, the job's restarts, who recorded the start-over in the run directory, --resume
+#: of this start) for a job that Slurm restarted, under the sbatch templates and under submit
+RESTART_CASES = [
+    ("none", 1, "own", "auto"),  # the job had started the run over: continue it
+    ("none", 1, None, "none"),  # stopped before it moved the earlier run aside: start over still
+    ("none", 1, "inherited", "none"),  # the token of the job it was submitted from is not its own
+    ("none", 0, "own", "none"),
+    ("auto", 1, None, "auto"),
+    ("force", 1, None, "force"),
+]
+
+#: what a submitit task (task 1 of a 2-task job 331 on one node) finds in its environment
+_SLURM_TASK_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "331", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                   "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1",
+                   "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost"}
+
+
+@pytest.mark.parametrize("resume, restarts, recorded, expected", RESTART_CASES)
+def test_a_restarted_submitit_start_over_continues_only_the_run_it_started(tmp_path, monkeypatch, resume, restarts,
+                                                                           recorded, expected):
+    """--resume none, restarted by Slurm (from the first pickle, or from checkpoint()'s, whose
+    --resume none the restart turned into auto as well) before the trainer moved the earlier run
+    aside: the restart continued the earlier run, or reported it finished, instead of starting over."""
+    import cafedist.cli
+    from cafedist.rundir import START_TOKEN_ENV, record_start
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the task exports RANK, MASTER_*, the token ...
+    seen = []
+    monkeypatch.setattr(cafedist.cli, "main",
+                        lambda argv: seen.append((argv[argv.index("--resume") + 1], os.environ[START_TOKEN_ENV])) or 0)
+    for key, value in {**_SLURM_TASK_ENV, "SLURM_CLUSTER_NAME": "c", "SLURM_RESTART_COUNT": str(restarts)}.items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if recorded == "inherited":
+        monkeypatch.setenv(START_TOKEN_ENV, "slurm-c-330")
+        record_start(run_dir, "slurm-c-330")
+    run = submit.RunSpec(str(tmp_path / "c.yaml"), str(run_dir), (), resume)
+    if recorded == "own":  # as the job's first start recorded it
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+        submit.TrainTask()(run)
+        record_start(run_dir, os.environ[START_TOKEN_ENV])
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+    submit.TrainTask()(run)
+    assert seen[-1] == (expected, "slurm-c-331")
+
+
 def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeypatch):
     """sbatch passes the submitting shell's environment on: from inside a job that Slurm had
     restarted, SLURM_RESTART_COUNT reached the new job, whose first start then counted as a
@@ -1148,13 +1198,7 @@ _RECORD_START = ("\"$PYTHON\" -c 'import os, pathlib; from cafedist.rundir impor
                  "record_start(pathlib.Path(os.environ[\"OUT\"]), os.environ.get(START_TOKEN_ENV))'")
 
 
-@pytest.mark.parametrize("resume, restarts, recorded, expected", [
-    ("none", 1, "own", "auto"),  # the job had started the run over: continue it
-    ("none", 1, None, "none"),  # stopped before it moved the earlier run aside: start over still
-    ("none", 1, "inherited", "none"),  # the token of the job it was submitted from is not its own
-    ("none", 0, "own", "none"),
-    ("force", 1, None, "force"),
-])
+@pytest.mark.parametrize("resume, restarts, recorded, expected", RESTART_CASES)
 def test_a_restarted_start_over_continues_only_the_run_it_started(tmp_path, resume, restarts, recorded, expected):
     """RESUME=none, the job stopped before the trainer moved the earlier run aside (a signal in
     its first seconds, a node failure): its restart ran --resume auto and continued the earlier
@@ -1210,12 +1254,9 @@ def test_a_restarted_submitit_job_rendezvous_on_another_port_than_its_first_star
     monkeypatch.setattr(os, "environ", dict(os.environ))
     seen = []
     monkeypatch.setattr(cafedist.cli, "main", lambda argv: seen.append(os.environ["MASTER_PORT"]) or 0)
-    slurm_env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "331", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-                 "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1",
-                 "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost"}
     run = submit.RunSpec(str(tmp_path / "c.yaml"), str(tmp_path / "run"), ())
     for restarts in ("0", "1", "1"):
-        for key, value in slurm_env.items():
+        for key, value in _SLURM_TASK_ENV.items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
         monkeypatch.delenv("MASTER_PORT", raising=False)

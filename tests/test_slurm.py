@@ -180,23 +180,6 @@ def test_single_node_template_matches_single_process(slurm, workdir, reference):
     _assert_same_result(out, reference, world_size=2)
 
 
-def test_template_requeues_on_usr1_and_resumes(slurm, workdir, reference):
-    job, out, log = _sbatch(workdir, "usr1")
-    _wait_rounds(out, 2, job, log)
-    # What --signal=B:USR1@120 does before the time limit: the batch script forwards the
-    # signal to the step, every rank checkpoints and exits 75, the script requeues the job.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=60)
-    _wait_gone(job, log)
-    text = log.read_text()
-    assert "forwarding SIGUSR1" in text and f"scontrol requeue {job}" in text, _tail(log)
-    assert "restart 1" in text and "training finished" in text, _tail(log)
-    stopped_at = _resumed_round(text)
-    assert 1 <= stopped_at < ROUNDS - 1
-    # the stop checkpoint is kept next to the final one (checkpoint.every=0)
-    assert (out / "checkpoints" / f"round_{stopped_at:06d}").is_dir()
-    _assert_same_result(out, reference, world_size=2)
-
-
 def test_template_does_not_requeue_a_cancelled_job(slurm, workdir):
     job, out, log = _sbatch(workdir, "cancel")
     _wait_rounds(out, 2, job, log)
@@ -244,7 +227,9 @@ def test_template_start_over_stopped_before_it_moved_the_run_aside_starts_over_w
     while its ranks were still starting, before the trainer moved the run aside: the job was not
     requeued (the earlier run's summary.json passed for its own), and a restart ran --resume
     auto, which found the earlier run finished instead of training the new one. Now the restart
-    starts over; stopped again mid-run, the next restart resumes the new run's checkpoint."""
+    starts over; stopped again mid-run, the next restart resumes the new run's checkpoint (what
+    --signal=B:USR1@120 does before a time limit: the batch script forwards the signal to the
+    step, every rank checkpoints and exits 75, the script requeues the job)."""
     out = workdir / "start-over-stopped"
     shutil.copytree(workdir / "reference", out)  # the earlier run, finished
     # the first start's ranks wait in this stand-in PYTHON, before cafedist runs, for the signal
@@ -271,7 +256,12 @@ exec {shlex.quote(sys.executable)} "$@"
     text = log.read_text()
     starts = re.findall(r"restart (\d+) on .* --resume (\w+)", text)
     assert starts == [("0", "none"), ("1", "none"), ("2", "auto")], _tail(log)
-    assert "training finished" in text and _resumed_round(text) >= 1, _tail(log)
+    assert "forwarding SIGUSR1" in text and f"scontrol requeue {job}" in text, _tail(log)
+    assert "training finished" in text, _tail(log)
+    stopped_at = _resumed_round(text)
+    assert 1 <= stopped_at < ROUNDS - 1
+    # the stop checkpoint is kept next to the final one (checkpoint.every=0)
+    assert (out / "checkpoints" / f"round_{stopped_at:06d}").is_dir()
     [earlier] = out.glob("previous-*")
     assert json.loads((earlier / "summary.json").read_text()) == reference
     _assert_same_result(out, reference, world_size=2)

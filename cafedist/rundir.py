@@ -28,6 +28,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Mapping
 
 from cafedist.errors import CafeError
 from cafedist.fsutil import fsync_dir, write_text_atomic
@@ -40,7 +41,7 @@ PREVIOUS_PREFIX = "previous-"
 #: who began the run in the directory with ``--resume none`` (:func:`record_start`), read by the
 #: sbatch templates (slurm/_run.sh) when Slurm restarts their job
 START_TOKEN_NAME = ".start-token"
-#: the starter's token, exported by the sbatch templates (``slurm-<cluster>-<job id>``)
+#: the starter's token, exported by the sbatch templates (:func:`slurm_job_token`)
 START_TOKEN_ENV = "CAFEDIST_START_TOKEN"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
 #: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
@@ -238,7 +239,7 @@ def move_aside(run_dir: Path) -> Path | None:
 
 def record_start(run_dir: Path, token: str | None) -> None:
     """``--resume none`` has moved any earlier run out of ``run_dir`` (rank 0, the lock held):
-    record ``token`` (the starter's :data:`START_TOKEN_ENV`) in :data:`START_TOKEN_NAME`, or,
+    record ``token`` (the starter's: :func:`start_token`) in :data:`START_TOKEN_NAME`, or,
     without one, remove an earlier starter's, so that the file never names a start it did not
     make. A restarted job continues the run only where the file holds its own token; one
     stopped before this point finds none, and starts over as it was asked to."""
@@ -247,6 +248,20 @@ def record_start(run_dir: Path, token: str | None) -> None:
         write_text_atomic(path, token)
     else:
         path.unlink(missing_ok=True)
+
+
+def slurm_job_token(environ: Mapping[str, str]) -> str:
+    """The start token of the Slurm job whose variables ``environ`` holds,
+    ``slurm-<cluster>-<job id>`` (slurm/_run.sh writes the same)."""
+    return f"slurm-{environ.get('SLURM_CLUSTER_NAME', '')}-{environ.get('SLURM_JOB_ID', '')}"
+
+
+def start_token() -> str | None:
+    """What :func:`record_start` records for this process: :data:`START_TOKEN_ENV`, else, in a
+    Slurm job, that job's token. A step need not see the variable the batch shell exported:
+    ``sbatch --export=LIST`` (or ``NONE``) has srun give its steps that list alone, and the
+    restart, finding no token, would start over the run its job had trained. None outside Slurm."""
+    return os.environ.get(START_TOKEN_ENV) or (slurm_job_token(os.environ) if os.environ.get("SLURM_JOB_ID") else None)
 
 
 def started_by(run_dir: str | os.PathLike, token: str) -> bool:

@@ -338,9 +338,9 @@ class TrainTask(Checkpointable):
         pickle: an outside requeue, preemption in requeue mode, a node failure; or from
         :meth:`checkpoint`'s) continues, never starts over, the run this job began; but a
         ``--resume none`` stopped before it moved the earlier run aside starts over still."""
-        from cafedist.rundir import START_TOKEN_ENV, started_by
+        from cafedist.rundir import START_TOKEN_ENV, slurm_job_token, started_by
 
-        token = f"slurm-{os.environ.get('SLURM_CLUSTER_NAME', '')}-{os.environ.get('SLURM_JOB_ID', '')}"
+        token = slurm_job_token(os.environ)
         os.environ[START_TOKEN_ENV] = token
         if _restart_count() > 0 and (run.resume != "none" or started_by(run.out, token)):
             return run.resumed()

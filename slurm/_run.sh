@@ -66,7 +66,8 @@ fi
 # This job's name for the run it starts over: `cafedist train --resume none` writes it into
 # OUT/.start-token (cafedist.rundir.START_TOKEN_NAME) once it has moved the earlier run aside, so
 # a restart knows whether this job got that far. Set here, never inherited: sbatch copies the
-# submitting environment. An array element has a job id of its own, which a requeue keeps.
+# submitting environment. An array element has a job id of its own, which a requeue keeps. A
+# step that does not get the variable (sbatch --export=LIST) records its job's own, the same.
 export CAFEDIST_START_TOKEN="slurm-${SLURM_CLUSTER_NAME:-}-${SLURM_JOB_ID:-}"
 
 if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then

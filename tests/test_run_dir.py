@@ -182,6 +182,7 @@ def test_resume_none_records_who_started_the_run_over(finished, run_copy, monkey
     prepare_run_dir(cfg, run_copy, "auto")  # resuming it: still job 7's start
     assert token.read_text() == "slurm-c-7"
     monkeypatch.delenv(START_TOKEN_ENV)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # outside Slurm (in a Slurm job: that job's token)
     prepare_run_dir(cfg, run_copy, "none")
     assert not token.exists()
 

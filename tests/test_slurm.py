@@ -1207,6 +1207,25 @@ def test_a_restarted_start_over_continues_only_the_run_it_started(tmp_path, resu
     assert token == "slurm-c-1"  # its own, whatever it inherited
 
 
+def test_a_start_over_whose_step_lacked_the_token_is_continued_when_restarted(tmp_path):
+    """`sbatch --export=CONFIG=...,OUT=...` (a list without ALL, or NONE) sets SLURM_EXPORT_ENV
+    in the job, so srun gives the training step those variables alone, not the token the batch
+    shell exported: the trainer recorded none, and every restart of the job (each preemption or
+    time limit) started the run over, moving its trained rounds aside. The trainer's part is
+    run for real here (prepare_run_dir), in a step's environment without the variable."""
+    (tmp_path / "c.yaml").write_text("data: {dataset: digits, clients: 4}\ntrain: {rounds: 3}\n")
+    (tmp_path / "run").mkdir()
+    step = ("env -u CAFEDIST_START_TOKEN \"$PYTHON\" -c 'import os, pathlib; from cafedist.config import load_config; "
+            "from cafedist.train.startup import prepare_run_dir; "
+            "prepare_run_dir(load_config(os.environ[\"CFG\"]), pathlib.Path(os.environ[\"OUT\"]), \"none\")'")
+    first = _template_shell(tmp_path, step, RESUME="none", CFG=str(tmp_path / "c.yaml"))
+    assert first.returncode == 0, first.stderr
+    restart = _template_shell(tmp_path, '_cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"', restarts=1,
+                              RESUME="none")
+    assert restart.returncode == 0, restart.stderr
+    assert "--resume auto " in restart.stdout.splitlines()[-1], restart.stdout
+
+
 def test_a_start_over_stopped_before_it_began_is_requeued_beside_the_earlier_runs_summary(tmp_path):
     """A stop signal that ended the step of a RESUME=none start before the trainer moved the
     earlier run aside: its summary.json passed for this run's own, and the job was not requeued

@@ -10,7 +10,6 @@ that has already stopped.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.fsutil import write_text_atomic
 from cafedist.run.checkpoint import CheckpointDir, Resumed
 from cafedist.run.residency import remove_parked_state
-from cafedist.rundir import START_TOKEN_ENV, RunLock, move_aside, outputs_lock, record_start
+from cafedist.rundir import RunLock, move_aside, outputs_lock, record_start, start_token
 from cafedist.train.preflight import RunDirPlan, check_data_paths, check_paths, earlier_hashes, plan_run_dir
 
 log = logging.getLogger("cafedist")
@@ -125,7 +124,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
             moved = move_aside(run_dir)
         log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
     if resume == "none":  # before config.yaml: a restart that finds its token continues from here
-        record_start(run_dir, os.environ.get(START_TOKEN_ENV))
+        record_start(run_dir, start_token())
     _PREPARED.add(run_dir.resolve())
     # scratch of killed sessions; no other process writes here while the lock is held
     CheckpointDir(run_dir).remove_stale_staging()

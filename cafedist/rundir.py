@@ -251,9 +251,11 @@ def record_start(run_dir: Path, token: str | None) -> None:
 
 
 def slurm_job_token(environ: Mapping[str, str]) -> str:
-    """The start token of the Slurm job whose variables ``environ`` holds,
-    ``slurm-<cluster>-<job id>`` (slurm/_run.sh writes the same)."""
-    return f"slurm-{environ.get('SLURM_CLUSTER_NAME', '')}-{environ.get('SLURM_JOB_ID', '')}"
+    """The start token of the Slurm job whose variables ``environ`` holds, ``slurm-<job id>``
+    (slurm/_run.sh writes the same). Not the cluster's name: in a federation a requeued job may
+    run on a sibling cluster under the same id, and a token it no longer matched would start
+    its trained run over."""
+    return f"slurm-{environ.get('SLURM_JOB_ID', '')}"
 
 
 def start_token() -> str | None:

@@ -68,7 +68,7 @@ fi
 # a restart knows whether this job got that far. Set here, never inherited: sbatch copies the
 # submitting environment. An array element has a job id of its own, which a requeue keeps. A
 # step that does not get the variable (sbatch --export=LIST) records its job's own, the same.
-export CAFEDIST_START_TOKEN="slurm-${SLURM_CLUSTER_NAME:-}-${SLURM_JOB_ID:-}"
+export CAFEDIST_START_TOKEN="slurm-${SLURM_JOB_ID:-}"
 
 if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
     # A source checkout (this file's parent) rather than an installed package.
@@ -80,12 +80,15 @@ if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
 fi
 
 # Whether this job has started OUT over (RESUME=none): train wrote this job's token there once it
-# had moved the earlier run aside. A cafedist older than the token, which records none, cannot
-# tell: yes, as the templates always took it.
+# had moved the earlier run aside. Python compares (cafedist.rundir.started_by) and answers by
+# its exit status alone: 3 is "no", anything else (a cafedist older than the token, a PYTHON
+# that cannot run it) continues, as the templates always did: a restart must never start over a
+# run it may have trained. (Output is no answer: a wrapper or sitecustomize may print.)
 _cafedist_started_over() {
-    local name
-    name="$("$PYTHON" -c 'from cafedist.rundir import START_TOKEN_NAME as n; print(n)' 2>/dev/null)"
-    [[ -z "$name" || "$(cat -- "$OUT/$name" 2>/dev/null)" == "$CAFEDIST_START_TOKEN" ]]
+    local rc=0
+    "$PYTHON" -c 'import sys; from cafedist.rundir import started_by
+sys.exit(0 if started_by(sys.argv[1], sys.argv[2]) else 3)' "$OUT" "$CAFEDIST_START_TOKEN" >/dev/null 2>&1 || rc=$?
+    [[ $rc != 3 ]]
 }
 
 _cafedist_resume=""  # the --resume of this start

@@ -174,13 +174,13 @@ def test_resume_none_records_who_started_the_run_over(finished, run_copy, monkey
     from cafedist.train.startup import prepare_run_dir
 
     cfg, token = load_config(finished[0]), run_copy / START_TOKEN_NAME
-    monkeypatch.setenv(START_TOKEN_ENV, "slurm-c-7")
+    monkeypatch.setenv(START_TOKEN_ENV, "slurm-7")
     prepare_run_dir(cfg, run_copy, "none")
     [moved] = run_copy.glob("previous-*")
-    assert token.read_text() == "slurm-c-7" and (moved / "summary.json").exists()
-    monkeypatch.setenv(START_TOKEN_ENV, "slurm-c-8")
+    assert token.read_text() == "slurm-7" and (moved / "summary.json").exists()
+    monkeypatch.setenv(START_TOKEN_ENV, "slurm-8")
     prepare_run_dir(cfg, run_copy, "auto")  # resuming it: still job 7's start
-    assert token.read_text() == "slurm-c-7"
+    assert token.read_text() == "slurm-7"
     monkeypatch.delenv(START_TOKEN_ENV)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # outside Slurm (in a Slurm job: that job's token)
     prepare_run_dir(cfg, run_copy, "none")

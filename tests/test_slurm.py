@@ -941,8 +941,8 @@ def test_a_restarted_submitit_start_over_continues_only_the_run_it_started(tmp_p
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     if recorded == "inherited":
-        monkeypatch.setenv(START_TOKEN_ENV, "slurm-c-330")
-        record_start(run_dir, "slurm-c-330")
+        monkeypatch.setenv(START_TOKEN_ENV, "slurm-330")
+        record_start(run_dir, "slurm-330")
     run = submit.RunSpec(str(tmp_path / "c.yaml"), str(run_dir), (), resume)
     if recorded == "own":  # as the job's first start recorded it
         monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
@@ -950,7 +950,7 @@ def test_a_restarted_submitit_start_over_continues_only_the_run_it_started(tmp_p
         record_start(run_dir, os.environ[START_TOKEN_ENV])
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
     submit.TrainTask()(run)
-    assert seen[-1] == (expected, "slurm-c-331")
+    assert seen[-1] == (expected, "slurm-331")
 
 
 def test_a_job_submitted_from_a_restarted_job_is_not_a_restart(tmp_path, monkeypatch):
@@ -1195,7 +1195,7 @@ def test_a_restarted_start_over_continues_only_the_run_it_started(tmp_path, resu
     run, or reported it finished, instead of starting over. A restart continues only a run
     whose start-over recorded this job's token."""
     (tmp_path / "run").mkdir()
-    inherited = {"CAFEDIST_START_TOKEN": "slurm-c-0"} if recorded == "inherited" else {}
+    inherited = {"CAFEDIST_START_TOKEN": "slurm-0"} if recorded == "inherited" else {}
     if recorded is not None:  # what the first start recorded
         first = _template_shell(tmp_path, _RECORD_START, RESUME=resume, SLURM_JOB_ID="0" if inherited else "1")
         assert first.returncode == 0, first.stderr
@@ -1204,7 +1204,29 @@ def test_a_restarted_start_over_continues_only_the_run_it_started(tmp_path, resu
     assert proc.returncode == 0, proc.stderr
     token, *_, args = proc.stdout.splitlines()
     assert f"--resume {expected} " in args, proc.stdout
-    assert token == "slurm-c-1"  # its own, whatever it inherited
+    assert token == "slurm-1"  # its own, whatever it inherited
+
+
+def test_a_restart_continues_the_run_it_started_over_under_a_python_that_prints(tmp_path):
+    """The template took the token file's name from what $PYTHON printed: a wrapper (or a
+    sitecustomize) printing one line more made the name two lines, the token never matched, and
+    a restart started over the run its job had trained. A PYTHON that cannot answer continues."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".start-token").write_text("slurm-1")
+    chatty = tmp_path / "chatty-python"
+    chatty.write_text(f"#!/bin/sh\necho 'module loaded'\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    chatty.chmod(0o755)
+    old = tmp_path / "old-python"  # a cafedist from before the token: started_by cannot be imported
+    old.write_text(f"#!/bin/sh\ncase \"$2\" in *started_by*) exit 1;; esac\n"
+                   f"exec {shlex.quote(sys.executable)} \"$@\"\n")
+    old.chmod(0o755)
+    show = '_cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"'
+    for python in (str(chatty), str(old)):
+        proc = _template_shell(tmp_path, show, restarts=1, RESUME="none", PYTHON=python)
+        assert "--resume auto " in proc.stdout.splitlines()[-1], (python, proc.stdout, proc.stderr)
+    (tmp_path / "run" / ".start-token").write_text("slurm-0")  # another job's start-over
+    proc = _template_shell(tmp_path, show, restarts=1, RESUME="none", PYTHON=str(chatty))
+    assert "--resume none " in proc.stdout.splitlines()[-1], proc.stdout
 
 
 def test_a_start_over_whose_step_lacked_the_token_is_continued_when_restarted(tmp_path):

@@ -19,7 +19,10 @@ tables docs/RESULTS.md quotes: per level and arm, mean ± std over seeds; the se
 differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and, per level,
 CAFEDistill's and last-exit KD's last-exit gap to FedPer on the third of clients with the
 fewest and the most training samples (clients of all seeds pooled).
-Nothing is chosen from these numbers.
+Nothing is chosen from these numbers. With ``--choose-lr`` (several folders, e.g. a study and
+its runs at each arm's other grid lr) each arm is read, per level, at the lr with the higher
+mean validation accuracy at the last exit (compare --tune's metric; test accuracy is not read),
+the choice printed first and every run kept in the CSV with a ``chosen`` column.
 """
 
 from __future__ import annotations
@@ -215,34 +218,91 @@ def plot(rows: list[dict], axis: Axis, path: Path) -> None:
     plt.close(fig)
 
 
+def choose_lrs(runs: list[dict], axis: Axis) -> tuple[list[dict], str]:
+    """Per level and arm, the runs of the lr whose mean validation accuracy at the last exit is
+    the highest (compare --tune's metric; ties to the smaller lr), over the seeds every lr of
+    that arm and level has; and the markdown table of the choice. Test accuracy is not read."""
+    groups: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        groups[(r["row"][axis.column], r["row"]["arm"])][r["row"]["lr"]].append(r)
+    chosen, lines = [], [f"| {axis.label} | arm | lr | seeds | val e_last (common seeds) | chosen |",
+                         "|" + " --- |" * 6]
+    for (level, arm), by_lr in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+        common = set.intersection(*({r["row"]["seed"] for r in rs} for rs in by_lr.values()))
+        score = {lr: float(np.mean([_last_val(r["row"]) for r in rs if r["row"]["seed"] in common]))
+                 if common else float("-inf") for lr, rs in by_lr.items()}
+        best = max(sorted(by_lr), key=lambda lr: score[lr])  # max keeps the first of equals: the smaller lr
+        chosen += by_lr[best]
+        for lr in sorted(by_lr):
+            lines.append(f"| {level:g} | {arm} | {lr:g} | {len(by_lr[lr])} | {100 * score[lr]:.1f} ({len(common)}) | "
+                         f"{'yes' if lr == best else ''} |")
+    return chosen, "\n".join(lines)
+
+
+def _last_val(row: dict) -> float:
+    """A row's validation accuracy at its last exit."""
+    last = max(int(k[len("val_exit"):]) for k in row if k.startswith("val_exit"))
+    return row[f"val_exit{last}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="the sweep's --out folder")
+    parser.add_argument("roots", type=Path, nargs="+", help="the sweep's --out folder(s)")
     parser.add_argument("--axis", choices=sorted(AXES), required=True,
                         help="what the study varies: the proxy level, the number of clients or the CNN's width")
+    parser.add_argument("--choose-lr", action="store_true",
+                        help="where an arm ran at several lrs at one level, read the lr with the higher mean "
+                             "validation accuracy at the last exit (the CSV keeps every run, marked 'chosen')")
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSV and the figure")
     args = parser.parse_args()
     axis = AXES[args.axis]
-    if not args.root.is_dir():
-        parser.error(f"no such run folder: {args.root}")
-    runs = [r for r in (read_run(d) for d in sorted(args.root.iterdir()) if d.is_dir()) if r]
+    for root in args.roots:
+        if not root.is_dir():
+            parser.error(f"no such run folder: {root}")
+    where = " and ".join(map(str, args.roots))
+    runs = [r for root in args.roots for r in (read_run(d) for d in sorted(root.iterdir()) if d.is_dir()) if r]
     if not runs:
-        sys.exit(f"sweep_axis_tables.py: no finished runs below {args.root}")
+        sys.exit(f"sweep_axis_tables.py: no finished runs below {where}")
     settings = sorted({r["row"]["setting"] for r in runs})
     if len(settings) > 1:  # the tables pair arms by level and seed only
-        sys.exit(f"sweep_axis_tables.py: {args.root} holds runs of several settings ({', '.join(settings)}); "
+        sys.exit(f"sweep_axis_tables.py: {where} holds runs of several settings ({', '.join(settings)}); "
                  f"give each its own folder")
     for key in fixed_keys(axis):
         levels = sorted({r["row"][key] for r in runs}, key=str)
         if len(levels) > 1:
-            sys.exit(f"sweep_axis_tables.py: {args.root} holds runs with several {key} "
+            sys.exit(f"sweep_axis_tables.py: {where} holds runs with several {key} "
                      f"({', '.join(map(str, levels))}) where --axis {args.axis} varies only {axis.column}; "
                      f"give each its own folder")
-    rows = sorted((r["row"] for r in runs), key=lambda r: (r[axis.column], ARMS.index(r["arm"]), r["seed"]))
+    seen: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        seen[(r["row"][axis.column], r["row"]["arm"], r["row"]["seed"])].append(r["row"])
+    twice = next(((key, rows) for key, rows in seen.items() if len(rows) > 1), None)
+    if twice is not None:
+        (level, arm, seed), rows = twice
+        several_lrs = len({r["lr"] for r in rows}) == len(rows)
+        if not (several_lrs and args.choose_lr):  # the tables pair one run per level, arm and seed
+            fix = ("pass --choose-lr to read each arm at the lr validation prefers" if several_lrs
+                   else "the same run twice: give each folder once")
+            lrs = ", ".join(f"{r['lr']:g}" for r in rows)
+            sys.exit(f"sweep_axis_tables.py: {where} holds {len(rows)} runs of {axis.column} {level:g}, {arm}, "
+                     f"seed {seed} (lr {lrs}); {fix}")
+    every = [r["row"] for r in runs]  # the CSV's rows: every run read
+    choice = ""
+    if args.choose_lr:
+        picked, choice = choose_lrs(runs, axis)
+        ids = {id(r) for r in picked}
+        for r in runs:
+            r["row"]["chosen"] = id(r) in ids
+        runs = picked
+
+    def order(row: dict) -> tuple:
+        return row[axis.column], ARMS.index(row["arm"]), row["seed"], row["lr"]
+    rows = sorted((r["row"] for r in runs), key=order)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / f"{axis.prefix}_{settings[0]}_runs.csv", rows)
+    write_csv(args.out / f"{axis.prefix}_{settings[0]}_runs.csv", sorted(every, key=order))
     plot(rows, axis, args.out / f"{axis.prefix}_{settings[0]}.png")
-    print(arms_table(rows, axis), contrast_table(rows, axis), thirds_table(runs, axis), sep="\n\n")
+    print(*filter(None, [choice, arms_table(rows, axis), contrast_table(rows, axis), thirds_table(runs, axis)]),
+          sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -413,6 +413,48 @@ def test_sweep_axis_tables_refuses_a_folder_whose_runs_it_would_pair_wrongly(mon
     assert not (tmp_path / "o").exists()
 
 
+def test_sweep_axis_tables_chooses_each_arms_lr_on_validation_over_the_common_seeds(monkeypatch):
+    """--choose-lr: per level and arm the lr with the higher mean last-exit validation accuracy
+    over the seeds both lrs have (a seed only one lr ran does not tip it), ties to the smaller
+    lr; test accuracy is never read; every run of the chosen lr is kept."""
+    pt = _experiment("sweep_axis_tables", monkeypatch)
+
+    def run(level, arm, lr, seed, val3, test3=0.5):
+        return {"row": {**_proxy_row(0.1, arm, seed, 0.5, test3), "width": level, "lr": lr, "val_exit1": 0.0,
+                        "val_exit3": val3}, "clients": []}
+    runs = [run(2, "FedPer", 0.05, 0, 0.80, test3=0.99), run(2, "FedPer", 0.05, 1, 0.80, test3=0.99),
+            run(2, "FedPer", 0.02, 0, 0.90), run(2, "FedPer", 0.02, 1, 0.90),
+            run(2, "FedPer", 0.05, 2, 1.00),  # seed 2 ran at 0.05 alone: not compared, still kept if chosen
+            run(2, "CAFEDistill", 0.02, 0, 0.7), run(2, "CAFEDistill", 0.05, 0, 0.7),  # a tie
+            run(4, "FedPer", 0.05, 0, 0.6)]  # another level: chosen on its own
+    chosen, table = pt.choose_lrs(runs, pt.AXES["width"])
+    assert sorted((r["row"]["width"], r["row"]["arm"], r["row"]["lr"], r["row"]["seed"]) for r in chosen) == [
+        (2, "CAFEDistill", 0.02, 0), (2, "FedPer", 0.02, 0), (2, "FedPer", 0.02, 1), (4, "FedPer", 0.05, 0)]
+    assert "| 2 | FedPer | 0.02 | 2 | 90.0 (2) | yes |" in table.splitlines()
+    assert "| 2 | FedPer | 0.05 | 3 | 80.0 (2) |  |" in table.splitlines()
+
+
+@pytest.mark.parametrize("lrs, flags, message", [
+    ((0.02, 0.05), [], "2 runs of width 2, FedPer, seed 0 .lr 0.02, 0.05.; pass --choose-lr"),
+    ((0.02, 0.02), ["--choose-lr"], "the same run twice: give each folder once")])
+def test_sweep_axis_tables_refuses_two_runs_of_one_arm_seed_and_level_unless_it_may_choose(
+        monkeypatch, tmp_path, capsys, lrs, flags, message):
+    """Two folders holding one arm, level and seed twice: the tables would pair either, so it is
+    refused (at two lrs, --choose-lr reads the one validation prefers), nothing written."""
+    pt = _experiment("sweep_axis_tables", monkeypatch)
+    rows = {}
+    for i, lr in enumerate(lrs):
+        (tmp_path / f"root{i}" / "run").mkdir(parents=True)
+        rows[f"root{i}"] = {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 2, "arm": "FedPer",
+                            "seed": 0, "lr": lr}
+    monkeypatch.setattr(pt, "read_run", lambda d: {"row": dict(rows[d.parent.name]), "clients": []})
+    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "root0"), str(tmp_path / "root1"),
+                                     "--axis", "width", *flags, "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=message):
+        pt.main()
+    assert not (tmp_path / "o").exists()
+
+
 def test_sweep_reuses_a_finished_run_of_its_own_config_only(monkeypatch, tmp_path):
     """A variant whose folder holds a finished run is skipped only when that run is this
     variant's: its config's hash, or the same run under a config file that differs in another

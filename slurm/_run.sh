@@ -159,7 +159,7 @@ _cafedist_finish() {
     # ended the step before cafedist acted on it (while starting), or is torchrun's own code after
     # its ranks checkpointed: either way the run's last checkpoint stands
     local stopped="checkpoint written"
-    [[ $rc == "$_CAFEDIST_REQUEUE_CODE" ]] || stopped="stopped by a signal (exit code $rc; the run's last checkpoint stands)"
+    [[ $rc == "$_CAFEDIST_REQUEUE_CODE" ]] || stopped="stopped by a signal (exit code $rc; the run's newest checkpoint, if it has one, stands)"
     state="$(_cafedist_job_field JobState)"
     if [[ "$state" != RUNNING ]]; then
         _cafedist_log "$stopped, job is ${state:-gone} (cancelled, timed out or requeued by Slurm): not requeued here (resubmit with OUT=$OUT to continue)"

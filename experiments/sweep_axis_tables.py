@@ -276,16 +276,17 @@ def main() -> None:
     seen: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         seen[(r["row"][axis.column], r["row"]["arm"], r["row"]["seed"])].append(r["row"])
-    twice = next(((key, rows) for key, rows in seen.items() if len(rows) > 1), None)
-    if twice is not None:
-        (level, arm, seed), rows = twice
-        several_lrs = len({r["lr"] for r in rows}) == len(rows)
-        if not (several_lrs and args.choose_lr):  # the tables pair one run per level, arm and seed
-            fix = ("pass --choose-lr to read each arm at the lr validation prefers" if several_lrs
-                   else "the same run twice: give each folder once")
-            lrs = ", ".join(f"{r['lr']:g}" for r in rows)
-            sys.exit(f"sweep_axis_tables.py: {where} holds {len(rows)} runs of {axis.column} {level:g}, {arm}, "
-                     f"seed {seed} (lr {lrs}); {fix}")
+    # the tables pair one run per level, arm and seed: several are one too many, unless at
+    # different lrs that --choose-lr chooses among
+    dupes = [(key, rows) for key, rows in seen.items() if len(rows) > 1]
+    same_lr = [(key, rows) for key, rows in dupes if len({r["lr"] for r in rows}) < len(rows)]
+    if same_lr or (dupes and not args.choose_lr):
+        (level, arm, seed), rows = (same_lr or dupes)[0]
+        fix = ("the same run twice: give each folder once" if same_lr
+               else "pass --choose-lr to read each arm at the lr validation prefers")
+        lrs = ", ".join(f"{r['lr']:g}" for r in rows)
+        sys.exit(f"sweep_axis_tables.py: {where} holds {len(rows)} runs of {axis.column} {level:g}, {arm}, "
+                 f"seed {seed} (lr {lrs}); {fix}")
     every = [r["row"] for r in runs]  # the CSV's rows: every run read
     choice = ""
     if args.choose_lr:

@@ -434,21 +434,23 @@ def test_sweep_axis_tables_chooses_each_arms_lr_on_validation_over_the_common_se
     assert "| 2 | FedPer | 0.05 | 3 | 80.0 (2) |  |" in table.splitlines()
 
 
-@pytest.mark.parametrize("lrs, flags, message", [
-    ((0.02, 0.05), [], "2 runs of width 2, FedPer, seed 0 .lr 0.02, 0.05.; pass --choose-lr"),
-    ((0.02, 0.02), ["--choose-lr"], "the same run twice: give each folder once")])
+@pytest.mark.parametrize("seed_lrs, flags, message", [
+    ([(0, 0.02), (0, 0.05)], [], "2 runs of width 2, FedPer, seed 0 .lr 0.02, 0.05.; pass --choose-lr"),
+    ([(0, 0.02), (0, 0.02)], ["--choose-lr"], "seed 0 .lr 0.02, 0.02.; the same run twice: give each folder once"),
+    # a choice for seed 0 must not let seed 1's same run twice through
+    ([(0, 0.02), (0, 0.05), (1, 0.02), (1, 0.02)], ["--choose-lr"], "seed 1 .lr 0.02, 0.02.; the same run twice")])
 def test_sweep_axis_tables_refuses_two_runs_of_one_arm_seed_and_level_unless_it_may_choose(
-        monkeypatch, tmp_path, capsys, lrs, flags, message):
-    """Two folders holding one arm, level and seed twice: the tables would pair either, so it is
+        monkeypatch, tmp_path, seed_lrs, flags, message):
+    """Folders holding one arm, level and seed twice: the tables would pair either, so it is
     refused (at two lrs, --choose-lr reads the one validation prefers), nothing written."""
     pt = _experiment("sweep_axis_tables", monkeypatch)
     rows = {}
-    for i, lr in enumerate(lrs):
+    for i, (seed, lr) in enumerate(seed_lrs):
         (tmp_path / f"root{i}" / "run").mkdir(parents=True)
         rows[f"root{i}"] = {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 2, "arm": "FedPer",
-                            "seed": 0, "lr": lr}
+                            "seed": seed, "lr": lr}
     monkeypatch.setattr(pt, "read_run", lambda d: {"row": dict(rows[d.parent.name]), "clients": []})
-    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "root0"), str(tmp_path / "root1"),
+    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", *(str(tmp_path / name) for name in rows),
                                      "--axis", "width", *flags, "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match=message):
         pt.main()

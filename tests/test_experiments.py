@@ -481,3 +481,26 @@ def test_sweep_reuses_a_finished_run_of_its_own_config_only(monkeypatch, tmp_pat
     assert sweep.finished(["--config", str(base)], run)
     assert sweep.finished(["--config", str(base), "algorithm.fedprox.mu=0.5"], run)  # another section only
     assert not sweep.finished(["--config", str(base), "train.lr=0.2"], run)
+
+
+def test_protocol_tables_reads_final_validation_chosen_and_test_max_rounds(monkeypatch, tmp_path):
+    """Each run at its chosen lr only (the trials' choice; a row without accuracies skipped);
+    final = the last round, val_best = the round of the highest last-exit validation accuracy
+    (the later of equals, every exit at that one round), test_max = each exit's own maximum."""
+    pt = _experiment("protocol_tables", monkeypatch)
+    trials = tmp_path / "trials.csv"
+    trials.write_text("algorithm,setting,chosen\nfedper,train.lr=0.02,yes\nfedper,train.lr=0.05,no\n")
+    curves = tmp_path / "curves.csv"
+    head = "variant,seed,round,val_exit1,val_exit2,test_exit1,test_exit2\n"
+    rows = ["fedper/train.lr=0.02/seed0,0,0,,,,",  # not evaluated: skipped
+            "fedper/train.lr=0.02/seed0,0,4,0.9,0.8,0.50,0.60",
+            "fedper/train.lr=0.02/seed0,0,9,0.1,0.9,0.70,0.65",
+            "fedper/train.lr=0.02/seed0,0,14,0.2,0.9,0.60,0.90",  # ties round 9 on validation: the later
+            "fedper/train.lr=0.02/seed0,0,19,0.3,0.7,0.40,0.55",
+            "fedper/train.lr=0.05/seed0,0,19,0.3,0.99,0.99,0.99"]  # lr not chosen: never read
+    curves.write_text(head + "\n".join(rows) + "\n")
+    runs = pt.read_curves(curves, pt.chosen_lrs(trials))
+    assert list(runs) == [("fedper", 0)] and [r["round"] for r in runs[("fedper", 0)]] == [4, 9, 14, 19]
+    assert pt.read_protocols(runs[("fedper", 0)]) == {
+        "final": [0.40, 0.55], "val_best": [0.60, 0.90], "test_max": [0.70, 0.90]}
+    assert list(pt.read_curves(curves, pt.chosen_lrs(trials), rename="last_exit_kd")) == [("last_exit_kd", 0)]

@@ -1,21 +1,24 @@
 """Tables of a one-axis study of CAFEDistill's arms against FedPer: the proxy set's size
 (``experiments/proxy_size.txt``), the number of clients (``experiments/clients.txt``), the
-network's width (``experiments/width.txt``) or the schedule's length (``experiments/schedule.txt``)::
+network's width (``experiments/width.txt``), the schedule's length (``experiments/schedule.txt``) or the
+local epochs a round (``experiments/local_epochs.txt``)::
 
     python experiments/sweep_axis_tables.py runs/proxy_size --axis proxy --out docs/results
     python experiments/sweep_axis_tables.py runs/clients --axis clients --out docs/results
     python experiments/sweep_axis_tables.py runs/width --axis width --out docs/results
     python experiments/sweep_axis_tables.py runs/schedule --axis rounds --choose-lr --out docs/results
+    python experiments/sweep_axis_tables.py runs/local_epochs --axis epochs --choose-lr --out docs/results
 
 Reads every finished run below the folder and tells each run's level on the axis (the proxy
-share ``data.proxy_fraction``, ``data.clients``, ``model.options.width`` or the rounds trained) and
-its arm from its own ``config.yaml``:
+share ``data.proxy_fraction``, ``data.clients``, ``model.options.width``, ``train.rounds`` or
+``train.local_epochs``) and its arm from its own ``config.yaml``:
 ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
 own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and ``FedPer``. For the
 folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
 run: proxy images, clients, width, mean training samples per client, final validation and
-test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width`` or ``schedule``) and ``PREFIX_SETTING.png`` (test
-accuracy at exit 1 and at the last exit along the axis, per arm), and prints the markdown
+test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width``, ``schedule`` or
+``local_epochs``) and ``PREFIX_SETTING.png`` (test accuracy at exit 1 and at the last exit along
+the axis, per arm), and prints the markdown
 tables docs/RESULTS.md quotes: per level and arm, mean ± std over seeds; the seed-matched
 differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and, per level,
 CAFEDistill's and last-exit KD's last-exit gap to FedPer on the third of clients with the
@@ -65,7 +68,9 @@ class Axis:
 AXES = {"proxy": Axis("proxy_fraction", "proxy share", "proxy_images", "proxy images (log scale)", "proxy_size"),
         "clients": Axis("clients", "clients", "clients", "clients (log scale)", "clients"),
         "width": Axis("width", "width", "width", "CNN width: channels of the first block (log scale)", "width"),
-        "rounds": Axis("rounds", "rounds", "rounds", "rounds T (log scale)", "schedule")}
+        "rounds": Axis("rounds", "rounds", "rounds", "rounds T (log scale)", "schedule"),
+        "epochs": Axis("local_epochs", "local epochs", "local_epochs", "local epochs a round (log scale)",
+                       "local_epochs")}
 
 
 def fixed_keys(axis: Axis) -> list[str]:
@@ -106,7 +111,7 @@ def read_run(run_dir: Path) -> dict | None:
     row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
            "clients": cfg.data.clients, "width": model_width(cfg), "arm": arm_of(cfg), "seed": cfg.seed,
            "lr": cfg.train.lr,
-           "rounds": cfg.train.rounds, "proxy_images": proxy_count(cfg),
+           "rounds": cfg.train.rounds, "local_epochs": cfg.train.local_epochs, "proxy_images": proxy_count(cfg),
            "train_per_client": float(np.mean(sizes)), "run": run_dir.name}
     vals = summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"])
     for k, (v, t) in enumerate(zip(vals, summary["acc_per_exit"])):
@@ -251,8 +256,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", type=Path, nargs="+", help="the sweep's --out folder(s)")
     parser.add_argument("--axis", choices=sorted(AXES), required=True,
-                        help="what the study varies: the proxy level, the number of clients, the CNN's width "
-                             "or the rounds trained")
+                        help="what the study varies: the proxy level, the number of clients, the CNN's width, "
+                             "the rounds or the local epochs a round")
     parser.add_argument("--choose-lr", action="store_true",
                         help="where an arm ran at several lrs at one level, read the lr with the higher mean "
                              "validation accuracy at the last exit (the CSV keeps every run, marked 'chosen')")

@@ -327,7 +327,7 @@ def test_a_finished_runs_rows_end_at_its_summary_not_at_a_killed_extension(monke
 
 
 def _proxy_row(share: float, arm: str, seed: int, test1: float, test3: float) -> dict:
-    return {"proxy_fraction": share, "clients": 10, "width": 16, "rounds": 100, "arm": arm, "seed": seed,
+    return {**_levels(proxy_fraction=share), "arm": arm, "seed": seed,
             "proxy_images": int(1800 * share), "train_per_client": 100.0, "test_exit1": test1, "test_exit2": 0.9,
             "test_exit3": test3}
 
@@ -383,25 +383,31 @@ def test_sweep_axis_tables_by_clients_groups_and_pairs_by_client_count(monkeypat
         "| 40 | CAFEDistill − FedPer | 1 | -5.0 | +0.0 | +0.0 |"]
 
 
+def _levels(**changes) -> dict:
+    """A run's levels on every axis of sweep_axis_tables, with ``changes``."""
+    return {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 16, "rounds": 100, "local_epochs": 2,
+            **changes}
+
+
 @pytest.mark.parametrize("axis, rows, message", [
     # a clients study whose runs differ in proxy share would pair them as if they did not
-    ("clients", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 16, "rounds": 100},
-                 "b": {"setting": "s", "proxy_fraction": 0.2, "clients": 10, "width": 16, "rounds": 100}},
+    ("clients", {"a": _levels(), "b": _levels(proxy_fraction=0.2)},
      "several proxy_fraction .0.1, 0.2. where --axis clients varies only clients"),
     # a width study whose runs differ in client count; the clients axis refuses widths alike
-    ("width", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 4, "rounds": 100},
-               "b": {"setting": "s", "proxy_fraction": 0.1, "clients": 20, "width": 8, "rounds": 100}},
+    ("width", {"a": _levels(width=4), "b": _levels(clients=20, width=8)},
      "several clients .10, 20. where --axis width varies only width"),
-    ("clients", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 4, "rounds": 100},
-                 "b": {"setting": "s", "proxy_fraction": 0.1, "clients": 20, "width": 8, "rounds": 100}},
+    ("clients", {"a": _levels(width=4), "b": _levels(clients=20, width=8)},
      "several width .4, 8. where --axis clients varies only clients"),
     # a schedule study whose runs differ in width; the width axis refuses runs of several lengths
-    ("rounds", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 4, "rounds": 100},
-                "b": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 8, "rounds": 300}},
+    ("rounds", {"a": _levels(width=4), "b": _levels(width=8, rounds=300)},
      "several width .4, 8. where --axis rounds varies only rounds"),
-    ("width", {"a": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 4, "rounds": 100},
-               "b": {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 8, "rounds": 300}},
+    ("width", {"a": _levels(width=4), "b": _levels(width=8, rounds=300)},
      "several rounds .100, 300. where --axis width varies only width"),
+    # a local-epochs study whose runs differ in length, and the other way round
+    ("epochs", {"a": _levels(local_epochs=2), "b": _levels(local_epochs=5, rounds=300)},
+     "several rounds .100, 300. where --axis epochs varies only local_epochs"),
+    ("rounds", {"a": _levels(local_epochs=2), "b": _levels(local_epochs=5, rounds=300)},
+     "several local_epochs .2, 5. where --axis rounds varies only rounds"),
     # the tables pair arms by level and seed only: digits and mnist5k runs would pair across datasets
     ("proxy", {"a": {"setting": "set_a"}, "b": {"setting": "set_b"}},
      "several settings .set_a, set_b.; give each its own folder")])
@@ -454,8 +460,7 @@ def test_sweep_axis_tables_refuses_two_runs_of_one_arm_seed_and_level_unless_it_
     rows = {}
     for i, (seed, lr) in enumerate(seed_lrs):
         (tmp_path / f"root{i}" / "run").mkdir(parents=True)
-        rows[f"root{i}"] = {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 2, "rounds": 100,
-                            "arm": "FedPer", "seed": seed, "lr": lr}
+        rows[f"root{i}"] = _levels(width=2, arm="FedPer", seed=seed, lr=lr)
     monkeypatch.setattr(pt, "read_run", lambda d: {"row": dict(rows[d.parent.name]), "clients": []})
     monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", *(str(tmp_path / name) for name in rows),
                                      "--axis", "width", *flags, "--out", str(tmp_path / "o")])

@@ -276,6 +276,11 @@ class TuneResult(Generic[OutcomeT]):
         """Trials per method."""
         return {name: len(t) for name, t in self.trials.items()}
 
+    def failed(self, name: str) -> list[OutcomeT]:
+        """Method ``name``'s trials that failed: the choice was made among the others (a rerun
+        retries them, and may choose otherwise)."""
+        return [o for o in self.trials[name] if o.status == "failed"]
+
     def chosen_setting(self, name: str) -> Setting | None:
         """The setting chosen for method ``name`` (None: none chosen, e.g. every trial failed)."""
         i = self.chosen.get(name)
@@ -339,8 +344,10 @@ def tuning_markdown(result: TuneResult, first_seed: int) -> list[str]:
             lines.append(f"| {name} | {len(trials)} | – (no trial finished) | – |")
             continue
         score = validation_score(trials[i].run.finished_summary())
-        label = trials[i].run.setting.label or "(config as given)"
-        lines.append(f"| {name} | {len(trials)} | `{label}` | {100 * score:.2f} |")
+        label = f"`{trials[i].run.setting.label or '(config as given)'}`"
+        if failed := result.failed(name):
+            label += f" (among the {len(trials) - len(failed)} that did not fail)"
+        lines.append(f"| {name} | {len(trials)} | {label} | {100 * score:.2f} |")
     failed = [o for trials in result.trials.values() for o in trials if o.status == "failed"]
     if failed:
         lines += ["", "Failed trials:", ""]

@@ -1013,7 +1013,11 @@ def test_the_failure_count_counts_tuning_trials_among_the_runs(tmp_path, monkeyp
     result = compare_mod.CompareResult(finals, {}, TuneResult(0, trials, {"a": 1, "b": 1}, finals))
     monkeypatch.setattr(compare_mod, "compare", lambda *args, **kwargs: result)
     assert cli_main(["compare", "--algorithms", "fedavg", "--out", str(tmp_path / "cmp")]) == 1
-    assert "2 of 6 runs failed" in capsys.readouterr().out  # 4 trials, of which 2 are reported, + 2 runs
+    printed = capsys.readouterr().out
+    assert "2 of 6 runs failed" in printed  # 4 trials, of which 2 are reported, + 2 runs
+    # the choice a failed trial took no part in says so
+    assert ("tuned a: (config as given) (chosen among the trials that did not fail: 1 of 2 failed; a rerun "
+            "retries them and may choose otherwise)") in printed
     assert [o.run.label for o in result.failed] == ["a-bad seed0", "b-bad seed0"]
 
 

@@ -181,6 +181,16 @@ def test_tune_runs_trials_on_the_first_seed_then_the_choice_on_every_seed():
     assert rows[1]["val_acc_exit1"] == "0.8" and rows[1]["seed"] == "7"
 
 
+def test_a_choice_among_the_trials_that_did_not_fail_says_so():
+    """A failed trial is no candidate; results.md's choice says the rest were chosen among."""
+    result = tuning.TuneResult(trials={"x": _val(None, 0.4, 0.3), "y": _val(0.5)})
+    result.chosen = {name: choose(trials) for name, trials in result.trials.items()}
+    assert result.chosen == {"x": 1, "y": 0} and len(result.failed("x")) == 1 and result.failed("y") == []
+    md = "\n".join(tuning.tuning_markdown(result, 0))
+    assert "| x | 3 | `k=1` (among the 2 that did not fail) | 40.00 |" in md
+    assert "| y | 1 | `k=0` | 50.00 |" in md
+
+
 def test_a_final_that_is_its_trial_counts_as_trained_now_when_the_trial_was():
     """results.md said "2 trained now, 2 reused" for a tuning that trained all of them."""
     def plan(m, setting, seed):

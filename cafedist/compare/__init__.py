@@ -327,6 +327,10 @@ def main(args: argparse.Namespace) -> int:
         for name in result.tuned.trials:
             setting = result.tuned.chosen_setting(name)
             chosen = "no trial finished" if setting is None else setting.label or "(config as given)"
+            failed = result.tuned.failed(name)
+            if setting is not None and failed:
+                chosen += (f" (chosen among the trials that did not fail: {len(failed)} of "
+                           f"{len(result.tuned.trials[name])} failed; a rerun retries them and may choose otherwise)")
             print(f"tuned {name}: {chosen}")
     if result.paths:
         extra = [p.name for k, p in result.paths.items() if k not in ("md", "csv")]

@@ -15,7 +15,7 @@ share ``data.proxy_fraction``, ``data.clients``, ``model.options.width``, ``trai
 ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
 own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and ``FedPer``. For the
 folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
-run: proxy images, clients, width, mean training samples per client, final validation and
+run: proxy images, clients, width, rounds, local epochs, mean training samples per client, final validation and
 test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width``, ``schedule`` or
 ``local_epochs``) and ``PREFIX_SETTING.png`` (test accuracy at exit 1 and at the last exit along
 the axis, per arm), and prints the markdown

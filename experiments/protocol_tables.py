@@ -91,9 +91,14 @@ def setting_rows(results: Path, setting: str) -> list[dict]:
     return rows
 
 
+def last_exit(row: dict) -> int:
+    """The number of a row's last exit (its highest ``test_exitK``)."""
+    return max(int(k[len("test_exit"):]) for k in row if k.startswith("test_exit"))
+
+
 def methods_table(rows: list[dict]) -> str:
     """Per method, test accuracy at exit 1 and the last exit under each protocol, mean ± std."""
-    last = max(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
+    last = last_exit(rows[0])
     head = ["method", "seeds", *[f"{p} e1 / e{last}" for p in PROTOCOLS]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     by = defaultdict(list)
@@ -109,7 +114,7 @@ def methods_table(rows: list[dict]) -> str:
 def contrast_table(rows: list[dict]) -> str:
     """CAFEDistill minus every other method, seed-matched, at exit 1 and the last exit under each
     protocol (mean ± standard error over the seeds both have)."""
-    last = max(int(k[len("test_exit"):]) for k in rows[0] if k.startswith("test_exit"))
+    last = last_exit(rows[0])
     head = ["CAFEDistill −", "seeds", *[f"{p} Δe1 / Δe{last}" for p in PROTOCOLS]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     at = {(r["method"], r["seed"], r["protocol"]): r for r in rows}

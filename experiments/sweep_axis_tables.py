@@ -13,7 +13,8 @@ Reads every finished run below the folder and tells each run's level on the axis
 share ``data.proxy_fraction``, ``data.clients``, ``model.options.width``, ``train.rounds`` or
 ``train.local_epochs``) and its arm from its own ``config.yaml``:
 ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
-own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``) and ``FedPer``. For the
+own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``), ``FedPer`` and, where a
+study runs it, ``FedAvg``. For the
 folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
 run: proxy images, clients, width, rounds, local epochs, mean training samples per client, final validation and
 test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width``, ``schedule`` or
@@ -47,10 +48,10 @@ from cafedist.config import Config, read_run_config
 from cafedist.data.store import Store
 from cafedist.models.cnn import CnnOptions
 
-ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer")
+ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer", "FedAvg")
 #: seed-matched differences the tables read: (minuend, subtrahend)
 CONTRASTS = (("CAFEDistill", "no cross-client KD"), ("CAFEDistill", "FedPer"), ("last-exit KD", "FedPer"),
-             ("last-exit KD", "CAFEDistill"))
+             ("last-exit KD", "CAFEDistill"), ("CAFEDistill", "FedAvg"))
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,14 @@ def fixed_keys(axis: Axis) -> list[str]:
 
 
 def arm_of(cfg: Config) -> str:
-    """Which arm of the study a run's config is."""
-    if cfg.algorithm.name == "fedper":
-        return "FedPer"
+    """Which arm of the study a run's config is (another algorithm's run is refused: it would
+    have counted as CAFEDistill)."""
+    baselines = {"fedper": "FedPer", "fedavg": "FedAvg"}
+    if cfg.algorithm.name in baselines:
+        return baselines[cfg.algorithm.name]
+    if cfg.algorithm.name != "cafedistill":
+        sys.exit(f"sweep_axis_tables.py: algorithm {cfg.algorithm.name!r} is no arm of these studies "
+                 f"(CAFEDistill and its variants, {', '.join(baselines.values())})")
     params = cfg.algorithm.params.get(cfg.algorithm.name, {})  # what the file set; the rest are defaults
     if not params.get("cross_client_kd", True):
         return "no cross-client KD"

@@ -344,6 +344,9 @@ def test_sweep_axis_tables_arms_contrasts_and_client_thirds(monkeypatch):
     assert pt.arm_of(cfg(cross_client_kd=False)) == "no cross-client KD"
     assert pt.arm_of(cfg(last_exit_kd=True)) == "last-exit KD"
     assert pt.arm_of(cfg("fedper")) == "FedPer"
+    assert pt.arm_of(cfg("fedavg")) == "FedAvg"
+    with pytest.raises(SystemExit, match="algorithm 'ditto' is no arm of these studies"):
+        pt.arm_of(cfg("ditto"))  # it counted as CAFEDistill
     # the width axis reads the CNN's option, its default when the file leaves it out
     assert pt.model_width(config_from_dict({"model": {"arch": "cnn", "options": {"width": 4}}})) == 4
     assert pt.model_width(config_from_dict({"model": {"arch": "cnn"}})) == 32

@@ -1,24 +1,27 @@
 """Tables of a one-axis study of CAFEDistill's arms against FedPer: the proxy set's size
 (``experiments/proxy_size.txt``), the number of clients (``experiments/clients.txt``), the
-network's width (``experiments/width.txt``), the schedule's length (``experiments/schedule.txt``) or the
-local epochs a round (``experiments/local_epochs.txt``)::
+network's width (``experiments/width.txt``), the schedule's length (``experiments/schedule.txt``), the
+local epochs a round (``experiments/local_epochs.txt``) or the share of clients that train each round
+(``experiments/participation.txt``)::
 
     python experiments/sweep_axis_tables.py runs/proxy_size --axis proxy --out docs/results
     python experiments/sweep_axis_tables.py runs/clients --axis clients --out docs/results
     python experiments/sweep_axis_tables.py runs/width --axis width --out docs/results
     python experiments/sweep_axis_tables.py runs/schedule --axis rounds --choose-lr --out docs/results
     python experiments/sweep_axis_tables.py runs/local_epochs --axis epochs --choose-lr --out docs/results
+    python experiments/sweep_axis_tables.py runs/participation --axis participation --choose-lr --out docs/results
 
 Reads every finished run below the folder and tells each run's level on the axis (the proxy
-share ``data.proxy_fraction``, ``data.clients``, ``model.options.width``, ``train.rounds`` or
-``train.local_epochs``) and its arm from its own ``config.yaml``:
+share ``data.proxy_fraction``, ``data.clients``, ``model.options.width``, ``train.rounds``,
+``train.local_epochs`` or ``train.clients_per_round`` as a share of the clients) and its arm from
+its own ``config.yaml``:
 ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
 own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``), ``FedPer`` and, where a
 study runs it, ``FedAvg``. For the
 folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
-run: proxy images, clients, width, rounds, local epochs, mean training samples per client, final validation and
-test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width``, ``schedule`` or
-``local_epochs``) and ``PREFIX_SETTING.png`` (test accuracy at exit 1 and at the last exit along
+run: proxy images, clients, width, rounds, local epochs, participation, mean training samples per client, final
+validation and test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width``, ``schedule``,
+``local_epochs`` or ``participation``) and ``PREFIX_SETTING.png`` (test accuracy at exit 1 and at the last exit along
 the axis, per arm), and prints the markdown
 tables docs/RESULTS.md quotes: per level and arm, mean ± std over seeds; the seed-matched
 differences (CAFEDistill minus each other arm; last-exit KD minus FedPer); and, per level,
@@ -71,7 +74,9 @@ AXES = {"proxy": Axis("proxy_fraction", "proxy share", "proxy_images", "proxy im
         "width": Axis("width", "width", "width", "CNN width: channels of the first block (log scale)", "width"),
         "rounds": Axis("rounds", "rounds", "rounds", "rounds T (log scale)", "schedule"),
         "epochs": Axis("local_epochs", "local epochs", "local_epochs", "local epochs a round (log scale)",
-                       "local_epochs")}
+                       "local_epochs"),
+        "participation": Axis("participation", "clients a round (share)", "participation",
+                              "share of clients that train each round (log scale)", "participation")}
 
 
 def fixed_keys(axis: Axis) -> list[str]:
@@ -107,6 +112,13 @@ def model_width(cfg: Config) -> int | None:
     return cfg.model.options.get("width", default)
 
 
+def participation_share(cfg: Config) -> float:
+    """The share of clients that train each round: ``train.clients_per_round`` is a fraction
+    (<= 1) or a count (> 1); 10 of 40 and 0.25 are one level."""
+    per_round = cfg.train.clients_per_round
+    return per_round if per_round <= 1 else per_round / cfg.data.clients
+
+
 def read_run(run_dir: Path) -> dict | None:
     """One finished run's row and its clients' (training samples, last-exit test accuracy)."""
     if not (run_dir / "summary.json").exists():
@@ -117,7 +129,8 @@ def read_run(run_dir: Path) -> dict | None:
     row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
            "clients": cfg.data.clients, "width": model_width(cfg), "arm": arm_of(cfg), "seed": cfg.seed,
            "lr": cfg.train.lr,
-           "rounds": cfg.train.rounds, "local_epochs": cfg.train.local_epochs, "proxy_images": proxy_count(cfg),
+           "rounds": cfg.train.rounds, "local_epochs": cfg.train.local_epochs,
+           "participation": participation_share(cfg), "proxy_images": proxy_count(cfg),
            "train_per_client": float(np.mean(sizes)), "run": run_dir.name}
     vals = summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"])
     for k, (v, t) in enumerate(zip(vals, summary["acc_per_exit"])):

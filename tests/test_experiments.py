@@ -351,6 +351,11 @@ def test_sweep_axis_tables_arms_contrasts_and_client_thirds(monkeypatch):
     assert pt.model_width(config_from_dict({"model": {"arch": "cnn", "options": {"width": 4}}})) == 4
     assert pt.model_width(config_from_dict({"model": {"arch": "cnn"}})) == 32
     assert pt.model_width(config_from_dict({"model": {"arch": "resnet18"}})) is None
+    # the participation axis reads clients_per_round as a share: a count of 10 of 40 clients is 0.25
+    assert pt.participation_share(config_from_dict({"data": {"clients": 40}, "train": {"clients_per_round": 10}})) \
+        == 0.25
+    assert pt.participation_share(config_from_dict({"data": {"clients": 40}, "train": {"clients_per_round": 0.5}})) \
+        == 0.5
     rows = [_proxy_row(0.1, "CAFEDistill", 0, 0.90, 0.95), _proxy_row(0.1, "CAFEDistill", 1, 0.92, 0.97),
             _proxy_row(0.1, "FedPer", 0, 0.80, 0.96), _proxy_row(0.1, "FedPer", 1, 0.84, 0.96),
             _proxy_row(0.2, "CAFEDistill", 0, 0.5, 0.5),  # another share: never paired with 0.1's FedPer
@@ -389,7 +394,7 @@ def test_sweep_axis_tables_by_clients_groups_and_pairs_by_client_count(monkeypat
 def _levels(**changes) -> dict:
     """A run's levels on every axis of sweep_axis_tables, with ``changes``."""
     return {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 16, "rounds": 100, "local_epochs": 2,
-            **changes}
+            "participation": 1.0, **changes}
 
 
 @pytest.mark.parametrize("axis, rows, message", [
@@ -411,6 +416,11 @@ def _levels(**changes) -> dict:
      "several rounds .100, 300. where --axis epochs varies only local_epochs"),
     ("rounds", {"a": _levels(local_epochs=2), "b": _levels(local_epochs=5, rounds=300)},
      "several local_epochs .2, 5. where --axis rounds varies only rounds"),
+    # a participation study whose runs differ in client count, and the other way round
+    ("participation", {"a": _levels(participation=0.25), "b": _levels(participation=1.0, clients=20)},
+     "several clients .10, 20. where --axis participation varies only participation"),
+    ("clients", {"a": _levels(participation=0.25), "b": _levels(participation=1.0, clients=20)},
+     "several participation .0.25, 1.0. where --axis clients varies only clients"),
     # the tables pair arms by level and seed only: digits and mnist5k runs would pair across datasets
     ("proxy", {"a": {"setting": "set_a"}, "b": {"setting": "set_b"}},
      "several settings .set_a, set_b.; give each its own folder")])

@@ -1,15 +1,17 @@
 """``cafedist status RUN_OR_FOLDER...``: where each run stands, read from its files alone.
 
 For every run directory given, or found below a folder given (a sweep's or compare's ``--out``),
-one row: the algorithm, rounds done of the run's total (of a run no process trains, up to its
-newest checkpoint: rows a killed session wrote past it are the next train's to drop), what is
-happening (``training`` by a live process named from its lock, ``finished``, ``failed`` with the
-error that ended the last training compare started (from its ``train.log``), ``stopped`` with
-the round a resume continues from, or why it would be refused (train's check of the newest
-checkpoint against config.yaml: a file edited by hand since), ``no round finished``), the last
-round's last-exit accuracy, an estimate of the time left while training (from the current
-session's rounds once it has any: a resume may run on another machine; with the checkpoint
-writes when rows record them), and whether ``eval.json`` describes the newest checkpoint.
+one row: the algorithm, rounds done of the run's total (of a run no process trains, the rounds a
+resume keeps: up to its newest checkpoint, none without one; rows a killed or failed session
+wrote past it are the next train's to drop, and the state names them), what is happening
+(``training`` by a live process named from its lock, ``finished``, ``failed`` with the error
+that ended the last training compare started (from its ``train.log``), ``stopped``, each of the
+last two with the round a resume continues from, or why it would be refused (train's check of
+the newest checkpoint against config.yaml: a file edited by hand since), ``no round
+finished``), the last round's last-exit accuracy, an estimate of the time left while training
+(from the current session's rounds once it has any: a resume may run on another machine; with
+the checkpoint writes when rows record them), and whether ``eval.json`` describes the newest
+checkpoint.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
 the lock's record, the checkpoint folders' names (and, of a run no process trains, the newest
@@ -52,7 +54,7 @@ class RunStatus:
 
     run_dir: str
     algorithm: str | None
-    rounds_done: int
+    rounds_done: int  # of a run no process trains: the rounds a resume keeps (its newest checkpoint's)
     rounds: int | None
     state: str
     last_exit_accuracy: float | None
@@ -60,6 +62,9 @@ class RunStatus:
     time_left_from: str | None  # whose rounds the estimate read: "this session" or "earlier session"
     checkpoint_round: int | None
     eval: str
+    #: rounds its rows record: of a run no process trains also those past its newest checkpoint
+    #: (or all, without one), which a resume trains again
+    rounds_trained: int = 0
 
 
 def _json(path: Path) -> Any:
@@ -126,16 +131,31 @@ def _resume_refusal(run_dir: Path, cfg: Config) -> str | None:
                    also_accept=earlier_hashes(cfg, run_dir), algorithm=cfg.algorithm.name)
 
 
+def _resume_words(records: list[dict[str, Any]], checkpoint: int | None, refused: str | None) -> str | None:
+    """Where a resume of a run no process trains continues (``refused``: why it would refuse the
+    newest checkpoint, :func:`_resume_refusal`), and the rounds trained past that checkpoint,
+    which it trains again; None when there is nothing to resume."""
+    if refused is not None:
+        words = f"a resume is refused: {refused}"
+    elif checkpoint is not None:
+        words = f"a resume continues after round {checkpoint}"
+    elif records:
+        words = "no checkpoint: a resume starts over"
+    else:
+        return None
+    first = 0 if checkpoint is None else checkpoint + 1  # the first round a resume trains again
+    last = records[-1]["round"] if records else -1
+    if last >= first:
+        span = f"round {first}" if last == first else f"rounds {first}..{last}"
+        words += f"; {span} trained but not checkpointed"
+    return words
+
+
 def _stopped_state(records: list[dict[str, Any]], checkpoint: int | None, refused: str | None = None) -> str:
     """The state of a run no process trains, unfinished, whose last training reported no error
-    (``refused``: why a resume would refuse its newest checkpoint, :func:`_resume_refusal`)."""
-    if refused is not None:
-        return f"stopped (a resume is refused: {refused})"
-    if checkpoint is not None:
-        return f"stopped (a resume continues after round {checkpoint})"
-    if records:
-        return "stopped (no checkpoint: a resume starts over)"
-    return "no round finished"
+    (``records``: all its readable rows)."""
+    words = _resume_words(records, checkpoint, refused)
+    return "no round finished" if words is None else f"stopped ({words})"
 
 
 def stopped_state(run_dir: str | Path) -> str:
@@ -198,14 +218,15 @@ def run_status(run_dir: str | Path) -> RunStatus:
     summary = _json(run_dir / "summary.json")
     record = holder_record(run_dir)  # the live session's, which rows name theirs by
     holder = None if record is None else holder_text(record)
-    if holder is None and checkpoint is not None:
-        # rows past the newest checkpoint of a run no process trains are the next train's to
-        # drop: a killed session's, under --resume force of another config than config.yaml's
-        records = [r for r in records if r["round"] <= checkpoint]
-    done = records[-1]["round"] + 1 if records else 0
+    trained = records[-1]["round"] + 1 if records else 0
+    # of a run no process trains, rows past the newest checkpoint (all, without one) are the next
+    # train's to drop: a killed or failed session's, maybe under --resume force of another config
+    keep = -1 if checkpoint is None else checkpoint
+    kept = records if holder is not None else [r for r in records if r["round"] <= keep]
+    done = kept[-1]["round"] + 1 if kept else 0
     error = last_session_error(run_dir)  # trainings that compare started log their output there
     left, source = None, None
-    acc = records[-1].get("acc_per_exit") if records else None
+    acc = kept[-1].get("acc_per_exit") if kept else None
     if holder is not None:
         state = f"training ({holder})"
         left, source = _time_left(cfg, records, record, done)
@@ -213,13 +234,15 @@ def run_status(run_dir: str | Path) -> RunStatus:
         state = "finished"
         # summary.json is the record of a finished run: metrics.jsonl may be torn or trimmed
         done, acc = cfg.train.rounds, summary.get("acc_per_exit")
+        trained = done
     elif error is not None:
-        state = f"failed ({error.removeprefix('cafedist: error: ')})"
+        words = _resume_words(records, checkpoint, _resume_refusal(run_dir, cfg))
+        state = f"failed ({error.removeprefix('cafedist: error: ')}{'' if words is None else '; ' + words})"
     else:
         state = _stopped_state(records, checkpoint, _resume_refusal(run_dir, cfg))
     last = acc[-1] if isinstance(acc, list) and acc and _usable(acc[-1]) else None
     return RunStatus(str(run_dir), cfg.algorithm.name, done, cfg.train.rounds, state, last, left, source,
-                     checkpoint, _eval_state(run_dir, checkpoint))
+                     checkpoint, _eval_state(run_dir, checkpoint), trained)
 
 
 def _is_run(folder: Path) -> bool:

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 import yaml
-from conftest import TINY, cafedist, cafedist_in_process, env_for_tests
+from conftest import TINY, cafedist, cafedist_in_process, env_for_tests, metrics
 
 from cafedist.run.metrics import session_starts
 from cafedist.rundir import RunLock
-from cafedist.status import find_runs, run_status
+from cafedist.status import find_runs, run_status, stopped_state
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,51 @@ def test_a_failed_training_that_compare_logged_is_failed_until_a_later_session(r
     shutil.copytree(runs / "stopped", run)
     failed = "=== 2026-01-01 00:00:00 cafedist train ...\ncafedist: error: training diverged (try a lower train.lr)\n"
     (run / "train.log").write_text(failed)
-    assert run_status(run).state == "failed (training diverged (try a lower train.lr))"
+    assert run_status(run).state == \
+        "failed (training diverged (try a lower train.lr); a resume continues after round 1)"
     (run / "train.log").write_text(failed + "=== 2026-01-01 00:10:00 cafedist train ...\nstop signal received\n")
     assert run_status(run).state == "stopped (a resume continues after round 1)"
+
+
+def test_a_failed_run_says_how_far_it_trained_and_where_a_resume_continues(runs, tmp_path):
+    """A training that failed in round 3 (its error names it) after a checkpoint of round 1 showed
+    "2/3 failed (...)": the rounds a resume keeps, but not that it trained round 2 (lost) nor where
+    a resume continues. Without any checkpoint it showed every row as done ("3/3 failed")."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    template = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({**template, "round": 2}) + "\n")
+    (run / "train.log").write_text("=== 2026-01-01 00:00:00 cafedist train ...\n"
+                                   "cafedist: error: every client's loss in round 3 is not finite\n")
+    status = run_status(run)
+    assert status.state == "failed (every client's loss in round 3 is not finite; a resume continues after " \
+                           "round 1; round 2 trained but not checkpointed)"
+    assert (status.rounds_done, status.rounds_trained, status.checkpoint_round) == (2, 3, 1)
+    shutil.rmtree(run / "checkpoints")
+    status = run_status(run)
+    assert (status.rounds_done, status.last_exit_accuracy, status.rounds_trained) == (0, None, 3)
+    assert status.state == "failed (every client's loss in round 3 is not finite; no checkpoint: a resume starts " \
+                           "over; rounds 0..2 trained but not checkpointed)"
+
+
+def test_a_run_killed_before_its_first_checkpoint_has_no_round_done(tiny_config, tmp_path):
+    """Killed in round 2 with no checkpoint written (checkpoint.every 0: only at the end): status
+    said "2/3 stopped (no checkpoint: a resume starts over)", counting rows that a resume drops
+    as done rounds, with the last one's accuracy. Done are the rounds a resume keeps: none."""
+    run = tmp_path / "run"
+    proc = cafedist("train", "--config", str(tiny_config(every=0)), "--out", str(run), "--no-progress",
+                    env=env_for_tests(CAFEDIST_FAULT="kill@local:2"))
+    assert proc.returncode == -9 and not (run / "checkpoints").exists(), proc.stderr
+    status = run_status(run)
+    assert (status.rounds_done, status.rounds, status.last_exit_accuracy) == (0, 3, None)
+    state = "stopped (no checkpoint: a resume starts over; rounds 0..1 trained but not checkpointed)"
+    assert status.state == stopped_state(run) == state and status.rounds_trained == 2
+    assert " 0/3 " in cafedist_in_process("status", str(run), check=True).stdout
+    # as train does: a resume trains from round 0, its rows replacing the killed session's
+    proc = cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert len({r["session"] for r in metrics(run)}) == 1
 
 
 @pytest.mark.parametrize("finished", [False, True])
@@ -98,7 +140,8 @@ def test_rows_past_the_newest_checkpoint_of_a_run_no_process_trains_are_not_coun
     with open(run / "metrics.jsonl", "a") as fh:
         fh.writelines(json.dumps({"round": r, "acc_per_exit": [0.99, 0.99, 0.99]}) + "\n" for r in range(2, 12))
     status = run_status(run)
-    assert (status.rounds_done, status.rounds, status.state) == (2, 3, "stopped (a resume continues after round 1)")
+    assert status.state == "stopped (a resume continues after round 1; rounds 2..11 trained but not checkpointed)"
+    assert (status.rounds_done, status.rounds_trained, status.rounds) == (2, 12, 3)
     assert status.last_exit_accuracy == kept.last_exit_accuracy != 0.99
     with RunLock(run):  # a live session's rows are its progress: counted
         assert run_status(run).rounds_done == 12

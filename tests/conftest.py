@@ -175,9 +175,10 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 TIMING_KEYS = {"seconds", "t_local", "t_comm", "t_aggregate", "t_eval", "t_diag", "t_checkpoint", "session",
-               "wire_bytes", "world_size", "clients_per_rank"}
+               "wire_bytes", "world_size", "clients_per_rank", "train_rounds"}
 
 
 def comparable(records: list[dict]) -> list[dict]:
-    """Metrics without what legitimately varies between equivalent runs (time, wire bytes, ranks)."""
+    """Metrics without what legitimately varies between equivalent runs (time, wire bytes, ranks,
+    the session and the total it was started with: a run extended by --resume force)."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

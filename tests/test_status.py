@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import TINY, cafedist, cafedist_in_process, env_for_tests, metrics
 
-from cafedist.run.metrics import session_starts
+from cafedist.run.metrics import read_rounds, session_starts
 from cafedist.rundir import RunLock
 from cafedist.status import find_runs, run_status, stopped_state
 
@@ -99,6 +99,41 @@ def test_a_run_killed_before_its_first_checkpoint_has_no_round_done(tiny_config,
     proc = cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert len({r["session"] for r in metrics(run)}) == 1
+
+
+def test_a_live_resume_force_onto_more_rounds_shows_its_own_total(runs, tmp_path):
+    """`train --resume force train.rounds=N` keeps config.yaml's old total until its first new
+    checkpoint (here, with checkpoint.every 0, its last round): status said "12/3 training" with
+    0:00:00 left. Rows name their session's total (`train_rounds`): the live session's is shown."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    proc = subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(run / "config.yaml"),
+                             "--out", str(run), "--no-progress", "--resume", "force", "train.rounds=2000",
+                             "checkpoint.every=0"], cwd=ROOT, env=env_for_tests(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = read_rounds(run)  # a line being written is passed over
+            if len({r.get("session") for r in rows}) > 1 and rows[-1]["round"] >= 3:  # the live session's rows
+                break
+            time.sleep(0.2)
+        status = run_status(run)
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert status.state.startswith("training (pid ") and status.rounds == 2000 and status.rounds_done >= 4
+    assert status.seconds_left > 0
+    assert run_status(run).rounds == 2000  # its stop checkpointed a round: config.yaml is the new config's
 
 
 @pytest.mark.parametrize("finished", [False, True])
@@ -344,7 +379,7 @@ def _resumed_run(runs, tmp_path, earlier: list[float], current: list[float], rou
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["rounds"], cfg["checkpoint"]["every"] = rounds, every
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    template = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    template = {**json.loads((run / "metrics.jsonl").read_text().splitlines()[0]), "train_rounds": rounds}
     extra = {} if t_checkpoint is None else {"t_checkpoint": t_checkpoint}
     rows = [{**template, "round": i, "seconds": s, "session": "otherhost 12 2026-01-01T00:00:00", **extra}
             for i, s in enumerate(earlier)]
@@ -411,6 +446,7 @@ def test_train_names_each_row_s_session_and_the_checkpoint_before_it(runs, tmp_p
     assert [r["round"] for r in records] == [0, 1, 2]
     assert records[1]["session"] != records[2]["session"] and session_starts(records) == [0, 2]
     assert records[2]["session"].split()[1] == str(os.getpid())
+    assert {r["train_rounds"] for r in records} == {3}  # each session's train.rounds, for status
     # round 0's checkpoint was written in the first session, before round 1's row; the second
     # session's first row follows no checkpoint of its own
     assert records[1]["t_checkpoint"] >= 0 and not {"t_checkpoint"} & (records[0].keys() | records[2].keys())

@@ -187,6 +187,8 @@ class _Session:
             record = self.trainer.run_round(rnd)
             last_done = rnd
             record["world_size"] = rt.world_size
+            # this session's total: status reads it while --resume force keeps config.yaml's old one
+            record["train_rounds"] = cfg.train.rounds
             record["clients_per_rank"] = self.trainer.rows.counts
             if self.session_tag is not None:
                 record["session"] = self.session_tag

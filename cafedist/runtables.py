@@ -140,7 +140,8 @@ def trials_csv(trials: dict[str, list[Any]], chosen: dict[str, int | None]) -> s
 def read_curve(run_dir: str | os.PathLike, rounds: int | None = None) -> list[dict]:
     """The evaluated rounds of a run: ``{"round", "acc_per_exit", "val_acc_per_exit"?}`` from
     its ``metrics.jsonl`` (:func:`cafedist.run.metrics.read_rounds`; with ``rounds``, its
-    summary's, only the rounds before it)."""
+    summary's, only the rounds before it: compare takes a summary for the run's only while
+    :func:`~cafedist.run.metrics.run_standing` does, so its rounds are where the run's rows end)."""
     return [rec for rec in read_rounds(run_dir, rounds) if rec.get("acc_per_exit")]
 
 

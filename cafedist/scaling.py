@@ -36,6 +36,7 @@ from cafedist import yamlio
 from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
 from cafedist.paths import check_dir_creatable, refuse_empty_path, run_dir_arg, user_path
+from cafedist.run.metrics import run_standing
 from cafedist.typed import is_finite_number, is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
@@ -175,10 +176,13 @@ def load_run(run_dir: str | Path) -> RunStats:
         raise DataError(f"{run}: not a directory (expected a run directory written by `cafedist train`)")
     records = _read_metrics(run / "metrics.jsonl")
     summary = _read_optional(run / "summary.json", json.loads)
-    if type(summary.get("rounds")) is int:
-        # a finished run's rounds: rows past them are a killed `--resume force` attempt's (another
-        # config's), which the next train drops
-        records = [r for r in records if r["round"] < summary["rounds"]] or records
+    standing = run_standing(run)
+    if standing.summary is None:  # an extension has taken the run past it: unfinished
+        summary = {}
+    if standing.rounds is not None:
+        # rows past the run's newest summary or checkpoint: a killed `--resume force` attempt's
+        # (another config's, which the next train drops) or a session's not yet checkpointed
+        records = [r for r in records if r["round"] < standing.rounds] or records
     used = timed_rounds(records)
     world = {int(r["world_size"]) for r in records}
     if len(world) > 1:
@@ -299,8 +303,8 @@ def to_markdown(rows: list[dict[str, Any]], runs: list[RunStats]) -> str:
     if unfinished:
         # a sweep read while it trains: its times are of fewer rounds, and a run of 2 rounds or
         # fewer so far has its warm-up round averaged in
-        lines.append(f"Note: {', '.join(unfinished)} not finished (no summary.json): times of the rounds "
-                     f"recorded so far; compare with care.")
+        lines.append(f"Note: {', '.join(unfinished)} not finished (no summary.json of its newest rounds): "
+                     f"times of the rounds recorded so far; compare with care.")
     stacks = stack_difference(runs)
     if stacks is not None:
         lines.append(f"Note: the runs trained on different machines or software ({stacks}); their times compare "

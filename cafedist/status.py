@@ -35,7 +35,7 @@ from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import Config, config_hash, read_run_config
 from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import run_dir_arg
-from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal, round_of
+from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal
 from cafedist.run.metrics import session_starts
 from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
 from cafedist.train.preflight import earlier_hashes
@@ -98,12 +98,6 @@ def _usable(value: Any) -> bool:
     return is_finite_number(value) and value >= 0
 
 
-def _newest_checkpoint(run_dir: Path) -> int | None:
-    """The round of the newest checkpoint folder, the one a resume tries first (by name; not verified)."""
-    newest = CheckpointDir(run_dir).candidates()
-    return round_of(newest[0]) if newest else None
-
-
 def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
     report = _json(run_dir / "eval.json")
     if not isinstance(report, dict):
@@ -163,7 +157,7 @@ def stopped_state(run_dir: str | Path) -> str:
     """How :func:`run_status` describes ``run_dir`` once its training stopped unfinished without
     an error (a signal, a requeue): where a resume continues. Reads no config."""
     run_dir = Path(run_dir)
-    return _stopped_state(_records(run_dir), _newest_checkpoint(run_dir))
+    return _stopped_state(_records(run_dir), CheckpointDir(run_dir).newest_round())
 
 
 def _session_total(records: list[dict[str, Any]], record: str | None) -> int | None:
@@ -224,7 +218,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
     except CafeError as exc:
         raise ConfigError(f"{run_dir / 'config.yaml'}: not a usable run config ({exc})") from None
     records = _records(run_dir)
-    checkpoint = _newest_checkpoint(run_dir)
+    checkpoint = CheckpointDir(run_dir).newest_round()
     summary = _json(run_dir / "summary.json")
     record = holder_record(run_dir)  # the live session's, which rows name theirs by
     holder = None if record is None else holder_text(record)

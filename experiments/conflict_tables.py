@@ -33,7 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # experiments/ is on sys.path when run as a script
-from sweep import conflict_means, conflict_window, finished_records, write_csv
+from sweep import conflict_means, conflict_window, finished_records, finished_summary, write_csv
 
 from cafedist.config import read_run_config
 from cafedist.stats import mean_se
@@ -61,11 +61,11 @@ def setting_of(cfg) -> str:
 
 def read_run(run_dir: Path) -> dict | None:
     """One finished run: setting, arm, seed, final accuracies, conflict means, per-round records."""
-    if not (run_dir / "summary.json").exists():
+    summary = finished_summary(run_dir)
+    if summary is None:
         return None
     cfg = read_run_config(run_dir / "config.yaml")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = finished_records(run_dir, summary["rounds"])
+    records = finished_records(run_dir)
     row = {"setting": setting_of(cfg), "arm": arm_of(cfg), "seed": cfg.seed, "lr": cfg.train.lr,
            "rounds": summary["rounds"], "run": run_dir.name}
     for k, (v, t) in enumerate(zip(summary.get("val_acc_per_exit") or [None] * len(summary["acc_per_exit"]),

@@ -15,20 +15,21 @@ training-set size. Nothing is chosen from these numbers; docs/RESULTS.md quotes 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+from sweep import finished_summary  # experiments/ is on sys.path when run as a script
 
 from cafedist.config import read_run_config
 from cafedist.data.store import Store
 from cafedist.errors import CafeError
 
 
-def client_accuracy(run_dir: Path, exit_index: int) -> list[float]:
-    """Each client's test accuracy at one exit, from the run's summary.json."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return [row[exit_index] for row in summary["acc_per_client"]]
+def client_accuracy(run_dir: Path, exit_index: int) -> list[float] | None:
+    """Each client's test accuracy at one exit, from the run's summary.json (None: the run is not
+    finished: :func:`sweep.finished_summary`)."""
+    summary = finished_summary(run_dir)
+    return None if summary is None else [row[exit_index] for row in summary["acc_per_client"]]
 
 
 def train_sizes(run_dir: Path) -> list[int]:
@@ -64,7 +65,7 @@ def main() -> None:
         sizes += n
         for name, folder in methods.items():
             run = Path(folder) / f"seed{seed}"
-            acc[name] += client_accuracy(run, args.exit) if (run / "summary.json").is_file() else [None] * len(n)
+            acc[name] += client_accuracy(run, args.exit) or [None] * len(n)
     n = np.array(sizes)
     order = np.argsort(n, kind="stable")
     third = len(n) // 3

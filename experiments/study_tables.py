@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--results-md", type=Path, default=ROOT / "docs" / "RESULTS.md")
     args = parser.parse_args()
     study_dir = args.study / args.setting
-    if not any((study_dir / "runs").rglob("summary.json")):  # never overwrite the committed tables with empty ones
+    if not finished_runs(study_dir / "runs"):  # never overwrite the committed tables with empty ones
         parser.error(f"{study_dir / 'runs'}: no finished runs of setting {args.setting} "
                      f"(run `bash experiments/study_T100.sh {args.setting}` first, or give --study)")
     args.results.mkdir(parents=True, exist_ok=True)

@@ -75,25 +75,26 @@ def tabulate(variants: list[tuple[str, list[str]]], out: Path, tables: Path | No
 
 
 def finished_runs(root: Path) -> list[tuple[str, Path, str]]:
-    """Every finished run below ``root`` (e.g. a ``cafedist compare`` folder), named by its path."""
-    return [(str(f.parent.relative_to(root)), f.parent, "") for f in sorted(root.rglob("summary.json"))]
+    """Every finished run below ``root`` (e.g. a ``cafedist compare`` folder), named by its path
+    (:func:`finished_summary`: a run an extension has taken past its summary.json is not)."""
+    return [(str(f.parent.relative_to(root)), f.parent, "") for f in sorted(root.rglob("summary.json"))
+            if finished_summary(f.parent) is not None]
 
 
 def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
     """``variants.csv`` and ``curves.csv`` in ``tables`` for ``(name, run_dir, overrides)`` runs."""
     rows, curves = [], []
     for name, run_dir, overrides in runs:
-        summary_file = run_dir / "summary.json"
-        if not summary_file.exists():
+        s = finished_summary(run_dir)
+        if s is None:
             continue
-        s = json.loads(summary_file.read_text())
         row = {"variant": name, "overrides": overrides, "rounds": s["rounds"], "seed": _seed(run_dir),
                "wall_seconds": s["wall_seconds"]}
         for k, (v, t) in enumerate(zip(s.get("val_acc_per_exit") or [None] * len(s["acc_per_exit"]),
                                        s["acc_per_exit"])):
             row[f"val_exit{k + 1}"] = _r(v)
             row[f"test_exit{k + 1}"] = _r(t)
-        records = finished_records(run_dir, s["rounds"])
+        records = finished_records(run_dir)
         row.update(conflict_means(records, s["rounds"]))
         rows.append(row)
         for rec in records:
@@ -106,12 +107,20 @@ def tabulate_runs(runs: list[tuple[str, Path, str]], tables: Path) -> None:
     write_csv(tables / "curves.csv", curves)
 
 
-def finished_records(run_dir: Path, rounds: int) -> list[dict]:
-    """The ``metrics.jsonl`` records of a finished run's ``rounds`` (its summary's), one per
-    round (:func:`cafedist.run.metrics.read_rounds`, as compare's curves read them)."""
-    from cafedist.run.metrics import read_rounds
+def finished_summary(run_dir: Path) -> dict | None:
+    """A finished run's summary.json (None: no run, an unfinished one, or one that a ``--resume
+    force`` extension has taken past its summary: :func:`cafedist.run.metrics.run_standing`)."""
+    from cafedist.run.metrics import run_standing
 
-    return read_rounds(run_dir, rounds)
+    return run_standing(run_dir).summary
+
+
+def finished_records(run_dir: Path) -> list[dict]:
+    """The ``metrics.jsonl`` records of a finished run's rounds (its summary's), one per round
+    (:func:`cafedist.run.metrics.run_standing`, as compare's curves read them)."""
+    from cafedist.run.metrics import run_standing
+
+    return run_standing(run_dir).rows()
 
 
 def conflict_means(records: list[dict], rounds: int) -> dict[str, float | None]:

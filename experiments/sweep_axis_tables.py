@@ -36,7 +36,6 @@ the choice printed first and every run kept in the CSV with a ``chosen`` column.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from conflict_tables import mean_se_cell, mean_std_cell  # experiments/ is on sys.path when run as a script
 from per_client_gap import client_accuracy, train_sizes
-from sweep import write_csv
+from sweep import finished_summary, write_csv
 
 from cafedist.config import Config, read_run_config
 from cafedist.data.store import Store
@@ -121,10 +120,10 @@ def participation_share(cfg: Config) -> float:
 
 def read_run(run_dir: Path) -> dict | None:
     """One finished run's row and its clients' (training samples, last-exit test accuracy)."""
-    if not (run_dir / "summary.json").exists():
+    summary = finished_summary(run_dir)
+    if summary is None:
         return None
     cfg = read_run_config(run_dir / "config.yaml")
-    summary = json.loads((run_dir / "summary.json").read_text())
     sizes = train_sizes(run_dir)
     row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
            "clients": cfg.data.clients, "width": model_width(cfg), "arm": arm_of(cfg), "seed": cfg.seed,

@@ -505,6 +505,24 @@ def test_a_run_extended_from_a_total_its_training_depended_on_is_trained_again(t
     assert "extended by --resume force" in run.outdated()
 
 
+def test_a_run_whose_extension_checkpointed_past_its_summary_is_not_reused(tiny_config, tmp_path):
+    """`train --resume force train.rounds=...` on a finished run, stopped after its first
+    checkpoint: summary.json still matches compare's config, but the run has gone past the
+    models it describes (config.yaml is the new config's). compare reported the run finished,
+    with the old summary's numbers and its curve cut at the old rounds; once the extension
+    ended it refused the same directory as another config's run."""
+    from cafedist import RESULTS_VERSION
+    from cafedist.compare.plan import plan_run
+
+    run = plan_run(str(tiny_config(rounds=2)), available_variants()["fedavg"], 3, tmp_path / "out")
+    (run.run_dir / "checkpoints" / "round_000001").mkdir(parents=True)
+    (run.run_dir / "summary.json").write_text(json.dumps({"config_hash": run.config_hash, "rounds": 2,
+                                                           "results_version": RESULTS_VERSION}))
+    assert run.finished_summary() is not None
+    (run.run_dir / "checkpoints" / "round_000003").mkdir()
+    assert run.finished_summary() is None
+
+
 def test_an_unfinished_run_that_could_not_stand_is_started_over(tiny_config, tmp_path):
     """A run stopped partway whose newest checkpoint already says it cannot stand in the
     comparison (--resume force extended it from a total its training depended on, or code of

@@ -326,6 +326,29 @@ def test_a_finished_runs_rows_end_at_its_summary_not_at_a_killed_extension(monke
     assert [r["round"] for r in ct.read_run(run)["records"]] == [0, 1]
 
 
+def test_a_run_whose_extension_checkpointed_past_its_summary_is_no_finished_run(monkeypatch, tmp_path):
+    """`train --resume force train.rounds=5` on a finished 2-round run, stopped after its
+    checkpoint of round 3: config.yaml is the new config's, the run is unfinished (its rows run
+    to round 3) and summary.json still the 2-round run's. The tables took that summary as the
+    finished run's, beside the new config's (its rounds, lr, ...) and curves cut at round 2."""
+    sweep = _experiment("sweep", monkeypatch)
+    ct = _experiment("conflict_tables", monkeypatch)
+    pt = _experiment("sweep_axis_tables", monkeypatch)
+    run = tmp_path / "runs" / "seed0"
+    (run / "checkpoints" / "round_000003").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(config_from_dict(
+        {"train": {"rounds": 5, "diagnostics": ["conflict"]}, "algorithm": {"name": "cafedistill"}})))
+    (run / "summary.json").write_text(json.dumps({"rounds": 2, "wall_seconds": 1.0, "acc_per_exit": [0.5, 0.6]}))
+    rows = [{"round": r, "loss": 1.0, "acc_per_exit": [0.5, 0.6]} for r in range(5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sweep.finished_runs(tmp_path) == []
+    assert ct.read_run(run) is None and pt.read_run(run) is None
+    sweep.tabulate_runs([("seed0", run, "")], tmp_path / "tables")
+    for table in ("variants.csv", "curves.csv"):
+        with open(tmp_path / "tables" / table) as fh:
+            assert list(csv.DictReader(fh)) == []
+
+
 def _proxy_row(share: float, arm: str, seed: int, test1: float, test3: float) -> dict:
     return {**_levels(proxy_fraction=share), "arm": arm, "seed": seed,
             "proxy_images": int(1800 * share), "train_per_client": 100.0, "test_exit1": test1, "test_exit2": 0.9,

@@ -35,6 +35,29 @@ def test_read_rounds_one_record_per_round_the_later_line_winning(tmp_path):
     assert [r["v"] for r in read_rounds(tmp_path, before=3)] == ["a", "redone", "b"]
 
 
+def test_a_runs_own_rows_end_at_its_summary_or_at_a_newer_checkpoint(tmp_path):
+    """Which results are the run's as it stands (run.metrics.run_standing, shared by compare,
+    the experiments' tables and scaling-report): a finished run's rows end at its summary's
+    rounds (rows past them: a --resume force attempt killed before its first checkpoint);
+    once such an extension has checkpointed past them, the summary describes models the run
+    has gone past (no summary: it is unfinished) and its rows end at that checkpoint."""
+    from cafedist.run.metrics import run_standing
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(7)))
+    assert (run_standing(tmp_path).summary, run_standing(tmp_path).rounds) == (None, None)
+    (tmp_path / "checkpoints" / "round_000001").mkdir(parents=True)
+    assert run_standing(tmp_path).rounds == 2  # unfinished: up to its newest checkpoint
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": 2, "acc_per_exit": [0.5]}))
+    finished = run_standing(tmp_path)
+    assert finished.summary == {"rounds": 2, "acc_per_exit": [0.5]} and finished.rounds == 2
+    assert [r["round"] for r in finished.rows()] == [0, 1]
+    (tmp_path / "checkpoints" / "round_000004").mkdir()  # the extension's checkpoint of round 4
+    extended = run_standing(tmp_path)
+    assert extended.summary is None and [r["round"] for r in extended.rows()] == [0, 1, 2, 3, 4]
+    (tmp_path / "checkpoints" / "round_000004" / "SHARDS_ONLY").touch()  # pruned: no checkpoint to resume
+    assert run_standing(tmp_path).rounds == 2
+
+
 def _outcome(run_dir: Path, seed: int, summary: dict, curve: list[list[float]]) -> SimpleNamespace:
     """A finished run of row ``fedavg`` (compare's RunOutcome, duck-typed) whose test accuracy
     per exit in round r is ``curve[r]``."""

@@ -63,6 +63,18 @@ def test_rows_past_a_finished_runs_rounds_are_left_out(tmp_path):
     assert (stats.rounds_total, stats.rounds_used) == (3, 2) and stats.round_s == pytest.approx(2.0)
 
 
+def test_an_extension_past_its_first_checkpoint_is_timed_up_to_that_checkpoint(tmp_path):
+    """Once a `--resume force` extension has checkpointed past the summary's rounds, its rows up
+    to that checkpoint are the run's (they were cut at the old summary's rounds) and the run is
+    not finished (the old summary describes models it has gone past)."""
+    run = _run(tmp_path, "extended", 1, [4], [10.0, 2.0, 2.0, 4.0, 4.0, 50.0])
+    (run / "summary.json").write_text(json.dumps({"rounds": 3, "n_params": 10}))
+    (run / "checkpoints" / "round_000004").mkdir(parents=True)
+    stats = load_run(run)
+    assert (stats.rounds_total, stats.rounds_used) == (5, 4) and stats.round_s == pytest.approx(3.0)
+    assert stats.summary == {} and "`extended` not finished" in to_markdown(scaling_table([stats]), [stats])
+
+
 def test_strong_scaling_efficiency(tmp_path):
     runs = [load_run(_run(tmp_path, "w4", 4, [2, 2, 2, 2], [9, 1.0, 1.0])),
             load_run(_run(tmp_path, "w1", 1, [8], [9, 2.0, 2.0])),
@@ -390,8 +402,8 @@ def test_an_unfinished_run_is_noted(tmp_path):
     partial = load_run(_run(tmp_path, "w2", 2, [2, 2], [9, 1.0], summary=False))
     notes = [line for line in to_markdown(scaling_table([done, partial]), [done, partial]).splitlines()
              if line.startswith("Note:")]
-    assert notes == ["Note: `w2` not finished (no summary.json): times of the rounds recorded so far; "
-                     "compare with care."]
+    assert notes == ["Note: `w2` not finished (no summary.json of its newest rounds): times of the rounds recorded "
+                     "so far; compare with care."]
     assert not [line for line in to_markdown(scaling_table([done]), [done]).splitlines() if line.startswith("Note:")]
 
 

@@ -206,12 +206,13 @@ class PlannedRun:
 
     def _summary(self) -> dict | None:
         """The run's summary.json when it was written for this very config, or for an earlier
-        config file of the same run (it differed only in other algorithms' sections)."""
-        try:
-            summary = json.loads((self.run_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return summary if isinstance(summary, dict) and self._written_for_this(summary) else None
+        config file of the same run (it differed only in other algorithms' sections), and still
+        describes the run (:func:`~cafedist.run.metrics.run_standing`: a ``--resume force``
+        extension that checkpointed since has taken the run past it)."""
+        from cafedist.run.metrics import run_standing
+
+        summary = run_standing(self.run_dir).summary
+        return summary if summary is not None and self._written_for_this(summary) else None
 
     def _written_for_this(self, record: dict) -> bool:
         """Whether a summary or checkpoint manifest of the run directory was written for this

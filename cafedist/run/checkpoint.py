@@ -268,6 +268,12 @@ class CheckpointDir:
         """Checkpoint directories, newest first (by round number, not mtime)."""
         return [p for p in self._all_dirs() if not (p / SHARDS_ONLY).exists()]
 
+    def newest_round(self) -> int | None:
+        """The round of the newest checkpoint, the one a resume tries first (by name, not
+        verified: cheap on a run that is training); None without one."""
+        newest = self.candidates()
+        return round_of(newest[0]) if newest else None
+
     @staticmethod
     def verify(path: Path) -> CheckpointRef:
         """Check a checkpoint's manifest and every file's sha256; raise CheckpointError if not."""

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,49 @@ def read_rounds(run_dir: str | os.PathLike, before: int | None = None) -> list[d
         if isinstance(rec, dict) and type(rec.get("round")) is int and (before is None or rec["round"] < before):
             records[rec["round"]] = rec
     return [records[r] for r in sorted(records)]
+
+
+@dataclass(frozen=True)
+class RunStanding:
+    """A run directory's results as they describe the run now (:func:`run_standing`)."""
+
+    run_dir: Path
+    #: summary.json while it describes the run's newest models (None: none, or one an extension went past)
+    summary: dict[str, Any] | None
+    #: the rows of rounds below it are the run's own (None: every row)
+    rounds: int | None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The run's own ``metrics.jsonl`` records (:func:`read_rounds` up to :attr:`rounds`)."""
+        return read_rounds(self.run_dir, self.rounds)
+
+
+def run_standing(run_dir: str | os.PathLike) -> RunStanding:
+    """What of a run directory's results is the run as it stands, for readers of runs that may
+    be training or stopped (compare's report, the experiments' tables, scaling-report).
+
+    A finished run's summary.json covers its rounds; rows past them are a ``--resume force``
+    attempt's that has not checkpointed yet (killed, another config's, which the next train
+    drops). Once such an extension has checkpointed (its newest checkpoint is of a round the
+    summary does not cover, and config.yaml is the new config's), the run is unfinished until
+    the extension writes its own summary: the old one describes models the run has gone past,
+    and the rows up to that checkpoint are the run's. Of any run, rows past its newest record
+    (summary or checkpoint) are a session's that a kill rolls back. The newest checkpoint is
+    named, not verified (cheap on a run that is training)."""
+    from cafedist.run.checkpoint import CheckpointDir
+
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    summary = summary if isinstance(summary, dict) else None
+    covered = summary.get("rounds") if summary is not None and type(summary.get("rounds")) is int else None
+    newest = CheckpointDir(run_dir).newest_round()
+    if newest is not None and (covered is None or newest >= covered):
+        # no summary, or an extension's checkpoint past it
+        return RunStanding(run_dir, summary if covered is None else None, newest + 1)
+    return RunStanding(run_dir, summary, covered)
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -55,6 +55,24 @@ def test_an_infinite_loss_is_a_divergence_as_nan_is_and_metrics_jsonl_stays_json
     assert written == {**record, "self_weight": None, "conflict": {"cos": [[None, 0.25]]}}
 
 
+def test_a_metric_written_as_null_for_not_being_finite_is_said_once(tmp_path, caplog):
+    """A number that is not finite went into metrics.jsonl as null without a word: a user saw
+    gaps in a curve or table and no reason. One warning per metric names it, its value and the
+    round (the first); later rounds' of the same metric are not repeated."""
+    log = MetricsLog(tmp_path, tensorboard=False)
+    with caplog.at_level("WARNING", logger="cafedist"):
+        log.append({"round": 3, "loss": 0.5, "self_weight": NAN, "conflict": {"cos": [[0.25, math.inf]]}})
+        log.append({"round": 4, "loss": 0.5, "self_weight": NAN, "acc_per_exit": [0.5, -math.inf]})
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["round 3: self_weight is nan, not a finite number: metrics.jsonl records it as null "
+                    "(said once per metric)",
+                    "round 3: conflict.cos[0][1] is inf, not a finite number: metrics.jsonl records it as null "
+                    "(said once per metric)",
+                    "round 4: acc_per_exit[1] is -inf, not a finite number: metrics.jsonl records it as null "
+                    "(said once per metric)"]
+    assert [r.levelname for r in caplog.records] == ["WARNING"] * 3
+
+
 def test_divergence_of_a_partial_cohort_says_it_was_the_clients_trained_not_every_client():
     """With partial participation the run stops when the clients drawn for a round all have a
     non-finite loss; the message said "every client's loss", as if all of them had diverged,

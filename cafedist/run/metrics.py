@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ class MetricsLog:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
+        self._said: set[str] = set()  # metrics already reported as written null for not being finite
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency
@@ -51,8 +53,16 @@ class MetricsLog:
     def append(self, record: dict[str, Any]) -> None:
         """Write one round's record, durably (fsync: a kill loses no finished round), and its
         numbers to TensorBoard where enabled."""
+        not_finite: list[tuple[str, float]] = []
+        line = json.dumps(_finite_or_null(record, not_finite))
+        for name, value in not_finite:
+            metric = re.split(r"[.\[]", name, maxsplit=1)[0]
+            if metric not in self._said:
+                self._said.add(metric)
+                log.warning("round %s: %s is %r, not a finite number: metrics.jsonl records it as null "
+                            "(said once per metric)", record.get("round"), name, value)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(_finite_or_null(record)) + "\n")
+            fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         if self._tb is not None:
@@ -135,16 +145,20 @@ def run_standing(run_dir: str | os.PathLike) -> RunStanding:
     return RunStanding(run_dir, summary, covered)
 
 
-def _finite_or_null(value: Any) -> Any:
+def _finite_or_null(value: Any, not_finite: list[tuple[str, float]], name: str = "") -> Any:
     """``value`` with every float that is not finite (nested in dicts and lists) as None:
     json.dumps would write it as NaN or Infinity, which is no JSON (jq and strict readers
-    refuse the whole file)."""
+    refuse the whole file). Each one replaced is added to ``not_finite`` as (its name, e.g.
+    ``acc_per_exit[1]``, its value)."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        if math.isfinite(value):
+            return value
+        not_finite.append((name, value))
+        return None
     if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
+        return {k: _finite_or_null(v, not_finite, f"{name}.{k}" if name else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
+        return [_finite_or_null(v, not_finite, f"{name}[{i}]") for i, v in enumerate(value)]
     return value
 
 

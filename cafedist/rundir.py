@@ -38,11 +38,9 @@ log = logging.getLogger("cafedist")
 LOCK_NAME = "run.lock"
 OUTPUTS_LOCK_NAME = "outputs.lock"
 PREVIOUS_PREFIX = "previous-"
-#: who began the run in the directory with ``--resume none`` (:func:`record_start`), read by the
-#: sbatch templates (slurm/_run.sh) when Slurm restarts their job
+#: who began the run in the directory with ``--resume none`` (:func:`record_start`), read when
+#: Slurm restarts the job (:func:`started_by_this_job`: the sbatch templates, ``cafedist submit``)
 START_TOKEN_NAME = ".start-token"
-#: the starter's token, exported by the sbatch templates (:func:`slurm_job_token`)
-START_TOKEN_ENV = "CAFEDIST_START_TOKEN"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
 #: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
 #: conflict diagnostic) and compare's kept budget results (budgets.json). Not the logs of
@@ -251,19 +249,20 @@ def record_start(run_dir: Path, token: str | None) -> None:
 
 
 def slurm_job_token(environ: Mapping[str, str]) -> str:
-    """The start token of the Slurm job whose variables ``environ`` holds, ``slurm-<job id>``
-    (slurm/_run.sh writes the same). Not the cluster's name: in a federation a requeued job may
-    run on a sibling cluster under the same id, and a token it no longer matched would start
-    its trained run over."""
+    """The start token of the Slurm job whose variables ``environ`` holds, ``slurm-<job id>``:
+    the token's one definition (slurm/_run.sh asks :func:`started_by_this_job`, and never forms
+    it). Not the cluster's name: in a federation a requeued job may run on a sibling cluster
+    under the same id, and a token it no longer matched would start its trained run over."""
     return f"slurm-{environ.get('SLURM_JOB_ID', '')}"
 
 
 def start_token() -> str | None:
-    """What :func:`record_start` records for this process: :data:`START_TOKEN_ENV`, else, in a
-    Slurm job, that job's token. A step need not see the variable the batch shell exported:
-    ``sbatch --export=LIST`` (or ``NONE``) has srun give its steps that list alone, and the
-    restart, finding no token, would start over the run its job had trained. None outside Slurm."""
-    return os.environ.get(START_TOKEN_ENV) or (slurm_job_token(os.environ) if os.environ.get("SLURM_JOB_ID") else None)
+    """What :func:`record_start` records for this process: in a Slurm job, that job's token
+    (:func:`slurm_job_token`); None outside Slurm. Taken from ``SLURM_JOB_ID``, which Slurm
+    sets in the batch shell and in every step of the job (``sbatch --export=LIST`` or ``NONE``
+    included), and which a job never inherits from the one it was submitted from; an array
+    element's id is its own, and a requeue keeps it."""
+    return slurm_job_token(os.environ) if os.environ.get("SLURM_JOB_ID") else None
 
 
 def started_by(run_dir: str | os.PathLike, token: str) -> bool:
@@ -273,3 +272,11 @@ def started_by(run_dir: str | os.PathLike, token: str) -> bool:
         return (Path(run_dir) / START_TOKEN_NAME).read_text("utf-8") == token
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def started_by_this_job(run_dir: str | os.PathLike) -> bool:
+    """Whether this Slurm job started the run in ``run_dir`` over (:func:`started_by` with
+    :func:`start_token`); False outside Slurm. What a restart of the job asks, under the sbatch
+    templates (slurm/_run.sh) and ``cafedist submit`` alike."""
+    token = start_token()
+    return token is not None and started_by(run_dir, token)

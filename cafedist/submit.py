@@ -332,17 +332,14 @@ class TrainTask(Checkpointable):
 
     @staticmethod
     def _slurm_start(run: RunSpec) -> RunSpec:
-        """What this start of a Slurm job runs. It names the job's start-over (``--resume none``
-        records the token in the run directory: :func:`cafedist.rundir.record_start`; this job's
-        own, never one inherited from the job it was submitted from). A restart (from the first
-        pickle: an outside requeue, preemption in requeue mode, a node failure; or from
-        :meth:`checkpoint`'s) continues, never starts over, the run this job began; but a
-        ``--resume none`` stopped before it moved the earlier run aside starts over still."""
-        from cafedist.rundir import START_TOKEN_ENV, slurm_job_token, started_by
+        """What this start of a Slurm job runs. A restart (from the first pickle: an outside
+        requeue, preemption in requeue mode, a node failure; or from :meth:`checkpoint`'s)
+        continues, never starts over, the run this job began; but a ``--resume none`` stopped
+        before it moved the earlier run aside starts over still: the run directory does not
+        hold this job's token (:func:`cafedist.rundir.started_by_this_job`)."""
+        from cafedist.rundir import started_by_this_job
 
-        token = slurm_job_token(os.environ)
-        os.environ[START_TOKEN_ENV] = token
-        if _restart_count() > 0 and (run.resume != "none" or started_by(run.out, token)):
+        if _restart_count() > 0 and (run.resume != "none" or started_by_this_job(run.out)):
             return run.resumed()
         return run
 

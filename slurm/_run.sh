@@ -16,7 +16,7 @@
 #   RESUME        auto (default) | none | force for the first start; a requeued job uses
 #                 auto after none once this job has started the run over (a restart never
 #                 starts over the run it is to continue), none again if it was stopped before
-#                 (see CAFEDIST_START_TOKEN below), force after force (the run's config.yaml
+#                 (see _cafedist_started_over below), force after force (the run's config.yaml
 #                 may still be the old one)
 #   MAX_REQUEUES  give up requeueing after this many restarts of this job (default 20)
 #   PROGRESS      1 = keep the trainer's progress line in the log (default 0)
@@ -63,13 +63,6 @@ if [[ -n "${SLURM_RESTART_COUNT:-}" ]]; then
     [[ "$_cafedist_restarts" =~ ^[0-9]+$ ]] || _cafedist_restarts="$SLURM_RESTART_COUNT"
 fi
 
-# This job's name for the run it starts over: `cafedist train --resume none` writes it into
-# OUT/.start-token (cafedist.rundir.START_TOKEN_NAME) once it has moved the earlier run aside, so
-# a restart knows whether this job got that far. Set here, never inherited: sbatch copies the
-# submitting environment. An array element has a job id of its own, which a requeue keeps. A
-# step that does not get the variable (sbatch --export=LIST) records its job's own, the same.
-export CAFEDIST_START_TOKEN="slurm-${SLURM_JOB_ID:-}"
-
 if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
     # A source checkout (this file's parent) rather than an installed package.
     export PYTHONPATH="${_CAFEDIST_REPO}${PYTHONPATH:+:$PYTHONPATH}"
@@ -79,15 +72,18 @@ if ! "$PYTHON" -c 'import cafedist' >/dev/null 2>&1; then
     }
 fi
 
-# Whether this job has started OUT over (RESUME=none): train wrote this job's token there once it
-# had moved the earlier run aside. Python compares (cafedist.rundir.started_by) and answers by
-# its exit status alone: 3 is "no", anything else (a cafedist older than the token, a PYTHON
-# that cannot run it) continues, as the templates always did: a restart must never start over a
-# run it may have trained. (Output is no answer: a wrapper or sitecustomize may print.)
+# Whether this job has started OUT over (RESUME=none): `cafedist train --resume none` writes the
+# job's token into OUT/.start-token once it has moved the earlier run aside, so a restart knows
+# whether this job got that far. The token is cafedist's alone (cafedist.rundir.start_token, from
+# SLURM_JOB_ID: every step of the job has it, none inherits it): Python compares
+# (cafedist.rundir.started_by_this_job) and answers by its exit status alone: 3 is "no",
+# anything else (a cafedist older than the token, a PYTHON that cannot run it) continues, as the
+# templates always did: a restart must never start over a run it may have trained. (Output is no
+# answer: a wrapper or sitecustomize may print.)
 _cafedist_started_over() {
     local rc=0
-    "$PYTHON" -c 'import sys; from cafedist.rundir import started_by
-sys.exit(0 if started_by(sys.argv[1], sys.argv[2]) else 3)' "$OUT" "$CAFEDIST_START_TOKEN" >/dev/null 2>&1 || rc=$?
+    "$PYTHON" -c 'import sys; from cafedist.rundir import started_by_this_job
+sys.exit(0 if started_by_this_job(sys.argv[1]) else 3)' "$OUT" >/dev/null 2>&1 || rc=$?
     [[ $rc != 3 ]]
 }
 

@@ -27,7 +27,7 @@ from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import read_run_config
 from cafedist.errors import CheckpointError
 from cafedist.eval.run import LoadedRun, writing_outputs
-from cafedist.rundir import LOCK_NAME, START_TOKEN_ENV, START_TOKEN_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
+from cafedist.rundir import LOCK_NAME, START_TOKEN_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -169,20 +169,20 @@ def test_resume_none_moves_an_export_kept_in_the_run_directory_aside_with_it(fin
 def test_resume_none_records_who_started_the_run_over(finished, run_copy, monkeypatch):
     """The sbatch templates tell a restart of their job that had started its run over (to be
     continued) from one stopped before it moved the earlier run aside (to start over still) by
-    the token the start-over records (slurm/_run.sh); one without a token removes an earlier's."""
+    the token the start-over records, its Slurm job's (slurm/_run.sh); one outside Slurm removes
+    an earlier's."""
     from cafedist.config import load_config
     from cafedist.train.startup import prepare_run_dir
 
     cfg, token = load_config(finished[0]), run_copy / START_TOKEN_NAME
-    monkeypatch.setenv(START_TOKEN_ENV, "slurm-7")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
     prepare_run_dir(cfg, run_copy, "none")
     [moved] = run_copy.glob("previous-*")
     assert token.read_text() == "slurm-7" and (moved / "summary.json").exists()
-    monkeypatch.setenv(START_TOKEN_ENV, "slurm-8")
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
     prepare_run_dir(cfg, run_copy, "auto")  # resuming it: still job 7's start
     assert token.read_text() == "slurm-7"
-    monkeypatch.delenv(START_TOKEN_ENV)
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # outside Slurm (in a Slurm job: that job's token)
+    monkeypatch.delenv("SLURM_JOB_ID")  # outside Slurm
     prepare_run_dir(cfg, run_copy, "none")
     assert not token.exists()
 

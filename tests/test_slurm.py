@@ -930,24 +930,23 @@ def test_a_restarted_submitit_start_over_continues_only_the_run_it_started(tmp_p
     --resume none the restart turned into auto as well) before the trainer moved the earlier run
     aside: the restart continued the earlier run, or reported it finished, instead of starting over."""
     import cafedist.cli
-    from cafedist.rundir import START_TOKEN_ENV, record_start
+    from cafedist.rundir import record_start, start_token
 
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # the task exports RANK, MASTER_*, the token ...
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the task exports RANK, MASTER_* ...
     seen = []
     monkeypatch.setattr(cafedist.cli, "main",
-                        lambda argv: seen.append((argv[argv.index("--resume") + 1], os.environ[START_TOKEN_ENV])) or 0)
+                        lambda argv: seen.append((argv[argv.index("--resume") + 1], start_token())) or 0)
     for key, value in {**_SLURM_TASK_ENV, "SLURM_CLUSTER_NAME": "c", "SLURM_RESTART_COUNT": str(restarts)}.items():
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    if recorded == "inherited":
-        monkeypatch.setenv(START_TOKEN_ENV, "slurm-330")
+    if recorded == "inherited":  # the start-over of the job it was submitted from
         record_start(run_dir, "slurm-330")
     run = submit.RunSpec(str(tmp_path / "c.yaml"), str(run_dir), (), resume)
     if recorded == "own":  # as the job's first start recorded it
         monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
         submit.TrainTask()(run)
-        record_start(run_dir, os.environ[START_TOKEN_ENV])
+        record_start(run_dir, start_token())
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
     submit.TrainTask()(run)
     assert seen[-1] == (expected, "slurm-331")
@@ -1184,8 +1183,8 @@ def _template_shell(tmp_path: Path, script: str, state: str = "RUNNING", restart
 
 
 #: what `cafedist train --resume none` does once it has moved the earlier run aside (startup.prepare_run_dir)
-_RECORD_START = ("\"$PYTHON\" -c 'import os, pathlib; from cafedist.rundir import START_TOKEN_ENV, record_start; "
-                 "record_start(pathlib.Path(os.environ[\"OUT\"]), os.environ.get(START_TOKEN_ENV))'")
+_RECORD_START = ("\"$PYTHON\" -c 'import os, pathlib; from cafedist.rundir import record_start, start_token; "
+                 "record_start(pathlib.Path(os.environ[\"OUT\"]), start_token())'")
 
 
 @pytest.mark.parametrize("resume, restarts, recorded, expected", RESTART_CASES)
@@ -1195,16 +1194,14 @@ def test_a_restarted_start_over_continues_only_the_run_it_started(tmp_path, resu
     run, or reported it finished, instead of starting over. A restart continues only a run
     whose start-over recorded this job's token."""
     (tmp_path / "run").mkdir()
-    inherited = {"CAFEDIST_START_TOKEN": "slurm-0"} if recorded == "inherited" else {}
-    if recorded is not None:  # what the first start recorded
-        first = _template_shell(tmp_path, _RECORD_START, RESUME=resume, SLURM_JOB_ID="0" if inherited else "1")
+    if recorded is not None:  # what the first start recorded ("inherited": the job it was submitted from)
+        first = _template_shell(tmp_path, _RECORD_START, RESUME=resume,
+                                SLURM_JOB_ID="0" if recorded == "inherited" else "1")
         assert first.returncode == 0, first.stderr
-    show = 'echo "$CAFEDIST_START_TOKEN"; _cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"'
-    proc = _template_shell(tmp_path, show, restarts=restarts, RESUME=resume, **inherited)
+    proc = _template_shell(tmp_path, '_cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"', restarts=restarts,
+                           RESUME=resume)
     assert proc.returncode == 0, proc.stderr
-    token, *_, args = proc.stdout.splitlines()
-    assert f"--resume {expected} " in args, proc.stdout
-    assert token == "slurm-1"  # its own, whatever it inherited
+    assert f"--resume {expected} " in proc.stdout.splitlines()[-1], proc.stdout
 
 
 def test_a_restart_continues_the_run_it_started_over_under_a_python_that_prints(tmp_path):
@@ -1229,21 +1226,53 @@ def test_a_restart_continues_the_run_it_started_over_under_a_python_that_prints(
     assert "--resume none " in proc.stdout.splitlines()[-1], proc.stdout
 
 
+#: what `cafedist train --resume none` does on rank 0 (prepare_run_dir, run for real): the config
+#: is ``CFG`` (:func:`_tiny_config`), the run directory ``OUT``
+_START_OVER = ("import os, pathlib; from cafedist.config import load_config; "
+               "from cafedist.train.startup import prepare_run_dir; "
+               "prepare_run_dir(load_config(os.environ['CFG']), pathlib.Path(os.environ['OUT']), 'none')")
+#: the same as a step of the job
+_START_OVER_STEP = f'"$PYTHON" -c {shlex.quote(_START_OVER)}'
+
+
+def _tiny_config(tmp_path: Path) -> str:
+    (tmp_path / "c.yaml").write_text("data: {dataset: digits, clients: 4}\ntrain: {rounds: 3}\n")
+    return str(tmp_path / "c.yaml")
+
+
 def test_a_start_over_whose_step_lacked_the_token_is_continued_when_restarted(tmp_path):
     """`sbatch --export=CONFIG=...,OUT=...` (a list without ALL, or NONE) sets SLURM_EXPORT_ENV
-    in the job, so srun gives the training step those variables alone, not the token the batch
-    shell exported: the trainer recorded none, and every restart of the job (each preemption or
-    time limit) started the run over, moving its trained rounds aside. The trainer's part is
-    run for real here (prepare_run_dir), in a step's environment without the variable."""
-    (tmp_path / "c.yaml").write_text("data: {dataset: digits, clients: 4}\ntrain: {rounds: 3}\n")
+    in the job, so srun gives the training step those variables (and Slurm's own) alone, not a
+    token the batch shell exported: the trainer recorded none, and every restart of the job (each
+    preemption or time limit) started the run over, moving its trained rounds aside. The
+    trainer's part is run for real here (prepare_run_dir), in such a step's environment."""
     (tmp_path / "run").mkdir()
-    step = ("env -u CAFEDIST_START_TOKEN \"$PYTHON\" -c 'import os, pathlib; from cafedist.config import load_config; "
-            "from cafedist.train.startup import prepare_run_dir; "
-            "prepare_run_dir(load_config(os.environ[\"CFG\"]), pathlib.Path(os.environ[\"OUT\"]), \"none\")'")
-    first = _template_shell(tmp_path, step, RESUME="none", CFG=str(tmp_path / "c.yaml"))
+    kept = " ".join(f"{name}=\"${name}\"" for name in ("PATH", "HOME", "PYTHONPATH", "SLURM_JOB_ID", "OUT", "CFG"))
+    first = _template_shell(tmp_path, f"env -i {kept} {_START_OVER_STEP}", RESUME="none", CFG=_tiny_config(tmp_path))
     assert first.returncode == 0, first.stderr
     restart = _template_shell(tmp_path, '_cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"', restarts=1,
                               RESUME="none")
+    assert restart.returncode == 0, restart.stderr
+    assert "--resume auto " in restart.stdout.splitlines()[-1], restart.stdout
+
+
+def test_the_templates_take_the_start_token_from_cafedist_alone(tmp_path):
+    """The token's format stood twice, in cafedist.rundir.slurm_job_token and in slurm/_run.sh
+    (which exported it to the steps and compared with it): a change to one, not the other, and a
+    step that recorded one form made every restart start its trained run over. The format is
+    changed here in Python alone (a sitecustomize stands in for the edit): the start-over records
+    it, and its restart finds its own token and continues."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import cafedist.rundir as r\n"
+                                           "r.slurm_job_token = lambda environ: 'job:' + environ['SLURM_JOB_ID']\n")
+    path = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    (tmp_path / "run").mkdir()
+    first = _template_shell(tmp_path, _START_OVER_STEP, RESUME="none", CFG=_tiny_config(tmp_path), PYTHONPATH=path)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "run" / ".start-token").read_text() == "job:1"
+    restart = _template_shell(tmp_path, '_cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"', restarts=1,
+                              RESUME="none", PYTHONPATH=path)
     assert restart.returncode == 0, restart.stderr
     assert "--resume auto " in restart.stdout.splitlines()[-1], restart.stdout
 

@@ -100,7 +100,7 @@ _cafedist_train_args() {
         if _cafedist_started_over; then
             resume=auto
         else
-            _cafedist_log "this job was stopped before it started $OUT over (RESUME=none): the restart starts over"
+            _cafedist_log "$OUT holds no start-over of this job's (RESUME=none; it was stopped while starting): the restart starts over"
         fi
     fi
     _cafedist_resume="$resume"

@@ -1277,6 +1277,40 @@ def test_the_templates_take_the_start_token_from_cafedist_alone(tmp_path):
     assert "--resume auto " in restart.stdout.splitlines()[-1], restart.stdout
 
 
+@pytest.mark.parametrize("killed", ["move_aside", "record_start"])
+def test_a_start_over_killed_before_it_recorded_its_token_starts_over_and_loses_nothing(tmp_path, killed):
+    """SIGKILL (a node failure, the OOM killer) of a RESUME=none start just before it moved the
+    earlier run aside, or between that move and the record of its token, while OUT still holds
+    the token of the job that started the earlier run over: the restart finds no token of its
+    own, so it starts over (never continues, nor reports finished, the earlier run), and moves
+    nothing twice: the earlier run stays whole in its one previous-* folder. Recorded before the
+    move, the token would make a restart continue the earlier run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = {"config.yaml": "seed: 0\n", "metrics.jsonl": '{"round": 0}\n', "summary.json": "{}"}
+    for name, text in earlier.items():
+        (run / name).write_text(text)
+    (run / ".start-token").write_text("slurm-0")  # job 0 started the earlier run over
+    kill = f"import os, cafedist.train.startup as s; s.{killed} = lambda *a: os._exit(137); "  # at its call
+    die = f'"$PYTHON" -c {shlex.quote(kill + _START_OVER)}'
+    cfg = _tiny_config(tmp_path)
+    first = _template_shell(tmp_path, die, RESUME="none", CFG=cfg)
+    assert first.returncode == 137, first.stderr
+    assert (run / ".start-token").read_text() == "slurm-0"
+    show = '_cafedist_train_args; echo "${_CAFEDIST_ARGS[*]}"'
+    restart = _template_shell(tmp_path, show, restarts=1, RESUME="none")
+    assert "--resume none " in restart.stdout.splitlines()[-1], restart.stdout
+    assert "no start-over of this job's" in restart.stdout  # it may have moved the earlier run aside
+    again = _template_shell(tmp_path, _START_OVER_STEP, restarts=1, RESUME="none", CFG=cfg)
+    assert again.returncode == 0, again.stderr
+    [moved] = run.glob("previous-*")
+    assert {name: (moved / name).read_text() for name in earlier} == earlier
+    assert not any((run / name).exists() for name in ("metrics.jsonl", "summary.json"))
+    assert (run / ".start-token").read_text() == "slurm-1"
+    restart = _template_shell(tmp_path, show, restarts=2, RESUME="none")
+    assert "--resume auto " in restart.stdout.splitlines()[-1], restart.stdout
+
+
 def test_a_start_over_stopped_before_it_began_is_requeued_beside_the_earlier_runs_summary(tmp_path):
     """A stop signal that ended the step of a RESUME=none start before the trainer moved the
     earlier run aside: its summary.json passed for this run's own, and the job was not requeued

@@ -17,12 +17,17 @@ into the new one.
 ``RUN_DIR/previous-<timestamp>/`` (renames within the directory, nothing is copied or deleted),
 with every folder ``cafedist export`` wrote directly inside it (it describes the run's models).
 Other files of the user's stay: the directory may be a folder of theirs holding other things.
+The move is one rename per entry, so a kill can land between two: it records first what it
+moves where (:data:`MOVING_NAME`), the next ``train`` of the directory (any ``--resume``)
+finishes it into the same folder before anything else, and the readers see a run moving aside
+(:func:`unfinished_move`) rather than a half of one.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -31,13 +36,17 @@ from pathlib import Path
 from typing import Mapping
 
 from cafedist.errors import CafeError
-from cafedist.fsutil import fsync_dir, write_text_atomic
+from cafedist.fsutil import fsync_dir, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cafedist")
 
 LOCK_NAME = "run.lock"
 OUTPUTS_LOCK_NAME = "outputs.lock"
 PREVIOUS_PREFIX = "previous-"
+#: the record of a move aside not finished yet (:func:`move_aside`), in the run directory:
+#: ``{"into": "previous-<timestamp>", "names": [...]}``, written before the first rename and
+#: removed once every name has moved
+MOVING_NAME = ".moving-aside"
 #: who began the run in the directory with ``--resume none`` (:func:`record_start`), read when
 #: Slurm restarts the job (:func:`started_by_this_job`: the sbatch templates, ``cafedist submit``)
 START_TOKEN_NAME = ".start-token"
@@ -213,26 +222,89 @@ def run_outputs(run_dir: Path) -> list[str]:
 
 def move_aside(run_dir: Path) -> Path | None:
     """Move the run in ``run_dir`` (its :func:`run_outputs`) into ``run_dir/previous-<timestamp>/``;
-    returns it (None: no run to move).
+    returns it (None: no run to move). A move a kill interrupted is finished first, into its
+    own folder (returned when it was all there was to move).
 
     Only renames inside ``run_dir``: atomic per entry, nothing copied, nothing deleted. Call it
     with the run's lock held.
     """
+    finished = _finish_move(run_dir)
+    if finished is not None:
+        log.warning("%s: finished moving the previous run into %s (a --resume none was stopped partway through "
+                    "moving it)", run_dir, finished)
     if not has_run(run_dir):  # an export alone is no run to start over from
-        return None
-    present = run_outputs(run_dir)
+        return finished
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = run_dir / f"{PREVIOUS_PREFIX}{stamp}"
     n = 1
     while target.exists():
         n += 1
         target = run_dir / f"{PREVIOUS_PREFIX}{stamp}-{n}"
-    target.mkdir()
-    for name in present:
+    # the record first: a kill from here on leaves a move the next train finishes, not a run split in two
+    write_json_atomic(run_dir / MOVING_NAME, {"into": target.name, "names": run_outputs(run_dir)})
+    return _finish_move(run_dir)
+
+
+def _moving(run_dir: Path) -> tuple[Path, list[str]] | None:
+    """The folder and names :data:`MOVING_NAME` records (None: no move unfinished); a record
+    cafedist did not write is a CafeError (nothing is moved by it)."""
+    path = run_dir / MOVING_NAME
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CafeError(f"{path}: unreadable record of a run being moved aside ({exc}); move the run's files "
+                        f"yourself and remove it") from None
+    def plain(name: object) -> bool:
+        return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+    into, names = (record.get("into"), record.get("names")) if isinstance(record, dict) else (None, None)
+    if not (plain(into) and str(into).startswith(PREVIOUS_PREFIX) and isinstance(names, list)
+            and all(plain(n) for n in names)):
+        raise CafeError(f"{path}: not a record of a run being moved aside that cafedist wrote; move the run's "
+                        f"files yourself and remove it")
+    return run_dir / str(into), [str(n) for n in names]
+
+
+def _finish_move(run_dir: Path) -> Path | None:
+    """Carry out the move :data:`MOVING_NAME` records, the names a kill left behind, and
+    remove the record once they are all in place; returns the folder (None: no record)."""
+    moving = _moving(run_dir)
+    if moving is None:
+        return None
+    target, names = moving
+    target.mkdir(exist_ok=True)
+    for name in names:
+        if not os.path.lexists(run_dir / name):  # moved before the kill
+            continue
+        if os.path.lexists(target / name):
+            raise CafeError(f"{run_dir / name}: also in {target}, where the earlier run is being moved; keep one "
+                            f"of them and remove {run_dir / MOVING_NAME}")
         os.replace(run_dir / name, target / name)
     fsync_dir(target)
+    fsync_dir(run_dir)  # every rename durable before the record of what is left goes
+    (run_dir / MOVING_NAME).unlink()
     fsync_dir(run_dir)
     return target
+
+
+def unfinished_move(path: str | os.PathLike) -> str | None:
+    """Where a run moving aside stands, for the readers of run directories: ``path`` is a run
+    directory whose run is being moved into a ``previous-*`` folder, or that folder, and a
+    ``--resume none`` (killed partway through, or still moving it) has not finished: a
+    sentence saying so, else None. Neither half is a run to read."""
+    path = Path(path)
+    for run_dir in (path, path.parent):
+        moving = _moving(run_dir) if (run_dir / MOVING_NAME).exists() else None
+        if moving is None or (run_dir != path and moving[0].name != path.name):
+            continue
+        holder = live_holder(run_dir)
+        how = (f"as {holder} moves it" if holder else
+               "a --resume none was stopped partway through; the next `cafedist train` of it finishes the move")
+        where = f"its run is being moved aside into {moving[0].name}/" if run_dir == path else \
+            f"the run in {run_dir} is being moved into it"
+        return f"{path}: {where} ({how})"
+    return None
 
 
 def record_start(run_dir: Path, token: str | None) -> None:

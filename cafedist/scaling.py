@@ -37,6 +37,7 @@ from cafedist.errors import DataError
 from cafedist.fsutil import atomic_output, replaced_together, write_text_atomic
 from cafedist.paths import check_dir_creatable, refuse_empty_path, run_dir_arg, user_path
 from cafedist.run.metrics import run_standing
+from cafedist.rundir import unfinished_move
 from cafedist.typed import is_finite_number, is_integer, is_number
 
 TIMERS = ("t_local", "t_comm", "t_aggregate", "t_eval")
@@ -174,6 +175,9 @@ def load_run(run_dir: str | Path) -> RunStats:
     run = Path(run_dir)
     if not run.is_dir():
         raise DataError(f"{run}: not a directory (expected a run directory written by `cafedist train`)")
+    moving = unfinished_move(run)
+    if moving is not None:  # neither half is the run it timed
+        raise DataError(moving)
     records = _read_metrics(run / "metrics.jsonl")
     summary = _read_optional(run / "summary.json", json.loads)
     standing = run_standing(run)

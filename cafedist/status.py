@@ -37,7 +37,7 @@ from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import run_dir_arg
 from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal
 from cafedist.run.metrics import session_starts
-from cafedist.rundir import PREVIOUS_PREFIX, holder_record, holder_text
+from cafedist.rundir import MOVING_NAME, PREVIOUS_PREFIX, holder_record, holder_text, unfinished_move
 from cafedist.train.preflight import earlier_hashes
 from cafedist.trainlog import last_session_error
 from cafedist.typed import is_finite_number
@@ -211,8 +211,12 @@ def _time_left(cfg: Config, records: list[dict[str, Any]], holder: str | None, d
 
 def run_status(run_dir: str | Path) -> RunStatus:
     """What ``run_dir``'s files say about it (module docstring). Raises ConfigError when its
-    config.yaml cannot be read as a run config."""
+    config.yaml cannot be read as a run config (CafeError: its record of a move aside)."""
     run_dir = Path(run_dir)
+    moving = unfinished_move(run_dir)
+    if moving is not None:  # neither half is a run to report on
+        state = moving.removeprefix(f"{run_dir}: ")
+        return RunStatus(str(run_dir), None, 0, None, state, None, None, None, None, "none")
     try:
         cfg = read_run_config(run_dir / "config.yaml")
     except CafeError as exc:
@@ -252,10 +256,12 @@ def run_status(run_dir: str | Path) -> RunStatus:
 
 
 def _is_run(folder: Path) -> bool:
-    """Whether ``folder`` is a run directory: it holds a config.yaml and is no compare's
-    ``--out`` (compare refuses an --out that holds a run: a config.yaml there is the user's,
-    e.g. ``compare --config exp/config.yaml --out exp``, and its runs are below)."""
-    return (folder / "config.yaml").is_file() and not (folder / COMPARE_LOCK_NAME).exists()
+    """Whether ``folder`` is a run directory: it holds a config.yaml (or a run being moved
+    aside, whose config.yaml may have moved already) and is no compare's ``--out`` (compare
+    refuses an --out that holds a run: a config.yaml there is the user's, e.g. ``compare
+    --config exp/config.yaml --out exp``, and its runs are below)."""
+    return (((folder / "config.yaml").is_file() or (folder / MOVING_NAME).exists())
+            and not (folder / COMPARE_LOCK_NAME).exists())
 
 
 def find_runs(path: Path) -> Iterator[Path]:
@@ -329,7 +335,7 @@ def main(args: argparse.Namespace) -> int:
     for run in runs.values():
         try:
             statuses.append(run_status(run))
-        except ConfigError as exc:  # one broken run must not hide a sweep's others
+        except CafeError as exc:  # one broken run must not hide a sweep's others
             unreadable.append(str(exc))
     if statuses:
         print("\n".join(json.dumps(asdict(s)) for s in statuses) if args.json else

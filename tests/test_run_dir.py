@@ -21,13 +21,24 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, cafedist, cafedist_in_process, env_for_tests, metrics, summary
 
-from cafedist import RESULTS_VERSION
+from cafedist import RESULTS_VERSION, scaling
 from cafedist.cli import main
 from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import read_run_config
-from cafedist.errors import CheckpointError
-from cafedist.eval.run import LoadedRun, writing_outputs
-from cafedist.rundir import LOCK_NAME, START_TOKEN_NAME, RunDirBusy, RunLock, move_aside, outputs_lock
+from cafedist.errors import CheckpointError, DataError
+from cafedist.eval.run import LoadedRun, run_config_file, writing_outputs
+from cafedist.run.metrics import run_standing
+from cafedist.rundir import (
+    LOCK_NAME,
+    MOVING_NAME,
+    START_TOKEN_NAME,
+    RunDirBusy,
+    RunLock,
+    move_aside,
+    outputs_lock,
+    unfinished_move,
+)
+from cafedist.status import run_status
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -148,6 +159,98 @@ def test_move_aside_takes_the_exports_kept_in_the_run_directory(tmp_path):
     for name in ("export.json", "early_exit.py"):
         (run / "v3" / name).write_text(name)
     assert move_aside(run) is None and (run / "v3").is_dir()  # an export alone is no run to start over from
+
+
+class Killed(BaseException):
+    """A SIGKILL, simulated: nothing of the process runs after it (no except, no finally of cafedist's)."""
+
+
+def kill_at(monkeypatch, call: str, k: int) -> None:
+    """The ``k``-th call (counted from 0) of ``os.<call>`` is where the process is killed."""
+    real, done = getattr(os, call), []
+
+    def dying(*args, **kwargs):
+        if len(done) == k:
+            raise Killed
+        done.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, call, dying)
+
+
+_RUN = {"config.yaml": "seed: 0\n", "metrics.jsonl": '{"round": 0}\n', "summary.json": "{}",
+        "checkpoints/round_000000/model.pt": "weights", "eval.json": "{}", "export/export.json": "{}",
+        "export/early_exit.py": "#"}
+#: where a move aside of _RUN (six entries) can be killed: writing its record (the first os.replace),
+#: before its folder is made (the second os.mkdir: the first is the record's exist_ok one of the run
+#: directory), before each of the six renames, and before its record is removed (the one os.unlink)
+KILL_POINTS = [("replace", 0), ("mkdir", 1), *(("replace", k) for k in range(1, 7)), ("unlink", 0)]
+
+
+@pytest.mark.parametrize("call, k", KILL_POINTS)
+def test_a_move_aside_killed_anywhere_is_finished_into_its_one_folder(tmp_path, monkeypatch, call, k):
+    """A kill partway through moving a run aside (one rename per entry) left part of it in
+    previous-A/ and the rest in the run directory, which the restart's --resume none moved into
+    previous-B/: neither a whole run. Now nothing is moved before the move is recorded, the next
+    move finishes the recorded one into its own folder, and meanwhile the readers see neither half
+    as a run."""
+    run = tmp_path / "r"
+    for name, text in {**_RUN, "notes.txt": "mine"}.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    before = tree_hashes(run)
+    with monkeypatch.context() as m:
+        kill_at(m, call, k)
+        with pytest.raises(Killed):
+            move_aside(run)
+    folders = list(run.glob("previous-*"))
+    if (call, k) == ("replace", 0):  # killed before its record was in place: nothing moved
+        assert folders == [] and unfinished_move(run) is None and tree_hashes(run) == before
+    else:
+        assert (run / MOVING_NAME).exists() and len(folders) == (call != "mkdir")
+        for half in (run, *folders):  # the run directory, and the folder it moves into once made
+            assert "moved" in unfinished_move(half), half
+            with pytest.raises(CheckpointError, match="previous-"):
+                run_config_file(half)  # eval, export, compare --budget
+            with pytest.raises(DataError, match="previous-"):
+                scaling.load_run(half)  # scaling-report
+        assert run_standing(run).summary is None and run_standing(run).rows() == []  # compare, tables
+        assert "being moved aside into previous-" in run_status(run).state
+    moved = move_aside(run)  # the restart's --resume none (any train finishes it: see below)
+    assert list(run.glob("previous-*")) == [moved] and folders in ([], [moved])
+    assert tree_hashes(moved) == {k: v for k, v in before.items() if k != "notes.txt"}
+    assert sorted(p.name for p in run.iterdir()) == sorted([moved.name, "notes.txt"])
+    assert unfinished_move(run) is None and unfinished_move(moved) is None
+    assert move_aside(run) is None
+
+
+@pytest.mark.parametrize("renamed", [0, 1])
+def test_a_half_moved_run_is_neither_trained_on_nor_read_and_any_train_finishes_the_move(finished, run_copy,
+                                                                                       monkeypatch, renamed):
+    """A --resume none killed after its record of the move, before any rename or after
+    config.yaml's: a --resume auto resumed the checkpoints left behind (config.yaml gone) as if
+    they were the run, status found no run and eval no config.yaml. Now each reader names the
+    move, training into the folder it moves into is refused, and a train of the directory under
+    any --resume finishes the move into the same folder and starts over, as asked."""
+    before = tree_hashes(run_copy)
+    with monkeypatch.context() as m:
+        kill_at(m, "replace", 1 + renamed)
+        with pytest.raises(Killed):
+            move_aside(run_copy)
+    [folder] = run_copy.glob("previous-*")
+    code, _, err = run_cli("eval", str(run_copy))
+    assert code == 2
+    _one_error_line(err, "being moved aside into previous-", "`cafedist train`")
+    code, out, err = run_cli("status", str(run_copy))
+    assert code == 0 and "being moved aside into previous-" in out, out + err
+    train = ("train", "--config", str(finished[0]), "--no-progress", "--resume", "auto")
+    code, _, err = run_cli(*train, "--out", str(folder))
+    assert code == 2
+    _one_error_line(err, "is being moved into it")
+    code, _, err = run_cli(*train, "--out", str(run_copy))
+    assert code == 0, err
+    assert list(run_copy.glob("previous-*")) == [folder] and not (run_copy / MOVING_NAME).exists()
+    assert tree_hashes(folder) == {k: v for k, v in before.items() if k != LOCK_NAME}
+    assert [r["round"] for r in metrics(run_copy)] == [0, 1]  # trained from the start, not resumed
 
 
 def test_resume_none_moves_an_export_kept_in_the_run_directory_aside_with_it(finished, run_copy):

@@ -50,7 +50,7 @@ from cafedist.fsutil import remove_stale_temps, remove_together, replaced_togeth
 from cafedist.run.build import build_run, close_run
 from cafedist.run.checkpoint import CheckpointDir, load_checkpoint
 from cafedist.run.metrics import read_rounds
-from cafedist.rundir import live_holder, outputs_lock
+from cafedist.rundir import live_holder, outputs_lock, unfinished_move
 from cafedist.typed import is_finite_number
 
 log = logging.getLogger("cafedist")
@@ -123,7 +123,11 @@ def _with_store_found(cfg: Config, run_dir: Path) -> Config:
 
 
 def run_config_file(run_dir: Path) -> Path:
-    """``run_dir``'s config.yaml, or a CheckpointError when ``run_dir`` is not a run directory."""
+    """``run_dir``'s config.yaml, or a CheckpointError when ``run_dir`` is not a run directory
+    (nor is either half of a run a kill left partway through being moved aside)."""
+    moving = unfinished_move(run_dir)
+    if moving is not None:
+        raise CheckpointError(moving)
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists() and not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: not a file (a run directory's config.yaml is the config train wrote)")

@@ -128,10 +128,14 @@ def run_standing(run_dir: str | os.PathLike) -> RunStanding:
     the extension writes its own summary: the old one describes models the run has gone past,
     and the rows up to that checkpoint are the run's. Of any run, rows past its newest record
     (summary or checkpoint) are a session's that a kill rolls back. The newest checkpoint is
-    named, not verified (cheap on a run that is training)."""
+    named, not verified (cheap on a run that is training). Of a run being moved aside
+    (:func:`~cafedist.rundir.unfinished_move`) nothing stands: the next train starts over."""
     from cafedist.run.checkpoint import CheckpointDir
+    from cafedist.rundir import unfinished_move
 
     run_dir = Path(run_dir)
+    if unfinished_move(run_dir) is not None:
+        return RunStanding(run_dir, None, 0)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):

@@ -28,7 +28,7 @@ from cafedist.config import (
 from cafedist.errors import CafeError, CheckpointError, ConfigError, RunDirError
 from cafedist.paths import check_dir_creatable
 from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, another_algorithm
-from cafedist.rundir import has_run
+from cafedist.rundir import MOVING_NAME, has_run, unfinished_move
 
 
 def check_paths(cfg: Config, run_dir: Path) -> None:
@@ -62,7 +62,8 @@ class RunDirPlan(Enum):
 
     FRESH = "fresh"  # nothing there: write config.yaml
     WRITE = "write"  # this config may use the directory: (re)write config.yaml, resume if possible
-    ASIDE = "aside"  # --resume none on an existing run: move it to previous-<time>/, then FRESH
+    ASIDE = "aside"  # --resume none on an existing run: move it to previous-<time>/, then FRESH;
+    # under any --resume, a move aside a kill interrupted: finish it (the user asked to start over)
     DEFER = "defer"  # --resume force on a different config: config.yaml once a new round is checkpointed
 
 
@@ -116,9 +117,17 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     ``auto`` refuses a directory holding a run of a different config (naming the first
     difference) unless that run has no results yet; ``force`` accepts it but leaves its
     ``config.yaml`` alone until the new config has a checkpoint; ``none`` moves a run aside.
+    A ``none`` stopped while it moved a run aside is finished first, under every ``--resume``:
+    what is left of that run is half of one, not a run to continue (the user asked to start over).
     """
     if resume not in ("auto", "none", "force"):
         raise CheckpointError(f"--resume: expected auto, none or force, got {resume!r}")
+    moving = unfinished_move(run_dir)
+    if moving is not None and (run_dir / MOVING_NAME).exists():
+        return RunDirPlan.ASIDE
+    if moving is not None:  # the previous-* folder it moves into: half a run
+        raise RunDirError(moving, "train the run directory it is moved from (that finishes the move), or use "
+                                  "another --out")
     if not run_dir.is_dir() or not has_run(run_dir):
         return RunDirPlan.FRESH
     if resume == "none":

@@ -112,7 +112,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     """Rank 0, with the run's lock held and every input validated: carry out the run-directory plan.
 
     Moves an earlier run aside (``--resume none``, which then records who started the run over:
-    :func:`~cafedist.rundir.record_start`) and writes ``config.yaml``, except under
+    :func:`~cafedist.rundir.record_start`; under any ``--resume``, finishes such a move a kill
+    interrupted) and writes ``config.yaml``, except under
     ``--resume force`` onto a different config: then the old ``config.yaml`` stays until the
     first new round is checkpointed. Returns whether that write is still due.
     """
@@ -122,7 +123,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
         # in the new run)
         with outputs_lock(run_dir, advice="wait for it to end, then start over with --resume none"):
             moved = move_aside(run_dir)
-        log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
+        if resume == "none":  # else it finished a move a kill interrupted, and said so
+            log.warning("--resume none: moved the previous run in %s to %s", run_dir, moved)
     if resume == "none":  # before config.yaml: a restart that finds its token continues from here
         record_start(run_dir, start_token())
     _PREPARED.add(run_dir.resolve())

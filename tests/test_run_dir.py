@@ -25,7 +25,7 @@ from cafedist import RESULTS_VERSION, scaling
 from cafedist.cli import main
 from cafedist.compare import COMPARE_LOCK_NAME
 from cafedist.config import read_run_config
-from cafedist.errors import CheckpointError, DataError
+from cafedist.errors import CafeError, CheckpointError, DataError
 from cafedist.eval.run import LoadedRun, run_config_file, writing_outputs
 from cafedist.run.metrics import run_standing
 from cafedist.rundir import (
@@ -221,6 +221,21 @@ def test_a_move_aside_killed_anywhere_is_finished_into_its_one_folder(tmp_path, 
     assert sorted(p.name for p in run.iterdir()) == sorted([moved.name, "notes.txt"])
     assert unfinished_move(run) is None and unfinished_move(moved) is None
     assert move_aside(run) is None
+
+
+@pytest.mark.parametrize("record", ["{", '{"into": "../elsewhere", "names": ["config.yaml"]}', "[]"])
+def test_a_record_of_a_move_aside_cafedist_did_not_write_moves_nothing(tmp_path, record):
+    """A damaged or foreign .moving-aside is one clear error for train and the readers alike,
+    and nothing is moved by it (a name outside the run directory never is)."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / MOVING_NAME).write_text(record)
+    before = tree_hashes(run)
+    for step in (move_aside, unfinished_move, run_status):
+        with pytest.raises(CafeError, match=re.escape(str(run / MOVING_NAME))):
+            step(run)
+    assert tree_hashes(run) == before
 
 
 @pytest.mark.parametrize("renamed", [0, 1])

@@ -140,11 +140,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cafedist.eval.budget_run import BudgetOptions, format_budget
+    from cafedist.eval.budget_keep import describe_key
+    from cafedist.eval.budget_run import BUDGET_OUTPUTS, BudgetOptions, format_budget
     from cafedist.eval.run import evaluate_run
 
+    budget = BudgetOptions.from_args(args)
     report = evaluate_run(args.run_dir, max_loss=args.max_loss, device=args.device, allow_partial=args.allow_partial,
-                          budget=BudgetOptions.from_args(args))
+                          budget=budget)
     red = report["mac_reduction"]
     acc = ", ".join(f"{a:.4f}" for a in report["acc_per_exit"])
     print(f"evaluated round {report['round']} (final round {report['final_round']}) "
@@ -155,9 +157,16 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"acc_per_exit [{acc}]")
     print(f"dynamic inference: {100 * red['macs_reduction']:.1f}% fewer MACs at threshold {red['threshold']} "
           f"for {100 * red['accuracy_loss']:.2f} points of accuracy (budget {100 * args.max_loss:.2f})")
-    if "budget" in report:  # issue 12: the per-client budget result beside the global threshold
+    # the budget tables eval.json lists were written by this eval only with --budget
+    wrote = [p for key, p in report["paths"].items() if budget is not None or key not in BUDGET_OUTPUTS]
+    if budget is not None:  # issue 12: the per-client budget result beside the global threshold
         print("\n".join(format_budget(report["budget"])))
-    print(f"wrote {', '.join(report['paths'].values())}")
+        wrote += report["budget"]["paths"].values()
+    earlier = [describe_key(e) for key, e in report.get("budgets", {}).items() if budget is None or key != budget.key]
+    if earlier:
+        print(f"eval.json keeps the budget{'s' if len(earlier) > 1 else ''} evaluated earlier for these models: "
+              f"{', '.join(earlier)} (budgets; `cafedist export --budget` chooses among them)")
+    print(f"wrote {', '.join(wrote)}")
     return 0
 
 

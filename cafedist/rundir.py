@@ -51,12 +51,13 @@ MOVING_NAME = ".moving-aside"
 #: Slurm restarts the job (:func:`started_by_this_job`: the sbatch templates, ``cafedist submit``)
 START_TOKEN_NAME = ".start-token"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
-#: writes, what eval writes (with --budget: budget.csv, budget.png; conflict.png with the
-#: conflict diagnostic) and compare's kept budget results (budgets.json). Not the logs of
+#: writes, what eval writes (with --budget: budget.csv, budget.png and each budget's own in
+#: budget/; conflict.png with the conflict diagnostic) and compare's kept budget results
+#: (budgets.json). Not the logs of
 #: every session in the directory, which a session starting over writes to as it does so:
 #: compare's train.log (the session's header is appended first) and submit's submitit/.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "eval.json",
-             "accuracy_vs_macs.png", "conflict.png", "budget.csv", "budget.png", "budgets.json")
+             "accuracy_vs_macs.png", "conflict.png", "budget.csv", "budget.png", "budget", "budgets.json")
 #: what ``cafedist export RUN --out DIR`` writes in DIR besides the clients' folders
 #: (cafedist/deploy/export.py): a folder holding both is an export
 EXPORT_FILES = ("export.json", "early_exit.py")

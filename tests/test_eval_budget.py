@@ -7,6 +7,8 @@ import csv
 import hashlib
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -567,17 +569,118 @@ def test_eval_budget_writes_the_table_csv_and_figure(tiny_runs):
     assert report["paths"]["budget_csv"].endswith("budget.csv")
 
 
-def test_eval_without_budget_removes_an_earlier_budgets_table_and_figure(tiny_runs):
-    """eval.json is rewritten without a budget section, so budget.csv/png beside it would describe
-    an evaluation that is no longer there."""
-    run = tiny_runs["val"]
+def _fresh_copy(run: Path, where: Path) -> Path:
+    """A copy of the run ``run`` without the outputs of any eval."""
+    subprocess.run(["cp", "-a", str(run), str(where)], check=True)
+    for name in ("eval.json", "budget.csv", "budget.png"):
+        (where / name).unlink(missing_ok=True)
+    shutil.rmtree(where / "budget", ignore_errors=True)
+    return where
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "eval.json").read_text())
+
+
+def test_eval_keeps_every_budget_evaluated_for_the_models(tiny_runs, tmp_path):
+    """A second ``eval --budget`` replaced the first's table, figure and eval.json section: each
+    budget is now kept under its own key and files, the most recent also under the current names;
+    the same budget again replaces only its own entry (and becomes the most recent)."""
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
     in_process("eval", str(run), "--budget", "macs=0.5", check=True)
-    assert (run / "budget.csv").exists() and (run / "budget.png").exists()
+    first = _report(run)["budget"]
+    proc = in_process("eval", str(run), "--budget", "loss=1", check=True)
+    assert "keeps the budget evaluated earlier for these models: macs=0.5" in proc.stdout
+    report = _report(run)
+    assert list(report["budgets"]) == ["macs=0.5", "loss=1"] and report["budget"] == report["budgets"]["loss=1"]
+    assert report["budgets"]["macs=0.5"]["clients"] == first["clients"]
+    for key, name in (("macs=0.5", "macs-0.5"), ("loss=1", "loss-1")):
+        paths = report["budgets"][key]["paths"]
+        assert paths == {"budget_csv": str(run.absolute() / "budget" / f"{name}.csv"),
+                         "budget_plot": str(run.absolute() / "budget" / f"{name}.png")}
+        with open(paths["budget_csv"], newline="") as fh:
+            assert {r["budget"] for r in csv.DictReader(fh)} == {key}
+        assert Path(paths["budget_plot"]).read_bytes()[:4] == b"\x89PNG"
+    # the most recent under the names earlier versions wrote, listed where they listed them
+    assert (run / "budget.csv").read_bytes() == (run / "budget" / "loss-1.csv").read_bytes()
+    assert (run / "budget.png").read_bytes() == (run / "budget" / "loss-1.png").read_bytes()
+    assert report["paths"]["budget_csv"] == str(run.absolute() / "budget.csv")
+    in_process("eval", str(run), "--budget", "MACS=.50", check=True)  # the same budget, spelt otherwise
+    report = _report(run)
+    assert list(report["budgets"]) == ["loss=1", "macs=0.5"] and report["budget"]["spec"] == "macs=0.5"
+    assert (run / "budget.csv").read_bytes() == (run / "budget" / "macs-0.5.csv").read_bytes()
+    assert sorted(p.name for p in (run / "budget").iterdir()) == ["loss-1.csv", "loss-1.png", "macs-0.5.csv",
+                                                                   "macs-0.5.png"]
+
+
+def test_a_budget_file_is_kept_by_its_path_and_content(tiny_runs, tmp_path):
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
+    budgets = tmp_path / "my devices.csv"
+    budgets.write_text("client,budget\n0,macs=0.5\ndefault,loss=1\n")
+    in_process("eval", str(run), "--budget", str(budgets), check=True)
+    budgets.write_text("client,budget\n0,macs=0.75\ndefault,loss=1\n")  # edited: another budget
+    in_process("eval", str(run), "--budget", str(budgets), check=True)
+    report = _report(run)
+    digests = [hashlib.sha256(text.encode()).hexdigest() for text in
+               ("client,budget\n0,macs=0.5\ndefault,loss=1\n", "client,budget\n0,macs=0.75\ndefault,loss=1\n")]
+    assert list(report["budgets"]) == [f"{budgets.resolve()} sha256:{d}" for d in digests]
+    assert [e["sha256"] for e in report["budgets"].values()] == digests
+    assert [Path(e["paths"]["budget_csv"]).name for e in report["budgets"].values()] == \
+        [f"file-my_devices-{d[:12]}.csv" for d in digests]
+    assert all(Path(p).is_file() for e in report["budgets"].values() for p in e["paths"].values())
+
+
+def test_eval_without_budget_keeps_the_budgets_of_the_same_models(tiny_runs, tmp_path):
+    """A plain eval dropped the budget section and removed budget.csv/png, although its models
+    are the ones the tables describe."""
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
+    in_process("eval", str(run), "--budget", "macs=0.5", check=True)
+    before = _report(run)
+    plain = in_process("eval", str(run), check=True)
+    assert "keeps the budget evaluated earlier for these models: macs=0.5" in plain.stdout
+    assert "clients within budget on test" not in plain.stdout  # this eval evaluated no budget
+    assert "budget.csv" not in plain.stdout.splitlines()[-1]  # nor wrote its table
+    report = _report(run)
+    assert report["budgets"] == before["budgets"] and report["budget"] == before["budget"]
+    assert (run / "budget.csv").is_file() and (run / "budget" / "macs-0.5.png").is_file()
+
+
+@pytest.mark.parametrize("edit", [{"model_hashes": {"0": "0" * 64}}, {"checkpoint": "/x/checkpoints/round_000007"},
+                                  {"environment": {"torch": "1.0"}}])
+@pytest.mark.parametrize("budget", [[], ["--budget", "loss=1"]])
+def test_budgets_of_other_models_are_dropped_with_their_files(tiny_runs, tmp_path, edit, budget):
+    """An eval.json whose models (or result-changing environment) are not the ones evaluated
+    now: its budgets are not carried into the new one, and their tables and figures go; a
+    file of the user's in budget/ that no eval wrote stays."""
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
+    in_process("eval", str(run), "--budget", "macs=0.5", check=True)
+    report = _report(run)
+    for key, value in edit.items():
+        report[key] = {**report[key], **value} if isinstance(value, dict) and key == "environment" else value
+    (run / "eval.json").write_text(json.dumps(report))
+    (run / "budget" / "notes.csv").write_text("mine\n")
+    proc = in_process("eval", str(run), *budget, check=True)
+    assert "dropping the budget tables of an earlier `eval --budget` in eval.json: they describe other models" \
+        in proc.stderr
+    report = _report(run)
+    assert list(report.get("budgets", {})) == (["loss=1"] if budget else [])
+    assert not (run / "budget" / "macs-0.5.csv").exists() and not (run / "budget" / "macs-0.5.png").exists()
+    assert (run / "budget" / "notes.csv").read_text() == "mine\n"
+    assert (run / "budget.csv").exists() == bool(budget) and (run / "budget.png").exists() == bool(budget)
+
+
+def test_eval_without_budget_removes_a_table_no_entry_describes(tiny_runs, tmp_path):
+    """budget.csv/png of an eval.json without kept budgets (an older version's) would describe
+    nothing the new eval.json lists; a file of the user's with that name, which no eval wrote, stays."""
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
+    in_process("eval", str(run), "--budget", "macs=0.5", check=True)
+    report = _report(run)
+    del report["budgets"]  # as an earlier version wrote it
+    (run / "eval.json").write_text(json.dumps(report))
     plain = in_process("eval", str(run), check=True)
     assert not (run / "budget.csv").exists() and not (run / "budget.png").exists()
-    assert "removing budget.csv and budget.png of an earlier `eval --budget`" in plain.stderr
-    assert "budget" not in json.loads((run / "eval.json").read_text())
-    # a file of the user's with that name, which no eval wrote, stays
+    assert "removing budget.csv, budget.png of an earlier `eval --budget`" in plain.stderr
+    assert "budget" not in _report(run)
     (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")
     in_process("eval", str(run), check=True)
     assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
@@ -609,6 +712,15 @@ def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
     assert proc.returncode == 2 and "would overwrite it" in proc.stderr, proc.stderr
     assert (run / "budget.csv").read_text() == "client,budget\ndefault,macs=0.5\n"
     (run / "budget.csv").unlink()
+
+
+def test_eval_refuses_a_budget_file_among_its_kept_tables(tiny_runs, tmp_path):
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
+    (run / "budget").mkdir()
+    (run / "budget" / "devices.csv").write_text("client,budget\ndefault,macs=0.5\n")
+    proc = in_process("eval", str(run), "--budget", str(run / "budget" / "devices.csv"))
+    assert proc.returncode == 2 and "eval keeps its per-client tables in budget/" in proc.stderr, proc.stderr
+    assert not (run / "eval.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -722,3 +834,15 @@ def test_budget_figure_marks_both_overall_results():
                                                           pytest.approx(100 * section["accuracy"])]]
     label = f"one threshold chosen on calibration ({fair['clients_within_budget']}/4 clients within budget)"
     assert marks[label] == [[pytest.approx(100 * fair["macs_fraction"]), pytest.approx(100 * fair["accuracy"])]]
+
+
+def test_a_kept_budgets_file_name_stays_in_the_budget_folder():
+    """eval removes the tables of budgets it drops by the names their keys give: a key edited by
+    hand into eval.json must not name a file outside RUN/budget/, nor a hidden one."""
+    from cafedist.eval.budget_keep import budget_key, budget_name
+
+    assert budget_name("macs=0.5") == "macs-0.5" and budget_name("loss=1e-05") == "loss-1e-05"
+    assert budget_name(budget_key("/a/my devices.csv", "ab" * 32)) == "file-my_devices-abababababab"
+    for key in ("../../config", "/etc/x", "..", ".hidden=1", "/a/b.csv sha256:../../x"):
+        name = budget_name(key)
+        assert "/" not in name and not name.startswith(".") and name, (key, name)

@@ -130,9 +130,12 @@ def test_move_aside_takes_every_output_of_the_run_and_nothing_else(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     outputs = ("config.yaml", "summary.json", "eval.json", "accuracy_vs_macs.png", "conflict.png", "budget.csv",
-               "budget.png", "budgets.json")
+               "budget.png", "budgets.json", "budget")
     for name in (*outputs, "notes.txt"):
         (run / name).write_text(name)
+    (run / "budget").unlink()
+    (run / "budget").mkdir()  # each budget's table and figure that eval keeps
+    (run / "budget" / "macs-0.5.csv").write_text("x")
     moved = move_aside(run)
     assert moved is not None and sorted(p.name for p in moved.iterdir()) == sorted(outputs)
     assert sorted(p.name for p in run.iterdir()) == sorted([moved.name, "notes.txt"])

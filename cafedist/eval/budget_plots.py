@@ -121,8 +121,9 @@ def _draw_slack(ax: Any, rows: list[dict]) -> None:
 
 
 def plot_budget(section: dict, curves: list[list[dict]], global_table: list[dict], path: str | os.PathLike,
-                title: str = "") -> None:
-    """Write ``budget.png`` for the ``budget`` section of eval.json (see the module docstring)."""
+                *copies: str | os.PathLike, title: str = "") -> None:
+    """Write ``budget.png`` for the ``budget`` section of eval.json (see the module docstring)
+    to ``path`` and to each of ``copies``."""
     fig = _new_figure(width=11.0, height=4.6)
     left, right = fig.subplots(1, 2, width_ratios=[1.6, 1.0])
     _draw_curves(left, section, curves, global_table)
@@ -132,7 +133,8 @@ def plot_budget(section: dict, curves: list[list[dict]], global_table: list[dict
     if share is not None:
         head += f" ({100 * share:.0f}%)"
     fig.suptitle(f"{title}\n{head}" if title else head, fontsize=10)
-    _save_png(fig, path)
+    for where in (path, *copies):
+        _save_png(fig, where)
 
 
 __all__ = ["plot_budget", "slack_points"]

@@ -1,8 +1,9 @@
 """``cafedist eval RUN --budget ...``: glue between a loaded run and :mod:`cafedist.eval.budget`.
 
 Collects every client's per-exit logits on its calibration (validation) and test splits,
-resolves the budgets, runs the per-client search, writes ``budget.csv`` and ``budget.png``
-and returns the ``budget`` section of eval.json. :func:`format_budget` renders the lines
+resolves the budgets, runs the per-client search, writes the budget's table and figure
+(``budget/NAME.csv``/``.png`` and ``budget.csv``/``budget.png``) and returns the ``budget``
+section of eval.json. :func:`format_budget` renders the lines
 ``cafedist eval`` prints.
 """
 
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 from cafedist.errors import ConfigError
 from cafedist.eval.budget import SCOPES, personalized_budgets
+from cafedist.eval.budget_keep import BUDGET_FOLDER, budget_key, budget_paths
 from cafedist.eval.budget_report import ROW_KEYS
 from cafedist.eval.budget_search import DEFAULT_CONFIDENCE, Split
 from cafedist.eval.budget_spec import (
@@ -114,6 +116,11 @@ class BudgetOptions:
         return self.sha256 is not None
 
     @property
+    def key(self) -> str:
+        """This budget's key in eval.json's ``budgets`` (:func:`~cafedist.eval.budget_keep.budget_key`)."""
+        return budget_key(self.budget, self.sha256)
+
+    @property
     def source(self) -> str:
         """How errors name where the budgets came from: the flag, or the budget file."""
         return self.budget if self.is_file else "--budget"
@@ -148,11 +155,14 @@ class BudgetOptions:
 
 
 def check_not_an_output(run_dir: str | Path, options: BudgetOptions) -> None:
-    """Refuse a budget file that is one of the files ``--budget`` writes into the run directory:
-    eval would overwrite its own input."""
+    """Refuse a budget file that is one of the files ``--budget`` writes into the run directory,
+    or in its folder of kept tables: eval would overwrite (or later remove) its own input."""
     if not options.is_file:
         return
     given = Path(options.budget).resolve()
+    if given.parent == (Path(run_dir) / BUDGET_FOLDER).resolve():
+        raise ConfigError(f"--budget {options.budget}: eval keeps its per-client tables in {BUDGET_FOLDER}/ and "
+                          f"may overwrite or remove it; keep the budget file elsewhere")
     for name in BUDGET_OUTPUTS.values():
         if given == (Path(run_dir) / name).resolve():
             raise ConfigError(f"--budget {options.budget}: eval writes its per-client table there and would "
@@ -192,17 +202,25 @@ def budget_section(run: Any, run_dir: str | Path, options: BudgetOptions, global
     return section, curves
 
 
+def current_paths(run_dir: Path) -> dict[str, str]:
+    """eval.json's ``paths`` of the most recent budget's table and figure (absolute)."""
+    return {key: str((run_dir / name).absolute()) for key, name in BUDGET_OUTPUTS.items()}
+
+
 def run_budget(run: Any, run_dir: Path, options: BudgetOptions, global_table: list[dict],
                title: str = "") -> dict[str, Any]:
     """Everything ``--budget`` adds to ``cafedist eval``; returns eval.json's ``budget`` section
-    (:func:`budget_section`) and writes budget.csv and budget.png into ``run_dir``."""
+    (:func:`budget_section`, with its ``key``, a budget file's ``sha256`` and ``paths``: its own
+    table and figure in ``RUN/budget/``, :mod:`~cafedist.eval.budget_keep`), and writes them
+    there and as budget.csv and budget.png, the most recent budget's."""
     section, curves = budget_section(run, run_dir, options, global_table)
-    paths = {key: str((run_dir / name).absolute()) for key, name in BUDGET_OUTPUTS.items()}  # as eval.json's
-    write_budget_csv(section["clients"], paths["budget_csv"])
+    section.update(key=options.key, sha256=options.sha256, paths=budget_paths(run_dir, options.key))
+    latest = current_paths(run_dir)
+    for path in (section["paths"]["budget_csv"], latest["budget_csv"]):  # the same table under both names
+        write_budget_csv(section["clients"], path)
     from cafedist.eval.budget_plots import plot_budget  # matplotlib only when plotting
 
-    plot_budget(section, curves, global_table, paths["budget_plot"], title=title)
-    section["paths"] = paths
+    plot_budget(section, curves, global_table, section["paths"]["budget_plot"], latest["budget_plot"], title=title)
     return section
 
 
@@ -258,8 +276,9 @@ def add_budget_arguments(parser: Any) -> None:
                         help="per-client dynamic inference within a budget: macs=F (mean MACs <= F x the last "
                              "exit's), loss=P (at most P accuracy points below the last exit, on calibration), or "
                              "a CSV/YAML file 'client id -> spec' (a 'default' entry covers the rest); needs a run "
-                             "trained with data.val_fraction > 0 (the calibration split). Writes budget.csv and "
-                             "budget.png")
+                             "trained with data.val_fraction > 0 (the calibration split). Writes its table and "
+                             "figure into RUN/budget/ and as budget.csv and budget.png; eval.json keeps every "
+                             "budget evaluated for the run's models")
     parser.add_argument("--policies", default=None,
                         help="with --budget: exit policies to choose from, comma-separated "
                              "(max-softmax, entropy, margin; default all); a set: ties go to that order "
@@ -277,5 +296,5 @@ def add_budget_arguments(parser: Any) -> None:
 
 
 __all__ = ["BUDGET_OUTPUTS", "CSV_COLUMNS", "BudgetOptions", "add_budget_arguments", "budget_section",
-           "check_not_an_output", "client_splits", "format_budget", "parse_policies", "resolve_run_budgets",
-           "run_budget", "write_budget_csv"]
+           "check_not_an_output", "client_splits", "current_paths", "format_budget", "parse_policies",
+           "resolve_run_budgets", "run_budget", "write_budget_csv"]

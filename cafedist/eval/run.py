@@ -5,7 +5,9 @@ loads them from the newest verified checkpoint (:mod:`cafedist.run`), then write
 ``eval.json`` (per-exit and per-client accuracy, dynamic inference over thresholds 0..1 with
 mean MACs, the MAC reduction within the accuracy budget) and ``accuracy_vs_macs.png``; when
 the run recorded ``train.diagnostics: [conflict]``, also ``conflict.png`` (conflict over rounds);
-with ``--budget`` also per-client exit policies within budgets, ``budget.csv``, ``budget.png``.
+with ``--budget`` also per-client exit policies within budgets, the budget's table and figure in
+``budget/`` and as ``budget.csv``, ``budget.png``; eval.json keeps the budgets evaluated earlier
+for the same models (:mod:`cafedist.eval.budget_keep`).
 
 The report names the round and checkpoint it evaluated. When that is not the run's final
 round (an unfinished run, or a final checkpoint that no longer verifies) the evaluation is
@@ -36,10 +38,12 @@ from cafedist.distributed.client_rows import ClientRows
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime, deterministic_cuda, resolve_device
 from cafedist.errors import CafeError, CheckpointError, ConfigError
+from cafedist.eval.budget_keep import BUDGET_FOLDER, budget_files_of, budget_name, kept_budgets
 from cafedist.eval.budget_run import (
     BUDGET_OUTPUTS,
     BudgetOptions,
     check_not_an_output,
+    current_paths,
     resolve_run_budgets,
     run_budget,
 )
@@ -208,8 +212,9 @@ def evaluate_run(run_dir: str | Path, max_loss: float = 0.01, device: str = "cpu
     Raises CheckpointError before writing anything when that checkpoint is not the run's
     final round, unless ``allow_partial``. With ``budget`` (``--budget``) the report also gets
     a ``budget`` section: every client's exit policy chosen within its budget on its
-    calibration split, checked on test (:mod:`cafedist.eval.budget_run`; also writes
-    budget.csv and budget.png).
+    calibration split, checked on test (:mod:`cafedist.eval.budget_run`; also writes its
+    table and figure), and every report keeps the earlier budgets of the same models
+    (``budgets``, :mod:`cafedist.eval.budget_keep`).
     """
     max_loss = check_max_loss(max_loss)
     run_dir = Path(run_dir)
@@ -232,14 +237,11 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
     """:func:`evaluate_run`'s work: load, evaluate, write eval.json and its figures (taking the
     outputs lock into ``outputs_lock`` once the models are loaded)."""
     with load_run(run_dir, device, allow_partial, check) as loaded:
-        outputs_lock.enter_context(writing_outputs(run_dir, loaded, _EVAL_OUTPUTS))
-        if budget is None:
-            # the budget.csv/png of an earlier `eval --budget` describe the eval.json being replaced
-            stale = _budget_outputs_of_last_eval(run_dir)
-            remove_together(stale)
-            if stale:
-                log.info("removing %s of an earlier `eval --budget` (this eval has no --budget)",
-                         " and ".join(p.name for p in stale))
+        outputs = dict(_EVAL_OUTPUTS)
+        if budget is not None:  # this budget's own table and figure too
+            outputs.update({f"{BUDGET_FOLDER}/{budget_name(budget.key)}{ext}": suffix
+                            for ext, suffix in ((".csv", ""), (".png", ".png"))})
+        outputs_lock.enter_context(writing_outputs(run_dir, loaded, outputs))
         run, restored, done, final = loaded.run, loaded.restored, loaded.done, loaded.final
         cfg = run.cfg
         summary = final_evaluation(run.pool, run.algo, ClientRows(Comm(run.rt), run.placement, run.rt.device),
@@ -280,9 +282,7 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
         "environment": environment,
         "paths": paths,
     }
-    if budget_section is not None:
-        report["budget"] = budget_section
-        paths.update(budget_section.pop("paths"))
+    _keep_budgets(run_dir, report, budget_section)
     write_json_atomic(paths["json"], report)
     plot_accuracy_vs_macs({summary["algorithm"]: table}, paths["plot"],
                           per_exit={summary["algorithm"]: (acc, summary["macs_per_exit"])},
@@ -291,6 +291,33 @@ def _evaluate(run_dir: Path, max_loss: float, device: str, allow_partial: bool, 
         plot_conflict(conflict, paths["conflict_plot"],
                       title=f"{cfg.data.dataset}, {summary['algorithm']}: gradient conflict between exits")
     return report
+
+
+def _keep_budgets(run_dir: Path, report: dict[str, Any], new: dict[str, Any] | None) -> None:
+    """Put into ``report`` (the new eval.json) the budgets evaluated for its models: those of
+    the earlier eval.json that describe the same models (:mod:`~cafedist.eval.budget_keep`) and
+    ``new`` (this eval's ``--budget``, replacing its own earlier entry), the most recent also as
+    ``budget``; the tables and figures of the budgets dropped are removed with the commit."""
+    try:
+        previous = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        previous = None
+    kept, why = kept_budgets(previous, report, run_dir)
+    if why is not None:
+        log.info("dropping the budget tables of an earlier `eval --budget` in eval.json: %s", why)
+    if new is not None:
+        kept.pop(new["key"], None)
+        kept[new["key"]] = new  # the most recent last
+    written = {Path(p) for entry in kept.values() for p in entry["paths"].values()}
+    stale = [p for p in budget_files_of(previous, run_dir) if p.absolute() not in written]
+    if kept:
+        report.update(budget=list(kept.values())[-1], budgets=kept)
+        report["paths"].update(current_paths(run_dir))
+    else:  # budget.csv/png of an earlier `eval --budget` would describe no entry of the new eval.json
+        stale += _budget_outputs_of_last_eval(run_dir)
+    remove_together(stale)
+    if stale:
+        log.info("removing %s of an earlier `eval --budget`", ", ".join(str(p.relative_to(run_dir)) for p in stale))
 
 
 def _budget_outputs_of_last_eval(run_dir: Path) -> list[Path]:

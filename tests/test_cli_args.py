@@ -89,7 +89,7 @@ def test_a_one_process_command_under_a_launcher_runs_on_rank_0_only(launcher, ti
 PATH_OPTIONS = [  # (command line, where the parsed path is): every option naming a file or folder
     (["train", "--config", "~/c.yaml", "--out=~/r"], ["config", "out"]),
     (["eval", "~/r", "--budget=~/b.csv"], ["run_dir", "budget"]),
-    (["export", "~/r", "--out=~/e"], ["run_dir", "out"]),
+    (["export", "~/r", "--out=~/e", "--budget=~/b.csv"], ["run_dir", "out", "budget"]),
     (["status", "~/r", "~/s"], ["paths"]),
     (["compare", "--config", "~/c.yaml", "--out=~/o", "--budget=~/b.yaml"], ["config", "out", "budget"]),
     (["submit", "--config", "~/c.yaml", "--out=~/o", "--folder=~/f"], ["config", "out", "folder"]),

@@ -189,6 +189,52 @@ def test_export_reproduces_eval_budget_per_client(evaluated_run, tmp_path):
     assert not list(tmp_path.glob(".export.export-*"))  # the temporary folder is gone
 
 
+def _policies(out: Path) -> list[tuple]:
+    return [(spec["budget"], spec["policy"], spec["threshold"], spec["temperatures"])
+            for spec in (json.loads(p.read_text()) for p in sorted(out.glob("client_*/policy.json")))]
+
+
+def _rows(section: dict) -> list[tuple]:
+    return [(r["budget"], r["policy"], r["threshold"], r["temperatures"]) for r in section["clients"]]
+
+
+def test_export_says_which_budget_and_exports_any_eval_kept(evaluated_run, tmp_path):
+    """eval.json keeps every budget evaluated: export takes the most recent and says so, or the
+    one --budget names (a spec, or a budget file by its path and content; a file gone since by
+    its path), and refuses in one line one that eval did not evaluate."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(evaluated_run), str(run)], check=True)  # evaluated with macs=0.5
+    budgets = tmp_path / "devices.yaml"
+    budgets.write_text("0: macs=0.75\ndefault: loss=2\n")
+    cafedist_in_process("eval", str(run), "--budget", str(budgets), check=True)
+    cafedist_in_process("eval", str(run), "--budget", "loss=1", check=True)
+    report = json.loads((run / "eval.json").read_text())
+    file_key = next(k for k in report["budgets"] if k.startswith(str(budgets.resolve())))
+    proc = cafedist_in_process("export", str(run), "--out", str(tmp_path / "latest"), check=True)
+    assert "(eval --budget loss=1 (pooled scope), eval.json of round 0)" in proc.stdout
+    assert "exporting the policies of the most recent budget, loss=1, of the 3 eval.json holds" in proc.stderr
+    assert json.loads((tmp_path / "latest" / "export.json").read_text())["budget"] == "loss=1"
+    assert _policies(tmp_path / "latest") == _rows(report["budgets"]["loss=1"])
+    proc = cafedist_in_process("export", str(run), "--out", str(tmp_path / "half"), "--budget", "MACS=.50",
+                               check=True)
+    assert "(eval --budget macs=0.5 (pooled scope)" in proc.stdout
+    assert _policies(tmp_path / "half") == _rows(report["budgets"]["macs=0.5"])
+    cafedist_in_process("export", str(run), "--out", str(tmp_path / "file"), "--budget", str(budgets), check=True)
+    assert json.loads((tmp_path / "file" / "export.json").read_text())["budget"] == file_key
+    assert _policies(tmp_path / "file") == _rows(report["budgets"][file_key])
+    budgets.unlink()  # gone since: eval.json kept one budget of that path
+    cafedist_in_process("export", str(run), "--out", str(tmp_path / "gone"), "--budget", str(budgets), check=True)
+    assert _policies(tmp_path / "gone") == _rows(report["budgets"][file_key])
+    for wanted in ("macs=0.25", str(tmp_path / "other.csv")):
+        proc = cafedist_in_process("export", str(run), "--out", str(tmp_path / "none"), "--budget", wanted)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("cafedist: error:")]
+        assert line == (f"cafedist: error: {run / 'eval.json'}: no budget {wanted} was evaluated for these models; "
+                        f"eval.json holds: macs=0.5, {budgets} (sha256 {file_key[-64:][:12]}), loss=1; run "
+                        f"`cafedist eval RUN --budget {wanted}` first"), line
+        assert not (tmp_path / "none").exists()
+
+
 def test_exported_client_runs_with_torch_alone(evaluated_run, tmp_path):
     out = tmp_path / "export"
     cafedist_in_process("export", str(evaluated_run), "--out", str(out), "--clients", "2", "--threshold", "0.9",
@@ -226,6 +272,8 @@ def test_export_refusals_are_one_line_and_write_nothing(evaluated_run, tmp_path)
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     refused(run, "--out", str(tmp_path / "a"), "--threshold", "1.5", expect="--threshold")
     refused(run, "--out", str(tmp_path / "a"), "--clients", "7", expect="--clients")
+    refused(run, "--out", str(tmp_path / "a"), "--threshold", "0.9", "--budget", "macs=0.5",
+            expect="--threshold and --budget: give one")
     # policies chosen for other models: eval.json's hashes no longer match the checkpoint's
     stale = tmp_path / "stale_run"
     subprocess.run(["cp", "-a", run, str(stale)], check=True)

@@ -9,8 +9,9 @@ the export holds.
 
 Which policy: by default each client's own, as ``cafedist eval RUN --budget ...`` chose it
 on its calibration split (read from RUN/eval.json, which must describe the same models:
-same round, checkpoint and model hashes); ``--threshold θ`` instead gives every client the
-max-softmax rule of the global curve with that θ (no eval needed).
+same round, checkpoint and model hashes): for the most recent budget evaluated, or for
+``--budget SPEC|FILE``, one of those eval.json keeps; ``--threshold θ`` instead gives every
+client the max-softmax rule of the global curve with that θ (no eval needed).
 
 Every exported client is checked before the folder appears: the exported programs, run by
 ``early_exit.py`` on the client's test split, must answer every sample from the same exit
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from cafedist.deploy import early_exit
 from cafedist.errors import ConfigError
+from cafedist.eval.budget_keep import describe_key, select_budget
 from cafedist.eval.budget_search import Choice, Split, macs_tensor
 from cafedist.eval.dynamic import exit_indices
 from cafedist.eval.exits import exit_logits
@@ -85,8 +87,9 @@ def _usable_choice(row: dict[str, Any], num_exits: int, path: Path) -> Choice:
     return choice
 
 
-def _eval_report(run_dir: Path) -> dict[str, Any]:
-    """RUN/eval.json with a budget section, or a one-line error saying how to get one."""
+def _eval_report(run_dir: Path, wanted: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """RUN/eval.json and the budget section whose policies to export (``wanted``: ``--budget``;
+    None: the most recent eval evaluated), or a one-line error saying how to get one."""
     path = run_dir / "eval.json"
     advice = "run `cafedist eval RUN --budget ...` first, or pass --threshold for one max-softmax threshold"
     try:
@@ -96,11 +99,17 @@ def _eval_report(run_dir: Path) -> dict[str, Any]:
                           f"{advice}") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: not readable as JSON ({exc}); {advice}") from None
-    budget = report.get("budget") if isinstance(report, dict) else None
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path}: not an eval report (a JSON object); {advice}")
+    budget = select_budget(report, wanted, path)
     rows = budget.get("clients") if isinstance(budget, dict) else None
     if not isinstance(rows, list):
-        raise ConfigError(f"{path}: has no per-client budget table (the last eval had no --budget); {advice}")
-    return report
+        raise ConfigError(f"{path}: has no per-client budget table (no eval with --budget of these models); {advice}")
+    held = report.get("budgets")
+    if wanted is None and isinstance(held, dict) and len(held) > 1:
+        log.info("exporting the policies of the most recent budget, %s, of the %d eval.json holds "
+                 "(--budget chooses another)", describe_key(budget), len(held))
+    return report, budget
 
 
 def _checkpoint_of(report: dict[str, Any]) -> tuple[Any, str]:
@@ -127,9 +136,9 @@ def _check_same_models(report: dict[str, Any], loaded: Any, ids: Sequence[int], 
                           f"{advice}")
 
 
-def _row(report: dict[str, Any], cid: int, run_dir: Path) -> dict[str, Any]:
-    """Client ``cid``'s row of eval.json's budget table."""
-    for row in report["budget"]["clients"]:
+def _row(budget: dict[str, Any], cid: int, run_dir: Path) -> dict[str, Any]:
+    """Client ``cid``'s row of eval.json's budget table ``budget``."""
+    for row in budget["clients"]:
         if isinstance(row, dict) and row.get("client") == cid:
             return row
     raise ConfigError(f"{run_dir / 'eval.json'}: its budget table has no row for client {cid}: "
@@ -310,14 +319,18 @@ def _export_client(run: Any, c: Any, choice: Choice, source: str, budget: str | 
 
 
 def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None, threshold: float | None = None,
-               allow_partial: bool = False) -> dict[str, Any]:
+               allow_partial: bool = False, budget: str | None = None) -> dict[str, Any]:
     """Export ``run_dir``'s clients (``clients``: :func:`parse_clients` text) into the new
-    folder ``out`` (module docstring); returns what export.json holds."""
+    folder ``out`` (module docstring) with the policies eval chose for ``budget`` (a spec or
+    budget file eval was given; None: the most recent); returns what export.json holds."""
     refuse_empty_path("--out", out, "the folder to write (new, or empty)")
     # the folder itself: "." or "x/.." name none that the written one can be renamed onto, and a
     # rename onto a symbolic link to an empty folder fails (ENOTDIR)
     run_dir, out = Path(run_dir), Path(os.path.realpath(out))
     threshold = check_threshold(threshold)
+    if threshold is not None and budget is not None:
+        raise ConfigError("--threshold and --budget: give one (--threshold: one max-softmax threshold for every "
+                          "client; --budget: the per-client policies eval chose for that budget)")
     # a mistyped RUN is "not a run directory", not "eval.json: not found" nor a complaint about
     # where --out lies in a folder that is no run
     run_config_file(run_dir)
@@ -326,15 +339,16 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
     check_out(out)  # before the run is loaded, and again when the folder is made
     if not hasattr(torch, "export") or not hasattr(torch.export, "save"):
         raise ConfigError(f"export: needs torch.export.save, which torch {torch.__version__} does not have")
-    report = None if threshold is not None else _eval_report(run_dir)
+    report, section = (None, None) if threshold is not None else _eval_report(run_dir, budget)
     with load_run(run_dir, "cpu", allow_partial) as loaded:
         run = loaded.run
         ids = parse_clients(clients, run.n)
-        source = f"--threshold {threshold}" if report is None else \
-            f"eval --budget ({report['budget'].get('scope', 'pooled')} scope), eval.json of round {report['round']}"
+        source = f"--threshold {threshold}" if section is None else \
+            (f"eval --budget {section.get('spec')} ({section.get('scope', 'pooled')} scope), eval.json of round "
+             f"{report['round']}")
         if report is not None:  # all refusals before the first client is traced (seconds each)
             _check_same_models(report, loaded, ids, run_dir)
-        rows = {} if report is None else {cid: _row(report, cid, run_dir) for cid in ids}
+        rows = {} if section is None else {cid: _row(section, cid, run_dir) for cid in ids}
         choices = {cid: _usable_choice(row, run.num_exits, run_dir / "eval.json") for cid, row in rows.items()}
         # an export kept in the run directory is among the outputs about the run's models:
         # written under their lock, so that `--resume none` moves it aside with the run and
@@ -349,7 +363,10 @@ def export_run(run_dir: str | Path, out: str | Path, clients: str | None = None,
             shutil.copyfile(early_exit.__file__, tmp / "early_exit.py")
             summary = {"format": early_exit.FORMAT, "run_dir": str(run_dir.resolve()), "round": loaded.done,
                        "final_round": loaded.final, "checkpoint": str(Path(loaded.restored.path).absolute()),
-                       "algorithm": run.cfg.algorithm.name, "policy_source": source, "torch": torch.__version__,
+                       "algorithm": run.cfg.algorithm.name, "policy_source": source,
+                       # which of eval.json's budgets: its key (a spec, or a budget file's path and SHA-256)
+                       "budget": None if section is None else section.get("key", section.get("spec")),
+                       "torch": torch.__version__,
                        "clients": exported}
             (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -361,6 +378,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=run_dir_arg, help="a run directory written by `cafedist train`")
     p.add_argument("--out", required=True, type=user_path, help="the folder to write (new, or empty)")
     p.add_argument("--clients", help="client ids and ranges to export, e.g. 0,3,5-7 (default: all)")
+    p.add_argument("--budget", metavar="SPEC|FILE", type=user_path,
+                   help="export the per-client policies `cafedist eval RUN --budget` chose for this budget (a spec "
+                        "or budget file, as given to eval; eval.json keeps every budget evaluated for the run's "
+                        "models); default: the most recent")
     p.add_argument("--threshold", type=float,
                    help="give every client the max-softmax rule with this threshold in [0, 1] instead of the "
                         "per-client policies `cafedist eval RUN --budget ...` chose (read from RUN/eval.json)")
@@ -370,7 +391,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``cafedist export``."""
-    summary = export_run(args.run_dir, args.out, args.clients, args.threshold, args.allow_partial)
+    summary = export_run(args.run_dir, args.out, args.clients, args.threshold, args.allow_partial, args.budget)
     rows = summary["clients"]
     tested = [r for r in rows if r["n_test"]]
     n = sum(r["n_test"] for r in tested)

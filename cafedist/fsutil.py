@@ -87,6 +87,7 @@ class _Batch:
 
     renames: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, target)
     removals: list[Path] = field(default_factory=list)
+    made: list[Path] = field(default_factory=list)  # folders made for the outputs: removed (if empty) on failure
 
 
 #: the innermost active :func:`replaced_together` block (None outside one)
@@ -95,15 +96,16 @@ _BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("cafedist
 
 @contextlib.contextmanager
 def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) -> Iterator[None]:
-    """Files written by :func:`atomic_output` inside this block replace their targets only
-    when the block ends without an exception, and the files in ``remove`` are deleted then
-    too; on an exception (a failed write, Ctrl-C) nothing is replaced or deleted and the
-    temporary files are removed. For outputs that describe each other (eval.json and the
-    files it lists). The renames at the end run one after another: the set changes in a
-    moment, not atomically: the files in ``remove`` go first, then ``first`` (the file listing
-    the others) is renamed before them, so a kill amid the commit leaves no file that the
-    listing does not name; a Ctrl-C, SIGTERM or SIGUSR1 that arrives during the commit is
-    raised after it (:func:`~cafedist.interrupts.deferred_interrupts`), so only a SIGKILL can
+    """Files written by :func:`atomic_output` inside this block replace their targets only when the
+    block ends without an exception, and the files in ``remove`` are deleted then too; on an
+    exception (a failed write, Ctrl-C) nothing is replaced or deleted and the temporary files
+    are removed, with the folders made for them (if nothing else is in them: a failed first
+    ``eval --budget`` leaves no empty ``RUN/budget/``). For outputs that describe each other
+    (eval.json and the files it lists). The renames at the end run one after another: the set
+    changes in a moment, not atomically: the files in ``remove`` go first, then ``first`` (the
+    file listing the others) is renamed before them, so a kill amid the commit leaves no file
+    that the listing does not name; a Ctrl-C, SIGTERM or SIGUSR1 that arrives during the commit
+    is raised after it (:func:`~cafedist.interrupts.deferred_interrupts`), so only a SIGKILL can
     leave the set half replaced. A block inside another joins the outer one."""
     outer = _BATCH.get()
     if outer is not None:
@@ -116,6 +118,7 @@ def replaced_together(remove: Iterable[Path] = (), first: Path | None = None) ->
         yield
     except BaseException:
         _discard(tmp for tmp, _ in batch.renames)
+        _remove_made(batch.made)
         raise
     finally:
         _BATCH.reset(token)
@@ -158,7 +161,9 @@ def remove_together(paths: Iterable[Path]) -> None:
 def atomic_output(path: str | os.PathLike, suffix: str = "", now: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left untouched. Inside
+    On an exception the temporary file is removed and ``path`` is left untouched, and so are
+    the folders above it: those made for it are removed again (if nothing else is in them;
+    inside :func:`replaced_together`, when the block fails). Inside
     :func:`replaced_together` the rename waits for the end of that block, unless ``now``
     (for a caller that reads the file back at once). An OSError about the temporary file
     names ``path`` instead (the name a user knows). The file gets the mode of a new file
@@ -167,13 +172,15 @@ def atomic_output(path: str | os.PathLike, suffix: str = "", now: bool = False) 
     """
     target = Path(path)
     tmp: Path | None = None
+    batch = None if now else _BATCH.get()
+    made = [] if batch is None else batch.made  # a block's failure removes them with its temporary files
     try:
+        made.extend(_missing_parents(target))
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = _create_temp(target, suffix)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        batch = None if now else _BATCH.get()
         if batch is not None:
             if target.is_dir():  # fail now, while the block's other outputs are not replaced yet
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
@@ -184,7 +191,27 @@ def atomic_output(path: str | os.PathLike, suffix: str = "", now: bool = False) 
     except BaseException as exc:
         if tmp is not None:
             _discard([tmp])
+        if batch is None:
+            _remove_made(made)
         _raise_named(exc, target)
+
+
+def _missing_parents(target: Path) -> list[Path]:
+    """The folders above ``target`` that do not exist yet, outermost first."""
+    missing = []
+    for parent in target.parents:
+        if parent.exists():  # a file in the way: mkdir says so, naming it
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
+def _remove_made(folders: list[Path]) -> None:
+    """Remove the folders :func:`atomic_output` made for outputs not written, innermost first,
+    each only if empty: one that got anything else meanwhile stays (and so do those above it)."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _temp_name(target: Path, token: str, suffix: str) -> Path:

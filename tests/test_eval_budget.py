@@ -705,6 +705,29 @@ def test_a_failed_eval_leaves_every_output_of_the_run_as_it_was(tiny_runs):
         (run / "budget.png").rmdir()
 
 
+def _tree(run: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) below ``run``."""
+    return {p.relative_to(run).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(run.rglob("*"))}
+
+
+@pytest.mark.parametrize("failure", ["refused", "figure name taken", "budget folder there, empty"])
+def test_a_failed_eval_budget_creates_no_budget_folder(tiny_runs, tmp_path, failure):
+    """A failed ``eval --budget`` on a run without RUN/budget/ (its first) left that folder
+    behind, empty: the table's temporary file was made in it before the figure failed. A failed
+    command leaves the run directory as it was: no folder it made, and a folder that was there
+    before stays (even empty)."""
+    run = _fresh_copy(tiny_runs["val"], tmp_path / "run")
+    in_process("eval", str(run), check=True)  # an earlier plain eval: eval.json, no budget
+    if failure == "budget folder there, empty":
+        (run / "budget").mkdir()
+    if failure != "refused":
+        (run / "budget.png" / "inside").mkdir(parents=True)  # the figure cannot be written
+    before = _tree(run)
+    proc = in_process("eval", str(run), "--budget", "macs=0.01" if failure == "refused" else "macs=0.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert _tree(run) == before
+
+
 def test_eval_refuses_a_budget_file_it_would_overwrite(tiny_runs):
     run = tiny_runs["val"]
     (run / "budget.csv").write_text("client,budget\ndefault,macs=0.5\n")

@@ -75,6 +75,31 @@ def test_replaced_together_replaces_and_removes_only_when_the_block_ends(tmp_pat
     assert a.read_text() == b.read_text() == "new\n" and not stale.exists()
 
 
+def test_a_failure_removes_the_folders_made_for_its_outputs_and_only_those(tmp_path):
+    """A failed write (or block of them) left the folders it made for its outputs, empty (a
+    failed `eval --budget` left RUN/budget/): they go with the temporary files; a folder that
+    was there before stays, and so does one that got another file meanwhile."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(KeyboardInterrupt), replaced_together():
+        write_text_atomic(tmp_path / "new" / "deep" / "a.csv", "x")
+        write_text_atomic(kept / "b.csv", "x")
+        raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(kept) == []
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "alone" / "c.csv") as tmp:  # outside a block
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == ["kept"]
+    with pytest.raises(KeyboardInterrupt), replaced_together():
+        write_text_atomic(tmp_path / "shared" / "d.csv", "x")
+        (tmp_path / "shared" / "mine.txt").write_text("mine")
+        raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["kept", "shared"] and os.listdir(tmp_path / "shared") == ["mine.txt"]
+    with replaced_together():  # written: the folder stays
+        write_text_atomic(tmp_path / "done" / "e.csv", "x")
+    assert (tmp_path / "done" / "e.csv").read_text() == "x"
+
+
 @pytest.mark.parametrize("named", ["absolute", "relative"])
 def test_the_listing_file_is_replaced_first(tmp_path, monkeypatch, named):
     """A kill amid the commit must not leave a file the listing (eval.json) does not list; the

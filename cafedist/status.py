@@ -12,7 +12,8 @@ why it would be refused (train's check of the newest checkpoint against config.y
 edited by hand since), ``no round finished``), the last round's last-exit accuracy, an estimate
 of the time left while training (from the current session's rounds once it has any: a resume
 may run on another machine; with the checkpoint writes when rows record them), and whether
-``eval.json`` describes the newest checkpoint.
+``eval.json`` describes the newest checkpoint, its most recent budget and how many budgets it
+keeps for those models.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
 the lock's record, the checkpoint folders' names (and, of a run no process trains, the newest
@@ -27,7 +28,7 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,6 +67,8 @@ class RunStatus:
     #: rounds its rows record: of a run no process trains also those past its newest checkpoint
     #: (or all, without one), which a resume trains again
     rounds_trained: int = 0
+    #: the keys of the budgets eval.json keeps for its models (``budgets``), in the order evaluated
+    budgets: list[str] = field(default_factory=list)
 
 
 def _json(path: Path) -> Any:
@@ -98,20 +101,25 @@ def _usable(value: Any) -> bool:
     return is_finite_number(value) and value >= 0
 
 
-def _eval_state(run_dir: Path, checkpoint_round: int | None) -> str:
+def _eval_state(run_dir: Path, checkpoint_round: int | None) -> tuple[str, list[str]]:
+    """The ``eval`` column: the round eval.json describes, its most recent budget (and of how
+    many it keeps, where several) and whether it is stale; and the keys of the budgets it keeps."""
     report = _json(run_dir / "eval.json")
     if not isinstance(report, dict):
-        return "none"
+        return "none", []
     rnd = report.get("round")
     budget = report.get("budget")
     clients = budget.get("clients") if isinstance(budget, dict) else None
     specs = sorted({str(r.get("budget")) for r in clients if isinstance(r, dict)}) if isinstance(clients, list) else []
-    spec = f", budget {','.join(specs)}" if specs else ""
+    kept = report.get("budgets")
+    keys = [key for key, entry in kept.items() if isinstance(entry, dict)] if isinstance(kept, dict) else []
+    # a count, not the keys: a budget file's key is its full path and digest, too wide for the table
+    spec = f", budget {','.join(specs)}{f' (latest of {len(keys)})' if len(keys) > 1 else ''}" if specs else ""
     if checkpoint_round is None:  # checkpoints moved or deleted: nothing to tell staleness by
         fresh = ", no checkpoint left to compare it with"
     else:
         fresh = "" if rnd == checkpoint_round else f", stale: the newest checkpoint is round {checkpoint_round}"
-    return f"round {rnd}{spec}{fresh}"
+    return f"round {rnd}{spec}{fresh}", keys
 
 
 def _resume_refusal(run_dir: Path, cfg: Config) -> str | None:
@@ -251,8 +259,9 @@ def run_status(run_dir: str | Path) -> RunStatus:
     else:
         state = _stopped_state(records, checkpoint, _resume_refusal(run_dir, cfg))
     last = acc[-1] if isinstance(acc, list) and acc and _usable(acc[-1]) else None
+    evaluated, budgets = _eval_state(run_dir, checkpoint)
     return RunStatus(str(run_dir), cfg.algorithm.name, done, rounds, state, last, left, source,
-                     checkpoint, _eval_state(run_dir, checkpoint), trained)
+                     checkpoint, evaluated, trained, budgets)
 
 
 def _is_run(folder: Path) -> bool:

@@ -194,6 +194,39 @@ def test_eval_state_names_its_round_and_staleness(runs, tmp_path):
     assert run_status(run).eval == "round 1, no checkpoint left to compare it with"
 
 
+def test_eval_state_counts_the_budgets_eval_json_keeps(runs, tmp_path):
+    """eval.json keeps every budget `eval --budget` evaluated for its models (`budgets`, in the
+    order evaluated; the most recent also as `budget`): status named only the most recent. The
+    table says how many there are where there are several; --json lists their keys."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "done", run)
+    device_file = f"{tmp_path / 'devices.csv'} sha256:{'ab' * 32}"
+    entries = {key: {"key": key, "spec": spec, "clients": [{"budget": b} for b in budgets]}
+               for key, spec, budgets in (("macs=0.5", "macs=0.5", ["macs=0.5"]),
+                                          (device_file, "devices.csv", ["macs=0.25", "loss=1"]),
+                                          ("loss=1", "loss=1", ["loss=1"]))}
+    (run / "eval.json").write_text(json.dumps({"round": 2, "budget": entries["loss=1"], "budgets": entries}))
+    status = run_status(run)
+    assert status.eval == "round 2, budget loss=1 (latest of 3)"
+    assert status.budgets == ["macs=0.5", device_file, "loss=1"]
+    row = json.loads(cafedist_in_process("status", str(run), "--json", check=True).stdout)
+    assert row["budgets"] == ["macs=0.5", device_file, "loss=1"]
+    table = cafedist_in_process("status", str(run), check=True).stdout.splitlines()
+    assert table[1].endswith("  round 2, budget loss=1 (latest of 3)") and "sha256" not in table[1]
+    # one budget kept: nothing to count; none (or a damaged `budgets`): an empty list
+    (run / "eval.json").write_text(json.dumps({"round": 1, "budget": entries["macs=0.5"],
+                                               "budgets": {"macs=0.5": entries["macs=0.5"]}}))
+    status = run_status(run)
+    assert status.eval == "round 1, budget macs=0.5, stale: the newest checkpoint is round 2"
+    assert status.budgets == ["macs=0.5"]
+    for budgets in ({}, [3], {"macs=0.5": 3}):
+        (run / "eval.json").write_text(json.dumps({"round": 2, "budgets": budgets}))
+        assert (run_status(run).eval, run_status(run).budgets) == ("round 2", [])
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    (run / "eval.json").unlink()
+    assert run_status(run).budgets == []
+
+
 def test_damaged_metrics_and_eval_files_are_read_as_damaged_not_a_traceback(runs, tmp_path):
     """A metrics.jsonl with bytes that are no UTF-8 and an eval.json whose budget clients are no
     objects (damage, a hand edit): status ended in a traceback (UnicodeDecodeError,

@@ -546,6 +546,69 @@ def test_eval_refuses_a_store_replaced_by_another_partition(finished, tmp_path):
     assert not (run / "eval.json").exists()
 
 
+def _rebuild_digits_store(store: Path, monkeypatch, change_a_pixel: bool) -> None:
+    """Build ``store`` again from scratch with the tiny run's partition, from digits as bundled or
+    with one pixel of one sample changed (as a store rebuilt from edited or re-downloaded files)."""
+    from cafedist.data import prepare as prepare_mod
+    from cafedist.data.spec import PartitionSpec
+
+    original = prepare_mod.load_dataset
+
+    def edited(*args, **kwargs):
+        raw = original(*args, **kwargs)
+        raw.x[0, 0, 0, 0] = 255 - raw.x[0, 0, 0, 0]
+        return raw
+    store.unlink()
+    with monkeypatch.context() as m:
+        if change_a_pixel:
+            m.setattr(prepare_mod, "load_dataset", edited)
+        prepare_mod.prepare_store(store, PartitionSpec("digits", clients=4, alpha=0.5, proxy_fraction=0.1,
+                                                       min_size=20, seed=3))
+
+
+def test_a_store_rebuilt_from_other_data_is_refused_by_eval_export_and_resume(finished, tmp_path, monkeypatch):
+    """A store is matched by its partition, so one deleted and built again under its name from
+    other files (a dataset re-downloaded or edited since) was taken for the run's: eval and
+    export scored the models on samples they were never trained or tested on, and a resume
+    trained them on the new samples, silently. The checkpoint records the data it was trained
+    on; each refuses in one line naming the checkpoint and the store, and writes nothing."""
+    store, run = tmp_path / "mine.h5", tmp_path / "run"
+    train = ("train", "--config", str(finished[0]), "--out", str(run), "--no-progress", f"data.store={store}",
+             "train.rounds=1")
+    code, _, err = run_cli(*train)
+    assert code == 0, err
+    _rebuild_digits_store(store, monkeypatch, change_a_pixel=True)
+    before = tree_hashes(run)
+    for argv in (("eval", str(run)), ("export", str(run), "--out", str(tmp_path / "exp"), "--threshold", "0.9"),
+                 train, (*train[:-1], "train.rounds=2", "--resume", "force")):
+        code, _, err = run_cli(*argv)
+        assert code == 2, (argv, err)
+        _one_error_line(err, "round_000000", f"was trained on other data than {store} holds now")
+    assert tree_hashes(run) == before and not (tmp_path / "exp").exists()
+    _rebuild_digits_store(store, monkeypatch, change_a_pixel=False)  # the same data again: the run's store
+    code, _, err = run_cli("eval", str(run))
+    assert code == 0, err
+
+
+def test_the_data_refusal_tells_another_partition_from_a_rebuilt_store(tmp_path):
+    """A checkpoint recording another partition than the store's was said to have met 'a store of
+    the same partition built again'; one recording no data (older manifests) is not refused."""
+    from types import SimpleNamespace
+
+    from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal
+
+    store = SimpleNamespace(path=tmp_path / "s.h5", params={"seed": 3}, data_digest=lambda: "now")
+    ckpt = CheckpointDir(tmp_path)
+
+    def why(**manifest) -> str | None:
+        ref = CheckpointRef(ckpt.root / "round_000001", 1, {"config_hash": "h", **manifest})
+        return refusal(ckpt, ref, "h", store=store)
+    assert why() is None and why(store_data="now", partition={"seed": 3}) is None
+    assert "holds now (a store of the same partition built again since" in why(store_data="then",
+                                                                              partition={"seed": 3})
+    assert "holds now (another partition)" in why(store_data="then", partition={"seed": 4})
+
+
 @pytest.mark.parametrize("override", ["train.rounds=1", "train.lr=0.2"])
 def test_force_with_nothing_left_to_train_is_refused(finished, run_copy, override):
     """Under a config that trains no round, summary.json would be rewritten to describe models

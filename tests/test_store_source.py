@@ -215,3 +215,19 @@ def test_only_the_coordinator_checks_the_source_when_a_run_starts(tmp_path, capl
     assert len(opened) == 2
     assert len(_warnings(caplog)) == 1  # rank 0's
     assert "(built from" not in _warnings(caplog)[0]  # the same folder: it said "than X holds now (built from X)"
+
+
+def test_the_data_digest_is_the_samples_not_where_their_files_lay(tmp_path):
+    """What a checkpoint records of its store (cafedist.run.checkpoint refuses a store holding
+    other data): a build of the same partition from a copy of the files elsewhere holds the
+    same data (the source record differs), one from files with another byte does not."""
+    _agnews(tmp_path / "data")
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
+    _change_one_byte(_agnews(tmp_path / "edited"))
+    digests, folders = [], []
+    for name in ("data", "copy", "edited"):
+        prepare_store(tmp_path / f"{name}.h5", PartitionSpec(**DATA), tmp_path / name)
+        with Store(tmp_path / f"{name}.h5") as store:
+            digests.append(store.data_digest())
+            folders.append(store.source["folder"])
+    assert digests[0] == digests[1] != digests[2] and len(set(folders)) == 3

@@ -86,13 +86,17 @@ def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
     ds.attrs[CHECKSUM_ATTR] = _sha256(arr)
 
 
+def _attr_rows(attrs: h5py.AttributeManager, names: Sequence[str]) -> list[list[Any]]:
+    """``[name, value]`` of each of ``names`` that ``attrs`` holds, as plain JSON values."""
+    def plain(value: Any) -> Any:
+        return np.asarray(value).tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)
+    return [[name, plain(attrs[name])] for name in names if name in attrs]
+
+
 def _header_digest(attrs: h5py.AttributeManager) -> str:
     """sha256 of the root attributes a reader uses (:data:`ROOT_ATTRS` and the source record),
     as read back from the file: the same value at write and at every read of an intact store."""
-    def plain(value: Any) -> Any:
-        return np.asarray(value).tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)
-    names = [name for name in (*ROOT_ATTRS, SOURCE_ATTR) if name in attrs]
-    return hashlib.sha256(json.dumps([[name, plain(attrs[name])] for name in names]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_attr_rows(attrs, (*ROOT_ATTRS, SOURCE_ATTR))).encode()).hexdigest()
 
 
 def _check_split(raw: RawDataset, client_train: Sequence[np.ndarray], client_test: Sequence[np.ndarray],
@@ -291,6 +295,8 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._data_digest: str | None = None
+        self._checked: list[str] = []  # the datasets opening checked, for data_digest
         if self.path.exists() and not self.path.is_file():
             raise DataError(f"store {self.path} is not a file (expected an HDF5 store written by `cafedist prepare`)")
         if not self.path.is_file():
@@ -392,6 +398,7 @@ class Store:
             raise self._fail(f"{name} is {ds.dtype} {ds.shape}, expected {dtype} [{expected}]")
         if CHECKSUM_ATTR not in ds.attrs:
             raise self._fail(f"{name} has no '{CHECKSUM_ATTR}' checksum attribute")
+        self._checked.append(name)
         return int(ds.shape[0])
 
     # -- reading -------------------------------------------------------------------------
@@ -517,6 +524,21 @@ class Store:
             lines.append(f"{cid:>6} {n_tr:>7}{val[cid]} {n_te:>6} {present:>7}  {row}")
         lines.append(f"{'total':>6} {sizes[:, 0].sum():>7}{val_total} {sizes[:, 1].sum():>6} {'':>7}  {total}".rstrip())
         return "\n".join(lines)
+
+    def data_digest(self) -> str:
+        """sha256 of the data the store holds: its root attributes but the schema version (the
+        partition, classes, normalisation) and every dataset's name and checksum; metadata only.
+        Not the source record: every build of a partition from the same samples gives the same
+        value, wherever their files lay, and a build from other samples another. A checkpoint
+        records it, so that no run is resumed or evaluated on a store built again from other
+        files under its name (:func:`cafedist.run.checkpoint.refusal`)."""
+        if self._data_digest is None:
+            with self._guard("unreadable metadata (truncated or corrupt file?)"):
+                names = self._checked + ["vocab"] * ("vocab" in self._f)  # the one dataset opening does not check
+                rows = [_attr_rows(self._f.attrs, [a for a in ROOT_ATTRS if a != "schema_version"]),
+                        sorted([name, str(self._f[name].attrs.get(CHECKSUM_ATTR, ""))] for name in names)]
+            self._data_digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+        return self._data_digest
 
     def _source_line(self) -> str:
         """Where the store's data came from, as recorded when it was built."""

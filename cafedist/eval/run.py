@@ -181,7 +181,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_partial: bool = Fal
         incarnation = _incarnation(run_dir)  # before loading: what is loaded is this run's or later's
         restored = load_checkpoint(CheckpointDir(run_dir), Comm(rt), run.pool, run.algo, run.shared,
                                    config_hash=config_hash(cfg), resume="force",
-                                   evaluating=run_identity(cfg))
+                                   evaluating=run_identity(cfg), store=run.store)
         done, final = restored.next_round - 1, cfg.train.rounds - 1
         if done < 0 and (run_dir / "summary.json").is_file():  # a finished run: its checkpoints went
             raise CheckpointError(f"{run_dir}: the run finished (summary.json) but has no checkpoint to evaluate "

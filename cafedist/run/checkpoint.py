@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -53,6 +53,9 @@ from cafedist.fsutil import atomic_output, fsync_dir, write_json_atomic, write_t
 from cafedist.run.residency import ClientPool
 from cafedist.run.sharing import SharedParams
 from cafedist.run.torch_files import save_torch_to
+
+if TYPE_CHECKING:
+    from cafedist.data.store import Store
 
 log = logging.getLogger("cafedist")
 
@@ -204,7 +207,9 @@ class CheckpointDir:
         the code that trained it), ``cpu_threads`` (the thread count of its first session
         on the CPU), ``environments`` (:mod:`cafedist.provenance`), ``rounds`` (the run's
         ``train.rounds``) and ``rounds_changes`` (what ``--resume force`` onto another total
-        changed: :func:`cafedist.train.startup.about_the_run`)."""
+        changed: :func:`cafedist.train.startup.about_the_run`), ``partition`` (the store's
+        parameters, which ``--resume force`` checks without ``config.yaml``) and ``store_data``
+        (:meth:`~cafedist.data.store.Store.data_digest`, which :func:`refusal` checks)."""
         tmp = self.staging(round_idx)
         files = dict(files)
         files["server.pt"] = save_torch(server, tmp / "server.pt")
@@ -387,7 +392,8 @@ def another_algorithm(run_dir: Path, writer: str | None, algorithm: str) -> RunD
 
 
 def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_accept: tuple[str, ...],
-                       evaluating: str | None, algorithm: str | None) -> tuple[CheckpointRef | None, str | None]:
+                       evaluating: str | None, algorithm: str | None,
+                       store: Store | None) -> tuple[CheckpointRef | None, str | None]:
     """Rank 0: the newest checkpoint that verifies, and why it may not be used (None: it may;
     see :func:`load_checkpoint` for the rules)."""
     ref = ckpt.newest_valid()
@@ -398,12 +404,12 @@ def _choose_checkpoint(ckpt: CheckpointDir, config_hash: str, resume: str, also_
                          "resumed (use --resume none to move it aside and start over)"))
     if ref is None:
         return None, None
-    return ref, refusal(ckpt, ref, config_hash, resume, also_accept, evaluating, algorithm)
+    return ref, refusal(ckpt, ref, config_hash, resume, also_accept, evaluating, algorithm, store=store)
 
 
 def refusal(ckpt: CheckpointDir, ref: CheckpointRef, config_hash: str, resume: str = "auto",
             also_accept: tuple[str, ...] = (), evaluating: str | None = None,
-            algorithm: str | None = None) -> str | None:
+            algorithm: str | None = None, *, store: Store | None = None) -> str | None:
     """Why checkpoint ``ref`` of ``ckpt`` may not be loaded under the config of ``config_hash``
     (None: it may; the arguments and rules are :func:`load_checkpoint`'s). ``cafedist status``
     asks it too, of the newest checkpoint unverified, so that it says what a resume would do."""
@@ -417,6 +423,10 @@ def refusal(ckpt: CheckpointDir, ref: CheckpointRef, config_hash: str, resume: s
         problem = another_algorithm(ckpt.root.parent, _writer(ckpt, ref), algorithm)
         if problem is not None:
             return str(problem)
+    if store is not None:
+        problem = _other_data(ref, store, evaluating is not None)
+        if problem is not None:
+            return problem
     if evaluating is not None and "run_identity" not in ref.manifest and recorded not in (None, config_hash):
         log.warning("%s: written under a config file other than %s/config.yaml (its config hash differs; "
                     "fine if only another algorithm's section changed)", ref.path, ckpt.root.parent)
@@ -458,9 +468,31 @@ def _restore_clients(ckpt: CheckpointDir, locations: dict[str, dict[str, str]], 
         pool.restored()
 
 
+def _other_data(ref: CheckpointRef, store: Store, evaluating: bool) -> str | None:
+    """Why checkpoint ``ref`` may not be used with ``store``: its manifest records that it was
+    trained on other data (``store_data``, :meth:`~cafedist.data.store.Store.data_digest`) than
+    the store holds now; None when it records the same or nothing (older manifests). A store is
+    matched by its partition alone, so one deleted and built again under its name from other
+    files (a dataset re-downloaded or edited since) would otherwise pass for the run's: a
+    resume would train the models on other samples, eval and export would score them on
+    samples they were never trained or tested on. Refused under every ``--resume``."""
+    recorded = ref.manifest.get("store_data")
+    if not isinstance(recorded, str) or recorded == store.data_digest():
+        return None
+    guess = ("a store of the same partition built again since, from other files?"
+             if ref.manifest.get("partition") in (None, store.params) else "another partition")
+    why = f"{ref.path} was trained on other data than {store.path} holds now ({guess})"
+    if evaluating:
+        return (f"{why}: the models would be scored on samples they were never trained or tested on; put back "
+                f"the store the run trained on")
+    return (f"{why}: the models would go on training and be tested on other samples; give data.store the store "
+            f"the run trained on, or use --resume none to start over on this one")
+
+
 def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Algorithm, shared: SharedParams, *,
                     config_hash: str, resume: str = "auto", also_accept: tuple[str, ...] = (),
-                    evaluating: str | None = None, algorithm: str | None = None) -> Resumed:
+                    evaluating: str | None = None, algorithm: str | None = None,
+                    store: Store | None = None) -> Resumed:
     """All ranks: restore my clients, the shared average and the algorithm from the newest
     valid checkpoint (a client without a shard stays at its initial weights).
 
@@ -476,12 +508,14 @@ def load_checkpoint(ckpt: CheckpointDir, comm: Comm, pool: ClientPool, algo: Alg
     (the config file may have been rewritten for another algorithm's section since).
     ``algorithm``: the name training continues under; a checkpoint written by another
     algorithm (by its manifest, or by the run's ``config.yaml`` for a manifest that predates
-    the field) is refused, whatever ``resume`` says.
+    the field) is refused, whatever ``resume`` says. ``store``: the store (rank 0's) that the
+    models are to be trained or evaluated on; a checkpoint whose manifest records other data
+    (``store_data``) is refused, whatever ``resume`` says (:func:`_other_data`).
     """
     rt = comm.rt
     ref, problem, locations = None, None, {}
     if rt.is_main:
-        ref, problem = _choose_checkpoint(ckpt, config_hash, resume, also_accept, evaluating, algorithm)
+        ref, problem = _choose_checkpoint(ckpt, config_hash, resume, also_accept, evaluating, algorithm, store)
         if ref is not None and problem is None:
             locations = ckpt.shard_locations(ref)
     path, problem, locations = comm.broadcast_object((None if ref is None else str(ref.path), problem, locations))

@@ -116,7 +116,8 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         # the trainer's collectives: their bytes count in the wire_bytes of the round that follows
         resumed = (agreed(comm, lambda: load_checkpoint(session.ckpt, session.trainer.comm, run.pool, run.algo,
                                                        run.shared, config_hash=h, resume=resume,
-                                                       also_accept=earlier, algorithm=cfg.algorithm.name))
+                                                       also_accept=earlier, algorithm=cfg.algorithm.name,
+                                                       store=run.store))
                    if resume != "none" else None)
         start = resumed.next_round if resumed is not None else 0
         if force_with_nothing_to_train(comm, session.config_due, start, cfg, resumed, h):
@@ -124,7 +125,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
             session.write_config()
         session.open_metrics(start, lock.record if lock is not None else None)
         bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
-        about = about_the_run(cfg, rt, resumed, comm)
+        about = about_the_run(cfg, rt, resumed, comm, run.store)
         t0 = time.perf_counter()
         last_done, stopped = session.train_rounds(start, about, bar)
         result = None if stopped else session.finish(start, (h, *earlier), about, time.perf_counter() - t0)

@@ -21,6 +21,7 @@ from cafedist import RESULTS_VERSION, provenance
 from cafedist.algorithms import get_algorithm
 from cafedist.config import Config, dump_config, read_run_config, run_identity
 from cafedist.config import config_hash as hash_of_config
+from cafedist.data.store import Store
 from cafedist.distributed.comm import Comm
 from cafedist.distributed.runtime import Runtime
 from cafedist.errors import CafeError, CheckpointError, DistError
@@ -138,13 +139,15 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: str) -> bool:
     return False
 
 
-def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm) -> dict[str, Any]:
+def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm, store: Store) -> dict[str, Any]:
     """What every checkpoint's manifest records about the run (:meth:`CheckpointDir.commit`),
     carried over from the checkpoint a resume restored: the results version is the oldest of
     the code that trained it (a run finished by newer code is still partly the older code's,
     and compare retrains it), the CPU thread count that of its first session, ``environments``
     every distinct software and hardware stack it trained under (:mod:`cafedist.provenance`),
-    the first first, ``rounds`` and ``rounds_changes`` (:func:`_with_rounds_change`). Warns when
+    the first first, ``rounds`` and ``rounds_changes`` (:func:`_with_rounds_change`), and of
+    ``store`` (rank 0's) its ``partition`` (params) and ``store_data``
+    (:meth:`~cafedist.data.store.Store.data_digest`), which a resume and eval check. Warns when
     a resume mixes any of them in a way that changes results (rank 0 decides, every rank learns it)."""
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     machines = comm.all_gather_object(provenance.machine(rt.device))
@@ -174,12 +177,14 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm)
                         "will not match an uninterrupted run's bit for bit (summary.json lists every stack under "
                         "'environments')", "; ".join(changed))
     rounds_changes = _with_rounds_change(cfg, resumed) if rt.is_main and restored is not None else []
-    version, first, environments, rounds_changes = comm.broadcast_object((version, first, environments,
-                                                                          rounds_changes))
+    data = store.data_digest() if rt.is_main else None
+    version, first, environments, rounds_changes, data = comm.broadcast_object((version, first, environments,
+                                                                                rounds_changes, data))
     return {"run_identity": run_identity(cfg), "algorithm": cfg.algorithm.name,
             "store": str(cfg.data.store_path(cfg.seed).resolve()), "results_version": version,
             **({"cpu_threads": first} if first is not None else {}), "environments": environments,
-            "rounds": cfg.train.rounds, "rounds_changes": rounds_changes}
+            "rounds": cfg.train.rounds, "rounds_changes": rounds_changes, "partition": store.params,
+            "store_data": data}
 
 
 def _with_rounds_change(cfg: Config, resumed: Resumed) -> list[dict[str, Any]]:

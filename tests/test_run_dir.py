@@ -624,16 +624,24 @@ def test_force_with_nothing_left_to_train_is_refused(finished, run_copy, overrid
 @pytest.mark.parametrize("override,named", [
     ("data.alpha=0.1", "data.alpha (0.5 vs 0.1)"), ("data.val_fraction=0.2", "data.val_fraction (0.0 vs 0.2)"),
     ("seed=4", "seed (3 vs 4)"), ("data.clients=5", "data.clients (4 vs 5)")])
-def test_force_onto_another_data_partition_is_refused(finished, run_copy, override, named):
+@pytest.mark.parametrize("config_yaml", [True, False])
+def test_force_onto_another_data_partition_is_refused(finished, run_copy, override, named, config_yaml):
     """The models would go on training on other clients' samples and be calibrated and tested
     on splits holding samples they trained on (a leak no result would show): one line naming
-    the change, the run untouched. More rounds or another lr on the same partition still go."""
+    the change, the run untouched. More rounds or another lr on the same partition still go.
+    Without config.yaml (deleted by hand) the refusal was skipped: the checkpoint's manifest
+    records its partition."""
+    if not config_yaml:
+        (run_copy / "config.yaml").unlink()
     before = tree_hashes(run_copy)
-    code, _, err = run_cli("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force",
-                           "--no-progress", "train.rounds=3", override)
+    force = ("train", "--config", str(finished[0]), "--out", str(run_copy), "--resume", "force", "--no-progress",
+             "train.rounds=3")
+    code, _, err = run_cli(*force, override)
     assert code == 2
     _one_error_line(err, f"--resume force cannot change the data partition (first difference: {named})")
     assert tree_hashes(run_copy) == before
+    code, _, err = run_cli(*force, "train.lr=0.2")
+    assert code == 0, err
 
 
 def test_force_onto_the_same_partition_in_another_cache_goes_on(finished, run_copy, tmp_path):

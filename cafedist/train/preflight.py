@@ -139,7 +139,7 @@ def plan_run_dir(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
     if run_identity(old) == run_identity(cfg) or not has_work(run_dir):
         return RunDirPlan.WRITE
     if resume == "force":
-        _refuse_another_partition(old, cfg)
+        _refuse_another_partition(_partition_of(old), cfg)
         return RunDirPlan.DEFER
     _refuse_another_algorithm(run_dir, old.algorithm.name, cfg)
     diff = dict_diff(identity_fields(old, keep_defaults=True), identity_fields(cfg, keep_defaults=True),
@@ -166,6 +166,8 @@ def _plan_without_config(cfg: Config, run_dir: Path, resume: str) -> RunDirPlan:
             or ref.manifest.get("run_identity") == run_identity(cfg)):
         return RunDirPlan.WRITE
     if resume == "force":
+        recorded = ref.manifest.get("partition")  # manifests before it was recorded: not known
+        _refuse_another_partition(recorded if isinstance(recorded, dict) else None, cfg)
         return RunDirPlan.DEFER
     _refuse_another_algorithm(run_dir, ref.manifest.get("algorithm"), cfg)  # manifests before session 14: none
     raise RunDirError(f"{ref.path}: written by a different config (and {run_dir} has no config.yaml to name "
@@ -180,19 +182,29 @@ def _refuse_another_algorithm(run_dir: Path, writer: str | None, cfg: Config) ->
         raise problem
 
 
-def _refuse_another_partition(old: Config, cfg: Config) -> None:
-    """``--resume force`` onto another data partition (``data.alpha``, ``data.clients``, the
-    fractions, ``seed``, ...): refused. The trained models would go on training on other
-    clients' samples and be calibrated and tested on splits that hold samples they trained on,
-    and nothing in the results could tell. A store path or ``data.root`` of its own is no change."""
+def _partition_of(cfg: Config) -> dict[str, Any] | None:
+    """The partition parameters of ``cfg``'s store (:func:`~cafedist.data.partition_params`);
+    None when they cannot be had (its dataset is no longer known: the store check will say)."""
     from cafedist.data import PartitionSpec, partition_params
 
     try:
-        # a store records val_fraction only when > 0, and a partition only when natural: named as such
-        before, now = ({"partition": "dirichlet", "val_fraction": 0.0,
-                        **partition_params(PartitionSpec.of(c.data, c.seed))} for c in (old, cfg))
-    except CafeError:  # the earlier config's dataset is no longer known: the store check will say
+        return partition_params(PartitionSpec.of(cfg.data, cfg.seed))
+    except CafeError:
+        return None
+
+
+def _refuse_another_partition(before: dict[str, Any] | None, cfg: Config) -> None:
+    """``--resume force`` onto another data partition (``data.alpha``, ``data.clients``, the
+    fractions, ``seed``, ...) than ``before`` (the run's partition parameters, from its
+    ``config.yaml`` or, without one, its newest checkpoint's manifest; None: not known):
+    refused. The trained models would go on training on other clients' samples and be
+    calibrated and tested on splits that hold samples they trained on, and nothing in the
+    results could tell. A store path or ``data.root`` of its own is no change."""
+    now = _partition_of(cfg)
+    if before is None or now is None:
         return
+    # a store records val_fraction only when > 0, and a partition only when natural: named as such
+    before, now = ({"partition": "dirichlet", "val_fraction": 0.0, **p} for p in (before, now))
     # the fields that say what the others mean first: another dataset or partition kind would
     # otherwise be named as its first field in sorted order ('data.alpha (0.5 vs None)')
     head = ("dataset", "partition")

@@ -1,5 +1,7 @@
 """Distillation baselines on the real loop: FedMD, DS-FL, KT-pFL and cafedistill-heads."""
 
+import json
+
 import pytest
 import torch
 from algo_harness import load, make_trainer, params_of, save
@@ -355,18 +357,31 @@ def test_ktpfl_checkpoint_of_another_client_count_is_refused_in_one_line(tmp_pat
     """--resume force onto a changed data.clients: the n x n coefficient matrix does not fit, which
     is one 'does not fit' line (exit 2) before any round, not a traceback at the first matmul.
     With its config.yaml the run's partition change is refused first (test_run_dir); without it
-    (deleted by hand) no config names the old partition, and the checkpoint's fit is the guard."""
+    (deleted by hand) the newest checkpoint's recorded partition refuses it; and for a checkpoint
+    written before manifests recorded one, nothing names the old partition, and the checkpoint's
+    fit is the guard."""
     from test_run_dir import run_cli, tree_hashes
 
     cfg, out = str(tiny_config(rounds=2, clients=4)), str(tmp_path / "run")
     code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "algorithm.name=ktpfl")
     assert code == 0, err
     (tmp_path / "run" / "config.yaml").unlink()
-    before = tree_hashes(tmp_path / "run")
-    code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "--resume", "force",
-                           "algorithm.name=ktpfl", "data.clients=5", "train.rounds=3")
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [ln for ln in err.splitlines() if ln.startswith("cafedist: error:")]
-    assert len(errors) == 1 and "does not fit" in errors[0] and "coefficient matrix" in errors[0], err
-    assert tree_hashes(tmp_path / "run") == before
+
+    def force_five_clients() -> str:
+        before = tree_hashes(tmp_path / "run")
+        code, _, err = run_cli("train", "--config", cfg, "--out", out, "--no-progress", "--resume", "force",
+                               "algorithm.name=ktpfl", "data.clients=5", "train.rounds=3")
+        assert code == 2, err
+        assert "Traceback" not in err
+        assert tree_hashes(tmp_path / "run") == before
+        errors = [ln for ln in err.splitlines() if ln.startswith("cafedist: error:")]
+        assert len(errors) == 1, err
+        return errors[0]
+
+    assert "cannot change the data partition" in force_five_clients()
+    for manifest in (tmp_path / "run" / "checkpoints").glob("*/MANIFEST.json"):  # as written before the record
+        record = json.loads(manifest.read_text())
+        record.pop("partition"), record.pop("store_data")
+        manifest.write_text(json.dumps(record))
+    error = force_five_clients()
+    assert "does not fit" in error and "coefficient matrix" in error, error

@@ -48,6 +48,7 @@ from sweep import finished_summary, write_csv
 
 from cafedist.config import Config, read_run_config
 from cafedist.data.store import Store
+from cafedist.errors import CafeError
 from cafedist.models.cnn import CnnOptions
 
 ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer", "FedAvg")
@@ -135,6 +136,15 @@ def read_run(run_dir: Path) -> dict | None:
     for k, (v, t) in enumerate(zip(vals, summary["acc_per_exit"])):
         row[f"val_exit{k + 1}"], row[f"test_exit{k + 1}"] = v, t
     return {"row": row, "clients": list(zip(sizes, client_accuracy(run_dir, -1)))}
+
+
+def _read_or_exit(run_dir: Path) -> dict | None:
+    """:func:`read_run`, a run it cannot read (e.g. its store not where its config says, relative
+    to the working directory the sweep ran in) one line naming the run, not a traceback."""
+    try:
+        return read_run(run_dir)
+    except CafeError as exc:
+        sys.exit(f"sweep_axis_tables.py: {run_dir}: {exc} (run it from the directory the sweep ran in)")
 
 
 def arms_table(rows: list[dict], axis: Axis) -> str:
@@ -286,7 +296,7 @@ def main() -> None:
         if not root.is_dir():
             parser.error(f"no such run folder: {root}")
     where = " and ".join(map(str, args.roots))
-    runs = [r for root in args.roots for r in (read_run(d) for d in sorted(root.iterdir()) if d.is_dir()) if r]
+    runs = [r for root in args.roots for r in (_read_or_exit(d) for d in sorted(root.iterdir()) if d.is_dir()) if r]
     if not runs:
         sys.exit(f"sweep_axis_tables.py: no finished runs below {where}")
     settings = sorted({r["row"]["setting"] for r in runs})

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cafedist.config import config_from_dict, dump_config
+from cafedist.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -458,6 +459,22 @@ def test_sweep_axis_tables_refuses_a_folder_whose_runs_it_would_pair_wrongly(mon
     monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", axis,
                                      "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match=message):
+        pt.main()
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_axis_tables_says_in_one_line_which_run_it_cannot_read(monkeypatch, tmp_path):
+    """A run whose store is not where its config says (relative to another working directory)
+    is one line naming the run, nothing written."""
+    pt = _experiment("sweep_axis_tables", monkeypatch)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+
+    def unreadable(run_dir):
+        raise DataError("store data/stores/x.h5 does not exist")
+    monkeypatch.setattr(pt, "read_run", unreadable)
+    monkeypatch.setattr("sys.argv", ["sweep_axis_tables.py", str(tmp_path / "runs"), "--axis", "proxy",
+                                     "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="runs/a: store data/stores/x.h5 does not exist .run it from the directory"):
         pt.main()
     assert not (tmp_path / "o").exists()
 

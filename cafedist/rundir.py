@@ -295,7 +295,8 @@ def unfinished_move(path: str | os.PathLike) -> str | None:
     ``--resume none`` (killed partway through, or still moving it) has not finished: a
     sentence saying so, else None. Neither half is a run to read."""
     path = Path(path)
-    for run_dir in (path, path.parent):
+    # the parent's record only for a previous-* folder: a broken record above a plain run is not its business
+    for run_dir in (path, path.parent) if path.name.startswith(PREVIOUS_PREFIX) else (path,):
         moving = _moving(run_dir) if (run_dir / MOVING_NAME).exists() else None
         if moving is None or (run_dir != path and moving[0].name != path.name):
             continue

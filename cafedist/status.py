@@ -295,7 +295,7 @@ def find_runs(path: Path) -> Iterator[Path]:
 
 
 def _row(status: RunStatus) -> dict[str, str]:
-    rounds = f"{status.rounds_done}/{status.rounds}"
+    rounds = f"{status.rounds_done}/{'-' if status.rounds is None else status.rounds}"
     acc = "" if status.last_exit_accuracy is None else f"{status.last_exit_accuracy:.4f}"
     left = "" if status.seconds_left is None else hms(status.seconds_left)
     if left and status.time_left_from != "this session":

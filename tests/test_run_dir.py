@@ -975,6 +975,35 @@ def test_eval_refuses_to_write_about_a_run_started_over_since_it_loaded(run_copy
             pass
 
 
+def test_eval_refuses_to_write_into_a_run_a_killed_start_over_left_half_moved(run_copy, monkeypatch):
+    """An eval that loaded the models, then waited for the outputs lock while a --resume none
+    moved the run aside and was killed after config.yaml's rename: checkpoints/ (the
+    incarnation) is still there, but writing would split the old run's outputs across two
+    previous-* folders."""
+    from cafedist.eval.run import _incarnation
+    loaded = LoadedRun(run=None, restored=None, done=1, final=1, incarnation=_incarnation(run_copy))
+    with monkeypatch.context() as m:
+        kill_at(m, "replace", 1)  # config.yaml moved, the rest not
+        with pytest.raises(Killed):
+            move_aside(run_copy)
+    outputs_lock(run_copy).acquire().release()  # the lock's file is eval's to make
+    before = tree_hashes(run_copy)
+    with pytest.raises(CheckpointError, match="started over .* while its models were read; nothing written"):
+        with writing_outputs(run_copy, loaded, {}):
+            pass
+    assert tree_hashes(run_copy) == before
+
+
+def test_a_broken_move_record_above_a_run_is_not_the_runs_business(tmp_path):
+    """unfinished_move reads a parent's .moving-aside only for a previous-* folder: a broken one
+    in a folder holding runs made every run below it unreadable."""
+    (tmp_path / MOVING_NAME).write_text("{half")
+    (tmp_path / "run").mkdir()
+    assert unfinished_move(tmp_path / "run") is None
+    with pytest.raises(CafeError, match=re.escape(str(tmp_path / MOVING_NAME))):
+        unfinished_move(tmp_path / "previous-20260101-000000")
+
+
 def test_a_second_eval_waits_and_a_killed_evals_temporary_files_go(run_copy):
     stale = run_copy / ".eval.json.0123abcd.tmp"
     stale.write_text("{half")

@@ -488,3 +488,10 @@ def test_train_names_each_row_s_session_and_the_checkpoint_before_it(runs, tmp_p
     assert session_starts(plain) == [0]
     plain[2]["world_size"] = 2
     assert session_starts(plain) == [0, 2]
+
+
+def test_a_run_of_no_known_total_shows_a_dash_not_none():
+    """A run being moved aside (its config.yaml gone) has no total: '0/-', not '0/None'."""
+    from cafedist.status import RunStatus, _row
+    row = _row(RunStatus("r", None, 0, None, "being moved aside", None, None, None, None, ""))
+    assert row["rounds"] == "0/-"

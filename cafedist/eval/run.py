@@ -102,7 +102,9 @@ def writing_outputs(run_dir: str | Path, loaded: LoadedRun, outputs: dict[str, s
     run_dir = Path(run_dir)
     lock = outputs_lock(run_dir).acquire(wait=True)
     try:
-        if _incarnation(run_dir) != loaded.incarnation:
+        # a --resume none killed while moving the run aside leaves checkpoints/ (the incarnation) in
+        # place: writing then would split the old run's outputs across two previous-* folders
+        if _incarnation(run_dir) != loaded.incarnation or unfinished_move(run_dir) is not None:
             raise CheckpointError(f"{run_dir}: the run was started over (--resume none) while its models were "
                                   f"read; nothing written (the results would describe the models moved aside): "
                                   f"evaluate again")

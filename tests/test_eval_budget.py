@@ -869,3 +869,15 @@ def test_a_kept_budgets_file_name_stays_in_the_budget_folder():
     for key in ("../../config", "/etc/x", "..", ".hidden=1", "/a/b.csv sha256:../../x"):
         name = budget_name(key)
         assert "/" not in name and not name.startswith(".") and name, (key, name)
+
+
+def test_export_finds_the_one_budget_of_an_eval_json_written_before_budgets_were_kept(tmp_path):
+    """An older eval.json has a ``budget`` section but no ``budgets``: asking for its spec in
+    another spelling finds it; another spec is one error naming what it holds."""
+    from cafedist.errors import ConfigError
+    from cafedist.eval.budget_keep import select_budget
+    section = {"spec": "macs=0.5", "sha256": None, "clients": []}
+    report = {"budget": section}
+    assert select_budget(report, "MACS=.50", tmp_path / "eval.json") is section
+    with pytest.raises(ConfigError, match="no budget macs=0.25 was evaluated.*holds: macs=0.5"):
+        select_budget(report, "macs=0.25", tmp_path / "eval.json")

@@ -109,6 +109,9 @@ def select_budget(report: dict[str, Any], wanted: str | None, path: Path) -> dic
     if wanted is None:
         return latest
     budgets = report.get("budgets") if isinstance(report.get("budgets"), dict) else {}
+    if not budgets and isinstance(latest, dict) and isinstance(latest.get("spec"), str):
+        # an eval.json written before every budget was kept: its one budget is the latest
+        budgets = {budget_key(latest["spec"], latest.get("sha256")): latest}
     held = ", ".join(describe_key(e) for e in budgets.values() if isinstance(e, dict)) or "none"
     advice = f"eval.json holds: {held}; run `cafedist eval RUN --budget {wanted}` first"
     if looks_like_spec(wanted):

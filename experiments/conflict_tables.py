@@ -1,19 +1,24 @@
 """Gradient conflict with and without student selection at T = 100 (``experiments/conflict_T100.txt``).
 
     python experiments/conflict_tables.py runs/conflict_T100 --out docs/results
+    python experiments/conflict_tables.py runs/arch_conflict_lr0.05 --out docs/results/arch \
+        --prefix conflict_resnet18_lr0.05
 
 Reads every finished run below the folder (one per variant of the sweep) and tells each run's
-setting (dataset, Dirichlet α) and arm from its own ``config.yaml``: ``selection`` (CAFEDistill
-as shipped), ``no selection`` (``student_selection: false``: every exit a student from round 0),
-``CE until selected`` (``unselected: ce``: every exit trained from round 0, only selected ones
-distil) and ``no record`` (the control without ``train.diagnostics``). It writes
+setting (dataset, Dirichlet α, and the architecture unless it is the 3-exit CNN) and arm from
+its own ``config.yaml``: ``selection`` (CAFEDistill as shipped), ``no selection``
+(``student_selection: false``: every exit a student from round 0), ``CE until selected``
+(``unselected: ce``: every exit trained from round 0, only selected ones distil) and ``no
+record`` (the control without ``train.diagnostics``); runs of other algorithms or variants, and
+one arm twice for a seed (two lrs), are refused. It writes (PREFIX ``conflict_T100`` unless
+``--prefix`` says otherwise)
 
-- ``conflict_T100_runs.csv``: one row per run: final validation and test accuracy per exit and,
+- ``PREFIX_runs.csv``: one row per run: final validation and test accuracy per exit and,
   for the rounds before and after half the schedule and in its last quarter, the share of
   negative cosines and the mean cosine between exits' gradients, over trained pairs and over
   all pairs (:func:`sweep.conflict_means`: with the default ``schedule_span`` every exit is a
   student from round T/2 on, so the second half compares like with like);
-- ``conflict_T100_curves.csv`` and ``.png``: per setting and arm, the share of negative
+- ``PREFIX_curves.csv`` and ``.png``: per setting and arm, the share of negative
   cosines per round over trained pairs, mean over seeds;
 
 checks that each ``no record`` run trained what its ``selection`` twin did (the record must
@@ -45,8 +50,15 @@ TRAINED_FIELDS = ("round", "loss", "acc_per_exit", "val_acc_per_exit")
 
 
 def arm_of(cfg) -> str:
-    """Which arm of the study a run's config is."""
+    """Which arm of the study a run's config is (another algorithm's run, or CAFEDistill without
+    cross-client KD or with last-exit KD, is refused: it would have counted as ``selection``)."""
+    if cfg.algorithm.name != "cafedistill":
+        sys.exit(f"conflict_tables.py: algorithm {cfg.algorithm.name!r} is no arm of the conflict study "
+                 f"(CAFEDistill with and without student selection)")
     params = cfg.algorithm.params.get(cfg.algorithm.name, {})  # what the file set; the rest are defaults
+    if not params.get("cross_client_kd", True) or params.get("last_exit_kd", False):
+        sys.exit("conflict_tables.py: a run with cross_client_kd: false or last_exit_kd: true is no arm of the "
+                 "conflict study (give the study's runs a folder of their own)")
     if "conflict" not in cfg.train.diagnostics:
         return CONTROL
     if not params.get("student_selection", True):
@@ -55,8 +67,15 @@ def arm_of(cfg) -> str:
 
 
 def setting_of(cfg) -> str:
-    """``mnist5k a0.3``: the dataset and its Dirichlet α."""
-    return f"{cfg.data.dataset} a{cfg.data.alpha:g}"
+    """``mnist5k a0.3``: the dataset and its Dirichlet α, and the architecture when it is not the
+    3-exit CNN (``digits a0.3 resnet18``)."""
+    arch = "" if cfg.model.arch == "cnn" else f" {cfg.model.arch}"
+    return f"{cfg.data.dataset} a{cfg.data.alpha:g}{arch}"
+
+
+def exits_of(rows: list[dict]) -> list[int]:
+    """The exits (1-based) the rows report test accuracy for."""
+    return sorted({int(k[len("test_exit"):]) for r in rows for k in r if k.startswith("test_exit")})
 
 
 def read_run(run_dir: Path) -> dict | None:
@@ -152,15 +171,16 @@ def _arm_groups(rows: list[dict]) -> list[tuple[tuple[str, str], list[dict]]]:
 def arms_table(rows: list[dict]) -> str:
     """Per setting and arm: seeds, conflict (negative share, %) before and after T/2, mean cosine
     after T/2, and test accuracy per exit, mean ± std over seeds."""
+    exits = exits_of(rows)
     head = ["setting", "arm", "seeds", "neg. trained, r < T/2", "neg. all, r < T/2", "neg., r ≥ T/2",
-            "neg., r ≥ 3T/4", "mean cos, r ≥ T/2", "test e1", "test e2", "test e3"]
+            "neg., r ≥ 3T/4", "mean cos, r ≥ T/2", *[f"test e{k}" for k in exits]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for (setting, arm), group in _arm_groups(rows):
         cells = [setting, arm, str(len(group)), mean_std_cell(_column(group, "neg_trained_h1")),
                  mean_std_cell(_column(group, "neg_all_h1")), mean_std_cell(_column(group, "neg_all_h2")),
                  mean_std_cell(_column(group, "neg_all_q4")),
                  mean_std_cell(_column(group, "cos_all_h2"), scale=1.0, digits=3),
-                 *[mean_std_cell(_column(group, f"test_exit{k}")) for k in (1, 2, 3)]]
+                 *[mean_std_cell(_column(group, f"test_exit{k}")) for k in exits]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -179,8 +199,9 @@ def paired_table(rows: list[dict], arm: str = "no selection") -> str:
     T/2 (> 0: selection conflicts less) and the test accuracy per exit (points), mean ±
     standard error over the seeds both arms have."""
     by_key = {(r["setting"], r["arm"], r["seed"]): r for r in rows}
+    exits = exits_of(rows)
     head = ["setting", "seeds", "Δ neg., r ≥ T/2 (per seed)", "Δ neg., r ≥ T/2", "Δ neg., r ≥ 3T/4",
-            "Δ mean cos, r ≥ T/2", "Δ test e1", "Δ test e2", "Δ test e3"]
+            "Δ mean cos, r ≥ T/2", *[f"Δ test e{k}" for k in exits]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for setting in sorted({r["setting"] for r in rows}):
         pairs = [(by_key[(setting, "selection", s)], by_key[(setting, arm, s)])
@@ -193,7 +214,7 @@ def paired_table(rows: list[dict], arm: str = "no selection") -> str:
                                         mean_se_cell(_differences(pairs, "neg_all_q4")),
                                         mean_se_cell(_differences(pairs, "cos_all_h2"), scale=1.0, digits=3),
                                         *[mean_se_cell(_differences(pairs, f"test_exit{k}"))
-                                          for k in (1, 2, 3)]]) + " |")
+                                          for k in exits]]) + " |")
     return "\n".join(lines)
 
 
@@ -246,6 +267,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("runs", type=Path, help="the sweep's --out folder")
     ap.add_argument("--out", type=Path, required=True, help="where the CSVs and the figure go")
+    ap.add_argument("--prefix", default="conflict_T100", help="the files' name prefix (default conflict_T100)")
     args = ap.parse_args()
     if not args.runs.is_dir():
         sys.exit(f"conflict_tables.py: {args.runs}: not a folder (expected the sweep's --out)")
@@ -253,6 +275,13 @@ def main() -> None:
     if not runs:
         sys.exit(f"conflict_tables.py: {args.runs}: no finished run (no summary.json below it); nothing written")
     rows = [r["row"] for r in runs]
+    seen: dict[tuple, list[str]] = defaultdict(list)
+    for r in rows:
+        seen[(r["setting"], r["arm"], r["seed"])].append(r["run"])
+    for (setting, arm, seed), names in sorted(seen.items()):
+        if len(names) > 1:  # e.g. one arm at two lrs: the tables pair by setting, arm and seed only
+            sys.exit(f"conflict_tables.py: {args.runs} holds {len(names)} runs of {setting}, {arm}, seed {seed} "
+                     f"({', '.join(names)}); give each lr its own folder; nothing written")
     for control in (r for r in runs if r["row"]["arm"] == CONTROL):
         c = control["row"]
         twins = [r for r in runs if r["row"]["arm"] == "selection" and r["row"]["setting"] == c["setting"]
@@ -261,10 +290,10 @@ def main() -> None:
             verdict = "the same" if same_training(control["records"], twin["records"]) else "NOT the same"
             print(f"control {c['run']} vs {twin['row']['run']}: training {verdict} with and without the record")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "conflict_T100_runs.csv", rows)
+    write_csv(args.out / f"{args.prefix}_runs.csv", rows)
     curves = negative_share_curves(runs)
-    write_csv(args.out / "conflict_T100_curves.csv", curves)
-    plot_curves(curves, args.out / "conflict_T100_curves.png")
+    write_csv(args.out / f"{args.prefix}_curves.csv", curves)
+    plot_curves(curves, args.out / f"{args.prefix}_curves.png")
     print(arms_table(rows))
     print()
     print(paired_table(rows))

@@ -16,11 +16,13 @@ share ``data.proxy_fraction``, ``data.clients``, ``model.options.width``, ``trai
 ``train.local_epochs`` or ``train.clients_per_round`` as a share of the clients) and its arm from
 its own ``config.yaml``:
 ``CAFEDistill`` (as shipped), ``no cross-client KD`` (``cross_client_kd: false``: each client's
-own last exit its teacher), ``last-exit KD`` (``last_exit_kd: true``), ``FedPer`` and, where a
+own last exit its teacher), ``no selection`` (``student_selection: false``: every exit a student
+from round 0), ``last-exit KD`` (``last_exit_kd: true``), ``FedPer`` and, where a
 study runs it, ``FedAvg``. For the
 folder's one setting (e.g. ``digits_a0.3``) it writes ``PREFIX_SETTING_runs.csv`` (one row per
-run: proxy images, clients, width, rounds, local epochs, participation, mean training samples per client, final
-validation and test accuracy per exit; PREFIX ``proxy_size``, ``clients``, ``width``, ``schedule``,
+run: proxy images, clients, architecture, width, rounds, local epochs, participation, mean
+training samples per client, final validation and test accuracy per exit; PREFIX ``proxy_size``,
+``clients``, ``width``, ``schedule``,
 ``local_epochs`` or ``participation``) and ``PREFIX_SETTING.png`` (test accuracy at exit 1 and at the last exit along
 the axis, per arm), and prints the markdown
 tables docs/RESULTS.md quotes: per level and arm, mean ± std over seeds; the seed-matched
@@ -51,9 +53,10 @@ from cafedist.data.store import Store
 from cafedist.errors import CafeError
 from cafedist.models.cnn import CnnOptions
 
-ARMS = ("CAFEDistill", "no cross-client KD", "last-exit KD", "FedPer", "FedAvg")
+ARMS = ("CAFEDistill", "no cross-client KD", "no selection", "last-exit KD", "FedPer", "FedAvg")
 #: seed-matched differences the tables read: (minuend, subtrahend)
-CONTRASTS = (("CAFEDistill", "no cross-client KD"), ("CAFEDistill", "FedPer"), ("last-exit KD", "FedPer"),
+CONTRASTS = (("CAFEDistill", "no cross-client KD"), ("CAFEDistill", "no selection"), ("CAFEDistill", "FedPer"),
+             ("last-exit KD", "FedPer"),
              ("last-exit KD", "CAFEDistill"), ("CAFEDistill", "FedAvg"))
 
 
@@ -80,8 +83,8 @@ AXES = {"proxy": Axis("proxy_fraction", "proxy share", "proxy_images", "proxy im
 
 
 def fixed_keys(axis: Axis) -> list[str]:
-    """The row keys every run of one study must share: the other axes' levels."""
-    return [a.column for a in AXES.values() if a is not axis]
+    """The row keys every run of one study must share: the architecture and the other axes' levels."""
+    return ["arch", *[a.column for a in AXES.values() if a is not axis]]
 
 
 def arm_of(cfg: Config) -> str:
@@ -96,6 +99,8 @@ def arm_of(cfg: Config) -> str:
     params = cfg.algorithm.params.get(cfg.algorithm.name, {})  # what the file set; the rest are defaults
     if not params.get("cross_client_kd", True):
         return "no cross-client KD"
+    if not params.get("student_selection", True):
+        return "no selection"
     return "last-exit KD" if params.get("last_exit_kd", False) else "CAFEDistill"
 
 
@@ -127,7 +132,8 @@ def read_run(run_dir: Path) -> dict | None:
     cfg = read_run_config(run_dir / "config.yaml")
     sizes = train_sizes(run_dir)
     row = {"setting": f"{cfg.data.dataset}_a{cfg.data.alpha:g}", "proxy_fraction": cfg.data.proxy_fraction,
-           "clients": cfg.data.clients, "width": model_width(cfg), "arm": arm_of(cfg), "seed": cfg.seed,
+           "clients": cfg.data.clients, "arch": cfg.model.arch, "width": model_width(cfg), "arm": arm_of(cfg),
+           "seed": cfg.seed,
            "lr": cfg.train.lr,
            "rounds": cfg.train.rounds, "local_epochs": cfg.train.local_epochs,
            "participation": participation_share(cfg), "proxy_images": proxy_count(cfg),

@@ -260,6 +260,15 @@ def test_conflict_tables_tells_arms_from_the_config_and_compares_trainings(monke
     assert ct.arm_of(cfg(student_selection=False)) == "no selection"
     assert ct.arm_of(cfg(unselected="ce")) == "CE until selected"
     assert ct.arm_of(cfg(diagnostics=())) == "no record"
+    # runs of a study's other arms counted as "selection"
+    with pytest.raises(SystemExit, match="algorithm 'fedper' is no arm of the conflict study"):
+        ct.arm_of(config_from_dict({"train": {"diagnostics": ["conflict"]}, "algorithm": {"name": "fedper"}}))
+    for params in ({"cross_client_kd": False}, {"last_exit_kd": True}):
+        with pytest.raises(SystemExit, match="no arm of the conflict study"):
+            ct.arm_of(cfg(**params))
+    assert ct.setting_of(config_from_dict({"data": {"dataset": "digits", "alpha": 0.3},
+                                           "model": {"arch": "resnet18"}})) == "digits a0.3 resnet18"
+    assert ct.setting_of(config_from_dict({"data": {"dataset": "digits", "alpha": 0.3}})) == "digits a0.3"
     a = [{"round": 0, "loss": 1.5, "acc_per_exit": [0.5, 0.6], "conflict": {"neg_all": 0.3}, "seconds": 2.0}]
     b = [{"round": 0, "loss": 1.5, "acc_per_exit": [0.5, 0.6], "seconds": 9.0}]  # no record, another time
     assert ct.same_training(a, b)
@@ -278,6 +287,30 @@ def test_conflict_tables_tells_arms_from_the_config_and_compares_trainings(monke
     assert ct.negative_share_curves(runs) == [
         {"setting": "s", "arm": "selection", "round": 0, "neg_trained": 0.1, "neg_all": pytest.approx(0.4), "seeds": 2},
         {"setting": "s", "arm": "selection", "round": 1, "neg_trained": 0.2, "neg_all": 0.2, "seeds": 1}]
+
+
+def test_conflict_tables_read_as_many_exits_as_the_runs_have(monkeypatch):
+    """A 4-exit network's runs get a column per exit (the tables read exits 1-3 only)."""
+    ct = _experiment("conflict_tables", monkeypatch)
+    rows = [{**_conflict_row(arm, 0, neg, 0.9), "test_exit4": e4} for arm, neg, e4 in
+            (("selection", 0.3, 0.97), ("no selection", 0.4, 0.95))]
+    assert ct.arms_table(rows).splitlines()[0].endswith("| test e3 | test e4 |")
+    assert ct.arms_table(rows).splitlines()[2].endswith("| 90.0 | 97.0 |")
+    assert ct.paired_table(rows).splitlines()[2].endswith("| +0.0 | +2.0 |")
+
+
+def test_conflict_tables_refuses_one_arm_twice_for_a_seed(monkeypatch, tmp_path):
+    """One arm's runs at two lrs in one folder would pair by seed alone: refused in one line,
+    nothing written."""
+    ct = _experiment("conflict_tables", monkeypatch)
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    monkeypatch.setattr(ct, "read_run", lambda d: {"row": {**_conflict_row("selection", 0, 0.3, 0.9), "run": d.name},
+                                                   "records": []})
+    monkeypatch.setattr("sys.argv", ["conflict_tables.py", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="holds 2 runs of mnist5k a0.3, selection, seed 0 .a, b.; give each lr"):
+        ct.main()
+    assert not (tmp_path / "o").exists()
 
 
 def test_conflict_tables_windows_and_settings_are_kept_apart(monkeypatch, tmp_path):
@@ -367,6 +400,7 @@ def test_sweep_axis_tables_arms_contrasts_and_client_thirds(monkeypatch):
     assert pt.arm_of(cfg()) == "CAFEDistill"
     assert pt.arm_of(cfg(cross_client_kd=False)) == "no cross-client KD"
     assert pt.arm_of(cfg(last_exit_kd=True)) == "last-exit KD"
+    assert pt.arm_of(cfg(student_selection=False)) == "no selection"  # it counted as CAFEDistill
     assert pt.arm_of(cfg("fedper")) == "FedPer"
     assert pt.arm_of(cfg("fedavg")) == "FedAvg"
     with pytest.raises(SystemExit, match="algorithm 'ditto' is no arm of these studies"):
@@ -417,8 +451,8 @@ def test_sweep_axis_tables_by_clients_groups_and_pairs_by_client_count(monkeypat
 
 def _levels(**changes) -> dict:
     """A run's levels on every axis of sweep_axis_tables, with ``changes``."""
-    return {"setting": "s", "proxy_fraction": 0.1, "clients": 10, "width": 16, "rounds": 100, "local_epochs": 2,
-            "participation": 1.0, **changes}
+    return {"setting": "s", "arch": "cnn", "proxy_fraction": 0.1, "clients": 10, "width": 16, "rounds": 100,
+            "local_epochs": 2, "participation": 1.0, **changes}
 
 
 @pytest.mark.parametrize("axis, rows, message", [
@@ -445,6 +479,9 @@ def _levels(**changes) -> dict:
      "several clients .10, 20. where --axis participation varies only participation"),
     ("clients", {"a": _levels(participation=0.25), "b": _levels(participation=1.0, clients=20)},
      "several participation .0.25, 1.0. where --axis clients varies only clients"),
+    # a 3-exit CNN and a 4-exit ResNet of one width would pair as one level
+    ("width", {"a": _levels(), "b": _levels(arch="resnet18")},
+     "several arch .cnn, resnet18. where --axis width varies only width"),
     # the tables pair arms by level and seed only: digits and mnist5k runs would pair across datasets
     ("proxy", {"a": {"setting": "set_a"}, "b": {"setting": "set_b"}},
      "several settings .set_a, set_b.; give each its own folder")])

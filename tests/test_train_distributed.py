@@ -122,7 +122,8 @@ def test_mpiexec_matches_single_process(reference, tmp_path):
     assert comparable(metrics(out)) == comparable(metrics(ref))
 
 
-def _spawn_ranks(cfg, out, world, fault_env=None, timeout_s=8):
+def _spawn_ranks(cfg, out, world, fault_env=None, timeout_s=8, args=None):
+    """``cafedist train`` on ``world`` ranks, one process each (``args``: rank -> its extra arguments)."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -131,7 +132,8 @@ def _spawn_ranks(cfg, out, world, fault_env=None, timeout_s=8):
         if fault_env and rank in fault_env:
             env["CAFEDIST_FAULT"] = fault_env[rank]
         procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
-                                       str(out), "--no-progress", f"dist.timeout_s={timeout_s}"],
+                                       str(out), "--no-progress", f"dist.timeout_s={timeout_s}",
+                                       *(args or {}).get(rank, [])],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -194,18 +196,10 @@ def test_inconsistent_ranks_are_an_error(tiny_config, tmp_path, rank1, needle):
     if elsewhere:  # an earlier run there: --resume none must not move it before the ranks agree
         out.mkdir()
         (out / "metrics.jsonl").write_text('{"round": 0}\n')
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = env_for_tests(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(port))
-        (tmp_path / "a-file").write_text("not a folder\n")
-        extra = [str(tmp_path / a) if a == "elsewhere" else a.format(tmp=tmp_path) for a in rank1] \
-            if rank == 1 else []
-        extra += ["--resume", "none"] if elsewhere else []
-        procs.append(subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(cfg), "--out",
-                                       str(out), "--no-progress", "dist.timeout_s=10", *extra],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    (tmp_path / "a-file").write_text("not a folder\n")
+    both = ["--resume", "none"] if elsewhere else []
+    procs = _spawn_ranks(cfg, out, 2, timeout_s=10, args={
+        0: both, 1: [str(tmp_path / a) if a == "elsewhere" else a.format(tmp=tmp_path) for a in rank1] + both})
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 2, err[-2000:]

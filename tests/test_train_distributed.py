@@ -209,6 +209,62 @@ def test_inconsistent_ranks_are_an_error(tiny_config, tmp_path, rank1, needle):
         assert not [p for p in out.iterdir() if p.name.startswith("previous-") or p.name == "config.yaml"]
 
 
+def _store_of_other_samples(cfg_path, out, monkeypatch) -> None:
+    """Build at ``out`` the store of ``cfg_path``'s partition from another version of its dataset
+    (one pixel of one sample changed): the partition a rank asks for, other data."""
+    import dataclasses
+
+    from cafedist.config import load_config
+    from cafedist.data import PartitionSpec, load_dataset, prepare_store
+    from cafedist.data import prepare as prepare_mod
+
+    cfg = load_config(str(cfg_path), [])
+
+    def edited(*args, **kwargs):
+        raw = load_dataset(*args, **kwargs)
+        x = raw.x.copy()
+        x[0, 0, 0, 0] ^= 1
+        return dataclasses.replace(raw, x=x)
+    monkeypatch.setattr(prepare_mod, "load_dataset", edited)
+    prepare_store(out, PartitionSpec.of(cfg.data, cfg.seed))
+
+
+def test_a_rank_whose_store_holds_other_data_is_refused_at_start(tiny_config, tmp_path, monkeypatch):
+    """Each rank finds its data in its own place (data.store, node-local disks): a copy of rank
+    0's store elsewhere trains, a store of the same partition built from other samples (another
+    dataset version) trained rank 1's clients on other data without a word; now every rank
+    refuses in one line naming rank 1's store, and the run it was to resume stays as it was."""
+    import shutil
+
+    from cafedist.config import load_config
+
+    cfg = tiny_config(rounds=1)
+    loaded = load_config(str(cfg), [])
+    own = loaded.data.store_path(loaded.seed)
+    run = tmp_path / "run"
+    cafedist_in_process("train", "--config", str(cfg), "--out", str(run), "--no-progress", check=True)
+    copy = tmp_path / "node1" / "copy.h5"
+    copy.parent.mkdir()
+    shutil.copyfile(own, copy)
+    same = tmp_path / "same"
+    procs = _spawn_ranks(cfg, same, 2, args={1: [f"data.store={copy}"]})
+    for p, (_, err) in zip(procs, [p.communicate(timeout=120) for p in procs]):
+        assert p.returncode == 0, err[-2000:]
+    assert summary(same)["model_hashes"] == summary(run)["model_hashes"]
+
+    other = tmp_path / "node1" / "other.h5"
+    _store_of_other_samples(cfg, other, monkeypatch)
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    more = ["--resume", "force", "train.rounds=2"]
+    procs = _spawn_ranks(cfg, run, 2, args={0: more, 1: more + [f"data.store={other}"]})
+    for p, (_, err) in zip(procs, [p.communicate(timeout=120) for p in procs]):
+        assert p.returncode == 2, err[-2000:]
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+        assert f"rank 1's store ({other}) holds other data than rank 0's store ({own})" in lines[0], lines[0]
+        assert "same files with the same partition" in lines[0], lines[0]
+    assert {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
 def test_torchrun_force_with_nothing_left_to_train_ends_on_every_rank(reference, tmp_path):
     """Only rank 0 knows a --resume force is pending: its refusal must reach the other ranks,
     which would otherwise wait for it in a collective."""
@@ -296,3 +352,23 @@ def test_an_oserror_naming_a_path_at_start_reaches_every_rank():
 
     with pytest.raises(OSError):
         agreed(comm, bug)
+
+
+def test_ranks_whose_stores_differ_are_named_with_their_stores_in_one_line():
+    """Rank 0 of five: ranks 1 and 2 share a node's store of other data, rank 3 holds rank 0's
+    data elsewhere, rank 4 a third version: each store that differs is named once, with its ranks."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from cafedist.errors import DistError
+    from cafedist.train.startup import check_ranks_share_data
+
+    others = [("b", "/n1/s.h5"), ("b", "/n1/s.h5"), ("a", "/n2/s.h5"), ("c", "/n3/s.h5")]
+    comm = SimpleNamespace(all_gather_object=lambda obj: [obj] + (others if isinstance(obj, tuple) else [None] * 4))
+    store = SimpleNamespace(data_digest=lambda: "a", path=Path("/n0/s.h5"))
+    with pytest.raises(DistError) as refused:
+        check_ranks_share_data(comm, store)
+    assert str(refused.value).startswith("data differs between ranks: ranks 1, 2's store (/n1/s.h5) and rank 4's "
+                                         "store (/n3/s.h5) hold other data than rank 0's store (/n0/s.h5); ")
+    others[:] = [("a", f"/n{r}/s.h5") for r in range(1, 5)]
+    check_ranks_share_data(comm, store)  # the same data wherever it lies

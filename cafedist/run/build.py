@@ -102,7 +102,8 @@ def build_run(cfg: Config, rt: Runtime, prepare_store: bool = True, run_dir: Pat
     """This rank's part of the run of ``cfg`` (see the module docstring); the caller closes
     it (:func:`close_run`). Nothing stays open when building fails. ``run_dir`` holds the
     parked clients of ``train.client_state: disk`` (a temporary directory without it)."""
-    # one rank checks the source files: every rank would read them all and warn alike
+    # one rank checks the source files: every rank would read them all and warn alike (train
+    # refuses ranks whose stores hold other data than rank 0's: startup.check_ranks_share_data)
     store = open_store(cfg, prepare_store, check_source=rt.is_main)
     try:
         return _build(cfg, rt, store, run_dir)

@@ -43,6 +43,7 @@ from cafedist.train.startup import (
     about_the_run,
     agreed,
     check_ranks_agree,
+    check_ranks_share_data,
     check_run_dir,
     force_with_nothing_to_train,
     prepare_run_dir,
@@ -106,6 +107,7 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
     run = agreed(comm, lambda: build_run(cfg, rt, run_dir=run_dir))
     session = None
     try:
+        check_ranks_share_data(comm, run.store)  # each rank's own store: before the run directory is touched
         session = _Session(cfg, run_dir, run, comm, Trainer(run), CheckpointDir(run_dir), h, stop)
         earlier = agreed(comm, lambda: take_lock(lock, cfg, run_dir, h))
         # before anything of an earlier run is moved or rewritten; rank 0 waits in a collective

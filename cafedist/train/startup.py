@@ -73,6 +73,26 @@ def check_ranks_agree(comm: Comm, cfg: Config, resume: str) -> None:
                         f"(same config file, overrides and flags on every rank?)")
 
 
+def check_ranks_share_data(comm: Comm, store: Store) -> None:
+    """Every rank's store, wherever it lies (:data:`PER_RANK_FIELDS`), holds the data of rank 0's
+    (:meth:`~cafedist.data.store.Store.data_digest`), or every rank raises DistError naming the
+    ranks whose store differs and where it lies. Rank 0's check of the source files and the
+    data its checkpoints record then hold for every rank."""
+    mine = agreed(comm, store.data_digest)  # an unreadable store stops every rank, not only its own
+    seen = comm.all_gather_object((mine, str(store.path.absolute())))
+    where: dict[str, list[int]] = {}
+    for rank, (digest, path) in enumerate(seen):
+        if digest != seen[0][0]:
+            where.setdefault(path, []).append(rank)
+    if where:
+        stores = " and ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}'s store ({path})"
+                              for path, r in where.items())
+        verb = "hold" if len(where) > 1 else "holds"
+        raise DistError(f"data differs between ranks: {stores} {verb} other data than rank 0's store ({seen[0][1]}); "
+                        f"every rank's store (data.store, data.cache_dir) must hold the same data as rank 0's: a "
+                        f"copy of it, or one built by `cafedist prepare` from the same files with the same partition")
+
+
 def check_run_dir(cfg: Config, run_dir: Path, resume: str, is_main: bool) -> None:
     """Read-only: the paths, and (rank 0) what the run directory holds, allow this run. Every
     rank checks its own data paths (they may differ between ranks: :data:`PER_RANK_FIELDS`)."""
@@ -146,8 +166,9 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm,
     and compare retrains it), the CPU thread count that of its first session, ``environments``
     every distinct software and hardware stack it trained under (:mod:`cafedist.provenance`),
     the first first, ``rounds`` and ``rounds_changes`` (:func:`_with_rounds_change`), and of
-    ``store`` (rank 0's) its ``partition`` (params) and ``store_data``
-    (:meth:`~cafedist.data.store.Store.data_digest`), which a resume and eval check. Warns when
+    ``store`` its ``partition`` (params) and ``store_data``
+    (:meth:`~cafedist.data.store.Store.data_digest`, every rank's since
+    :func:`check_ranks_share_data`), which a resume and eval check. Warns when
     a resume mixes any of them in a way that changes results (rank 0 decides, every rank learns it)."""
     threads = torch.get_num_threads() if rt.device.type == "cpu" else None
     machines = comm.all_gather_object(provenance.machine(rt.device))
@@ -177,14 +198,13 @@ def about_the_run(cfg: Config, rt: Runtime, resumed: Resumed | None, comm: Comm,
                         "will not match an uninterrupted run's bit for bit (summary.json lists every stack under "
                         "'environments')", "; ".join(changed))
     rounds_changes = _with_rounds_change(cfg, resumed) if rt.is_main and restored is not None else []
-    data = store.data_digest() if rt.is_main else None
-    version, first, environments, rounds_changes, data = comm.broadcast_object((version, first, environments,
-                                                                                rounds_changes, data))
+    version, first, environments, rounds_changes = comm.broadcast_object((version, first, environments,
+                                                                          rounds_changes))
     return {"run_identity": run_identity(cfg), "algorithm": cfg.algorithm.name,
             "store": str(cfg.data.store_path(cfg.seed).resolve()), "results_version": version,
             **({"cpu_threads": first} if first is not None else {}), "environments": environments,
             "rounds": cfg.train.rounds, "rounds_changes": rounds_changes, "partition": store.params,
-            "store_data": data}
+            "store_data": store.data_digest()}  # every rank's is rank 0's: check_ranks_share_data
 
 
 def _with_rounds_change(cfg: Config, resumed: Resumed) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ A one-factor sweep is not a product grid, so ``cafedist compare --grid`` does no
 The variants file holds one variant a line: ``NAME  --config FILE  key=value ...`` (``#``
 starts a comment). Every variant runs into ``OUT/NAME`` with ``--resume auto``, so an
 interrupted sweep continues where it stopped and a finished variant is not redone (``train``
-itself checks that a run directory holds the same config). Then ``OUT/variants.csv`` (final
+itself checks that a run directory holds the same config; a run that a ``--resume force``
+extension has taken past its summary.json is no finished one: ``train`` is run on it). Then ``OUT/variants.csv`` (final
 validation and test accuracy per exit, conflict means) and ``OUT/curves.csv`` (per round) are
 written; ``--collect DIR --out TABLES`` writes the same two tables for every finished run below
 DIR (e.g. a ``cafedist compare`` folder whose report is not written yet). The sweep exits 1 when a
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shlex
 import subprocess
@@ -40,13 +40,17 @@ def read_variants(path: Path) -> list[tuple[str, list[str]]]:
 
 def finished(args: list[str], run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished run of this variant's config (``cafedist compare``'s
-    test: the summary's config hash, or that of the same run under an earlier config file)."""
+    test): a summary that still describes the run (:func:`finished_summary`: not one a ``--resume
+    force`` extension has taken the run past) written for this config, or for the same run under
+    an earlier config file."""
     from cafedist.config import config_hash, load_config
     from cafedist.errors import CafeError
     from cafedist.train.preflight import earlier_hashes
 
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = finished_summary(run_dir)  # a CafeError (a broken record of a move aside): train says it
+        if summary is None:
+            return False
         config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
         if "--config" in args:
             config = args[args.index("--config") + 1]

@@ -91,6 +91,35 @@ def test_sweep_does_not_reuse_a_finished_run_of_another_config(tmp_path, tiny_co
     assert "different config" in (tmp_path / "sw" / "a.log").read_text()
 
 
+def test_sweep_does_not_skip_a_run_an_extension_took_past_its_summary(tmp_path, tiny_config):
+    """`train --resume force train.rounds=4` on a variant's finished 2-round run, killed after its
+    first new checkpoint: config.yaml and the run are the 4-round config's, summary.json still the
+    2-round run's. The sweep skipped the variant as finished on that summary's hash ("a: ok") while
+    its tables left it out (run_standing): now it runs train, which says why it does not resume
+    the run under the old line, and resumes it once the line asks for the new total."""
+    from conftest import cafedist, env_for_tests
+
+    cfg = tiny_config(rounds=2)
+    variants = tmp_path / "v.txt"
+    variants.write_text(f"a --config {cfg}\n")
+    first = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)
+    assert first.returncode == 0 and "a: ok" in first.stdout, first.stdout + first.stderr
+    run = tmp_path / "sw" / "a"
+    killed = cafedist("train", "--config", str(cfg), "--out", str(run), "--no-progress", "--resume", "force",
+                      "train.rounds=4", env=env_for_tests(CAFEDIST_FAULT="kill@local:3"))
+    assert killed.returncode == -9 and (run / "checkpoints" / "round_000002").is_dir(), killed.stderr
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 2
+    again = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)
+    assert again.returncode == 1 and "a: FAILED" in again.stdout, again.stdout + again.stderr
+    assert "different config (first difference: train.rounds (4 vs 2))" in (tmp_path / "sw" / "a.log").read_text()
+    variants.write_text(f"a --config {cfg} train.rounds=4\n")
+    extended = script("sweep.py", "v.txt", "--out", "sw", "--jobs", "1", cwd=tmp_path)
+    assert extended.returncode == 0 and "a: ok" in extended.stdout, extended.stdout + extended.stderr
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 4
+    with open(tmp_path / "sw" / "variants.csv") as fh:
+        assert [r["rounds"] for r in csv.DictReader(fh)] == ["4"]
+
+
 @pytest.mark.parametrize("name, args, words", [
     ("budget_vs_global.py", ["nodir", "--out", "x.csv"], ["nodir", "not a run directory"]),
     ("budget_vs_global.py", ["--summarize", "missing.csv"], ["missing.csv"]),

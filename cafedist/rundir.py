@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -50,6 +51,9 @@ MOVING_NAME = ".moving-aside"
 #: who began the run in the directory with ``--resume none`` (:func:`record_start`), read when
 #: Slurm restarts the job (:func:`started_by_this_job`: the sbatch templates, ``cafedist submit``)
 START_TOKEN_NAME = ".start-token"
+#: a live ``--resume force`` attempt's own ``train.rounds`` and ``checkpoint.every`` while
+#: config.yaml keeps the old config (:func:`record_pending_config`), for ``cafedist status``
+PENDING_CONFIG_NAME = ".config-pending.json"
 #: what a run directory holds besides the lock and earlier runs moved aside: what train
 #: writes, what eval writes (with --budget: budget.csv, budget.png and each budget's own in
 #: budget/; conflict.png with the conflict diagnostic) and compare's kept budget results
@@ -354,3 +358,44 @@ def started_by_this_job(run_dir: str | os.PathLike) -> bool:
     templates (slurm/_run.sh) and ``cafedist submit`` alike."""
     token = start_token()
     return token is not None and started_by(run_dir, token)
+
+
+@dataclass(frozen=True)
+class PendingConfig:
+    """What of a ``--resume force`` attempt's config its session trains by while config.yaml
+    is still the old config's (:data:`PENDING_CONFIG_NAME`)."""
+
+    rounds: int
+    checkpoint_every: int
+
+
+def record_pending_config(run_dir: Path, session: str, pending: PendingConfig) -> None:
+    """Rank 0 of a ``--resume force`` attempt whose config.yaml is written only at its first
+    checkpoint (the lock held; ``session``: its lock record): record what ``cafedist status``
+    reads from config.yaml as this session's until then (:func:`clear_pending_config`). A kill
+    leaves the file naming a session that holds no lock: :func:`pending_config` passes it over."""
+    write_json_atomic(run_dir / PENDING_CONFIG_NAME, {"session": session, "rounds": pending.rounds,
+                                                      "checkpoint_every": pending.checkpoint_every})
+
+
+def clear_pending_config(run_dir: Path) -> None:
+    """config.yaml is now the config of whoever trains the run: no attempt's record is pending."""
+    (run_dir / PENDING_CONFIG_NAME).unlink(missing_ok=True)
+
+
+def pending_config(run_dir: str | os.PathLike, session: str | None) -> PendingConfig | None:
+    """The pending config (:func:`record_pending_config`) of the live session whose lock record
+    is ``session`` (:func:`holder_record`); None without one, or where the file is another
+    session's (a killed attempt's) or not one train writes."""
+    if session is None:
+        return None
+    try:
+        record = json.loads((Path(run_dir) / PENDING_CONFIG_NAME).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("session") != session:
+        return None
+    rounds, every = record.get("rounds"), record.get("checkpoint_every")
+    if type(rounds) is not int or rounds <= 0 or type(every) is not int or every < 0:
+        return None
+    return PendingConfig(rounds, every)

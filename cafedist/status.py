@@ -3,22 +3,24 @@
 For every run directory given, or found below a folder given (a sweep's or compare's ``--out``),
 one row: the algorithm, rounds done of the run's total (of a run no process trains, the rounds a
 resume keeps: up to its newest checkpoint, none without one; rows a killed or failed session
-wrote past it are the next train's to drop, and the state names them; of a live session, the
-total its rows record: a ``--resume force`` onto another ``train.rounds`` rewrites config.yaml
-only at its first checkpoint), what is happening (``training`` by a live process named from its
-lock, ``finished``, ``failed`` with the error that ended the last training compare started (from
-its ``train.log``), ``stopped``, each of the last two with the round a resume continues from, or
-why it would be refused (train's check of the newest checkpoint against config.yaml: a file
-edited by hand since), ``no round finished``), the last round's last-exit accuracy, an estimate
-of the time left while training (from the current session's rounds once it has any: a resume
-may run on another machine; with the checkpoint writes when rows record them), and whether
+wrote past it are the next train's to drop, and the state names them; of a live ``--resume
+force`` attempt, whose config.yaml is rewritten only at its first checkpoint, the total it
+recorded for its session meanwhile, from its start on), what is happening (``training`` by a
+live process named from its lock, ``finished``, ``failed`` with the error that ended the last
+training compare started (from its ``train.log``), ``stopped``, each of the last two with the
+round a resume continues from, or why it would be refused (train's check of the newest
+checkpoint against config.yaml: a file edited by hand since), ``no round finished``), the last
+round's last-exit accuracy, an estimate of the time left while training (from the current
+session's rounds once it has any: a resume may run on another machine; with the checkpoint
+writes when rows record them, at the session's ``checkpoint.every``), and whether
 ``eval.json`` describes the newest checkpoint, its most recent budget and how many budgets it
 keeps for those models.
 
 Nothing is locked, loaded or written: status reads config.yaml, metrics.jsonl, summary.json,
-the lock's record, the checkpoint folders' names (and, of a run no process trains, the newest
-one's manifest), train.log and eval.json, so it is cheap on a run that is training (the newest
-checkpoint is named, not verified: ``cafedist eval`` verifies).
+the lock's record (and a live force attempt's record of its config, ``.config-pending.json``),
+the checkpoint folders' names (and, of a run no process trains, the newest one's manifest),
+train.log and eval.json, so it is cheap on a run that is training (the newest checkpoint is
+named, not verified: ``cafedist eval`` verifies).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from cafedist.errors import CafeError, ConfigError
 from cafedist.paths import run_dir_arg
 from cafedist.run.checkpoint import CheckpointDir, CheckpointRef, refusal
 from cafedist.run.metrics import session_starts
-from cafedist.rundir import MOVING_NAME, PREVIOUS_PREFIX, holder_record, holder_text, unfinished_move
+from cafedist.rundir import MOVING_NAME, PREVIOUS_PREFIX, holder_record, holder_text, pending_config, unfinished_move
 from cafedist.train.preflight import earlier_hashes
 from cafedist.trainlog import last_session_error
 from cafedist.typed import is_finite_number
@@ -168,33 +170,24 @@ def stopped_state(run_dir: str | Path) -> str:
     return _stopped_state(_records(run_dir), CheckpointDir(run_dir).newest_round())
 
 
-def _session_total(records: list[dict[str, Any]], record: str | None) -> int | None:
-    """``train.rounds`` of the live session (``record``: its lock record; None: none trains) as
-    its newest row records it; None before its first row (or rows of older code)."""
-    live = record is not None and records and records[-1].get("session") == record
-    total = records[-1].get("train_rounds") if live else None
-    return total if type(total) is int and total > 0 else None
-
-
 def _recent(rows: list[dict[str, Any]], key: str) -> list[float]:
     """The usable ``key`` of the newest :data:`_RECENT` rows that record one."""
     return [r[key] for r in rows if _usable(r.get(key))][-_RECENT:]
 
 
-def _checkpoints_left(cfg: Config, rounds: int, done: int) -> int:
-    """Checkpoints train writes in rounds ``done`` .. the last of ``rounds`` (every
-    ``checkpoint.every``, and the last round)."""
-    every = cfg.checkpoint.every
+def _checkpoints_left(every: int, rounds: int, done: int) -> int:
+    """Checkpoints train writes in rounds ``done`` .. the last of ``rounds`` (every ``every``
+    rounds, ``checkpoint.every``, and the last round)."""
     return sum(1 for r in range(done, rounds) if r == rounds - 1 or (every and (r + 1) % every == 0))
 
 
-def _time_left(cfg: Config, records: list[dict[str, Any]], holder: str | None, done: int,
+def _time_left(every: int, records: list[dict[str, Any]], holder: str | None, done: int,
                rounds: int) -> tuple[float | None, str | None]:
-    """Seconds left of ``rounds`` (the median of the recent rounds' times per round left, plus
-    that of the recorded checkpoint writes per checkpoint left) and whose rounds it read: the
-    current session's once it finished one (a resume may run on another machine or thread
-    count), else the earlier sessions' on the world size of their newest round. ``holder``: the
-    lock record of the session training now (rows name theirs)."""
+    """Seconds left of ``rounds``, checkpointed every ``every`` rounds (the median of the recent
+    rounds' times per round left, plus that of the recorded checkpoint writes per checkpoint
+    left) and whose rounds it read: the current session's once it finished one (a resume may
+    run on another machine or thread count), else the earlier sessions' on the world size of
+    their newest round. ``holder``: the lock record of the session training now (rows name theirs)."""
     # a round's time and an accuracy are finite and >= 0 as train writes them: anything else (a
     # damaged or edited file) gave an infinite, nan or negative estimate, which the table could
     # not print (a traceback) and --json wrote as Infinity/NaN, which is not JSON
@@ -213,7 +206,7 @@ def _time_left(cfg: Config, records: list[dict[str, Any]], holder: str | None, d
     saves = _recent(current, "t_checkpoint") or _recent(earlier, "t_checkpoint")
     left = statistics.median(seconds) * max(rounds - done, 0)
     if saves:
-        left += statistics.median(saves) * _checkpoints_left(cfg, rounds, done)
+        left += statistics.median(saves) * _checkpoints_left(every, rounds, done)
     return left, source
 
 
@@ -240,14 +233,16 @@ def run_status(run_dir: str | Path) -> RunStatus:
     keep = -1 if checkpoint is None else checkpoint
     kept = records if holder is not None else [r for r in records if r["round"] <= keep]
     done = kept[-1]["round"] + 1 if kept else 0
-    # --resume force onto another train.rounds rewrites config.yaml at its first checkpoint only
-    rounds = _session_total(records, record) or cfg.train.rounds
+    # --resume force onto another config rewrites config.yaml at its first checkpoint only
+    pending = pending_config(run_dir, record)
+    rounds = cfg.train.rounds if pending is None else pending.rounds
     error = last_session_error(run_dir)  # trainings that compare started log their output there
     left, source = None, None
     acc = kept[-1].get("acc_per_exit") if kept else None
     if holder is not None:
         state = f"training ({holder})"
-        left, source = _time_left(cfg, records, record, done, rounds)
+        every = cfg.checkpoint.every if pending is None else pending.checkpoint_every
+        left, source = _time_left(every, records, record, done, rounds)
     elif isinstance(summary, dict) and summary.get("config_hash") == config_hash(cfg):
         state = "finished"
         # summary.json is the record of a finished run: metrics.jsonl may be torn or trimmed

@@ -104,7 +104,7 @@ def test_a_run_killed_before_its_first_checkpoint_has_no_round_done(tiny_config,
 def test_a_live_resume_force_onto_more_rounds_shows_its_own_total(runs, tmp_path):
     """`train --resume force train.rounds=N` keeps config.yaml's old total until its first new
     checkpoint (here, with checkpoint.every 0, its last round): status said "12/3 training" with
-    0:00:00 left. Rows name their session's total (`train_rounds`): the live session's is shown."""
+    0:00:00 left. The attempt records its own total for its session meanwhile: it is shown."""
     import signal
     import subprocess
     import sys
@@ -134,6 +134,50 @@ def test_a_live_resume_force_onto_more_rounds_shows_its_own_total(runs, tmp_path
     assert status.state.startswith("training (pid ") and status.rounds == 2000 and status.rounds_done >= 4
     assert status.seconds_left > 0
     assert run_status(run).rounds == 2000  # its stop checkpointed a round: config.yaml is the new config's
+    assert not (run / ".config-pending.json").exists()
+
+
+def test_a_live_resume_force_shows_its_own_total_and_checkpoints_before_its_first_row(runs, tmp_path):
+    """In a `--resume force train.rounds=40 checkpoint.every=7` attempt's first round (no row of
+    its own yet), status showed config.yaml's old run: "2/3 training" with one round and one
+    checkpoint (every 1) left. The attempt records its total and checkpoint.every for its session
+    (.config-pending.json) until config.yaml is the new config's; a killed attempt's record is
+    no live session's, and status shows the run as the kill left it."""
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "stopped", run)
+    before = run_status(run)
+    proc = subprocess.Popen([sys.executable, "-m", "cafedist", "train", "--config", str(run / "config.yaml"),
+                             "--out", str(run), "--no-progress", "--resume", "force", "train.rounds=40",
+                             "checkpoint.every=7"], cwd=ROOT, env=env_for_tests(CAFEDIST_FAULT="stop@local:2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T":  # stopped in round 2
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(read_rounds(run)) == 2
+        status = run_status(run)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    rows = read_rounds(run)
+    # rounds 2..39 left, checkpoints after rounds 6, 13, 20, 27, 34 and 39: 6 (every 1: 38)
+    expected = statistics.median(r["seconds"] for r in rows) * 38 + rows[-1]["t_checkpoint"] * 6
+    assert status.state.startswith("training (pid ") and (status.rounds_done, status.rounds) == (2, 40)
+    assert status.seconds_left == pytest.approx(expected)
+    after = run_status(run)  # killed: the run as it was, config.yaml the old config's
+    assert (after.state, after.rounds_done, after.rounds) == (before.state, 2, 3)
+    cafedist_in_process("train", "--config", str(run / "config.yaml"), "--out", str(run), "--no-progress",
+                        check=True)
+    assert sorted(p.name for p in run.glob(".*")) == []  # config.yaml written: the record went with it
 
 
 @pytest.mark.parametrize("finished", [False, True])

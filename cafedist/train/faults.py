@@ -1,11 +1,12 @@
 """Fault injection for tests: deliver a signal to this process at a chosen point of a run.
 
 ``CAFEDIST_FAULT=<signal>@<point>:<round>[:<rank>]`` (comma-separated for several), where
-signal is ``kill`` (SIGKILL), ``term`` (SIGTERM) or ``usr1`` (SIGUSR1) and point is
+signal is ``kill`` (SIGKILL), ``term`` (SIGTERM), ``usr1`` (SIGUSR1) or ``stop`` (SIGSTOP:
+the process stays alive, holding its lock, until SIGCONT or SIGKILL) and point is
 ``local`` (a round starts) or ``checkpoint`` (the shards of a checkpoint are written but the
 checkpoint is not yet committed). Examples: ``kill@checkpoint:3``, ``kill@local:4:1`` (only
 rank 1), ``term@local:2`` (like a Slurm preemption). Unset, a call costs one dict lookup.
-Used by the kill/resume, dead-rank and preemption tests.
+Used by the kill/resume, dead-rank, preemption and status tests.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 
-_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1}
+_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1, "stop": signal.SIGSTOP}
 
 
 def maybe_fault(point: str, round_idx: int, rank: int) -> None:

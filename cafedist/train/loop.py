@@ -32,7 +32,7 @@ from cafedist.parentwatch import guard_parent
 from cafedist.run.build import Run, build_run, close_run
 from cafedist.run.checkpoint import RESUME_MODES, CheckpointDir, load_checkpoint, save_checkpoint, verification_memo
 from cafedist.run.metrics import MetricsLog
-from cafedist.rundir import RunLock
+from cafedist.rundir import PendingConfig, RunLock, clear_pending_config, record_pending_config
 from cafedist.train.faults import maybe_fault
 from cafedist.train.progress import Progress
 from cafedist.train.records import summary
@@ -125,6 +125,8 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         if force_with_nothing_to_train(comm, session.config_due, start, cfg, resumed, h):
             # the new config's final checkpoint exists; only its config.yaml was never written
             session.write_config()
+        if session.config_due and lock is not None:  # what status shows of this session meanwhile
+            record_pending_config(run_dir, lock.record, PendingConfig(cfg.train.rounds, cfg.checkpoint.every))
         session.open_metrics(start, lock.record if lock is not None else None)
         bar = Progress(cfg.train.rounds, start=start, enabled=progress and rt.is_main)
         about = about_the_run(cfg, rt, resumed, comm, run.store)
@@ -133,6 +135,8 @@ def _train(cfg: Config, run_dir: Path, resume: str, rt: Runtime, stop: StopFlag,
         result = None if stopped else session.finish(start, (h, *earlier), about, time.perf_counter() - t0)
         return RunResult(last_round=last_done, stopped=stopped, summary=result)
     finally:
+        if session is not None and session.config_due:  # ended before its first checkpoint: nothing pends
+            clear_pending_config(run_dir)
         if session is not None and session.metrics is not None:
             session.metrics.close()
         close_run(run)
@@ -190,7 +194,7 @@ class _Session:
             record = self.trainer.run_round(rnd)
             last_done = rnd
             record["world_size"] = rt.world_size
-            # this session's total: status reads it while --resume force keeps config.yaml's old one
+            # this session's total: a --resume force attempt's, while config.yaml keeps the old one
             record["train_rounds"] = cfg.train.rounds
             record["clients_per_rank"] = self.trainer.rows.counts
             if self.session_tag is not None:

@@ -28,7 +28,7 @@ from cafedist.errors import CafeError, CheckpointError, DistError
 from cafedist.fsutil import write_text_atomic
 from cafedist.run.checkpoint import CheckpointDir, Resumed
 from cafedist.run.residency import remove_parked_state
-from cafedist.rundir import RunLock, move_aside, outputs_lock, record_start, start_token
+from cafedist.rundir import RunLock, clear_pending_config, move_aside, outputs_lock, record_start, start_token
 from cafedist.train.preflight import RunDirPlan, check_data_paths, check_paths, earlier_hashes, plan_run_dir
 
 log = logging.getLogger("cafedist")
@@ -114,8 +114,10 @@ def take_lock(lock: RunLock | None, cfg: Config, run_dir: Path, config_hash: str
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:
-    """Write the resolved config to ``run_dir/config.yaml``."""
+    """Write the resolved config to ``run_dir/config.yaml`` (and drop a ``--resume force``
+    attempt's record of it pending: it is config.yaml's now, or that attempt was killed)."""
     write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    clear_pending_config(run_dir)
 
 
 #: the run directories (resolved) whose plan this process has carried out: see :func:`prepared_here`

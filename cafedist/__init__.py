@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 #: run is moved aside (``--resume none``) and trained again. Summaries without it are 1.
 #: 2: ``cafedistill`` with ``shared_body: true`` starts every client from one body (session 12).
 #: 3: ``train.amp: fp16`` keeps each client's loss scale across phases and rounds (session 14).
-#: 4: ``resnet18``'s GroupNorm groups hold at least 16 values on small maps (8x8 inputs; session 26).
+#: 4: ``resnet18``'s GroupNorm groups hold at least 16 values on small maps (inputs of about 24 px or less; session 26).
 RESULTS_VERSION = 4

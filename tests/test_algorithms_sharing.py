@@ -351,7 +351,7 @@ def test_scalefl_loss_weights_exits_and_distils_from_the_deepest(tmp_path):
 
 
 def test_scalefl_gradient_masks_hold_where_groupnorm_mixes_channels(tmp_path):
-    # width 0.7 of 128 channels keeps 89: a GroupNorm group of 4 straddles held and unheld
+    # width 0.7 of 128 channels keeps 89: a GroupNorm group (of 16 on the 1x1 map) straddles held and unheld
     # channels, so without the gradient mask the unheld conv rows would start to learn
     tr = make_trainer(tmp_path, "scalefl", {"widths": [0.7, 1.0], "depths": [4, 4]}, arch="resnet18",
                       options={"width": 16})
